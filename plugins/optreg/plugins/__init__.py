@@ -1,0 +1,18 @@
+"""optreg's plugin API: what an optimizer plugin imports.
+
+A plugin is a module with a hook implementation returning definitions::
+
+    from optreg.plugins import Hyperparameter, Optimizer, Slot, hookimpl
+
+    @hookimpl
+    def optreg_optimizers():
+        return [Optimizer(name="lion", summary="...", update=..., ...)]
+
+and an entry point in the ``optreg`` group naming that module.
+"""
+from optreg.plugins.api import (DefinitionError, Hyperparameter, HyperparameterError, Optimizer, Slot,
+                                validate)
+from optreg.plugins.hookspecs import hookimpl
+
+__all__ = ["DefinitionError", "Hyperparameter", "HyperparameterError", "Optimizer", "Slot", "hookimpl",
+           "validate"]

@@ -1,0 +1,37 @@
+"""Momentum: v <- momentum*v - lr*g; W <- W + v.
+
+v keeps the learning rate folded in (as the book's code does): after a mid-run
+change of lr, the velocity already built up keeps the old rate and only new
+gradients are scaled by the new one.
+"""
+import numpy as np
+
+from optreg.plugins import Hyperparameter, Optimizer, Slot, hookimpl
+
+
+def update(param, grad, state, step, hp, scratch):
+    (s,) = scratch
+    v = state["v"]
+    np.multiply(grad, hp["lr"], out=s)
+    v *= hp["momentum"]
+    v -= s
+    param += v
+
+
+MOMENTUM = Optimizer(
+    name="momentum",
+    summary="Momentum SGD: v <- momentum*v - lr*g; W <- W + v (the book's Momentum).",
+    update=update,
+    hyperparameters=(
+        Hyperparameter("lr", 0.01, "learning rate", minimum=0.0),
+        Hyperparameter("momentum", 0.9, "velocity decay (alpha in the book)", minimum=0.0, maximum=1.0,
+                       maximum_exclusive=True),
+    ),
+    slots=(Slot("v"),),
+    scratch=1,
+)
+
+
+@hookimpl
+def optreg_optimizers():
+    return [MOMENTUM]

@@ -1,0 +1,42 @@
+"""Nesterov momentum, in the book's corrected (2021) form.
+
+    W <- W + momentum^2 * v - (1 + momentum) * lr * g
+    v <- momentum * v - lr * g
+
+equivalently v_new = momentum*v - lr*g; W <- W + momentum*v_new - lr*g. Older
+printings update v first, which is not Nesterov momentum. v folds in lr, as in Momentum.
+"""
+import numpy as np
+
+from optreg.plugins import Hyperparameter, Optimizer, Slot, hookimpl
+
+
+def update(param, grad, state, step, hp, scratch):
+    (s,) = scratch
+    v = state["v"]
+    mu, lr = hp["momentum"], hp["lr"]
+    np.multiply(v, mu * mu, out=s)
+    param += s
+    np.multiply(grad, (1 + mu) * lr, out=s)
+    param -= s
+    v *= mu
+    np.multiply(grad, lr, out=s)
+    v -= s
+
+
+NESTEROV = Optimizer(
+    name="nesterov",
+    summary="Nesterov momentum (the book's corrected form): W += mu^2*v - (1+mu)*lr*g; v = mu*v - lr*g.",
+    update=update,
+    hyperparameters=(
+        Hyperparameter("lr", 0.01, "learning rate", minimum=0.0),
+        Hyperparameter("momentum", 0.9, "velocity decay", minimum=0.0, maximum=1.0, maximum_exclusive=True),
+    ),
+    slots=(Slot("v"),),
+    scratch=1,
+)
+
+
+@hookimpl
+def optreg_optimizers():
+    return [NESTEROV]

@@ -1,0 +1,38 @@
+"""RMSProp (the book's): h <- decay*h + (1-decay)*g*g; W <- W - lr*g / (sqrt(h) + 1e-7)."""
+import numpy as np
+
+from optreg.plugins import Hyperparameter, Optimizer, Slot, hookimpl
+from optreg.plugins.builtins import BOOK_EPS
+
+
+def update(param, grad, state, step, hp, scratch):
+    s, r = scratch
+    h = state["h"]
+    decay = hp["decay_rate"]
+    h *= decay
+    np.multiply(grad, 1 - decay, out=s)
+    s *= grad
+    h += s
+    np.multiply(grad, hp["lr"], out=s)
+    np.sqrt(h, out=r)
+    r += BOOK_EPS
+    s /= r
+    param -= s
+
+
+RMSPROP = Optimizer(
+    name="rmsprop",
+    summary="RMSProp: h = decay*h + (1-decay)*g*g; W -= lr*g/(sqrt(h)+1e-7) (the book's RMSprop).",
+    update=update,
+    hyperparameters=(
+        Hyperparameter("lr", 0.01, "learning rate", minimum=0.0),
+        Hyperparameter("decay_rate", 0.99, "decay of the squared-gradient average", minimum=0.0, maximum=1.0),
+    ),
+    slots=(Slot("h"),),
+    scratch=2,
+)
+
+
+@hookimpl
+def optreg_optimizers():
+    return [RMSPROP]

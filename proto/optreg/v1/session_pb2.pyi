@@ -1,0 +1,278 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from optreg.v1 import tensor_pb2 as _tensor_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class StepReply(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    STEP_REPLY_UNSPECIFIED: _ClassVar[StepReply]
+    STEP_REPLY_PARAMETERS: _ClassVar[StepReply]
+    STEP_REPLY_DELTA: _ClassVar[StepReply]
+    STEP_REPLY_NONE: _ClassVar[StepReply]
+STEP_REPLY_UNSPECIFIED: StepReply
+STEP_REPLY_PARAMETERS: StepReply
+STEP_REPLY_DELTA: StepReply
+STEP_REPLY_NONE: StepReply
+
+class SessionConfig(_message.Message):
+    __slots__ = ("optimizer", "hyperparameters", "master_dtype", "step_reply", "session_id")
+    class HyperparametersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    HYPERPARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    MASTER_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    STEP_REPLY_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    optimizer: str
+    hyperparameters: _containers.ScalarMap[str, float]
+    master_dtype: _tensor_pb2.DataType
+    step_reply: StepReply
+    session_id: str
+    def __init__(self, optimizer: _Optional[str] = ..., hyperparameters: _Optional[_Mapping[str, float]] = ..., master_dtype: _Optional[_Union[_tensor_pb2.DataType, str]] = ..., step_reply: _Optional[_Union[StepReply, str]] = ..., session_id: _Optional[str] = ...) -> None: ...
+
+class TensorInfo(_message.Message):
+    __slots__ = ("name", "dtype", "shape")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dtype: _tensor_pb2.DataType
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[_tensor_pb2.DataType, str]] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class SessionInfo(_message.Message):
+    __slots__ = ("session_id", "optimizer", "hyperparameters", "step", "master_dtype", "step_reply", "parameters", "slots", "created_at", "last_used_at")
+    class HyperparametersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    HYPERPARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    MASTER_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    STEP_REPLY_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    LAST_USED_AT_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    optimizer: str
+    hyperparameters: _containers.ScalarMap[str, float]
+    step: int
+    master_dtype: _tensor_pb2.DataType
+    step_reply: StepReply
+    parameters: _containers.RepeatedCompositeFieldContainer[TensorInfo]
+    slots: _containers.RepeatedScalarFieldContainer[str]
+    created_at: _timestamp_pb2.Timestamp
+    last_used_at: _timestamp_pb2.Timestamp
+    def __init__(self, session_id: _Optional[str] = ..., optimizer: _Optional[str] = ..., hyperparameters: _Optional[_Mapping[str, float]] = ..., step: _Optional[int] = ..., master_dtype: _Optional[_Union[_tensor_pb2.DataType, str]] = ..., step_reply: _Optional[_Union[StepReply, str]] = ..., parameters: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., slots: _Optional[_Iterable[str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_used_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class CreateSessionRequest(_message.Message):
+    __slots__ = ("config", "parameters", "state", "initial_step")
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    INITIAL_STEP_FIELD_NUMBER: _ClassVar[int]
+    config: SessionConfig
+    parameters: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Tensor]
+    state: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.SlotTensors]
+    initial_step: int
+    def __init__(self, config: _Optional[_Union[SessionConfig, _Mapping]] = ..., parameters: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., state: _Optional[_Iterable[_Union[_tensor_pb2.SlotTensors, _Mapping]]] = ..., initial_step: _Optional[int] = ...) -> None: ...
+
+class CreateSessionResponse(_message.Message):
+    __slots__ = ("session",)
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    session: SessionInfo
+    def __init__(self, session: _Optional[_Union[SessionInfo, _Mapping]] = ...) -> None: ...
+
+class CreateSessionStreamRequest(_message.Message):
+    __slots__ = ("config", "initial_step", "slot", "chunks")
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    INITIAL_STEP_FIELD_NUMBER: _ClassVar[int]
+    SLOT_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    config: SessionConfig
+    initial_step: int
+    slot: str
+    chunks: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Tensor]
+    def __init__(self, config: _Optional[_Union[SessionConfig, _Mapping]] = ..., initial_step: _Optional[int] = ..., slot: _Optional[str] = ..., chunks: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ...) -> None: ...
+
+class CreateSessionStreamResponse(_message.Message):
+    __slots__ = ("session",)
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    session: SessionInfo
+    def __init__(self, session: _Optional[_Union[SessionInfo, _Mapping]] = ...) -> None: ...
+
+class GetSessionRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class GetSessionResponse(_message.Message):
+    __slots__ = ("session",)
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    session: SessionInfo
+    def __init__(self, session: _Optional[_Union[SessionInfo, _Mapping]] = ...) -> None: ...
+
+class ListSessionsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListSessionsResponse(_message.Message):
+    __slots__ = ("sessions",)
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    sessions: _containers.RepeatedCompositeFieldContainer[SessionInfo]
+    def __init__(self, sessions: _Optional[_Iterable[_Union[SessionInfo, _Mapping]]] = ...) -> None: ...
+
+class DeleteSessionRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class DeleteSessionResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class StepRequest(_message.Message):
+    __slots__ = ("session_id", "step", "gradients")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    GRADIENTS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    step: int
+    gradients: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Tensor]
+    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., gradients: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ...) -> None: ...
+
+class StepResponse(_message.Message):
+    __slots__ = ("step", "replayed", "tensors")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    replayed: bool
+    tensors: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Tensor]
+    def __init__(self, step: _Optional[int] = ..., replayed: _Optional[bool] = ..., tensors: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ...) -> None: ...
+
+class StepStreamRequest(_message.Message):
+    __slots__ = ("session_id", "step", "chunks")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    step: int
+    chunks: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Tensor]
+    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., chunks: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ...) -> None: ...
+
+class StepStreamResponse(_message.Message):
+    __slots__ = ("step", "replayed", "chunks")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    replayed: bool
+    chunks: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Tensor]
+    def __init__(self, step: _Optional[int] = ..., replayed: _Optional[bool] = ..., chunks: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ...) -> None: ...
+
+class ReadParametersRequest(_message.Message):
+    __slots__ = ("session_id", "names")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    NAMES_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    names: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, session_id: _Optional[str] = ..., names: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ReadParametersResponse(_message.Message):
+    __slots__ = ("step", "parameters")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    parameters: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Tensor]
+    def __init__(self, step: _Optional[int] = ..., parameters: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ...) -> None: ...
+
+class ReadParametersStreamRequest(_message.Message):
+    __slots__ = ("session_id", "names")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    NAMES_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    names: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, session_id: _Optional[str] = ..., names: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ReadParametersStreamResponse(_message.Message):
+    __slots__ = ("step", "chunks")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    chunks: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Tensor]
+    def __init__(self, step: _Optional[int] = ..., chunks: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ...) -> None: ...
+
+class ReadStateRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class ReadStateResponse(_message.Message):
+    __slots__ = ("session", "parameters", "state")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    session: SessionInfo
+    parameters: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Tensor]
+    state: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.SlotTensors]
+    def __init__(self, session: _Optional[_Union[SessionInfo, _Mapping]] = ..., parameters: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., state: _Optional[_Iterable[_Union[_tensor_pb2.SlotTensors, _Mapping]]] = ...) -> None: ...
+
+class ReadStateStreamRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class ReadStateStreamResponse(_message.Message):
+    __slots__ = ("session", "slot", "chunks")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    SLOT_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    session: SessionInfo
+    slot: str
+    chunks: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Tensor]
+    def __init__(self, session: _Optional[_Union[SessionInfo, _Mapping]] = ..., slot: _Optional[str] = ..., chunks: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ...) -> None: ...
+
+class UpdateHyperparametersRequest(_message.Message):
+    __slots__ = ("session_id", "hyperparameters")
+    class HyperparametersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    HYPERPARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    hyperparameters: _containers.ScalarMap[str, float]
+    def __init__(self, session_id: _Optional[str] = ..., hyperparameters: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
+class UpdateHyperparametersResponse(_message.Message):
+    __slots__ = ("session",)
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    session: SessionInfo
+    def __init__(self, session: _Optional[_Union[SessionInfo, _Mapping]] = ...) -> None: ...
