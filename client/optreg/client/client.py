@@ -1,0 +1,237 @@
+"""The Python client: sessions over gRPC, with the caller's numpy arrays updated in place."""
+from __future__ import annotations
+
+import functools
+import time
+from typing import Iterator, Mapping
+
+import grpc
+import numpy as np
+
+from optreg.client.errors import OptregError, Unavailable, from_rpc_error
+from optreg.v1 import registry_pb2, registry_pb2_grpc, session_pb2, session_pb2_grpc, tensor_pb2, tensors
+
+# Above this many bytes of tensors a call goes over the streaming RPCs (unary
+# messages stay well under gRPC's default 4 MiB limit).
+STREAM_ABOVE_BYTES = 2 << 20
+REPLY = {"parameters": session_pb2.STEP_REPLY_PARAMETERS, "delta": session_pb2.STEP_REPLY_DELTA,
+         "none": session_pb2.STEP_REPLY_NONE}
+MASTER = {None: tensor_pb2.DATA_TYPE_UNSPECIFIED, "float32": tensor_pb2.DATA_TYPE_FLOAT32,
+          "float64": tensor_pb2.DATA_TYPE_FLOAT64}
+
+
+def _rpc(fn):
+    """Raise OptregError subclasses instead of grpc.RpcError."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+    return wrapper
+
+
+def _nbytes(arrays: Mapping[str, np.ndarray]) -> int:
+    return sum(np.asarray(a).nbytes for a in arrays.values())
+
+
+def _collect(messages, field: str = "chunks") -> tuple[object, dict[str, np.ndarray], dict[str, dict]]:
+    """Reassemble a stream of chunked replies: (first message, parameters, slots)."""
+    first, assemblers = None, {}
+    for msg in messages:
+        first = first or msg
+        slot = getattr(msg, "slot", "")
+        asm = assemblers.setdefault(slot, tensors.Assembler())
+        for t in getattr(msg, field):
+            asm.add(t)
+    params = assemblers.pop("", tensors.Assembler()).finish()
+    return first, params, {slot: asm.finish() for slot, asm in assemblers.items()}
+
+
+class Client:
+    """A connection to an optreg server.
+
+    >>> with Client("127.0.0.1:50051") as c:
+    ...     s = c.create_session("adam", {"W": W}, lr=0.01)
+    ...     s.step({"W": dW})        # W now holds the updated values
+    """
+
+    def __init__(self, address: str = "127.0.0.1:50051", *, timeout: float | None = 60.0, retries: int = 5,
+                 channel: grpc.Channel | None = None, max_message_mb: int = 64):
+        limit = max_message_mb * 1024 * 1024
+        self.channel = channel or grpc.insecure_channel(address, options=[
+            ("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)])
+        self.timeout = timeout
+        self.retries = retries
+        self.registry = registry_pb2_grpc.OptimizerRegistryServiceStub(self.channel)
+        self.sessions = session_pb2_grpc.SessionServiceStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    @_rpc
+    def optimizers(self) -> registry_pb2.ListOptimizersResponse:
+        return self.registry.ListOptimizers(registry_pb2.ListOptimizersRequest(), timeout=self.timeout)
+
+    @_rpc
+    def create_session(self, optimizer: str, params: Mapping[str, np.ndarray], *, master_dtype: str | None = None,
+                       reply: str = "parameters", session_id: str = "", state=None, initial_step: int = 0,
+                       **hyperparameters) -> "Session":
+        """Open a session; `params` (name -> array) are the initial values, copied to the server.
+
+        The arrays passed are the ones later `step` calls write into. `state`
+        (slot -> name -> array) and `initial_step` restore a session read with `read_state`.
+        """
+        config = session_pb2.SessionConfig(optimizer=optimizer, hyperparameters=hyperparameters,
+                                           master_dtype=MASTER[master_dtype], step_reply=REPLY[reply],
+                                           session_id=session_id)
+        state = state or {}
+        if _nbytes(params) + sum(_nbytes(s) for s in state.values()) > STREAM_ABOVE_BYTES:
+            info = self.sessions.CreateSessionStream(self._create_messages(config, params, state, initial_step),
+                                                     timeout=self.timeout).session
+        else:
+            info = self.sessions.CreateSession(session_pb2.CreateSessionRequest(
+                config=config, parameters=[tensors.from_numpy(n, a) for n, a in params.items()],
+                state=[tensor_pb2.SlotTensors(slot=s, tensors=[tensors.from_numpy(n, a) for n, a in arrs.items()])
+                       for s, arrs in state.items()],
+                initial_step=initial_step), timeout=self.timeout).session
+        return Session(self, info, params)
+
+    @staticmethod
+    def _create_messages(config, params, state, initial_step) -> Iterator[session_pb2.CreateSessionStreamRequest]:
+        yield session_pb2.CreateSessionStreamRequest(config=config, initial_step=initial_step)
+        for slot, arrays in [("", params), *state.items()]:
+            chunks = (c for n, a in arrays.items() for c in tensors.chunk(n, a))
+            for batch in tensors.pack(chunks):
+                yield session_pb2.CreateSessionStreamRequest(slot=slot, chunks=batch)
+
+    def session(self, session_id: str, params: Mapping[str, np.ndarray] | None = None) -> "Session":
+        """Attach to an existing session; `params` are the arrays steps write into (read from the server if None)."""
+        info = self.get_session(session_id)
+        s = Session(self, info, params or {})
+        if params is None:
+            s.arrays = s.read_parameters()
+        return s
+
+    @_rpc
+    def get_session(self, session_id: str) -> session_pb2.SessionInfo:
+        return self.sessions.GetSession(session_pb2.GetSessionRequest(session_id=session_id),
+                                        timeout=self.timeout).session
+
+    @_rpc
+    def list_sessions(self) -> list[session_pb2.SessionInfo]:
+        return list(self.sessions.ListSessions(session_pb2.ListSessionsRequest(), timeout=self.timeout).sessions)
+
+    @_rpc
+    def delete_session(self, session_id: str) -> None:
+        self.sessions.DeleteSession(session_pb2.DeleteSessionRequest(session_id=session_id), timeout=self.timeout)
+
+
+class Session:
+    """One training run's optimizer on the server. `step(grads)` updates `self.arrays` in place."""
+
+    def __init__(self, client: Client, info: session_pb2.SessionInfo, arrays: Mapping[str, np.ndarray]):
+        self.client = client
+        self.info = info
+        self.id = info.session_id
+        self.step_count = info.step
+        self.arrays = dict(arrays)
+        self._large = sum(int(np.prod(t.shape, dtype=np.int64)) * (8 if info.master_dtype == tensor_pb2.DATA_TYPE_FLOAT64 else 4)
+                          for t in info.parameters) > STREAM_ABOVE_BYTES
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.delete()
+
+    def step(self, grads: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Send one step of gradients; write the result into the session's arrays; return them.
+
+        A call that fails with UNAVAILABLE is retried with the same step number:
+        the server applies it once and answers a repeat with the same reply.
+        """
+        attempt = 0
+        while True:
+            try:
+                replayed, step, result = self._send_step(grads)
+                break
+            except grpc.RpcError as e:
+                err = from_rpc_error(e)
+                if not isinstance(err, Unavailable) or attempt >= self.client.retries:
+                    raise err from None
+                attempt += 1
+                time.sleep(min(0.05 * 2 ** attempt, 2.0))
+        self.step_count = step
+        mode = self.info.step_reply
+        for name, value in result.items():
+            target = self.arrays.get(name)
+            if target is None:
+                self.arrays[name] = target = np.array(value)
+            elif mode == session_pb2.STEP_REPLY_DELTA:
+                target += value
+            else:
+                np.copyto(target, value, casting="unsafe")
+        return self.arrays
+
+    def _send_step(self, grads):
+        sessions, timeout = self.client.sessions, self.client.timeout
+        if self._large or _nbytes(grads) > STREAM_ABOVE_BYTES:
+            first, result, _ = _collect(sessions.StepStream(self._step_messages(grads), timeout=timeout,
+                                                            wait_for_ready=True))
+            return first.replayed, first.step, result
+        reply = sessions.Step(session_pb2.StepRequest(
+            session_id=self.id, step=self.step_count,
+            gradients=[tensors.from_numpy(n, g) for n, g in grads.items()]), timeout=timeout, wait_for_ready=True)
+        return reply.replayed, reply.step, {t.name: tensors.to_numpy(t) for t in reply.tensors}
+
+    def _step_messages(self, grads):
+        yield session_pb2.StepStreamRequest(session_id=self.id, step=self.step_count)
+        chunks = (c for n, g in grads.items() for c in tensors.chunk(n, g))
+        for batch in tensors.pack(chunks):
+            yield session_pb2.StepStreamRequest(chunks=batch)
+
+    @_rpc
+    def read_parameters(self, names=()) -> dict[str, np.ndarray]:
+        """A fresh copy of the server's parameters (the master dtype)."""
+        s, timeout = self.client.sessions, self.client.timeout
+        if self._large:
+            _, params, _ = _collect(s.ReadParametersStream(
+                session_pb2.ReadParametersStreamRequest(session_id=self.id, names=names), timeout=timeout))
+            return params
+        reply = s.ReadParameters(session_pb2.ReadParametersRequest(session_id=self.id, names=names), timeout=timeout)
+        return {t.name: tensors.to_numpy(t).copy() for t in reply.parameters}
+
+    @_rpc
+    def read_state(self) -> tuple[session_pb2.SessionInfo, dict[str, np.ndarray], dict[str, dict[str, np.ndarray]]]:
+        """(info, parameters, {slot: {name: array}}): everything needed to recreate the session."""
+        s, timeout = self.client.sessions, self.client.timeout
+        if self._large:
+            first, params, slots = _collect(s.ReadStateStream(session_pb2.ReadStateStreamRequest(session_id=self.id),
+                                                              timeout=timeout))
+            return first.session, params, slots
+        reply = s.ReadState(session_pb2.ReadStateRequest(session_id=self.id), timeout=timeout)
+        params = {t.name: tensors.to_numpy(t).copy() for t in reply.parameters}
+        slots = {st.slot: {t.name: tensors.to_numpy(t).copy() for t in st.tensors} for st in reply.state}
+        return reply.session, params, slots
+
+    @_rpc
+    def refresh(self) -> session_pb2.SessionInfo:
+        self.info = self.client.get_session(self.id)
+        self.step_count = self.info.step
+        return self.info
+
+    @_rpc
+    def set_hyperparameters(self, **values) -> session_pb2.SessionInfo:
+        self.info = self.client.sessions.UpdateHyperparameters(session_pb2.UpdateHyperparametersRequest(
+            session_id=self.id, hyperparameters=values), timeout=self.client.timeout).session
+        return self.info
+
+    def delete(self) -> None:
+        self.client.delete_session(self.id)

@@ -1,0 +1,1 @@
+"""optreg's server: sessions, the gRPC servicers, the `optreg` command."""

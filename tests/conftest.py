@@ -1,0 +1,72 @@
+"""Shared fixtures: a real `optreg serve` process on a free loopback port."""
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+SOURCE_ROOTS = [str(ROOT / d) for d in ("proto", "plugins", "server", "client")]
+
+
+class ServerProcess:
+    """`python -m optreg.server serve --port 0 ...` in a child process; `.address` once it listens."""
+
+    def __init__(self, *args: str, env: dict | None = None):
+        full_env = dict(os.environ)
+        full_env["PYTHONPATH"] = os.pathsep.join(SOURCE_ROOTS + [full_env.get("PYTHONPATH", "")])
+        full_env.update(env or {})
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "optreg.server", "serve", "--host", "127.0.0.1", "--port", "0",
+             "--log-level", "warning", *args],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env)
+        line = self.proc.stdout.readline()
+        if not line.startswith("optreg serving on "):
+            self.proc.kill()
+            raise RuntimeError(f"server did not start: {line!r} {self.proc.stderr.read()}")
+        self.address = line.split()[-1]
+
+    def stop(self, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.fixture
+def start_server():
+    """Factory: start_server(*cli_args, env={...}) -> ServerProcess, stopped at teardown."""
+    started = []
+
+    def start(*args, env=None):
+        s = ServerProcess(*args, env=env)
+        started.append(s)
+        return s
+
+    yield start
+    for s in started:
+        s.stop()
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = ServerProcess()
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def client(server):
+    from optreg.client import Client
+    with Client(server.address, timeout=120) as c:
+        yield c
