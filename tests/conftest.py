@@ -17,8 +17,8 @@ class ServerProcess:
 
     def __init__(self, *args: str, env: dict | None = None):
         full_env = dict(os.environ)
-        full_env["PYTHONPATH"] = os.pathsep.join(SOURCE_ROOTS + [full_env.get("PYTHONPATH", "")])
         full_env.update(env or {})
+        full_env["PYTHONPATH"] = os.pathsep.join(SOURCE_ROOTS + [full_env.get("PYTHONPATH", "")])
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "optreg.server", "serve", "--host", "127.0.0.1", "--port", "0",
              "--log-level", "warning", *args],
