@@ -16,8 +16,9 @@ class TestEveryRegisteredOptimizer(kit.OptimizerConformance):
         return REGISTRY.get(request.param).definition
 
 
-def test_the_registry_has_no_failures():
-    assert REGISTRY.failures == []
+def test_the_builtins_load_without_failures():
+    # Built-ins only: an environment may hold deliberately broken plugins (contained failures).
+    assert Registry(autoload=False).failures == []
 
 
 def test_every_builtin_is_covered():
