@@ -28,7 +28,9 @@ import pytest
 
 from optreg.plugins.api import DefinitionError, HyperparameterError, Optimizer, validate
 
-__all__ = ["OptimizerConformance", "CHECKS", "check_all", "new_state", "new_scratch", "quadratic"]
+__all__ = ["OptimizerConformance", "CHECKS", "check_all", "new_state", "new_scratch", "quadratic"] + [
+    f"check_{name}" for name in ("definition", "defaults", "bad_hyperparameters", "decreases_quadratic", "in_place",
+                                 "state_round_trip", "sliced", "dtypes", "zero_gradients")]
 
 
 # ---- helpers -------------------------------------------------------------------
