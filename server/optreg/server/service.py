@@ -121,7 +121,7 @@ def _decode_gradients(session: Session, tensors_in) -> dict[str, np.ndarray]:
 
 
 def _finish_gradients(session: Session, grads: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    missing = [n for n in session.params if n not in grads]
+    missing = [n for n in session.shapes if n not in grads]
     if missing:
         raise invalid(f"missing gradient(s) for {', '.join(missing)}: a step needs one for every parameter")
     out = {}

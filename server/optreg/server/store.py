@@ -72,8 +72,7 @@ class SessionStore:
         session = self._sessions.get(session_id)
         if session is None or (self.auth and session.owner != owner):
             raise self._missing(session_id)
-        session.last_used_at = time.time()
-        return session
+        return session  # last_used_at counts uses of the tensors only (use()), not info reads
 
     @contextlib.contextmanager
     def use(self, session_id: str, owner: str = "", session: Session | None = None):
@@ -82,6 +81,7 @@ class SessionStore:
         with session.lock:
             if session.id not in self._sessions:  # deleted while we waited
                 raise self._missing(session.id)
+            session.last_used_at = time.time()
             if not session.loaded:
                 self._load(session)
             yield session
