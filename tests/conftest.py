@@ -21,8 +21,8 @@ class ServerProcess:
         # Never the user's ~/.local/share/optreg: a fresh data dir unless the test names one.
         self._tmp = tempfile.TemporaryDirectory(prefix="optreg-data-")
         full_env["OPTREG_DATA_DIR"] = self._tmp.name
-        full_env["PYTHONPATH"] = os.pathsep.join(SOURCE_ROOTS + [full_env.get("PYTHONPATH", "")])
         full_env.update(env or {})
+        full_env["PYTHONPATH"] = os.pathsep.join(SOURCE_ROOTS + [full_env.get("PYTHONPATH", "")])
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "optreg.server", "serve", "--host", "127.0.0.1", "--port", "0",
              "--log-level", "warning", *args],

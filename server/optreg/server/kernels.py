@@ -18,6 +18,8 @@ _local = threading.local()
 
 def _scratch(count: int, size: int, dtype: np.dtype) -> list[np.ndarray]:
     """Per-thread work arrays, reused across steps and sessions."""
+    if count == 0:
+        return []
     cache = getattr(_local, "cache", None)
     if cache is None:
         cache = _local.cache = {}

@@ -1,0 +1,75 @@
+"""torch.optim.RMSprop (2.13), as `torch.rmsprop`: eps outside the root.
+
+    g <- g + weight_decay * p
+    v <- alpha*v + (1 - alpha)*g*g
+    c <- lerp(c, g, 1 - alpha);  d <- sqrt(v - c*c) + eps      (centered)
+                                 d <- sqrt(v) + eps            (otherwise)
+    b <- momentum*b + g/d;  p <- p - lr*b                      (momentum > 0)
+    p <- p - lr*g/d                                            (otherwise)
+
+Not the book's `rmsprop` (fixed 1e-7, no options). grad_avg and momentum_buffer
+are allocated even when unused: slots are declared, not conditional.
+"""
+import numpy as np
+
+from optreg.plugins import Hyperparameter, Optimizer, Slot, hookimpl
+
+
+def update(param, grad, state, step, hp, scratch):
+    s, t, d = scratch
+    lr, alpha, mu, wd = hp["lr"], hp["alpha"], hp["momentum"], hp["weight_decay"]
+    g = grad  # read-only: a changed gradient goes to scratch
+    if wd != 0:
+        np.multiply(param, wd, out=s)
+        s += grad
+        g = s
+    v = state["square_avg"]
+    v *= alpha
+    np.multiply(g, 1 - alpha, out=t)  # torch's addcmul: (value*g)*g
+    t *= g
+    v += t
+    if hp["centered"]:
+        c = state["grad_avg"]
+        np.subtract(g, c, out=t)  # torch's lerp: c + w*(g - c)
+        t *= 1 - alpha
+        c += t
+        np.multiply(c, c, out=d)
+        np.subtract(v, d, out=d)
+        np.sqrt(d, out=d)
+    else:
+        np.sqrt(v, out=d)
+    d += hp["eps"]
+    if mu > 0:
+        buf = state["momentum_buffer"]
+        buf *= mu
+        np.divide(g, d, out=t)
+        buf += t
+        np.multiply(buf, lr, out=t)
+        param -= t
+    else:
+        np.multiply(g, -lr, out=t)  # torch's addcdiv: (value*g)/d
+        t /= d
+        param += t
+
+
+TORCH_RMSPROP = Optimizer(
+    name="torch.rmsprop",
+    summary="torch.optim.RMSprop: eps outside sqrt, centered, momentum, L2 weight_decay (not the book's).",
+    update=update,
+    hyperparameters=(
+        Hyperparameter("lr", 1e-2, "learning rate", minimum=0.0),
+        Hyperparameter("alpha", 0.99, "smoothing constant of the squared-gradient average", minimum=0.0,
+                       maximum=1.0),
+        Hyperparameter("eps", 1e-8, "added to the root", minimum=0.0),
+        Hyperparameter("weight_decay", 0.0, "L2 penalty added to the gradient", minimum=0.0),
+        Hyperparameter("momentum", 0.0, "momentum factor", minimum=0.0),
+        Hyperparameter("centered", False, "normalise by the estimated variance of the gradient", type=bool),
+    ),
+    slots=(Slot("square_avg"), Slot("grad_avg"), Slot("momentum_buffer")),
+    scratch=3,
+)
+
+
+@hookimpl
+def optreg_optimizers():
+    return [TORCH_RMSPROP]

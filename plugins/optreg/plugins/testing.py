@@ -1,0 +1,351 @@
+"""A conformance kit for optimizer plugins: what optreg's server relies on, as tests.
+
+In a plugin package's tests (pytest)::
+
+    from optreg.plugins.testing import OptimizerConformance
+    from optreg_lion import LION
+
+    class TestLionConformance(OptimizerConformance):
+        optimizer = LION                  # a definition, or a registered name
+        hyperparameters = {"lr": 1e-3}    # optional: overrides for the behaviour checks
+
+Each check is also a plain function (``check_*``, taking the definition and the
+overrides) that raises AssertionError saying what is wrong, so it can be used
+without pytest's class machinery. The checks call ``update`` the way the server
+does: grad is a read-only array, state arrays come from the declared slots, scratch
+from the declared count, step is 1-based and shared by all parameters.
+
+Needs pytest (a test dependency, not a runtime one).
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import pytest
+
+from optreg.plugins.api import DefinitionError, HyperparameterError, Optimizer, validate
+
+__all__ = ["OptimizerConformance", "CHECKS", "check_all", "new_state", "new_scratch", "quadratic"] + [
+    f"check_{name}" for name in ("definition", "defaults", "bad_hyperparameters", "decreases_quadratic", "in_place",
+                                 "state_round_trip", "sliced", "dtypes", "zero_gradients")]
+
+
+# ---- helpers -------------------------------------------------------------------
+
+def new_state(definition: Optimizer, like: np.ndarray) -> dict[str, np.ndarray]:
+    """State arrays as the server allocates them: one per slot, filled with its initial value."""
+    return {s.name: np.full_like(like, s.initial_value) for s in definition.slots}
+
+
+def new_scratch(definition: Optimizer, like: np.ndarray, fill: float = np.nan) -> list[np.ndarray]:
+    # NaN-filled by default: an update that reads scratch before writing it shows up as NaN.
+    return [np.full_like(like, fill) for _ in range(definition.scratch)]
+
+
+def quadratic(size: int, dtype=np.float64, seed: int = 0):
+    """x0 and the gradient of f(x) = 0.5*sum(a*x*x), a in [0.5, 2): a convex test problem."""
+    rng = np.random.default_rng(seed)
+    a = rng.uniform(0.5, 2.0, size).astype(dtype)
+    x0 = rng.standard_normal(size).astype(dtype)
+    return x0, a
+
+
+def _read_only(array: np.ndarray) -> np.ndarray:
+    view = array.view()
+    view.flags.writeable = False  # the server's gradients are views of received bytes
+    return view
+
+
+def _step(definition, param, grad, state, step, hp, scratch):
+    try:
+        definition.update(param, _read_only(grad), state, step, hp, scratch)
+    except ValueError as e:
+        if "read-only" in str(e):
+            raise AssertionError(f"{definition.name}: update wrote to grad, which is read-only: {e}") from e
+        raise
+
+
+def _run(definition, param, grad_of, state, hp, steps, first_step=1, scratch=None):
+    scratch = new_scratch(definition, param) if scratch is None else scratch
+    for step in range(first_step, first_step + steps):
+        _step(definition, param, grad_of(param), state, step, hp, scratch)
+
+
+def _hp(definition: Optimizer, overrides: Mapping[str, Any] | None) -> dict:
+    return definition.resolve(dict(overrides or {}))
+
+
+# ---- the checks ----------------------------------------------------------------
+
+def check_definition(definition: Optimizer, overrides=None) -> None:
+    """The registry would accept it, and update takes the six arguments the server passes."""
+    try:
+        validate(definition)
+    except DefinitionError as e:
+        raise AssertionError(f"invalid definition: {e}") from e
+    try:
+        inspect.signature(definition.update).bind(None, None, None, None, None, None)
+    except TypeError as e:
+        raise AssertionError(
+            f"{definition.name}: update must accept (param, grad, state, step, hp, scratch): {e}") from e
+    except ValueError:
+        pass  # no signature to inspect (a builtin or C function): nothing to check
+
+
+def check_defaults(definition: Optimizer, overrides=None) -> None:
+    """Each default is valid and already of its declared type (it is listed to clients as is)."""
+    for h in definition.hyperparameters:
+        try:
+            value = h.coerce(h.default, definition.name)
+        except HyperparameterError as e:
+            raise AssertionError(f"default out of bounds: {e}") from e
+        wanted = {bool: (bool,), int: (int,), float: (float, int)}[h.type]
+        assert isinstance(h.default, wanted) and (h.type is bool or not isinstance(h.default, bool)), (
+            f"{definition.name}: default of {h.name} is {h.default!r} ({type(h.default).__name__}), "
+            f"declared {h.type.__name__}")
+        assert value == h.default, f"{definition.name}: default of {h.name} changes when validated: {value!r}"
+    resolved = definition.resolve({})
+    assert set(resolved) == set(definition.hyperparameter_names), f"{definition.name}: resolve({{}}) = {resolved}"
+
+
+def _bad_values(h) -> list[tuple[Any, str]]:
+    bad = [(math.nan, "NaN"), (math.inf, "infinity"), ("not a number", "a string"), (None, "None")]
+    if h.minimum is not None:
+        bad.append((h.minimum if h.minimum_exclusive else h.minimum - max(1.0, abs(h.minimum)), "below minimum"))
+    if h.maximum is not None:
+        bad.append((h.maximum if h.maximum_exclusive else h.maximum + max(1.0, abs(h.maximum)), "above maximum"))
+    if h.type is bool:
+        bad.append((2, "neither 0 nor 1"))
+    if h.type is int:
+        bad.append((1.5, "not an integer"))
+    return bad
+
+
+def check_bad_hyperparameters(definition: Optimizer, overrides=None) -> None:
+    """Out-of-bounds, NaN, infinite, wrongly typed and unknown values are refused, naming the field."""
+    base = definition.resolve({})
+    before = dict(base)
+    for h in definition.hyperparameters:
+        for value, why in _bad_values(h):
+            try:
+                definition.resolve({h.name: value}, base)
+            except HyperparameterError as e:
+                assert h.name in str(e), f"{definition.name}: error for {h.name}={value!r} does not name it: {e}"
+            else:
+                raise AssertionError(f"{definition.name}: accepted {h.name}={value!r} ({why})")
+            assert base == before, f"{definition.name}: a refused {h.name} changed the base values"
+    with pytest.raises(HyperparameterError):
+        definition.resolve({"no_such_hyperparameter": 1.0})
+
+
+def check_decreases_quadratic(definition: Optimizer, overrides=None, steps: int = 100) -> None:
+    """After `steps` steps on f = 0.5*sum(a*x*x) the loss is finite and lower."""
+    hp = _hp(definition, overrides)
+    x, a = quadratic(64)
+    f0 = 0.5 * float(np.sum(a * x * x))
+    state = new_state(definition, x)
+    _run(definition, x, lambda p: a * p, state, hp, steps)
+    f = 0.5 * float(np.sum(a * x * x))
+    assert math.isfinite(f) and f < f0 * (1 - 1e-3), (
+        f"{definition.name} {hp}: f went from {f0:.6g} to {f:.6g} in {steps} steps on a convex quadratic "
+        "(too small or too large a learning rate? set `hyperparameters` in the test class)")
+
+
+def check_in_place(definition: Optimizer, overrides=None) -> None:
+    """update writes param and its state in place and nothing else (not grad, not its neighbours)."""
+    hp = _hp(definition, overrides)
+    hp_before = dict(hp)
+    shape, guard, rng = (4, 5), 3, np.random.default_rng(1)
+    n = math.prod(shape)
+
+    def guarded(values):  # an array that is a view into a buffer with guard elements each side
+        buffer = rng.standard_normal(n + 2 * guard)
+        buffer[guard:guard + n] = values.reshape(-1)
+        return buffer, buffer[guard:guard + n].reshape(shape)
+
+    x, a = quadratic(n)
+    pbuf, param = guarded(x)
+    gbuf, grad = guarded(a * x)
+    state, sbufs = {}, {}
+    for name, init in new_state(definition, param).items():
+        sbufs[name], state[name] = guarded(init)
+    keep = {"param": pbuf.copy(), "grad": gbuf.copy(), **{f"slot {k}": b.copy() for k, b in sbufs.items()}}
+    arrays = dict(state)
+    start = param.copy()
+    scratch = new_scratch(definition, param)
+    for step in (1, 2, 3):
+        _step(definition, param, grad, state, step, hp, scratch)
+    assert not np.array_equal(param, start), (
+        f"{definition.name}: param unchanged after 3 steps with a non-zero gradient (not updated in place?)")
+    for label, buf in [("param", pbuf), ("grad", gbuf)] + [(f"slot {k}", b) for k, b in sbufs.items()]:
+        old = keep[label]
+        assert np.array_equal(buf[:guard], old[:guard]) and np.array_equal(buf[-guard:], old[-guard:]), (
+            f"{definition.name}: update wrote outside the {label} array it was given")
+    assert np.array_equal(gbuf, keep["grad"]), f"{definition.name}: update changed grad"
+    assert set(state) == set(arrays) and all(state[k] is arrays[k] for k in arrays), (
+        f"{definition.name}: update replaced or added state entries ({sorted(state)}); update them in place")
+    assert all(v.dtype == param.dtype and v.shape == shape for v in state.values())
+    assert hp == hp_before, f"{definition.name}: update changed the hyperparameters dict"
+
+
+def check_state_round_trip(definition: Optimizer, overrides=None, k: int = 5, n: int = 5) -> None:
+    """Everything an update depends on is in param, the declared slots and step: a copy taken
+    after step k continues exactly as the original does."""
+    hp = _hp(definition, overrides)
+    x, a = quadratic(50, seed=2)
+    state = new_state(definition, x)
+    _run(definition, x, lambda p: a * p, state, hp, k)
+    saved_param, saved_state = x.copy(), {name: v.copy() for name, v in state.items()}
+    _run(definition, x, lambda p: a * p, state, hp, n, first_step=k + 1)
+    # Restored into fresh arrays after the original has run on: hidden state in the
+    # plugin (a cache keyed on anything) would now differ.
+    restored, restored_state = saved_param.copy(), {name: v.copy() for name, v in saved_state.items()}
+    _run(definition, restored, lambda p: a * p, restored_state, hp, n, first_step=k + 1)
+    assert np.isfinite(x).all(), (
+        f"{definition.name}: param became non-finite (does update read scratch before writing it? "
+        "scratch arrives holding anything)")
+    np.testing.assert_array_equal(restored, x, err_msg=f"{definition.name}: restored state diverged (param)")
+    for name in state:
+        np.testing.assert_array_equal(restored_state[name], state[name],
+                                      err_msg=f"{definition.name}: restored state diverged (slot {name})")
+
+
+def check_sliced(definition: Optimizer, overrides=None, rtol: float = 0.0) -> None:
+    """An elementwise optimizer gives the same result over uneven slices of the flattened
+    tensor as over the whole (the server chunks and threads on that promise)."""
+    if not definition.elementwise:
+        return
+    hp = _hp(definition, overrides)
+    shape = (5, 37)
+    x, a = quadratic(math.prod(shape), seed=3)
+    whole, a2 = x.reshape(shape).copy(), a.reshape(shape)
+    whole_state = new_state(definition, whole)
+    flat = x.copy()
+    flat_state = new_state(definition, flat)
+    bounds = [0, 1, 17, 64, 100, 184, flat.size]
+    for step in range(1, 6):
+        _step(definition, whole, a2 * whole, whole_state, step, hp, new_scratch(definition, whole))
+        grad = a * flat
+        for lo, hi in zip(bounds, bounds[1:]):
+            part = flat[lo:hi]
+            _step(definition, part, grad[lo:hi], {k: v[lo:hi] for k, v in flat_state.items()}, step, hp,
+                  new_scratch(definition, part))
+    msg = f"{definition.name}: sliced and whole updates differ (is it really elementwise?)"
+    np.testing.assert_allclose(flat, whole.reshape(-1), rtol=rtol, atol=0, err_msg=msg)
+    for k in whole_state:
+        np.testing.assert_allclose(flat_state[k], whole_state[k].reshape(-1), rtol=rtol, atol=0,
+                                   err_msg=f"{msg} (slot {k})")
+
+
+def check_dtypes(definition: Optimizer, overrides=None) -> None:
+    """float32 and float64 both work, keep their dtype, and agree to float32's precision."""
+    hp = _hp(definition, overrides)
+    results = {}
+    for dtype in (np.float32, np.float64):
+        x, a = quadratic(40, dtype=dtype, seed=4)
+        start = x.copy()
+        state = new_state(definition, x)
+        _run(definition, x, lambda p: a * p, state, hp, 3)
+        assert x.dtype == dtype and all(v.dtype == dtype for v in state.values()), (
+            f"{definition.name}: dtype changed from {np.dtype(dtype).name}")
+        assert np.isfinite(x).all(), f"{definition.name}: non-finite param in {np.dtype(dtype).name}"
+        assert not np.array_equal(x, start), f"{definition.name}: {np.dtype(dtype).name} param did not move"
+        results[dtype] = (start.astype(np.float64), x.astype(np.float64))
+    (_, p32), (start, p64) = results[np.float32], results[np.float64]
+    # float32's own rounding (relative to |p|) plus a small fraction of the distance moved;
+    # a dtype-dependent formula shows up, lost precision common to both runs does not.
+    moved = np.abs(p64 - start).max()
+    error = np.abs(p32 - p64)
+    allowed = 1e-4 * moved + 1e-6 * np.abs(p64)
+    assert (error <= allowed).all(), (
+        f"{definition.name}: float32 and float64 results differ by up to {error.max():.3g} "
+        f"after moving {moved:.3g} (a dtype-dependent path?)")
+
+
+def check_zero_gradients(definition: Optimizer, overrides=None) -> None:
+    """Zero gradients, from fresh state and after real steps, produce no NaN or infinity."""
+    hp = _hp(definition, overrides)
+    for warmup in (0, 5):
+        x, a = quadratic(30, seed=5)
+        state = new_state(definition, x)
+        _run(definition, x, lambda p: a * p, state, hp, warmup)
+        _run(definition, x, np.zeros_like, state, hp, 3, first_step=warmup + 1)
+        assert np.isfinite(x).all(), f"{definition.name}: zero gradients made param non-finite (warm-up {warmup})"
+        for k, v in state.items():
+            assert np.isfinite(v).all(), f"{definition.name}: zero gradients made slot {k} non-finite"
+
+
+CHECKS: dict[str, Callable[..., None]] = {
+    "definition": check_definition,
+    "defaults": check_defaults,
+    "bad_hyperparameters": check_bad_hyperparameters,
+    "decreases_quadratic": check_decreases_quadratic,
+    "in_place": check_in_place,
+    "state_round_trip": check_state_round_trip,
+    "sliced": check_sliced,
+    "dtypes": check_dtypes,
+    "zero_gradients": check_zero_gradients,
+}
+
+
+def check_all(definition: Optimizer, overrides: Mapping[str, Any] | None = None) -> None:
+    """Run every check; the first failure raises AssertionError."""
+    for check in CHECKS.values():
+        check(definition, overrides)
+
+
+# ---- the pytest class ----------------------------------------------------------
+
+class OptimizerConformance:
+    """Subclass as ``Test...`` and set `optimizer`; pytest then runs one test per check.
+
+    To cover several optimizers, override the `definition` fixture (parametrized) and,
+    if they need different settings, the `overrides` fixture.
+    """
+    optimizer: Optimizer | str | None = None
+    hyperparameters: Mapping[str, Any] = {}
+
+    @pytest.fixture
+    def definition(self) -> Optimizer:
+        if isinstance(self.optimizer, str):
+            from optreg.plugins.registry import Registry
+            return Registry().get(self.optimizer).definition
+        if self.optimizer is None:
+            pytest.fail(f"{type(self).__name__}: set `optimizer` to an Optimizer definition or a registered name")
+        return self.optimizer
+
+    @pytest.fixture
+    def overrides(self) -> Mapping[str, Any]:
+        return dict(self.hyperparameters)
+
+    def test_definition_is_valid(self, definition, overrides):
+        check_definition(definition, overrides)
+
+    def test_defaults_are_valid(self, definition, overrides):
+        check_defaults(definition, overrides)
+
+    def test_bad_hyperparameters_are_refused(self, definition, overrides):
+        check_bad_hyperparameters(definition, overrides)
+
+    def test_decreases_a_convex_quadratic(self, definition, overrides):
+        check_decreases_quadratic(definition, overrides)
+
+    def test_updates_in_place_and_nothing_else(self, definition, overrides):
+        check_in_place(definition, overrides)
+
+    def test_state_round_trips(self, definition, overrides):
+        check_state_round_trip(definition, overrides)
+
+    def test_slices_match_whole(self, definition, overrides):
+        if not definition.elementwise:
+            pytest.skip(f"{definition.name} is not elementwise")
+        check_sliced(definition, overrides)
+
+    def test_float32_and_float64(self, definition, overrides):
+        check_dtypes(definition, overrides)
+
+    def test_zero_gradients_stay_finite(self, definition, overrides):
+        check_zero_gradients(definition, overrides)
