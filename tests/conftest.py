@@ -5,6 +5,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -17,6 +18,9 @@ class ServerProcess:
 
     def __init__(self, *args: str, env: dict | None = None):
         full_env = dict(os.environ)
+        # Never the user's ~/.local/share/optreg: a fresh data dir unless the test names one.
+        self._tmp = tempfile.TemporaryDirectory(prefix="optreg-data-")
+        full_env["OPTREG_DATA_DIR"] = self._tmp.name
         full_env.update(env or {})
         full_env["PYTHONPATH"] = os.pathsep.join(SOURCE_ROOTS + [full_env.get("PYTHONPATH", "")])
         self.proc = subprocess.Popen(
@@ -28,6 +32,7 @@ class ServerProcess:
             self.proc.kill()
             raise RuntimeError(f"server did not start: {line!r} {self.proc.stderr.read()}")
         self.address = line.split()[-1]
+        self.args = args
 
     def stop(self, timeout: float = 30) -> int:
         if self.proc.poll() is None:

@@ -16,6 +16,8 @@ from optreg.v1 import registry_pb2, registry_pb2_grpc, session_pb2, session_pb2_
 STREAM_ABOVE_BYTES = 2 << 20
 REPLY = {"parameters": session_pb2.STEP_REPLY_PARAMETERS, "delta": session_pb2.STEP_REPLY_DELTA,
          "none": session_pb2.STEP_REPLY_NONE}
+DURABILITY = {None: session_pb2.DURABILITY_UNSPECIFIED, "every-step": session_pb2.DURABILITY_EVERY_STEP,
+              "periodic": session_pb2.DURABILITY_PERIODIC, "none": session_pb2.DURABILITY_NONE}
 MASTER = {None: tensor_pb2.DATA_TYPE_UNSPECIFIED, "float32": tensor_pb2.DATA_TYPE_FLOAT32,
           "float64": tensor_pb2.DATA_TYPE_FLOAT64}
 
@@ -48,6 +50,37 @@ def _collect(messages, field: str = "chunks") -> tuple[object, dict[str, np.ndar
     return first, params, {slot: asm.finish() for slot, asm in assemblers.items()}
 
 
+class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                   grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds `authorization: Bearer <token>` to every call (over TLS or not)."""
+
+    def __init__(self, token: str):
+        self.entry = ("authorization", f"Bearer {token}")
+
+    def _details(self, d):
+        return d._replace(metadata=list(d.metadata or ()) + [self.entry]) if hasattr(d, "_replace") else \
+            _CallDetails(d.method, d.timeout, list(d.metadata or ()) + [self.entry], d.credentials,
+                         getattr(d, "wait_for_ready", None), getattr(d, "compression", None))
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation, details, request_iterator):
+        return continuation(self._details(details), request_iterator)
+
+    def intercept_stream_stream(self, continuation, details, request_iterator):
+        return continuation(self._details(details), request_iterator)
+
+
+class _CallDetails(grpc.ClientCallDetails):
+    def __init__(self, method, timeout, metadata, credentials, wait_for_ready, compression):
+        self.method, self.timeout, self.metadata = method, timeout, metadata
+        self.credentials, self.wait_for_ready, self.compression = credentials, wait_for_ready, compression
+
+
 class Client:
     """A connection to an optreg server.
 
@@ -57,17 +90,33 @@ class Client:
     """
 
     def __init__(self, address: str = "127.0.0.1:50051", *, timeout: float | None = 60.0, retries: int = 5,
-                 channel: grpc.Channel | None = None, max_message_mb: int = 64):
+                 channel: grpc.Channel | None = None, max_message_mb: int = 64, token: str | None = None,
+                 root_certificates: bytes | None = None, tls: bool = False,
+                 tls_server_name: str | None = None):
+        """`token`: a bearer token sent with every call. `root_certificates` (PEM bytes) or
+        `tls=True` (the system's roots) connect over TLS; `tls_server_name` overrides the
+        name checked against the server's certificate."""
         limit = max_message_mb * 1024 * 1024
-        self.channel = channel or grpc.insecure_channel(address, options=[
-            ("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)])
+        options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
+        if tls_server_name:
+            options.append(("grpc.ssl_target_name_override", tls_server_name))
+        if channel is None:
+            if root_certificates is not None or tls:
+                channel = grpc.secure_channel(
+                    address, grpc.ssl_channel_credentials(root_certificates=root_certificates), options=options)
+            else:
+                channel = grpc.insecure_channel(address, options=options)
+        self._raw_channel = channel
+        if token is not None:
+            channel = grpc.intercept_channel(channel, _BearerToken(token))
+        self.channel = channel
         self.timeout = timeout
         self.retries = retries
         self.registry = registry_pb2_grpc.OptimizerRegistryServiceStub(self.channel)
         self.sessions = session_pb2_grpc.SessionServiceStub(self.channel)
 
     def close(self) -> None:
-        self.channel.close()
+        self._raw_channel.close()
 
     def __enter__(self):
         return self
@@ -82,15 +131,19 @@ class Client:
     @_rpc
     def create_session(self, optimizer: str, params: Mapping[str, np.ndarray], *, master_dtype: str | None = None,
                        reply: str = "parameters", session_id: str = "", state=None, initial_step: int = 0,
+                       durability: str | None = None, periodic_steps: int = 0, periodic_seconds: float = 0.0,
                        **hyperparameters) -> "Session":
         """Open a session; `params` (name -> array) are the initial values, copied to the server.
 
         The arrays passed are the ones later `step` calls write into. `state`
         (slot -> name -> array) and `initial_step` restore a session read with `read_state`.
+        `durability`: "every-step", "periodic" (with periodic_steps / periodic_seconds), "none",
+        or None for the server's default.
         """
         config = session_pb2.SessionConfig(optimizer=optimizer, hyperparameters=hyperparameters,
                                            master_dtype=MASTER[master_dtype], step_reply=REPLY[reply],
-                                           session_id=session_id)
+                                           session_id=session_id, durability=DURABILITY[durability],
+                                           periodic_steps=periodic_steps, periodic_seconds=periodic_seconds)
         state = state or {}
         if _nbytes(params) + sum(_nbytes(s) for s in state.values()) > STREAM_ABOVE_BYTES:
             info = self.sessions.CreateSessionStream(self._create_messages(config, params, state, initial_step),

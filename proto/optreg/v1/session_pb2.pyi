@@ -17,13 +17,24 @@ class StepReply(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STEP_REPLY_PARAMETERS: _ClassVar[StepReply]
     STEP_REPLY_DELTA: _ClassVar[StepReply]
     STEP_REPLY_NONE: _ClassVar[StepReply]
+
+class Durability(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DURABILITY_UNSPECIFIED: _ClassVar[Durability]
+    DURABILITY_EVERY_STEP: _ClassVar[Durability]
+    DURABILITY_PERIODIC: _ClassVar[Durability]
+    DURABILITY_NONE: _ClassVar[Durability]
 STEP_REPLY_UNSPECIFIED: StepReply
 STEP_REPLY_PARAMETERS: StepReply
 STEP_REPLY_DELTA: StepReply
 STEP_REPLY_NONE: StepReply
+DURABILITY_UNSPECIFIED: Durability
+DURABILITY_EVERY_STEP: Durability
+DURABILITY_PERIODIC: Durability
+DURABILITY_NONE: Durability
 
 class SessionConfig(_message.Message):
-    __slots__ = ("optimizer", "hyperparameters", "master_dtype", "step_reply", "session_id")
+    __slots__ = ("optimizer", "hyperparameters", "master_dtype", "step_reply", "session_id", "durability", "periodic_steps", "periodic_seconds")
     class HyperparametersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -36,12 +47,18 @@ class SessionConfig(_message.Message):
     MASTER_DTYPE_FIELD_NUMBER: _ClassVar[int]
     STEP_REPLY_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    DURABILITY_FIELD_NUMBER: _ClassVar[int]
+    PERIODIC_STEPS_FIELD_NUMBER: _ClassVar[int]
+    PERIODIC_SECONDS_FIELD_NUMBER: _ClassVar[int]
     optimizer: str
     hyperparameters: _containers.ScalarMap[str, float]
     master_dtype: _tensor_pb2.DataType
     step_reply: StepReply
     session_id: str
-    def __init__(self, optimizer: _Optional[str] = ..., hyperparameters: _Optional[_Mapping[str, float]] = ..., master_dtype: _Optional[_Union[_tensor_pb2.DataType, str]] = ..., step_reply: _Optional[_Union[StepReply, str]] = ..., session_id: _Optional[str] = ...) -> None: ...
+    durability: Durability
+    periodic_steps: int
+    periodic_seconds: float
+    def __init__(self, optimizer: _Optional[str] = ..., hyperparameters: _Optional[_Mapping[str, float]] = ..., master_dtype: _Optional[_Union[_tensor_pb2.DataType, str]] = ..., step_reply: _Optional[_Union[StepReply, str]] = ..., session_id: _Optional[str] = ..., durability: _Optional[_Union[Durability, str]] = ..., periodic_steps: _Optional[int] = ..., periodic_seconds: _Optional[float] = ...) -> None: ...
 
 class TensorInfo(_message.Message):
     __slots__ = ("name", "dtype", "shape")
@@ -54,7 +71,7 @@ class TensorInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[_tensor_pb2.DataType, str]] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SessionInfo(_message.Message):
-    __slots__ = ("session_id", "optimizer", "hyperparameters", "step", "master_dtype", "step_reply", "parameters", "slots", "created_at", "last_used_at")
+    __slots__ = ("session_id", "optimizer", "hyperparameters", "step", "master_dtype", "step_reply", "parameters", "slots", "created_at", "last_used_at", "durability", "periodic_steps", "periodic_seconds", "persisted_step", "loaded")
     class HyperparametersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -72,6 +89,11 @@ class SessionInfo(_message.Message):
     SLOTS_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     LAST_USED_AT_FIELD_NUMBER: _ClassVar[int]
+    DURABILITY_FIELD_NUMBER: _ClassVar[int]
+    PERIODIC_STEPS_FIELD_NUMBER: _ClassVar[int]
+    PERIODIC_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PERSISTED_STEP_FIELD_NUMBER: _ClassVar[int]
+    LOADED_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     optimizer: str
     hyperparameters: _containers.ScalarMap[str, float]
@@ -82,7 +104,12 @@ class SessionInfo(_message.Message):
     slots: _containers.RepeatedScalarFieldContainer[str]
     created_at: _timestamp_pb2.Timestamp
     last_used_at: _timestamp_pb2.Timestamp
-    def __init__(self, session_id: _Optional[str] = ..., optimizer: _Optional[str] = ..., hyperparameters: _Optional[_Mapping[str, float]] = ..., step: _Optional[int] = ..., master_dtype: _Optional[_Union[_tensor_pb2.DataType, str]] = ..., step_reply: _Optional[_Union[StepReply, str]] = ..., parameters: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., slots: _Optional[_Iterable[str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_used_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    durability: Durability
+    periodic_steps: int
+    periodic_seconds: float
+    persisted_step: int
+    loaded: bool
+    def __init__(self, session_id: _Optional[str] = ..., optimizer: _Optional[str] = ..., hyperparameters: _Optional[_Mapping[str, float]] = ..., step: _Optional[int] = ..., master_dtype: _Optional[_Union[_tensor_pb2.DataType, str]] = ..., step_reply: _Optional[_Union[StepReply, str]] = ..., parameters: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., slots: _Optional[_Iterable[str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_used_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., durability: _Optional[_Union[Durability, str]] = ..., periodic_steps: _Optional[int] = ..., periodic_seconds: _Optional[float] = ..., persisted_step: _Optional[int] = ..., loaded: _Optional[bool] = ...) -> None: ...
 
 class CreateSessionRequest(_message.Message):
     __slots__ = ("config", "parameters", "state", "initial_step")

@@ -104,11 +104,14 @@ class Assembler:
     """Reassembles chunked tensors; refuses chunks out of order, overlapping, or past the end.
 
     `expect` (name -> (shape, dtypes allowed)) restricts what may arrive; without
-    it any name and shape is accepted. ValueError messages name the tensor.
+    it any name and shape is accepted. `max_bytes` refuses (ValueError) a tensor
+    whose declared size exceeds it before allocating it. ValueError messages name
+    the tensor.
     """
 
-    def __init__(self, expect: dict[str, tuple[tuple, tuple]] | None = None):
+    def __init__(self, expect: dict[str, tuple[tuple, tuple]] | None = None, max_bytes: int | None = None):
         self.expect = expect
+        self.max_bytes = max_bytes
         self.arrays: dict[str, np.ndarray] = {}
         self.filled: dict[str, int] = {}
 
@@ -130,6 +133,12 @@ class Assembler:
             if t.offset != 0:
                 raise ValueError(f"tensor {name!r}: first chunk has offset {t.offset}, expected 0 "
                                  "(chunks out of order or missing)")
+            size = 1
+            for d in shape:
+                size *= d  # Python ints: no overflow
+            if self.max_bytes is not None and size * dtype.itemsize > self.max_bytes:
+                raise ValueError(f"tensor {name!r}: shape {list(shape)} is {size * dtype.itemsize} bytes, "
+                                 f"more than the {self.max_bytes} this server accepts")
             self.arrays[name] = np.empty(shape, dtype=dtype)
             self.filled[name] = 0
         arr = self.arrays[name]

@@ -1,8 +1,12 @@
 """Builds and runs the gRPC server: optreg's services, standard health checking, reflection."""
 from __future__ import annotations
 
+import ipaddress
 import logging
+import os
+import pathlib
 import signal
+import socket
 import threading
 from concurrent import futures
 from dataclasses import dataclass
@@ -12,8 +16,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from optreg.plugins.registry import Registry
+from optreg.server.auth import TokenAuth, read_tokens
+from optreg.server.metrics import Metrics
 from optreg.server.service import RegistryServicer, SessionServicer
-from optreg.server.sessions import SessionStore
+from optreg.server.storage import Storage
+from optreg.server.store import SessionStore
 from optreg.v1 import registry_pb2, registry_pb2_grpc, session_pb2, session_pb2_grpc
 
 log = logging.getLogger("optreg.server")
@@ -31,25 +38,86 @@ class Settings:
     workers: int = 16
     max_message_mb: int = 64
     drain_seconds: float = 30.0
+    # Persistence: None or "" keeps sessions in memory only.
+    data_dir: str | None = None
+    default_durability: int = 0  # a Durability value; 0: every-step with a data dir, else none
+    periodic_steps: int = 100
+    periodic_seconds: float = 30.0
+    idle_seconds: float = 0.0  # 0: never unload
+    memory_budget_mb: float = 0.0  # 0: unlimited
+    token_file: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    allow_insecure: bool = False
+    metrics_port: int | None = None  # None: no endpoint; 0 picks a free port
+    metrics_host: str = "127.0.0.1"
+
+
+def default_data_dir() -> str:
+    """$OPTREG_DATA_DIR, else $XDG_DATA_HOME/optreg, else ~/.local/share/optreg."""
+    if "OPTREG_DATA_DIR" in os.environ:
+        return os.environ["OPTREG_DATA_DIR"]
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return os.path.join(base, "optreg")
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        try:
+            return all(ipaddress.ip_address(a[4][0]).is_loopback for a in socket.getaddrinfo(host, None))
+        except OSError:
+            return False
 
 
 class OptregServer:
     def __init__(self, settings: Settings, registry: Registry | None = None):
         self.settings = settings
         self.registry = registry or Registry()
-        self.store = SessionStore(self.registry)
+        self.metrics = Metrics()
+        self.auth = TokenAuth(read_tokens(settings.token_file), self.metrics.error) if settings.token_file else None
+        tls = bool(settings.tls_cert or settings.tls_key)
+        if tls and not (settings.tls_cert and settings.tls_key):
+            raise ValueError("TLS needs both --tls-cert and --tls-key")
+        if not is_loopback(settings.host) and not (tls and self.auth):
+            missing = " and ".join(w for w, on in (("TLS", tls), ("tokens", self.auth)) if not on)
+            if not settings.allow_insecure:
+                raise ValueError(f"refusing to bind non-loopback address {settings.host} without {missing}: "
+                                 "pass --tls-cert/--tls-key and --token-file, or --allow-insecure")
+            log.warning("serving on non-loopback %s without %s (--allow-insecure): anyone who can reach it "
+                        "can %s", settings.host, missing,
+                        "read and step every session" if not self.auth else "read the tokens on the wire")
+        storage = Storage(pathlib.Path(settings.data_dir)) if settings.data_dir else None
+        self.store = SessionStore(
+            self.registry, storage, default_durability=settings.default_durability or None,
+            periodic_steps=settings.periodic_steps, periodic_seconds=settings.periodic_seconds,
+            idle_seconds=settings.idle_seconds, memory_budget=int(settings.memory_budget_mb * (1 << 20)),
+            auth=self.auth is not None, metrics=self.metrics)
+        self.store.open_all()
         limit = settings.max_message_mb * 1024 * 1024
         self.grpc_server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="optreg"),
+            interceptors=[self.auth] if self.auth else [],
             options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)])
-        registry_pb2_grpc.add_OptimizerRegistryServiceServicer_to_server(RegistryServicer(self.registry),
-                                                                          self.grpc_server)
-        session_pb2_grpc.add_SessionServiceServicer_to_server(SessionServicer(self.store), self.grpc_server)
+        registry_pb2_grpc.add_OptimizerRegistryServiceServicer_to_server(
+            RegistryServicer(self.registry, self.metrics), self.grpc_server)
+        owner = self.auth.owner if self.auth else (lambda context: "")
+        session_pb2_grpc.add_SessionServiceServicer_to_server(
+            SessionServicer(self.store, metrics=self.metrics, owner=owner), self.grpc_server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         reflection.enable_server_reflection(
             SERVICE_NAMES + (health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc_server)
-        self.port = self.grpc_server.add_insecure_port(f"{settings.host}:{settings.port}")
+        bind = f"[{settings.host}]:{settings.port}" if ":" in settings.host and "[" not in settings.host else f"{settings.host}:{settings.port}"
+        if tls:
+            creds = grpc.ssl_server_credentials([(pathlib.Path(settings.tls_key).read_bytes(),
+                                                  pathlib.Path(settings.tls_cert).read_bytes())])
+            self.port = self.grpc_server.add_secure_port(bind, creds)
+        else:
+            self.port = self.grpc_server.add_insecure_port(bind)
         if self.port == 0:
             raise OSError(f"could not bind {settings.host}:{settings.port}")
 
@@ -59,6 +127,10 @@ class OptregServer:
         return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
 
     def start(self) -> None:
+        if self.settings.metrics_port is not None:
+            self.metrics_port = self.metrics.serve(self.settings.metrics_port, self.settings.metrics_host)
+            log.info("metrics on http://%s:%d/metrics", self.settings.metrics_host, self.metrics_port)
+        self.store.start()
         self.grpc_server.start()
         for name in ("",) + SERVICE_NAMES:
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -67,6 +139,9 @@ class OptregServer:
         """Refuse new calls, let in-flight ones (steps included) finish within `grace` seconds."""
         self.health.enter_graceful_shutdown()
         self.grpc_server.stop(self.settings.drain_seconds if grace is None else grace).wait()
+        self.store.stop()
+        n = self.store.flush_all()
+        log.info("flushed %d session(s) to disk", n)
 
     def serve_forever(self) -> None:
         """Run until SIGTERM or SIGINT, then drain and stop."""

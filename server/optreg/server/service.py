@@ -4,13 +4,16 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import time
 
 import grpc
 import numpy as np
 
 from optreg.plugins import HyperparameterError
 from optreg.server.errors import RequestError, invalid
-from optreg.server.sessions import PluginError, Session, SessionStore, check_finite
+from optreg.server.metrics import Metrics
+from optreg.server.sessions import PluginError, Session, check_finite
+from optreg.server.store import SessionStore
 from optreg.plugins.registry import Registry
 from optreg.v1 import registry_pb2, registry_pb2_grpc, session_pb2, session_pb2_grpc, tensor_pb2, tensors
 
@@ -27,35 +30,61 @@ def _abort(context, code, message, metadata=()):
 
 
 def _status(method):
-    """Map the server's exceptions to gRPC status codes, for unary and streaming handlers alike."""
+    """Map the server's exceptions to gRPC status codes, for unary and streaming handlers alike;
+    count bytes in and out and errors by code."""
 
-    def translate(context, e):
+    def translate(self, context, e):
         if isinstance(e, RequestError):
-            _abort(context, e.code, e.message, e.metadata)
+            code, message, metadata = e.code, e.message, e.metadata
         elif isinstance(e, ValueError):
-            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            code, message, metadata = grpc.StatusCode.INVALID_ARGUMENT, str(e), ()
         elif isinstance(e, PluginError):
             log.error("%s", e)
-            _abort(context, grpc.StatusCode.INTERNAL, f"{e}; the session is unchanged")
+            code, message, metadata = grpc.StatusCode.INTERNAL, f"{e}; the session is unchanged", ()
         elif isinstance(e, MemoryError):
-            _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, "the server is out of memory for this request")
-        raise e
+            code, message, metadata = (grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                       "the server is out of memory for this request", ())
+        else:
+            self.metrics.error(grpc.StatusCode.UNKNOWN.name, method.__name__)
+            log.exception("%s failed", method.__name__)
+            raise e
+        self.metrics.error(code.name, method.__name__)
+        _abort(context, code, message, metadata)
+
+    def counted(self, iterator):
+        for msg in iterator:
+            self.metrics.bytes_in(msg.ByteSize())
+            yield msg
+
+    streaming_in = method.__name__.endswith("Stream") and method.__name__ in ("CreateSessionStream", "StepStream")
 
     if inspect.isgeneratorfunction(method):
         @functools.wraps(method)
         def stream(self, request, context):
+            if streaming_in:
+                request = counted(self, request)
+            else:
+                self.metrics.bytes_in(request.ByteSize())
             try:
-                yield from method(self, request, context)
+                for reply in method(self, request, context):
+                    self.metrics.bytes_out(reply.ByteSize())
+                    yield reply
             except Exception as e:
-                translate(context, e)
+                translate(self, context, e)
         return stream
 
     @functools.wraps(method)
     def unary(self, request, context):
+        if streaming_in:
+            request = counted(self, request)
+        else:
+            self.metrics.bytes_in(request.ByteSize())
         try:
-            return method(self, request, context)
+            reply = method(self, request, context)
         except Exception as e:
-            translate(context, e)
+            translate(self, context, e)
+        self.metrics.bytes_out(reply.ByteSize())
+        return reply
     return unary
 
 
@@ -64,8 +93,9 @@ def session_info(s: Session) -> session_pb2.SessionInfo:
         session_id=s.id, optimizer=s.optimizer.definition.name,
         hyperparameters={k: float(v) for k, v in s.hyperparameters.items()}, step=s.step,
         master_dtype=s.master_code, step_reply=s.step_reply,
-        parameters=[session_pb2.TensorInfo(name=n, dtype=s.master_code, shape=p.shape) for n, p in s.params.items()],
-        slots=list(s.state))
+        parameters=[session_pb2.TensorInfo(name=n, dtype=s.master_code, shape=shape) for n, shape in s.shapes.items()],
+        slots=list(s.slot_names), durability=s.durability, periodic_steps=s.periodic_steps,
+        periodic_seconds=s.periodic_seconds, persisted_step=s.persisted_step, loaded=s.loaded)
     info.created_at.FromNanoseconds(int(s.created_at * 1e9))
     info.last_used_at.FromNanoseconds(int(s.last_used_at * 1e9))
     return info
@@ -91,7 +121,7 @@ def _decode_gradients(session: Session, tensors_in) -> dict[str, np.ndarray]:
 
 
 def _finish_gradients(session: Session, grads: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    missing = [n for n in session.params if n not in grads]
+    missing = [n for n in session.shapes if n not in grads]
     if missing:
         raise invalid(f"missing gradient(s) for {', '.join(missing)}: a step needs one for every parameter")
     out = {}
@@ -102,8 +132,9 @@ def _finish_gradients(session: Session, grads: dict[str, np.ndarray]) -> dict[st
 
 
 class RegistryServicer(registry_pb2_grpc.OptimizerRegistryServiceServicer):
-    def __init__(self, registry: Registry):
+    def __init__(self, registry: Registry, metrics: Metrics | None = None):
         self.registry = registry
+        self.metrics = metrics or Metrics()
 
     @_status
     def ListOptimizers(self, request, context):
@@ -132,10 +163,22 @@ def list_optimizers(registry: Registry) -> registry_pb2.ListOptimizersResponse:
     return out
 
 
+def _no_owner(context) -> str:
+    return ""
+
+
 class SessionServicer(session_pb2_grpc.SessionServiceServicer):
-    def __init__(self, store: SessionStore, chunk_bytes: int = tensors.CHUNK_BYTES):
+    """`owner(context)` names the caller (a token's hash; "" without auth); the store checks it."""
+
+    def __init__(self, store: SessionStore, chunk_bytes: int = tensors.CHUNK_BYTES, metrics: Metrics | None = None,
+                 owner=_no_owner):
         self.store = store
         self.chunk_bytes = chunk_bytes
+        self.metrics = metrics or Metrics()
+        self.owner = owner
+
+    def _use(self, session_id, context):
+        return self.store.use(session_id, self.owner(context))
 
     # -- lifecycle -------------------------------------------------------
     @_status
@@ -147,14 +190,21 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
             params[t.name] = tensors.to_numpy(t)
         state = {}
         for slot in request.state:
-            state[slot.slot] = {t.name: tensors.to_numpy(t) for t in slot.tensors}
-        session = self.store.create(request.config, params, state, request.initial_step)
+            if slot.slot in state:
+                raise invalid(f"state slot {slot.slot!r} is given twice")
+            state[slot.slot] = {}
+            for t in slot.tensors:
+                if t.name in state[slot.slot]:
+                    raise invalid(f"state {slot.slot}/{t.name} is given twice")
+                state[slot.slot][t.name] = tensors.to_numpy(t)
+        session = self.store.create(request.config, params, state, request.initial_step, self.owner(context))
         return session_pb2.CreateSessionResponse(session=session_info(session))
 
     @_status
     def CreateSessionStream(self, request_iterator, context):
         config, initial_step = None, 0
         arrays: dict[str, tensors.Assembler] = {}
+        owner = self.owner(context)
         for i, msg in enumerate(request_iterator):
             if i == 0:
                 if not msg.HasField("config"):
@@ -162,38 +212,51 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
                 config, initial_step = msg.config, msg.initial_step
             elif msg.HasField("config"):
                 raise invalid("config may only be sent in the first message")
-            asm = arrays.setdefault(msg.slot, tensors.Assembler())
+            asm = arrays.setdefault(msg.slot, tensors.Assembler(max_bytes=self.store.memory_budget or None))
             for t in msg.chunks:
                 asm.add(t)
         if config is None:
             raise invalid("the stream was empty: send config and the parameters")
         params = arrays.pop("", tensors.Assembler()).finish()
         state = {slot: asm.finish() for slot, asm in arrays.items()}
-        session = self.store.create(config, params, state, initial_step)
+        session = self.store.create(config, params, state, initial_step, owner)
         return session_pb2.CreateSessionStreamResponse(session=session_info(session))
 
     @_status
     def GetSession(self, request, context):
-        return session_pb2.GetSessionResponse(session=session_info(self.store.get(request.session_id)))
+        return session_pb2.GetSessionResponse(
+            session=session_info(self.store.get(request.session_id, self.owner(context))))
 
     @_status
     def ListSessions(self, request, context):
-        return session_pb2.ListSessionsResponse(sessions=[session_info(s) for s in self.store.list()])
+        return session_pb2.ListSessionsResponse(
+            sessions=[session_info(s) for s in self.store.list(self.owner(context))])
 
     @_status
     def DeleteSession(self, request, context):
-        self.store.delete(request.session_id)
+        self.store.delete(request.session_id, self.owner(context))
         return session_pb2.DeleteSessionResponse()
 
     # -- steps -----------------------------------------------------------
+    def _step(self, session: Session, fence, grads, context):
+        """Apply under the lock, then the durability policy; caller holds the lock."""
+        t0 = time.perf_counter()
+        result = session.fenced_apply(fence, grads, context.is_active)
+        self.store.after_change(session)
+        self.metrics.step(time.perf_counter() - t0, result.replayed)
+        log.debug("session %s step %d%s", session.id, result.step, " (replayed)" if result.replayed else "",
+                  extra={"session_id": session.id, "step": result.step})
+        return result
+
     @_status
     def Step(self, request, context):
-        session = self.store.get(request.session_id)
+        owner = self.owner(context)
+        session = self.store.get(request.session_id, owner)
         fence = request.step if request.HasField("step") else None
         # Decoding reads only the session's fixed shapes, so it happens outside the lock.
         grads = _decode_gradients(session, request.gradients)
-        with session.lock:
-            result = session.fenced_apply(fence, grads, context.is_active)
+        with self.store.use(session.id, owner, session) as session:
+            result = self._step(session, fence, grads, context)
             return session_pb2.StepResponse(
                 step=result.step, replayed=result.replayed,
                 tensors=[tensors.from_numpy(n, a) for n, a in result.tensors.items()])
@@ -201,9 +264,10 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
     @_status
     def StepStream(self, request_iterator, context):
         session, fence, asm = None, None, None
+        owner = self.owner(context)
         for i, msg in enumerate(request_iterator):
             if i == 0:
-                session = self.store.get(msg.session_id)
+                session = self.store.get(msg.session_id, owner)
                 fence = msg.step if msg.HasField("step") else None
                 asm = tensors.Assembler(session.gradient_spec())
             elif msg.session_id and msg.session_id != session.id:
@@ -213,8 +277,8 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         if session is None:
             raise invalid("the stream was empty: the first message must carry session_id")
         grads = _finish_gradients(session, asm.finish())
-        with session.lock:
-            result = session.fenced_apply(fence, grads, context.is_active)
+        with self.store.use(session.id, owner, session) as session:
+            result = self._step(session, fence, grads, context)
             # Encode while the arrays cannot change; send after releasing the lock.
             batches = self._batches(result.tensors)
         if not batches:
@@ -235,16 +299,14 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
 
     @_status
     def ReadParameters(self, request, context):
-        session = self.store.get(request.session_id)
-        with session.lock:
+        with self._use(request.session_id, context) as session:
             return session_pb2.ReadParametersResponse(
                 step=session.step,
                 parameters=[tensors.from_numpy(n, a) for n, a in self._selected(session, request.names).items()])
 
     @_status
     def ReadParametersStream(self, request, context):
-        session = self.store.get(request.session_id)
-        with session.lock:
+        with self._use(request.session_id, context) as session:
             step = session.step
             batches = self._batches(self._selected(session, request.names))
         for batch in batches:
@@ -252,8 +314,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
 
     @_status
     def ReadState(self, request, context):
-        session = self.store.get(request.session_id)
-        with session.lock:
+        with self._use(request.session_id, context) as session:
             return session_pb2.ReadStateResponse(
                 session=session_info(session),
                 parameters=[tensors.from_numpy(n, a) for n, a in session.params.items()],
@@ -262,8 +323,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
 
     @_status
     def ReadStateStream(self, request, context):
-        session = self.store.get(request.session_id)
-        with session.lock:
+        with self._use(request.session_id, context) as session:
             info = session_info(session)
             parts = [("", self._batches(session.params))]
             parts += [(slot, self._batches(arrs)) for slot, arrs in session.state.items()]
@@ -274,11 +334,13 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
 
     @_status
     def UpdateHyperparameters(self, request, context):
-        session = self.store.get(request.session_id)
-        with session.lock:
+        with self._use(request.session_id, context) as session:
             try:
                 session.hyperparameters = session.optimizer.definition.resolve(
                     dict(request.hyperparameters), base=session.hyperparameters)
             except HyperparameterError as e:
                 raise invalid(str(e)) from None
+            session.dirty = True
+            if session.durability != session_pb2.DURABILITY_NONE:
+                self.store._save(session)  # rare: written at once in every durable mode
             return session_pb2.UpdateHyperparametersResponse(session=session_info(session))

@@ -12,7 +12,7 @@ import numpy as np
 from optreg.plugins import HyperparameterError
 from optreg.plugins.registry import Registered, Registry
 from optreg.server import kernels
-from optreg.server.errors import RequestError, invalid, not_found
+from optreg.server.errors import RequestError, invalid
 from optreg.v1 import session_pb2, tensor_pb2
 
 DT = tensor_pb2.DataType
@@ -53,6 +53,34 @@ class Session:
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     # STEP_REPLY_DELTA keeps the last step's deltas so a retry gets the same answer.
     last_delta: dict[str, np.ndarray] | None = None
+    # Persistence (see store.py): DURABILITY_* in force, its window, the owner's token hash.
+    durability: int = session_pb2.DURABILITY_NONE
+    periodic_steps: int = 0
+    periodic_seconds: float = 0.0
+    owner: str = ""
+    persisted_step: int = -1
+    persisted_at: float = field(default_factory=time.monotonic)
+    dirty: bool = True
+    # Shapes and slot names stay known while the tensors are unloaded (params is None).
+    shapes: dict[str, tuple] = field(default_factory=dict)
+    slot_names: list[str] = field(default_factory=list)
+    nbytes: int = 0
+
+    def __post_init__(self):
+        if self.params is not None and not self.shapes:
+            self.shapes = {n: tuple(p.shape) for n, p in self.params.items()}
+            self.slot_names = list(self.state)
+        if not self.nbytes:
+            self.nbytes = self.size_bytes()
+
+    @property
+    def loaded(self) -> bool:
+        return self.params is not None
+
+    def size_bytes(self) -> int:
+        elems = sum(int(np.prod(s, dtype=np.int64)) for s in self.shapes.values())
+        copies = 1 + len(self.slot_names) + (1 if self.step_reply == REPLY.STEP_REPLY_DELTA else 0)
+        return elems * copies * self.dtype.itemsize
 
     @property
     def dtype(self) -> np.dtype:
@@ -72,7 +100,7 @@ class Session:
 
     def gradient_spec(self) -> dict[str, tuple[tuple, tuple]]:
         allowed = GRAD_DTYPES[self.master_code]
-        return {name: (p.shape, allowed) for name, p in self.params.items()}
+        return {name: (shape, allowed) for name, shape in self.shapes.items()}
 
     def reply(self, replayed: bool) -> StepResult:
         if self.step_reply == REPLY.STEP_REPLY_NONE:
@@ -118,6 +146,7 @@ class Session:
             raise PluginError(f"optimizer {defn.name} (plugin {self.optimizer.plugin}) raised in update: "
                               f"{type(e).__name__}: {e}") from e
         self.step = t
+        self.dirty = True
         if want_delta:
             self.last_delta = delta
         return self.reply(False)
@@ -129,90 +158,3 @@ def check_finite(name: str, grad: np.ndarray) -> None:
         raise invalid(f"gradient {name!r} has {bad} NaN or Inf value(s); the step was not applied")
 
 
-class SessionStore:
-    def __init__(self, registry: Registry):
-        self.registry = registry
-        self._sessions: dict[str, Session] = {}
-        self._lock = threading.Lock()
-
-    def get(self, session_id: str) -> Session:
-        if not session_id:
-            raise invalid("session_id is empty: pass the id CreateSession returned")
-        try:
-            session = self._sessions[session_id]
-        except KeyError:
-            raise not_found(f"session {session_id!r} not found") from None
-        session.last_used_at = time.time()
-        return session
-
-    def list(self) -> list[Session]:
-        with self._lock:
-            return list(self._sessions.values())
-
-    def delete(self, session_id: str) -> None:
-        self.get(session_id)
-        with self._lock:
-            self._sessions.pop(session_id, None)
-
-    def create(self, config: session_pb2.SessionConfig, params: dict[str, np.ndarray],
-               state: dict[str, dict[str, np.ndarray]] | None = None, initial_step: int = 0) -> Session:
-        try:
-            registered = self.registry.get(config.optimizer)
-        except KeyError as e:
-            raise not_found(e.args[0]) from None
-        defn = registered.definition
-        try:
-            hp = defn.resolve(dict(config.hyperparameters))
-        except HyperparameterError as e:
-            raise invalid(str(e)) from None
-        if not params:
-            raise invalid("parameters is empty: a session needs at least one named tensor")
-        master = config.master_dtype
-        if master == DT.DATA_TYPE_UNSPECIFIED:
-            first = next(iter(params.values())).dtype
-            master = DT.DATA_TYPE_FLOAT64 if first == np.float64 else DT.DATA_TYPE_FLOAT32
-        if master not in MASTER_DTYPES:
-            raise invalid(f"config.master_dtype {tensor_pb2.DataType.Name(master)} is not supported; "
-                          "use DATA_TYPE_FLOAT32 or DATA_TYPE_FLOAT64")
-        if config.step_reply not in REPLY.values():
-            raise invalid(f"config.step_reply {config.step_reply} is not a StepReply value")
-        if initial_step < 0:
-            raise invalid(f"initial_step {initial_step} is negative")
-        dtype = MASTER_DTYPES[master]
-        master_params = {}
-        for name, p in params.items():
-            if not name:
-                raise invalid("a parameter has an empty name")
-            master_params[name] = np.array(p, dtype=dtype, order="C", copy=True)
-            check_finite(name, master_params[name])
-        slots = {}
-        state = state or {}
-        declared = {s.name for s in defn.slots}
-        extra = set(state) - declared
-        if extra:
-            raise invalid(f"state slot(s) {', '.join(sorted(extra))} unknown to {defn.name}; "
-                          f"it keeps: {', '.join(sorted(declared)) or 'none'}")
-        if state and set(state) != declared:
-            raise invalid(f"state must give every slot of {defn.name} ({', '.join(sorted(declared))}) or none")
-        for slot in defn.slots:
-            given = state.get(slot.name)
-            if given is not None and set(given) != set(params):
-                raise invalid(f"state slot {slot.name!r} must have exactly the parameters' names")
-            arrays = {}
-            for name, p in master_params.items():
-                if given is None:
-                    arrays[name] = np.full(p.shape, slot.initial_value, dtype=dtype)
-                else:
-                    if tuple(given[name].shape) != p.shape:
-                        raise invalid(f"state {slot.name}/{name}: shape {list(given[name].shape)}, "
-                                      f"expected {list(p.shape)}")
-                    arrays[name] = np.array(given[name], dtype=dtype, order="C", copy=True)
-            slots[slot.name] = arrays
-        session_id = config.session_id or uuid.uuid4().hex
-        session = Session(session_id, registered, hp, master, config.step_reply or REPLY.STEP_REPLY_PARAMETERS,
-                          master_params, slots, step=initial_step)
-        with self._lock:
-            if session_id in self._sessions:
-                raise RequestError(grpc.StatusCode.ALREADY_EXISTS, f"session {session_id!r} already exists")
-            self._sessions[session_id] = session
-        return session

@@ -1,0 +1,85 @@
+"""Bearer tokens: a grpc.ServerInterceptor that refuses calls without a known token, and
+the owner of a call (the SHA-256 of its token; sessions record it, never the token).
+
+Token file: one token per line; blank lines and lines starting with '#' are ignored.
+Health checking and reflection stay open (they reveal no session).
+"""
+from __future__ import annotations
+
+import hashlib
+import pathlib
+
+import grpc
+
+OPEN_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def read_tokens(path: str | pathlib.Path) -> set[str]:
+    tokens = set()
+    for line in pathlib.Path(path).read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            tokens.add(line)
+    if not tokens:
+        raise ValueError(f"token file {path} holds no token")
+    return tokens
+
+
+def bearer(metadata) -> str | None:
+    for key, value in metadata or ():
+        if key == "authorization":
+            if isinstance(value, bytes):
+                value = value.decode("latin-1")
+            scheme, _, token = value.partition(" ")
+            return token.strip() if scheme.lower() == "bearer" else ""
+    return None
+
+
+def _deny(message: str):
+    def abort(request, context):
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    def abort_stream(request_iterator, context):
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    return abort, abort_stream
+
+
+class TokenAuth(grpc.ServerInterceptor):
+    def __init__(self, tokens: set[str], on_error=None):
+        self.hashes = frozenset(token_hash(t) for t in tokens)
+        self.on_error = on_error  # called with the method name on every refusal (metrics)
+
+    def owner(self, context) -> str:
+        """The calling token's hash (the interceptor has already checked it)."""
+        token = bearer(context.invocation_metadata())
+        return token_hash(token) if token else ""
+
+    def intercept_service(self, continuation, handler_call_details):
+        method = handler_call_details.method
+        if method.startswith(OPEN_PREFIXES):
+            return continuation(handler_call_details)
+        token = bearer(handler_call_details.invocation_metadata)
+        if token is None:
+            message = "no token: send the metadata 'authorization: Bearer <token>'"
+        elif not token or token_hash(token) not in self.hashes:
+            message = "the token is not one this server accepts"
+        else:
+            return continuation(handler_call_details)
+        if self.on_error:
+            self.on_error(grpc.StatusCode.UNAUTHENTICATED.name, method.rsplit("/", 1)[-1])
+        handler = continuation(handler_call_details)
+        unary, stream = _deny(message)
+        if handler is None:
+            return None
+        if handler.request_streaming and handler.response_streaming:
+            return grpc.stream_stream_rpc_method_handler(stream)
+        if handler.request_streaming:
+            return grpc.stream_unary_rpc_method_handler(stream)
+        if handler.response_streaming:
+            return grpc.unary_stream_rpc_method_handler(unary)
+        return grpc.unary_unary_rpc_method_handler(unary)

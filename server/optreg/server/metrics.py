@@ -1,0 +1,55 @@
+"""Prometheus metrics (prometheus-client), on a registry of the server's own."""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+LATENCY_BUCKETS = (.0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10)
+
+
+class Metrics:
+    def __init__(self):
+        r = self.registry = CollectorRegistry()
+        self._steps = Counter("optreg_steps", "Steps answered (replayed: a retry answered without applying)",
+                              ["replayed"], registry=r)
+        self._latency = Histogram("optreg_step_seconds", "Time to apply a step and make it durable, under the "
+                                  "session's lock (excludes decoding and the network)", buckets=LATENCY_BUCKETS,
+                                  registry=r)
+        self._in = Counter("optreg_received_bytes", "Serialized request bytes received", registry=r)
+        self._out = Counter("optreg_sent_bytes", "Serialized reply bytes sent", registry=r)
+        self._errors = Counter("optreg_errors", "Calls that ended with an error status", ["code", "method"],
+                               registry=r)
+        self._loaded = Gauge("optreg_sessions_loaded", "Sessions whose tensors are in memory", registry=r)
+        self._on_disk = Gauge("optreg_sessions_on_disk", "Sessions with a checkpoint in the data directory",
+                              registry=r)
+        self._bytes = Gauge("optreg_loaded_bytes", "Bytes of tensors held by loaded sessions (counted against "
+                            "--memory-budget-mb)", registry=r)
+        self._ckpt = Counter("optreg_checkpoints", "Session files written", registry=r)
+        self._ckpt_bytes = Counter("optreg_checkpoint_bytes", "Bytes of session files written", registry=r)
+
+    def serve(self, port: int, host: str = "127.0.0.1"):
+        """Start the /metrics HTTP endpoint in a daemon thread; returns the port bound."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        return server.server_address[1]
+
+    def step(self, seconds: float, replayed: bool) -> None:
+        self._steps.labels(replayed="true" if replayed else "false").inc()
+        if not replayed:
+            self._latency.observe(seconds)
+
+    def bytes_in(self, n: int) -> None:
+        self._in.inc(n)
+
+    def bytes_out(self, n: int) -> None:
+        self._out.inc(n)
+
+    def error(self, code: str, method: str) -> None:
+        self._errors.labels(code=code, method=method).inc()
+
+    def sessions(self, loaded: int, on_disk: int, nbytes: int) -> None:
+        self._loaded.set(loaded)
+        self._on_disk.set(on_disk)
+        self._bytes.set(nbytes)
+
+    def checkpoint(self, nbytes: int) -> None:
+        self._ckpt.inc()
+        self._ckpt_bytes.inc(nbytes)
