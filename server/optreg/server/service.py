@@ -9,6 +9,7 @@ import grpc
 import numpy as np
 
 from optreg.plugins import HyperparameterError
+from optreg.server import fastkernels
 from optreg.server.errors import RequestError, invalid
 from optreg.server.sessions import PluginError, Session, SessionStore, check_finite
 from optreg.plugins.registry import Registry
@@ -136,6 +137,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
     def __init__(self, store: SessionStore, chunk_bytes: int = tensors.CHUNK_BYTES):
         self.store = store
         self.chunk_bytes = chunk_bytes
+        fastkernels.warm()  # JIT the built-ins' fused kernels in the background (numpy until then: same numbers)
 
     # -- lifecycle -------------------------------------------------------
     @_status
