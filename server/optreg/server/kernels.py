@@ -73,13 +73,16 @@ def apply(defn: Optimizer, param: np.ndarray, grad: np.ndarray, state: dict[str,
 
 
 def _run_fast(kernel, param, grad, state, step, hp) -> None:
+    n = param.size
+    threads = fastkernels.threads()
+    if threads == 1 or n < PARALLEL_ABOVE:  # the small-step path: as little Python as possible
+        fn, scalars, slots = kernel
+        flat = (lambda a: a) if param.ndim == 1 and grad.flags.c_contiguous else (lambda a: a.reshape(-1))
+        fn(flat(param), flat(np.ascontiguousarray(grad)), *[flat(state[s]) for s in slots],
+           np.array(scalars(hp, step), dtype=param.dtype))
+        return
     p, g = param.reshape(-1), np.ascontiguousarray(grad).reshape(-1)
     flat_state = {k: v.reshape(-1) for k, v in state.items()}
-    n = p.size
-    threads = fastkernels.threads()
-    if threads == 1 or n < PARALLEL_ABOVE:
-        fastkernels.run(kernel, p, g, flat_state, step, hp)
-        return
     bounds = [n * i // threads for i in range(threads + 1)]
 
     def part(i):
