@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import functools
 import inspect
+import itertools
 import logging
 
 import grpc
 import numpy as np
 
 from optreg.plugins import HyperparameterError
-from optreg.server import fastkernels
+from optreg.server import fastkernels, streaming
 from optreg.server.errors import RequestError, invalid
 from optreg.server.sessions import PluginError, Session, SessionStore, check_finite
 from optreg.plugins.registry import Registry
@@ -202,18 +203,21 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
 
     @_status
     def StepStream(self, request_iterator, context):
-        session, fence, asm = None, None, None
-        for i, msg in enumerate(request_iterator):
-            if i == 0:
-                session = self.store.get(msg.session_id)
-                fence = msg.step if msg.HasField("step") else None
-                asm = tensors.Assembler(session.gradient_spec())
-            elif msg.session_id and msg.session_id != session.id:
+        request_iterator = iter(request_iterator)
+        first = next(request_iterator, None)
+        if first is None:
+            raise invalid("the stream was empty: the first message must carry session_id")
+        session = self.store.get(first.session_id)
+        fence = first.step if first.HasField("step") else None
+        if streaming.overlappable(session):  # update chunk k while chunk k+1 is on the wire
+            yield from streaming.step_stream(session, fence, first, request_iterator, context, self.chunk_bytes)
+            return
+        asm = tensors.Assembler(session.gradient_spec())
+        for i, msg in enumerate(itertools.chain([first], request_iterator)):
+            if i and msg.session_id and msg.session_id != session.id:
                 raise invalid("session_id changed mid-stream")
             for t in msg.chunks:
                 asm.add(t)
-        if session is None:
-            raise invalid("the stream was empty: the first message must carry session_id")
         grads = _finish_gradients(session, asm.finish())
         with session.lock:
             result = session.fenced_apply(fence, grads, context.is_active)
