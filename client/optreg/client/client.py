@@ -236,13 +236,39 @@ class Session:
     def _send_step(self, grads):
         sessions, timeout = self.client.sessions, self.client.timeout
         if self._large or _nbytes(grads) > STREAM_ABOVE_BYTES:
-            first, result, _ = _collect(sessions.StepStream(self._step_messages(grads), timeout=timeout,
-                                                            wait_for_ready=True))
-            return first.replayed, first.step, result
+            return self._receive_step(sessions.StepStream(self._step_messages(grads), timeout=timeout,
+                                                          wait_for_ready=True))
         reply = sessions.Step(session_pb2.StepRequest(
             session_id=self.id, step=self.step_count,
             gradients=[tensors.from_numpy(n, g) for n, g in grads.items()]), timeout=timeout, wait_for_ready=True)
         return reply.replayed, reply.step, {t.name: tensors.to_numpy(t) for t in reply.tensors}
+
+    def _receive_step(self, replies):
+        """Chunks into receive buffers kept across steps (no fresh 40 MB arrays); returned only when the
+        stream ends OK, i.e. after the server committed the step (a broken stream raises, nothing applied)."""
+        rx = getattr(self, "_rx", None)
+        if rx is None:
+            rx = self._rx = {}
+        filled, first = {}, None
+        for msg in replies:
+            first = first or msg
+            for t in msg.chunks:
+                dtype = tensors.numpy_dtype(t.dtype)
+                buf = rx.get(t.name)
+                shape = tuple(t.shape)
+                if buf is None or buf.shape != shape or buf.dtype != dtype:
+                    buf = rx[t.name] = np.empty(shape, dtype)
+                data = t.data  # read once
+                n = len(data) // dtype.itemsize
+                start = filled.get(t.name, 0)
+                if t.offset != start or start + n > buf.size:
+                    raise OptregError(f"reply chunk for {t.name!r} at offset {t.offset}, expected {start}")
+                buf.reshape(-1)[start:start + n] = np.frombuffer(data, dtype)
+                filled[t.name] = start + n
+        for name, got in filled.items():
+            if got != rx[name].size:
+                raise OptregError(f"reply for {name!r} ended after {got} of {rx[name].size} elements")
+        return first.replayed, first.step, {n: rx[n] for n in filled}
 
     def _step_messages(self, grads):
         yield session_pb2.StepStreamRequest(session_id=self.id, step=self.step_count)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import itertools
 import logging
 import time
 
@@ -10,6 +11,7 @@ import grpc
 import numpy as np
 
 from optreg.plugins import HyperparameterError
+from optreg.server import fastkernels, streaming
 from optreg.server.errors import RequestError, invalid
 from optreg.server.metrics import Metrics
 from optreg.server.sessions import PluginError, Session, check_finite
@@ -179,6 +181,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
 
     def _use(self, session_id, context):
         return self.store.use(session_id, self.owner(context))
+        fastkernels.warm()  # JIT the built-ins' fused kernels in the background (numpy until then: same numbers)
 
     # -- lifecycle -------------------------------------------------------
     @_status
@@ -263,19 +266,28 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
 
     @_status
     def StepStream(self, request_iterator, context):
-        session, fence, asm = None, None, None
         owner = self.owner(context)
-        for i, msg in enumerate(request_iterator):
-            if i == 0:
-                session = self.store.get(msg.session_id, owner)
-                fence = msg.step if msg.HasField("step") else None
-                asm = tensors.Assembler(session.gradient_spec())
-            elif msg.session_id and msg.session_id != session.id:
+        request_iterator = iter(request_iterator)
+        first = next(request_iterator, None)
+        if first is None:
+            raise invalid("the stream was empty: the first message must carry session_id")
+        session = self.store.get(first.session_id, owner)
+        fence = first.step if first.HasField("step") else None
+        if streaming.overlappable(session):  # update chunk k while chunk k+1 is on the wire
+            with self.store.use(session.id, owner, session) as session:
+                t0 = time.perf_counter()
+                result = yield from streaming.step_stream(session, fence, first, request_iterator, context,
+                                                          self.chunk_bytes)
+                self.store.after_change(session)  # durable before the commit message acknowledges it
+                self.metrics.step(time.perf_counter() - t0, result.replayed)
+            yield session_pb2.StepStreamResponse(step=result.step, replayed=result.replayed)
+            return
+        asm = tensors.Assembler(session.gradient_spec())
+        for i, msg in enumerate(itertools.chain([first], request_iterator)):
+            if i and msg.session_id and msg.session_id != session.id:
                 raise invalid("session_id changed mid-stream")
             for t in msg.chunks:
                 asm.add(t)
-        if session is None:
-            raise invalid("the stream was empty: the first message must carry session_id")
         grads = _finish_gradients(session, asm.finish())
         with self.store.use(session.id, owner, session) as session:
             result = self._step(session, fence, grads, context)

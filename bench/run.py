@@ -1,0 +1,435 @@
+"""optreg's benchmark suite: every figure beside a baseline measured in the same run.
+
+    python -m bench            # the whole suite, a few minutes on 2 cores
+    python -m bench --quick    # fewer repeats and sessions, ~30-60 s
+    python -m bench --only small,large --out bench/results.json
+
+Prints a table (figure, value, baseline, baseline value, ratio, target) and
+writes the same rows as JSON. Absolute times drift 20-35% on shared machines;
+the ratios are what to compare across runs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pathlib
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+for d in ("proto", "plugins", "server", "client"):
+    if str(ROOT / d) not in sys.path:
+        sys.path.insert(0, str(ROOT / d))
+
+ROWS: list[dict] = []
+
+
+def row(figure, value, unit, baseline=None, base_value=None, target=None, note=""):
+    ratio = value / base_value if base_value else None
+    r = {"figure": figure, "value": value, "unit": unit, "baseline": baseline, "baseline_value": base_value,
+         "ratio": ratio, "target": target, "note": note}
+    if target is not None and ratio is not None:
+        r["met"] = ratio <= target
+    ROWS.append(r)
+    _print_row(r)
+    return r
+
+
+def _fmt(v, unit):
+    if v is None:
+        return "-"
+    if unit == "s":
+        return f"{v * 1e3:.3f} ms" if v >= 1e-3 else f"{v * 1e6:.1f} us"
+    return f"{v:.3g} {unit}"
+
+
+def _print_row(r):
+    ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}x"
+    tgt = "" if r["target"] is None else f"<= {r['target']}x {'ok' if r.get('met') else 'MISSED'}"
+    print(f"{r['figure']:<48} {_fmt(r['value'], r['unit']):>12}  {r['baseline'] or '':<34} "
+          f"{_fmt(r['baseline_value'], r['unit']):>12}  {ratio:>7}  {tgt}", flush=True)
+
+
+def pct(xs, q):
+    return float(np.percentile(np.asarray(xs), q))
+
+
+def timed(fn, n):
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+# -- processes -----------------------------------------------------------------
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / d) for d in ("proto", "plugins", "server", "client")]
+                                        + [str(ROOT), env.get("PYTHONPATH", "")])
+    env["OPTREG_JIT_BLOCK"] = "1"  # the server compiles its kernels before it listens
+    return env
+
+
+class Child:
+    def __init__(self, args, ready_prefix):
+        self.proc = subprocess.Popen([sys.executable, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True, env=_env(), cwd=str(ROOT))
+        line = self.proc.stdout.readline()
+        if not line.startswith(ready_prefix):
+            self.proc.kill()
+            raise RuntimeError(f"{args} did not start: {line!r}")
+        self.line = line.split()
+
+    def rss(self) -> int:
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for ln in f:
+                if ln.startswith("VmRSS:"):
+                    return int(ln.split()[1]) * 1024
+        return 0
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start_optreg(*extra) -> Child:
+    c = Child(["-m", "optreg.server", "serve", "--host", "127.0.0.1", "--port", "0", "--log-level", "warning",
+               *extra], "optreg serving on ")
+    c.address = c.line[-1]
+    return c
+
+
+def start_echo() -> Child:
+    c = Child(["-m", "bench.echo"], "echo ")
+    c.grpc_port, c.tcp_port = int(c.line[2]), int(c.line[4])
+    return c
+
+
+def _channel(address):
+    import grpc
+    return grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", 256 << 20),
+                                                   ("grpc.max_send_message_length", 256 << 20)])
+
+
+# -- figures ---------------------------------------------------------------------
+def bench_small(cfg, server, echo):
+    """Adam, 1e3 float32: one step per call, unary and one-message streams, vs gRPC echo of the same bytes."""
+    from optreg.client import Client
+    from optreg.v1 import session_pb2, tensors
+
+    n, reps = 1000, cfg.small_reps
+    rng = np.random.default_rng(0)
+    with Client(server.address) as c:
+        s = c.create_session("adam", {"w": rng.standard_normal(n).astype(np.float32)})
+        g = {"w": rng.standard_normal(n).astype(np.float32)}
+        req = session_pb2.StepRequest(session_id=s.id, step=0, gradients=[tensors.from_numpy("w", g["w"])])
+        reply_size = len(session_pb2.StepResponse(step=1, tensors=[tensors.from_numpy("w", g["w"])])
+                         .SerializeToString())
+        for _ in range(50):
+            s.step(g)
+        unary = timed(lambda: s.step(g), reps)
+        s._large = True  # the same session over StepStream: one message each way
+        for _ in range(20):
+            s.step(g)
+        stream = timed(lambda: s.step(g), reps)
+        s.delete()
+    ch = _channel(f"127.0.0.1:{echo.grpc_port}")
+    up = req.SerializeToString()
+    eu = ch.unary_unary("/bench.Echo/Unary")
+    es = ch.stream_stream("/bench.Echo/Stream")
+    payload = up + b"\0" * max(0, reply_size - len(up))  # the larger of request and reply, each way
+    for _ in range(50):
+        eu(payload)
+    echo_unary = timed(lambda: eu(payload), reps)
+    for _ in range(20):
+        list(es(iter([payload])))
+    echo_stream = timed(lambda: list(es(iter([payload]))), reps)
+    ch.close()
+    row("small step unary p50 (adam 1e3 f32)", pct(unary, 50), "s", "gRPC unary echo p50", pct(echo_unary, 50), 1.15)
+    row("small step unary p99", pct(unary, 99), "s", "gRPC unary echo p99", pct(echo_unary, 99))
+    row("small step stream p50", pct(stream, 50), "s", "gRPC bidi echo p50", pct(echo_stream, 50), 1.15)
+    row("small step stream p99", pct(stream, 99), "s", "gRPC bidi echo p99", pct(echo_stream, 99))
+
+
+def bench_large(cfg, server, echo):
+    """Adam 1e7 float32 over StepStream vs raw TCP echo and chunked gRPC echo of the same bytes."""
+    import ml_dtypes
+
+    from optreg.client import Client
+
+    n, reps = 10_000_000, cfg.large_reps
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal(n).astype(np.float32)
+    g32 = (rng.standard_normal(n) * 1e-2).astype(np.float32)
+    nbytes = w.nbytes
+    from bench.echo import TcpEchoClient
+    tcp = TcpEchoClient(echo.tcp_port)
+    payload = bytearray(nbytes)
+    tcp.roundtrip(payload)
+    tcp_t = timed(lambda: tcp.roundtrip(payload), reps)
+    tcp.close()
+
+    ch = _channel(f"127.0.0.1:{echo.grpc_port}")
+    es = ch.stream_stream("/bench.Echo/Stream")
+    chunk = 1 << 20
+    mv = memoryview(payload)
+    parts = [bytes(mv[i:i + chunk]) for i in range(0, nbytes, chunk)]
+    list(es(iter(parts)))
+    grpc_t = timed(lambda: sum(len(x) for x in es(iter(parts))), reps)
+    ch.close()
+
+    with Client(server.address) as c:
+        s = c.create_session("adam", {"w": w})
+        s.step({"w": g32})
+        step_t = timed(lambda: s.step({"w": g32}), reps)
+        g16 = g32.astype(np.float16)
+        s.step({"w": g16})
+        f16_t = timed(lambda: s.step({"w": g16}), reps)
+        gbf = g32.astype(ml_dtypes.bfloat16)
+        s.step({"w": gbf})
+        bf16_t = timed(lambda: s.step({"w": gbf}), reps)
+        s.delete()
+    tcp_m, grpc_m, step_m = statistics.median(tcp_t), statistics.median(grpc_t), statistics.median(step_t)
+    row("large step p50 (adam 1e7 f32, 40 MB up+down)", step_m, "s", "raw TCP echo 40 MB p50", tcp_m, 1.5)
+    row("large step p50", step_m, "s", "gRPC echo, 1 MiB chunks p50", grpc_m)
+    row("large step, fp16 gradients p50", statistics.median(f16_t), "s", "large step f32 gradients", step_m,
+        note="20 MB up, 40 MB down")
+    row("large step, bf16 gradients p50", statistics.median(bf16_t), "s", "large step f32 gradients", step_m)
+
+
+def _book(name, hp):
+    """Book-style numpy expressions (fresh temporaries, as chapter 6 writes them)."""
+    def sgd(p, g, st, t):
+        p -= hp["lr"] * g
+
+    def momentum(p, g, st, t):
+        st["v"] = hp["momentum"] * st["v"] - hp["lr"] * g
+        p += st["v"]
+
+    def nesterov(p, g, st, t):
+        mu, lr = hp["momentum"], hp["lr"]
+        p += mu * mu * st["v"] - (1 + mu) * lr * g
+        st["v"] = mu * st["v"] - lr * g
+
+    def adagrad(p, g, st, t):
+        st["h"] += g * g
+        p -= hp["lr"] * g / (np.sqrt(st["h"]) + 1e-7)
+
+    def rmsprop(p, g, st, t):
+        d = hp["decay_rate"]
+        st["h"] *= d
+        st["h"] += (1 - d) * g * g
+        p -= hp["lr"] * g / (np.sqrt(st["h"]) + 1e-7)
+
+    def adam(p, g, st, t):
+        b1, b2 = hp["beta1"], hp["beta2"]
+        lr_t = hp["lr"] * math.sqrt(1.0 - b2 ** t) / (1.0 - b1 ** t)
+        st["m"] += (1 - b1) * (g - st["m"])
+        st["v"] += (1 - b2) * (g ** 2 - st["v"])
+        p -= lr_t * st["m"] / (np.sqrt(st["v"]) + 1e-7)
+
+    return locals()[name]
+
+
+def _torch_opt(name, hp, p):
+    import torch
+    kinds = {"sgd": lambda: (torch.optim.SGD, dict(lr=hp["lr"])),
+             "momentum": lambda: (torch.optim.SGD, dict(lr=hp["lr"], momentum=hp["momentum"])),
+             "nesterov": lambda: (torch.optim.SGD, dict(lr=hp["lr"], momentum=hp["momentum"], nesterov=True)),
+             "adagrad": lambda: (torch.optim.Adagrad, dict(lr=hp["lr"])),
+             "rmsprop": lambda: (torch.optim.RMSprop, dict(lr=hp["lr"], alpha=hp["decay_rate"])),
+             "adam": lambda: (torch.optim.Adam, dict(lr=hp["lr"]))}
+    cls, kw = kinds[name]()
+    for mode in ("fused", "foreach"):
+        try:
+            opt = cls([p], **kw, **{mode: True})
+            opt.step()
+            return opt, mode
+        except (RuntimeError, TypeError, ValueError):
+            continue
+    raise RuntimeError(f"torch {name}: neither fused nor foreach")
+
+
+def bench_kernels(cfg, server, echo):
+    """ns/param of the server's kernel per built-in, vs the book's numpy expression and torch.optim."""
+    from optreg.plugins.registry import Registry
+    from optreg.server import fastkernels, kernels
+
+    fastkernels.warm(block=True)
+    threads = fastkernels.threads()
+    try:
+        import torch
+        torch.set_num_threads(threads)
+    except ImportError:
+        torch = None
+    reg = Registry()
+    hps = {"sgd": {"lr": 0.01}, "momentum": {"lr": 0.01, "momentum": 0.9},
+           "nesterov": {"lr": 0.01, "momentum": 0.9}, "adagrad": {"lr": 0.01},
+           "rmsprop": {"lr": 0.01, "decay_rate": 0.99}, "adam": {"lr": 0.001, "beta1": 0.9, "beta2": 0.999}}
+    rng = np.random.default_rng(2)
+    print(f"  (kernels: {'numba' if fastkernels.names() else 'numpy'}, {threads} thread(s))", flush=True)
+    for size in (1_000, 100_000, 10_000_000):
+        reps = cfg.kernel_reps(size)
+        base_p = rng.standard_normal(size).astype(np.float32)
+        g = (rng.standard_normal(size) * 1e-2).astype(np.float32)
+        for name in ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam"):
+            defn, hp = reg.get(name).definition, hps[name]
+            p = base_p.copy()
+            st = {s.name: np.full(size, s.initial_value, np.float32) for s in defn.slots}
+            step = [0]
+
+            def ours():
+                step[0] += 1
+                kernels.apply(defn, p, g, st, step[0], hp)
+            ours()
+            t_ours = min(timed(ours, reps)) / size * 1e9
+            book = _book(name, hp)
+            bp, bst = base_p.copy(), {k: v.copy() for k, v in st.items()}
+            bstep = [0]
+
+            def run_book():
+                bstep[0] += 1
+                book(bp, g, bst, bstep[0])
+            run_book()
+            t_book = min(timed(run_book, max(2, reps // 2))) / size * 1e9
+            label = f"kernel {name} @{size:.0e}"
+            row(label, t_ours, "ns/param", "book numpy expression", t_book,
+                (1 / 3) if size == 10_000_000 else None)
+            if torch is not None:
+                tp = torch.from_numpy(base_p.copy()).requires_grad_()
+                tp.grad = torch.from_numpy(g.copy())
+                opt, mode = _torch_opt(name, hp, tp)
+                with torch.no_grad():
+                    t_torch = min(timed(opt.step, reps)) / size * 1e9
+                row(label, t_ours, "ns/param", f"torch.optim {name} {mode}", t_torch,
+                    1.0 if (size == 10_000_000 and name == "adam") else None)
+                del opt, tp
+        del base_p, g
+
+
+def bench_memory(cfg, _server, _echo):
+    """Resident memory per small session beyond its arrays, in a fresh server."""
+    from optreg.client import Client
+
+    server = start_optreg()
+    try:
+        n_sessions, n = cfg.sessions, 1000
+        with Client(server.address) as c:
+            w = {"w": np.zeros(n, np.float32)}
+            warm = [c.create_session("adam", w) for _ in range(20)]  # imports, caches, thread stacks
+            for s in warm:
+                s.step({"w": np.ones(n, np.float32)})
+            before = server.rss()
+            ss = [c.create_session("adam", w) for _ in range(n_sessions)]
+            for s in ss:
+                s.step({"w": np.ones(n, np.float32)})
+            after = server.rss()
+        arrays = n * 4 * 3  # w, m, v
+        per = (after - before) / n_sessions
+        row(f"RSS per small session (adam 1e3 f32, {n_sessions})", (per - arrays) / 1024, "KiB",
+            "target 10 KiB", 10.0, 1.0, note=f"{per / 1024:.1f} KiB total incl. {arrays / 1024:.1f} KiB arrays")
+    finally:
+        server.stop()
+
+
+def _clients(address, k, seconds):
+    import multiprocessing as mp
+    ctx = mp.get_context("spawn")
+    start_q, done_q = ctx.Queue(), ctx.Queue()
+    procs = [ctx.Process(target=_worker_entry, args=(address, seconds, start_q, done_q)) for _ in range(k)]
+    for p in procs:
+        p.start()
+    time.sleep(1.5 + 0.2 * k)  # let them connect and warm up
+    for _ in procs:
+        start_q.put(1)
+    total = sum(done_q.get(timeout=seconds + 120) for _ in procs)
+    for p in procs:
+        p.join()
+    return total / seconds
+
+
+def _worker_entry(address, seconds, start_q, done_q):
+    from optreg.client import Client
+    rng = np.random.default_rng()
+    with Client(address) as c:
+        s = c.create_session("adam", {"w": rng.standard_normal(1000).astype(np.float32)})
+        g = {"w": rng.standard_normal(1000).astype(np.float32)}
+        for _ in range(20):
+            s.step(g)
+        start_q.get()
+        end, count = time.perf_counter() + seconds, 0
+        while time.perf_counter() < end:
+            s.step(g)
+            count += 1
+        s.delete()
+    done_q.put(count)
+
+
+def bench_concurrency(cfg, server, _echo):
+    one = _clients(server.address, 1, cfg.conc_seconds)
+    many = _clients(server.address, 16, cfg.conc_seconds)
+    row("16 clients aggregate steps/s (adam 1e3)", many, "steps/s", "1 client steps/s", one,
+        note="higher is better; 2 cores shared by server and clients")
+
+
+SECTIONS = {"small": bench_small, "large": bench_large, "kernels": bench_kernels, "memory": bench_memory,
+            "concurrency": bench_concurrency}
+
+
+class Config:
+    def __init__(self, quick: bool):
+        self.quick = quick
+        self.small_reps = 300 if quick else 2000
+        self.large_reps = 3 if quick else 11
+        self.sessions = 300 if quick else 1000
+        self.conc_seconds = 2.0 if quick else 5.0
+
+    def kernel_reps(self, size):
+        if size >= 10_000_000:
+            return 3 if self.quick else 7
+        return 20 if self.quick else 200
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer repeats (~30-60 s)")
+    ap.add_argument("--only", default="", help="comma-separated sections: " + ",".join(SECTIONS))
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results.json"))
+    args = ap.parse_args(argv)
+    cfg = Config(args.quick)
+    names = [s for s in args.only.split(",") if s] or list(SECTIONS)
+    t0 = time.time()
+    print(f"optreg bench ({'quick' if cfg.quick else 'full'}) on {os.cpu_count()} cores, "
+          f"python {platform.python_version()}, numpy {np.__version__}", flush=True)
+    print(f"{'figure':<48} {'value':>12}  {'baseline':<34} {'base value':>12}  {'ratio':>7}  target")
+    server, echo = start_optreg(), start_echo()
+    try:
+        for name in names:
+            SECTIONS[name](cfg, server, echo)
+    finally:
+        server.stop()
+        echo.stop()
+    meta = {"cores": os.cpu_count(), "python": platform.python_version(), "numpy": np.__version__,
+            "machine": platform.machine(), "quick": cfg.quick, "seconds": round(time.time() - t0, 1),
+            "when": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    pathlib.Path(args.out).write_text(json.dumps({"meta": meta, "rows": ROWS}, indent=1))
+    print(f"wrote {args.out} ({meta['seconds']} s)")
+
+
+if __name__ == "__main__":
+    main()
