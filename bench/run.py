@@ -2,7 +2,7 @@
 
     python -m bench            # the whole suite, a few minutes on 2 cores
     python -m bench --quick    # fewer repeats and sessions, ~30-60 s
-    python -m bench --only small,large --out bench/results.json
+    python -m bench --only small,large,shm --out bench/results.json
 
 Prints a table (figure, value, baseline, baseline value, ratio, target) and
 writes the same rows as JSON. Absolute times drift 20-35% on shared machines;
@@ -212,6 +212,40 @@ def bench_large(cfg, server, echo):
     row("large step, bf16 gradients p50", statistics.median(bf16_t), "s", "large step f32 gradients", step_m)
 
 
+def bench_shm(cfg, server, echo):
+    """Adam 1e7 float32 stepped through a same-host shared-memory segment vs the same kernel in-process."""
+    from optreg.client import Client
+    from optreg.plugins.registry import Registry
+    from optreg.server import fastkernels, kernels
+
+    n, reps = 10_000_000, max(5, cfg.large_reps * 2)
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal(n).astype(np.float32)
+    g = (rng.standard_normal(n) * 1e-2).astype(np.float32)
+    fastkernels.warm(block=True)
+    defn, hp = Registry().get("adam").definition, {"lr": 0.001, "beta1": 0.9, "beta2": 0.999}
+    p, st, step = w.copy(), {"m": np.zeros(n, np.float32), "v": np.zeros(n, np.float32)}, [0]
+
+    def local():
+        step[0] += 1
+        kernels.apply(defn, p, g, st, step[0], hp)
+    local()
+    local_t = timed(local, reps)
+    del p, st
+    with Client(server.address) as c:
+        s = c.create_session("adam", {"w": w})
+        s.enable_shared_memory()
+        s.gradients["w"][...] = g  # the training program writes its gradients here
+        grads = {"w": s.gradients["w"]}
+        for _ in range(2):
+            s.step(grads)
+        shm_t = timed(lambda: s.step(grads), reps)
+        s.delete()
+    local_m = statistics.median(local_t)
+    row("shared-memory step p50 (adam 1e7 f32)", statistics.median(shm_t), "s",
+        "in-process kernel update p50", local_m, 1.2)
+
+
 def _book(name, hp):
     """Book-style numpy expressions (fresh temporaries, as chapter 6 writes them)."""
     def sgd(p, g, st, t):
@@ -387,7 +421,7 @@ def bench_concurrency(cfg, server, _echo):
         note="higher is better; 2 cores shared by server and clients")
 
 
-SECTIONS = {"small": bench_small, "large": bench_large, "kernels": bench_kernels, "memory": bench_memory,
+SECTIONS = {"small": bench_small, "large": bench_large, "shm": bench_shm, "kernels": bench_kernels, "memory": bench_memory,
             "concurrency": bench_concurrency}
 
 

@@ -195,6 +195,7 @@ class Session:
         self.id = info.session_id
         self.step_count = info.step
         self.arrays = dict(arrays)
+        self._shm: SharedMemory | None = None
         self._large = sum(int(np.prod(t.shape, dtype=np.int64)) * (8 if info.master_dtype == tensor_pb2.DATA_TYPE_FLOAT64 else 4)
                           for t in info.parameters) > STREAM_ABOVE_BYTES
 
@@ -235,6 +236,8 @@ class Session:
 
     def _send_step(self, grads):
         sessions, timeout = self.client.sessions, self.client.timeout
+        if self._shm is not None:
+            return self._shm.step(self, grads)
         if self._large or _nbytes(grads) > STREAM_ABOVE_BYTES:
             return self._receive_step(sessions.StepStream(self._step_messages(grads), timeout=timeout,
                                                           wait_for_ready=True))
@@ -313,4 +316,142 @@ class Session:
         return self.info
 
     def delete(self) -> None:
-        self.client.delete_session(self.id)
+        self.client.delete_session(self.id)  # the server releases the segment too
+        if self._shm is not None:
+            self._shm.close(unregister=False)
+            self._shm = None
+
+    def enable_shared_memory(self) -> dict[str, np.ndarray]:
+        """Move `self.arrays` into a shared-memory segment the server maps too (same host only).
+
+        Returns the new `self.arrays`: views into the segment, holding the current parameters,
+        which every later `step` updates in place with nothing but names and offsets on the
+        wire. Gradients are read from the segment too: write them into `self.gradients[name]`
+        (views as well) and pass those to `step`, or pass any arrays and they are copied there.
+        The segment lives as long as this session object keeps its registration open: it is
+        released by `disable_shared_memory()`, `delete()`, or the client process ending.
+        """
+        if self._shm is None:
+            self._shm = SharedMemory.create(self)
+        return self.arrays
+
+    @property
+    def gradients(self) -> dict[str, np.ndarray]:
+        """Gradient buffers in the shared segment (after enable_shared_memory)."""
+        if self._shm is None:
+            raise OptregError("call enable_shared_memory() first")
+        return self._shm.grads
+
+    def disable_shared_memory(self) -> None:
+        """Back to steps over gRPC; `self.arrays` become ordinary arrays again (copies of the segment's)."""
+        if self._shm is not None:
+            self.arrays = {n: np.array(a) for n, a in self.arrays.items()}
+            self._shm.close(unregister=True)
+            self._shm = None
+
+
+_ALIGN = 64
+
+
+class SharedMemory:
+    """A /dev/shm segment holding a session's parameters and gradient buffers, registered with the server."""
+
+    def __init__(self, session: "Session", key: str, mm, size: int, params: dict, grads: dict, offsets: dict,
+                 call):
+        self.session, self.key, self.mm, self.size = session, key, mm, size
+        self.params, self.grads, self.offsets, self.call = params, grads, offsets, call
+        self.base = np.frombuffer(mm, np.uint8).__array_interface__["data"][0]
+        code = session.info.master_dtype
+        self._param_msgs = [session_pb2.SharedMemoryTensor(name=n, dtype=code, shape=a.shape,
+                                                           byte_offset=offsets[n][0]) for n, a in params.items()]
+
+    @classmethod
+    @_rpc
+    def create(cls, session: "Session") -> "SharedMemory":
+        import mmap
+        import os
+        import uuid
+
+        info = session.info
+        dtype = tensors.numpy_dtype(info.master_dtype)
+        offsets, pos = {}, 0
+        for t in info.parameters:
+            nbytes = int(np.prod(t.shape, dtype=np.int64)) * dtype.itemsize
+            p_off = pos
+            pos = -(-(pos + nbytes) // _ALIGN) * _ALIGN
+            offsets[t.name] = (p_off, pos)
+            pos = -(-(pos + nbytes) // _ALIGN) * _ALIGN
+        size = max(pos, _ALIGN)
+        key = f"optreg-{uuid.uuid4().hex}"
+        path = f"/dev/shm/{key}"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            os.unlink(path)
+            raise
+        finally:
+            os.close(fd)
+        try:
+            current = session.arrays if all(t.name in session.arrays for t in info.parameters) \
+                else session.read_parameters()
+            params, grads = {}, {}
+            for t in info.parameters:
+                shape, (p_off, g_off) = tuple(t.shape), offsets[t.name]
+                count = int(np.prod(shape, dtype=np.int64))
+                params[t.name] = np.frombuffer(mm, dtype, count, p_off).reshape(shape)
+                grads[t.name] = np.frombuffer(mm, dtype, count, g_off).reshape(shape)
+                np.copyto(params[t.name], current[t.name], casting="unsafe")
+            # The registration lives while this call is open (no deadline); the first reply acknowledges it.
+            call = session.client.sessions.RegisterSharedMemory(session_pb2.RegisterSharedMemoryRequest(
+                session_id=session.id, key=key, byte_size=size), timeout=None, wait_for_ready=True)
+            next(call)
+        except BaseException:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            raise
+        self = cls(session, key, mm, size, params, grads, offsets, call)
+        session.arrays = dict(params)
+        return self
+
+    def _offset_of(self, name: str, g: np.ndarray) -> int | None:
+        """g's byte offset in the segment when g is the gradient buffer there (or a view of it, C-contiguous)."""
+        if g is self.grads.get(name):
+            return self.offsets[name][1]
+        return None
+
+    def step(self, session: "Session", grads) -> tuple[bool, int, dict]:
+        msgs = []
+        for name, g in grads.items():
+            off = self._offset_of(name, g)
+            buf = self.grads.get(name)
+            if off is None:
+                if buf is None:
+                    raise OptregError(f"unknown gradient {name!r}; the session's parameters are: "
+                                      + ", ".join(self.grads))
+                np.copyto(buf, g, casting="same_kind")  # one local copy; nothing large crosses gRPC
+                off = self.offsets[name][1]
+            msgs.append(session_pb2.SharedMemoryTensor(name=name, dtype=session.info.master_dtype,
+                                                       shape=buf.shape, byte_offset=off))
+        reply = session.client.sessions.StepSharedMemory(session_pb2.StepSharedMemoryRequest(
+            session_id=session.id, step=session.step_count, key=self.key, gradients=msgs,
+            parameters=self._param_msgs), timeout=session.client.timeout, wait_for_ready=True)
+        return reply.replayed, reply.step, {}
+
+    def close(self, unregister: bool = True) -> None:
+        import os
+        if unregister:
+            try:
+                self.session.client.sessions.UnregisterSharedMemory(session_pb2.UnregisterSharedMemoryRequest(
+                    session_id=self.session.id, key=self.key), timeout=self.session.client.timeout)
+            except grpc.RpcError:
+                pass  # cancelling the registration below releases it as well
+        self.call.cancel()
+        try:
+            os.unlink(f"/dev/shm/{self.key}")
+        except FileNotFoundError:
+            pass
+        # The mapping stays while arrays view it; it is unmapped when the last one is collected.

@@ -303,3 +303,65 @@ class UpdateHyperparametersResponse(_message.Message):
     SESSION_FIELD_NUMBER: _ClassVar[int]
     session: SessionInfo
     def __init__(self, session: _Optional[_Union[SessionInfo, _Mapping]] = ...) -> None: ...
+
+class RegisterSharedMemoryRequest(_message.Message):
+    __slots__ = ("session_id", "key", "byte_size")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    BYTE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    key: str
+    byte_size: int
+    def __init__(self, session_id: _Optional[str] = ..., key: _Optional[str] = ..., byte_size: _Optional[int] = ...) -> None: ...
+
+class RegisterSharedMemoryResponse(_message.Message):
+    __slots__ = ("byte_size",)
+    BYTE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    byte_size: int
+    def __init__(self, byte_size: _Optional[int] = ...) -> None: ...
+
+class UnregisterSharedMemoryRequest(_message.Message):
+    __slots__ = ("session_id", "key")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    key: str
+    def __init__(self, session_id: _Optional[str] = ..., key: _Optional[str] = ...) -> None: ...
+
+class UnregisterSharedMemoryResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class SharedMemoryTensor(_message.Message):
+    __slots__ = ("name", "dtype", "shape", "byte_offset")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    BYTE_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dtype: _tensor_pb2.DataType
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    byte_offset: int
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[_tensor_pb2.DataType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., byte_offset: _Optional[int] = ...) -> None: ...
+
+class StepSharedMemoryRequest(_message.Message):
+    __slots__ = ("session_id", "step", "key", "gradients", "parameters")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    GRADIENTS_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    step: int
+    key: str
+    gradients: _containers.RepeatedCompositeFieldContainer[SharedMemoryTensor]
+    parameters: _containers.RepeatedCompositeFieldContainer[SharedMemoryTensor]
+    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., key: _Optional[str] = ..., gradients: _Optional[_Iterable[_Union[SharedMemoryTensor, _Mapping]]] = ..., parameters: _Optional[_Iterable[_Union[SharedMemoryTensor, _Mapping]]] = ...) -> None: ...
+
+class StepSharedMemoryResponse(_message.Message):
+    __slots__ = ("step", "replayed")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    replayed: bool
+    def __init__(self, step: _Optional[int] = ..., replayed: _Optional[bool] = ...) -> None: ...

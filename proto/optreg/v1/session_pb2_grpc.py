@@ -100,6 +100,21 @@ class SessionServiceStub:
                 request_serializer=optreg_dot_v1_dot_session__pb2.UpdateHyperparametersRequest.SerializeToString,
                 response_deserializer=optreg_dot_v1_dot_session__pb2.UpdateHyperparametersResponse.FromString,
                 _registered_method=True)
+        self.RegisterSharedMemory = channel.unary_stream(
+                '/optreg.v1.SessionService/RegisterSharedMemory',
+                request_serializer=optreg_dot_v1_dot_session__pb2.RegisterSharedMemoryRequest.SerializeToString,
+                response_deserializer=optreg_dot_v1_dot_session__pb2.RegisterSharedMemoryResponse.FromString,
+                _registered_method=True)
+        self.UnregisterSharedMemory = channel.unary_unary(
+                '/optreg.v1.SessionService/UnregisterSharedMemory',
+                request_serializer=optreg_dot_v1_dot_session__pb2.UnregisterSharedMemoryRequest.SerializeToString,
+                response_deserializer=optreg_dot_v1_dot_session__pb2.UnregisterSharedMemoryResponse.FromString,
+                _registered_method=True)
+        self.StepSharedMemory = channel.unary_unary(
+                '/optreg.v1.SessionService/StepSharedMemory',
+                request_serializer=optreg_dot_v1_dot_session__pb2.StepSharedMemoryRequest.SerializeToString,
+                response_deserializer=optreg_dot_v1_dot_session__pb2.StepSharedMemoryResponse.FromString,
+                _registered_method=True)
 
 
 class SessionServiceServicer:
@@ -189,6 +204,37 @@ class SessionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RegisterSharedMemory(self, request, context):
+        """Same-host shared memory (like Triton's system shared-memory extension).
+
+        The client creates a POSIX shared-memory segment (a file in /dev/shm whose
+        name starts with "optreg-") and registers it for one of its sessions. The
+        registration lives as long as this call: the server answers once, keeps
+        the stream open, and when the call ends (the client cancels it or dies,
+        UnregisterSharedMemory is called, or the session is deleted) it unmaps the
+        segment and unlinks its name. Only callers on the server's own host
+        (loopback peers) may register.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnregisterSharedMemory(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StepSharedMemory(self, request, context):
+        """A step whose gradients are read from, and whose updated parameters are
+        written into, a registered segment: only names and offsets cross gRPC.
+        Fencing as for Step: a retry of the last applied step is not applied
+        again; the current parameters are written into the segment again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SessionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -251,6 +297,21 @@ def add_SessionServiceServicer_to_server(servicer, server):
                     servicer.UpdateHyperparameters,
                     request_deserializer=optreg_dot_v1_dot_session__pb2.UpdateHyperparametersRequest.FromString,
                     response_serializer=optreg_dot_v1_dot_session__pb2.UpdateHyperparametersResponse.SerializeToString,
+            ),
+            'RegisterSharedMemory': grpc.unary_stream_rpc_method_handler(
+                    servicer.RegisterSharedMemory,
+                    request_deserializer=optreg_dot_v1_dot_session__pb2.RegisterSharedMemoryRequest.FromString,
+                    response_serializer=optreg_dot_v1_dot_session__pb2.RegisterSharedMemoryResponse.SerializeToString,
+            ),
+            'UnregisterSharedMemory': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnregisterSharedMemory,
+                    request_deserializer=optreg_dot_v1_dot_session__pb2.UnregisterSharedMemoryRequest.FromString,
+                    response_serializer=optreg_dot_v1_dot_session__pb2.UnregisterSharedMemoryResponse.SerializeToString,
+            ),
+            'StepSharedMemory': grpc.unary_unary_rpc_method_handler(
+                    servicer.StepSharedMemory,
+                    request_deserializer=optreg_dot_v1_dot_session__pb2.StepSharedMemoryRequest.FromString,
+                    response_serializer=optreg_dot_v1_dot_session__pb2.StepSharedMemoryResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -583,6 +644,87 @@ class SessionService:
             '/optreg.v1.SessionService/UpdateHyperparameters',
             optreg_dot_v1_dot_session__pb2.UpdateHyperparametersRequest.SerializeToString,
             optreg_dot_v1_dot_session__pb2.UpdateHyperparametersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterSharedMemory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/optreg.v1.SessionService/RegisterSharedMemory',
+            optreg_dot_v1_dot_session__pb2.RegisterSharedMemoryRequest.SerializeToString,
+            optreg_dot_v1_dot_session__pb2.RegisterSharedMemoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnregisterSharedMemory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/optreg.v1.SessionService/UnregisterSharedMemory',
+            optreg_dot_v1_dot_session__pb2.UnregisterSharedMemoryRequest.SerializeToString,
+            optreg_dot_v1_dot_session__pb2.UnregisterSharedMemoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StepSharedMemory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/optreg.v1.SessionService/StepSharedMemory',
+            optreg_dot_v1_dot_session__pb2.StepSharedMemoryRequest.SerializeToString,
+            optreg_dot_v1_dot_session__pb2.StepSharedMemoryResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -105,8 +105,10 @@ class OptregServer:
         registry_pb2_grpc.add_OptimizerRegistryServiceServicer_to_server(
             RegistryServicer(self.registry, self.metrics), self.grpc_server)
         owner = self.auth.owner if self.auth else (lambda context: "")
-        session_pb2_grpc.add_SessionServiceServicer_to_server(
-            SessionServicer(self.store, metrics=self.metrics, owner=owner), self.grpc_server)
+        # Each shared-memory registration holds a worker thread while it lives: at most a quarter of them.
+        self.sessions = SessionServicer(self.store, metrics=self.metrics, owner=owner,
+                                        shm_registrations=max(1, settings.workers // 4))
+        session_pb2_grpc.add_SessionServiceServicer_to_server(self.sessions, self.grpc_server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         reflection.enable_server_reflection(
@@ -138,6 +140,7 @@ class OptregServer:
     def stop(self, grace: float | None = None) -> None:
         """Refuse new calls, let in-flight ones (steps included) finish within `grace` seconds."""
         self.health.enter_graceful_shutdown()
+        self.sessions.shm.close_all()  # ends the registration calls, which would otherwise hold the drain
         self.grpc_server.stop(self.settings.drain_seconds if grace is None else grace).wait()
         self.store.stop()
         n = self.store.flush_all()

@@ -121,12 +121,49 @@ def _compile() -> None:
                 a[1].flags.writeable = False  # gradients may view read-only wire bytes
                 fn(*a, *scal)
                 _KERNELS[(update, dt)] = (fn, scalars, slots)
+        fin = numba.njit(nogil=True, cache=_cache_ok())(_exponent_max)
+        for bits, mask in _FINITE_MASKS.values():
+            a = np.zeros(4, bits)
+            fin(a, a.dtype.type(mask))
+            a.flags.writeable = False
+            fin(a, a.dtype.type(mask))
+        _FINITE.append(fin)
         log.info("numba kernels ready for the built-in optimizers")
     except Exception as e:  # a broken numba must never break the server: numpy gives the same numbers
         log.warning("numba kernels unavailable (%s: %s); using numpy", type(e).__name__, e)
         _KERNELS.clear()
+        _FINITE.clear()
     finally:
         ready.set()
+
+
+def _exponent_max(bits, mask):
+    # The largest exponent field: all ones (== mask) exactly when some value is NaN or Inf.
+    # Integer max vectorizes where a float test with an early exit would not.
+    m = bits.dtype.type(0)
+    for i in range(bits.size):
+        e = bits[i] & mask
+        if e > m:
+            m = e
+    return m
+
+
+# float dtype str -> (unsigned view of the same width, exponent mask)
+_FINITE_MASKS = {"<f2": ("<u2", 0x7C00), "<f4": ("<u4", 0x7F800000), "<f8": ("<u8", 0x7FF0000000000000),
+                 "bfloat16": ("<u2", 0x7F80)}
+_FINITE: list = []
+
+
+def all_finite(a: np.ndarray) -> bool | None:
+    """True when a contiguous float array has no NaN or Inf; None when no kernel fits (use numpy)."""
+    if not _FINITE or not a.flags.c_contiguous:
+        return None
+    spec = _FINITE_MASKS.get(a.dtype.str if a.dtype.kind == "f" else a.dtype.name)
+    if spec is None:
+        return None
+    bits = a.reshape(-1).view(spec[0])
+    mask = bits.dtype.type(spec[1])
+    return bool(_FINITE[0](bits, mask) != mask)
 
 
 def _cache_ok() -> bool:

@@ -50,13 +50,20 @@ def _scratch(count: int, size: int, dtype: np.dtype) -> list[np.ndarray]:
 
 
 def apply(defn: Optimizer, param: np.ndarray, grad: np.ndarray, state: dict[str, np.ndarray], step: int,
-          hp: dict) -> None:
-    """Update `param` and `state` in place with one gradient."""
+          hp: dict, out: np.ndarray | None = None) -> None:
+    """Update `param` and `state` in place with one gradient; then copy the new `param` into `out`
+    (same shape and dtype) when given -- slice by slice while each slice is still in cache."""
     n = param.size
     fast = fastkernels.lookup(defn.update, param.dtype) if defn.elementwise else None
     if fast is not None and grad.dtype == param.dtype:
-        _run_fast(fast, param, grad, state, step, hp)
+        _run_fast(fast, param, grad, state, step, hp, out)
         return
+    _apply_numpy(defn, param, grad, state, step, hp, n)
+    if out is not None:
+        np.copyto(out, param)
+
+
+def _apply_numpy(defn, param, grad, state, step, hp, n) -> None:
     if not defn.elementwise or n <= CHUNK_ELEMENTS:
         if defn.elementwise or defn.scratch == 0:
             scratch = [s.reshape(param.shape) for s in _scratch(defn.scratch, n, param.dtype)]
@@ -74,22 +81,38 @@ def apply(defn: Optimizer, param: np.ndarray, grad: np.ndarray, state: dict[str,
                     [b[:size] for b in bufs])
 
 
-def _run_fast(kernel, param, grad, state, step, hp) -> None:
+# With `out`, the kernel runs over slices of this many elements, each copied out right after.
+COPY_SLICE = 1 << 17
+
+
+def _run_fast(kernel, param, grad, state, step, hp, out=None) -> None:
     n = param.size
     threads = fastkernels.threads()
-    if threads == 1 or n < PARALLEL_ABOVE:  # the small-step path: as little Python as possible
-        fn, scalars, slots = kernel
-        flat = (lambda a: a) if param.ndim == 1 and grad.flags.c_contiguous else (lambda a: a.reshape(-1))
-        fn(flat(param), flat(np.ascontiguousarray(grad)), *[flat(state[s]) for s in slots],
-           np.array(scalars(hp, step), dtype=param.dtype))
+    fn, scalars, slots = kernel
+    if (threads == 1 or n < PARALLEL_ABOVE) and out is None:  # the small-step path: as little Python as possible
+        if param.ndim == 1 and grad.flags.c_contiguous:
+            fn(param, grad, *[state[s] for s in slots], np.array(scalars(hp, step), dtype=param.dtype))
+        else:
+            fn(param.reshape(-1), np.ascontiguousarray(grad).reshape(-1), *[state[s].reshape(-1) for s in slots],
+               np.array(scalars(hp, step), dtype=param.dtype))
         return
     p, g = param.reshape(-1), np.ascontiguousarray(grad).reshape(-1)
-    flat_state = {k: v.reshape(-1) for k, v in state.items()}
+    flat_slots = [state[s].reshape(-1) for s in slots]
+    consts = np.array(scalars(hp, step), dtype=param.dtype)
+    o = None if out is None else out.reshape(-1)
+    if threads == 1 or n < PARALLEL_ABOVE:
+        threads = 1
     bounds = [n * i // threads for i in range(threads + 1)]
 
     def part(i):
         a, b = bounds[i], bounds[i + 1]
-        fastkernels.run(kernel, p[a:b], g[a:b], {k: v[a:b] for k, v in flat_state.items()}, step, hp)
+        if o is None:
+            fn(p[a:b], g[a:b], *[v[a:b] for v in flat_slots], consts)
+            return
+        for x in range(a, b, COPY_SLICE):
+            y = min(x + COPY_SLICE, b)
+            fn(p[x:y], g[x:y], *[v[x:y] for v in flat_slots], consts)
+            o[x:y] = p[x:y]
 
     futures = [_executor(threads).submit(part, i) for i in range(1, threads)]
     part(0)  # this thread does a share too

@@ -11,7 +11,7 @@ import grpc
 import numpy as np
 
 from optreg.plugins import HyperparameterError
-from optreg.server import fastkernels, streaming
+from optreg.server import fastkernels, shm, streaming
 from optreg.server.errors import RequestError, invalid
 from optreg.server.metrics import Metrics
 from optreg.server.sessions import PluginError, Session, check_finite
@@ -173,11 +173,13 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
     """`owner(context)` names the caller (a token's hash; "" without auth); the store checks it."""
 
     def __init__(self, store: SessionStore, chunk_bytes: int = tensors.CHUNK_BYTES, metrics: Metrics | None = None,
-                 owner=_no_owner):
+                 owner=_no_owner, shm_registrations: int = 4):
         self.store = store
         self.chunk_bytes = chunk_bytes
         self.metrics = metrics or Metrics()
         self.owner = owner
+        self.shm = shm.SharedMemoryRegistry(shm_registrations)
+        store.on_delete.append(self.shm.release_session)
 
     def _use(self, session_id, context):
         return self.store.use(session_id, self.owner(context))
@@ -356,3 +358,72 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
             if session.durability != session_pb2.DURABILITY_NONE:
                 self.store._save(session)  # rare: written at once in every durable mode
             return session_pb2.UpdateHyperparametersResponse(session=session_info(session))
+
+    # -- same-host shared memory ---------------------------------------------
+    @_status
+    def RegisterSharedMemory(self, request, context):
+        if not shm.is_local_peer(context.peer()):
+            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"shared memory needs a client on the server's host (connected over loopback); "
+                               f"this call came from {context.peer()}: use Step")
+        owner = self.owner(context)
+        session = self.store.get(request.session_id, owner)
+        region = self.shm.register(request.key, request.byte_size, session.id, owner)
+        # The registration lives as long as this call: when it ends (cancelled, the client gone,
+        # the server stopping) the segment is unmapped and its name unlinked.
+        context.add_callback(lambda: self.shm.release(region, "client gone"))
+        if not context.is_active():
+            self.shm.release(region, "client gone")
+            return
+        yield session_pb2.RegisterSharedMemoryResponse(byte_size=region.size)
+        while not region.closed.wait(1.0):
+            if not context.is_active():
+                break
+        self.shm.release(region, "registration ended")
+
+    @_status
+    def UnregisterSharedMemory(self, request, context):
+        owner = self.owner(context)
+        session = self.store.get(request.session_id, owner)
+        self.shm.release(self.shm.get(request.key, session.id, owner), "unregistered")
+        return session_pb2.UnregisterSharedMemoryResponse()
+
+    @_status
+    def StepSharedMemory(self, request, context):
+        owner = self.owner(context)
+        session = self.store.get(request.session_id, owner)
+        region = self.shm.get(request.key, session.id, owner)
+        fence = request.step if request.HasField("step") else None
+        spec = session.gradient_spec()
+        grad_at = shm.layout(region, request.gradients, spec, session.master_code, "gradient")
+        missing = [n for n in session.shapes if n not in {g[0] for g in grad_at}]
+        if missing:
+            raise invalid(f"missing gradient(s) for {', '.join(missing)}: a step needs one for every parameter")
+        master = (session.master_code,)
+        param_at = shm.layout(region, request.parameters, {n: (s, master) for n, s in session.shapes.items()},
+                              session.master_code, "parameter")
+        with self.store.use(session.id, owner, session) as session, region.lock:
+            if region.closed.is_set():
+                raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                                   f"shared-memory segment {region.key!r} was unregistered")
+            t0 = time.perf_counter()
+            out = {n: region.view(off, session.dtype, shape) for n, _, shape, off in param_at}
+            if session.check_fence(fence):  # a retry: write the current parameters again, apply nothing
+                for n, o in out.items():
+                    np.copyto(o, session.params[n])
+                replayed = True
+            else:
+                grads = {}
+                for n, code, shape, off in grad_at:  # all validated before anything changes
+                    g = region.view(off, tensors.numpy_dtype(code), shape)
+                    check_finite(n, g)
+                    grads[n] = g if g.dtype == session.dtype else g.astype(session.dtype)
+                if not context.is_active():
+                    raise RequestError(grpc.StatusCode.CANCELLED, "the call ended before the step was applied")
+                session.apply(grads, out)
+                replayed = False
+                del grads, g
+            del out
+            self.store.after_change(session)
+            self.metrics.step(time.perf_counter() - t0, replayed)
+            return session_pb2.StepSharedMemoryResponse(step=session.step, replayed=replayed)

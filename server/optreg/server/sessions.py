@@ -11,7 +11,7 @@ import numpy as np
 
 from optreg.plugins import HyperparameterError
 from optreg.plugins.registry import Registered, Registry
-from optreg.server import kernels
+from optreg.server import fastkernels, kernels
 from optreg.server.errors import RequestError, invalid
 from optreg.v1 import session_pb2, tensor_pb2
 
@@ -119,8 +119,12 @@ class Session:
             raise RequestError(grpc.StatusCode.CANCELLED, "the call ended before the step was applied")
         return self.apply(grads)
 
-    def apply(self, grads: dict[str, np.ndarray]) -> StepResult:
-        """Apply one step of validated, master-dtype gradients. Caller holds the lock."""
+    def apply(self, grads: dict[str, np.ndarray], out: dict[str, np.ndarray] | None = None) -> StepResult:
+        """Apply one step of validated, master-dtype gradients. Caller holds the lock.
+
+        `out` (name -> array of the parameter's shape and dtype) receives the updated
+        parameters too, copied as they are computed (shared-memory steps); after a plugin
+        error it receives the restored ones."""
         defn, hp, t = self.optimizer.definition, self.hyperparameters, self.step + 1
         # Built-ins are trusted; a third-party update runs on a snapshot so a raise loses nothing.
         backup = None
@@ -133,7 +137,8 @@ class Session:
             for name, param in self.params.items():
                 if want_delta:
                     delta[name] = param.copy()
-                kernels.apply(defn, param, grads[name], {s: self.state[s][name] for s in self.state}, t, hp)
+                kernels.apply(defn, param, grads[name], {s: self.state[s][name] for s in self.state}, t, hp,
+                              None if out is None else out.get(name))
                 if want_delta:
                     np.subtract(param, delta[name], out=delta[name])
         except Exception as e:
@@ -143,6 +148,8 @@ class Session:
                 for s, arrs in backup[1].items():
                     for n, a in arrs.items():
                         self.state[s][n][...] = a
+            for n, o in (out or {}).items():
+                np.copyto(o, self.params[n])
             raise PluginError(f"optimizer {defn.name} (plugin {self.optimizer.plugin}) raised in update: "
                               f"{type(e).__name__}: {e}") from e
         self.step = t
@@ -152,8 +159,14 @@ class Session:
         return self.reply(False)
 
 
+FAST_FINITE_ABOVE = 1 << 14
+
+
 def check_finite(name: str, grad: np.ndarray) -> None:
-    if not np.isfinite(grad).all():
+    ok = fastkernels.all_finite(grad) if grad.size > FAST_FINITE_ABOVE else None
+    if ok is None:
+        ok = np.isfinite(grad).all()
+    if not ok:
         bad = int(np.size(grad) - np.count_nonzero(np.isfinite(grad)))
         raise invalid(f"gradient {name!r} has {bad} NaN or Inf value(s); the step was not applied")
 

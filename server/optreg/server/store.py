@@ -57,6 +57,7 @@ class SessionStore:
         self.loaded_bytes = 0
         self._stop = threading.Event()
         self._janitor: threading.Thread | None = None
+        self.on_delete: list = []  # callables(session_id), run after a session is deleted
 
     # -- access ------------------------------------------------------------
     def _missing(self, session_id: str) -> RequestError:
@@ -102,6 +103,8 @@ class SessionStore:
             session.params = session.state = session.last_delta = None
             if self.storage and session.persisted_step >= 0:
                 self.storage.delete(session_id)
+        for callback in self.on_delete:
+            callback(session_id)
         log.info("session %s deleted", session_id, extra={"session_id": session_id})
         self._gauges()
 

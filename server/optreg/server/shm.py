@@ -1,0 +1,176 @@
+"""Same-host shared memory: segments a client registers for a session, read and written in place.
+
+A segment is a file in /dev/shm (POSIX shared memory) that the client created and
+mapped; the server maps it too. A step then passes only names and byte offsets over
+gRPC: the server reads the gradients from the segment and writes the updated
+parameters back into it, so the client's arrays that live there change with no copy
+on the wire.
+
+Life cycle: a registration lives as long as its RegisterSharedMemory call (a server
+stream the client keeps open). When that call ends for any reason -- the client
+cancels it, its process dies and the connection drops, UnregisterSharedMemory, the
+session is deleted, the server stops -- the server unmaps the segment and unlinks
+its name, so a client killed with SIGKILL leaks nothing in /dev/shm.
+
+Locking: a region's lock is taken after its session's lock (steps) or alone
+(release); the registry's lock only guards the index.
+"""
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import re
+import stat
+import threading
+
+import grpc
+import numpy as np
+
+from optreg.server.errors import RequestError, invalid
+from optreg.v1 import tensors
+
+log = logging.getLogger("optreg.server.shm")
+
+SHM_DIR = "/dev/shm"
+KEY_RE = re.compile(r"^optreg-[A-Za-z0-9_-]{8,200}$")
+LOCAL_PEERS = ("ipv4:127.", "ipv6:[::1]", "ipv6:[::ffff:127.", "unix:")
+
+
+def is_local_peer(peer: str) -> bool:
+    return peer.startswith(LOCAL_PEERS)
+
+
+class Region:
+    def __init__(self, key: str, session_id: str, owner: str, mm: mmap.mmap, size: int):
+        self.key, self.session_id, self.owner = key, session_id, owner
+        self.mm, self.size = mm, size
+        self.lock = threading.Lock()
+        self.closed = threading.Event()
+
+    def view(self, byte_offset: int, dtype: np.dtype, shape: tuple) -> np.ndarray:
+        """An array over [byte_offset, +nbytes) of the segment; bounds and alignment already checked."""
+        count = int(np.prod(shape, dtype=np.int64))
+        return np.frombuffer(self.mm, dtype=dtype, count=count, offset=byte_offset).reshape(shape)
+
+
+class SharedMemoryRegistry:
+    def __init__(self, max_regions: int = 4):
+        self.max_regions = max_regions  # each registration holds one server thread while it lives
+        self._regions: dict[str, Region] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self):
+        return len(self._regions)
+
+    def register(self, key: str, byte_size: int, session_id: str, owner: str) -> Region:
+        if not KEY_RE.match(key):
+            raise invalid(f"shared-memory key {key!r}: use 'optreg-' followed by 8-200 letters, digits, '_' or '-' "
+                          f"(a file in {SHM_DIR})")
+        if byte_size < 0:
+            raise invalid(f"byte_size {byte_size} is negative")
+        path = os.path.join(SHM_DIR, key)
+        with self._lock:
+            if key in self._regions:
+                raise RequestError(grpc.StatusCode.ALREADY_EXISTS, f"shared-memory segment {key!r} is already "
+                                   "registered; create a new segment for each registration")
+            if len(self._regions) >= self.max_regions:
+                raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                   f"this server holds {self.max_regions} shared-memory registrations, its limit "
+                                   "(each keeps a server thread); unregister one or use Step")
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except FileNotFoundError:
+                raise RequestError(grpc.StatusCode.NOT_FOUND,
+                                   f"no shared-memory segment {path}: is the client on the server's host?") from None
+            except OSError as e:
+                raise RequestError(grpc.StatusCode.PERMISSION_DENIED,
+                                   f"cannot open shared-memory segment {path}: {e.strerror}") from None
+            try:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    raise invalid(f"{path} is not a regular file")
+                size = byte_size or st.st_size
+                if size <= 0 or size > st.st_size:
+                    raise invalid(f"byte_size {byte_size}, but segment {path} has {st.st_size} bytes")
+                mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            finally:
+                os.close(fd)
+            region = Region(key, session_id, owner, mm, size)
+            self._regions[key] = region
+        log.info("session %s: shared-memory segment %s registered (%d bytes)", session_id, key, size,
+                 extra={"session_id": session_id})
+        return region
+
+    def get(self, key: str, session_id: str, owner: str) -> Region:
+        region = self._regions.get(key)
+        if region is None or region.session_id != session_id or region.owner != owner:
+            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"shared-memory segment {key!r} is not registered for session {session_id!r}: "
+                               "call RegisterSharedMemory first (and keep its call open)")
+        return region
+
+    def release(self, region: Region, why: str = "") -> bool:
+        """Unmap the segment and unlink its name; idempotent. Waits for a step using it to finish."""
+        with self._lock:
+            if self._regions.get(region.key) is not region:
+                return False
+            del self._regions[region.key]
+        with region.lock:
+            region.closed.set()
+            try:
+                region.mm.close()
+            except BufferError:  # a view is still referenced somewhere: unmapped when it is collected
+                log.warning("shared-memory segment %s still referenced; unmapped later", region.key)
+            try:
+                os.unlink(os.path.join(SHM_DIR, region.key))
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                log.warning("could not unlink %s: %s", region.key, e)
+        log.info("session %s: shared-memory segment %s released%s", region.session_id, region.key,
+                 f" ({why})" if why else "", extra={"session_id": region.session_id})
+        return True
+
+    def release_session(self, session_id: str) -> None:
+        with self._lock:
+            regions = [r for r in self._regions.values() if r.session_id == session_id]
+        for r in regions:
+            self.release(r, "session deleted")
+
+    def close_all(self) -> None:
+        with self._lock:
+            regions = list(self._regions.values())
+        for r in regions:
+            self.release(r, "server stopping")
+
+
+def layout(region: Region, items, spec: dict, master_code: int, what: str) -> list[tuple[str, int, tuple, int]]:
+    """Check a list of SharedMemoryTensor against the session's parameters and the segment's bounds.
+
+    `spec`: name -> (shape, dtypes allowed). Returns (name, dtype code, shape, byte_offset) each.
+    """
+    out, seen = [], set()
+    for t in items:
+        if t.name in seen:
+            raise invalid(f"{what} {t.name!r} is given twice")
+        seen.add(t.name)
+        if t.name not in spec:
+            raise invalid(f"unknown {what} {t.name!r}; the session's parameters are: {', '.join(spec)}")
+        shape, allowed = spec[t.name]
+        code = t.dtype or master_code
+        if code not in allowed:
+            raise invalid(f"{what} {t.name!r}: dtype {tensors.dtype_name(code)} not accepted; use "
+                          + " or ".join(tensors.dtype_name(a) for a in allowed))
+        if tuple(t.shape) != tuple(shape):
+            raise invalid(f"{what} {t.name!r}: shape {list(t.shape)}, but the parameter's is {list(shape)}")
+        itemsize = tensors.numpy_dtype(code).itemsize
+        nbytes = int(np.prod(shape, dtype=np.int64)) * itemsize
+        off = t.byte_offset
+        if off < 0 or off + nbytes > region.size:
+            raise invalid(f"{what} {t.name!r}: bytes [{off}, {off + nbytes}) lie outside segment {region.key!r} "
+                          f"of {region.size} bytes")
+        if off % itemsize:
+            raise invalid(f"{what} {t.name!r}: byte_offset {off} is not a multiple of the dtype's {itemsize} bytes")
+        out.append((t.name, code, tuple(shape), off))
+    return out
