@@ -108,8 +108,11 @@ class Child:
 
 
 def start_optreg(*extra) -> Child:
+    # Memory only: the figures measure the service against transport baselines, not the disk (durability
+    # costs are bench/durability.py's), and the bench must not write into the user's data directory.
+    # (Before this flag the server took ~/.local/share/optreg with every-step durability: each step fsync'd.)
     c = Child(["-m", "optreg.server", "serve", "--host", "127.0.0.1", "--port", "0", "--log-level", "warning",
-               *extra], "optreg serving on ")
+               "--memory-only", *extra], "optreg serving on ")
     c.address = c.line[-1]
     return c
 

@@ -180,10 +180,10 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         self.owner = owner
         self.shm = shm.SharedMemoryRegistry(shm_registrations)
         store.on_delete.append(self.shm.release_session)
+        fastkernels.warm()  # JIT the built-ins' fused kernels in the background (numpy until then: same numbers)
 
     def _use(self, session_id, context):
         return self.store.use(session_id, self.owner(context))
-        fastkernels.warm()  # JIT the built-ins' fused kernels in the background (numpy until then: same numbers)
 
     # -- lifecycle -------------------------------------------------------
     @_status

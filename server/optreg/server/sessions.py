@@ -11,7 +11,7 @@ import numpy as np
 
 from optreg.plugins import HyperparameterError
 from optreg.plugins.registry import Registered, Registry
-from optreg.server import fastkernels, kernels
+from optreg.server import kernels
 from optreg.server.errors import RequestError, invalid
 from optreg.v1 import session_pb2, tensor_pb2
 
@@ -163,7 +163,7 @@ FAST_FINITE_ABOVE = 1 << 14
 
 
 def check_finite(name: str, grad: np.ndarray) -> None:
-    ok = fastkernels.all_finite(grad) if grad.size > FAST_FINITE_ABOVE else None
+    ok = kernels.all_finite(grad) if grad.size > FAST_FINITE_ABOVE else None
     if ok is None:
         ok = np.isfinite(grad).all()
     if not ok:
