@@ -52,26 +52,34 @@ def numpy_dtype(code: int) -> np.dtype:
 
 
 def from_numpy(name: str, array: np.ndarray) -> tensor_pb2.Tensor:
-    array = np.asarray(array)
-    code = to_code(array.dtype)
-    data = np.ascontiguousarray(array, dtype=DTYPES[code]).tobytes()
-    return tensor_pb2.Tensor(name=name, dtype=code, shape=array.shape, data=data)
+    # Written for the small-step path: one dict lookup for the usual dtypes, no copy before tobytes().
+    if type(array) is not np.ndarray:
+        array = np.asarray(array)
+    code = _BY_NUMPY.get(array.dtype)
+    if code is None:  # big-endian or not a wire dtype
+        code = to_code(array.dtype)
+        array = np.ascontiguousarray(array, dtype=DTYPES[code])
+    return tensor_pb2.Tensor(name=name, dtype=code, shape=array.shape, data=array.tobytes())
 
 
 def to_numpy(tensor: tensor_pb2.Tensor) -> np.ndarray:
     """A whole tensor as a read-only array viewing its bytes; ValueError naming what is wrong."""
-    dtype = numpy_dtype(tensor.dtype)
+    dtype = DTYPES.get(tensor.dtype) or numpy_dtype(tensor.dtype)
     shape = tuple(tensor.shape)
-    if any(d < 0 for d in shape):
-        raise ValueError(f"tensor {tensor.name!r}: shape {list(shape)} has a negative dimension")
+    count = 1
+    for d in shape:
+        if d < 0:
+            raise ValueError(f"tensor {tensor.name!r}: shape {list(shape)} has a negative dimension")
+        count *= d  # Python ints: no overflow
     if tensor.offset:
         raise ValueError(f"tensor {tensor.name!r}: offset {tensor.offset} given; only the streaming RPCs take chunks")
     data = tensor.data  # one read: each access of a bytes field copies
-    want = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    want = count * dtype.itemsize
     if len(data) != want:
         raise ValueError(f"tensor {tensor.name!r}: {len(data)} bytes of data, but shape {list(shape)} of "
                          f"{dtype_name(tensor.dtype)} needs {want}")
-    return np.frombuffer(data, dtype=dtype).reshape(shape)
+    array = np.frombuffer(data, dtype=dtype)
+    return array if len(shape) == 1 else array.reshape(shape)
 
 
 def chunk(name: str, array: np.ndarray, chunk_bytes: int = CHUNK_BYTES) -> Iterator[tensor_pb2.Tensor]:

@@ -113,25 +113,35 @@ def _compile() -> None:
             nargs = pyfunc.__code__.co_argcount
             narrays = 2 + len(slots)
             # Lazy dispatch compiled by calling it: explicit signatures made each call ~20 us slower.
+            # Two builds: one releasing the GIL (large tensors, on several threads) and one keeping it
+            # (small tensors: releasing and taking back the GIL on a busy gRPC server costs a thread
+            # hand-off, measured at tens of microseconds, many times the kernel itself).
             fn = numba.njit(nogil=True, error_model="numpy", cache=_cache_ok())(pyfunc)
+            held = numba.njit(error_model="numpy", cache=_cache_ok())(pyfunc)
             for dt in ("<f4", "<f8"):
-                a = [np.zeros(4, dt) for _ in range(narrays)]
-                scal = [np.full(4, 0.5, dt)]  # the scalars travel as one small array: cheaper to pass
-                fn(*a, *scal)
-                a[1].flags.writeable = False  # gradients may view read-only wire bytes
-                fn(*a, *scal)
+                for f in (fn, held):
+                    a = [np.zeros(4, dt) for _ in range(narrays)]
+                    scal = [np.full(4, 0.5, dt)]  # the scalars travel as one small array: cheaper to pass
+                    f(*a, *scal)
+                    a[1].flags.writeable = False  # gradients may view read-only wire bytes
+                    f(*a, *scal)
                 _KERNELS[(update, dt)] = (fn, scalars, slots)
-        fin = numba.njit(nogil=True, cache=_cache_ok())(_exponent_max)
-        for bits, mask in _FINITE_MASKS.values():
-            a = np.zeros(4, bits)
-            fin(a, a.dtype.type(mask))
-            a.flags.writeable = False
-            fin(a, a.dtype.type(mask))
-        _FINITE.append(fin)
+                _HELD[fn] = held
+        finite = []
+        for nogil in (True, False):
+            fin = numba.njit(nogil=nogil, cache=_cache_ok())(_exponent_max)
+            for bits, mask in _FINITE_MASKS.values():
+                a = np.zeros(4, bits)
+                fin(a, a.dtype.type(mask))
+                a.flags.writeable = False
+                fin(a, a.dtype.type(mask))
+            finite.append(fin)
+        _FINITE[:] = finite  # both at once: steps may run while this thread compiles
         log.info("numba kernels ready for the built-in optimizers")
     except Exception as e:  # a broken numba must never break the server: numpy gives the same numbers
         log.warning("numba kernels unavailable (%s: %s); using numpy", type(e).__name__, e)
         _KERNELS.clear()
+        _HELD.clear()
         _FINITE.clear()
     finally:
         ready.set()
@@ -151,7 +161,15 @@ def _exponent_max(bits, mask):
 # float dtype str -> (unsigned view of the same width, exponent mask)
 _FINITE_MASKS = {"<f2": ("<u2", 0x7C00), "<f4": ("<u4", 0x7F800000), "<f8": ("<u8", 0x7FF0000000000000),
                  "bfloat16": ("<u2", 0x7F80)}
-_FINITE: list = []
+_FINITE: list = []  # [releases the GIL, keeps it]
+_HELD: dict = {}  # GIL-releasing kernel -> the same kernel keeping the GIL
+# Below this many elements the kernels keep the GIL (see _compile).
+HOLD_GIL_BELOW = 1 << 15
+
+
+def held(fn):
+    """The build of kernel `fn` that keeps the GIL (for small tensors)."""
+    return _HELD.get(fn, fn)
 
 
 def all_finite(a: np.ndarray) -> bool | None:
@@ -163,7 +181,7 @@ def all_finite(a: np.ndarray) -> bool | None:
         return None
     bits = a.reshape(-1).view(spec[0])
     mask = bits.dtype.type(spec[1])
-    return bool(_FINITE[0](bits, mask) != mask)
+    return bool(_FINITE[bits.size < HOLD_GIL_BELOW](bits, mask) != mask)
 
 
 def _cache_ok() -> bool:

@@ -90,6 +90,8 @@ def _run_fast(kernel, param, grad, state, step, hp, out=None) -> None:
     threads = fastkernels.threads()
     fn, scalars, slots = kernel
     if (threads == 1 or n < PARALLEL_ABOVE) and out is None:  # the small-step path: as little Python as possible
+        if n < fastkernels.HOLD_GIL_BELOW:
+            fn = fastkernels.held(fn)
         if param.ndim == 1 and grad.flags.c_contiguous:
             fn(param, grad, *[state[s] for s in slots], np.array(scalars(hp, step), dtype=param.dtype))
         else:

@@ -23,6 +23,9 @@ class Metrics:
                               registry=r)
         self._bytes = Gauge("optreg_loaded_bytes", "Bytes of tensors held by loaded sessions (counted against "
                             "--memory-budget-mb)", registry=r)
+        # Children looked up once: labels() costs a lock and a dict lookup per call.
+        self._steps_applied = self._steps.labels(replayed="false")
+        self._steps_replayed = self._steps.labels(replayed="true")
         self._ckpt = Counter("optreg_checkpoints", "Session files written", registry=r)
         self._ckpt_bytes = Counter("optreg_checkpoint_bytes", "Bytes of session files written", registry=r)
 
@@ -32,8 +35,10 @@ class Metrics:
         return server.server_address[1]
 
     def step(self, seconds: float, replayed: bool) -> None:
-        self._steps.labels(replayed="true" if replayed else "false").inc()
-        if not replayed:
+        if replayed:
+            self._steps_replayed.inc()
+        else:
+            self._steps_applied.inc()
             self._latency.observe(seconds)
 
     def bytes_in(self, n: int) -> None:

@@ -249,8 +249,9 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         result = session.fenced_apply(fence, grads, context.is_active)
         self.store.after_change(session)
         self.metrics.step(time.perf_counter() - t0, result.replayed)
-        log.debug("session %s step %d%s", session.id, result.step, " (replayed)" if result.replayed else "",
-                  extra={"session_id": session.id, "step": result.step})
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("session %s step %d%s", session.id, result.step, " (replayed)" if result.replayed else "",
+                      extra={"session_id": session.id, "step": result.step})
         return result
 
     @_status
