@@ -89,3 +89,41 @@ def test_numpy_fallback_used_for_unknown_update(registry):
     defn = registry.get("adam").definition
     assert fastkernels.lookup(lambda *a: None, np.dtype(np.float32)) is None
     assert defn.elementwise
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64", "bfloat16"])
+@pytest.mark.parametrize("size", [3, (1 << 15) + 5])  # below and above the GIL-keeping threshold
+def test_finite_check_matches_numpy(dtype, size):
+    import ml_dtypes
+    fastkernels.warm(block=True)
+    if not fastkernels.names():
+        pytest.skip("numba not installed")
+    dt = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
+    info = ml_dtypes.finfo(dt) if dtype == "bfloat16" else np.finfo(dt)
+    for special in [1.0, -0.0, float(info.max), -float(info.max), float(info.smallest_subnormal), np.nan, np.inf,
+                    -np.inf]:
+        a = np.ones(size, dt)
+        a[size // 2] = special
+        for arr in (a, a.reshape(1, -1)):
+            assert fastkernels.all_finite(arr) == bool(np.isfinite(arr.astype(np.float64)).all()), (dtype, special)
+    assert fastkernels.all_finite(np.ones(10, np.float32)[::2]) is None  # not contiguous: numpy decides
+    assert kernels.COPY_SLICE > 0
+
+
+@pytest.mark.parametrize("name", ["adam", "rmsprop"])
+def test_copy_out_equals_update(name):
+    """kernels.apply(out=...) (shared-memory steps) writes the same numbers it leaves in the parameter."""
+    fastkernels.warm(block=True)
+    defn = Registry().get(name).definition
+    rng = np.random.default_rng(5)
+    n = (1 << 18) + 333
+    p1 = rng.standard_normal(n).astype(np.float32)
+    g = rng.standard_normal(n).astype(np.float32)
+    st1 = {s.name: np.full(n, s.initial_value, np.float32) for s in defn.slots}
+    p2, st2 = p1.copy(), {k: v.copy() for k, v in st1.items()}
+    out = np.zeros(n, np.float32)
+    kernels.apply(defn, p1, g, st1, 1, HPS[name])
+    kernels.apply(defn, p2, g, st2, 1, HPS[name], out)
+    assert np.array_equal(p1, p2) and np.array_equal(out, p1)
+    for k in st1:
+        assert np.array_equal(st1[k], st2[k])

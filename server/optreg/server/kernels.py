@@ -121,16 +121,3 @@ def _run_fast(kernel, param, grad, state, step, hp, out=None) -> None:
     for f in futures:
         f.result()
 
-
-def all_finite(a: np.ndarray) -> bool | None:
-    """True when `a` has no NaN or Inf (numba, over the cores for large arrays); None: no kernel, use numpy."""
-    n = a.size
-    threads = fastkernels.threads()
-    if threads == 1 or n < PARALLEL_ABOVE or not a.flags.c_contiguous:
-        return fastkernels.all_finite(a)
-    flat = a.reshape(-1)
-    bounds = [n * i // threads for i in range(threads + 1)]
-    futures = [_executor(threads).submit(fastkernels.all_finite, flat[bounds[i]:bounds[i + 1]])
-               for i in range(1, threads)]
-    results = [fastkernels.all_finite(flat[:bounds[1]])] + [f.result() for f in futures]
-    return None if None in results else all(results)
