@@ -56,7 +56,12 @@ def main(args) -> int:
 
 
 def _main(args) -> int:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        print("optreg demo draws its figures with matplotlib: pip install 'optreg[demo]' "
+              "(matplotlib, scikit-learn, tqdm)", file=sys.stderr)
+        return 2
     matplotlib.use("Agg")
 
     from optreg.client import Client
