@@ -25,6 +25,8 @@ def add_arguments(parser) -> None:
                         help="MNIST IDX files (train-images-idx3-ubyte[.gz], ...), as the book's loader saves them; "
                              "default: Fashion-MNIST from Debian's dataset-fashion-mnist if installed, "
                              "else scikit-learn's digits")
+    parser.add_argument("--dataset", default="auto", choices=("auto", "fashion-mnist", "digits"),
+                        help="without --data: auto (Fashion-MNIST if installed, else digits), or force one")
     parser.add_argument("--quick", action="store_true", help="a small version that runs in seconds (for tests)")
     parser.add_argument("--iterations", type=int, help="training iterations (default: 2000; --quick: 200)")
     parser.add_argument("--seed", type=int, default=0, help="seed for weights and batches (default: 0)")
@@ -92,7 +94,7 @@ def _main(args) -> int:
             paths.plot(path_results, paths_png)
             print(f"paths: {len(path_results)} optimizers x {paths.UPDATES} updates -> {paths_png}")
 
-            dataset = data_mod.load(args.data)
+            dataset = data_mod.load(args.data, args.dataset)
             print(f"data set: {dataset.describe()}")
             started = time.perf_counter()
             train_results = training.run(client, dataset, iterations=iterations, seed=args.seed,

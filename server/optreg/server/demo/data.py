@@ -97,11 +97,21 @@ def load_digits_dataset() -> Dataset:
     return Dataset("scikit-learn digits (8x8 handwritten digits, load_digits)", x[train], t[train], x[test], t[test])
 
 
-def load(data_dir: str | None = None, fashion_dir: pathlib.Path = FASHION_DIR) -> Dataset:
-    """The data set the demo trains on; see the module docstring for the order."""
+CHOICES = ("auto", "fashion-mnist", "digits")
+
+
+def load(data_dir: str | None = None, which: str = "auto", fashion_dir: pathlib.Path = FASHION_DIR) -> Dataset:
+    """The data set the demo trains on; see the module docstring for the order `auto` follows."""
     if data_dir:
         directory = pathlib.Path(data_dir)
         return load_idx_dir(directory, f"MNIST (IDX files in {directory})")
-    if all(_find(fashion_dir, stem) for stem in IDX_FILES.values()):
+    fashion_installed = all(_find(fashion_dir, stem) for stem in IDX_FILES.values())
+    if which == "fashion-mnist" and not fashion_installed:
+        raise FileNotFoundError(f"Fashion-MNIST is not in {fashion_dir}: apt install dataset-fashion-mnist")
+    if which in ("auto", "fashion-mnist") and fashion_installed:
         return load_idx_dir(fashion_dir, f"Fashion-MNIST (Debian dataset-fashion-mnist, {fashion_dir})")
-    return load_digits_dataset()
+    try:
+        return load_digits_dataset()
+    except ImportError:
+        raise RuntimeError("no data set: give MNIST IDX files with --data DIR, apt install dataset-fashion-mnist, "
+                           "or pip install scikit-learn for its digits") from None

@@ -20,13 +20,16 @@ HIDDEN = [100, 100, 100, 100]
 BATCH = 128
 ITERATIONS = 2000
 
-# The book's defaults (RMSProp's lr as in the book's common/optimizer.py).
+# The book's defaults, except RMSProp's learning rate: the book's 0.01 is
+# unstable on this network (it ends above SGD in loss, below it in accuracy, on
+# Fashion-MNIST and on the digits; the book leaves RMSProp out of its figure
+# 6-9), so it runs at 0.001 with the book's decay 0.99. The legend shows the rates.
 OPTIMIZERS = [
     ("SGD", SGD, {"lr": 0.01}),
     ("Momentum", Momentum, {"lr": 0.01, "momentum": 0.9}),
     ("AdaGrad", AdaGrad, {"lr": 0.01}),
     ("Adam", Adam, {"lr": 0.001, "beta1": 0.9, "beta2": 0.999}),
-    ("RMSprop", RMSprop, {"lr": 0.01, "decay_rate": 0.99}),
+    ("RMSprop", RMSprop, {"lr": 0.001, "decay_rate": 0.99}),
 ]
 
 
@@ -134,7 +137,7 @@ def plot(results: dict[str, dict], dataset_name: str, batch: int, out_path) -> N
         smooth = smooth_curve(losses) if len(losses) > 11 else losses
         top = max(top, float(np.percentile(smooth, 90)))
         ax.plot(np.arange(len(smooth)), smooth, marker=markers.get(title, "."), markevery=max(1, iterations // 20),
-                markersize=4, label=title)
+                markersize=4, label=f"{title} (lr={r['hyperparameters']['lr']:g})")
     ax.set_xlabel("iterations")
     ax.set_ylabel("training loss (smoothed)")
     ax.set_ylim(0, min(max(1.0, top * 1.1), 3.0))
