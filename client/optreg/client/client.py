@@ -8,7 +8,7 @@ from typing import Iterator, Mapping
 import grpc
 import numpy as np
 
-from optreg.client.errors import OptregError, Unavailable, from_rpc_error
+from optreg.client.errors import OptregError, StepMismatch, Unavailable, from_rpc_error
 from optreg.v1 import registry_pb2, registry_pb2_grpc, session_pb2, session_pb2_grpc, tensor_pb2, tensors
 
 # Above this many bytes of tensors a call goes over the streaming RPCs (unary
@@ -231,6 +231,14 @@ class Session:
                 target += value
             else:
                 np.copyto(target, value, casting="unsafe")
+        if replayed and attempt == 0:
+            # This call's own first send was answered as a repeat: an earlier call that raised
+            # (a deadline, say) had been applied after all. Its result is now in the arrays;
+            # these gradients were not applied, and silently dropping them would be worse.
+            raise StepMismatch(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"step {step} had already been applied by an earlier call that failed; its result "
+                               "is now in the arrays and these gradients were NOT applied: send them again",
+                               server_step=step)
         return self.arrays
 
     def _send_step(self, grads):

@@ -178,10 +178,10 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         self.chunk_bytes = chunk_bytes
         self.metrics = metrics or Metrics()
         self.owner = owner
+        fastkernels.warm()  # JIT the built-ins' fused kernels in the background (numpy until then: same numbers)
 
     def _use(self, session_id, context):
         return self.store.use(session_id, self.owner(context))
-        fastkernels.warm()  # JIT the built-ins' fused kernels in the background (numpy until then: same numbers)
 
     # -- lifecycle -------------------------------------------------------
     @_status

@@ -79,7 +79,7 @@ class SessionStore:
         """Hold the session's lock with its tensors in memory (loading them if needed)."""
         session = session or self.get(session_id, owner)
         with session.lock:
-            if session.id not in self._sessions:  # deleted while we waited
+            if self._sessions.get(session.id) is not session:  # deleted (maybe re-created) while we waited
                 raise self._missing(session.id)
             session.last_used_at = time.time()
             if not session.loaded:
@@ -94,14 +94,17 @@ class SessionStore:
     def delete(self, session_id: str, owner: str = "") -> None:
         session = self.get(session_id, owner)
         with session.lock:
+            if self._sessions.get(session_id) is not session:
+                raise self._missing(session_id)
+            # The file goes before the index entry: a create of the same id can only start after.
+            if self.storage and session.persisted_step >= 0:
+                self.storage.delete(session_id)
             with self._lock:
-                if self._sessions.pop(session_id, None) is None:
-                    raise self._missing(session_id)
+                self._sessions.pop(session_id, None)
                 if session.loaded:
                     self.loaded_bytes -= session.nbytes
             session.params = session.state = session.last_delta = None
-            if self.storage and session.persisted_step >= 0:
-                self.storage.delete(session_id)
+            session.__dict__.pop("_optreg_shadow", None)
         log.info("session %s deleted", session_id, extra={"session_id": session_id})
         self._gauges()
 
@@ -215,13 +218,21 @@ class SessionStore:
         Called after replays too: a step applied but not yet on disk (a failed write) is
         written before its retry is acknowledged.
         """
-        if session.durability == DUR.DURABILITY_EVERY_STEP:
-            if session.dirty:
-                self._save(session)
-        elif session.durability == DUR.DURABILITY_PERIODIC and session.dirty:
-            if (session.step - session.persisted_step >= session.periodic_steps
-                    or time.monotonic() - session.persisted_at >= session.periodic_seconds):
-                self._save(session)
+        due = session.dirty and (
+            session.durability == DUR.DURABILITY_EVERY_STEP
+            or (session.durability == DUR.DURABILITY_PERIODIC
+                and (session.step - session.persisted_step >= session.periodic_steps
+                     or time.monotonic() - session.persisted_at >= session.periodic_seconds)))
+        if not due:
+            return
+        try:
+            self._save(session)
+        except OSError as e:
+            # UNAVAILABLE: the client retries the same step, which replays it and writes it then.
+            log.error("session %s: checkpoint failed: %s", session.id, e, extra={"session_id": session.id})
+            raise RequestError(grpc.StatusCode.UNAVAILABLE,
+                               f"session {session.id!r} is at step {session.step} but could not be written to "
+                               f"disk ({e}); retry the same step to have it written") from None
 
     def _save(self, session: Session) -> None:
         """Write the session's file. Caller holds its lock; its tensors are loaded."""
@@ -312,11 +323,13 @@ class SessionStore:
 
     def _unload(self, session: Session) -> bool:
         """Write and drop the tensors of an idle durable session. Caller holds its lock."""
-        if not session.loaded or session.durability == DUR.DURABILITY_NONE or session.id not in self._sessions:
+        if (not session.loaded or session.durability == DUR.DURABILITY_NONE
+                or self._sessions.get(session.id) is not session):
             return False
         if session.dirty:
             self._save(session)
         session.params = session.state = session.last_delta = None
+        session.__dict__.pop("_optreg_shadow", None)  # the streamed step's second copy goes too
         with self._lock:
             self.loaded_bytes -= session.nbytes
         log.info("session %s unloaded at step %d", session.id, session.step,
