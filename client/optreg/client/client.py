@@ -257,9 +257,9 @@ class Session:
         rx = getattr(self, "_rx", None)
         if rx is None:
             rx = self._rx = {}
-        filled, first = {}, None
+        filled, last = {}, None
         for msg in replies:
-            first = first or msg
+            last = msg
             for t in msg.chunks:
                 dtype = tensors.numpy_dtype(t.dtype)
                 buf = rx.get(t.name)
@@ -270,13 +270,20 @@ class Session:
                 n = len(data) // dtype.itemsize
                 start = filled.get(t.name, 0)
                 if t.offset != start or start + n > buf.size:
-                    raise OptregError(f"reply chunk for {t.name!r} at offset {t.offset}, expected {start}")
+                    raise OptregError(grpc.StatusCode.DATA_LOSS,
+                                      f"reply chunk for {t.name!r} at offset {t.offset}, expected {start}")
                 buf.reshape(-1)[start:start + n] = np.frombuffer(data, dtype)
                 filled[t.name] = start + n
-        for name, got in filled.items():
-            if got != rx[name].size:
-                raise OptregError(f"reply for {name!r} ended after {got} of {rx[name].size} elements")
-        return first.replayed, first.step, {n: rx[n] for n in filled}
+        expected = [] if self.info.step_reply == session_pb2.STEP_REPLY_NONE else [p.name for p in self.info.parameters]
+        for name in expected:
+            got, size = filled.get(name, 0), int(np.prod(rx[name].shape)) if name in rx else -1
+            if got != size:
+                raise OptregError(grpc.StatusCode.DATA_LOSS,
+                                  f"the step's reply for {name!r} ended after {got} elements; the step may have been "
+                                  "applied: call refresh() and read_parameters()")
+        if last is None:
+            raise OptregError(grpc.StatusCode.DATA_LOSS, "the step's reply stream was empty")
+        return last.replayed, last.step, {n: rx[n] for n in filled}
 
     def _step_messages(self, grads):
         yield session_pb2.StepStreamRequest(session_id=self.id, step=self.step_count)

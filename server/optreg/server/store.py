@@ -191,7 +191,15 @@ class SessionStore:
             raise
         with session.lock:
             if session.durability != DUR.DURABILITY_NONE:
-                self._save(session)
+                try:
+                    self._save(session)
+                except OSError as e:  # not created after all: forget it, so a retry with the same id works
+                    with self._lock:
+                        self._sessions.pop(session_id, None)
+                        self.loaded_bytes -= need
+                    raise RequestError(grpc.StatusCode.UNAVAILABLE,
+                                       f"session {session_id!r} could not be written to disk ({e}); "
+                                       "nothing was created, retry") from None
         log.info("session %s created: %s, %s", session_id, defn.name, DUR.Name(durability),
                  extra={"session_id": session_id, "step": initial_step})
         self._gauges()
