@@ -106,7 +106,7 @@ class OptregServer:
             RegistryServicer(self.registry, self.metrics), self.grpc_server)
         owner = self.auth.owner if self.auth else (lambda context: "")
         session_pb2_grpc.add_SessionServiceServicer_to_server(
-            SessionServicer(self.store, metrics=self.metrics, owner=owner), self.grpc_server)
+            SessionServicer(self.store, metrics=self.metrics, owner=owner, max_message_bytes=limit), self.grpc_server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         reflection.enable_server_reflection(
