@@ -300,3 +300,18 @@ def test_streamed_steps_are_durable_before_acknowledged(start_server, tmp_path):
     with Client(s2.address) as c:
         assert c.get_session("streamed").step == 3
         np.testing.assert_array_equal(c.session("streamed").read_parameters()["W"], expect)
+
+
+def test_unloadable_session_file_is_kept_and_its_id_stays_taken(start_server, tmp_path):
+    """A checkpoint whose optimizer is missing at start is skipped, not overwritten by a new session."""
+    s = start_server("--data-dir", str(tmp_path))
+    with Client(s.address) as c:
+        c.create_session("adam", {"w": np.ones(3)}, session_id="keep-me", durability="every-step")
+    assert s.stop() == 0
+    before = (tmp_path / "sessions" / "keep-me.safetensors").read_bytes()
+    s2 = start_server("--data-dir", str(tmp_path), env={"OPTREG_BLOCK_PLUGINS": "optreg.plugins.builtins.adam"})
+    with Client(s2.address) as c:
+        with pytest.raises(OptregError) as e:
+            c.create_session("sgd", {"w": np.zeros(3)}, session_id="keep-me", durability="every-step")
+        assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION and "could not be loaded" in e.value.details
+    assert (tmp_path / "sessions" / "keep-me.safetensors").read_bytes() == before

@@ -101,7 +101,11 @@ class OptregServer:
         self.grpc_server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="optreg"),
             interceptors=[self.auth] if self.auth else [],
-            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)])
+            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
+                     # Ping idle peers so a dead client's stream (which may hold a session's lock) ends in
+                     # about 40 s rather than the 2 h TCP default.
+                     ("grpc.keepalive_time_ms", 30_000), ("grpc.keepalive_timeout_ms", 10_000),
+                     ("grpc.keepalive_permit_without_calls", 1)])
         registry_pb2_grpc.add_OptimizerRegistryServiceServicer_to_server(
             RegistryServicer(self.registry, self.metrics), self.grpc_server)
         owner = self.auth.owner if self.auth else (lambda context: "")

@@ -53,6 +53,7 @@ class SessionStore:
         self.auth = auth
         self.metrics = metrics
         self._sessions: dict[str, Session] = {}
+        self._unreadable: dict[str, str] = {}  # id -> why its file in the data dir could not be loaded
         self._lock = threading.Lock()
         self.loaded_bytes = 0
         self._stop = threading.Event()
@@ -184,6 +185,11 @@ class SessionStore:
                     if self.auth and existing.owner != owner:
                         raise self._missing(session_id)
                     raise RequestError(grpc.StatusCode.ALREADY_EXISTS, f"session {session_id!r} already exists")
+                if session_id in self._unreadable:
+                    raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                                       f"session {session_id!r} has a file in the data directory that could not be "
+                                       f"loaded ({self._unreadable[session_id]}); install what it needs and "
+                                       "restart, or move the file away")
                 self._sessions[session_id] = session
         except BaseException:
             with self._lock:
@@ -288,8 +294,12 @@ class SessionStore:
             try:
                 meta = self.storage.meta(sid)
                 session = self._from_meta(meta)
+                if session.id != sid:
+                    raise ValueError(f"it names session {session.id!r}, not its file name's {sid!r}")
             except Exception as e:  # one bad file must not keep the others away
                 log.error("session file %s not loaded: %s", self.storage.path(sid), e, extra={"session_id": sid})
+                # Keep its id taken, so no new session overwrites a checkpoint someone may still want.
+                self._unreadable[sid] = str(e)
                 continue
             self._sessions[sid] = session
         log.info("%d session(s) found in %s", len(self._sessions), self.storage.dir)
