@@ -279,3 +279,39 @@ def test_memory_only_server_refuses_durable_sessions(start_server):
         with pytest.raises(OptregError) as e:
             c.create_session("sgd", {"W": np.zeros(3)}, session_id="../etc/passwd")
         assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_streamed_steps_are_durable_before_acknowledged(start_server, tmp_path):
+    """The overlapped StepStream path checkpoints before its commit message: kill -9 loses nothing acked."""
+    n = 1_500_000  # 6 MB of float32: the client streams it
+    rng = np.random.default_rng(5)
+    p = {"W": rng.standard_normal(n).astype(np.float32)}
+    expect = p["W"].copy()
+    s = start_server("--data-dir", str(tmp_path))
+    with Client(s.address) as c:
+        sess = c.create_session("sgd", p, lr=0.5, session_id="streamed", durability="every-step")
+        for _ in range(3):
+            g = rng.standard_normal(n).astype(np.float32)
+            sess.step({"W": g})
+            expect -= np.float32(0.5) * g
+        np.testing.assert_array_equal(p["W"], expect)
+    s.kill()
+    s2 = start_server("--data-dir", str(tmp_path))
+    with Client(s2.address) as c:
+        assert c.get_session("streamed").step == 3
+        np.testing.assert_array_equal(c.session("streamed").read_parameters()["W"], expect)
+
+
+def test_unloadable_session_file_is_kept_and_its_id_stays_taken(start_server, tmp_path):
+    """A checkpoint whose optimizer is missing at start is skipped, not overwritten by a new session."""
+    s = start_server("--data-dir", str(tmp_path))
+    with Client(s.address) as c:
+        c.create_session("adam", {"w": np.ones(3)}, session_id="keep-me", durability="every-step")
+    assert s.stop() == 0
+    before = (tmp_path / "sessions" / "keep-me.safetensors").read_bytes()
+    s2 = start_server("--data-dir", str(tmp_path), env={"OPTREG_BLOCK_PLUGINS": "optreg.plugins.builtins.adam"})
+    with Client(s2.address) as c:
+        with pytest.raises(OptregError) as e:
+            c.create_session("sgd", {"w": np.zeros(3)}, session_id="keep-me", durability="every-step")
+        assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION and "could not be loaded" in e.value.details
+    assert (tmp_path / "sessions" / "keep-me.safetensors").read_bytes() == before

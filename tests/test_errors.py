@@ -175,3 +175,27 @@ def test_other_session_keeps_stepping_through_errors(stub, server):
     t.join()
     assert not errors and done
     assert stub.GetSession(session_pb2.GetSessionRequest(session_id=sid)).session.step == done[-1]
+
+
+def test_unary_step_whose_reply_cannot_be_sent_is_refused_before_applying(start_server):
+    import ml_dtypes
+    srv = start_server("--max-message-mb", "1")
+    with grpc.insecure_channel(srv.address) as ch:
+        stub = session_pb2_grpc.SessionServiceStub(ch)
+        n = 300_000  # 1.2 MB of float32 parameters; bfloat16 gradients are half that
+        chunks = list(tensors.chunk("w", np.zeros(n, np.float32), chunk_bytes=256 << 10))
+        msgs = [session_pb2.CreateSessionStreamRequest(config=session_pb2.SessionConfig(optimizer="sgd"))]
+        msgs += [session_pb2.CreateSessionStreamRequest(chunks=[c]) for c in chunks]
+        sid = stub.CreateSessionStream(iter(msgs)).session.session_id
+        g = tensors.from_numpy("w", np.ones(n, ml_dtypes.bfloat16))
+        expect(grpc.StatusCode.FAILED_PRECONDITION,
+               lambda: stub.Step(session_pb2.StepRequest(session_id=sid, step=0, gradients=[g])),
+               "StepStream", "not applied")
+        assert stub.GetSession(session_pb2.GetSessionRequest(session_id=sid)).session.step == 0
+        asm = tensors.Assembler()
+        for r in stub.ReadParametersStream(session_pb2.ReadParametersStreamRequest(session_id=sid)):
+            for c in r.chunks:
+                asm.add(c)
+        assert not asm.finish()["w"].any()
+        replies = list(stub.StepStream(iter([session_pb2.StepStreamRequest(session_id=sid, step=0, chunks=[g])])))
+        assert replies[-1].step == 1

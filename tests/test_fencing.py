@@ -118,3 +118,16 @@ def test_retry_after_unavailable_is_applied_once(server):
         np.testing.assert_array_equal(params["w"], [-1.0, -1.0, -1.0])
         np.testing.assert_array_equal(s.read_parameters()["w"], [-1.0, -1.0, -1.0])
     proxy.close()
+
+
+def test_step_after_a_failed_but_applied_call_does_not_drop_gradients(client):
+    p = {"w": np.zeros(2)}
+    s = client.create_session("sgd", p, lr=1.0)
+    s.step({"w": np.ones(2)})
+    s.step_count, p["w"][:] = 0, 0.0  # as if that call had raised after the server applied it
+    with pytest.raises(StepMismatch) as e:
+        s.step({"w": np.full(2, 5.0)})
+    assert "NOT applied" in str(e.value) and e.value.server_step == 1 and s.step_count == 1
+    np.testing.assert_array_equal(p["w"], [-1.0, -1.0])  # the applied step's result, not the new one
+    s.step({"w": np.full(2, 5.0)})
+    np.testing.assert_array_equal(p["w"], [-6.0, -6.0])

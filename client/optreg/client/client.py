@@ -8,7 +8,7 @@ from typing import Iterator, Mapping
 import grpc
 import numpy as np
 
-from optreg.client.errors import OptregError, Unavailable, from_rpc_error
+from optreg.client.errors import OptregError, StepMismatch, Unavailable, from_rpc_error
 from optreg.v1 import registry_pb2, registry_pb2_grpc, session_pb2, session_pb2_grpc, tensor_pb2, tensors
 
 # Above this many bytes of tensors a call goes over the streaming RPCs (unary
@@ -232,6 +232,14 @@ class Session:
                 target += value
             else:
                 np.copyto(target, value, casting="unsafe")
+        if replayed and attempt == 0:
+            # This call's own first send was answered as a repeat: an earlier call that raised
+            # (a deadline, say) had been applied after all. Its result is now in the arrays;
+            # these gradients were not applied, and silently dropping them would be worse.
+            raise StepMismatch(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"step {step} had already been applied by an earlier call that failed; its result "
+                               "is now in the arrays and these gradients were NOT applied: send them again",
+                               server_step=step)
         return self.arrays
 
     def _send_step(self, grads):
@@ -252,9 +260,9 @@ class Session:
         rx = getattr(self, "_rx", None)
         if rx is None:
             rx = self._rx = {}
-        filled, first = {}, None
+        filled, last = {}, None
         for msg in replies:
-            first = first or msg
+            last = msg
             for t in msg.chunks:
                 dtype = tensors.numpy_dtype(t.dtype)
                 buf = rx.get(t.name)
@@ -265,13 +273,20 @@ class Session:
                 n = len(data) // dtype.itemsize
                 start = filled.get(t.name, 0)
                 if t.offset != start or start + n > buf.size:
-                    raise OptregError(f"reply chunk for {t.name!r} at offset {t.offset}, expected {start}")
+                    raise OptregError(grpc.StatusCode.DATA_LOSS,
+                                      f"reply chunk for {t.name!r} at offset {t.offset}, expected {start}")
                 buf.reshape(-1)[start:start + n] = np.frombuffer(data, dtype)
                 filled[t.name] = start + n
-        for name, got in filled.items():
-            if got != rx[name].size:
-                raise OptregError(f"reply for {name!r} ended after {got} of {rx[name].size} elements")
-        return first.replayed, first.step, {n: rx[n] for n in filled}
+        expected = [] if self.info.step_reply == session_pb2.STEP_REPLY_NONE else [p.name for p in self.info.parameters]
+        for name in expected:
+            got, size = filled.get(name, 0), int(np.prod(rx[name].shape)) if name in rx else -1
+            if got != size:
+                raise OptregError(grpc.StatusCode.DATA_LOSS,
+                                  f"the step's reply for {name!r} ended after {got} elements; the step may have been "
+                                  "applied: call refresh() and read_parameters()")
+        if last is None:
+            raise OptregError(grpc.StatusCode.DATA_LOSS, "the step's reply stream was empty")
+        return last.replayed, last.step, {n: rx[n] for n in filled}
 
     def _step_messages(self, grads):
         yield session_pb2.StepStreamRequest(session_id=self.id, step=self.step_count)

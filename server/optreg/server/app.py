@@ -101,12 +101,16 @@ class OptregServer:
         self.grpc_server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="optreg"),
             interceptors=[self.auth] if self.auth else [],
-            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)])
+            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
+                     # Ping idle peers so a dead client's stream (which may hold a session's lock) ends in
+                     # about 40 s rather than the 2 h TCP default.
+                     ("grpc.keepalive_time_ms", 30_000), ("grpc.keepalive_timeout_ms", 10_000),
+                     ("grpc.keepalive_permit_without_calls", 1)])
         registry_pb2_grpc.add_OptimizerRegistryServiceServicer_to_server(
             RegistryServicer(self.registry, self.metrics), self.grpc_server)
         owner = self.auth.owner if self.auth else (lambda context: "")
         # Each shared-memory registration holds a worker thread while it lives: at most a quarter of them.
-        self.sessions = SessionServicer(self.store, metrics=self.metrics, owner=owner,
+        self.sessions = SessionServicer(self.store, metrics=self.metrics, owner=owner, max_message_bytes=limit,
                                         shm_registrations=max(1, settings.workers // 4))
         session_pb2_grpc.add_SessionServiceServicer_to_server(self.sessions, self.grpc_server)
         self.health = health.HealthServicer()

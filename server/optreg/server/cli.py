@@ -1,4 +1,4 @@
-"""The `optreg` command: `optreg serve`, `optreg optimizers`, `optreg export`, `optreg import`."""
+"""The `optreg` command: `optreg serve`, `optreg optimizers`, `optreg export`, `optreg import`, `optreg demo`."""
 from __future__ import annotations
 
 import argparse
@@ -126,6 +126,11 @@ def _optimizers(args) -> int:
     return 0
 
 
+def _demo(args) -> int:
+    from optreg.server.demo import main as demo_main
+    return demo_main(args)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="optreg", description="optreg: an optimizer service over gRPC")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -188,6 +193,12 @@ def main(argv=None) -> int:
     opts.add_argument("--json", action="store_true", help="machine-readable output")
     opts.add_argument("--address", help="ask a running server instead of this installation")
     opts.set_defaults(func=_optimizers)
+
+    demo = sub.add_parser("demo", help="the book's chapter 6 through the service: optimizer paths and training "
+                                       "curves as PNGs, and a summary")
+    from optreg.server.demo import add_arguments as add_demo_arguments
+    add_demo_arguments(demo)
+    demo.set_defaults(func=_demo)
 
     args = parser.parse_args(argv)
     try:

@@ -173,9 +173,10 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
     """`owner(context)` names the caller (a token's hash; "" without auth); the store checks it."""
 
     def __init__(self, store: SessionStore, chunk_bytes: int = tensors.CHUNK_BYTES, metrics: Metrics | None = None,
-                 owner=_no_owner, shm_registrations: int = 4):
+                 owner=_no_owner, max_message_bytes: int = 64 << 20, shm_registrations: int = 4):
         self.store = store
-        self.chunk_bytes = chunk_bytes
+        self.max_message_bytes = max_message_bytes
+        self.chunk_bytes = max(4096, min(chunk_bytes, max_message_bytes - (64 << 10)))  # room for the envelope
         self.metrics = metrics or Metrics()
         self.owner = owner
         self.shm = shm.SharedMemoryRegistry(shm_registrations)
@@ -261,6 +262,14 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         fence = request.step if request.HasField("step") else None
         # Decoding reads only the session's fixed shapes, so it happens outside the lock.
         grads = _decode_gradients(session, request.gradients)
+        reply_bytes = 0 if session.step_reply == session_pb2.STEP_REPLY_NONE else sum(
+            g.nbytes for g in grads.values())  # gradients are widened to the master dtype: the reply's size
+        if reply_bytes > self.max_message_bytes - (64 << 10):
+            # Refuse before applying: a step whose reply cannot be sent would be applied and never answered.
+            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"the reply to this step ({reply_bytes} bytes) exceeds the server's message limit "
+                               f"({self.max_message_bytes} bytes): use StepStream, or a session with "
+                               "step_reply STEP_REPLY_NONE; the step was not applied")
         with self.store.use(session.id, owner, session) as session:
             result = self._step(session, fence, grads, context)
             return session_pb2.StepResponse(

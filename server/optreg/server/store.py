@@ -53,6 +53,7 @@ class SessionStore:
         self.auth = auth
         self.metrics = metrics
         self._sessions: dict[str, Session] = {}
+        self._unreadable: dict[str, str] = {}  # id -> why its file in the data dir could not be loaded
         self._lock = threading.Lock()
         self.loaded_bytes = 0
         self._stop = threading.Event()
@@ -80,7 +81,7 @@ class SessionStore:
         """Hold the session's lock with its tensors in memory (loading them if needed)."""
         session = session or self.get(session_id, owner)
         with session.lock:
-            if session.id not in self._sessions:  # deleted while we waited
+            if self._sessions.get(session.id) is not session:  # deleted (maybe re-created) while we waited
                 raise self._missing(session.id)
             session.last_used_at = time.time()
             if not session.loaded:
@@ -95,14 +96,17 @@ class SessionStore:
     def delete(self, session_id: str, owner: str = "") -> None:
         session = self.get(session_id, owner)
         with session.lock:
+            if self._sessions.get(session_id) is not session:
+                raise self._missing(session_id)
+            # The file goes before the index entry: a create of the same id can only start after.
+            if self.storage and session.persisted_step >= 0:
+                self.storage.delete(session_id)
             with self._lock:
-                if self._sessions.pop(session_id, None) is None:
-                    raise self._missing(session_id)
+                self._sessions.pop(session_id, None)
                 if session.loaded:
                     self.loaded_bytes -= session.nbytes
             session.params = session.state = session.last_delta = None
-            if self.storage and session.persisted_step >= 0:
-                self.storage.delete(session_id)
+            session.__dict__.pop("_optreg_shadow", None)
         for callback in self.on_delete:
             callback(session_id)
         log.info("session %s deleted", session_id, extra={"session_id": session_id})
@@ -184,6 +188,11 @@ class SessionStore:
                     if self.auth and existing.owner != owner:
                         raise self._missing(session_id)
                     raise RequestError(grpc.StatusCode.ALREADY_EXISTS, f"session {session_id!r} already exists")
+                if session_id in self._unreadable:
+                    raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                                       f"session {session_id!r} has a file in the data directory that could not be "
+                                       f"loaded ({self._unreadable[session_id]}); install what it needs and "
+                                       "restart, or move the file away")
                 self._sessions[session_id] = session
         except BaseException:
             with self._lock:
@@ -191,7 +200,15 @@ class SessionStore:
             raise
         with session.lock:
             if session.durability != DUR.DURABILITY_NONE:
-                self._save(session)
+                try:
+                    self._save(session)
+                except OSError as e:  # not created after all: forget it, so a retry with the same id works
+                    with self._lock:
+                        self._sessions.pop(session_id, None)
+                        self.loaded_bytes -= need
+                    raise RequestError(grpc.StatusCode.UNAVAILABLE,
+                                       f"session {session_id!r} could not be written to disk ({e}); "
+                                       "nothing was created, retry") from None
         log.info("session %s created: %s, %s", session_id, defn.name, DUR.Name(durability),
                  extra={"session_id": session_id, "step": initial_step})
         self._gauges()
@@ -218,13 +235,21 @@ class SessionStore:
         Called after replays too: a step applied but not yet on disk (a failed write) is
         written before its retry is acknowledged.
         """
-        if session.durability == DUR.DURABILITY_EVERY_STEP:
-            if session.dirty:
-                self._save(session)
-        elif session.durability == DUR.DURABILITY_PERIODIC and session.dirty:
-            if (session.step - session.persisted_step >= session.periodic_steps
-                    or time.monotonic() - session.persisted_at >= session.periodic_seconds):
-                self._save(session)
+        due = session.dirty and (
+            session.durability == DUR.DURABILITY_EVERY_STEP
+            or (session.durability == DUR.DURABILITY_PERIODIC
+                and (session.step - session.persisted_step >= session.periodic_steps
+                     or time.monotonic() - session.persisted_at >= session.periodic_seconds)))
+        if not due:
+            return
+        try:
+            self._save(session)
+        except OSError as e:
+            # UNAVAILABLE: the client retries the same step, which replays it and writes it then.
+            log.error("session %s: checkpoint failed: %s", session.id, e, extra={"session_id": session.id})
+            raise RequestError(grpc.StatusCode.UNAVAILABLE,
+                               f"session {session.id!r} is at step {session.step} but could not be written to "
+                               f"disk ({e}); retry the same step to have it written") from None
 
     def _save(self, session: Session) -> None:
         """Write the session's file. Caller holds its lock; its tensors are loaded."""
@@ -272,8 +297,12 @@ class SessionStore:
             try:
                 meta = self.storage.meta(sid)
                 session = self._from_meta(meta)
+                if session.id != sid:
+                    raise ValueError(f"it names session {session.id!r}, not its file name's {sid!r}")
             except Exception as e:  # one bad file must not keep the others away
                 log.error("session file %s not loaded: %s", self.storage.path(sid), e, extra={"session_id": sid})
+                # Keep its id taken, so no new session overwrites a checkpoint someone may still want.
+                self._unreadable[sid] = str(e)
                 continue
             self._sessions[sid] = session
         log.info("%d session(s) found in %s", len(self._sessions), self.storage.dir)
@@ -315,11 +344,13 @@ class SessionStore:
 
     def _unload(self, session: Session) -> bool:
         """Write and drop the tensors of an idle durable session. Caller holds its lock."""
-        if not session.loaded or session.durability == DUR.DURABILITY_NONE or session.id not in self._sessions:
+        if (not session.loaded or session.durability == DUR.DURABILITY_NONE
+                or self._sessions.get(session.id) is not session):
             return False
         if session.dirty:
             self._save(session)
         session.params = session.state = session.last_delta = None
+        session.__dict__.pop("_optreg_shadow", None)  # the streamed step's second copy goes too
         with self._lock:
             self.loaded_bytes -= session.nbytes
         log.info("session %s unloaded at step %d", session.id, session.step,

@@ -150,10 +150,13 @@ def step_stream(session: Session, fence, first, rest, context, chunk_bytes: int)
                 raise PluginError(f"optimizer {defn.name} (plugin {session.optimizer.plugin}) raised in "
                                   f"update: {type(e).__name__}: {e}") from e
             if send:
-                out.append(tensor_pb2.Tensor(name=name, dtype=session.master_code, shape=chunk.shape,
-                                             offset=start, data=p.tobytes()))
-        if out:
-            yield session_pb2.StepStreamResponse(step=t, chunks=out)
+                # A reply chunk can be wider than the gradient chunk (bf16 in, fp32 out): split it.
+                per = max(1, chunk_bytes // p.itemsize)
+                for a in range(0, max(p.size, 1), per):
+                    out.append(tensor_pb2.Tensor(name=name, dtype=session.master_code, shape=chunk.shape,
+                                                 offset=start + a, data=p[a:a + per].tobytes()))
+        for batch in tensors.pack(out, chunk_bytes):
+            yield session_pb2.StepStreamResponse(step=t, chunks=batch)
     tracker.finish()
     if not context.is_active():
         raise RequestError(grpc.StatusCode.CANCELLED, "the call ended before the step was committed")

@@ -1,0 +1,161 @@
+"""The book's figure 6-9 through the service: training curves of one network per optimizer.
+
+Every network starts from the same He-initialised weights and sees the same
+mini-batches in the same order; only the optimizer differs, and each
+optimizer is the book's drop-in class (optreg.client.SGD, ...) holding its
+state in its own optreg session.
+"""
+from __future__ import annotations
+
+import sys
+import time
+
+import numpy as np
+
+from optreg.client import SGD, AdaGrad, Adam, Client, Momentum, RMSprop
+from optreg.server.demo.data import Dataset
+from optreg.server.demo.network import MultiLayerNet
+
+HIDDEN = [100, 100, 100, 100]
+BATCH = 128
+ITERATIONS = 2000
+
+# The book's defaults, except RMSProp's learning rate: the book's 0.01 is
+# unstable on this network and did no better than SGD here (Fashion-MNIST, 200
+# iterations: loss above SGD's; digits: 50% test accuracy against SGD's 88%), and
+# the book leaves RMSProp out of its figure 6-9; so it runs at 0.001 with the
+# book's decay 0.99. The legend shows the rates.
+OPTIMIZERS = [
+    ("SGD", SGD, {"lr": 0.01}),
+    ("Momentum", Momentum, {"lr": 0.01, "momentum": 0.9}),
+    ("AdaGrad", AdaGrad, {"lr": 0.01}),
+    ("Adam", Adam, {"lr": 0.001, "beta1": 0.9, "beta2": 0.999}),
+    ("RMSprop", RMSprop, {"lr": 0.001, "decay_rate": 0.99}),
+]
+
+
+def smooth_curve(x: np.ndarray) -> np.ndarray:
+    """The book's smoothing for loss curves (common/util.py): an 11-point Kaiser window."""
+    window_len = 11
+    s = np.r_[x[window_len - 1:0:-1], x, x[-1:-window_len:-1]]
+    w = np.kaiser(window_len, 2)
+    y = np.convolve(w / w.sum(), s, mode="valid")
+    return y[5:len(y) - 5]
+
+
+class _Progress:
+    """tqdm when installed, else a plain bar on stderr."""
+
+    def __init__(self, total: int, desc: str, enabled: bool = True):
+        self.bar = None
+        self.total, self.desc, self.n, self.enabled = total, desc, 0, enabled
+        if not enabled:
+            return
+        try:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, desc=desc, unit="it", file=sys.stderr, dynamic_ncols=True)
+        except ImportError:
+            pass
+
+    def update(self, n: int = 1, **postfix) -> None:
+        self.n += n
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(n)
+            if postfix:
+                self.bar.set_postfix(postfix, refresh=False)
+        else:
+            done = int(30 * self.n / self.total)
+            sys.stderr.write(f"\r{self.desc} [{'#' * done}{'.' * (30 - done)}] {self.n}/{self.total}")
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        elif self.enabled:
+            sys.stderr.write("\n")
+
+
+def run(client: Client, data: Dataset, iterations: int = ITERATIONS, batch: int = BATCH, hidden=HIDDEN,
+        optimizers=OPTIMIZERS, seed: int = 0, progress: bool = True) -> dict[str, dict]:
+    """Train one network per optimizer in lockstep; per optimizer: losses, test accuracy, time in the service."""
+    rng = np.random.default_rng(seed)
+    base = MultiLayerNet(data.input_size, list(hidden), data.classes, rng)
+    runs = []
+    for title, cls, hp in optimizers:
+        runs.append({"title": title, "net": base.copy(), "opt": cls(client=client, **hp), "hp": hp,
+                     "losses": [], "service_seconds": 0.0})
+    bar = _Progress(iterations, "training", enabled=progress)
+    try:
+        for i in range(iterations):
+            idx = rng.choice(len(data.x_train), batch, replace=len(data.x_train) < batch)
+            x, t = data.x_train[idx], data.t_train[idx]
+            for r in runs:
+                loss, grads = r["net"].gradient(x, t)
+                r["losses"].append(loss)
+                start = time.perf_counter()
+                r["opt"].update(r["net"].params, grads)  # the book's call; the step runs in optreg
+                r["service_seconds"] += time.perf_counter() - start
+            if i % 50 == 0 or i == iterations - 1:
+                bar.update(i + 1 - bar.n, **{r["title"]: f"{r['losses'][-1]:.3f}" for r in runs})
+        bar.close()
+    finally:
+        for r in runs:
+            r["opt"].close()
+
+    results = {}
+    window = max(1, min(100, iterations // 10))
+    for r in runs:
+        losses = np.array(r["losses"])
+        results[r["title"]] = {
+            "optimizer": r["opt"].optimizer,
+            "hyperparameters": r["hp"],
+            "losses": losses.tolist(),
+            "initial_loss": float(losses[:window].mean()),
+            "final_loss": float(losses[-window:].mean()),
+            "loss_window": window,
+            "test_loss": r["net"].loss(data.x_test, data.t_test),
+            "test_accuracy": r["net"].accuracy(data.x_test, data.t_test),
+            "service_seconds": r["service_seconds"],
+            "steps_per_second": iterations / r["service_seconds"] if r["service_seconds"] else float("inf"),
+        }
+    return results
+
+
+def plot(results: dict[str, dict], dataset_name: str, batch: int, out_path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    markers = {"SGD": "o", "Momentum": "x", "AdaGrad": "s", "Adam": "D", "RMSprop": "^", "Nesterov": "v"}
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.8), gridspec_kw={"width_ratios": [2.2, 1]})
+    iterations = 0
+    top = 0.0
+    for title, r in results.items():
+        losses = np.array(r["losses"])
+        iterations = len(losses)
+        smooth = smooth_curve(losses) if len(losses) > 11 else losses
+        top = max(top, float(np.percentile(smooth, 90)))
+        ax.plot(np.arange(len(smooth)), smooth, marker=markers.get(title, "."), markevery=max(1, iterations // 20),
+                markersize=4, label=f"{title} (lr={r['hyperparameters']['lr']:g})")
+    ax.set_xlabel("iterations")
+    ax.set_ylabel("training loss (smoothed)")
+    ax.set_ylim(0, min(max(1.0, top * 1.1), 3.0))
+    ax.set_title(f"training loss, batch {batch}")
+    ax.legend()
+
+    titles = list(results)
+    accs = [100 * results[t]["test_accuracy"] for t in titles]
+    bars = bx.bar(titles, accs, color=[f"C{i}" for i in range(len(titles))])
+    for b, a in zip(bars, accs):
+        bx.text(b.get_x() + b.get_width() / 2, a, f"{a:.1f}%", ha="center", va="bottom", fontsize=9)
+    low = min(accs)
+    bx.set_ylim(max(0.0, low - 15), 100)
+    bx.set_ylabel("test accuracy (%)")
+    bx.set_title(f"test accuracy after {iterations} iterations")
+    bx.tick_params(axis="x", labelrotation=30)
+    fig.suptitle(f"{dataset_name}\n4x100 ReLU MLP, He init; each optimizer in its own optreg session", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=110)
+    plt.close(fig)
