@@ -15,7 +15,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from conftest import SOURCE_ROOTS
-from durability_helpers import adam_replay, assert_state, digest, step_request, stub
+from durability_helpers import adam_replay, assert_state, step_request, stub
 from optreg.client import Client
 from optreg.client.errors import OptregError
 from optreg.v1 import session_pb2, tensors

@@ -6,7 +6,7 @@ import grpc
 import numpy as np
 import pytest
 
-from optreg.v1 import registry_pb2, session_pb2, session_pb2_grpc, tensor_pb2, tensors
+from optreg.v1 import session_pb2, session_pb2_grpc, tensor_pb2, tensors
 
 DT = tensor_pb2.DataType
 

@@ -3,14 +3,12 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
 
-from optreg.plugins import HyperparameterError
-from optreg.plugins.registry import Registered, Registry
+from optreg.plugins.registry import Registered
 from optreg.server import fastkernels, kernels
 from optreg.server.errors import RequestError, invalid
 from optreg.v1 import session_pb2, tensor_pb2

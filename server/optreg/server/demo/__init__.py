@@ -130,6 +130,6 @@ def _main(args) -> int:
         print(f"{t.ljust(w)}  {r['final_loss']:10.4f}  {100 * r['test_accuracy']:7.2f}%  {r['steps_per_second']:8.1f}")
     print(f"{'path':<{w}}  f(x,y) after {paths.UPDATES} updates: "
           + ", ".join(f"{t} {r['final_f']:.3g}" for t, r in path_results.items()))
-    print(f"steps/s: optimizer steps through the service per second (one network, all its parameters per step)")
+    print("steps/s: optimizer steps through the service per second (one network, all its parameters per step)")
     print(f"wrote {paths_png}, {training_png}, {out / 'summary.json'}")
     return 0
