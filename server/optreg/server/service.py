@@ -104,20 +104,11 @@ def session_info(s: Session) -> session_pb2.SessionInfo:
 
 
 def _decode_gradients(session: Session, tensors_in) -> dict[str, np.ndarray]:
-    spec = session.gradient_spec()
     grads: dict[str, np.ndarray] = {}
     for t in tensors_in:
         if t.name in grads:
             raise invalid(f"gradient {t.name!r} is given twice")
-        if t.name not in spec:
-            raise invalid(f"unknown gradient {t.name!r}; the session's parameters are: {', '.join(spec)}")
-        shape, allowed = spec[t.name]
-        if t.dtype not in allowed:
-            raise invalid(f"gradient {t.name!r}: dtype {tensors.dtype_name(t.dtype)} does not fit the session's "
-                          f"master dtype {tensors.dtype_name(session.master_code)}; send one of "
-                          + ", ".join(tensors.dtype_name(a) for a in allowed))
-        if tuple(t.shape) != shape:
-            raise invalid(f"gradient {t.name!r}: shape {list(t.shape)}, but the parameter's is {list(shape)}")
+        session.check_gradient(t)
         grads[t.name] = tensors.to_numpy(t)
     return _finish_gradients(session, grads)
 

@@ -11,7 +11,7 @@ import numpy as np
 from optreg.plugins.registry import Registered
 from optreg.server import fastkernels, kernels
 from optreg.server.errors import RequestError, invalid
-from optreg.v1 import session_pb2, tensor_pb2
+from optreg.v1 import session_pb2, tensor_pb2, tensors
 
 DT = tensor_pb2.DataType
 REPLY = session_pb2.StepReply
@@ -96,6 +96,19 @@ class Session:
             f"step {step} does not match session {self.id}, which is at step {self.step}: "
             f"send step={self.step} for the next step (or {self.step - 1} to retry the last one)",
             metadata=(("optreg-server-step", str(self.step)),))
+
+    def check_gradient(self, t) -> None:
+        """A gradient's (or a chunk's) name, dtype and shape against the session's; INVALID_ARGUMENT naming it."""
+        spec = self.gradient_spec()
+        if t.name not in spec:
+            raise invalid(f"unknown gradient {t.name!r}; the session's parameters are: {', '.join(spec)}")
+        shape, allowed = spec[t.name]
+        if t.dtype not in allowed:
+            raise invalid(f"gradient {t.name!r}: dtype {tensors.dtype_name(t.dtype)} does not fit the session's "
+                          f"master dtype {tensors.dtype_name(self.master_code)}; send one of "
+                          + ", ".join(tensors.dtype_name(a) for a in allowed))
+        if tuple(t.shape) != shape:
+            raise invalid(f"gradient {t.name!r}: shape {list(t.shape)}, but the parameter's is {list(shape)}")
 
     def gradient_spec(self) -> dict[str, tuple[tuple, tuple]]:
         """name -> (shape, dtypes allowed); built once (shapes never change), treat as read-only."""

@@ -65,20 +65,13 @@ class _Tracker:
     """Checks chunk order per tensor without storing them (Assembler's rules)."""
 
     def __init__(self, session: Session):
-        self.spec = session.gradient_spec()
+        self.session = session
         self.filled: dict[str, int] = {}
-        self.sizes = {n: int(np.prod(shape, dtype=np.int64)) for n, (shape, _) in self.spec.items()}
+        self.sizes = {n: int(np.prod(shape, dtype=np.int64)) for n, (shape, _) in session.gradient_spec().items()}
 
     def accept(self, t: tensor_pb2.Tensor) -> tuple[int, np.ndarray]:
+        self.session.check_gradient(t)
         name = t.name
-        if name not in self.spec:
-            raise invalid(f"unknown gradient {name!r}; the session's parameters are: {', '.join(self.spec)}")
-        shape, allowed = self.spec[name]
-        if t.dtype not in allowed:
-            raise invalid(f"gradient {name!r}: dtype {tensors.dtype_name(t.dtype)} not accepted here; use "
-                          + " or ".join(tensors.dtype_name(a) for a in allowed))
-        if tuple(t.shape) != tuple(shape):
-            raise invalid(f"gradient {name!r}: shape {list(t.shape)}, expected {list(shape)}")
         dtype = tensors.numpy_dtype(t.dtype)
         data = t.data  # read once: each access of a bytes field copies
         if len(data) % dtype.itemsize:
