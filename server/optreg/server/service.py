@@ -69,7 +69,8 @@ def _status(method):
                 self.metrics.bytes_in(request.ByteSize())
             try:
                 for reply in method(self, request, context):
-                    self.metrics.bytes_out(reply.ByteSize())
+                    # StepStream yields some replies already encoded (bytes)
+                    self.metrics.bytes_out(len(reply) if type(reply) is bytes else reply.ByteSize())
                     yield reply
             except Exception as e:
                 translate(self, context, e)
