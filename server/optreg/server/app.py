@@ -182,12 +182,14 @@ class _Handlers:
 
 def _add_session_service(servicer, server) -> None:
     """The generated registration, except that StepStream's replies may come already encoded
-    (bytes from tensors.encode_stream_message: the updated parameters copied once, not four times)."""
+    (bytes from tensors.encode_stream_message: the updated parameters copied once, not four times)
+    and its requests come with their size on the wire, for the metrics."""
     got = _Handlers()
     session_pb2_grpc.add_SessionServiceServicer_to_server(servicer, got)
     h = got.handlers["StepStream"]
+    parse = h.request_deserializer
     got.handlers["StepStream"] = grpc.stream_stream_rpc_method_handler(
-        h.stream_stream, request_deserializer=h.request_deserializer,
+        h.stream_stream, request_deserializer=lambda data: (len(data), parse(data)),  # sized without ByteSize()
         response_serializer=tensors.serialize_passthrough(h.response_serializer))
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(got.service, got.handlers),))
     server.add_registered_method_handlers(got.service, got.handlers)

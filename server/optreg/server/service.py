@@ -55,7 +55,11 @@ def _status(method):
 
     def counted(self, iterator):
         for msg in iterator:
-            self.metrics.bytes_in(msg.ByteSize())
+            if type(msg) is tuple:  # (size on the wire, message): StepStream's, see app._add_session_service
+                size, msg = msg
+            else:
+                size = msg.ByteSize()  # upb encodes the message to size it: a copy of every byte
+            self.metrics.bytes_in(size)
             yield msg
 
     streaming_in = method.__name__.endswith("Stream") and method.__name__ in ("CreateSessionStream", "StepStream")
