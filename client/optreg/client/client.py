@@ -114,6 +114,13 @@ class Client:
         self.retries = retries
         self.registry = registry_pb2_grpc.OptimizerRegistryServiceStub(self.channel)
         self.sessions = session_pb2_grpc.SessionServiceStub(self.channel)
+        # StepStream's gradient chunks go out already encoded (tensors.encode_stream_message: one copy
+        # each), and its replies are decoded with their chunks' bytes viewed, not copied, until they land
+        # in the receive buffers (tensors.decode_step_response).
+        self.sessions.StepStream = self.channel.stream_stream(
+            "/optreg.v1.SessionService/StepStream",
+            request_serializer=tensors.serialize_passthrough(session_pb2.StepStreamRequest.SerializeToString),
+            response_deserializer=tensors.decode_step_response)
 
     def close(self) -> None:
         self._raw_channel.close()
@@ -269,7 +276,7 @@ class Session:
                 shape = tuple(t.shape)
                 if buf is None or buf.shape != shape or buf.dtype != dtype:
                     buf = rx[t.name] = np.empty(shape, dtype)
-                data = t.data  # read once
+                data = t.data  # a view of the received message
                 n = len(data) // dtype.itemsize
                 start = filled.get(t.name, 0)
                 if t.offset != start or start + n > buf.size:
@@ -290,9 +297,9 @@ class Session:
 
     def _step_messages(self, grads):
         yield session_pb2.StepStreamRequest(session_id=self.id, step=self.step_count)
-        chunks = (c for n, g in grads.items() for c in tensors.chunk(n, g))
-        for batch in tensors.pack(chunks):
-            yield session_pb2.StepStreamRequest(chunks=batch)
+        chunks = (c for n, g in grads.items() for c in tensors.chunk_views(n, g))
+        for batch in tensors.pack_views(chunks):
+            yield tensors.encode_stream_message(b"", batch)  # a StepStreamRequest(chunks=batch)
 
     @_rpc
     def read_parameters(self, names=()) -> dict[str, np.ndarray]:

@@ -21,7 +21,7 @@ from optreg.server.metrics import Metrics
 from optreg.server.service import RegistryServicer, SessionServicer
 from optreg.server.storage import Storage
 from optreg.server.store import SessionStore
-from optreg.v1 import registry_pb2, registry_pb2_grpc, session_pb2, session_pb2_grpc
+from optreg.v1 import registry_pb2, registry_pb2_grpc, session_pb2, session_pb2_grpc, tensors
 
 log = logging.getLogger("optreg.server")
 
@@ -112,7 +112,7 @@ class OptregServer:
         # Each shared-memory registration holds a worker thread while it lives: at most a quarter of them.
         self.sessions = SessionServicer(self.store, metrics=self.metrics, owner=owner, max_message_bytes=limit,
                                         shm_registrations=max(1, settings.workers // 4))
-        session_pb2_grpc.add_SessionServiceServicer_to_server(self.sessions, self.grpc_server)
+        _add_session_service(self.sessions, self.grpc_server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         reflection.enable_server_reflection(
@@ -168,3 +168,28 @@ class OptregServer:
         stopping.wait()
         self.stop()
         log.info("stopped")
+
+
+class _Handlers:
+    """Stands in for a server to catch the generated code's method handlers."""
+
+    def add_generic_rpc_handlers(self, handlers):
+        pass
+
+    def add_registered_method_handlers(self, service, handlers):
+        self.service, self.handlers = service, dict(handlers)
+
+
+def _add_session_service(servicer, server) -> None:
+    """The generated registration, except that StepStream's replies may come already encoded
+    (bytes from tensors.encode_stream_message: the updated parameters copied once, not four times)
+    and its requests come with their size on the wire, for the metrics."""
+    got = _Handlers()
+    session_pb2_grpc.add_SessionServiceServicer_to_server(servicer, got)
+    h = got.handlers["StepStream"]
+    parse = h.request_deserializer
+    got.handlers["StepStream"] = grpc.stream_stream_rpc_method_handler(
+        h.stream_stream, request_deserializer=lambda data: (len(data), parse(data)),  # sized without ByteSize()
+        response_serializer=tensors.serialize_passthrough(h.response_serializer))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(got.service, got.handlers),))
+    server.add_registered_method_handlers(got.service, got.handlers)

@@ -50,13 +50,15 @@ def _scratch(count: int, size: int, dtype: np.dtype) -> list[np.ndarray]:
 
 
 def apply(defn: Optimizer, param: np.ndarray, grad: np.ndarray, state: dict[str, np.ndarray], step: int,
-          hp: dict, out: np.ndarray | None = None) -> None:
+          hp: dict, out: np.ndarray | None = None, parallel: bool = True) -> None:
     """Update `param` and `state` in place with one gradient; then copy the new `param` into `out`
-    (same shape and dtype) when given -- slice by slice while each slice is still in cache."""
+    (same shape and dtype) when given -- slice by slice while each slice is still in cache.
+    `parallel=False` keeps the update on this thread (a streamed chunk: a hand-off per chunk costs
+    more than it saves while gRPC's threads want the other core)."""
     n = param.size
     fast = fastkernels.lookup(defn.update, param.dtype) if defn.elementwise else None
     if fast is not None and grad.dtype == param.dtype:
-        _run_fast(fast, param, grad, state, step, hp, out)
+        _run_fast(fast, param, grad, state, step, hp, out, parallel)
         return
     _apply_numpy(defn, param, grad, state, step, hp, n)
     if out is not None:
@@ -85,9 +87,9 @@ def _apply_numpy(defn, param, grad, state, step, hp, n) -> None:
 COPY_SLICE = 1 << 17
 
 
-def _run_fast(kernel, param, grad, state, step, hp, out=None) -> None:
+def _run_fast(kernel, param, grad, state, step, hp, out=None, parallel=True) -> None:
     n = param.size
-    threads = fastkernels.threads()
+    threads = fastkernels.threads() if parallel else 1
     fn, scalars, slots = kernel
     if (threads == 1 or n < PARALLEL_ABOVE) and out is None:  # the small-step path: as little Python as possible
         if n < fastkernels.HOLD_GIL_BELOW:

@@ -55,7 +55,11 @@ def _status(method):
 
     def counted(self, iterator):
         for msg in iterator:
-            self.metrics.bytes_in(msg.ByteSize())
+            if type(msg) is tuple:  # (size on the wire, message): StepStream's, see app._add_session_service
+                size, msg = msg
+            else:
+                size = msg.ByteSize()  # upb encodes the message to size it: a copy of every byte
+            self.metrics.bytes_in(size)
             yield msg
 
     streaming_in = method.__name__.endswith("Stream") and method.__name__ in ("CreateSessionStream", "StepStream")
@@ -69,7 +73,8 @@ def _status(method):
                 self.metrics.bytes_in(request.ByteSize())
             try:
                 for reply in method(self, request, context):
-                    self.metrics.bytes_out(reply.ByteSize())
+                    # StepStream yields some replies already encoded (bytes)
+                    self.metrics.bytes_out(len(reply) if type(reply) is bytes else reply.ByteSize())
                     yield reply
             except Exception as e:
                 translate(self, context, e)

@@ -114,6 +114,7 @@ def step_stream(session: Session, fence, first, rest, context, chunk_bytes: int)
     dtype = session.dtype
     send = session.step_reply == REPLY.STEP_REPLY_PARAMETERS
     shadow = _shadow(session)
+    head = tensors.response_head(t)
     tracker = _Tracker(session)
     live_p = {n: p.reshape(-1) for n, p in session.params.items()}
     live_s = {s: {n: a.reshape(-1) for n, a in arrs.items()} for s, arrs in session.state.items()}
@@ -138,18 +139,19 @@ def step_stream(session: Session, fence, first, rest, context, chunk_bytes: int)
                 st[s] = sh_s[s][name][start:end]
                 np.copyto(st[s], live_s[s][name][start:end])
             try:
-                kernels.apply(defn, p, g, st, t, hp)
+                kernels.apply(defn, p, g, st, t, hp, parallel=False)
             except Exception as e:
                 raise PluginError(f"optimizer {defn.name} (plugin {session.optimizer.plugin}) raised in "
                                   f"update: {type(e).__name__}: {e}") from e
             if send:
                 # A reply chunk can be wider than the gradient chunk (bf16 in, fp32 out): split it.
                 per = max(1, chunk_bytes // p.itemsize)
+                shape = tuple(chunk.shape)
                 for a in range(0, max(p.size, 1), per):
-                    out.append(tensor_pb2.Tensor(name=name, dtype=session.master_code, shape=chunk.shape,
-                                                 offset=start + a, data=p[a:a + per].tobytes()))
-        for batch in tensors.pack(out, chunk_bytes):
-            yield session_pb2.StepStreamResponse(step=t, chunks=batch)
+                    out.append((name, session.master_code, shape, start + a, p[a:a + per]))
+        # Encoded here, before the next chunk: one copy of each updated slice, straight into the message.
+        for batch in tensors.pack_views(out, chunk_bytes):
+            yield tensors.encode_stream_message(head, batch)  # a StepStreamResponse(step=t, chunks=batch)
     tracker.finish()
     if not context.is_active():
         raise RequestError(grpc.StatusCode.CANCELLED, "the call ended before the step was committed")
