@@ -94,16 +94,16 @@ def chunk(name: str, array: np.ndarray, chunk_bytes: int = CHUNK_BYTES) -> Itera
                                 data=flat[start:start + step].tobytes())
 
 
-def pack(tensors: Iterable[tensor_pb2.Tensor], chunk_bytes: int = CHUNK_BYTES) -> Iterator[list]:
-    """Group chunks into lists of about chunk_bytes, one list per streamed message."""
-    batch, size = [], 0
-    for t in tensors:
-        n = len(t.data)
-        if batch and size + n > chunk_bytes:
+def pack(items: Iterable, chunk_bytes: int = CHUNK_BYTES, size=lambda t: len(t.data)) -> Iterator[list]:
+    """Group chunks into lists of about chunk_bytes, one list per streamed message; `size(item)` is its bytes."""
+    batch, total = [], 0
+    for item in items:
+        n = size(item)
+        if batch and total + n > chunk_bytes:
             yield batch
-            batch, size = [], 0
-        batch.append(t)
-        size += n
+            batch, total = [], 0
+        batch.append(item)
+        total += n
     if batch:
         yield batch
 
@@ -237,16 +237,7 @@ def chunk_views(name: str, array: np.ndarray, chunk_bytes: int = CHUNK_BYTES) ->
 
 def pack_views(chunks: Iterable[tuple], chunk_bytes: int = CHUNK_BYTES) -> Iterator[list]:
     """pack() for chunk_views() tuples: the same grouping."""
-    batch, size = [], 0
-    for c in chunks:
-        n = c[4].nbytes
-        if batch and size + n > chunk_bytes:
-            yield batch
-            batch, size = [], 0
-        batch.append(c)
-        size += n
-    if batch:
-        yield batch
+    return pack(chunks, chunk_bytes, size=lambda c: c[4].nbytes)
 
 
 def response_head(step: int, replayed: bool = False) -> bytes:
