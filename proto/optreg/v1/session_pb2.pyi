@@ -180,14 +180,32 @@ class DeleteSessionResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class StepRequest(_message.Message):
-    __slots__ = ("session_id", "step", "gradients")
+    __slots__ = ("session_id", "step", "gradients", "hyperparameters", "metrics")
+    class HyperparametersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     GRADIENTS_FIELD_NUMBER: _ClassVar[int]
+    HYPERPARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     step: int
     gradients: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Tensor]
-    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., gradients: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ...) -> None: ...
+    hyperparameters: _containers.ScalarMap[str, float]
+    metrics: _containers.ScalarMap[str, float]
+    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., gradients: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., hyperparameters: _Optional[_Mapping[str, float]] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class StepResponse(_message.Message):
     __slots__ = ("step", "replayed", "tensors")
@@ -200,14 +218,32 @@ class StepResponse(_message.Message):
     def __init__(self, step: _Optional[int] = ..., replayed: _Optional[bool] = ..., tensors: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ...) -> None: ...
 
 class StepStreamRequest(_message.Message):
-    __slots__ = ("session_id", "step", "chunks")
+    __slots__ = ("session_id", "step", "chunks", "hyperparameters", "metrics")
+    class HyperparametersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    HYPERPARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     step: int
     chunks: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Tensor]
-    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., chunks: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ...) -> None: ...
+    hyperparameters: _containers.ScalarMap[str, float]
+    metrics: _containers.ScalarMap[str, float]
+    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., chunks: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., hyperparameters: _Optional[_Mapping[str, float]] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class StepStreamResponse(_message.Message):
     __slots__ = ("step", "replayed", "chunks")
@@ -345,18 +381,36 @@ class SharedMemoryTensor(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[_tensor_pb2.DataType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., byte_offset: _Optional[int] = ...) -> None: ...
 
 class StepSharedMemoryRequest(_message.Message):
-    __slots__ = ("session_id", "step", "key", "gradients", "parameters")
+    __slots__ = ("session_id", "step", "key", "gradients", "parameters", "hyperparameters", "metrics")
+    class HyperparametersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     KEY_FIELD_NUMBER: _ClassVar[int]
     GRADIENTS_FIELD_NUMBER: _ClassVar[int]
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    HYPERPARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     step: int
     key: str
     gradients: _containers.RepeatedCompositeFieldContainer[SharedMemoryTensor]
     parameters: _containers.RepeatedCompositeFieldContainer[SharedMemoryTensor]
-    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., key: _Optional[str] = ..., gradients: _Optional[_Iterable[_Union[SharedMemoryTensor, _Mapping]]] = ..., parameters: _Optional[_Iterable[_Union[SharedMemoryTensor, _Mapping]]] = ...) -> None: ...
+    hyperparameters: _containers.ScalarMap[str, float]
+    metrics: _containers.ScalarMap[str, float]
+    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., key: _Optional[str] = ..., gradients: _Optional[_Iterable[_Union[SharedMemoryTensor, _Mapping]]] = ..., parameters: _Optional[_Iterable[_Union[SharedMemoryTensor, _Mapping]]] = ..., hyperparameters: _Optional[_Mapping[str, float]] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class StepSharedMemoryResponse(_message.Message):
     __slots__ = ("step", "replayed")
