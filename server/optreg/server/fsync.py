@@ -7,16 +7,17 @@ default "os" mode). The thread takes every waiting descriptor as one batch and s
 together while new requests gather for the next batch, so N sessions stepping at once pay
 for about one sync, not N.
 
-How a batch is synced (`method`), measured by bench/wal.py on the project's ext4 VM, 16
-files with a 4 KB append each (median per batch; see docs/durability.md):
-    "fdatasync"  one fdatasync per file, in turn             ~3.3-4.4 ms
-    "threads"    the files' fdatasyncs concurrently           ~1.2-1.8 ms (ext4 merges journal commits)
-    "syncfs"     one syncfs(2) per file system                ~0.45 ms, but it also flushes every
-                 other dirty file of that file system (a snapshot being written), so its tail
-                 latency follows unrelated writes
-    "auto"       syncfs for a batch of 3 or more files on one file system, fdatasync otherwise
-Since Linux 5.8 syncfs reports writeback errors of the file system; an error is given to
-every log of the batch (their data may be lost: "fsyncgate"), and they keep it (see wal.Log).
+How a batch is synced (`method`); bench/wal.py measures each on the disk at hand (figures
+for the project's ext4 VM in docs/durability.md):
+    "threads"    (default) the batch's fdatasyncs issued concurrently from a small pool:
+                 ext4 merges them into one or two journal commits
+    "fdatasync"  one fdatasync per file, in turn: shares little
+    "syncfs"     one syncfs(2) per file system: as fast as "threads" when the disk is quiet,
+                 but it also flushes every other dirty file there (a snapshot being written),
+                 so its latency follows unrelated writes: 1.8x "threads" with 120 MB
+                 snapshots written meanwhile. Errors: reported since Linux 5.8.
+A failed sync's error is given to every log of the batch it hit (their data may be lost:
+"fsyncgate"), and they keep it (see wal.Log).
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-METHODS = ("fdatasync", "threads", "syncfs", "auto")
+METHODS = ("threads", "fdatasync", "syncfs")
 _libc = None
 
 
@@ -50,10 +51,10 @@ def syncfs(fd: int) -> None:
 
 
 class GroupSyncer:
-    def __init__(self, method: str = "auto", interval: float = 1.0, syncfs_min: int = 3):
+    def __init__(self, method: str = "threads", interval: float = 1.0, pool: int = 16):
         if method not in METHODS:
             raise ValueError(f"method {method!r}: choose one of {METHODS}")
-        self.method, self.interval, self.syncfs_min = method, interval, syncfs_min
+        self.method, self.interval, self.pool_size = method, interval, pool
         self._cond = threading.Condition()
         self._urgent: set[int] = set()      # fds a caller is blocked on
         self._dirty: dict[int, float] = {}  # fd -> time it first became dirty
@@ -154,8 +155,6 @@ class GroupSyncer:
     def _sync_batch(self, fds: list[int]) -> dict[int, OSError]:
         errors: dict[int, OSError] = {}
         method = self.method
-        if method == "auto":
-            method = "syncfs" if len(fds) >= self.syncfs_min else "fdatasync"
         if method == "syncfs":
             by_dev: dict[int, list[int]] = {}
             for fd in fds:
@@ -170,7 +169,7 @@ class GroupSyncer:
                     errors.update((fd, e) for fd in group)
         elif method == "threads" and len(fds) > 1:
             if self._pool is None:
-                self._pool = ThreadPoolExecutor(16, thread_name_prefix="optreg-fdatasync")
+                self._pool = ThreadPoolExecutor(self.pool_size, thread_name_prefix="optreg-fdatasync")
             for fd, e in zip(fds, self._pool.map(_fdatasync, fds)):
                 if e is not None:
                     errors[fd] = e

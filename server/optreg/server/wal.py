@@ -433,24 +433,28 @@ class Log:
               extras: dict | None = None) -> "RecordWriter":
         """Start the record of `step`; its BEGIN frame is written now."""
         hp = {k: float(v) for k, v in (hyperparameters or {}).items()}
-        payload = _dumps({"step": int(step), "fence": None if fence is None else int(fence),
-                          "hp": hp, "extras": extras or {}})
+        fence = None if fence is None else int(fence)
+        extras = dict(extras or {})
+        payload = _dumps({"step": int(step), "fence": fence, "hp": hp, "extras": extras})
         with self._lock:
             self._check_usable()
             w = RecordWriter(self, self._next_txn, int(step))
-            w._begin_meta = json.loads(payload)
+            w._begin_meta = {"fence": fence, "hp": hp, "extras": extras}
             self._next_txn += 1
-            w.begin_off = self._end
-            self._write_frame(w, BEGIN, [payload])
+            # The BEGIN frame goes out with the record's first chunk (or its commit): one
+            # write less per record.
+            bufs, n, digest = _frame(BEGIN, w.txn, [payload])
+            w.pending = (bufs, n)
+            w.hashes.append(digest)
             self._open[w.txn] = w
         return w
 
-    def _check_usable(self):
+    def _check_usable(self, background: bool = True):
         if self._closed:
             raise ValueError(f"log {self.path} is closed")
         if self._broken is not None:
             raise self._broken
-        err = self._syncer.error(self._fd)
+        err = self._syncer.error(self._fd) if background else None
         if err is not None:  # a background sync failed: the data may be gone (fsyncgate)
             self._broken = err
             raise err
@@ -459,7 +463,11 @@ class Log:
         """Under the lock: append one frame of `w`; on OSError make `w` void and leave the
         file as before it (or before the frame, if other records' frames follow `w`'s)."""
         bufs, n, digest = _frame(kind, w.txn, parts)
-        at = self._end
+        at = frame_at = self._end
+        if w.pending is not None:
+            w.begin_off = at
+            frame_at += w.pending[1]
+            bufs = w.pending[0] + bufs
         try:
             _pwrite_all(self._fd, bufs, at)
         except OSError:
@@ -467,12 +475,13 @@ class Log:
             self._open.pop(w.txn, None)
             self._truncate(w.begin_off if not w.interleaved else at)
             raise
-        self._end = at + n
+        self._end = frame_at + n
+        w.pending = None
         for other in self._open.values():
-            if other is not w:
+            if other is not w and other.pending is None:
                 other.interleaved = True
         w.hashes.append(digest)
-        w.last_frame = (at, bufs[0][:_FRAME.size], n, digest)
+        w.last_frame = (frame_at, bufs[-len(parts) - 1][:_FRAME.size], n, digest)
 
     def _truncate(self, at: int):
         try:
@@ -549,6 +558,7 @@ class RecordWriter:
         self._chunks: list[_Chunk] = []
         self._durable_fd: int | None = None
         self._begin_meta: dict = {}
+        self.pending = None  # the BEGIN frame, until the first write
 
     def add(self, name: str, dtype, shape, offset_elems: int, data) -> None:
         """Append one chunk of tensor `name` (dtype and shape of the whole tensor as received;
@@ -575,17 +585,17 @@ class RecordWriter:
         meta = (_CHUNK_NAME.pack(len(raw_name)) + raw_name + _CHUNK_TYPE.pack(code, len(shape))
                 + struct.pack(f"<{len(shape)}Q", *shape) + _U64.pack(offset_elems))
         with self.log._lock:
-            self._check_open()
+            self._check_open(background=False)
             self.log._write_frame(self, CHUNK, [meta, view])
             at, head, n, digest = self.last_frame
             t[2].append((offset_elems, elems))
             self._chunks.append(_Chunk(name, dt, shape, offset_elems, at, head + meta,
                                        at + FRAME_HEAD + len(meta), view.nbytes, digest))
 
-    def _check_open(self):
+    def _check_open(self, background: bool = True):
         if self.done or self.failed:
             raise ValueError(f"record of step {self.step} is already {'failed' if self.failed else 'finished'}")
-        self.log._check_usable()
+        self.log._check_usable(background)
 
     def commit(self, step: int | None = None, *, hyperparameters: dict | None = None,
                extras: dict | None = None, wait: bool = True) -> None:
@@ -607,21 +617,21 @@ class RecordWriter:
         if hyperparameters is not None:
             body["hp"] = {k: float(v) for k, v in hyperparameters.items()}
         if extras is not None:
-            body["extras"] = extras
+            body["extras"] = dict(extras)
         lg = self.log
         with lg._lock:
             self._check_open()
             if step != lg.last_step + 1:
                 raise ValueError(f"record of step {step} cannot follow step {lg.last_step} in {lg.path}")
-            payload = _COMMIT.pack(self.begin_off, len(self.hashes), _record_hash(self.hashes)) + _dumps(body)
+            begin_off = lg._end if self.pending is not None else self.begin_off
+            payload = _COMMIT.pack(begin_off, len(self.hashes), _record_hash(self.hashes)) + _dumps(body)
             lg._write_frame(self, COMMIT, [payload])
             self.done = True
             lg._open.pop(self.txn, None)
             lg.last_step = step
-            b = json.loads(_dumps(body))
             begin_meta = self._begin_meta
-            lg._entries.append(_Entry(step, begin_meta["fence"], b.get("hp", begin_meta["hp"]),
-                                      b.get("extras", begin_meta["extras"]), self._chunks, self.begin_off))
+            lg._entries.append(_Entry(step, begin_meta["fence"], body.get("hp", begin_meta["hp"]),
+                                      body.get("extras", begin_meta["extras"]), self._chunks, self.begin_off))
             fd = lg._fd
         if lg.sync == "fsync":
             self._durable_fd = fd
@@ -652,6 +662,8 @@ class RecordWriter:
                 return
             self.failed = True
             lg._open.pop(self.txn, None)
+            if self.pending is not None:  # nothing of it reached the file
+                return
             if not self.interleaved:
                 lg._truncate(self.begin_off)
                 return
