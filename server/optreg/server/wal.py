@@ -63,6 +63,7 @@ MAX_NDIM = 64
 MAX_JSON = 16 << 20                    # a BEGIN or COMMIT payload larger than this is damage
 SYNC_MODES = ("fsync", "os", "none")
 _READ_BLOCK = 8 << 20
+_CHUNK_HEAD_MAX = 4 + MAX_NAME + 2 + 8 * MAX_NDIM + 8  # a CHUNK payload's description fits in this
 
 
 class CorruptLog(CorruptData):
@@ -191,6 +192,7 @@ class _Scan:
     def __init__(self, fd: int, path: pathlib.Path):
         self.fd, self.path = fd, path
         self.size = os.fstat(fd).st_size
+        self._buf = memoryview(bytearray(min(_READ_BLOCK, max(self.size, 1))))
         self.session, self.base_step, self.header_end = self._header()
         self.entries: list[_Entry] = []
         self.max_txn = 0
@@ -228,20 +230,27 @@ class _Scan:
         if kind != CHUNK and n > MAX_JSON:
             raise _Damage(pos, f"frame length {n} too large for its kind")
         h = xxhash.xxh3_64(raw[:_FRAME.size])
-        first = b""
+        if kind != CHUNK:  # small: read whole
+            payload = _pread_exact(self.fd, n, pos + FRAME_HEAD)
+            h.update(payload)
+            if len(payload) != n or h.intdigest() != want:
+                raise _Damage(pos, "frame checksum mismatch")
+            return kind, txn, payload, n, want
+        first = None
         at, left = pos + FRAME_HEAD, n
-        while left:
-            piece = _pread_exact(self.fd, min(left, _READ_BLOCK), at)
-            if len(piece) != min(left, _READ_BLOCK):
+        while left:  # through one reused buffer: a 40 MB chunk is not copied into a bytes object
+            piece = self._buf[:min(left, _READ_BLOCK)]
+            if os.preadv(self.fd, [piece], at) != len(piece):
                 raise _Damage(pos, "file shrank while reading")
             h.update(piece)
-            if not first:
-                first = piece
+            if first is None:
+                first = bytes(piece[:min(len(piece), _CHUNK_HEAD_MAX)])
             at += len(piece)
             left -= len(piece)
+        first = first or b""
         if h.intdigest() != want:
             raise _Damage(pos, "frame checksum mismatch")
-        return kind, txn, first if kind == CHUNK else first[:n], n, want
+        return kind, txn, first, n, want
 
     def _frames(self):
         pos = self.header_end
@@ -380,6 +389,7 @@ class Log:
         if sync not in SYNC_MODES:
             raise ValueError(f"sync {sync!r}: choose one of {SYNC_MODES}")
         path = pathlib.Path(path)
+        path.with_name(f".{path.name}.tmp").unlink(missing_ok=True)  # a create or reset cut short by a crash
         if not path.exists():
             _create(path, session_id, base_step)
         fd = os.open(path, os.O_RDWR)
