@@ -81,6 +81,20 @@ def test_round_trip(tmp_path, sync):
         assert [r.step for r in lg.records(after=4)] == [5, 6]
 
 
+def test_arrays_as_chunks_and_nan_metrics(tmp_path):
+    with Log.open(tmp_path / "a.wal", "a") as lg:
+        w = lg.begin(1, 0, {"lr": 0.1}, {"loss": float("nan")})
+        bf = np.arange(6).astype(ml_dtypes.bfloat16).reshape(2, 3)
+        w.add("bf", bf.dtype, bf.shape, 0, bf)             # an array, bfloat16 included
+        w.add("s", "float32", (), 0, np.array(2.5, np.float32))
+        w.commit()
+    with Log.open(tmp_path / "a.wal", "a") as lg:
+        (r,) = lg.records()
+        assert r.tensors["bf"].tobytes() == bf.tobytes() and r.tensors["bf"].dtype == bf.dtype
+        assert r.tensors["s"].shape == () and r.tensors["s"] == 2.5
+        assert np.isnan(r.extras["loss"])
+
+
 def test_result_records_and_overrides(tmp_path):
     """A non-deterministic optimizer logs its results; step/hyperparameters known at commit."""
     with Log.open(tmp_path / "a.wal", "a") as lg:
