@@ -164,16 +164,27 @@ class StepRun:
             self.grads[name].reshape(-1)[start:end] = g
             return None
         base, st = self.reader, self.staging
+        live_p = base.params[name]
+        if start == 0 and g.size == live_p.size:  # a whole tensor (unary, shared memory, a one-chunk stream)
+            p = st.params[name]
+            np.copyto(p, live_p)
+            slots = {}
+            for slot, arrs in st.state.items():
+                slots[slot] = arrs[name]
+                np.copyto(arrs[name], base.state[slot][name])
+            self._kernel(p, g.reshape(p.shape), slots, parallel=True)
+            if self.delta is not None:
+                np.subtract(p, live_p, out=self.delta[name])
+            return name, 0, p.reshape(-1)
         p = st.params[name].reshape(-1)[start:end]
-        np.copyto(p, base.params[name].reshape(-1)[start:end])
+        np.copyto(p, live_p.reshape(-1)[start:end])
         slots = {}
         for slot, arrs in st.state.items():
             slots[slot] = arrs[name].reshape(-1)[start:end]
             np.copyto(slots[slot], base.state[slot][name].reshape(-1)[start:end])
-        whole = start == 0 and end == p.size == base.params[name].size
-        self._kernel(p, g, slots, parallel=whole)
+        self._kernel(p, g, slots, parallel=False)
         if self.delta is not None:
-            np.subtract(p, base.params[name].reshape(-1)[start:end], out=self.delta[name].reshape(-1)[start:end])
+            np.subtract(p, live_p.reshape(-1)[start:end], out=self.delta[name].reshape(-1)[start:end])
         return name, start, p
 
     def _kernel(self, p, g, slots, parallel) -> None:
