@@ -146,4 +146,5 @@ def test_metrics_endpoint(start_server, tmp_path):
     assert m['optreg_errors_total{code="INVALID_ARGUMENT",method="Step"}'] == 1
     assert m["optreg_received_bytes_total"] > 5 * 24 and m["optreg_sent_bytes_total"] > 5 * 24
     assert m["optreg_sessions_loaded"] == 2 and m["optreg_sessions_on_disk"] == 1
-    assert m["optreg_checkpoints_total"] == 6  # the create and 5 steps
+    assert m["optreg_checkpoints_total"] == 1  # the create's snapshot; the steps went to the log
+    assert m["optreg_log_records_total"] == 5 and m["optreg_log_bytes_total"] >= 5 * 24

@@ -58,7 +58,7 @@ def test_restart_keeps_every_session(start_server, tmp_path):
             assert c.get_session(sid).loaded is False  # read from disk on first use
             assert_state(st, sid, p0, grads, lr=0.01)
     files = sorted(p.name for p in (tmp_path / "sessions").iterdir())
-    assert files == ["s-every-step.safetensors", "s-periodic.safetensors"]
+    assert files == ["s-every-step.safetensors", "s-every-step.wal", "s-periodic.safetensors"]
     arrays = load_file(str(tmp_path / "sessions" / "s-every-step.safetensors"))  # plain safetensors
     np.testing.assert_allclose(arrays["params/W"], adam_replay(p0, grads, lr=0.01)[0]["W"], rtol=1e-12)
 
@@ -132,12 +132,14 @@ def test_kill9_periodic_loses_at_most_the_window(start_server, tmp_path):
 
 
 def test_crash_between_write_and_rename_keeps_previous_checkpoint(start_server, tmp_path):
-    # Checkpoint writes: the create (1), step 1 (2), step 2 (3); the 4th (step 3) exits before its rename.
+    # Snapshot writes (periodic, every step): the create (1), step 1 (2), step 2 (3); the 4th (step 3) exits
+    # before its rename.
     s = start_server("--data-dir", str(tmp_path), env={"OPTREG_TEST_CRASH_BEFORE_RENAME": "4"})
     p0, rng = _p0(7), np.random.default_rng(8)
     grads = [_grads(rng) for _ in range(3)]
     with Client(s.address, retries=0) as c:
-        sess = c.create_session("adam", {n: a.copy() for n, a in p0.items()}, lr=0.01, session_id="crash")
+        sess = c.create_session("adam", {n: a.copy() for n, a in p0.items()}, lr=0.01, session_id="crash",
+                                durability="periodic", periodic_steps=1)
         sess.step(grads[0])
         sess.step(grads[1])
         with pytest.raises(OptregError):

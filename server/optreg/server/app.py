@@ -190,6 +190,7 @@ class OptregServer:
         if self.janitor:
             self.janitor.stop()
         failures = self.store.flush_all()
+        self.store.journal.close()
         for session_id, why in failures:
             log.error("session %s was not written at shutdown: %s", session_id, why)
         return failures

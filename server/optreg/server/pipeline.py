@@ -216,7 +216,7 @@ class StepRun:
                 self.t = s.step + 1  # unfenced: applied at whatever step is current
                 self.record.renumber(self.t)
                 self._compute_buffered()
-            self.record.commit()  # raises Unavailable/ResourceExhausted on a failed write: nothing swapped
+            self.record.commit(self.staging)  # Unavailable/ResourceExhausted on a failed write: nothing swapped
             old = s.live
             s.live, self.staging = self.staging, None
             if self.reader is old:
