@@ -64,6 +64,11 @@ class Client:
     def __repr__(self):
         return f"<Client {self.address}>"
 
+    @property
+    def channel(self):
+        """The gRPC channel under the default transport (for calling the service's RPCs directly)."""
+        return self.transport.channel
+
     def close(self) -> None:
         self.transport.close()
 
