@@ -1,0 +1,317 @@
+"""`RemoteOptimizer`: a torch.optim.Optimizer whose master parameters and state live in optreg sessions.
+
+    opt = RemoteOptimizer(model.parameters(), "torch.adam", address="127.0.0.1:50051", lr=1e-3)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=1000)
+    loss.backward(); opt.step(); sched.step(); opt.zero_grad()
+
+One session per param group (each group's hyperparameters are its own; `session_id="run1"` names
+them `run1.g0`, `run1.g1`, ...). `step()` sends each group's gradients in their local dtype, the
+server applies the torch-parity optimizer on a float32 master (float64 when the group is all
+float64), and the reply is written into the model's own tensors in place. Whatever changed in a
+group's options since the last step (a scheduler's lr, OneCycleLR's betas or momentum, a hand edit)
+goes to the server before that group's step, so every scheduler works unchanged.
+
+Parameters without a gradient: torch skips them and keeps a step count per parameter; a session
+keeps one per group. A group none of whose parameters has a gradient is skipped (no call, its
+step does not advance: exactly torch). A group where only some have one is refused with a
+ValueError before anything is sent: put parameters that are stepped separately (or frozen) in their
+own group, or leave them out of the optimizer.
+
+`optimizer.state` stays empty: the state is on the server; `state_dict()` reads it and returns
+torch's layout (`step`, `exp_avg`, ...), which `torch.optim.Adam` etc. load, and `load_state_dict()`
+accepts their state dicts (it replaces each group's session with one holding the given state).
+"""
+from __future__ import annotations
+
+import warnings
+from collections import defaultdict
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from optreg.client.client import Client
+from optreg.client.torch.options import LOCAL_ONLY, Mapping, lookup, server_hyperparameters, to_session_state, \
+    to_torch_state
+
+__all__ = ["RemoteOptimizer"]
+
+# Where hyperparameter changes travel. The contract has StepRequest.hyperparameters (applied under the
+# step's fence); until server and client honour it, an UpdateHyperparameters call goes first.
+HYPERPARAMETERS_WITH_STEP = False
+
+
+def send_step(session, grads: dict[str, np.ndarray], changes: dict[str, float]) -> None:
+    if HYPERPARAMETERS_WITH_STEP:
+        session.step(grads, hyperparameters=changes or None)
+        return
+    if changes:
+        session.set_hyperparameters(**changes)
+    session.step(grads)
+
+
+def read_state(session) -> tuple[int, dict[str, dict[str, np.ndarray]]]:
+    """(step, {slot: {name: array}}) from either client API (a tuple or a SessionState)."""
+    got = session.read_state()
+    if isinstance(got, tuple):
+        info, _, slots = got
+    else:
+        info, slots = got.info, got.state
+    return int(info.step), slots
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    """A CPU numpy view (bfloat16 as ml_dtypes.bfloat16, which the wire knows)."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous()
+    if t.dtype == torch.bfloat16:
+        import ml_dtypes
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy()
+
+
+_bump_version = getattr(torch.autograd.graph, "increment_version", None)
+
+
+class _GroupSession:
+    """One param group's session and the arrays its steps write into."""
+
+    def __init__(self, session, group: dict, names: list[str], master: np.dtype, sent: dict[str, float]):
+        self.session, self.names, self.master = session, names, master
+        self.server_optimizer = session.info.optimizer
+        self.sent = dict(sent)  # the hyperparameters the server holds
+        self.params = list(group["params"])
+        # A float32 CPU contiguous parameter whose dtype is the master's is the session's array itself
+        # (the reply lands in the model's tensor with no copy); any other gets its own master buffer.
+        self.shared = [self._can_share(p) for p in self.params]
+
+    def _can_share(self, p: torch.Tensor) -> bool:
+        return p.device.type == "cpu" and p.is_contiguous() and p.dtype == _torch_dtype(self.master)
+
+    def relink(self) -> None:
+        """Point shared arrays at the parameters' current storage (`p.data = ...` replaces it)."""
+        for i, (name, p) in enumerate(zip(self.names, self.params)):
+            if not self.shared[i]:
+                continue
+            arr = self.session.arrays.get(name)
+            if (arr is None or not self._can_share(p)
+                    or arr.__array_interface__["data"][0] != p.data_ptr() or arr.shape != tuple(p.shape)):
+                if self._can_share(p):
+                    self.session.arrays[name] = p.detach().numpy()
+                else:
+                    self.shared[i] = False
+                    self.session.arrays[name] = _numpy(p).astype(self.master)
+
+    def write_back(self) -> None:
+        for name, p, shared in zip(self.names, self.params, self.shared):
+            if shared:
+                if _bump_version is not None:
+                    _bump_version(p)  # autograd sees the in-place change, as after torch's own step
+            else:
+                p.copy_(torch.from_numpy(self.session.arrays[name]))
+
+
+def _torch_dtype(master: np.dtype) -> torch.dtype:
+    return torch.float64 if master == np.float64 else torch.float32
+
+
+class RemoteOptimizer(torch.optim.Optimizer):
+    """A torch optimizer whose parameters' master copies and state live in an optreg server.
+
+    `optimizer`: "torch.adam", "adamw", "torch.sgd", "torch.rmsprop", "torch.adagrad" or the
+    torch.optim class. `**hyperparameters` are that torch class's own arguments (`betas=(0.9, 0.99)`,
+    `momentum=0.9`, `nesterov=True`, `maximize=True`, ...), validated by it; param groups may
+    override them as in torch. Connect with `address=` (and `token=`) or pass a `client=`.
+    `session_id=`: the sessions are named `<session_id>.g<group index>`; with `resume=True` they
+    are attached to (and the server's parameters copied into the model) instead of created.
+    `worker=` is reserved for several workers on one session (not served yet: refused).
+    """
+
+    def __init__(self, params, optimizer: Any = "torch.adam", address: str | None = None, *,
+                 client: Client | None = None, token: str | None = None, session_id: str | None = None,
+                 worker: str | None = None, resume: bool = False, durability: str | None = None,
+                 **hyperparameters):
+        if worker is not None:
+            raise ValueError(f"worker={worker!r}: several workers on one session are not served yet; a session has "
+                             "one writer: leave worker= unset")
+        if resume and not session_id:
+            raise ValueError("resume=True needs session_id= (the sessions to attach to)")
+        self.optreg_name, self._mapping = lookup(optimizer)
+        # The torch class checks the options and supplies its defaults, so param_groups hold exactly
+        # the keys (and values) torch's own optimizer would: schedulers and state dicts see no difference.
+        probe = self._mapping.torch_class([torch.zeros(1, requires_grad=True)], **hyperparameters)
+        defaults = dict(probe.defaults)
+        self._owns_client = client is None
+        if client is None:
+            kw = {"token": token} if token is not None else {}
+            client = Client(address, **kw) if address is not None else Client(**kw)
+        self.client = client
+        self.session_id, self.resume, self.durability = session_id, resume, durability
+        self._groups: list[_GroupSession] = []
+        self._param_count = 0
+        super().__init__(params, defaults)
+
+    # -- groups and their sessions ------------------------------------------------------------------
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        self._groups.append(self._open(len(self.param_groups) - 1))
+
+    def _where(self, index: int) -> str:
+        return f"param group {index}"
+
+    def _check_group(self, index: int, group: dict) -> None:
+        for key in ("differentiable", "capturable"):
+            if group.get(key):
+                raise ValueError(f"{self._where(index)}: {key}=True cannot apply to an optimizer that runs on a "
+                                 f"server; leave {key} False")
+        for p in group["params"]:
+            if not p.is_floating_point():
+                raise ValueError(f"{self._where(index)}: a parameter of dtype {p.dtype}; optreg optimizes floating "
+                                 "point parameters")
+
+    def _master(self, group: dict) -> np.dtype:
+        return np.dtype(np.float64) if all(p.dtype == torch.float64 for p in group["params"]) \
+            else np.dtype(np.float32)
+
+    def _names(self, index: int) -> list[str]:
+        start = sum(len(g["params"]) for g in self.param_groups[:index])
+        return [f"p{start + j}" for j in range(len(self.param_groups[index]["params"]))]
+
+    def _arrays(self, group: dict, master: np.dtype, names: list[str]) -> dict[str, np.ndarray]:
+        out = {}
+        for name, p in zip(names, group["params"]):
+            shareable = p.device.type == "cpu" and p.is_contiguous() and p.dtype == _torch_dtype(master)
+            out[name] = p.detach().numpy() if shareable else _numpy(p).astype(master)
+        return out
+
+    def _sid(self, index: int) -> str:
+        return f"{self.session_id}.g{index}" if self.session_id else ""
+
+    def _open(self, index: int, state: dict | None = None, initial_step: int = 0) -> _GroupSession:
+        group = self.param_groups[index]
+        self._check_group(index, group)
+        master, names = self._master(group), self._names(index)
+        arrays = self._arrays(group, master, names)
+        hp = server_hyperparameters(self._mapping, group)
+        if self.resume and state is None:
+            session = self.client.session(self._sid(index), arrays)
+            server = session.read_parameters()
+            for name in names:
+                np.copyto(session.arrays[name], server[name], casting="unsafe")
+            gs = _GroupSession(session, group, names, master, dict(session.info.hyperparameters))
+            with torch.no_grad():
+                gs.write_back()
+            return gs
+        kw = {"durability": self.durability} if self.durability else {}
+        if state:
+            kw.update(state=state, initial_step=initial_step)
+        elif initial_step:
+            kw["initial_step"] = initial_step
+        session = self.client.create_session(self._mapping.server_optimizer(group), arrays, master_dtype=str(master),
+                                             session_id=self._sid(index), **kw, **hp)
+        return _GroupSession(session, group, names, master, hp)
+
+    # -- the step -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None):
+        """Send every group's gradients (and its changed options); write the results into the parameters."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = []  # checked for every group before anything is sent, so a refused step changes nothing
+        for index, (group, gs) in enumerate(zip(self.param_groups, self._groups)):
+            have = [p.grad is not None for p in group["params"]]
+            if not any(have):
+                continue
+            if not all(have):
+                missing = [n for n, h in zip(gs.names, have) if not h]
+                raise ValueError(
+                    f"{self._where(index)}: no gradient for {', '.join(missing)} while the group's other parameters "
+                    "have one. torch would skip them and count steps per parameter; an optreg session counts one "
+                    "per group, so this step is refused: put such parameters in their own param group (or leave "
+                    "frozen ones out of the optimizer)")
+            if self._mapping.server_optimizer(group) != gs.server_optimizer:
+                raise ValueError(f"{self._where(index)}: decoupled_weight_decay changed after the session was "
+                                 f"created as {gs.server_optimizer!r}; it cannot change mid-run")
+            if any(p.grad.is_sparse for p in group["params"]):
+                raise ValueError(f"{self._where(index)}: sparse gradients are not supported; use dense ones")
+            hp = server_hyperparameters(self._mapping, group)
+            changes = {k: v for k, v in hp.items() if gs.sent.get(k) != v}
+            work.append((group, gs, changes))
+        for group, gs, changes in work:
+            negate = group.get("maximize", False)
+            grads = {n: _numpy(-p.grad if negate else p.grad) for n, p in zip(gs.names, group["params"])}
+            gs.relink()
+            send_step(gs.session, grads, changes)
+            gs.sent.update(changes)
+            gs.write_back()
+        return loss
+
+    # -- state dicts --------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """torch's layout, read from the server: what `torch.optim.<Class>.load_state_dict` expects."""
+        for group, gs in zip(self.param_groups, self._groups):
+            step, slots = read_state(gs.session)
+            for name, p in zip(gs.names, group["params"]):
+                st = to_torch_state(self._mapping, group, step, {s: a[name] for s, a in slots.items()}, p)
+                if st:
+                    self.state[p] = st
+        try:
+            return super().state_dict()
+        finally:
+            self.state = defaultdict(dict)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict of this class or of the matching torch.optim class: each group's session is
+        replaced by one holding the given state, the current parameter values and the group's options."""
+        super().load_state_dict(state_dict)  # checks the groups, restores their options (initial_lr too)
+        self.state = defaultdict(dict)
+        # The raw saved tensors (torch casts state to the parameters' dtype; the master keeps float32).
+        saved_state = state_dict["state"]
+        new = []
+        for index, (group, saved) in enumerate(zip(self.param_groups, state_dict["param_groups"])):
+            self._check_group(index, group)
+            names, master = self._names(index), self._master(group)
+            states = [saved_state.get(i, {}) for i in saved["params"]]
+            slots, step = to_session_state(self._mapping, group, names, states,
+                                           [tuple(p.shape) for p in group["params"]], master, self._where(index))
+            new.append((index, slots, step))
+        resume, self.resume = self.resume, False
+        try:
+            for index, slots, step in new:
+                old = self._groups[index]
+                if self._sid(index):  # the new session takes the old one's name: delete first
+                    old.session.delete()
+                self._groups[index] = self._open(index, state=slots, initial_step=step)
+                if not self._sid(index):
+                    old.session.delete()
+        finally:
+            self.resume = resume
+
+    # -- lifetime -----------------------------------------------------------------------------------
+    @property
+    def sessions(self) -> list:
+        """The client Session of each param group."""
+        return [g.session for g in self._groups]
+
+    def close(self, delete: bool = True) -> None:
+        """Delete the sessions (unless delete=False) and close the connection if this optimizer opened it."""
+        try:
+            if delete:
+                for g in self._groups:
+                    g.session.delete()
+        finally:
+            if self._owns_client:
+                self.client.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __getstate__(self):
+        raise TypeError("a RemoteOptimizer holds a connection and cannot be pickled; save state_dict() instead")
