@@ -1,0 +1,396 @@
+"""RemoteOptimizer against local torch.optim on CPU: the same model, data and scheduler on both sides.
+
+Golden runs (500 steps) for each torch-parity optimizer under StepLR, CosineAnnealingLR, OneCycleLR
+(which cycles betas or momentum) and ReduceLROnPlateau; the remote side must warn about nothing
+(no scheduler ordering warning) and end within 1e-6 of torch's parameters.
+"""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from conftest import ServerProcess  # noqa: E402
+from optreg.client import Client  # noqa: E402
+from optreg.client.torch import RemoteOptimizer  # noqa: E402
+from optreg.v1 import tensor_pb2  # noqa: E402
+
+STEPS = 500
+TOL = 1e-6  # float32 parameters of size ~1: torch's fused CPU kernels round a few places differently
+
+OPTIMIZERS = {
+    "sgd": ("torch.sgd", torch.optim.SGD, dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3)),
+    "adam": ("torch.adam", torch.optim.Adam, dict(lr=0.01, weight_decay=1e-2)),
+    "adamw": ("adamw", torch.optim.AdamW, dict(lr=0.01, weight_decay=0.05)),
+    "rmsprop": ("torch.rmsprop", torch.optim.RMSprop, dict(lr=0.005, momentum=0.5, centered=True)),
+    "adagrad": ("torch.adagrad", torch.optim.Adagrad, dict(lr=0.1, lr_decay=1e-3, initial_accumulator_value=0.1)),
+}
+
+
+def make_scheduler(kind, opt, name):
+    sched = torch.optim.lr_scheduler
+    if kind == "step":
+        return sched.StepLR(opt, step_size=100, gamma=0.5)
+    if kind == "cosine":
+        return sched.CosineAnnealingLR(opt, T_max=STEPS)
+    if kind == "onecycle":  # cycles betas (Adam, AdamW) or momentum (SGD, RMSprop) as well as lr
+        return sched.OneCycleLR(opt, max_lr=opt.defaults["lr"] * 2, total_steps=STEPS,
+                                cycle_momentum=name != "adagrad")
+    if kind == "plateau":  # a coarse threshold so it does cut the lr within the run
+        return sched.ReduceLROnPlateau(opt, factor=0.5, patience=3, threshold=0.2)
+    raise AssertionError(kind)
+
+
+@pytest.fixture(scope="module")
+def address():
+    s = ServerProcess("--memory-only")
+    yield s.address
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def client(address):
+    with Client(address, timeout=120) as c:
+        yield c
+
+
+def tiny_model(seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2)).to(dtype)
+
+
+def twin(model):
+    other = tiny_model()
+    other.load_state_dict(model.state_dict())
+    return other
+
+
+DATA = torch.Generator().manual_seed(1)
+X = torch.randn(32, 4, generator=DATA)
+Y = torch.randn(32, 2, generator=DATA)
+
+
+def loss_of(model, i=0):
+    rows = slice((i * 8) % 32, (i * 8) % 32 + 8)  # four batches in turn: a noisy loss
+    return torch.nn.functional.mse_loss(model(X[rows]), Y[rows])
+
+
+def train(model, opt, sched, steps=STEPS):
+    losses, used = [], []
+    for i in range(steps):
+        opt.zero_grad()
+        loss = loss_of(model, i)
+        loss.backward()
+        opt.step()
+        used.append(dict(opt.param_groups[0]))  # the options this step ran with
+        if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            sched.step(loss.item())
+        else:
+            sched.step()
+        losses.append(loss.item())
+    train.last_options = used[-1]
+    return losses
+
+
+def assert_close(a_model, b_model, tol=TOL):
+    for (name, a), b in zip(a_model.named_parameters(), b_model.parameters()):
+        diff = (a.detach() - b.detach()).abs().max().item()
+        assert diff <= tol, f"{name}: max difference {diff:.3g} > {tol}"
+
+
+def lockstep(local_model, local, local_sched, remote_model, remote, remote_sched, steps=STEPS):
+    """Both optimizers get the gradients of the local model each step (and the schedulers its loss), so
+    what is compared is the optimizers, not how a loss landscape amplifies a rounding difference."""
+    for i in range(steps):
+        local.zero_grad()
+        remote.zero_grad()
+        loss = loss_of(local_model, i)
+        loss.backward()
+        for a, b in zip(local_model.parameters(), remote_model.parameters()):
+            b.grad = a.grad.clone()
+        local.step()
+        remote.step()
+        train.last_options = dict(remote.param_groups[0])
+        train.last_groups = [dict(g) for g in remote.param_groups]
+        for sched in (local_sched, remote_sched):
+            if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                sched.step(loss.item())
+            else:
+                sched.step()
+
+
+@pytest.mark.parametrize("sched_kind", ["step", "cosine", "onecycle", "plateau"])
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_golden_run_matches_torch(client, name, sched_kind):
+    optreg_name, cls, kw = OPTIMIZERS[name]
+    remote_model = tiny_model()
+    local_model = twin(remote_model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        local = cls(local_model.parameters(), **kw)
+        remote = RemoteOptimizer(remote_model.parameters(), optreg_name, client=client, **kw)
+        lockstep(local_model, local, make_scheduler(sched_kind, local, name),
+                 remote_model, remote, make_scheduler(sched_kind, remote, name))
+    try:
+        assert [str(w.message) for w in caught] == []  # no scheduler ordering warning, nor any other
+        assert remote.param_groups[0]["lr"] == local.param_groups[0]["lr"]
+        if sched_kind == "plateau":
+            assert remote.param_groups[0]["lr"] < kw["lr"] / 2, "the plateau scheduler never cut the lr"
+        assert remote.sessions[0].refresh().step == STEPS
+        # the server holds the options the last step ran with
+        info, last = remote.sessions[0].info, train.last_options
+        assert info.hyperparameters["lr"] == last["lr"]
+        if "betas" in last:
+            assert info.hyperparameters["beta1"] == last["betas"][0]
+        if "momentum" in last:
+            assert info.hyperparameters["momentum"] == last["momentum"]
+        assert_close(remote_model, local_model)
+    finally:
+        remote.close()
+
+
+def test_param_groups_keep_their_own_options(client):
+    """No weight decay on biases and a smaller lr for the output layer, under OneCycleLR (one lr per group)."""
+    def groups(m):
+        return [{"params": [m[0].weight], "weight_decay": 0.1},
+                {"params": [m[0].bias, m[2].bias], "weight_decay": 0.0},
+                {"params": [m[2].weight], "lr": 0.002}]
+
+    remote_model = tiny_model()
+    local_model = twin(remote_model)
+    local = torch.optim.AdamW(groups(local_model), lr=0.01)
+    with RemoteOptimizer(groups(remote_model), "adamw", client=client, lr=0.01, session_id="groups-run") as remote:
+        ids = [s.id for s in remote.sessions]
+        assert ids == ["groups-run.g0", "groups-run.g1", "groups-run.g2"]
+        lockstep(local_model, local, torch.optim.lr_scheduler.OneCycleLR(local, max_lr=[0.02, 0.02, 0.004],
+                                                                          total_steps=200),
+                 remote_model, remote, torch.optim.lr_scheduler.OneCycleLR(remote, max_lr=[0.02, 0.02, 0.004],
+                                                                            total_steps=200), steps=200)
+        hp = [s.refresh().hyperparameters for s in remote.sessions]
+        assert [h["weight_decay"] for h in hp] == pytest.approx([0.1, 0.0, 0.01])
+        assert [h["lr"] for h in hp] == [g["lr"] for g in train.last_groups]
+        assert [h["beta1"] for h in hp] == [g["betas"][0] for g in train.last_groups]
+        assert_close(remote_model, local_model)
+
+
+def test_gradscaler_skips_the_same_steps_and_makes_no_call(client):
+    """An inf every 7th step: GradScaler skips optimizer.step (the session's step stays), halves its scale;
+    unscale_ and clip_grad_norm_ act on the local grads."""
+    def run(model, opt):
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=5)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=20, gamma=0.7)
+        calls, scales = [], []
+        opt.register_step_pre_hook(lambda o, a, k: calls.append(1))
+        for i in range(1, 141):
+            opt.zero_grad()
+            loss = loss_of(model, i)
+            scaler.scale(loss).backward()
+            if i % 7 == 0:
+                model[0].weight.grad[0, 0] = float("inf")
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            scales.append(scaler.get_scale())
+        return len(calls), scales
+
+    remote_model = tiny_model()
+    local_model = twin(remote_model)
+    local = torch.optim.Adam(local_model.parameters(), lr=0.01)
+    local_calls, local_scales = run(local_model, local)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with RemoteOptimizer(remote_model.parameters(), "torch.adam", client=client, lr=0.01) as remote:
+            remote_calls, remote_scales = run(remote_model, remote)
+            assert remote.sessions[0].refresh().step == remote_calls == 140 - 140 // 7
+    assert [str(w.message) for w in caught] == []
+    assert remote_calls == local_calls and remote_scales == local_scales
+    assert local.state_dict()["state"][0]["step"].item() == remote_calls
+    assert_close(remote_model, local_model)
+
+
+def test_state_dict_round_trip_remote_local_remote_bit_for_bit(client):
+    for optreg_name, cls, kw in OPTIMIZERS.values():
+        kw = dict(kw, **({"amsgrad": True} if cls in (torch.optim.Adam, torch.optim.AdamW) else {}))
+        model = tiny_model()
+        remote = RemoteOptimizer(model.parameters(), optreg_name, client=client, **kw)
+        sched = torch.optim.lr_scheduler.StepLR(remote, step_size=5, gamma=0.5)
+        train(model, remote, sched, steps=12)
+        saved = remote.state_dict()
+        assert saved["param_groups"][0]["initial_lr"] == kw["lr"]
+
+        local_model = twin(model)
+        local = cls(local_model.parameters(), **kw)
+        local.load_state_dict(saved)
+        through_torch = local.state_dict()
+
+        model2 = twin(model)
+        remote2 = RemoteOptimizer(model2.parameters(), optreg_name, client=client, **kw)
+        remote2.load_state_dict(through_torch)
+        back = remote2.state_dict()
+        assert back["param_groups"] == saved["param_groups"]
+        assert back["state"].keys() == saved["state"].keys()
+        for i, st in saved["state"].items():
+            assert back["state"][i].keys() == st.keys()
+            for k, v in st.items():
+                assert torch.equal(back["state"][i][k], v), (optreg_name, i, k)
+        # initial_lr survived: a scheduler resumes at epoch 12 on the loaded optimizer (pytorch#140900)
+        torch.optim.lr_scheduler.StepLR(remote2, step_size=5, gamma=0.5, last_epoch=11)
+        # and both continue identically, also against torch from the same state
+        remote.zero_grad()
+        loss_of(model, 3).backward()
+        loss_of(model2, 3).backward()
+        loss_of(local_model, 3).backward()
+        remote.step()
+        remote2.step()
+        local.step()
+        for a, b, c in zip(model.parameters(), model2.parameters(), local_model.parameters()):
+            assert torch.equal(a, b), optreg_name
+            assert (a - c).abs().max().item() <= TOL
+        remote.close()
+        remote2.close()
+
+
+def test_local_checkpoint_starts_a_remote_session(client):
+    """torch.optim.RMSprop trained locally, then its state dict continues remotely: same as staying local."""
+    model = tiny_model()
+    local = torch.optim.RMSprop(model.parameters(), lr=0.01, momentum=0.9)
+    train(model, local, torch.optim.lr_scheduler.CosineAnnealingLR(local, T_max=60), steps=30)
+    remote_model = twin(model)
+    with RemoteOptimizer(remote_model.parameters(), "torch.rmsprop", client=client, lr=0.01,
+                         momentum=0.9) as remote:
+        remote.load_state_dict(local.state_dict())
+        assert remote.sessions[0].refresh().step == 30
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(remote, T_max=60, last_epoch=29)
+        local_sched = torch.optim.lr_scheduler.CosineAnnealingLR(local, T_max=60, last_epoch=29)
+        train(model, local, local_sched, steps=30)
+        train(remote_model, remote, sched, steps=30)
+        assert_close(remote_model, model)
+
+
+def test_hooks_closure_zero_grad_and_in_place(client):
+    model = tiny_model()
+    weights = [p for p in model.parameters()]
+    storage = [p.data_ptr() for p in weights]
+    with RemoteOptimizer(model.parameters(), client=client, lr=0.01) as opt:
+        assert isinstance(opt, torch.optim.Optimizer)
+        seen = []
+        opt.register_step_pre_hook(lambda o, a, k: seen.append("pre"))
+        opt.register_step_post_hook(lambda o, a, k: seen.append("post"))
+        before = [p.detach().clone() for p in weights]
+
+        def closure():
+            opt.zero_grad()
+            loss = loss_of(model)
+            loss.backward()
+            return loss
+
+        loss = opt.step(closure)
+        assert isinstance(loss, torch.Tensor) and seen == ["pre", "post"]
+        assert [p.data_ptr() for p in model.parameters()] == storage  # written in place
+        assert all(not torch.equal(a, b) for a, b in zip(before, weights))
+        opt.zero_grad()
+        assert all(p.grad is None for p in weights)  # set_to_none by default
+        assert opt.state == {} or len(opt.state) == 0
+
+
+def test_param_without_grad(client):
+    """A group none of whose params has a grad is skipped (no call); a partial group is refused unchanged."""
+    model = tiny_model()
+    frozen_out = [{"params": list(model[0].parameters())}, {"params": list(model[2].parameters())}]
+    with RemoteOptimizer(frozen_out, client=client, lr=0.01) as opt:
+        model[2].weight.requires_grad_(False)
+        model[2].bias.requires_grad_(False)
+        out_before = model[2].weight.detach().clone()
+        loss_of(model).backward()
+        opt.step()
+        assert [s.refresh().step for s in opt.sessions] == [1, 0]
+        assert torch.equal(model[2].weight, out_before)
+
+        opt.zero_grad()
+        model[2].weight.requires_grad_(True)
+        loss_of(model).backward()  # the output weight has a grad, its bias none
+        first_before = model[0].weight.detach().clone()
+        with pytest.raises(ValueError, match=r"param group 1: no gradient for p3 .* own param group"):
+            opt.step()
+        assert [s.refresh().step for s in opt.sessions] == [1, 0]  # nothing was sent, not even group 0
+        assert torch.equal(model[0].weight, first_before)
+
+
+def test_bfloat16_params_keep_a_float32_master(client):
+    """bf16 local weights: gradients travel as bf16, the server keeps float32 masters (as a local float32
+    Adam fed the same gradients), and the local weights are the masters rounded to bf16."""
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(5, 4), (5,)]
+    params = [torch.randn(s, generator=gen).to(torch.bfloat16).requires_grad_() for s in shapes]
+    masters = [p.detach().float().clone().requires_grad_() for p in params]
+    local = torch.optim.Adam(masters, lr=1e-3)
+    with RemoteOptimizer(params, client=client, lr=1e-3) as opt:
+        assert opt.sessions[0].info.master_dtype == tensor_pb2.DATA_TYPE_FLOAT32
+        for _ in range(40):
+            grads = [torch.randn(s, generator=gen).to(torch.bfloat16) for s in shapes]
+            for p, m, g in zip(params, masters, grads):
+                p.grad, m.grad = g, g.float()
+            opt.step()
+            local.step()
+        server = opt.sessions[0].read_parameters()
+        for i, (p, m) in enumerate(zip(params, masters)):
+            master = torch.from_numpy(server[f"p{i}"])
+            assert master.dtype == torch.float32
+            assert (master - m.detach()).abs().max().item() <= TOL
+            assert p.dtype == torch.bfloat16 and torch.equal(p.detach(), master.to(torch.bfloat16))
+
+
+def test_maximize_and_bad_arguments(client):
+    remote_model = tiny_model()
+    local_model = twin(remote_model)
+    local = torch.optim.SGD(local_model.parameters(), lr=0.01, momentum=0.5, maximize=True)
+    with RemoteOptimizer(remote_model.parameters(), torch.optim.SGD, client=client, lr=0.01, momentum=0.5,
+                         maximize=True) as remote:
+        for model, opt in ((local_model, local), (remote_model, remote)):
+            train(model, opt, torch.optim.lr_scheduler.StepLR(opt, 10), steps=20)
+        assert_close(remote_model, local_model)
+    with pytest.raises(ValueError, match="book optimizer"):
+        RemoteOptimizer(tiny_model().parameters(), "adam", client=client)
+    with pytest.raises(ValueError, match="Invalid learning rate"):  # torch's own check of its options
+        RemoteOptimizer(tiny_model().parameters(), "torch.sgd", client=client, lr=-1.0)
+    with pytest.raises(ValueError, match="worker="):
+        RemoteOptimizer(tiny_model().parameters(), client=client, worker="w0")
+
+
+def test_mlp_on_digits_trains_like_local(client):
+    """A real model on the demo's fallback data: each side computes its own gradients, and the two loss
+    curves stay together (rounding differences are amplified by training, so not bit for bit)."""
+    from sklearn.datasets import load_digits
+    digits = load_digits()
+    x = torch.tensor(digits.data / 16.0, dtype=torch.float32)
+    y = torch.tensor(digits.target)
+
+    def mlp():
+        torch.manual_seed(5)
+        return torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+
+    def run(model, opt):
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=150)
+        order = torch.Generator().manual_seed(0)
+        losses = []
+        for _ in range(150):
+            idx = torch.randint(0, len(x), (64,), generator=order)
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+        return losses
+
+    local_model, remote_model = mlp(), mlp()
+    local = run(local_model, torch.optim.Adam(local_model.parameters(), lr=3e-3))
+    with RemoteOptimizer(remote_model.parameters(), "torch.adam", client=client, lr=3e-3) as opt:
+        remote = run(remote_model, opt)
+    assert local[-1] < 0.5 * local[0]  # it did learn
+    worst = max(abs(a - b) / a for a, b in zip(local, remote))
+    assert worst < 1e-4, f"loss curves differ by {worst:.2e} relative"
