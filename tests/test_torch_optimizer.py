@@ -394,3 +394,30 @@ def test_mlp_on_digits_trains_like_local(client):
     assert local[-1] < 0.5 * local[0]  # it did learn
     worst = max(abs(a - b) / a for a, b in zip(local, remote))
     assert worst < 1e-4, f"loss curves differ by {worst:.2e} relative"
+
+
+def test_example_trains_and_checkpoints(address, tmp_path):
+    """examples/torch_train.py against the module's server; its checkpoint loads into torch.optim.AdamW."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    from conftest import ROOT, SOURCE_ROOTS
+    ckpt = tmp_path / "run.pt"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(SOURCE_ROOTS))
+    out = subprocess.run([sys.executable, str(pathlib.Path(ROOT) / "examples" / "torch_train.py"), "--address",
+                          address, "--steps", "120", "--checkpoint", str(ckpt)],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "server step 120" in out.stdout
+    accuracy = float(out.stdout.split("test accuracy ")[1].split()[0])
+    assert accuracy > 0.8, out.stdout
+    saved = torch.load(ckpt)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
+    model.load_state_dict(saved["model"])
+    local = torch.optim.AdamW([{"params": [model[0].weight, model[2].weight]},
+                               {"params": [model[0].bias, model[2].bias]}])
+    local.load_state_dict(saved["optimizer"])
+    assert local.state_dict()["state"][0]["step"].item() == 120
+    assert local.param_groups[0]["weight_decay"] == 1e-2 and local.param_groups[1]["weight_decay"] == 0.0
