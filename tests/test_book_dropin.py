@@ -45,7 +45,7 @@ def test_book_loop_same_numbers_with_service(server, name, kwargs):
     local_params, local_losses = train(getattr(book_reference, name)(**kwargs))
     with getattr(drop_in, name)(address=server.address, **kwargs) as remote:
         remote_params, remote_losses = train(remote)
-        assert remote.session.info.master_dtype == 2  # float64, as the book's arrays
+        assert remote.session.info.master_dtype == "float64"  # float64, as the book's arrays
         assert remote.session.step_count == 60
     for k in local_params:
         np.testing.assert_allclose(remote_params[k], local_params[k], rtol=1e-12, atol=1e-14)
