@@ -15,7 +15,6 @@ torch = pytest.importorskip("torch")
 from conftest import ServerProcess  # noqa: E402
 from optreg.client import Client  # noqa: E402
 from optreg.client.torch import RemoteOptimizer  # noqa: E402
-from optreg.v1 import tensor_pb2  # noqa: E402
 
 STEPS = 500
 TOL = 1e-6  # float32 parameters of size ~1: torch's fused CPU kernels round a few places differently
@@ -329,7 +328,7 @@ def test_bfloat16_params_keep_a_float32_master(client):
     masters = [p.detach().float().clone().requires_grad_() for p in params]
     local = torch.optim.Adam(masters, lr=1e-3)
     with RemoteOptimizer(params, client=client, lr=1e-3) as opt:
-        assert opt.sessions[0].info.master_dtype == tensor_pb2.DATA_TYPE_FLOAT32
+        assert opt.sessions[0].info.master_dtype == "float32"
         for _ in range(40):
             grads = [torch.randn(s, generator=gen).to(torch.bfloat16) for s in shapes]
             for p, m, g in zip(params, masters, grads):
@@ -421,3 +420,27 @@ def test_example_trains_and_checkpoints(address, tmp_path):
     local.load_state_dict(saved["optimizer"])
     assert local.state_dict()["state"][0]["step"].item() == 120
     assert local.param_groups[0]["weight_decay"] == 1e-2 and local.param_groups[1]["weight_decay"] == 0.0
+
+
+def test_resume_attaches_to_the_named_sessions(client):
+    """A restarted process passes the same session_id and resume=True: the server's master weights are
+    copied into the new model and training continues where it was, also under a new lr."""
+    model = tiny_model()
+    first = RemoteOptimizer(model.parameters(), "torch.adam", client=client, lr=0.01, session_id="resume-run")
+    train(model, first, torch.optim.lr_scheduler.StepLR(first, 100), steps=10)
+    first.close(delete=False)
+
+    fresh = tiny_model(seed=7)
+    assert not torch.equal(fresh[0].weight, model[0].weight)
+    with RemoteOptimizer(fresh.parameters(), "torch.adam", client=client, lr=0.005, session_id="resume-run",
+                         resume=True) as again:
+        for a, b in zip(fresh.parameters(), model.parameters()):
+            assert torch.equal(a, b)
+        assert again.sessions[0].info.step == 10
+        again.zero_grad()
+        loss_of(fresh).backward()
+        again.step()
+        assert again.sessions[0].refresh().hyperparameters["lr"] == 0.005
+        assert again.state_dict()["state"][0]["step"].item() == 11
+    with pytest.raises(Exception, match="resume-run.g0"):
+        client.get_session("resume-run.g0")  # closing deleted them

@@ -137,7 +137,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
             raise ValueError(f"worker={worker!r}: several workers on one session are not served yet; a session has "
                              "one writer: leave worker= unset")
         if resume and not session_id:
-            raise ValueError("resume=True needs session_id= (the sessions to attach to)")
+            raise ValueError("resume=True needs session_id=: the sessions to attach to are named after it")
         self.optreg_name, self._mapping = lookup(optimizer)
         # The torch class checks the options and supplies its defaults, so param_groups hold exactly
         # the keys (and values) torch's own optimizer would: schedulers and state dicts see no difference.
@@ -194,24 +194,19 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self._check_group(index, group)
         master, names = self._master(group), self._names(index)
         arrays = self._arrays(group, master, names)
-        hp = server_hyperparameters(self._mapping, group)
-        if self.resume and state is None:
-            session = self.client.session(self._sid(index), arrays)
-            server = session.read_parameters()
-            for name in names:
-                np.copyto(session.arrays[name], server[name], casting="unsafe")
-            gs = _GroupSession(session, group, names, master, dict(session.info.hyperparameters))
-            with torch.no_grad():
-                gs.write_back()
-            return gs
         kw = {"durability": self.durability} if self.durability else {}
         if state:
             kw.update(state=state, initial_step=initial_step)
-        elif initial_step:
-            kw["initial_step"] = initial_step
-        session = self.client.create_session(self._mapping.server_optimizer(group), arrays, master_dtype=str(master),
-                                             session_id=self._sid(index), **kw, **hp)
-        return _GroupSession(session, group, names, master, hp)
+        # resume=True attaches to an existing session of that id and copies its parameters into `arrays`
+        session = self.client.create_session(
+            self._mapping.server_optimizer(group), arrays, master_dtype=str(master),
+            session_id=self._sid(index) or None, resume=self.resume and not state, **kw,
+            **server_hyperparameters(self._mapping, group))
+        # What the server holds: a resumed session's own values, so the first step sends the group's.
+        gs = _GroupSession(session, group, names, master, dict(session.info.hyperparameters))
+        with torch.no_grad():
+            gs.write_back()
+        return gs
 
     # -- the step -----------------------------------------------------------------------------------
     @torch.no_grad()
