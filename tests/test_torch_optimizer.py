@@ -444,3 +444,50 @@ def test_resume_attaches_to_the_named_sessions(client):
         assert again.state_dict()["state"][0]["step"].item() == 11
     with pytest.raises(Exception, match="resume-run.g0"):
         client.get_session("resume-run.g0")  # closing deleted them
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam"])
+def test_cyclic_lr_cycles_momentum_and_betas(client, name):
+    """CyclicLR cycles lr and momentum (SGD) or beta1 (Adam) every step; the server follows."""
+    optreg_name, cls, kw = OPTIMIZERS[name]
+    remote_model = tiny_model()
+    local_model = twin(remote_model)
+
+    def cyclic(opt):
+        return torch.optim.lr_scheduler.CyclicLR(opt, base_lr=kw["lr"] / 10, max_lr=kw["lr"], step_size_up=15,
+                                                 mode="triangular2")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        local = cls(local_model.parameters(), **kw)
+        with RemoteOptimizer(remote_model.parameters(), optreg_name, client=client, **kw) as remote:
+            lockstep(local_model, local, cyclic(local), remote_model, remote, cyclic(remote), steps=120)
+            info, last = remote.sessions[0].refresh(), train.last_options
+            momentum = last["betas"][0] if "betas" in last else last["momentum"]
+            assert info.hyperparameters["beta1" if "betas" in last else "momentum"] == momentum
+            assert momentum != kw.get("momentum", 0.9)  # it was cycled
+    assert [str(w.message) for w in caught] == []
+    assert_close(remote_model, local_model)
+
+
+def test_large_group_streams_and_groups_added_later(client):
+    """A 700k-element tensor (over the client's 2 MiB unary limit: StepStream) steps like torch;
+    add_param_group opens one more session."""
+    gen = torch.Generator().manual_seed(4)
+    big = torch.randn(700, 1000, generator=gen).requires_grad_()
+    local_big = big.detach().clone().requires_grad_()
+    local = torch.optim.Adam([local_big], lr=1e-3)
+    with RemoteOptimizer([big], client=client, lr=1e-3) as opt:
+        for _ in range(3):
+            g = torch.randn(700, 1000, generator=gen)
+            big.grad, local_big.grad = g, g.clone()
+            opt.step()
+            local.step()
+        assert (big - local_big).abs().max().item() <= TOL
+        small = torch.zeros(3, requires_grad=True)
+        opt.add_param_group({"params": [small], "lr": 0.1})
+        assert len(opt.sessions) == 2 and opt.sessions[1].info.hyperparameters["lr"] == 0.1
+        big.grad = None
+        small.grad = torch.ones(3)
+        opt.step()
+        assert [s.refresh().step for s in opt.sessions] == [3, 1]
+        assert torch.allclose(small, torch.full((3,), -0.1))
