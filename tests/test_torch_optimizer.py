@@ -13,7 +13,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from conftest import ServerProcess  # noqa: E402
-from optreg.client import Client  # noqa: E402
+from optreg.client import Client, InvalidArgument  # noqa: E402
 from optreg.client.torch import RemoteOptimizer  # noqa: E402
 
 STEPS = 500
@@ -227,8 +227,10 @@ def test_state_dict_round_trip_remote_local_remote_bit_for_bit(client):
         through_torch = local.state_dict()
 
         model2 = twin(model)
-        remote2 = RemoteOptimizer(model2.parameters(), optreg_name, client=client, **kw)
-        remote2.load_state_dict(through_torch)
+        remote2 = RemoteOptimizer(model2.parameters(), optreg_name, client=client, session_id=f"rt-{optreg_name}",
+                                  **kw)
+        remote2.load_state_dict(through_torch)  # the named session is replaced under the same name
+        assert remote2.sessions[0].id == f"rt-{optreg_name}.g0"
         back = remote2.state_dict()
         assert back["param_groups"] == saved["param_groups"]
         assert back["state"].keys() == saved["state"].keys()
@@ -319,18 +321,19 @@ def test_param_without_grad(client):
         assert torch.equal(model[0].weight, first_before)
 
 
-def test_bfloat16_params_keep_a_float32_master(client):
-    """bf16 local weights: gradients travel as bf16, the server keeps float32 masters (as a local float32
-    Adam fed the same gradients), and the local weights are the masters rounded to bf16."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_params_keep_a_float32_master(client, dtype):
+    """bf16/fp16 local weights: gradients travel as they are, the server keeps float32 masters (as a local
+    float32 Adam fed the same gradients), and the local weights are the masters rounded."""
     gen = torch.Generator().manual_seed(3)
     shapes = [(5, 4), (5,)]
-    params = [torch.randn(s, generator=gen).to(torch.bfloat16).requires_grad_() for s in shapes]
+    params = [torch.randn(s, generator=gen).to(dtype).requires_grad_() for s in shapes]
     masters = [p.detach().float().clone().requires_grad_() for p in params]
     local = torch.optim.Adam(masters, lr=1e-3)
     with RemoteOptimizer(params, client=client, lr=1e-3) as opt:
         assert opt.sessions[0].info.master_dtype == "float32"
         for _ in range(40):
-            grads = [torch.randn(s, generator=gen).to(torch.bfloat16) for s in shapes]
+            grads = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
             for p, m, g in zip(params, masters, grads):
                 p.grad, m.grad = g, g.float()
             opt.step()
@@ -340,7 +343,7 @@ def test_bfloat16_params_keep_a_float32_master(client):
             master = torch.from_numpy(server[f"p{i}"])
             assert master.dtype == torch.float32
             assert (master - m.detach()).abs().max().item() <= TOL
-            assert p.dtype == torch.bfloat16 and torch.equal(p.detach(), master.to(torch.bfloat16))
+            assert p.dtype == dtype and torch.equal(p.detach(), master.to(dtype))
 
 
 def test_maximize_and_bad_arguments(client):
@@ -358,6 +361,17 @@ def test_maximize_and_bad_arguments(client):
         RemoteOptimizer(tiny_model().parameters(), "torch.sgd", client=client, lr=-1.0)
     with pytest.raises(ValueError, match="worker="):
         RemoteOptimizer(tiny_model().parameters(), client=client, worker="w0")
+    # a value the server refuses stops the step before any group has moved
+    model = tiny_model()
+    with RemoteOptimizer([{"params": model[0].parameters()}, {"params": model[2].parameters()}], "torch.adam",
+                         client=client) as opt:
+        opt.param_groups[1]["betas"] = (1.5, 0.999)
+        loss_of(model).backward()
+        before = [p.detach().clone() for p in model.parameters()]
+        with pytest.raises(InvalidArgument, match="beta1"):
+            opt.step()
+        assert [s.refresh().step for s in opt.sessions] == [0, 0]
+        assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
 def test_mlp_on_digits_trains_like_local(client):

@@ -37,17 +37,27 @@ from optreg.client.torch.options import LOCAL_ONLY, Mapping, lookup, server_hype
 __all__ = ["RemoteOptimizer"]
 
 # Where hyperparameter changes travel. The contract has StepRequest.hyperparameters (applied under the
-# step's fence); until server and client honour it, an UpdateHyperparameters call goes first.
+# step's fence); until the server honours it, they go ahead in UpdateHyperparameters calls. Flip this
+# when it does: one call per group and step instead of two.
 HYPERPARAMETERS_WITH_STEP = False
 
 
-def send_step(session, grads: dict[str, np.ndarray], changes: dict[str, float]) -> None:
-    if HYPERPARAMETERS_WITH_STEP:
-        session.step(grads, hyperparameters=changes or None)
-        return
-    if changes:
-        session.set_hyperparameters(**changes)
-    session.step(grads)
+def send_steps(work: list[tuple[Any, dict[str, np.ndarray], dict[str, float], Callable[[], None]]]) -> None:
+    """Step each (session, gradients, hyperparameter changes, done) in turn; `done` runs after each step.
+
+    Sent ahead, every group's changes reach the server before any gradient does, so a value the
+    server refuses (InvalidArgument naming it) stops the step before any group has moved.
+    """
+    if not HYPERPARAMETERS_WITH_STEP:
+        for session, _, changes, _ in work:
+            if changes:
+                session.set_hyperparameters(**changes)
+    for session, grads, changes, done in work:
+        if HYPERPARAMETERS_WITH_STEP and changes:
+            session.step(grads, hyperparameters=changes)
+        else:
+            session.step(grads)
+        done()
 
 
 def read_state(session) -> tuple[int, dict[str, dict[str, np.ndarray]]]:
@@ -236,13 +246,17 @@ class RemoteOptimizer(torch.optim.Optimizer):
             hp = server_hyperparameters(self._mapping, group)
             changes = {k: v for k, v in hp.items() if gs.sent.get(k) != v}
             work.append((group, gs, changes))
+        calls = []
         for group, gs, changes in work:
-            negate = group.get("maximize", False)
+            negate = group.get("maximize", False)  # torch's maximize is the step on -grad
             grads = {n: _numpy(-p.grad if negate else p.grad) for n, p in zip(gs.names, group["params"])}
             gs.relink()
-            send_step(gs.session, grads, changes)
-            gs.sent.update(changes)
-            gs.write_back()
+
+            def done(gs=gs, changes=changes):
+                gs.sent.update(changes)
+                gs.write_back()
+            calls.append((gs.session, grads, changes, done))
+        send_steps(calls)
         return loss
 
     # -- state dicts --------------------------------------------------------------------------------
