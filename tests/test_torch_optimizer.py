@@ -289,7 +289,9 @@ def test_hooks_closure_zero_grad_and_in_place(client):
             loss.backward()
             return loss
 
+        versions = [p._version for p in weights]
         loss = opt.step(closure)
+        assert all(p._version > v for p, v in zip(weights, versions))  # autograd sees the in-place update
         assert isinstance(loss, torch.Tensor) and seen == ["pre", "post"]
         assert [p.data_ptr() for p in model.parameters()] == storage  # written in place
         assert all(not torch.equal(a, b) for a, b in zip(before, weights))

@@ -17,13 +17,19 @@ step does not advance: exactly torch). A group where only some have one is refus
 ValueError before anything is sent: put parameters that are stepped separately (or frozen) in their
 own group, or leave them out of the optimizer.
 
+The server's master weights are authoritative: a step answers with them, so a change made to the
+model's weights between steps (model.load_state_dict, p.data = ...) is overwritten by the next
+step unless `load_state_dict()` follows it, which re-creates the sessions from the current weights.
+
+GradScaler calls `step()` only when the unscaled gradients are finite (this class does not set
+`_step_supports_amp_scaling`), so a skipped step makes no call and the sessions do not advance.
+
 `optimizer.state` stays empty: the state is on the server; `state_dict()` reads it and returns
 torch's layout (`step`, `exp_avg`, ...), which `torch.optim.Adam` etc. load, and `load_state_dict()`
 accepts their state dicts (it replaces each group's session with one holding the given state).
 """
 from __future__ import annotations
 
-import warnings
 from collections import defaultdict
 from typing import Any, Callable
 
@@ -31,8 +37,7 @@ import numpy as np
 import torch
 
 from optreg.client.client import Client
-from optreg.client.torch.options import LOCAL_ONLY, Mapping, lookup, server_hyperparameters, to_session_state, \
-    to_torch_state
+from optreg.client.torch.options import lookup, server_hyperparameters, to_session_state, to_torch_state
 
 __all__ = ["RemoteOptimizer"]
 

@@ -13,11 +13,6 @@ import numpy as np
 import torch
 from torch.optim.optimizer import _get_scalar_dtype
 
-# Options that change how torch runs its kernels, not the numbers the server computes: kept in the
-# param groups (so a state dict still loads into the torch class) and otherwise ignored.
-LOCAL_ONLY = ("foreach", "fused", "capturable", "maximize", "differentiable", "decoupled_weight_decay")
-
-
 @dataclass(frozen=True)
 class Mapping:
     torch_class: type
