@@ -209,6 +209,7 @@ class Client:
             raise UsageError(f"cannot resume session {session_id!r}: " + "; ".join(problems)
                              + " (use another session_id, or delete that session)")
         session = Session(self, info, params, keep=keep)
+        session.resumed = True
         _load_into(params, session.read_parameters())
         return session
 
