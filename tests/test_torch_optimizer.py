@@ -361,6 +361,8 @@ def test_maximize_and_bad_arguments(client):
         RemoteOptimizer(tiny_model().parameters(), "adam", client=client)
     with pytest.raises(ValueError, match="Invalid learning rate"):  # torch's own check of its options
         RemoteOptimizer(tiny_model().parameters(), "torch.sgd", client=client, lr=-1.0)
+    with pytest.raises(ValueError, match="capturable=True cannot apply"):
+        RemoteOptimizer(tiny_model().parameters(), client=client, capturable=True)
     with pytest.raises(ValueError, match="worker="):
         RemoteOptimizer(tiny_model().parameters(), client=client, worker="w0")
     # a value the server refuses stops the step before any group has moved

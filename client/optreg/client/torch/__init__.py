@@ -47,7 +47,8 @@ __all__ = ["RemoteOptimizer"]
 HYPERPARAMETERS_WITH_STEP = False
 
 
-def send_steps(work: list[tuple[Any, dict[str, np.ndarray], dict[str, float], Callable[[], None]]]) -> None:
+def send_steps(work: list[tuple[Any, dict[str, np.ndarray], dict[str, float], Callable[[], None]]],
+               metrics: dict[str, float] | None = None) -> None:
     """Step each (session, gradients, hyperparameter changes, done) in turn; `done` runs after each step.
 
     Sent ahead, every group's changes reach the server before any gradient does, so a value the
@@ -58,10 +59,8 @@ def send_steps(work: list[tuple[Any, dict[str, np.ndarray], dict[str, float], Ca
             if changes:
                 session.set_hyperparameters(**changes)
     for session, grads, changes, done in work:
-        if HYPERPARAMETERS_WITH_STEP and changes:
-            session.step(grads, hyperparameters=changes)
-        else:
-            session.step(grads)
+        session.step(grads, hyperparameters=changes if HYPERPARAMETERS_WITH_STEP and changes else None,
+                     metrics=metrics)
         done()
 
 
@@ -85,6 +84,15 @@ def _numpy(t: torch.Tensor) -> np.ndarray:
         import ml_dtypes
         return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
     return t.numpy()
+
+
+def _loss_metric(loss) -> dict[str, float] | None:
+    """The closure's loss, recorded with the step (the server keeps client metrics with its steps)."""
+    if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+        return {"loss": float(loss.detach())}
+    if isinstance(loss, (int, float)):
+        return {"loss": float(loss)}
+    return None
 
 
 _bump_version = getattr(torch.autograd.graph, "increment_version", None)
@@ -226,7 +234,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
     # -- the step -----------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None):
-        """Send every group's gradients (and its changed options); write the results into the parameters."""
+        """Send every group's gradients (and its changed options); write the results into the parameters.
+        A closure's loss travels with the step as the metric "loss"."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -261,7 +270,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 gs.sent.update(changes)
                 gs.write_back()
             calls.append((gs.session, grads, changes, done))
-        send_steps(calls)
+        send_steps(calls, _loss_metric(loss))
         return loss
 
     # -- state dicts --------------------------------------------------------------------------------
