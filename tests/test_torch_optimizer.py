@@ -509,3 +509,12 @@ def test_large_group_streams_and_groups_added_later(client):
         opt.step()
         assert [s.refresh().step for s in opt.sessions] == [3, 1]
         assert torch.allclose(small, torch.full((3,), -0.1))
+
+
+def test_a_refused_group_leaves_no_sessions(client):
+    model = tiny_model()
+    before = {s.session_id for s in client.list_sessions()}
+    with pytest.raises(ValueError, match="param group 1: differentiable=True"):
+        RemoteOptimizer([{"params": model[0].parameters()},
+                         {"params": model[2].parameters(), "differentiable": True}], client=client)
+    assert {s.session_id for s in client.list_sessions()} == before

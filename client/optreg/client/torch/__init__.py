@@ -173,8 +173,11 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self.client = client
         self.session_id, self.resume, self.durability = session_id, resume, durability
         self._groups: list[_GroupSession] = []
-        self._param_count = 0
-        super().__init__(params, defaults)
+        try:
+            super().__init__(params, defaults)
+        except BaseException:
+            self.close()  # sessions of the groups opened before the one that failed, and our connection
+            raise
 
     # -- groups and their sessions ------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
