@@ -3,7 +3,7 @@
     python -m bench.torch_adapter [--quick]          # standalone (starts a memory-only server)
     python -m bench --only torch                     # as a section of the suite
 
-Both sides step one `torch.adam` session with the same parameter count and tensors: the raw
+Both sides step `torch.adam` with the same parameter count and tensors: the raw
 client sends numpy gradients and gets the parameters back into numpy arrays; RemoteOptimizer
 reads `.grad` from the model's float32 tensors, sends them, and writes the reply into the
 tensors. Runs alternate in blocks (A, B, A, B...) so drift on a shared machine hits both; the
@@ -19,9 +19,10 @@ import numpy as np
 
 # (label, tensor shapes): a 1e3 vector, a 10-tensor small model, and a 1e6 model (over the
 # client's streaming threshold of 2 MiB, so both sides take StepStream).
-CASES = [("1e3 params, 1 tensor", [(1000,)]),
-         ("1e5 params, 10 tensors", [(100, 199)] * 5 + [(5,)] * 5),
-         ("1e6 params, 4 tensors", [(500, 500)] * 4)]
+CASES = [("1e3 params, 1 tensor", [(1000,)], 1),
+         ("1e5 params, 10 tensors", [(100, 199)] * 5 + [(5,)] * 5, 1),
+         ("1e5 params, 10 tensors, 2 groups", [(100, 199)] * 5 + [(5,)] * 5, 2),
+         ("1e6 params, 4 tensors", [(500, 500)] * 4, 1)]
 
 
 def _times(step, n):
@@ -33,8 +34,9 @@ def _times(step, n):
     return out
 
 
-def measure(address: str, shapes, blocks: int, per_block: int) -> tuple[float, float]:
-    """(raw median s/step, RemoteOptimizer median s/step)."""
+def measure(address: str, shapes, groups: int, blocks: int, per_block: int) -> tuple[float, float]:
+    """(raw median s/step, RemoteOptimizer median s/step); the raw side is one session of every tensor,
+    the optimizer's tensors are dealt into `groups` param groups (one session each, stepped together)."""
     import torch
 
     from optreg.client import Client
@@ -48,7 +50,8 @@ def measure(address: str, shapes, blocks: int, per_block: int) -> tuple[float, f
         p.grad = torch.from_numpy(g.copy())
     with Client(address) as client:
         raw = client.create_session("torch.adam", arrays, master_dtype="float32", lr=1e-3)
-        opt = RemoteOptimizer(params, "torch.adam", client=client, lr=1e-3)
+        opt = RemoteOptimizer([{"params": params[i::groups]} for i in range(groups)], "torch.adam", client=client,
+                              lr=1e-3)
         try:
             for _ in range(5):  # warm both paths (channel, buffers)
                 raw.step(grads)
@@ -66,10 +69,10 @@ def measure(address: str, shapes, blocks: int, per_block: int) -> tuple[float, f
 def bench_torch(cfg, server, _echo):
     """A section of `python -m bench`."""
     from bench.run import row
-    for label, shapes in CASES:
+    for label, shapes, groups in CASES:
         big = sum(int(np.prod(s)) for s in shapes) >= 1_000_000
         blocks, per_block = (4, 3 if cfg.quick else 8) if big else (6, 30 if cfg.quick else 150)
-        raw, remote = measure(server.address, shapes, blocks, per_block)
+        raw, remote = measure(server.address, shapes, groups, blocks, per_block)
         row(f"RemoteOptimizer step ({label})", remote, "s", "raw client step, same size", raw,
             note="torch.adam float32; median of interleaved blocks")
 
