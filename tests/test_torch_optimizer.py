@@ -518,3 +518,20 @@ def test_a_refused_group_leaves_no_sessions(client):
         RemoteOptimizer([{"params": model[0].parameters()},
                          {"params": model[2].parameters(), "differentiable": True}], client=client)
     assert {s.session_id for s in client.list_sessions()} == before
+
+
+def test_named_parameters_name_the_session_tensors(client):
+    model = tiny_model()
+    with RemoteOptimizer(model.named_parameters(), client=client, lr=0.01) as opt:
+        assert list(opt.sessions[0].info.parameters) == ["0.weight", "0.bias", "2.weight", "2.bias"]
+        loss_of(model).backward()
+        model[2].bias.grad = None
+        with pytest.raises(ValueError, match="no gradient for 2.bias"):
+            opt.step()
+        loss_of(model).backward()
+        opt.step()
+        saved = opt.state_dict()
+        assert saved["param_groups"][0]["param_names"] == ["0.weight", "0.bias", "2.weight", "2.bias"]
+        local = torch.optim.Adam(twin(model).named_parameters(), lr=0.01)
+        local.load_state_dict(saved)
+        assert local.state_dict()["state"][3]["step"].item() == 1

@@ -202,8 +202,12 @@ class RemoteOptimizer(torch.optim.Optimizer):
             else np.dtype(np.float32)
 
     def _names(self, index: int) -> list[str]:
+        """The session's tensor names: the model's (given model.named_parameters()), else p<state dict index>."""
+        group = self.param_groups[index]
+        if "param_names" in group:
+            return list(group["param_names"])
         start = sum(len(g["params"]) for g in self.param_groups[:index])
-        return [f"p{start + j}" for j in range(len(self.param_groups[index]["params"]))]
+        return [f"p{start + j}" for j in range(len(group["params"]))]
 
     def _arrays(self, group: dict, master: np.dtype, names: list[str]) -> dict[str, np.ndarray]:
         out = {}
