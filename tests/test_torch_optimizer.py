@@ -535,3 +535,21 @@ def test_named_parameters_name_the_session_tensors(client):
         local = torch.optim.Adam(twin(model).named_parameters(), lr=0.01)
         local.load_state_dict(saved)
         assert local.state_dict()["state"][3]["step"].item() == 1
+
+
+def test_a_state_dict_from_another_optimizer_is_refused(client):
+    model = tiny_model()
+    adam = torch.optim.Adam(model.parameters(), lr=0.01)
+    loss_of(model).backward()
+    adam.step()
+    with RemoteOptimizer(twin(model).parameters(), "torch.sgd", client=client, lr=0.01, momentum=0.9) as opt:
+        with pytest.raises(ValueError, match="param group 0: the state dict has no option 'momentum', which SGD"):
+            opt.load_state_dict(adam.state_dict())
+        assert "betas" not in opt.param_groups[0]  # nothing changed
+    saved = adam.state_dict()
+    saved["param_groups"][0]["amsgrad"] = True  # options that need a state it does not have
+    with RemoteOptimizer(twin(model).parameters(), "torch.adam", client=client, lr=0.01) as opt:
+        with pytest.raises(ValueError, match=r"the state of p0 has \['exp_avg', 'exp_avg_sq', 'step'\]; Adam with "
+                                             r"these options keeps \['exp_avg', 'exp_avg_sq', 'max_exp_avg_sq', "):
+            opt.load_state_dict(saved)
+        assert opt.param_groups[0]["amsgrad"] is False

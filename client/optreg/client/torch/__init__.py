@@ -296,19 +296,31 @@ class RemoteOptimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict of this class or of the matching torch.optim class: each group's session is
-        replaced by one holding the given state, the current parameter values and the group's options."""
-        super().load_state_dict(state_dict)  # checks the groups, restores their options (initial_lr too)
-        self.state = defaultdict(dict)
-        # The raw saved tensors (torch casts state to the parameters' dtype; the master keeps float32).
-        saved_state = state_dict["state"]
+        replaced by one holding the given state, the current parameter values and the group's options.
+        Everything is checked before anything changes."""
+        saved_groups, saved_state = state_dict["param_groups"], state_dict["state"]
+        if len(saved_groups) != len(self.param_groups) or any(
+                len(g["params"]) != len(s["params"]) for g, s in zip(self.param_groups, saved_groups)):
+            raise ValueError("the state dict's param groups do not match this optimizer's (their number or sizes "
+                             "differ)")
+        cls = self._mapping.torch_class.__name__
         new = []
-        for index, (group, saved) in enumerate(zip(self.param_groups, state_dict["param_groups"])):
-            self._check_group(index, group)
-            names, master = self._names(index), self._master(group)
+        for index, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            options = {**saved, "params": group["params"]}
+            try:
+                self._mapping.hyperparameters(options)
+            except KeyError as e:
+                raise ValueError(f"{self._where(index)}: the state dict has no option {e.args[0]!r}, which {cls} "
+                                 "keeps: is it from another optimizer?") from None
+            self._check_group(index, options)
+            # The raw saved tensors: torch would cast them to the parameters' dtype; the master keeps float32.
             states = [saved_state.get(i, {}) for i in saved["params"]]
-            slots, step = to_session_state(self._mapping, group, names, states,
-                                           [tuple(p.shape) for p in group["params"]], master, self._where(index))
+            slots, step = to_session_state(self._mapping, options, self._names(index), states,
+                                           [tuple(p.shape) for p in group["params"]], self._master(group),
+                                           self._where(index))
             new.append((index, slots, step))
+        super().load_state_dict(state_dict)  # the groups' options (initial_lr too), through torch's hooks
+        self.state = defaultdict(dict)
         resume, self.resume = self.resume, False
         try:
             for index, slots, step in new:

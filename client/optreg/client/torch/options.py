@@ -115,6 +115,12 @@ def to_session_state(mapping: Mapping, group: dict, names: list[str], states: li
         missing = [n for n, p in zip(names, present) if not p]
         raise ValueError(f"{where}: state for some parameters but not {', '.join(missing)}; an optreg session keeps "
                          "one step count per param group, so every parameter of a group needs state (or none)")
+    known = {"step"} | {t for t, _, _ in mapping.state} if mapping.has_step else {t for t, _, _ in mapping.state}
+    needed = ({"step"} if mapping.has_step else set()) | {t for t, _, present in mapping.state if present(group)}
+    for name, state in zip(names, states):
+        if not needed <= set(state) or not set(state) <= known:
+            raise ValueError(f"{where}: the state of {name} has {sorted(state)}; {mapping.torch_class.__name__} with "
+                             f"these options keeps {sorted(needed)}: is the state dict from another optimizer?")
     if mapping.has_step:
         steps = {float(s["step"]) for s in states}
         if len(steps) != 1:
