@@ -553,3 +553,32 @@ def test_a_state_dict_from_another_optimizer_is_refused(client):
                                              r"these options keeps \['exp_avg', 'exp_avg_sq', 'max_exp_avg_sq', "):
             opt.load_state_dict(saved)
         assert opt.param_groups[0]["amsgrad"] is False
+
+
+def test_hyperparameters_with_the_step(client, monkeypatch):
+    """The path without the extra UpdateHyperparameters call (HYPERPARAMETERS_WITH_STEP), on a server that
+    applies StepRequest.hyperparameters: the same numbers as torch under a scheduler that changes every step."""
+    import numpy as np
+
+    import optreg.client.torch as adapter
+    probe = client.create_session("torch.sgd", {"w": np.zeros(2, np.float32)}, lr=0.1)
+    try:
+        probe.step({"w": np.ones(2, np.float32)}, hyperparameters={"lr": 0.25})
+        honoured = probe.refresh().hyperparameters["lr"] == 0.25
+    finally:
+        probe.delete()
+    if not honoured:
+        pytest.skip("this server does not apply hyperparameters sent with a step yet (StepRequest.hyperparameters)")
+    monkeypatch.setattr(adapter, "HYPERPARAMETERS_WITH_STEP", True)
+    calls = []
+    remote_model = tiny_model()
+    local_model = twin(remote_model)
+    local = torch.optim.Adam(local_model.parameters(), lr=0.01)
+    with RemoteOptimizer(remote_model.parameters(), client=client, lr=0.01) as remote:
+        monkeypatch.setattr(remote.sessions[0], "set_hyperparameters", lambda **kw: calls.append(kw))
+        lockstep(local_model, local, torch.optim.lr_scheduler.OneCycleLR(local, max_lr=0.02, total_steps=100),
+                 remote_model, remote, torch.optim.lr_scheduler.OneCycleLR(remote, max_lr=0.02, total_steps=100),
+                 steps=100)
+        assert calls == []
+        assert remote.sessions[0].refresh().hyperparameters["beta1"] == train.last_options["betas"][0]
+    assert_close(remote_model, local_model)
