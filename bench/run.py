@@ -428,8 +428,13 @@ def bench_torch(cfg, server, echo):
     run(cfg, server, echo)
 
 
+def bench_wal(cfg, server, echo):
+    from bench.wal import bench_wal as run  # the log/snapshot library's figures (no server involved)
+    run(cfg, server, echo)
+
+
 SECTIONS = {"small": bench_small, "large": bench_large, "shm": bench_shm, "kernels": bench_kernels, "memory": bench_memory,
-            "concurrency": bench_concurrency, "torch": bench_torch}
+            "concurrency": bench_concurrency, "torch": bench_torch, "wal": bench_wal}
 
 
 class Config:
