@@ -16,7 +16,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from conftest import ServerProcess  # noqa: E402
-from optreg.client import Client, InvalidArgument  # noqa: E402
+from optreg.client import Client, UsageError  # noqa: E402
 from optreg.client.torch import RemoteOptimizer  # noqa: E402
 
 STEPS = 500
@@ -375,7 +375,8 @@ def test_maximize_and_bad_arguments(client):
         opt.param_groups[1]["betas"] = (1.5, 0.999)
         loss_of(model).backward()
         before = [p.detach().clone() for p in model.parameters()]
-        with pytest.raises(InvalidArgument, match="beta1"):
+        with pytest.raises(UsageError, match=r"param group 1: beta1=1.5 must be < 1 \(the group's betas\[0\]\); "
+                                             "nothing was sent"):
             opt.step()
         assert [s.refresh().step for s in opt.sessions] == [0, 0]
         assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
@@ -558,30 +559,35 @@ def test_a_state_dict_from_another_optimizer_is_refused(client):
         assert opt.param_groups[0]["amsgrad"] is False
 
 
-def test_hyperparameters_with_the_step(client, monkeypatch):
-    """The path without the extra UpdateHyperparameters call (HYPERPARAMETERS_WITH_STEP), on a server that
-    applies StepRequest.hyperparameters: the same numbers as torch under a scheduler that changes every step."""
+@pytest.mark.parametrize("with_step", [True, False])
+def test_hyperparameter_changes_reach_the_server(client, monkeypatch, with_step):
+    """Changes travel with the fenced step (no UpdateHyperparameters call) or, for a server that ignores
+    StepRequest.hyperparameters, in an UpdateHyperparameters call ahead: the same numbers as torch either
+    way, under a scheduler that changes lr and beta1 every step."""
     import numpy as np
 
     import optreg.client.torch as adapter
-    probe = client.create_session("torch.sgd", {"w": np.zeros(2, np.float32)}, lr=0.1)
-    try:
-        probe.step({"w": np.ones(2, np.float32)}, hyperparameters={"lr": 0.25})
-        honoured = probe.refresh().hyperparameters["lr"] == 0.25
-    finally:
-        probe.delete()
-    if not honoured:
-        pytest.skip("this server does not apply hyperparameters sent with a step yet (StepRequest.hyperparameters)")
-    monkeypatch.setattr(adapter, "HYPERPARAMETERS_WITH_STEP", True)
+    if with_step:
+        probe = client.create_session("torch.sgd", {"w": np.zeros(2, np.float32)}, lr=0.1)
+        try:
+            probe.step({"w": np.ones(2, np.float32)}, hyperparameters={"lr": 0.25})
+            honoured = probe.refresh().hyperparameters["lr"] == 0.25
+        finally:
+            probe.delete()
+        if not honoured:
+            pytest.skip("this server does not apply hyperparameters sent with a step (StepRequest.hyperparameters)")
+    monkeypatch.setattr(adapter, "HYPERPARAMETERS_WITH_STEP", with_step)
     calls = []
     remote_model = tiny_model()
     local_model = twin(remote_model)
     local = torch.optim.Adam(local_model.parameters(), lr=0.01)
     with RemoteOptimizer(remote_model.parameters(), client=client, lr=0.01) as remote:
-        monkeypatch.setattr(remote.sessions[0], "set_hyperparameters", lambda **kw: calls.append(kw))
+        session = remote.sessions[0]
+        real = session.set_hyperparameters
+        monkeypatch.setattr(session, "set_hyperparameters", lambda **kw: (calls.append(kw), real(**kw))[1])
         lockstep(local_model, local, torch.optim.lr_scheduler.OneCycleLR(local, max_lr=0.02, total_steps=100),
                  remote_model, remote, torch.optim.lr_scheduler.OneCycleLR(remote, max_lr=0.02, total_steps=100),
                  steps=100)
-        assert calls == []
-        assert remote.sessions[0].refresh().hyperparameters["beta1"] == train.last_options["betas"][0]
+        assert len(calls) == (0 if with_step else 100)
+        assert session.refresh().hyperparameters["beta1"] == train.last_options["betas"][0]
     assert_close(remote_model, local_model)

@@ -9,7 +9,7 @@ them `run1.g0`, `run1.g1`, ...). `step()` sends each group's gradients in their 
 server applies the torch-parity optimizer on a float32 master (float64 when the group is all
 float64), and the reply is written into the model's own tensors in place. Whatever changed in a
 group's options since the last step (a scheduler's lr, OneCycleLR's betas or momentum, a hand edit)
-goes to the server before that group's step, so every scheduler works unchanged.
+travels with that group's step, so every scheduler works unchanged.
 
 Parameters without a gradient: torch skips them and keeps a step count per parameter; a session
 keeps one per group. A group none of whose parameters has a gradient is skipped (no call, its
@@ -37,23 +37,21 @@ import numpy as np
 import torch
 
 from optreg.client.client import Client
-from optreg.client.torch.options import lookup, server_hyperparameters, to_session_state, to_torch_state
+from optreg.client.torch.options import check_value, lookup, server_hyperparameters, to_session_state, \
+    to_torch_state
 
 __all__ = ["RemoteOptimizer"]
 
-# Where hyperparameter changes travel. The contract has StepRequest.hyperparameters (applied under the
-# step's fence); until the server honours it, they go ahead in UpdateHyperparameters calls. Flip this
-# when it does: one call per group and step instead of two.
-HYPERPARAMETERS_WITH_STEP = False
+# Where hyperparameter changes travel: with the fenced step (StepRequest.hyperparameters, applied
+# under the step's lock and logged with it) or, for a server that ignores that field, in an
+# UpdateHyperparameters call ahead of the steps.
+HYPERPARAMETERS_WITH_STEP = True
 
 
 def send_steps(work: list[tuple[Any, dict[str, np.ndarray], dict[str, float], Callable[[], None]]],
                metrics: dict[str, float] | None = None) -> None:
     """Step each (session, gradients, hyperparameter changes, done) in turn; `done` runs after each step.
-
-    Sent ahead, every group's changes reach the server before any gradient does, so a value the
-    server refuses (InvalidArgument naming it) stops the step before any group has moved.
-    """
+    The changes were checked against the server's specs first (RemoteOptimizer.step)."""
     if not HYPERPARAMETERS_WITH_STEP:
         for session, _, changes, _ in work:
             if changes:
@@ -173,6 +171,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self.client = client
         self.session_id, self.resume, self.durability = session_id, resume, durability
         self._groups: list[_GroupSession] = []
+        self._specs: dict[str, dict] = {}  # optimizer -> {hyperparameter: spec}, as the server publishes them
         try:
             super().__init__(params, defaults)
         except BaseException:
@@ -266,6 +265,11 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"{self._where(index)}: sparse gradients are not supported; use dense ones")
             hp = server_hyperparameters(self._mapping, group)
             changes = {k: v for k, v in hp.items() if gs.sent.get(k) != v}
+            if changes:
+                specs = self._hyperparameter_specs(gs.server_optimizer)
+                for k, v in changes.items():
+                    if k in specs:
+                        check_value(specs[k], v, self._where(index))
             work.append((group, gs, changes))
         calls = []
         for group, gs, changes in work:
@@ -279,6 +283,12 @@ class RemoteOptimizer(torch.optim.Optimizer):
             calls.append((gs.session, grads, changes, done))
         send_steps(calls, _loss_metric(loss))
         return loss
+
+    def _hyperparameter_specs(self, optimizer: str) -> dict:
+        if optimizer not in self._specs:
+            for info in self.client.optimizers():  # one call, the first time an option changes
+                self._specs[info.name] = {h.name: h for h in info.hyperparameters}
+        return self._specs.get(optimizer, {})
 
     # -- state dicts --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from torch.optim.optimizer import _get_scalar_dtype
 
+from optreg.client.errors import UsageError
+
 @dataclass(frozen=True)
 class Mapping:
     torch_class: type
@@ -147,3 +149,29 @@ def to_session_state(mapping: Mapping, group: dict, names: list[str], states: li
             arrays[name] = np.ascontiguousarray(a)
         slots[slot] = arrays
     return slots, step
+
+
+def check_value(spec, value: float, where: str) -> None:
+    """The server's own check of one hyperparameter (type, finite, bounds) from its published spec, so a
+    bad value is refused before any group's gradients are sent. Raises UsageError (a ValueError) naming it."""
+    name = spec.name
+    problem = None
+    if value != value or value in (float("inf"), float("-inf")):
+        problem = "must be finite"
+    elif spec.type == "bool" and value not in (0.0, 1.0):
+        problem = "must be a boolean"
+    elif spec.type == "int" and value != int(value):
+        problem = "must be an integer"
+    else:
+        low, high = spec.minimum, spec.maximum
+        if low is not None and (value <= low if spec.minimum_exclusive else value < low):
+            problem = f"must be {'>' if spec.minimum_exclusive else '>='} {low:g}"
+        elif high is not None and (value >= high if spec.maximum_exclusive else value > high):
+            problem = f"must be {'<' if spec.maximum_exclusive else '<='} {high:g}"
+    if problem:
+        raise UsageError(f"{where}: {name}={value!r} {problem} (the group's {TORCH_OPTION.get(name, name)}); "
+                         "nothing was sent")
+
+
+# optreg hyperparameter -> the torch option it comes from, for messages
+TORCH_OPTION = {"beta1": "betas[0]", "beta2": "betas[1]"}
