@@ -16,7 +16,7 @@ from torch.optim.optimizer import _get_scalar_dtype
 from optreg.client.errors import UsageError
 
 @dataclass(frozen=True)
-class Mapping:
+class OptimizerMap:
     torch_class: type
     server_optimizer: Callable[[dict], str]
     hyperparameters: Callable[[dict], dict[str, float]]
@@ -42,20 +42,20 @@ ADAM_STATE = (("exp_avg", "m", _always), ("exp_avg_sq", "v", _always),
               ("max_exp_avg_sq", "max_v", lambda g: bool(g["amsgrad"])))
 
 MAPPINGS = {
-    "torch.adam": Mapping(torch.optim.Adam,
+    "torch.adam": OptimizerMap(torch.optim.Adam,
                           lambda g: "adamw" if g.get("decoupled_weight_decay") else "torch.adam",
                           _adam_hp, ADAM_STATE, has_step=True),
-    "adamw": Mapping(torch.optim.AdamW, lambda g: "adamw", _adam_hp, ADAM_STATE, has_step=True),
-    "torch.sgd": Mapping(
+    "adamw": OptimizerMap(torch.optim.AdamW, lambda g: "adamw", _adam_hp, ADAM_STATE, has_step=True),
+    "torch.sgd": OptimizerMap(
         torch.optim.SGD, lambda g: "torch.sgd",
         lambda g: {k: g[k] for k in ("lr", "momentum", "dampening", "weight_decay", "nesterov")},
         (("momentum_buffer", "momentum_buffer", lambda g: g["momentum"] != 0),), has_step=False),
-    "torch.rmsprop": Mapping(
+    "torch.rmsprop": OptimizerMap(
         torch.optim.RMSprop, lambda g: "torch.rmsprop",
         lambda g: {k: g[k] for k in ("lr", "alpha", "eps", "weight_decay", "momentum", "centered")},
         (("square_avg", "square_avg", _always), ("momentum_buffer", "momentum_buffer", lambda g: g["momentum"] > 0),
          ("grad_avg", "grad_avg", lambda g: bool(g["centered"]))), has_step=True),
-    "torch.adagrad": Mapping(
+    "torch.adagrad": OptimizerMap(
         torch.optim.Adagrad, lambda g: "torch.adagrad",
         lambda g: {k: g[k] for k in ("lr", "lr_decay", "weight_decay", "initial_accumulator_value", "eps")},
         (("sum", "sum", _always),), has_step=True, state_at_step_zero=True),
@@ -65,7 +65,7 @@ CLASSES = {torch.optim.Adam: "torch.adam", torch.optim.AdamW: "adamw", torch.opt
 BOOK = ("adam", "sgd", "rmsprop", "adagrad", "momentum", "nesterov")
 
 
-def lookup(optimizer) -> tuple[str, Mapping]:
+def lookup(optimizer) -> tuple[str, OptimizerMap]:
     """The optreg name and mapping for `optimizer` (an optreg name or a torch.optim class)."""
     name = CLASSES.get(optimizer, optimizer) if isinstance(optimizer, type) else optimizer
     if isinstance(name, str) and name in MAPPINGS:
@@ -76,7 +76,7 @@ def lookup(optimizer) -> tuple[str, Mapping]:
                      "Adagrad)")
 
 
-def server_hyperparameters(mapping: Mapping, group: dict) -> dict[str, float]:
+def server_hyperparameters(mapping: OptimizerMap, group: dict) -> dict[str, float]:
     """The group's options as the session's hyperparameters (floats; bools as 0/1; tensor lr as its value)."""
     out = {}
     for k, v in mapping.hyperparameters(group).items():
@@ -86,7 +86,8 @@ def server_hyperparameters(mapping: Mapping, group: dict) -> dict[str, float]:
     return out
 
 
-def to_torch_state(mapping: Mapping, group: dict, step: int, slots: dict[str, np.ndarray], like: torch.Tensor) -> dict:
+def to_torch_state(mapping: OptimizerMap, group: dict, step: int, slots: dict[str, np.ndarray],
+                   like: torch.Tensor) -> dict:
     """One parameter's torch state from the session's slot arrays (float32 master precision)."""
     if step == 0 and not mapping.state_at_step_zero:
         return {}
@@ -103,7 +104,7 @@ def to_torch_state(mapping: Mapping, group: dict, step: int, slots: dict[str, np
     return out
 
 
-def to_session_state(mapping: Mapping, group: dict, names: list[str], states: list[dict], shapes: list[tuple],
+def to_session_state(mapping: OptimizerMap, group: dict, names: list[str], states: list[dict], shapes: list[tuple],
                      master: np.dtype, where: str) -> tuple[dict[str, dict[str, np.ndarray]], int]:
     """(slots, step) for a new session from the group's torch states (one per parameter, {} when none).
 
