@@ -17,12 +17,14 @@ import time
 
 import numpy as np
 
-# (label, tensor shapes): a 1e3 vector, a 10-tensor small model, and a 1e6 model (over the
-# client's streaming threshold of 2 MiB, so both sides take StepStream).
-CASES = [("1e3 params, 1 tensor", [(1000,)], 1),
-         ("1e5 params, 10 tensors", [(100, 199)] * 5 + [(5,)] * 5, 1),
-         ("1e5 params, 10 tensors, 2 groups", [(100, 199)] * 5 + [(5,)] * 5, 2),
-         ("1e6 params, 4 tensors", [(500, 500)] * 4, 1)]
+# (label, tensor shapes, param groups, shared memory): a 1e3 vector, a 10-tensor small model in one
+# and in two groups, and a 1e6 model (over the client's 2 MiB streaming size) streamed and through
+# shared memory (RemoteOptimizer's default for a large group on a server on this host).
+CASES = [("1e3 params, 1 tensor", [(1000,)], 1, False),
+         ("1e5 params, 10 tensors", [(100, 199)] * 5 + [(5,)] * 5, 1, False),
+         ("1e5 params, 10 tensors, 2 groups", [(100, 199)] * 5 + [(5,)] * 5, 2, False),
+         ("1e6 params, 4 tensors, streamed", [(500, 500)] * 4, 1, False),
+         ("1e6 params, 4 tensors, shared memory", [(500, 500)] * 4, 1, True)]
 
 
 def _times(step, n):
@@ -34,9 +36,10 @@ def _times(step, n):
     return out
 
 
-def measure(address: str, shapes, groups: int, blocks: int, per_block: int) -> tuple[float, float]:
+def measure(address: str, shapes, groups: int, shm: bool, blocks: int, per_block: int) -> tuple[float, float]:
     """(raw median s/step, RemoteOptimizer median s/step); the raw side is one session of every tensor,
-    the optimizer's tensors are dealt into `groups` param groups (one session each, stepped together)."""
+    the optimizer's tensors are dealt into `groups` param groups (one session each, stepped together).
+    `shm`: both sides step through a shared-memory segment (else both take gRPC, streamed when large)."""
     import torch
 
     from optreg.client import Client
@@ -50,8 +53,10 @@ def measure(address: str, shapes, groups: int, blocks: int, per_block: int) -> t
         p.grad = torch.from_numpy(g.copy())
     with Client(address) as client:
         raw = client.create_session("torch.adam", arrays, master_dtype="float32", lr=1e-3)
+        if shm:
+            raw.enable_shared_memory()  # the gradients passed are copied into the segment: as the optimizer does
         opt = RemoteOptimizer([{"params": params[i::groups]} for i in range(groups)], "torch.adam", client=client,
-                              lr=1e-3)
+                              lr=1e-3, shared_memory=shm)
         try:
             for _ in range(5):  # warm both paths (channel, buffers)
                 raw.step(grads)
@@ -69,10 +74,10 @@ def measure(address: str, shapes, groups: int, blocks: int, per_block: int) -> t
 def bench_torch(cfg, server, _echo):
     """A section of `python -m bench`."""
     from bench.run import row
-    for label, shapes, groups in CASES:
+    for label, shapes, groups, shm in CASES:
         big = sum(int(np.prod(s)) for s in shapes) >= 1_000_000
         blocks, per_block = (4, 3 if cfg.quick else 8) if big else (6, 30 if cfg.quick else 150)
-        raw, remote = measure(server.address, shapes, groups, blocks, per_block)
+        raw, remote = measure(server.address, shapes, groups, shm, blocks, per_block)
         row(f"RemoteOptimizer step ({label})", remote, "s", "raw client step, same size", raw,
             note="torch.adam float32; median of interleaved blocks")
 

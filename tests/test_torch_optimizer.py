@@ -326,8 +326,9 @@ def test_param_without_grad(client):
         assert torch.equal(model[0].weight, first_before)
 
 
+@pytest.mark.parametrize("shared_memory", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_params_keep_a_float32_master(client, dtype):
+def test_half_params_keep_a_float32_master(client, dtype, shared_memory):
     """bf16/fp16 local weights: gradients travel as they are, the server keeps float32 masters (as a local
     float32 Adam fed the same gradients), and the local weights are the masters rounded."""
     gen = torch.Generator().manual_seed(3)
@@ -335,7 +336,7 @@ def test_half_params_keep_a_float32_master(client, dtype):
     params = [torch.randn(s, generator=gen).to(dtype).requires_grad_() for s in shapes]
     masters = [p.detach().float().clone().requires_grad_() for p in params]
     local = torch.optim.Adam(masters, lr=1e-3)
-    with RemoteOptimizer(params, client=client, lr=1e-3) as opt:
+    with RemoteOptimizer(params, client=client, lr=1e-3, shared_memory=shared_memory) as opt:
         assert opt.sessions[0].info.master_dtype == "float32"
         for _ in range(40):
             grads = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
@@ -351,12 +352,13 @@ def test_half_params_keep_a_float32_master(client, dtype):
             assert p.dtype == dtype and torch.equal(p.detach(), master.to(dtype))
 
 
-def test_maximize_and_bad_arguments(client):
+@pytest.mark.parametrize("shared_memory", [False, True])
+def test_maximize_and_bad_arguments(client, shared_memory):
     remote_model = tiny_model()
     local_model = twin(remote_model)
     local = torch.optim.SGD(local_model.parameters(), lr=0.01, momentum=0.5, maximize=True)
     with RemoteOptimizer(remote_model.parameters(), torch.optim.SGD, client=client, lr=0.01, momentum=0.5,
-                         maximize=True) as remote:
+                         maximize=True, shared_memory=shared_memory) as remote:
         for model, opt in ((local_model, local), (remote_model, remote)):
             train(model, opt, torch.optim.lr_scheduler.StepLR(opt, 10), steps=20)
         assert_close(remote_model, local_model)
@@ -491,20 +493,29 @@ def test_cyclic_lr_cycles_momentum_and_betas(client, name):
     assert_close(remote_model, local_model)
 
 
-def test_large_group_streams_and_groups_added_later(client):
-    """A 700k-element tensor (over the client's 2 MiB unary limit: StepStream) steps like torch;
-    add_param_group opens one more session."""
+@pytest.mark.parametrize("shared_memory", [None, False])
+def test_large_group_and_groups_added_later(client, shared_memory):
+    """A 700k-element tensor (over the client's 2 MiB unary size) steps like torch, through a segment
+    shared with this loopback server by default, or streamed (shared_memory=False); a small group
+    added later (add_param_group: one more session) steps over unary calls."""
     gen = torch.Generator().manual_seed(4)
     big = torch.randn(700, 1000, generator=gen).requires_grad_()
+    storage = big.data_ptr()
     local_big = big.detach().clone().requires_grad_()
     local = torch.optim.Adam([local_big], lr=1e-3)
-    with RemoteOptimizer([big], client=client, lr=1e-3) as opt:
+    with RemoteOptimizer([big], client=client, lr=1e-3, shared_memory=shared_memory) as opt:
+        if shared_memory is None:
+            assert set(opt.sessions[0].gradients) == {"p0"}  # the segment's buffers exist
+        else:
+            with pytest.raises(UsageError, match="enable_shared_memory"):
+                opt.sessions[0].gradients
         for _ in range(3):
             g = torch.randn(700, 1000, generator=gen)
             big.grad, local_big.grad = g, g.clone()
             opt.step()
             local.step()
         assert (big - local_big).abs().max().item() <= TOL
+        assert big.data_ptr() == storage
         small = torch.zeros(3, requires_grad=True)
         opt.add_param_group({"params": [small], "lr": 0.1})
         assert len(opt.sessions) == 2 and opt.sessions[1].info.hyperparameters["lr"] == 0.1

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from optreg.client.client import Client
+from optreg.client.stepping import STREAM_ABOVE_BYTES
 from optreg.client.torch.options import check_value, lookup, server_hyperparameters, to_session_state, \
     to_torch_state
 
@@ -107,12 +108,34 @@ class _GroupSession:
         # A float32 CPU contiguous parameter whose dtype is the master's is the session's array itself
         # (the reply lands in the model's tensor with no copy); any other gets its own master buffer.
         self.shared = [self._can_share(p) for p in self.params]
+        self.shm = False
+
+    def use_shared_memory(self) -> None:
+        """Parameters and gradients in a segment the server maps too: a step sends names and offsets only.
+        The model's tensors keep their storage: gradients are copied in, results copied out."""
+        self.session.enable_shared_memory()
+        self.shm = True
+        self.shared = [False] * len(self.params)
+
+    def gradients(self, negate: bool) -> dict[str, np.ndarray]:
+        if self.shm:
+            out = self.session.gradients  # the segment's buffers: the client sends only their offsets
+            for name, p in zip(self.names, self.params):
+                # numpy, not torch: torch's copy threads would spin on the cores a local server needs
+                if negate:
+                    np.negative(_numpy(p.grad), out=out[name], casting="unsafe")
+                else:
+                    np.copyto(out[name], _numpy(p.grad), casting="unsafe")
+            return {name: out[name] for name in self.names}
+        return {n: _numpy(-p.grad if negate else p.grad) for n, p in zip(self.names, self.params)}
 
     def _can_share(self, p: torch.Tensor) -> bool:
         return p.device.type == "cpu" and p.is_contiguous() and p.dtype == _torch_dtype(self.master)
 
     def relink(self) -> None:
         """Point shared arrays at the parameters' current storage (`p.data = ...` replaces it)."""
+        if self.shm:
+            return
         for i, (name, p) in enumerate(zip(self.names, self.params)):
             if not self.shared[i]:
                 continue
@@ -127,11 +150,16 @@ class _GroupSession:
 
     def write_back(self) -> None:
         for name, p, shared in zip(self.names, self.params, self.shared):
-            if shared:
-                if _bump_version is not None:
-                    _bump_version(p)  # autograd sees the in-place change, as after torch's own step
-            else:
-                p.copy_(torch.from_numpy(self.session.arrays[name]))
+            if not shared:
+                value = self.session.arrays[name]
+                if p.device.type == "cpu" and p.is_contiguous():
+                    # numpy rounds to bf16/fp16 to nearest-even as torch does, without torch's copy threads
+                    np.copyto(_numpy(p), value, casting="unsafe")
+                else:
+                    p.copy_(torch.from_numpy(value))
+                    continue
+            if _bump_version is not None:
+                _bump_version(p)  # autograd sees the in-place change, as after torch's own step
 
 
 def _torch_dtype(master: np.dtype) -> torch.dtype:
@@ -148,12 +176,16 @@ class RemoteOptimizer(torch.optim.Optimizer):
     `session_id=`: the sessions are named `<session_id>.g<group index>`; with `resume=True` they
     are attached to (and the server's parameters copied into the model) instead of created.
     `worker=` is reserved for several workers on one session (not served yet: refused).
+    `shared_memory`: None (default) puts a group's tensors in a segment shared with the server when
+    the server is on this host and the group is over the client's streaming size (2 MiB); True for
+    every group (a server elsewhere is refused), False never. Smaller groups and remote servers use
+    unary or streamed steps, as the client chooses by size.
     """
 
     def __init__(self, params, optimizer: Any = "torch.adam", address: str | None = None, *,
                  client: Client | None = None, token: str | None = None, session_id: str | None = None,
                  worker: str | None = None, resume: bool = False, durability: str | None = None,
-                 **hyperparameters):
+                 shared_memory: bool | None = None, **hyperparameters):
         if worker is not None:
             raise ValueError(f"worker={worker!r}: several workers on one session are not served yet; a session has "
                              "one writer: leave worker= unset")
@@ -170,6 +202,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
             client = Client(address, **kw) if address is not None else Client(**kw)
         self.client = client
         self.session_id, self.resume, self.durability = session_id, resume, durability
+        self.shared_memory = shared_memory
         self._groups: list[_GroupSession] = []
         self._specs: dict[str, dict] = {}  # optimizer -> {hyperparameter: spec}, as the server publishes them
         try:
@@ -233,6 +266,13 @@ class RemoteOptimizer(torch.optim.Optimizer):
             **server_hyperparameters(self._mapping, group))
         # What the server holds: a resumed session's own values, so the first step sends the group's.
         gs = _GroupSession(session, group, names, master, dict(session.info.hyperparameters))
+        if self.shared_memory or (self.shared_memory is None and self.client.transport.is_local()
+                                  and session.info.parameter_bytes > STREAM_ABOVE_BYTES):
+            try:
+                gs.use_shared_memory()
+            except BaseException:
+                session.delete()
+                raise
         with torch.no_grad():
             gs.write_back()
         return gs
@@ -273,9 +313,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
             work.append((group, gs, changes))
         calls = []
         for group, gs, changes in work:
-            negate = group.get("maximize", False)  # torch's maximize is the step on -grad
-            grads = {n: _numpy(-p.grad if negate else p.grad) for n, p in zip(gs.names, group["params"])}
             gs.relink()
+            grads = gs.gradients(negate=group.get("maximize", False))  # torch's maximize steps on -grad
 
             def done(gs=gs, changes=changes):
                 gs.sent.update(changes)
