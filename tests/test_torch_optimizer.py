@@ -450,7 +450,8 @@ def test_resume_attaches_to_the_named_sessions(client):
     """A restarted process passes the same session_id and resume=True: the server's master weights are
     copied into the new model and training continues where it was, also under a new lr."""
     model = tiny_model()
-    first = RemoteOptimizer(model.parameters(), "torch.adam", client=client, lr=0.01, session_id="resume-run")
+    first = RemoteOptimizer(model.parameters(), "torch.adam", client=client, lr=0.01, session_id="resume-run",
+                            shared_memory=True)  # released by close(delete=False), the session kept
     train(model, first, torch.optim.lr_scheduler.StepLR(first, 100), steps=10)
     first.close(delete=False)
 

@@ -389,11 +389,14 @@ class RemoteOptimizer(torch.optim.Optimizer):
         return [g.session for g in self._groups]
 
     def close(self, delete: bool = True) -> None:
-        """Delete the sessions (unless delete=False) and close the connection if this optimizer opened it."""
+        """Delete the sessions (delete=False: keep them, releasing only their shared-memory segments) and
+        close the connection if this optimizer opened it."""
         try:
-            if delete:
-                for g in self._groups:
+            for g in self._groups:
+                if delete:
                     g.session.delete()
+                else:
+                    g.session.disable_shared_memory()
         finally:
             if self._owns_client:
                 self.client.close()
