@@ -423,13 +423,18 @@ def bench_concurrency(cfg, server, _echo):
         note="higher is better; 2 cores shared by server and clients")
 
 
+def bench_torch(cfg, server, echo):
+    from bench.torch_adapter import bench_torch as run  # imports torch only when this section runs
+    run(cfg, server, echo)
+
+
 def bench_wal(cfg, server, echo):
     from bench.wal import bench_wal as run  # the log/snapshot library's figures (no server involved)
     run(cfg, server, echo)
 
 
 SECTIONS = {"small": bench_small, "large": bench_large, "shm": bench_shm, "kernels": bench_kernels, "memory": bench_memory,
-            "concurrency": bench_concurrency, "wal": bench_wal}
+            "concurrency": bench_concurrency, "torch": bench_torch, "wal": bench_wal}
 
 
 class Config:
