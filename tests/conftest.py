@@ -42,10 +42,21 @@ class ServerProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             return self.proc.wait()
+        finally:
+            self._release()
 
     def kill(self) -> None:
         self.proc.kill()
         self.proc.wait()
+        self._release()
+
+    def _release(self) -> None:
+        """Close the pipes and remove the scratch data dir now, not when the garbage collector gets to it
+        (its ResourceWarnings would land in whichever test runs then)."""
+        for f in (self.proc.stdout, self.proc.stderr):
+            if f and not f.closed:
+                f.close()
+        self._tmp.cleanup()
 
 
 @pytest.fixture

@@ -355,8 +355,8 @@ class Journal:
                         if lg.last_step > int(meta["step"]):
                             meta["step"] = lg.last_step
                             meta["log_step"] = True
-                    except wal.CorruptData as e:
-                        meta["log_error"] = str(e)
+                    except (wal.CorruptData, ValueError, OSError) as e:
+                        meta["log_error"] = f"log {self.log_path(sid)}: {e}"
                 yield sid, meta
             except Exception as e:
                 yield sid, e
