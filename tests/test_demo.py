@@ -1,6 +1,6 @@
 """`optreg demo --quick` end to end, plus the demo's own numpy parts.
 
-The demo runs as a subprocess (`python -m optreg.server demo`), with its
+The demo runs as a subprocess (`python -m optreg.app demo`), with its
 in-process server; the checks read the summary.json it writes beside the
 figures, not its human-readable output.
 """
@@ -28,7 +28,7 @@ def quick_demo(tmp_path_factory):
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(SOURCE_ROOTS + [env.get("PYTHONPATH", "")])
     env["MPLBACKEND"] = "Agg"
-    done = subprocess.run([sys.executable, "-m", "optreg.server", "demo", "--quick", "--no-progress",
+    done = subprocess.run([sys.executable, "-m", "optreg.app", "demo", "--quick", "--no-progress",
                            "--out", str(out)], capture_output=True, text=True, env=env, timeout=900)
     assert done.returncode == 0, f"optreg demo --quick failed:\n{done.stdout}\n{done.stderr}"
     return out, json.loads((out / "summary.json").read_text()), done.stdout
@@ -76,7 +76,7 @@ def test_each_optimizer_lowered_the_loss_and_sgd_is_slowest(quick_demo):
 # --- the demo's parts, in process -------------------------------------------------
 
 def test_backprop_matches_numerical_gradient():
-    from optreg.server.demo.network import MultiLayerNet
+    from optreg.app.demo.network import MultiLayerNet
     rng = np.random.default_rng(1)
     net = MultiLayerNet(5, [4, 3], 3, rng)
     for k in net.params:  # biases away from zero so no ReLU sits on its kink
@@ -117,7 +117,7 @@ def _write_idx(path, array: np.ndarray, gz: bool) -> None:
 
 
 def test_idx_files_are_read_as_the_books_loader_saves_them(tmp_path):
-    from optreg.server.demo.data import load
+    from optreg.app.demo.data import load
     rng = np.random.default_rng(2)
     x_train = rng.integers(0, 256, (7, 28, 28))
     t_train = rng.integers(0, 10, 7)
@@ -136,6 +136,6 @@ def test_idx_files_are_read_as_the_books_loader_saves_them(tmp_path):
 
 
 def test_missing_idx_file_is_named(tmp_path):
-    from optreg.server.demo.data import load
+    from optreg.app.demo.data import load
     with pytest.raises(FileNotFoundError, match="train-images-idx3-ubyte"):
         load(str(tmp_path))

@@ -13,8 +13,8 @@ import time
 import numpy as np
 
 from optreg.client import SGD, AdaGrad, Adam, Client, Momentum, RMSprop
-from optreg.server.demo.data import Dataset
-from optreg.server.demo.network import MultiLayerNet
+from optreg.app.demo.data import Dataset
+from optreg.app.demo.network import MultiLayerNet
 
 HIDDEN = [100, 100, 100, 100]
 BATCH = 128

@@ -67,8 +67,8 @@ def _main(args) -> int:
     matplotlib.use("Agg")
 
     from optreg.client import Client
-    from optreg.server.demo import data as data_mod
-    from optreg.server.demo import paths, training
+    from optreg.app.demo import data as data_mod
+    from optreg.app.demo import paths, training
 
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
