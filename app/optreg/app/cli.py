@@ -25,6 +25,12 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
         self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
+    def _print_message(self, message, file=None):
+        # argparse swallows OSError here, so `optreg --help | head -0` would exit 0 having
+        # written nothing; let a closed pipe reach main() like any other write's.
+        if message:
+            (file or sys.stderr).write(message)
+
 
 def plugin_manager() -> pluggy.PluginManager:
     import importlib
@@ -58,16 +64,21 @@ def one_line(error: BaseException) -> str:
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    name = " ".join(["optreg", args.command] + ([args.action] if getattr(args, "action", None) else []))
+    name, args = "optreg", None
     try:
+        parser = build_parser()
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit:  # --help, --version, a usage error: flush here so a closed pipe is caught below
+            sys.stdout.flush()
+            raise
+        name = " ".join(["optreg", args.command] + ([args.action] if getattr(args, "action", None) else []))
         code = args.run(args)
         sys.stdout.flush()  # here, not at exit, so a closed pipe is caught below
         return code or 0
     except BrokenPipeError:
-        # The reader (`| head`) left: stop quietly on stdout; Python would report the
-        # pipe again when it flushes at exit, so point stdout at /dev/null first.
+        # The reader (`| head`) left. Python would report the pipe again when it flushes
+        # stdout at exit, so point stdout at /dev/null first.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         print(f"{name}: output closed early (broken pipe)", file=sys.stderr)
         return 1

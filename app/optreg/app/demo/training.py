@@ -173,7 +173,8 @@ def plot(results: dict[str, dict], data: Dataset, batch: int, out_path) -> dict:
         bx.text(b.get_x() + b.get_width() / 2, a, f"{a:.1f}%", ha="center", va="bottom", fontsize=9)
     chance = 100 / data.classes
     bx.axhline(chance, color="0.4", linestyle="--", linewidth=1)
-    bx.text(len(titles) - 0.5, chance, f"chance {chance:.0f}%", ha="right", va="bottom", fontsize=8, color="0.3")
+    bx.text(len(titles) - 0.5, chance, f"chance {chance:.0f}%", ha="right", va="bottom", fontsize=8, color="0.3",
+            bbox={"facecolor": "white", "edgecolor": "none", "pad": 1})
     bx.set_ylim(0, 105)
     bx.set_ylabel("test accuracy (%)")
     bx.set_title(f"test accuracy after {iterations} iterations")

@@ -1,0 +1,150 @@
+"""The `optreg` command as a user meets it: --version, the optimizer table, command plugins, and
+every expected failure (a stopped server, a bad argument, a closed pipe) as one line on stderr
+with a non-zero exit, never a traceback."""
+from __future__ import annotations
+
+import subprocess
+import types
+
+import pytest
+
+from cli_helpers import assert_one_line_error, free_port, optreg, optreg_command, optreg_env
+
+
+def test_version():
+    done = optreg("--version")
+    assert done.returncode == 0
+    assert done.stdout.startswith("optreg ") and done.stdout.split()[1][0].isdigit()
+
+
+def test_optimizer_table_fits_100_columns_and_wide_shows_everything():
+    table = optreg("optimizers")
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 100, max(lines, key=len)
+    assert lines[0].split()[0] == "NAME"
+    text = table.stdout
+    for expected in ("adam", "lr=0.001", "beta2=0.999", "torch.adagrad", "initial_accumulator_value=0"):
+        assert expected in text
+    wide = optreg("optimizers", "--wide")
+    assert wide.returncode == 0
+    assert "optreg.plugins.builtins.adam" in wide.stdout and "SUMMARY" in wide.stdout
+    assert max(len(line) for line in wide.stdout.splitlines()) > 100
+
+
+def _stopped_server_commands(tmp_path):
+    from optreg.app import sessionfile
+    from optreg.client.results import SessionInfo
+    import numpy as np
+    info = SessionInfo(session_id="s", optimizer="sgd", hyperparameters={"lr": 0.1}, step=3,
+                       master_dtype="float64", step_reply="parameters", parameters={"w": (2,)}, slots=(),
+                       durability="none", periodic_steps=0, periodic_seconds=0.0, persisted_step=-1, loaded=True)
+    exported = tmp_path / "s.safetensors"
+    exported.write_bytes(sessionfile.encode(info, {"w": np.ones(2)}, {}))
+    return [("optimizers",), ("sessions", "list"), ("sessions", "show", "s"), ("sessions", "delete", "s"),
+            ("sessions", "export", "s", str(tmp_path / "out.safetensors")), ("sessions", "import", str(exported)),
+            ("demo", "--quick", "--no-progress", "--out", str(tmp_path / "demo"))]
+
+
+def test_every_command_against_a_stopped_server_says_so_in_one_line(tmp_path):
+    address = f"127.0.0.1:{free_port()}"
+    env = optreg_env(MPLBACKEND="Agg")
+    # All at once: each waits out the client's retry window (seconds) before giving up.
+    running = [(args, subprocess.Popen(optreg_command(*args, "--address", address), stdout=subprocess.PIPE,
+                                       stderr=subprocess.PIPE, text=True, env=env))
+               for args in _stopped_server_commands(tmp_path)]
+    for args, proc in running:
+        out, err = proc.communicate(timeout=300)
+        done = subprocess.CompletedProcess(args, proc.returncode, out, err)
+        assert_one_line_error(done, "optreg " + " ".join(a for a in args[:2] if not a.startswith(("-", "/"))),
+                              address, "UNAVAILABLE")
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_address_and_token_from_the_environment(tmp_path):
+    address = f"127.0.0.1:{free_port()}"
+    done = optreg("sessions", "list", env=optreg_env(OPTREG_ADDRESS=address, OPTREG_TOKEN="t"))
+    assert_one_line_error(done, address)
+
+
+BAD_ARGUMENTS = [
+    ("serve", "--port", "99999"),
+    ("serve", "--workers", "many"),
+    ("serve", "--tls-cert", "/nonexistent/cert.pem", "--port", "0", "--memory-only"),
+    ("bogus",),
+    ("optimizers", "--nope"),
+    ("sessions",),
+    ("sessions", "show"),
+    ("sessions", "list", "--timeout", "soon"),
+    ("sessions", "list", "--token-file", "/nonexistent/token"),
+    ("sessions", "list", "--tls-ca", "/nonexistent/ca.pem"),
+    ("sessions", "list", "--data-dir", "/nonexistent/optreg-data"),
+    ("sessions", "list", "--data-dir", "/tmp", "--address", "127.0.0.1:1"),
+    ("sessions", "import", "/nonexistent/file.safetensors"),
+    ("sessions", "import", "/etc/hostname"),
+    ("sessions", "import", "x", "--durability", "sometimes"),
+    ("sessions", "export", "s", "/nonexistent/dir/file.safetensors"),
+    ("demo", "--iterations", "0"),
+    ("demo", "--dataset", "imagenet"),
+    ("demo", "--data", "/nonexistent/mnist"),
+]
+
+
+@pytest.mark.parametrize("args", BAD_ARGUMENTS, ids=" ".join)
+def test_bad_arguments_are_one_line(args, tmp_path):
+    done = optreg(*args, env=optreg_env(MPLBACKEND="Agg"), timeout=120)
+    assert_one_line_error(done)
+    assert done.stdout == ""
+
+
+def test_demo_checks_its_data_before_any_work(tmp_path):
+    out = tmp_path / "demo"
+    done = optreg("demo", "--data", str(tmp_path), "--out", str(out), "--no-progress", timeout=120)
+    assert_one_line_error(done, "train-images-idx3-ubyte")
+    assert not out.exists(), "nothing written before the data was checked"
+
+
+@pytest.mark.parametrize("buffered", [True, False], ids=["buffered", "PYTHONUNBUFFERED"])
+@pytest.mark.parametrize("args", [("optimizers",), ("optimizers", "--wide"), ("optimizers", "--json"), ("--help",),
+                                  ("sessions", "--help"), ("--version",)], ids=" ".join)
+def test_closed_pipe_is_one_line(args, buffered):
+    env = optreg_env()
+    env.pop("PYTHONUNBUFFERED", None)
+    if not buffered:
+        env["PYTHONUNBUFFERED"] = "1"
+    proc = subprocess.Popen(optreg_command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    proc.stdout.close()  # the reader is gone before the command writes (`optreg ... | head -0`)
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=120)
+    assert_one_line_error(subprocess.CompletedProcess(args, proc.returncode, "", err), "broken pipe")
+
+
+# --- commands are plugins --------------------------------------------------------------
+
+def test_builtin_commands_are_plugins_of_register_commands():
+    from optreg.app import cli
+    pm = cli.plugin_manager()
+    names = {pm.get_name(p) for p in pm.get_plugins()}
+    assert set(cli.BUILTIN_COMMANDS) <= names
+    sub = cli.build_parser(pm)._subparsers._group_actions[0]
+    assert {"serve", "optimizers", "sessions", "demo"} <= set(sub.choices)
+
+
+def test_a_plugin_adds_a_command(capsys):
+    from optreg.app import cli
+    from optreg.app.hookspecs import hookimpl
+
+    plugin = types.ModuleType("optreg_hello")
+
+    @hookimpl
+    def register_commands(subparsers):
+        p = subparsers.add_parser("hello", help="greet")
+        p.add_argument("name")
+        p.set_defaults(run=lambda args: print(f"hello {args.name}") or 0)
+
+    plugin.register_commands = register_commands
+    pm = cli.plugin_manager()
+    pm.register(plugin)
+    args = cli.build_parser(pm).parse_args(["hello", "optreg"])
+    assert args.run(args) == 0
+    assert capsys.readouterr().out == "hello optreg\n"
