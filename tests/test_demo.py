@@ -44,6 +44,36 @@ def test_demo_writes_both_figures(quick_demo):
     assert summary["figures"] == {"paths": str(out / "paths.png"), "training": str(out / "training.png")}
 
 
+def test_training_figure_axes_fit_the_data(quick_demo):
+    _, summary, _ = quick_demo
+    training = summary["training"]
+    axes = training["axes"]
+    assert axes["iteration_range"] == [0, training["iterations"] - 1]
+    assert axes["accuracy_range"][0] == 0  # from zero: close accuracies look close
+    finals = [r["final_loss"] for r in training["optimizers"].values()]
+    # log exactly when the final losses are far apart (the digits: SGD ~0.7, the adaptive ones ~0.01)
+    assert axes["loss_scale"] == ("log" if max(finals) / min(finals) > 5 else "linear"), finals
+    low, high = axes["loss_range"]
+    assert low <= min(finals) and high >= max(r["initial_loss"] for r in training["optimizers"].values()) / 2
+
+
+def test_demo_writes_into_its_own_folder_by_default():
+    from optreg.app.cli import build_parser
+    args = build_parser().parse_args(["demo"])
+    assert args.out == "optreg-demo"
+
+
+def test_log_scale_and_iterations_follow_the_data():
+    from optreg.app.demo import training
+    from optreg.app.demo.data import Dataset
+    assert training.use_log_scale([0.74, 0.06, 0.015, 0.019, 0.013])  # digits after 200 iterations
+    assert not training.use_log_scale([0.438, 0.320, 0.313, 0.298, 0.306])  # Fashion-MNIST after 2,000
+    small = Dataset("small", np.zeros((1497, 64)), np.zeros(1497, int), np.zeros((300, 64)), np.zeros(300, int))
+    large = Dataset("large", np.zeros((60000, 1)), np.zeros(60000, int), np.zeros((10, 1)), np.zeros(10, int))
+    assert training.default_iterations(small) == training.SMALL_SET_ITERATIONS
+    assert training.default_iterations(large) == training.ITERATIONS
+
+
 def test_demo_names_its_data_set(quick_demo):
     _, summary, stdout = quick_demo
     assert summary["dataset"]
