@@ -38,8 +38,6 @@ def _positive(text: str) -> int:
 def add_arguments(parser) -> None:
     parser.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
                         help=f"folder for paths.png, training.png, summary.json (default: ./{DEFAULT_OUT}/)")
-    parser.add_argument("--address", metavar="HOST:PORT",
-                        help="use the optreg server at HOST:PORT instead of starting one in-process")
     parser.add_argument("--data", metavar="DIR",
                         help="MNIST IDX files (train-images-idx3-ubyte[.gz], ...), as the book's loader saves them; "
                              "default: Fashion-MNIST from Debian's dataset-fashion-mnist if installed, "
@@ -52,6 +50,8 @@ def add_arguments(parser) -> None:
                              "--quick: 200)")
     parser.add_argument("--seed", type=int, default=0, help="seed for weights and batches (default: 0)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from optreg.app.connect import add_client_arguments
+    add_client_arguments(parser)  # --address: a running server instead of one started in-process
 
 
 def _one_blas_thread():
@@ -105,6 +105,7 @@ def _prepare(args):
 def _main(args) -> int:
     out, dataset, iterations = _prepare(args)
     from optreg.app.demo import paths, training
+    from optreg.app.connect import client_for
     from optreg.client import Client
 
     print(f"data set: {dataset.describe()}")
@@ -119,7 +120,7 @@ def _main(args) -> int:
     else:
         print(f"using the optreg server at {address}")
     try:
-        with Client(address, timeout=120) as client:
+        with (client_for(args) if args.address else Client(address, timeout=120)) as client:
             names = {o.name for o in client.optimizers()}
             print(f"optimizers on the server: {', '.join(sorted(names))}")
 
