@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from conftest import ServerProcess
-from optreg.client import Client
+from optreg.client import Client, RetryPolicy
 from optreg.client.errors import OptregError
 
 
@@ -96,7 +96,7 @@ def test_tls_with_tokens_end_to_end(start_server, tokens, tmp_path):
         sess = c.create_session("sgd", {"W": W}, lr=0.5)
         sess.step({"W": np.ones(3)})
         np.testing.assert_array_equal(W, np.full(3, 0.5))
-    with Client(s.address, token="alice-token", timeout=5, retries=0) as plain:  # plaintext to a TLS port
+    with Client(s.address, token="alice-token", timeout=5, retry=RetryPolicy(total_seconds=0)) as plain:  # plaintext to a TLS port
         with pytest.raises(OptregError) as e:
             plain.list_sessions()
         assert e.value.code == grpc.StatusCode.UNAVAILABLE

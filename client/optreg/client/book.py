@@ -1,7 +1,7 @@
 """Drop-in replacements for the book's optimizer classes, their state living in optreg.
 
     with Adam(lr=0.001, session_id="mnist-adam") as optimizer:
-        for i in range(iters):
+        for i in range(optimizer.resume(network.params), iters):
             grads = network.gradient(x_batch, t_batch)
             optimizer.update(network.params, grads)   # as in the book
 
@@ -9,8 +9,9 @@ The first `update` opens a session from the arrays it is given (their dtype beco
 dtype: the book works in float64); each `update` writes the new values into those same arrays.
 
 `session_id`: a name for the session. If one of that name exists (a run that was interrupted),
-the first `update` resumes it: the optimizer, names and shapes must match, the arrays receive
-its parameters and training continues from its step. None: a fresh session, never resumed.
+`resume(params)` (or else the first `update`) attaches to it: the optimizer, names and shapes
+must match, the arrays receive its parameters, and `resume` returns its step to continue from.
+None: a fresh session, never resumed.
 
 `keep`: what `close()` and leaving the with-block do with the session.
   - None (the default): with a session_id, "on-error"; without one, False.
@@ -20,6 +21,10 @@ its parameters and training continues from its step. None: a fresh session, neve
     `optreg sessions delete ID`).
 """
 from __future__ import annotations
+
+import warnings
+
+import numpy as np
 
 from optreg.client.client import Client
 from optreg.client.errors import UsageError
@@ -44,13 +49,33 @@ class _ServiceOptimizer:
         where = self.session.id if self.session is not None else self.session_id or "no session yet"
         return f"<{type(self).__name__} {where} {self.hyperparameters}>"
 
-    def update(self, params, grads) -> None:
+    def resume(self, params) -> int:
+        """Open the session now: a new one from `params`, or, when one named `session_id` exists,
+        that one, its parameters copied into `params`. Returns the step to continue from
+        (0 for a new session). Call it before the loop, so the first gradients are computed from
+        the resumed parameters: `for i in range(optimizer.resume(network.params), iters)`."""
         if self.session is None:
-            dtype = next(iter(params.values())).dtype.name
-            self.session = self.client.create_session(
-                self.optimizer, params, session_id=self.session_id, resume=self.session_id is not None,
-                master_dtype=dtype if dtype in ("float32", "float64") else None, keep=self.keep,
-                **self.hyperparameters)
+            self._open(params)
+        return self.step
+
+    def _open(self, params) -> bool:
+        """Open or resume the session; True if resuming changed the values in `params`."""
+        dtype = next(iter(params.values())).dtype.name
+        before = {k: v.copy() for k, v in params.items()} if self.session_id is not None else None
+        self.session = self.client.create_session(
+            self.optimizer, params, session_id=self.session_id, resume=self.session_id is not None,
+            master_dtype=dtype if dtype in ("float32", "float64") else None, keep=self.keep, **self.hyperparameters)
+        return self.session.resumed and any(not np.array_equal(before[k], params[k]) for k in params)
+
+    def update(self, params, grads) -> None:
+        if self.session is None and self._open(params):
+            # Resumed without resume(): these gradients were computed from the parameters the
+            # arrays held before, not from the session's; applying them would be wrong.
+            warnings.warn(f"{type(self).__name__}: resumed session {self.session.id!r} at step {self.step}; its "
+                          "parameters are now in the arrays and this update's gradients (computed from the old "
+                          "values) were not applied. Call optimizer.resume(params) before the loop.",
+                          RuntimeWarning, stacklevel=2)
+            return
         self.session.arrays = params
         self.session.step({k: grads[k] for k in params})
 

@@ -64,6 +64,11 @@ class Client:
     def __repr__(self):
         return f"<Client {self.address}>"
 
+    @property
+    def channel(self):
+        """The gRPC channel under the default transport (for calling the service's RPCs directly)."""
+        return self.transport.channel
+
     def close(self) -> None:
         self.transport.close()
 
@@ -204,6 +209,7 @@ class Client:
             raise UsageError(f"cannot resume session {session_id!r}: " + "; ".join(problems)
                              + " (use another session_id, or delete that session)")
         session = Session(self, info, params, keep=keep)
+        session.resumed = True
         _load_into(params, session.read_parameters())
         return session
 

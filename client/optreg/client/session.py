@@ -46,7 +46,8 @@ class Session:
     normally and keeps it when an exception ends it (so a rerun with the same session_id resumes).
 
     `step_count` is the step number the next step is fenced with (the server's step as this
-    object last saw it).
+    object last saw it). `resumed` is True when create_session(..., resume=True) found the
+    session existing and attached to it.
     """
 
     def __init__(self, client, info: SessionInfo, arrays: Mapping[str, np.ndarray], *, keep=True):
@@ -57,6 +58,7 @@ class Session:
         self.step_count = info.step
         self.arrays = dict(arrays)
         self.keep = keep
+        self.resumed = False  # True when create_session(resume=True) attached to an existing session
         self._shm: SharedMemory | None = None
         self._stream = StreamStep()
         self._unary = UnaryStep()
