@@ -1,6 +1,6 @@
 """The `optreg` command as a user meets it: --version, the optimizer table, command plugins, and
-every expected failure (a stopped server, a bad argument, a closed pipe) as one line on stderr
-with a non-zero exit, never a traceback."""
+every expected failure (a stopped server, a bad argument) as one line on stderr with a non-zero
+exit, never a traceback; a closed pipe ends a command quietly."""
 from __future__ import annotations
 
 import subprocess
@@ -107,7 +107,9 @@ def test_demo_checks_its_data_before_any_work(tmp_path):
 @pytest.mark.parametrize("buffered", [True, False], ids=["buffered", "PYTHONUNBUFFERED"])
 @pytest.mark.parametrize("args", [("optimizers",), ("optimizers", "--wide"), ("optimizers", "--json"), ("--help",),
                                   ("sessions", "--help"), ("--version",)], ids=" ".join)
-def test_closed_pipe_is_one_line(args, buffered):
+def test_closed_pipe_ends_quietly(args, buffered):
+    """`optreg ... | head` when head has read enough: no traceback, no "[Errno 32] Broken pipe",
+    the exit status of a process ended by SIGPIPE."""
     env = optreg_env()
     env.pop("PYTHONUNBUFFERED", None)
     if not buffered:
@@ -116,7 +118,7 @@ def test_closed_pipe_is_one_line(args, buffered):
     proc.stdout.close()  # the reader is gone before the command writes (`optreg ... | head -0`)
     err = proc.stderr.read().decode()
     proc.wait(timeout=120)
-    assert_one_line_error(subprocess.CompletedProcess(args, proc.returncode, "", err), "broken pipe")
+    assert (proc.returncode, err) == (141, "")
 
 
 # --- commands are plugins --------------------------------------------------------------

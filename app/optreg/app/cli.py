@@ -1,9 +1,9 @@
 """The `optreg` command: a parser whose subcommands come from `register_commands` plugins.
 
 Whatever goes wrong in a way a user can fix (a stopped server, a bad argument,
-a refused request, a closed pipe) ends as one line on stderr and a non-zero
-exit, never a traceback: 2 for bad arguments (argparse's convention), 1 for
-everything else.
+a refused request) ends as one line on stderr and a non-zero exit, never a
+traceback: 2 for bad arguments (argparse's convention), 1 for everything else.
+A closed pipe (`| head`) ends the command quietly with 141, as SIGPIPE would.
 """
 from __future__ import annotations
 
@@ -17,6 +17,9 @@ from optreg.app import hookspecs, version
 
 BUILTIN_COMMANDS = ("optreg.app.commands.serve", "optreg.app.commands.optimizers", "optreg.app.commands.sessions",
                     "optreg.app.commands.demo")
+
+
+SIGPIPE_EXIT = 128 + 13  # what a shell reports for a process ended by SIGPIPE
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -77,11 +80,11 @@ def main(argv=None) -> int:
         sys.stdout.flush()  # here, not at exit, so a closed pipe is caught below
         return code or 0
     except BrokenPipeError:
-        # The reader (`| head`) left. Python would report the pipe again when it flushes
-        # stdout at exit, so point stdout at /dev/null first.
+        # The reader left (`optreg sessions list | head -3`): stop quietly, as a program killed
+        # by SIGPIPE would (exit 141, no message: `head` got what it asked for). Python would
+        # report the pipe when it flushes stdout at exit, so point stdout at /dev/null first.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        print(f"{name}: output closed early (broken pipe)", file=sys.stderr)
-        return 1
+        return SIGPIPE_EXIT
     except KeyboardInterrupt:
         print(f"{name}: interrupted", file=sys.stderr)
         return 130

@@ -67,7 +67,12 @@ def connect(args):
     if not pathlib.Path(data_dir).is_dir():
         raise FileNotFoundError(f"no data directory at {data_dir}")
     from optreg.server.app import OptregServer, Settings
-    server = OptregServer(Settings(host="127.0.0.1", port=0, data_dir=data_dir, workers=4))
+    from optreg.server.datadir import DataDirInUse
+    try:
+        server = OptregServer(Settings(host="127.0.0.1", port=0, data_dir=data_dir, workers=4))
+    except DataDirInUse as e:
+        raise DataDirInUse(f"{e}: while it runs, reach its sessions with --address instead of --data-dir",
+                           e.directory, e.holder) from None
     server.start()
     try:
         from optreg.client import Client

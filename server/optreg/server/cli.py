@@ -31,6 +31,7 @@ DURABILITIES = {"every-step": 1, "periodic": 2, "none": 3}
 
 def _serve(args) -> int:
     from optreg.server.app import OptregServer, Settings, default_data_dir
+    from optreg.server.datadir import DataDirInUse
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter() if args.log_format == "json" else
                          logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -46,7 +47,11 @@ def _serve(args) -> int:
             tls_key=args.tls_key, allow_insecure=args.allow_insecure, metrics_port=args.metrics_port,
             metrics_host=args.metrics_host))
         server.serve_forever()
-    except (ValueError, OSError) as e:  # a port in use, a data dir in use, a bad TLS file...
+    except DataDirInUse as e:
+        print(f"optreg serve: {e}: stop it, or give this one another --data-dir (or --memory-only)",
+              file=sys.stderr)
+        return 2
+    except (ValueError, OSError) as e:  # a port in use, a bad TLS file...
         print(f"optreg serve: {e}", file=sys.stderr)
         return 2
     return 0

@@ -21,7 +21,14 @@ LOCK_NAME = "lock"
 
 
 class DataDirInUse(OSError):
-    """Another process holds the data directory's lock."""
+    """Another process holds the data directory's lock; `.directory`, `.holder` (its pid, as text)."""
+
+    def __init__(self, message: str, directory: str, holder: str):
+        super().__init__(message)
+        self.directory, self.holder = directory, holder
+
+    def __str__(self):
+        return self.args[0]
 
 
 class DataDirLock:
@@ -40,8 +47,8 @@ class DataDirLock:
             holder = os.pread(self._fd, 64, 0).decode(errors="replace").strip() or "unknown"
             os.close(self._fd)
             self._fd = None
-            raise DataDirInUse(f"data directory {self.directory} is in use by another optreg server (pid {holder}): "
-                               "stop it, or use its --address instead of --data-dir") from None
+            raise DataDirInUse(f"data directory {self.directory} is in use by another optreg server (pid {holder})",
+                               str(self.directory), holder) from None
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
 
