@@ -150,3 +150,51 @@ def test_a_plugin_adds_a_command(capsys):
     args = cli.build_parser(pm).parse_args(["hello", "optreg"])
     assert args.run(args) == 0
     assert capsys.readouterr().out == "hello optreg\n"
+
+
+def _install_command_plugin(site, name: str, module_source: str) -> None:
+    """A distribution on `site` with an "optreg.app" entry point, as `pip install` would lay it out."""
+    (site / f"{name}.py").write_text(module_source)
+    info = site / f"{name}-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[optreg.app]\n{name} = {name}\n")
+
+
+def test_an_installed_command_plugin_runs_and_a_broken_one_is_one_line(tmp_path, start_server):
+    site = tmp_path / "site"
+    site.mkdir()
+    # docs/plugins.md's example, as written there
+    _install_command_plugin(site, "optreg_steps", '''
+from optreg.app.connect import add_client_arguments, connect
+from optreg.app.hookspecs import hookimpl
+
+
+def run(args):
+    with connect(args) as client:
+        for info in client.list_sessions():
+            print(info.session_id, info.step)
+    return 0
+
+
+@hookimpl
+def register_commands(subparsers):
+    p = subparsers.add_parser("steps", help="each session's step")
+    add_client_arguments(p, offline=True)
+    p.set_defaults(run=run)
+''')
+    _install_command_plugin(site, "optreg_broken", "raise ImportError('needs a library that is not here')\n")
+    env = optreg_env()
+    env["PYTHONPATH"] = f"{site}:{env['PYTHONPATH']}"
+    data = tmp_path / "data"
+    server = start_server("--data-dir", str(data))
+    import numpy as np
+    from optreg.client import Client
+    with Client(server.address) as c:
+        c.create_session("sgd", {"w": np.ones(2)}, session_id="run", lr=0.1).step({"w": np.ones(2)})
+    server.stop()
+    done = optreg("steps", "--data-dir", str(data), env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "run 1\n"
+    line = done.stderr.strip()
+    assert "optreg_broken" in line and "needs a library that is not here" in line and "\n" not in line
