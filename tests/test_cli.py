@@ -198,3 +198,23 @@ def register_commands(subparsers):
     assert done.stdout == "run 1\n"
     line = done.stderr.strip()
     assert "optreg_broken" in line and "needs a library that is not here" in line and "\n" not in line
+
+
+def test_the_server_never_imports_the_client_or_the_application_layer():
+    """Layering: app -> client, server; client -> proto; server -> proto, plugins. Never back."""
+    import pathlib
+    import sys as _sys
+    from conftest import ROOT
+    server_modules = sorted(p.stem for p in (ROOT / "server" / "optreg" / "server").glob("*.py")
+                            if p.stem != "__main__")
+    code = ("import sys\n" + "".join(f"import optreg.server.{m}\n" for m in server_modules) +
+            "bad = sorted(m for m in sys.modules if m.startswith(('optreg.client', 'optreg.app')))\n"
+            "print(bad)")
+    done = subprocess.run([_sys.executable, "-c", code], capture_output=True, text=True, env=optreg_env(),
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]", done.stdout
+    import re
+    importing = re.compile(r"^\s*(from|import)\s+optreg\.(client|app)\b", re.M)
+    for source in (ROOT / "server").rglob("*.py"):  # imports inside functions too
+        assert not importing.search(source.read_text()), source

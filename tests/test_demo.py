@@ -22,14 +22,19 @@ pytest.importorskip("matplotlib", reason="optreg demo needs the demo extra: pip 
 ADAPTIVE = ("AdaGrad", "Adam", "RMSprop")
 
 
-@pytest.fixture(scope="module")
-def quick_demo(tmp_path_factory):
+@pytest.fixture(scope="module", params=["digits", "fashion-mnist"])
+def quick_demo(request, tmp_path_factory):
+    """The quick demo on scikit-learn's digits (always there) and on Fashion-MNIST where installed."""
+    from optreg.app.demo.data import FASHION_DIR, IDX_FILES, _find
+    if request.param == "fashion-mnist" and not all(_find(FASHION_DIR, stem) for stem in IDX_FILES.values()):
+        pytest.skip(f"Fashion-MNIST is not in {FASHION_DIR} (apt install dataset-fashion-mnist)")
     out = tmp_path_factory.mktemp("demo")
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(SOURCE_ROOTS + [env.get("PYTHONPATH", "")])
     env["MPLBACKEND"] = "Agg"
     done = subprocess.run([sys.executable, "-m", "optreg.app", "demo", "--quick", "--no-progress",
-                           "--out", str(out)], capture_output=True, text=True, env=env, timeout=900)
+                           "--dataset", request.param, "--out", str(out)],
+                          capture_output=True, text=True, env=env, timeout=900)
     assert done.returncode == 0, f"optreg demo --quick failed:\n{done.stdout}\n{done.stderr}"
     return out, json.loads((out / "summary.json").read_text()), done.stdout
 
