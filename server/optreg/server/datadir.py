@@ -57,6 +57,9 @@ class DataDirLock:
             os.close(self._fd)  # closing the descriptor drops the flock
             self._fd = None
 
+    def __del__(self):  # a server whose construction failed after taking the lock lets go of it
+        self.release()
+
     def __enter__(self):
         return self
 
