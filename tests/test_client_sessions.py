@@ -151,3 +151,16 @@ def test_a_step_continues_the_same_session_across_a_server_restart(start_server,
             momentum(g)
         np.testing.assert_allclose(q["w"], reference["w"], rtol=1e-12)
         s.delete()
+
+
+def test_wait_for_ready_waits_for_a_server_that_is_not_up_yet(start_server):
+    import socket
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    started = []
+    with Client(f"127.0.0.1:{port}", wait_for_ready=True, timeout=60, retry=RetryPolicy(total_seconds=0)) as c:
+        threading.Timer(0.5, lambda: started.append(start_server("--memory-only", "--port", str(port)))).start()
+        assert c.list_sessions() == []  # waited for the server instead of failing at once
+        assert started

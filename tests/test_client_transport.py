@@ -232,3 +232,12 @@ def test_shared_memory_is_refused_up_front_for_a_remote_server():
     with pytest.raises(UsageError, match="loopback"):
         s.enable_shared_memory()
     assert [m for m, _ in fake.calls] == ["CreateSession"]
+
+
+def test_the_old_reply_keyword_still_works_with_a_deprecation_warning():
+    fake = FakeTransport(CreateSession=[created(reply=session_pb2.STEP_REPLY_DELTA)])
+    with pytest.warns(DeprecationWarning, match="step_reply"):
+        s = Client(transport=fake).create_session("sgd", {"w": np.zeros(3)}, reply="delta")
+    request = fake.calls[0][1]
+    assert request.config.step_reply == session_pb2.STEP_REPLY_DELTA and "reply" not in request.config.hyperparameters
+    assert s.info.step_reply == "delta"

@@ -137,10 +137,10 @@ class Client:
                 return self._resume(session_id, optimizer, params, master_dtype, keep)
             except NotFound:
                 pass
-        failed_before = []
+        attempts = []
 
         def attempt(n, remaining):
-            failed_before.append(n)
+            attempts.append(n)
             if len(params) and nbytes(params) + sum(nbytes(s) for s in state.values()) > STREAM_ABOVE_BYTES:
                 return self.transport.stream_in("CreateSessionStream",
                                                 self._create_messages(config, params, state, initial_step),
@@ -159,7 +159,7 @@ class Client:
                     self.transport.wait_until_ready(self.timeout or 3600.0)
                 info = attempt(0, 0.0)
         except AlreadyExists:
-            if not resume and len(failed_before) < 2:
+            if not resume and len(attempts) < 2:
                 raise
             # Created by this call's earlier attempt (its reply was lost), or by a racing resume.
             return self._resume(session_id, optimizer, params, master_dtype, keep)
@@ -223,8 +223,8 @@ class Client:
 
     def session(self, session_id: str, params: Mapping[str, np.ndarray] | None = None, *, keep=True) -> Session:
         """Attach to an existing session. `params`: the arrays steps write into (some or all of the
-        session's parameters, shapes as the session's), filled with the server's values; None: read
-        from the server."""
+        session's parameters, shapes as the session's), filled with the server's values; None: new
+        arrays read from the server; {}: none (nothing is read; for read_state or set_hyperparameters)."""
         check_keep(keep)
         info = self.get_session(session_id)
         if params is None:

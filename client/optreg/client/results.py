@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import datetime
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Mapping, NamedTuple
 
 import numpy as np
@@ -126,13 +126,16 @@ class SessionInfo:
             created_at=_time(s.created_at), last_used_at=_time(s.last_used_at))
 
 
-@dataclass(frozen=True)
-class StepResult:
-    """What one step answered. `arrays` are the session's arrays (updated in place as the session's
-    step_reply says); `replayed` is True when the server answered a retry of an applied step."""
+class StepResult(NamedTuple):
+    """What one step answered. `step`: the session's step count after it; `replayed`: True when
+    the server answered a retry of an already applied step; `arrays`: the session's arrays, updated
+    in place as its step_reply says. (A NamedTuple: built on every step, so it must be cheap.)"""
     step: int
     replayed: bool
-    arrays: Mapping[str, np.ndarray] = field(repr=False)
+    arrays: Mapping[str, np.ndarray]
+
+    def __repr__(self):
+        return f"StepResult(step={self.step}, replayed={self.replayed})"
 
 
 class SessionState(NamedTuple):

@@ -53,15 +53,28 @@ class Session:
     def __init__(self, client, info: SessionInfo, arrays: Mapping[str, np.ndarray], *, keep=True):
         check_keep(keep)
         self.client = client
-        self.info = info
+        self._info = info
+        self._reply_bytes = 0 if info.step_reply == "none" else info.parameter_bytes
         self.id = info.session_id
-        self.step_count = info.step
+        self.step_count = self._info_fence = info.step
         self.arrays = dict(arrays)
         self.keep = keep
         self.resumed = False  # True when create_session(resume=True) attached to an existing session
         self._shm: SharedMemory | None = None
         self._stream = StreamStep()
         self._unary = UnaryStep()
+
+    @property
+    def info(self) -> SessionInfo:
+        """The session as last described by the server, with the step this object last saw."""
+        if self._info_fence != self.step_count:  # stepped since: rebuilt when read, not on every step
+            self._info = dataclasses.replace(self._info, step=self.step_count)
+            self._info_fence = self.step_count
+        return self._info
+
+    @info.setter
+    def info(self, value: SessionInfo) -> None:
+        self._info, self._info_fence = value, self.step_count
 
     def __repr__(self):
         return f"<Session {self.id!r} {self.info.optimizer} step {self.step_count}>"
@@ -80,8 +93,7 @@ class Session:
     def _sender(self, grads):
         if self._shm is not None:
             return self._shm
-        reply_bytes = 0 if self.info.step_reply == "none" else self.info.parameter_bytes
-        if max(reply_bytes, nbytes(grads)) > STREAM_ABOVE_BYTES:
+        if self._reply_bytes > STREAM_ABOVE_BYTES or nbytes(grads) > STREAM_ABOVE_BYTES:
             return self._stream
         return self._unary
 
@@ -97,7 +109,7 @@ class Session:
             raise UsageError(f"step() takes a mapping of parameter name -> gradient array, not {type(grads).__name__}")
         sender = self._sender(grads)
         fence = self.step_count
-        hp, mx = dict(hyperparameters or {}), dict(metrics or {})
+        hp, mx = hyperparameters or None, metrics or None
         attempts = []
 
         def attempt(n, remaining):
@@ -106,8 +118,7 @@ class Session:
 
         replayed, step, result = self.client._retrying(attempt)
         self.step_count = step
-        self.info = dataclasses.replace(self.info, step=step)
-        apply_result(self.arrays, self.info.step_reply, result)
+        apply_result(self.arrays, self._info.step_reply, result)
         if replayed and len(attempts) == 1:
             # This call's own first send was answered as a repeat: an earlier call that raised
             # (a deadline, say) had been applied after all. Its result is now in the arrays;
@@ -150,9 +161,10 @@ class Session:
 
     def refresh(self) -> SessionInfo:
         """Ask the server for the session's info; the next step is fenced with its step."""
-        self.info = self.client.get_session(self.id)
-        self.step_count = self.info.step
-        return self.info
+        info = self.client.get_session(self.id)
+        self.step_count = info.step
+        self.info = info
+        return info
 
     def set_hyperparameters(self, **values: float) -> SessionInfo:
         """Change hyperparameters from the next step on (all validated first; a bad one changes nothing)."""
