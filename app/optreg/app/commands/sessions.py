@@ -14,7 +14,7 @@ from optreg.app.commands.optimizers import print_table
 from optreg.app.connect import add_client_arguments, connect
 from optreg.app.hookspecs import hookimpl
 
-DURABILITIES = ("every-step", "periodic", "none")
+DURABILITIES = ("every-step", "log", "periodic", "none")
 
 
 @hookimpl
