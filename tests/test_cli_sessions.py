@@ -31,7 +31,7 @@ def _make_sessions(address: str, token: str | None = None):
     rng = np.random.default_rng(5)
     with Client(address, token=token, timeout=60) as c:
         a = c.create_session("adam", {"W": rng.standard_normal((3, 4)), "b": np.zeros(4)}, session_id="run-a",
-                             lr=0.01)
+                             durability="every-step", lr=0.01)
         for _ in range(3):
             a.step({"W": rng.standard_normal((3, 4)), "b": rng.standard_normal(4)})
         c.create_session("sgd", {"w": np.ones(10, dtype=np.float32)}, session_id="run-b", durability="none", lr=0.1)
