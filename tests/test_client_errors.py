@@ -129,6 +129,6 @@ def test_unavailable_and_deadline_exceeded(start_server):
         for conn, _ in held:
             conn.close()
     srv = start_server("--memory-only")
-    with Client(srv.address, timeout=0.001, retry=RetryPolicy(total_seconds=0)) as c:
-        with pytest.raises(oc.DeadlineExceeded):
-            c.list_sessions()
+    with Client(srv.address, timeout=0.005, retry=RetryPolicy(total_seconds=0)) as c:
+        with pytest.raises(oc.DeadlineExceeded):  # 32 MB cannot reach the server in 5 ms
+            c.create_session("sgd", {"w": np.zeros(4_000_000)}, session_id="too-slow")

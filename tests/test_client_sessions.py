@@ -164,3 +164,18 @@ def test_wait_for_ready_waits_for_a_server_that_is_not_up_yet(start_server):
         threading.Timer(0.5, lambda: started.append(start_server("--memory-only", "--port", str(port)))).start()
         assert c.list_sessions() == []  # waited for the server instead of failing at once
         assert started
+
+
+@pytest.mark.parametrize("path", ["unary", "stream", "shared memory"])
+def test_a_steps_hyperparameters_apply_from_that_step_on_every_path(client, path):
+    n = 700_000 if path == "stream" else 10  # 2.8 MB goes over StepStream
+    p = {"w": np.zeros(n, np.float32)}
+    s = client.create_session("sgd", p, lr=0.1)
+    if path == "shared memory":
+        p = s.enable_shared_memory()
+    s.step({"w": np.ones(n, np.float32)})
+    s.step({"w": np.ones(n, np.float32)}, hyperparameters={"lr": 0.5}, metrics={"loss": 1.0})
+    s.step({"w": np.ones(n, np.float32)})
+    np.testing.assert_allclose(s.arrays["w"][[0, -1]], np.float32(-0.1) - 0.5 - 0.5, rtol=1e-6)
+    assert s.refresh().hyperparameters["lr"] == 0.5
+    s.delete()
