@@ -70,6 +70,11 @@ def test_sessions_against_a_server_with_tokens(start_server, tokens, tmp_path):
     assert_one_line_error(optreg("sessions", "show", "run-a", "--address", s.address, "--token-file",
                                  str(tokens / "bob")), "PERMISSION_DENIED")
 
+    listing = optreg("optimizers", "--json", *alice)  # every client command takes the token
+    assert listing.returncode == 0, listing.stderr
+    assert "adam" in {o["name"] for o in json.loads(listing.stdout)["optimizers"]}
+    assert_one_line_error(optreg("optimizers", "--address", s.address), "UNAUTHENTICATED")
+
     shown = optreg("sessions", "show", "run-a", *alice)
     assert shown.returncode == 0, shown.stderr
     for expected in ("optimizer:       adam", "step:            3", "durability:      every-step", "W  [3, 4]",
