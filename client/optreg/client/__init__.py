@@ -8,7 +8,8 @@
 Modules: client (Client), session (Session), results (what calls return: SessionInfo,
 OptimizerInfo, StepResult, SessionState), stepping and shm (how a step travels: unary,
 stream or shared memory, chosen by size and host), transport (the RPCs over gRPC; tests
-replace it with a fake), retry (RetryPolicy), errors, book (the book's drop-in classes).
+replace it with a fake), retry (RetryPolicy), checks (arguments and resume matching, before
+any call), errors, book (the book's drop-in classes).
 
 Every error is an OptregError; its base class says what happened:
 

@@ -8,8 +8,9 @@ from typing import Mapping
 
 import numpy as np
 
+from optreg.client.checks import dtype_name, load_into, resume_mismatches, session_config, shape_mismatches
 from optreg.client.errors import AlreadyExists, NotFound, OptregError, UsageError
-from optreg.client.results import (DURABILITY, MASTER_DTYPE, STEP_REPLY, OptimizerInfo, PluginFailure, SessionInfo)
+from optreg.client.results import OptimizerInfo, PluginFailure, SessionInfo
 from optreg.client.retry import RetryPolicy
 from optreg.client.session import Session, check_keep
 from optreg.client.stepping import STREAM_ABOVE_BYTES, nbytes
@@ -128,7 +129,7 @@ class Client:
         if "reply" in hyperparameters and step_reply is None:
             warnings.warn("create_session(reply=...) is now step_reply=...", DeprecationWarning, stacklevel=2)
             step_reply = hyperparameters.pop("reply")
-        config, params, state = self._config(optimizer, params, session_id, resume, master_dtype, step_reply,
+        config, params, state = session_config(optimizer, params, session_id, resume, master_dtype, step_reply,
                                              durability, periodic_steps, periodic_seconds, state, initial_step,
                                              hyperparameters)
         check_keep(keep)
@@ -165,52 +166,15 @@ class Client:
             return self._resume(session_id, optimizer, params, master_dtype, keep)
         return Session(self, SessionInfo.from_proto(info), params, keep=keep)
 
-    def _config(self, optimizer, params, session_id, resume, master_dtype, step_reply, durability, periodic_steps,
-                periodic_seconds, state, initial_step, hyperparameters):
-        """Check the arguments before anything is sent (UsageError), and build the SessionConfig."""
-        if not isinstance(optimizer, str) or not optimizer:
-            raise UsageError(f"optimizer={optimizer!r}: give an optimizer's name (client.optimizers() lists them)")
-        if not isinstance(params, Mapping):
-            raise UsageError(f"params: give a mapping of name -> numpy array, not {type(params).__name__}")
-        params = {name: a if isinstance(a, np.ndarray) else np.asarray(a) for name, a in params.items()}
-        if session_id is not None and (not isinstance(session_id, str) or not session_id):
-            raise UsageError(f"session_id={session_id!r}: give a non-empty string, or None for a fresh id")
-        if resume and not session_id:
-            raise UsageError("resume=True needs the session_id to resume")
-        master_dtype = _dtype_name(master_dtype)
-        if step_reply is not None and step_reply not in STEP_REPLY:
-            raise UsageError(f"step_reply={step_reply!r}: use one of {', '.join(map(repr, STEP_REPLY))}")
-        if durability is not None and durability not in DURABILITY:
-            raise UsageError(f"durability={durability!r}: use one of {', '.join(map(repr, DURABILITY))} or None "
-                             "(the server's default)")
-        for what, value in (("periodic_steps", periodic_steps), ("periodic_seconds", periodic_seconds),
-                            ("initial_step", initial_step)):
-            if value is not None and not (isinstance(value, (int, float)) and value >= 0):
-                raise UsageError(f"{what}={value!r}: give a number >= 0")
-        hp = {}
-        for name, value in hyperparameters.items():
-            try:
-                hp[name] = float(value)
-            except (TypeError, ValueError):
-                raise UsageError(f"hyperparameter {name}={value!r} is not a number") from None
-        state = {slot: dict(arrays) for slot, arrays in (state or {}).items()}
-        config = session_pb2.SessionConfig(
-            optimizer=optimizer, hyperparameters=hp,
-            master_dtype=MASTER_DTYPE.get(master_dtype, tensor_pb2.DATA_TYPE_UNSPECIFIED),
-            step_reply=STEP_REPLY.get(step_reply, session_pb2.STEP_REPLY_UNSPECIFIED), session_id=session_id or "",
-            durability=DURABILITY.get(durability, session_pb2.DURABILITY_UNSPECIFIED),
-            periodic_steps=int(periodic_steps or 0), periodic_seconds=float(periodic_seconds or 0.0))
-        return config, params, state
-
     def _resume(self, session_id, optimizer, params, master_dtype, keep) -> Session:
         info = self.get_session(session_id)
-        problems = resume_mismatches(info, optimizer, params, _dtype_name(master_dtype))
+        problems = resume_mismatches(info, optimizer, params, dtype_name(master_dtype))
         if problems:
             raise UsageError(f"cannot resume session {session_id!r}: " + "; ".join(problems)
                              + " (use another session_id, or delete that session)")
         session = Session(self, info, params, keep=keep)
         session.resumed = True
-        _load_into(params, session.read_parameters())
+        load_into(params, session.read_parameters())
         return session
 
     @staticmethod
@@ -231,12 +195,12 @@ class Client:
             s = Session(self, info, {}, keep=keep)
             s.arrays = s.read_parameters()
             return s
-        problems = [p for p in _shape_mismatches(info, params, require_all=False)]
+        problems = [p for p in shape_mismatches(info, params, require_all=False)]
         if problems:
             raise UsageError(f"cannot attach to session {session_id!r}: " + "; ".join(problems))
         s = Session(self, info, params, keep=keep)
         if len(params):
-            _load_into(params, s.read_parameters(list(params)))
+            load_into(params, s.read_parameters(list(params)))
         return s
 
     def get_session(self, session_id: str) -> SessionInfo:
@@ -263,54 +227,4 @@ class Client:
             # An earlier attempt deleted it and its reply was lost.
 
 
-def _dtype_name(dtype) -> str | None:
-    if dtype is None:
-        return None
-    try:
-        name = np.dtype(dtype).name
-    except TypeError:
-        name = None
-    if name not in MASTER_DTYPE:
-        raise UsageError(f"master_dtype={dtype!r}: use 'float32' or 'float64' (None: that of the arrays)")
-    return name
-
-
-def _shape_mismatches(info: SessionInfo, params: Mapping[str, np.ndarray], require_all: bool) -> list[str]:
-    problems = []
-    unknown = [n for n in params if n not in info.parameters]
-    if unknown:
-        problems.append(f"it has no parameter {', '.join(map(repr, unknown))} (it has "
-                        f"{', '.join(map(repr, info.parameters))})")
-    missing = [n for n in info.parameters if n not in params]
-    if require_all and missing:
-        problems.append(f"parameter {', '.join(map(repr, missing))} missing from params")
-    for name, shape in info.parameters.items():
-        if name in params and tuple(np.shape(params[name])) != tuple(shape):
-            problems.append(f"parameter {name!r} has shape {tuple(shape)} there, {tuple(np.shape(params[name]))} here")
-    return problems
-
-
-def resume_mismatches(info: SessionInfo, optimizer: str, params: Mapping[str, np.ndarray],
-                      master_dtype: str | None) -> list[str]:
-    """What makes `params` and `optimizer` not the session described by `info` (empty: they match)."""
-    problems = []
-    if info.optimizer != optimizer:
-        problems.append(f"its optimizer is {info.optimizer!r}, not {optimizer!r}")
-    problems += _shape_mismatches(info, params, require_all=True)
-    if master_dtype is None and params:
-        # The server's rule for an unspecified master dtype: the arrays' when float32/float64.
-        first = np.asarray(next(iter(params.values()))).dtype.name
-        master_dtype = first if first in MASTER_DTYPE else "float32"
-    if master_dtype is not None and master_dtype != info.master_dtype:
-        problems.append(f"its master dtype is {info.master_dtype}, not {master_dtype}")
-    return problems
-
-
-def _load_into(params: Mapping[str, np.ndarray], values: Mapping[str, np.ndarray]) -> None:
-    for name, value in values.items():
-        target = params.get(name)
-        if isinstance(target, np.ndarray) and target.flags.writeable:
-            np.copyto(target, value, casting="unsafe")
-
-
-__all__ = ["Client", "DEFAULT_ADDRESS", "OptregError", "resume_mismatches"]
+__all__ = ["Client", "DEFAULT_ADDRESS", "OptregError"]
