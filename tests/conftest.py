@@ -10,7 +10,7 @@ import tempfile
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-SOURCE_ROOTS = [str(ROOT / d) for d in ("proto", "plugins", "server", "client")]
+SOURCE_ROOTS = [str(ROOT / d) for d in ("proto", "plugins", "server", "client", "app")]
 
 
 class ServerProcess:

@@ -185,7 +185,7 @@ def test_retried_step_applied_once_across_restart(start_server, tmp_path, reply)
 
 def _cli(*args):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(SOURCE_ROOTS))
-    return subprocess.run([sys.executable, "-m", "optreg.server", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "optreg.app", "sessions", *args], capture_output=True, text=True,
                           env=env, timeout=60)
 
 
