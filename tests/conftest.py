@@ -1,6 +1,7 @@
 """Shared fixtures: a real `optreg serve` process on a free loopback port."""
 from __future__ import annotations
 
+import io
 import os
 import pathlib
 import subprocess
@@ -53,9 +54,12 @@ class ServerProcess:
     def _release(self) -> None:
         """Close the pipes and remove the scratch data dir now, not when the garbage collector gets to it
         (its ResourceWarnings would land in whichever test runs then)."""
-        for f in (self.proc.stdout, self.proc.stderr):
-            if f and not f.closed:
+        for name in ("stdout", "stderr"):  # what is left stays readable, from memory
+            f = getattr(self.proc, name)
+            if f is not None and not isinstance(f, io.StringIO):
+                rest = "" if f.closed else f.read()
                 f.close()
+                setattr(self.proc, name, io.StringIO(rest))
         self._tmp.cleanup()
 
 
