@@ -174,8 +174,9 @@ def test_statistics_equal_a_numpy_recomputation(registry, name, dtype, path):
     elif not fastkernels.available():
         pytest.skip("numba not installed")
     else:
-        fastkernels.stats_driver(defn, fastkernels.lookup(defn, np.dtype(dtype)), np.dtype(dtype), True)
-        assert fastkernels.wait_idle(300)  # the fused statistics driver, not the interim slices
+        fastkernels.stats_kernel(defn, fastkernels.lookup(defn, np.dtype(dtype)))
+        assert fastkernels.wait_idle(300)  # the statistics kernel, not the interim slices
+        assert fastkernels.stats_status(defn) == "fused"  # every built-in's loop takes the rewrite
     hp = defn.resolve(SETTINGS[name][-1])
     rng = np.random.default_rng(7)
     for size in STAT_SIZES:
@@ -198,7 +199,7 @@ def test_statistics_fold_over_threads_and_copy_out(registry, threads, monkeypatc
     """The parallel split folds per-thread sums (and the max) into one; with out= as well."""
     monkeypatch.setattr(fastkernels, "_threads", threads)
     defn = registry.get("adam").definition
-    fastkernels.stats_driver(defn, fastkernels.lookup(defn, np.dtype(np.float32)), np.dtype(np.float32), True)
+    fastkernels.stats_kernel(defn, fastkernels.lookup(defn, np.dtype(np.float32)))
     fastkernels.wait_idle(300)
     rng = np.random.default_rng(8)
     n = (1 << 19) + 11

@@ -155,19 +155,17 @@ def _run_fast(defn, kernel, param, grad, state, step, hp, out=None, parallel=Tru
     o = None if out is None else out.reshape(-1)
     nogil = n >= fastkernels.HOLD_GIL_BELOW
     fn = kernel.fn if nogil else kernel.held
-    driver = None
-    if stats is not None:
-        driver = fastkernels.stats_driver(defn, kernel, param.dtype, nogil)
+    with_stats = None if stats is None else fastkernels.stats_kernel(defn, kernel)
     bounds = [n * i // threads for i in range(threads + 1)]
     accs = np.zeros((threads, STATS))
 
     def run(a, b, acc):
         if stats is None:
             fn(p[a:b], g[a:b], *[v[a:b] for v in flat_slots], consts)
-        elif driver is not None:
+        elif with_stats is not None:
             old = _stats_buffers(fastkernels.STATS_BLOCK, param.dtype)[0]
-            driver(fn, p[a:b], g[a:b], *[v[a:b] for v in flat_slots], consts, old, acc, fastkernels.STATS_BLOCK)
-        else:  # the statistics driver is still compiling: the kernel per slice, numpy sums (same numbers)
+            with_stats(nogil, p[a:b], g[a:b], [v[a:b] for v in flat_slots], consts, acc, old)
+        else:  # the statistics kernel is still compiling: the kernel per slice, numpy sums (same numbers)
             for x in range(a, b, CHUNK_ELEMENTS):
                 y = min(x + CHUNK_ELEMENTS, b)
                 old, work = _stats_buffers(y - x, param.dtype)
