@@ -158,6 +158,15 @@ def _compile_definition(defn) -> None:
         _state[id(defn)] = (defn, "ready")
 
 
+def _request_all(definitions) -> None:
+    if definitions is None:
+        from optreg.plugins.registry import Registry
+        definitions = [r.definition for r in Registry().optimizers.values()]
+    for defn in definitions:
+        if defn.kernel is not None and defn.elementwise:
+            _request(defn)
+
+
 def status(defn) -> str | None:
     """'pending', 'ready' or 'failed' for a definition whose kernel was requested; None otherwise."""
     known = _state.get(id(defn))
@@ -171,16 +180,11 @@ def warm(block: bool = False, definitions=None) -> None:
     if not available():
         ready.set()
         return
-    if definitions is None:
-        from optreg.plugins.registry import Registry
-        definitions = [r.definition for r in Registry().optimizers.values()]
     done = threading.Event()
     if not _FINITE:
         _jobs.put("finite")
-    for defn in definitions:
-        if defn.kernel is not None and defn.elementwise:
-            _request(defn)
-    _jobs.put(done)
+    _jobs.put(lambda: _request_all(definitions))  # the registry is read on the worker, not the caller
+    _jobs.put(lambda: _jobs.put(done))  # after the kernels _request_all queues
     _start_worker()
     threading.Thread(target=lambda: (done.wait(), ready.set()), name="optreg-jit-ready", daemon=True).start()
     if block:
@@ -396,18 +400,46 @@ def stats_status(defn) -> str | None:
     return known[1] if known is not None and known[0] is defn else None
 
 
+def _source_file(source: str) -> str | None:
+    """The rewritten kernel written to a file named by its hash, so numba can cache its compiled code
+    on disk like a module's (a compile costs ~0.5 s per dtype and build); None when nowhere is writable."""
+    import hashlib
+    import inspect
+    import tempfile
+
+    if not _cache_ok():
+        return None
+    # _accumulate's code is part of the compiled result: a change to it must change the file.
+    digest = hashlib.sha256((source + inspect.getsource(_accumulate)).encode()).hexdigest()[:20]
+    base = os.environ.get("NUMBA_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache")
+    folder = os.path.join(base, "optreg", "stats-kernels")
+    path = os.path.join(folder, f"stats_{digest}.py")
+    try:
+        if not os.path.exists(path):
+            os.makedirs(folder, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+            with os.fdopen(fd, "w") as f:
+                f.write(source)
+            os.replace(tmp, path)  # atomic: another process may be writing the same file
+        return path
+    except OSError:
+        return None
+
+
 def _try_build(defn, comp: Compiled, fused: bool) -> StatsKernel:
     n = len(comp.slots)
     if fused:
         source = fused_stats_source(defn.kernel)
         if source is None:
             raise LookupError("its kernel's shape does not allow the fused rewrite")
+        path = _source_file(source)
         ns = dict(defn.kernel.__globals__)
         ns[f"{_P}accumulate"] = _helper("accumulate")
-        exec(compile(source, f"<{defn.name} kernel with statistics>", "exec"), ns)  # noqa: S102
+        exec(compile(source, path or f"<{defn.name} kernel with statistics>", "exec"), ns)  # noqa: S102
         pyfunc = ns[f"{defn.kernel.__name__}{_P}stats"]
-        sk = StatsKernel(True, numba.njit(nogil=True, error_model="numpy")(pyfunc),
-                         numba.njit(error_model="numpy")(pyfunc), comp)
+        options = dict(error_model="numpy", cache=path is not None)
+        sk = StatsKernel(True, numba.njit(nogil=True, **options)(pyfunc),
+                         numba.njit(**options)(_renamed(pyfunc, "__optreg_held")), comp)
     else:
         sk = StatsKernel(False, _driver(n, True), _driver(n, False), comp)
     c_len = len(defn.kernel_scalars(defn.resolve({}), 1))
@@ -452,6 +484,8 @@ def _work() -> None:
                 _compile_finite()
             elif isinstance(job, tuple) and job[0] == "stats":
                 _compile_stats(job[1], job[2])
+            elif callable(job):
+                job()
             else:
                 _compile_definition(job)
         except Exception:  # pragma: no cover - _compile_* contain their own failures
