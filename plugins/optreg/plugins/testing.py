@@ -309,7 +309,7 @@ _compiled: dict = {}  # id(kernel) -> (kernel, numba dispatcher or the exception
 def compiled_kernel(definition: Optimizer, jit: bool | None = None):
     """`definition.kernel` as the checks run it: compiled with numba's options as the server compiles
     it (error_model="numpy", no fastmath) when numba is installed and `jit` is not False, else as is."""
-    kernel = definition.kernel
+    kernel = getattr(definition.kernel, "py_func", definition.kernel)  # a numba function: its Python loop
     if jit is False:
         return kernel
     try:
@@ -337,7 +337,7 @@ def check_kernel(definition: Optimizer, overrides=None, jit: bool | None = None,
         return
     hp = _hp(definition, overrides)
     fn = compiled_kernel(definition, jit)
-    compiled = fn is not definition.kernel
+    compiled = fn is not getattr(definition.kernel, "py_func", definition.kernel)
     how = "compiled with numba" if compiled else "as plain Python"
     sizes = (1, 7, 37, 1031) if compiled else (1, 7, 37, 131)
     for dtype in (np.float32, np.float64):

@@ -133,9 +133,10 @@ def _renamed(fn, suffix: str):
 def _compile_definition(defn) -> None:
     try:
         narrays = 2 + len(defn.slots)
+        pyfunc = getattr(defn.kernel, "py_func", defn.kernel)  # a plugin may hand over a numba function
         # Lazy dispatch compiled by calling it: explicit signatures made each call ~20 us slower.
-        fn = _jit(defn.kernel, True, error_model="numpy")
-        held = _jit(_renamed(defn.kernel, "__optreg_held"), False, error_model="numpy")
+        fn = _jit(pyfunc, True, error_model="numpy")
+        held = _jit(_renamed(pyfunc, "__optreg_held"), False, error_model="numpy")
         built = {}
         for dt in DTYPES:
             for f in (fn, held):
@@ -145,7 +146,7 @@ def _compile_definition(defn) -> None:
                 a[1].flags.writeable = False  # gradients may view read-only wire bytes
                 f(*a, c)
             built[dt] = Compiled(defn.name, fn, held, tuple(s.name for s in defn.slots), defn.kernel_scalars,
-                                 defn.kernel)
+                                 pyfunc)
     except Exception as e:  # a kernel numba cannot compile must never break the server: numpy gives the same numbers
         log.warning("optimizer %s: its kernel does not compile with numba (%s: %s); using its numpy update",
                     defn.name, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
@@ -429,14 +430,14 @@ def _source_file(source: str) -> str | None:
 def _try_build(defn, comp: Compiled, fused: bool) -> StatsKernel:
     n = len(comp.slots)
     if fused:
-        source = fused_stats_source(defn.kernel)
+        source = fused_stats_source(comp.kernel)
         if source is None:
             raise LookupError("its kernel's shape does not allow the fused rewrite")
         path = _source_file(source)
-        ns = dict(defn.kernel.__globals__)
+        ns = dict(comp.kernel.__globals__)
         ns[f"{_P}accumulate"] = _helper("accumulate")
         exec(compile(source, path or f"<{defn.name} kernel with statistics>", "exec"), ns)  # noqa: S102
-        pyfunc = ns[f"{defn.kernel.__name__}{_P}stats"]
+        pyfunc = ns[f"{comp.kernel.__name__}{_P}stats"]
         options = dict(error_model="numpy", cache=path is not None)
         sk = StatsKernel(True, numba.njit(nogil=True, **options)(pyfunc),
                          numba.njit(**options)(_renamed(pyfunc, "__optreg_held")), comp)
