@@ -6,6 +6,8 @@ Adam with statistics, each against the built-in adam measured in the same rounds
 
 Rounds interleave the variants (one step of each per round) so drift on a shared
 machine hits all of them alike; the figure is each variant's median over the rounds.
+A second set of rows gives the CPU time of the calling thread (its share of the split
+update), which a loaded machine's preemptions do not inflate.
 Targets: issue 9 (torch.adam and Lion at most 1.3x adam), issue 12 (statistics at
 most 1.03x the update without).
 """
@@ -63,20 +65,23 @@ def run(cfg, row) -> None:
             kernels.apply(defn, p, g, st, step[0], hp, stats=stats)
         one()
         one()
-        runs.append((figure, one, target, []))
+        runs.append((figure, one, target, [], []))
     rounds = 5 if cfg.quick else 15
     for _ in range(rounds):
-        for _, one, _, times in runs:
-            t = time.perf_counter()
+        for _, one, _, wall, cpu in runs:
+            t, c = time.perf_counter(), time.thread_time()
             one()
-            times.append(time.perf_counter() - t)
-    base_ns = statistics.median(runs[0][3]) / N * 1e9
-    for figure, _, target, times in runs:
-        ns = statistics.median(times) / N * 1e9
-        if figure == runs[0][0]:
-            row(figure, ns, "ns/param", note=f"median of {rounds} interleaved rounds")
-        else:
-            row(figure, ns, "ns/param", "kernel adam @1e7 f32 (same rounds)", base_ns, target)
+            cpu.append(time.thread_time() - c)
+            wall.append(time.perf_counter() - t)
+    for kind, at in (("", 3), (" (CPU, this thread)", 4)):
+        base_ns = statistics.median(runs[0][at]) / N * 1e9
+        for run_ in runs:
+            figure, target = run_[0] + kind, run_[2]
+            ns = statistics.median(run_[at]) / N * 1e9
+            if run_ is runs[0]:
+                row(figure, ns, "ns/param", note=f"median of {rounds} interleaved rounds")
+            else:
+                row(figure, ns, "ns/param", f"kernel adam @1e7 f32{kind}", base_ns, target)
 
 
 def main(argv=None):

@@ -430,9 +430,14 @@ def bench_concurrency(cfg, server, _echo):
         note="higher is better; 2 cores shared by server and clients")
 
 
+def bench_wal(cfg, server, echo):
+    from bench.wal import bench_wal as run  # the log/snapshot library's figures (no server involved)
+    run(cfg, server, echo)
+
+
 SECTIONS = {"small": bench_small, "large": bench_large, "shm": bench_shm, "kernels": bench_kernels,
-            "declared": bench_declared, "memory": bench_memory,
-            "concurrency": bench_concurrency}
+            "declared": bench_declared, "memory": bench_memory, "concurrency": bench_concurrency,
+            "wal": bench_wal}
 
 
 class Config:
