@@ -167,3 +167,11 @@ def test_a_definition_copy_is_compiled_separately():
     assert fastkernels.lookup(twin, np.dtype(np.float32)) is None  # queued now, numpy meanwhile
     assert fastkernels.wait_idle(300)
     assert fastkernels.lookup(twin, np.dtype(np.float32)) is not None
+
+
+@pytest.mark.skipif(not fastkernels.available(), reason="numba not installed")
+def test_warm_can_build_the_statistics_kernels_too():
+    defn = make(name="warm-stats")
+    fastkernels.warm(block=True, definitions=[defn], stats=True)
+    assert fastkernels.wait_idle(300)
+    assert fastkernels.status(defn) == "ready" and fastkernels.stats_status(defn) == "fused"

@@ -159,13 +159,21 @@ def _compile_definition(defn) -> None:
         _state[id(defn)] = (defn, "ready")
 
 
-def _request_all(definitions) -> None:
+def _request_all(definitions, stats: bool = False) -> None:
     if definitions is None:
         from optreg.plugins.registry import Registry
         definitions = [r.definition for r in Registry().optimizers.values()]
     for defn in definitions:
         if defn.kernel is not None and defn.elementwise:
             _request(defn)
+            if stats:  # runs after the kernel's own compile (one worker, in order)
+                _jobs.put(lambda defn=defn: _request_stats(defn))
+
+
+def _request_stats(defn) -> None:
+    comp = lookup(defn, np.dtype(DTYPES[0]))
+    if comp is not None:
+        stats_kernel(defn, comp)
 
 
 def status(defn) -> str | None:
@@ -174,9 +182,10 @@ def status(defn) -> str | None:
     return known[1] if known is not None and known[0] is defn else None
 
 
-def warm(block: bool = False, definitions=None) -> None:
+def warm(block: bool = False, definitions=None, stats: bool = False) -> None:
     """Compile the finite check and the kernels of `definitions` (default: the registered optimizers)
-    in the background thread; with `block` (or OPTREG_JIT_BLOCK=1) wait until they are built."""
+    in the background thread, with `stats` their statistics kernels too (otherwise built on first
+    use); with `block` (or OPTREG_JIT_BLOCK=1) wait until they are built."""
     block = block or os.environ.get("OPTREG_JIT_BLOCK") == "1"
     if not available():
         ready.set()
@@ -184,7 +193,7 @@ def warm(block: bool = False, definitions=None) -> None:
     done = threading.Event()
     if not _FINITE:
         _jobs.put("finite")
-    _jobs.put(lambda: _request_all(definitions))  # the registry is read on the worker, not the caller
+    _jobs.put(lambda: _request_all(definitions, stats))  # the registry is read on the worker, not the caller
     _jobs.put(lambda: _jobs.put(done))  # after the kernels _request_all queues
     _start_worker()
     threading.Thread(target=lambda: (done.wait(), ready.set()), name="optreg-jit-ready", daemon=True).start()
