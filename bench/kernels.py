@@ -30,7 +30,7 @@ VARIANTS = [  # (figure, optimizer, hyperparameter overrides, with statistics, t
 
 def run(cfg, row) -> None:
     from optreg.plugins.registry import Registry
-    from optreg.server import fastkernels, kernels
+    from optreg.server import fastkernels, kernels, kernelstats
 
     reg = Registry()
     missing = [name for _, name, _, _, _ in VARIANTS if name not in reg.optimizers]
@@ -42,7 +42,7 @@ def run(cfg, row) -> None:
     for _, name, _, with_stats, _ in variants:
         comp = fastkernels.lookup(defns[name], np.dtype(np.float32))
         if with_stats and comp is not None:
-            fastkernels.stats_kernel(defns[name], comp)
+            kernelstats.stats_kernel(defns[name], comp)
     fastkernels.wait_idle()
     engine = "numba" if fastkernels.available() else "numpy"
     print(f"  (declared kernels: {engine}, {fastkernels.threads()} thread(s), 1e7 float32)", flush=True)

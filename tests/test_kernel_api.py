@@ -7,7 +7,7 @@ import pytest
 
 from optreg.plugins import DefinitionError, Hyperparameter, Optimizer, Slot, validate
 from optreg.plugins.registry import Registry
-from optreg.server import fastkernels, kernels
+from optreg.server import fastkernels, kernels, kernelstats
 
 LR = (Hyperparameter("lr", 0.1, minimum=0.0),)
 
@@ -122,15 +122,15 @@ def with_continue(p, g, c):
 
 
 def test_the_rewrite_declines_what_it_cannot_fuse():
-    assert fastkernels.fused_stats_source(sgd_kernel) is not None
-    assert fastkernels.fused_stats_source(two_loops) is None
-    assert fastkernels.fused_stats_source(with_continue) is None
+    assert kernelstats.fused_stats_source(sgd_kernel) is not None
+    assert kernelstats.fused_stats_source(two_loops) is None
+    assert kernelstats.fused_stats_source(with_continue) is None
     lr = 0.1
 
     def closure(p, g, c):
         for i in range(p.size):
             p[i] = p[i] - g[i] * lr
-    assert fastkernels.fused_stats_source(closure) is None
+    assert kernelstats.fused_stats_source(closure) is None
 
 
 @pytest.mark.skipif(not fastkernels.available(), reason="numba not installed")
@@ -145,7 +145,7 @@ def test_statistics_from_the_driver_equal_numpy(kernel, how):
     assert fastkernels.wait_idle(300)
     kernels.apply(defn, p.copy(), g, {}, 1, {"lr": 0.1}, stats=np.zeros(4))  # queue the statistics kernel
     assert fastkernels.wait_idle(300)
-    assert fastkernels.stats_status(defn) == how
+    assert kernelstats.stats_status(defn) == how
     ref, old = p.copy(), p.copy()
     stats = np.zeros(4)
     kernels.apply(defn, p, g, {}, 1, {"lr": 0.1}, stats=stats)
@@ -174,4 +174,4 @@ def test_warm_can_build_the_statistics_kernels_too():
     defn = make(name="warm-stats")
     fastkernels.warm(block=True, definitions=[defn], stats=True)
     assert fastkernels.wait_idle(300)
-    assert fastkernels.status(defn) == "ready" and fastkernels.stats_status(defn) == "fused"
+    assert fastkernels.status(defn) == "ready" and kernelstats.stats_status(defn) == "fused"

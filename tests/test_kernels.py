@@ -10,7 +10,7 @@ import pytest
 from optreg.plugins import Hyperparameter, Optimizer
 from optreg.plugins import testing as kit
 from optreg.plugins.registry import Registry
-from optreg.server import fastkernels, kernels
+from optreg.server import fastkernels, kernels, kernelstats
 
 HPS = {"sgd": {"lr": 0.05}, "momentum": {"lr": 0.02, "momentum": 0.8}, "nesterov": {"lr": 0.02, "momentum": 0.85},
        "adagrad": {"lr": 0.1}, "rmsprop": {"lr": 0.01, "decay_rate": 0.9},
@@ -174,9 +174,9 @@ def test_statistics_equal_a_numpy_recomputation(registry, name, dtype, path):
     elif not fastkernels.available():
         pytest.skip("numba not installed")
     else:
-        fastkernels.stats_kernel(defn, fastkernels.lookup(defn, np.dtype(dtype)))
+        kernelstats.stats_kernel(defn, fastkernels.lookup(defn, np.dtype(dtype)))
         assert fastkernels.wait_idle(300)  # the statistics kernel, not the interim slices
-        assert fastkernels.stats_status(defn) == "fused"  # every built-in's loop takes the rewrite
+        assert kernelstats.stats_status(defn) == "fused"  # every built-in's loop takes the rewrite
     hp = defn.resolve(SETTINGS[name][-1])
     rng = np.random.default_rng(7)
     for size in STAT_SIZES:
@@ -199,7 +199,7 @@ def test_statistics_fold_over_threads_and_copy_out(registry, threads, monkeypatc
     """The parallel split folds per-thread sums (and the max) into one; with out= as well."""
     monkeypatch.setattr(fastkernels, "_threads", threads)
     defn = registry.get("adam").definition
-    fastkernels.stats_kernel(defn, fastkernels.lookup(defn, np.dtype(np.float32)))
+    kernelstats.stats_kernel(defn, fastkernels.lookup(defn, np.dtype(np.float32)))
     fastkernels.wait_idle(300)
     rng = np.random.default_rng(8)
     n = (1 << 19) + 11

@@ -10,7 +10,7 @@ release the GIL). Until the kernel is compiled, or without numba, the numpy upda
 
 `stats`: a float64 array of 4 receives this tensor's [sum g^2, sum p_new^2,
 sum (p_new - p_old)^2, max |g|] (float64 accumulation), computed in the same pass
-as the update, slice by slice while each slice is in cache, in both paths.
+as the update, slice by slice while each slice is in cache, in both paths (kernelstats.py).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import threading
 import numpy as np
 
 from optreg.plugins import Optimizer
-from optreg.server import fastkernels
+from optreg.server import fastkernels, kernelstats
 
 CHUNK_ELEMENTS = 1 << 16
 # Below this a second thread costs more than it saves (measured: 2 threads win from ~2e5 elements).
@@ -155,7 +155,7 @@ def _run_fast(defn, kernel, param, grad, state, step, hp, out=None, parallel=Tru
     o = None if out is None else out.reshape(-1)
     nogil = n >= fastkernels.HOLD_GIL_BELOW
     fn = kernel.fn if nogil else kernel.held
-    with_stats = None if stats is None else fastkernels.stats_kernel(defn, kernel)
+    with_stats = None if stats is None else kernelstats.stats_kernel(defn, kernel)
     bounds = [n * i // threads for i in range(threads + 1)]
     accs = np.zeros((threads, STATS))
 
@@ -163,7 +163,7 @@ def _run_fast(defn, kernel, param, grad, state, step, hp, out=None, parallel=Tru
         if stats is None:
             fn(p[a:b], g[a:b], *[v[a:b] for v in flat_slots], consts)
         elif with_stats is not None:
-            old = _stats_buffers(fastkernels.STATS_BLOCK, param.dtype)[0]
+            old = _stats_buffers(kernelstats.STATS_BLOCK, param.dtype)[0]
             with_stats(nogil, p[a:b], g[a:b], [v[a:b] for v in flat_slots], consts, acc, old)
         else:  # the statistics kernel is still compiling: the kernel per slice, numpy sums (same numbers)
             for x in range(a, b, CHUNK_ELEMENTS):
