@@ -26,7 +26,9 @@ CHUNK_ELEMENTS = 1 << 16
 PARALLEL_ABOVE = 1 << 18
 # With `out`, the kernel runs over slices of this many elements, each copied out right after.
 COPY_SLICE = 1 << 17
-STATS = 4  # sum g^2, sum p^2, sum dp^2, max |g|
+# What apply(stats=) writes, in order: sum g^2, sum p_new^2, sum (p_new - p_old)^2, max |g| (float64).
+STATS_FIELDS = ("grad_sq_sum", "param_sq_sum", "update_sq_sum", "grad_abs_max")
+STATS = len(STATS_FIELDS)
 
 _pool = None
 _pool_lock = threading.Lock()
