@@ -24,7 +24,7 @@ import time
 import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-for d in ("proto", "plugins", "server", "client"):
+for d in ("proto", "plugins", "server", "client", "examples/optreg-lion"):  # this tree's code, Lion included
     if str(ROOT / d) not in sys.path:
         sys.path.insert(0, str(ROOT / d))
 
@@ -73,7 +73,8 @@ def timed(fn, n):
 # -- processes -----------------------------------------------------------------
 def _env():
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / d) for d in ("proto", "plugins", "server", "client")]
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / d) for d in ("proto", "plugins", "server", "client",
+                                                                   "examples/optreg-lion")]
                                         + [str(ROOT), env.get("PYTHONPATH", "")])
     env["OPTREG_JIT_BLOCK"] = "1"  # the server compiles its kernels before it listens
     return env
@@ -358,6 +359,12 @@ def bench_kernels(cfg, server, echo):
         del base_p, g
 
 
+def bench_declared(cfg, _server, _echo):
+    """Declared kernels (torch.adam, adamw, Lion) and Adam with statistics vs the built-in adam kernel."""
+    from bench import kernels as declared
+    declared.run(cfg, row)
+
+
 def bench_memory(cfg, _server, _echo):
     """Resident memory per small session beyond its arrays, in a fresh server."""
     from optreg.client import Client
@@ -439,9 +446,9 @@ def bench_wal(cfg, server, echo):
     run(cfg, server, echo)
 
 
-SECTIONS = {"small": bench_small, "large": bench_large, "shm": bench_shm, "kernels": bench_kernels, "memory": bench_memory,
-            "concurrency": bench_concurrency, "torch": bench_torch, "wal": bench_wal,
-            "durability": bench_durability}
+SECTIONS = {"small": bench_small, "large": bench_large, "shm": bench_shm, "kernels": bench_kernels,
+            "declared": bench_declared, "memory": bench_memory, "concurrency": bench_concurrency,
+            "torch": bench_torch, "wal": bench_wal, "durability": bench_durability}
 
 
 class Config:
