@@ -19,7 +19,7 @@ import threading
 import numpy as np
 
 from optreg.plugins import Optimizer
-from optreg.server import fastkernels, kernelstats
+from optreg.server import fastkernels, kernelstats, widenkernels
 
 CHUNK_ELEMENTS = 1 << 16
 # Below this a second thread costs more than it saves (measured: 2 threads win from ~2e5 elements).
@@ -82,6 +82,15 @@ def apply(defn: Optimizer, param: np.ndarray, grad: np.ndarray, state: dict[str,
         raise ValueError(f"stats must be a float64 array of shape ({STATS},), got {stats.dtype} {stats.shape}")
     n = param.size
     fast = fastkernels.lookup(defn, param.dtype) if grad.dtype == param.dtype else None
+    if fast is None and grad.dtype != param.dtype:  # a narrower gradient (float16, bfloat16)
+        if stats is None and out is None and n >= fastkernels.HOLD_GIL_BELOW:
+            wide = widenkernels.lookup(defn, param.dtype, grad.dtype)
+            if wide is not None:  # widened block by block inside the kernel pass
+                _run_widening(wide, param, grad, state, step, hp, parallel)
+                return
+        from optreg.server.pipeline import widen  # (pipeline imports this module)
+        grad = widen(grad, param.dtype)
+        fast = fastkernels.lookup(defn, param.dtype)
     if fast is not None:
         _run_fast(defn, fast, param, grad, state, step, hp, out, parallel, stats)
         return
@@ -91,6 +100,35 @@ def apply(defn: Optimizer, param: np.ndarray, grad: np.ndarray, state: dict[str,
         np.copyto(out, param)
     if stats is not None:
         stats[:] = acc
+
+
+def widens_in_pass(defn: Optimizer, master: np.dtype, grad: np.ndarray) -> bool:
+    """True when apply() will widen this narrower gradient inside the kernel pass (the caller need
+    not widen it first); the first ask queues the compile of its widening kernel."""
+    return (grad.dtype != master and grad.size >= fastkernels.HOLD_GIL_BELOW
+            and widenkernels.lookup(defn, master, grad.dtype) is not None)
+
+
+def _run_widening(wide, param, grad, state, step, hp, parallel) -> None:
+    n = param.size
+    threads = fastkernels.threads() if parallel and n >= PARALLEL_ABOVE else 1
+    consts = wide.comp.consts(hp, step, param.dtype)
+    p = param.reshape(-1)
+    gbits = np.ascontiguousarray(grad).reshape(-1).view(np.uint16)
+    slots = [state[s].reshape(-1) for s in wide.comp.slots]
+    bounds = [n * i // threads for i in range(threads + 1)]
+
+    def part(i):
+        a, b = bounds[i], bounds[i + 1]
+        wide(p[a:b], gbits[a:b], [v[a:b] for v in slots], consts)
+
+    if threads == 1:
+        part(0)
+        return
+    futures = [_executor(threads).submit(part, i) for i in range(1, threads)]
+    part(0)
+    for f in futures:
+        f.result()
 
 
 def _apply_numpy(defn, param, grad, state, step, hp, n, acc=None) -> None:

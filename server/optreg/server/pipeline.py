@@ -155,7 +155,8 @@ class StepRun:
         name = t.name
         self.record.add(name, t.dtype, tuple(t.shape), start, data)
         s = self.session
-        g = widen(data, s.dtype)
+        # Fenced elementwise steps widen float16/bfloat16 inside the kernel pass (kernels.widens_in_pass).
+        g = data if self.overlap and kernels.widens_in_pass(self.defn, s.dtype, data) else widen(data, s.dtype)
         check_finite(name, g, start)
         end = start + g.size
         if not self.overlap:

@@ -1,0 +1,158 @@
+"""Gradients narrower than the master dtype (float16, bfloat16) widened inside the kernel pass.
+
+Before, a float16 gradient was widened by numpy's `astype` into a fresh full-size array
+(~20 ms at 1e7 on the bench machine, more than the kernel itself), then the kernel ran
+over it: the halved upload bought nothing. Here a numba driver walks the gradient in
+blocks of WIDEN_BLOCK elements, widens each block from its bits into a per-thread buffer
+that stays in L1, and calls the optimizer's own compiled kernel (fastkernels.py) on the
+block right away. The widening is exact and done with integer operations (numba has no
+float16 type on the CPU):
+
+  float16: the exponent and mantissa bits shifted into a float32's place and multiplied
+           by 2^112 (exact: a power of two; it also turns a subnormal half into the
+           normal float32 it equals); NaN/Inf get the all-ones exponent back; the sign
+           is or-ed in. Equal bit for bit to numpy's astype for all 65536 inputs.
+  bfloat16: the 16 bits shifted into a float32's top half (what pipeline.widen does).
+
+A float64 master takes the float32 value (exact). So the kernel sees exactly the numbers
+widen-then-update gives it, and the results are the same bit for bit (tests/test_kernels.py).
+
+Each (definition, master dtype, gradient dtype) driver is compiled on first use in the
+compile thread (fastkernels.submit); until then, and without numba, kernels.apply widens
+with numpy first (same numbers). Only the GIL-releasing build exists: below
+fastkernels.HOLD_GIL_BELOW elements numpy's widening costs microseconds.
+"""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from optreg.server import fastkernels
+from optreg.server.fastkernels import DTYPES, numba
+
+# Elements widened per block: the block (4-8 bytes an element) stays in L1 beside the kernel's
+# slices. Measured at 1e7 Adam: 1024-8192 within noise; 2048 kept.
+WIDEN_BLOCK = 2048
+
+
+def _half_to_float(h):
+    x = np.uint32(h)
+    f = np.float32(np.uint32((x & np.uint32(0x7FFF)) << np.uint32(13)).view(np.float32)
+                   * np.float32(5.192296858534828e+33))  # 2^112
+    b = np.float32(f).view(np.uint32)
+    if f >= np.float32(65536.0):  # was Inf or NaN: exponent all ones, mantissa kept
+        b |= np.uint32(0x7F800000)
+    return np.uint32(b | ((x & np.uint32(0x8000)) << np.uint32(16))).view(np.float32)
+
+
+def _bfloat_to_float(h):
+    return np.uint32(np.uint32(h) << np.uint32(16)).view(np.float32)
+
+
+_DRIVER_SOURCE = """
+def drive(kernel, p, gbits, {slots}c, buf):
+    n = p.size
+    block = buf.size
+    for a in range(0, n, block):
+        b = min(a + block, n)
+        w = buf[:b - a]
+        for i in range(b - a):
+            w[i] = conv(gbits[a + i])
+        kernel(p[a:b], w, {sliced}c)
+"""
+# gradient dtype str (or name) -> converter of its bits
+KINDS = {"<f2": "half", "bfloat16": "bfloat"}
+_lock = threading.Lock()
+_convs: dict = {}
+_drivers: dict = {}  # (slot count, kind) -> dispatcher taking the kernel as its first argument
+_ready: dict = {}  # (id(defn), master dtype str, kind) -> (defn, Widening)
+_state: dict = {}  # same key -> (defn, "pending" | "ready" | "failed")
+
+
+def kind_of(dtype: np.dtype) -> str | None:
+    return KINDS.get(dtype.str if dtype.kind == "f" else dtype.name)
+
+
+def _driver(nslots: int, kind: str):
+    key = (nslots, kind)
+    with _lock:
+        d = _drivers.get(key)
+        if not _convs:
+            _convs["half"] = numba.njit(inline="always", error_model="numpy")(_half_to_float)
+            _convs["bfloat"] = numba.njit(inline="always", error_model="numpy")(_bfloat_to_float)
+    if d is None:
+        slots = "".join(f"s{i}, " for i in range(nslots))
+        sliced = "".join(f"s{i}[a:b], " for i in range(nslots))
+        ns = {"conv": _convs[kind], "min": min}
+        exec(_DRIVER_SOURCE.format(slots=slots, sliced=sliced), ns)  # noqa: S102 - a fixed template
+        with _lock:
+            d = _drivers.setdefault(key, numba.njit(nogil=True, error_model="numpy")(ns["drive"]))
+    return d
+
+
+class Widening:
+    """A definition's compiled kernel behind a driver that widens its gradient block by block."""
+
+    def __init__(self, comp: fastkernels.Compiled, driver, dtype: np.dtype):
+        self.comp, self.driver, self.dtype = comp, driver, dtype
+        self.local = threading.local()
+
+    def buffer(self) -> np.ndarray:
+        buf = getattr(self.local, "buf", None)
+        if buf is None:
+            buf = self.local.buf = np.empty(WIDEN_BLOCK, self.dtype)
+        return buf
+
+    def __call__(self, p, gbits, slots, consts) -> None:
+        """Update flat contiguous `p` and `slots` with the gradient given as its bits (uint16)."""
+        self.driver(self.comp.fn, p, gbits, *slots, consts, self.buffer())
+
+
+def lookup(defn, master: np.dtype, grad: np.dtype) -> Widening | None:
+    """The widening driver of `defn` for these dtypes; None (widen with numpy) when there is none or it
+    is not compiled yet (its compile is then queued)."""
+    kind = kind_of(grad)
+    if kind is None or master.str not in DTYPES:
+        return None
+    key = (id(defn), master.str, kind)
+    hit = _ready.get(key)
+    if hit is not None and hit[0] is defn:
+        return hit[1]
+    comp = fastkernels.lookup(defn, master)
+    if comp is None:
+        return None
+    with _lock:
+        known = _state.get(key)
+        if known is not None and known[0] is defn:
+            return None
+        _state[key] = (defn, "pending")
+    fastkernels.submit(lambda: _compile(defn, comp, master, kind, key))
+    return None
+
+
+def _compile(defn, comp, master: np.dtype, kind: str, key) -> None:
+    try:
+        w = Widening(comp, _driver(len(comp.slots), kind), master)
+        c = np.full(len(defn.kernel_scalars(defn.resolve({}), 1)), 0.5, master)
+        for writeable in (True, False):  # wire bytes are read-only, shared memory is not
+            a = [np.zeros(4, master) for _ in range(1 + len(comp.slots))]
+            g = np.zeros(4, np.uint16)
+            g.flags.writeable = writeable
+            w(a[0], g, a[1:], c)
+    except Exception as e:  # never break a step: numpy's widening gives the same numbers
+        fastkernels.log.warning("optimizer %s: widening kernel for %s gradients unavailable (%s: %s); "
+                                "widening with numpy", defn.name, kind, type(e).__name__,
+                                str(e).splitlines()[0] if str(e) else "")
+        with _lock:
+            _state[key] = (defn, "failed")
+        return
+    with _lock:
+        _ready[key] = (defn, w)
+        _state[key] = (defn, "ready")
+
+
+def status(defn, master: np.dtype, grad: np.dtype) -> str | None:
+    kind = kind_of(grad)
+    known = _state.get((id(defn), master.str, kind))
+    return known[1] if known is not None and known[0] is defn else None

@@ -1,0 +1,113 @@
+"""float16 and bfloat16 gradients widened inside the kernel pass (widenkernels.py): bit for bit what
+widening with numpy first and then updating gives, for every optimizer with a kernel; and through a
+real server's step."""
+import ml_dtypes
+import numpy as np
+import pytest
+
+from optreg.plugins.registry import Registry
+from optreg.server import fastkernels, kernels, widenkernels
+from optreg.server.pipeline import widen
+
+from test_kernels import CASES, SETTINGS
+
+pytestmark = pytest.mark.skipif(not fastkernels.available(), reason="numba not installed")
+BF16 = np.dtype(ml_dtypes.bfloat16)
+
+
+@pytest.fixture(scope="module")
+def registry():
+    fastkernels.warm(block=True)
+    return Registry()
+
+
+def _ready(defn, master, gdtype):
+    widenkernels.lookup(defn, np.dtype(master), np.dtype(gdtype))
+    fastkernels.wait_idle(300)
+    w = widenkernels.lookup(defn, np.dtype(master), np.dtype(gdtype))
+    assert w is not None, widenkernels.status(defn, np.dtype(master), np.dtype(gdtype))
+    return w
+
+
+def test_half_widening_equals_numpy_for_every_bit_pattern():
+    import numba
+    conv = numba.njit(widenkernels._half_to_float)
+    out = np.empty(65536, np.float32)
+
+    @numba.njit
+    def run(bits, out):
+        for i in range(bits.size):
+            out[i] = conv(bits[i])
+
+    bits = np.arange(65536, dtype=np.uint16)
+    run(bits, out)
+    np.testing.assert_array_equal(out.view(np.uint32), bits.view(np.float16).astype(np.float32).view(np.uint32))
+
+
+def _compare(defn, hp, master, gdtype, size, parallel=True):
+    rng = np.random.default_rng(11)
+    p = rng.standard_normal(size).astype(master)
+    st = {s.name: np.full(size, s.initial_value, master) for s in defn.slots}
+    p_ref, st_ref = p.copy(), {k: v.copy() for k, v in st.items()}
+    for t in range(1, 4):
+        g = (rng.standard_normal(size) * 10.0 ** rng.integers(-7, 2, size)).astype(gdtype)
+        g[:8] = np.array([0.0, -0.0, 6e-8, -6e-8, 1e-5, 65504 if gdtype == np.float16 else 1e30, -1, 1], gdtype)
+        g.flags.writeable = False  # as wire bytes
+        assert kernels.widens_in_pass(defn, np.dtype(master), g)
+        kernels.apply(defn, p, g, st, t, hp, parallel=parallel)
+        kernels.apply(defn, p_ref, widen(g, np.dtype(master)), st_ref, t, hp, parallel=parallel)
+    np.testing.assert_array_equal(p, p_ref)
+    for k in st:
+        np.testing.assert_array_equal(st[k], st_ref[k])
+
+
+@pytest.mark.parametrize("name,setting", CASES)
+def test_float16_gradients_widened_in_the_kernel_equal_widen_then_update(registry, name, setting):
+    defn = registry.get(name).definition
+    _ready(defn, np.float32, np.float16)
+    # above the threaded split and no multiple of the block; then one thread (a streamed chunk)
+    _compare(defn, defn.resolve(SETTINGS[name][setting]), np.float32, np.float16, (1 << 18) + 17)
+    _compare(defn, defn.resolve(SETTINGS[name][setting]), np.float32, np.float16, (1 << 15) + 3, parallel=False)
+
+
+@pytest.mark.parametrize("master,gdtype", [(np.float32, BF16), (np.float64, np.float16), (np.float64, BF16)])
+@pytest.mark.parametrize("name", ["adam", "torch.rmsprop"])
+def test_bfloat16_and_float64_masters(registry, name, master, gdtype):
+    defn = registry.get(name).definition
+    _ready(defn, master, gdtype)
+    _compare(defn, defn.resolve(SETTINGS[name][-1]), master, gdtype, (1 << 18) + 17)
+
+
+def test_small_or_unknown_gradients_are_widened_by_numpy_first(registry):
+    defn = registry.get("adam").definition
+    small = np.ones(100, np.float16)
+    assert not kernels.widens_in_pass(defn, np.dtype(np.float32), small)
+    assert widenkernels.lookup(defn, np.dtype(np.float32), np.dtype(np.int16)) is None
+    p, st = np.ones(100, np.float32), {"m": np.zeros(100, np.float32), "v": np.zeros(100, np.float32)}
+    p_ref, st_ref = p.copy(), {k: v.copy() for k, v in st.items()}
+    hp = defn.resolve({})
+    kernels.apply(defn, p, small, st, 1, hp)  # widened with numpy inside apply: never updated in float16
+    kernels.apply(defn, p_ref, small.astype(np.float32), st_ref, 1, hp)
+    np.testing.assert_array_equal(p, p_ref)
+
+
+def test_a_server_step_with_float16_gradients_equals_float32_widened_ones(server):
+    """Fenced steps over the wire: the server compiles the widening kernel on the first float16 step
+    (numpy widens until it is ready), so the later steps take the in-kernel path; either way the
+    parameters equal a twin session's stepped with the same gradients widened by the client."""
+    import time
+
+    from optreg.client import Client
+    rng = np.random.default_rng(4)
+    n = 300_000
+    w = rng.standard_normal(n).astype(np.float32)
+    grads = [(rng.standard_normal(n) * 1e-2).astype(np.float16) for _ in range(6)]
+    with Client(server.address) as c:
+        a = c.create_session("adam", {"w": w})
+        b = c.create_session("adam", {"w": w})
+        for i, g in enumerate(grads):
+            a.step({"w": g})
+            b.step({"w": g.astype(np.float32)})
+            if i == 0:
+                time.sleep(4)  # the compile thread builds the widening kernel meanwhile
+        np.testing.assert_array_equal(a.read_parameters()["w"], b.read_parameters()["w"])
