@@ -57,8 +57,9 @@ def drive(kernel, p, gbits, {slots}c, buf):
     for a in range(0, n, block):
         b = min(a + block, n)
         w = buf[:b - a]
-        for i in range(b - a):
-            w[i] = conv(gbits[a + i])
+        gb = gbits[a:b]
+        for i in range(gb.size):  # gb[i], not gbits[a + i]: a signed index stops LLVM vectorizing (~3.5x)
+            w[i] = conv(gb[i])
         kernel(p[a:b], w, {sliced}c)
 """
 # gradient dtype str (or name) -> converter of its bits
