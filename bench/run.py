@@ -461,6 +461,11 @@ def bench_concurrency(cfg, server, _echo):
         note="higher is better; 2 cores shared by server and clients")
 
 
+def bench_small_parts(cfg, server, echo):
+    from bench.small_parts import bench_small_parts as run
+    run(cfg, server, echo, row, _channel)
+
+
 def bench_torch(cfg, server, echo):
     from bench.torch_adapter import bench_torch as run  # imports torch only when this section runs
     run(cfg, server, echo)
@@ -476,7 +481,7 @@ def bench_wal(cfg, server, echo):
     run(cfg, server, echo)
 
 
-SECTIONS = {"small": bench_small, "large": bench_large, "shm": bench_shm, "kernels": bench_kernels,
+SECTIONS = {"small": bench_small, "smallparts": bench_small_parts, "large": bench_large, "shm": bench_shm, "kernels": bench_kernels,
             "declared": bench_declared, "memory": bench_memory, "concurrency": bench_concurrency,
             "torch": bench_torch, "wal": bench_wal, "durability": bench_durability}
 
