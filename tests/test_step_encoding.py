@@ -38,22 +38,3 @@ def test_unary_steps_over_a_real_server_match_the_servers_parameters(client):
     for k in params:
         assert s.arrays[k].shape == params[k].shape
         np.testing.assert_array_equal(s.arrays[k], server[k])
-
-
-@pytest.mark.parametrize("step", [0, 7, 2 ** 33])
-def test_encoded_step_request_is_protobufs_bytes(step):
-    grads = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(2, np.float16),
-             "big": np.arange(3, dtype=">f8"), "e": np.zeros(0, np.float32), "l": [1.0, 2.0]}
-    want = session_pb2.StepRequest(session_id="s-1", step=step,
-                                   gradients=[tensors.from_numpy(n, g) for n, g in grads.items()])
-    head = session_pb2.StepRequest(session_id="s-1", step=step).SerializeToString()
-    got = tensors.encode_stream_message(head, [tensors.whole_view(n, g) for n, g in grads.items()])
-    assert got == want.SerializeToString()
-    assert session_pb2.StepRequest.FromString(got).HasField("step")
-
-
-def test_non_contiguous_gradients_are_sent_as_their_values(client):
-    s = client.create_session("sgd", {"w": np.zeros((3, 4), np.float32)}, lr=1.0)
-    g = np.arange(24, dtype=np.float32).reshape(3, 8)[:, ::2]  # a strided view
-    s.step({"w": g})
-    np.testing.assert_array_equal(s.read_parameters()["w"], -g)

@@ -27,19 +27,12 @@ class UnaryStep:
     """One Step call: gradients and reply in one message each."""
 
     def send(self, session, grads, fence: int, hyperparameters, metrics, timeout):
-        if not hyperparameters and not metrics:
-            # Encoded straight into the wire format: StepRequest shares fields 1-3 with StepStreamRequest,
-            # so these are the bytes SerializeToString gives, with one copy of the data and no Tensor
-            # messages built (tests/test_step_encoding.py).
-            head = session_pb2.StepRequest(session_id=session.id, step=fence).SerializeToString()
-            request = tensors.encode_stream_message(head, [tensors.whole_view(n, g) for n, g in grads.items()])
-        else:
-            request = session_pb2.StepRequest(session_id=session.id, step=fence,
-                                              gradients=[tensors.from_numpy(n, g) for n, g in grads.items()])
-            if hyperparameters:  # empty maps cost ~6 us in the constructor; a small step takes ~600 us
-                request.hyperparameters.update(hyperparameters)
-            if metrics:
-                request.metrics.update(metrics)
+        request = session_pb2.StepRequest(session_id=session.id, step=fence,
+                                          gradients=[tensors.from_numpy(n, g) for n, g in grads.items()])
+        if hyperparameters:  # empty maps cost ~6 us in the constructor; a small step takes ~600 us
+            request.hyperparameters.update(hyperparameters)
+        if metrics:
+            request.metrics.update(metrics)
         reply = session.client.transport.unary("Step", request, timeout=timeout)
         # A StepResponse decoded by tensors.decode_step_response (its tensors are `chunks`; offset 0)
         got = reply.chunks if type(reply) is tensors.StreamResponse else reply.tensors

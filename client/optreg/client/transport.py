@@ -130,7 +130,7 @@ class GrpcTransport:
         self._calls = {}
         for name, (service, kind, request_cls, deserialize) in METHODS.items():
             serialize = request_cls.SerializeToString
-            if name in ("StepStream", "Step"):  # requests may come already encoded (stepping.py)
+            if name == "StepStream":
                 serialize = tensors.serialize_passthrough(serialize)
             factory = {"unary": channel.unary_unary, "stream_in": channel.stream_unary,
                        "stream_out": channel.unary_stream, "stream_both": channel.stream_stream}[kind]

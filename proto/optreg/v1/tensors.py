@@ -281,20 +281,6 @@ def _append_tensor(parts: list, name: str, code: int, shape, offset: int, data: 
         parts.append(tail)
 
 
-def whole_view(name: str, array) -> tuple:
-    """(name, code, shape, 0, a flat contiguous view in the wire dtype) of a whole tensor, for
-    encode_stream_message; what from_numpy would put in a Tensor, without building one."""
-    if type(array) is not np.ndarray:
-        array = np.asarray(array)
-    code = _BY_NUMPY.get(array.dtype)
-    if code is None:  # big-endian or not a wire dtype
-        code = to_code(array.dtype)
-        array = np.ascontiguousarray(array, dtype=DTYPES[code])
-    elif not array.flags.c_contiguous:  # a strided view: its values, packed
-        array = np.ascontiguousarray(array)
-    return name, code, array.shape, 0, array
-
-
 def encode_stream_message(head: bytes, chunks) -> bytes:
     """One StepStreamRequest/StepStreamResponse: `head` (its fields 1-2, encoded) and
     chunks as (name, code, shape, offset, contiguous array); one copy of the data."""
