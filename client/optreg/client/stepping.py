@@ -34,9 +34,7 @@ class UnaryStep:
         if metrics:
             request.metrics.update(metrics)
         reply = session.client.transport.unary("Step", request, timeout=timeout)
-        # A StepResponse decoded by tensors.decode_step_response (its tensors are `chunks`; offset 0)
-        got = reply.chunks if type(reply) is tensors.StreamResponse else reply.tensors
-        return reply.replayed, reply.step, {t.name: tensors.to_numpy(t) for t in got}
+        return reply.replayed, reply.step, {t.name: tensors.to_numpy(t) for t in reply.tensors}
 
 
 class StreamStep:

@@ -29,8 +29,7 @@ METHODS = {
     "GetSession": (_SESSION, "unary", _S.GetSessionRequest, _S.GetSessionResponse.FromString),
     "ListSessions": (_SESSION, "unary", _S.ListSessionsRequest, _S.ListSessionsResponse.FromString),
     "DeleteSession": (_SESSION, "unary", _S.DeleteSessionRequest, _S.DeleteSessionResponse.FromString),
-    # decoded without protobuf: same wire fields as StepStreamResponse, tensors' data viewed, not copied
-    "Step": (_SESSION, "unary", _S.StepRequest, tensors.decode_step_response),
+    "Step": (_SESSION, "unary", _S.StepRequest, _S.StepResponse.FromString),
     # StepStream's gradient chunks go out already encoded (tensors.encode_stream_message: one copy
     # each), and its replies are decoded with their chunks' bytes viewed, not copied, until they land
     # in the receive buffers (tensors.decode_step_response).

@@ -498,23 +498,9 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
                 del out
 
 
-def _step_response(result) -> bytes:
-    """The StepResponse encoded straight into its wire format (the bytes SerializeToString gives, one
-    copy of the data; Step's serializer passes bytes through, app._add_session_service): building the
-    protobuf message and serializing it cost ~10-20 us of a small step's live server time."""
-    return tensors.encode_stream_message(  # StepResponse and StepStreamResponse share fields 1-3
-        tensors.response_head(result.step, result.replayed),
-        [(n, _wire_code(a.dtype), a.shape, 0, a) for n, a in result.tensors.items()])
-
-
-_CODES: dict = {}
-
-
-def _wire_code(dtype) -> int:
-    code = _CODES.get(dtype)
-    if code is None:
-        code = _CODES[dtype] = tensors.to_code(dtype)
-    return code
+def _step_response(result) -> session_pb2.StepResponse:
+    return session_pb2.StepResponse(step=result.step, replayed=result.replayed,
+                                    tensors=[tensors.from_numpy(n, a) for n, a in result.tensors.items()])
 
 
 def _tensor_map(items, what: str) -> dict[str, np.ndarray]:
