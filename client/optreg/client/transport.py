@@ -114,10 +114,7 @@ class GrpcTransport:
                    # A restarted server is found again within about a second, not gRPC's default
                    # reconnect backoff (up to 120 s), which would outlast any retry window.
                    ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 200),
-                   ("grpc.max_reconnect_backoff_ms", 1000),
-                   # The server may send HTTP/2 DATA frames up to 16 MiB (default 16 KiB): large steps'
-                   # replies ~5% faster in the same-run A/B (docs/speed.md).
-                   ("grpc.http2.max_frame_size", (1 << 24) - 1)]
+                   ("grpc.max_reconnect_backoff_ms", 1000)]
         if tls_server_name:
             options.append(("grpc.ssl_target_name_override", tls_server_name))
         if channel is None:

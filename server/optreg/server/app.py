@@ -38,10 +38,6 @@ SERVICE_NAMES = (
 )
 
 
-# HTTP/2's largest SETTINGS_MAX_FRAME_SIZE (2^24 - 1).
-MAX_FRAME_SIZE = (1 << 24) - 1
-
-
 @dataclass
 class Settings:
     host: str = "127.0.0.1"
@@ -156,9 +152,6 @@ class OptregServer:
                      # about 40 s rather than the 2 h TCP default.
                      ("grpc.keepalive_time_ms", 30_000), ("grpc.keepalive_timeout_ms", 10_000),
                      ("grpc.keepalive_permit_without_calls", 1),
-                     # Peers may send HTTP/2 DATA frames up to 16 MiB (default 16 KiB): large steps ~5%
-                     # faster in the same-run A/B (docs/speed.md, bench/grpc_options.py).
-                     ("grpc.http2.max_frame_size", MAX_FRAME_SIZE),
                      # gRPC sets SO_REUSEPORT by default: a second server on a port in use would start and
                      # take half the new connections. Without it, that bind fails (see _bind).
                      ("grpc.so_reuseport", 0)])
