@@ -32,6 +32,7 @@ import numpy as np
 from optreg.server import kernels, snapshot, wal
 from optreg.server.errors import ResourceExhausted, Unavailable
 from optreg.server.fsync import GroupSyncer, fsync_dir
+from optreg.server.membership import WorkerConfig
 from optreg.server.sessions import DTYPE_NAMES, Arrays, Durability, Session
 from optreg.v1 import tensors
 
@@ -94,7 +95,8 @@ def meta_of(s: Session, hyperparameters: dict | None = None) -> dict:
             "step": s.step, "master_dtype": DTYPE_NAMES[s.master_code], "reply": s.reply,
             "created_at": s.created_at, "owner": s.owner, "durability": s.durability.mode,
             "periodic_steps": s.durability.periodic_steps, "periodic_seconds": s.durability.periodic_seconds,
-            "shapes": {n: list(v) for n, v in s.shapes.items()}, "slots": list(s.slot_names)}
+            "shapes": {n: list(v) for n, v in s.shapes.items()}, "slots": list(s.slot_names),
+            "workers": s.workers.to_meta() if s.workers is not None else None}
 
 
 def snapshot_arrays(s: Session) -> tuple[dict, dict]:
@@ -368,6 +370,7 @@ class Journal:
                     Durability(meta["durability"], int(meta["periodic_steps"]), float(meta["periodic_seconds"])),
                     {n: tuple(v) for n, v in meta["shapes"].items()}, tuple(meta["slots"]),
                     step=int(meta["step"]), owner=meta.get("owner", ""), created_at=float(meta["created_at"]))
+        s.workers = WorkerConfig.from_meta(meta.get("workers"))
         s.persisted_step = s.step
         s.dirty = False
         if meta.get("log_error"):

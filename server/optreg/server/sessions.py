@@ -95,6 +95,9 @@ class Session:
     quarantined: str = ""  # why its files cannot be trusted: every use is DATA_LOSS
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     spec: dict = field(default_factory=dict, repr=False)  # name -> (shape, gradient dtypes allowed)
+    # Shared sessions (membership.WorkerConfig; None: single writer) and their members and rounds (rounds.Hub).
+    workers: object | None = None
+    hub: object | None = field(default=None, repr=False)
 
     def __post_init__(self):
         allowed = GRAD_DTYPES[self.master_code]
