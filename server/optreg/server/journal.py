@@ -67,7 +67,7 @@ class NoJournal:
     """Memory-only server: nothing is written."""
 
     def create(self, session): pass
-    def begin(self, session, step, fence, hp, metrics): return NULL_RECORD
+    def begin(self, session, step, fence, hp, metrics, extras=None): return NULL_RECORD
     def after_commit(self, session): pass
     def hyperparameters(self, session, hp): pass
     def delete(self, session): pass
@@ -96,7 +96,8 @@ def meta_of(s: Session, hyperparameters: dict | None = None) -> dict:
             "created_at": s.created_at, "owner": s.owner, "durability": s.durability.mode,
             "periodic_steps": s.durability.periodic_steps, "periodic_seconds": s.durability.periodic_seconds,
             "shapes": {n: list(v) for n, v in s.shapes.items()}, "slots": list(s.slot_names),
-            "workers": s.workers.to_meta() if s.workers is not None else None}
+            "workers": s.workers.to_meta() if s.workers is not None else None, "round_record": s.round_record,
+            "worker_rounds": s.worker_rounds}
 
 
 def snapshot_arrays(s: Session) -> tuple[dict, dict]:
@@ -161,6 +162,10 @@ def replay(s: Session, record: wal.Record) -> None:
                 s.last_delta[name] = p - before
     s.hyperparameters = s.optimizer.definition.resolve(record.hyperparameters)
     s.step = record.step
+    if "worker" in record.extras:  # a shared session's async contribution: retries of it are not applied again
+        s.worker_rounds[record.extras["worker"]] = record.extras["round"]
+    elif "round" in record.extras:  # a shared session's sync round: who it applied (rounds.Hub answers retries)
+        s.round_record = {"round": record.extras["round"], "contributors": record.extras.get("contributors", [])}
 
 
 class _Record:
@@ -170,6 +175,7 @@ class _Record:
         self.journal, self.session, self.writer, self.results = journal, session, writer, results
         self.step = writer.step
         self.nbytes = 0
+        self.extras: dict = {}
 
     def add(self, name, code, shape, start, data) -> None:
         if self.results:
@@ -191,7 +197,7 @@ class _Record:
                 for slot, arrs in arrays.state.items():
                     for name, a in arrs.items():
                         self.writer.add(f"s/{slot}/{name}", a.dtype, a.shape, 0, a.reshape(-1))
-            self.writer.commit(self.step, extras={"kind": "result"} if self.results else None)
+            self.writer.commit(self.step, extras={**self.extras, "kind": "result"} if self.results else None)
         except OSError as e:
             self.writer.abort()
             raise write_failed(self.session, e, f"the log record of step {self.step}") from None
@@ -262,17 +268,22 @@ class Journal:
         self._close_log(s.id, delete=True)  # a leftover of a deleted session of the same id
         self._snapshot(s)
 
-    def begin(self, s: Session, step: int, fence, hp, metrics):
+    def begin(self, s: Session, step: int, fence, hp, metrics, extras=None):
         lg = self._logs.get(s.id)
         if lg is None:  # periodic or none: no log
             return NULL_RECORD
-        extras = {"metrics": metrics} if metrics else None
+        extras = dict(extras or {})  # a shared session's round (rounds.py) rides in its step's record
+        if metrics:
+            extras["metrics"] = metrics
+        extras = extras or None
         results = not getattr(s.optimizer.definition, "deterministic", True)
         try:
             writer = lg.begin(step, fence, hp, extras)
         except OSError as e:
             raise write_failed(s, e, f"the log record of step {step}") from None
-        return _Record(self, s, writer, results)
+        rec = _Record(self, s, writer, results)
+        rec.extras = extras or {}
+        return rec
 
     def after_commit(self, s: Session) -> None:
         """Caller holds the lock; the step is committed (and logged as its mode says)."""
@@ -371,6 +382,8 @@ class Journal:
                     {n: tuple(v) for n, v in meta["shapes"].items()}, tuple(meta["slots"]),
                     step=int(meta["step"]), owner=meta.get("owner", ""), created_at=float(meta["created_at"]))
         s.workers = WorkerConfig.from_meta(meta.get("workers"))
+        s.round_record = meta.get("round_record")
+        s.worker_rounds = dict(meta.get("worker_rounds") or {})
         s.persisted_step = s.step
         s.dirty = False
         if meta.get("log_error"):

@@ -77,8 +77,10 @@ class StepRun:
     `close()` always (it gives back what an unfinished step held)."""
 
     def __init__(self, store, session: Session, fence: int | None, hyperparameters=None, metrics=None,
-                 is_active=lambda: True, out: dict[str, np.ndarray] | None = None):
+                 is_active=lambda: True, out: dict[str, np.ndarray] | None = None, extras: dict | None = None):
         self.store, self.session, self.fence = store, session, fence
+        self.extras = extras  # logged with the step (a shared session's round)
+        self.on_commit = None  # called with the session under its lock as the step commits (rounds.py)
         self.hp_changes = dict(hyperparameters or {})
         self.metrics = check_metrics(metrics or {})
         self.is_active = is_active
@@ -114,7 +116,8 @@ class StepRun:
         if self.overlap and self.staging is None:
             self.staging = self.store.allocate_set(s, "a step's staging copy")
         self.tracker = tensors.ChunkTracker(s.spec, "gradient")
-        self.record = self.store.journal.begin(s, self.t, self.fence, self.hp, self.metrics)
+        self.record = (self.store.journal.begin(s, self.t, self.fence, self.hp, self.metrics, self.extras)
+                       if self.extras else self.store.journal.begin(s, self.t, self.fence, self.hp, self.metrics))
         if s.reply == "delta" and self.overlap:
             self.delta = self._buffers("a step's delta")
         return None
@@ -232,6 +235,8 @@ class StepRun:
                 s.last_delta = self.delta
             s.dirty = True
             self.done = True
+            if self.on_commit is not None:
+                self.on_commit(s)
             self.store.after_commit(s)
             self.result = s.answer(False)
             self.reader = s.live

@@ -128,6 +128,18 @@ class Hub:
         self.last: Outcome | None = None
         self.history: deque = deque(maxlen=64)  # (round, contributors) of closed rounds
         self.deleted = False
+        rec = session.round_record  # after a restart: the last round applied, from the log or snapshot
+        if rec and rec.get("round") == session.step - 1:
+            who = tuple(sorted(rec.get("contributors", ())))
+            self.history.append((rec["round"], frozenset(who)))
+            self.last = Outcome(session.step, None, rec["round"], who)  # tensors None: the current parameters
+            # Its contributors are members again (with a fresh lease), so the round open at the crash waits
+            # for them as it did before, not only for whoever comes back first.
+            for w in who:
+                try:
+                    self.members.join(w)
+                except Exception:  # the config shrank or the name is not valid any more: it joins again itself
+                    pass
 
     # -- membership ----------------------------------------------------------------------
     def join(self, worker: str) -> int:
@@ -167,6 +179,8 @@ class Hub:
     def _closed_answer(self, worker: str, number: int) -> Outcome:
         """A contribution to a round that is no longer open: a retry of one it applied, or stale."""
         if self.last is not None and self.last.round == number and worker in self.last.contributors:
+            if self.last.tensors is None:  # restored after a restart: the session still holds that step
+                return self._current(number, self.last.contributors)
             return Outcome(**{**self.last.__dict__, "replayed": True})
         for rnd, who in self.history:
             if rnd == number and worker in who:
@@ -223,6 +237,9 @@ class Hub:
         """Caller holds the condition. Returns the round's outcome (closing it when this call may)."""
         failures = r.failures
         while True:
+            m = self.members.by_name.get(worker)
+            if m is not None:  # a worker waiting in a live call is in contact
+                self.members.renew(m)
             if r.result is not None:
                 return r.result
             if r.failures != failures:
@@ -259,7 +276,10 @@ class Hub:
             combined = self.store.budget.allocate(
                 f"a round's combined gradient of session {s.id}", s.elements * s.dtype.itemsize,
                 lambda: Buffers(combine(contribs, self.config.combine, s.dtype)))
-            run = StepRun(self.store, s, r.number)
+            # Logged with the step (journal.replay restores it), so retries after a restart are answered.
+            record = {"round": r.number, "contributors": sorted(contribs)}
+            run = StepRun(self.store, s, r.number, extras=record)
+            run.on_commit = lambda sess: setattr(sess, "round_record", record)
             try:
                 result = run.open()
                 if result is None:
@@ -306,11 +326,12 @@ class Hub:
         try:
             with self.cond:
                 step = self.session.step
-                if number == m.last_round:
+                last = self.session.worker_rounds.get(worker, -1)  # survives restarts (logged with each step)
+                if number == last:
                     return m, self._async_replay(m, number)
-                if number < m.last_round:
+                if number < last:
                     raise FailedPrecondition(
-                        f"worker {shown(worker)} already contributed gradients read at step {m.last_round}; this "
+                        f"worker {shown(worker)} already contributed gradients read at step {last}; this "
                         f"one was read at step {number}: rounds of a worker must increase (a repeated round is a "
                         f"retry); the session is at step {step}", metadata=(("optreg-server-step", str(step)),))
                 if number > step:
@@ -343,12 +364,16 @@ class Hub:
             raise
 
     def _async_replay(self, m: Member, number: int) -> Outcome:
+        return self._current(number)
+
+    def _current(self, number: int, contributors=()) -> Outcome:
+        """A retry's answer from the session's current parameters."""
         s = self.session
         with s.lock:
             self.store.ensure_loaded(s)
             out = {n: np.array(a) for n, a in s.answer(True).tensors.items()}
             step = s.step
-        return Outcome(step, out, number, staleness=0, replayed=True)
+        return Outcome(step, out, number, tuple(contributors), replayed=True)
 
     def end_async(self, m: Member, number: int, applied_step: int | None) -> None:
         try:

@@ -107,7 +107,9 @@ class WorkerSteps:
                 for _ in chunks:
                     pass
                 return early
-            run = StepRun(self.store, session, None, None, metrics, context.is_active)
+            run = StepRun(self.store, session, None, None, metrics, context.is_active,
+                          extras={"worker": worker, "round": number})
+            run.on_commit = lambda s: s.worker_rounds.__setitem__(worker, number)
             try:
                 run.open()
                 for t in chunks:
