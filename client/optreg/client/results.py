@@ -159,6 +159,7 @@ class RoundSummary:
     contributors: tuple[str, ...]
     stragglers: tuple[str, ...]
     seconds: float
+    noise_scale: float = 0.0         # B_simple in worker batches (McCandlish et al. 2018); 0: not estimated
 
 
 _MODE_NAME = {1: "sync", 2: "async", 3: "ssp", 0: "sync"}
@@ -177,7 +178,8 @@ def _shared(s) -> dict:
                open_round=s.open_round)
     if s.HasField("last_round"):
         r = s.last_round
-        out["last_round"] = RoundSummary(r.round, tuple(r.contributors), tuple(r.stragglers), r.seconds)
+        out["last_round"] = RoundSummary(r.round, tuple(r.contributors), tuple(r.stragglers), r.seconds,
+                                         r.noise_scale)
     return out
 
 

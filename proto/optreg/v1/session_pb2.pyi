@@ -117,16 +117,18 @@ class Member(_message.Message):
     def __init__(self, worker: _Optional[str] = ..., contributions: _Optional[int] = ..., last_round: _Optional[int] = ..., last_contact: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., joined_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class RoundInfo(_message.Message):
-    __slots__ = ("round", "contributors", "stragglers", "seconds")
+    __slots__ = ("round", "contributors", "stragglers", "seconds", "noise_scale")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     CONTRIBUTORS_FIELD_NUMBER: _ClassVar[int]
     STRAGGLERS_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
+    NOISE_SCALE_FIELD_NUMBER: _ClassVar[int]
     round: int
     contributors: _containers.RepeatedScalarFieldContainer[str]
     stragglers: _containers.RepeatedScalarFieldContainer[str]
     seconds: float
-    def __init__(self, round: _Optional[int] = ..., contributors: _Optional[_Iterable[str]] = ..., stragglers: _Optional[_Iterable[str]] = ..., seconds: _Optional[float] = ...) -> None: ...
+    noise_scale: float
+    def __init__(self, round: _Optional[int] = ..., contributors: _Optional[_Iterable[str]] = ..., stragglers: _Optional[_Iterable[str]] = ..., seconds: _Optional[float] = ..., noise_scale: _Optional[float] = ...) -> None: ...
 
 class TensorInfo(_message.Message):
     __slots__ = ("name", "dtype", "shape")

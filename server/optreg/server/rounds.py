@@ -47,6 +47,7 @@ class Outcome:
     seconds: float = 0.0
     staleness: int = 0
     replayed: bool = False
+    noise_scale: float = 0.0
 
 
 @dataclass(eq=False)
@@ -110,6 +111,22 @@ def combine(contribs: dict[str, Buffers], how: str, dtype) -> dict[str, np.ndarr
             acc /= dtype.type(len(names))
         out[p] = acc
     return out
+
+
+def noise_scale(contribs: dict[str, Buffers], mean: dict[str, np.ndarray]) -> float:
+    """B_simple = tr(Sigma)/|G|^2 (McCandlish et al. 2018, A.1) from n equal-batch contributions, in units
+    of one contribution's batch: with B_small = 1 and B_big = n batches, |G_small|^2 the contributions'
+    mean squared norm and |G_big|^2 the mean's, |G|^2 ~ (n|G_big|^2 - |G_small|^2)/(n - 1) and
+    tr(Sigma) ~ (|G_small|^2 - |G_big|^2)/(1 - 1/n). 0 when n < 2 or the |G|^2 estimate is not positive."""
+    n = len(contribs)
+    if n < 2:
+        return 0.0
+    small = sum(float(np.dot(a.reshape(-1).astype(np.float64), a.reshape(-1).astype(np.float64)))
+                for g in contribs.values() for a in g.values()) / n
+    big = sum(float(np.dot(a.reshape(-1).astype(np.float64), a.reshape(-1).astype(np.float64))) for a in mean.values())
+    g2 = (n * big - small) / (n - 1)
+    trace = (small - big) / (1 - 1 / n)
+    return trace / g2 if g2 > 0 else 0.0
 
 
 def _remaining(context) -> float:
@@ -299,7 +316,9 @@ class Hub:
                       extra={"session_id": s.id})
             return
         who = tuple(sorted(contribs))
-        outcome = Outcome(result.step, out, r.number, who, tuple(sorted(live - set(who))), time.monotonic() - t0)
+        mean = combined if self.config.combine == "mean" else {n: a / len(who) for n, a in combined.items()}
+        outcome = Outcome(result.step, out, r.number, who, tuple(sorted(live - set(who))), time.monotonic() - t0,
+                          noise_scale=noise_scale(contribs, mean))
         with self.cond:
             for w in who:
                 m = self.members.by_name.get(w)

@@ -58,7 +58,8 @@ def add_worker_info(info: session_pb2.SessionInfo, s) -> None:
         pm.joined_at.FromNanoseconds(int(m.joined_at * 1e9))
     if last is not None:
         info.last_round.CopyFrom(session_pb2.RoundInfo(round=last.round, contributors=last.contributors,
-                                                       stragglers=last.stragglers, seconds=last.seconds))
+                                                       stragglers=last.stragglers, seconds=last.seconds,
+                                                       noise_scale=last.noise_scale))
 
 
 class WorkerSteps:
