@@ -137,6 +137,37 @@ def test_retry_of_a_contribution_is_applied_once(server):
         assert c.get_session(s.id).step == 1
 
 
+def test_a_contribution_outlives_its_calls_deadline(server):
+    with Client(server.address, timeout=30) as c:
+        s = c.create_session("sgd", {"w": np.zeros(4, np.float32)}, workers=2, round_deadline=3600.0, lr=1.0,
+                             durability="none")
+        a = Client(server.address, timeout=0.5).join(s.id, "a")
+        b = Client(server.address, timeout=30).join(s.id, "b")
+        with pytest.raises(DeadlineExceeded):
+            a.step({"w": np.full(4, 2, np.float32)})  # b is silent: a's call ends, its contribution stays committed
+        r = b.step({"w": np.full(4, 4, np.float32)})
+        assert r.contributors == ("a", "b") and np.array_equal(b.arrays["w"], np.full(4, -3, np.float32))
+        again = a.step({"w": np.full(4, 2, np.float32)})  # the same (worker, round): the round's reply
+        assert again.replayed and again.step == 1 and np.array_equal(a.arrays["w"], b.arrays["w"])
+
+
+def test_deleting_the_session_ends_its_waiting_rounds(server):
+    from optreg.client import NotFound
+    with Client(server.address, timeout=30) as c:
+        s = c.create_session("sgd", {"w": np.zeros(4, np.float32)}, workers=2, round_deadline=3600.0,
+                             durability="none")
+        a = Client(server.address, timeout=30).join(s.id, "a")
+        Client(server.address).join(s.id, "b")
+        got = {}
+        t = threading.Thread(target=lambda: got.update(e=pytest.raises(NotFound, a.step, {"w": np.ones(4, np.float32)})))
+        t.start()
+        while not any(m.last_round == 0 for m in c.get_session(s.id).members):
+            t.join(0.02)
+        c.delete_session(s.id)
+        t.join(30)
+        assert not t.is_alive() and "not found" in str(got["e"].value)
+
+
 def test_dead_worker_is_dropped_when_its_lease_runs_out(server):
     with Client(server.address, timeout=30) as c:
         s = c.create_session("sgd", {"w": np.zeros(4, np.float32)}, workers=2, round_deadline=3600.0, lease=0.5,
