@@ -434,3 +434,35 @@ def test_async_contributions_survive_kill_9_of_the_server(start_server, tmp_path
     r = _contribute(st, "as", "b", 0, np.full(4, 2.0))
     assert (r.step, r.staleness) == (2, 1)
     assert np.array_equal(tensors.to_numpy(r.tensors[0]), np.full(4, -3.0))
+
+
+# -- the book's drop-ins ------------------------------------------------------------------------
+
+def test_book_drop_ins_as_workers_of_one_session(server):
+    from optreg.client import SGD
+    results = {}
+
+    # Created by whichever starts first; every worker joins before any contributes (resume() joins).
+    barrier = threading.Barrier(3)
+
+    def run_synced(i):
+        params = {"W": np.full((3, 2), float(i)), "b": np.zeros(2)}
+        with SGD(lr=0.5, address=server.address, session_id="book-shared", worker=f"w{i}", workers=3) as opt:
+            start = opt.resume(params)
+            barrier.wait()
+            for _ in range(start, 4):
+                opt.update(params, {"W": np.full((3, 2), float(i + 1)), "b": np.ones(2)})
+            results[i] = (opt.step, params)
+
+    _threads([lambda i=i: run_synced(i) for i in range(3)])
+    first = results[0][1]
+    w0 = first["W"]
+    for i in range(3):
+        step, params = results[i]
+        assert step == 4 and np.array_equal(params["W"], w0) and np.array_equal(params["b"], np.full(2, -2.0))
+    with Client(server.address) as c:
+        info = c.get_session("book-shared")
+        assert info.step == 4 and info.members == ()  # every worker left; the session is kept
+        start = w0 + 4 * 0.5 * 2.0  # the mean gradient of W is 2 each round
+        assert np.allclose(start, start[0, 0]) and start[0, 0] in (0.0, 1.0, 2.0)  # one worker's initial W
+        c.delete_session("book-shared")
