@@ -466,3 +466,31 @@ def test_book_drop_ins_as_workers_of_one_session(server):
         start = w0 + 4 * 0.5 * 2.0  # the mean gradient of W is 2 each round
         assert np.allclose(start, start[0, 0]) and start[0, 0] in (0.0, 1.0, 2.0)  # one worker's initial W
         c.delete_session("book-shared")
+
+
+# -- round statistics -----------------------------------------------------------------------------
+
+def test_round_metrics_and_scalars(start_server, tmp_path):
+    from test_auth_tls_metrics import _free_port, _scrape
+    from optreg.server import wal
+    port = _free_port()
+    srv = start_server("--data-dir", str(tmp_path), "--metrics-port", str(port))
+    with Client(srv.address, timeout=30) as c:
+        c.create_session("sgd", {"w": np.zeros(4)}, session_id="stats", workers=2, lr=1.0)
+        ws = [Client(srv.address, timeout=30).join("stats", f"w{i}") for i in range(2)]
+        _threads([lambda w=w, i=i: w.step({"w": np.full(4, i + 1.0) * (np.arange(4) - 1.5)},
+                                          metrics={"loss": 1.0 + 2 * i}) for i, w in enumerate(ws)])
+        a = c.create_session("sgd", {"w": np.zeros(4)}, workers=2, mode="async", durability="none")
+        aw = [Client(srv.address, timeout=30).join(a.id, f"a{i}") for i in range(2)]
+        aw[0].step({"w": np.ones(4)})
+        aw[1].step({"w": np.ones(4)})  # read at step 0, applied as step 2: staleness 1
+    m = _scrape(port)
+    assert m["optreg_rounds_total"] == 1 and m["optreg_round_seconds_count"] == 1
+    assert m["optreg_round_stragglers_total"] == 0
+    assert m['optreg_round_noise_scale{session_id="stats"}'] > 0
+    assert m["optreg_contribution_staleness_count"] == 2 and m["optreg_contribution_staleness_sum"] == 1
+    srv.kill()  # the round's record is still in the log: it holds the mean of the contributors' scalars
+    lg = wal.Log.open(wal.path_for(tmp_path / "sessions", "stats"), "stats", base_step=0, sync="os")
+    (record,) = list(lg.records(after=0))
+    assert record.extras["metrics"] == {"loss": 2.0} and record.extras["contributors"] == ["w0", "w1"]
+    lg.close()

@@ -54,6 +54,7 @@ class Outcome:
 class Round:
     number: int
     contribs: dict[str, Buffers] = field(default_factory=dict)
+    metrics: dict[str, dict] = field(default_factory=dict)  # worker -> the scalars it sent (loss, ...)
     opened: float | None = None  # monotonic time of its first contribution
     closing: bool = False
     result: Outcome | None = None
@@ -224,7 +225,7 @@ class Hub:
                     metadata=(("optreg-server-step", str(open_no)),))
             return None
 
-    def contribute(self, worker: str, number: int, grads: Buffers, context=None) -> Outcome:
+    def contribute(self, worker: str, number: int, grads: Buffers, context=None, metrics=None) -> Outcome:
         """Commit a whole contribution to its round, and wait for the round's close."""
         end = time.monotonic() + _remaining(context)
         with self.cond:
@@ -235,6 +236,8 @@ class Hub:
             m = self.members.join(worker)
             if worker not in r.contribs:  # else: a retry of a committed contribution waits for the same close
                 r.contribs[worker] = grads
+                if metrics:
+                    r.metrics[worker] = dict(metrics)
                 if r.opened is None:
                     r.opened = time.monotonic()
                 m.last_round = number
@@ -288,6 +291,10 @@ class Hub:
         with self.cond:
             contribs = dict(r.contribs)
             live = self.members.names()
+            sent = [m for w, m in r.metrics.items() if w in contribs]
+        # The round's step records the mean of each scalar over the contributors that sent it.
+        names = sorted({k for m in sent for k in m})
+        step_metrics = {k: float(np.mean([m[k] for m in sent if k in m])) for k in names}
         s = self.session
         try:
             combined = self.store.budget.allocate(
@@ -295,7 +302,7 @@ class Hub:
                 lambda: Buffers(combine(contribs, self.config.combine, s.dtype)))
             # Logged with the step (journal.replay restores it), so retries after a restart are answered.
             record = {"round": r.number, "contributors": sorted(contribs)}
-            run = StepRun(self.store, s, r.number, extras=record)
+            run = StepRun(self.store, s, r.number, metrics=step_metrics, extras=record)
             run.on_commit = lambda sess: setattr(sess, "round_record", record)
             try:
                 result = run.open()
@@ -319,6 +326,9 @@ class Hub:
         mean = combined if self.config.combine == "mean" else {n: a / len(who) for n, a in combined.items()}
         outcome = Outcome(result.step, out, r.number, who, tuple(sorted(live - set(who))), time.monotonic() - t0,
                           noise_scale=noise_scale(contribs, mean))
+        metrics = self.store.metrics
+        if metrics is not None and hasattr(metrics, "round"):
+            metrics.round(s.id, outcome.seconds, len(outcome.stragglers), outcome.noise_scale)
         with self.cond:
             for w in who:
                 m = self.members.by_name.get(w)
@@ -326,6 +336,7 @@ class Hub:
                     m.contributions += 1
             r.result = outcome
             r.contribs.clear()  # their buffers leave the memory budget
+            r.metrics.clear()
             self.last = outcome
             self.history.append((r.number, frozenset(who)))
             self.round = Round(result.step)

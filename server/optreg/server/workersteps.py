@@ -8,7 +8,7 @@ import numpy as np
 
 from optreg.server.errors import Cancelled, FailedPrecondition, InvalidArgument, shown
 from optreg.server.membership import DEFAULT_DEADLINE, DEFAULT_LEASE, WorkerConfig
-from optreg.server.pipeline import StepRun
+from optreg.server.pipeline import StepRun, check_metrics
 from optreg.server.rounds import Contribution, Hubs, Outcome
 from optreg.v1 import session_pb2, tensors
 
@@ -100,7 +100,7 @@ class WorkerSteps:
             grads = c.finish()
             if not context.is_active():
                 raise Cancelled("the call ended before the contribution was committed; it was not")
-            return hub.contribute(worker, number, grads, context)
+            return hub.contribute(worker, number, grads, context, check_metrics(metrics))
         member, early = hub.begin_async(worker, number, context)
         applied = None
         try:
@@ -120,7 +120,10 @@ class WorkerSteps:
                 out = {n: np.array(a) for n, a in result.tensors.items()}
             finally:
                 run.close()
-            return Outcome(result.step, out, number, staleness=result.step - 1 - number)
+            staleness = result.step - 1 - number
+            if self.store.metrics is not None and hasattr(self.store.metrics, "staleness"):
+                self.store.metrics.staleness(staleness)
+            return Outcome(result.step, out, number, staleness=staleness)
         finally:
             hub.end_async(member, number, applied)
 
