@@ -84,6 +84,9 @@ class WorkerSteps:
         if not worker:
             raise FailedPrecondition(f"session {session.id} is shared by workers: send worker (the name it joined "
                                      "under) and round with every step")
+        if number < 0:
+            raise InvalidArgument(f"round {number} must be >= 0: the step the contribution's parameters were read at "
+                                  "(JoinSession's reply gives it)")
         if hyperparameters:
             raise InvalidArgument("hyperparameters: a shared session's contributions cannot change them (they would "
                                   "differ between workers); call UpdateHyperparameters")
