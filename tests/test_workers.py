@@ -494,3 +494,21 @@ def test_round_metrics_and_scalars(start_server, tmp_path):
     (record,) = list(lg.records(after=0))
     assert record.extras["metrics"] == {"loss": 2.0} and record.extras["contributors"] == ["w0", "w1"]
     lg.close()
+
+
+def test_heartbeat_keeps_a_computing_worker_in_its_round(server):
+    import time
+    with Client(server.address, timeout=30) as c:
+        s = c.create_session("sgd", {"w": np.zeros(4, np.float32)}, workers=2, round_deadline=3600.0, lease=2.0,
+                             lr=1.0, durability="none")
+        slow = Client(server.address, timeout=30).join(s.id, "slow", heartbeat_every=0.2)
+        fast = Client(server.address, timeout=30).join(s.id, "fast")
+        got = {}
+        t = threading.Thread(target=lambda: got.update(r=fast.step({"w": np.full(4, 4, np.float32)})))
+        t.start()
+        time.sleep(4.0)  # "slow" computes for two leases; its heartbeats keep it a member, so the round waits
+        r = slow.step({"w": np.full(4, 2, np.float32)})
+        t.join(30)
+        assert r.contributors == got["r"].contributors == ("fast", "slow")
+        assert np.array_equal(slow.arrays["w"], np.full(4, -3, np.float32))
+        slow.leave()

@@ -229,10 +229,20 @@ class Hub:
         """Commit a whole contribution to its round, and wait for the round's close."""
         end = time.monotonic() + _remaining(context)
         with self.cond:
-            self._check_open()
-            r = self.round
-            if r.number != number:  # the round closed while this contribution arrived
-                return self._closed_answer(worker, number)
+            while True:
+                self._check_open()
+                r = self.round
+                if r.number != number:  # the round closed while this contribution arrived
+                    return self._closed_answer(worker, number)
+                if not r.closing or worker in r.contribs:
+                    break
+                # The round's gradient is being computed without this contribution: once the close lands it
+                # is stale (answered as such); if the close fails, the round takes it after all.
+                now = time.monotonic()
+                if now >= end:
+                    raise DeadlineExceeded(f"round {number} was closing without worker {shown(worker)}'s "
+                                           "contribution when this call's deadline passed; nothing was applied")
+                self.cond.wait(min(end - now, WAIT_SLICE))
             m = self.members.join(worker)
             if worker not in r.contribs:  # else: a retry of a committed contribution waits for the same close
                 r.contribs[worker] = grads
