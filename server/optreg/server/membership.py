@@ -9,7 +9,6 @@ next call joins it again (a step from an unknown worker joins it when there is r
 from __future__ import annotations
 
 import re
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -80,9 +79,6 @@ class Member:
     expires: float = 0.0  # time.monotonic() when the lease runs out
     contributions: int = 0  # applied contributions: the SSP clock
     last_round: int = -1  # the round (sync) or read step (async, ssp) of its last applied contribution
-    # A worker's contributions are applied one at a time (async, ssp): a retry waits for its
-    # original and is then answered, not applied again.
-    busy: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
 
 class Members:

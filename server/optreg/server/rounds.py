@@ -146,6 +146,9 @@ class Hub:
         self.last: Outcome | None = None
         self.history: deque = deque(maxlen=64)  # (round, contributors) of closed rounds
         self.deleted = False
+        # async/ssp: a worker's contributions apply one at a time, by name (not by Member: a member dropped
+        # at its lease and joined again mid-call must not let a retry overtake its original).
+        self.turns: dict[str, threading.Lock] = {}
         rec = session.round_record  # after a restart: the last round applied, from the log or snapshot
         if rec and rec.get("round") == session.step - 1:
             who = tuple(sorted(rec.get("contributors", ())))
@@ -360,7 +363,8 @@ class Hub:
         with self.cond:
             self._check_open()
             m = self.members.join(worker)
-        if not m.busy.acquire(timeout=max(0.0, min(end - time.monotonic(), 86400.0))):
+            turn = self.turns.setdefault(worker, threading.Lock())
+        if not turn.acquire(timeout=max(0.0, min(end - time.monotonic(), 86400.0))):
             raise DeadlineExceeded(f"worker {shown(worker)} has another contribution in flight that did not finish "
                                    "within this call's deadline; nothing was applied")
         try:
@@ -400,7 +404,7 @@ class Hub:
                             self.members.by_name[m.worker] = m
             return m, None
         except BaseException:
-            m.busy.release()
+            turn.release()
             raise
 
     def _async_replay(self, m: Member, number: int) -> Outcome:
@@ -419,11 +423,13 @@ class Hub:
         try:
             if applied_step is not None:
                 with self.cond:
-                    m.contributions += 1
-                    m.last_round = number
+                    cur = self.members.by_name.get(m.worker, m)  # dropped and joined again meanwhile: the new one
+                    cur.contributions += 1
+                    cur.last_round = number
+                    self.members.renew(cur)
                     self.cond.notify_all()
         finally:
-            m.busy.release()
+            self.turns[m.worker].release()
 
 
 class Hubs:
