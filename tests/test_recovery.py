@@ -338,3 +338,383 @@ def test_replay_equals_the_uninterrupted_run_for_every_optimizer(start_server, t
         out = unary_step(st, sid, r_grads(7, np.float32 if master == F32 else np.float64), step=6)[2]
         assert_same_arrays(out, last[sid], f"{sid}: the retried last step's answer from the snapshot")
     print(f"\nreplay bit-identical for {len(names)} optimizers x float32/float64: {names}")
+
+
+# == 3. damaged files: never wrong numbers, never a crash ============================================
+def _expect_data_loss(st, sid, filename):
+    """The session is refused with DATA_LOSS naming `filename` on every use; returns where it was found."""
+    where = "ReadState"
+    e = refusal(lambda: get_info(st, sid))
+    if e is not None:
+        assert e.code() == grpc.StatusCode.DATA_LOSS and filename in e.details(), (sid, e.code(), e.details())
+        where = "GetSession"
+    for name, call in (("ReadState", lambda: read_state(st, sid)),
+                       ("Step", lambda: st.Step(step_request(sid, 7, k_grads(8)), timeout=T)),
+                       ("Step", lambda: st.Step(step_request(sid, 3, k_grads(4)), timeout=T)),
+                       ("ReadParameters", lambda: st.ReadParameters(
+                           session_pb2.ReadParametersRequest(session_id=sid), timeout=T))):
+        e = refusal(call)
+        assert e is not None, f"{sid}: {name} succeeded on a damaged session"
+        assert e.code() == grpc.StatusCode.DATA_LOSS and filename in e.details(), (sid, name, e.code(), e.details())
+    if where == "ReadState":  # registered at start, quarantined on first load: GetSession says why
+        assert filename in get_info(st, sid).quarantined, sid
+    return where
+
+
+def _flip(path: pathlib.Path, offset: int, bit: int) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[offset] ^= 1 << bit
+    path.write_bytes(bytes(raw))
+
+
+def test_random_bit_flips_in_snapshots_and_log_records(start_server, tmp_path):
+    data = tmp_path / "data"
+    files = data / "sessions"
+    snaps = [f"snap-{i}" for i in range(24)]
+    logs = [f"log-{i}" for i in range(26)]  # 8 flips in the last record, 16 in earlier ones, 2 in the file header
+    ref = {}  # step -> the state every session holds at that step (they all take the same steps)
+    s = start_server("--data-dir", str(data))
+    _, st = stub(s.address)
+    for sid in ["control"] + snaps + logs:
+        create(st, sid, "adam", k_p0(), hp={"lr": K_LR})
+    ref[0] = read_state(st, "control")[1]
+    for t in range(1, 4):
+        for sid in ["control"] + snaps + logs:
+            st.Step(step_request(sid, t - 1, k_grads(t)), timeout=T)
+        ref[t] = read_state(st, "control")[1]
+    assert s.stop() == 0  # snapshots at step 3, logs emptied
+
+    sizes = {sid: [os.path.getsize(files / f"{sid}.wal")] for sid in logs}  # the file header alone
+    s = start_server("--data-dir", str(data))
+    _, st = stub(s.address)
+    for t in range(4, 8):
+        for sid in ["control"] + logs:
+            st.Step(step_request(sid, t - 1, k_grads(t)), timeout=T)
+            if sid != "control":
+                sizes[sid].append(os.path.getsize(files / f"{sid}.wal"))  # written before the reply
+        ref[t] = read_state(st, "control")[1]
+    s.kill()
+
+    rng = random.Random(10)
+    flipped = {}
+    for i, sid in enumerate(snaps):
+        path = files / f"{sid}.safetensors"
+        header_end = 8 + int.from_bytes(path.read_bytes()[:8], "little")
+        lo, hi = (0, header_end) if i % 2 else (header_end, path.stat().st_size)
+        flipped[sid] = (path.name, rng.randrange(lo, hi), rng.randrange(8), "header" if i % 2 else "data")
+    for i, sid in enumerate(logs):
+        head, *ends = sizes[sid]
+        assert len(ends) == 4 and head < ends[0] < ends[-1] == (files / f"{sid}.wal").stat().st_size
+        lo, hi, where = ((ends[-2], ends[-1], "last record") if i < 8 else
+                         (head, ends[-2], "earlier record") if i < 24 else (0, head, "file header"))
+        flipped[sid] = (f"{sid}.wal", rng.randrange(lo, hi), rng.randrange(8), where)
+    for sid, (name, offset, bit, _) in flipped.items():
+        _flip(files / name, offset, bit)
+
+    s = start_server("--data-dir", str(data))
+    _, st = stub(s.address)
+    outcomes = {}
+    for sid, (name, offset, bit, where) in flipped.items():
+        info = refusal(lambda: get_info(st, sid)) or get_info(st, sid)
+        if sid.startswith("log-") and where == "last record" and not isinstance(info, grpc.RpcError) \
+                and info.step == 6 and not info.quarantined:
+            # A torn tail: cut at the last good record. The numbers are step 6's, and step 7 taken again
+            # gives the numbers it gave the first time.
+            assert_same_arrays(read_state(st, sid)[1], ref[6], f"{sid} recovered to step 6")
+            st.Step(step_request(sid, 6, k_grads(7)), timeout=T)
+            assert_same_arrays(read_state(st, sid)[1], ref[7], f"{sid}: step 7 again")
+            outcomes[sid] = "recovered to step 6"
+        else:
+            outcomes[sid] = "DATA_LOSS at " + _expect_data_loss(st, sid, name)
+        # The others keep working meanwhile.
+        assert read_state(st, "control")[0].step == 7
+    listed = {i.session_id: i for i in st.ListSessions(session_pb2.ListSessionsRequest(), timeout=T).sessions}
+    for sid, why in outcomes.items():
+        if why == "DATA_LOSS at ReadState":
+            assert flipped[sid][0] in listed[sid].quarantined, sid
+    r = st.Step(step_request("control", 7, k_grads(8)), timeout=T)
+    assert (r.step, r.replayed) == (8, False)
+    assert s.proc.poll() is None, "the server died"
+    assert s.stop() == 0
+    for sid, (name, *_rest) in flipped.items():
+        assert (files / name).exists(), f"{sid}: the damaged file {name} was not kept"
+    summary = {}
+    for sid, (name, offset, bit, where) in flipped.items():
+        key = f"{'snapshot' if name.endswith('.safetensors') else 'log'} {where}: {outcomes[sid]}"
+        summary[key] = summary.get(key, 0) + 1
+    print(f"\nbit flips: {len(snaps)} in snapshots, {len(logs)} in logs: {summary}")
+    # Whatever the flip, a snapshot's damage is found; so is a log's before its last record.
+    for sid, (name, offset, bit, where) in flipped.items():
+        if where != "last record":
+            assert outcomes[sid].startswith("DATA_LOSS"), (sid, where, offset, bit, outcomes[sid])
+
+
+def _craft(path: pathlib.Path, case: str) -> None:
+    """Rewrite a snapshot so that it is well formed (checksums and all) but disagrees with itself, or
+    edit its header bytes."""
+    if case in ("m/W has 2 elements", "W is float32", "W is 8x8", "v/b missing", "last_delta/W has 2 elements"):
+        meta, arrays = snapshot.read(path)
+        if case == "m/W has 2 elements":
+            arrays["state/m/W"] = arrays["state/m/W"][:2].copy()
+        elif case == "W is float32":
+            arrays["params/W"] = arrays["params/W"].astype(np.float32)
+        elif case == "W is 8x8":
+            arrays["params/W"] = arrays["params/W"].reshape(8, 8)
+        elif case == "v/b missing":
+            del arrays["state/v/b"]
+        else:
+            arrays["last_delta/W"] = np.ones(2)
+            meta["tensors"]["last_delta/W"] = ["last_delta", "", "W"]
+        snapshot.write(path, meta, arrays)
+        return
+    raw = bytearray(path.read_bytes())
+    n = int.from_bytes(raw[:8], "little")
+    head = raw[8:8 + n].decode()
+    if case == "m/W and v/W offsets swapped":
+        import json
+        h = json.loads(head)
+        h["state/m/W"]["data_offsets"], h["state/v/W"]["data_offsets"] = (h["state/v/W"]["data_offsets"],
+                                                                          h["state/m/W"]["data_offsets"])
+        new = json.dumps(h, separators=(",", ":"))
+        new += " " * (n - len(new))
+    elif case == "b's shape edited":
+        old = '"params/b":{"dtype":"F64","shape":[4]'
+        assert old in head
+        new = head.replace(old, '"params/b":{"dtype":"F64","shape":[2]')
+    elif case == "lr edited":
+        old = '\\"lr\\":0.01'
+        assert old in head, head[:400]
+        new = head.replace(old, '\\"lr\\":0.02')
+    elif case == "step edited":
+        old = '\\"step\\":2,'
+        assert old in head, head[:400]
+        new = head.replace(old, '\\"step\\":9,')
+    elif case == "header length past the end":
+        raw[:8] = (len(raw) + 8).to_bytes(8, "little")
+        path.write_bytes(bytes(raw))
+        return
+    else:
+        raise AssertionError(case)
+    assert len(new) == n
+    raw[8:8 + n] = new.encode()
+    path.write_bytes(bytes(raw))
+
+
+CRAFTED = ["m/W has 2 elements", "W is float32", "W is 8x8", "v/b missing", "last_delta/W has 2 elements",
+           "m/W and v/W offsets swapped", "b's shape edited", "lr edited", "step edited",
+           "header length past the end"]
+
+
+def test_crafted_snapshot_headers_are_data_loss_and_crash_nothing(start_server, tmp_path):
+    data = tmp_path / "data"
+    ids = {case: f"crafted-{i}" for i, case in enumerate(CRAFTED)}
+    p0 = {"W": np.linspace(-1, 1, 64), "b": np.ones(4)}
+    s = start_server("--data-dir", str(data))
+    _, st = stub(s.address)
+    for sid in ["control", *ids.values()]:
+        create(st, sid, "adam", p0, hp={"lr": 0.01}, reply=session_pb2.STEP_REPLY_DELTA)
+        for t in (1, 2):
+            st.Step(session_pb2.StepRequest(session_id=sid, step=t - 1, gradients=[
+                tensors.from_numpy("W", np.sin(np.arange(64.0) * t)), tensors.from_numpy("b", np.full(4, t * 1.0))]),
+                timeout=T)
+    assert s.stop() == 0
+    for case, sid in ids.items():
+        _craft(data / "sessions" / f"{sid}.safetensors", case)
+
+    s = start_server("--data-dir", str(data))
+    _, st = stub(s.address)
+    where = {}
+    for case, sid in ids.items():
+        e = refusal(lambda: get_info(st, sid))
+        if e is None:
+            e = refusal(lambda: read_state(st, sid))
+            where[case] = "ReadState"
+        else:
+            where[case] = "GetSession"
+        assert e is not None, f"{case}: the session was served"
+        assert e.code() == grpc.StatusCode.DATA_LOSS and f"{sid}.safetensors" in e.details(), (case, e.details())
+        for attempt in range(5):  # finding 11: the 5th step used to abort the process
+            for fence in (1, 2):
+                e = refusal(lambda: st.Step(session_pb2.StepRequest(session_id=sid, step=fence, gradients=[
+                    tensors.from_numpy("W", np.ones(64)), tensors.from_numpy("b", np.ones(4))]), timeout=T))
+                assert e is not None and e.code() == grpc.StatusCode.DATA_LOSS, (case, attempt, e)
+        assert s.proc.poll() is None, f"{case}: the server died"
+        # The others keep working: the control session takes a step after each damaged one's refusals.
+        r = st.Step(session_pb2.StepRequest(session_id="control", gradients=[
+            tensors.from_numpy("W", np.ones(64)), tensors.from_numpy("b", np.ones(4))]), timeout=T)
+        assert (r.step, r.replayed) == (2 + len(where), False)
+    listed = {i.session_id for i in st.ListSessions(session_pb2.ListSessionsRequest(), timeout=T).sessions}
+    assert "control" in listed
+    assert get_info(st, "control").step == 2 + len(CRAFTED)
+    assert s.stop() == 0
+    print(f"\ncrafted snapshots refused with DATA_LOSS: {where}")
+
+
+# == 4. a full disk ==================================================================================
+def _fill(directory: pathlib.Path, leave: int = 0) -> pathlib.Path:
+    """Fill the file system holding `directory` to the last byte, then free `leave` bytes."""
+    filler = directory / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        block, size = b"\0" * (1 << 20), 1 << 20
+        while size:
+            try:
+                os.write(fd, block[:size])
+            except OSError as e:
+                assert e.errno == errno.ENOSPC, e
+                size //= 2
+        if leave:
+            os.ftruncate(fd, max(0, os.fstat(fd).st_size - leave))
+    finally:
+        os.close(fd)
+    return filler
+
+
+def _held(st, sid):
+    """What a session holds: its step, hyperparameters and every tensor's bytes (not when it was written)."""
+    info, state = read_state(st, sid)
+    return info.step, dict(info.hyperparameters), {k: a.tobytes() for k, a in state.items()}
+
+
+def _resource_exhausted(call, sid):
+    e = refusal(call)
+    assert e is not None, f"{sid}: succeeded on a full disk"
+    assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, (sid, e.code(), e.details())
+    assert "disk is full" in e.details() and sid in e.details(), e.details()
+
+
+def test_disk_full_changes_nothing_and_the_shutdown_flush_tries_every_session(start_server):
+    with small_tmpfs("8m") as mnt:
+        data = mnt / "data"
+        s = start_server("--data-dir", str(data))
+        _, st = stub(s.address)
+        big = {"W": np.linspace(-1, 1, 32768)}  # adam: a 768 KiB snapshot, 256 KiB log records
+        mid = {"W": np.linspace(-1, 1, 1024)}  # 8 KiB log records: never in a page's slack
+        create(st, "big-a", "adam", big)
+        create(st, "big-b", "adam", big)
+        create(st, "every", "adam", mid, mode="every-step")
+        create(st, "per", "sgd", {"W": np.ones(16)}, mode="periodic", periodic_steps=1000, periodic_seconds=3600)
+        create(st, "sgd", "sgd", mid, hp={"lr": 0.1})
+        shapes = {"big-a": big, "big-b": big, "every": mid, "per": {"W": np.ones(16)}, "sgd": mid}
+
+        def g(sid, t):
+            return {"W": np.cos(np.arange(shapes[sid]["W"].size) * 0.01 * t)}
+
+        steps = dict.fromkeys(shapes, 0)
+
+        def step(sid, stream=False):
+            t = steps[sid] + 1
+            if stream:
+                got = stream_step(st, sid, g(sid, t), step=t - 1, chunk_bytes=64 << 10)
+            else:
+                got = unary_step(st, sid, g(sid, t), step=t - 1)
+            assert got[:2] == (t, False), (sid, got[:2])
+            steps[sid] = t
+            return got[2]
+
+        for sid in shapes:
+            step(sid)
+            step(sid)
+
+        # -- full: steps that need the log and hyperparameter changes are refused; nothing changes
+        filler = _fill(mnt)
+        for sid, stream in (("sgd", False), ("every", False), ("big-a", True), ("big-b", False)):
+            before = digest(st, sid)
+            t = steps[sid] + 1
+            if stream:
+                _resource_exhausted(lambda: stream_step(st, sid, g(sid, t), step=t - 1, chunk_bytes=64 << 10), sid)
+            else:
+                _resource_exhausted(lambda: unary_step(st, sid, g(sid, t), step=t - 1), sid)
+            assert digest(st, sid) == before, f"{sid} changed by a refused step"
+        step("per")  # periodic: nothing to write until its window closes
+        before = digest(st, "sgd")
+        _resource_exhausted(lambda: st.UpdateHyperparameters(session_pb2.UpdateHyperparametersRequest(
+            session_id="sgd", hyperparameters={"lr": 0.5}), timeout=T), "sgd")
+        assert get_info(st, "sgd").hyperparameters["lr"] == 0.1
+        assert digest(st, "sgd") == before
+
+        # -- freed: the old lr is still the one in force, and the steps are durable
+        filler.unlink()
+        p2 = read_state(st, "sgd")[1]["params/W"]
+        p3 = step("sgd")["W"]
+        np.testing.assert_allclose(p3, p2 - 0.1 * g("sgd", 3)["W"], rtol=1e-15, atol=1e-15)
+        assert get_info(st, "sgd").hyperparameters["lr"] == 0.1
+        for sid in ("every", "big-a"):
+            step(sid)
+        durable = ("big-a", "big-b", "every", "sgd")
+        kept = {sid: digest(st, sid) for sid in durable}
+        s.kill()
+        s = start_server("--data-dir", str(data))
+        _, st = stub(s.address)
+        for sid in durable:
+            assert digest(st, sid) == kept[sid], f"{sid} after kill -9"
+        assert get_info(st, "sgd").hyperparameters["lr"] == 0.1
+        steps["per"] = get_info(st, "per").step  # periodic: back to its last snapshot (the create)
+        assert steps["per"] == 0
+
+        # -- the shutdown flush with too little space for the big sessions' snapshots: each failure is
+        # reported, every other session is still written, and the exit status says so
+        for sid in ("big-a", "big-b", "sgd"):
+            step(sid)
+        for _ in range(3):
+            step("per")
+        kept = {sid: _held(st, sid) for sid in shapes}
+        filler = _fill(mnt, leave=256 << 10)
+        code = s.stop()
+        err = s.proc.stderr.read()
+        assert code != 0, f"the server exited 0 though two sessions could not be written:\n{err}"
+        failed = [line for line in err.splitlines() if "at shutdown" in line]
+        for sid in ("big-a", "big-b"):
+            assert any(sid in line and "disk is full" in line or sid in line and "No space" in line
+                       for line in failed), (sid, err)
+        for sid in ("every", "per", "sgd"):
+            assert not any(f"session {sid} " in line for line in failed), (sid, err)
+        filler.unlink()
+        s = start_server("--data-dir", str(data))
+        _, st = stub(s.address)
+        for sid in shapes:  # per's 3 acknowledged steps were written; the big ones recover from their logs
+            assert _held(st, sid) == kept[sid], sid
+        assert get_info(st, "per").step == 3
+        assert s.stop() == 0
+        print(f"\ndisk full: refused steps/lr change left the sessions unchanged; shutdown flush failures: {failed}")
+
+
+# == 5. shape [] across restarts (finding 7) =========================================================
+def test_scalar_parameter_stays_shape_empty_after_kill_and_restart(start_server, tmp_path):
+    data = str(tmp_path / "data")
+    p0 = {"s": np.array(0.75), "w": np.array([1.0, -2.0, 0.5])}
+    s = start_server("--data-dir", data)
+    _, st = stub(s.address)
+    for sid, master in (("scalar64", F64), ("scalar32", F32)):
+        dt = np.float64 if master == F64 else np.float32
+        info = create(st, sid, "adam", {n: a.astype(dt) for n, a in p0.items()}, master=master, hp={"lr": 0.1})
+        assert [list(p.shape) for p in info.parameters] == [[], [3]]
+        for t in range(1, 4):
+            unary_step(st, sid, {"s": np.array(0.3 * t, dt), "w": np.full(3, 0.1 * t, dt)}, step=t - 1)
+    before = {sid: read_state(st, sid)[1] for sid in ("scalar64", "scalar32")}
+
+    def check(st, how):
+        for sid in ("scalar64", "scalar32"):
+            assert [(p.name, list(p.shape)) for p in get_info(st, sid).parameters] == [("s", []), ("w", [3])], how
+            state = read_state(st, sid)[1]
+            for k, a in state.items():
+                assert a.shape == (() if k.endswith("/s") else (3,)), (sid, how, k, a.shape)
+            assert_same_arrays(state, before[sid], f"{sid} {how}")
+            params = st.ReadParameters(session_pb2.ReadParametersRequest(session_id=sid), timeout=T).parameters
+            assert [list(p.shape) for p in params] == [[], [3]], (sid, how)
+
+    s.kill()  # the log holds steps 1-3 after the create's snapshot
+    s = start_server("--data-dir", data)
+    _, st = stub(s.address)
+    check(st, "replayed from the log")
+    assert s.stop() == 0  # the clean stop writes snapshots at step 3 and empties the logs
+    for sid in ("scalar64", "scalar32"):
+        meta, arrays = snapshot.read(tmp_path / "data" / "sessions" / f"{sid}.safetensors")
+        assert meta["step"] == 3 and meta["shapes"]["s"] == [] and arrays["params/s"].shape == ()
+    s = start_server("--data-dir", data)
+    _, st = stub(s.address)
+    check(st, "from the snapshot")
+    for sid in ("scalar64", "scalar32"):
+        dt = np.float64 if sid == "scalar64" else np.float32
+        step, _, out = unary_step(st, sid, {"s": np.array(1.0, dt), "w": np.ones(3, dt)}, step=3)
+        assert step == 4 and out["s"].shape == () and out["w"].shape == (3,)
