@@ -62,6 +62,26 @@ class NullRecord:
 NULL_RECORD = NullRecord()
 
 
+class _WindowGate(NullRecord):
+    """A periodic session's step: no log, but its commit (under the lock, before the swap) checks the
+    window. When the snapshot that should have closed it failed (a full disk), it is tried again now,
+    and the step is refused if it fails again: acknowledging more steps would let a crash lose more
+    than the window the session promises."""
+
+    def __init__(self, journal: "Journal", session: Session):
+        self.journal, self.session = journal, session
+
+    def commit(self, arrays=None) -> None:
+        s = self.session
+        if self.journal.window_overdue(s):
+            try:
+                self.journal._snapshot(s)
+            except OSError as e:
+                raise write_failed(s, e, f"the periodic snapshot of step {s.step} (taken every "
+                                         f"{s.durability.periodic_steps} steps or {s.durability.periodic_seconds:g} s)"
+                                   ) from None
+
+
 class NoJournal:
     """Memory-only server: nothing is written."""
 
@@ -263,7 +283,7 @@ class Journal:
     def begin(self, s: Session, step: int, fence, hp, metrics):
         lg = self._logs.get(s.id)
         if lg is None:  # periodic or none: no log
-            return NULL_RECORD
+            return _WindowGate(self, s) if s.durability.mode == "periodic" else NULL_RECORD
         extras = {"metrics": metrics} if metrics else None
         results = not getattr(s.optimizer.definition, "deterministic", True)
         try:
@@ -284,6 +304,13 @@ class Journal:
         if mode.mode == "periodic" and (s.step - s.persisted_step >= mode.periodic_steps
                                         or time.monotonic() - s.persisted_at >= mode.periodic_seconds):
             self._try_snapshot(s)
+
+    @staticmethod
+    def window_overdue(s: Session) -> bool:
+        """A periodic session whose window closed without a snapshot (it failed)."""
+        mode = s.durability
+        return s.dirty and (s.step - s.persisted_step >= mode.periodic_steps
+                            or time.monotonic() - s.persisted_at >= mode.periodic_seconds)
 
     def _try_snapshot(self, s: Session) -> None:
         """A snapshot the step does not depend on: a failure is logged, and tried again later."""
