@@ -679,6 +679,37 @@ def test_disk_full_changes_nothing_and_the_shutdown_flush_tries_every_session(st
         print(f"\ndisk full: refused steps/lr change left the sessions unchanged; shutdown flush failures: {failed}")
 
 
+def test_periodic_window_holds_when_its_snapshot_cannot_be_written(start_server):
+    """A periodic session promises that a crash loses at most its window: once the snapshot that closes the
+    window fails, further steps are refused (RESOURCE_EXHAUSTED) rather than acknowledged unwritten."""
+    window = 2
+    with small_tmpfs("4m") as mnt:
+        data = mnt / "data"
+        s = start_server("--data-dir", str(data))
+        _, st = stub(s.address)
+        w = np.linspace(-1, 1, 4096)  # a 32 KiB snapshot
+        create(st, "per", "sgd", {"W": w}, mode="periodic", periodic_steps=window, periodic_seconds=3600)
+        filler = _fill(mnt)
+        acked = 0
+        for t in range(1, 2 * window + 3):
+            e = refusal(lambda: unary_step(st, "per", {"W": np.full(4096, float(t))}, step=acked))
+            if e is not None:
+                assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "disk is full" in e.details(), e.details()
+                break
+            acked = t
+        assert acked == window, f"{acked} steps acknowledged with no snapshot written (window {window})"
+        before = _held(st, "per")
+        filler.unlink()
+        assert unary_step(st, "per", {"W": np.full(4096, 3.0)}, step=acked)[:2] == (acked + 1, False)
+        assert get_info(st, "per").persisted_step >= acked  # the overdue snapshot, written before the step
+        s.kill()
+        s = start_server("--data-dir", str(data))
+        _, st = stub(s.address)
+        step = get_info(st, "per").step
+        assert acked + 1 - window <= step, f"window {window}: acknowledged {acked + 1}, recovered {step}"
+        assert step == acked and _held(st, "per") == before
+
+
 # == 5. shape [] across restarts (finding 7) =========================================================
 def test_scalar_parameter_stays_shape_empty_after_kill_and_restart(start_server, tmp_path):
     data = str(tmp_path / "data")
