@@ -761,3 +761,48 @@ def test_scalar_parameter_stays_shape_empty_after_kill_and_restart(start_server,
         dt = np.float64 if sid == "scalar64" else np.float32
         step, _, out = unary_step(st, sid, {"s": np.array(1.0, dt), "w": np.ones(3, dt)}, step=3)
         assert step == 4 and out["s"].shape == () and out["w"].shape == (3,)
+
+
+# == 6. a crash around a snapshot of a logged session =================================================
+def test_crash_around_a_logged_sessions_snapshot_loses_nothing(start_server, tmp_path):
+    """Default mode: a snapshot cut short before its rename (an lr change, the clean stop's flush) leaves
+    the log whole; a crash after the rename but before the log is emptied leaves a log the snapshot
+    already covers. Either way the restart holds every acknowledged step, bit for bit."""
+    data = tmp_path / "data"
+    files = data / "sessions"
+    # Snapshot writes of this server: the create (1), the lr change (2): it exits before renaming the 2nd.
+    s = start_server("--data-dir", str(data), env={snapshot.CRASH_ENV: "2"})
+    _, st = stub(s.address)
+    create(st, "c", "adam", k_p0(), hp={"lr": K_LR})
+    for t in range(1, 4):
+        st.Step(step_request("c", t - 1, k_grads(t)), timeout=T)
+    at3 = _held(st, "c")
+    e = refusal(lambda: st.UpdateHyperparameters(session_pb2.UpdateHyperparametersRequest(
+        session_id="c", hyperparameters={"lr": 0.5}), timeout=T))
+    assert e is not None and s.proc.wait(30) == 87
+    s = start_server("--data-dir", str(data), env={snapshot.CRASH_ENV: "1"})  # its clean stop's flush crashes
+    _, st = stub(s.address)
+    assert _held(st, "c") == at3  # the snapshot at step 0 and the log's 3 records; lr unchanged
+    for t in range(4, 6):
+        st.Step(step_request("c", t - 1, k_grads(t)), timeout=T)
+    at5 = _held(st, "c")
+    log_at5 = (files / "c.wal").read_bytes()
+    s.proc.terminate()
+    assert s.proc.wait(30) == 87
+    s = start_server("--data-dir", str(data))
+    _, st = stub(s.address)
+    assert _held(st, "c") == at5
+    np.testing.assert_allclose(read_state(st, "c")[1]["params/W"], BookAdam(k_p0(), K_LR).at(5)["params/W"],
+                               rtol=1e-10, atol=1e-12)
+    assert s.stop() == 0  # a snapshot at step 5, the log emptied
+    (files / "c.wal").write_bytes(log_at5)  # as if the crash came between the snapshot's rename and the reset
+    s = start_server("--data-dir", str(data))
+    _, st = stub(s.address)
+    assert _held(st, "c") == at5
+    assert unary_step(st, "c", k_grads(5), step=4)[:2] == (5, True)
+    assert unary_step(st, "c", k_grads(6), step=5)[:2] == (6, False)
+    at6 = _held(st, "c")
+    s.kill()
+    s = start_server("--data-dir", str(data))
+    _, st = stub(s.address)
+    assert _held(st, "c") == at6
