@@ -806,3 +806,91 @@ def test_crash_around_a_logged_sessions_snapshot_loses_nothing(start_server, tmp
     s = start_server("--data-dir", str(data))
     _, st = stub(s.address)
     assert _held(st, "c") == at6
+
+
+# == 7. hyperparameter changes and the log ===========================================================
+@pytest.mark.parametrize("mode", ["log", "every-step"])
+def test_lr_change_while_a_logged_stream_step_is_in_flight_changes_nothing(start_server, tmp_path, mode):
+    """The change would need the log emptied under the open record of the in-flight step: UNAVAILABLE, nothing
+    written or changed (before: INVALID_ARGUMENT naming the log file, and the refused lr in the snapshot)."""
+    data = tmp_path / "data"
+    s = start_server("--data-dir", str(data))
+    _, st = stub(s.address)
+    create(st, "c", "sgd", {"W": np.ones(1000)}, hp={"lr": 0.1}, mode=mode)
+    unary_step(st, "c", {"W": np.ones(1000)}, step=0)
+    logged = (data / "sessions" / "c.wal").stat().st_size
+    chunks = list(tensors.chunk("W", np.full(1000, 2.0), 800))
+    release, sent = threading.Event(), threading.Event()
+
+    def requests():
+        yield session_pb2.StepStreamRequest(session_id="c", step=1, chunks=chunks[:1])
+        sent.set()
+        release.wait(T)
+        for c in chunks[1:]:
+            yield session_pb2.StepStreamRequest(chunks=[c])
+
+    out = {}
+    t = threading.Thread(target=lambda: out.update(r=[(r.step, r.replayed) for r in st.StepStream(requests(),
+                                                                                                   timeout=T)]))
+    t.start()
+    assert sent.wait(T)
+    deadline = time.monotonic() + T
+    while (data / "sessions" / "c.wal").stat().st_size == logged and time.monotonic() < deadline:
+        time.sleep(0.01)  # until the first chunk is in the step's open record
+    e = refusal(lambda: st.UpdateHyperparameters(session_pb2.UpdateHyperparametersRequest(
+        session_id="c", hyperparameters={"lr": 0.5}), timeout=T))
+    assert e is not None and e.code() == grpc.StatusCode.UNAVAILABLE and "in flight" in e.details(), e
+    assert str(data) not in e.details()
+    assert get_info(st, "c").hyperparameters["lr"] == 0.1
+    release.set()
+    t.join(T)
+    assert out["r"][-1] == (2, False) and time.monotonic() < deadline
+    np.testing.assert_array_equal(read_state(st, "c")[1]["params/W"], 1 - 0.1 - 0.2)
+    kept = _held(st, "c")
+    s.kill()
+    s = start_server("--data-dir", str(data))
+    _, st = stub(s.address)
+    assert get_info(st, "c").hyperparameters["lr"] == 0.1  # before the load, as after it
+    assert _held(st, "c") == kept
+    st.UpdateHyperparameters(session_pb2.UpdateHyperparametersRequest(session_id="c", hyperparameters={"lr": 0.5}),
+                             timeout=T)  # nothing in flight now
+    assert get_info(st, "c").hyperparameters["lr"] == 0.5
+
+
+def test_lr_change_applies_when_its_snapshot_is_written_but_the_log_is_not_emptied(start_server, tmp_path):
+    """The snapshot holding the new lr is on disk: refusing the call ("nothing was changed") would bring a
+    refused change back at the next restart. A directory in the way of the log's rewrite makes it fail."""
+    data = tmp_path / "data"
+    s = start_server("--data-dir", str(data))
+    _, st = stub(s.address)
+    create(st, "c", "sgd", {"W": np.ones(8)}, hp={"lr": 0.1})
+    unary_step(st, "c", {"W": np.ones(8)}, step=0)
+    (data / "sessions" / ".c.wal.tmp").mkdir()  # EISDIR when the log is rewritten empty
+    st.UpdateHyperparameters(session_pb2.UpdateHyperparametersRequest(session_id="c", hyperparameters={"lr": 0.5}),
+                             timeout=T)
+    assert get_info(st, "c").hyperparameters["lr"] == 0.5
+    (data / "sessions" / ".c.wal.tmp").rmdir()
+    unary_step(st, "c", {"W": np.ones(8)}, step=1)  # appended to the log the snapshot covers up to step 1
+    kept = _held(st, "c")
+    np.testing.assert_array_equal(read_state(st, "c")[1]["params/W"], np.full(8, 1 - 0.1 - 0.5))
+    s.kill()
+    s = start_server("--data-dir", str(data))
+    _, st = stub(s.address)
+    assert get_info(st, "c").hyperparameters["lr"] == 0.5
+    assert _held(st, "c") == kept
+
+
+def test_get_session_before_the_load_shows_the_lr_of_the_last_logged_step(start_server, tmp_path):
+    data = tmp_path / "data"
+    s = start_server("--data-dir", str(data))
+    _, st = stub(s.address)
+    create(st, "c", "sgd", {"W": np.ones(8)}, hp={"lr": 0.1})
+    unary_step(st, "c", {"W": np.ones(8)}, step=0, hp={"lr": 0.25})
+    s.kill()
+    s = start_server("--data-dir", str(data))
+    _, st = stub(s.address)
+    listed = st.ListSessions(session_pb2.ListSessionsRequest(), timeout=T).sessions
+    assert [(i.session_id, i.loaded, i.step, i.hyperparameters["lr"]) for i in listed] == [("c", False, 1, 0.25)]
+    assert get_info(st, "c").hyperparameters["lr"] == 0.25
+    read_state(st, "c")
+    assert get_info(st, "c").hyperparameters["lr"] == 0.25
