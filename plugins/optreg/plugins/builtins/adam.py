@@ -37,6 +37,23 @@ def update(param, grad, state, step, hp, scratch):
     param -= s
 
 
+def kernel(p, g, m, v, c):
+    a1, a2, lr_t, eps = c[0], c[1], c[2], c[3]
+    for i in range(p.size):
+        gi = g[i]
+        mi = m[i] + (gi - m[i]) * a1
+        vi = v[i] + (gi * gi - v[i]) * a2
+        m[i] = mi
+        v[i] = vi
+        p[i] = p[i] - (mi * lr_t) / (math.sqrt(vi) + eps)
+
+
+def kernel_scalars(hp, step):
+    b1, b2 = hp["beta1"], hp["beta2"]
+    lr_t = hp["lr"] * math.sqrt(1.0 - b2 ** step) / (1.0 - b1 ** step)
+    return (1 - b1, 1 - b2, lr_t, BOOK_EPS)
+
+
 ADAM = Optimizer(
     name="adam",
     summary="Adam as in the book: bias correction folded into lr_t, 1e-7 outside sqrt of uncorrected v.",
@@ -46,8 +63,10 @@ ADAM = Optimizer(
         Hyperparameter("beta1", 0.9, "first-moment decay", minimum=0.0, maximum=1.0, maximum_exclusive=True),
         Hyperparameter("beta2", 0.999, "second-moment decay", minimum=0.0, maximum=1.0, maximum_exclusive=True),
     ),
-    slots=(Slot("m"), Slot("v")),
+    slots=(Slot("m"), Slot("v", domain="nonnegative")),
     scratch=2,
+    kernel=kernel,
+    kernel_scalars=kernel_scalars,
 )
 
 
