@@ -50,7 +50,7 @@ class NullRecord:
     def add(self, name, code, shape, start, data) -> None:
         pass
 
-    def renumber(self, step: int) -> None:
+    def renumber(self, step: int, hyperparameters: dict) -> None:
         pass
 
     def commit(self, arrays=None) -> None:
@@ -202,6 +202,7 @@ class _Record:
     def __init__(self, journal: "Journal", session: Session, writer: wal.RecordWriter, results: bool):
         self.journal, self.session, self.writer, self.results = journal, session, writer, results
         self.step = writer.step
+        self.hyperparameters = None  # None: those given to begin()
         self.nbytes = 0
         self.pending: list = []
         self.open = True
@@ -237,8 +238,9 @@ class _Record:
         if error is not None:
             raise error
 
-    def renumber(self, step: int) -> None:
-        self.step = step
+    def renumber(self, step: int, hyperparameters: dict) -> None:
+        """An unfenced step learns its number, and the hyperparameters it ran with, at commit."""
+        self.step, self.hyperparameters = step, hyperparameters
 
     def commit(self, arrays: Arrays | None = None) -> None:
         try:
@@ -249,7 +251,8 @@ class _Record:
                 for slot, arrs in arrays.state.items():
                     for name, a in arrs.items():
                         self.writer.add(f"s/{slot}/{name}", a.dtype, a.shape, 0, a.reshape(-1))
-            self.writer.commit(self.step, extras={"kind": "result"} if self.results else None)
+            self.writer.commit(self.step, hyperparameters=self.hyperparameters,
+                               extras={"kind": "result"} if self.results else None)
         except OSError as e:
             self.writer.abort()
             self._closed()

@@ -219,7 +219,8 @@ class StepRun:
                 if s.step >= MAX_STEP:
                     raise FailedPrecondition(f"session {s.id} is at step {s.step}, the largest step number")
                 self.t = s.step + 1  # unfenced: applied at whatever step is current
-                self.record.renumber(self.t)
+                self.hp = self._resolve(s)  # and with the hyperparameters in force now
+                self.record.renumber(self.t, self.hp)
                 self._compute_buffered()
             self.record.commit(self.staging)  # Unavailable/ResourceExhausted on a failed write: nothing swapped
             old = s.live
@@ -230,7 +231,8 @@ class StepRun:
             if old.readers == 0 and s.spare is None:
                 s.spare = old
             s.step = self.t
-            s.hyperparameters = self.hp
+            if self.hp_changes:  # on top of the values now in force (a concurrent UpdateHyperparameters stays)
+                s.hyperparameters = self._resolve(s)
             if s.reply == "delta":
                 s.last_delta = self.delta
             s.dirty = True
