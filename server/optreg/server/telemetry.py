@@ -1,0 +1,474 @@
+"""Training telemetry: what each session's steps leave behind, kept in a bounded ring per session.
+
+The step pipeline calls the hub (it imports no grpc; the gRPC servicer and the dashboard read it):
+
+    hub.on_step(StepEvent(...))                  after every committed step (not after a replayed retry)
+    hub.on_refused(session_id, owner, step, reason)   after every refused step (non-finite gradients, ...)
+    hub.on_delete(session_id)                    when a session is deleted (its telemetry and file go too)
+    hub.flush() / hub.close()                    write dirty rings to DIR/sessions/<id>.telemetry
+
+A StepEvent carries, per tensor, the four sums the update pass measures (kernels.apply(stats=...)):
+sum g^2, sum theta_new^2, sum (theta_new - theta_old)^2 and max |g|, so no second pass over memory;
+and a small sample of the optimizer state at fixed indices (sample_indices) from which the optimizer's
+declared `effective_lr` gives the per-element step size of adaptive optimizers.
+
+The ring: the last `recent_steps` steps at full resolution; older steps are merged into at most
+`coarse_buckets` buckets whose width doubles whenever they fill up, so the whole run stays visible at
+bounded memory. A bucket keeps the mean of each sum (so its norms are the root mean square of the
+steps' norms), the max of max |g|, the mean of each client scalar and effective-lr quantile, and the
+last hyperparameters.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import math
+import os
+import pathlib
+import threading
+import time
+import zlib
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import numpy as np
+
+log = logging.getLogger("optreg.server.telemetry")
+
+SUFFIX = ".telemetry"
+FORMAT = "optreg-telemetry/1"
+SAMPLE_SIZE = 64  # state elements sampled per tensor for effective-lr quantiles
+QUANTILES = (0.05, 0.5, 0.95)
+RATIO_BAND = (1e-4, 1e-2)  # cs231n: update/weight ratio healthy near 1e-3
+
+
+@dataclass
+class StepEvent:
+    session_id: str
+    step: int  # the session's step count after this step
+    wall_time: float  # time.time() at the commit
+    owner: str = ""  # the creating token's hash; "" without tokens
+    optimizer: str = ""
+    hyperparameters: dict[str, float] = field(default_factory=dict)
+    # name -> float64[4]: sum g^2, sum theta_new^2, sum (theta_new - theta_old)^2, max |g|
+    tensors: dict[str, np.ndarray] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)  # the client's scalars (StepRequest.metrics)
+    # slot -> tensor -> the state after the step at sample_indices(tensor size); {} if not adaptive
+    state_sample: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+
+
+def sample_indices(size: int, k: int = SAMPLE_SIZE) -> np.ndarray:
+    """Fixed, evenly spaced flat indices of a tensor of `size` elements (the same every step)."""
+    if size <= k:
+        return np.arange(size, dtype=np.int64)
+    return np.linspace(0, size - 1, k).astype(np.int64)
+
+
+def tensor_stats(grad: np.ndarray, old: np.ndarray, new: np.ndarray) -> np.ndarray:
+    """The four sums of one tensor by plain numpy in float64 (the reference the fused path must equal)."""
+    g = np.asarray(grad, dtype=np.float64).ravel()
+    n = np.asarray(new, dtype=np.float64).ravel()
+    d = n - np.asarray(old, dtype=np.float64).ravel()
+    return np.array([g @ g, n @ n, d @ d, np.max(np.abs(g)) if g.size else 0.0])
+
+
+def visible(session_owner: str, caller: str, auth: bool) -> bool:
+    """May `caller` (a token hash) see a session's telemetry? Without tokens everyone may; with
+    tokens only the creating token (the rule SessionStore.get applies to the session itself)."""
+    return not auth or session_owner == caller
+
+
+@dataclass
+class Record:
+    """One step, or one bucket of `steps` consecutive steps ending at `step`."""
+    step: int
+    steps: int
+    wall_time: float
+    stats: np.ndarray  # (tensors, 4) float64, aligned with the ring's names
+    metrics: dict[str, float]
+    hyperparameters: dict[str, float]
+    effective_lr: dict[str, list[float]]  # tensor -> quantiles
+
+    def tensor_figures(self, names: Iterable[str]) -> dict[str, dict]:
+        """Per tensor: grad_norm, param_norm, update_norm, update_ratio, grad_max_abs, effective_lr."""
+        out = {}
+        for i, name in enumerate(names):
+            g2, p2, u2, gmax = (float(x) for x in self.stats[i])
+            p, u = math.sqrt(max(p2, 0.0)), math.sqrt(max(u2, 0.0))
+            out[name] = {"grad_norm": math.sqrt(max(g2, 0.0)) if g2 == g2 else g2, "param_norm": p,
+                         "update_norm": u, "update_ratio": u / p if p > 0 else 0.0, "grad_max_abs": gmax,
+                         "effective_lr": self.effective_lr.get(name, [])}
+        return out
+
+
+def _merge(records: list[Record]) -> Record:
+    n = sum(r.steps for r in records)
+    w = np.array([r.steps for r in records], dtype=np.float64)
+    stacked = np.stack([r.stats for r in records])
+    stats = np.empty_like(records[0].stats)
+    stats[:, :3] = np.tensordot(w, stacked[:, :, :3], axes=1) / n
+    stats[:, 3] = stacked[:, :, 3].max(axis=0)
+
+    def mean_of(dicts):
+        acc: dict = {}
+        for d, weight in zip(dicts, w):
+            for k, v in d.items():
+                s, c = acc.get(k, (0.0, 0.0))
+                acc[k] = (s + np.asarray(v, dtype=np.float64) * weight, c + weight)
+        return {k: (s / c).tolist() if np.ndim(s) else float(s / c) for k, (s, c) in acc.items()}
+
+    return Record(step=records[-1].step, steps=n, wall_time=records[-1].wall_time, stats=stats,
+                  metrics=mean_of([r.metrics for r in records]),
+                  hyperparameters=dict(records[-1].hyperparameters),
+                  effective_lr=mean_of([r.effective_lr for r in records]))
+
+
+@dataclass
+class Alert:
+    seq: int  # per session, increasing: a watcher sends each alert once
+    kind: str  # "refused" | "update_ratio" | "non_finite"
+    step: int
+    wall_time: float
+    tensor: str
+    message: str
+
+    def as_dict(self) -> dict:
+        return {"seq": self.seq, "kind": self.kind, "step": self.step, "wall_time": self.wall_time,
+                "tensor": self.tensor, "message": self.message}
+
+
+class SessionRing:
+    """One session's telemetry: recent steps in full, older ones in doubling buckets, and alerts."""
+
+    def __init__(self, session_id: str, owner: str, optimizer: str, recent_steps: int, coarse_buckets: int):
+        self.session_id, self.owner, self.optimizer = session_id, owner, optimizer
+        self.recent: collections.deque[Record] = collections.deque()
+        self.recent_steps = max(1, recent_steps)
+        self.coarse: list[Record] = []
+        self.coarse_buckets = max(2, coarse_buckets)
+        self.stride = 1  # steps per closed bucket
+        self.pending: list[Record] = []  # steps out of `recent` not yet making a whole bucket
+        self.names: list[str] = []
+        self.alerts: collections.deque[Alert] = collections.deque(maxlen=256)
+        self.alert_seq = 0
+        self.refused = 0
+        self.out_of_band: dict[str, int] = {}  # tensor -> consecutive steps with the ratio outside the band
+        self.version = 0  # bumped on every change; watchers wait for it to move
+        self.dirty = False
+        self.deleted = False
+
+    @property
+    def last_step(self) -> int:
+        return self.recent[-1].step if self.recent else (self.coarse[-1].step if self.coarse else 0)
+
+    @property
+    def first_step(self) -> int:
+        for part in (self.coarse, self.pending, self.recent):
+            if part:
+                return part[0].step - part[0].steps + 1
+        return 0
+
+    @property
+    def full_resolution_from(self) -> int:
+        return self.recent[0].step if self.recent else 0
+
+    def append(self, record: Record) -> None:
+        self.recent.append(record)
+        while len(self.recent) > self.recent_steps:
+            self.pending.append(self.recent.popleft())
+            if sum(r.steps for r in self.pending) >= self.stride:
+                self.coarse.append(_merge(self.pending))
+                self.pending = []
+                if len(self.coarse) > self.coarse_buckets:
+                    self.coarse = [_merge(self.coarse[i:i + 2]) for i in range(0, len(self.coarse), 2)]
+                    self.stride *= 2
+
+    def records(self, after_step: int = 0, to_step: int = 0) -> list[Record]:
+        """Records ending after `after_step` (and at or before `to_step` when it is > 0), oldest first."""
+        out = []
+        for part in (self.coarse, [_merge(self.pending)] if self.pending else [], self.recent):
+            for r in part:
+                if r.step > after_step and (to_step <= 0 or r.step <= to_step):
+                    out.append(r)
+        return out
+
+    def alert(self, kind: str, step: int, tensor: str, message: str, wall_time: float | None = None) -> Alert:
+        self.alert_seq += 1
+        a = Alert(self.alert_seq, kind, step, time.time() if wall_time is None else wall_time, tensor, message)
+        self.alerts.append(a)
+        return a
+
+    def summary(self) -> dict:
+        last = self.recent[-1] if self.recent else None
+        return {"session_id": self.session_id, "optimizer": self.optimizer, "step": self.last_step,
+                "first_step": self.first_step, "wall_time": last.wall_time if last else 0.0,
+                "tensors": list(self.names), "metrics": sorted(last.metrics) if last else [],
+                "alerts": len(self.alerts), "refused": self.refused}
+
+    # persistence: zlib-compressed JSON, rewritten whole (a ring is small: bounded by its options)
+    def to_json(self) -> dict:
+        def rec(r: Record) -> list:
+            return [r.step, r.steps, r.wall_time, r.stats.tolist(), r.metrics, r.hyperparameters, r.effective_lr]
+        return {"format": FORMAT, "session_id": self.session_id, "owner": self.owner,
+                "optimizer": self.optimizer, "names": self.names, "stride": self.stride,
+                "coarse": [rec(r) for r in self.coarse], "pending": [rec(r) for r in self.pending],
+                "recent": [rec(r) for r in self.recent], "alerts": [a.as_dict() for a in self.alerts],
+                "alert_seq": self.alert_seq, "refused": self.refused}
+
+    def restore(self, data: dict) -> None:
+        def rec(x) -> Record:
+            stats = np.asarray(x[3], dtype=np.float64).reshape(len(self.names), 4)
+            return Record(int(x[0]), int(x[1]), float(x[2]), stats, dict(x[4]), dict(x[5]), dict(x[6]))
+        self.names = list(data["names"])
+        self.stride = int(data["stride"])
+        self.coarse = [rec(x) for x in data["coarse"]]
+        self.pending = [rec(x) for x in data["pending"]]
+        self.recent.extend(rec(x) for x in data["recent"])
+        for a in data["alerts"]:
+            self.alerts.append(Alert(a["seq"], a["kind"], a["step"], a["wall_time"], a["tensor"], a["message"]))
+        self.alert_seq = int(data["alert_seq"])
+        self.refused = int(data["refused"])
+
+
+EffectiveLr = Callable[[dict, dict, int], np.ndarray]
+
+
+class TelemetryHub:
+    """Every session's ring, fed by the step pipeline, read by the gRPC servicer and the dashboard.
+
+    Thread-safe; on_step costs a few microseconds per tensor under one lock (no array larger than the
+    state sample is touched). Readers wait on `wait()` (threads) or are called back by listeners.
+    """
+
+    def __init__(self, data_dir: str | os.PathLike | None = None, *, recent_steps: int = 2048,
+                 coarse_buckets: int = 1024, ratio_band: tuple[float, float] = RATIO_BAND,
+                 ratio_steps: int = 20, effective_lr: Callable[[str], EffectiveLr | None] | None = None,
+                 auth: bool = False):
+        self.dir = pathlib.Path(data_dir) / "sessions" if data_dir else None
+        self.recent_steps, self.coarse_buckets = recent_steps, coarse_buckets
+        self.ratio_band, self.ratio_steps = ratio_band, ratio_steps
+        self.effective_lr = effective_lr or (lambda optimizer: None)
+        self.auth = auth
+        self._rings: dict[str, SessionRing] = {}
+        self._cond = threading.Condition()
+        self._listeners: list[Callable[[str], None]] = []
+
+    # -- called by the step pipeline -------------------------------------------------------------
+    def on_step(self, event: StepEvent) -> None:
+        names = list(event.tensors)
+        stats = np.array([np.asarray(event.tensors[n], dtype=np.float64)[:4] for n in names],
+                         dtype=np.float64).reshape(len(names), 4)
+        elr = self._effective_lr(event)
+        record = Record(int(event.step), 1, float(event.wall_time), stats,
+                        {k: float(v) for k, v in event.metrics.items()},
+                        {k: float(v) for k, v in event.hyperparameters.items()}, elr)
+        with self._cond:
+            ring = self._ring(event.session_id, event.owner, event.optimizer)
+            if ring.names != names:
+                if ring.recent or ring.coarse or ring.pending:  # tensors changed (a re-created session): start over
+                    self._rings.pop(event.session_id)
+                    ring = self._ring(event.session_id, event.owner, event.optimizer)
+                ring.names = names
+            if ring.last_step and record.step <= ring.last_step:
+                # a session restored from an older snapshot steps again over steps we hold: keep the newest
+                while ring.recent and ring.recent[-1].step >= record.step:
+                    ring.recent.pop()
+            ring.append(record)
+            self._check(ring, record)
+            ring.version += 1
+            ring.dirty = True
+            self._cond.notify_all()
+        self._notify(event.session_id)
+
+    def on_refused(self, session_id: str, owner: str, step: int, reason: str, optimizer: str = "") -> None:
+        with self._cond:
+            ring = self._ring(session_id, owner, optimizer)
+            ring.refused += 1
+            ring.alert("refused", int(step), "", f"step {step} refused: {reason}")
+            ring.version += 1
+            ring.dirty = True
+            self._cond.notify_all()
+        self._notify(session_id)
+
+    def on_delete(self, session_id: str) -> None:
+        with self._cond:
+            ring = self._rings.pop(session_id, None)
+            if ring is not None:
+                ring.deleted = True
+                ring.version += 1
+            self._cond.notify_all()
+        if self.dir is not None:
+            try:
+                (self.dir / f"{session_id}{SUFFIX}").unlink()
+            except FileNotFoundError:
+                pass
+        self._notify(session_id)
+
+    # -- readers ---------------------------------------------------------------------------------
+    def ring(self, session_id: str) -> SessionRing | None:
+        return self._rings.get(session_id)
+
+    def sessions(self, caller: str = "") -> list[dict]:
+        with self._cond:
+            return [r.summary() for r in self._rings.values() if visible(r.owner, caller, self.auth)]
+
+    def snapshot(self, session_id: str, after_step: int = 0, after_alert: int = 0, to_step: int = 0):
+        """(records after after_step, alerts after seq after_alert, version, ring) under the lock."""
+        with self._cond:
+            ring = self._rings.get(session_id)
+            if ring is None:
+                return [], [], -1, None
+            alerts = [a for a in ring.alerts if a.seq > after_alert]
+            return ring.records(after_step, to_step), alerts, ring.version, ring
+
+    def wait(self, session_id: str, version: int, timeout: float) -> int:
+        """Block until the session's version differs from `version` (or timeout); return the version
+        now (-1 when the session has no telemetry or was deleted)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                ring = self._rings.get(session_id)
+                now = -1 if ring is None else ring.version
+                if now != version:
+                    return now
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return now
+                self._cond.wait(left)
+
+    def add_listener(self, fn: Callable[[str], None]) -> None:
+        """fn(session_id) after every change, on the committing thread: it must only hand off."""
+        self._listeners.append(fn)
+
+    def remove_listener(self, fn: Callable[[str], None]) -> None:
+        try:
+            self._listeners.remove(fn)
+        except ValueError:
+            pass
+
+    # -- persistence -----------------------------------------------------------------------------
+    def load_all(self) -> int:
+        """Read every DIR/sessions/*.telemetry; a file that cannot be read is logged and skipped."""
+        if self.dir is None or not self.dir.is_dir():
+            return 0
+        n = 0
+        for path in sorted(self.dir.glob(f"*{SUFFIX}")):
+            try:
+                data = json.loads(zlib.decompress(path.read_bytes()))
+                if data.get("format") != FORMAT:
+                    raise ValueError(f"format {data.get('format')!r}, expected {FORMAT}")
+                ring = SessionRing(data["session_id"], data["owner"], data["optimizer"],
+                                   self.recent_steps, self.coarse_buckets)
+                ring.restore(data)
+            except Exception as e:  # noqa: BLE001 - telemetry must never stop the server
+                log.warning("telemetry file %s not loaded: %s", path, e)
+                continue
+            with self._cond:
+                self._rings[ring.session_id] = ring
+            n += 1
+        return n
+
+    def export(self, session_id: str) -> bytes | None:
+        with self._cond:
+            ring = self._rings.get(session_id)
+            return None if ring is None else zlib.compress(json.dumps(ring.to_json()).encode(), 1)
+
+    def save(self, session_id: str) -> None:
+        """Write one session's ring atomically (temporary file, rename)."""
+        if self.dir is None:
+            return
+        with self._cond:
+            ring = self._rings.get(session_id)
+            if ring is None or not ring.dirty:
+                return
+            data = zlib.compress(json.dumps(ring.to_json()).encode(), 1)
+            ring.dirty = False
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self.dir / f"{session_id}{SUFFIX}"
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+
+    def start(self, save_seconds: float = 5.0) -> None:
+        """Write dirty rings every `save_seconds` on a daemon thread (with a data dir)."""
+        if self.dir is None or getattr(self, "_saver", None):
+            return
+        self._stop = threading.Event()
+
+        def run():
+            while not self._stop.wait(save_seconds):
+                self.flush()
+
+        self._saver = threading.Thread(target=run, name="optreg-telemetry-save", daemon=True)
+        self._saver.start()
+
+    def close(self) -> None:
+        """Stop the saver and write every dirty ring."""
+        saver = getattr(self, "_saver", None)
+        if saver is not None:
+            self._stop.set()
+            saver.join()
+            self._saver = None
+        self.flush()
+
+    def flush(self) -> None:
+        for session_id in list(self._rings):
+            try:
+                self.save(session_id)
+            except OSError as e:
+                log.warning("telemetry of session %s not written: %s", session_id, e)
+
+    # -- internals -------------------------------------------------------------------------------
+    def _ring(self, session_id: str, owner: str, optimizer: str) -> SessionRing:
+        ring = self._rings.get(session_id)
+        if ring is None:
+            ring = self._rings[session_id] = SessionRing(session_id, owner, optimizer, self.recent_steps,
+                                                         self.coarse_buckets)
+        if optimizer:
+            ring.optimizer = optimizer
+        return ring
+
+    def _effective_lr(self, event: StepEvent) -> dict[str, list[float]]:
+        if not event.state_sample:
+            return {}
+        fn = self.effective_lr(event.optimizer)
+        if fn is None:
+            return {}
+        out = {}
+        for name in event.tensors:
+            sample = {slot: arrs[name] for slot, arrs in event.state_sample.items() if name in arrs}
+            try:
+                lr = np.asarray(fn(sample, event.hyperparameters, event.step), dtype=np.float64)
+                if lr.size:
+                    out[name] = np.quantile(lr, QUANTILES).tolist()
+            except Exception as e:  # noqa: BLE001 - a plugin's telemetry never fails a step
+                log.debug("effective_lr of %s failed: %s", event.optimizer, e)
+        return out
+
+    def _check(self, ring: SessionRing, record: Record) -> None:
+        lo, hi = self.ratio_band
+        for name, fig in record.tensor_figures(ring.names).items():
+            values = (fig["grad_norm"], fig["param_norm"], fig["update_norm"])
+            if not all(math.isfinite(v) for v in values):
+                ring.alert("non_finite", record.step, name,
+                           f"{name}: non-finite figures at step {record.step} "
+                           f"(grad norm {values[0]:g}, param norm {values[1]:g})", record.wall_time)
+                continue
+            r = fig["update_ratio"]
+            if fig["param_norm"] > 0 and not (lo <= r <= hi):
+                n = ring.out_of_band[name] = ring.out_of_band.get(name, 0) + 1
+                if n == self.ratio_steps:
+                    side = "below" if r < lo else "above"
+                    ring.alert("update_ratio", record.step, name,
+                               f"{name}: update/param ratio {r:.2g} {side} [{lo:g}, {hi:g}] for {n} steps "
+                               f"(learning rate too {'low' if side == 'below' else 'high'}?)", record.wall_time)
+            else:
+                ring.out_of_band[name] = 0
+
+    def _notify(self, session_id: str) -> None:
+        for fn in list(self._listeners):
+            try:
+                fn(session_id)
+            except Exception:  # noqa: BLE001
+                log.exception("telemetry listener failed")
