@@ -21,6 +21,8 @@ from optreg.server.metrics import Metrics
 from optreg.server.service import RegistryServicer, SessionServicer
 from optreg.server.storage import Storage
 from optreg.server.store import SessionStore
+from optreg.server import telemetry_service
+from optreg.server.telemetry import TelemetryHub
 from optreg.v1 import registry_pb2, registry_pb2_grpc, session_pb2, session_pb2_grpc, tensors
 
 log = logging.getLogger("optreg.server")
@@ -28,6 +30,7 @@ log = logging.getLogger("optreg.server")
 SERVICE_NAMES = (
     registry_pb2.DESCRIPTOR.services_by_name["OptimizerRegistryService"].full_name,
     session_pb2.DESCRIPTOR.services_by_name["SessionService"].full_name,
+    telemetry_service.SERVICE_NAME,
 )
 
 
@@ -51,6 +54,9 @@ class Settings:
     allow_insecure: bool = False
     metrics_port: int | None = None  # None: no endpoint; 0 picks a free port
     metrics_host: str = "127.0.0.1"
+    dashboard_port: int | None = None  # None: no dashboard; 0 picks a free port
+    dashboard_host: str = "127.0.0.1"
+    telemetry_steps: int = 2048  # steps kept at full resolution per session (older ones downsampled)
 
 
 def default_data_dir() -> str:
@@ -97,6 +103,7 @@ class OptregServer:
             idle_seconds=settings.idle_seconds, memory_budget=int(settings.memory_budget_mb * (1 << 20)),
             auth=self.auth is not None, metrics=self.metrics)
         self.store.open_all()
+        self.telemetry = _telemetry(settings, self.registry, self.auth)
         limit = settings.max_message_mb * 1024 * 1024
         self.grpc_server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="optreg"),
@@ -113,6 +120,8 @@ class OptregServer:
         self.sessions = SessionServicer(self.store, metrics=self.metrics, owner=owner, max_message_bytes=limit,
                                         shm_registrations=max(1, settings.workers // 4))
         _add_session_service(self.sessions, self.grpc_server)
+        telemetry_service.add_to_server(telemetry_service.TelemetryServicer(
+            self.telemetry, owner, check_session=lambda sid, who: self.store.get(sid, who)), self.grpc_server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         reflection.enable_server_reflection(
@@ -137,6 +146,8 @@ class OptregServer:
             self.metrics_port = self.metrics.serve(self.settings.metrics_port, self.settings.metrics_host)
             log.info("metrics on http://%s:%d/metrics", self.settings.metrics_host, self.metrics_port)
         self.store.start()
+        self.telemetry.start()
+        self.dashboard = _dashboard(self.settings, self.telemetry, self.auth)
         self.grpc_server.start()
         for name in ("",) + SERVICE_NAMES:
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -147,6 +158,9 @@ class OptregServer:
         self.sessions.shm.close_all()  # ends the registration calls, which would otherwise hold the drain
         self.grpc_server.stop(self.settings.drain_seconds if grace is None else grace).wait()
         self.store.stop()
+        if getattr(self, "dashboard", None):
+            self.dashboard.stop()
+        self.telemetry.close()
         n = self.store.flush_all()
         log.info("flushed %d session(s) to disk", n)
 
@@ -162,12 +176,46 @@ class OptregServer:
         signal.signal(signal.SIGINT, on_signal)
         self.start()
         print(f"optreg serving on {self.address}", flush=True)
+        if self.dashboard:
+            print(f"optreg dashboard on {self.dashboard.url}", flush=True)
         log.info("optimizers: %s", ", ".join(self.registry.optimizers))
         for f in self.registry.failures:
             log.error("plugin %s failed: %s", f.plugin, f.reason)
         stopping.wait()
         self.stop()
         log.info("stopped")
+
+
+def _telemetry(settings: Settings, registry: Registry, auth) -> TelemetryHub:
+    def effective_lr(optimizer: str):
+        found = registry.optimizers.get(optimizer)
+        return getattr(found.definition, "effective_lr", None) if found else None
+
+    hub = TelemetryHub(settings.data_dir or None, recent_steps=settings.telemetry_steps,
+                       effective_lr=effective_lr, auth=auth is not None)
+    hub.load_all()
+    return hub
+
+
+def _dashboard(settings: Settings, hub: TelemetryHub, auth):
+    """The web dashboard on its own thread, under the same loopback/TLS/token rule as the gRPC port."""
+    if settings.dashboard_port is None:
+        return None
+    from optreg.server.dashboard import DashboardServer  # aiohttp only when asked for
+    tls = bool(settings.tls_cert and settings.tls_key)
+    if not is_loopback(settings.dashboard_host) and not (tls and auth) and not settings.allow_insecure:
+        raise ValueError(f"refusing to serve the dashboard on non-loopback {settings.dashboard_host} without TLS "
+                         "and tokens: pass --tls-cert/--tls-key and --token-file, or --allow-insecure")
+    context = None
+    if tls:
+        import ssl
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    dashboard = DashboardServer(hub, settings.dashboard_host, settings.dashboard_port,
+                                token_hashes=auth.hashes if auth else None, ssl_context=context)
+    dashboard.start()
+    log.info("dashboard on %s", dashboard.url)
+    return dashboard
 
 
 class _Handlers:

@@ -3,7 +3,8 @@
 The step pipeline calls the hub (it imports no grpc; the gRPC servicer and the dashboard read it):
 
     hub.on_step(StepEvent(...))                  after every committed step (not after a replayed retry)
-    hub.on_refused(session_id, owner, step, reason)   after every refused step (non-finite gradients, ...)
+    hub.on_refused(session_id, owner, step, reason)   after every refused step (non-finite gradients, ...);
+                                                 step: the session's step count then (the last committed one)
     hub.on_delete(session_id)                    when a session is deleted (its telemetry and file go too)
     hub.flush() / hub.close()                    write dirty rings to DIR/sessions/<id>.telemetry
 
@@ -285,7 +286,7 @@ class TelemetryHub:
         with self._cond:
             ring = self._ring(session_id, owner, optimizer)
             ring.refused += 1
-            ring.alert("refused", int(step), "", f"step {step} refused: {reason}")
+            ring.alert("refused", int(step), "", f"step {int(step) + 1} refused: {reason}")
             ring.version += 1
             ring.dirty = True
             self._cond.notify_all()

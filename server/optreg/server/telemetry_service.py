@@ -92,16 +92,20 @@ class TelemetryServicer(telemetry_pb2_grpc.TelemetryServiceServicer):
                 if not visible(ring.owner, owner, self.hub.auth):
                     context.abort(grpc.StatusCode.PERMISSION_DENIED,
                                   f"session {_short(session_id)!r} does not exist or belongs to another token")
-                if after_alert is None:
-                    alerts = [a for a in alerts if a.step >= request.from_step]
-                for a in alerts:
-                    yield telemetry_pb2.WatchSessionResponse(alert=alert_message(a))
-                    after_alert = a.seq
-                if after_alert is None:
-                    after_alert = ring.alert_seq
-                for r in records:
-                    yield telemetry_pb2.WatchSessionResponse(step=step_message(r, ring.names))
-                    after_step = r.step
+                seen = max([after_alert or 0] + [a.seq for a in alerts])
+                if after_alert is None:  # first batch of a resumed watch: the alerts from its step on
+                    alerts = [a for a in alerts if a.step >= request.from_step - 1]
+                # in step order; an alert comes after the step it is about
+                events = sorted([((r.step, 0), r) for r in records] + [((a.step, 1), a) for a in alerts],
+                                key=lambda e: e[0])
+                for _, item in events:
+                    if isinstance(item, Alert):
+                        yield telemetry_pb2.WatchSessionResponse(alert=alert_message(item))
+                    else:
+                        yield telemetry_pb2.WatchSessionResponse(step=step_message(item, ring.names))
+                after_alert = seen
+                if records:
+                    after_step = records[-1].step
             elif version is not None and version >= 0:
                 return  # the session was deleted while we watched
             version = self.hub.wait(session_id, now, POLL_SECONDS)

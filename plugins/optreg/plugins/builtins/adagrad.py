@@ -17,6 +17,11 @@ def update(param, grad, state, step, hp, scratch):
     param -= s
 
 
+
+def effective_lr(state, hp, step):
+    """Telemetry: lr/(sqrt(h)+1e-7), the step size on g."""
+    return hp["lr"] / (np.sqrt(state["h"]) + BOOK_EPS)
+
 ADAGRAD = Optimizer(
     name="adagrad",
     summary="AdaGrad: h += g*g; W -= lr*g/(sqrt(h)+1e-7) (the book's AdaGrad).",
@@ -24,6 +29,7 @@ ADAGRAD = Optimizer(
     hyperparameters=(Hyperparameter("lr", 0.01, "learning rate", minimum=0.0),),
     slots=(Slot("h"),),
     scratch=2,
+    effective_lr=effective_lr,
 )
 
 

@@ -37,6 +37,11 @@ def update(param, grad, state, step, hp, scratch):
     param -= s
 
 
+
+def effective_lr(state, hp, step):
+    """Telemetry: lr*sqrt(1-beta2^t)/(sqrt(v)+1e-7), the step size on the bias-corrected m."""
+    return hp["lr"] * math.sqrt(1.0 - hp["beta2"] ** step) / (np.sqrt(state["v"]) + BOOK_EPS)
+
 ADAM = Optimizer(
     name="adam",
     summary="Adam as in the book: bias correction folded into lr_t, 1e-7 outside sqrt of uncorrected v.",
@@ -48,6 +53,7 @@ ADAM = Optimizer(
     ),
     slots=(Slot("m"), Slot("v")),
     scratch=2,
+    effective_lr=effective_lr,
 )
 
 

@@ -5,7 +5,7 @@
 Defaults as torch's (weight_decay 1e-2). The kernel is torch_adam's.
 """
 from optreg.plugins import Optimizer, hookimpl
-from optreg.plugins.builtins.torch_adam import SLOTS, adam_update, hyperparameters
+from optreg.plugins.builtins.torch_adam import SLOTS, adam_update, effective_lr, hyperparameters
 
 
 def update(param, grad, state, step, hp, scratch):
@@ -19,6 +19,7 @@ ADAMW = Optimizer(
     hyperparameters=hyperparameters(weight_decay=1e-2),
     slots=SLOTS,
     scratch=2,
+    effective_lr=effective_lr,
 )
 
 

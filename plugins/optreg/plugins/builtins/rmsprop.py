@@ -20,6 +20,11 @@ def update(param, grad, state, step, hp, scratch):
     param -= s
 
 
+
+def effective_lr(state, hp, step):
+    """Telemetry: lr/(sqrt(h)+1e-7), the step size on g."""
+    return hp["lr"] / (np.sqrt(state["h"]) + BOOK_EPS)
+
 RMSPROP = Optimizer(
     name="rmsprop",
     summary="RMSProp: h = decay*h + (1-decay)*g*g; W -= lr*g/(sqrt(h)+1e-7) (the book's RMSprop).",
@@ -30,6 +35,7 @@ RMSPROP = Optimizer(
     ),
     slots=(Slot("h"),),
     scratch=2,
+    effective_lr=effective_lr,
 )
 
 

@@ -35,6 +35,11 @@ def update(param, grad, state, step, hp, scratch):
     param += t
 
 
+
+def effective_lr(state, hp, step):
+    """Telemetry: lr/(1+(t-1)*lr_decay)/(sqrt(sum)+eps), the step size on g."""
+    return hp["lr"] / (1 + (step - 1) * hp["lr_decay"]) / (np.sqrt(state["sum"]) + hp["eps"])
+
 TORCH_ADAGRAD = Optimizer(
     name="torch.adagrad",
     summary="torch.optim.Adagrad: lr_decay, initial_accumulator_value, eps 1e-10 outside sqrt (not the book's).",
@@ -49,6 +54,7 @@ TORCH_ADAGRAD = Optimizer(
     ),
     slots=(Slot("sum"),),
     scratch=3,
+    effective_lr=effective_lr,
 )
 
 

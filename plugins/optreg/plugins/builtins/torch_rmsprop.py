@@ -52,6 +52,12 @@ def update(param, grad, state, step, hp, scratch):
         param += t
 
 
+
+def effective_lr(state, hp, step):
+    """Telemetry: lr/(sqrt(v - c^2 if centered else v)+eps), the step size on g."""
+    v = state["square_avg"] - state["grad_avg"] ** 2 if hp["centered"] else state["square_avg"]
+    return hp["lr"] / (np.sqrt(np.maximum(v, 0)) + hp["eps"])
+
 TORCH_RMSPROP = Optimizer(
     name="torch.rmsprop",
     summary="torch.optim.RMSprop: eps outside sqrt, centered, momentum, L2 weight_decay (not the book's).",
@@ -67,6 +73,7 @@ TORCH_RMSPROP = Optimizer(
     ),
     slots=(Slot("square_avg"), Slot("grad_avg"), Slot("momentum_buffer")),
     scratch=3,
+    effective_lr=effective_lr,
 )
 
 
