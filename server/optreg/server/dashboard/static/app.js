@@ -131,7 +131,7 @@ function draw() {
   dash.drawScheduled = false;
   for (const [key, fam] of Object.entries(FAMILIES)) {
     const s = dash.series[key];
-    if (!s) continue;
+    if (!s || !s.names.length) continue;  // e.g. no effective lr for a non-adaptive optimizer
     const data = [dash.steps, ...s.names.map((n) => s.cols[n])];
     if (fam.band) for (const b of fam.band) data.push(dash.steps.map(() => b));
     if (!dash.charts[key] || s.rebuild) {
@@ -158,7 +158,9 @@ function makeChart(key, fam, names, data) {
   return new uPlot({
     width, height: 240, series,
     scales: { x: { time: false }, y: fam.log ? { distr: 3 } : {} },
-    axes: [{ label: "step" }, { size: 70 }],
+    axes: [{ label: "step" }, fam.log
+      ? { size: 70, values: (u, vals) => vals.map((v) => (v == null ? "" : v.toExponential(0))) }
+      : { size: 70 }],
     legend: { live: true },
   }, data, el);
 }
@@ -169,7 +171,7 @@ function onAlert(a) {
   dash.alerts.push(a);
   const li = document.createElement("li");
   li.className = a.kind;
-  li.textContent = `step ${a.step} · ${a.kind}: ${a.message}`;
+  li.textContent = a.kind === "refused" ? a.message : `step ${a.step} · ${a.kind}: ${a.message}`;
   $("alerts").prepend(li);
   $("alert-count").textContent = `(${dash.alerts.length})`;
 }
