@@ -424,7 +424,7 @@ def bench_concurrency(cfg, server, _echo):
 
 
 SECTIONS = {"small": bench_small, "large": bench_large, "shm": bench_shm, "kernels": bench_kernels, "memory": bench_memory,
-            "concurrency": bench_concurrency}
+            "concurrency": bench_concurrency, "telemetry": lambda *a: __import__("bench.telemetry").telemetry.bench_telemetry(*a)}
 
 
 class Config:

@@ -99,6 +99,7 @@ class DashboardServer:
     async def _setup(self) -> None:
         app = web.Application()
         app.router.add_get("/", self._index)
+        app.router.add_get("/favicon.ico", lambda request: web.Response(status=204))
         app.router.add_get("/api/sessions", self._sessions)
         app.router.add_get("/api/sessions/{id}/telemetry", self._telemetry)
         app.router.add_get("/api/sessions/{id}/events", self._events)

@@ -100,9 +100,9 @@ function openSession(id) {
 // series families: key -> {label: (name) => text, value: (rec, name) => number|null, names: Set}
 const FAMILIES = {
   metrics: { log: false, names: (rec) => Object.keys(rec.metrics), value: (rec, n) => rec.metrics[n] },
-  ratio: { log: true, names: (rec) => Object.keys(rec.tensors), value: (rec, n) => rec.tensors[n].update_ratio,
+  ratio: { log: true, names: (rec) => Object.keys(rec.tensors), value: (rec, n) => rec.tensors[n] && rec.tensors[n].update_ratio,
            band: [1e-4, 1e-3, 1e-2] },
-  grad: { log: true, names: (rec) => Object.keys(rec.tensors), value: (rec, n) => rec.tensors[n].grad_norm },
+  grad: { log: true, names: (rec) => Object.keys(rec.tensors), value: (rec, n) => rec.tensors[n] && rec.tensors[n].grad_norm },
   elr: { log: true, names: (rec) => Object.keys(rec.tensors).filter((n) => rec.tensors[n].effective_lr.length),
          value: (rec, n) => (rec.tensors[n] && rec.tensors[n].effective_lr.length) ? rec.tensors[n].effective_lr[1] : null },
 };
