@@ -284,3 +284,39 @@ def test_get_telemetry_range_and_tokens(served):
         stub.GetTelemetry(telemetry_pb2.GetTelemetryRequest(session_id="s", from_step=-1), metadata=md)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "from_step" in e.value.details()
     channel.close()
+
+
+# ---- the dashboard's HTTP side without a browser ----------------------------------------------
+
+def test_dashboard_guard_refuses_a_non_loopback_host_without_tls_and_tokens():
+    from optreg.server.app import OptregServer, Settings
+    srv = OptregServer(Settings(port=0, data_dir="", dashboard_port=0, dashboard_host="0.0.0.0"))
+    with pytest.raises(ValueError, match="dashboard on non-loopback 0.0.0.0 without TLS and tokens"):
+        srv.start()
+    srv.stop(0)
+
+
+def test_event_stream_resumes_after_last_event_id(tmp_path):
+    import urllib.error
+    import urllib.request
+    from optreg.server.dashboard import DashboardServer
+    hub = TelemetryHub(auth=True)
+    dash = DashboardServer(hub, token_hashes=frozenset({_alice()}))
+    dash.start()
+    try:
+        for s in range(1, 21):
+            hub.on_step(event(s, owner=_alice()))
+        req = urllib.request.Request(dash.url + "api/sessions/s/events",
+                                     headers={"Last-Event-ID": "12", "Authorization": "Bearer alice"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            buf = b""
+            while buf.count(b"event: step") < 8:
+                buf += r.read1(65536)
+        ids = [int(line[4:]) for line in buf.decode().splitlines() if line.startswith("id: ")]
+        assert ids == list(range(13, 21))
+        for headers in ({}, {"Authorization": "Bearer mallory"}):
+            with pytest.raises(urllib.error.HTTPError) as e:
+                urllib.request.urlopen(urllib.request.Request(dash.url + "api/sessions", headers=headers))
+            assert e.value.code == 401
+    finally:
+        dash.stop()

@@ -99,7 +99,7 @@ class DashboardServer:
     async def _setup(self) -> None:
         app = web.Application()
         app.router.add_get("/", self._index)
-        app.router.add_get("/favicon.ico", lambda request: web.Response(status=204))
+        app.router.add_get("/favicon.ico", self._no_icon)
         app.router.add_get("/api/sessions", self._sessions)
         app.router.add_get("/api/sessions/{id}/telemetry", self._telemetry)
         app.router.add_get("/api/sessions/{id}/events", self._events)
@@ -179,6 +179,9 @@ class DashboardServer:
         return session_id, ring
 
     # -- handlers --------------------------------------------------------------------------------
+    async def _no_icon(self, request: web.Request) -> web.Response:
+        return web.Response(status=204)
+
     async def _index(self, request: web.Request) -> web.StreamResponse:
         return web.FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-store"})
 
