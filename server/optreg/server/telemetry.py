@@ -154,7 +154,7 @@ class SessionRing:
         self.alerts: collections.deque[Alert] = collections.deque(maxlen=256)
         self.alert_seq = 0
         self.refused = 0
-        self.out_of_band: dict[str, int] = {}  # tensor -> consecutive steps with the ratio outside the band
+        self.out_of_band: np.ndarray | None = None  # per tensor: consecutive steps with the ratio outside the band
         self.version = 0  # bumped on every change; watchers wait for it to move
         self.dirty = False
         self.deleted = False
@@ -238,8 +238,9 @@ EffectiveLr = Callable[[dict, dict, int], np.ndarray]
 class TelemetryHub:
     """Every session's ring, fed by the step pipeline, read by the gRPC servicer and the dashboard.
 
-    Thread-safe; on_step costs a few microseconds per tensor under one lock (no array larger than the
-    state sample is touched). Readers wait on `wait()` (threads) or are called back by listeners.
+    Thread-safe. on_step only queues the event; a worker thread folds it into the ring (a few
+    microseconds per tensor; no array larger than the state sample is touched). Readers wait on
+    `wait()` (threads) or are called back by listeners (on the worker thread: they must only hand off).
     """
 
     def __init__(self, data_dir: str | os.PathLike | None = None, *, recent_steps: int = 2048,
@@ -253,69 +254,118 @@ class TelemetryHub:
         self.auth = auth
         self._rings: dict[str, SessionRing] = {}
         self._cond = threading.Condition()
+        self._queue: collections.deque = collections.deque()
+        self._kick = threading.Event()
+        self._worker: threading.Thread | None = None
+        self._closed = False
+        self._io = threading.Lock()
         self._listeners: list[Callable[[str], None]] = []
 
     # -- called by the step pipeline -------------------------------------------------------------
+    # These only queue the event (about a microsecond on the committing thread); a worker thread
+    # folds it into the ring, and every reader folds in whatever is queued first, so a read after
+    # a step always sees it.
     def on_step(self, event: StepEvent) -> None:
-        names = list(event.tensors)
-        stats = np.array([np.asarray(event.tensors[n], dtype=np.float64)[:4] for n in names],
-                         dtype=np.float64).reshape(len(names), 4)
-        elr = self._effective_lr(event)
-        record = Record(int(event.step), 1, float(event.wall_time), stats,
-                        {k: float(v) for k, v in event.metrics.items()},
-                        {k: float(v) for k, v in event.hyperparameters.items()}, elr)
-        with self._cond:
-            ring = self._ring(event.session_id, event.owner, event.optimizer)
-            if ring.names != names:
-                if ring.recent or ring.coarse or ring.pending:  # tensors changed (a re-created session): start over
-                    self._rings.pop(event.session_id)
-                    ring = self._ring(event.session_id, event.owner, event.optimizer)
-                ring.names = names
-            if ring.last_step and record.step <= ring.last_step:
-                # a session restored from an older snapshot steps again over steps we hold: keep the newest
-                while ring.recent and ring.recent[-1].step >= record.step:
-                    ring.recent.pop()
-            ring.append(record)
-            self._check(ring, record)
-            ring.version += 1
-            ring.dirty = True
-            self._cond.notify_all()
-        self._notify(event.session_id)
+        self._enqueue(("step", event))
 
     def on_refused(self, session_id: str, owner: str, step: int, reason: str, optimizer: str = "") -> None:
-        with self._cond:
-            ring = self._ring(session_id, owner, optimizer)
-            ring.refused += 1
-            ring.alert("refused", int(step), "", f"step {int(step) + 1} refused: {reason}")
-            ring.version += 1
-            ring.dirty = True
-            self._cond.notify_all()
-        self._notify(session_id)
+        self._enqueue(("refused", (session_id, owner, int(step), reason, optimizer)))
 
     def on_delete(self, session_id: str) -> None:
+        self._enqueue(("delete", session_id))
+        self.drain()  # the file goes now: a session created again with this id starts clean
+
+    def drain(self) -> None:
+        """Fold every queued event into the rings; wake waiters and listeners."""
+        changed: list[str] = []
+        deleted: list[str] = []
         with self._cond:
-            ring = self._rings.pop(session_id, None)
-            if ring is not None:
-                ring.deleted = True
-                ring.version += 1
-            self._cond.notify_all()
-        if self.dir is not None:
-            try:
-                (self.dir / f"{session_id}{SUFFIX}").unlink()
-            except FileNotFoundError:
-                pass
-        self._notify(session_id)
+            while self._queue:
+                kind, item = self._queue.popleft()
+                try:
+                    if kind == "step":
+                        self._apply_step(item)
+                        changed.append(item.session_id)
+                    elif kind == "refused":
+                        self._apply_refused(*item)
+                        changed.append(item[0])
+                    else:
+                        ring = self._rings.pop(item, None)
+                        if ring is not None:
+                            ring.deleted = True
+                            ring.version += 1
+                        deleted.append(item)
+                        changed.append(item)
+                except Exception:  # noqa: BLE001 - a malformed event must not stop telemetry
+                    log.exception("telemetry event %s dropped", kind)
+            if changed:
+                self._cond.notify_all()
+        if deleted and self.dir is not None:
+            with self._io:
+                for session_id in deleted:
+                    try:
+                        (self.dir / f"{session_id}{SUFFIX}").unlink()
+                    except FileNotFoundError:
+                        pass
+        for session_id in dict.fromkeys(changed):
+            self._notify(session_id)
+
+    def _enqueue(self, item) -> None:
+        self._queue.append(item)
+        if self._worker is None:
+            with self._cond:
+                if self._worker is None:
+                    self._worker = threading.Thread(target=self._work, name="optreg-telemetry", daemon=True)
+                    self._worker.start()
+        self._kick.set()
+
+    def _work(self) -> None:
+        while not self._closed:
+            self._kick.wait()
+            self._kick.clear()
+            self.drain()
+
+    def _apply_step(self, event: StepEvent) -> None:
+        names = list(event.tensors)
+        stats = np.array(list(event.tensors.values()), dtype=np.float64).reshape(len(names), 4)
+        record = Record(int(event.step), 1, float(event.wall_time), stats,
+                        {k: float(v) for k, v in event.metrics.items()},
+                        {k: float(v) for k, v in event.hyperparameters.items()}, self._effective_lr(event))
+        ring = self._ring(event.session_id, event.owner, event.optimizer)
+        if ring.names != names:
+            if ring.recent or ring.coarse or ring.pending:  # tensors changed (a re-created session): start over
+                self._rings.pop(event.session_id)
+                ring = self._ring(event.session_id, event.owner, event.optimizer)
+            ring.names = names
+        if ring.last_step and record.step <= ring.last_step:
+            # a session restored from an older snapshot steps again over steps we hold: keep the newest
+            while ring.recent and ring.recent[-1].step >= record.step:
+                ring.recent.pop()
+        ring.append(record)
+        self._check(ring, record)
+        ring.version += 1
+        ring.dirty = True
+
+    def _apply_refused(self, session_id: str, owner: str, step: int, reason: str, optimizer: str) -> None:
+        ring = self._ring(session_id, owner, optimizer)
+        ring.refused += 1
+        ring.alert("refused", step, "", f"step {step + 1} refused: {reason}")
+        ring.version += 1
+        ring.dirty = True
 
     # -- readers ---------------------------------------------------------------------------------
     def ring(self, session_id: str) -> SessionRing | None:
+        self.drain()
         return self._rings.get(session_id)
 
     def sessions(self, caller: str = "") -> list[dict]:
+        self.drain()
         with self._cond:
             return [r.summary() for r in self._rings.values() if visible(r.owner, caller, self.auth)]
 
     def snapshot(self, session_id: str, after_step: int = 0, after_alert: int = 0, to_step: int = 0):
         """(records after after_step, alerts after seq after_alert, version, ring) under the lock."""
+        self.drain()
         with self._cond:
             ring = self._rings.get(session_id)
             if ring is None:
@@ -327,6 +377,7 @@ class TelemetryHub:
         """Block until the session's version differs from `version` (or timeout); return the version
         now (-1 when the session has no telemetry or was deleted)."""
         deadline = time.monotonic() + timeout
+        self.drain()
         with self._cond:
             while True:
                 ring = self._rings.get(session_id)
@@ -371,6 +422,7 @@ class TelemetryHub:
         return n
 
     def export(self, session_id: str) -> bytes | None:
+        self.drain()
         with self._cond:
             ring = self._rings.get(session_id)
             return None if ring is None else zlib.compress(json.dumps(ring.to_json()).encode(), 1)
@@ -379,17 +431,19 @@ class TelemetryHub:
         """Write one session's ring atomically (temporary file, rename)."""
         if self.dir is None:
             return
-        with self._cond:
-            ring = self._rings.get(session_id)
-            if ring is None or not ring.dirty:
-                return
-            data = zlib.compress(json.dumps(ring.to_json()).encode(), 1)
-            ring.dirty = False
-        self.dir.mkdir(parents=True, exist_ok=True)
-        path = self.dir / f"{session_id}{SUFFIX}"
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        self.drain()
+        with self._io:  # a delete's unlink cannot pass between our snapshot and our rename
+            with self._cond:
+                ring = self._rings.get(session_id)
+                if ring is None or not ring.dirty:
+                    return
+                data = zlib.compress(json.dumps(ring.to_json()).encode(), 1)
+                ring.dirty = False
+            self.dir.mkdir(parents=True, exist_ok=True)
+            path = self.dir / f"{session_id}{SUFFIX}"
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
 
     def start(self, save_seconds: float = 5.0) -> None:
         """Write dirty rings every `save_seconds` on a daemon thread (with a data dir)."""
@@ -405,7 +459,9 @@ class TelemetryHub:
         self._saver.start()
 
     def close(self) -> None:
-        """Stop the saver and write every dirty ring."""
+        """Stop the saver and the worker and write every dirty ring."""
+        self._closed = True
+        self._kick.set()
         saver = getattr(self, "_saver", None)
         if saver is not None:
             self._stop.set()
@@ -414,6 +470,7 @@ class TelemetryHub:
         self.flush()
 
     def flush(self) -> None:
+        self.drain()
         for session_id in list(self._rings):
             try:
                 self.save(session_id)
@@ -431,41 +488,69 @@ class TelemetryHub:
         return ring
 
     def _effective_lr(self, event: StepEvent) -> dict[str, list[float]]:
+        """Quantiles of the declared effective lr over each tensor's state sample: one call of the
+        optimizer's function over every tensor's sample at once (NaN-padded rows), one sort."""
         if not event.state_sample:
             return {}
         fn = self.effective_lr(event.optimizer)
         if fn is None:
             return {}
+        names = [n for n in event.tensors if all(n in arrs for arrs in event.state_sample.values())]
+        if not names:
+            return {}
+        width = max(np.asarray(event.state_sample[next(iter(event.state_sample))][n]).size for n in names)
+        sizes = np.array([np.asarray(event.state_sample[next(iter(event.state_sample))][n]).size for n in names])
+        padded = {}
+        for slot, arrs in event.state_sample.items():
+            block = np.zeros((len(names), width))  # zeros pad: a valid state value; padding is masked below
+            for i, n in enumerate(names):
+                a = np.asarray(arrs[n], dtype=np.float64).ravel()
+                block[i, :a.size] = a
+            padded[slot] = block
+        try:
+            with np.errstate(all="ignore"):
+                lr = np.asarray(fn(padded, event.hyperparameters, event.step), dtype=np.float64)
+                lr = np.broadcast_to(lr, (len(names), width)).copy()
+        except Exception as e:  # noqa: BLE001 - a plugin's telemetry never fails a step
+            log.debug("effective_lr of %s failed: %s", event.optimizer, e)
+            return {}
+        lr[np.arange(width)[None, :] >= sizes[:, None]] = np.inf  # padding sorts last, never picked
+        lr.sort(axis=1)
         out = {}
-        for name in event.tensors:
-            sample = {slot: arrs[name] for slot, arrs in event.state_sample.items() if name in arrs}
-            try:
-                lr = np.asarray(fn(sample, event.hyperparameters, event.step), dtype=np.float64)
-                if lr.size:
-                    out[name] = np.quantile(lr, QUANTILES).tolist()
-            except Exception as e:  # noqa: BLE001 - a plugin's telemetry never fails a step
-                log.debug("effective_lr of %s failed: %s", event.optimizer, e)
-        return out
+        for q in QUANTILES:  # linear interpolation between order statistics, as np.quantile's default
+            pos = q * (sizes - 1)
+            lo = np.floor(pos).astype(np.int64)
+            hi = np.minimum(lo + 1, sizes - 1)
+            rows = np.arange(len(names))
+            a, b = lr[rows, lo], lr[rows, hi]
+            with np.errstate(all="ignore"):
+                out[q] = np.where(hi > lo, a + (pos - lo) * (b - a), a)
+        return {n: [float(out[q][i]) for q in QUANTILES] for i, n in enumerate(names) if sizes[i] > 0}
 
     def _check(self, ring: SessionRing, record: Record) -> None:
+        """The alert rules, over every tensor of the step at once."""
         lo, hi = self.ratio_band
-        for name, fig in record.tensor_figures(ring.names).items():
-            values = (fig["grad_norm"], fig["param_norm"], fig["update_norm"])
-            if not all(math.isfinite(v) for v in values):
-                ring.alert("non_finite", record.step, name,
-                           f"{name}: non-finite figures at step {record.step} "
-                           f"(grad norm {values[0]:g}, param norm {values[1]:g})", record.wall_time)
-                continue
-            r = fig["update_ratio"]
-            if fig["param_norm"] > 0 and not (lo <= r <= hi):
-                n = ring.out_of_band[name] = ring.out_of_band.get(name, 0) + 1
-                if n == self.ratio_steps:
-                    side = "below" if r < lo else "above"
-                    ring.alert("update_ratio", record.step, name,
-                               f"{name}: update/param ratio {r:.2g} {side} [{lo:g}, {hi:g}] for {n} steps "
-                               f"(learning rate too {'low' if side == 'below' else 'high'}?)", record.wall_time)
-            else:
-                ring.out_of_band[name] = 0
+        st = record.stats
+        with np.errstate(all="ignore"):
+            norms = np.sqrt(np.maximum(st[:, :3], 0))
+            finite = np.isfinite(st[:, :3]).all(axis=1)
+            ratio = np.where(norms[:, 1] > 0, norms[:, 2] / norms[:, 1], 0.0)
+            out = finite & (norms[:, 1] > 0) & ((ratio < lo) | (ratio > hi))
+        counts = ring.out_of_band
+        if counts is None or counts.shape != out.shape:
+            counts = ring.out_of_band = np.zeros(out.shape, dtype=np.int64)
+        counts[:] = np.where(out, counts + 1, 0)
+        for i in np.flatnonzero(~finite):
+            name = ring.names[i]
+            ring.alert("non_finite", record.step, name,
+                       f"{name}: non-finite figures at step {record.step} (grad norm {norms[i, 0]:g}, "
+                       f"param norm {norms[i, 1]:g})", record.wall_time)
+        for i in np.flatnonzero(counts == self.ratio_steps):
+            name, r = ring.names[i], float(ratio[i])
+            side = "below" if r < lo else "above"
+            ring.alert("update_ratio", record.step, name,
+                       f"{name}: update/param ratio {r:.2g} {side} [{lo:g}, {hi:g}] for {self.ratio_steps} steps "
+                       f"(learning rate too {'low' if side == 'below' else 'high'}?)", record.wall_time)
 
     def _notify(self, session_id: str) -> None:
         for fn in list(self._listeners):
