@@ -320,3 +320,40 @@ def test_event_stream_resumes_after_last_event_id(tmp_path):
             assert e.value.code == 401
     finally:
         dash.stop()
+
+
+def test_telemetry_survives_a_server_restart_with_its_session(tmp_path):
+    from optreg.client import Client
+    from optreg.server.app import OptregServer, Settings
+    settings = Settings(port=0, data_dir=str(tmp_path))
+    srv = OptregServer(settings)
+    srv.start()
+    with Client(srv.address) as c:
+        c.create_session("sgd", {"W": np.zeros(4, np.float32)}, session_id="keep")
+    for s in range(1, 31):
+        srv.telemetry.on_step(event(s, session="keep"))
+    srv.telemetry.on_refused("keep", "", 30, "gradient 'W' is not finite")
+    srv.stop(0)
+    srv = OptregServer(settings)
+    srv.start()
+    try:
+        channel = grpc.insecure_channel(srv.address)
+        stub = telemetry_pb2_grpc.TelemetryServiceStub(channel)
+        r = stub.GetTelemetry(telemetry_pb2.GetTelemetryRequest(session_id="keep"))
+        assert [s.step for s in r.steps] == list(range(1, 31))
+        assert [a.kind for a in r.alerts] == ["refused"]
+        channel.close()
+    finally:
+        srv.stop(0)
+
+
+def test_export_and_import_carry_the_ring():
+    hub = TelemetryHub()
+    for s in range(1, 11):
+        hub.on_step(event(s))
+    other = TelemetryHub()
+    other.import_("copy", hub.export("s"))
+    assert [r.step for r in other.ring("copy").records()] == list(range(1, 11))
+    with pytest.raises(ValueError, match="format"):
+        import json, zlib
+        other.import_("x", zlib.compress(json.dumps({"format": "other"}).encode()))

@@ -427,6 +427,21 @@ class TelemetryHub:
             ring = self._rings.get(session_id)
             return None if ring is None else zlib.compress(json.dumps(ring.to_json()).encode(), 1)
 
+    def import_(self, session_id: str, data: bytes) -> None:
+        """Take a ring from export() bytes (an imported session's telemetry), under `session_id`."""
+        raw = json.loads(zlib.decompress(data))
+        if raw.get("format") != FORMAT:
+            raise ValueError(f"telemetry format {raw.get('format')!r}, expected {FORMAT}")
+        ring = SessionRing(session_id, raw["owner"], raw["optimizer"], self.recent_steps, self.coarse_buckets)
+        ring.restore(raw)
+        ring.dirty = True
+        self.drain()
+        with self._cond:
+            self._rings[session_id] = ring
+            ring.version += 1
+            self._cond.notify_all()
+        self._notify(session_id)
+
     def save(self, session_id: str) -> None:
         """Write one session's ring atomically (temporary file, rename)."""
         if self.dir is None:
