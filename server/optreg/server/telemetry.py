@@ -504,43 +504,49 @@ class TelemetryHub:
 
     def _effective_lr(self, event: StepEvent) -> dict[str, list[float]]:
         """Quantiles of the declared effective lr over each tensor's state sample: one call of the
-        optimizer's function over every tensor's sample at once (NaN-padded rows), one sort."""
+        optimizer's function over every tensor's sample at once (padded rows), one sort."""
         if not event.state_sample:
             return {}
         fn = self.effective_lr(event.optimizer)
         if fn is None:
             return {}
-        names = [n for n in event.tensors if all(n in arrs for arrs in event.state_sample.values())]
+        slots = event.state_sample
+        first = next(iter(slots.values()))
+        names = [n for n in event.tensors if n in first and all(n in arrs for arrs in slots.values())]
         if not names:
             return {}
-        width = max(np.asarray(event.state_sample[next(iter(event.state_sample))][n]).size for n in names)
-        sizes = np.array([np.asarray(event.state_sample[next(iter(event.state_sample))][n]).size for n in names])
-        padded = {}
-        for slot, arrs in event.state_sample.items():
-            block = np.zeros((len(names), width))  # zeros pad: a valid state value; padding is masked below
-            for i, n in enumerate(names):
-                a = np.asarray(arrs[n], dtype=np.float64).ravel()
-                block[i, :a.size] = a
-            padded[slot] = block
+        sizes = np.fromiter((len(first[n]) for n in names), dtype=np.int64, count=len(names))
+        width = int(sizes.max())
+        if width == 0:
+            return {}
+        if (sizes == width).all():  # the usual case: every tensor has at least SAMPLE_SIZE elements
+            padded = {slot: np.stack([arrs[n] for n in names]).astype(np.float64, copy=False)
+                      for slot, arrs in slots.items()}
+        else:
+            padded = {}
+            for slot, arrs in slots.items():
+                block = np.zeros((len(names), width))  # zeros: a valid state value; masked below
+                for i, n in enumerate(names):
+                    block[i, :sizes[i]] = arrs[n]
+                padded[slot] = block
         try:
             with np.errstate(all="ignore"):
-                lr = np.asarray(fn(padded, event.hyperparameters, event.step), dtype=np.float64)
-                lr = np.broadcast_to(lr, (len(names), width)).copy()
+                lr = np.array(np.broadcast_to(fn(padded, event.hyperparameters, event.step),
+                                              (len(names), width)), dtype=np.float64)
         except Exception as e:  # noqa: BLE001 - a plugin's telemetry never fails a step
             log.debug("effective_lr of %s failed: %s", event.optimizer, e)
             return {}
         lr[np.arange(width)[None, :] >= sizes[:, None]] = np.inf  # padding sorts last, never picked
         lr.sort(axis=1)
-        out = {}
-        for q in QUANTILES:  # linear interpolation between order statistics, as np.quantile's default
-            pos = q * (sizes - 1)
-            lo = np.floor(pos).astype(np.int64)
-            hi = np.minimum(lo + 1, sizes - 1)
-            rows = np.arange(len(names))
-            a, b = lr[rows, lo], lr[rows, hi]
-            with np.errstate(all="ignore"):
-                out[q] = np.where(hi > lo, a + (pos - lo) * (b - a), a)
-        return {n: [float(out[q][i]) for q in QUANTILES] for i, n in enumerate(names) if sizes[i] > 0}
+        # linear interpolation between order statistics, as np.quantile's default
+        pos = np.multiply.outer(sizes - 1, QUANTILES)  # (tensors, quantiles)
+        lo = np.floor(pos).astype(np.int64)
+        hi = np.minimum(lo + 1, (sizes - 1)[:, None])
+        a = np.take_along_axis(lr, lo, axis=1)
+        b = np.take_along_axis(lr, hi, axis=1)
+        with np.errstate(all="ignore"):
+            q = np.where(hi > lo, a + (pos - lo) * (b - a), a)
+        return {n: row for n, row, size in zip(names, q.tolist(), sizes.tolist()) if size > 0}
 
     def _check(self, ring: SessionRing, record: Record) -> None:
         """The alert rules, over every tensor of the step at once."""
