@@ -1,6 +1,8 @@
-"""Interleaved A/B of the small unary step between source trees (e.g. main's worktree and yours).
+"""Interleaved A/B of a step between source trees (e.g. main's worktree and yours).
 
-    python -m bench.ab /path/to/tree-a /path/to/tree-b [--rounds 7] [--steps 1000]
+    python -m bench.ab /path/to/tree-a /path/to/tree-b [--rounds 7] [--steps 1000] [--size 1000]
+
+`--size 10000000 --steps 5` measures the large step (the client streams it).
 
 Each tree gets its own `optreg serve --memory-only` and its own client (the tree's
 client code); rounds alternate the trees against one gRPC echo measured in the same
@@ -22,9 +24,10 @@ import sys, time, numpy as np
 from optreg.client import Client
 rng = np.random.default_rng(0)
 with Client(sys.argv[1]) as c:
-    s = c.create_session("adam", {"w": rng.standard_normal(1000).astype(np.float32)}, durability="none")
-    g = {"w": rng.standard_normal(1000).astype(np.float32)}
-    for _ in range(100):
+    n = int(sys.argv[3])
+    s = c.create_session("adam", {"w": rng.standard_normal(n).astype(np.float32)}, durability="none")
+    g = {"w": rng.standard_normal(n).astype(np.float32)}
+    for _ in range(100 if n < 1e5 else 2):
         s.step(g)
     xs = []
     for _ in range(int(sys.argv[2])):
@@ -46,6 +49,7 @@ def main(argv=None):
     ap.add_argument("trees", nargs="+")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--size", type=int, default=1000, help="float32 parameters (default: 1000)")
     args = ap.parse_args(argv)
     import grpc
 
@@ -72,7 +76,7 @@ def main(argv=None):
                 xs.append(time.perf_counter() - a)
             res["echo"].append(float(np.median(xs)))
             for root in args.trees:
-                out = subprocess.run([sys.executable, "-c", CLIENT, servers[root][1], str(args.steps)],
+                out = subprocess.run([sys.executable, "-c", CLIENT, servers[root][1], str(args.steps), str(args.size)],
                                      capture_output=True, text=True, env=_env(root), cwd="/", check=True)
                 res[root].append(float(out.stdout.split()[-1]))
             print(rnd, "  ".join(f"{k}: {v[-1] * 1e6:.0f} us" for k, v in res.items()), flush=True)

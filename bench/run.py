@@ -423,8 +423,18 @@ def bench_concurrency(cfg, server, _echo):
         note="higher is better; 2 cores shared by server and clients")
 
 
+def bench_wal(cfg, server, echo):
+    from bench.wal import bench_wal as run  # the log/snapshot library's figures (no server involved)
+    run(cfg, server, echo)
+
+
+def bench_telemetry(cfg, server, echo):
+    from bench.telemetry import bench_telemetry as run  # statistics cost, commit-to-browser latency
+    run(cfg, server, echo)
+
+
 SECTIONS = {"small": bench_small, "large": bench_large, "shm": bench_shm, "kernels": bench_kernels, "memory": bench_memory,
-            "concurrency": bench_concurrency, "telemetry": lambda *a: __import__("bench.telemetry").telemetry.bench_telemetry(*a)}
+            "concurrency": bench_concurrency, "wal": bench_wal, "telemetry": bench_telemetry}
 
 
 class Config:

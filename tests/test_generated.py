@@ -19,5 +19,6 @@ def test_generated_code_is_not_stale(tmp_path):
         committed = ROOT / rel
         assert committed.exists(), f"{rel} is not committed: run python proto/generate.py"
         assert committed.read_bytes() == content, f"{rel} is stale: run python proto/generate.py"
-    committed_generated = {p.relative_to(ROOT) for p in (ROOT / "optreg").rglob("*_pb2*.py*")}
+    committed_generated = {p.relative_to(ROOT) for p in (ROOT / "optreg").rglob("*_pb2*.py*")
+                           if "__pycache__" not in p.parts}
     assert committed_generated == set(fresh), "bindings for a removed .proto are still committed"

@@ -24,6 +24,7 @@ class Durability(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DURABILITY_EVERY_STEP: _ClassVar[Durability]
     DURABILITY_PERIODIC: _ClassVar[Durability]
     DURABILITY_NONE: _ClassVar[Durability]
+    DURABILITY_LOG: _ClassVar[Durability]
 STEP_REPLY_UNSPECIFIED: StepReply
 STEP_REPLY_PARAMETERS: StepReply
 STEP_REPLY_DELTA: StepReply
@@ -32,6 +33,7 @@ DURABILITY_UNSPECIFIED: Durability
 DURABILITY_EVERY_STEP: Durability
 DURABILITY_PERIODIC: Durability
 DURABILITY_NONE: Durability
+DURABILITY_LOG: Durability
 
 class SessionConfig(_message.Message):
     __slots__ = ("optimizer", "hyperparameters", "master_dtype", "step_reply", "session_id", "durability", "periodic_steps", "periodic_seconds")
@@ -71,7 +73,7 @@ class TensorInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[_tensor_pb2.DataType, str]] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SessionInfo(_message.Message):
-    __slots__ = ("session_id", "optimizer", "hyperparameters", "step", "master_dtype", "step_reply", "parameters", "slots", "created_at", "last_used_at", "durability", "periodic_steps", "periodic_seconds", "persisted_step", "loaded")
+    __slots__ = ("session_id", "optimizer", "hyperparameters", "step", "master_dtype", "step_reply", "parameters", "slots", "created_at", "last_used_at", "durability", "periodic_steps", "periodic_seconds", "persisted_step", "loaded", "quarantined")
     class HyperparametersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -94,6 +96,7 @@ class SessionInfo(_message.Message):
     PERIODIC_SECONDS_FIELD_NUMBER: _ClassVar[int]
     PERSISTED_STEP_FIELD_NUMBER: _ClassVar[int]
     LOADED_FIELD_NUMBER: _ClassVar[int]
+    QUARANTINED_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     optimizer: str
     hyperparameters: _containers.ScalarMap[str, float]
@@ -109,7 +112,8 @@ class SessionInfo(_message.Message):
     periodic_seconds: float
     persisted_step: int
     loaded: bool
-    def __init__(self, session_id: _Optional[str] = ..., optimizer: _Optional[str] = ..., hyperparameters: _Optional[_Mapping[str, float]] = ..., step: _Optional[int] = ..., master_dtype: _Optional[_Union[_tensor_pb2.DataType, str]] = ..., step_reply: _Optional[_Union[StepReply, str]] = ..., parameters: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., slots: _Optional[_Iterable[str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_used_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., durability: _Optional[_Union[Durability, str]] = ..., periodic_steps: _Optional[int] = ..., periodic_seconds: _Optional[float] = ..., persisted_step: _Optional[int] = ..., loaded: _Optional[bool] = ...) -> None: ...
+    quarantined: str
+    def __init__(self, session_id: _Optional[str] = ..., optimizer: _Optional[str] = ..., hyperparameters: _Optional[_Mapping[str, float]] = ..., step: _Optional[int] = ..., master_dtype: _Optional[_Union[_tensor_pb2.DataType, str]] = ..., step_reply: _Optional[_Union[StepReply, str]] = ..., parameters: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., slots: _Optional[_Iterable[str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_used_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., durability: _Optional[_Union[Durability, str]] = ..., periodic_steps: _Optional[int] = ..., periodic_seconds: _Optional[float] = ..., persisted_step: _Optional[int] = ..., loaded: _Optional[bool] = ..., quarantined: _Optional[str] = ...) -> None: ...
 
 class CreateSessionRequest(_message.Message):
     __slots__ = ("config", "parameters", "state", "initial_step")

@@ -66,17 +66,13 @@ def to_numpy(tensor: tensor_pb2.Tensor) -> np.ndarray:
     """A whole tensor as a read-only array viewing its bytes; ValueError naming what is wrong."""
     dtype = DTYPES.get(tensor.dtype) or numpy_dtype(tensor.dtype)
     shape = tuple(tensor.shape)
-    count = 1
-    for d in shape:
-        if d < 0:
-            raise ValueError(f"tensor {tensor.name!r}: shape {list(shape)} has a negative dimension")
-        count *= d  # Python ints: no overflow
+    count = element_count(shape, f"tensor {_quoted(tensor.name)}")
     if tensor.offset:
-        raise ValueError(f"tensor {tensor.name!r}: offset {tensor.offset} given; only the streaming RPCs take chunks")
+        raise ValueError(f"tensor {_quoted(tensor.name)}: offset {tensor.offset} given; only the streaming RPCs take chunks")
     data = tensor.data  # one read: each access of a bytes field copies
     want = count * dtype.itemsize
     if len(data) != want:
-        raise ValueError(f"tensor {tensor.name!r}: {len(data)} bytes of data, but shape {list(shape)} of "
+        raise ValueError(f"tensor {_quoted(tensor.name)}: {len(data)} bytes of data, but shape {list(shape)} of "
                          f"{dtype_name(tensor.dtype)} needs {want}")
     array = np.frombuffer(data, dtype=dtype)
     return array if len(shape) == 1 else array.reshape(shape)
@@ -108,67 +104,137 @@ def pack(items: Iterable, chunk_bytes: int = CHUNK_BYTES, size=lambda t: len(t.d
         yield batch
 
 
-class Assembler:
-    """Reassembles chunked tensors; refuses chunks out of order, overlapping, or past the end.
+def _quoted(name: str, limit: int = 80) -> str:
+    """A client-given name for an error message, cut so no message grows with the input."""
+    text = repr(name)
+    return text if len(text) <= limit else f"{text[:limit]}...({len(name)} characters)"
 
-    `expect` (name -> (shape, dtypes allowed)) restricts what may arrive; without
-    it any name and shape is accepted. `max_bytes` refuses (ValueError) a tensor
-    whose declared size exceeds it before allocating it. ValueError messages name
-    the tensor.
+
+def element_count(shape, what: str = "tensor") -> int:
+    """The number of elements of `shape`; ValueError for a negative dimension."""
+    count = 1
+    for d in shape:
+        if d < 0:
+            raise ValueError(f"{what}: shape {list(shape)} has a negative dimension")
+        count *= d  # Python ints: no overflow
+    return count
+
+
+class ChunkTracker:
+    """The one check of tensors arriving whole or in chunks: name, dtype, shape, whole
+    elements, chunks in order with no gap, overlap or overrun, and (finish) every tensor
+    complete. Used by every source of the server's steps and by the client's reassembly.
+
+    `expect`: name -> (shape, dtypes allowed); without it any name and shape is taken,
+    up to `max_tensors` names and `max_bytes` a tensor (checked before anything is
+    allocated). `what` names the tensors in messages ("gradient", "parameter").
+    ValueError messages name the tensor and say what to send instead.
     """
 
-    def __init__(self, expect: dict[str, tuple[tuple, tuple]] | None = None, max_bytes: int | None = None):
+    def __init__(self, expect: dict[str, tuple[tuple, tuple]] | None = None, what: str = "tensor",
+                 max_bytes: int | None = None, max_tensors: int | None = None, max_name: int = 256):
         self.expect = expect
+        self.what = what
         self.max_bytes = max_bytes
-        self.arrays: dict[str, np.ndarray] = {}
+        self.max_tensors = max_tensors
+        self.max_name = max_name
         self.filled: dict[str, int] = {}
+        self.sizes: dict[str, int] = {}
+        self.kinds: dict[str, tuple] = {}  # name -> (shape, dtype code)
 
-    def add(self, t: tensor_pb2.Tensor) -> None:
-        name, shape = t.name, tuple(t.shape)
+    def _first(self, t) -> None:
+        name, shape, what = t.name, tuple(t.shape), self.what
+        if not name:
+            raise ValueError(f"a {what} has an empty name")
+        if len(name) > self.max_name:
+            raise ValueError(f"{what} name {_quoted(name)} is longer than {self.max_name} characters")
         dtype = numpy_dtype(t.dtype)
-        if name not in self.arrays:
-            if self.expect is not None:
-                if name not in self.expect:
-                    raise ValueError(f"unknown tensor {name!r}; expected: {', '.join(self.expect)}")
-                want_shape, allowed = self.expect[name]
-                if shape != tuple(want_shape):
-                    raise ValueError(f"tensor {name!r}: shape {list(shape)}, expected {list(want_shape)}")
-                if t.dtype not in allowed:
-                    raise ValueError(f"tensor {name!r}: dtype {dtype_name(t.dtype)} not accepted here; use "
-                                     + " or ".join(dtype_name(a) for a in allowed))
-            if any(d < 0 for d in shape):
-                raise ValueError(f"tensor {name!r}: shape {list(shape)} has a negative dimension")
-            if t.offset != 0:
-                raise ValueError(f"tensor {name!r}: first chunk has offset {t.offset}, expected 0 "
-                                 "(chunks out of order or missing)")
-            size = 1
-            for d in shape:
-                size *= d  # Python ints: no overflow
-            if self.max_bytes is not None and size * dtype.itemsize > self.max_bytes:
-                raise ValueError(f"tensor {name!r}: shape {list(shape)} is {size * dtype.itemsize} bytes, "
-                                 f"more than the {self.max_bytes} this server accepts")
-            self.arrays[name] = np.empty(shape, dtype=dtype)
-            self.filled[name] = 0
-        arr = self.arrays[name]
-        if shape != arr.shape or dtype != arr.dtype:
-            raise ValueError(f"tensor {name!r}: a chunk changed shape or dtype mid-stream")
-        data = t.data
+        if self.expect is not None:
+            if name not in self.expect:
+                known = ", ".join(_quoted(n, 40) for n in list(self.expect)[:20])
+                raise ValueError(f"unknown {what} {_quoted(name)}; the session's are: {known}"
+                                 + (" ..." if len(self.expect) > 20 else ""))
+            want_shape, allowed = self.expect[name]
+            if t.dtype not in allowed:
+                raise ValueError(f"{what} {_quoted(name)}: dtype {dtype_name(t.dtype)} is not accepted here; send "
+                                 + " or ".join(dtype_name(a) for a in allowed))
+            if shape != tuple(want_shape):
+                raise ValueError(f"{what} {_quoted(name)}: shape {list(shape)}, but the session's is "
+                                 f"{list(want_shape)}")
+        elif self.max_tensors is not None and len(self.sizes) >= self.max_tensors:
+            raise ValueError(f"more than {self.max_tensors} {what}s: the server's limit (--max-tensors)")
+        size = element_count(shape, f"{what} {_quoted(name)}")
+        if self.max_bytes is not None and size * dtype.itemsize > self.max_bytes:
+            raise ValueError(f"{what} {_quoted(name)}: shape {list(shape)} is {size * dtype.itemsize} bytes, "
+                             f"more than the {self.max_bytes} accepted here")
+        if t.offset != 0:
+            raise ValueError(f"{what} {_quoted(name)}: first chunk at offset {t.offset}, expected 0 "
+                             "(chunks out of order or missing)")
+        self.filled[name] = 0
+        self.sizes[name] = size
+        self.kinds[name] = (shape, t.dtype)
+
+    def accept(self, t) -> tuple[int, np.ndarray]:
+        """Check one chunk (or whole tensor); returns (its first element, a flat read-only view of its data)."""
+        name = t.name
+        if name not in self.kinds:
+            self._first(t)
+        elif (tuple(t.shape), t.dtype) != self.kinds[name]:
+            raise ValueError(f"{self.what} {_quoted(name)}: a chunk changed shape or dtype mid-stream")
+        dtype = DTYPES[t.dtype]
+        data = t.data  # read once: each access of a protobuf bytes field copies
         if len(data) % dtype.itemsize:
-            raise ValueError(f"tensor {name!r}: chunk of {len(data)} bytes is not a whole number of elements")
+            raise ValueError(f"{self.what} {_quoted(name)}: {len(data)} bytes is not a whole number of "
+                             f"{dtype_name(t.dtype)} elements ({self._needs(name)})")
         n = len(data) // dtype.itemsize
         start = self.filled[name]
         if t.offset != start:
-            raise ValueError(f"tensor {name!r}: chunk at offset {t.offset}, expected {start} "
+            raise ValueError(f"{self.what} {_quoted(name)}: chunk at offset {t.offset}, expected {start} "
                              "(chunks out of order, repeated or missing)")
-        if start + n > arr.size:
-            raise ValueError(f"tensor {name!r}: chunks run past the end ({start + n} of {arr.size} elements)")
-        arr.reshape(-1)[start:start + n] = np.frombuffer(data, dtype=dtype)
+        if start + n > self.sizes[name]:
+            raise ValueError(f"{self.what} {_quoted(name)}: {(start + n) * dtype.itemsize} bytes sent, but "
+                             f"{self._needs(name)}")
         self.filled[name] = start + n
+        return start, np.frombuffer(data, dtype=dtype)
+
+    def finish(self) -> None:
+        """Every tensor complete, and with `expect` every expected one present."""
+        for name in (self.expect if self.expect is not None else self.sizes):
+            got = self.filled.get(name)
+            if got is None:
+                raise ValueError(f"missing {self.what} for {_quoted(name)}: send one for every parameter")
+            if got != self.sizes[name]:
+                itemsize = DTYPES[self.kinds[name][1]].itemsize
+                raise ValueError(f"{self.what} {_quoted(name)}: {got} of {self.sizes[name]} elements "
+                                 f"({got * itemsize} bytes) arrived: {self._needs(name)}; the stream ended early")
+
+    def _needs(self, name: str) -> str:
+        shape, code = self.kinds[name]
+        return f"shape {list(shape)} of {dtype_name(code)} needs {self.sizes[name] * DTYPES[code].itemsize} bytes"
+
+
+class Assembler:
+    """Reassembles chunked tensors into arrays, checked by a ChunkTracker (same arguments)."""
+
+    def __init__(self, expect: dict[str, tuple[tuple, tuple]] | None = None, max_bytes: int | None = None,
+                 what: str = "tensor", max_tensors: int | None = None, reserve=None):
+        """`reserve(name, nbytes)` is called before each tensor's array is allocated (it may raise)."""
+        self.tracker = ChunkTracker(expect, what, max_bytes, max_tensors)
+        self.arrays: dict[str, np.ndarray] = {}
+        self.reserve = reserve
+
+    def add(self, t: tensor_pb2.Tensor) -> None:
+        start, data = self.tracker.accept(t)
+        arr = self.arrays.get(t.name)
+        if arr is None:
+            shape, code = self.tracker.kinds[t.name]
+            if self.reserve is not None:
+                self.reserve(t.name, self.tracker.sizes[t.name] * DTYPES[code].itemsize)
+            arr = self.arrays[t.name] = np.empty(shape, dtype=DTYPES[code])
+        arr.reshape(-1)[start:start + data.size] = data
 
     def finish(self) -> dict[str, np.ndarray]:
-        for name, arr in self.arrays.items():
-            if self.filled[name] != arr.size:
-                raise ValueError(f"tensor {name!r}: stream ended after {self.filled[name]} of {arr.size} elements")
+        self.tracker.finish()
         return self.arrays
 
 

@@ -18,8 +18,11 @@ from grpc_reflection.v1alpha import reflection
 from optreg.plugins.registry import Registry
 from optreg.server.auth import TokenAuth, read_tokens
 from optreg.server.metrics import Metrics
+from optreg.server.janitor import Janitor
 from optreg.server.service import RegistryServicer, SessionServicer
-from optreg.server.storage import Storage
+from optreg.server import budget as memory
+from optreg.server.factory import Limits
+from optreg.server.journal import Journal
 from optreg.server.store import SessionStore
 from optreg.server import telemetry_service
 from optreg.server.telemetry import TelemetryHub
@@ -43,11 +46,14 @@ class Settings:
     drain_seconds: float = 30.0
     # Persistence: None or "" keeps sessions in memory only.
     data_dir: str | None = None
-    default_durability: int = 0  # a Durability value; 0: every-step with a data dir, else none
+    default_durability: str = ""  # every-step | log | periodic | none; "": log with a data dir, else none
     periodic_steps: int = 100
     periodic_seconds: float = 30.0
     idle_seconds: float = 0.0  # 0: never unload
-    memory_budget_mb: float = 0.0  # 0: unlimited
+    memory_budget_mb: float | None = None  # None: budget.DEFAULT_SHARE of physical memory; 0: unlimited
+    max_streams: int = 0  # 0: half the workers
+    stream_idle_seconds: float = 30.0
+    max_tensors: int = 4096
     token_file: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -67,16 +73,47 @@ def default_data_dir() -> str:
     return os.path.join(base, "optreg")
 
 
+def bind_address(host: str) -> str:
+    """The numeric address a host names ("127.1" and "0x7f000001" are 127.0.0.1, as the C library reads
+    them); names that resolve to several addresses (localhost) stay names. ValueError when unresolvable."""
+    bare = host.strip("[]")
+    try:
+        return str(ipaddress.ip_address(bare))
+    except ValueError:
+        pass
+    try:
+        found = {a[4][0] for a in socket.getaddrinfo(bare, None, proto=socket.IPPROTO_TCP)}
+    except OSError as e:
+        raise ValueError(f"cannot resolve host {host!r}: {e.strerror or e}") from None
+    if len(found) == 1:
+        return found.pop()
+    return bare
+
+
 def is_loopback(host: str) -> bool:
-    if host in ("localhost", "ip6-localhost"):
+    try:
+        bare = bind_address(host)
+    except ValueError:
+        return False
+    if bare in ("localhost", "ip6-localhost"):
         return True
     try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
+        return ipaddress.ip_address(bare).is_loopback
     except ValueError:
         try:
-            return all(ipaddress.ip_address(a[4][0]).is_loopback for a in socket.getaddrinfo(host, None))
+            return all(ipaddress.ip_address(a[4][0]).is_loopback for a in socket.getaddrinfo(bare, None))
         except OSError:
             return False
+
+
+def guard(what: str, host: str, secured: bool, missing: str, allow_insecure: bool) -> None:
+    """A non-loopback address needs TLS and tokens (`secured`), or --allow-insecure."""
+    if is_loopback(host) or secured:
+        return
+    if not allow_insecure:
+        raise ValueError(f"refusing to bind {what} to non-loopback address {host} without {missing}: "
+                         "pass --tls-cert/--tls-key and --token-file, or --allow-insecure")
+    log.warning("%s on non-loopback %s without %s (--allow-insecure)", what, host, missing)
 
 
 class OptregServer:
@@ -88,20 +125,24 @@ class OptregServer:
         tls = bool(settings.tls_cert or settings.tls_key)
         if tls and not (settings.tls_cert and settings.tls_key):
             raise ValueError("TLS needs both --tls-cert and --tls-key")
-        if not is_loopback(settings.host) and not (tls and self.auth):
-            missing = " and ".join(w for w, on in (("TLS", tls), ("tokens", self.auth)) if not on)
-            if not settings.allow_insecure:
-                raise ValueError(f"refusing to bind non-loopback address {settings.host} without {missing}: "
-                                 "pass --tls-cert/--tls-key and --token-file, or --allow-insecure")
-            log.warning("serving on non-loopback %s without %s (--allow-insecure): anyone who can reach it "
-                        "can %s", settings.host, missing,
-                        "read and step every session" if not self.auth else "read the tokens on the wire")
-        storage = Storage(pathlib.Path(settings.data_dir)) if settings.data_dir else None
+        settings.host = bind_address(settings.host)
+        settings.metrics_host = bind_address(settings.metrics_host)
+        missing = " and ".join(w for w, on in (("TLS", tls), ("tokens", self.auth)) if not on)
+        guard("the gRPC server", settings.host, bool(tls and self.auth), missing, settings.allow_insecure)
+        if settings.metrics_port is not None:  # plain HTTP, no tokens: never off loopback unless allowed
+            guard("the metrics endpoint", settings.metrics_host, False, "TLS and tokens", settings.allow_insecure)
+        if settings.dashboard_port is not None:  # the dashboard serves TLS with the same certificate
+            settings.dashboard_host = bind_address(settings.dashboard_host)
+            guard("the dashboard", settings.dashboard_host, bool(tls and self.auth), missing, settings.allow_insecure)
+        journal = Journal(pathlib.Path(settings.data_dir), self.metrics) if settings.data_dir else None
+        budget_bytes = (memory.default_budget() if settings.memory_budget_mb is None
+                        else int(settings.memory_budget_mb * memory.MIB))
         self.store = SessionStore(
-            self.registry, storage, default_durability=settings.default_durability or None,
+            self.registry, journal, budget=memory.MemoryBudget(budget_bytes),
+            limits=Limits(max_tensors=settings.max_tensors), default_durability=settings.default_durability or None,
             periodic_steps=settings.periodic_steps, periodic_seconds=settings.periodic_seconds,
-            idle_seconds=settings.idle_seconds, memory_budget=int(settings.memory_budget_mb * (1 << 20)),
-            auth=self.auth is not None, metrics=self.metrics)
+            idle_seconds=settings.idle_seconds, auth=self.auth is not None, metrics=self.metrics)
+        self.janitor = Janitor(self.store) if journal else None
         self.store.open_all()
         self.telemetry = _telemetry(settings, self.registry, self.auth)
         limit = settings.max_message_mb * 1024 * 1024
@@ -118,7 +159,9 @@ class OptregServer:
         owner = self.auth.owner if self.auth else (lambda context: "")
         # Each shared-memory registration holds a worker thread while it lives: at most a quarter of them.
         self.sessions = SessionServicer(self.store, metrics=self.metrics, owner=owner, max_message_bytes=limit,
-                                        shm_registrations=max(1, settings.workers // 4))
+                                        shm_registrations=max(1, settings.workers // 4),
+                                        max_streams=settings.max_streams or max(1, settings.workers // 2),
+                                        stream_idle_seconds=settings.stream_idle_seconds)
         _add_session_service(self.sessions, self.grpc_server)
         telemetry_service.add_to_server(telemetry_service.TelemetryServicer(
             self.telemetry, owner, check_session=lambda sid, who: self.store.get(sid, who)), self.grpc_server)
@@ -145,7 +188,8 @@ class OptregServer:
         if self.settings.metrics_port is not None:
             self.metrics_port = self.metrics.serve(self.settings.metrics_port, self.settings.metrics_host)
             log.info("metrics on http://%s:%d/metrics", self.settings.metrics_host, self.metrics_port)
-        self.store.start()
+        if self.janitor:
+            self.janitor.start()
         self.telemetry.start()
         self.dashboard = _dashboard(self.settings, self.telemetry, self.auth)
         self.grpc_server.start()
@@ -157,12 +201,15 @@ class OptregServer:
         self.health.enter_graceful_shutdown()
         self.sessions.shm.close_all()  # ends the registration calls, which would otherwise hold the drain
         self.grpc_server.stop(self.settings.drain_seconds if grace is None else grace).wait()
-        self.store.stop()
+        if self.janitor:
+            self.janitor.stop()
         if getattr(self, "dashboard", None):
             self.dashboard.stop()
         self.telemetry.close()
-        n = self.store.flush_all()
-        log.info("flushed %d session(s) to disk", n)
+        failures = self.store.flush_all()
+        for session_id, why in failures:
+            log.error("session %s was not written at shutdown: %s", session_id, why)
+        return failures
 
     def serve_forever(self) -> None:
         """Run until SIGTERM or SIGINT, then drain and stop."""
@@ -182,8 +229,9 @@ class OptregServer:
         for f in self.registry.failures:
             log.error("plugin %s failed: %s", f.plugin, f.reason)
         stopping.wait()
-        self.stop()
+        failures = self.stop()
         log.info("stopped")
+        return 1 if failures else 0
 
 
 def _telemetry(settings: Settings, registry: Registry, auth) -> TelemetryHub:
@@ -202,12 +250,8 @@ def _dashboard(settings: Settings, hub: TelemetryHub, auth):
     if settings.dashboard_port is None:
         return None
     from optreg.server.dashboard import DashboardServer  # aiohttp only when asked for
-    tls = bool(settings.tls_cert and settings.tls_key)
-    if not is_loopback(settings.dashboard_host) and not (tls and auth) and not settings.allow_insecure:
-        raise ValueError(f"refusing to serve the dashboard on non-loopback {settings.dashboard_host} without TLS "
-                         "and tokens: pass --tls-cert/--tls-key and --token-file, or --allow-insecure")
     context = None
-    if tls:
+    if settings.tls_cert and settings.tls_key:
         import ssl
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(settings.tls_cert, settings.tls_key)

@@ -23,7 +23,7 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out)
 
 
-DURABILITIES = {"every-step": 1, "periodic": 2, "none": 3}
+DURABILITIES = ("every-step", "log", "periodic", "none")
 
 
 def _serve(args) -> int:
@@ -37,16 +37,16 @@ def _serve(args) -> int:
         server = OptregServer(Settings(
             host=args.host, port=args.port, workers=args.workers, max_message_mb=args.max_message_mb,
             drain_seconds=args.drain_seconds, data_dir=data_dir or None,
-            default_durability=DURABILITIES.get(args.default_durability, 0), periodic_steps=args.periodic_steps,
+            default_durability=args.default_durability or "", periodic_steps=args.periodic_steps,
             periodic_seconds=args.periodic_seconds, idle_seconds=args.idle_seconds,
-            memory_budget_mb=args.memory_budget_mb, token_file=args.token_file, tls_cert=args.tls_cert,
+            memory_budget_mb=args.memory_budget_mb, max_streams=args.max_streams,
+            stream_idle_seconds=args.stream_idle_seconds, max_tensors=args.max_tensors, token_file=args.token_file, tls_cert=args.tls_cert,
             tls_key=args.tls_key, allow_insecure=args.allow_insecure, metrics_port=args.metrics_port,
             metrics_host=args.metrics_host))
     except (ValueError, OSError) as e:
         print(f"optreg serve: {e}", file=sys.stderr)
         return 2
-    server.serve_forever()
-    return 0
+    return server.serve_forever()
 
 
 def _client(args):
@@ -151,16 +151,22 @@ def main(argv=None) -> int:
                             "'' keeps them in memory only")
     serve.add_argument("--memory-only", action="store_true", help="no data directory (same as --data-dir '')")
     serve.add_argument("--default-durability", choices=list(DURABILITIES),
-                       help="for sessions that do not choose (default: every-step with a data dir, else none)")
+                       help="for sessions that do not choose (default: log with a data dir, else none)")
     serve.add_argument("--periodic-steps", type=int, default=100,
                        help="periodic durability's default step window (default: 100)")
     serve.add_argument("--periodic-seconds", type=float, default=30.0,
                        help="periodic durability's default time window (default: 30)")
     serve.add_argument("--idle-seconds", type=float, default=0.0,
                        help="unload a durable session's tensors after this long unused (default: 0, never)")
-    serve.add_argument("--memory-budget-mb", type=float, default=0.0,
-                       help="MiB of session tensors held in memory at most; beyond it idle durable sessions are "
-                            "unloaded, then requests fail with RESOURCE_EXHAUSTED (default: 0, unlimited)")
+    serve.add_argument("--memory-budget-mb", type=float, default=None,
+                       help="MiB of tensor data the server holds at most (sessions, staging copies, uploads); "
+                            "beyond it idle durable sessions are unloaded, then requests fail with "
+                            "RESOURCE_EXHAUSTED (default: half the physical memory; 0: unlimited)")
+    serve.add_argument("--max-streams", type=int, default=0,
+                       help="streaming calls served at once, the rest refused (default: half of --workers)")
+    serve.add_argument("--stream-idle-seconds", type=float, default=30.0,
+                       help="end a stream that sends no data for this long (default: 30; 0: never)")
+    serve.add_argument("--max-tensors", type=int, default=4096, help="parameters a session may have (default: 4096)")
     serve.add_argument("--token-file", help="require a bearer token from this file (one a line)")
     serve.add_argument("--tls-cert", help="PEM certificate chain: serve TLS")
     serve.add_argument("--tls-key", help="PEM private key for --tls-cert")

@@ -1,18 +1,83 @@
-"""A request the server refuses: a gRPC status code and a message a person can act on."""
-import grpc
+"""What the server refuses, as domain exceptions: no grpc here.
+
+The servicers map each class to its gRPC status in one table (status.py). A message
+says what is wrong and how to fix it; client input quoted in it goes through
+`shown()`, so a 100 KB name cannot make the reply's trailers too large.
+"""
+from __future__ import annotations
+
+# Longest piece of client input quoted back in a message (ids, names, values).
+ECHO_LIMIT = 80
 
 
-class RequestError(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str, metadata: tuple = ()):
+class Refused(Exception):
+    """A request the server refuses. `metadata`: (key, value) pairs for the trailers."""
+    code = "UNKNOWN"
+
+    def __init__(self, message: str, metadata: tuple = ()):
         super().__init__(message)
-        self.code = code
         self.message = message
         self.metadata = metadata
 
 
-def invalid(message: str) -> RequestError:
-    return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
+class InvalidArgument(Refused):
+    code = "INVALID_ARGUMENT"
 
 
-def not_found(message: str) -> RequestError:
-    return RequestError(grpc.StatusCode.NOT_FOUND, message)
+class NotFound(Refused):
+    code = "NOT_FOUND"
+
+
+class AlreadyExists(Refused):
+    code = "ALREADY_EXISTS"
+
+
+class PermissionDenied(Refused):
+    code = "PERMISSION_DENIED"
+
+
+class FailedPrecondition(Refused):
+    code = "FAILED_PRECONDITION"
+
+
+class ResourceExhausted(Refused):
+    code = "RESOURCE_EXHAUSTED"
+
+
+class Unavailable(Refused):
+    """A transient fault (a failed write): the same call may succeed when retried."""
+    code = "UNAVAILABLE"
+
+
+class DataLoss(Refused):
+    code = "DATA_LOSS"
+
+
+class Cancelled(Refused):
+    code = "CANCELLED"
+
+
+class DeadlineExceeded(Refused):
+    code = "DEADLINE_EXCEEDED"
+
+
+class PluginFailed(Refused):
+    """An optimizer's update raised; the session is as it was before the step."""
+    code = "INTERNAL"
+
+
+def invalid(message: str) -> InvalidArgument:
+    return InvalidArgument(message)
+
+
+def not_found(message: str) -> NotFound:
+    return NotFound(message)
+
+
+def shown(value, limit: int = ECHO_LIMIT) -> str:
+    """repr() of client input, cut to about `limit` characters with the full length said."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    size = len(value) if hasattr(value, "__len__") else len(text)
+    return f"{text[:limit]}...({size} characters)"

@@ -1,132 +1,71 @@
-"""The gRPC servicers: turn requests into session operations and errors into status codes."""
+"""The gRPC servicers: thin adapters from messages to the domain (store, pipeline) and back.
+
+Every step, whatever its source, is a pipeline.StepRun; refusals are the domain's
+exceptions, mapped to status codes by status.py's one table.
+"""
 from __future__ import annotations
 
-import functools
-import inspect
+import contextlib
 import itertools
 import logging
-import time
+import threading
 
 import grpc
 import numpy as np
 
-from optreg.plugins import HyperparameterError
-from optreg.server import fastkernels, shm, streaming
-from optreg.server.errors import RequestError, invalid
-from optreg.server.metrics import Metrics
-from optreg.server.sessions import PluginError, Session, check_finite
-from optreg.server.store import SessionStore
 from optreg.plugins.registry import Registry
+from optreg.server import fastkernels, shm, status
+from optreg.server.errors import (Cancelled, FailedPrecondition, InvalidArgument, ResourceExhausted, shown)
+from optreg.server.factory import SessionConfig
+from optreg.server.metrics import Metrics
+from optreg.server.pipeline import StepRun
+from optreg.server.sessions import Session
+from optreg.server.store import SessionStore
 from optreg.v1 import registry_pb2, registry_pb2_grpc, session_pb2, session_pb2_grpc, tensor_pb2, tensors
 
 log = logging.getLogger("optreg.server")
 
 _HP_TYPES = {float: registry_pb2.HYPERPARAMETER_TYPE_FLOAT, int: registry_pb2.HYPERPARAMETER_TYPE_INT,
              bool: registry_pb2.HYPERPARAMETER_TYPE_BOOL}
+DUR = session_pb2.Durability
+REPLY = session_pb2.StepReply
+_REPLY_NAMES = {REPLY.STEP_REPLY_PARAMETERS: "parameters", REPLY.STEP_REPLY_DELTA: "delta",
+                REPLY.STEP_REPLY_NONE: "none"}
+_REPLY_CODES = {v: k for k, v in _REPLY_NAMES.items()}
+_DUR_NAMES = {DUR.DURABILITY_EVERY_STEP: "every-step", DUR.DURABILITY_LOG: "log",
+              DUR.DURABILITY_PERIODIC: "periodic", DUR.DURABILITY_NONE: "none"}
+_DUR_CODES = {v: k for k, v in _DUR_NAMES.items()}
+_MASTER_NAMES = {tensor_pb2.DATA_TYPE_FLOAT32: "float32", tensor_pb2.DATA_TYPE_FLOAT64: "float64"}
 
 
-def _abort(context, code, message, metadata=()):
-    if metadata:
-        context.set_trailing_metadata(metadata)
-    context.abort(code, message)
-
-
-def _status(method):
-    """Map the server's exceptions to gRPC status codes, for unary and streaming handlers alike;
-    count bytes in and out and errors by code."""
-
-    def translate(self, context, e):
-        if isinstance(e, RequestError):
-            code, message, metadata = e.code, e.message, e.metadata
-        elif isinstance(e, ValueError):
-            code, message, metadata = grpc.StatusCode.INVALID_ARGUMENT, str(e), ()
-        elif isinstance(e, PluginError):
-            log.error("%s", e)
-            code, message, metadata = grpc.StatusCode.INTERNAL, f"{e}; the session is unchanged", ()
-        elif isinstance(e, MemoryError):
-            code, message, metadata = (grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                       "the server is out of memory for this request", ())
-        else:
-            self.metrics.error(grpc.StatusCode.UNKNOWN.name, method.__name__)
-            log.exception("%s failed", method.__name__)
-            raise e
-        self.metrics.error(code.name, method.__name__)
-        _abort(context, code, message, metadata)
-
-    def counted(self, iterator):
-        for msg in iterator:
-            if type(msg) is tuple:  # (size on the wire, message): StepStream's, see app._add_session_service
-                size, msg = msg
-            else:
-                size = msg.ByteSize()  # upb encodes the message to size it: a copy of every byte
-            self.metrics.bytes_in(size)
-            yield msg
-
-    streaming_in = method.__name__.endswith("Stream") and method.__name__ in ("CreateSessionStream", "StepStream")
-
-    if inspect.isgeneratorfunction(method):
-        @functools.wraps(method)
-        def stream(self, request, context):
-            if streaming_in:
-                request = counted(self, request)
-            else:
-                self.metrics.bytes_in(request.ByteSize())
-            try:
-                for reply in method(self, request, context):
-                    # StepStream yields some replies already encoded (bytes)
-                    self.metrics.bytes_out(len(reply) if type(reply) is bytes else reply.ByteSize())
-                    yield reply
-            except Exception as e:
-                translate(self, context, e)
-        return stream
-
-    @functools.wraps(method)
-    def unary(self, request, context):
-        if streaming_in:
-            request = counted(self, request)
-        else:
-            self.metrics.bytes_in(request.ByteSize())
-        try:
-            reply = method(self, request, context)
-        except Exception as e:
-            translate(self, context, e)
-        self.metrics.bytes_out(reply.ByteSize())
-        return reply
-    return unary
+def config_from(msg: session_pb2.SessionConfig) -> SessionConfig:
+    """The contract's SessionConfig as the domain's plain one; enum values checked here."""
+    if msg.master_dtype and msg.master_dtype not in _MASTER_NAMES:
+        raise InvalidArgument(f"config.master_dtype {tensors.dtype_name(msg.master_dtype)} is not supported; "
+                              "use DATA_TYPE_FLOAT32 or DATA_TYPE_FLOAT64")
+    if msg.step_reply and msg.step_reply not in _REPLY_NAMES:
+        raise InvalidArgument(f"config.step_reply {msg.step_reply} is not a StepReply value")
+    if msg.durability and msg.durability not in _DUR_NAMES:
+        raise InvalidArgument(f"config.durability {msg.durability} is not a Durability value")
+    return SessionConfig(optimizer=msg.optimizer, hyperparameters=dict(msg.hyperparameters),
+                         master_dtype=_MASTER_NAMES.get(msg.master_dtype, ""),
+                         reply=_REPLY_NAMES.get(msg.step_reply, "parameters"), session_id=msg.session_id,
+                         durability=_DUR_NAMES.get(msg.durability, ""), periodic_steps=msg.periodic_steps,
+                         periodic_seconds=msg.periodic_seconds)
 
 
 def session_info(s: Session) -> session_pb2.SessionInfo:
     info = session_pb2.SessionInfo(
         session_id=s.id, optimizer=s.optimizer.definition.name,
         hyperparameters={k: float(v) for k, v in s.hyperparameters.items()}, step=s.step,
-        master_dtype=s.master_code, step_reply=s.step_reply,
+        master_dtype=s.master_code, step_reply=_REPLY_CODES[s.reply],
         parameters=[session_pb2.TensorInfo(name=n, dtype=s.master_code, shape=shape) for n, shape in s.shapes.items()],
-        slots=list(s.slot_names), durability=s.durability, periodic_steps=s.periodic_steps,
-        periodic_seconds=s.periodic_seconds, persisted_step=s.persisted_step, loaded=s.loaded)
+        slots=list(s.slot_names), durability=_DUR_CODES[s.durability.mode],
+        periodic_steps=s.durability.periodic_steps, periodic_seconds=s.durability.periodic_seconds,
+        persisted_step=s.persisted_step, loaded=s.loaded, quarantined=s.quarantined)
     info.created_at.FromNanoseconds(int(s.created_at * 1e9))
     info.last_used_at.FromNanoseconds(int(s.last_used_at * 1e9))
     return info
-
-
-def _decode_gradients(session: Session, tensors_in) -> dict[str, np.ndarray]:
-    grads: dict[str, np.ndarray] = {}
-    for t in tensors_in:
-        if t.name in grads:
-            raise invalid(f"gradient {t.name!r} is given twice")
-        session.check_gradient(t)
-        grads[t.name] = tensors.to_numpy(t)
-    return _finish_gradients(session, grads)
-
-
-def _finish_gradients(session: Session, grads: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    missing = [n for n in session.shapes if n not in grads]
-    if missing:
-        raise invalid(f"missing gradient(s) for {', '.join(missing)}: a step needs one for every parameter")
-    out = {}
-    for name, g in grads.items():
-        check_finite(name, g)
-        out[name] = g if g.dtype == session.dtype else g.astype(session.dtype)
-    return out
 
 
 class RegistryServicer(registry_pb2_grpc.OptimizerRegistryServiceServicer):
@@ -134,7 +73,7 @@ class RegistryServicer(registry_pb2_grpc.OptimizerRegistryServiceServicer):
         self.registry = registry
         self.metrics = metrics or Metrics()
 
-    @_status
+    @status.handler
     def ListOptimizers(self, request, context):
         return list_optimizers(self.registry)
 
@@ -165,213 +104,314 @@ def _no_owner(context) -> str:
     return ""
 
 
+class _IdleWatch:
+    """Ends a stream whose sender makes no progress for `seconds` (cancels the call), so a stalled
+    client holds a worker thread for a bounded time only."""
+
+    def __init__(self, context, seconds: float):
+        self.context, self.seconds = context, seconds
+        self.timer = None
+        self.fired = False
+        self.progress()
+
+    def _fire(self):
+        self.fired = True
+        self.context.cancel()
+
+    def progress(self):
+        if not self.seconds:
+            return
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = threading.Timer(self.seconds, self._fire)
+        self.timer.daemon = True
+        self.timer.start()
+
+    def stop(self):
+        if self.timer is not None:
+            self.timer.cancel()
+
+
 class SessionServicer(session_pb2_grpc.SessionServiceServicer):
-    """`owner(context)` names the caller (a token's hash; "" without auth); the store checks it."""
+    """`owner(context)` names the caller (a token's hash; "" without auth); the store checks it.
+
+    Calls that stream tensors in or out hold a worker thread while the peer sends or reads: at most
+    `max_streams` run at once (the rest are refused with RESOURCE_EXHAUSTED), so stalled peers can
+    never take every worker from health checks, other sessions and unary calls."""
 
     def __init__(self, store: SessionStore, chunk_bytes: int = tensors.CHUNK_BYTES, metrics: Metrics | None = None,
-                 owner=_no_owner, max_message_bytes: int = 64 << 20, shm_registrations: int = 4):
+                 owner=_no_owner, max_message_bytes: int = 64 << 20, shm_registrations: int = 4,
+                 max_streams: int = 8, stream_idle_seconds: float = 30.0):
         self.store = store
         self.max_message_bytes = max_message_bytes
         self.chunk_bytes = max(4096, min(chunk_bytes, max_message_bytes - (64 << 10)))  # room for the envelope
         self.metrics = metrics or Metrics()
         self.owner = owner
         self.shm = shm.SharedMemoryRegistry(shm_registrations)
-        store.on_delete.append(self.shm.release_session)
-        fastkernels.warm()  # JIT the built-ins' fused kernels in the background (numpy until then: same numbers)
+        self.max_streams = max_streams
+        self._streams = threading.BoundedSemaphore(max_streams)
+        self.stream_idle_seconds = stream_idle_seconds
+        store.observers.append(_ReleaseSegments(self.shm))
+        fastkernels.warm()  # JIT the fused kernels in the background (numpy until then: same numbers)
 
-    def _use(self, session_id, context):
-        return self.store.use(session_id, self.owner(context))
+    def _stream_slot(self):
+        if not self._streams.acquire(blocking=False):
+            raise ResourceExhausted(f"this server is running {self.max_streams} streaming calls, its limit "
+                                    "(--max-streams); retry shortly, or send small steps with Step")
+        return _Release(self._streams)
+
+    @contextlib.contextmanager
+    def _upload(self, context):
+        """A stream slot and an idle watch for a call that receives a stream; yields the watch."""
+        with self._stream_slot():
+            watch = _IdleWatch(context, self.stream_idle_seconds)
+            try:
+                yield watch
+            except grpc.RpcError:
+                if watch.fired:
+                    raise Cancelled(f"no data for {self.stream_idle_seconds:g} s: the stream was ended") from None
+                raise
+            finally:
+                watch.stop()
 
     # -- lifecycle -------------------------------------------------------
-    @_status
+    @status.handler
     def CreateSession(self, request, context):
-        params = {}
-        for t in request.parameters:
-            if t.name in params:
-                raise invalid(f"parameter {t.name!r} is given twice")
-            params[t.name] = tensors.to_numpy(t)
+        params = _tensor_map(request.parameters, "parameter")
         state = {}
         for slot in request.state:
             if slot.slot in state:
-                raise invalid(f"state slot {slot.slot!r} is given twice")
-            state[slot.slot] = {}
-            for t in slot.tensors:
-                if t.name in state[slot.slot]:
-                    raise invalid(f"state {slot.slot}/{t.name} is given twice")
-                state[slot.slot][t.name] = tensors.to_numpy(t)
-        session = self.store.create(request.config, params, state, request.initial_step, self.owner(context))
+                raise InvalidArgument(f"state slot {shown(slot.slot)} is given twice")
+            state[slot.slot] = _tensor_map(slot.tensors, f"state {slot.slot}")
+        session = self.store.create(config_from(request.config), params, state, request.initial_step,
+                                    self.owner(context))
         return session_pb2.CreateSessionResponse(session=session_info(session))
 
-    @_status
+    @status.handler
     def CreateSessionStream(self, request_iterator, context):
+        with self._upload(context) as watch:
+            return self._create_stream(request_iterator, context, watch)
+
+    def _create_stream(self, request_iterator, context, watch):
         config, initial_step = None, 0
         arrays: dict[str, tensors.Assembler] = {}
-        owner = self.owner(context)
-        for i, msg in enumerate(request_iterator):
-            if i == 0:
-                if not msg.HasField("config"):
-                    raise invalid("the first CreateSessionStream message must carry config")
-                config, initial_step = msg.config, msg.initial_step
-            elif msg.HasField("config"):
-                raise invalid("config may only be sent in the first message")
-            asm = arrays.setdefault(msg.slot, tensors.Assembler(max_bytes=self.store.memory_budget or None))
-            for t in msg.chunks:
-                asm.add(t)
-        if config is None:
-            raise invalid("the stream was empty: send config and the parameters")
-        params = arrays.pop("", tensors.Assembler()).finish()
-        state = {slot: asm.finish() for slot, asm in arrays.items()}
-        session = self.store.create(config, params, state, initial_step, owner)
-        return session_pb2.CreateSessionStreamResponse(session=session_info(session))
+        budget, limits = self.store.budget, self.store.limits
+        held = []  # reservations for the uploaded arrays, released when this call ends
 
-    @_status
+        def reserve(name, nbytes):
+            budget.reserve(nbytes, f"uploading {shown(name)}")
+            held.append(nbytes)
+
+        try:
+            for i, msg in enumerate(request_iterator):
+                if i == 0:
+                    if not msg.HasField("config"):
+                        raise InvalidArgument("the first CreateSessionStream message must carry config")
+                    config, initial_step = config_from(msg.config), msg.initial_step
+                elif msg.HasField("config"):
+                    raise InvalidArgument("config may only be sent in the first message")
+                if msg.slot not in arrays and len(arrays) > 64:
+                    raise InvalidArgument("too many state slots in the stream")
+                asm = arrays.get(msg.slot)
+                if asm is None:
+                    asm = arrays[msg.slot] = tensors.Assembler(
+                        what="parameter" if not msg.slot else f"state {shown(msg.slot)}",
+                        max_tensors=limits.max_tensors, reserve=reserve)
+                for t in msg.chunks:
+                    asm.add(t)
+                if msg.chunks:
+                    watch.progress()
+            if config is None:
+                raise InvalidArgument("the stream was empty: send config and the parameters")
+            params = arrays.pop("", tensors.Assembler()).finish()
+            state = {slot: asm.finish() for slot, asm in arrays.items()}
+            session = self.store.create(config, params, state, initial_step, self.owner(context))
+            return session_pb2.CreateSessionStreamResponse(session=session_info(session))
+        finally:
+            arrays.clear()
+            for n in held:
+                budget.release(n)
+
+    @status.handler
     def GetSession(self, request, context):
         return session_pb2.GetSessionResponse(
             session=session_info(self.store.get(request.session_id, self.owner(context))))
 
-    @_status
+    @status.handler
     def ListSessions(self, request, context):
         return session_pb2.ListSessionsResponse(
             sessions=[session_info(s) for s in self.store.list(self.owner(context))])
 
-    @_status
+    @status.handler
     def DeleteSession(self, request, context):
         self.store.delete(request.session_id, self.owner(context))
         return session_pb2.DeleteSessionResponse()
 
     # -- steps -----------------------------------------------------------
-    def _step(self, session: Session, fence, grads, context):
-        """Apply under the lock, then the durability policy; caller holds the lock."""
-        t0 = time.perf_counter()
-        result = session.fenced_apply(fence, grads, context.is_active)
-        self.store.after_change(session)
-        self.metrics.step(time.perf_counter() - t0, result.replayed)
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("session %s step %d%s", session.id, result.step, " (replayed)" if result.replayed else "",
-                      extra={"session_id": session.id, "step": result.step})
-        return result
-
-    @_status
-    def Step(self, request, context):
-        owner = self.owner(context)
-        session = self.store.get(request.session_id, owner)
+    def _run(self, request, context, out=None) -> StepRun:
+        session = self.store.get(request.session_id, self.owner(context))
         fence = request.step if request.HasField("step") else None
-        # Decoding reads only the session's fixed shapes, so it happens outside the lock.
-        grads = _decode_gradients(session, request.gradients)
-        reply_bytes = 0 if session.step_reply == session_pb2.STEP_REPLY_NONE else sum(
-            g.nbytes for g in grads.values())  # gradients are widened to the master dtype: the reply's size
-        if reply_bytes > self.max_message_bytes - (64 << 10):
-            # Refuse before applying: a step whose reply cannot be sent would be applied and never answered.
-            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
-                               f"the reply to this step ({reply_bytes} bytes) exceeds the server's message limit "
-                               f"({self.max_message_bytes} bytes): use StepStream, or a session with "
-                               "step_reply STEP_REPLY_NONE; the step was not applied")
-        with self.store.use(session.id, owner, session) as session:
-            result = self._step(session, fence, grads, context)
-            return session_pb2.StepResponse(
-                step=result.step, replayed=result.replayed,
-                tensors=[tensors.from_numpy(n, a) for n, a in result.tensors.items()])
+        return StepRun(self.store, session, fence, request.hyperparameters, request.metrics, context.is_active, out)
 
-    @_status
+    @status.handler
+    def Step(self, request, context):
+        run = self._run(request, context)
+        try:
+            result = run.open()
+            if result is None:
+                s = run.session
+                if s.reply != "none":
+                    # Refuse before applying: a step whose reply cannot be sent would be applied and never answered.
+                    reply_bytes = s.elements * s.dtype.itemsize
+                    if reply_bytes > self.max_message_bytes - (64 << 10):
+                        raise FailedPrecondition(
+                            f"the reply to this step ({reply_bytes} bytes) exceeds the server's message limit "
+                            f"({self.max_message_bytes} bytes): use StepStream, or a session with step_reply "
+                            "STEP_REPLY_NONE; the step was not applied")
+                names = set()
+                for t in request.gradients:
+                    if t.name in names:
+                        raise InvalidArgument(f"gradient {shown(t.name)} is given twice")
+                    names.add(t.name)
+                    run.feed(t)
+                result = run.finish()
+            # Encoded outside the lock: the run holds the answer's arrays as a reader.
+            return session_pb2.StepResponse(step=result.step, replayed=result.replayed,
+                                            tensors=[tensors.from_numpy(n, a) for n, a in result.tensors.items()])
+        finally:
+            run.close()
+
+    @status.handler
     def StepStream(self, request_iterator, context):
-        owner = self.owner(context)
+        with self._upload(context) as watch:
+            yield from self._step_stream(request_iterator, context, watch)
+
+    def _step_stream(self, request_iterator, context, watch):
         request_iterator = iter(request_iterator)
         first = next(request_iterator, None)
         if first is None:
-            raise invalid("the stream was empty: the first message must carry session_id")
-        session = self.store.get(first.session_id, owner)
-        fence = first.step if first.HasField("step") else None
-        if streaming.overlappable(session):  # update chunk k while chunk k+1 is on the wire
-            with self.store.use(session.id, owner, session) as session:
-                t0 = time.perf_counter()
-                result = yield from streaming.step_stream(session, fence, first, request_iterator, context,
-                                                          self.chunk_bytes)
-                self.store.after_change(session)  # durable before the commit message acknowledges it
-                self.metrics.step(time.perf_counter() - t0, result.replayed)
-            yield session_pb2.StepStreamResponse(step=result.step, replayed=result.replayed)
-            return
-        asm = tensors.Assembler(session.gradient_spec())
-        for i, msg in enumerate(itertools.chain([first], request_iterator)):
-            if i and msg.session_id and msg.session_id != session.id:
-                raise invalid("session_id changed mid-stream")
-            for t in msg.chunks:
-                asm.add(t)
-        grads = _finish_gradients(session, asm.finish())
-        with self.store.use(session.id, owner, session) as session:
-            result = self._step(session, fence, grads, context)
-            # Encode while the arrays cannot change; send after releasing the lock.
-            batches = self._batches(result.tensors)
-        if not batches:
-            yield session_pb2.StepStreamResponse(step=result.step, replayed=result.replayed)
-        for batch in batches:
-            yield session_pb2.StepStreamResponse(step=result.step, replayed=result.replayed, chunks=batch)
+            raise InvalidArgument("the stream was empty: the first message must carry session_id")
+        run = self._run(first, context)
+        try:
+            result = run.open()
+            if result is not None:  # a retry: drain the stream, answer again
+                for _ in request_iterator:
+                    watch.progress()
+                yield from self._reply_batches(result.step, True, result.tensors)
+                return
+            send = run.session.reply == "parameters" and run.overlap
+            head = tensors.response_head(run.t)
+            code, chunk = run.session.master_code, self.chunk_bytes
+            for i, msg in enumerate(itertools.chain([first], request_iterator)):
+                if i and msg.session_id and msg.session_id != run.session.id:
+                    raise InvalidArgument("session_id changed mid-stream")
+                out = []
+                for t in msg.chunks:
+                    got = run.feed(t)
+                    if send and got is not None:
+                        name, start, p = got
+                        shape = run.session.shapes[name]
+                        # A reply chunk can be wider than the gradient chunk (bf16 in, fp32 out): split it.
+                        per = max(1, chunk // p.itemsize)
+                        for a in range(0, max(p.size, 1), per):
+                            out.append((name, code, shape, start + a, p[a:a + per]))
+                if msg.chunks:
+                    watch.progress()
+                # Encoded before the next chunk arrives: one copy of each updated slice, into the message.
+                for batch in tensors.pack_views(out, chunk):
+                    yield tensors.encode_stream_message(head, batch)
+            result = run.finish()
+            if send or not result.tensors:
+                yield session_pb2.StepStreamResponse(step=result.step, replayed=result.replayed)
+            else:
+                yield from self._reply_batches(result.step, result.replayed, result.tensors)
+        finally:
+            run.close()
 
-    def _batches(self, arrays: dict[str, np.ndarray]) -> list[list[tensor_pb2.Tensor]]:
-        chunks = (c for n, a in arrays.items() for c in tensors.chunk(n, a, self.chunk_bytes))
-        return list(tensors.pack(chunks, self.chunk_bytes))
+    def _reply_batches(self, step, replayed, arrays):
+        chunks = (c for n, a in arrays.items() for c in tensors.chunk_views(n, a, self.chunk_bytes))
+        head = tensors.response_head(step, replayed)
+        sent = False
+        for batch in tensors.pack_views(chunks, self.chunk_bytes):
+            sent = True
+            yield tensors.encode_stream_message(head, batch)
+        if not sent:
+            yield session_pb2.StepStreamResponse(step=step, replayed=replayed)
 
     # -- reads -----------------------------------------------------------
-    def _selected(self, session: Session, names) -> dict[str, np.ndarray]:
-        unknown = [n for n in names if n not in session.params]
+    def _read(self, request, context):
+        return self.store.read(request.session_id, self.owner(context))
+
+    @staticmethod
+    def _selected(session: Session, params: dict, names) -> dict[str, np.ndarray]:
+        unknown = [n for n in names if n not in params]
         if unknown:
-            raise invalid(f"unknown parameter(s) {', '.join(unknown)}; the session has: {', '.join(session.params)}")
-        return {n: session.params[n] for n in (names or session.params)}
+            raise InvalidArgument(f"unknown parameter(s) {shown(', '.join(unknown))}; the session has: "
+                                  f"{shown(', '.join(params), 400)}")
+        return {n: params[n] for n in (names or params)}
 
-    @_status
+    @status.handler
     def ReadParameters(self, request, context):
-        with self._use(request.session_id, context) as session:
+        session, arrays, step = self._read(request, context)
+        try:
             return session_pb2.ReadParametersResponse(
-                step=session.step,
-                parameters=[tensors.from_numpy(n, a) for n, a in self._selected(session, request.names).items()])
+                step=step, parameters=[tensors.from_numpy(n, a)
+                                       for n, a in self._selected(session, arrays.params, request.names).items()])
+        finally:
+            self.store.done_reading(session, arrays)
 
-    @_status
+    @status.handler
     def ReadParametersStream(self, request, context):
-        with self._use(request.session_id, context) as session:
-            step = session.step
-            batches = self._batches(self._selected(session, request.names))
-        for batch in batches:
-            yield session_pb2.ReadParametersStreamResponse(step=step, chunks=batch)
+        with self._stream_slot():
+            session, arrays, step = self._read(request, context)
+            try:
+                selected = self._selected(session, arrays.params, request.names)
+                for batch in tensors.pack(
+                        (c for n, a in selected.items() for c in tensors.chunk(n, a, self.chunk_bytes)),
+                        self.chunk_bytes):
+                    yield session_pb2.ReadParametersStreamResponse(step=step, chunks=batch)
+            finally:
+                self.store.done_reading(session, arrays)
 
-    @_status
+    @status.handler
     def ReadState(self, request, context):
-        with self._use(request.session_id, context) as session:
+        session, arrays, _ = self._read(request, context)
+        try:
             return session_pb2.ReadStateResponse(
                 session=session_info(session),
-                parameters=[tensors.from_numpy(n, a) for n, a in session.params.items()],
+                parameters=[tensors.from_numpy(n, a) for n, a in arrays.params.items()],
                 state=[tensor_pb2.SlotTensors(slot=slot, tensors=[tensors.from_numpy(n, a) for n, a in arrs.items()])
-                       for slot, arrs in session.state.items()])
+                       for slot, arrs in arrays.state.items()])
+        finally:
+            self.store.done_reading(session, arrays)
 
-    @_status
+    @status.handler
     def ReadStateStream(self, request, context):
-        with self._use(request.session_id, context) as session:
-            info = session_info(session)
-            parts = [("", self._batches(session.params))]
-            parts += [(slot, self._batches(arrs)) for slot, arrs in session.state.items()]
-        yield session_pb2.ReadStateStreamResponse(session=info)
-        for slot, batches in parts:
-            for batch in batches:
-                yield session_pb2.ReadStateStreamResponse(slot=slot, chunks=batch)
-
-    @_status
-    def UpdateHyperparameters(self, request, context):
-        with self._use(request.session_id, context) as session:
+        with self._stream_slot():
+            session, arrays, _ = self._read(request, context)
             try:
-                session.hyperparameters = session.optimizer.definition.resolve(
-                    dict(request.hyperparameters), base=session.hyperparameters)
-            except HyperparameterError as e:
-                raise invalid(str(e)) from None
-            session.dirty = True
-            if session.durability != session_pb2.DURABILITY_NONE:
-                self.store._save(session)  # rare: written at once in every durable mode
-            return session_pb2.UpdateHyperparametersResponse(session=session_info(session))
+                yield session_pb2.ReadStateStreamResponse(session=session_info(session))
+                parts = [("", arrays.params)] + list(arrays.state.items())
+                for slot, arrs in parts:
+                    for batch in tensors.pack(
+                            (c for n, a in arrs.items() for c in tensors.chunk(n, a, self.chunk_bytes)),
+                            self.chunk_bytes):
+                        yield session_pb2.ReadStateStreamResponse(slot=slot, chunks=batch)
+            finally:
+                self.store.done_reading(session, arrays)
+
+    @status.handler
+    def UpdateHyperparameters(self, request, context):
+        session = self.store.set_hyperparameters(request.session_id, dict(request.hyperparameters),
+                                                 self.owner(context))
+        return session_pb2.UpdateHyperparametersResponse(session=session_info(session))
 
     # -- same-host shared memory ---------------------------------------------
-    @_status
+    @status.handler
     def RegisterSharedMemory(self, request, context):
         if not shm.is_local_peer(context.peer()):
-            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
-                               f"shared memory needs a client on the server's host (connected over loopback); "
-                               f"this call came from {context.peer()}: use Step")
+            raise FailedPrecondition(f"shared memory needs a client on the server's host (connected over loopback); "
+                                     f"this call came from {shown(context.peer())}: use Step")
         owner = self.owner(context)
         session = self.store.get(request.session_id, owner)
         region = self.shm.register(request.key, request.byte_size, session.id, owner)
@@ -387,49 +427,83 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
                 break
         self.shm.release(region, "registration ended")
 
-    @_status
+    @status.handler
     def UnregisterSharedMemory(self, request, context):
         owner = self.owner(context)
         session = self.store.get(request.session_id, owner)
         self.shm.release(self.shm.get(request.key, session.id, owner), "unregistered")
         return session_pb2.UnregisterSharedMemoryResponse()
 
-    @_status
+    @status.handler
     def StepSharedMemory(self, request, context):
         owner = self.owner(context)
         session = self.store.get(request.session_id, owner)
         region = self.shm.get(request.key, session.id, owner)
-        fence = request.step if request.HasField("step") else None
-        spec = session.gradient_spec()
-        grad_at = shm.layout(region, request.gradients, spec, session.master_code, "gradient")
-        missing = [n for n in session.shapes if n not in {g[0] for g in grad_at}]
-        if missing:
-            raise invalid(f"missing gradient(s) for {', '.join(missing)}: a step needs one for every parameter")
-        master = (session.master_code,)
-        param_at = shm.layout(region, request.parameters, {n: (s, master) for n, s in session.shapes.items()},
-                              session.master_code, "parameter")
-        with self.store.use(session.id, owner, session) as session, region.lock:
+        grads = shm.tensors_in(region, request.gradients, session.master_code, "gradient")
+        targets = shm.tensors_in(region, request.parameters, session.master_code, "parameter")
+        check = tensors.ChunkTracker({n: (shape, (session.master_code,)) for n, shape in session.shapes.items()},
+                                     "parameter")
+        out = {}
+        for t in targets:
+            if t.name in out:
+                raise InvalidArgument(f"parameter {shown(t.name)} is given twice")
+            try:
+                check.accept(t)
+            except ValueError as e:
+                raise InvalidArgument(str(e)) from None
+            out[t.name] = np.frombuffer(t.data, dtype=session.dtype).reshape(t.shape)
+        with region.lock:
             if region.closed.is_set():
-                raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
-                                   f"shared-memory segment {region.key!r} was unregistered")
-            t0 = time.perf_counter()
-            out = {n: region.view(off, session.dtype, shape) for n, _, shape, off in param_at}
-            if session.check_fence(fence):  # a retry: write the current parameters again, apply nothing
-                for n, o in out.items():
-                    np.copyto(o, session.params[n])
-                replayed = True
-            else:
-                grads = {}
-                for n, code, shape, off in grad_at:  # all validated before anything changes
-                    g = region.view(off, tensors.numpy_dtype(code), shape)
-                    check_finite(n, g)
-                    grads[n] = g if g.dtype == session.dtype else g.astype(session.dtype)
-                if not context.is_active():
-                    raise RequestError(grpc.StatusCode.CANCELLED, "the call ended before the step was applied")
-                session.apply(grads, out)
-                replayed = False
-                del grads, g
-            del out
-            self.store.after_change(session)
-            self.metrics.step(time.perf_counter() - t0, replayed)
-            return session_pb2.StepSharedMemoryResponse(step=session.step, replayed=replayed)
+                raise FailedPrecondition(f"shared-memory segment {shown(region.key)} was unregistered")
+            run = StepRun(self.store, session, request.step if request.HasField("step") else None,
+                          request.hyperparameters, request.metrics, context.is_active, out)
+            try:
+                result = run.open()
+                if result is None:
+                    names = set()
+                    for t in grads:
+                        if t.name in names:
+                            raise InvalidArgument(f"gradient {shown(t.name)} is given twice")
+                        names.add(t.name)
+                        run.feed(t)
+                    result = run.finish()
+                return session_pb2.StepSharedMemoryResponse(step=result.step, replayed=result.replayed)
+            finally:
+                run.close()
+                del out
+
+
+def _tensor_map(items, what: str) -> dict[str, np.ndarray]:
+    out = {}
+    for t in items:
+        if t.name in out:
+            raise InvalidArgument(f"{what} {shown(t.name)} is given twice")
+        out[t.name] = tensors.to_numpy(t)
+    return out
+
+
+class _Release:
+    def __init__(self, sem):
+        self.sem = sem
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.sem.release()
+
+
+class _ReleaseSegments:
+    """Store observer: a deleted session's shared-memory registrations end with it."""
+
+    def __init__(self, registry: shm.SharedMemoryRegistry):
+        self.registry = registry
+
+    def on_step(self, session, run):
+        pass
+
+    def on_refused(self, session, run):
+        pass
+
+    def on_delete(self, session):
+        self.registry.release_session(session.id)

@@ -24,10 +24,10 @@ import re
 import stat
 import threading
 
-import grpc
 import numpy as np
 
-from optreg.server.errors import RequestError, invalid
+from optreg.server.errors import (AlreadyExists, FailedPrecondition, InvalidArgument, NotFound,
+                                  PermissionDenied, ResourceExhausted, shown)
 from optreg.v1 import tensors
 
 log = logging.getLogger("optreg.server.shm")
@@ -65,34 +65,31 @@ class SharedMemoryRegistry:
 
     def register(self, key: str, byte_size: int, session_id: str, owner: str) -> Region:
         if not KEY_RE.match(key):
-            raise invalid(f"shared-memory key {key!r}: use 'optreg-' followed by 8-200 letters, digits, '_' or '-' "
+            raise InvalidArgument(f"shared-memory key {shown(key)}: use 'optreg-' followed by 8-200 letters, digits, '_' or '-' "
                           f"(a file in {SHM_DIR})")
         if byte_size < 0:
-            raise invalid(f"byte_size {byte_size} is negative")
+            raise InvalidArgument(f"byte_size {byte_size} is negative")
         path = os.path.join(SHM_DIR, key)
         with self._lock:
             if key in self._regions:
-                raise RequestError(grpc.StatusCode.ALREADY_EXISTS, f"shared-memory segment {key!r} is already "
+                raise AlreadyExists(f"shared-memory segment {shown(key)} is already "
                                    "registered; create a new segment for each registration")
             if len(self._regions) >= self.max_regions:
-                raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                   f"this server holds {self.max_regions} shared-memory registrations, its limit "
+                raise ResourceExhausted(f"this server holds {self.max_regions} shared-memory registrations, its limit "
                                    "(each keeps a server thread); unregister one or use Step")
             try:
                 fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
             except FileNotFoundError:
-                raise RequestError(grpc.StatusCode.NOT_FOUND,
-                                   f"no shared-memory segment {path}: is the client on the server's host?") from None
+                raise NotFound(f"no shared-memory segment {path}: is the client on the server's host?") from None
             except OSError as e:
-                raise RequestError(grpc.StatusCode.PERMISSION_DENIED,
-                                   f"cannot open shared-memory segment {path}: {e.strerror}") from None
+                raise PermissionDenied(f"cannot open shared-memory segment {path}: {e.strerror}") from None
             try:
                 st = os.fstat(fd)
                 if not stat.S_ISREG(st.st_mode):
-                    raise invalid(f"{path} is not a regular file")
+                    raise InvalidArgument(f"{path} is not a regular file")
                 size = byte_size or st.st_size
                 if size <= 0 or size > st.st_size:
-                    raise invalid(f"byte_size {byte_size}, but segment {path} has {st.st_size} bytes")
+                    raise InvalidArgument(f"byte_size {byte_size}, but segment {path} has {st.st_size} bytes")
                 mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
             finally:
                 os.close(fd)
@@ -105,8 +102,7 @@ class SharedMemoryRegistry:
     def get(self, key: str, session_id: str, owner: str) -> Region:
         region = self._regions.get(key)
         if region is None or region.session_id != session_id or region.owner != owner:
-            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
-                               f"shared-memory segment {key!r} is not registered for session {session_id!r}: "
+            raise FailedPrecondition(f"shared-memory segment {shown(key)} is not registered for session {shown(session_id)}: "
                                "call RegisterSharedMemory first (and keep its call open)")
         return region
 
@@ -145,32 +141,29 @@ class SharedMemoryRegistry:
             self.release(r, "server stopping")
 
 
-def layout(region: Region, items, spec: dict, master_code: int, what: str) -> list[tuple[str, int, tuple, int]]:
-    """Check a list of SharedMemoryTensor against the session's parameters and the segment's bounds.
+class SegmentTensor:
+    """A tensor in a registered segment, shaped like a wire Tensor (name, dtype, shape, offset, data) so the
+    step's one tensor check (tensors.ChunkTracker) takes it as it takes any source's."""
+    __slots__ = ("name", "dtype", "shape", "offset", "data")
 
-    `spec`: name -> (shape, dtypes allowed). Returns (name, dtype code, shape, byte_offset) each.
-    """
-    out, seen = [], set()
+    def __init__(self, name, dtype, shape, data):
+        self.name, self.dtype, self.shape, self.offset, self.data = name, dtype, shape, 0, data
+
+
+def tensors_in(region: Region, items, master_code: int, what: str) -> list[SegmentTensor]:
+    """SharedMemoryTensors as views of the segment, each inside its bounds and aligned; names, dtypes and
+    shapes are the ChunkTracker's to check."""
+    out = []
     for t in items:
-        if t.name in seen:
-            raise invalid(f"{what} {t.name!r} is given twice")
-        seen.add(t.name)
-        if t.name not in spec:
-            raise invalid(f"unknown {what} {t.name!r}; the session's parameters are: {', '.join(spec)}")
-        shape, allowed = spec[t.name]
         code = t.dtype or master_code
-        if code not in allowed:
-            raise invalid(f"{what} {t.name!r}: dtype {tensors.dtype_name(code)} not accepted; use "
-                          + " or ".join(tensors.dtype_name(a) for a in allowed))
-        if tuple(t.shape) != tuple(shape):
-            raise invalid(f"{what} {t.name!r}: shape {list(t.shape)}, but the parameter's is {list(shape)}")
         itemsize = tensors.numpy_dtype(code).itemsize
-        nbytes = int(np.prod(shape, dtype=np.int64)) * itemsize
+        nbytes = tensors.element_count(tuple(t.shape), f"{what} {shown(t.name)}") * itemsize
         off = t.byte_offset
         if off < 0 or off + nbytes > region.size:
-            raise invalid(f"{what} {t.name!r}: bytes [{off}, {off + nbytes}) lie outside segment {region.key!r} "
-                          f"of {region.size} bytes")
+            raise InvalidArgument(f"{what} {shown(t.name)}: bytes [{off}, {off + nbytes}) lie outside segment "
+                                  f"{shown(region.key)} of {region.size} bytes")
         if off % itemsize:
-            raise invalid(f"{what} {t.name!r}: byte_offset {off} is not a multiple of the dtype's {itemsize} bytes")
-        out.append((t.name, code, tuple(shape), off))
+            raise InvalidArgument(f"{what} {shown(t.name)}: byte_offset {off} is not a multiple of the dtype's "
+                                  f"{itemsize} bytes")
+        out.append(SegmentTensor(t.name, code, tuple(t.shape), memoryview(region.mm)[off:off + nbytes]))
     return out

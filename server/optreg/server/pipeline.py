@@ -1,0 +1,291 @@
+"""One step, as data: every step of every source takes this path (DESIGN.md, "One step").
+
+    source -> fence -> validate -> apply into staging (outside the lock) -> log -> commit -> sink
+
+A source is anything that hands over gradient tensors or chunks of them (a decoded
+unary message, a chunk stream, shared-memory views); `StepRun.feed` takes them one at a
+time, so a streamed step's update of chunk k overlaps the transfer of chunk k+1. Waiting
+for the next chunk never holds the session's lock: the lock covers the fence check at the
+start and the commit at the end (and, for steps that cannot be computed chunk by chunk,
+the update itself, which starts only once every byte has arrived).
+
+Fenced steps of elementwise optimizers are computed chunk by chunk into a staging set
+copied from the live set they started on (`base`); the commit swaps staging in only if
+`base` is still live, i.e. no other step was committed meanwhile. Losing that race means
+another call applied the same fenced step (a retry that overtook its original): the loser
+is answered as the retry it is. Unfenced steps and whole-tensor optimizers collect the
+gradients first and compute under the lock at commit, on whatever step is current.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+
+from optreg.plugins import HyperparameterError
+from optreg.server import fastkernels, kernels
+from optreg.server.errors import Cancelled, FailedPrecondition, InvalidArgument, PluginFailed, shown
+from optreg.server.sessions import MAX_STEP, Arrays, Session, StepResult
+from optreg.v1 import tensor_pb2, tensors
+
+log = logging.getLogger("optreg.server")
+
+_BF16 = tensors.DTYPES[tensor_pb2.DataType.DATA_TYPE_BFLOAT16]
+# Client scalars a step may carry (StepRequest.metrics).
+MAX_METRICS = 32
+MAX_METRIC_NAME = 64
+
+
+def widen(g: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Exact widening to the master dtype; bfloat16 by bit shift (the top half of a float32), ~10x astype."""
+    if g.dtype == dtype:
+        return g
+    if g.dtype == _BF16:
+        w = np.empty(g.size, np.float32)
+        bits = w.view(np.uint32)
+        bits[...] = g.view(np.uint16)
+        bits <<= 16
+        return w if dtype == np.float32 else w.astype(dtype)
+    return g.astype(dtype)
+
+
+def check_finite(name: str, g: np.ndarray, start: int = 0) -> None:
+    # numba when compiled: no temporary bool array, and small gradients keep the GIL.
+    ok = fastkernels.all_finite(g)
+    if ok is None:
+        ok = bool(np.isfinite(g).all())
+    if not ok:
+        bad = int(g.size - np.count_nonzero(np.isfinite(g)))
+        where = f" in elements {start}..{start + g.size}" if start else ""
+        raise InvalidArgument(f"gradient {shown(name)} has {bad} NaN or Inf value(s){where}; the step was not applied")
+
+
+def check_metrics(metrics) -> dict[str, float]:
+    if len(metrics) > MAX_METRICS:
+        raise InvalidArgument(f"metrics: {len(metrics)} given, at most {MAX_METRICS} a step")
+    out = {}
+    for k, v in metrics.items():
+        if not k or len(k) > MAX_METRIC_NAME:
+            raise InvalidArgument(f"metrics name {shown(k)}: use 1-{MAX_METRIC_NAME} characters")
+        out[k] = float(v)
+    return out
+
+
+class StepRun:
+    """One step of one session. Use: `open()`; then `feed()` each tensor or chunk; then `finish()`;
+    `close()` always (it gives back what an unfinished step held)."""
+
+    def __init__(self, store, session: Session, fence: int | None, hyperparameters=None, metrics=None,
+                 is_active=lambda: True, out: dict[str, np.ndarray] | None = None):
+        self.store, self.session, self.fence = store, session, fence
+        self.hp_changes = dict(hyperparameters or {})
+        self.metrics = check_metrics(metrics or {})
+        self.is_active = is_active
+        self.out = out  # shared memory: the updated parameters are copied here after the commit
+        self.defn = session.optimizer.definition
+        self.reader: Arrays | None = None  # a set this run reads outside the lock
+        self.staging: Arrays | None = None
+        self.grads: Buffers | None = None
+        self.delta: dict[str, np.ndarray] | None = None
+        self.record = None
+        self.result: StepResult | None = None
+        self.done = False
+        self.t0 = time.perf_counter()
+
+    # -- fence ---------------------------------------------------------------
+    def open(self) -> StepResult | None:
+        """Check the fence. Returns the answer when this is a retry of the applied step (nothing more to do)."""
+        s = self.session
+        with s.lock:
+            self.store.ensure_loaded(s)
+            if s.check_fence(self.fence):
+                return self._replay()
+            if s.step >= MAX_STEP:
+                raise FailedPrecondition(f"session {s.id} is at step {s.step}, the largest step number: it cannot "
+                                         "step again (restart it from its state with a smaller initial_step)")
+            self.hp = self._resolve(s)
+            self.t = s.step + 1
+            self.overlap = self.fence is not None and self.defn.elementwise
+            if self.overlap:
+                self.reader = s.live
+                s.live.readers += 1
+                self.staging, s.spare = s.spare, None
+        if self.overlap and self.staging is None:
+            self.staging = self.store.allocate_set(s, "a step's staging copy")
+        self.tracker = tensors.ChunkTracker(s.spec, "gradient")
+        self.record = self.store.journal.begin(s, self.t, self.fence, self.hp, self.metrics)
+        if s.reply == "delta" and self.overlap:
+            self.delta = self._buffers("a step's delta")
+        return None
+
+    def _buffers(self, what: str) -> "Buffers":
+        """One master-dtype array per parameter, counted against the memory budget while alive."""
+        s = self.session
+        return self.store.budget.allocate(what, s.elements * s.dtype.itemsize,
+                                          lambda: Buffers({n: np.empty(shape, s.dtype) for n, shape in s.shapes.items()}))
+
+    def _resolve(self, s: Session) -> dict:
+        if not self.hp_changes:
+            return s.hyperparameters
+        try:
+            return self.defn.resolve(self.hp_changes, base=s.hyperparameters)
+        except HyperparameterError as e:
+            raise InvalidArgument(f"hyperparameters: {e}; the step was not applied") from None
+
+    def _replay(self) -> StepResult:
+        s = self.session
+        self.done = True
+        self.reader = s.live
+        s.live.readers += 1
+        if self.out is not None:
+            for n, o in self.out.items():
+                np.copyto(o, s.live.params[n])
+        self.result = s.answer(True)
+        return self.result
+
+    # -- validate and apply ------------------------------------------------------
+    def feed(self, t) -> tuple[str, int, np.ndarray] | None:
+        """Validate one tensor or chunk and apply it; returns (name, first element, the updated parameter
+        slice) when the step is computed chunk by chunk (the streamed reply sends it at once)."""
+        try:
+            start, data = self.tracker.accept(t)
+        except ValueError as e:
+            raise InvalidArgument(f"{e}; the step was not applied") from None
+        name = t.name
+        self.record.add(name, t.dtype, tuple(t.shape), start, data)
+        s = self.session
+        g = widen(data, s.dtype)
+        check_finite(name, g, start)
+        end = start + g.size
+        if not self.overlap:
+            if self.grads is None:
+                self.grads = self._buffers("a step's gradients")
+            self.grads[name].reshape(-1)[start:end] = g
+            return None
+        base, st = self.reader, self.staging
+        live_p = base.params[name]
+        if start == 0 and g.size == live_p.size:  # a whole tensor (unary, shared memory, a one-chunk stream)
+            p = st.params[name]
+            np.copyto(p, live_p)
+            slots = {}
+            for slot, arrs in st.state.items():
+                slots[slot] = arrs[name]
+                np.copyto(arrs[name], base.state[slot][name])
+            self._kernel(p, g.reshape(p.shape), slots, parallel=True)
+            if self.delta is not None:
+                np.subtract(p, live_p, out=self.delta[name])
+            return name, 0, p.reshape(-1)
+        p = st.params[name].reshape(-1)[start:end]
+        np.copyto(p, live_p.reshape(-1)[start:end])
+        slots = {}
+        for slot, arrs in st.state.items():
+            slots[slot] = arrs[name].reshape(-1)[start:end]
+            np.copyto(slots[slot], base.state[slot][name].reshape(-1)[start:end])
+        self._kernel(p, g, slots, parallel=False)
+        if self.delta is not None:
+            np.subtract(p, live_p.reshape(-1)[start:end], out=self.delta[name].reshape(-1)[start:end])
+        return name, start, p
+
+    def _kernel(self, p, g, slots, parallel) -> None:
+        try:
+            kernels.apply(self.defn, p, g, slots, self.t, self.hp, parallel=parallel)
+        except Exception as e:
+            raise PluginFailed(f"optimizer {self.defn.name} (plugin {self.session.optimizer.plugin}) raised in "
+                               f"update: {type(e).__name__}: {shown(str(e), 300)}; the session is unchanged") from e
+
+    # -- commit --------------------------------------------------------------
+    def finish(self) -> StepResult:
+        """Every gradient complete: commit (the log record first, as durable as the session's mode says)."""
+        try:
+            self.tracker.finish()
+        except ValueError as e:
+            raise InvalidArgument(f"{e}; the step was not applied") from None
+        if not self.is_active():  # deadline passed or client gone: apply no step nobody will see
+            raise Cancelled("the call ended before the step was committed; it was not applied")
+        s = self.session
+        with s.lock:
+            if s.live is None or self.store.index_of(s) is not s:
+                raise self.store.missing(s.id)
+            if self.overlap:
+                if s.live is not self.reader:  # another call committed this step first
+                    return self._lost_race()
+            else:
+                if s.step >= MAX_STEP:
+                    raise FailedPrecondition(f"session {s.id} is at step {s.step}, the largest step number")
+                self.t = s.step + 1  # unfenced: applied at whatever step is current
+                self.record.renumber(self.t)
+                self._compute_buffered()
+            self.record.commit()  # raises Unavailable/ResourceExhausted on a failed write: nothing swapped
+            old = s.live
+            s.live, self.staging = self.staging, None
+            if self.reader is old:
+                old.readers -= 1
+                self.reader = None
+            if old.readers == 0 and s.spare is None:
+                s.spare = old
+            s.step = self.t
+            s.hyperparameters = self.hp
+            if s.reply == "delta":
+                s.last_delta = self.delta
+            s.dirty = True
+            self.done = True
+            self.store.after_commit(s)
+            self.result = s.answer(False)
+            self.reader = s.live
+            s.live.readers += 1
+        if self.out is not None:  # the sink: the caller's shared memory, after the commit
+            for n, o in self.out.items():
+                np.copyto(o, self.reader.params[n])
+        self.store.stepped(s, self, time.perf_counter() - self.t0)
+        return self.result
+
+    def _compute_buffered(self) -> None:
+        """Whole tensors, under the lock, on the current live set (unfenced steps, whole-tensor optimizers)."""
+        s = self.session
+        base = s.live
+        st, s.spare = s.spare, None
+        if st is None:
+            st = self.store.allocate_set(s, "a step's staging copy")
+        if s.reply == "delta":
+            self.delta = self._buffers("a step's delta")
+        for name, g in self.grads.items():
+            p = st.params[name]
+            np.copyto(p, base.params[name])
+            slots = {slot: st.state[slot][name] for slot in st.state}
+            for slot in slots:
+                np.copyto(slots[slot], base.state[slot][name])
+            self._kernel(p, g, slots, parallel=True)
+            if self.delta is not None:
+                np.subtract(p, base.params[name], out=self.delta[name])
+        self.staging = st
+
+    def _lost_race(self) -> StepResult:
+        s = self.session
+        self.record.abort()
+        if self.fence is not None and s.step == self.fence + 1:
+            self.reader.readers -= 1
+            self.reader = None
+            return self._replay()
+        raise FailedPrecondition(f"session {s.id} moved to step {s.step} while this step was in flight; "
+                                 f"it was not applied: send step={s.step}",
+                                 metadata=(("optreg-server-step", str(s.step)),))
+
+    def close(self) -> None:
+        """Give back what the run held; after a failure the session is exactly as before."""
+        s = self.session
+        with s.lock:
+            if self.reader is not None:
+                self.reader.readers -= 1
+                self.reader = None
+            if self.staging is not None and s.spare is None and s.live is not None:
+                s.spare = self.staging
+            self.staging = None
+            if not self.done:
+                if self.record is not None:
+                    self.record.abort()
+                self.store.refused(s, self)
+
+
+class Buffers(dict):
+    """name -> array; a dict the memory budget can follow to its end (a plain dict cannot be weakly referenced)."""

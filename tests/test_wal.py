@@ -1,0 +1,399 @@
+"""The write-ahead log (optreg.server.wal): round trips, torn tails, bit flips, kill -9 of
+an appending process, group commit, disk full."""
+from __future__ import annotations
+
+import errno
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from optreg.server import wal
+from optreg.server.fsync import METHODS, GroupSyncer
+from optreg.server.wal import CorruptLog, Log
+
+import disk_helpers
+from conftest import SOURCE_ROOTS
+
+
+def grads(step: int, n: int = 10) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(step)
+    return {
+        "W": rng.standard_normal((2, n)).astype(np.float32),
+        "b16": rng.standard_normal(n).astype(np.float16),
+        "bf": rng.standard_normal(3).astype(ml_dtypes.bfloat16),
+        "d": rng.standard_normal(4),
+        "s": np.array(rng.standard_normal(), dtype=np.float32),       # shape []
+        "e": np.zeros((0, 5), np.float32),
+        'odd "name"/\\ é\n\u2603': rng.standard_normal(2).astype(np.float32),
+    }
+
+
+def append(lg: Log, step: int, chunks: int = 1, n: int = 10, extras=None, **kw):
+    w = lg.begin(step, fence=step - 1, hyperparameters={"lr": 0.01 * step, "beta1": 0.9},
+                 extras=extras or {"worker": "w0", "loss": 1.0 / step})
+    for name, a in grads(step, n).items():
+        flat = a.reshape(-1)
+        bounds = np.linspace(0, flat.size, chunks + 1).astype(int)
+        order = list(range(chunks))[::-1]  # out of order on purpose: offsets place them
+        for i in order:
+            w.add(name, a.dtype, a.shape, int(bounds[i]), flat[bounds[i]:bounds[i + 1]].tobytes())
+    w.commit(**kw)
+    return w
+
+
+def check(rec: wal.Record, step: int, n: int = 10):
+    assert rec.step == step and rec.fence == step - 1
+    assert rec.hyperparameters == {"lr": 0.01 * step, "beta1": 0.9}
+    want = grads(step, n)
+    assert list(rec.tensors) == list(want) or set(rec.tensors) == set(want)
+    for k, a in want.items():
+        got = rec.tensors[k]
+        assert got.dtype == a.dtype and got.shape == a.shape and got.tobytes() == a.tobytes(), k
+
+
+@pytest.mark.parametrize("sync", ["fsync", "os", "none"])
+def test_round_trip(tmp_path, sync):
+    p = tmp_path / "a.wal"
+    with Log.open(p, "a", sync=sync) as lg:
+        assert lg.log_bytes == 0 and lg.last_step == 0
+        for s in range(1, 6):
+            append(lg, s, chunks=3)
+        assert lg.last_step == 5 and lg.log_bytes > 0
+        assert [r.step for r in lg.records()] == [1, 2, 3, 4, 5]
+    with Log.open(p, "a", sync=sync) as lg:
+        recs = list(lg.records())
+        assert [r.step for r in recs] == [1, 2, 3, 4, 5]
+        for r in recs:
+            check(r, r.step)
+        assert recs[0].extras == {"worker": "w0", "loss": 1.0} and recs[0].kind == "gradients"
+        assert recs[0].tensors["s"].shape == ()
+        append(lg, 6)
+    with Log.open(p, "a") as lg:
+        assert [r.step for r in lg.records(after=4)] == [5, 6]
+
+
+def test_result_records_and_overrides(tmp_path):
+    """A non-deterministic optimizer logs its results; step/hyperparameters known at commit."""
+    with Log.open(tmp_path / "a.wal", "a") as lg:
+        w = lg.begin(1, None)
+        w.add("p/W", "float32", (3,), 0, np.ones(3, np.float32).tobytes())
+        w.add("s/m/W", "float32", (3,), 0, np.zeros(3, np.float32).tobytes())
+        w.commit(step=1, hyperparameters={"lr": 0.5}, extras={"kind": "result"})
+    with Log.open(tmp_path / "a.wal", "a") as lg:
+        (r,) = lg.records()
+        assert r.kind == "result" and r.fence is None and r.hyperparameters == {"lr": 0.5}
+        assert r.tensors["p/W"].tolist() == [1, 1, 1]
+
+
+def test_writer_refuses_bad_records(tmp_path):
+    with Log.open(tmp_path / "a.wal", "a") as lg:
+        before = lg.log_bytes
+        w = lg.begin(1)
+        w.add("W", "float32", (4,), 0, np.ones(2, np.float32).tobytes())
+        with pytest.raises(ValueError, match="2 of 4 elements"):
+            w.commit()
+        with pytest.raises(ValueError, match="outside"):
+            w.add("W", "float32", (4,), 3, np.ones(2, np.float32).tobytes())
+        with pytest.raises(ValueError, match="earlier ones"):
+            w.add("W", "float64", (4,), 2, np.ones(2).tobytes())
+        with pytest.raises(ValueError, match="whole"):
+            w.add("W", "float32", (4,), 2, b"abc")
+        w.abort()
+        assert lg.log_bytes == before  # truncated back: the file is as before the record
+        w = lg.begin(2)
+        with pytest.raises(ValueError, match="cannot follow step 0"):
+            w.commit()
+        w.abort()
+        with lg.begin(1) as w:
+            w.add("W", "float32", (4,), 0, np.ones(4, np.float32).tobytes())
+            w.commit()
+        with pytest.raises(ValueError, match="already finished"):
+            w.add("W", "float32", (4,), 0, np.ones(4, np.float32).tobytes())
+        with pytest.raises(ZeroDivisionError):  # an exception in the with block aborts the record
+            with lg.begin(2) as w:
+                w.add("W", "float32", (4,), 0, np.ones(4, np.float32).tobytes())
+                1 / 0
+    with Log.open(tmp_path / "a.wal", "a") as lg:
+        assert [r.step for r in lg.records()] == [1]
+
+
+def test_interleaved_records(tmp_path):
+    """Two streams of one session write at once; one commits, the other aborts."""
+    with Log.open(tmp_path / "a.wal", "a") as lg:
+        a, b = lg.begin(1, 0), lg.begin(1, 0)
+        x = np.arange(8, dtype=np.float32)
+        a.add("W", "float32", (8,), 0, x[:4].tobytes())
+        b.add("W", "float32", (8,), 0, (x * 2)[:4].tobytes())
+        b.add("W", "float32", (8,), 4, (x * 2)[4:].tobytes())
+        a.add("W", "float32", (8,), 4, x[4:].tobytes())
+        b.commit()
+        a.abort()
+        c = lg.begin(2, 1)  # a record open when the file is reopened is void
+        c.add("W", "float32", (8,), 0, x.tobytes())
+    with Log.open(tmp_path / "a.wal", "a") as lg:
+        (r,) = lg.records()
+        assert r.tensors["W"].tolist() == (x * 2).tolist()
+        append(lg, 2)
+    with Log.open(tmp_path / "a.wal", "a") as lg:
+        assert [r.step for r in lg.records()] == [1, 2]
+
+
+def test_reset_and_base_step(tmp_path):
+    p = tmp_path / "a.wal"
+    with Log.open(p, "a", base_step=10) as lg:
+        for s in range(11, 16):
+            append(lg, s)
+        # a snapshot was written at 13 and the server died before the log was cut
+        assert [r.step for r in lg.records(after=13)] == [14, 15]
+        with pytest.raises(ValueError, match="would lose"):
+            lg.reset(14)
+        w = lg.begin(16)
+        with pytest.raises(ValueError, match="still open"):
+            lg.reset(15)
+        w.abort()
+        lg.reset(15)
+        assert lg.log_bytes == 0 and lg.base_step == 15 and list(lg.records()) == []
+        with pytest.raises(CorruptLog, match="cannot continue a snapshot at step 13"):
+            list(lg.records(after=13))
+        append(lg, 16)
+    with Log.open(p, "a") as lg:
+        assert lg.base_step == 15 and [r.step for r in lg.records()] == [16]
+    assert not list(tmp_path.glob(".*.tmp"))
+    with pytest.raises(CorruptLog, match="belongs to session 'a'"):
+        Log.open(p, "b")
+
+
+def _log_with(tmp_path, steps=3, n=10, chunks=2):
+    p = tmp_path / "a.wal"
+    ends = []
+    with Log.open(p, "a", sync="none") as lg:
+        for s in range(1, steps + 1):
+            append(lg, s, chunks=chunks, n=n)
+            ends.append(lg.log_bytes)
+    head = p.stat().st_size - ends[-1]
+    return p, p.read_bytes(), [head] + [head + e for e in ends]
+
+
+def test_torn_tail_at_every_offset(tmp_path):
+    """A crash mid-append leaves any prefix of the last record: cut, then appending works."""
+    p, data, bounds = _log_with(tmp_path)
+    for cut in range(bounds[2], len(data)):
+        p.write_bytes(data[:cut])
+        with Log.open(p, "a", sync="none") as lg:
+            recs = list(lg.records())
+            assert [r.step for r in recs] == [1, 2]
+            for r in recs:
+                check(r, r.step)
+            assert p.stat().st_size == bounds[2]  # the torn bytes are gone
+            append(lg, 3)
+        with Log.open(p, "a") as lg:
+            assert [r.step for r in lg.records()] == [1, 2, 3]
+
+
+def test_garbage_after_the_last_record_is_cut_and_in_the_middle_raises(tmp_path):
+    p, data, bounds = _log_with(tmp_path)
+    for junk in (b"\0" * 4096, os.urandom(100), wal.FRAME_MAGIC + b"\x03" + os.urandom(60)):
+        p.write_bytes(data + junk)
+        with Log.open(p, "a") as lg:
+            assert [r.step for r in lg.records()] == [1, 2, 3]
+        p.write_bytes(data[:bounds[1]] + junk + data[bounds[1]:])
+        with pytest.raises(CorruptLog, match=f"offset {bounds[1]}") as e:
+            Log.open(p, "a")
+        assert str(p) in str(e.value)
+
+
+def test_every_bit_flipped(tmp_path):
+    """Each bit of a 3-record log flipped alone (thousands of cases): CorruptLog, or for a
+    flip inside the last record a clean cut to the first two; never other numbers."""
+    p, data, bounds = _log_with(tmp_path, n=3, chunks=1)
+    outcomes = {"corrupt": 0, "cut": 0}
+    for bit in range(len(data) * 8):
+        b = bytearray(data)
+        b[bit // 8] ^= 1 << (bit % 8)
+        p.write_bytes(b)
+        try:
+            with Log.open(p, "a", sync="none") as lg:
+                recs = list(lg.records())
+        except CorruptLog:
+            outcomes["corrupt"] += 1
+            continue
+        assert bit // 8 >= bounds[2], f"flip at byte {bit // 8} (before the last record) was not detected"
+        assert [r.step for r in recs] == [1, 2]
+        for r in recs:
+            check(r, r.step, n=3)
+        outcomes["cut"] += 1
+    assert outcomes["corrupt"] > 0 and outcomes["cut"] > 0
+
+
+def test_random_bit_flips_in_large_records(tmp_path):
+    p, data, bounds = _log_with(tmp_path, steps=4, n=5000, chunks=4)
+    rng = random.Random(7)
+    for _ in range(60):
+        bit = rng.randrange(bounds[0] * 8, len(data) * 8)
+        b = bytearray(data)
+        b[bit // 8] ^= 1 << (bit % 8)
+        p.write_bytes(b)
+        try:
+            with Log.open(p, "a", sync="none") as lg:
+                recs = list(lg.records())
+        except CorruptLog:
+            continue
+        assert bit // 8 >= bounds[3] and [r.step for r in recs] == [1, 2, 3]
+        for r in recs:
+            check(r, r.step, n=5000)
+
+
+def test_step_gap_raises(tmp_path):
+    p = tmp_path / "a.wal"
+    with Log.open(p, "a", sync="none") as lg:
+        append(lg, 1)
+        lg.last_step = 2  # as if step 2's record had vanished
+        append(lg, 3)
+    with pytest.raises(CorruptLog, match="record for step 3 follows step 1"):
+        Log.open(p, "a")
+
+
+def test_bad_file_header(tmp_path):
+    p = tmp_path / "a.wal"
+    Log.open(p, "a").close()
+    data = p.read_bytes()
+    for cut in (0, 5, 12, len(data) - 1):
+        p.write_bytes(data[:cut])
+        with pytest.raises(CorruptLog, match="offset 0"):
+            Log.open(p, "a")
+    p.write_bytes(data.replace(b'"base_step":0', b'"base_step":9'))
+    with pytest.raises(CorruptLog, match="header checksum"):
+        Log.open(p, "a")
+
+
+# -- kill -9 of an appending process ---------------------------------------------------------
+CHILD = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {tests!r})
+    from optreg.server.wal import Log
+    from test_wal import append
+    lg = Log.open({path!r}, "a", sync={sync!r})
+    s = lg.last_step
+    while True:
+        s += 1
+        append(lg, s, chunks=4, n={n})
+        print(s, flush=True)   # acknowledged: commit() returned
+""")
+
+
+@pytest.mark.parametrize("sync", ["fsync", "os"])
+def test_kill9_while_appending(tmp_path, sync):
+    p, n = tmp_path / "a.wal", 20000
+    code = CHILD.format(tests=os.path.dirname(__file__), path=str(p), sync=sync, n=n)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(SOURCE_ROOTS))
+    rng = random.Random(3)
+    acked = 0
+    for kill in range(22):
+        proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
+        first = proc.stdout.readline()  # it has started appending
+        assert first, "child died before its first record"
+        acked = max(acked, int(first))
+        time.sleep(rng.uniform(0.0, 0.15))
+        os.kill(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        for line in out.split():
+            acked = max(acked, int(line))
+        with Log.open(p, "a", sync="none") as lg:
+            recs = list(lg.records())
+        steps = [r.step for r in recs]
+        assert steps == list(range(1, len(steps) + 1))
+        assert len(steps) >= acked, f"kill {kill}: acknowledged step {acked} lost (log has {len(steps)})"
+        for r in recs[-3:]:
+            check(r, r.step, n=n)
+    assert acked >= 22
+
+
+# -- group commit ----------------------------------------------------------------------------
+@pytest.mark.parametrize("method", METHODS)
+def test_group_commit_concurrent_appenders(tmp_path, method):
+    syncer = GroupSyncer(method=method)
+    logs = [Log.open(tmp_path / f"s{i}.wal", f"s{i}", sync="fsync", syncer=syncer) for i in range(16)]
+    errors = []
+
+    def run(lg):
+        try:
+            for s in range(1, 21):
+                append(lg, s, n=1000)
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(lg,)) for lg in logs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert syncer.synced >= 16 * 20  # every commit was in a sync batch ...
+    assert syncer.batches < 16 * 20  # ... and batches were shared
+    for i, lg in enumerate(logs):
+        lg.close()
+        with Log.open(tmp_path / f"s{i}.wal", f"s{i}") as again:
+            assert [r.step for r in again.records()] == list(range(1, 21))
+    syncer.close()
+
+
+def test_os_mode_syncs_in_the_background(tmp_path):
+    syncer = GroupSyncer(interval=0.05)
+    with Log.open(tmp_path / "a.wal", "a", sync="os", syncer=syncer) as lg:
+        append(lg, 1)
+        assert syncer.batches == 0  # commit did not wait for a sync
+        deadline = time.monotonic() + 10
+        while syncer.batches == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert syncer.synced == 1
+    syncer.close()
+
+
+def test_wait_durable_after_commit(tmp_path):
+    syncer = GroupSyncer()
+    with Log.open(tmp_path / "a.wal", "a", sync="fsync", syncer=syncer) as lg:
+        w = append(lg, 1, wait=False)
+        assert syncer.batches == 0
+        w.wait_durable()
+        assert syncer.batches == 1
+    syncer.close()
+
+
+# -- disk full -------------------------------------------------------------------------------
+@pytest.mark.parametrize("sync", ["fsync", "os"])
+def test_disk_full(sync):
+    with disk_helpers.small_tmpfs("1m") as d:
+        filler = d / "filler"
+        filler.write_bytes(b"x" * (600 << 10))
+        p = d / "a.wal"
+        syncer = GroupSyncer()
+        lg = Log.open(p, "a", sync=sync, syncer=syncer)
+        s, failed = 0, None
+        while failed is None:
+            try:
+                append(lg, s + 1, chunks=3, n=3000)
+                s += 1
+            except OSError as e:
+                failed = e
+        assert failed.errno == errno.ENOSPC and s >= 1
+        assert lg.last_step == s
+        with Log.open(p, "a", sync="none") as other:  # what is on disk is every record before it
+            assert [r.step for r in other.records()] == list(range(1, s + 1))
+        filler.unlink()
+        append(lg, s + 1, chunks=3, n=3000)  # the same log goes on once space is freed
+        lg.close()
+        with Log.open(p, "a") as again:
+            recs = list(again.records())
+            assert [r.step for r in recs] == list(range(1, s + 2))
+            for r in recs:
+                check(r, r.step, n=3000)
+        syncer.close()
