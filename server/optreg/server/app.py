@@ -25,7 +25,7 @@ from optreg.server.factory import Limits
 from optreg.server.journal import Journal
 from optreg.server.store import SessionStore
 from optreg.server import telemetry_service
-from optreg.server.telemetry import TelemetryHub
+from optreg.server.telemetry import TelemetryHub, TelemetryObserver
 from optreg.v1 import registry_pb2, registry_pb2_grpc, session_pb2, session_pb2_grpc, tensors
 
 log = logging.getLogger("optreg.server")
@@ -145,6 +145,7 @@ class OptregServer:
         self.janitor = Janitor(self.store) if journal else None
         self.store.open_all()
         self.telemetry = _telemetry(settings, self.registry, self.auth)
+        self.store.observers.append(TelemetryObserver(self.telemetry))
         limit = settings.max_message_mb * 1024 * 1024
         self.grpc_server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="optreg"),

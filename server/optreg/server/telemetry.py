@@ -579,3 +579,58 @@ class TelemetryHub:
                 fn(session_id)
             except Exception:  # noqa: BLE001
                 log.exception("telemetry listener failed")
+
+
+def merge_stats(acc: np.ndarray, part: np.ndarray) -> None:
+    """Fold one chunk's four figures into a tensor's (sums add, the max of |g| is the max)."""
+    acc[:3] += part[:3]
+    acc[3] = max(acc[3], part[3])
+
+
+def sample_state(state: dict[str, dict[str, np.ndarray]], names) -> dict[str, dict[str, np.ndarray]]:
+    """The state at sample_indices of each tensor, in float64 (64 elements a tensor: no pass over memory)."""
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for slot, arrs in state.items():
+        out[slot] = {}
+        for n in names:
+            a = arrs[n].reshape(-1)
+            out[slot][n] = a[sample_indices(a.size)].astype(np.float64)
+    return out
+
+
+class TelemetryObserver:
+    """The store's observer (SessionStore.observers): turns a committed or refused StepRun into hub events.
+
+    Reads from the run: `t` (the step), `hp`, `metrics`, `result.replayed`, `reader` (the committed set,
+    held as a reader until run.close(), so its arrays are not reused while we sample them), and
+    `stats` ({name: float64[4]}: what kernels.apply(stats=...) measured in the update pass; the pipeline
+    fills it, folding chunks with merge_stats). A refusal's reason is the exception in flight when the
+    run is closed; a cancelled call (the client went away) is not a refusal.
+    """
+
+    def __init__(self, hub: TelemetryHub):
+        self.hub = hub
+
+    def on_step(self, session, run, *_) -> None:
+        result = getattr(run, "result", None)
+        if result is None or result.replayed:
+            return
+        defn = session.optimizer.definition
+        stats = getattr(run, "stats", None) or {}
+        sample = {}
+        if getattr(defn, "effective_lr", None) is not None and run.reader is not None:
+            sample = sample_state(run.reader.state, list(stats) or list(session.shapes))
+        self.hub.on_step(StepEvent(session.id, int(run.t), time.time(), owner=session.owner, optimizer=defn.name,
+                                   hyperparameters=dict(run.hp), tensors=stats, metrics=dict(run.metrics),
+                                   state_sample=sample))
+
+    def on_refused(self, session, run, *_) -> None:
+        import sys
+        error = sys.exc_info()[1]
+        if error is None or isinstance(error, GeneratorExit) or type(error).__name__ in ("Cancelled", "RpcError"):
+            return
+        self.hub.on_refused(session.id, session.owner, int(session.step), str(error) or type(error).__name__,
+                            session.optimizer.definition.name)
+
+    def on_delete(self, session, *_) -> None:
+        self.hub.on_delete(session.id)
