@@ -107,13 +107,16 @@ const FAMILIES = {
          value: (rec, n) => (rec.tensors[n] && rec.tensors[n].effective_lr.length) ? rec.tensors[n].effective_lr[1] : null },
 };
 
+// tensors in natural order (W1, b1, W2, ... W10), whatever order the step carried them in
+const byName = (a, b) => a.localeCompare(b, undefined, { numeric: true });
+
 function onStep(rec) {
   if (dash.byStep.has(rec.step)) return;  // a resent step (should not happen; Last-Event-ID resumes after it)
   dash.byStep.add(rec.step);
   dash.steps.push(rec.step);
   for (const [key, fam] of Object.entries(FAMILIES)) {
     const s = dash.series[key] || (dash.series[key] = { names: [], cols: {} });
-    for (const n of fam.names(rec)) {
+    for (const n of fam.names(rec).sort(byName)) {
       if (!(n in s.cols)) { s.names.push(n); s.cols[n] = new Array(dash.steps.length - 1).fill(null); s.rebuild = true; }
     }
     for (const n of s.names) {
