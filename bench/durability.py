@@ -46,7 +46,7 @@ def main() -> None:
                     for label, kw in MODES:
                         best = 0.0
                         for r in range(args.repeats):
-                            s = c.create_session("adam", {"w": np.zeros(n, np.float32)}, reply="none",
+                            s = c.create_session("adam", {"w": np.zeros(n, np.float32)}, step_reply="none",
                                                  durability=kw.get("durability", "none"),
                                                  **{k: v for k, v in kw.items() if k != "durability"})
                             g = {"w": np.full(n, 1e-3, np.float32)}

@@ -145,7 +145,7 @@ def bench_small(cfg, server, echo):
         for _ in range(50):
             s.step(g)
         unary = timed(lambda: s.step(g), reps)
-        s._large = True  # the same session over StepStream: one message each way
+        s._sender = lambda grads: s._stream  # the same session over StepStream: one message each way
         for _ in range(20):
             s.step(g)
         stream = timed(lambda: s.step(g), reps)
@@ -423,6 +423,11 @@ def bench_concurrency(cfg, server, _echo):
         note="higher is better; 2 cores shared by server and clients")
 
 
+def bench_torch(cfg, server, echo):
+    from bench.torch_adapter import bench_torch as run  # imports torch only when this section runs
+    run(cfg, server, echo)
+
+
 def bench_wal(cfg, server, echo):
     from bench.wal import bench_wal as run  # the log/snapshot library's figures (no server involved)
     run(cfg, server, echo)
@@ -434,7 +439,7 @@ def bench_telemetry(cfg, server, echo):
 
 
 SECTIONS = {"small": bench_small, "large": bench_large, "shm": bench_shm, "kernels": bench_kernels, "memory": bench_memory,
-            "concurrency": bench_concurrency, "wal": bench_wal, "telemetry": bench_telemetry}
+            "concurrency": bench_concurrency, "torch": bench_torch, "wal": bench_wal, "telemetry": bench_telemetry}
 
 
 class Config:

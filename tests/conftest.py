@@ -1,6 +1,7 @@
 """Shared fixtures: a real `optreg serve` process on a free loopback port."""
 from __future__ import annotations
 
+import io
 import os
 import pathlib
 import subprocess
@@ -10,7 +11,7 @@ import tempfile
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-SOURCE_ROOTS = [str(ROOT / d) for d in ("proto", "plugins", "server", "client")]
+SOURCE_ROOTS = [str(ROOT / d) for d in ("proto", "plugins", "server", "client", "app")]
 
 
 class ServerProcess:
@@ -42,10 +43,24 @@ class ServerProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             return self.proc.wait()
+        finally:
+            self._release()
 
     def kill(self) -> None:
         self.proc.kill()
         self.proc.wait()
+        self._release()
+
+    def _release(self) -> None:
+        """Close the pipes and remove the scratch data dir now, not when the garbage collector gets to it
+        (its ResourceWarnings would land in whichever test runs then)."""
+        for name in ("stdout", "stderr"):  # what is left stays readable, from memory
+            f = getattr(self.proc, name)
+            if f is not None and not isinstance(f, io.StringIO):
+                rest = "" if f.closed else f.read()
+                f.close()
+                setattr(self.proc, name, io.StringIO(rest))
+        self._tmp.cleanup()
 
 
 @pytest.fixture

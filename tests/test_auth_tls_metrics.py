@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from conftest import ServerProcess
-from optreg.client import Client
+from optreg.client import Client, RetryPolicy
 from optreg.client.errors import OptregError
 
 
@@ -96,7 +96,7 @@ def test_tls_with_tokens_end_to_end(start_server, tokens, tmp_path):
         sess = c.create_session("sgd", {"W": W}, lr=0.5)
         sess.step({"W": np.ones(3)})
         np.testing.assert_array_equal(W, np.full(3, 0.5))
-    with Client(s.address, token="alice-token", timeout=5, retries=0) as plain:  # plaintext to a TLS port
+    with Client(s.address, token="alice-token", timeout=5, retry=RetryPolicy(total_seconds=0)) as plain:  # plaintext to a TLS port
         with pytest.raises(OptregError) as e:
             plain.list_sessions()
         assert e.value.code == grpc.StatusCode.UNAVAILABLE
@@ -146,4 +146,5 @@ def test_metrics_endpoint(start_server, tmp_path):
     assert m['optreg_errors_total{code="INVALID_ARGUMENT",method="Step"}'] == 1
     assert m["optreg_received_bytes_total"] > 5 * 24 and m["optreg_sent_bytes_total"] > 5 * 24
     assert m["optreg_sessions_loaded"] == 2 and m["optreg_sessions_on_disk"] == 1
-    assert m["optreg_checkpoints_total"] == 6  # the create and 5 steps
+    assert m["optreg_checkpoints_total"] == 1  # the create's snapshot; the steps went to the log
+    assert m["optreg_log_records_total"] == 5 and m["optreg_log_bytes_total"] >= 5 * 24

@@ -45,9 +45,73 @@ def test_book_loop_same_numbers_with_service(server, name, kwargs):
     local_params, local_losses = train(getattr(book_reference, name)(**kwargs))
     with getattr(drop_in, name)(address=server.address, **kwargs) as remote:
         remote_params, remote_losses = train(remote)
-        assert remote.session.info.master_dtype == 2  # float64, as the book's arrays
+        assert remote.session.info.master_dtype == "float64"  # float64, as the book's arrays
         assert remote.session.step_count == 60
     for k in local_params:
         np.testing.assert_allclose(remote_params[k], local_params[k], rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(remote_losses, local_losses, rtol=1e-12)
     assert remote_losses[-1] < remote_losses[0]
+
+
+class Interrupted(Exception):
+    pass
+
+
+def _steps(optimizer, net, x, t, batches):
+    for batch in batches:
+        optimizer.update(net.params, net.gradient(x[batch], t[batch]))
+
+
+def test_dropin_resumes_by_session_id_and_ends_its_session(server, client):
+    rng = np.random.default_rng(3)
+    x, t = rng.standard_normal((200, 20)), rng.integers(0, 3, 200)
+    initial = TwoLayerNet(rng).params
+    batches = [rng.choice(200, 32) for _ in range(8)]
+    reference = TwoLayerNet(rng)
+    reference.params = {k: v.copy() for k, v in initial.items()}
+    _steps(book_reference.Adam(), reference, x, t, batches)
+
+    first = TwoLayerNet(rng)
+    first.params = {k: v.copy() for k, v in initial.items()}
+    with pytest.raises(Interrupted):
+        with drop_in.Adam(address=server.address, session_id="book-resume") as optimizer:
+            _steps(optimizer, first, x, t, batches[:5])
+            raise Interrupted  # Ctrl-C, say: the session stays for the next run
+    assert client.get_session("book-resume").step == 5
+
+    second = TwoLayerNet(np.random.default_rng(99))  # a fresh start: resuming overwrites these values
+    with drop_in.Adam(address=server.address, session_id="book-resume") as optimizer:
+        start = optimizer.resume(second.params)
+        assert start == 5
+        _steps(optimizer, second, x, t, batches[start:])
+        assert optimizer.step == 8
+    for k in initial:
+        np.testing.assert_allclose(second.params[k], reference.params[k], rtol=1e-12, atol=1e-14)
+    with pytest.raises(drop_in.NotFound):  # the run finished: its session ended with the block
+        client.get_session("book-resume")
+
+
+def test_dropin_keep_and_close(server, client):
+    p = {"w": np.ones(3)}
+    optimizer = drop_in.SGD(address=server.address, session_id="book-close")
+    optimizer.update(p, {"w": np.ones(3)})
+    optimizer.close()
+    with pytest.raises(drop_in.NotFound):
+        client.get_session("book-close")
+    with drop_in.SGD(address=server.address, session_id="book-kept", keep=True) as optimizer:
+        optimizer.update(p, {"w": np.ones(3)})
+    assert client.get_session("book-kept").step == 1
+    p = {"w": np.zeros(3)}  # not the session's values
+    with drop_in.SGD(address=server.address, session_id="book-kept", keep=False) as optimizer:
+        with pytest.warns(RuntimeWarning, match="were not applied"):
+            optimizer.update(p, {"w": np.ones(3)})  # resumes at step 1; these gradients are stale
+        np.testing.assert_array_equal(p["w"], 0.98)  # 1 - 0.01 (book-close), - 0.01 (book-kept)
+        assert optimizer.step == 1
+        optimizer.update(p, {"w": np.ones(3)})
+        assert optimizer.step == 2
+    with pytest.raises(drop_in.NotFound):
+        client.get_session("book-kept")
+    with pytest.raises(drop_in.UsageError, match="cannot resume"):
+        with drop_in.Adam(address=server.address, session_id="book-mismatch") as first:
+            first.update({"w": np.ones(3)}, {"w": np.ones(3)})
+            drop_in.SGD(client=client, session_id="book-mismatch").update({"w": np.ones(3)}, {"w": np.ones(3)})

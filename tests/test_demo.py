@@ -1,6 +1,6 @@
 """`optreg demo --quick` end to end, plus the demo's own numpy parts.
 
-The demo runs as a subprocess (`python -m optreg.server demo`), with its
+The demo runs as a subprocess (`python -m optreg.app demo`), with its
 in-process server; the checks read the summary.json it writes beside the
 figures, not its human-readable output.
 """
@@ -22,14 +22,19 @@ pytest.importorskip("matplotlib", reason="optreg demo needs the demo extra: pip 
 ADAPTIVE = ("AdaGrad", "Adam", "RMSprop")
 
 
-@pytest.fixture(scope="module")
-def quick_demo(tmp_path_factory):
+@pytest.fixture(scope="module", params=["digits", "fashion-mnist"])
+def quick_demo(request, tmp_path_factory):
+    """The quick demo on scikit-learn's digits (always there) and on Fashion-MNIST where installed."""
+    from optreg.app.demo.data import FASHION_DIR, IDX_FILES, _find
+    if request.param == "fashion-mnist" and not all(_find(FASHION_DIR, stem) for stem in IDX_FILES.values()):
+        pytest.skip(f"Fashion-MNIST is not in {FASHION_DIR} (apt install dataset-fashion-mnist)")
     out = tmp_path_factory.mktemp("demo")
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(SOURCE_ROOTS + [env.get("PYTHONPATH", "")])
     env["MPLBACKEND"] = "Agg"
-    done = subprocess.run([sys.executable, "-m", "optreg.server", "demo", "--quick", "--no-progress",
-                           "--out", str(out)], capture_output=True, text=True, env=env, timeout=900)
+    done = subprocess.run([sys.executable, "-m", "optreg.app", "demo", "--quick", "--no-progress",
+                           "--dataset", request.param, "--out", str(out)],
+                          capture_output=True, text=True, env=env, timeout=900)
     assert done.returncode == 0, f"optreg demo --quick failed:\n{done.stdout}\n{done.stderr}"
     return out, json.loads((out / "summary.json").read_text()), done.stdout
 
@@ -42,6 +47,36 @@ def test_demo_writes_both_figures(quick_demo):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f"{name} is not a PNG"
         assert png.stat().st_size > 10_000, f"{name} is suspiciously small"
     assert summary["figures"] == {"paths": str(out / "paths.png"), "training": str(out / "training.png")}
+
+
+def test_training_figure_axes_fit_the_data(quick_demo):
+    _, summary, _ = quick_demo
+    training = summary["training"]
+    axes = training["axes"]
+    assert axes["iteration_range"] == [0, training["iterations"] - 1]
+    assert axes["accuracy_range"][0] == 0  # from zero: close accuracies look close
+    finals = [r["final_loss"] for r in training["optimizers"].values()]
+    # log exactly when the final losses are far apart (the digits: SGD ~0.7, the adaptive ones ~0.01)
+    assert axes["loss_scale"] == ("log" if max(finals) / min(finals) > 5 else "linear"), finals
+    low, high = axes["loss_range"]
+    assert low <= min(finals) and high >= max(r["initial_loss"] for r in training["optimizers"].values()) / 2
+
+
+def test_demo_writes_into_its_own_folder_by_default():
+    from optreg.app.cli import build_parser
+    args = build_parser().parse_args(["demo"])
+    assert args.out == "optreg-demo"
+
+
+def test_log_scale_and_iterations_follow_the_data():
+    from optreg.app.demo import training
+    from optreg.app.demo.data import Dataset
+    assert training.use_log_scale([0.74, 0.06, 0.015, 0.019, 0.013])  # digits after 200 iterations
+    assert not training.use_log_scale([0.438, 0.320, 0.313, 0.298, 0.306])  # Fashion-MNIST after 2,000
+    small = Dataset("small", np.zeros((1497, 64)), np.zeros(1497, int), np.zeros((300, 64)), np.zeros(300, int))
+    large = Dataset("large", np.zeros((60000, 1)), np.zeros(60000, int), np.zeros((10, 1)), np.zeros(10, int))
+    assert training.default_iterations(small) == training.SMALL_SET_ITERATIONS
+    assert training.default_iterations(large) == training.ITERATIONS
 
 
 def test_demo_names_its_data_set(quick_demo):
@@ -76,7 +111,7 @@ def test_each_optimizer_lowered_the_loss_and_sgd_is_slowest(quick_demo):
 # --- the demo's parts, in process -------------------------------------------------
 
 def test_backprop_matches_numerical_gradient():
-    from optreg.server.demo.network import MultiLayerNet
+    from optreg.app.demo.network import MultiLayerNet
     rng = np.random.default_rng(1)
     net = MultiLayerNet(5, [4, 3], 3, rng)
     for k in net.params:  # biases away from zero so no ReLU sits on its kink
@@ -117,7 +152,7 @@ def _write_idx(path, array: np.ndarray, gz: bool) -> None:
 
 
 def test_idx_files_are_read_as_the_books_loader_saves_them(tmp_path):
-    from optreg.server.demo.data import load
+    from optreg.app.demo.data import load
     rng = np.random.default_rng(2)
     x_train = rng.integers(0, 256, (7, 28, 28))
     t_train = rng.integers(0, 10, 7)
@@ -136,6 +171,6 @@ def test_idx_files_are_read_as_the_books_loader_saves_them(tmp_path):
 
 
 def test_missing_idx_file_is_named(tmp_path):
-    from optreg.server.demo.data import load
+    from optreg.app.demo.data import load
     with pytest.raises(FileNotFoundError, match="train-images-idx3-ubyte"):
         load(str(tmp_path))

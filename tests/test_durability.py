@@ -16,7 +16,7 @@ from safetensors.numpy import load_file
 
 from conftest import SOURCE_ROOTS
 from durability_helpers import adam_replay, assert_state, step_request, stub
-from optreg.client import Client
+from optreg.client import Client, RetryPolicy
 from optreg.client.errors import OptregError
 from optreg.v1 import session_pb2, tensors
 
@@ -46,7 +46,7 @@ def test_restart_keeps_every_session(start_server, tmp_path):
             for x in sess.values():
                 x.step(g)
         info = c.get_session("s-periodic")
-        assert info.durability == session_pb2.DURABILITY_PERIODIC
+        assert info.durability == "periodic"
         assert (info.periodic_steps, info.periodic_seconds) == (1000, 1000)
         assert info.persisted_step == 0  # the window has not closed: only the create is on disk
     assert s.stop() == 0  # SIGTERM flushes the periodic session
@@ -58,7 +58,7 @@ def test_restart_keeps_every_session(start_server, tmp_path):
             assert c.get_session(sid).loaded is False  # read from disk on first use
             assert_state(st, sid, p0, grads, lr=0.01)
     files = sorted(p.name for p in (tmp_path / "sessions").iterdir())
-    assert files == ["s-every-step.safetensors", "s-periodic.safetensors"]
+    assert files == ["s-every-step.safetensors", "s-every-step.wal", "s-periodic.safetensors"]
     arrays = load_file(str(tmp_path / "sessions" / "s-every-step.safetensors"))  # plain safetensors
     np.testing.assert_allclose(arrays["params/W"], adam_replay(p0, grads, lr=0.01)[0]["W"], rtol=1e-12)
 
@@ -66,7 +66,7 @@ def test_restart_keeps_every_session(start_server, tmp_path):
 def _trainer(address, sid, seed, log, stop):
     """Steps until the server dies; log: (acked steps, grads sent per step number)."""
     rng = np.random.default_rng(seed)
-    with Client(address, retries=0, timeout=10) as c:
+    with Client(address, retry=RetryPolicy(total_seconds=0), timeout=10) as c:
         s = c.session(sid, params={n: np.zeros(shape) for n, shape in SHAPES.items()})
         while not stop.is_set():
             g = _grads(rng)
@@ -132,12 +132,14 @@ def test_kill9_periodic_loses_at_most_the_window(start_server, tmp_path):
 
 
 def test_crash_between_write_and_rename_keeps_previous_checkpoint(start_server, tmp_path):
-    # Checkpoint writes: the create (1), step 1 (2), step 2 (3); the 4th (step 3) exits before its rename.
+    # Snapshot writes (periodic, every step): the create (1), step 1 (2), step 2 (3); the 4th (step 3) exits
+    # before its rename.
     s = start_server("--data-dir", str(tmp_path), env={"OPTREG_TEST_CRASH_BEFORE_RENAME": "4"})
     p0, rng = _p0(7), np.random.default_rng(8)
     grads = [_grads(rng) for _ in range(3)]
-    with Client(s.address, retries=0) as c:
-        sess = c.create_session("adam", {n: a.copy() for n, a in p0.items()}, lr=0.01, session_id="crash")
+    with Client(s.address, retry=RetryPolicy(total_seconds=0)) as c:
+        sess = c.create_session("adam", {n: a.copy() for n, a in p0.items()}, lr=0.01, session_id="crash",
+                                durability="periodic", periodic_steps=1)
         sess.step(grads[0])
         sess.step(grads[1])
         with pytest.raises(OptregError):
@@ -160,7 +162,7 @@ def test_retried_step_applied_once_across_restart(start_server, tmp_path, reply)
     p0, rng = _p0(9), np.random.default_rng(10)
     g1, g2 = _grads(rng), _grads(rng)
     with Client(s.address) as c:
-        c.create_session("adam", {n: a.copy() for n, a in p0.items()}, lr=0.01, session_id="rt", reply=reply)
+        c.create_session("adam", {n: a.copy() for n, a in p0.items()}, lr=0.01, session_id="rt", step_reply=reply)
     _, st = stub(s.address)
     first = st.Step(step_request("rt", 0, g1), timeout=10)
     dup = st.Step(step_request("rt", 0, g1), timeout=10)  # duplicate delivery
@@ -183,7 +185,7 @@ def test_retried_step_applied_once_across_restart(start_server, tmp_path, reply)
 
 def _cli(*args):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(SOURCE_ROOTS))
-    return subprocess.run([sys.executable, "-m", "optreg.server", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "optreg.app", "sessions", *args], capture_output=True, text=True,
                           env=env, timeout=60)
 
 
@@ -223,7 +225,7 @@ def test_idle_session_unloaded_and_reloaded(start_server, tmp_path):
     grads = [_grads(rng) for _ in range(4)]
     with Client(s.address) as c:
         sess = c.create_session("adam", {n: x.copy() for n, x in p0.items()}, lr=0.01, session_id="idle",
-                                reply="delta")
+                                step_reply="delta")
         for g in grads[:2]:
             sess.step(g)
         for _ in range(200):
@@ -277,7 +279,7 @@ def test_memory_only_server_refuses_durable_sessions(start_server):
         with pytest.raises(OptregError) as e:
             c.create_session("sgd", {"W": np.zeros(3)}, durability="every-step")
         assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION and "--data-dir" in e.value.details
-        assert c.create_session("sgd", {"W": np.zeros(3)}).info.durability == session_pb2.DURABILITY_NONE
+        assert c.create_session("sgd", {"W": np.zeros(3)}).info.durability == "none"
         with pytest.raises(OptregError) as e:
             c.create_session("sgd", {"W": np.zeros(3)}, session_id="../etc/passwd")
         assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT

@@ -8,7 +8,7 @@ from optreg.client import Client
 def test_lion_listed_and_stepping(server):
     pytest.importorskip("optreg_lion", reason="pip install -e examples/optreg-lion (the README's test command does)")
     with Client(server.address) as c:
-        found = {o.name: o for o in c.optimizers().optimizers}
+        found = {o.name: o for o in c.optimizers()}
         assert found["lion"].distribution == "optreg-lion" and found["lion"].plugin == "lion"
         rng = np.random.default_rng(0)
         p = {"w": rng.standard_normal((5, 7))}

@@ -10,7 +10,7 @@ from optreg.v1 import session_pb2, session_pb2_grpc, tensors
 @pytest.mark.parametrize("reply", ["parameters", "delta", "none"])
 def test_duplicate_step_applied_once(server, client, reply):
     params = {"w": np.array([1.0, 2.0, 3.0])}
-    s = client.create_session("momentum", params, lr=0.1, reply=reply)
+    s = client.create_session("momentum", params, lr=0.1, step_reply=reply)
     with grpc.insecure_channel(server.address) as ch:
         stub = session_pb2_grpc.SessionServiceStub(ch)
         req = session_pb2.StepRequest(session_id=s.id, step=0, gradients=[tensors.from_numpy("w", np.ones(3))])

@@ -1,4 +1,5 @@
-"""The committed bindings equal a fresh generation from the .proto files."""
+"""The committed bindings, and the descriptor set that reflection serves, equal a fresh generation
+from the .proto files."""
 import importlib.util
 import pathlib
 
@@ -21,4 +22,5 @@ def test_generated_code_is_not_stale(tmp_path):
         assert committed.read_bytes() == content, f"{rel} is stale: run python proto/generate.py"
     committed_generated = {p.relative_to(ROOT) for p in (ROOT / "optreg").rglob("*_pb2*.py*")
                            if "__pycache__" not in p.parts}
-    assert committed_generated == set(fresh), "bindings for a removed .proto are still committed"
+    assert committed_generated == {r for r in fresh if "_pb2" in r.name}, \
+        "bindings for a removed .proto are still committed"

@@ -24,7 +24,7 @@ def test_64_clients_over_1000_sessions(start_server, tmp_path):
             with Client(s.address, timeout=60) as c:
                 mine = [f"load-{i}" for i in range(k, SESSIONS, CLIENTS)]
                 sessions = [c.create_session("momentum", {"w": np.zeros(8, dtype=np.float32)}, session_id=sid,
-                                             lr=0.1, reply="none") for sid in mine]
+                                             lr=0.1, step_reply="none") for sid in mine]
                 barrier.wait()
                 g = {"w": np.ones(8, dtype=np.float32)}
                 for _ in range(STEPS):

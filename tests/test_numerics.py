@@ -21,12 +21,12 @@ def test_float64_matches_book_formula(client, name):
     ref_params = {k: v.copy() for k, v in params.items()}
     ref = BY_NAME[name](**HPS[name])
     session = client.create_session(name, params, **HPS[name])
-    assert session.info.master_dtype == 2  # float64 follows the arrays
+    assert session.info.master_dtype == "float64"  # float64 follows the arrays
     for _ in range(STEPS):
         grads = {k: rng.standard_normal(s) for k, s in SHAPES.items()}
         ref.update(ref_params, grads)
         out = session.step(grads)
-        assert out is session.arrays
+        assert out.arrays is session.arrays and out.step == _ + 1 and not out.replayed
     for k in SHAPES:
         np.testing.assert_allclose(params[k], ref_params[k], rtol=1e-12, atol=1e-12, err_msg=f"{name} {k}")
     np.testing.assert_array_equal(session.read_parameters()["W1"], params["W1"])
@@ -88,7 +88,7 @@ def test_mid_run_learning_rate_change_keeps_folded_velocity(client):
 
 def test_delta_reply(client):
     p = {"w": np.arange(6.0).reshape(2, 3)}
-    s = client.create_session("sgd", p, lr=0.1, reply="delta")
+    s = client.create_session("sgd", p, lr=0.1, step_reply="delta")
     s.step({"w": np.ones((2, 3))})
     np.testing.assert_allclose(p["w"], np.arange(6.0).reshape(2, 3) - 0.1)
     np.testing.assert_allclose(s.read_parameters()["w"], p["w"])
@@ -97,7 +97,7 @@ def test_delta_reply(client):
 
 def test_none_reply_leaves_client_arrays(client):
     p = {"w": np.zeros(3)}
-    s = client.create_session("sgd", p, lr=1.0, reply="none")
+    s = client.create_session("sgd", p, lr=1.0, step_reply="none")
     s.step({"w": np.ones(3)})
     np.testing.assert_array_equal(p["w"], np.zeros(3))
     np.testing.assert_array_equal(s.read_parameters()["w"], -np.ones(3))

@@ -20,7 +20,7 @@ BOOK_DEFAULTS = {"sgd": {"lr": 0.01}, "momentum": {"lr": 0.01, "momentum": 0.9},
 
 def run_cli(*args):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(SOURCE_ROOTS))
-    return subprocess.run([sys.executable, "-m", "optreg.server", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "optreg.app", *args], capture_output=True, text=True,
                           env=env, check=True).stdout
 
 

@@ -74,8 +74,8 @@ def test_numbers_equal_step(client, optimizer, master, reply, shape):
     rng = np.random.default_rng(0)
     dt = np.dtype(master)
     init = {"w": rng.standard_normal(shape).astype(dt), "b": rng.standard_normal(3).astype(dt)}
-    plain = client.create_session(optimizer, {k: v.copy() for k, v in init.items()}, reply=reply)
-    shared = client.create_session(optimizer, {k: v.copy() for k, v in init.items()}, reply=reply)
+    plain = client.create_session(optimizer, {k: v.copy() for k, v in init.items()}, step_reply=reply)
+    shared = client.create_session(optimizer, {k: v.copy() for k, v in init.items()}, step_reply=reply)
     arrays = shared.enable_shared_memory()
     assert arrays is shared.arrays and np.array_equal(arrays["w"], init["w"])
     for i in range(4):
@@ -262,20 +262,20 @@ def test_only_owner(start_server, tmp_path):
         with pytest.raises(OptregError) as e:
             bob.session(a.id)
         assert e.value.code == grpc.StatusCode.PERMISSION_DENIED
-        bob_stub = bob.sessions
-        with pytest.raises(grpc.RpcError) as e:
-            next(bob_stub.RegisterSharedMemory(session_pb2.RegisterSharedMemoryRequest(session_id=a.id,
-                                                                                       key=a._shm.key)))
-        assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
-        with pytest.raises(grpc.RpcError) as e:
-            bob_stub.StepSharedMemory(session_pb2.StepSharedMemoryRequest(
-                session_id=a.id, key=a._shm.key, gradients=[region("w", [3], 64)]))
-        assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        bob_rpc = bob.transport  # the raw RPCs, as another program holding bob's token would send them
+        with pytest.raises(OptregError) as e:
+            next(bob_rpc.stream_out("RegisterSharedMemory", session_pb2.RegisterSharedMemoryRequest(
+                session_id=a.id, key=a._shm.key), timeout=10))
+        assert e.value.code == grpc.StatusCode.PERMISSION_DENIED
+        with pytest.raises(OptregError) as e:
+            bob_rpc.unary("StepSharedMemory", session_pb2.StepSharedMemoryRequest(
+                session_id=a.id, key=a._shm.key, gradients=[region("w", [3], 64)]), timeout=10)
+        assert e.value.code == grpc.StatusCode.PERMISSION_DENIED
         b = bob.create_session("sgd", {"w": np.ones(3, np.float32)})
-        with pytest.raises(grpc.RpcError) as e:  # alice's segment is not registered for bob's session
-            bob_stub.StepSharedMemory(session_pb2.StepSharedMemoryRequest(
-                session_id=b.id, key=a._shm.key, gradients=[region("w", [3], 64)]))
-        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        with pytest.raises(OptregError) as e:  # alice's segment is not registered for bob's session
+            bob_rpc.unary("StepSharedMemory", session_pb2.StepSharedMemoryRequest(
+                session_id=b.id, key=a._shm.key, gradients=[region("w", [3], 64)]), timeout=10)
+        assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION
         a.step({"w": np.ones(3, np.float32)})
         np.testing.assert_allclose(a.arrays["w"], 0.99)
         key = a._shm.key

@@ -125,14 +125,15 @@ def test_large_client_step_uses_stream_and_reuses_buffers(client):
     n = 700_000  # 2.8 MB: above the client's streaming threshold, several chunks
     w = rng.standard_normal(n).astype(np.float32)
     s = client.create_session("adam", {"w": w})
-    assert s._large
+    from optreg.client.stepping import StreamStep
+    assert isinstance(s._sender({"w": w}), StreamStep)
     g = rng.standard_normal(n).astype(np.float32)
     s.step(g_dict := {"w": g})
-    rx = s._rx["w"]
+    rx = s._stream.rx["w"]
     ref = s.read_parameters()["w"]
     np.testing.assert_array_equal(w, ref)
     s.step({"w": g.astype(np.float16)})
-    assert s._rx["w"] is rx  # the same receive buffer, not a fresh 2.8 MB array
+    assert s._stream.rx["w"] is rx  # the same receive buffer, not a fresh 2.8 MB array
     np.testing.assert_array_equal(w, s.read_parameters()["w"])
     assert s.step_count == 2
     s.delete()

@@ -81,6 +81,20 @@ def test_round_trip(tmp_path, sync):
         assert [r.step for r in lg.records(after=4)] == [5, 6]
 
 
+def test_arrays_as_chunks_and_nan_metrics(tmp_path):
+    with Log.open(tmp_path / "a.wal", "a") as lg:
+        w = lg.begin(1, 0, {"lr": 0.1}, {"loss": float("nan")})
+        bf = np.arange(6).astype(ml_dtypes.bfloat16).reshape(2, 3)
+        w.add("bf", bf.dtype, bf.shape, 0, bf)             # an array, bfloat16 included
+        w.add("s", "float32", (), 0, np.array(2.5, np.float32))
+        w.commit()
+    with Log.open(tmp_path / "a.wal", "a") as lg:
+        (r,) = lg.records()
+        assert r.tensors["bf"].tobytes() == bf.tobytes() and r.tensors["bf"].dtype == bf.dtype
+        assert r.tensors["s"].shape == () and r.tensors["s"] == 2.5
+        assert np.isnan(r.extras["loss"])
+
+
 def test_result_records_and_overrides(tmp_path):
     """A non-deterministic optimizer logs its results; step/hyperparameters known at commit."""
     with Log.open(tmp_path / "a.wal", "a") as lg:
@@ -397,3 +411,63 @@ def test_disk_full(sync):
             for r in recs:
                 check(r, r.step, n=3000)
         syncer.close()
+
+
+def test_random_interleavings_against_a_model(tmp_path):
+    """Random sequences of begin/add/commit/abort over several open records, reopens and
+    resets: the log always reads back exactly the committed records since its base."""
+    rng = random.Random(11)
+    p = tmp_path / "m.wal"
+    lg = Log.open(p, "m", sync="none")
+    model: dict[int, dict] = {}  # step -> tensors
+    open_w: list = []            # [writer, tensors, remaining chunks]
+
+    def compare(log_):
+        got = {r.step: r.tensors for r in log_.records()}
+        want = {s: t for s, t in model.items() if s > log_.base_step}
+        assert sorted(got) == sorted(want)
+        for s, t in want.items():
+            assert set(got[s]) == set(t)
+            for k in t:
+                assert got[s][k].dtype == t[k].dtype and got[s][k].tobytes() == t[k].tobytes()
+
+    for _ in range(1500):
+        op = rng.random()
+        if op < 0.2 and len(open_w) < 3:
+            tensors = {f"t{i}": np.random.default_rng(rng.randrange(1 << 30)).standard_normal(
+                rng.randrange(0, 40)).astype(rng.choice([np.float32, np.float16, ml_dtypes.bfloat16]))
+                for i in range(rng.randrange(1, 4))}
+            chunks = []
+            for name, a in tensors.items():
+                cuts = sorted({0, a.size, *(rng.randrange(a.size + 1) for _ in range(2))})
+                chunks += [(name, lo, hi) for lo, hi in zip(cuts, cuts[1:])] or [(name, 0, 0)]
+            rng.shuffle(chunks)
+            open_w.append([lg.begin(0, None, {"lr": 0.1}), tensors, chunks])
+        elif op < 0.75 and open_w:
+            w, tensors, chunks = rng.choice(open_w)
+            if chunks:
+                name, lo, hi = chunks.pop()
+                a = tensors[name]
+                w.add(name, a.dtype, a.shape, lo, a[lo:hi])
+        elif op < 0.93 and open_w:
+            entry = rng.choice(open_w)
+            w, tensors, chunks = entry
+            if not chunks:
+                w.commit(step=lg.last_step + 1)
+                model[lg.last_step] = tensors
+                open_w.remove(entry)
+        elif op < 0.96 and open_w:
+            entry = open_w.pop(rng.randrange(len(open_w)))
+            entry[0].abort()
+        elif op < 0.985:
+            lg.close()  # records still open are void
+            open_w.clear()
+            lg = Log.open(p, "m", sync="none")
+            compare(lg)
+        elif not open_w:
+            lg.reset(lg.last_step)
+            compare(lg)
+    lg.close()
+    with Log.open(p, "m") as again:
+        compare(again)
+    assert len(model) > 50

@@ -1,54 +1,113 @@
 """Drop-in replacements for the book's optimizer classes, their state living in optreg.
 
-    optimizer = Adam(lr=0.001, address="127.0.0.1:50051")
-    for i in range(iters):
-        grads = network.gradient(x_batch, t_batch)
-        optimizer.update(network.params, grads)   # as in the book
+    with Adam(lr=0.001, session_id="mnist-adam") as optimizer:
+        for i in range(optimizer.resume(network.params), iters):
+            grads = network.gradient(x_batch, t_batch)
+            optimizer.update(network.params, grads)   # as in the book
 
-The first `update` opens a session from the arrays it is given (their dtype becomes
-the master dtype: the book works in float64); each `update` writes the new values
-into those same arrays.
+The first `update` opens a session from the arrays it is given (their dtype becomes the master
+dtype: the book works in float64); each `update` writes the new values into those same arrays.
+
+`session_id`: a name for the session. If one of that name exists (a run that was interrupted),
+`resume(params)` (or else the first `update`) attaches to it: the optimizer, names and shapes
+must match, the arrays receive its parameters, and `resume` returns its step to continue from.
+None: a fresh session, never resumed.
+
+`keep`: what `close()` and leaving the with-block do with the session.
+  - None (the default): with a session_id, "on-error"; without one, False.
+  - "on-error": delete it when the block ends normally (the run is done); keep it when an
+    exception ends the block (Ctrl-C, a crash), so running again resumes it. close() deletes.
+  - False: always delete it. True: always keep it (delete it yourself, or with
+    `optreg sessions delete ID`).
 """
 from __future__ import annotations
 
-import os
+import warnings
 
-from optreg.client.client import Client, Session
+import numpy as np
 
-DEFAULT_ADDRESS = os.environ.get("OPTREG_ADDRESS", "127.0.0.1:50051")
+from optreg.client.client import Client
+from optreg.client.errors import UsageError
+from optreg.client.session import KEEP_CHOICES, Session
 
 
 class _ServiceOptimizer:
     optimizer = ""
 
-    def __init__(self, address: str | None = None, client: Client | None = None, **hyperparameters):
+    def __init__(self, address: str | None = None, client: Client | None = None, *, session_id: str | None = None,
+                 keep=None, **hyperparameters):
+        if keep is not None and keep not in KEEP_CHOICES:
+            raise UsageError(f"keep={keep!r}: use None, True, False or 'on-error'")
         self._own_client = client is None
-        self.client = client or Client(address or DEFAULT_ADDRESS)
+        self.client = client or Client(address)
         self.hyperparameters = hyperparameters
+        self.session_id = session_id
+        self.keep = keep if keep is not None else ("on-error" if session_id else False)
         self.session: Session | None = None
 
-    def update(self, params, grads) -> None:
+    def __repr__(self):
+        where = self.session.id if self.session is not None else self.session_id or "no session yet"
+        return f"<{type(self).__name__} {where} {self.hyperparameters}>"
+
+    def resume(self, params) -> int:
+        """Open the session now: a new one from `params`, or, when one named `session_id` exists,
+        that one, its parameters copied into `params`. Returns the step to continue from
+        (0 for a new session). Call it before the loop, so the first gradients are computed from
+        the resumed parameters: `for i in range(optimizer.resume(network.params), iters)`."""
         if self.session is None:
-            dtype = next(iter(params.values())).dtype.name
-            self.session = self.client.create_session(
-                self.optimizer, params, master_dtype=dtype if dtype in ("float32", "float64") else None,
-                **self.hyperparameters)
+            self._open(params)
+        return self.step
+
+    def _open(self, params) -> bool:
+        """Open or resume the session; True if resuming changed the values in `params`."""
+        dtype = next(iter(params.values())).dtype.name
+        before = {k: v.copy() for k, v in params.items()} if self.session_id is not None else None
+        self.session = self.client.create_session(
+            self.optimizer, params, session_id=self.session_id, resume=self.session_id is not None,
+            master_dtype=dtype if dtype in ("float32", "float64") else None, keep=self.keep, **self.hyperparameters)
+        return self.session.resumed and any(not np.array_equal(before[k], params[k]) for k in params)
+
+    def update(self, params, grads) -> None:
+        if self.session is None and self._open(params):
+            # Resumed without resume(): these gradients were computed from the parameters the
+            # arrays held before, not from the session's; applying them would be wrong.
+            warnings.warn(f"{type(self).__name__}: resumed session {self.session.id!r} at step {self.step}; its "
+                          "parameters are now in the arrays and this update's gradients (computed from the old "
+                          "values) were not applied. Call optimizer.resume(params) before the loop.",
+                          RuntimeWarning, stacklevel=2)
+            return
         self.session.arrays = params
         self.session.step({k: grads[k] for k in params})
 
-    def close(self) -> None:
-        """Delete the session (and close the connection this object opened)."""
-        if self.session is not None:
-            self.session.delete()
-            self.session = None
-        if self._own_client:
-            self.client.close()
+    @property
+    def step(self) -> int:
+        """Steps applied so far (0 before the first update)."""
+        return self.session.step_count if self.session is not None else 0
+
+    def close(self, *, delete: bool | None = None) -> None:
+        """End this optimizer: delete its session unless keep=True (or `delete` says otherwise),
+        and close the connection this object opened."""
+        if delete is None:
+            delete = self.keep is not True
+        self._end(delete)
+
+    def _end(self, delete: bool) -> None:
+        try:
+            if self.session is not None:
+                if delete:
+                    self.session.delete()
+                else:
+                    self.session.disable_shared_memory()
+                self.session = None
+        finally:
+            if self._own_client:
+                self.client.close()
 
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.close()
+    def __exit__(self, exc_type, exc, tb):
+        self._end(self.keep is False or (self.keep == "on-error" and exc_type is None))
 
 
 class SGD(_ServiceOptimizer):

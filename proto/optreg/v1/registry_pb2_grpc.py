@@ -47,7 +47,9 @@ class OptimizerRegistryServiceServicer:
     """
 
     def ListOptimizers(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Every optimizer the server loaded, with its hyperparameters (defaults and
+        bounds) and state slots, and the plugins that failed to load.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')

@@ -127,7 +127,9 @@ class SessionServiceServicer:
     """
 
     def CreateSession(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Creates a session from its config and initial parameters (and, to restore
+        one, its state and step). ALREADY_EXISTS when config.session_id is taken.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -140,19 +142,22 @@ class SessionServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetSession(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """One session's description (no tensors). NOT_FOUND for an unknown id.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListSessions(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Every session the caller may see (with tokens: the caller's own).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def DeleteSession(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Deletes a session from memory and disk.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -173,13 +178,15 @@ class SessionServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ReadParameters(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The current parameters (all, or the names asked for), in the master dtype.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ReadParametersStream(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """ReadParameters in tensor chunks, for parameters of any size.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -193,13 +200,16 @@ class SessionServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ReadStateStream(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """ReadState in tensor chunks, for sessions of any size.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def UpdateHyperparameters(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Changes hyperparameters from the next step on; the others keep their
+        values. Validated against the optimizer's bounds (INVALID_ARGUMENT).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -220,7 +230,8 @@ class SessionServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UnregisterSharedMemory(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Ends a registration made by RegisterSharedMemory (its stream ends too).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')

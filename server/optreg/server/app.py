@@ -1,6 +1,7 @@
 """Builds and runs the gRPC server: optreg's services, standard health checking, reflection."""
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
 import os
@@ -17,6 +18,8 @@ from grpc_reflection.v1alpha import reflection
 
 from optreg.plugins.registry import Registry
 from optreg.server.auth import TokenAuth, read_tokens
+from optreg.server.datadir import DataDirLock
+from optreg.server.reflection import enable_reflection
 from optreg.server.metrics import Metrics
 from optreg.server.janitor import Janitor
 from optreg.server.service import RegistryServicer, SessionServicer
@@ -134,6 +137,8 @@ class OptregServer:
         if settings.dashboard_port is not None:  # the dashboard serves TLS with the same certificate
             settings.dashboard_host = bind_address(settings.dashboard_host)
             guard("the dashboard", settings.dashboard_host, bool(tls and self.auth), missing, settings.allow_insecure)
+        # One server per data directory (DataDirInUse, an OSError, names the holder otherwise).
+        self.data_lock = DataDirLock(settings.data_dir) if settings.data_dir else None
         journal = Journal(pathlib.Path(settings.data_dir), self.metrics) if settings.data_dir else None
         budget_bytes = (memory.default_budget() if settings.memory_budget_mb is None
                         else int(settings.memory_budget_mb * memory.MIB))
@@ -154,7 +159,10 @@ class OptregServer:
                      # Ping idle peers so a dead client's stream (which may hold a session's lock) ends in
                      # about 40 s rather than the 2 h TCP default.
                      ("grpc.keepalive_time_ms", 30_000), ("grpc.keepalive_timeout_ms", 10_000),
-                     ("grpc.keepalive_permit_without_calls", 1)])
+                     ("grpc.keepalive_permit_without_calls", 1),
+                     # gRPC sets SO_REUSEPORT by default: a second server on a port in use would start and
+                     # take half the new connections. Without it, that bind fails (see _bind).
+                     ("grpc.so_reuseport", 0)])
         registry_pb2_grpc.add_OptimizerRegistryServiceServicer_to_server(
             RegistryServicer(self.registry, self.metrics), self.grpc_server)
         owner = self.auth.owner if self.auth else (lambda context: "")
@@ -168,17 +176,10 @@ class OptregServer:
             self.telemetry, owner, check_session=lambda sid, who: self.store.get(sid, who)), self.grpc_server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
-        reflection.enable_server_reflection(
-            SERVICE_NAMES + (health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc_server)
-        bind = f"[{settings.host}]:{settings.port}" if ":" in settings.host and "[" not in settings.host else f"{settings.host}:{settings.port}"
-        if tls:
-            creds = grpc.ssl_server_credentials([(pathlib.Path(settings.tls_key).read_bytes(),
-                                                  pathlib.Path(settings.tls_cert).read_bytes())])
-            self.port = self.grpc_server.add_secure_port(bind, creds)
-        else:
-            self.port = self.grpc_server.add_insecure_port(bind)
-        if self.port == 0:
-            raise OSError(f"could not bind {settings.host}:{settings.port}")
+        enable_reflection(SERVICE_NAMES + (health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc_server)
+        creds = grpc.ssl_server_credentials([(pathlib.Path(settings.tls_key).read_bytes(),
+                                              pathlib.Path(settings.tls_cert).read_bytes())]) if tls else None
+        self.port = _bind(self.grpc_server, settings.host, settings.port, creds)
 
     @property
     def address(self) -> str:
@@ -208,8 +209,11 @@ class OptregServer:
             self.dashboard.stop()
         self.telemetry.close()
         failures = self.store.flush_all()
+        self.store.journal.close()
         for session_id, why in failures:
             log.error("session %s was not written at shutdown: %s", session_id, why)
+        if self.data_lock is not None:
+            self.data_lock.release()
         return failures
 
     def serve_forever(self) -> None:
@@ -261,6 +265,41 @@ def _dashboard(settings: Settings, hub: TelemetryHub, auth):
     dashboard.start()
     log.info("dashboard on %s", dashboard.url)
     return dashboard
+
+
+def _bind(grpc_server, host: str, port: int, creds) -> int:
+    """Bind host:port (0: any free port) and return the port; OSError with one line when that fails."""
+    if not 0 <= port <= 65535:
+        raise OSError(f"port {port} is outside 0-65535")
+    bind = f"[{host}]:{port}" if ":" in host and "[" not in host else f"{host}:{port}"
+    if port and _in_use(host.strip("[]"), port):  # before gRPC, whose failed bind logs a C-core line too
+        raise OSError(f"port {port} on {host} is in use: another server is listening on it "
+                      "(stop it, or pick another --port; --port 0 picks a free one)")
+    try:
+        bound = grpc_server.add_secure_port(bind, creds) if creds else grpc_server.add_insecure_port(bind)
+    except RuntimeError:  # grpcio >= 1.60 raises where older ones returned 0
+        bound = 0
+    if bound:
+        return bound
+    raise OSError(f"could not listen on {host}:{port} (is {host} an address of this machine, "
+                  "and the port free?)")
+
+
+def _in_use(host: str, port: int) -> bool:
+    """Whether binding host:port fails with EADDRINUSE, tried as gRPC binds (SO_REUSEADDR, no SO_REUSEPORT)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError:
+        return False  # gRPC's own bind reports a bad host
+    for family, kind, proto, _, addr in infos:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(addr)
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    return True
+    return False
 
 
 class _Handlers:

@@ -1,18 +1,48 @@
-"""Where sessions' steps go to be durable. NoJournal: memory only. Journal: a data directory."""
+"""Where sessions' steps go to be durable: a data directory of snapshots and write-ahead logs.
+
+State on disk = the session's latest snapshot (DIR/sessions/<id>.safetensors, checked,
+written atomically) + its log (DIR/sessions/<id>.wal): one record per step applied since,
+holding what was new in the step (fence, step, hyperparameters in force, the gradients as
+received, checksums). Recovery replays the records through the same kernels as the steps
+took, which are deterministic, so the recovered state equals the uninterrupted one bit
+for bit. An optimizer that declares itself not deterministic is logged by its results.
+
+Modes (a session's `durability`):
+    every-step  the record is fsync'd before the step is committed (group commit: sessions
+                stepping at once share fsyncs)
+    log         (the default) the record is written to the OS before the commit: a crash of
+                the server loses nothing acknowledged; fsync'd within a second
+    periodic    no log; a snapshot every periodic_steps steps or periodic_seconds seconds
+    none        nothing written
+
+Snapshots are taken when the log outgrows the session (LOG_FACTOR times its size, at least
+LOG_MIN bytes) or has waited SNAPSHOT_SECONDS while the session is idle, at a clean stop,
+before an unload and on a hyperparameter change; the log is emptied after each.
+NoJournal is the memory-only server's: nothing is written.
+"""
 from __future__ import annotations
 
+import errno
 import logging
 import pathlib
 import time
 
 import numpy as np
 
-from optreg.server import storage as fmt
-from optreg.server.errors import Unavailable
+from optreg.server import kernels, snapshot, wal
+from optreg.server.errors import ResourceExhausted, Unavailable
+from optreg.server.fsync import GroupSyncer, fsync_dir
 from optreg.server.sessions import DTYPE_NAMES, Arrays, Durability, Session
+from optreg.v1 import tensors
 
 log = logging.getLogger("optreg.server.journal")
 DTYPE_CODES = {v: k for k, v in DTYPE_NAMES.items()}
+SNAPSHOT = ".safetensors"
+LOG_FACTOR = 8  # the log may grow to this many times the session's size before a snapshot is forced
+LOG_MIN = 64 << 20
+SNAPSHOT_SECONDS = 60.0  # an idle session whose log is older than this gets a snapshot
+IDLE_SECONDS = 2.0
+SYNC = {"every-step": "fsync", "log": "os"}
 
 
 class NullRecord:
@@ -22,7 +52,7 @@ class NullRecord:
     def renumber(self, step: int) -> None:
         pass
 
-    def commit(self) -> None:
+    def commit(self, arrays=None) -> None:
         pass
 
     def abort(self) -> None:
@@ -43,9 +73,19 @@ class NoJournal:
     def scan(self): return iter(())
     def flush(self, session): pass
     def tick(self, session): pass
+    def close(self): pass
 
     def load(self, session, budget):  # pragma: no cover - memory-only sessions are never unloaded
         raise RuntimeError("memory-only sessions are never unloaded")
+
+
+def write_failed(session: Session, e: OSError, what: str) -> Exception:
+    """A failed write as the refusal a client can act on; nothing was changed in memory."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return ResourceExhausted(f"session {session.id}: {what} could not be written: the disk is full ({e.strerror});"
+                                 " nothing was changed: free space, then retry")
+    return Unavailable(f"session {session.id}: {what} could not be written ({e.strerror or e}); nothing was changed: "
+                       "retry")
 
 
 def meta_of(s: Session, hyperparameters: dict | None = None) -> dict:
@@ -54,72 +94,274 @@ def meta_of(s: Session, hyperparameters: dict | None = None) -> dict:
             "step": s.step, "master_dtype": DTYPE_NAMES[s.master_code], "reply": s.reply,
             "created_at": s.created_at, "owner": s.owner, "durability": s.durability.mode,
             "periodic_steps": s.durability.periodic_steps, "periodic_seconds": s.durability.periodic_seconds,
-            "shapes": {n: list(v) for n, v in s.shapes.items()}, "slots": list(s.slot_names),
-            "saved_at": time.time()}
+            "shapes": {n: list(v) for n, v in s.shapes.items()}, "slots": list(s.slot_names)}
+
+
+def snapshot_arrays(s: Session) -> tuple[dict, dict]:
+    """(file key -> array, key -> [kind, slot, name]) for a session's live set and last delta."""
+    arrays, table = {}, {}
+    for name, a in s.live.params.items():
+        arrays[f"params/{name}"], table[f"params/{name}"] = a, ["params", "", name]
+    for slot, arrs in s.live.state.items():
+        for name, a in arrs.items():
+            arrays[f"state/{slot}/{name}"], table[f"state/{slot}/{name}"] = a, ["state", slot, name]
+    for name, a in (s.last_delta or {}).items():
+        arrays[f"last_delta/{name}"], table[f"last_delta/{name}"] = a, ["last_delta", "", name]
+    return arrays, table
+
+
+def check_against_meta(meta: dict, arrays: dict, path) -> tuple[dict, dict, dict | None]:
+    """Split a snapshot's arrays into params, state and last delta, each checked against the metadata's
+    shapes, slots and master dtype (a well-formed file that disagrees with itself is corrupt)."""
+    dtype = np.dtype(meta["master_dtype"])
+    shapes = {n: tuple(v) for n, v in meta["shapes"].items()}
+    params, state, delta = {}, {s: {} for s in meta["slots"]}, {}
+    for key, (kind, slot, name) in meta["tensors"].items():
+        a = arrays.get(key)
+        if a is None:
+            raise snapshot.CorruptFile(path, f"tensor {key!r} named in the metadata is missing")
+        if name not in shapes or a.shape != shapes[name] or a.dtype != dtype:
+            raise snapshot.CorruptFile(path, f"tensor {key!r} is {a.dtype} {list(a.shape)}, but the metadata says "
+                                             f"{dtype} {list(shapes.get(name, ()))}")
+        if kind == "params":
+            params[name] = a
+        elif kind == "state" and slot in state:
+            state[slot][name] = a
+        elif kind == "last_delta":
+            delta[name] = a
+        else:
+            raise snapshot.CorruptFile(path, f"tensor {key!r}: unknown kind or slot")
+    if set(params) != set(shapes) or any(set(v) != set(shapes) for v in state.values()):
+        raise snapshot.CorruptFile(path, "the tensors do not cover every parameter and slot")
+    return params, state, delta or None
+
+
+def replay(s: Session, record: wal.Record) -> None:
+    """Apply one logged step to the session's live set, in place (recovery: nobody else sees it)."""
+    live = s.live
+    if record.kind == "result":
+        for key, a in record.tensors.items():
+            kind, _, rest = key.partition("/")
+            if kind == "p":
+                np.copyto(live.params[rest], a)
+            else:
+                slot, _, name = rest.partition("/")
+                np.copyto(live.state[slot][name], a)
+    else:
+        from optreg.server.pipeline import widen
+        defn, hp, t = s.optimizer.definition, record.hyperparameters, record.step
+        for name, p in live.params.items():
+            g = widen(record.tensors[name].reshape(-1), s.dtype).reshape(p.shape)
+            before = p.copy() if s.reply == "delta" else None
+            kernels.apply(defn, p, g, {slot: live.state[slot][name] for slot in live.state}, t, hp)
+            if before is not None:
+                s.last_delta = s.last_delta or {}
+                s.last_delta[name] = p - before
+    s.hyperparameters = s.optimizer.definition.resolve(record.hyperparameters)
+    s.step = record.step
+
+
+class _Record:
+    """A step's log record, written as its gradients arrive (see pipeline.StepRun)."""
+
+    def __init__(self, journal: "Journal", session: Session, writer: wal.RecordWriter, results: bool):
+        self.journal, self.session, self.writer, self.results = journal, session, writer, results
+        self.step = writer.step
+        self.nbytes = 0
+
+    def add(self, name, code, shape, start, data) -> None:
+        if self.results:
+            return
+        try:
+            self.writer.add(name, tensors.DTYPES[code], shape, start, data)
+            self.nbytes += data.nbytes
+        except OSError as e:
+            raise write_failed(self.session, e, f"the log record of step {self.step}") from None
+
+    def renumber(self, step: int) -> None:
+        self.step = step
+
+    def commit(self, arrays: Arrays | None = None) -> None:
+        try:
+            if self.results and arrays is not None:  # not deterministic: log what it computed
+                for name, p in arrays.params.items():
+                    self.writer.add(f"p/{name}", p.dtype, p.shape, 0, p.reshape(-1))
+                for slot, arrs in arrays.state.items():
+                    for name, a in arrs.items():
+                        self.writer.add(f"s/{slot}/{name}", a.dtype, a.shape, 0, a.reshape(-1))
+            self.writer.commit(self.step, extras={"kind": "result"} if self.results else None)
+        except OSError as e:
+            self.writer.abort()
+            raise write_failed(self.session, e, f"the log record of step {self.step}") from None
+        if self.journal.metrics:
+            self.journal.metrics.log_record(self.nbytes)
+
+    def abort(self) -> None:
+        self.writer.abort()
 
 
 class Journal:
-    """A data directory: one snapshot file per session, written when the session's mode says."""
+    """A data directory: DIR/sessions/<id>.safetensors and <id>.wal for every durable session."""
 
-    def __init__(self, root: pathlib.Path, metrics=None):
-        self.storage = fmt.Storage(pathlib.Path(root))
+    def __init__(self, root: pathlib.Path, metrics=None, syncer: GroupSyncer | None = None):
+        self.dir = pathlib.Path(root) / "sessions"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for stale in self.dir.glob(".*.tmp"):  # a write cut short by a crash
+            stale.unlink(missing_ok=True)
         self.metrics = metrics
+        self.syncer = syncer or GroupSyncer()
+        self._logs: dict[str, wal.Log] = {}
+        self._snapshot_at: dict[str, float] = {}
 
-    def _save(self, s: Session, hyperparameters: dict | None = None) -> None:
-        data = fmt.encode(meta_of(s, hyperparameters), s.live.params, s.live.state, s.last_delta)
-        self.storage.save(s.id, data)
+    def snapshot_path(self, session_id: str) -> pathlib.Path:
+        return self.dir / f"{session_id}{SNAPSHOT}"
+
+    def log_path(self, session_id: str) -> pathlib.Path:
+        return wal.path_for(self.dir, session_id)
+
+    # -- snapshots ------------------------------------------------------------------------
+    def _snapshot(self, s: Session, hyperparameters: dict | None = None) -> None:
+        """Write the session's snapshot, then empty its log. Caller holds its lock; its set is loaded."""
+        arrays, table = snapshot_arrays(s)
+        meta = dict(meta_of(s, hyperparameters), tensors=table, saved_at=time.time())
+        size = snapshot.write(self.snapshot_path(s.id), meta, arrays)
+        lg = self._logs.get(s.id)
+        if lg is not None:
+            if s.durability.mode in SYNC:
+                lg.reset(s.step)
+            else:  # the mode has no log now: the snapshot is the whole state
+                self._close_log(s.id, delete=True)
+        elif s.durability.mode in SYNC:
+            self._open_log(s.id, s.step, s.durability.mode)
         s.dirty = False
         s.persisted_step = s.step
         s.persisted_at = time.monotonic()
+        self._snapshot_at[s.id] = time.monotonic()
         if self.metrics:
-            self.metrics.checkpoint(len(data))
+            self.metrics.checkpoint(size)
 
+    def _open_log(self, session_id: str, base_step: int, mode: str) -> wal.Log:
+        lg = wal.Log.open(self.log_path(session_id), session_id, base_step=base_step, sync=SYNC[mode],
+                          syncer=self.syncer)
+        self._logs[session_id] = lg
+        return lg
+
+    def _close_log(self, session_id: str, delete: bool = False) -> None:
+        lg = self._logs.pop(session_id, None)
+        if lg is not None:
+            lg.close()
+        if delete:
+            self.log_path(session_id).unlink(missing_ok=True)
+
+    # -- the store's calls --------------------------------------------------------------
     def create(self, s: Session) -> None:
-        if s.durability.mode != "none":
-            self._save(s)
+        if s.durability.mode == "none":
+            return
+        self._close_log(s.id, delete=True)  # a leftover of a deleted session of the same id
+        self._snapshot(s)
 
-    def begin(self, s, step, fence, hp, metrics):
-        return NULL_RECORD
+    def begin(self, s: Session, step: int, fence, hp, metrics):
+        lg = self._logs.get(s.id)
+        if lg is None:  # periodic or none: no log
+            return NULL_RECORD
+        extras = {"metrics": metrics} if metrics else None
+        results = not getattr(s.optimizer.definition, "deterministic", True)
+        try:
+            writer = lg.begin(step, fence, hp, extras)
+        except OSError as e:
+            raise write_failed(s, e, f"the log record of step {step}") from None
+        return _Record(self, s, writer, results)
 
     def after_commit(self, s: Session) -> None:
+        """Caller holds the lock; the step is committed (and logged as its mode says)."""
         mode = s.durability
-        due = mode.mode in ("every-step", "log") or (
-            mode.mode == "periodic" and (s.step - s.persisted_step >= mode.periodic_steps
-                                         or time.monotonic() - s.persisted_at >= mode.periodic_seconds))
-        if not due:
+        lg = self._logs.get(s.id)
+        if lg is not None:
+            s.persisted_step = s.step
+            if lg.log_bytes >= max(LOG_MIN, LOG_FACTOR * s.set_bytes()):
+                self._try_snapshot(s)
             return
+        if mode.mode == "periodic" and (s.step - s.persisted_step >= mode.periodic_steps
+                                        or time.monotonic() - s.persisted_at >= mode.periodic_seconds):
+            self._try_snapshot(s)
+
+    def _try_snapshot(self, s: Session) -> None:
+        """A snapshot the step does not depend on: a failure is logged, and tried again later."""
         try:
-            self._save(s)
+            self._snapshot(s)
         except OSError as e:
-            log.error("session %s: checkpoint failed: %s", s.id, e, extra={"session_id": s.id})
-            raise Unavailable(f"session {s.id} is at step {s.step} but could not be written to disk ({e}); "
-                              "retry the same step to have it written") from None
+            log.error("session %s: snapshot at step %d failed: %s", s.id, s.step, e, extra={"session_id": s.id})
 
     def hyperparameters(self, s: Session, hp: dict) -> None:
+        """A change outside a step: on disk (a snapshot holding it) before it is applied."""
         if s.durability.mode == "none":
             return
         try:
-            self._save(s, hp)
+            self._snapshot(s, hp)
         except OSError as e:
-            raise Unavailable(f"session {s.id}: the change could not be written to disk ({e}); nothing changed, "
-                              "retry") from None
+            raise write_failed(s, e, "the hyperparameter change") from None
 
     def delete(self, s: Session) -> None:
-        if s.persisted_step >= 0:
-            self.storage.delete(s.id)
+        self._close_log(s.id, delete=True)
+        self._snapshot_at.pop(s.id, None)
+        try:
+            self.snapshot_path(s.id).unlink()
+        except FileNotFoundError:
+            return
+        fsync_dir(self.dir)
 
+    def flush(self, s: Session) -> None:
+        """A snapshot now if anything changed since the last (clean stop, unload)."""
+        if s.durability.mode != "none" and s.live is not None and (s.dirty or self._log_bytes(s.id)):
+            self._snapshot(s)
+
+    def _log_bytes(self, session_id: str) -> int:
+        lg = self._logs.get(session_id)
+        return lg.log_bytes if lg is not None else 0
+
+    def tick(self, s: Session) -> None:
+        """Janitor: periodic windows; a snapshot for an idle session whose log has waited long enough."""
+        mode = s.durability
+        now = time.monotonic()
+        if mode.mode == "periodic":
+            if s.dirty and now - s.persisted_at >= mode.periodic_seconds:
+                self._snapshot(s)
+        elif (self._log_bytes(s.id) and time.time() - s.last_used_at >= IDLE_SECONDS
+              and now - self._snapshot_at.get(s.id, 0.0) >= SNAPSHOT_SECONDS):
+            self._snapshot(s)
+
+    def close(self) -> None:
+        for sid in list(self._logs):
+            self._close_log(sid)
+
+    # -- start and load -------------------------------------------------------------------
     def scan(self):
-        for sid in self.storage.ids():
+        """(session id, its snapshot metadata with "step" advanced past its log | the exception) for every
+        session in the directory; opens each log (cutting a torn tail)."""
+        for path in sorted(self.dir.glob(f"*{SNAPSHOT}")):
+            sid = path.name[:-len(SNAPSHOT)]
+            if sid.startswith("."):
+                continue
             try:
-                meta = self.storage.meta(sid)
+                meta = snapshot.read_meta(path)
                 if meta.get("session_id") != sid:
-                    raise ValueError(f"it names session {meta.get('session_id')!r}, not its file name's {sid!r}")
+                    raise snapshot.CorruptFile(path, f"it names session {meta.get('session_id')!r}, not {sid!r}")
+                meta["log_error"] = ""
+                if meta["durability"] in SYNC:
+                    try:
+                        lg = self._open_log(sid, int(meta["step"]), meta["durability"])
+                        if lg.last_step < int(meta["step"]):  # a crash between a snapshot and its log reset
+                            lg.reset(int(meta["step"]))
+                        if lg.last_step > int(meta["step"]):
+                            meta["step"] = lg.last_step
+                            meta["log_step"] = True
+                    except (wal.CorruptData, ValueError, OSError) as e:
+                        meta["log_error"] = f"log {self.log_path(sid)}: {e}"
                 yield sid, meta
             except Exception as e:
                 yield sid, e
 
-    @staticmethod
-    def session_from(meta: dict, registry) -> Session:
+    def session_from(self, meta: dict, registry) -> Session:
         registered = registry.get(meta["optimizer"])  # KeyError names the optimizer
         hp = registered.definition.resolve(meta["hyperparameters"])
         s = Session(meta["session_id"], registered, hp, DTYPE_CODES[meta["master_dtype"]], meta["reply"],
@@ -128,22 +370,33 @@ class Journal:
                     step=int(meta["step"]), owner=meta.get("owner", ""), created_at=float(meta["created_at"]))
         s.persisted_step = s.step
         s.dirty = False
+        if meta.get("log_error"):
+            s.quarantined = f"{meta['log_error']} (files kept: {self.snapshot_path(s.id)}, {self.log_path(s.id)})"
         return s
 
     def load(self, s: Session, budget) -> None:
-        def build():
-            meta, params, state, delta = self.storage.load(s.id)
-            if int(meta["step"]) != s.step:
-                raise ValueError(f"file holds step {meta['step']}, expected {s.step}")
-            s.last_delta = delta
-            return Arrays(params, state)
-        s.live = budget.allocate(f"session {s.id}", s.set_bytes(), build)
-
-    def flush(self, s: Session) -> None:
-        if s.dirty and s.durability.mode != "none":
-            self._save(s)
-
-    def tick(self, s: Session) -> None:
-        mode = s.durability
-        if mode.mode == "periodic" and s.dirty and time.monotonic() - s.persisted_at >= mode.periodic_seconds:
-            self._save(s)
+        """The snapshot, then every log record after it, replayed. Caller holds the session's lock."""
+        path = self.snapshot_path(s.id)
+        target = s.step  # the step scan() found (snapshot + log)
+        try:
+            def build():
+                meta, arrays = snapshot.read(path)
+                params, state, delta = check_against_meta(meta, arrays, path)
+                s.last_delta = delta
+                s.step = int(meta["step"])
+                s.hyperparameters = s.optimizer.definition.resolve(meta["hyperparameters"])
+                return Arrays(params, state)
+            s.live = budget.allocate(f"session {s.id}", s.set_bytes(), build)
+            lg = self._logs.get(s.id)
+            if lg is not None:
+                for record in lg.records(after=s.step):
+                    replay(s, record)
+            if s.step != target:
+                raise snapshot.CorruptFile(path, f"recovered step {s.step}, but the files named step {target}")
+        except BaseException as e:
+            s.live = None
+            s.step = target
+            if isinstance(e, (snapshot.CorruptData, ValueError, KeyError)):
+                raise RuntimeError(f"{e} (files kept: {path}, {self.log_path(s.id)})") from None
+            raise
+        s.dirty = False

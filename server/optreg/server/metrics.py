@@ -26,7 +26,10 @@ class Metrics:
         # Children looked up once: labels() costs a lock and a dict lookup per call.
         self._steps_applied = self._steps.labels(replayed="false")
         self._steps_replayed = self._steps.labels(replayed="true")
-        self._ckpt = Counter("optreg_checkpoints", "Session files written", registry=r)
+        self._ckpt = Counter("optreg_checkpoints", "Session snapshots written", registry=r)
+        self._log_records = Counter("optreg_log_records", "Steps written to sessions' write-ahead logs", registry=r)
+        self._log_bytes = Counter("optreg_log_bytes", "Tensor bytes written to sessions' write-ahead logs",
+                                  registry=r)
         self._ckpt_bytes = Counter("optreg_checkpoint_bytes", "Bytes of session files written", registry=r)
 
     def serve(self, port: int, host: str = "127.0.0.1"):
@@ -54,6 +57,10 @@ class Metrics:
         self._loaded.set(loaded)
         self._on_disk.set(on_disk)
         self._bytes.set(nbytes)
+
+    def log_record(self, nbytes: int) -> None:
+        self._log_records.inc()
+        self._log_bytes.inc(nbytes)
 
     def checkpoint(self, nbytes: int) -> None:
         self._ckpt.inc()

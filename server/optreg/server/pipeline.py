@@ -211,12 +211,14 @@ class StepRun:
                 if s.live is not self.reader:  # another call committed this step first
                     return self._lost_race()
             else:
+                if self.fence is not None and s.step != self.fence:  # another call applied it meanwhile
+                    return self._lost_race()
                 if s.step >= MAX_STEP:
                     raise FailedPrecondition(f"session {s.id} is at step {s.step}, the largest step number")
                 self.t = s.step + 1  # unfenced: applied at whatever step is current
                 self.record.renumber(self.t)
                 self._compute_buffered()
-            self.record.commit()  # raises Unavailable/ResourceExhausted on a failed write: nothing swapped
+            self.record.commit(self.staging)  # Unavailable/ResourceExhausted on a failed write: nothing swapped
             old = s.live
             s.live, self.staging = self.staging, None
             if self.reader is old:
@@ -264,8 +266,9 @@ class StepRun:
         s = self.session
         self.record.abort()
         if self.fence is not None and s.step == self.fence + 1:
-            self.reader.readers -= 1
-            self.reader = None
+            if self.reader is not None:
+                self.reader.readers -= 1
+                self.reader = None
             return self._replay()
         raise FailedPrecondition(f"session {s.id} moved to step {s.step} while this step was in flight; "
                                  f"it was not applied: send step={s.step}",

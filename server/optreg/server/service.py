@@ -8,14 +8,16 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import queue
 import threading
+import time
 
 import grpc
 import numpy as np
 
 from optreg.plugins.registry import Registry
 from optreg.server import fastkernels, shm, status
-from optreg.server.errors import (Cancelled, FailedPrecondition, InvalidArgument, ResourceExhausted, shown)
+from optreg.server.errors import (DeadlineExceeded, FailedPrecondition, InvalidArgument, ResourceExhausted, shown)
 from optreg.server.factory import SessionConfig
 from optreg.server.metrics import Metrics
 from optreg.server.pipeline import StepRun
@@ -104,32 +106,59 @@ def _no_owner(context) -> str:
     return ""
 
 
-class _IdleWatch:
-    """Ends a stream whose sender makes no progress for `seconds` (cancels the call), so a stalled
-    client holds a worker thread for a bounded time only."""
+class _Paced:
+    """A request stream read by a thread of its own into a small queue, so the handler can end a
+    sender that makes no progress (no new tensor data) for `seconds` with a status that says so:
+    a stalled client holds its worker thread and stream slot for a bounded time only."""
+    _END = object()
 
-    def __init__(self, context, seconds: float):
-        self.context, self.seconds = context, seconds
-        self.timer = None
-        self.fired = False
-        self.progress()
+    def __init__(self, requests, seconds: float):
+        self.seconds = seconds
+        self.closed = False
+        self.deadline = time.monotonic() + seconds
+        self.queue: queue.Queue = queue.Queue(maxsize=4)  # read-ahead, so a fast sender is not slowed
+        threading.Thread(target=self._read, args=(iter(requests),), daemon=True,
+                         name="optreg-stream-reader").start()
 
-    def _fire(self):
-        self.fired = True
-        self.context.cancel()
+    def _read(self, requests) -> None:
+        try:
+            for m in requests:
+                if not self._put(m):
+                    return
+            self._put(self._END)
+        except BaseException as e:  # the call ended (cancelled, broken): hand it to the handler
+            self._put(e)
 
-    def progress(self):
-        if not self.seconds:
-            return
-        if self.timer is not None:
-            self.timer.cancel()
-        self.timer = threading.Timer(self.seconds, self._fire)
-        self.timer.daemon = True
-        self.timer.start()
+    def _put(self, item) -> bool:
+        while not self.closed:
+            try:
+                self.queue.put(item, timeout=0.5)
+                return True
+            except queue.Full:
+                pass
+        return False
 
-    def stop(self):
-        if self.timer is not None:
-            self.timer.cancel()
+    def progress(self) -> None:
+        self.deadline = time.monotonic() + self.seconds
+
+    def __iter__(self):
+        while True:
+            wait = self.deadline - time.monotonic() if self.seconds else None
+            if wait is not None and wait <= 0:
+                raise DeadlineExceeded(f"no tensor data for {self.seconds:g} s (--stream-idle-seconds): the server "
+                                       "ended the stream; nothing was applied, send the step again")
+            try:
+                item = self.queue.get(timeout=wait)
+            except queue.Empty:
+                continue
+            if item is self._END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def close(self) -> None:
+        self.closed = True
 
 
 class SessionServicer(session_pb2_grpc.SessionServiceServicer):
@@ -161,18 +190,14 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         return _Release(self._streams)
 
     @contextlib.contextmanager
-    def _upload(self, context):
-        """A stream slot and an idle watch for a call that receives a stream; yields the watch."""
+    def _upload(self, request_iterator):
+        """A stream slot, and the requests paced by the idle timeout, for a call that receives a stream."""
         with self._stream_slot():
-            watch = _IdleWatch(context, self.stream_idle_seconds)
+            paced = _Paced(request_iterator, self.stream_idle_seconds)
             try:
-                yield watch
-            except grpc.RpcError:
-                if watch.fired:
-                    raise Cancelled(f"no data for {self.stream_idle_seconds:g} s: the stream was ended") from None
-                raise
+                yield paced
             finally:
-                watch.stop()
+                paced.close()
 
     # -- lifecycle -------------------------------------------------------
     @status.handler
@@ -189,10 +214,10 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
 
     @status.handler
     def CreateSessionStream(self, request_iterator, context):
-        with self._upload(context) as watch:
-            return self._create_stream(request_iterator, context, watch)
+        with self._upload(request_iterator) as requests:
+            return self._create_stream(requests, context)
 
-    def _create_stream(self, request_iterator, context, watch):
+    def _create_stream(self, requests, context):
         config, initial_step = None, 0
         arrays: dict[str, tensors.Assembler] = {}
         budget, limits = self.store.budget, self.store.limits
@@ -203,7 +228,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
             held.append(nbytes)
 
         try:
-            for i, msg in enumerate(request_iterator):
+            for i, msg in enumerate(requests):
                 if i == 0:
                     if not msg.HasField("config"):
                         raise InvalidArgument("the first CreateSessionStream message must carry config")
@@ -217,10 +242,11 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
                     asm = arrays[msg.slot] = tensors.Assembler(
                         what="parameter" if not msg.slot else f"state {shown(msg.slot)}",
                         max_tensors=limits.max_tensors, reserve=reserve)
+                before = sum(asm.tracker.filled.values())
                 for t in msg.chunks:
                     asm.add(t)
-                if msg.chunks:
-                    watch.progress()
+                if sum(asm.tracker.filled.values()) > before:
+                    requests.progress()
             if config is None:
                 raise InvalidArgument("the stream was empty: send config and the parameters")
             params = arrays.pop("", tensors.Assembler()).finish()
@@ -283,11 +309,11 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
 
     @status.handler
     def StepStream(self, request_iterator, context):
-        with self._upload(context) as watch:
-            yield from self._step_stream(request_iterator, context, watch)
+        with self._upload(request_iterator) as requests:
+            yield from self._step_stream(requests, context)
 
-    def _step_stream(self, request_iterator, context, watch):
-        request_iterator = iter(request_iterator)
+    def _step_stream(self, requests, context):
+        request_iterator = iter(requests)
         first = next(request_iterator, None)
         if first is None:
             raise InvalidArgument("the stream was empty: the first message must carry session_id")
@@ -296,7 +322,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
             result = run.open()
             if result is not None:  # a retry: drain the stream, answer again
                 for _ in request_iterator:
-                    watch.progress()
+                    requests.progress()
                 yield from self._reply_batches(result.step, True, result.tensors)
                 return
             send = run.session.reply == "parameters" and run.overlap
@@ -306,6 +332,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
                 if i and msg.session_id and msg.session_id != run.session.id:
                     raise InvalidArgument("session_id changed mid-stream")
                 out = []
+                before = sum(run.tracker.filled.values())
                 for t in msg.chunks:
                     got = run.feed(t)
                     if send and got is not None:
@@ -315,8 +342,8 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
                         per = max(1, chunk // p.itemsize)
                         for a in range(0, max(p.size, 1), per):
                             out.append((name, code, shape, start + a, p[a:a + per]))
-                if msg.chunks:
-                    watch.progress()
+                if sum(run.tracker.filled.values()) > before:
+                    requests.progress()
                 # Encoded before the next chunk arrives: one copy of each updated slice, into the message.
                 for batch in tensors.pack_views(out, chunk):
                     yield tensors.encode_stream_message(head, batch)

@@ -99,7 +99,7 @@ def encode_header(meta: dict, arrays: dict[str, np.ndarray]) -> tuple[bytes, lis
         st_header[name] = {"dtype": code, "shape": shape, "data_offsets": [offset, offset + a.nbytes]}
         offset += a.nbytes
         ordered.append(a)
-    meta_json = json.dumps(meta, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    meta_json = json.dumps(meta, sort_keys=True, separators=(",", ":"))
     tensors_json = json.dumps(table, sort_keys=True, separators=(",", ":"))
     st_header["__metadata__"] = {KEY_META: meta_json, KEY_TENSORS: tensors_json,
                                  KEY_CHECK: _meta_check(meta_json, tensors_json)}

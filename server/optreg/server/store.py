@@ -64,6 +64,9 @@ class SessionStore:
         if not session_id:
             raise InvalidArgument("session_id is empty: pass the id CreateSession returned")
         session = self._sessions.get(session_id)
+        if session is None and session_id in self._unreadable:
+            raise DataLoss(f"session {shown(session_id)} could not be loaded at start: "
+                           f"{shown(self._unreadable[session_id], 600)}; its files are kept")
         if session is None or (self.auth and session.owner and session.owner != owner):
             raise self.missing(session_id)
         return session

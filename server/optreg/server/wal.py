@@ -116,7 +116,8 @@ def path_for(sessions_dir, session_id: str) -> pathlib.Path:
 
 
 def _dumps(obj) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+    # NaN/Infinity allowed: a client's loss may be NaN, and Python reads them back
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
 
 
 def _file_header(session_id: str, base_step: int) -> bytes:
@@ -583,6 +584,8 @@ class RecordWriter:
         shape = tuple(int(d) for d in shape)
         if len(shape) > MAX_NDIM or any(d < 0 for d in shape):
             raise ValueError(f"tensor {name!r}: shape {list(shape)} is not valid")
+        if isinstance(data, np.ndarray):  # numpy exports no buffer for ml_dtypes' bfloat16
+            data = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
         view = memoryview(data).cast("B")
         if view.nbytes % dt.itemsize:
             raise ValueError(f"tensor {name!r}: {view.nbytes} bytes is not whole {dt} items")

@@ -1,10 +1,14 @@
 """`optreg demo`: the book's chapter 6 through the service, with pictures.
 
+Arguments, the output folder and the data set are checked first (_prepare),
+so a typo fails in a second with one line, not after the first figure.
+
 1. paths: SGD, Momentum, Nesterov, AdaGrad, RMSProp and Adam on
    f(x, y) = x²/20 + y² from (-7, 2), 30 updates each -> paths.png (figure 6-8);
 2. training: a 4x100 ReLU network per optimizer, batch 128, 2,000 iterations,
    the same batches for all -> training.png (figure 6-9) and test accuracies;
-3. a summary table on stdout, and summary.json beside the figures.
+3. a summary table on stdout, and summary.json beside the figures,
+all in --out (default ./optreg-demo/).
 
 Every optimizer runs in its own session on an optreg server: one started in
 this process on a free loopback port, or the one at --address.
@@ -17,10 +21,23 @@ import sys
 import time
 
 
+DEFAULT_OUT = "optreg-demo"
+
+
+def _positive(text: str) -> int:
+    import argparse
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: give at least 1")
+    return value
+
+
 def add_arguments(parser) -> None:
-    parser.add_argument("--out", default=".", help="directory for paths.png, training.png, summary.json "
-                                                   "(default: the current directory)")
-    parser.add_argument("--address", help="use the optreg server at HOST:PORT instead of starting one in-process")
+    parser.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
+                        help=f"folder for paths.png, training.png, summary.json (default: ./{DEFAULT_OUT}/)")
     parser.add_argument("--data", metavar="DIR",
                         help="MNIST IDX files (train-images-idx3-ubyte[.gz], ...), as the book's loader saves them; "
                              "default: Fashion-MNIST from Debian's dataset-fashion-mnist if installed, "
@@ -28,9 +45,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("--dataset", default="auto", choices=("auto", "fashion-mnist", "digits"),
                         help="without --data: auto (Fashion-MNIST if installed, else digits), or force one")
     parser.add_argument("--quick", action="store_true", help="a small version that runs in seconds (for tests)")
-    parser.add_argument("--iterations", type=int, help="training iterations (default: 2000; --quick: 200)")
+    parser.add_argument("--iterations", type=_positive,
+                        help="training iterations (default: 2000 on 28x28 images, 300 on the small digits set; "
+                             "--quick: 200)")
     parser.add_argument("--seed", type=int, default=0, help="seed for weights and batches (default: 0)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from optreg.app.connect import add_client_arguments
+    add_client_arguments(parser)  # --address: a running server instead of one started in-process
 
 
 def _one_blas_thread():
@@ -57,23 +78,37 @@ def main(args) -> int:
         return _main(args)
 
 
-def _main(args) -> int:
+def _prepare(args):
+    """Everything that can fail on the user's input, before any work: the figure library, the output
+    folder, the data set. Returns (out, dataset, iterations); raises OSError/ValueError with one line."""
     try:
         import matplotlib
     except ImportError:
-        print("optreg demo draws its figures with matplotlib: pip install 'optreg[demo]' "
-              "(matplotlib, scikit-learn, tqdm)", file=sys.stderr)
-        return 2
+        raise OSError("optreg demo draws its figures with matplotlib: pip install 'optreg[demo]' "
+                      "(matplotlib, scikit-learn, tqdm)") from None
     matplotlib.use("Agg")
-
-    from optreg.client import Client
-    from optreg.server.demo import data as data_mod
-    from optreg.server.demo import paths, training
+    from optreg.app.demo import data as data_mod
+    from optreg.app.demo import training
 
     out = pathlib.Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is a file, not a folder")
+    dataset = data_mod.load(args.data, args.dataset)  # a missing or broken data set stops here
     out.mkdir(parents=True, exist_ok=True)
-    iterations = args.iterations or (200 if args.quick else training.ITERATIONS)
+    probe = out / ".optreg-demo-write-test"
+    probe.write_bytes(b"")  # an unwritable folder stops here too, not after minutes of training
+    probe.unlink()
+    iterations = args.iterations or (200 if args.quick else training.default_iterations(dataset))
+    return out, dataset, iterations
 
+
+def _main(args) -> int:
+    out, dataset, iterations = _prepare(args)
+    from optreg.app.demo import paths, training
+    from optreg.app.connect import client_for
+    from optreg.client import Client
+
+    print(f"data set: {dataset.describe()}")
     server = None
     address = args.address
     if not address:
@@ -85,8 +120,8 @@ def _main(args) -> int:
     else:
         print(f"using the optreg server at {address}")
     try:
-        with Client(address, timeout=120) as client:
-            names = {o.name for o in client.optimizers().optimizers}
+        with (client_for(args) if args.address else Client(address, timeout=120)) as client:
+            names = {o.name for o in client.optimizers()}
             print(f"optimizers on the server: {', '.join(sorted(names))}")
 
             path_results = paths.run(client)
@@ -94,14 +129,12 @@ def _main(args) -> int:
             paths.plot(path_results, paths_png)
             print(f"paths: {len(path_results)} optimizers x {paths.UPDATES} updates -> {paths_png}")
 
-            dataset = data_mod.load(args.data, args.dataset)
-            print(f"data set: {dataset.describe()}")
             started = time.perf_counter()
             train_results = training.run(client, dataset, iterations=iterations, seed=args.seed,
                                          progress=not args.no_progress)
             elapsed = time.perf_counter() - started
             training_png = out / "training.png"
-            training.plot(train_results, dataset.name, training.BATCH, training_png)
+            axes = training.plot(train_results, dataset, training.BATCH, training_png)
             print(f"training: {iterations} iterations x {len(train_results)} optimizers in {elapsed:.1f} s "
                   f"-> {training_png}")
     finally:
@@ -113,7 +146,7 @@ def _main(args) -> int:
         "address": args.address or "in-process",
         "paths": {t: {k: r[k] for k in ("optimizer", "hyperparameters", "start_f", "final_f")}
                   | {"final": r["path"][-1]} for t, r in path_results.items()},
-        "training": {"iterations": iterations, "batch": training.BATCH, "hidden": training.HIDDEN,
+        "training": {"iterations": iterations, "batch": training.BATCH, "hidden": training.HIDDEN, "axes": axes,
                      "seconds": elapsed,
                      "optimizers": {t: {k: v for k, v in r.items() if k != "losses"}
                                     for t, r in train_results.items()}},

@@ -1,0 +1,5 @@
+import sys
+
+from optreg.app.cli import main
+
+sys.exit(main())

@@ -1,0 +1,147 @@
+"""What the client's calls return: small frozen objects built from the protobufs, never the protobufs."""
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+from typing import Mapping, NamedTuple
+
+import numpy as np
+
+from optreg.v1 import registry_pb2, session_pb2, tensor_pb2
+
+# Enum values <-> the names the client's API takes and returns.
+STEP_REPLY = {"parameters": session_pb2.STEP_REPLY_PARAMETERS, "delta": session_pb2.STEP_REPLY_DELTA,
+              "none": session_pb2.STEP_REPLY_NONE}
+DURABILITY = {"every-step": session_pb2.DURABILITY_EVERY_STEP, "log": session_pb2.DURABILITY_LOG,
+              "periodic": session_pb2.DURABILITY_PERIODIC, "none": session_pb2.DURABILITY_NONE}
+MASTER_DTYPE = {"float32": tensor_pb2.DATA_TYPE_FLOAT32, "float64": tensor_pb2.DATA_TYPE_FLOAT64}
+HYPERPARAMETER_TYPE = {registry_pb2.HYPERPARAMETER_TYPE_FLOAT: "float", registry_pb2.HYPERPARAMETER_TYPE_INT: "int",
+                       registry_pb2.HYPERPARAMETER_TYPE_BOOL: "bool"}
+_NAME = {**{v: k for k, v in STEP_REPLY.items()}, session_pb2.STEP_REPLY_UNSPECIFIED: "parameters"}
+_DURABILITY_NAME = {v: k for k, v in DURABILITY.items()}
+_DTYPE_NAME = {v: k for k, v in MASTER_DTYPE.items()}
+_ITEMSIZE = {"float32": 4, "float64": 8}
+
+
+def _time(ts) -> datetime.datetime | None:
+    if not ts.seconds and not ts.nanos:
+        return None
+    return ts.ToDatetime(tzinfo=datetime.timezone.utc)
+
+
+@dataclass(frozen=True)
+class Hyperparameter:
+    name: str
+    type: str            # "float", "int" or "bool"
+    default: float
+    minimum: float | None
+    maximum: float | None
+    minimum_exclusive: bool
+    maximum_exclusive: bool
+    doc: str
+
+    @classmethod
+    def from_proto(cls, h: registry_pb2.HyperparameterSpec) -> "Hyperparameter":
+        return cls(h.name, HYPERPARAMETER_TYPE.get(h.type, "float"), h.default,
+                   h.minimum if h.HasField("minimum") else None, h.maximum if h.HasField("maximum") else None,
+                   h.minimum_exclusive, h.maximum_exclusive, h.doc)
+
+
+@dataclass(frozen=True)
+class Slot:
+    name: str
+    initial_value: float
+
+
+@dataclass(frozen=True)
+class OptimizerInfo:
+    """One optimizer a server has loaded, and the plugin that provides it."""
+    name: str
+    summary: str
+    hyperparameters: tuple[Hyperparameter, ...]
+    slots: tuple[Slot, ...]
+    elementwise: bool
+    sparse_rows: bool
+    plugin: str
+    distribution: str
+    version: str
+
+    @property
+    def defaults(self) -> dict[str, float]:
+        return {h.name: h.default for h in self.hyperparameters}
+
+    @classmethod
+    def from_proto(cls, o: registry_pb2.OptimizerInfo) -> "OptimizerInfo":
+        return cls(o.name, o.summary, tuple(Hyperparameter.from_proto(h) for h in o.hyperparameters),
+                   tuple(Slot(s.name, s.initial_value) for s in o.slots), o.elementwise, o.sparse_rows,
+                   o.plugin, o.distribution, o.version)
+
+
+@dataclass(frozen=True)
+class PluginFailure:
+    """A plugin the server could not load, and why."""
+    plugin: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    """A session as the server last described it."""
+    session_id: str
+    optimizer: str
+    hyperparameters: Mapping[str, float]
+    step: int                       # steps applied so far
+    master_dtype: str               # "float32" or "float64"
+    step_reply: str                 # "parameters", "delta" or "none"
+    parameters: Mapping[str, tuple[int, ...]]   # name -> shape, in the session's order
+    slots: tuple[str, ...]
+    durability: str                 # "every-step", "log", "periodic" or "none"
+    periodic_steps: int
+    periodic_seconds: float
+    persisted_step: int             # the step of the newest copy on disk (-1: none)
+    loaded: bool                    # False while it sits only on disk
+    created_at: datetime.datetime | None = None     # UTC
+    last_used_at: datetime.datetime | None = None   # UTC
+    quarantined: str = ""           # why its files failed their checks ("" when healthy)
+
+    @property
+    def size_bytes(self) -> int:
+        """Bytes of parameters and state slots in the master dtype (what the session holds)."""
+        elements = sum(int(np.prod(s, dtype=np.int64)) for s in self.parameters.values())
+        return elements * _ITEMSIZE.get(self.master_dtype, 4) * (1 + len(self.slots))
+
+    @property
+    def parameter_bytes(self) -> int:
+        return sum(int(np.prod(s, dtype=np.int64)) for s in self.parameters.values()) * \
+            _ITEMSIZE.get(self.master_dtype, 4)
+
+    @classmethod
+    def from_proto(cls, s: session_pb2.SessionInfo) -> "SessionInfo":
+        return cls(
+            session_id=s.session_id, optimizer=s.optimizer, hyperparameters=dict(sorted(s.hyperparameters.items())),
+            step=s.step, master_dtype=_DTYPE_NAME.get(s.master_dtype, "float32"),
+            step_reply=_NAME.get(s.step_reply, "parameters"),
+            parameters={t.name: tuple(t.shape) for t in s.parameters}, slots=tuple(s.slots),
+            durability=_DURABILITY_NAME.get(s.durability, "none"), periodic_steps=s.periodic_steps,
+            periodic_seconds=s.periodic_seconds, persisted_step=s.persisted_step, loaded=s.loaded,
+            created_at=_time(s.created_at), last_used_at=_time(s.last_used_at), quarantined=s.quarantined)
+
+
+class StepResult(NamedTuple):
+    """What one step answered. `step`: the session's step count after it; `replayed`: True when
+    the server answered a retry of an already applied step; `arrays`: the session's arrays, updated
+    in place as its step_reply says. (A NamedTuple: built on every step, so it must be cheap.)"""
+    step: int
+    replayed: bool
+    arrays: Mapping[str, np.ndarray]
+
+    def __repr__(self):
+        return f"StepResult(step={self.step}, replayed={self.replayed})"
+
+
+class SessionState(NamedTuple):
+    """Everything needed to recreate a session: pass `parameters`, `state=state` and
+    `initial_step=info.step` to create_session. Unpacks as (info, parameters, state)."""
+    info: SessionInfo
+    parameters: dict[str, np.ndarray]
+    state: dict[str, dict[str, np.ndarray]]

@@ -1,0 +1,215 @@
+"""Session: one training run's optimizer on the server, stepping the caller's arrays in place."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping
+
+import numpy as np
+
+from optreg.client.errors import ReassemblyError, StepMismatch, UsageError
+from optreg.client.results import SessionInfo, SessionState, StepResult
+from optreg.client.shm import SharedMemory
+from optreg.client.stepping import STREAM_ABOVE_BYTES, StreamStep, UnaryStep, apply_result, nbytes
+from optreg.v1 import session_pb2, tensors
+
+KEEP_CHOICES = (True, False, "on-error")
+
+
+def check_keep(keep) -> None:
+    if keep not in KEEP_CHOICES:
+        raise UsageError(f"keep={keep!r}: use True (leave the session on the server), False (delete it) or "
+                         "'on-error' (delete it unless the with-block raised)")
+
+
+def _collect(messages) -> tuple[object, dict[str, np.ndarray], dict[str, dict]]:
+    """Reassemble a stream of chunked replies: (first message, parameters, slots)."""
+    first, assemblers = None, {}
+    try:
+        for msg in messages:
+            first = first or msg
+            asm = assemblers.setdefault(getattr(msg, "slot", ""), tensors.Assembler())
+            for t in msg.chunks:
+                asm.add(t)
+        params = assemblers.pop("", tensors.Assembler()).finish()
+        return first, params, {slot: asm.finish() for slot, asm in assemblers.items()}
+    except ValueError as e:
+        raise ReassemblyError(f"a streamed reply did not fit together: {e}") from None
+
+
+class Session:
+    """One training run's optimizer on the server.
+
+    `step(grads)` sends gradients and writes the result into `self.arrays` (the arrays the
+    session was created or attached with). As a context manager, what leaving the block does
+    is `keep`: True (the default for sessions) leaves the session on the server, only releasing
+    this object's shared memory; False deletes it; "on-error" deletes it when the block ends
+    normally and keeps it when an exception ends it (so a rerun with the same session_id resumes).
+
+    `step_count` is the step number the next step is fenced with (the server's step as this
+    object last saw it). `resumed` is True when create_session(..., resume=True) found the
+    session existing and attached to it.
+    """
+
+    def __init__(self, client, info: SessionInfo, arrays: Mapping[str, np.ndarray], *, keep=True):
+        check_keep(keep)
+        self.client = client
+        self._info = info
+        self._reply_bytes = 0 if info.step_reply == "none" else info.parameter_bytes
+        self.id = info.session_id
+        self.step_count = self._info_fence = info.step
+        self.arrays = dict(arrays)
+        self.keep = keep
+        self.resumed = False  # True when create_session(resume=True) attached to an existing session
+        self._shm: SharedMemory | None = None
+        self._stream = StreamStep()
+        self._unary = UnaryStep()
+
+    @property
+    def info(self) -> SessionInfo:
+        """The session as last described by the server, with the step this object last saw."""
+        if self._info_fence != self.step_count:  # stepped since: rebuilt when read, not on every step
+            self._info = dataclasses.replace(self._info, step=self.step_count)
+            self._info_fence = self.step_count
+        return self._info
+
+    @info.setter
+    def info(self, value: SessionInfo) -> None:
+        self._info, self._info_fence = value, self.step_count
+
+    def __repr__(self):
+        return f"<Session {self.id!r} {self.info.optimizer} step {self.step_count}>"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if self.keep is False or (self.keep == "on-error" and exc_type is None):
+            self.delete()
+        else:
+            self.disable_shared_memory()
+
+    # -- steps -------------------------------------------------------------------------------
+
+    def _sender(self, grads):
+        if self._shm is not None:
+            return self._shm
+        if self._reply_bytes > STREAM_ABOVE_BYTES or nbytes(grads) > STREAM_ABOVE_BYTES:
+            return self._stream
+        return self._unary
+
+    def step(self, grads: Mapping[str, np.ndarray], *, hyperparameters: Mapping[str, float] | None = None,
+             metrics: Mapping[str, float] | None = None) -> StepResult:
+        """Send one step of gradients (name -> array); write the result into the session's arrays.
+
+        `hyperparameters` change from this step on, applied with the step; `metrics` (loss,
+        accuracy...) are recorded with it. A step that fails with UNAVAILABLE is sent again with the
+        same step number within the client's retry policy; the server applies it once.
+        """
+        if not isinstance(grads, Mapping):
+            raise UsageError(f"step() takes a mapping of parameter name -> gradient array, not {type(grads).__name__}")
+        sender = self._sender(grads)
+        fence = self.step_count
+        hp, mx = hyperparameters or None, metrics or None
+        attempts = []
+
+        def attempt(n, remaining):
+            attempts.append(n)
+            return sender.send(self, grads, fence, hp, mx, self.client.timeout)
+
+        replayed, step, result = self.client._retrying(attempt)
+        self.step_count = step
+        apply_result(self.arrays, self._info.step_reply, result)
+        if replayed and len(attempts) == 1:
+            # This call's own first send was answered as a repeat: an earlier call that raised
+            # (a deadline, say) had been applied after all. Its result is now in the arrays;
+            # these gradients were not applied, and silently dropping them would be worse.
+            raise StepMismatch(f"step {step} had already been applied by an earlier call that failed; its result "
+                               "is now in the arrays and these gradients were NOT applied: send them again",
+                               server_step=step)
+        return StepResult(step, replayed, self.arrays)
+
+    # -- reads and changes -------------------------------------------------------------------
+
+    def read_parameters(self, names=()) -> dict[str, np.ndarray]:
+        """A fresh copy of the server's parameters (in the master dtype), all or the ones named."""
+        names = list(names)
+        if self.info.parameter_bytes > STREAM_ABOVE_BYTES:
+            def attempt(n, remaining):
+                return _collect(self.client.transport.stream_out("ReadParametersStream",
+                                session_pb2.ReadParametersStreamRequest(session_id=self.id, names=names),
+                                timeout=self.client.timeout))[1]
+            return self.client._retrying(attempt)
+        reply = self.client._unary("ReadParameters", session_pb2.ReadParametersRequest(session_id=self.id, names=names))
+        return {t.name: tensors.to_numpy(t).copy() for t in reply.parameters}
+
+    def read_state(self) -> SessionState:
+        """(info, parameters, {slot: {name: array}}): everything needed to recreate the session."""
+        if self.info.size_bytes > STREAM_ABOVE_BYTES:
+            def attempt(n, remaining):
+                return _collect(self.client.transport.stream_out(
+                    "ReadStateStream", session_pb2.ReadStateStreamRequest(session_id=self.id),
+                    timeout=self.client.timeout))
+            first, params, slots = self.client._retrying(attempt)
+            info = SessionInfo.from_proto(first.session)
+        else:
+            reply = self.client._unary("ReadState", session_pb2.ReadStateRequest(session_id=self.id))
+            info = SessionInfo.from_proto(reply.session)
+            params = {t.name: tensors.to_numpy(t).copy() for t in reply.parameters}
+            slots = {st.slot: {t.name: tensors.to_numpy(t).copy() for t in st.tensors} for st in reply.state}
+        self.info = info
+        return SessionState(info, params, slots)
+
+    def refresh(self) -> SessionInfo:
+        """Ask the server for the session's info; the next step is fenced with its step."""
+        info = self.client.get_session(self.id)
+        self.step_count = info.step
+        self.info = info
+        return info
+
+    def set_hyperparameters(self, **values: float) -> SessionInfo:
+        """Change hyperparameters from the next step on (all validated first; a bad one changes nothing)."""
+        reply = self.client._unary("UpdateHyperparameters", session_pb2.UpdateHyperparametersRequest(
+            session_id=self.id, hyperparameters=values))
+        self.info = SessionInfo.from_proto(reply.session)
+        return self.info
+
+    def delete(self) -> None:
+        """Delete the session on the server (and release its shared memory)."""
+        self.client.delete_session(self.id)  # the server releases the segment too
+        if self._shm is not None:
+            self._shm.close(unregister=False)
+            self._shm = None
+
+    # -- shared memory -----------------------------------------------------------------------
+
+    def enable_shared_memory(self) -> dict[str, np.ndarray]:
+        """Move `self.arrays` into a shared-memory segment the server maps too (same host only).
+
+        Returns the new `self.arrays`: views into the segment, holding the current parameters,
+        which every later `step` updates in place with nothing but names and offsets on the
+        wire. Gradients are read from the segment too: write them into `self.gradients[name]`
+        (views as well) and pass those to `step`, or pass any arrays and they are copied there.
+        The segment lives as long as this session object keeps its registration open: it is
+        released by `disable_shared_memory()`, `delete()`, leaving a `with` block, or the client
+        process ending.
+        """
+        if self._shm is None:
+            if not self.client.transport.is_local():
+                raise UsageError(f"shared memory needs a server on this host; {self.client.address} is not a "
+                                 "loopback address (steps go over gRPC without it)")
+            self._shm = SharedMemory.create(self)
+        return self.arrays
+
+    @property
+    def gradients(self) -> dict[str, np.ndarray]:
+        """Gradient buffers in the shared segment (after enable_shared_memory)."""
+        if self._shm is None:
+            raise UsageError("session.gradients exists only after enable_shared_memory()")
+        return self._shm.grads
+
+    def disable_shared_memory(self) -> None:
+        """Back to steps over gRPC; `self.arrays` become ordinary arrays again (copies of the segment's)."""
+        if self._shm is not None:
+            self.arrays = {n: np.array(a) for n, a in self.arrays.items()}
+            self._shm.close(unregister=True)
+            self._shm = None

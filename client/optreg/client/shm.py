@@ -1,0 +1,106 @@
+"""Steps through shared memory: a /dev/shm segment holding a session's parameters and gradient
+buffers, registered with a server on the same host; only names and offsets cross gRPC."""
+from __future__ import annotations
+
+import mmap
+import os
+import uuid
+
+import numpy as np
+
+from optreg.client.errors import OptregError, UsageError
+from optreg.v1 import session_pb2, tensors
+
+_ALIGN = 64
+
+
+class SharedMemory:
+    """The segment, its registration call (open while the segment is in use), and the step sender."""
+
+    def __init__(self, session, key: str, mm, size: int, params: dict, grads: dict, offsets: dict, call):
+        self.session, self.key, self.mm, self.size = session, key, mm, size
+        self.params, self.grads, self.offsets, self.call = params, grads, offsets, call
+        code = tensors.to_code(session.info.master_dtype)
+        self.code = code
+        self._param_msgs = [session_pb2.SharedMemoryTensor(name=n, dtype=code, shape=a.shape,
+                                                           byte_offset=offsets[n][0]) for n, a in params.items()]
+
+    @classmethod
+    def create(cls, session) -> "SharedMemory":
+        info = session.info
+        dtype = np.dtype(info.master_dtype)
+        offsets, pos = {}, 0
+        for name, shape in info.parameters.items():
+            size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            p_off = pos
+            pos = -(-(pos + size) // _ALIGN) * _ALIGN
+            offsets[name] = (p_off, pos)
+            pos = -(-(pos + size) // _ALIGN) * _ALIGN
+        size = max(pos, _ALIGN)
+        key = f"optreg-{uuid.uuid4().hex}"
+        path = f"/dev/shm/{key}"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            os.unlink(path)
+            raise
+        finally:
+            os.close(fd)
+        try:
+            current = session.arrays if all(n in session.arrays for n in info.parameters) \
+                else session.read_parameters()
+            params, grads = {}, {}
+            for name, shape in info.parameters.items():
+                p_off, g_off = offsets[name]
+                count = int(np.prod(shape, dtype=np.int64))
+                params[name] = np.frombuffer(mm, dtype, count, p_off).reshape(shape)
+                grads[name] = np.frombuffer(mm, dtype, count, g_off).reshape(shape)
+                np.copyto(params[name], current[name], casting="unsafe")
+            # The registration lives while this call is open (no deadline); the first reply acknowledges it.
+            call = session.client.transport.stream_out("RegisterSharedMemory", session_pb2.RegisterSharedMemoryRequest(
+                session_id=session.id, key=key, byte_size=size), timeout=None)
+            try:
+                next(call)
+            except StopIteration:
+                raise OptregError("the server ended the shared-memory registration without acknowledging it") \
+                    from None
+        except BaseException:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            raise
+        self = cls(session, key, mm, size, params, grads, offsets, call)
+        session.arrays = dict(params)
+        return self
+
+    def send(self, session, grads, fence: int, hyperparameters, metrics, timeout):
+        msgs = []
+        for name, g in grads.items():
+            buf = self.grads.get(name)
+            if buf is None:
+                raise UsageError(f"unknown gradient {name!r}; the session's parameters are: " + ", ".join(self.grads))
+            if g is not buf:
+                np.copyto(buf, g, casting="same_kind")  # one local copy; nothing large crosses gRPC
+            msgs.append(session_pb2.SharedMemoryTensor(name=name, dtype=self.code, shape=buf.shape,
+                                                       byte_offset=self.offsets[name][1]))
+        reply = session.client.transport.unary("StepSharedMemory", session_pb2.StepSharedMemoryRequest(
+            session_id=session.id, step=fence, key=self.key, gradients=msgs, parameters=self._param_msgs,
+            hyperparameters=hyperparameters, metrics=metrics), timeout=timeout)
+        return reply.replayed, reply.step, {}
+
+    def close(self, unregister: bool = True) -> None:
+        if unregister:
+            try:
+                self.session.client.transport.unary("UnregisterSharedMemory", session_pb2.UnregisterSharedMemoryRequest(
+                    session_id=self.session.id, key=self.key), timeout=self.session.client.timeout)
+            except OptregError:
+                pass  # cancelling the registration below releases it as well
+        self.call.cancel()
+        try:
+            os.unlink(f"/dev/shm/{self.key}")
+        except FileNotFoundError:
+            pass
+        # The mapping stays while arrays view it; it is unmapped when the last one is collected.

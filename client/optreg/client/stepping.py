@@ -1,0 +1,102 @@
+"""How one step travels: a unary Step, a StepStream, or shared memory (optreg.client.shm).
+
+Session picks the sender (Session._sender): shared memory once enabled (same host only),
+else StepStream when the gradients or the reply exceed STREAM_ABOVE_BYTES, else Step.
+Each sender's `send` makes ONE attempt and returns (replayed, step, {name: array}); the
+retry loop around it (Session.step) sends the same step number every time.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+
+from optreg.client.errors import ReassemblyError
+from optreg.v1 import session_pb2, tensors
+
+# Above this many bytes of tensors a call goes over the streaming RPCs (unary
+# messages stay well under gRPC's default 4 MiB limit).
+STREAM_ABOVE_BYTES = 2 << 20
+
+
+def nbytes(arrays: Mapping[str, np.ndarray]) -> int:
+    return sum(np.asarray(a).nbytes for a in arrays.values())
+
+
+class UnaryStep:
+    """One Step call: gradients and reply in one message each."""
+
+    def send(self, session, grads, fence: int, hyperparameters, metrics, timeout):
+        request = session_pb2.StepRequest(session_id=session.id, step=fence,
+                                          gradients=[tensors.from_numpy(n, g) for n, g in grads.items()])
+        if hyperparameters:  # empty maps cost ~6 us in the constructor; a small step takes ~600 us
+            request.hyperparameters.update(hyperparameters)
+        if metrics:
+            request.metrics.update(metrics)
+        reply = session.client.transport.unary("Step", request, timeout=timeout)
+        return reply.replayed, reply.step, {t.name: tensors.to_numpy(t) for t in reply.tensors}
+
+
+class StreamStep:
+    """A StepStream call: gradients out in pre-encoded chunk messages, the reply's chunks into
+    receive buffers kept across steps (no fresh 40 MB arrays each step)."""
+
+    def __init__(self):
+        self.rx: dict[str, np.ndarray] = {}
+
+    def send(self, session, grads, fence: int, hyperparameters, metrics, timeout):
+        replies = session.client.transport.stream_both(
+            "StepStream", self._messages(session.id, grads, fence, hyperparameters, metrics), timeout=timeout)
+        return self._receive(session, replies)
+
+    @staticmethod
+    def _messages(session_id, grads, fence, hyperparameters, metrics):
+        yield session_pb2.StepStreamRequest(session_id=session_id, step=fence, hyperparameters=hyperparameters,
+                                            metrics=metrics)
+        chunks = (c for n, g in grads.items() for c in tensors.chunk_views(n, g))
+        for batch in tensors.pack_views(chunks):
+            yield tensors.encode_stream_message(b"", batch)  # a StepStreamRequest(chunks=batch)
+
+    def _receive(self, session, replies):
+        """The result, returned only when the stream ended OK, i.e. after the server committed the
+        step (a broken stream raises, and nothing was applied). A stream that ended OK but whose
+        chunks do not fit raises ReassemblyError: the step WAS applied."""
+        rx, filled, last = self.rx, {}, None
+        for msg in replies:
+            last = msg
+            for t in msg.chunks:
+                dtype = tensors.numpy_dtype(t.dtype)
+                buf = rx.get(t.name)
+                shape = tuple(t.shape)
+                if buf is None or buf.shape != shape or buf.dtype != dtype:
+                    buf = rx[t.name] = np.empty(shape, dtype)
+                data = t.data  # a view of the received message
+                n = len(data) // dtype.itemsize
+                start = filled.get(t.name, 0)
+                if t.offset != start or start + n > buf.size:
+                    raise ReassemblyError(f"step reply chunk for {t.name!r} at offset {t.offset}, expected {start}; "
+                                          "the step was applied: read_parameters() gives its result")
+                buf.reshape(-1)[start:start + n] = np.frombuffer(data, dtype)
+                filled[t.name] = start + n
+        if last is None:
+            raise ReassemblyError("the step's reply stream was empty; the step may have been applied: "
+                                  "refresh() and read_parameters() tell")
+        expected = [] if session.info.step_reply == "none" else list(session.info.parameters)
+        for name in expected:
+            got, size = filled.get(name, 0), rx[name].size if name in rx else -1
+            if got != size:
+                raise ReassemblyError(f"the step's reply for {name!r} ended after {got} elements; the step was "
+                                      "applied: refresh() and read_parameters() give its result")
+        return last.replayed, last.step, {n: rx[n] for n in filled}
+
+
+def apply_result(arrays: dict, mode: str, result: Mapping[str, np.ndarray]) -> None:
+    """Write a step's reply into the caller's arrays: parameters are copied, deltas added."""
+    for name, value in result.items():
+        target = arrays.get(name)
+        if target is None:
+            arrays[name] = np.array(value)
+        elif mode == "delta":
+            target += value
+        else:
+            np.copyto(target, value, casting="unsafe")

@@ -1,0 +1,188 @@
+"""The transport: optreg's RPCs by name over a gRPC channel, raising optreg.client.errors.
+
+Session and Client call only the four methods of `Transport` (plus `wait_until_ready`), with
+protobuf requests and replies, so a test can put a fake in its place (see
+tests/test_client_transport.py). Which RPC a step takes — Step, StepStream or
+StepSharedMemory — is chosen above this layer (optreg.client.stepping), by size and host.
+"""
+from __future__ import annotations
+
+import ipaddress
+from typing import Iterable, Iterator, Protocol
+
+import grpc
+
+from optreg.client.errors import UsageError, from_rpc_error
+from optreg.v1 import registry_pb2, session_pb2, tensors
+
+_SESSION = "/optreg.v1.SessionService/"
+_REGISTRY = "/optreg.v1.OptimizerRegistryService/"
+
+# method -> (path, kind, request message, response deserializer). Kinds: "unary", "stream_in"
+# (client streams), "stream_out" (server streams), "stream_both".
+_S, _R = session_pb2, registry_pb2
+METHODS = {
+    "ListOptimizers": (_REGISTRY, "unary", _R.ListOptimizersRequest, _R.ListOptimizersResponse.FromString),
+    "CreateSession": (_SESSION, "unary", _S.CreateSessionRequest, _S.CreateSessionResponse.FromString),
+    "CreateSessionStream": (_SESSION, "stream_in", _S.CreateSessionStreamRequest,
+                            _S.CreateSessionStreamResponse.FromString),
+    "GetSession": (_SESSION, "unary", _S.GetSessionRequest, _S.GetSessionResponse.FromString),
+    "ListSessions": (_SESSION, "unary", _S.ListSessionsRequest, _S.ListSessionsResponse.FromString),
+    "DeleteSession": (_SESSION, "unary", _S.DeleteSessionRequest, _S.DeleteSessionResponse.FromString),
+    "Step": (_SESSION, "unary", _S.StepRequest, _S.StepResponse.FromString),
+    # StepStream's gradient chunks go out already encoded (tensors.encode_stream_message: one copy
+    # each), and its replies are decoded with their chunks' bytes viewed, not copied, until they land
+    # in the receive buffers (tensors.decode_step_response).
+    "StepStream": (_SESSION, "stream_both", _S.StepStreamRequest, tensors.decode_step_response),
+    "ReadParameters": (_SESSION, "unary", _S.ReadParametersRequest, _S.ReadParametersResponse.FromString),
+    "ReadParametersStream": (_SESSION, "stream_out", _S.ReadParametersStreamRequest,
+                             _S.ReadParametersStreamResponse.FromString),
+    "ReadState": (_SESSION, "unary", _S.ReadStateRequest, _S.ReadStateResponse.FromString),
+    "ReadStateStream": (_SESSION, "stream_out", _S.ReadStateStreamRequest, _S.ReadStateStreamResponse.FromString),
+    "UpdateHyperparameters": (_SESSION, "unary", _S.UpdateHyperparametersRequest,
+                              _S.UpdateHyperparametersResponse.FromString),
+    "RegisterSharedMemory": (_SESSION, "stream_out", _S.RegisterSharedMemoryRequest,
+                             _S.RegisterSharedMemoryResponse.FromString),
+    "UnregisterSharedMemory": (_SESSION, "unary", _S.UnregisterSharedMemoryRequest,
+                               _S.UnregisterSharedMemoryResponse.FromString),
+    "StepSharedMemory": (_SESSION, "unary", _S.StepSharedMemoryRequest, _S.StepSharedMemoryResponse.FromString),
+}
+
+
+class StreamCall(Protocol):
+    """A server-streaming call in progress: iterate its replies; cancel() ends it."""
+
+    def __iter__(self) -> Iterator: ...
+
+    def __next__(self): ...
+
+    def cancel(self) -> None: ...
+
+
+class Transport(Protocol):
+    """What Client and Session need from a connection. Every method raises OptregError
+    subclasses (never grpc.RpcError), also while a returned stream is being iterated."""
+
+    address: str
+
+    def unary(self, method: str, request, *, timeout: float | None): ...
+
+    def stream_in(self, method: str, requests: Iterable, *, timeout: float | None): ...
+
+    def stream_out(self, method: str, request, *, timeout: float | None) -> StreamCall: ...
+
+    def stream_both(self, method: str, requests: Iterable, *, timeout: float | None) -> StreamCall: ...
+
+    def wait_until_ready(self, seconds: float) -> bool: ...
+
+    def is_local(self) -> bool: ...
+
+    def close(self) -> None: ...
+
+
+class _Replies:
+    """A gRPC response iterator whose errors come out as OptregError."""
+
+    def __init__(self, call):
+        self._call = call
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        try:
+            return next(self._call)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+
+class GrpcTransport:
+    """optreg's RPCs over one gRPC channel (TLS and a bearer token optional).
+
+    Builds its own multi-callables from the channel (METHODS), so no generated stub is patched.
+    """
+
+    def __init__(self, address: str, *, token: str | None = None, root_certificates: bytes | None = None,
+                 tls: bool = False, tls_server_name: str | None = None, max_message_mb: int = 64,
+                 channel: grpc.Channel | None = None):
+        self.address = address
+        limit = max_message_mb * 1024 * 1024
+        options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
+                   # A restarted server is found again within about a second, not gRPC's default
+                   # reconnect backoff (up to 120 s), which would outlast any retry window.
+                   ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 200),
+                   ("grpc.max_reconnect_backoff_ms", 1000)]
+        if tls_server_name:
+            options.append(("grpc.ssl_target_name_override", tls_server_name))
+        if channel is None:
+            if root_certificates is not None or tls:
+                creds = grpc.ssl_channel_credentials(root_certificates=root_certificates)
+                channel = grpc.secure_channel(address, creds, options=options)
+            else:
+                channel = grpc.insecure_channel(address, options=options)
+        self.channel = channel
+        self._closed = False
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+        self._calls = {}
+        for name, (service, kind, request_cls, deserialize) in METHODS.items():
+            serialize = request_cls.SerializeToString
+            if name == "StepStream":
+                serialize = tensors.serialize_passthrough(serialize)
+            factory = {"unary": channel.unary_unary, "stream_in": channel.stream_unary,
+                       "stream_out": channel.unary_stream, "stream_both": channel.stream_stream}[kind]
+            self._calls[name] = factory(service + name, request_serializer=serialize,
+                                        response_deserializer=deserialize)
+
+    def unary(self, method: str, request, *, timeout: float | None):
+        if self._closed:
+            raise UsageError(f"this client's connection to {self.address} is closed")
+        try:
+            return self._calls[method](request, timeout=timeout, metadata=self._metadata)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+
+    stream_in = unary  # a client-streaming call is invoked like a unary one, with an iterator
+
+    def stream_out(self, method: str, request, *, timeout: float | None) -> StreamCall:
+        if self._closed:
+            raise UsageError(f"this client's connection to {self.address} is closed")
+        return _Replies(self._calls[method](request, timeout=timeout, metadata=self._metadata))
+
+    stream_both = stream_out
+
+    def wait_until_ready(self, seconds: float) -> bool:
+        try:
+            grpc.channel_ready_future(self.channel).result(timeout=seconds)
+            return True
+        except grpc.FutureTimeoutError:
+            return False
+
+    def is_local(self) -> bool:
+        """Whether the address names this host (loopback), where shared memory can work."""
+        return is_loopback(self.address)
+
+    def close(self) -> None:
+        self._closed = True
+        self.channel.close()
+
+
+def is_loopback(address: str) -> bool:
+    host = address
+    if host.startswith("unix:"):
+        return True
+    for prefix in ("ipv4:", "ipv6:", "dns:///", "dns:"):
+        if host.startswith(prefix):
+            host = host[len(prefix):]
+    if host.startswith("["):
+        host = host[1:host.find("]")]
+    elif host.count(":") == 1:
+        host = host.rsplit(":", 1)[0]
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
