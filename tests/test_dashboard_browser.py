@@ -1,7 +1,7 @@
 """The dashboard in a real browser: Debian's chromium driven by Playwright (no browser download).
 
 A real server (in this process, so the test can break the dashboard's streams) with tokens and the
-dashboard on a free loopback port; a real session of alice's; its telemetry fed through the hub.
+dashboard on a free loopback port; a real session of alice's stepped through the client with metrics.
 """
 from __future__ import annotations
 
@@ -18,34 +18,43 @@ if not pathlib.Path(CHROMIUM).exists():
     pytest.skip("chromium not installed (.ci/run installs it: apt-get install -y chromium)", allow_module_level=True)
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright not installed (the test extra has it)")
 
-from optreg.server.auth import token_hash  # noqa: E402
-from optreg.server.telemetry import StepEvent  # noqa: E402
-
-
-def step_event(step, owner, session="run-1"):
-    rng = np.random.default_rng(step)
-    w = np.array([4.0 + rng.random(), 100.0, (0.1 * (1 + rng.random())) ** 2, 1.5])
-    v = {"W1": rng.random(8) * 1e-4 / step, "b1": rng.random(2) * 1e-3 / step}
-    return StepEvent(session, step, time.time(), owner=owner, optimizer="adam",
-                     hyperparameters={"lr": 1e-3, "beta1": 0.9, "beta2": 0.999},
-                     tensors={"W1": w, "b1": np.array([1.0, 4.0, 1e-5, 1.0])},
-                     metrics={"loss": 2.0 / (1 + 0.05 * step), "accuracy": min(1.0, 0.1 + 0.01 * step)},
-                     state_sample={"v": v, "m": v})
 
 
 @pytest.fixture
 def dashboard_server(tmp_path):
-    from optreg.client import Client
     from optreg.server.app import OptregServer, Settings
     tokens = tmp_path / "tokens"
     tokens.write_text("alice-token\nbob-token\n")
     srv = OptregServer(Settings(port=0, data_dir="", token_file=str(tokens), dashboard_port=0))
     srv.start()
-    with Client(srv.address, token="alice-token") as c:
-        c.create_session("adam", {"W1": np.zeros(8, np.float32), "b1": np.zeros(2, np.float32)},
-                         session_id="run-1")
     yield srv
     srv.stop(0)
+
+
+class Trainer:
+    """Real steps: a torch.adam session of alice's, each step carrying the loss and an accuracy."""
+
+    def __init__(self, address):
+        from optreg.client import Client
+        self.client = Client(address, token="alice-token")
+        self.rng = np.random.default_rng(0)
+        self.session = self.client.create_session(
+            "torch.adam", {"W1": self.rng.normal(size=(16, 8)).astype(np.float32),
+                           "b1": np.zeros(8, np.float32)}, session_id="run-1", lr=1e-2)
+
+    def step(self, n=1):
+        for _ in range(n):
+            k = self.session.step_count + 1
+            grads = {name: self.rng.normal(size=a.shape).astype(np.float32) for name, a in self.session.arrays.items()}
+            self.session.step(grads, metrics={"loss": 2.0 / (1 + 0.05 * k), "accuracy": min(1.0, 0.1 + 0.01 * k)})
+
+    def poisoned_step(self):
+        import grpc
+        grads = {name: np.zeros(a.shape, np.float32) for name, a in self.session.arrays.items()}
+        grads["W1"][3, 5] = np.nan
+        with pytest.raises(Exception) as e:
+            self.session.step(grads)
+        assert "NaN" in str(e.value)
 
 
 @pytest.fixture
@@ -72,8 +81,9 @@ def login(page, token):
 
 
 def test_dashboard_live_alerts_reconnect_and_tokens(dashboard_server, page, tmp_path):
-    srv, hub = dashboard_server, dashboard_server.telemetry
-    alice = token_hash("alice-token")
+    srv = dashboard_server
+    trainer = Trainer(srv.address)
+    trainer.step()
     page.goto(srv.dashboard.url)
     page.wait_for_selector("#login", state="visible")
 
@@ -82,7 +92,6 @@ def test_dashboard_live_alerts_reconnect_and_tokens(dashboard_server, page, tmp_
     page.wait_for_function("document.querySelector('#login-error').textContent.includes('not one this server')")
     assert page.evaluate("document.querySelectorAll('#sessions li').length") == 0
     # another valid token sees none of alice's sessions
-    hub.on_step(step_event(1, alice))
     login(page, "bob-token")
     page.wait_for_selector("#no-sessions", state="visible")
     assert page.evaluate("document.querySelectorAll('#sessions li').length") == 0
@@ -97,14 +106,14 @@ def test_dashboard_live_alerts_reconnect_and_tokens(dashboard_server, page, tmp_
     page.click("#sessions li[data-id='run-1']")
     page.wait_for_function("window.optregDash.connects >= 1")
     n = 60
-    for s in range(2, n + 1):
-        hub.on_step(step_event(s, alice))
-    page.wait_for_function(f"window.optregDash.charts.ratio && window.optregDash.charts.ratio.data[0].length == {n}")
-    assert points_in_charts(page) == {"metrics": n, "ratio": n, "grad": n, "elr": n}
+    trainer.step(n - 1)
+    page.wait_for_function(f"window.optregDash.charts.metrics && window.optregDash.charts.metrics.data[0].length == {n}")
+    charts = points_in_charts(page)
+    assert charts["metrics"] == n and all(v == n for v in charts.values()), charts
     assert steps_in_page(page) == list(range(1, n + 1))
 
     # an injected non-finite gradient (refused by the server) shows its alert within 1 s
-    hub.on_refused("run-1", alice, n, "gradient 'W1' holds NaN at index 7: the step was not applied")
+    trainer.poisoned_step()
     page.wait_for_selector("#alerts li.refused", timeout=10_000)
     latency = page.evaluate("Date.now() / 1000 - window.optregDash.alerts.find(a => a.kind == 'refused').wall_time")
     assert latency < 1.0, f"alert shown {latency:.3f} s after it was raised"
@@ -112,17 +121,17 @@ def test_dashboard_live_alerts_reconnect_and_tokens(dashboard_server, page, tmp_
 
     # a forced reconnect: the server breaks the stream while steps keep coming; none is missing
     srv.dashboard.drop_streams()
-    for s in range(n + 1, n + 41):
-        hub.on_step(step_event(s, alice))
-        time.sleep(0.01)
+    trainer.step(40)
     page.wait_for_function("window.optregDash.connects >= 2")
     page.wait_for_function(f"window.optregDash.steps.length >= {n + 40}")
     assert steps_in_page(page) == list(range(1, n + 41))
-    page.wait_for_function(f"window.optregDash.charts.ratio.data[0].length == {n + 40}")
-    # alerts are resent on reconnect and shown once: the refused step, and W1's ratio above 1e-2 for 20 steps
-    kinds = page.evaluate("window.optregDash.alerts.map(a => a.kind + ':' + a.tensor)")
-    assert sorted(kinds) == ["refused:", "update_ratio:W1"]
-    assert page.evaluate("document.querySelectorAll('#alerts li').length") == 2
+    page.wait_for_function(f"window.optregDash.charts.metrics.data[0].length == {n + 40}")
+    # alerts are resent on reconnect and shown once
+    refused = page.evaluate("window.optregDash.alerts.filter(a => a.kind == 'refused').length")
+    assert refused == 1
+    shown = page.evaluate("document.querySelectorAll('#alerts li').length")
+    assert shown == page.evaluate("new Set(window.optregDash.alerts.map(a => a.seq)).size")
+    trainer.client.close()
 
     out = pathlib.Path(os.environ.get("OPTREG_SCREENSHOT", tmp_path / "dashboard.png"))
     page.screenshot(path=str(out), full_page=True)
