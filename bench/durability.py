@@ -1,67 +1,63 @@
-"""Steps/s of one session in each durability mode, against a real server on loopback,
-as ratios to the `none` mode measured in the same run (absolute times drift on shared
-machines; ratios much less).
+"""What durability costs: steps on a server with a data directory, in each mode, against the same steps
+on a memory-only server measured in the same run (interleaved, so drift hits both alike).
 
-Run: PYTHONPATH=proto:plugins:server:client python bench/durability.py [--params N] [--steps N]
+    python -m bench --only durability
+
+Rows: the default mode (`log`: each record written to the OS before the reply) and `every-step` (fsync'd
+before the reply) at 1e7 and 1e3 Adam float32 parameters, against `--memory-only`; 16 sessions stepping at
+once in every-step mode (group commit) against one session's fsync per step.
 """
 from __future__ import annotations
 
-import argparse
-import os
-import pathlib
-import subprocess
-import sys
+import statistics
 import tempfile
 import time
 
 import numpy as np
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT / d) for d in ("proto", "plugins", "server", "client")]
 
-from optreg.client import Client  # noqa: E402
+def _interleaved(sessions: dict, grads, reps: int, per: int = 1) -> dict[str, list[float]]:
+    """Median-ready times per session: rounds of `per` steps on each session in turn."""
+    out = {k: [] for k in sessions}
+    for _ in range(reps):
+        for k, s in sessions.items():
+            t = time.perf_counter()
+            for _ in range(per):
+                s.step(grads)
+            out[k].append((time.perf_counter() - t) / per)
+    return out
 
-MODES = [("none", {}), ("periodic (100 steps)", {"durability": "periodic", "periodic_steps": 100,
-                                                  "periodic_seconds": 3600}),
-         ("every-step", {"durability": "every-step"})]
 
+def bench_durability(cfg, server, _echo):
+    from bench.run import Child, _clients, row
+    from optreg.client import Client
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--params", type=int, nargs="+", default=[1_000, 100_000, 1_000_000])
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--repeats", type=int, default=3)
-    args = ap.parse_args()
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path[:4]))
-    with tempfile.TemporaryDirectory(prefix="optreg-bench-", dir=os.environ.get("OPTREG_BENCH_DIR")) as d:
-        proc = subprocess.Popen([sys.executable, "-m", "optreg.server", "serve", "--port", "0", "--data-dir", d,
-                                 "--log-level", "warning"], stdout=subprocess.PIPE, text=True, env=env)
-        address = proc.stdout.readline().split()[-1]
+    with tempfile.TemporaryDirectory(prefix="optreg-bench-") as d:
+        disk = Child(["-m", "optreg.server", "serve", "--host", "127.0.0.1", "--port", "0", "--log-level",
+                      "warning", "--data-dir", d], "optreg serving on ")
         try:
-            print(f"data dir on {d}; adam float32, reply=none, {args.steps} steps, best of {args.repeats}")
-            print(f"{'params':>10}  {'mode':<22} {'steps/s':>9}  {'vs none':>7}")
-            with Client(address) as c:
-                for n in args.params:
-                    base = None
-                    for label, kw in MODES:
-                        best = 0.0
-                        for r in range(args.repeats):
-                            s = c.create_session("adam", {"w": np.zeros(n, np.float32)}, step_reply="none",
-                                                 durability=kw.get("durability", "none"),
-                                                 **{k: v for k, v in kw.items() if k != "durability"})
-                            g = {"w": np.full(n, 1e-3, np.float32)}
-                            s.step(g)
-                            t0 = time.perf_counter()
-                            for _ in range(args.steps):
-                                s.step(g)
-                            best = max(best, args.steps / (time.perf_counter() - t0))
-                            s.delete()
-                        base = base or best
-                        print(f"{n:>10}  {label:<22} {best:>9.0f}  {best / base:>7.3f}", flush=True)
+            rng = np.random.default_rng(3)
+            for n, reps, per in ((10_000_000, cfg.large_reps, 1), (1_000, 15 if cfg.quick else 40, 50)):
+                w = rng.standard_normal(n).astype(np.float32)
+                g = {"w": (rng.standard_normal(n) * 1e-2).astype(np.float32)}
+                with Client(server.address) as mem, Client(disk.line[-1]) as dc:
+                    sessions = {"none": mem.create_session("adam", {"w": w.copy()}),
+                                "log": dc.create_session("adam", {"w": w.copy()}),
+                                "every-step": dc.create_session("adam", {"w": w.copy()}, durability="every-step")}
+                    assert sessions["log"].info.durability == "log"  # the default with a data directory
+                    _interleaved(sessions, g, 2)
+                    t = {k: statistics.median(v) for k, v in _interleaved(sessions, g, reps, per).items()}
+                    for s in sessions.values():
+                        s.delete()
+                size = "1e7" if n >= 1e6 else "1e3"
+                row(f"default (log) durability step, adam {size}", t["log"], "s", "memory-only server, same step",
+                    t["none"], 1.2)
+                row(f"every-step durability step, adam {size}", t["every-step"], "s",
+                    "memory-only server, same step", t["none"], 1.5 if n >= 1e6 else None)
+            one = _clients(disk.line[-1], 1, cfg.conc_seconds, "every-step")
+            many = _clients(disk.line[-1], 16, cfg.conc_seconds, "every-step")
+            row("every-step, 16 sessions at once: time per step", 1 / many, "s",
+                "one session, an fsync per step", 1 / one, 0.25,
+                note=f"{many:.0f} vs {one:.0f} steps/s: group commit")
         finally:
-            proc.terminate()
-            proc.wait()
-
-
-if __name__ == "__main__":
-    main()
+            disk.stop()

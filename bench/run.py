@@ -24,7 +24,7 @@ import time
 import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-for d in ("proto", "plugins", "server", "client"):
+for d in ("proto", "plugins", "server", "client", "examples/optreg-lion"):  # this tree's code, Lion included
     if str(ROOT / d) not in sys.path:
         sys.path.insert(0, str(ROOT / d))
 
@@ -73,7 +73,8 @@ def timed(fn, n):
 # -- processes -----------------------------------------------------------------
 def _env():
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / d) for d in ("proto", "plugins", "server", "client")]
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / d) for d in ("proto", "plugins", "server", "client",
+                                                                   "examples/optreg-lion")]
                                         + [str(ROOT), env.get("PYTHONPATH", "")])
     env["OPTREG_JIT_BLOCK"] = "1"  # the server compiles its kernels before it listens
     return env
@@ -358,6 +359,12 @@ def bench_kernels(cfg, server, echo):
         del base_p, g
 
 
+def bench_declared(cfg, _server, _echo):
+    """Declared kernels (torch.adam, adamw, Lion) and Adam with statistics vs the built-in adam kernel."""
+    from bench import kernels as declared
+    declared.run(cfg, row)
+
+
 def bench_memory(cfg, _server, _echo):
     """Resident memory per small session beyond its arrays, in a fresh server."""
     from optreg.client import Client
@@ -383,11 +390,12 @@ def bench_memory(cfg, _server, _echo):
         server.stop()
 
 
-def _clients(address, k, seconds):
+def _clients(address, k, seconds, durability=None):
     import multiprocessing as mp
     ctx = mp.get_context("spawn")
     start_q, done_q = ctx.Queue(), ctx.Queue()
-    procs = [ctx.Process(target=_worker_entry, args=(address, seconds, start_q, done_q)) for _ in range(k)]
+    procs = [ctx.Process(target=_worker_entry, args=(address, seconds, start_q, done_q, durability))
+             for _ in range(k)]
     for p in procs:
         p.start()
     time.sleep(1.5 + 0.2 * k)  # let them connect and warm up
@@ -399,11 +407,11 @@ def _clients(address, k, seconds):
     return total / seconds
 
 
-def _worker_entry(address, seconds, start_q, done_q):
+def _worker_entry(address, seconds, start_q, done_q, durability=None):
     from optreg.client import Client
     rng = np.random.default_rng()
     with Client(address) as c:
-        s = c.create_session("adam", {"w": rng.standard_normal(1000).astype(np.float32)})
+        s = c.create_session("adam", {"w": rng.standard_normal(1000).astype(np.float32)}, durability=durability)
         g = {"w": rng.standard_normal(1000).astype(np.float32)}
         for _ in range(20):
             s.step(g)
@@ -428,6 +436,11 @@ def bench_torch(cfg, server, echo):
     run(cfg, server, echo)
 
 
+def bench_durability(cfg, server, echo):
+    from bench.durability import bench_durability as run
+    run(cfg, server, echo)
+
+
 def bench_wal(cfg, server, echo):
     from bench.wal import bench_wal as run  # the log/snapshot library's figures (no server involved)
     run(cfg, server, echo)
@@ -438,8 +451,9 @@ def bench_telemetry(cfg, server, echo):
     run(cfg, server, echo)
 
 
-SECTIONS = {"small": bench_small, "large": bench_large, "shm": bench_shm, "kernels": bench_kernels, "memory": bench_memory,
-            "concurrency": bench_concurrency, "torch": bench_torch, "wal": bench_wal, "telemetry": bench_telemetry}
+SECTIONS = {"small": bench_small, "large": bench_large, "shm": bench_shm, "kernels": bench_kernels,
+            "declared": bench_declared, "memory": bench_memory, "concurrency": bench_concurrency,
+            "torch": bench_torch, "wal": bench_wal, "durability": bench_durability, "telemetry": bench_telemetry}
 
 
 class Config:

@@ -98,6 +98,46 @@ def reads_scratch_first(param, grad, state, step, hp, scratch):
     param -= hp["lr"] * s
 
 
+def noisy(param, grad, state, step, hp, scratch):
+    # declared deterministic (the default) but adds unseeded noise: a replayed log would diverge
+    param -= hp["lr"] * (grad * (1 + 1e-6 * np.random.default_rng().standard_normal(grad.shape)))
+
+
+def lr_scalars(hp, step):
+    return (hp["lr"],)
+
+
+def k_literal(p, g, c):
+    # a constant written as a Python float: numba then computes in float64
+    for i in range(p.size):
+        p[i] = p[i] - 0.01 * g[i]
+
+
+def k_reordered(p, g, c):
+    lr = c[0]
+    for i in range(p.size):
+        p[i] = (p[i] / lr - g[i]) * lr
+
+
+def k_uncompilable(p, g, c):
+    lr = c[0]
+    for i in range(p.size):
+        p[i] = p[i] - g[i] * lr
+    print(object())
+
+
+def k_sgd(p, g, c):
+    lr = c[0]
+    for i in range(p.size):
+        p[i] = p[i] - g[i] * lr
+
+
+def sgd_book(param, grad, state, step, hp, scratch):
+    (s,) = scratch
+    np.multiply(grad, hp["lr"], out=s)
+    param -= s
+
+
 class UncheckedHyperparameter(Hyperparameter):
     def coerce(self, value, optimizer=""):
         return value
@@ -119,6 +159,14 @@ BROKEN = [
     ("defaults", make(sgd, hyperparameters=(Hyperparameter("nesterov", 1, type=bool),)), "declared bool"),
     ("definition", make(lambda param, grad: None), "must accept"),
     ("definition", make(sgd, name="Bad Name"), "invalid definition"),
+    ("definition", make(sgd, kernel=k_sgd), "kernel_scalars"),
+    ("kernel", make(sgd_book, scratch=1, kernel=k_reordered, kernel_scalars=lr_scalars), "differs"),
+    ("deterministic", make(noisy), "deterministic=True"),
+]
+NEEDS_NUMBA = [
+    # pure Python computes np.float32 * 0.01 in float32 (numpy 2's weak scalars): only numba shows it
+    ("kernel", make(sgd_book, scratch=1, kernel=k_literal, kernel_scalars=lr_scalars), "float literal"),
+    ("kernel", make(sgd_book, scratch=1, kernel=k_uncompilable, kernel_scalars=lr_scalars), "compiled with numba"),
 ]
 
 
@@ -131,5 +179,24 @@ def test_the_kit_catches(check, definition, message):
         kit.CHECKS[check](definition)
 
 
+@pytest.mark.parametrize("check,definition,message", NEEDS_NUMBA,
+                         ids=[f"{c}-{d.kernel.__name__}" for c, d, _ in NEEDS_NUMBA])
+def test_the_kit_catches_with_numba(check, definition, message):
+    pytest.importorskip("numba")
+    with pytest.raises(AssertionError, match=message):
+        kit.CHECKS[check](definition)
+
+
 def test_a_correct_optimizer_passes_every_check():
     kit.check_all(make(sgd))
+
+
+@pytest.mark.parametrize("jit", [True, False], ids=["numba", "plain-python"])
+def test_a_correct_kernel_passes_both_ways(jit):
+    if jit:
+        pytest.importorskip("numba")
+    kit.check_kernel(make(sgd_book, scratch=1, kernel=k_sgd, kernel_scalars=lr_scalars), jit=jit)
+
+
+def test_a_nondeterministic_optimizer_that_says_so_passes():
+    kit.check_all(make(noisy, deterministic=False))

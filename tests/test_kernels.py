@@ -1,16 +1,34 @@
-"""The fused kernels against the plugins' numpy updates (bit for bit) and the book's formulas in float64."""
+"""The fused kernels against the plugins' numpy updates (bit for bit) and the book's formulas in float64;
+statistics in the update pass against a numpy recomputation."""
+import dataclasses
+import logging
 import math
 
 import numpy as np
 import pytest
 
+from optreg.plugins import Hyperparameter, Optimizer
+from optreg.plugins import testing as kit
 from optreg.plugins.registry import Registry
-from optreg.server import fastkernels, kernels
+from optreg.server import fastkernels, kernels, kernelstats
 
 HPS = {"sgd": {"lr": 0.05}, "momentum": {"lr": 0.02, "momentum": 0.8}, "nesterov": {"lr": 0.02, "momentum": 0.85},
        "adagrad": {"lr": 0.1}, "rmsprop": {"lr": 0.01, "decay_rate": 0.9},
        "adam": {"lr": 0.01, "beta1": 0.8, "beta2": 0.999}}
 SIZES = [1, 1000, (1 << 18) + 17]  # the last crosses the threaded split and is not a multiple of anything
+# Every optimizer with a kernel, under settings that take each of its branches.
+SETTINGS = {
+    **{name: [hp] for name, hp in HPS.items()},
+    "torch.adam": [{}, {"weight_decay": 0.1, "amsgrad": True, "eps": 1e-6}],
+    "adamw": [{}, {"weight_decay": 0.05, "amsgrad": True, "lr": 0.01}],
+    "torch.sgd": [{}, {"momentum": 0.9}, {"momentum": 0.9, "nesterov": True, "weight_decay": 0.01},
+                  {"momentum": 0.8, "dampening": 0.3}],
+    "torch.rmsprop": [{}, {"centered": True}, {"centered": True, "momentum": 0.9, "weight_decay": 0.01},
+                      {"momentum": 0.5}],
+    "torch.adagrad": [{}, {"lr_decay": 0.01, "weight_decay": 0.01, "initial_accumulator_value": 0.1}],
+    "lion": [{}, {"lr": 3e-3, "beta1": 0.5, "beta2": 0.9, "weight_decay": 0.1}],
+}
+CASES = [(name, i) for name in sorted(SETTINGS) for i in range(len(SETTINGS[name]))]
 
 
 def book(name, hp, p, g, st, t):
@@ -49,24 +67,38 @@ def _numpy_update(defn, p, g, st, t, hp):
     defn.update(p, g, st, t, hp, [np.empty_like(p) for _ in range(defn.scratch)])
 
 
+def test_every_registered_optimizer_declares_a_kernel(registry):
+    assert set(SETTINGS) == set(registry.optimizers)
+    assert all(registry.get(name).definition.kernel is not None for name in SETTINGS)
+
+
 @pytest.mark.skipif(not fastkernels.available(), reason="numba not installed")
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("size", SIZES)
-@pytest.mark.parametrize("name", sorted(HPS))
-def test_fused_kernel_equals_numpy_update_bit_for_bit(registry, name, size, dtype):
+@pytest.mark.parametrize("name,setting", CASES)
+def test_fused_kernel_equals_numpy_update_bit_for_bit(registry, name, setting, size, dtype):
     defn = registry.get(name).definition
-    assert fastkernels.lookup(defn.update, np.dtype(dtype)) is not None
+    hp = defn.resolve(SETTINGS[name][setting])
+    assert fastkernels.lookup(defn, np.dtype(dtype)) is not None
     rng = np.random.default_rng(3)
     p = rng.standard_normal(size).astype(dtype)
     st = {s.name: np.full(size, s.initial_value, dtype) for s in defn.slots}
     p_ref, st_ref = p.copy(), {k: v.copy() for k, v in st.items()}
     for t in range(1, 6):
         g = rng.standard_normal(size).astype(dtype)
-        kernels.apply(defn, p, g, st, t, HPS[name])
-        _numpy_update(defn, p_ref, g, st_ref, t, HPS[name])
+        g.flags.writeable = False  # as the server's gradients
+        kernels.apply(defn, p, g, st, t, hp)
+        _numpy_update(defn, p_ref, g, st_ref, t, hp)
     np.testing.assert_array_equal(p, p_ref)
     for k in st:
         np.testing.assert_array_equal(st[k], st_ref[k])
+
+
+@pytest.mark.parametrize("name,setting", CASES)
+def test_the_kits_kernel_check_passes_every_setting(registry, name, setting):
+    defn = registry.get(name).definition
+    kit.check_kernel(defn, SETTINGS[name][setting])
+    kit.check_kernel(defn, SETTINGS[name][setting], jit=False, steps=3)  # the plain loop is the same math
 
 
 @pytest.mark.parametrize("name", sorted(HPS))
@@ -84,11 +116,111 @@ def test_kernel_matches_float64_book_formula(registry, name):
     np.testing.assert_allclose(p, p_ref, rtol=1e-12, atol=1e-12)
 
 
-def test_numpy_fallback_used_for_unknown_update(registry):
-    """A third-party update (not one of the built-in functions) never gets a fused kernel."""
+def test_no_kernel_without_a_declared_one(registry):
+    defn = dataclasses.replace(registry.get("adam").definition, kernel=None, kernel_scalars=None)
+    assert fastkernels.lookup(defn, np.dtype(np.float32)) is None
+    assert fastkernels.status(defn) is None  # nothing was queued
+
+
+def _sgd_update(param, grad, state, step, hp, scratch):
+    (s,) = scratch
+    np.multiply(grad, hp["lr"], out=s)
+    param -= s
+
+
+def _kernel_numba_refuses(p, g, c):
+    lr = c[0]
+    for i in range(p.size):
+        p[i] = p[i] - g[i] * lr
+    print(object())  # an object numba cannot type
+
+
+@pytest.mark.skipif(not fastkernels.available(), reason="numba not installed")
+def test_a_kernel_numba_cannot_compile_falls_back_to_numpy_with_a_warning(caplog):
+    defn = Optimizer(name="refused-kernel", summary="sgd whose kernel numba refuses", update=_sgd_update,
+                     hyperparameters=(Hyperparameter("lr", 0.1, minimum=0.0),), scratch=1,
+                     kernel=_kernel_numba_refuses, kernel_scalars=lambda hp, step: (hp["lr"],))
+    p, g = np.ones(1000, np.float32), np.full(1000, 2.0, np.float32)
+    with caplog.at_level(logging.WARNING, logger="optreg.server"):
+        kernels.apply(defn, p, g, {}, 1, {"lr": 0.1})  # queues the compile, runs numpy meanwhile
+        assert fastkernels.wait_idle(120)
+        kernels.apply(defn, p, g, {}, 2, {"lr": 0.1})
+    assert fastkernels.status(defn) == "failed" and fastkernels.lookup(defn, p.dtype) is None
+    assert any("refused-kernel" in r.getMessage() and "numpy" in r.getMessage() for r in caplog.records)
+    expected = np.ones(1000, np.float32)
+    for _ in range(2):
+        expected -= np.float32(0.1) * g
+    np.testing.assert_array_equal(p, expected)
+
+
+# ---- statistics -----------------------------------------------------------------
+
+def _recompute(new, old, g):
+    n64, o64, g64 = (a.astype(np.float64).reshape(-1) for a in (new, old, g))
+    return np.array([np.sum(g64 * g64), np.sum(n64 * n64), np.sum((n64 - o64) ** 2),
+                     np.max(np.abs(g64)) if g64.size else 0.0])
+
+
+STAT_SIZES = [1, 1000, (1 << 15) + 3, (1 << 18) + 17]  # GIL kept, GIL released, threaded split
+
+
+@pytest.mark.parametrize("path", ["fused", "numpy"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name", sorted(SETTINGS))
+def test_statistics_equal_a_numpy_recomputation(registry, name, dtype, path):
+    defn = registry.get(name).definition
+    if path == "numpy":
+        defn = dataclasses.replace(defn, kernel=None, kernel_scalars=None)
+    elif not fastkernels.available():
+        pytest.skip("numba not installed")
+    else:
+        kernelstats.stats_kernel(defn, fastkernels.lookup(defn, np.dtype(dtype)))
+        assert fastkernels.wait_idle(300)  # the statistics kernel, not the interim slices
+        assert kernelstats.stats_status(defn) == "fused"  # every built-in's loop takes the rewrite
+    hp = defn.resolve(SETTINGS[name][-1])
+    rng = np.random.default_rng(7)
+    for size in STAT_SIZES:
+        p = rng.standard_normal(size).astype(dtype)
+        st = {s.name: np.full(size, s.initial_value, dtype) for s in defn.slots}
+        p_ref, st_ref = p.copy(), {k: v.copy() for k, v in st.items()}
+        for t in range(1, 4):
+            g = (rng.standard_normal(size) * 0.1).astype(dtype)
+            old = p.copy()
+            stats = np.full(4, np.nan)
+            kernels.apply(defn, p, g, st, t, hp, stats=stats)
+            _numpy_update(defn, p_ref, g, st_ref, t, hp)
+            np.testing.assert_array_equal(p, p_ref)  # statistics never change the update
+            np.testing.assert_allclose(stats, _recompute(p, old, g), rtol=1e-12, atol=0,
+                                       err_msg=f"{name} {np.dtype(dtype).name} size {size} step {t}")
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_statistics_fold_over_threads_and_copy_out(registry, threads, monkeypatch):
+    """The parallel split folds per-thread sums (and the max) into one; with out= as well."""
+    monkeypatch.setattr(fastkernels, "_threads", threads)
     defn = registry.get("adam").definition
-    assert fastkernels.lookup(lambda *a: None, np.dtype(np.float32)) is None
-    assert defn.elementwise
+    kernelstats.stats_kernel(defn, fastkernels.lookup(defn, np.dtype(np.float32)))
+    fastkernels.wait_idle(300)
+    rng = np.random.default_rng(8)
+    n = (1 << 19) + 11
+    p = rng.standard_normal(n).astype(np.float32)
+    g = rng.standard_normal(n).astype(np.float32)
+    g[n - 5] = 40.0  # the largest |g| sits in the last thread's share
+    st = {s.name: np.zeros(n, np.float32) for s in defn.slots}
+    for out in (None, np.empty(n, np.float32)):
+        old = p.copy()
+        stats = np.zeros(4)
+        kernels.apply(defn, p, g, st, 1, HPS["adam"], out, stats=stats)
+        np.testing.assert_allclose(stats, _recompute(p, old, g), rtol=1e-12, atol=0)
+        assert stats[3] == 40.0
+        if out is not None:
+            np.testing.assert_array_equal(out, p)
+
+
+def test_statistics_argument_is_checked(registry):
+    defn = registry.get("sgd").definition
+    with pytest.raises(ValueError, match="float64 array of shape"):
+        kernels.apply(defn, np.ones(3), np.ones(3), {}, 1, HPS["sgd"], stats=np.zeros(3))
 
 
 @pytest.mark.parametrize("dtype", ["float16", "float32", "float64", "bfloat16"])
@@ -96,7 +228,7 @@ def test_numpy_fallback_used_for_unknown_update(registry):
 def test_finite_check_matches_numpy(dtype, size):
     import ml_dtypes
     fastkernels.warm(block=True)
-    if not fastkernels.names():
+    if not fastkernels.available():
         pytest.skip("numba not installed")
     dt = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
     info = ml_dtypes.finfo(dt) if dtype == "bfloat16" else np.finfo(dt)

@@ -30,6 +30,36 @@ def update(param, grad, state, step, hp, scratch):
     m += t
 
 
+def kernel(p, g, m, c):
+    # `update` one element at a time, same operations in the same order; the server
+    # compiles it with numba (one pass over memory). Every constant comes from c:
+    # a Python literal in arithmetic would make numba compute in float64.
+    b1, a1, decoupled, decay, lr, b2, a2, one = c[0], c[1], c[2] != 0, c[3], c[4], c[5], c[6], c[7]
+    zero = one - one
+    for i in range(p.size):
+        gi = g[i]
+        mi = m[i]
+        ci = mi * b1 + gi * a1
+        if ci > zero:  # np.sign: 1, -1, 0 for either zero, NaN stays NaN
+            s = one
+        elif ci < zero:
+            s = -one
+        elif ci == zero:
+            s = zero
+        else:
+            s = ci
+        pi = p[i]
+        if decoupled:
+            pi = pi * decay
+        p[i] = pi - s * lr
+        m[i] = mi * b2 + gi * a2
+
+
+def kernel_scalars(hp, step):
+    lr, b1, b2, wd = hp["lr"], hp["beta1"], hp["beta2"], hp["weight_decay"]
+    return (b1, 1 - b1, float(wd != 0), 1 - lr * wd, lr, b2, 1 - b2, 1.0)
+
+
 LION = Optimizer(
     name="lion",
     summary="Lion (Chen et al. 2023): p -= lr*(sign(beta1*m + (1-beta1)*g) + wd*p); m = beta2*m + (1-beta2)*g.",
@@ -43,6 +73,8 @@ LION = Optimizer(
     slots=(Slot("m"),),
     scratch=2,
     elementwise=True,
+    kernel=kernel,
+    kernel_scalars=kernel_scalars,
 )
 
 

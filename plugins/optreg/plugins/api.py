@@ -8,6 +8,20 @@ checkpoint, export and slice them); the plugin owns the math::
         # and dtype; state: {slot name: ndarray like param}, updated in place;
         # step: the 1-based number of this step; hp: {name: value};
         # scratch: list of `Optimizer.scratch` work arrays like param.
+
+An elementwise optimizer may also declare a *kernel*: the same math as a plain
+Python scalar loop, which the server compiles with numba when it is installed
+(one fused pass over memory instead of one per numpy operation)::
+
+    def kernel(p, g, *slots, c):   # positional: kernel(p, g, m, v, c)
+        # p, g and each slot (in `Optimizer.slots` order): 1-D arrays of one
+        # dtype; c: 1-D array of `kernel_scalars(hp, step)` in that dtype.
+        for i in range(p.size):
+            ...
+
+It must give the numpy update's numbers bit for bit (the conformance kit checks):
+the same operations in the same order, every constant taken from `c` (a Python
+float or int literal in arithmetic makes numba compute in float64).
 """
 from __future__ import annotations
 
@@ -73,11 +87,38 @@ class Hyperparameter:
         return number
 
 
+DOMAINS = ("real", "nonnegative")
+
+
 @dataclass(frozen=True)
 class Slot:
-    """A per-parameter state array, same shape and dtype as the parameter."""
+    """A per-parameter state array, same shape and dtype as the parameter.
+
+    `domain` is what a valid value looks like: "real" (any finite number) or
+    "nonnegative" (finite and >= 0: Adam's v, AdaGrad's sum of squares). The
+    server checks restored state against it (`check`) before it steps on it.
+    """
     name: str
     initial_value: float = 0.0
+    domain: str = "real"
+
+    def check(self, tensor: str, array, optimizer: str = "") -> str | None:
+        """None when every value of this slot's `array` (for parameter `tensor`) is in the
+        slot's domain; otherwise a message naming the slot, the tensor, the count and the rule."""
+        import numpy as np  # only the server and tests need this; keep the API import light
+
+        a = np.asarray(array)
+        if a.dtype.kind not in "fiu":  # bfloat16 and other extension types: compare in float64
+            a = a.astype(np.float64)
+        owner = f"{optimizer}'s {self.name}" if optimizer else f"slot {self.name}"
+        bad = int(a.size - np.count_nonzero(np.isfinite(a))) if a.dtype.kind == "f" else 0
+        if bad:
+            return f"state {self.name}/{tensor} has {bad} non-finite value(s) (NaN or infinity); {owner} must be finite"
+        if self.domain == "nonnegative":
+            negative = int(np.count_nonzero(a < 0))
+            if negative:
+                return f"state {self.name}/{tensor} has {negative} negative value(s); {owner} must be >= 0"
+        return None
 
 
 @dataclass(frozen=True)
@@ -93,6 +134,13 @@ class Optimizer:
     # `update` over slices of a tensor (cache-sized chunks, several threads).
     elementwise: bool = True
     sparse_rows: bool = False
+    # The same math as a scalar loop, compiled by the server when numba is installed:
+    # kernel(p, g, *slots, c) over 1-D arrays, c = kernel_scalars(hp, step) in the array dtype.
+    kernel: Callable[..., None] | None = None
+    kernel_scalars: Callable[[Mapping[str, Any], int], tuple] | None = None
+    # Same inputs give the same bits. The write-ahead log replays deterministic updates
+    # from the gradients; for the others it logs the results.
+    deterministic: bool = True
     hyperparameter_names: tuple[str, ...] = field(init=False, repr=False, compare=False)
     # Telemetry, optional: effective_lr(state_sample, hp, step) -> per-element step size applied to the
     # (bias-corrected) moment, e.g. Adam's lr/(sqrt(v_hat)+eps), from {slot: a few state elements}.
@@ -116,6 +164,54 @@ class Optimizer:
             if h.name in values:
                 resolved[h.name] = h.coerce(values[h.name], self.name)
         return resolved
+
+    def check_state(self, tensor: str, state: Mapping[str, Any]) -> str | None:
+        """The first slot of `state` ({slot name: array} for parameter `tensor`) outside its
+        domain, as a message; None when all are valid. Slots missing from `state` are skipped."""
+        for s in self.slots:
+            if s.name in state:
+                problem = s.check(tensor, state[s.name], self.name)
+                if problem:
+                    return problem
+        return None
+
+
+def _positional_count(fn) -> int | None:
+    """How many positional arguments `fn` takes; None if it takes *args or has no signature."""
+    import inspect
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return None
+    return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
+
+
+def _validate_kernel(defn: Optimizer) -> None:
+    where = f"optimizer {defn.name}"
+    if not isinstance(defn.deterministic, bool):
+        raise DefinitionError(f"{where}: deterministic must be True or False, got {defn.deterministic!r}")
+    if defn.kernel is None:
+        if defn.kernel_scalars is not None:
+            raise DefinitionError(f"{where}: kernel_scalars is declared without a kernel; declare both or neither")
+        return
+    if not callable(defn.kernel):
+        raise DefinitionError(f"{where}: kernel must be a function kernel(p, g, *slots, c), got {defn.kernel!r}")
+    if defn.kernel_scalars is None or not callable(defn.kernel_scalars):
+        raise DefinitionError(
+            f"{where}: a kernel needs kernel_scalars(hp, step) returning the tuple of floats passed as c")
+    if not defn.elementwise:
+        raise DefinitionError(
+            f"{where}: a kernel runs over slices of the flattened tensor, so it needs elementwise=True")
+    wanted = 3 + len(defn.slots)
+    got = _positional_count(defn.kernel)
+    if got is not None and got != wanted:
+        names = ", ".join(["p", "g", *(s.name for s in defn.slots), "c"])
+        raise DefinitionError(f"{where}: kernel takes {got} argument(s); it must take {wanted}: ({names})")
+    got = _positional_count(defn.kernel_scalars)
+    if got is not None and got != 2:
+        raise DefinitionError(f"{where}: kernel_scalars must take (hp, step), it takes {got} argument(s)")
 
 
 def validate(defn: Any) -> Optimizer:
@@ -150,5 +246,12 @@ def validate(defn: Any) -> Optimizer:
             raise DefinitionError(f"optimizer {defn.name}: bad or repeated state slot {s!r}")
         if not math.isfinite(float(s.initial_value)):
             raise DefinitionError(f"optimizer {defn.name}: slot {s.name} initial value must be finite")
+        if s.domain not in DOMAINS:
+            raise DefinitionError(
+                f"optimizer {defn.name}: slot {s.name} domain {s.domain!r} must be one of {', '.join(DOMAINS)}")
+        if s.domain == "nonnegative" and s.initial_value < 0:
+            raise DefinitionError(
+                f"optimizer {defn.name}: slot {s.name} is nonnegative but starts at {s.initial_value!r}")
         slots.add(s.name)
+    _validate_kernel(defn)
     return defn

@@ -9,6 +9,11 @@ In a plugin package's tests (pytest)::
         optimizer = LION                  # a definition, or a registered name
         hyperparameters = {"lr": 1e-3}    # optional: overrides for the behaviour checks
 
+An optimizer that declares a kernel (`Optimizer.kernel`) is also checked to give
+its update's numbers bit for bit (compiled with numba when it is installed, as the
+server compiles it; the plain Python loop otherwise), and every optimizer declaring
+`deterministic=True` to give the same bits from the same inputs.
+
 Each check is also a plain function (``check_*``, taking the definition and the
 overrides) that raises AssertionError saying what is wrong, so it can be used
 without pytest's class machinery. The checks call ``update`` the way the server
@@ -30,7 +35,8 @@ from optreg.plugins.api import DefinitionError, HyperparameterError, Optimizer, 
 
 __all__ = ["OptimizerConformance", "CHECKS", "check_all", "new_state", "new_scratch", "quadratic"] + [
     f"check_{name}" for name in ("definition", "defaults", "bad_hyperparameters", "decreases_quadratic", "in_place",
-                                 "state_round_trip", "sliced", "dtypes", "zero_gradients")]
+                                 "state_round_trip", "sliced", "dtypes", "zero_gradients", "kernel",
+                                 "deterministic")]
 
 
 # ---- helpers -------------------------------------------------------------------
@@ -207,17 +213,23 @@ def check_state_round_trip(definition: Optimizer, overrides=None, k: int = 5, n:
     assert np.isfinite(x).all(), (
         f"{definition.name}: param became non-finite (does update read scratch before writing it? "
         "scratch arrives holding anything)")
-    np.testing.assert_array_equal(restored, x, err_msg=f"{definition.name}: restored state diverged (param)")
+    # Bit for bit when the optimizer is deterministic; otherwise to its noise (a loose tolerance).
+    rtol = 0.0 if definition.deterministic else 1e-3
+    np.testing.assert_allclose(restored, x, rtol=rtol, atol=0,
+                               err_msg=f"{definition.name}: restored state diverged (param)")
     for name in state:
-        np.testing.assert_array_equal(restored_state[name], state[name],
-                                      err_msg=f"{definition.name}: restored state diverged (slot {name})")
+        np.testing.assert_allclose(restored_state[name], state[name], rtol=rtol, atol=0,
+                                   err_msg=f"{definition.name}: restored state diverged (slot {name})")
 
 
-def check_sliced(definition: Optimizer, overrides=None, rtol: float = 0.0) -> None:
+def check_sliced(definition: Optimizer, overrides=None, rtol: float | None = None) -> None:
     """An elementwise optimizer gives the same result over uneven slices of the flattened
-    tensor as over the whole (the server chunks and threads on that promise)."""
+    tensor as over the whole (the server chunks and threads on that promise); bit for bit
+    unless it declares deterministic=False."""
     if not definition.elementwise:
         return
+    if rtol is None:
+        rtol = 0.0 if definition.deterministic else 1e-3
     hp = _hp(definition, overrides)
     shape = (5, 37)
     x, a = quadratic(math.prod(shape), seed=3)
@@ -278,6 +290,118 @@ def check_zero_gradients(definition: Optimizer, overrides=None) -> None:
             assert np.isfinite(v).all(), f"{definition.name}: zero gradients made slot {k} non-finite"
 
 
+def _bits(a: np.ndarray) -> np.ndarray:
+    return a.reshape(-1).view(f"u{a.dtype.itemsize}")
+
+
+def _first_difference(label: str, got: np.ndarray, want: np.ndarray) -> str | None:
+    diff = np.flatnonzero(_bits(got) != _bits(want))
+    if diff.size == 0:
+        return None
+    i = int(diff[0])
+    return (f"{label} differs at {diff.size} of {got.size} element(s), first at [{i}]: "
+            f"kernel {got.reshape(-1)[i]!r}, update {want.reshape(-1)[i]!r}")
+
+
+_compiled: dict = {}  # id(kernel) -> (kernel, numba dispatcher or the exception it raised)
+
+
+def compiled_kernel(definition: Optimizer, jit: bool | None = None):
+    """`definition.kernel` as the checks run it: compiled with numba's options as the server compiles
+    it (error_model="numpy", no fastmath) when numba is installed and `jit` is not False, else as is."""
+    kernel = getattr(definition.kernel, "py_func", definition.kernel)  # a numba function: its Python loop
+    if jit is False:
+        return kernel
+    try:
+        import numba
+    except ImportError:
+        if jit:
+            raise AssertionError("numba is not installed: cannot check the compiled kernel") from None
+        return kernel
+    hit = _compiled.get(id(kernel))
+    if hit is None or hit[0] is not kernel:
+        try:
+            hit = (kernel, numba.njit(error_model="numpy")(kernel))
+        except Exception as e:  # pragma: no cover - njit is lazy; errors come at the first call
+            hit = (kernel, e)
+        _compiled[id(kernel)] = hit
+    if isinstance(hit[1], Exception):
+        raise AssertionError(f"{definition.name}: kernel does not compile with numba: {hit[1]}")
+    return hit[1]
+
+
+def check_kernel(definition: Optimizer, overrides=None, jit: bool | None = None, steps: int = 5) -> None:
+    """A declared kernel gives the update's numbers bit for bit: float32 and float64, several steps,
+    odd sizes, read-only gradients; compiled with numba when it is installed (`jit`: force either way)."""
+    if definition.kernel is None:
+        return
+    hp = _hp(definition, overrides)
+    fn = compiled_kernel(definition, jit)
+    compiled = fn is not getattr(definition.kernel, "py_func", definition.kernel)
+    how = "compiled with numba" if compiled else "as plain Python"
+    sizes = (1, 7, 37, 1031) if compiled else (1, 7, 37, 131)
+    for dtype in (np.float32, np.float64):
+        for size in sizes:
+            rng = np.random.default_rng(size)
+            x = (rng.standard_normal(size) * 2).astype(dtype)
+            ref, ref_state = x.copy(), new_state(definition, x)
+            got, got_state = x.copy(), new_state(definition, x)
+            for step in range(1, steps + 1):
+                grad = rng.standard_normal(size).astype(dtype)
+                if step == 3:
+                    grad[: size // 3] = 0  # zero gradients take other branches (sign, max)
+                _step(definition, ref, grad, ref_state, step, hp, new_scratch(definition, ref))
+                scalars = definition.kernel_scalars(hp, step)
+                try:
+                    c = np.array(scalars, dtype=dtype)
+                except (TypeError, ValueError) as e:
+                    raise AssertionError(f"{definition.name}: kernel_scalars returned {scalars!r}, "
+                                         f"not a tuple of numbers: {e}") from e
+                assert c.ndim == 1, f"{definition.name}: kernel_scalars must return a flat tuple, got {scalars!r}"
+                try:
+                    with np.errstate(all="ignore"):
+                        fn(got, _read_only(grad), *[got_state[s.name] for s in definition.slots], c)
+                except AssertionError:
+                    raise
+                except Exception as e:
+                    raise AssertionError(f"{definition.name}: kernel {how} failed on {np.dtype(dtype).name} "
+                                         f"arrays of {size}: {type(e).__name__}: {e}") from e
+                where = f"{definition.name}: kernel ({how}) and update, {np.dtype(dtype).name}, size {size}, " \
+                        f"step {step}:"
+                problems = [_first_difference("param", got, ref)] + [
+                    _first_difference(f"slot {k}", got_state[k], ref_state[k]) for k in ref_state]
+                problems = [p for p in problems if p]
+                assert not problems, (
+                    f"{where} {problems[0]} (same operations in the same order? every constant from c? "
+                    "a Python float literal makes numba compute in float64)")
+
+
+def check_deterministic(definition: Optimizer, overrides=None, steps: int = 6) -> None:
+    """An optimizer declaring deterministic=True gives the same bits from the same inputs (the
+    write-ahead log replays its updates instead of logging their results)."""
+    if not definition.deterministic:
+        return
+    hp = _hp(definition, overrides)
+    runs = []
+    for fill in (np.nan, 7.0):  # scratch holding different leftovers must not matter either
+        rng = np.random.default_rng(6)
+        for dtype in (np.float32, np.float64):
+            x = rng.standard_normal((3, 41)).astype(dtype)
+            state = new_state(definition, x)
+            scratch = new_scratch(definition, x, fill)
+            for step in range(1, steps + 1):
+                _step(definition, x, rng.standard_normal(x.shape).astype(dtype), state, step, hp, scratch)
+            runs.append([("param", x)] + sorted(state.items()))
+    half = len(runs) // 2
+    for first, second in zip(runs[:half], runs[half:]):
+        for (label, a), (_, b) in zip(first, second):
+            problem = _first_difference(label, a, b)
+            assert problem is None, (
+                f"{definition.name} declares deterministic=True but two runs on the same inputs differ "
+                f"({a.dtype.name}): {problem.replace('kernel', 'run 1').replace('update', 'run 2')}; "
+                "declare deterministic=False (the log then keeps results) or remove the randomness")
+
+
 CHECKS: dict[str, Callable[..., None]] = {
     "definition": check_definition,
     "defaults": check_defaults,
@@ -288,6 +412,8 @@ CHECKS: dict[str, Callable[..., None]] = {
     "sliced": check_sliced,
     "dtypes": check_dtypes,
     "zero_gradients": check_zero_gradients,
+    "kernel": check_kernel,
+    "deterministic": check_deterministic,
 }
 
 
@@ -349,3 +475,13 @@ class OptimizerConformance:
 
     def test_zero_gradients_stay_finite(self, definition, overrides):
         check_zero_gradients(definition, overrides)
+
+    def test_kernel_equals_update(self, definition, overrides):
+        if definition.kernel is None:
+            pytest.skip(f"{definition.name} declares no kernel")
+        check_kernel(definition, overrides)
+
+    def test_deterministic(self, definition, overrides):
+        if not definition.deterministic:
+            pytest.skip(f"{definition.name} declares deterministic=False")
+        check_deterministic(definition, overrides)

@@ -1,6 +1,7 @@
 """A new session from a plain config: everything checked before anything is allocated."""
 from __future__ import annotations
 
+import re
 import uuid
 from dataclasses import dataclass, field
 
@@ -8,10 +9,12 @@ import numpy as np
 
 from optreg.plugins import HyperparameterError
 from optreg.server.errors import FailedPrecondition, InvalidArgument, NotFound, shown
+from optreg.server.pipeline import check_finite
 from optreg.server.sessions import (DURABILITIES, MASTER_DTYPES, MAX_STEP, REPLIES, Arrays, Durability, Session)
 from optreg.v1 import tensor_pb2
 
 DT = tensor_pb2.DataType
+SESSION_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 SESSION_ID_RULE = "1-128 letters, digits, '_', '-' or '.', not starting with '.' or '-'"
 
 
@@ -35,23 +38,14 @@ class SessionConfig:
 
 
 def valid_id(session_id: str) -> bool:
-    import re
-    return bool(re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}", session_id))
+    return bool(SESSION_ID.fullmatch(session_id))
 
 
 def check_state(defn, state: dict[str, dict[str, np.ndarray]]) -> None:
     """Restored optimizer state: finite, and inside each slot's declared domain (Adam's v >= 0)."""
     for slot in defn.slots:
         for name, a in state.get(slot.name, {}).items():
-            check = getattr(slot, "check", None)
-            problem = check(name, a) if check else None
-            if problem is None:
-                bad = int(a.size - np.count_nonzero(np.isfinite(a)))
-                if bad:
-                    problem = f"state {slot.name}/{shown(name)} has {bad} NaN or Inf value(s)"
-                elif getattr(slot, "domain", "real") == "nonnegative" and a.size and float(a.min()) < 0:
-                    problem = (f"state {slot.name}/{shown(name)} has {int((a < 0).sum())} negative value(s); "
-                               f"{defn.name}'s {slot.name} must be >= 0")
+            problem = slot.check(shown(name), a, defn.name)
             if problem:
                 raise InvalidArgument(f"{problem}; nothing was created")
 
@@ -147,7 +141,6 @@ class SessionFactory:
             return Arrays(master_params, slots)
 
         session.live = self.budget.allocate(f"session {session.id}", session.set_bytes(), build)
-        from optreg.server.pipeline import check_finite
         for name, p in session.live.params.items():
             try:
                 check_finite(name, p)

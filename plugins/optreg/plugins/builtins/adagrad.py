@@ -1,4 +1,6 @@
 """AdaGrad: h <- h + g*g; W <- W - lr*g / (sqrt(h) + 1e-7)."""
+import math
+
 import numpy as np
 
 from optreg.plugins import Hyperparameter, Optimizer, Slot, hookimpl
@@ -21,15 +23,29 @@ def update(param, grad, state, step, hp, scratch):
 def effective_lr(state, hp, step):
     """Telemetry: lr/(sqrt(h)+1e-7), the step size on g."""
     return hp["lr"] / (np.sqrt(state["h"]) + BOOK_EPS)
+def kernel(p, g, h, c):
+    lr, eps = c[0], c[1]
+    for i in range(p.size):
+        gi = g[i]
+        hi = h[i] + gi * gi
+        h[i] = hi
+        p[i] = p[i] - (gi * lr) / (math.sqrt(hi) + eps)
+
+
+def kernel_scalars(hp, step):
+    return (hp["lr"], BOOK_EPS)
+
 
 ADAGRAD = Optimizer(
     name="adagrad",
     summary="AdaGrad: h += g*g; W -= lr*g/(sqrt(h)+1e-7) (the book's AdaGrad).",
     update=update,
     hyperparameters=(Hyperparameter("lr", 0.01, "learning rate", minimum=0.0),),
-    slots=(Slot("h"),),
+    slots=(Slot("h", domain="nonnegative"),),
     scratch=2,
     effective_lr=effective_lr,
+    kernel=kernel,
+    kernel_scalars=kernel_scalars,
 )
 
 

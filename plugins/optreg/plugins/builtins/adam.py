@@ -41,6 +41,22 @@ def update(param, grad, state, step, hp, scratch):
 def effective_lr(state, hp, step):
     """Telemetry: lr*sqrt(1-beta2^t)/(sqrt(v)+1e-7), the step size on the bias-corrected m."""
     return hp["lr"] * math.sqrt(1.0 - hp["beta2"] ** step) / (np.sqrt(state["v"]) + BOOK_EPS)
+def kernel(p, g, m, v, c):
+    a1, a2, lr_t, eps = c[0], c[1], c[2], c[3]
+    for i in range(p.size):
+        gi = g[i]
+        mi = m[i] + (gi - m[i]) * a1
+        vi = v[i] + (gi * gi - v[i]) * a2
+        m[i] = mi
+        v[i] = vi
+        p[i] = p[i] - (mi * lr_t) / (math.sqrt(vi) + eps)
+
+
+def kernel_scalars(hp, step):
+    b1, b2 = hp["beta1"], hp["beta2"]
+    lr_t = hp["lr"] * math.sqrt(1.0 - b2 ** step) / (1.0 - b1 ** step)
+    return (1 - b1, 1 - b2, lr_t, BOOK_EPS)
+
 
 ADAM = Optimizer(
     name="adam",
@@ -51,9 +67,11 @@ ADAM = Optimizer(
         Hyperparameter("beta1", 0.9, "first-moment decay", minimum=0.0, maximum=1.0, maximum_exclusive=True),
         Hyperparameter("beta2", 0.999, "second-moment decay", minimum=0.0, maximum=1.0, maximum_exclusive=True),
     ),
-    slots=(Slot("m"), Slot("v")),
+    slots=(Slot("m"), Slot("v", domain="nonnegative")),
     scratch=2,
     effective_lr=effective_lr,
+    kernel=kernel,
+    kernel_scalars=kernel_scalars,
 )
 
 

@@ -2,14 +2,18 @@
 
     p <- p * (1 - lr*weight_decay), then torch.adam's step with no L2 term.
 
-Defaults as torch's (weight_decay 1e-2). The kernel is torch_adam's.
+Defaults as torch's (weight_decay 1e-2). The update and the kernel are torch_adam's.
 """
 from optreg.plugins import Optimizer, hookimpl
-from optreg.plugins.builtins.torch_adam import SLOTS, adam_update, effective_lr, hyperparameters
+from optreg.plugins.builtins.torch_adam import SLOTS, adam_scalars, adam_update, effective_lr, hyperparameters, kernel
 
 
 def update(param, grad, state, step, hp, scratch):
     adam_update(param, grad, state, step, hp, scratch, decoupled=True)
+
+
+def kernel_scalars(hp, step):
+    return adam_scalars(hp, step, decoupled=True)
 
 
 ADAMW = Optimizer(
@@ -20,6 +24,8 @@ ADAMW = Optimizer(
     slots=SLOTS,
     scratch=2,
     effective_lr=effective_lr,
+    kernel=kernel,
+    kernel_scalars=kernel_scalars,
 )
 
 

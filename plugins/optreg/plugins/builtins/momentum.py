@@ -18,6 +18,18 @@ def update(param, grad, state, step, hp, scratch):
     param += v
 
 
+def kernel(p, g, v, c):
+    lr, mu = c[0], c[1]
+    for i in range(p.size):
+        vi = v[i] * mu - g[i] * lr
+        v[i] = vi
+        p[i] = p[i] + vi
+
+
+def kernel_scalars(hp, step):
+    return (hp["lr"], hp["momentum"])
+
+
 MOMENTUM = Optimizer(
     name="momentum",
     summary="Momentum SGD: v <- momentum*v - lr*g; W <- W + v (the book's Momentum).",
@@ -29,6 +41,8 @@ MOMENTUM = Optimizer(
     ),
     slots=(Slot("v"),),
     scratch=1,
+    kernel=kernel,
+    kernel_scalars=kernel_scalars,
 )
 
 

@@ -24,6 +24,20 @@ def update(param, grad, state, step, hp, scratch):
     v -= s
 
 
+def kernel(p, g, v, k):
+    mu2, c, lr, mu = k[0], k[1], k[2], k[3]
+    for i in range(p.size):
+        gi = g[i]
+        vi = v[i]
+        p[i] = (p[i] + vi * mu2) - gi * c
+        v[i] = vi * mu - gi * lr
+
+
+def kernel_scalars(hp, step):
+    mu, lr = hp["momentum"], hp["lr"]
+    return (mu * mu, (1 + mu) * lr, lr, mu)
+
+
 NESTEROV = Optimizer(
     name="nesterov",
     summary="Nesterov momentum (the book's corrected form): W += mu^2*v - (1+mu)*lr*g; v = mu*v - lr*g.",
@@ -34,6 +48,8 @@ NESTEROV = Optimizer(
     ),
     slots=(Slot("v"),),
     scratch=1,
+    kernel=kernel,
+    kernel_scalars=kernel_scalars,
 )
 
 

@@ -1,4 +1,6 @@
 """RMSProp (the book's): h <- decay*h + (1-decay)*g*g; W <- W - lr*g / (sqrt(h) + 1e-7)."""
+import math
+
 import numpy as np
 
 from optreg.plugins import Hyperparameter, Optimizer, Slot, hookimpl
@@ -24,6 +26,19 @@ def update(param, grad, state, step, hp, scratch):
 def effective_lr(state, hp, step):
     """Telemetry: lr/(sqrt(h)+1e-7), the step size on g."""
     return hp["lr"] / (np.sqrt(state["h"]) + BOOK_EPS)
+def kernel(p, g, h, c):
+    decay, a, lr, eps = c[0], c[1], c[2], c[3]
+    for i in range(p.size):
+        gi = g[i]
+        hi = h[i] * decay + (gi * a) * gi
+        h[i] = hi
+        p[i] = p[i] - (gi * lr) / (math.sqrt(hi) + eps)
+
+
+def kernel_scalars(hp, step):
+    decay = hp["decay_rate"]
+    return (decay, 1 - decay, hp["lr"], BOOK_EPS)
+
 
 RMSPROP = Optimizer(
     name="rmsprop",
@@ -33,9 +48,11 @@ RMSPROP = Optimizer(
         Hyperparameter("lr", 0.01, "learning rate", minimum=0.0),
         Hyperparameter("decay_rate", 0.99, "decay of the squared-gradient average", minimum=0.0, maximum=1.0),
     ),
-    slots=(Slot("h"),),
+    slots=(Slot("h", domain="nonnegative"),),
     scratch=2,
     effective_lr=effective_lr,
+    kernel=kernel,
+    kernel_scalars=kernel_scalars,
 )
 
 

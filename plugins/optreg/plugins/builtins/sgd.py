@@ -10,12 +10,25 @@ def update(param, grad, state, step, hp, scratch):
     param -= s
 
 
+def kernel(p, g, c):
+    # The update's operations in its order, one element at a time (fused by numba).
+    lr = c[0]
+    for i in range(p.size):
+        p[i] = p[i] - g[i] * lr
+
+
+def kernel_scalars(hp, step):
+    return (hp["lr"],)
+
+
 SGD = Optimizer(
     name="sgd",
     summary="Stochastic gradient descent: W <- W - lr*g (the book's SGD).",
     update=update,
     hyperparameters=(Hyperparameter("lr", 0.01, "learning rate", minimum=0.0),),
     scratch=1,
+    kernel=kernel,
+    kernel_scalars=kernel_scalars,
 )
 
 

@@ -9,6 +9,8 @@ Slot initial values are constants, so `sum` starts at 0 and the hyperparameter
 initial_accumulator_value is added to it at step 1: exactly torch's float32 sums,
 and, as in torch, changing it after step 1 has no effect.
 """
+import math
+
 import numpy as np
 
 from optreg.plugins import Hyperparameter, Optimizer, Slot, hookimpl
@@ -39,6 +41,27 @@ def update(param, grad, state, step, hp, scratch):
 def effective_lr(state, hp, step):
     """Telemetry: lr/(1+(t-1)*lr_decay)/(sqrt(sum)+eps), the step size on g."""
     return hp["lr"] / (1 + (step - 1) * hp["lr_decay"]) / (np.sqrt(state["sum"]) + hp["eps"])
+def kernel(p, g, h, c):
+    # update one element at a time, same operations in the same order (fused by numba).
+    first, initial, coupled, wd, neg_clr, eps = c[0] != 0, c[1], c[2] != 0, c[3], c[4], c[5]
+    for i in range(p.size):
+        pi = p[i]
+        gi = g[i]
+        hi = h[i]
+        if first:
+            hi = hi + initial
+        if coupled:
+            gi = pi * wd + gi
+        hi = hi + gi * gi
+        h[i] = hi
+        p[i] = pi + (gi * neg_clr) / (math.sqrt(hi) + eps)
+
+
+def kernel_scalars(hp, step):
+    wd = hp["weight_decay"]
+    clr = hp["lr"] / (1 + (step - 1) * hp["lr_decay"])
+    return (float(step == 1), hp["initial_accumulator_value"], float(wd != 0), wd, -clr, hp["eps"])
+
 
 TORCH_ADAGRAD = Optimizer(
     name="torch.adagrad",
@@ -52,9 +75,11 @@ TORCH_ADAGRAD = Optimizer(
                        minimum=0.0),
         Hyperparameter("eps", 1e-10, "added to the root", minimum=0.0),
     ),
-    slots=(Slot("sum"),),
+    slots=(Slot("sum", domain="nonnegative"),),
     scratch=3,
     effective_lr=effective_lr,
+    kernel=kernel,
+    kernel_scalars=kernel_scalars,
 )
 
 

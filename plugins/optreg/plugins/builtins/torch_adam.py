@@ -11,6 +11,8 @@ t is the session's step, shared by all parameters (torch counts per parameter;
 equal when every parameter is updated every step). The order of operations follows
 torch's CPU kernels so float32 results agree to a few ulp.
 """
+import math
+
 import numpy as np
 
 from optreg.plugins import Hyperparameter, Optimizer, Slot, hookimpl
@@ -50,6 +52,42 @@ def adam_update(param, grad, state, step, hp, scratch, decoupled):
     param += t
 
 
+def kernel(p, g, m, v, max_v, c):
+    # adam_update one element at a time, same operations in the same order (fused by numba).
+    coupled, decoupled, wd, decay = c[0] != 0, c[1] != 0, c[2], c[3]
+    a1, b2, a2, bias2_sqrt, eps, neg_step, amsgrad = c[4], c[5], c[6], c[7], c[8], c[9], c[10] != 0
+    for i in range(p.size):
+        pi = p[i]
+        gi = g[i]
+        if coupled:
+            gi = pi * wd + gi
+        if decoupled:
+            pi = pi * decay
+        mi = m[i] + (gi - m[i]) * a1
+        m[i] = mi
+        vi = v[i] * b2 + (gi * a2) * gi
+        v[i] = vi
+        if amsgrad:
+            x = max_v[i]
+            if not (x >= vi or x != x):  # np.maximum: NaN wins, ties keep max_v
+                x = vi
+            max_v[i] = x
+            vi = x
+        p[i] = pi + (mi * neg_step) / (math.sqrt(vi) / bias2_sqrt + eps)
+
+
+def adam_scalars(hp, step, decoupled):
+    """c for `kernel`: Adam (decoupled=False) or AdamW (decoupled=True)."""
+    lr, b1, b2, wd = hp["lr"], hp["beta1"], hp["beta2"], hp["weight_decay"]
+    return (float(wd != 0 and not decoupled), float(wd != 0 and decoupled), wd, 1 - lr * wd,
+            1 - b1, b2, 1 - b2, (1 - b2 ** step) ** 0.5, hp["eps"], -(lr / (1 - b1 ** step)),
+            float(bool(hp["amsgrad"])))
+
+
+def kernel_scalars(hp, step):
+    return adam_scalars(hp, step, decoupled=False)
+
+
 def hyperparameters(weight_decay):
     return (
         Hyperparameter("lr", 1e-3, "learning rate", minimum=0.0),
@@ -64,7 +102,7 @@ def hyperparameters(weight_decay):
 
 
 # max_v is allocated even when amsgrad is off: slots are declared, not conditional.
-SLOTS = (Slot("m"), Slot("v"), Slot("max_v"))
+SLOTS = (Slot("m"), Slot("v", domain="nonnegative"), Slot("max_v", domain="nonnegative"))
 
 
 def update(param, grad, state, step, hp, scratch):
@@ -85,6 +123,8 @@ TORCH_ADAM = Optimizer(
     slots=SLOTS,
     scratch=2,
     effective_lr=effective_lr,
+    kernel=kernel,
+    kernel_scalars=kernel_scalars,
 )
 
 

@@ -10,6 +10,8 @@
 Not the book's `rmsprop` (fixed 1e-7, no options). grad_avg and momentum_buffer
 are allocated even when unused: slots are declared, not conditional.
 """
+import math
+
 import numpy as np
 
 from optreg.plugins import Hyperparameter, Optimizer, Slot, hookimpl
@@ -57,6 +59,36 @@ def effective_lr(state, hp, step):
     """Telemetry: lr/(sqrt(v - c^2 if centered else v)+eps), the step size on g."""
     v = state["square_avg"] - state["grad_avg"] ** 2 if hp["centered"] else state["square_avg"]
     return hp["lr"] / (np.sqrt(np.maximum(v, 0)) + hp["eps"])
+def kernel(p, g, square_avg, grad_avg, momentum_buffer, c):
+    # update one element at a time, same operations in the same order (fused by numba).
+    coupled, wd, alpha, a, centered, eps = c[0] != 0, c[1], c[2], c[3], c[4] != 0, c[5]
+    use_buffer, mu, lr, neg_lr = c[6] != 0, c[7], c[8], c[9]
+    for i in range(p.size):
+        pi = p[i]
+        gi = g[i]
+        if coupled:
+            gi = pi * wd + gi
+        vi = square_avg[i] * alpha + (gi * a) * gi
+        square_avg[i] = vi
+        if centered:
+            ci = grad_avg[i] + (gi - grad_avg[i]) * a
+            grad_avg[i] = ci
+            di = math.sqrt(vi - ci * ci) + eps
+        else:
+            di = math.sqrt(vi) + eps
+        if use_buffer:
+            bi = momentum_buffer[i] * mu + gi / di
+            momentum_buffer[i] = bi
+            p[i] = pi - bi * lr
+        else:
+            p[i] = pi + (gi * neg_lr) / di
+
+
+def kernel_scalars(hp, step):
+    alpha, wd, mu, lr = hp["alpha"], hp["weight_decay"], hp["momentum"], hp["lr"]
+    return (float(wd != 0), wd, alpha, 1 - alpha, float(bool(hp["centered"])), hp["eps"], float(mu > 0), mu, lr,
+            -lr)
+
 
 TORCH_RMSPROP = Optimizer(
     name="torch.rmsprop",
@@ -71,9 +103,11 @@ TORCH_RMSPROP = Optimizer(
         Hyperparameter("momentum", 0.0, "momentum factor", minimum=0.0),
         Hyperparameter("centered", False, "normalise by the estimated variance of the gradient", type=bool),
     ),
-    slots=(Slot("square_avg"), Slot("grad_avg"), Slot("momentum_buffer")),
+    slots=(Slot("square_avg", domain="nonnegative"), Slot("grad_avg"), Slot("momentum_buffer")),
     scratch=3,
     effective_lr=effective_lr,
+    kernel=kernel,
+    kernel_scalars=kernel_scalars,
 )
 
 

@@ -43,6 +43,34 @@ def update(param, grad, state, step, hp, scratch):
     param -= t
 
 
+def kernel(p, g, momentum_buffer, c):
+    # update one element at a time, same operations in the same order (fused by numba).
+    coupled, wd, use_buffer, first, mu, keep, nesterov, lr = (c[0] != 0, c[1], c[2] != 0, c[3] != 0, c[4], c[5],
+                                                              c[6] != 0, c[7])
+    for i in range(p.size):
+        pi = p[i]
+        gi = g[i]
+        if coupled:
+            gi = pi * wd + gi
+        if use_buffer:
+            if first:
+                bi = gi
+            else:
+                bi = momentum_buffer[i] * mu + gi * keep
+            momentum_buffer[i] = bi
+            if nesterov:
+                gi = bi * mu + gi
+            else:
+                gi = bi
+        p[i] = pi - gi * lr
+
+
+def kernel_scalars(hp, step):
+    mu, wd = hp["momentum"], hp["weight_decay"]
+    return (float(wd != 0), wd, float(mu != 0), float(step == 1), mu, 1 - hp["dampening"],
+            float(bool(hp["nesterov"])), hp["lr"])
+
+
 TORCH_SGD = Optimizer(
     name="torch.sgd",
     summary="torch.optim.SGD: momentum buffer without lr, dampening, nesterov, L2 weight_decay.",
@@ -57,6 +85,8 @@ TORCH_SGD = Optimizer(
     ),
     slots=(Slot("momentum_buffer"),),
     scratch=2,
+    kernel=kernel,
+    kernel_scalars=kernel_scalars,
 )
 
 
