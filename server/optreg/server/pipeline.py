@@ -24,6 +24,7 @@ import time
 import numpy as np
 
 from optreg.plugins import HyperparameterError
+from optreg.server.telemetry import merge_stats
 from optreg.server import fastkernels, kernels
 from optreg.server.errors import Cancelled, FailedPrecondition, InvalidArgument, PluginFailed, shown
 from optreg.server.sessions import MAX_STEP, Arrays, Session, StepResult
@@ -92,6 +93,7 @@ class StepRun:
         self.result: StepResult | None = None
         self.done = False
         self.t0 = time.perf_counter()
+        self.stats: dict[str, np.ndarray] = {}  # name -> [sum g^2, sum p_new^2, sum dp^2, max |g|] (telemetry)
 
     # -- fence ---------------------------------------------------------------
     def open(self) -> StepResult | None:
@@ -172,7 +174,7 @@ class StepRun:
             for slot, arrs in st.state.items():
                 slots[slot] = arrs[name]
                 np.copyto(arrs[name], base.state[slot][name])
-            self._kernel(p, g.reshape(p.shape), slots, parallel=True)
+            self._kernel(p, g.reshape(p.shape), slots, parallel=True, name=name)
             if self.delta is not None:
                 np.subtract(p, live_p, out=self.delta[name])
             return name, 0, p.reshape(-1)
@@ -182,14 +184,20 @@ class StepRun:
         for slot, arrs in st.state.items():
             slots[slot] = arrs[name].reshape(-1)[start:end]
             np.copyto(slots[slot], base.state[slot][name].reshape(-1)[start:end])
-        self._kernel(p, g, slots, parallel=False)
+        self._kernel(p, g, slots, parallel=False, name=name)
         if self.delta is not None:
             np.subtract(p, live_p.reshape(-1)[start:end], out=self.delta[name].reshape(-1)[start:end])
         return name, start, p
 
-    def _kernel(self, p, g, slots, parallel) -> None:
+    def _kernel(self, p, g, slots, parallel, name=None) -> None:
+        part = np.zeros(kernels.STATS)
         try:
-            kernels.apply(self.defn, p, g, slots, self.t, self.hp, parallel=parallel)
+            kernels.apply(self.defn, p, g, slots, self.t, self.hp, parallel=parallel, stats=part)
+            acc = self.stats.get(name)
+            if acc is None:
+                self.stats[name] = part
+            else:
+                merge_stats(acc, part)
         except Exception as e:
             raise PluginFailed(f"optimizer {self.defn.name} (plugin {self.session.optimizer.plugin}) raised in "
                                f"update: {type(e).__name__}: {shown(str(e), 300)}; the session is unchanged") from e
@@ -257,7 +265,7 @@ class StepRun:
             slots = {slot: st.state[slot][name] for slot in st.state}
             for slot in slots:
                 np.copyto(slots[slot], base.state[slot][name])
-            self._kernel(p, g, slots, parallel=True)
+            self._kernel(p, g, slots, parallel=True, name=name)
             if self.delta is not None:
                 np.subtract(p, base.params[name], out=self.delta[name])
         self.staging = st
