@@ -22,6 +22,7 @@ last hyperparameters.
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import logging
 import math
@@ -59,8 +60,9 @@ class StepEvent:
     state_sample: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
 
 
+@functools.lru_cache(maxsize=4096)
 def sample_indices(size: int, k: int = SAMPLE_SIZE) -> np.ndarray:
-    """Fixed, evenly spaced flat indices of a tensor of `size` elements (the same every step)."""
+    """Fixed, evenly spaced flat indices of a tensor of `size` elements (the same every step; cached)."""
     if size <= k:
         return np.arange(size, dtype=np.int64)
     return np.linspace(0, size - 1, k).astype(np.int64)
@@ -104,6 +106,8 @@ class Record:
 
 
 def _merge(records: list[Record]) -> Record:
+    if len(records) == 1:
+        return records[0]  # records are never changed once stored
     n = sum(r.steps for r in records)
     w = np.array([r.steps for r in records], dtype=np.float64)
     stacked = np.stack([r.stats for r in records])
@@ -154,7 +158,7 @@ class SessionRing:
         self.alerts: collections.deque[Alert] = collections.deque(maxlen=256)
         self.alert_seq = 0
         self.refused = 0
-        self.out_of_band: np.ndarray | None = None  # per tensor: consecutive steps with the ratio outside the band
+        self.out_of_band: list[int] | None = None  # per tensor: consecutive steps with the ratio outside the band
         self.version = 0  # bumped on every change; watchers wait for it to move
         self.dirty = False
         self.deleted = False
@@ -246,12 +250,13 @@ class TelemetryHub:
     def __init__(self, data_dir: str | os.PathLike | None = None, *, recent_steps: int = 2048,
                  coarse_buckets: int = 1024, ratio_band: tuple[float, float] = RATIO_BAND,
                  ratio_steps: int = 20, effective_lr: Callable[[str], EffectiveLr | None] | None = None,
-                 auth: bool = False):
+                 auth: bool = False, effective_lr_every: int = 10):
         self.dir = pathlib.Path(data_dir) / "sessions" if data_dir else None
         self.recent_steps, self.coarse_buckets = recent_steps, coarse_buckets
         self.ratio_band, self.ratio_steps = ratio_band, ratio_steps
         self.effective_lr = effective_lr or (lambda optimizer: None)
         self.auth = auth
+        self.effective_lr_every = max(1, effective_lr_every)
         self._rings: dict[str, SessionRing] = {}
         self._cond = threading.Condition()
         self._queue: collections.deque = collections.deque()
@@ -352,6 +357,11 @@ class TelemetryHub:
         ring.alert("refused", step, "", f"step {step + 1} refused: {reason}")
         ring.version += 1
         ring.dirty = True
+
+    def wants_state_sample(self, step: int) -> bool:
+        """Whether the step pipeline should sample the state for this step (effective lr is measured
+        every `effective_lr_every` steps: it moves slowly, and the sample and the quantiles cost)."""
+        return step % self.effective_lr_every == 0 or step == 1
 
     # -- readers ---------------------------------------------------------------------------------
     def ring(self, session_id: str) -> SessionRing | None:
@@ -549,29 +559,31 @@ class TelemetryHub:
         return {n: row for n, row, size in zip(names, q.tolist(), sizes.tolist()) if size > 0}
 
     def _check(self, ring: SessionRing, record: Record) -> None:
-        """The alert rules, over every tensor of the step at once."""
+        """The alert rules, per tensor (plain floats: a step has few tensors, numpy's per-call cost dominates)."""
         lo, hi = self.ratio_band
-        st = record.stats
-        with np.errstate(all="ignore"):
-            norms = np.sqrt(np.maximum(st[:, :3], 0))
-            finite = np.isfinite(st[:, :3]).all(axis=1)
-            ratio = np.where(norms[:, 1] > 0, norms[:, 2] / norms[:, 1], 0.0)
-            out = finite & (norms[:, 1] > 0) & ((ratio < lo) | (ratio > hi))
         counts = ring.out_of_band
-        if counts is None or counts.shape != out.shape:
-            counts = ring.out_of_band = np.zeros(out.shape, dtype=np.int64)
-        counts[:] = np.where(out, counts + 1, 0)
-        for i in np.flatnonzero(~finite):
+        if counts is None or len(counts) != len(ring.names):
+            counts = ring.out_of_band = [0] * len(ring.names)
+        for i, (g2, p2, u2, _) in enumerate(record.stats.tolist()):
             name = ring.names[i]
-            ring.alert("non_finite", record.step, name,
-                       f"{name}: non-finite figures at step {record.step} (grad norm {norms[i, 0]:g}, "
-                       f"param norm {norms[i, 1]:g})", record.wall_time)
-        for i in np.flatnonzero(counts == self.ratio_steps):
-            name, r = ring.names[i], float(ratio[i])
-            side = "below" if r < lo else "above"
-            ring.alert("update_ratio", record.step, name,
-                       f"{name}: update/param ratio {r:.2g} {side} [{lo:g}, {hi:g}] for {self.ratio_steps} steps "
-                       f"(learning rate too {'low' if side == 'below' else 'high'}?)", record.wall_time)
+            if not (math.isfinite(g2) and math.isfinite(p2) and math.isfinite(u2)):
+                counts[i] = 0
+                ring.alert("non_finite", record.step, name,
+                           f"{name}: non-finite figures at step {record.step} (grad norm {math.sqrt(abs(g2)):g}, "
+                           f"param norm {math.sqrt(abs(p2)):g})", record.wall_time)
+                continue
+            if p2 > 0:
+                r = math.sqrt(max(u2, 0.0) / p2)
+                if r < lo or r > hi:
+                    counts[i] += 1
+                    if counts[i] == self.ratio_steps:
+                        side = "below" if r < lo else "above"
+                        ring.alert("update_ratio", record.step, name,
+                                   f"{name}: update/param ratio {r:.2g} {side} [{lo:g}, {hi:g}] for "
+                                   f"{self.ratio_steps} steps (learning rate too {'low' if side == 'below' else 'high'}?)",
+                                   record.wall_time)
+                    continue
+            counts[i] = 0
 
     def _notify(self, session_id: str) -> None:
         for fn in list(self._listeners):
@@ -593,8 +605,8 @@ def sample_state(state: dict[str, dict[str, np.ndarray]], names) -> dict[str, di
     for slot, arrs in state.items():
         out[slot] = {}
         for n in names:
-            a = arrs[n].reshape(-1)
-            out[slot][n] = a[sample_indices(a.size)].astype(np.float64)
+            a = arrs[n]
+            out[slot][n] = a.reshape(-1).take(sample_indices(a.size)).astype(np.float64)
     return out
 
 
@@ -618,7 +630,8 @@ class TelemetryObserver:
         defn = session.optimizer.definition
         stats = getattr(run, "stats", None) or {}
         sample = {}
-        if getattr(defn, "effective_lr", None) is not None and run.reader is not None:
+        if (getattr(defn, "effective_lr", None) is not None and run.reader is not None
+                and self.hub.wants_state_sample(int(run.t))):
             sample = sample_state(run.reader.state, list(stats) or list(session.shapes))
         self.hub.on_step(StepEvent(session.id, int(run.t), time.time(), owner=session.owner, optimizer=defn.name,
                                    hyperparameters=dict(run.hp), tensors=stats, metrics=dict(run.metrics),

@@ -103,7 +103,8 @@ const FAMILIES = {
   ratio: { log: true, names: (rec) => Object.keys(rec.tensors), value: (rec, n) => rec.tensors[n] && rec.tensors[n].update_ratio,
            band: [1e-4, 1e-3, 1e-2] },
   grad: { log: true, names: (rec) => Object.keys(rec.tensors), value: (rec, n) => rec.tensors[n] && rec.tensors[n].grad_norm },
-  elr: { log: true, names: (rec) => Object.keys(rec.tensors).filter((n) => rec.tensors[n].effective_lr.length),
+  // effective lr is measured every 10th step (docs/telemetry.md): join the points
+  elr: { log: true, spanGaps: true, names: (rec) => Object.keys(rec.tensors).filter((n) => rec.tensors[n].effective_lr.length),
          value: (rec, n) => (rec.tensors[n] && rec.tensors[n].effective_lr.length) ? rec.tensors[n].effective_lr[1] : null },
 };
 
@@ -155,7 +156,7 @@ function makeChart(key, fam, names, data) {
   const el = $("chart-" + key);
   el.replaceChildren();
   const series = [{ label: "step" }];
-  names.forEach((n, i) => series.push({ label: n, stroke: PALETTE[i % PALETTE.length], width: 1.5, spanGaps: false }));
+  names.forEach((n, i) => series.push({ label: n, stroke: PALETTE[i % PALETTE.length], width: 1.5, spanGaps: !!fam.spanGaps }));
   if (fam.band) for (const b of fam.band) series.push({ label: b.toExponential(0), stroke: b === 1e-3 ? "#2a2" : "#aaa", dash: [4, 4], width: 1, points: { show: false } });
   const width = Math.max(320, el.clientWidth || 520);
   return new uPlot({
