@@ -3,7 +3,8 @@
 - the 1e7-parameter float32 Adam update with the four statistics measured in its pass
   (kernels.apply(stats=...)) against the same update without them (target <= 1.03x);
   for reference, a separate numpy pass for the same statistics against the update alone;
-- from a step's commit (hub.on_step) to the point drawn in the dashboard's chart in a real browser
+- a 1e3-parameter step with telemetry on against off (in-process server);
+- from a real step's commit to the point drawn in the dashboard's chart in a real browser
   (Debian's chromium via Playwright), p95 against the 1 s target.
 
 Run alone: PYTHONPATH=proto:plugins:server:client python bench/telemetry.py [--quick]
@@ -59,7 +60,9 @@ def bench_stats(cfg, row, n: int = 10_000_000) -> None:
         float(np.dot(param, param))
         float(max(grad.max(), -grad.min()))
 
-    plain()  # compile / warm up
+    from optreg.server import fastkernels
+    fastkernels.warm(block=True, stats=True)  # fused kernels and their statistics variants compiled
+    plain()  # warm up
     if "stats" in inspect.signature(kernels.apply).parameters:
         stats = np.zeros(4)
 
@@ -79,6 +82,8 @@ def bench_stats(cfg, row, n: int = 10_000_000) -> None:
 
 
 def bench_browser(cfg, row) -> None:
+    """Real steps (16 tensors, client metrics) at a steady rate; the page records, per step, the time
+    from the commit (the observer's wall_time) to the frame that drew it."""
     chromium = os.environ.get("OPTREG_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
     try:
         from playwright.sync_api import sync_playwright
@@ -90,41 +95,80 @@ def bench_browser(cfg, row) -> None:
         return
     from optreg.client import Client
     from optreg.server.app import OptregServer, Settings
-    from optreg.server.telemetry import StepEvent
     srv = OptregServer(Settings(port=0, data_dir="", dashboard_port=0))
     srv.start()
     steps, rate = (100, 20) if cfg.quick else (400, 20)
     try:
         with Client(srv.address) as c:
-            c.create_session("adam", {"W": np.zeros(4, np.float32)}, session_id="bench")
-        hub = srv.telemetry
-        tensors = {f"layer{i}.{k}": np.array([4.0, 100.0, 1e-4, 1.0]) for i in range(8) for k in "Wb"}
-        hub.on_step(StepEvent("bench", 1, time.time(), optimizer="adam", tensors=tensors))
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
-            page = browser.new_page()
-            page.goto(srv.dashboard.url + "#session=bench")
-            page.wait_for_function("window.optregDash.steps.length >= 1")
-            for s in range(2, steps + 2):
-                hub.on_step(StepEvent("bench", s, time.time(), optimizer="adam", tensors=tensors,
-                                      hyperparameters={"lr": 1e-3}, metrics={"loss": 1.0 / s}))
-                time.sleep(1.0 / rate)
-            page.wait_for_function(f"window.optregDash.steps.length >= {steps + 1}", timeout=30_000)
-            lat = page.evaluate("window.optregDash.latencies.filter((e) => e[0] >= 2).map((e) => e[1])")
-            if not lat:
-                raise RuntimeError("the page recorded no latency: " + repr(page.evaluate(
-                    "[window.optregDash.steps.length, window.optregDash.latencies.length]")))
-            browser.close()
+            params = {f"layer{i}.{k}": np.zeros(64 if k == "W" else 8, np.float32) for i in range(8) for k in "Wb"}
+            s = c.create_session("adam", params, session_id="bench")
+            grads = {k: np.full(v.shape, 0.01, np.float32) for k, v in params.items()}
+            s.step(grads, metrics={"loss": 1.0})
+            with sync_playwright() as p:
+                browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+                page = browser.new_page()
+                page.goto(srv.dashboard.url + "#session=bench")
+                page.wait_for_function("window.optregDash.steps.length >= 1")
+                for k in range(2, steps + 2):
+                    s.step(grads, metrics={"loss": 1.0 / k})
+                    time.sleep(1.0 / rate)
+                page.wait_for_function(f"window.optregDash.steps.length >= {steps + 1}", timeout=30_000)
+                lat = page.evaluate("window.optregDash.latencies.filter((e) => e[0] >= 2).map((e) => e[1])")
+                browser.close()
     finally:
         srv.stop(0)
     p50, p95 = float(np.percentile(lat, 50)), float(np.percentile(lat, 95))
     row(f"commit to browser chart p95 ({rate} steps/s, 16 tensors)", p95, "s", "target 1 s", 1.0, 1.0,
-        note=f"p50 {p50 * 1e3:.1f} ms over {len(lat)} steps")
+        note=f"p50 {p50 * 1e3:.1f} ms over {len(lat)} real steps")
+
+
+def bench_small_step(cfg, row) -> None:
+    """A 1e3-parameter Adam step through an in-process server with telemetry (statistics in the
+    update pass, the observer, the hub) against the same server with it switched off, interleaved."""
+    from optreg.client import Client
+    from optreg.server import kernels, pipeline
+    from optreg.server.app import OptregServer, Settings
+    from optreg.server.telemetry import TelemetryObserver
+    srv = OptregServer(Settings(port=0, data_dir=""))
+    srv.start()
+    observer = next(o for o in srv.store.observers if isinstance(o, TelemetryObserver))
+    with_stats = kernels.apply
+
+    def without_stats(*a, stats=None, **k):
+        return with_stats(*a, **k)
+
+    def telemetry(on: bool) -> None:
+        pipeline.kernels.apply = with_stats if on else without_stats
+        if on and observer not in srv.store.observers:
+            srv.store.observers.append(observer)
+        if not on and observer in srv.store.observers:
+            srv.store.observers.remove(observer)
+
+    n, reps = (200, 5) if cfg.quick else (300, 11)
+    try:
+        with Client(srv.address) as c:
+            s = c.create_session("adam", {"W": np.zeros((30, 30), np.float32), "b": np.zeros(100, np.float32)})
+            g = {"W": np.full((30, 30), 0.1, np.float32), "b": np.full(100, 0.1, np.float32)}
+
+            def run(on):
+                def go():
+                    telemetry(on)
+                    for _ in range(n):
+                        s.step(g, metrics={"loss": 1.0})
+                return go
+            run(True)()
+            t = _interleaved({"on": run(True), "off": run(False)}, reps)
+    finally:
+        telemetry(True)
+        srv.stop(0)
+    row("adam 1e3 step with telemetry (in-process server)", t["on"] / n, "s", "telemetry off", t["off"] / n,
+        note="statistics, observer and hub together; client and server share the GIL here")
 
 
 def bench_telemetry(cfg, server=None, echo=None) -> None:
     from bench.run import row
     bench_stats(cfg, row)
+    bench_small_step(cfg, row)
     bench_browser(cfg, row)
 
 
