@@ -91,7 +91,14 @@ function openSession(id) {
   const q = token() ? "?token=" + encodeURIComponent(token()) : "";
   const es = dash.es = new EventSource("api/sessions/" + encodeURIComponent(id) + "/events" + q);
   es.onopen = () => { dash.connects += 1; $("status").textContent = "live"; };
-  es.onerror = () => { $("status").textContent = "reconnecting…"; };
+  es.onerror = () => {
+    $("status").textContent = "reconnecting…";
+    // EventSource retries a broken stream by itself, but gives up on an error answer (a session with
+    // no step yet is 404): try again from scratch while this session stays selected.
+    if (es.readyState === EventSource.CLOSED) {
+      setTimeout(() => { if (dash.es === es && !dash.unauthorized) openSession(id); }, 1000);
+    }
+  };
   es.addEventListener("step", (e) => onStep(JSON.parse(e.data)));
   es.addEventListener("alert", (e) => onAlert(JSON.parse(e.data)));
   es.addEventListener("deleted", () => { $("status").textContent = "session deleted"; closeStream(); });
