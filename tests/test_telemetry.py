@@ -99,12 +99,12 @@ def test_persisted_ring_survives_a_restart_and_a_delete_removes_it(tmp_path):
     again.on_step(event(101, owner="abc"))  # and it goes on from there
     assert again.ring("s").last_step == 101
     again.on_delete("s")
-    assert again.ring("s") is None and not list(pathlib.Path(tmp_path, "sessions").glob("*.telemetry"))
+    assert again.ring("s") is None and not list(pathlib.Path(tmp_path, "telemetry").glob("*.telemetry"))
 
 
 def test_a_damaged_file_is_skipped_not_fatal(tmp_path):
-    (tmp_path / "sessions").mkdir()
-    (tmp_path / "sessions" / "x.telemetry").write_bytes(b"not zlib")
+    (tmp_path / "telemetry").mkdir()
+    (tmp_path / "telemetry" / "x.telemetry").write_bytes(b"not zlib")
     hub = TelemetryHub(tmp_path)
     assert hub.load_all() == 0
     hub.on_step(event(1, session="x"))

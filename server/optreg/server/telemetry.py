@@ -6,7 +6,7 @@ The step pipeline calls the hub (it imports no grpc; the gRPC servicer and the d
     hub.on_refused(session_id, owner, step, reason)   after every refused step (non-finite gradients, ...);
                                                  step: the session's step count then (the last committed one)
     hub.on_delete(session_id)                    when a session is deleted (its telemetry and file go too)
-    hub.flush() / hub.close()                    write dirty rings to DIR/sessions/<id>.telemetry
+    hub.flush() / hub.close()                    write dirty rings to DIR/telemetry/<id>.telemetry
 
 A StepEvent carries, per tensor, the four sums the update pass measures (kernels.apply(stats=...)):
 sum g^2, sum theta_new^2, sum (theta_new - theta_old)^2 and max |g|, so no second pass over memory;
@@ -251,7 +251,7 @@ class TelemetryHub:
                  coarse_buckets: int = 1024, ratio_band: tuple[float, float] = RATIO_BAND,
                  ratio_steps: int = 20, effective_lr: Callable[[str], EffectiveLr | None] | None = None,
                  auth: bool = False, effective_lr_every: int = 10):
-        self.dir = pathlib.Path(data_dir) / "sessions" if data_dir else None
+        self.dir = pathlib.Path(data_dir) / "telemetry" if data_dir else None
         self.recent_steps, self.coarse_buckets = recent_steps, coarse_buckets
         self.ratio_band, self.ratio_steps = ratio_band, ratio_steps
         self.effective_lr = effective_lr or (lambda optimizer: None)
@@ -411,7 +411,7 @@ class TelemetryHub:
 
     # -- persistence -----------------------------------------------------------------------------
     def load_all(self) -> int:
-        """Read every DIR/sessions/*.telemetry; a file that cannot be read is logged and skipped."""
+        """Read every DIR/telemetry/*.telemetry; a file that cannot be read is logged and skipped."""
         if self.dir is None or not self.dir.is_dir():
             return 0
         n = 0
