@@ -25,6 +25,7 @@ from optreg.server.janitor import Janitor
 from optreg.server.service import RegistryServicer, SessionServicer
 from optreg.server import budget as memory
 from optreg.server.factory import Limits
+from optreg.server.fsync import GroupSyncer
 from optreg.server.journal import Journal
 from optreg.server.store import SessionStore
 from optreg.server import telemetry_service
@@ -56,6 +57,7 @@ class Settings:
     memory_budget_mb: float | None = None  # None: budget.DEFAULT_SHARE of physical memory; 0: unlimited
     max_streams: int = 0  # 0: half the workers
     stream_idle_seconds: float = 30.0
+    fsync_method: str = "threads"  # how the log syncer makes a batch durable (fsync.METHODS)
     max_tensors: int = 4096
     token_file: str | None = None
     tls_cert: str | None = None
@@ -139,7 +141,8 @@ class OptregServer:
             guard("the dashboard", settings.dashboard_host, bool(tls and self.auth), missing, settings.allow_insecure)
         # One server per data directory (DataDirInUse, an OSError, names the holder otherwise).
         self.data_lock = DataDirLock(settings.data_dir) if settings.data_dir else None
-        journal = Journal(pathlib.Path(settings.data_dir), self.metrics) if settings.data_dir else None
+        journal = (Journal(pathlib.Path(settings.data_dir), self.metrics, GroupSyncer(settings.fsync_method))
+                   if settings.data_dir else None)
         budget_bytes = (memory.default_budget() if settings.memory_budget_mb is None
                         else int(settings.memory_budget_mb * memory.MIB))
         self.store = SessionStore(

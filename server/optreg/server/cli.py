@@ -44,7 +44,7 @@ def _serve(args) -> int:
             default_durability=args.default_durability or "", periodic_steps=args.periodic_steps,
             periodic_seconds=args.periodic_seconds, idle_seconds=args.idle_seconds,
             memory_budget_mb=args.memory_budget_mb, max_streams=args.max_streams,
-            stream_idle_seconds=args.stream_idle_seconds, max_tensors=args.max_tensors, token_file=args.token_file,
+            stream_idle_seconds=args.stream_idle_seconds, fsync_method=args.fsync_method, max_tensors=args.max_tensors, token_file=args.token_file,
             tls_cert=args.tls_cert,
             tls_key=args.tls_key, allow_insecure=args.allow_insecure, metrics_port=args.metrics_port,
             metrics_host=args.metrics_host, dashboard_port=args.dashboard_port,
@@ -116,6 +116,9 @@ def add_arguments(serve: argparse.ArgumentParser) -> None:
                             "RESOURCE_EXHAUSTED (default: half the physical memory; 0: unlimited)")
     serve.add_argument("--max-streams", type=int, default=0,
                        help="streaming calls served at once, the rest refused (default: half of --workers)")
+    serve.add_argument("--fsync-method", choices=["threads", "fdatasync", "syncfs"], default="threads",
+                       help="how logs waiting for durability are synced together: threads (concurrent "
+                            "fdatasyncs, default), fdatasync (one after another: no sharing), syncfs")
     serve.add_argument("--stream-idle-seconds", type=float, default=30.0,
                        help="end a stream that sends no data for this long (default: 30; 0: never)")
     serve.add_argument("--max-tensors", type=int, default=4096, help="parameters a session may have (default: 4096)")

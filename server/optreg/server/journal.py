@@ -161,6 +161,20 @@ def replay(s: Session, record: wal.Record) -> None:
     s.step = record.step
 
 
+# Chunks at least this large are written by the log's writer thread, overlapped with the step's update
+# and the next chunk's transfer; smaller ones inline (a thread hand-off would cost more than the write).
+BACKGROUND_WRITE = 256 << 10
+_writer = None
+
+
+def _background():
+    global _writer
+    if _writer is None:
+        from concurrent.futures import ThreadPoolExecutor
+        _writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="optreg-log")  # FIFO: frames in order
+    return _writer
+
+
 class _Record:
     """A step's log record, written as its gradients arrive (see pipeline.StepRun)."""
 
@@ -168,21 +182,39 @@ class _Record:
         self.journal, self.session, self.writer, self.results = journal, session, writer, results
         self.step = writer.step
         self.nbytes = 0
+        self.pending: list = []
 
     def add(self, name, code, shape, start, data) -> None:
         if self.results:
             return
+        self.nbytes += data.nbytes
+        if data.nbytes >= BACKGROUND_WRITE:
+            self.pending.append(_background().submit(self.writer.add, name, tensors.DTYPES[code], shape, start, data))
+            return
+        self._settle()
         try:
             self.writer.add(name, tensors.DTYPES[code], shape, start, data)
-            self.nbytes += data.nbytes
         except OSError as e:
             raise write_failed(self.session, e, f"the log record of step {self.step}") from None
+
+    def _settle(self) -> None:
+        """Wait for the chunks handed to the writer thread; raise the first failure."""
+        pending, self.pending = self.pending, []
+        error = None
+        for f in pending:
+            e = f.exception()
+            error = error or e
+        if isinstance(error, OSError):
+            raise write_failed(self.session, error, f"the log record of step {self.step}")
+        if error is not None:
+            raise error
 
     def renumber(self, step: int) -> None:
         self.step = step
 
     def commit(self, arrays: Arrays | None = None) -> None:
         try:
+            self._settle()
             if self.results and arrays is not None:  # not deterministic: log what it computed
                 for name, p in arrays.params.items():
                     self.writer.add(f"p/{name}", p.dtype, p.shape, 0, p.reshape(-1))
@@ -193,10 +225,17 @@ class _Record:
         except OSError as e:
             self.writer.abort()
             raise write_failed(self.session, e, f"the log record of step {self.step}") from None
+        except BaseException:
+            self.writer.abort()
+            raise
         if self.journal.metrics:
             self.journal.metrics.log_record(self.nbytes)
 
     def abort(self) -> None:
+        try:
+            self._settle()
+        except Exception:
+            pass  # the record is void either way
         self.writer.abort()
 
 

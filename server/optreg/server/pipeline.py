@@ -33,6 +33,8 @@ from optreg.v1 import tensor_pb2, tensors
 log = logging.getLogger("optreg.server")
 
 _BF16 = tensors.DTYPES[tensor_pb2.DataType.DATA_TYPE_BFLOAT16]
+# Answers up to this size are encoded under the session's lock (StepRun.finish).
+SMALL_ANSWER = 64 << 10
 # Client scalars a step may carry (StepRequest.metrics).
 MAX_METRICS = 32
 MAX_METRIC_NAME = 64
@@ -203,8 +205,10 @@ class StepRun:
                                f"update: {type(e).__name__}: {shown(str(e), 300)}; the session is unchanged") from e
 
     # -- commit --------------------------------------------------------------
-    def finish(self) -> StepResult:
-        """Every gradient complete: commit (the log record first, as durable as the session's mode says)."""
+    def finish(self, encode=None):
+        """Every gradient complete: commit (the log record first, as durable as the session's mode says).
+        Returns the StepResult, or `encode(result)` when given: a small answer is encoded under the lock
+        (cheaper than marking the arrays read), a large one outside it while they are marked read."""
         try:
             self.tracker.finish()
         except ValueError as e:
@@ -217,10 +221,10 @@ class StepRun:
                 raise self.store.missing(s.id)
             if self.overlap:
                 if s.live is not self.reader:  # another call committed this step first
-                    return self._lost_race()
+                    return self._lost_race(encode)
             else:
                 if self.fence is not None and s.step != self.fence:  # another call applied it meanwhile
-                    return self._lost_race()
+                    return self._lost_race(encode)
                 if s.step >= MAX_STEP:
                     raise FailedPrecondition(f"session {s.id} is at step {s.step}, the largest step number")
                 self.t = s.step + 1  # unfenced: applied at whatever step is current
@@ -242,13 +246,19 @@ class StepRun:
             self.done = True
             self.store.after_commit(s)
             self.result = s.answer(False)
-            self.reader = s.live
-            s.live.readers += 1
+            answer = None
+            if encode is not None and sum(a.nbytes for a in self.result.tensors.values()) <= SMALL_ANSWER:
+                answer = encode(self.result)
+            else:
+                self.reader = s.live
+                s.live.readers += 1
         if self.out is not None:  # the sink: the caller's shared memory, after the commit
             for n, o in self.out.items():
                 np.copyto(o, self.reader.params[n])
         self.store.stepped(s, self, time.perf_counter() - self.t0)
-        return self.result
+        if encode is None:
+            return self.result
+        return answer if answer is not None else encode(self.result)
 
     def _compute_buffered(self) -> None:
         """Whole tensors, under the lock, on the current live set (unfenced steps, whole-tensor optimizers)."""
@@ -270,14 +280,15 @@ class StepRun:
                 np.subtract(p, base.params[name], out=self.delta[name])
         self.staging = st
 
-    def _lost_race(self) -> StepResult:
+    def _lost_race(self, encode=None):
         s = self.session
         self.record.abort()
         if self.fence is not None and s.step == self.fence + 1:
             if self.reader is not None:
                 self.reader.readers -= 1
                 self.reader = None
-            return self._replay()
+            result = self._replay()
+            return result if encode is None else encode(result)
         raise FailedPrecondition(f"session {s.id} moved to step {s.step} while this step was in flight; "
                                  f"it was not applied: send step={s.step}",
                                  metadata=(("optreg-server-step", str(s.step)),))
@@ -285,6 +296,8 @@ class StepRun:
     def close(self) -> None:
         """Give back what the run held; after a failure the session is exactly as before."""
         s = self.session
+        if self.done and self.reader is None and self.staging is None:
+            return  # a committed step whose answer was encoded under the lock holds nothing
         with s.lock:
             if self.reader is not None:
                 self.reader.readers -= 1
