@@ -614,7 +614,8 @@ class TelemetryObserver:
     """The store's observer (SessionStore.observers): turns a committed or refused StepRun into hub events.
 
     Reads from the run: `t` (the step), `hp`, `metrics`, `result.replayed`, `reader` (the committed set,
-    held as a reader until run.close(), so its arrays are not reused while we sample them), and
+    held as a reader until run.close(), so its arrays are not reused while we sample them; when the
+    run holds none, the live set under the session's lock if it is still this step's), and
     `stats` ({name: float64[4]}: what kernels.apply(stats=...) measured in the update pass; the pipeline
     fills it, folding chunks with merge_stats). A refusal's reason is the exception in flight when the
     run is closed; a cancelled call (the client went away) is not a refusal.
@@ -630,9 +631,14 @@ class TelemetryObserver:
         defn = session.optimizer.definition
         stats = getattr(run, "stats", None) or {}
         sample = {}
-        if (getattr(defn, "effective_lr", None) is not None and run.reader is not None
-                and self.hub.wants_state_sample(int(run.t))):
-            sample = sample_state(run.reader.state, list(stats) or list(session.shapes))
+        if getattr(defn, "effective_lr", None) is not None and self.hub.wants_state_sample(int(run.t)):
+            names = list(stats) or list(session.shapes)
+            if run.reader is not None:  # the committed set, held for this run's answer
+                sample = sample_state(run.reader.state, names)
+            else:  # a small answer was encoded under the lock: read the live set under it too
+                with session.lock:
+                    if session.step == run.t and session.live is not None:
+                        sample = sample_state(session.live.state, names)
         self.hub.on_step(StepEvent(session.id, int(run.t), time.time(), owner=session.owner, optimizer=defn.name,
                                    hyperparameters=dict(run.hp), tensors=stats, metrics=dict(run.metrics),
                                    state_sample=sample))
