@@ -137,8 +137,12 @@ def bench_small_step(cfg, row) -> None:
     def without_stats(*a, stats=None, **k):
         return with_stats(*a, **k)
 
+    numpy_stats = pipeline.tensor_stats
+    no_stats = np.zeros(4)
+
     def telemetry(on: bool) -> None:
         pipeline.kernels.apply = with_stats if on else without_stats
+        pipeline.tensor_stats = numpy_stats if on else (lambda g, old, new: no_stats)
         if on and observer not in srv.store.observers:
             srv.store.observers.append(observer)
         if not on and observer in srv.store.observers:
