@@ -227,8 +227,7 @@ class StepRun:
             raise Cancelled("the call ended before the step was committed; it was not applied")
         s = self.session
         with s.lock:
-            if s.live is None or self.store.index_of(s) is not s:
-                raise self.store.missing(s.id)
+            self.store.ensure_loaded(s)  # deleted meanwhile: NOT_FOUND; unloaded while idle: read back
             if self.overlap:
                 if s.live is not self.reader:  # another call committed this step first
                     return self._lost_race(encode)
