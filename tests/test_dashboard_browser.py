@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import pathlib
 import shutil
-import time
 
 import numpy as np
 import pytest
@@ -49,7 +48,6 @@ class Trainer:
             self.session.step(grads, metrics={"loss": 2.0 / (1 + 0.05 * k), "accuracy": min(1.0, 0.1 + 0.01 * k)})
 
     def poisoned_step(self):
-        import grpc
         grads = {name: np.zeros(a.shape, np.float32) for name, a in self.session.arrays.items()}
         grads["W1"][3, 5] = np.nan
         with pytest.raises(Exception) as e:
