@@ -24,6 +24,7 @@ import time
 import numpy as np
 
 from optreg.plugins import HyperparameterError
+from optreg.server.telemetry import merge_stats, tensor_stats
 from optreg.server import fastkernels, kernels
 from optreg.server.errors import Cancelled, FailedPrecondition, InvalidArgument, PluginFailed, shown
 from optreg.server.sessions import MAX_STEP, Arrays, Session, StepResult
@@ -34,6 +35,10 @@ log = logging.getLogger("optreg.server")
 _BF16 = tensors.DTYPES[tensor_pb2.DataType.DATA_TYPE_BFLOAT16]
 # Answers up to this size are encoded under the session's lock (StepRun.finish).
 SMALL_ANSWER = 64 << 10
+# Below this many elements a slice's statistics come from numpy after the update (cheaper than the
+# update pass's statistics path, which pays a setup per call); the same float64 sums either way.
+SMALL_STATS = 1 << 14
+
 # Client scalars a step may carry (StepRequest.metrics).
 MAX_METRICS = 32
 MAX_METRIC_NAME = 64
@@ -94,6 +99,7 @@ class StepRun:
         self.result: StepResult | None = None
         self.done = False
         self.t0 = time.perf_counter()
+        self.stats: dict[str, np.ndarray] = {}  # name -> [sum g^2, sum p_new^2, sum dp^2, max |g|] (telemetry)
 
     # -- fence ---------------------------------------------------------------
     def open(self) -> StepResult | None:
@@ -174,7 +180,7 @@ class StepRun:
             for slot, arrs in st.state.items():
                 slots[slot] = arrs[name]
                 np.copyto(arrs[name], base.state[slot][name])
-            self._kernel(p, g.reshape(p.shape), slots, parallel=True)
+            self._kernel(p, g.reshape(p.shape), slots, parallel=True, name=name, old=live_p)
             if self.delta is not None:
                 np.subtract(p, live_p, out=self.delta[name])
             return name, 0, p.reshape(-1)
@@ -184,14 +190,26 @@ class StepRun:
         for slot, arrs in st.state.items():
             slots[slot] = arrs[name].reshape(-1)[start:end]
             np.copyto(slots[slot], base.state[slot][name].reshape(-1)[start:end])
-        self._kernel(p, g, slots, parallel=False)
+        self._kernel(p, g, slots, parallel=False, name=name, old=live_p.reshape(-1)[start:end])
         if self.delta is not None:
             np.subtract(p, live_p.reshape(-1)[start:end], out=self.delta[name].reshape(-1)[start:end])
         return name, start, p
 
-    def _kernel(self, p, g, slots, parallel) -> None:
+    def _kernel(self, p, g, slots, parallel, name, old) -> None:
+        """Apply the update; fold this tensor's (or chunk's) statistics into self.stats: measured in
+        the update pass for large slices, from `old` (the values before, still live) for small ones,
+        where kernels.apply(stats=) costs more in setup than the few dot products do."""
+        small = p.size < SMALL_STATS
+        part = None if small else np.zeros(kernels.STATS)
         try:
-            kernels.apply(self.defn, p, g, slots, self.t, self.hp, parallel=parallel)
+            kernels.apply(self.defn, p, g, slots, self.t, self.hp, parallel=parallel, stats=part)
+            if small:
+                part = tensor_stats(g, old, p)
+            acc = self.stats.get(name)
+            if acc is None:
+                self.stats[name] = part
+            else:
+                merge_stats(acc, part)
         except Exception as e:
             raise PluginFailed(f"optimizer {self.defn.name} (plugin {self.session.optimizer.plugin}) raised in "
                                f"update: {type(e).__name__}: {shown(str(e), 300)}; the session is unchanged") from e
@@ -268,7 +286,7 @@ class StepRun:
             slots = {slot: st.state[slot][name] for slot in st.state}
             for slot in slots:
                 np.copyto(slots[slot], base.state[slot][name])
-            self._kernel(p, g, slots, parallel=True)
+            self._kernel(p, g, slots, parallel=True, name=name, old=base.params[name])
             if self.delta is not None:
                 np.subtract(p, base.params[name], out=self.delta[name])
         self.staging = st
