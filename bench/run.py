@@ -451,9 +451,15 @@ def bench_wal(cfg, server, echo):
     run(cfg, server, echo)
 
 
+def bench_telemetry(cfg, server, echo):
+    from bench.telemetry import bench_telemetry as run  # statistics cost, commit-to-browser latency
+    run(cfg, server, echo)
+
+
 SECTIONS = {"small": bench_small, "large": bench_large, "shm": bench_shm, "kernels": bench_kernels,
             "declared": bench_declared, "memory": bench_memory, "concurrency": bench_concurrency,
-            "torch": bench_torch, "wal": bench_wal, "durability": bench_durability, "workers": bench_workers}
+            "torch": bench_torch, "wal": bench_wal, "durability": bench_durability, "telemetry": bench_telemetry,
+            "workers": bench_workers}
 
 
 class Config:

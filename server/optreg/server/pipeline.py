@@ -24,6 +24,7 @@ import time
 import numpy as np
 
 from optreg.plugins import HyperparameterError
+from optreg.server.telemetry import merge_stats, tensor_stats
 from optreg.server import fastkernels, kernels
 from optreg.server.errors import Cancelled, FailedPrecondition, InvalidArgument, PluginFailed, shown
 from optreg.server.sessions import MAX_STEP, Arrays, Session, StepResult
@@ -32,6 +33,12 @@ from optreg.v1 import tensor_pb2, tensors
 log = logging.getLogger("optreg.server")
 
 _BF16 = tensors.DTYPES[tensor_pb2.DataType.DATA_TYPE_BFLOAT16]
+# Answers up to this size are encoded under the session's lock (StepRun.finish).
+SMALL_ANSWER = 64 << 10
+# Below this many elements a slice's statistics come from numpy after the update (cheaper than the
+# update pass's statistics path, which pays a setup per call); the same float64 sums either way.
+SMALL_STATS = 1 << 14
+
 # Client scalars a step may carry (StepRequest.metrics).
 MAX_METRICS = 32
 MAX_METRIC_NAME = 64
@@ -94,6 +101,7 @@ class StepRun:
         self.result: StepResult | None = None
         self.done = False
         self.t0 = time.perf_counter()
+        self.stats: dict[str, np.ndarray] = {}  # name -> [sum g^2, sum p_new^2, sum dp^2, max |g|] (telemetry)
 
     # -- fence ---------------------------------------------------------------
     def open(self) -> StepResult | None:
@@ -175,7 +183,7 @@ class StepRun:
             for slot, arrs in st.state.items():
                 slots[slot] = arrs[name]
                 np.copyto(arrs[name], base.state[slot][name])
-            self._kernel(p, g.reshape(p.shape), slots, parallel=True)
+            self._kernel(p, g.reshape(p.shape), slots, parallel=True, name=name, old=live_p)
             if self.delta is not None:
                 np.subtract(p, live_p, out=self.delta[name])
             return name, 0, p.reshape(-1)
@@ -185,21 +193,35 @@ class StepRun:
         for slot, arrs in st.state.items():
             slots[slot] = arrs[name].reshape(-1)[start:end]
             np.copyto(slots[slot], base.state[slot][name].reshape(-1)[start:end])
-        self._kernel(p, g, slots, parallel=False)
+        self._kernel(p, g, slots, parallel=False, name=name, old=live_p.reshape(-1)[start:end])
         if self.delta is not None:
             np.subtract(p, live_p.reshape(-1)[start:end], out=self.delta[name].reshape(-1)[start:end])
         return name, start, p
 
-    def _kernel(self, p, g, slots, parallel) -> None:
+    def _kernel(self, p, g, slots, parallel, name, old) -> None:
+        """Apply the update; fold this tensor's (or chunk's) statistics into self.stats: measured in
+        the update pass for large slices, from `old` (the values before, still live) for small ones,
+        where kernels.apply(stats=) costs more in setup than the few dot products do."""
+        small = p.size < SMALL_STATS
+        part = None if small else np.zeros(kernels.STATS)
         try:
-            kernels.apply(self.defn, p, g, slots, self.t, self.hp, parallel=parallel)
+            kernels.apply(self.defn, p, g, slots, self.t, self.hp, parallel=parallel, stats=part)
+            if small:
+                part = tensor_stats(g, old, p)
+            acc = self.stats.get(name)
+            if acc is None:
+                self.stats[name] = part
+            else:
+                merge_stats(acc, part)
         except Exception as e:
             raise PluginFailed(f"optimizer {self.defn.name} (plugin {self.session.optimizer.plugin}) raised in "
                                f"update: {type(e).__name__}: {shown(str(e), 300)}; the session is unchanged") from e
 
     # -- commit --------------------------------------------------------------
-    def finish(self) -> StepResult:
-        """Every gradient complete: commit (the log record first, as durable as the session's mode says)."""
+    def finish(self, encode=None):
+        """Every gradient complete: commit (the log record first, as durable as the session's mode says).
+        Returns the StepResult, or `encode(result)` when given: a small answer is encoded under the lock
+        (cheaper than marking the arrays read), a large one outside it while they are marked read."""
         try:
             self.tracker.finish()
         except ValueError as e:
@@ -208,18 +230,18 @@ class StepRun:
             raise Cancelled("the call ended before the step was committed; it was not applied")
         s = self.session
         with s.lock:
-            if s.live is None or self.store.index_of(s) is not s:
-                raise self.store.missing(s.id)
+            self.store.ensure_loaded(s)  # deleted meanwhile: NOT_FOUND; unloaded while idle: read back
             if self.overlap:
                 if s.live is not self.reader:  # another call committed this step first
-                    return self._lost_race()
+                    return self._lost_race(encode)
             else:
                 if self.fence is not None and s.step != self.fence:  # another call applied it meanwhile
-                    return self._lost_race()
+                    return self._lost_race(encode)
                 if s.step >= MAX_STEP:
                     raise FailedPrecondition(f"session {s.id} is at step {s.step}, the largest step number")
                 self.t = s.step + 1  # unfenced: applied at whatever step is current
-                self.record.renumber(self.t)
+                self.hp = self._resolve(s)  # and with the hyperparameters in force now
+                self.record.renumber(self.t, self.hp)
                 self._compute_buffered()
             self.record.commit(self.staging)  # Unavailable/ResourceExhausted on a failed write: nothing swapped
             old = s.live
@@ -230,7 +252,8 @@ class StepRun:
             if old.readers == 0 and s.spare is None:
                 s.spare = old
             s.step = self.t
-            s.hyperparameters = self.hp
+            if self.hp_changes:  # on top of the values now in force (a concurrent UpdateHyperparameters stays)
+                s.hyperparameters = self._resolve(s)
             if s.reply == "delta":
                 s.last_delta = self.delta
             s.dirty = True
@@ -239,13 +262,19 @@ class StepRun:
                 self.on_commit(s)
             self.store.after_commit(s)
             self.result = s.answer(False)
-            self.reader = s.live
-            s.live.readers += 1
+            answer = None
+            if encode is not None and sum(a.nbytes for a in self.result.tensors.values()) <= SMALL_ANSWER:
+                answer = encode(self.result)
+            else:
+                self.reader = s.live
+                s.live.readers += 1
         if self.out is not None:  # the sink: the caller's shared memory, after the commit
             for n, o in self.out.items():
                 np.copyto(o, self.reader.params[n])
         self.store.stepped(s, self, time.perf_counter() - self.t0)
-        return self.result
+        if encode is None:
+            return self.result
+        return answer if answer is not None else encode(self.result)
 
     def _compute_buffered(self) -> None:
         """Whole tensors, under the lock, on the current live set (unfenced steps, whole-tensor optimizers)."""
@@ -262,19 +291,20 @@ class StepRun:
             slots = {slot: st.state[slot][name] for slot in st.state}
             for slot in slots:
                 np.copyto(slots[slot], base.state[slot][name])
-            self._kernel(p, g, slots, parallel=True)
+            self._kernel(p, g, slots, parallel=True, name=name, old=base.params[name])
             if self.delta is not None:
                 np.subtract(p, base.params[name], out=self.delta[name])
         self.staging = st
 
-    def _lost_race(self) -> StepResult:
+    def _lost_race(self, encode=None):
         s = self.session
         self.record.abort()
         if self.fence is not None and s.step == self.fence + 1:
             if self.reader is not None:
                 self.reader.readers -= 1
                 self.reader = None
-            return self._replay()
+            result = self._replay()
+            return result if encode is None else encode(result)
         raise FailedPrecondition(f"session {s.id} moved to step {s.step} while this step was in flight; "
                                  f"it was not applied: send step={s.step}",
                                  metadata=(("optreg-server-step", str(s.step)),))
@@ -282,6 +312,8 @@ class StepRun:
     def close(self) -> None:
         """Give back what the run held; after a failure the session is exactly as before."""
         s = self.session
+        if self.done and self.reader is None and self.staging is None:
+            return  # a committed step whose answer was encoded under the lock holds nothing
         with s.lock:
             if self.reader is not None:
                 self.reader.readers -= 1

@@ -309,10 +309,8 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
                         raise InvalidArgument(f"gradient {shown(t.name)} is given twice")
                     names.add(t.name)
                     run.feed(t)
-                result = run.finish()
-            # Encoded outside the lock: the run holds the answer's arrays as a reader.
-            return session_pb2.StepResponse(step=result.step, replayed=result.replayed,
-                                            tensors=[tensors.from_numpy(n, a) for n, a in result.tensors.items()])
+                return run.finish(_step_response)
+            return _step_response(result)  # a retry: the run holds the answer's arrays as a reader
         finally:
             run.close()
 
@@ -535,6 +533,11 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
     def Heartbeat(self, request, context):
         session = self.store.get(request.session_id, self.owner(context))
         return session_pb2.HeartbeatResponse(round=self.workers.heartbeat(session, request.worker))
+
+
+def _step_response(result) -> session_pb2.StepResponse:
+    return session_pb2.StepResponse(step=result.step, replayed=result.replayed,
+                                    tensors=[tensors.from_numpy(n, a) for n, a in result.tensors.items()])
 
 
 def _tensor_map(items, what: str) -> dict[str, np.ndarray]:

@@ -95,6 +95,9 @@ class Session:
     quarantined: str = ""  # why its files cannot be trusted: every use is DATA_LOSS
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     spec: dict = field(default_factory=dict, repr=False)  # name -> (shape, gradient dtypes allowed)
+    # Fixed for the session's life, so computed once (every step reads them).
+    dtype: np.dtype = field(init=False, repr=False)
+    elements: int = field(init=False, repr=False)
     # Shared sessions (membership.WorkerConfig; None: single writer) and their members and rounds (rounds.Hub).
     workers: object | None = None
     hub: object | None = field(default=None, repr=False)
@@ -104,18 +107,12 @@ class Session:
     def __post_init__(self):
         allowed = GRAD_DTYPES[self.master_code]
         self.spec = {name: (tuple(shape), allowed) for name, shape in self.shapes.items()}
+        self.dtype = MASTER_DTYPES[self.master_code]
+        self.elements = sum(int(np.prod(s, dtype=np.int64)) for s in self.shapes.values())
 
     @property
     def loaded(self) -> bool:
         return self.live is not None
-
-    @property
-    def dtype(self) -> np.dtype:
-        return MASTER_DTYPES[self.master_code]
-
-    @property
-    def elements(self) -> int:
-        return sum(int(np.prod(s, dtype=np.int64)) for s in self.shapes.values())
 
     def set_bytes(self) -> int:
         """Bytes of one Arrays set (parameters and every slot)."""
