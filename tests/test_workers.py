@@ -413,6 +413,8 @@ def test_sync_rounds_survive_kill_9_of_the_server(start_server, tmp_path):
     st = _stub(srv3.address)
     again = _contribute(st, "shared", "a", 1, g["a", 1])
     assert again.replayed and again.step == 2 and np.array_equal(tensors.to_numpy(again.tensors[0]), after1)
+    info = st.GetSession(session_pb2.GetSessionRequest(session_id="shared"), timeout=10).session
+    assert [m.worker for m in info.members] == ["a", "b", "c"]  # the last round's members are back
     with pytest.raises(grpc.RpcError) as e:
         _contribute(st, "shared", "a", 0, g["a", 0])  # too old to answer: it names the open round
     assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "open round is 2" in e.value.details()
@@ -512,3 +514,22 @@ def test_heartbeat_keeps_a_computing_worker_in_its_round(server):
         assert r.contributors == got["r"].contributors == ("fast", "slow")
         assert np.array_equal(slow.arrays["w"], np.full(4, -3, np.float32))
         slow.leave()
+
+
+def test_the_last_rounds_members_come_back_after_kill_9(start_server, tmp_path):
+    srv = start_server("--data-dir", str(tmp_path))
+    with Client(srv.address, timeout=30) as c:
+        c.create_session("sgd", {"w": np.zeros(4)}, session_id="m", workers=3, min_workers=2, round_deadline=0.2,
+                         lr=1.0, durability="log")
+    st = _stub(srv.address)
+    for w in "abc":
+        st.JoinSession(session_pb2.JoinSessionRequest(session_id="m", worker=w), timeout=10)
+    r = _threads([lambda w=w: _contribute(st, "m", w, 0, np.ones(4)) for w in "ab"])
+    assert list(r[0].contributors) == ["a", "b"]  # c, silent, was a straggler of round 0
+    srv.kill()
+    srv2 = start_server("--data-dir", str(tmp_path))
+    st = _stub(srv2.address)
+    st.JoinSession(session_pb2.JoinSessionRequest(session_id="m", worker="a"), timeout=10)
+    info = st.GetSession(session_pb2.GetSessionRequest(session_id="m"), timeout=10).session
+    assert [m.worker for m in info.members] == ["a", "b", "c"] and info.open_round == 1
+    assert info.last_round.round == 0 and list(info.last_round.contributors) == ["a", "b"]

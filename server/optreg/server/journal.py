@@ -186,7 +186,7 @@ def replay(s: Session, record: wal.Record) -> None:
     if "worker" in record.extras:  # a shared session's async contribution: retries of it are not applied again
         s.worker_rounds[record.extras["worker"]] = record.extras["round"]
     elif "round" in record.extras:  # a shared session's sync round: who it applied (rounds.Hub answers retries)
-        s.round_record = {"round": record.extras["round"], "contributors": record.extras.get("contributors", [])}
+        s.round_record = {k: record.extras[k] for k in ("round", "contributors", "members") if k in record.extras}
 
 
 # Chunks at least this large are written by the log's writer thread, overlapped with the step's update

@@ -154,9 +154,9 @@ class Hub:
             who = tuple(sorted(rec.get("contributors", ())))
             self.history.append((rec["round"], frozenset(who)))
             self.last = Outcome(session.step, None, rec["round"], who)  # tensors None: the current parameters
-            # Its contributors are members again (with a fresh lease), so the round open at the crash waits
-            # for them as it did before, not only for whoever comes back first.
-            for w in who:
+            # Its members (contributors and stragglers) are members again with a fresh lease, so the round
+            # open at the crash waits for them as it did before, not only for whoever comes back first.
+            for w in sorted(set(who) | set(rec.get("members", ()))):
                 try:
                     self.members.join(w)
                 except Exception:  # the config shrank or the name is not valid any more: it joins again itself
@@ -314,7 +314,7 @@ class Hub:
                 f"a round's combined gradient of session {s.id}", s.elements * s.dtype.itemsize,
                 lambda: Buffers(combine(contribs, self.config.combine, s.dtype)))
             # Logged with the step (journal.replay restores it), so retries after a restart are answered.
-            record = {"round": r.number, "contributors": sorted(contribs)}
+            record = {"round": r.number, "contributors": sorted(contribs), "members": sorted(live)}
             run = StepRun(self.store, s, r.number, metrics=step_metrics, extras=record)
             run.on_commit = lambda sess: setattr(sess, "round_record", record)
             try:

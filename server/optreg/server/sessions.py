@@ -101,7 +101,7 @@ class Session:
     # Shared sessions (membership.WorkerConfig; None: single writer) and their members and rounds (rounds.Hub).
     workers: object | None = None
     hub: object | None = field(default=None, repr=False)
-    round_record: dict | None = None  # the last sync round applied: {"round", "contributors"} (logged with it)
+    round_record: dict | None = None  # the last sync round applied: {"round", "contributors", "members"} (logged)
     worker_rounds: dict = field(default_factory=dict)  # async/ssp: worker -> round of its last applied contribution
 
     def __post_init__(self):
