@@ -355,3 +355,19 @@ def test_export_and_import_carry_the_ring():
     with pytest.raises(ValueError, match="format"):
         import json, zlib
         other.import_("x", zlib.compress(json.dumps({"format": "other"}).encode()))
+
+
+def test_compiled_small_tensor_sums_equal_numpy():
+    """The compiled pass the step pipeline uses for small tensors gives numpy's figures (float32 and float64)."""
+    import optreg.server.telemetry as t
+    pytest.importorskip("numba")
+    rng = np.random.default_rng(5)
+    t.tensor_stats(np.zeros(2), np.zeros(2), np.zeros(2))  # starts the build
+    deadline = time.time() + 120
+    while len(t._SUMS) < 2 and time.time() < deadline:
+        time.sleep(0.1)
+    assert len(t._SUMS) == 2, "the compiled sums were not built"
+    for dt in (np.float32, np.float64):
+        g, old = rng.normal(size=1001).astype(dt), rng.normal(size=1001).astype(dt)
+        new = (old - dt(0.01) * g).astype(dt)
+        np.testing.assert_allclose(t.tensor_stats(g, old, new), t.numpy_stats(g, old, new), rtol=1e-12)

@@ -9,7 +9,7 @@ import pytest
 
 from optreg.client import Client
 from optreg.plugins.registry import Registry
-from optreg.server.telemetry import tensor_stats
+from optreg.server.telemetry import numpy_stats as tensor_stats  # the plain numpy reference
 from optreg.v1 import session_pb2, session_pb2_grpc, telemetry_pb2, telemetry_pb2_grpc, tensors
 
 BUILTINS = sorted(Registry().optimizers)

@@ -70,14 +70,71 @@ def sample_indices(size: int, k: int = SAMPLE_SIZE) -> np.ndarray:
 
 
 def tensor_stats(grad: np.ndarray, old: np.ndarray, new: np.ndarray) -> np.ndarray:
-    """The four sums of one tensor by plain numpy in float64 (the reference the update pass must equal;
-    the step pipeline uses it for small slices)."""
+    """The four sums of one tensor in float64: one compiled pass when numba has built it (a small step
+    would otherwise spend more on numpy's temporaries and reductions than on its update), else numpy."""
+    g, o, n = np.asarray(grad).reshape(-1), np.asarray(old).reshape(-1), np.asarray(new).reshape(-1)
+    fast = _SUMS.get(g.dtype.str) if g.dtype == o.dtype == n.dtype else None
+    if fast is not None:
+        out = np.zeros(4)
+        fast(g, o, n, out)
+        return out
+    if _SUMS_STATE == "idle":
+        _build_sums()
+    return numpy_stats(g, o, n)
+
+
+def numpy_stats(grad: np.ndarray, old: np.ndarray, new: np.ndarray) -> np.ndarray:
+    """The four sums by plain numpy in float64: the reference every other path must equal."""
     g = np.asarray(grad).astype(np.float64).reshape(-1)
     n = np.asarray(new).astype(np.float64).reshape(-1)
     d = n - np.asarray(old).reshape(-1)
     if not g.size:
         return np.zeros(4)
     return np.array([g @ g, n @ n, d @ d, max(g.max(), -g.min())])
+
+
+def _sums_loop(g, o, n, out):
+    gg = 0.0
+    nn = 0.0
+    dd = 0.0
+    mx = 0.0
+    for i in range(g.size):
+        gi = np.float64(g[i])
+        ni = np.float64(n[i])
+        di = ni - np.float64(o[i])
+        gg += gi * gi
+        nn += ni * ni
+        dd += di * di
+        a = abs(gi)
+        if a > mx:
+            mx = a
+    out[0] = gg
+    out[1] = nn
+    out[2] = dd
+    out[3] = mx
+
+
+_SUMS: dict = {}  # dtype str -> compiled _sums_loop (float32 and float64 arrays)
+_SUMS_STATE = "idle"
+
+
+def _build_sums() -> None:
+    """Compile the small-tensor sums in a background thread (numpy gives the same figures until then)."""
+    global _SUMS_STATE
+    _SUMS_STATE = "building"
+
+    def build():
+        try:
+            import numba
+            fn = numba.njit(cache=True)(_sums_loop)
+            for dt in ("<f4", "<f8"):
+                a = np.zeros(2, dt)
+                fn(a, a, a, np.zeros(4))
+                _SUMS[dt] = fn
+        except Exception:  # no numba, or it failed: numpy stays
+            pass
+
+    threading.Thread(target=build, name="optreg-stats-jit", daemon=True).start()
 
 
 def visible(session_owner: str, caller: str, auth: bool) -> bool:
@@ -158,6 +215,7 @@ class SessionRing:
         self.coarse_buckets = max(2, coarse_buckets)
         self.stride = 1  # steps per closed bucket
         self.pending: list[Record] = []  # steps out of `recent` not yet making a whole bucket
+        self.pending_steps = 0  # the steps `pending` holds
         self.names: list[str] = []
         self.alerts: collections.deque[Alert] = collections.deque(maxlen=256)
         self.alert_seq = 0
@@ -186,9 +244,12 @@ class SessionRing:
         self.recent.append(record)
         while len(self.recent) > self.recent_steps:
             self.pending.append(self.recent.popleft())
-            if sum(r.steps for r in self.pending) >= self.stride:
+            # counted as they come: summing `pending` at every step made each append cost its length
+            self.pending_steps += self.pending[-1].steps
+            if self.pending_steps >= self.stride:
                 self.coarse.append(_merge(self.pending))
                 self.pending = []
+                self.pending_steps = 0
                 if len(self.coarse) > self.coarse_buckets:
                     self.coarse = [_merge(self.coarse[i:i + 2]) for i in range(0, len(self.coarse), 2)]
                     self.stride *= 2
@@ -233,6 +294,7 @@ class SessionRing:
         self.stride = int(data["stride"])
         self.coarse = [rec(x) for x in data["coarse"]]
         self.pending = [rec(x) for x in data["pending"]]
+        self.pending_steps = sum(r.steps for r in self.pending)
         self.recent.extend(rec(x) for x in data["recent"])
         for a in data["alerts"]:
             self.alerts.append(Alert(a["seq"], a["kind"], a["step"], a["wall_time"], a["tensor"], a["message"]))
