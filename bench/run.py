@@ -476,14 +476,25 @@ def bench_durability(cfg, server, echo):
     run(cfg, server, echo)
 
 
+def bench_workers(cfg, server, echo):
+    from bench.workers import bench_workers as run  # several workers on one session (docs/workers.md)
+    run(cfg, server, echo)
+
+
 def bench_wal(cfg, server, echo):
     from bench.wal import bench_wal as run  # the log/snapshot library's figures (no server involved)
     run(cfg, server, echo)
 
 
+def bench_telemetry(cfg, server, echo):
+    from bench.telemetry import bench_telemetry as run  # statistics cost, commit-to-browser latency
+    run(cfg, server, echo)
+
+
 SECTIONS = {"small": bench_small, "smallparts": bench_small_parts, "large": bench_large, "shm": bench_shm, "kernels": bench_kernels,
             "declared": bench_declared, "memory": bench_memory, "concurrency": bench_concurrency,
-            "torch": bench_torch, "wal": bench_wal, "durability": bench_durability}
+            "torch": bench_torch, "wal": bench_wal, "durability": bench_durability, "telemetry": bench_telemetry,
+            "workers": bench_workers}
 
 
 class Config:

@@ -190,6 +190,64 @@ async function runOptimizer(info, hyperparameters, steps) {
     `max |server - book formula| = ${worst.toExponential(2)}`);
 }
 
+// --- several workers on one session (docs/workers.md) ------------------------------
+
+// Two workers of one sync session: "node-a" alone closes round 0 (it is the only member);
+// "node-b" joins mid-run, and round 1 applies the mean of both contributions, the same
+// reply going to each.
+async function runWorkers() {
+  const lr = 0.5;
+  const init = [1.0, -2.0, 3.0];
+  const created = await call(sessions, 'CreateSession', {
+    config: {
+      optimizer: 'sgd',
+      hyperparameters: { lr },
+      master_dtype: 'DATA_TYPE_FLOAT64',
+      durability: 'DURABILITY_NONE',
+      workers: { workers: 2, mode: 'WORKER_MODE_SYNC', round_deadline_seconds: 30 },
+    },
+    parameters: [tensor('w', [3], init)],
+  });
+  const id = created.session.session_id;
+  const contribute = (worker, round, g) =>
+    call(sessions, 'Step', { session_id: id, worker, round, gradients: [tensor('w', [3], g)] });
+  try {
+    const expected = init.slice();
+    const a = await call(sessions, 'JoinSession', { session_id: id, worker: 'node-a' });
+    check(Number(a.round) === 0, `workers: node-a joined at round ${a.round}, expected 0`);
+    const g0 = [1, 2, 3];
+    const r0 = await contribute('node-a', 0, g0);
+    g0.forEach((g, i) => { expected[i] -= lr * g; });
+    check(r0.contributors.join(',') === 'node-a', `workers: round 0 contributors ${r0.contributors}`);
+    compare('workers round 0', values(r0.tensors[0]), expected);
+
+    const b = await call(sessions, 'JoinSession', { session_id: id, worker: 'node-b' }); // a second worker joins
+    check(Number(b.round) === 1, `workers: node-b joined at round ${b.round}, expected 1`);
+    const ga = [0.5, -1, 4];
+    const gb = [1.5, 3, -2];
+    const [ra, rb] = await Promise.all([contribute('node-a', 1, ga), contribute('node-b', 1, gb)]);
+    ga.forEach((g, i) => { expected[i] -= lr * ((g + gb[i]) / 2); });
+    for (const [who, r] of [['node-a', ra], ['node-b', rb]]) {
+      check(Number(r.step) === 2 && Number(r.round) === 1, `workers: ${who} got step ${r.step} round ${r.round}`);
+      check(r.contributors.join(',') === 'node-a,node-b', `workers: ${who} saw contributors ${r.contributors}`);
+      compare(`workers round 1 (${who})`, values(r.tensors[0]), expected);
+    }
+    try {
+      await contribute('node-b', 0, gb); // round 0 closed without node-b: refused, naming the open round
+      check(false, 'workers: a stale contribution was accepted');
+    } catch (err) {
+      check(err.code === grpc.status.FAILED_PRECONDITION && /open round is 2/.test(err.details),
+        `workers: stale contribution answered ${err.code} ${err.details}`);
+    }
+    const info = (await call(sessions, 'GetSession', { session_id: id })).session;
+    check(info.members.map((m) => m.worker).join(',') === 'node-a,node-b', `workers: members ${info.members}`);
+    for (const worker of ['node-a', 'node-b']) await call(sessions, 'LeaveSession', { session_id: id, worker });
+    console.log('workers 2 joined one sync session; round 1 applied the mean of both, the same reply to each');
+  } finally {
+    await call(sessions, 'DeleteSession', { session_id: id });
+  }
+}
+
 async function main() {
   console.log(`optreg at ${ADDRESS}; contract loaded from ${PROTO_ROOT}`);
   const listing = await call(registry, 'ListOptimizers', {});
@@ -205,6 +263,7 @@ async function main() {
 
   await runOptimizer(byName.sgd, { lr: 0.1 }, 5);
   await runOptimizer(byName.adam, { lr: 0.01 }, 8);
+  await runWorkers();
 }
 
 main()

@@ -9,7 +9,8 @@ Modules: client (Client), session (Session), results (what calls return: Session
 OptimizerInfo, StepResult, SessionState), stepping and shm (how a step travels: unary,
 stream or shared memory, chosen by size and host), transport (the RPCs over gRPC; tests
 replace it with a fake), retry (RetryPolicy), checks (arguments and resume matching, before
-any call), errors, book (the book's drop-in classes).
+any call), errors, book (the book's drop-in classes), workers (Worker: a member of a shared
+session, from `client.join`; docs/workers.md).
 
 Every error is an OptregError; its base class says what happened:
 
@@ -52,10 +53,13 @@ from optreg.client.results import (Hyperparameter, OptimizerInfo, PluginFailure,
 from optreg.client.retry import RetryPolicy
 from optreg.client.session import Session
 from optreg.client.transport import GrpcTransport, Transport
+from optreg.client.workers import Worker, WorkerStepResult
+from optreg.client.results import MemberInfo, RoundSummary, WorkerSetup
 
 __all__ = ["SGD", "AdaGrad", "Adam", "AlreadyExists", "Cancelled", "Client", "DataLoss", "DeadlineExceeded",
            "FailedPrecondition", "GrpcTransport", "Hyperparameter", "Internal", "InvalidArgument", "Momentum",
            "Nesterov", "NotFound", "OptimizerInfo", "OptregError", "PermissionDenied", "PluginFailure", "RMSprop",
            "ReassemblyError", "Refusal", "ResourceExhausted", "RetryPolicy", "Session", "SessionInfo",
            "SessionState", "Slot", "StepMismatch", "StepResult", "Transport", "TransportError", "Unauthenticated",
-           "Unavailable", "Unimplemented", "Unknown", "UsageError", "errors"]
+           "Unavailable", "Unimplemented", "Unknown", "UsageError", "errors", "Worker", "WorkerStepResult",
+           "MemberInfo", "RoundSummary", "WorkerSetup"]

@@ -19,6 +19,18 @@ None: a fresh session, never resumed.
     exception ends the block (Ctrl-C, a crash), so running again resumes it. close() deletes.
   - False: always delete it. True: always keep it (delete it yourself, or with
     `optreg sessions delete ID`).
+
+Several book-style processes can train one session (docs/workers.md): give each the same
+`session_id`, a `worker` name of its own, and the shared session's shape (`workers=4`, and
+optionally `mode`, `min_workers`, `round_deadline`). The first to start creates the session
+from its arrays; the others attach to it and receive its parameters (call `resume(params)`
+before the loop). Each `update` is the worker's contribution; in sync mode it returns with the
+round's parameters in the arrays. Closing leaves the session (the others go on); the session is
+kept unless keep=False.
+
+    with Adam(lr=0.001, session_id="mnist-4", worker=f"w{rank}", workers=4) as optimizer:
+        for i in range(optimizer.resume(network.params), iters):
+            optimizer.update(network.params, network.gradient(x_batch, t_batch))
 """
 from __future__ import annotations
 
@@ -35,9 +47,18 @@ class _ServiceOptimizer:
     optimizer = ""
 
     def __init__(self, address: str | None = None, client: Client | None = None, *, session_id: str | None = None,
-                 keep=None, **hyperparameters):
+                 keep=None, worker: str | None = None, workers: int | None = None, mode: str = "sync",
+                 min_workers: int = 0, round_deadline: float | None = None, **hyperparameters):
         if keep is not None and keep not in KEEP_CHOICES:
             raise UsageError(f"keep={keep!r}: use None, True, False or 'on-error'")
+        if worker is not None and (not session_id or not workers):
+            raise UsageError("worker= needs session_id= (the shared session's name) and workers= (its most members)")
+        self.worker_name = worker
+        self.shared = dict(workers=workers, mode=mode, min_workers=min_workers,
+                           round_deadline=round_deadline) if worker is not None else {}
+        self.worker = None  # the optreg.client.workers.Worker handle, once open
+        if worker is not None and keep is None:
+            keep = True  # the session outlives any one worker
         self._own_client = client is None
         self.client = client or Client(address)
         self.hyperparameters = hyperparameters
@@ -64,7 +85,10 @@ class _ServiceOptimizer:
         before = {k: v.copy() for k, v in params.items()} if self.session_id is not None else None
         self.session = self.client.create_session(
             self.optimizer, params, session_id=self.session_id, resume=self.session_id is not None,
-            master_dtype=dtype if dtype in ("float32", "float64") else None, keep=self.keep, **self.hyperparameters)
+            master_dtype=dtype if dtype in ("float32", "float64") else None, keep=self.keep, **self.shared,
+            **self.hyperparameters)
+        if self.worker_name is not None:
+            self.worker = self.client.join(self.session_id, self.worker_name, params)
         return self.session.resumed and any(not np.array_equal(before[k], params[k]) for k in params)
 
     def update(self, params, grads) -> None:
@@ -76,12 +100,18 @@ class _ServiceOptimizer:
                           "values) were not applied. Call optimizer.resume(params) before the loop.",
                           RuntimeWarning, stacklevel=2)
             return
+        if self.worker is not None:
+            self.worker.arrays = params
+            self.worker.step({k: grads[k] for k in params})
+            return
         self.session.arrays = params
         self.session.step({k: grads[k] for k in params})
 
     @property
     def step(self) -> int:
-        """Steps applied so far (0 before the first update)."""
+        """Steps applied so far (0 before the first update); for a worker, the round it contributes to next."""
+        if self.worker is not None:
+            return self.worker.round
         return self.session.step_count if self.session is not None else 0
 
     def close(self, *, delete: bool | None = None) -> None:
@@ -93,6 +123,11 @@ class _ServiceOptimizer:
 
     def _end(self, delete: bool) -> None:
         try:
+            if self.worker is not None:
+                try:
+                    self.worker.leave()
+                finally:
+                    self.worker = None
             if self.session is not None:
                 if delete:
                     self.session.delete()

@@ -15,6 +15,7 @@ from optreg.client.retry import RetryPolicy
 from optreg.client.session import Session, check_keep
 from optreg.client.stepping import STREAM_ABOVE_BYTES, nbytes
 from optreg.client.transport import GrpcTransport, Transport
+from optreg.client.workers import Worker, worker_config
 from optreg.v1 import registry_pb2, session_pb2, tensor_pb2, tensors
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
@@ -110,7 +111,9 @@ class Client:
                        resume: bool = False, master_dtype: str | None = None, step_reply: str | None = None,
                        durability: str | None = None, periodic_steps: int | None = None,
                        periodic_seconds: float | None = None, state: Mapping[str, Mapping[str, np.ndarray]] | None = None,
-                       initial_step: int = 0, keep=True, **hyperparameters: float) -> Session:
+                       initial_step: int = 0, keep=True, workers: int | None = None, mode: str = "sync",
+                       min_workers: int = 0, round_deadline: float | None = None, lease: float | None = None,
+                       combine: str = "mean", staleness: int = 0, **hyperparameters: float) -> Session:
         """Open a session; `params` (name -> array) are the initial values, copied to the server, and
         the arrays later steps write into.
 
@@ -125,6 +128,13 @@ class Client:
         shapes and master dtype must match (UsageError naming what differs); the server's
         parameters are then copied into `params`, and its hyperparameters and step are kept.
         `keep`: what leaving a with-block does (see Session).
+
+        `workers`: share the session among up to this many workers (`join`), combined as `mode`
+        says: "sync" rounds (a round closes when every live member contributed, or when
+        `min_workers` have and `round_deadline` seconds passed since its first contribution; its
+        gradients are combined by `combine`, "mean" or "sum"), "async" (each contribution applied
+        on arrival; `staleness` > 0 refuses staler ones) or "ssp" (bound `staleness`). `lease`:
+        seconds a worker stays a member without a call. See docs/workers.md.
         """
         if "reply" in hyperparameters and step_reply is None:
             warnings.warn("create_session(reply=...) is now step_reply=...", DeprecationWarning, stacklevel=2)
@@ -133,6 +143,9 @@ class Client:
                                              durability, periodic_steps, periodic_seconds, state, initial_step,
                                              hyperparameters)
         check_keep(keep)
+        if workers is not None:
+            config.workers.CopyFrom(worker_config(workers, mode, min_workers, round_deadline, lease, combine,
+                                                  staleness))
         if resume:
             try:
                 return self._resume(session_id, optimizer, params, master_dtype, keep)
@@ -202,6 +215,21 @@ class Client:
         if len(params):
             load_into(params, s.read_parameters(list(params)))
         return s
+
+    def join(self, session_id: str, worker: str, params: Mapping[str, np.ndarray] | None = None, *,
+             heartbeat_every: float | None = None) -> Worker:
+        """Join a shared session as `worker` (a name unique among its members; joining again keeps the
+        place). `params`: the arrays steps write into (None: new arrays), filled with the server's
+        parameters. Returns a Worker: `step(grads)`, `leave()`, `refresh()`, and a context manager
+        that leaves at its end."""
+        if not isinstance(worker, str) or not worker:
+            raise UsageError(f"worker={worker!r}: give the worker's name")
+        reply = self._unary("JoinSession", session_pb2.JoinSessionRequest(session_id=session_id, worker=worker))
+        info = SessionInfo.from_proto(reply.session)
+        arrays = dict(params) if params is not None else {}
+        w = Worker(self, session_id, worker, arrays, reply.round, info, heartbeat_every)
+        w.refresh()
+        return w
 
     def get_session(self, session_id: str) -> SessionInfo:
         reply = self._unary("GetSession", session_pb2.GetSessionRequest(session_id=session_id))

@@ -103,6 +103,11 @@ class SessionInfo:
     created_at: datetime.datetime | None = None     # UTC
     last_used_at: datetime.datetime | None = None   # UTC
     quarantined: str = ""           # why its files failed their checks ("" when healthy)
+    # Shared sessions: the worker config (None: single writer), members, open and last closed round.
+    workers: WorkerSetup | None = None
+    members: tuple = ()
+    open_round: int = 0
+    last_round: RoundSummary | None = None
 
     @property
     def size_bytes(self) -> int:
@@ -124,7 +129,58 @@ class SessionInfo:
             parameters={t.name: tuple(t.shape) for t in s.parameters}, slots=tuple(s.slots),
             durability=_DURABILITY_NAME.get(s.durability, "none"), periodic_steps=s.periodic_steps,
             periodic_seconds=s.periodic_seconds, persisted_step=s.persisted_step, loaded=s.loaded,
-            created_at=_time(s.created_at), last_used_at=_time(s.last_used_at), quarantined=s.quarantined)
+            created_at=_time(s.created_at), last_used_at=_time(s.last_used_at), quarantined=s.quarantined,
+            **_shared(s))
+
+
+@dataclass(frozen=True)
+class WorkerSetup:
+    workers: int
+    mode: str                       # "sync", "async" or "ssp"
+    min_workers: int
+    round_deadline: float
+    lease: float
+    combine: str                    # "mean" or "sum"
+    staleness: int
+
+
+@dataclass(frozen=True)
+class MemberInfo:
+    worker: str
+    contributions: int              # applied contributions (the SSP clock)
+    last_round: int                 # -1: none yet
+    last_contact: datetime.datetime | None
+    joined_at: datetime.datetime | None
+
+
+@dataclass(frozen=True)
+class RoundSummary:
+    round: int
+    contributors: tuple[str, ...]
+    stragglers: tuple[str, ...]
+    seconds: float
+    noise_scale: float = 0.0         # B_simple in worker batches (McCandlish et al. 2018); 0: not estimated
+
+
+_MODE_NAME = {1: "sync", 2: "async", 3: "ssp", 0: "sync"}
+_COMBINE_NAME = {0: "mean", 1: "mean", 2: "sum"}
+
+
+def _shared(s) -> dict:
+    if not s.HasField("workers"):
+        return {}
+    w = s.workers
+    out = dict(workers=WorkerSetup(w.workers, _MODE_NAME.get(w.mode, "sync"), w.min_workers,
+                                   w.round_deadline_seconds, w.lease_seconds, _COMBINE_NAME.get(w.combine, "mean"),
+                                   w.staleness),
+               members=tuple(MemberInfo(m.worker, m.contributions, m.last_round, _time(m.last_contact),
+                                        _time(m.joined_at)) for m in s.members),
+               open_round=s.open_round)
+    if s.HasField("last_round"):
+        r = s.last_round
+        out["last_round"] = RoundSummary(r.round, tuple(r.contributors), tuple(r.stragglers), r.seconds,
+                                         r.noise_scale)
+    return out
 
 
 class StepResult(NamedTuple):

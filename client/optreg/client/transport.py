@@ -46,6 +46,9 @@ METHODS = {
     "UnregisterSharedMemory": (_SESSION, "unary", _S.UnregisterSharedMemoryRequest,
                                _S.UnregisterSharedMemoryResponse.FromString),
     "StepSharedMemory": (_SESSION, "unary", _S.StepSharedMemoryRequest, _S.StepSharedMemoryResponse.FromString),
+    "JoinSession": (_SESSION, "unary", _S.JoinSessionRequest, _S.JoinSessionResponse.FromString),
+    "LeaveSession": (_SESSION, "unary", _S.LeaveSessionRequest, _S.LeaveSessionResponse.FromString),
+    "Heartbeat": (_SESSION, "unary", _S.HeartbeatRequest, _S.HeartbeatResponse.FromString),
 }
 
 

@@ -142,6 +142,9 @@ class Optimizer:
     # from the gradients; for the others it logs the results.
     deterministic: bool = True
     hyperparameter_names: tuple[str, ...] = field(init=False, repr=False, compare=False)
+    # Telemetry, optional: effective_lr(state_sample, hp, step) -> per-element step size applied to the
+    # (bias-corrected) moment, e.g. Adam's lr/(sqrt(v_hat)+eps), from {slot: a few state elements}.
+    effective_lr: Callable[..., Any] | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "hyperparameter_names", tuple(h.name for h in self.hyperparameters))

@@ -25,6 +25,19 @@ class Durability(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DURABILITY_PERIODIC: _ClassVar[Durability]
     DURABILITY_NONE: _ClassVar[Durability]
     DURABILITY_LOG: _ClassVar[Durability]
+
+class WorkerMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    WORKER_MODE_UNSPECIFIED: _ClassVar[WorkerMode]
+    WORKER_MODE_SYNC: _ClassVar[WorkerMode]
+    WORKER_MODE_ASYNC: _ClassVar[WorkerMode]
+    WORKER_MODE_SSP: _ClassVar[WorkerMode]
+
+class Combine(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    COMBINE_UNSPECIFIED: _ClassVar[Combine]
+    COMBINE_MEAN: _ClassVar[Combine]
+    COMBINE_SUM: _ClassVar[Combine]
 STEP_REPLY_UNSPECIFIED: StepReply
 STEP_REPLY_PARAMETERS: StepReply
 STEP_REPLY_DELTA: StepReply
@@ -34,9 +47,16 @@ DURABILITY_EVERY_STEP: Durability
 DURABILITY_PERIODIC: Durability
 DURABILITY_NONE: Durability
 DURABILITY_LOG: Durability
+WORKER_MODE_UNSPECIFIED: WorkerMode
+WORKER_MODE_SYNC: WorkerMode
+WORKER_MODE_ASYNC: WorkerMode
+WORKER_MODE_SSP: WorkerMode
+COMBINE_UNSPECIFIED: Combine
+COMBINE_MEAN: Combine
+COMBINE_SUM: Combine
 
 class SessionConfig(_message.Message):
-    __slots__ = ("optimizer", "hyperparameters", "master_dtype", "step_reply", "session_id", "durability", "periodic_steps", "periodic_seconds")
+    __slots__ = ("optimizer", "hyperparameters", "master_dtype", "step_reply", "session_id", "durability", "periodic_steps", "periodic_seconds", "workers")
     class HyperparametersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -52,6 +72,7 @@ class SessionConfig(_message.Message):
     DURABILITY_FIELD_NUMBER: _ClassVar[int]
     PERIODIC_STEPS_FIELD_NUMBER: _ClassVar[int]
     PERIODIC_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
     optimizer: str
     hyperparameters: _containers.ScalarMap[str, float]
     master_dtype: _tensor_pb2.DataType
@@ -60,7 +81,54 @@ class SessionConfig(_message.Message):
     durability: Durability
     periodic_steps: int
     periodic_seconds: float
-    def __init__(self, optimizer: _Optional[str] = ..., hyperparameters: _Optional[_Mapping[str, float]] = ..., master_dtype: _Optional[_Union[_tensor_pb2.DataType, str]] = ..., step_reply: _Optional[_Union[StepReply, str]] = ..., session_id: _Optional[str] = ..., durability: _Optional[_Union[Durability, str]] = ..., periodic_steps: _Optional[int] = ..., periodic_seconds: _Optional[float] = ...) -> None: ...
+    workers: WorkerConfig
+    def __init__(self, optimizer: _Optional[str] = ..., hyperparameters: _Optional[_Mapping[str, float]] = ..., master_dtype: _Optional[_Union[_tensor_pb2.DataType, str]] = ..., step_reply: _Optional[_Union[StepReply, str]] = ..., session_id: _Optional[str] = ..., durability: _Optional[_Union[Durability, str]] = ..., periodic_steps: _Optional[int] = ..., periodic_seconds: _Optional[float] = ..., workers: _Optional[_Union[WorkerConfig, _Mapping]] = ...) -> None: ...
+
+class WorkerConfig(_message.Message):
+    __slots__ = ("workers", "mode", "min_workers", "round_deadline_seconds", "lease_seconds", "combine", "staleness")
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    MIN_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    ROUND_DEADLINE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    COMBINE_FIELD_NUMBER: _ClassVar[int]
+    STALENESS_FIELD_NUMBER: _ClassVar[int]
+    workers: int
+    mode: WorkerMode
+    min_workers: int
+    round_deadline_seconds: float
+    lease_seconds: float
+    combine: Combine
+    staleness: int
+    def __init__(self, workers: _Optional[int] = ..., mode: _Optional[_Union[WorkerMode, str]] = ..., min_workers: _Optional[int] = ..., round_deadline_seconds: _Optional[float] = ..., lease_seconds: _Optional[float] = ..., combine: _Optional[_Union[Combine, str]] = ..., staleness: _Optional[int] = ...) -> None: ...
+
+class Member(_message.Message):
+    __slots__ = ("worker", "contributions", "last_round", "last_contact", "joined_at")
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    CONTRIBUTIONS_FIELD_NUMBER: _ClassVar[int]
+    LAST_ROUND_FIELD_NUMBER: _ClassVar[int]
+    LAST_CONTACT_FIELD_NUMBER: _ClassVar[int]
+    JOINED_AT_FIELD_NUMBER: _ClassVar[int]
+    worker: str
+    contributions: int
+    last_round: int
+    last_contact: _timestamp_pb2.Timestamp
+    joined_at: _timestamp_pb2.Timestamp
+    def __init__(self, worker: _Optional[str] = ..., contributions: _Optional[int] = ..., last_round: _Optional[int] = ..., last_contact: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., joined_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class RoundInfo(_message.Message):
+    __slots__ = ("round", "contributors", "stragglers", "seconds", "noise_scale")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    CONTRIBUTORS_FIELD_NUMBER: _ClassVar[int]
+    STRAGGLERS_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    NOISE_SCALE_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    contributors: _containers.RepeatedScalarFieldContainer[str]
+    stragglers: _containers.RepeatedScalarFieldContainer[str]
+    seconds: float
+    noise_scale: float
+    def __init__(self, round: _Optional[int] = ..., contributors: _Optional[_Iterable[str]] = ..., stragglers: _Optional[_Iterable[str]] = ..., seconds: _Optional[float] = ..., noise_scale: _Optional[float] = ...) -> None: ...
 
 class TensorInfo(_message.Message):
     __slots__ = ("name", "dtype", "shape")
@@ -73,7 +141,7 @@ class TensorInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[_tensor_pb2.DataType, str]] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SessionInfo(_message.Message):
-    __slots__ = ("session_id", "optimizer", "hyperparameters", "step", "master_dtype", "step_reply", "parameters", "slots", "created_at", "last_used_at", "durability", "periodic_steps", "periodic_seconds", "persisted_step", "loaded", "quarantined")
+    __slots__ = ("session_id", "optimizer", "hyperparameters", "step", "master_dtype", "step_reply", "parameters", "slots", "created_at", "last_used_at", "durability", "periodic_steps", "periodic_seconds", "persisted_step", "loaded", "quarantined", "workers", "members", "open_round", "last_round")
     class HyperparametersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -97,6 +165,10 @@ class SessionInfo(_message.Message):
     PERSISTED_STEP_FIELD_NUMBER: _ClassVar[int]
     LOADED_FIELD_NUMBER: _ClassVar[int]
     QUARANTINED_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    OPEN_ROUND_FIELD_NUMBER: _ClassVar[int]
+    LAST_ROUND_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     optimizer: str
     hyperparameters: _containers.ScalarMap[str, float]
@@ -113,7 +185,11 @@ class SessionInfo(_message.Message):
     persisted_step: int
     loaded: bool
     quarantined: str
-    def __init__(self, session_id: _Optional[str] = ..., optimizer: _Optional[str] = ..., hyperparameters: _Optional[_Mapping[str, float]] = ..., step: _Optional[int] = ..., master_dtype: _Optional[_Union[_tensor_pb2.DataType, str]] = ..., step_reply: _Optional[_Union[StepReply, str]] = ..., parameters: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., slots: _Optional[_Iterable[str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_used_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., durability: _Optional[_Union[Durability, str]] = ..., periodic_steps: _Optional[int] = ..., periodic_seconds: _Optional[float] = ..., persisted_step: _Optional[int] = ..., loaded: _Optional[bool] = ..., quarantined: _Optional[str] = ...) -> None: ...
+    workers: WorkerConfig
+    members: _containers.RepeatedCompositeFieldContainer[Member]
+    open_round: int
+    last_round: RoundInfo
+    def __init__(self, session_id: _Optional[str] = ..., optimizer: _Optional[str] = ..., hyperparameters: _Optional[_Mapping[str, float]] = ..., step: _Optional[int] = ..., master_dtype: _Optional[_Union[_tensor_pb2.DataType, str]] = ..., step_reply: _Optional[_Union[StepReply, str]] = ..., parameters: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., slots: _Optional[_Iterable[str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_used_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., durability: _Optional[_Union[Durability, str]] = ..., periodic_steps: _Optional[int] = ..., periodic_seconds: _Optional[float] = ..., persisted_step: _Optional[int] = ..., loaded: _Optional[bool] = ..., quarantined: _Optional[str] = ..., workers: _Optional[_Union[WorkerConfig, _Mapping]] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., open_round: _Optional[int] = ..., last_round: _Optional[_Union[RoundInfo, _Mapping]] = ...) -> None: ...
 
 class CreateSessionRequest(_message.Message):
     __slots__ = ("config", "parameters", "state", "initial_step")
@@ -184,7 +260,7 @@ class DeleteSessionResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class StepRequest(_message.Message):
-    __slots__ = ("session_id", "step", "gradients", "hyperparameters", "metrics")
+    __slots__ = ("session_id", "step", "gradients", "hyperparameters", "metrics", "worker", "round")
     class HyperparametersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -204,25 +280,35 @@ class StepRequest(_message.Message):
     GRADIENTS_FIELD_NUMBER: _ClassVar[int]
     HYPERPARAMETERS_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     step: int
     gradients: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Tensor]
     hyperparameters: _containers.ScalarMap[str, float]
     metrics: _containers.ScalarMap[str, float]
-    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., gradients: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., hyperparameters: _Optional[_Mapping[str, float]] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    worker: str
+    round: int
+    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., gradients: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., hyperparameters: _Optional[_Mapping[str, float]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., worker: _Optional[str] = ..., round: _Optional[int] = ...) -> None: ...
 
 class StepResponse(_message.Message):
-    __slots__ = ("step", "replayed", "tensors")
+    __slots__ = ("step", "replayed", "tensors", "round", "staleness", "contributors")
     STEP_FIELD_NUMBER: _ClassVar[int]
     REPLAYED_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    STALENESS_FIELD_NUMBER: _ClassVar[int]
+    CONTRIBUTORS_FIELD_NUMBER: _ClassVar[int]
     step: int
     replayed: bool
     tensors: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Tensor]
-    def __init__(self, step: _Optional[int] = ..., replayed: _Optional[bool] = ..., tensors: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ...) -> None: ...
+    round: int
+    staleness: int
+    contributors: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, step: _Optional[int] = ..., replayed: _Optional[bool] = ..., tensors: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., round: _Optional[int] = ..., staleness: _Optional[int] = ..., contributors: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class StepStreamRequest(_message.Message):
-    __slots__ = ("session_id", "step", "chunks", "hyperparameters", "metrics")
+    __slots__ = ("session_id", "step", "chunks", "hyperparameters", "metrics", "worker", "round")
     class HyperparametersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -242,22 +328,32 @@ class StepStreamRequest(_message.Message):
     CHUNKS_FIELD_NUMBER: _ClassVar[int]
     HYPERPARAMETERS_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     step: int
     chunks: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Tensor]
     hyperparameters: _containers.ScalarMap[str, float]
     metrics: _containers.ScalarMap[str, float]
-    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., chunks: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., hyperparameters: _Optional[_Mapping[str, float]] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    worker: str
+    round: int
+    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., chunks: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., hyperparameters: _Optional[_Mapping[str, float]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., worker: _Optional[str] = ..., round: _Optional[int] = ...) -> None: ...
 
 class StepStreamResponse(_message.Message):
-    __slots__ = ("step", "replayed", "chunks")
+    __slots__ = ("step", "replayed", "chunks", "round", "staleness", "contributors")
     STEP_FIELD_NUMBER: _ClassVar[int]
     REPLAYED_FIELD_NUMBER: _ClassVar[int]
     CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    STALENESS_FIELD_NUMBER: _ClassVar[int]
+    CONTRIBUTORS_FIELD_NUMBER: _ClassVar[int]
     step: int
     replayed: bool
     chunks: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Tensor]
-    def __init__(self, step: _Optional[int] = ..., replayed: _Optional[bool] = ..., chunks: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ...) -> None: ...
+    round: int
+    staleness: int
+    contributors: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, step: _Optional[int] = ..., replayed: _Optional[bool] = ..., chunks: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., round: _Optional[int] = ..., staleness: _Optional[int] = ..., contributors: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ReadParametersRequest(_message.Message):
     __slots__ = ("session_id", "names")
@@ -423,3 +519,45 @@ class StepSharedMemoryResponse(_message.Message):
     step: int
     replayed: bool
     def __init__(self, step: _Optional[int] = ..., replayed: _Optional[bool] = ...) -> None: ...
+
+class JoinSessionRequest(_message.Message):
+    __slots__ = ("session_id", "worker")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    worker: str
+    def __init__(self, session_id: _Optional[str] = ..., worker: _Optional[str] = ...) -> None: ...
+
+class JoinSessionResponse(_message.Message):
+    __slots__ = ("session", "round")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    session: SessionInfo
+    round: int
+    def __init__(self, session: _Optional[_Union[SessionInfo, _Mapping]] = ..., round: _Optional[int] = ...) -> None: ...
+
+class LeaveSessionRequest(_message.Message):
+    __slots__ = ("session_id", "worker")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    worker: str
+    def __init__(self, session_id: _Optional[str] = ..., worker: _Optional[str] = ...) -> None: ...
+
+class LeaveSessionResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class HeartbeatRequest(_message.Message):
+    __slots__ = ("session_id", "worker")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    worker: str
+    def __init__(self, session_id: _Optional[str] = ..., worker: _Optional[str] = ...) -> None: ...
+
+class HeartbeatResponse(_message.Message):
+    __slots__ = ("round",)
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    def __init__(self, round: _Optional[int] = ...) -> None: ...

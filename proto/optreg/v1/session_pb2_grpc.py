@@ -115,6 +115,21 @@ class SessionServiceStub:
                 request_serializer=optreg_dot_v1_dot_session__pb2.StepSharedMemoryRequest.SerializeToString,
                 response_deserializer=optreg_dot_v1_dot_session__pb2.StepSharedMemoryResponse.FromString,
                 _registered_method=True)
+        self.JoinSession = channel.unary_unary(
+                '/optreg.v1.SessionService/JoinSession',
+                request_serializer=optreg_dot_v1_dot_session__pb2.JoinSessionRequest.SerializeToString,
+                response_deserializer=optreg_dot_v1_dot_session__pb2.JoinSessionResponse.FromString,
+                _registered_method=True)
+        self.LeaveSession = channel.unary_unary(
+                '/optreg.v1.SessionService/LeaveSession',
+                request_serializer=optreg_dot_v1_dot_session__pb2.LeaveSessionRequest.SerializeToString,
+                response_deserializer=optreg_dot_v1_dot_session__pb2.LeaveSessionResponse.FromString,
+                _registered_method=True)
+        self.Heartbeat = channel.unary_unary(
+                '/optreg.v1.SessionService/Heartbeat',
+                request_serializer=optreg_dot_v1_dot_session__pb2.HeartbeatRequest.SerializeToString,
+                response_deserializer=optreg_dot_v1_dot_session__pb2.HeartbeatResponse.FromString,
+                _registered_method=True)
 
 
 class SessionServiceServicer:
@@ -246,6 +261,33 @@ class SessionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def JoinSession(self, request, context):
+        """Shared sessions (SessionConfig.workers): several workers step one session
+        (docs/workers.md). A worker joins under a name and holds a lease that
+        every call it makes renews; one that stops renewing is dropped when the
+        lease runs out. A Step or StepStream from a worker names it in `worker`
+        and its contribution's `round`. Joining is idempotent (a worker that
+        joins again keeps its place); FAILED_PRECONDITION when the session is
+        full or is not a shared session.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LeaveSession(self, request, context):
+        """Ends a worker's membership (the end of its data): no round waits for it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Heartbeat(self, request, context):
+        """Renews a worker's lease while it computes (any step renews it too).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SessionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -323,6 +365,21 @@ def add_SessionServiceServicer_to_server(servicer, server):
                     servicer.StepSharedMemory,
                     request_deserializer=optreg_dot_v1_dot_session__pb2.StepSharedMemoryRequest.FromString,
                     response_serializer=optreg_dot_v1_dot_session__pb2.StepSharedMemoryResponse.SerializeToString,
+            ),
+            'JoinSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.JoinSession,
+                    request_deserializer=optreg_dot_v1_dot_session__pb2.JoinSessionRequest.FromString,
+                    response_serializer=optreg_dot_v1_dot_session__pb2.JoinSessionResponse.SerializeToString,
+            ),
+            'LeaveSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.LeaveSession,
+                    request_deserializer=optreg_dot_v1_dot_session__pb2.LeaveSessionRequest.FromString,
+                    response_serializer=optreg_dot_v1_dot_session__pb2.LeaveSessionResponse.SerializeToString,
+            ),
+            'Heartbeat': grpc.unary_unary_rpc_method_handler(
+                    servicer.Heartbeat,
+                    request_deserializer=optreg_dot_v1_dot_session__pb2.HeartbeatRequest.FromString,
+                    response_serializer=optreg_dot_v1_dot_session__pb2.HeartbeatResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -736,6 +793,87 @@ class SessionService:
             '/optreg.v1.SessionService/StepSharedMemory',
             optreg_dot_v1_dot_session__pb2.StepSharedMemoryRequest.SerializeToString,
             optreg_dot_v1_dot_session__pb2.StepSharedMemoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def JoinSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/optreg.v1.SessionService/JoinSession',
+            optreg_dot_v1_dot_session__pb2.JoinSessionRequest.SerializeToString,
+            optreg_dot_v1_dot_session__pb2.JoinSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LeaveSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/optreg.v1.SessionService/LeaveSession',
+            optreg_dot_v1_dot_session__pb2.LeaveSessionRequest.SerializeToString,
+            optreg_dot_v1_dot_session__pb2.LeaveSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Heartbeat(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/optreg.v1.SessionService/Heartbeat',
+            optreg_dot_v1_dot_session__pb2.HeartbeatRequest.SerializeToString,
+            optreg_dot_v1_dot_session__pb2.HeartbeatResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -327,11 +327,13 @@ class StreamTensor:
 
 
 class StreamResponse:
-    """A decoded StepStreamResponse (step, replayed, chunks) whose chunks' data are not copied."""
-    __slots__ = ("step", "replayed", "chunks")
+    """A decoded StepStreamResponse (step, replayed, chunks; and a shared session's round, staleness and
+    contributors) whose chunks' data are not copied."""
+    __slots__ = ("step", "replayed", "chunks", "round", "staleness", "contributors")
 
     def __init__(self):
         self.step, self.replayed, self.chunks = 0, False, []
+        self.round, self.staleness, self.contributors = 0, 0, []
 
 
 def _read_varint(buf: memoryview, i: int, end: int) -> tuple[int, int]:
@@ -418,12 +420,22 @@ def decode_step_response(data: bytes) -> StreamResponse:
                 raise ValueError("truncated field")
             msg.chunks.append(_decode_tensor(buf, i, i + n))
             i += n
-        elif field in (1, 2) and wire == 0:
+        elif field in (1, 2, 4, 5) and wire == 0:
             v, i = _read_varint(buf, i, end)
             if field == 1:
                 msg.step = _int64(v)
-            else:
+            elif field == 2:
                 msg.replayed = v != 0
+            elif field == 4:
+                msg.round = _int64(v)
+            else:
+                msg.staleness = _int64(v)
+        elif field == 6 and wire == 2:
+            n, i = _read_varint(buf, i, end)
+            if i + n > end:
+                raise ValueError("truncated field")
+            msg.contributors.append(bytes(buf[i:i + n]).decode("utf-8"))
+            i += n
         else:
             i = _skip(buf, i, end, wire)
     return msg

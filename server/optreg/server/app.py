@@ -28,6 +28,8 @@ from optreg.server.factory import Limits
 from optreg.server.fsync import GroupSyncer
 from optreg.server.journal import Journal
 from optreg.server.store import SessionStore
+from optreg.server import telemetry_service
+from optreg.server.telemetry import TelemetryHub, TelemetryObserver
 from optreg.v1 import registry_pb2, registry_pb2_grpc, session_pb2, session_pb2_grpc, tensors
 
 log = logging.getLogger("optreg.server")
@@ -35,6 +37,7 @@ log = logging.getLogger("optreg.server")
 SERVICE_NAMES = (
     registry_pb2.DESCRIPTOR.services_by_name["OptimizerRegistryService"].full_name,
     session_pb2.DESCRIPTOR.services_by_name["SessionService"].full_name,
+    telemetry_service.SERVICE_NAME,
 )
 
 
@@ -62,6 +65,9 @@ class Settings:
     allow_insecure: bool = False
     metrics_port: int | None = None  # None: no endpoint; 0 picks a free port
     metrics_host: str = "127.0.0.1"
+    dashboard_port: int | None = None  # None: no dashboard; 0 picks a free port
+    dashboard_host: str = "127.0.0.1"
+    telemetry_steps: int = 2048  # steps kept at full resolution per session (older ones downsampled)
 
 
 def default_data_dir() -> str:
@@ -130,6 +136,9 @@ class OptregServer:
         guard("the gRPC server", settings.host, bool(tls and self.auth), missing, settings.allow_insecure)
         if settings.metrics_port is not None:  # plain HTTP, no tokens: never off loopback unless allowed
             guard("the metrics endpoint", settings.metrics_host, False, "TLS and tokens", settings.allow_insecure)
+        if settings.dashboard_port is not None:  # the dashboard serves TLS with the same certificate
+            settings.dashboard_host = bind_address(settings.dashboard_host)
+            guard("the dashboard", settings.dashboard_host, bool(tls and self.auth), missing, settings.allow_insecure)
         # One server per data directory (DataDirInUse, an OSError, names the holder otherwise).
         self.data_lock = DataDirLock(settings.data_dir) if settings.data_dir else None
         journal = (Journal(pathlib.Path(settings.data_dir), self.metrics, GroupSyncer(settings.fsync_method))
@@ -143,6 +152,8 @@ class OptregServer:
             idle_seconds=settings.idle_seconds, auth=self.auth is not None, metrics=self.metrics)
         self.janitor = Janitor(self.store) if journal else None
         self.store.open_all()
+        self.telemetry = _telemetry(settings, self.registry, self.auth)
+        self.store.observers.append(TelemetryObserver(self.telemetry))
         limit = settings.max_message_mb * 1024 * 1024
         self.grpc_server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="optreg"),
@@ -164,6 +175,8 @@ class OptregServer:
                                         max_streams=settings.max_streams or max(1, settings.workers // 2),
                                         stream_idle_seconds=settings.stream_idle_seconds)
         _add_session_service(self.sessions, self.grpc_server)
+        telemetry_service.add_to_server(telemetry_service.TelemetryServicer(
+            self.telemetry, owner, check_session=lambda sid, who: self.store.get(sid, who)), self.grpc_server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         enable_reflection(SERVICE_NAMES + (health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc_server)
@@ -182,6 +195,8 @@ class OptregServer:
             log.info("metrics on http://%s:%d/metrics", self.settings.metrics_host, self.metrics_port)
         if self.janitor:
             self.janitor.start()
+        self.telemetry.start()
+        self.dashboard = _dashboard(self.settings, self.telemetry, self.auth)
         self.grpc_server.start()
         for name in ("",) + SERVICE_NAMES:
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -193,6 +208,9 @@ class OptregServer:
         self.grpc_server.stop(self.settings.drain_seconds if grace is None else grace).wait()
         if self.janitor:
             self.janitor.stop()
+        if getattr(self, "dashboard", None):
+            self.dashboard.stop()
+        self.telemetry.close()
         failures = self.store.flush_all()
         self.store.journal.close()
         for session_id, why in failures:
@@ -213,6 +231,8 @@ class OptregServer:
         signal.signal(signal.SIGINT, on_signal)
         self.start()
         print(f"optreg serving on {self.address}", flush=True)
+        if self.dashboard:
+            print(f"optreg dashboard on {self.dashboard.url}", flush=True)
         log.info("optimizers: %s", ", ".join(self.registry.optimizers))
         for f in self.registry.failures:
             log.error("plugin %s failed: %s", f.plugin, f.reason)
@@ -220,6 +240,34 @@ class OptregServer:
         failures = self.stop()
         log.info("stopped")
         return 1 if failures else 0
+
+
+def _telemetry(settings: Settings, registry: Registry, auth) -> TelemetryHub:
+    def effective_lr(optimizer: str):
+        found = registry.optimizers.get(optimizer)
+        return getattr(found.definition, "effective_lr", None) if found else None
+
+    hub = TelemetryHub(settings.data_dir or None, recent_steps=settings.telemetry_steps,
+                       effective_lr=effective_lr, auth=auth is not None)
+    hub.load_all()
+    return hub
+
+
+def _dashboard(settings: Settings, hub: TelemetryHub, auth):
+    """The web dashboard on its own thread, under the same loopback/TLS/token rule as the gRPC port."""
+    if settings.dashboard_port is None:
+        return None
+    from optreg.server.dashboard import DashboardServer  # aiohttp only when asked for
+    context = None
+    if settings.tls_cert and settings.tls_key:
+        import ssl
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    dashboard = DashboardServer(hub, settings.dashboard_host, settings.dashboard_port,
+                                token_hashes=auth.hashes if auth else None, ssl_context=context)
+    dashboard.start()
+    log.info("dashboard on %s", dashboard.url)
+    return dashboard
 
 
 def _bind(grpc_server, host: str, port: int, creds) -> int:

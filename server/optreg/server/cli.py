@@ -47,7 +47,8 @@ def _serve(args) -> int:
             stream_idle_seconds=args.stream_idle_seconds, fsync_method=args.fsync_method, max_tensors=args.max_tensors, token_file=args.token_file,
             tls_cert=args.tls_cert,
             tls_key=args.tls_key, allow_insecure=args.allow_insecure, metrics_port=args.metrics_port,
-            metrics_host=args.metrics_host))
+            metrics_host=args.metrics_host, dashboard_port=args.dashboard_port,
+            dashboard_host=args.dashboard_host, telemetry_steps=args.telemetry_steps))
     except DataDirInUse as e:
         print(f"optreg serve: {e}: stop it, or give this one another --data-dir (or --memory-only)",
               file=sys.stderr)
@@ -60,6 +61,17 @@ def _serve(args) -> int:
     except OSError as e:  # the metrics port in use, found only at start
         print(f"optreg serve: {e}", file=sys.stderr)
         return 2
+
+
+def at_least_one(text: str) -> int:
+    """argparse type: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: give at least 1")
+    return value
 
 
 def port(text: str) -> int:
@@ -117,6 +129,13 @@ def add_arguments(serve: argparse.ArgumentParser) -> None:
                        help="allow a non-loopback --host without TLS and tokens")
     serve.add_argument("--metrics-port", type=port, help="serve Prometheus metrics on this port (0: any free one)")
     serve.add_argument("--metrics-host", default="127.0.0.1", help="address of the metrics endpoint")
+    serve.add_argument("--dashboard-port", type=port,
+                       help="serve the live training dashboard on this port (0: any free one; docs/telemetry.md)")
+    serve.add_argument("--dashboard-host", default="127.0.0.1",
+                       help="address of the dashboard (off loopback only with TLS and tokens, as --host)")
+    serve.add_argument("--telemetry-steps", type=at_least_one, default=2048,
+                       help="steps of telemetry kept at full resolution per session; older ones are "
+                            "downsampled (default: 2048)")
 
 
 def run(args) -> int:

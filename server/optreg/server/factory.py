@@ -35,6 +35,7 @@ class SessionConfig:
     durability: str = ""  # one of sessions.DURABILITIES, "" for the server's default
     periodic_steps: int = 0
     periodic_seconds: float = 0.0
+    workers: object | None = None  # membership.WorkerConfig: a shared session
 
 
 def valid_id(session_id: str) -> bool:
@@ -128,6 +129,8 @@ class SessionFactory:
         shapes = {n: tuple(np.shape(p)) for n, p in params.items()}
         session = Session(config.session_id or uuid.uuid4().hex, registered, hp, codes[master], config.reply,
                           durability, shapes, tuple(declared), step=initial_step, owner=owner)
+        if config.workers is not None:
+            session.workers = config.workers.checked()
 
         def build() -> Arrays:
             master_params = {n: np.array(p, dtype=dtype, order="C", copy=True) for n, p in params.items()}

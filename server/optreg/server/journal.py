@@ -25,6 +25,7 @@ from __future__ import annotations
 import errno
 import logging
 import pathlib
+import threading
 import time
 
 import numpy as np
@@ -32,6 +33,7 @@ import numpy as np
 from optreg.server import kernels, snapshot, wal
 from optreg.server.errors import ResourceExhausted, Unavailable
 from optreg.server.fsync import GroupSyncer, fsync_dir
+from optreg.server.membership import WorkerConfig
 from optreg.server.sessions import DTYPE_NAMES, Arrays, Durability, Session
 from optreg.v1 import tensors
 
@@ -49,7 +51,7 @@ class NullRecord:
     def add(self, name, code, shape, start, data) -> None:
         pass
 
-    def renumber(self, step: int) -> None:
+    def renumber(self, step: int, hyperparameters: dict) -> None:
         pass
 
     def commit(self, arrays=None) -> None:
@@ -62,11 +64,31 @@ class NullRecord:
 NULL_RECORD = NullRecord()
 
 
+class _WindowGate(NullRecord):
+    """A periodic session's step: no log, but its commit (under the lock, before the swap) checks the
+    window. When the snapshot that should have closed it failed (a full disk), it is tried again now,
+    and the step is refused if it fails again: acknowledging more steps would let a crash lose more
+    than the window the session promises."""
+
+    def __init__(self, journal: "Journal", session: Session):
+        self.journal, self.session = journal, session
+
+    def commit(self, arrays=None) -> None:
+        s = self.session
+        if self.journal.window_overdue(s):
+            try:
+                self.journal._snapshot(s)
+            except OSError as e:
+                raise write_failed(s, e, f"the periodic snapshot of step {s.step} (taken every "
+                                         f"{s.durability.periodic_steps} steps or {s.durability.periodic_seconds:g} s)"
+                                   ) from None
+
+
 class NoJournal:
     """Memory-only server: nothing is written."""
 
     def create(self, session): pass
-    def begin(self, session, step, fence, hp, metrics): return NULL_RECORD
+    def begin(self, session, step, fence, hp, metrics, extras=None): return NULL_RECORD
     def after_commit(self, session): pass
     def hyperparameters(self, session, hp): pass
     def delete(self, session): pass
@@ -94,7 +116,9 @@ def meta_of(s: Session, hyperparameters: dict | None = None) -> dict:
             "step": s.step, "master_dtype": DTYPE_NAMES[s.master_code], "reply": s.reply,
             "created_at": s.created_at, "owner": s.owner, "durability": s.durability.mode,
             "periodic_steps": s.durability.periodic_steps, "periodic_seconds": s.durability.periodic_seconds,
-            "shapes": {n: list(v) for n, v in s.shapes.items()}, "slots": list(s.slot_names)}
+            "shapes": {n: list(v) for n, v in s.shapes.items()}, "slots": list(s.slot_names),
+            "workers": s.workers.to_meta() if s.workers is not None else None, "round_record": s.round_record,
+            "worker_rounds": s.worker_rounds}
 
 
 def snapshot_arrays(s: Session) -> tuple[dict, dict]:
@@ -159,6 +183,10 @@ def replay(s: Session, record: wal.Record) -> None:
                 s.last_delta[name] = p - before
     s.hyperparameters = s.optimizer.definition.resolve(record.hyperparameters)
     s.step = record.step
+    if "worker" in record.extras:  # a shared session's async contribution: retries of it are not applied again
+        s.worker_rounds[record.extras["worker"]] = record.extras["round"]
+    elif "round" in record.extras:  # a shared session's sync round: who it applied (rounds.Hub answers retries)
+        s.round_record = {k: record.extras[k] for k in ("round", "contributors", "members") if k in record.extras}
 
 
 # Chunks at least this large are written by the log's writer thread, overlapped with the step's update
@@ -181,8 +209,17 @@ class _Record:
     def __init__(self, journal: "Journal", session: Session, writer: wal.RecordWriter, results: bool):
         self.journal, self.session, self.writer, self.results = journal, session, writer, results
         self.step = writer.step
+        self.hyperparameters = None  # None: those given to begin()
         self.nbytes = 0
+        self.extras: dict = {}
         self.pending: list = []
+        self.open = True
+        journal.count_open(session.id, +1)
+
+    def _closed(self) -> None:
+        if self.open:
+            self.open = False
+            self.journal.count_open(self.session.id, -1)
 
     def add(self, name, code, shape, start, data) -> None:
         if self.results:
@@ -209,8 +246,9 @@ class _Record:
         if error is not None:
             raise error
 
-    def renumber(self, step: int) -> None:
-        self.step = step
+    def renumber(self, step: int, hyperparameters: dict) -> None:
+        """An unfenced step learns its number, and the hyperparameters it ran with, at commit."""
+        self.step, self.hyperparameters = step, hyperparameters
 
     def commit(self, arrays: Arrays | None = None) -> None:
         try:
@@ -221,13 +259,17 @@ class _Record:
                 for slot, arrs in arrays.state.items():
                     for name, a in arrs.items():
                         self.writer.add(f"s/{slot}/{name}", a.dtype, a.shape, 0, a.reshape(-1))
-            self.writer.commit(self.step, extras={"kind": "result"} if self.results else None)
+            self.writer.commit(self.step, hyperparameters=self.hyperparameters,
+                               extras={**self.extras, "kind": "result"} if self.results else None)
         except OSError as e:
             self.writer.abort()
+            self._closed()
             raise write_failed(self.session, e, f"the log record of step {self.step}") from None
         except BaseException:
             self.writer.abort()
+            self._closed()
             raise
+        self._closed()
         if self.journal.metrics:
             self.journal.metrics.log_record(self.nbytes)
 
@@ -237,6 +279,7 @@ class _Record:
         except Exception:
             pass  # the record is void either way
         self.writer.abort()
+        self._closed()
 
 
 class Journal:
@@ -251,6 +294,16 @@ class Journal:
         self.syncer = syncer or GroupSyncer()
         self._logs: dict[str, wal.Log] = {}
         self._snapshot_at: dict[str, float] = {}
+        self._inflight: dict[str, int] = {}  # session id -> its steps whose log records are open
+        self._inflight_lock = threading.Lock()  # records begin outside the session's lock
+
+    def count_open(self, session_id: str, delta: int) -> None:
+        with self._inflight_lock:
+            n = self._inflight.get(session_id, 0) + delta
+            if n > 0:
+                self._inflight[session_id] = n
+            else:
+                self._inflight.pop(session_id, None)
 
     def snapshot_path(self, session_id: str) -> pathlib.Path:
         return self.dir / f"{session_id}{SNAPSHOT}"
@@ -260,14 +313,25 @@ class Journal:
 
     # -- snapshots ------------------------------------------------------------------------
     def _snapshot(self, s: Session, hyperparameters: dict | None = None) -> None:
-        """Write the session's snapshot, then empty its log. Caller holds its lock; its set is loaded."""
+        """Write the session's snapshot, then empty its log. Caller holds its lock; its set is loaded.
+        OSError (EBUSY) before anything is written while a step's log record is open: the log cannot
+        be emptied under it, and that step commits hyperparameters resolved before this snapshot."""
+        if self._inflight.get(s.id):
+            raise OSError(errno.EBUSY, "a step of this session is in flight (its log record is open)")
         arrays, table = snapshot_arrays(s)
         meta = dict(meta_of(s, hyperparameters), tensors=table, saved_at=time.time())
         size = snapshot.write(self.snapshot_path(s.id), meta, arrays)
         lg = self._logs.get(s.id)
         if lg is not None:
             if s.durability.mode in SYNC:
-                lg.reset(s.step)
+                try:
+                    lg.reset(s.step)
+                except (OSError, ValueError) as e:
+                    # The snapshot is written: it holds the whole state (a hyperparameter change
+                    # included) and covers every record in the log, which recovery skips. The log is
+                    # only left longer; the next snapshot empties it.
+                    log.error("session %s: the log was not emptied after the snapshot at step %d: %s", s.id,
+                              s.step, e, extra={"session_id": s.id})
             else:  # the mode has no log now: the snapshot is the whole state
                 self._close_log(s.id, delete=True)
         elif s.durability.mode in SYNC:
@@ -299,17 +363,22 @@ class Journal:
         self._close_log(s.id, delete=True)  # a leftover of a deleted session of the same id
         self._snapshot(s)
 
-    def begin(self, s: Session, step: int, fence, hp, metrics):
+    def begin(self, s: Session, step: int, fence, hp, metrics, extras=None):
         lg = self._logs.get(s.id)
         if lg is None:  # periodic or none: no log
-            return NULL_RECORD
-        extras = {"metrics": metrics} if metrics else None
+            return _WindowGate(self, s) if s.durability.mode == "periodic" else NULL_RECORD
+        extras = dict(extras or {})  # a shared session's round (rounds.py) rides in its step's record
+        if metrics:
+            extras["metrics"] = metrics
+        extras = extras or None
         results = not getattr(s.optimizer.definition, "deterministic", True)
         try:
             writer = lg.begin(step, fence, hp, extras)
         except OSError as e:
             raise write_failed(s, e, f"the log record of step {step}") from None
-        return _Record(self, s, writer, results)
+        rec = _Record(self, s, writer, results)
+        rec.extras = extras or {}
+        return rec
 
     def after_commit(self, s: Session) -> None:
         """Caller holds the lock; the step is committed (and logged as its mode says)."""
@@ -324,8 +393,17 @@ class Journal:
                                         or time.monotonic() - s.persisted_at >= mode.periodic_seconds):
             self._try_snapshot(s)
 
+    @staticmethod
+    def window_overdue(s: Session) -> bool:
+        """A periodic session whose window closed without a snapshot (it failed)."""
+        mode = s.durability
+        return s.dirty and (s.step - s.persisted_step >= mode.periodic_steps
+                            or time.monotonic() - s.persisted_at >= mode.periodic_seconds)
+
     def _try_snapshot(self, s: Session) -> None:
         """A snapshot the step does not depend on: a failure is logged, and tried again later."""
+        if self._inflight.get(s.id):  # another step of the session is in flight: after it
+            return
         try:
             self._snapshot(s)
         except OSError as e:
@@ -365,7 +443,8 @@ class Journal:
         if mode.mode == "periodic":
             if s.dirty and now - s.persisted_at >= mode.periodic_seconds:
                 self._snapshot(s)
-        elif (self._log_bytes(s.id) and time.time() - s.last_used_at >= IDLE_SECONDS
+        elif (self._log_bytes(s.id) and not self._inflight.get(s.id)
+              and time.time() - s.last_used_at >= IDLE_SECONDS
               and now - self._snapshot_at.get(s.id, 0.0) >= SNAPSHOT_SECONDS):
             self._snapshot(s)
 
@@ -394,6 +473,9 @@ class Journal:
                         if lg.last_step > int(meta["step"]):
                             meta["step"] = lg.last_step
                             meta["log_step"] = True
+                            # ...and the hyperparameters in force, as its last record logged them (what
+                            # GetSession shows before the session is loaded and replayed)
+                            meta["hyperparameters"] = dict(lg._entries[-1].hyperparameters)
                     except (wal.CorruptData, ValueError, OSError) as e:
                         meta["log_error"] = f"log {self.log_path(sid)}: {e}"
                 yield sid, meta
@@ -407,6 +489,9 @@ class Journal:
                     Durability(meta["durability"], int(meta["periodic_steps"]), float(meta["periodic_seconds"])),
                     {n: tuple(v) for n, v in meta["shapes"].items()}, tuple(meta["slots"]),
                     step=int(meta["step"]), owner=meta.get("owner", ""), created_at=float(meta["created_at"]))
+        s.workers = WorkerConfig.from_meta(meta.get("workers"))
+        s.round_record = meta.get("round_record")
+        s.worker_rounds = dict(meta.get("worker_rounds") or {})
         s.persisted_step = s.step
         s.dirty = False
         if meta.get("log_error"):

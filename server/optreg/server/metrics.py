@@ -31,6 +31,16 @@ class Metrics:
         self._log_bytes = Counter("optreg_log_bytes", "Tensor bytes written to sessions' write-ahead logs",
                                   registry=r)
         self._ckpt_bytes = Counter("optreg_checkpoint_bytes", "Bytes of session files written", registry=r)
+        # Shared sessions (docs/workers.md).
+        self._rounds = Counter("optreg_rounds", "Sync rounds closed", registry=r)
+        self._round_seconds = Histogram("optreg_round_seconds", "A sync round's time from its first contribution "
+                                        "to its close", buckets=LATENCY_BUCKETS, registry=r)
+        self._stragglers = Counter("optreg_round_stragglers", "Live members a closing sync round did not wait for",
+                                   registry=r)
+        self._staleness = Histogram("optreg_contribution_staleness", "Async and SSP contributions' staleness "
+                                    "(steps)", buckets=(0, 1, 2, 4, 8, 16, 32, 64, 128), registry=r)
+        self._noise = Gauge("optreg_round_noise_scale", "The last sync round's gradient noise scale B_simple, in "
+                            "worker batches (McCandlish et al. 2018)", ["session_id"], registry=r)
 
     def serve(self, port: int, host: str = "127.0.0.1"):
         """Start the /metrics HTTP endpoint in a daemon thread; returns the port bound."""
@@ -61,6 +71,16 @@ class Metrics:
     def log_record(self, nbytes: int) -> None:
         self._log_records.inc()
         self._log_bytes.inc(nbytes)
+
+    def round(self, session_id: str, seconds: float, stragglers: int, noise_scale: float) -> None:
+        self._rounds.inc()
+        self._round_seconds.observe(seconds)
+        self._stragglers.inc(stragglers)
+        if noise_scale:
+            self._noise.labels(session_id=session_id).set(noise_scale)
+
+    def staleness(self, steps: int) -> None:
+        self._staleness.observe(steps)
 
     def checkpoint(self, nbytes: int) -> None:
         self._ckpt.inc()

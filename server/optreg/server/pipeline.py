@@ -24,6 +24,7 @@ import time
 import numpy as np
 
 from optreg.plugins import HyperparameterError
+from optreg.server.telemetry import merge_stats, tensor_stats
 from optreg.server import fastkernels, kernels
 from optreg.server.errors import Cancelled, FailedPrecondition, InvalidArgument, PluginFailed, shown
 from optreg.server.sessions import MAX_STEP, Arrays, Session, StepResult
@@ -34,6 +35,10 @@ log = logging.getLogger("optreg.server")
 _BF16 = tensors.DTYPES[tensor_pb2.DataType.DATA_TYPE_BFLOAT16]
 # Answers up to this size are encoded under the session's lock (StepRun.finish).
 SMALL_ANSWER = 64 << 10
+# Below this many elements a slice's statistics come from numpy after the update (cheaper than the
+# update pass's statistics path, which pays a setup per call); the same float64 sums either way.
+SMALL_STATS = 1 << 14
+
 # Client scalars a step may carry (StepRequest.metrics).
 MAX_METRICS = 32
 MAX_METRIC_NAME = 64
@@ -79,8 +84,10 @@ class StepRun:
     `close()` always (it gives back what an unfinished step held)."""
 
     def __init__(self, store, session: Session, fence: int | None, hyperparameters=None, metrics=None,
-                 is_active=lambda: True, out: dict[str, np.ndarray] | None = None):
+                 is_active=lambda: True, out: dict[str, np.ndarray] | None = None, extras: dict | None = None):
         self.store, self.session, self.fence = store, session, fence
+        self.extras = extras  # logged with the step (a shared session's round)
+        self.on_commit = None  # called with the session under its lock as the step commits (rounds.py)
         self.hp_changes = dict(hyperparameters or {})
         self.metrics = check_metrics(metrics or {})
         self.is_active = is_active
@@ -94,6 +101,7 @@ class StepRun:
         self.result: StepResult | None = None
         self.done = False
         self.t0 = time.perf_counter()
+        self.stats: dict[str, np.ndarray] = {}  # name -> [sum g^2, sum p_new^2, sum dp^2, max |g|] (telemetry)
 
     # -- fence ---------------------------------------------------------------
     def open(self) -> StepResult | None:
@@ -116,7 +124,8 @@ class StepRun:
         if self.overlap and self.staging is None:
             self.staging = self.store.allocate_set(s, "a step's staging copy")
         self.tracker = tensors.ChunkTracker(s.spec, "gradient")
-        self.record = self.store.journal.begin(s, self.t, self.fence, self.hp, self.metrics)
+        self.record = (self.store.journal.begin(s, self.t, self.fence, self.hp, self.metrics, self.extras)
+                       if self.extras else self.store.journal.begin(s, self.t, self.fence, self.hp, self.metrics))
         if s.reply == "delta" and self.overlap:
             self.delta = self._buffers("a step's delta")
         return None
@@ -175,7 +184,7 @@ class StepRun:
             for slot, arrs in st.state.items():
                 slots[slot] = arrs[name]
                 np.copyto(arrs[name], base.state[slot][name])
-            self._kernel(p, g.reshape(p.shape), slots, parallel=True)
+            self._kernel(p, g.reshape(p.shape), slots, parallel=True, name=name, old=live_p)
             if self.delta is not None:
                 np.subtract(p, live_p, out=self.delta[name])
             return name, 0, p.reshape(-1)
@@ -185,14 +194,26 @@ class StepRun:
         for slot, arrs in st.state.items():
             slots[slot] = arrs[name].reshape(-1)[start:end]
             np.copyto(slots[slot], base.state[slot][name].reshape(-1)[start:end])
-        self._kernel(p, g, slots, parallel=False)
+        self._kernel(p, g, slots, parallel=False, name=name, old=live_p.reshape(-1)[start:end])
         if self.delta is not None:
             np.subtract(p, live_p.reshape(-1)[start:end], out=self.delta[name].reshape(-1)[start:end])
         return name, start, p
 
-    def _kernel(self, p, g, slots, parallel) -> None:
+    def _kernel(self, p, g, slots, parallel, name, old) -> None:
+        """Apply the update; fold this tensor's (or chunk's) statistics into self.stats: measured in
+        the update pass for large slices, from `old` (the values before, still live) for small ones,
+        where kernels.apply(stats=) costs more in setup than the few dot products do."""
+        small = p.size < SMALL_STATS
+        part = None if small else np.zeros(kernels.STATS)
         try:
-            kernels.apply(self.defn, p, g, slots, self.t, self.hp, parallel=parallel)
+            kernels.apply(self.defn, p, g, slots, self.t, self.hp, parallel=parallel, stats=part)
+            if small:
+                part = tensor_stats(g, old, p)
+            acc = self.stats.get(name)
+            if acc is None:
+                self.stats[name] = part
+            else:
+                merge_stats(acc, part)
         except Exception as e:
             raise PluginFailed(f"optimizer {self.defn.name} (plugin {self.session.optimizer.plugin}) raised in "
                                f"update: {type(e).__name__}: {shown(str(e), 300)}; the session is unchanged") from e
@@ -210,8 +231,7 @@ class StepRun:
             raise Cancelled("the call ended before the step was committed; it was not applied")
         s = self.session
         with s.lock:
-            if s.live is None or self.store.index_of(s) is not s:
-                raise self.store.missing(s.id)
+            self.store.ensure_loaded(s)  # deleted meanwhile: NOT_FOUND; unloaded while idle: read back
             if self.overlap:
                 if s.live is not self.reader:  # another call committed this step first
                     return self._lost_race(encode)
@@ -221,7 +241,8 @@ class StepRun:
                 if s.step >= MAX_STEP:
                     raise FailedPrecondition(f"session {s.id} is at step {s.step}, the largest step number")
                 self.t = s.step + 1  # unfenced: applied at whatever step is current
-                self.record.renumber(self.t)
+                self.hp = self._resolve(s)  # and with the hyperparameters in force now
+                self.record.renumber(self.t, self.hp)
                 self._compute_buffered()
             self.record.commit(self.staging)  # Unavailable/ResourceExhausted on a failed write: nothing swapped
             old = s.live
@@ -232,11 +253,14 @@ class StepRun:
             if old.readers == 0 and s.spare is None:
                 s.spare = old
             s.step = self.t
-            s.hyperparameters = self.hp
+            if self.hp_changes:  # on top of the values now in force (a concurrent UpdateHyperparameters stays)
+                s.hyperparameters = self._resolve(s)
             if s.reply == "delta":
                 s.last_delta = self.delta
             s.dirty = True
             self.done = True
+            if self.on_commit is not None:
+                self.on_commit(s)
             self.store.after_commit(s)
             self.result = s.answer(False)
             answer = None
@@ -268,7 +292,7 @@ class StepRun:
             slots = {slot: st.state[slot][name] for slot in st.state}
             for slot in slots:
                 np.copyto(slots[slot], base.state[slot][name])
-            self._kernel(p, g, slots, parallel=True)
+            self._kernel(p, g, slots, parallel=True, name=name, old=base.params[name])
             if self.delta is not None:
                 np.subtract(p, base.params[name], out=self.delta[name])
         self.staging = st

@@ -23,6 +23,7 @@ from optreg.server.metrics import Metrics
 from optreg.server.pipeline import StepRun
 from optreg.server.sessions import Session
 from optreg.server.store import SessionStore
+from optreg.server.workersteps import WorkerSteps, add_worker_info, worker_config_from
 from optreg.v1 import registry_pb2, registry_pb2_grpc, session_pb2, session_pb2_grpc, tensor_pb2, tensors
 
 log = logging.getLogger("optreg.server")
@@ -53,7 +54,7 @@ def config_from(msg: session_pb2.SessionConfig) -> SessionConfig:
                          master_dtype=_MASTER_NAMES.get(msg.master_dtype, ""),
                          reply=_REPLY_NAMES.get(msg.step_reply, "parameters"), session_id=msg.session_id,
                          durability=_DUR_NAMES.get(msg.durability, ""), periodic_steps=msg.periodic_steps,
-                         periodic_seconds=msg.periodic_seconds)
+                         periodic_seconds=msg.periodic_seconds, workers=worker_config_from(msg))
 
 
 def session_info(s: Session) -> session_pb2.SessionInfo:
@@ -67,6 +68,7 @@ def session_info(s: Session) -> session_pb2.SessionInfo:
         persisted_step=s.persisted_step, loaded=s.loaded, quarantined=s.quarantined)
     info.created_at.FromNanoseconds(int(s.created_at * 1e9))
     info.last_used_at.FromNanoseconds(int(s.last_used_at * 1e9))
+    add_worker_info(info, s)
     return info
 
 
@@ -181,6 +183,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         self._streams = threading.BoundedSemaphore(max_streams)
         self.stream_idle_seconds = stream_idle_seconds
         store.observers.append(_ReleaseSegments(self.shm))
+        self.workers = WorkerSteps(store, self.chunk_bytes, max_message_bytes)  # shared sessions (rounds.py)
         fastkernels.warm()  # JIT the fused kernels in the background (numpy until then: same numbers)
 
     def _stream_slot(self):
@@ -281,6 +284,12 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
 
     @status.handler
     def Step(self, request, context):
+        session = self.store.get(request.session_id, self.owner(context))
+        if session.workers is not None or request.worker:
+            if session.workers is None:
+                raise FailedPrecondition(f"worker {shown(request.worker)} given, but session {session.id} is a "
+                                         "single-writer session: leave worker empty")
+            return self.workers.step(session, request, context)
         run = self._run(request, context)
         try:
             result = run.open()
@@ -315,6 +324,13 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         first = next(request_iterator, None)
         if first is None:
             raise InvalidArgument("the stream was empty: the first message must carry session_id")
+        session = self.store.get(first.session_id, self.owner(context))
+        if session.workers is not None or first.worker:
+            if session.workers is None:
+                raise FailedPrecondition(f"worker {shown(first.worker)} given, but session {session.id} is a "
+                                         "single-writer session: leave worker empty")
+            yield from self.workers.step_stream(session, first, request_iterator, requests, context)
+            return
         run = self._run(first, context)
         try:
             result = run.open()
@@ -463,6 +479,9 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
     def StepSharedMemory(self, request, context):
         owner = self.owner(context)
         session = self.store.get(request.session_id, owner)
+        if session.workers is not None:
+            raise FailedPrecondition(f"session {session.id} is shared by workers: send contributions with Step or "
+                                     "StepStream (worker and round)")
         region = self.shm.get(request.key, session.id, owner)
         grads = shm.tensors_in(region, request.gradients, session.master_code, "gradient")
         targets = shm.tensors_in(region, request.parameters, session.master_code, "parameter")
@@ -496,6 +515,24 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
             finally:
                 run.close()
                 del out
+
+    # -- shared sessions (workersteps.py) ---------------------------------------------------
+    @status.handler
+    def JoinSession(self, request, context):
+        session = self.store.get(request.session_id, self.owner(context))
+        round_ = self.workers.join(session, request.worker)
+        return session_pb2.JoinSessionResponse(session=session_info(session), round=round_)
+
+    @status.handler
+    def LeaveSession(self, request, context):
+        session = self.store.get(request.session_id, self.owner(context))
+        self.workers.leave(session, request.worker)
+        return session_pb2.LeaveSessionResponse()
+
+    @status.handler
+    def Heartbeat(self, request, context):
+        session = self.store.get(request.session_id, self.owner(context))
+        return session_pb2.HeartbeatResponse(round=self.workers.heartbeat(session, request.worker))
 
 
 def _step_response(result) -> session_pb2.StepResponse:

@@ -98,6 +98,11 @@ class Session:
     # Fixed for the session's life, so computed once (every step reads them).
     dtype: np.dtype = field(init=False, repr=False)
     elements: int = field(init=False, repr=False)
+    # Shared sessions (membership.WorkerConfig; None: single writer) and their members and rounds (rounds.Hub).
+    workers: object | None = None
+    hub: object | None = field(default=None, repr=False)
+    round_record: dict | None = None  # the last sync round applied: {"round", "contributors", "members"} (logged)
+    worker_rounds: dict = field(default_factory=dict)  # async/ssp: worker -> round of its last applied contribution
 
     def __post_init__(self):
         allowed = GRAD_DTYPES[self.master_code]

@@ -35,6 +35,11 @@ def _positive(text: str) -> int:
     return value
 
 
+def _port(text: str) -> int:
+    from optreg.server.cli import port
+    return port(text)
+
+
 def add_arguments(parser) -> None:
     parser.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
                         help=f"folder for paths.png, training.png, summary.json (default: ./{DEFAULT_OUT}/)")
@@ -50,6 +55,9 @@ def add_arguments(parser) -> None:
                              "--quick: 200)")
     parser.add_argument("--seed", type=int, default=0, help="seed for weights and batches (default: 0)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--dashboard", nargs="?", const=0, type=_port, metavar="PORT",
+                        help="serve the live training dashboard on 127.0.0.1:PORT (default: a free port) and print "
+                             "its URL; the page stays live while the demo trains (in-process server only)")
     from optreg.app.connect import add_client_arguments
     add_client_arguments(parser)  # --address: a running server instead of one started in-process
 
@@ -103,6 +111,9 @@ def _prepare(args):
 
 
 def _main(args) -> int:
+    if getattr(args, "dashboard", None) is not None and args.address:
+        raise ValueError("--dashboard serves the dashboard of the server this demo starts; with --address, "
+                         "open that server's own dashboard (optreg serve --dashboard-port PORT)")
     out, dataset, iterations = _prepare(args)
     from optreg.app.demo import paths, training
     from optreg.app.connect import client_for
@@ -113,10 +124,12 @@ def _main(args) -> int:
     address = args.address
     if not address:
         from optreg.server.app import OptregServer, Settings
-        server = OptregServer(Settings(host="127.0.0.1", port=0))
+        server = OptregServer(Settings(host="127.0.0.1", port=0, dashboard_port=getattr(args, "dashboard", None)))
         server.start()
         address = server.address
         print(f"optreg server started in-process on {address}")
+        if server.dashboard is not None:
+            print(f"dashboard: {server.dashboard.url} (live while the demo trains)", flush=True)
     else:
         print(f"using the optreg server at {address}")
     try:
@@ -131,7 +144,8 @@ def _main(args) -> int:
 
             started = time.perf_counter()
             train_results = training.run(client, dataset, iterations=iterations, seed=args.seed,
-                                         progress=not args.no_progress)
+                                         progress=not args.no_progress,
+                                         named=getattr(args, "dashboard", None) is not None)
             elapsed = time.perf_counter() - started
             training_png = out / "training.png"
             axes = training.plot(train_results, dataset, training.BATCH, training_png)

@@ -91,16 +91,21 @@ class _Progress:
 
 
 def run(client: Client, data: Dataset, iterations: int = ITERATIONS, batch: int = BATCH, hidden=HIDDEN,
-        optimizers=OPTIMIZERS, seed: int = 0, progress: bool = True) -> dict[str, dict]:
-    """Train one network per optimizer in lockstep; per optimizer: losses, test accuracy, time in the service."""
+        optimizers=OPTIMIZERS, seed: int = 0, progress: bool = True, named: bool = False) -> dict[str, dict]:
+    """Train one network per optimizer in lockstep; per optimizer: losses, test accuracy, time in the service.
+    Every step carries its batch loss as a client metric (the dashboard's loss chart); `named`: sessions
+    are called demo-<optimizer> (the in-process server's dashboard lists them by name)."""
     rng = np.random.default_rng(seed)
     base = MultiLayerNet(data.input_size, list(hidden), data.classes, rng)
     runs = []
     for title, cls, hp in optimizers:
-        runs.append({"title": title, "net": base.copy(), "opt": cls(client=client, **hp), "hp": hp,
+        named_kw = {"session_id": f"demo-{title.lower()}", "keep": False} if named else {}
+        runs.append({"title": title, "net": base.copy(), "opt": cls(client=client, **named_kw, **hp), "hp": hp,
                      "losses": [], "service_seconds": 0.0})
     bar = _Progress(iterations, "training", enabled=progress)
     try:
+        for r in runs:
+            r["opt"].resume(r["net"].params)  # opens each session before the first step
         for i in range(iterations):
             idx = rng.choice(len(data.x_train), batch, replace=len(data.x_train) < batch)
             x, t = data.x_train[idx], data.t_train[idx]
@@ -108,7 +113,9 @@ def run(client: Client, data: Dataset, iterations: int = ITERATIONS, batch: int 
                 loss, grads = r["net"].gradient(x, t)
                 r["losses"].append(loss)
                 start = time.perf_counter()
-                r["opt"].update(r["net"].params, grads)  # the book's call; the step runs in optreg
+                # the book's update(params, grads), with the loss recorded beside the step (telemetry)
+                r["opt"].session.arrays = r["net"].params
+                r["opt"].session.step(grads, metrics={"loss": float(loss)})
                 r["service_seconds"] += time.perf_counter() - start
             if i % 50 == 0 or i == iterations - 1:
                 bar.update(i + 1 - bar.n, **{r["title"]: f"{r['losses'][-1]:.3f}" for r in runs})

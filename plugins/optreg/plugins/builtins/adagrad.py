@@ -19,6 +19,10 @@ def update(param, grad, state, step, hp, scratch):
     param -= s
 
 
+
+def effective_lr(state, hp, step):
+    """Telemetry: lr/(sqrt(h)+1e-7), the step size on g."""
+    return hp["lr"] / (np.sqrt(state["h"]) + BOOK_EPS)
 def kernel(p, g, h, c):
     lr, eps = c[0], c[1]
     for i in range(p.size):
@@ -39,6 +43,7 @@ ADAGRAD = Optimizer(
     hyperparameters=(Hyperparameter("lr", 0.01, "learning rate", minimum=0.0),),
     slots=(Slot("h", domain="nonnegative"),),
     scratch=2,
+    effective_lr=effective_lr,
     kernel=kernel,
     kernel_scalars=kernel_scalars,
 )

@@ -37,6 +37,10 @@ def update(param, grad, state, step, hp, scratch):
     param -= s
 
 
+
+def effective_lr(state, hp, step):
+    """Telemetry: lr*sqrt(1-beta2^t)/(sqrt(v)+1e-7), the step size on the bias-corrected m."""
+    return hp["lr"] * math.sqrt(1.0 - hp["beta2"] ** step) / (np.sqrt(state["v"]) + BOOK_EPS)
 def kernel(p, g, m, v, c):
     a1, a2, lr_t, eps = c[0], c[1], c[2], c[3]
     for i in range(p.size):
@@ -65,6 +69,7 @@ ADAM = Optimizer(
     ),
     slots=(Slot("m"), Slot("v", domain="nonnegative")),
     scratch=2,
+    effective_lr=effective_lr,
     kernel=kernel,
     kernel_scalars=kernel_scalars,
 )

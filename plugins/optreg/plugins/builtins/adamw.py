@@ -5,7 +5,7 @@
 Defaults as torch's (weight_decay 1e-2). The update and the kernel are torch_adam's.
 """
 from optreg.plugins import Optimizer, hookimpl
-from optreg.plugins.builtins.torch_adam import SLOTS, adam_scalars, adam_update, hyperparameters, kernel
+from optreg.plugins.builtins.torch_adam import SLOTS, adam_scalars, adam_update, effective_lr, hyperparameters, kernel
 
 
 def update(param, grad, state, step, hp, scratch):
@@ -23,6 +23,7 @@ ADAMW = Optimizer(
     hyperparameters=hyperparameters(weight_decay=1e-2),
     slots=SLOTS,
     scratch=2,
+    effective_lr=effective_lr,
     kernel=kernel,
     kernel_scalars=kernel_scalars,
 )

@@ -22,6 +22,10 @@ def update(param, grad, state, step, hp, scratch):
     param -= s
 
 
+
+def effective_lr(state, hp, step):
+    """Telemetry: lr/(sqrt(h)+1e-7), the step size on g."""
+    return hp["lr"] / (np.sqrt(state["h"]) + BOOK_EPS)
 def kernel(p, g, h, c):
     decay, a, lr, eps = c[0], c[1], c[2], c[3]
     for i in range(p.size):
@@ -46,6 +50,7 @@ RMSPROP = Optimizer(
     ),
     slots=(Slot("h", domain="nonnegative"),),
     scratch=2,
+    effective_lr=effective_lr,
     kernel=kernel,
     kernel_scalars=kernel_scalars,
 )

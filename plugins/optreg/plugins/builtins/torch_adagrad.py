@@ -37,6 +37,10 @@ def update(param, grad, state, step, hp, scratch):
     param += t
 
 
+
+def effective_lr(state, hp, step):
+    """Telemetry: lr/(1+(t-1)*lr_decay)/(sqrt(sum)+eps), the step size on g."""
+    return hp["lr"] / (1 + (step - 1) * hp["lr_decay"]) / (np.sqrt(state["sum"]) + hp["eps"])
 def kernel(p, g, h, c):
     # update one element at a time, same operations in the same order (fused by numba).
     first, initial, coupled, wd, neg_clr, eps = c[0] != 0, c[1], c[2] != 0, c[3], c[4], c[5]
@@ -73,6 +77,7 @@ TORCH_ADAGRAD = Optimizer(
     ),
     slots=(Slot("sum", domain="nonnegative"),),
     scratch=3,
+    effective_lr=effective_lr,
     kernel=kernel,
     kernel_scalars=kernel_scalars,
 )

@@ -109,6 +109,12 @@ def update(param, grad, state, step, hp, scratch):
     adam_update(param, grad, state, step, hp, scratch, decoupled=False)
 
 
+
+def effective_lr(state, hp, step):
+    """Telemetry: lr/(sqrt(v_hat)+eps) (v_max with amsgrad), the step size on the bias-corrected m."""
+    v = state["max_v"] if hp.get("amsgrad") else state["v"]
+    return hp["lr"] / (np.sqrt(v / (1 - hp["beta2"] ** step)) + hp["eps"])
+
 TORCH_ADAM = Optimizer(
     name="torch.adam",
     summary="torch.optim.Adam: eps after bias correction, L2 weight_decay, amsgrad (not the book's adam).",
@@ -116,6 +122,7 @@ TORCH_ADAM = Optimizer(
     hyperparameters=hyperparameters(weight_decay=0.0),
     slots=SLOTS,
     scratch=2,
+    effective_lr=effective_lr,
     kernel=kernel,
     kernel_scalars=kernel_scalars,
 )

@@ -54,6 +54,11 @@ def update(param, grad, state, step, hp, scratch):
         param += t
 
 
+
+def effective_lr(state, hp, step):
+    """Telemetry: lr/(sqrt(v - c^2 if centered else v)+eps), the step size on g."""
+    v = state["square_avg"] - state["grad_avg"] ** 2 if hp["centered"] else state["square_avg"]
+    return hp["lr"] / (np.sqrt(np.maximum(v, 0)) + hp["eps"])
 def kernel(p, g, square_avg, grad_avg, momentum_buffer, c):
     # update one element at a time, same operations in the same order (fused by numba).
     coupled, wd, alpha, a, centered, eps = c[0] != 0, c[1], c[2], c[3], c[4] != 0, c[5]
@@ -100,6 +105,7 @@ TORCH_RMSPROP = Optimizer(
     ),
     slots=(Slot("square_avg", domain="nonnegative"), Slot("grad_avg"), Slot("momentum_buffer")),
     scratch=3,
+    effective_lr=effective_lr,
     kernel=kernel,
     kernel_scalars=kernel_scalars,
 )

@@ -1,0 +1,154 @@
+"""Several workers on one session (docs/workers.md): the worker handle `Client.join` returns.
+
+    with Client() as client:
+        s = client.create_session("adam", params, workers=4, mode="sync", min_workers=3, round_deadline=30.0)
+    # in each worker process:
+    with Client() as client, client.join(session_id, worker="w0") as w:
+        for batch in data:
+            w.step(grads_of(w.arrays, batch))     # w.arrays now hold the round's parameters
+
+`step` sends the worker's contribution keyed by (worker, round): a retry after UNAVAILABLE is
+applied once. In sync mode it returns when the round closes (every contributor gets the same
+parameters); in async and SSP modes when the contribution is applied, with its staleness. A
+contribution to a round that closed without it raises StepMismatch whose `server_step` is the
+open round: call `refresh()` (fresh parameters and round) and compute again.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Mapping, NamedTuple
+
+import numpy as np
+
+from optreg.client.errors import ReassemblyError, UsageError
+from optreg.client.stepping import STREAM_ABOVE_BYTES, apply_result, nbytes
+from optreg.v1 import session_pb2, tensors
+
+MODES = {"sync": session_pb2.WORKER_MODE_SYNC, "async": session_pb2.WORKER_MODE_ASYNC,
+         "ssp": session_pb2.WORKER_MODE_SSP}
+COMBINES = {"mean": session_pb2.COMBINE_MEAN, "sum": session_pb2.COMBINE_SUM}
+
+
+def worker_config(workers, mode, min_workers, round_deadline, lease, combine, staleness) -> session_pb2.WorkerConfig:
+    """create_session's worker arguments, checked before anything is sent."""
+    if not isinstance(workers, int) or workers < 1:
+        raise UsageError(f"workers={workers!r}: give the most workers at once (an int >= 1)")
+    if mode not in MODES:
+        raise UsageError(f"mode={mode!r}: use one of {', '.join(map(repr, MODES))}")
+    if combine not in COMBINES:
+        raise UsageError(f"combine={combine!r}: use 'mean' or 'sum'")
+    if not isinstance(min_workers, int) or not 0 <= min_workers <= workers:
+        raise UsageError(f"min_workers={min_workers!r}: give 0..workers (0: every member)")
+    for what, v in (("round_deadline", round_deadline), ("lease", lease)):
+        if v is not None and not (isinstance(v, (int, float)) and v > 0):
+            raise UsageError(f"{what}={v!r}: give seconds > 0, or None for the server's default")
+    if not isinstance(staleness, int) or staleness < 0:
+        raise UsageError(f"staleness={staleness!r}: give an int >= 0")
+    return session_pb2.WorkerConfig(workers=workers, mode=MODES[mode], min_workers=min_workers,
+                                    round_deadline_seconds=round_deadline or 0.0, lease_seconds=lease or 0.0,
+                                    combine=COMBINES[combine], staleness=staleness)
+
+
+class WorkerStepResult(NamedTuple):
+    """One contribution's answer. `round`: the round it was applied in (sync) or the step its
+    parameters were read at (async, ssp); `staleness`: steps applied between that and its own."""
+    step: int
+    replayed: bool
+    arrays: Mapping[str, np.ndarray]
+    round: int
+    staleness: int
+    contributors: tuple[str, ...]
+
+
+class Worker:
+    """A member of a shared session. `arrays`: the parameters it computes on (updated by each step).
+    `round`: what its next contribution is keyed by. `heartbeat_every` (seconds): renew the lease
+    from a background thread while the worker computes (None: only its calls renew it)."""
+
+    def __init__(self, client, session_id: str, worker: str, arrays: dict, round_: int, info, heartbeat_every=None):
+        self.client, self.session_id, self.worker = client, session_id, worker
+        self.arrays, self.round, self.info = arrays, round_, info
+        self._stop = threading.Event()
+        self._beat = None
+        if heartbeat_every:
+            self._beat = threading.Thread(target=self._beats, args=(float(heartbeat_every),), daemon=True,
+                                          name=f"optreg-heartbeat-{worker}")
+            self._beat.start()
+
+    def __repr__(self):
+        return f"<Worker {self.worker!r} of session {self.session_id!r} round {self.round}>"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.leave()
+
+    def _beats(self, every: float) -> None:
+        while not self._stop.wait(every):
+            try:
+                self.heartbeat()
+            except Exception:  # the next step reports what is wrong
+                pass
+
+    def heartbeat(self) -> int:
+        reply = self.client._unary("Heartbeat", session_pb2.HeartbeatRequest(session_id=self.session_id,
+                                                                             worker=self.worker))
+        return reply.round
+
+    def leave(self) -> None:
+        """End this worker's membership: no round waits for it."""
+        self._stop.set()
+        self.client._unary("LeaveSession", session_pb2.LeaveSessionRequest(session_id=self.session_id,
+                                                                           worker=self.worker))
+
+    def refresh(self) -> int:
+        """Read the current parameters into `arrays` and key the next contribution by their step."""
+        reply = self.client._unary("ReadParameters", session_pb2.ReadParametersRequest(session_id=self.session_id))
+        apply_result(self.arrays, "parameters", {t.name: tensors.to_numpy(t) for t in reply.parameters})
+        self.round = reply.step
+        return self.round
+
+    def step(self, grads: Mapping[str, np.ndarray], *, metrics: Mapping[str, float] | None = None) -> WorkerStepResult:
+        if not isinstance(grads, Mapping):
+            raise UsageError(f"step() takes a mapping of parameter name -> gradient array, not {type(grads).__name__}")
+        number = self.round
+        big = nbytes(grads) > STREAM_ABOVE_BYTES or self.info.parameter_bytes > STREAM_ABOVE_BYTES
+
+        def attempt(n, remaining):
+            if big:
+                return self._stream(grads, number, metrics)
+            request = session_pb2.StepRequest(session_id=self.session_id, worker=self.worker, round=number,
+                                              gradients=[tensors.from_numpy(k, g) for k, g in grads.items()])
+            if metrics:
+                request.metrics.update(metrics)
+            reply = self.client.transport.unary("Step", request, timeout=self.client.timeout)
+            return reply, {t.name: tensors.to_numpy(t) for t in reply.tensors}
+
+        reply, result = self.client._retrying(attempt)
+        apply_result(self.arrays, self.info.step_reply, result)
+        self.round = reply.step
+        return WorkerStepResult(reply.step, reply.replayed, self.arrays, reply.round, reply.staleness,
+                                tuple(reply.contributors))
+
+    def _stream(self, grads, number, metrics):
+        def messages():
+            yield session_pb2.StepStreamRequest(session_id=self.session_id, worker=self.worker, round=number,
+                                                metrics=metrics or {})
+            chunks = (c for k, g in grads.items() for c in tensors.chunk_views(k, g))
+            for batch in tensors.pack_views(chunks):
+                yield tensors.encode_stream_message(b"", batch)
+
+        last, asm = None, tensors.Assembler()
+        try:
+            for msg in self.client.transport.stream_both("StepStream", messages(), timeout=self.client.timeout):
+                last = msg
+                for t in msg.chunks:
+                    asm.add(t)
+            out = asm.finish()
+        except ValueError as e:
+            raise ReassemblyError(f"a contribution's streamed reply did not fit together: {e}; it was applied: "
+                                  "refresh() reads the parameters") from None
+        if last is None:
+            raise ReassemblyError("the contribution's reply stream was empty: refresh() reads the parameters")
+        return last, out

@@ -1,0 +1,167 @@
+"""gRPC adapters for shared sessions: the contract's worker fields to and from the domain (rounds.py,
+membership.py). Step and StepStream hand a call here when its session has workers."""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+from optreg.server.errors import Cancelled, FailedPrecondition, InvalidArgument, shown
+from optreg.server.membership import DEFAULT_DEADLINE, DEFAULT_LEASE, WorkerConfig
+from optreg.server.pipeline import StepRun, check_metrics
+from optreg.server.rounds import Contribution, Hubs, Outcome
+from optreg.v1 import session_pb2, tensors
+
+_MODES = {session_pb2.WORKER_MODE_UNSPECIFIED: "sync", session_pb2.WORKER_MODE_SYNC: "sync",
+          session_pb2.WORKER_MODE_ASYNC: "async", session_pb2.WORKER_MODE_SSP: "ssp"}
+_MODE_CODES = {"sync": session_pb2.WORKER_MODE_SYNC, "async": session_pb2.WORKER_MODE_ASYNC,
+               "ssp": session_pb2.WORKER_MODE_SSP}
+_COMBINES = {session_pb2.COMBINE_UNSPECIFIED: "mean", session_pb2.COMBINE_MEAN: "mean",
+             session_pb2.COMBINE_SUM: "sum"}
+_COMBINE_CODES = {"mean": session_pb2.COMBINE_MEAN, "sum": session_pb2.COMBINE_SUM}
+
+
+def worker_config_from(msg: session_pb2.SessionConfig) -> WorkerConfig | None:
+    if not msg.HasField("workers") or msg.workers.workers == 0:
+        return None
+    w = msg.workers
+    if w.mode not in _MODES:
+        raise InvalidArgument(f"config.workers.mode {w.mode} is not a WorkerMode value")
+    if w.combine not in _COMBINES:
+        raise InvalidArgument(f"config.workers.combine {w.combine} is not a Combine value")
+    return WorkerConfig(workers=w.workers, mode=_MODES[w.mode], min_workers=w.min_workers,
+                        round_deadline=w.round_deadline_seconds or DEFAULT_DEADLINE,
+                        lease_seconds=w.lease_seconds or DEFAULT_LEASE, combine=_COMBINES[w.combine],
+                        staleness=w.staleness).checked()
+
+
+def add_worker_info(info: session_pb2.SessionInfo, s) -> None:
+    cfg = s.workers
+    if cfg is None:
+        return
+    info.workers.CopyFrom(session_pb2.WorkerConfig(
+        workers=cfg.workers, mode=_MODE_CODES[cfg.mode], min_workers=cfg.min_workers,
+        round_deadline_seconds=cfg.round_deadline, lease_seconds=cfg.lease_seconds,
+        combine=_COMBINE_CODES[cfg.combine], staleness=cfg.staleness))
+    info.open_round = s.step
+    hub = s.hub
+    if hub is None:
+        return
+    with hub.cond:
+        hub.members.expire()
+        members = list(hub.members.by_name.values())
+        info.open_round = hub.round.number
+        last = hub.last
+    for m in sorted(members, key=lambda m: m.worker):
+        pm = info.members.add(worker=m.worker, contributions=m.contributions, last_round=m.last_round)
+        pm.last_contact.FromNanoseconds(int(m.last_contact * 1e9))
+        pm.joined_at.FromNanoseconds(int(m.joined_at * 1e9))
+    if last is not None:
+        info.last_round.CopyFrom(session_pb2.RoundInfo(round=last.round, contributors=last.contributors,
+                                                       stragglers=last.stragglers, seconds=last.seconds,
+                                                       noise_scale=last.noise_scale))
+
+
+class WorkerSteps:
+    def __init__(self, store, chunk_bytes: int, max_message_bytes: int):
+        self.store = store
+        self.hubs = Hubs(store)
+        self.chunk_bytes = chunk_bytes
+        self.max_message_bytes = max_message_bytes
+
+    # -- membership -------------------------------------------------------------------
+    def join(self, session, worker: str) -> int:
+        return self.hubs.get(session).join(worker)
+
+    def leave(self, session, worker: str) -> None:
+        self.hubs.get(session).leave(worker)
+
+    def heartbeat(self, session, worker: str) -> int:
+        return self.hubs.get(session).heartbeat(worker)
+
+    # -- contributions ----------------------------------------------------------------
+    def _contribute(self, session, worker, number, hyperparameters, metrics, chunks, context) -> Outcome:
+        if not worker:
+            raise FailedPrecondition(f"session {session.id} is shared by workers: send worker (the name it joined "
+                                     "under) and round with every step")
+        if number < 0:
+            raise InvalidArgument(f"round {number} must be >= 0: the step the contribution's parameters were read at "
+                                  "(JoinSession's reply gives it)")
+        if hyperparameters:
+            raise InvalidArgument("hyperparameters: a shared session's contributions cannot change them (they would "
+                                  "differ between workers); call UpdateHyperparameters")
+        hub = self.hubs.get(session)
+        if session.workers.mode == "sync":
+            early = hub.precheck(worker, number)
+            if early is not None:
+                for _ in chunks:  # a retry: the stream is read to its end, nothing is applied
+                    pass
+                return early
+            c = Contribution(self.store, session)
+            for t in chunks:
+                c.feed(t)
+            grads = c.finish()
+            if not context.is_active():
+                raise Cancelled("the call ended before the contribution was committed; it was not")
+            return hub.contribute(worker, number, grads, context, check_metrics(metrics))
+        member, early = hub.begin_async(worker, number, context)
+        applied = None
+        try:
+            if early is not None:
+                for _ in chunks:
+                    pass
+                return early
+            run = StepRun(self.store, session, None, None, metrics, context.is_active,
+                          extras={"worker": worker, "round": number})
+            run.on_commit = lambda s: s.worker_rounds.__setitem__(worker, number)
+            try:
+                run.open()
+                for t in chunks:
+                    run.feed(t)
+                result = run.finish()
+                applied = result.step
+                out = {n: np.array(a) for n, a in result.tensors.items()}
+            finally:
+                run.close()
+            staleness = result.step - 1 - number
+            if self.store.metrics is not None and hasattr(self.store.metrics, "staleness"):
+                self.store.metrics.staleness(staleness)
+            return Outcome(result.step, out, number, staleness=staleness)
+        finally:
+            hub.end_async(member, number, applied)
+
+    def step(self, session, request, context) -> session_pb2.StepResponse:
+        if session.reply != "none":
+            reply_bytes = session.elements * session.dtype.itemsize
+            if reply_bytes > self.max_message_bytes - (64 << 10):
+                raise FailedPrecondition(
+                    f"the reply to this step ({reply_bytes} bytes) exceeds the server's message limit "
+                    f"({self.max_message_bytes} bytes): use StepStream; nothing was applied")
+        o = self._contribute(session, request.worker, request.round, request.hyperparameters, request.metrics,
+                             iter(request.gradients), context)
+        return session_pb2.StepResponse(step=o.step, replayed=o.replayed, round=o.round, staleness=o.staleness,
+                                        contributors=o.contributors,
+                                        tensors=[tensors.from_numpy(n, a) for n, a in o.tensors.items()])
+
+    def step_stream(self, session, first, rest, requests, context):
+        def chunks():
+            for i, msg in enumerate(itertools.chain([first], rest)):
+                if i and msg.session_id and msg.session_id != session.id:
+                    raise InvalidArgument("session_id changed mid-stream")
+                if i and (msg.worker or msg.round) and (msg.worker, msg.round) != (first.worker, first.round):
+                    raise InvalidArgument(f"worker/round changed mid-stream (first {shown(first.worker)} round "
+                                          f"{first.round}): send them in the first message only")
+                yield from msg.chunks
+                requests.progress()
+
+        o = self._contribute(session, first.worker, first.round, first.hyperparameters, first.metrics, chunks(),
+                             context)
+        extra = dict(step=o.step, replayed=o.replayed, round=o.round, staleness=o.staleness,
+                     contributors=o.contributors)
+        sent = False
+        for batch in tensors.pack((c for n, a in o.tensors.items() for c in tensors.chunk(n, a, self.chunk_bytes)),
+                                  self.chunk_bytes):
+            sent = True
+            yield session_pb2.StepStreamResponse(chunks=batch, **extra)
+        if not sent:
+            yield session_pb2.StepStreamResponse(**extra)

@@ -1,0 +1,78 @@
+"""The statistics a real server reports equal a numpy recomputation from the gradients sent and the
+parameters before and after, for every built-in in float32 and float64, in the fused (numba) and the
+numpy paths."""
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+
+from optreg.client import Client
+from optreg.plugins.registry import Registry
+from optreg.server.telemetry import numpy_stats as tensor_stats  # the plain numpy reference
+from optreg.v1 import session_pb2, session_pb2_grpc, telemetry_pb2, telemetry_pb2_grpc, tensors
+
+BUILTINS = sorted(Registry().optimizers)
+
+
+@pytest.fixture(scope="module", params=["fused", "numpy"])
+def path_server(request):
+    from conftest import ServerProcess
+    env = {"OPTREG_JIT_BLOCK": "1"} if request.param == "fused" else {"OPTREG_KERNELS": "numpy"}
+    s = ServerProcess(env=env)
+    yield s
+    s.stop()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("name", BUILTINS)
+def test_statistics_equal_numpy(path_server, name, dtype):
+    rng = np.random.default_rng(abs(hash((name, dtype))) % 2**32)
+    # one tensor large enough to be sliced and threaded, one small
+    params = {"big": rng.normal(size=(700, 1000)).astype(dtype), "small": rng.normal(size=7).astype(dtype)}
+    sid = f"stats-{name}-{dtype}".replace(".", "-")
+    with Client(path_server.address) as c:
+        c.create_session(name, params, session_id=sid)
+    channel = grpc.insecure_channel(path_server.address, options=[("grpc.max_receive_message_length", 64 << 20),
+                                                                    ("grpc.max_send_message_length", 64 << 20)])
+    stub = session_pb2_grpc.SessionServiceStub(channel)
+    before = {k: v.copy() for k, v in params.items()}
+    expected = []
+    for step in range(3):
+        grads = {k: (rng.normal(size=v.shape) * 10 ** rng.uniform(-3, 1)).astype(dtype) for k, v in params.items()}
+        reply = stub.Step(session_pb2.StepRequest(session_id=sid, step=step,
+                                                  gradients=[tensors.from_numpy(k, g) for k, g in grads.items()]))
+        after = {t.name: tensors.to_numpy(t) for t in reply.tensors}
+        expected.append({k: tensor_stats(grads[k], before[k], after[k]) for k in params})
+        before = after
+    got = telemetry_pb2_grpc.TelemetryServiceStub(channel).GetTelemetry(
+        telemetry_pb2.GetTelemetryRequest(session_id=sid))
+    channel.close()
+    assert [s.step for s in got.steps] == [1, 2, 3]
+    for exp, st in zip(expected, got.steps):
+        for t in st.tensors:
+            e = exp[t.name]
+            np.testing.assert_allclose([t.grad_norm ** 2, t.param_norm ** 2, t.update_norm ** 2],
+                                       e[:3], rtol=1e-9, atol=0, err_msg=f"{name} {dtype} {t.name}")
+            assert t.grad_max_abs == e[3]
+
+
+def test_statistics_of_a_streamed_step_fold_every_chunk(path_server):
+    """A step large enough to stream in chunks: the chunks' figures fold into the tensor's."""
+    rng = np.random.default_rng(7)
+    params = {"emb": rng.normal(size=(3000, 1000)).astype(np.float32)}
+    with Client(path_server.address) as c:
+        s = c.create_session("torch.adam", params, session_id="stats-streamed")
+        before = s.arrays["emb"].copy()
+        grads = {"emb": rng.normal(size=(3000, 1000)).astype(np.float32)}
+        s.step(grads)
+        after = s.arrays["emb"].copy()
+    channel = grpc.insecure_channel(path_server.address)
+    got = telemetry_pb2_grpc.TelemetryServiceStub(channel).GetTelemetry(
+        telemetry_pb2.GetTelemetryRequest(session_id="stats-streamed"))
+    channel.close()
+    (t,) = got.steps[0].tensors
+    e = tensor_stats(grads["emb"], before, after)
+    np.testing.assert_allclose([t.grad_norm ** 2, t.param_norm ** 2, t.update_norm ** 2], e[:3], rtol=1e-9)
+    assert t.grad_max_abs == e[3]
+    assert len(t.effective_lr) == 3 and 0 < t.effective_lr[0] <= t.effective_lr[1] <= t.effective_lr[2]
