@@ -111,3 +111,34 @@ def test_a_server_step_with_float16_gradients_equals_float32_widened_ones(server
             if i == 0:
                 time.sleep(4)  # the compile thread builds the widening kernel meanwhile
         np.testing.assert_array_equal(a.read_parameters()["w"], b.read_parameters()["w"])
+
+
+@pytest.mark.parametrize("master,gdtype", [(np.float32, np.float16), (np.float32, BF16), (np.float64, np.float16)])
+@pytest.mark.parametrize("parallel", [True, False])
+@pytest.mark.parametrize("name", ["adam", "torch.sgd"])
+def test_statistics_in_the_widening_pass(registry, name, master, gdtype, parallel):
+    """apply(stats=) with a narrow gradient: the update bit for bit as widen-then-update, and the
+    statistics of the widened gradient (sums to float64 rounding, max |g| exact)."""
+    defn = registry.get(name).definition
+    _ready(defn, master, gdtype)
+    hp = defn.resolve(SETTINGS[name][-1])
+    rng = np.random.default_rng(5)
+    size = (1 << 18) + 17
+    p = rng.standard_normal(size).astype(master)
+    st = {s.name: np.full(size, s.initial_value, master) for s in defn.slots}
+    p_ref, st_ref = p.copy(), {k: v.copy() for k, v in st.items()}
+    for t in range(1, 3):
+        g = (rng.standard_normal(size) * 1e-2).astype(gdtype)
+        old = p.copy()
+        got, want = np.zeros(kernels.STATS), np.zeros(kernels.STATS)
+        kernels.apply(defn, p, g, st, t, hp, parallel=parallel, stats=got)
+        wide = widen(g, np.dtype(master))
+        kernels.apply(defn, p_ref, wide, st_ref, t, hp, parallel=parallel, stats=want)
+        np.testing.assert_array_equal(p, p_ref)
+        for k in st:
+            np.testing.assert_array_equal(st[k], st_ref[k])
+        g64, n64 = wide.astype(np.float64), p.astype(np.float64)
+        exact = [g64 @ g64, n64 @ n64, (n64 - old) @ (n64 - old), np.abs(g64).max()]
+        np.testing.assert_allclose(got, exact, rtol=1e-9)
+        np.testing.assert_allclose(got, want, rtol=1e-9)
+        assert got[3] == want[3] == exact[3]

@@ -83,10 +83,10 @@ def apply(defn: Optimizer, param: np.ndarray, grad: np.ndarray, state: dict[str,
     n = param.size
     fast = fastkernels.lookup(defn, param.dtype) if grad.dtype == param.dtype else None
     if fast is None and grad.dtype != param.dtype:  # a narrower gradient (float16, bfloat16)
-        if stats is None and out is None and n >= fastkernels.HOLD_GIL_BELOW:
+        if out is None and n >= fastkernels.HOLD_GIL_BELOW:
             wide = widenkernels.lookup(defn, param.dtype, grad.dtype)
             if wide is not None:  # widened block by block inside the kernel pass
-                _run_widening(wide, param, grad, state, step, hp, parallel)
+                _run_widening(wide, param, grad, state, step, hp, parallel, stats)
                 return
         from optreg.server.pipeline import widen  # (pipeline imports this module)
         grad = widen(grad, param.dtype)
@@ -109,7 +109,7 @@ def widens_in_pass(defn: Optimizer, master: np.dtype, grad: np.ndarray) -> bool:
             and widenkernels.lookup(defn, master, grad.dtype) is not None)
 
 
-def _run_widening(wide, param, grad, state, step, hp, parallel) -> None:
+def _run_widening(wide, param, grad, state, step, hp, parallel, stats=None) -> None:
     n = param.size
     threads = fastkernels.threads() if parallel and n >= PARALLEL_ABOVE else 1
     consts = wide.comp.consts(hp, step, param.dtype)
@@ -117,18 +117,22 @@ def _run_widening(wide, param, grad, state, step, hp, parallel) -> None:
     gbits = np.ascontiguousarray(grad).reshape(-1).view(np.uint16)
     slots = [state[s].reshape(-1) for s in wide.comp.slots]
     bounds = [n * i // threads for i in range(threads + 1)]
+    accs = None if stats is None else np.zeros((threads, STATS))
 
     def part(i):
         a, b = bounds[i], bounds[i + 1]
-        wide(p[a:b], gbits[a:b], [v[a:b] for v in slots], consts)
+        wide(p[a:b], gbits[a:b], [v[a:b] for v in slots], consts, None if accs is None else accs[i])
 
     if threads == 1:
         part(0)
-        return
-    futures = [_executor(threads).submit(part, i) for i in range(1, threads)]
-    part(0)
-    for f in futures:
-        f.result()
+    else:
+        futures = [_executor(threads).submit(part, i) for i in range(1, threads)]
+        part(0)
+        for f in futures:
+            f.result()
+    if stats is not None:  # fold the threads' partial statistics
+        stats[:3] = accs[:, :3].sum(axis=0)
+        stats[3] = accs[:, 3].max()
 
 
 def _apply_numpy(defn, param, grad, state, step, hp, n, acc=None) -> None:

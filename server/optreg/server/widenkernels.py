@@ -17,6 +17,10 @@ float16 type on the CPU):
 A float64 master takes the float32 value (exact). So the kernel sees exactly the numbers
 widen-then-update gives it, and the results are the same bit for bit (tests/test_kernels.py).
 
+With statistics (kernels.apply(stats=), the step's telemetry) a second driver also copies each
+block of p before the update and sums over the block with kernelstats' helpers, as kernelstats'
+own driver does.
+
 Each (definition, master dtype, gradient dtype) driver is compiled on first use in the
 compile thread (fastkernels.submit); until then, and without numba, kernels.apply widens
 with numpy first (same numbers). Only the GIL-releasing build exists: below
@@ -62,8 +66,30 @@ def drive(kernel, p, gbits, {slots}c, buf):
             w[i] = conv(gb[i])
         kernel(p[a:b], w, {sliced}c)
 """
+# With statistics (kernels.apply(stats=)): as kernelstats' driver, over the widened block.
+_STATS_SOURCE = """
+def drive(kernel, p, gbits, {slots}c, buf, ubuf, mask, old, acc):
+    n = p.size
+    block = buf.size
+    m = ubuf.dtype.type(0)
+    for a in range(0, n, block):
+        b = min(a + block, n)
+        w = buf[:b - a]
+        gb = gbits[a:b]
+        for i in range(gb.size):
+            w[i] = conv(gb[i])
+        pb = p[a:b]
+        o = old[:b - a]
+        for i in range(pb.size):
+            o[i] = pb[i]
+        kernel(pb, w, {sliced}c)
+        stats_loop(pb, o, w, acc)
+        m = abs_bits_max(ubuf[:b - a], mask, m)
+    return m
+"""
 # gradient dtype str (or name) -> converter of its bits
 KINDS = {"<f2": "half", "bfloat16": "bfloat"}
+_SIGN_CLEARED = {"<f4": ("<u4", 0x7FFFFFFF), "<f8": ("<u8", 0x7FFFFFFFFFFFFFFF)}
 _lock = threading.Lock()
 _convs: dict = {}
 _drivers: dict = {}  # (slot count, kind) -> dispatcher taking the kernel as its first argument
@@ -75,8 +101,8 @@ def kind_of(dtype: np.dtype) -> str | None:
     return KINDS.get(dtype.str if dtype.kind == "f" else dtype.name)
 
 
-def _driver(nslots: int, kind: str):
-    key = (nslots, kind)
+def _driver(nslots: int, kind: str, stats: bool = False):
+    key = (nslots, kind, stats)
     with _lock:
         d = _drivers.get(key)
         if not _convs:
@@ -86,7 +112,10 @@ def _driver(nslots: int, kind: str):
         slots = "".join(f"s{i}, " for i in range(nslots))
         sliced = "".join(f"s{i}[a:b], " for i in range(nslots))
         ns = {"conv": _convs[kind], "min": min}
-        exec(_DRIVER_SOURCE.format(slots=slots, sliced=sliced), ns)  # noqa: S102 - a fixed template
+        if stats:
+            from optreg.server import kernelstats
+            ns.update(stats_loop=kernelstats._helper("stats_loop"), abs_bits_max=kernelstats._helper("abs_bits_max"))
+        exec((_STATS_SOURCE if stats else _DRIVER_SOURCE).format(slots=slots, sliced=sliced), ns)  # noqa: S102
         with _lock:
             d = _drivers.setdefault(key, numba.njit(nogil=True, error_model="numpy")(ns["drive"]))
     return d
@@ -95,19 +124,29 @@ def _driver(nslots: int, kind: str):
 class Widening:
     """A definition's compiled kernel behind a driver that widens its gradient block by block."""
 
-    def __init__(self, comp: fastkernels.Compiled, driver, dtype: np.dtype):
-        self.comp, self.driver, self.dtype = comp, driver, dtype
+    def __init__(self, comp: fastkernels.Compiled, driver, stats_driver, dtype: np.dtype):
+        self.comp, self.driver, self.stats_driver, self.dtype = comp, driver, stats_driver, dtype
+        self.ubits, mask = _SIGN_CLEARED[dtype.str]
+        self.mask = np.dtype(self.ubits).type(mask)
         self.local = threading.local()
 
-    def buffer(self) -> np.ndarray:
-        buf = getattr(self.local, "buf", None)
-        if buf is None:
-            buf = self.local.buf = np.empty(WIDEN_BLOCK, self.dtype)
-        return buf
+    def buffers(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per thread: the widened block, and (statistics) a copy of p's block before the update."""
+        bufs = getattr(self.local, "bufs", None)
+        if bufs is None:
+            bufs = self.local.bufs = (np.empty(WIDEN_BLOCK, self.dtype), np.empty(WIDEN_BLOCK, self.dtype))
+        return bufs
 
-    def __call__(self, p, gbits, slots, consts) -> None:
-        """Update flat contiguous `p` and `slots` with the gradient given as its bits (uint16)."""
-        self.driver(self.comp.fn, p, gbits, *slots, consts, self.buffer())
+    def __call__(self, p, gbits, slots, consts, acc=None) -> None:
+        """Update flat contiguous `p` and `slots` with the gradient given as its bits (uint16); with
+        `acc` (float64[4]) add [sum g^2, sum p_new^2, sum (p_new - p_old)^2] and fold max |g| in."""
+        buf, old = self.buffers()
+        if acc is None:
+            self.driver(self.comp.fn, p, gbits, *slots, consts, buf)
+            return
+        m = self.stats_driver(self.comp.fn, p, gbits, *slots, consts, buf, buf.view(self.ubits), self.mask,
+                              old, acc)
+        acc[3] = max(acc[3], float(np.array(m, self.ubits).view(self.dtype)))
 
 
 def lookup(defn, master: np.dtype, grad: np.dtype) -> Widening | None:
@@ -134,13 +173,14 @@ def lookup(defn, master: np.dtype, grad: np.dtype) -> Widening | None:
 
 def _compile(defn, comp, master: np.dtype, kind: str, key) -> None:
     try:
-        w = Widening(comp, _driver(len(comp.slots), kind), master)
+        w = Widening(comp, _driver(len(comp.slots), kind), _driver(len(comp.slots), kind, stats=True), master)
         c = np.full(len(defn.kernel_scalars(defn.resolve({}), 1)), 0.5, master)
         for writeable in (True, False):  # wire bytes are read-only, shared memory is not
-            a = [np.zeros(4, master) for _ in range(1 + len(comp.slots))]
-            g = np.zeros(4, np.uint16)
-            g.flags.writeable = writeable
-            w(a[0], g, a[1:], c)
+            for acc in (None, np.zeros(4)):
+                a = [np.zeros(4, master) for _ in range(1 + len(comp.slots))]
+                g = np.zeros(4, np.uint16)
+                g.flags.writeable = writeable
+                w(a[0], g, a[1:], c, acc)
     except Exception as e:  # never break a step: numpy's widening gives the same numbers
         fastkernels.log.warning("optimizer %s: widening kernel for %s gradients unavailable (%s: %s); "
                                 "widening with numpy", defn.name, kind, type(e).__name__,
