@@ -114,7 +114,8 @@ def meta_of(s: Session, hyperparameters: dict | None = None) -> dict:
     return {"session_id": s.id, "optimizer": s.optimizer.definition.name, "plugin": s.optimizer.plugin,
             "hyperparameters": {k: float(v) for k, v in (hyperparameters or s.hyperparameters).items()},
             "step": s.step, "master_dtype": DTYPE_NAMES[s.master_code], "reply": s.reply,
-            "created_at": s.created_at, "owner": s.owner, "durability": s.durability.mode,
+            "created_at": s.created_at, "last_used_at": s.last_used_at, "owner": s.owner,
+            "durability": s.durability.mode,
             "periodic_steps": s.durability.periodic_steps, "periodic_seconds": s.durability.periodic_seconds,
             "shapes": {n: list(v) for n, v in s.shapes.items()}, "slots": list(s.slot_names),
             "workers": s.workers.to_meta() if s.workers is not None else None, "round_record": s.round_record,
@@ -488,7 +489,8 @@ class Journal:
         s = Session(meta["session_id"], registered, hp, DTYPE_CODES[meta["master_dtype"]], meta["reply"],
                     Durability(meta["durability"], int(meta["periodic_steps"]), float(meta["periodic_seconds"])),
                     {n: tuple(v) for n, v in meta["shapes"].items()}, tuple(meta["slots"]),
-                    step=int(meta["step"]), owner=meta.get("owner", ""), created_at=float(meta["created_at"]))
+                    step=int(meta["step"]), owner=meta.get("owner", ""), created_at=float(meta["created_at"]),
+                    last_used_at=float(meta.get("last_used_at") or meta.get("saved_at") or meta["created_at"]))
         s.workers = WorkerConfig.from_meta(meta.get("workers"))
         s.round_record = meta.get("round_record")
         s.worker_rounds = dict(meta.get("worker_rounds") or {})

@@ -49,6 +49,16 @@ def _plain(value):
     return value
 
 
+def _default(h: dict) -> str:
+    """A hyperparameter's default as its type reads: booleans as true/false, not 0/1."""
+    kind = str(h.get("type", "")).lower()
+    if "bool" in kind:
+        return "true" if h["default"] else "false"
+    if "int" in kind:
+        return str(int(h["default"]))
+    return f"{h['default']:g}"
+
+
 def _slot_names(slots) -> list[str]:
     return [s["name"] if isinstance(s, dict) else str(s) for s in slots]
 
@@ -63,7 +73,7 @@ def run(args) -> int:
         return 0
     rows = []
     for o in optimizers:
-        hps = ", ".join(f"{h['name']}={h['default']:g}" for h in o["hyperparameters"])
+        hps = ", ".join(f"{h['name']}={_default(h)}" for h in o["hyperparameters"])
         rows.append({"NAME": o["name"], "HYPERPARAMETERS (default)": hps,
                      "FROM": f"{o['distribution']} {o['version']}",
                      "SLOTS": ", ".join(_slot_names(o.get("slots", []))), "PLUGIN": o["plugin"],

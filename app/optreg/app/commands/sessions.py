@@ -142,13 +142,22 @@ def run_import(args) -> int:
     durability = args.durability or meta.get("durability")
     periodic = durability == "periodic"
     session_id = meta["session_id"] if args.session_id is None else (args.session_id or None)
+    from optreg.client.errors import AlreadyExists
     with connect(args) as client:
-        s = client.create_session(
-            meta["optimizer"], params, session_id=session_id, state=state, initial_step=int(meta["step"]),
-            master_dtype=meta["master_dtype"], step_reply=meta.get("step_reply"), durability=durability,
-            periodic_steps=int(meta.get("periodic_steps") or 0) or None if periodic else None,
-            periodic_seconds=float(meta.get("periodic_seconds") or 0) or None if periodic else None,
-            **meta["hyperparameters"])
+        try:
+            s = _create(client, meta, params, state, session_id, durability, periodic)
+        except AlreadyExists as e:
+            raise AlreadyExists(f"{e.details}; or import it under another id with --session-id NEW_ID",
+                                e.code) from None
         info = s.info
     print(f"imported {args.file} as session {info.session_id} at step {info.step}")
     return 0
+
+
+def _create(client, meta, params, state, session_id, durability, periodic):
+    return client.create_session(
+        meta["optimizer"], params, session_id=session_id, state=state, initial_step=int(meta["step"]),
+        master_dtype=meta["master_dtype"], step_reply=meta.get("step_reply"), durability=durability,
+        periodic_steps=int(meta.get("periodic_steps") or 0) or None if periodic else None,
+        periodic_seconds=float(meta.get("periodic_seconds") or 0) or None if periodic else None,
+        **meta["hyperparameters"])
