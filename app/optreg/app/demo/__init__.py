@@ -25,14 +25,8 @@ DEFAULT_OUT = "optreg-demo"
 
 
 def _positive(text: str) -> int:
-    import argparse
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value}: give at least 1")
-    return value
+    from optreg.server.cli import at_least_one
+    return at_least_one(text)
 
 
 def _port(text: str) -> int:
