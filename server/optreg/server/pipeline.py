@@ -124,8 +124,7 @@ class StepRun:
         if self.overlap and self.staging is None:
             self.staging = self.store.allocate_set(s, "a step's staging copy")
         self.tracker = tensors.ChunkTracker(s.spec, "gradient")
-        self.record = (self.store.journal.begin(s, self.t, self.fence, self.hp, self.metrics, self.extras)
-                       if self.extras else self.store.journal.begin(s, self.t, self.fence, self.hp, self.metrics))
+        self.record = self.store.journal.begin(s, self.t, self.fence, self.hp, self.metrics, self.extras)
         if s.reply == "delta" and self.overlap:
             self.delta = self._buffers("a step's delta")
         return None

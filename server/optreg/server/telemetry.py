@@ -73,10 +73,11 @@ def tensor_stats(grad: np.ndarray, old: np.ndarray, new: np.ndarray) -> np.ndarr
     """The four sums of one tensor in float64: one compiled pass when numba has built it (a small step
     would otherwise spend more on numpy's temporaries and reductions than on its update), else numpy."""
     g, o, n = np.asarray(grad).reshape(-1), np.asarray(old).reshape(-1), np.asarray(new).reshape(-1)
-    fast = _SUMS.get(g.dtype.str) if g.dtype == o.dtype == n.dtype else None
+    fast = _SUMS.get(g.dtype.str) if g.dtype == o.dtype == n.dtype and g.size else None
     if fast is not None:
         out = np.zeros(4)
-        fast(g, o, n, out)
+        fast(n, o, g, out)  # the update pass's own sums (kernelstats.stats_loop)
+        out[3] = max(g.max(), -g.min())
         return out
     if _SUMS_STATE == "idle":
         _build_sums()
@@ -93,28 +94,7 @@ def numpy_stats(grad: np.ndarray, old: np.ndarray, new: np.ndarray) -> np.ndarra
     return np.array([g @ g, n @ n, d @ d, max(g.max(), -g.min())])
 
 
-def _sums_loop(g, o, n, out):
-    gg = 0.0
-    nn = 0.0
-    dd = 0.0
-    mx = 0.0
-    for i in range(g.size):
-        gi = np.float64(g[i])
-        ni = np.float64(n[i])
-        di = ni - np.float64(o[i])
-        gg += gi * gi
-        nn += ni * ni
-        dd += di * di
-        a = abs(gi)
-        if a > mx:
-            mx = a
-    out[0] = gg
-    out[1] = nn
-    out[2] = dd
-    out[3] = mx
-
-
-_SUMS: dict = {}  # dtype str -> compiled _sums_loop (float32 and float64 arrays)
+_SUMS: dict = {}  # dtype str -> kernelstats.stats_loop compiled plainly (float32 and float64 arrays)
 _SUMS_STATE = "idle"
 
 
@@ -126,7 +106,9 @@ def _build_sums() -> None:
     def build():
         try:
             import numba
-            fn = numba.njit(cache=True)(_sums_loop)
+
+            from optreg.server.kernelstats import stats_loop
+            fn = numba.njit(stats_loop)
             for dt in ("<f4", "<f8"):
                 a = np.zeros(2, dt)
                 fn(a, a, a, np.zeros(4))
