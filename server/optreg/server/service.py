@@ -186,11 +186,15 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         self.workers = WorkerSteps(store, self.chunk_bytes, max_message_bytes)  # shared sessions (rounds.py)
         fastkernels.warm()  # JIT the fused kernels in the background (numpy until then: same numbers)
 
+    @contextlib.contextmanager
     def _stream_slot(self):
         if not self._streams.acquire(blocking=False):
             raise ResourceExhausted(f"this server is running {self.max_streams} streaming calls, its limit "
                                     "(--max-streams); retry shortly, or send small steps with Step")
-        return _Release(self._streams)
+        try:
+            yield
+        finally:
+            self._streams.release()
 
     @contextlib.contextmanager
     def _upload(self, request_iterator):
@@ -547,17 +551,6 @@ def _tensor_map(items, what: str) -> dict[str, np.ndarray]:
             raise InvalidArgument(f"{what} {shown(t.name)} is given twice")
         out[t.name] = tensors.to_numpy(t)
     return out
-
-
-class _Release:
-    def __init__(self, sem):
-        self.sem = sem
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.sem.release()
 
 
 class _ReleaseSegments:

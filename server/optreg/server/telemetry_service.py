@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import grpc
 
+from optreg.server import status
+
 from optreg.server.telemetry import Alert, Record, SessionRing, TelemetryHub, visible
 from optreg.v1 import telemetry_pb2, telemetry_pb2_grpc
 
@@ -42,10 +44,11 @@ class TelemetryServicer(telemetry_pb2_grpc.TelemetryServiceServicer):
         if self.check_session is not None:
             try:
                 self.check_session(session_id, owner)
-            except Exception as e:  # the store's RequestError carries the status
-                code = getattr(e, "code", grpc.StatusCode.NOT_FOUND)
-                context.abort(code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.NOT_FOUND,
-                              getattr(e, "message", str(e)))
+            except Exception as e:  # the domain's refusal, mapped by the servicers' one table
+                t = status.translate(e)
+                if t is None:
+                    raise
+                context.abort(t[0], t[1])
         ring = self.hub.ring(session_id)
         if ring is not None and not visible(ring.owner, owner, self.hub.auth):
             context.abort(grpc.StatusCode.PERMISSION_DENIED,
