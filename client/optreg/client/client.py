@@ -113,7 +113,8 @@ class Client:
                        periodic_seconds: float | None = None, state: Mapping[str, Mapping[str, np.ndarray]] | None = None,
                        initial_step: int = 0, keep=True, workers: int | None = None, mode: str = "sync",
                        min_workers: int = 0, round_deadline: float | None = None, lease: float | None = None,
-                       combine: str = "mean", staleness: int = 0, **hyperparameters: float) -> Session:
+                       combine: str = "mean", staleness: int = 0, scale_lr_by_staleness: bool = False,
+                       **hyperparameters: float) -> Session:
         """Open a session; `params` (name -> array) are the initial values, copied to the server, and
         the arrays later steps write into.
 
@@ -134,7 +135,8 @@ class Client:
         `min_workers` have and `round_deadline` seconds passed since its first contribution; its
         gradients are combined by `combine`, "mean" or "sum"), "async" (each contribution applied
         on arrival; `staleness` > 0 refuses staler ones) or "ssp" (bound `staleness`). `lease`:
-        seconds a worker stays a member without a call. See docs/workers.md.
+        seconds a worker stays a member without a call. `scale_lr_by_staleness` (async, ssp): each
+        contribution runs at lr / (1 + its staleness). See docs/workers.md.
         """
         if "reply" in hyperparameters and step_reply is None:
             warnings.warn("create_session(reply=...) is now step_reply=...", DeprecationWarning, stacklevel=2)
@@ -145,7 +147,7 @@ class Client:
         check_keep(keep)
         if workers is not None:
             config.workers.CopyFrom(worker_config(workers, mode, min_workers, round_deadline, lease, combine,
-                                                  staleness))
+                                                  staleness, scale_lr_by_staleness))
         if resume:
             try:
                 return self._resume(session_id, optimizer, params, master_dtype, keep)

@@ -29,7 +29,8 @@ MODES = {"sync": session_pb2.WORKER_MODE_SYNC, "async": session_pb2.WORKER_MODE_
 COMBINES = {"mean": session_pb2.COMBINE_MEAN, "sum": session_pb2.COMBINE_SUM}
 
 
-def worker_config(workers, mode, min_workers, round_deadline, lease, combine, staleness) -> session_pb2.WorkerConfig:
+def worker_config(workers, mode, min_workers, round_deadline, lease, combine, staleness,
+                  scale_lr=False) -> session_pb2.WorkerConfig:
     """create_session's worker arguments, checked before anything is sent."""
     if not isinstance(workers, int) or workers < 1:
         raise UsageError(f"workers={workers!r}: give the most workers at once (an int >= 1)")
@@ -44,9 +45,12 @@ def worker_config(workers, mode, min_workers, round_deadline, lease, combine, st
             raise UsageError(f"{what}={v!r}: give seconds > 0, or None for the server's default")
     if not isinstance(staleness, int) or staleness < 0:
         raise UsageError(f"staleness={staleness!r}: give an int >= 0")
+    if scale_lr and mode == "sync":
+        raise UsageError("scale_lr_by_staleness=True: sync rounds have no staleness; use mode='async' or 'ssp'")
     return session_pb2.WorkerConfig(workers=workers, mode=MODES[mode], min_workers=min_workers,
                                     round_deadline_seconds=round_deadline or 0.0, lease_seconds=lease or 0.0,
-                                    combine=COMBINES[combine], staleness=staleness)
+                                    combine=COMBINES[combine], staleness=staleness,
+                                    scale_lr_by_staleness=bool(scale_lr))
 
 
 class WorkerStepResult(NamedTuple):

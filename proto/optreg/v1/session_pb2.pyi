@@ -85,7 +85,7 @@ class SessionConfig(_message.Message):
     def __init__(self, optimizer: _Optional[str] = ..., hyperparameters: _Optional[_Mapping[str, float]] = ..., master_dtype: _Optional[_Union[_tensor_pb2.DataType, str]] = ..., step_reply: _Optional[_Union[StepReply, str]] = ..., session_id: _Optional[str] = ..., durability: _Optional[_Union[Durability, str]] = ..., periodic_steps: _Optional[int] = ..., periodic_seconds: _Optional[float] = ..., workers: _Optional[_Union[WorkerConfig, _Mapping]] = ...) -> None: ...
 
 class WorkerConfig(_message.Message):
-    __slots__ = ("workers", "mode", "min_workers", "round_deadline_seconds", "lease_seconds", "combine", "staleness")
+    __slots__ = ("workers", "mode", "min_workers", "round_deadline_seconds", "lease_seconds", "combine", "staleness", "scale_lr_by_staleness")
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     MIN_WORKERS_FIELD_NUMBER: _ClassVar[int]
@@ -93,6 +93,7 @@ class WorkerConfig(_message.Message):
     LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     COMBINE_FIELD_NUMBER: _ClassVar[int]
     STALENESS_FIELD_NUMBER: _ClassVar[int]
+    SCALE_LR_BY_STALENESS_FIELD_NUMBER: _ClassVar[int]
     workers: int
     mode: WorkerMode
     min_workers: int
@@ -100,7 +101,8 @@ class WorkerConfig(_message.Message):
     lease_seconds: float
     combine: Combine
     staleness: int
-    def __init__(self, workers: _Optional[int] = ..., mode: _Optional[_Union[WorkerMode, str]] = ..., min_workers: _Optional[int] = ..., round_deadline_seconds: _Optional[float] = ..., lease_seconds: _Optional[float] = ..., combine: _Optional[_Union[Combine, str]] = ..., staleness: _Optional[int] = ...) -> None: ...
+    scale_lr_by_staleness: bool
+    def __init__(self, workers: _Optional[int] = ..., mode: _Optional[_Union[WorkerMode, str]] = ..., min_workers: _Optional[int] = ..., round_deadline_seconds: _Optional[float] = ..., lease_seconds: _Optional[float] = ..., combine: _Optional[_Union[Combine, str]] = ..., staleness: _Optional[int] = ..., scale_lr_by_staleness: _Optional[bool] = ...) -> None: ...
 
 class Member(_message.Message):
     __slots__ = ("worker", "contributions", "last_round", "last_contact", "joined_at")

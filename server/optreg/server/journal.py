@@ -33,7 +33,7 @@ import numpy as np
 from optreg.server import kernels, snapshot, wal
 from optreg.server.errors import ResourceExhausted, Unavailable
 from optreg.server.fsync import GroupSyncer, fsync_dir
-from optreg.server.membership import WorkerConfig
+from optreg.server.membership import LR_SCALED, WorkerConfig, note_worker_record
 from optreg.server.sessions import DTYPE_NAMES, Arrays, Durability, Session
 from optreg.v1 import tensors
 
@@ -119,7 +119,7 @@ def meta_of(s: Session, hyperparameters: dict | None = None) -> dict:
             "periodic_steps": s.durability.periodic_steps, "periodic_seconds": s.durability.periodic_seconds,
             "shapes": {n: list(v) for n, v in s.shapes.items()}, "slots": list(s.slot_names),
             "workers": s.workers.to_meta() if s.workers is not None else None, "round_record": s.round_record,
-            "worker_rounds": s.worker_rounds}
+            "worker_rounds": s.worker_rounds, "worker_clocks": s.worker_clocks}
 
 
 def snapshot_arrays(s: Session) -> tuple[dict, dict]:
@@ -182,12 +182,10 @@ def replay(s: Session, record: wal.Record) -> None:
             if before is not None:
                 s.last_delta = s.last_delta or {}
                 s.last_delta[name] = p - before
-    s.hyperparameters = s.optimizer.definition.resolve(record.hyperparameters)
+    if not record.extras.get(LR_SCALED):  # a staleness-scaled contribution's lr was its own, not the session's
+        s.hyperparameters = s.optimizer.definition.resolve(record.hyperparameters)
     s.step = record.step
-    if "worker" in record.extras:  # a shared session's async contribution: retries of it are not applied again
-        s.worker_rounds[record.extras["worker"]] = record.extras["round"]
-    elif "round" in record.extras:  # a shared session's sync round: who it applied (rounds.Hub answers retries)
-        s.round_record = {k: record.extras[k] for k in ("round", "contributors", "members") if k in record.extras}
+    note_worker_record(s, record.extras)  # a shared session's round or contribution: members, clocks, retries
 
 
 # Chunks at least this large are written by the log's writer thread, overlapped with the step's update
@@ -476,7 +474,8 @@ class Journal:
                             meta["log_step"] = True
                             # ...and the hyperparameters in force, as its last record logged them (what
                             # GetSession shows before the session is loaded and replayed)
-                            meta["hyperparameters"] = dict(lg._entries[-1].hyperparameters)
+                            if not lg._entries[-1].extras.get(LR_SCALED):
+                                meta["hyperparameters"] = dict(lg._entries[-1].hyperparameters)
                     except (wal.CorruptData, ValueError, OSError) as e:
                         meta["log_error"] = f"log {self.log_path(sid)}: {e}"
                 yield sid, meta
@@ -494,6 +493,7 @@ class Journal:
         s.workers = WorkerConfig.from_meta(meta.get("workers"))
         s.round_record = meta.get("round_record")
         s.worker_rounds = dict(meta.get("worker_rounds") or {})
+        s.worker_clocks = dict(meta.get("worker_clocks") or {})
         s.persisted_step = s.step
         s.dirty = False
         if meta.get("log_error"):

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from optreg.server.errors import Cancelled, DeadlineExceeded, FailedPrecondition, InvalidArgument, shown
-from optreg.server.membership import Member, Members, ssp_may_apply
+from optreg.server.membership import Member, Members, note_worker_record, ssp_may_apply
 from optreg.server.pipeline import Buffers, StepRun, check_finite, widen
 from optreg.v1 import tensors
 
@@ -161,6 +161,13 @@ class Hub:
                     self.members.join(w)
                 except Exception:  # the config shrank or the name is not valid any more: it joins again itself
                     pass
+        # The members at the last step, with their clocks (every mode): SSP's bound holds across a restart, and
+        # a worker that does not come back is dropped when its fresh lease runs out.
+        for w, clock in sorted(session.worker_clocks.items()):
+            try:
+                self.members.join(w).contributions = int(clock)
+            except Exception:
+                pass
 
     # -- membership ----------------------------------------------------------------------
     def join(self, worker: str) -> int:
@@ -304,6 +311,7 @@ class Hub:
         with self.cond:
             contribs = dict(r.contribs)
             live = self.members.names()
+            clocks = {w: m.contributions + (w in contribs) for w, m in self.members.by_name.items()}
             sent = [m for w, m in r.metrics.items() if w in contribs]
         # The round's step records the mean of each scalar over the contributors that sent it.
         names = sorted({k for m in sent for k in m})
@@ -314,9 +322,9 @@ class Hub:
                 f"a round's combined gradient of session {s.id}", s.elements * s.dtype.itemsize,
                 lambda: Buffers(combine(contribs, self.config.combine, s.dtype)))
             # Logged with the step (journal.replay restores it), so retries after a restart are answered.
-            record = {"round": r.number, "contributors": sorted(contribs), "members": sorted(live)}
+            record = {"round": r.number, "contributors": sorted(contribs), "members": sorted(live), "clocks": clocks}
             run = StepRun(self.store, s, r.number, metrics=step_metrics, extras=record)
-            run.on_commit = lambda sess: setattr(sess, "round_record", record)
+            run.on_commit = lambda sess: note_worker_record(sess, record)
             try:
                 result = run.open()
                 if result is None:
@@ -356,9 +364,10 @@ class Hub:
             self.cond.notify_all()
 
     # -- async and ssp ---------------------------------------------------------------------
-    def begin_async(self, worker: str, number: int, context=None) -> tuple[Member, Outcome | None]:
+    def begin_async(self, worker: str, number: int, context=None) -> tuple[Member, Outcome | None, dict]:
         """Take the worker's turn (its contributions apply one at a time). Returns (member, the answer when
-        this is a retry of its last applied contribution). SSP: waits while the worker is too far ahead."""
+        this is a retry of its last applied contribution, the members' clocks once it applies: logged with
+        it). SSP: waits while the worker is too far ahead."""
         end = time.monotonic() + _remaining(context)
         with self.cond:
             self._check_open()
@@ -372,7 +381,7 @@ class Hub:
                 step = self.session.step
                 last = self.session.worker_rounds.get(worker, -1)  # survives restarts (logged with each step)
                 if number == last:
-                    return m, self._async_replay(m, number)
+                    return m, self._async_replay(m, number), {}
                 if number < last:
                     raise FailedPrecondition(
                         f"worker {shown(worker)} already contributed gradients read at step {last}; this "
@@ -402,7 +411,9 @@ class Hub:
                         self.members.expire()
                         if m.worker not in self.members.by_name:  # dropped while waiting: back in
                             self.members.by_name[m.worker] = m
-            return m, None
+                clocks = {w: o.contributions for w, o in self.members.by_name.items()}
+                clocks[worker] = m.contributions + 1
+            return m, None, clocks
         except BaseException:
             turn.release()
             raise

@@ -7,7 +7,8 @@ import itertools
 import numpy as np
 
 from optreg.server.errors import Cancelled, FailedPrecondition, InvalidArgument, shown
-from optreg.server.membership import DEFAULT_DEADLINE, DEFAULT_LEASE, WorkerConfig
+from optreg.server.membership import (DEFAULT_DEADLINE, DEFAULT_LEASE, LR_SCALED, WorkerConfig, note_worker_record,
+                                     staleness_scaled)
 from optreg.server.pipeline import StepRun, check_metrics
 from optreg.server.rounds import Contribution, Hubs, Outcome
 from optreg.v1 import session_pb2, tensors
@@ -32,7 +33,7 @@ def worker_config_from(msg: session_pb2.SessionConfig) -> WorkerConfig | None:
     return WorkerConfig(workers=w.workers, mode=_MODES[w.mode], min_workers=w.min_workers,
                         round_deadline=w.round_deadline_seconds or DEFAULT_DEADLINE,
                         lease_seconds=w.lease_seconds or DEFAULT_LEASE, combine=_COMBINES[w.combine],
-                        staleness=w.staleness).checked()
+                        staleness=w.staleness, scale_lr=w.scale_lr_by_staleness).checked()
 
 
 def add_worker_info(info: session_pb2.SessionInfo, s) -> None:
@@ -42,7 +43,7 @@ def add_worker_info(info: session_pb2.SessionInfo, s) -> None:
     info.workers.CopyFrom(session_pb2.WorkerConfig(
         workers=cfg.workers, mode=_MODE_CODES[cfg.mode], min_workers=cfg.min_workers,
         round_deadline_seconds=cfg.round_deadline, lease_seconds=cfg.lease_seconds,
-        combine=_COMBINE_CODES[cfg.combine], staleness=cfg.staleness))
+        combine=_COMBINE_CODES[cfg.combine], staleness=cfg.staleness, scale_lr_by_staleness=cfg.scale_lr))
     info.open_round = s.step
     hub = s.hub
     if hub is None:
@@ -60,6 +61,18 @@ def add_worker_info(info: session_pb2.SessionInfo, s) -> None:
         info.last_round.CopyFrom(session_pb2.RoundInfo(round=last.round, contributors=last.contributors,
                                                        stragglers=last.stragglers, seconds=last.seconds,
                                                        noise_scale=last.noise_scale))
+
+
+class ContributionRun(StepRun):
+    """An async/SSP contribution: one unfenced step, so it runs at whichever step is current when it commits
+    (StepRun resolves its hyperparameters then, under the session's lock). With config.scale_lr its lr is
+    lr / (1 + staleness) for this step only: the record logs the lr it ran with and is marked LR_SCALED, so
+    recovery replays it exactly and keeps the session's own lr."""
+    read_step = 0
+
+    def _resolve(self, s):
+        hp = super()._resolve(s)
+        return staleness_scaled(hp, s.step - self.read_step) if s.workers.scale_lr else hp
 
 
 class WorkerSteps:
@@ -104,16 +117,19 @@ class WorkerSteps:
             if not context.is_active():
                 raise Cancelled("the call ended before the contribution was committed; it was not")
             return hub.contribute(worker, number, grads, context, check_metrics(metrics))
-        member, early = hub.begin_async(worker, number, context)
+        member, early, clocks = hub.begin_async(worker, number, context)
         applied = None
         try:
             if early is not None:
                 for _ in chunks:
                     pass
                 return early
-            run = StepRun(self.store, session, None, None, metrics, context.is_active,
-                          extras={"worker": worker, "round": number})
-            run.on_commit = lambda s: s.worker_rounds.__setitem__(worker, number)
+            record = {"worker": worker, "round": number, "clocks": clocks}
+            if session.workers.scale_lr:
+                record[LR_SCALED] = True
+            run = ContributionRun(self.store, session, None, None, metrics, context.is_active, extras=record)
+            run.read_step = number
+            run.on_commit = lambda s: note_worker_record(s, record)
             try:
                 run.open()
                 for t in chunks:
