@@ -106,6 +106,12 @@ class Worker:
         self.client._unary("LeaveSession", session_pb2.LeaveSessionRequest(session_id=self.session_id,
                                                                            worker=self.worker))
 
+    def set_hyperparameters(self, **values: float) -> None:
+        """Change the shared session's hyperparameters from its next step on (UpdateHyperparameters: a
+        contribution cannot carry them, since workers could disagree; send the same from each)."""
+        self.client._unary("UpdateHyperparameters", session_pb2.UpdateHyperparametersRequest(
+            session_id=self.session_id, hyperparameters=values))
+
     def refresh(self) -> int:
         """Read the current parameters into `arrays` and key the next contribution by their step."""
         reply = self.client._unary("ReadParameters", session_pb2.ReadParametersRequest(session_id=self.session_id))
