@@ -16,7 +16,7 @@ from optreg.client.session import Session, check_keep
 from optreg.client.stepping import STREAM_ABOVE_BYTES, nbytes
 from optreg.client.transport import GrpcTransport, Transport
 from optreg.client.workers import Worker, worker_config
-from optreg.v1 import registry_pb2, session_pb2, tensor_pb2, tensors
+from optreg.v1 import registry_pb2, session_pb2, telemetry_pb2, tensor_pb2, tensors
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 
@@ -232,6 +232,15 @@ class Client:
         w = Worker(self, session_id, worker, arrays, reply.round, info, heartbeat_every)
         w.refresh()
         return w
+
+    def export_telemetry(self, session_id: str) -> bytes:
+        """The session's telemetry ring as one opaque blob (b"": none yet), for `import_telemetry`."""
+        return self._unary("ExportTelemetry", telemetry_pb2.ExportTelemetryRequest(session_id=session_id)).data
+
+    def import_telemetry(self, session_id: str, data: bytes) -> int:
+        """Replace the session's telemetry with a blob `export_telemetry` returned; the newest step it holds."""
+        return self._unary("ImportTelemetry", telemetry_pb2.ImportTelemetryRequest(session_id=session_id,
+                                                                                  data=data)).last_step
 
     def get_session(self, session_id: str) -> SessionInfo:
         reply = self._unary("GetSession", session_pb2.GetSessionRequest(session_id=session_id))

@@ -486,12 +486,14 @@ class TelemetryHub:
             ring = self._rings.get(session_id)
             return None if ring is None else zlib.compress(json.dumps(ring.to_json()).encode(), 1)
 
-    def import_(self, session_id: str, data: bytes) -> None:
-        """Take a ring from export() bytes (an imported session's telemetry), under `session_id`."""
+    def import_(self, session_id: str, data: bytes, owner: str | None = None) -> SessionRing:
+        """Take a ring from export() bytes (an imported session's telemetry), under `session_id` (and
+        `owner`'s token, when given: not the exporting server's)."""
         raw = json.loads(zlib.decompress(data))
         if raw.get("format") != FORMAT:
             raise ValueError(f"telemetry format {raw.get('format')!r}, expected {FORMAT}")
-        ring = SessionRing(session_id, raw["owner"], raw["optimizer"], self.recent_steps, self.coarse_buckets)
+        ring = SessionRing(session_id, raw["owner"] if owner is None else owner, raw["optimizer"],
+                           self.recent_steps, self.coarse_buckets)
         ring.restore(raw)
         ring.dirty = True
         self.drain()
@@ -500,6 +502,7 @@ class TelemetryHub:
             ring.version += 1
             self._cond.notify_all()
         self._notify(session_id)
+        return ring
 
     def save(self, session_id: str) -> None:
         """Write one session's ring atomically (temporary file, rename)."""
