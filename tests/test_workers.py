@@ -616,3 +616,36 @@ def test_staleness_scaled_lr_is_refused_in_sync_mode(server):
             config=config, parameters=[tensors.from_numpy("w", np.zeros(4))]), timeout=10)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "config.workers.scale_lr_by_staleness" in e.value.details() and "async or ssp" in e.value.details()
+
+
+def test_a_worker_that_stopped_contributing_raises_the_telemetry_alert(server):
+    """The dashboard's "worker_stopped" alert (issue 12): a member that is alive (its lease holds) but missed
+    3 sync rounds in a row raises it once, and again when its lease runs out and it is dropped; a worker that
+    leaves does not."""
+    import time
+    from optreg.v1 import telemetry_pb2, telemetry_pb2_grpc
+    with Client(server.address, timeout=30) as c:
+        s = c.create_session("sgd", {"w": np.zeros(4)}, workers=4, min_workers=2, round_deadline=0.2, lease=5.0,
+                             lr=1.0, durability="none")
+        a, b, gone = (Client(server.address, timeout=30).join(s.id, n) for n in ("a", "b", "gone"))
+        silent = Client(server.address, timeout=30).join(s.id, "silent")  # joins, then never calls again
+        gone.leave()
+        for _ in range(3):  # each round closes at its deadline with a and b; "silent" is a straggler of all three
+            _threads([lambda w=w: w.step({"w": np.ones(4)}) for w in (a, b)])
+        stub = telemetry_pb2_grpc.TelemetryServiceStub(grpc.insecure_channel(server.address))
+
+        def alerts():
+            got = stub.GetTelemetry(telemetry_pb2.GetTelemetryRequest(session_id=s.id), timeout=10)
+            return [x for x in got.alerts if x.kind == "worker_stopped"]
+
+        deadline = time.monotonic() + 30
+        while len(alerts()) < 2 and time.monotonic() < deadline:  # a and b keep calling: only silent's lease ends
+            a.heartbeat()
+            b.heartbeat()
+            time.sleep(0.2)
+        found = alerts()
+        assert [x.message.split(":")[0] for x in found] == ["worker silent stopped contributing"] * 2, found
+        assert "none of the last 3 rounds" in found[0].message and found[0].step == 3
+        assert "lease ran out" in found[1].message and "it never contributed" in found[1].message
+        assert [m.worker for m in c.get_session(s.id).members] == ["a", "b"]
+        del silent

@@ -110,6 +110,7 @@ class Member:
     expires: float = 0.0  # time.monotonic() when the lease runs out
     contributions: int = 0  # applied contributions: the SSP clock
     last_round: int = -1  # the round (sync) or read step (async, ssp) of its last applied contribution
+    missed: int = 0  # sync: rounds in a row that closed without it while it was a member
 
 
 class Members:
@@ -119,12 +120,15 @@ class Members:
         self.config = config
         self.session_id = session_id
         self.by_name: dict[str, Member] = {}
+        self.on_expired = None  # called with each member whose lease ran out (rounds.Hub: the telemetry alert)
 
     def expire(self, now: float | None = None) -> list[str]:
         now = time.monotonic() if now is None else now
         gone = [n for n, m in self.by_name.items() if m.expires <= now]
         for n in gone:
-            del self.by_name[n]
+            m = self.by_name.pop(n)
+            if self.on_expired is not None:
+                self.on_expired(m)
         return gone
 
     def renew(self, m: Member) -> None:

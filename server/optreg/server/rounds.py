@@ -34,6 +34,7 @@ from optreg.v1 import tensors
 
 log = logging.getLogger("optreg.server.rounds")
 WAIT_SLICE = 0.25  # waiters re-check leases and deadlines at least this often
+MISSED_ROUNDS_ALERT = 3  # sync: a live member that misses this many rounds in a row raises "worker_stopped"
 
 
 @dataclass
@@ -142,6 +143,7 @@ class Hub:
         self.store, self.session, self.config = store, session, session.workers
         self.cond = threading.Condition()
         self.members = Members(self.config, session.id)
+        self.members.on_expired = self._lease_ran_out
         self.round = Round(session.step)
         self.last: Outcome | None = None
         self.history: deque = deque(maxlen=64)  # (round, contributors) of closed rounds
@@ -170,6 +172,23 @@ class Hub:
                 pass
 
     # -- membership ----------------------------------------------------------------------
+    def _worker_stopped(self, worker: str, message: str) -> None:
+        """Tell the store's observers (telemetry: the dashboard's alert). Caller may hold the condition:
+        observers only queue the event."""
+        for o in self.store.observers:
+            fn = getattr(o, "on_worker_stopped", None)
+            if fn is not None:
+                try:
+                    fn(self.session, worker, message)
+                except Exception:  # telemetry never fails a round
+                    log.exception("session %s: worker_stopped observer failed", self.session.id)
+
+    def _lease_ran_out(self, m: Member) -> None:
+        last = f"its last contribution was to round {m.last_round}" if m.last_round >= 0 else "it never contributed"
+        self._worker_stopped(m.worker, f"worker {m.worker} stopped contributing: no call or heartbeat for "
+                                       f"{self.config.lease_seconds:g} s, so its lease ran out and it was dropped "
+                                       f"({last}; {m.contributions} applied)")
+
     def join(self, worker: str) -> int:
         with self.cond:
             self.members.join(worker)
@@ -355,6 +374,15 @@ class Hub:
                 m = self.members.by_name.get(w)
                 if m is not None:
                     m.contributions += 1
+                    m.missed = 0
+            for w in outcome.stragglers:  # alive (its lease renewed) but not contributing
+                m = self.members.by_name.get(w)
+                if m is not None:
+                    m.missed += 1
+                    if m.missed == MISSED_ROUNDS_ALERT:
+                        self._worker_stopped(w, f"worker {w} stopped contributing: a member (its lease still "
+                                                f"renewed) whose contribution none of the last {m.missed} rounds "
+                                                f"had (rounds {r.number - m.missed + 1}-{r.number} closed without it)")
             r.result = outcome
             r.contribs.clear()  # their buffers leave the memory budget
             r.metrics.clear()
