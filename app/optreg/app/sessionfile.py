@@ -31,7 +31,8 @@ def encode(info, parameters: dict[str, np.ndarray], state: dict[str, dict[str, n
     """`info` is the client's SessionInfo; parameters and state as SessionState holds them."""
     arrays, table = {}, {}
     if telemetry:
-        arrays["telemetry/ring"], table["telemetry/ring"] = np.frombuffer(telemetry, np.uint8), ["telemetry", "", "ring"]
+        arrays["telemetry/ring"] = np.frombuffer(telemetry, np.uint8)
+        table["telemetry/ring"] = ["telemetry", "", "ring"]
     for name, a in parameters.items():
         arrays[f"params/{name}"], table[f"params/{name}"] = a, ["params", "", name]
     for slot, named in state.items():
