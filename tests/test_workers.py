@@ -553,11 +553,11 @@ def test_ssp_clocks_and_members_survive_kill_9_and_retries_apply_once(start_serv
     srv.kill()
     srv2 = start_server("--data-dir", str(tmp_path))
     st = _stub(srv2.address)
-    with pytest.raises(grpc.RpcError) as e:  # the first call after the restart: fast is still 2 ahead
+    info = st.GetSession(session_pb2.GetSessionRequest(session_id="ssp"), timeout=10).session
+    assert [(m.worker, m.contributions) for m in info.members] == [("fast", 2), ("slow", 0)]  # before any call
+    with pytest.raises(grpc.RpcError) as e:  # fast is still 2 ahead of slow
         _contribute(st, "ssp", "fast", 2, g[2], timeout=1.0)
     assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    info = st.GetSession(session_pb2.GetSessionRequest(session_id="ssp"), timeout=10).session
-    assert [(m.worker, m.contributions) for m in info.members] == [("fast", 2), ("slow", 0)]
     again = _contribute(st, "ssp", "fast", 1, g[1])  # its reply was lost in the crash: answered, not applied
     assert again.replayed and again.step == 2
     assert st.GetSession(session_pb2.GetSessionRequest(session_id="ssp"), timeout=10).session.step == 2

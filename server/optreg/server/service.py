@@ -17,7 +17,8 @@ import numpy as np
 
 from optreg.plugins.registry import Registry
 from optreg.server import fastkernels, shm, status
-from optreg.server.errors import (DeadlineExceeded, FailedPrecondition, InvalidArgument, ResourceExhausted, shown)
+from optreg.server.errors import (DataLoss, DeadlineExceeded, FailedPrecondition, InvalidArgument, ResourceExhausted,
+                                  shown)
 from optreg.server.factory import SessionConfig
 from optreg.server.metrics import Metrics
 from optreg.server.pipeline import StepRun
@@ -267,8 +268,15 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
 
     @status.handler
     def GetSession(self, request, context):
-        return session_pb2.GetSessionResponse(
-            session=session_info(self.store.get(request.session_id, self.owner(context))))
+        s = self.store.get(request.session_id, self.owner(context))
+        if s.workers is not None and s.hub is None and not s.quarantined:
+            # After a restart: the members and clocks come back from the log when the hub is made (it loads
+            # the session), so GetSession lists them before any worker has called again.
+            try:
+                self.workers.hubs.get(s)
+            except (ResourceExhausted, DataLoss) as e:  # no room to load it now, or damaged files: shown
+                log.warning("session %s: members not listed: %s", s.id, e)  # without members, as before
+        return session_pb2.GetSessionResponse(session=session_info(s))
 
     @status.handler
     def ListSessions(self, request, context):
