@@ -103,6 +103,10 @@ class Session:
     hub: object | None = field(default=None, repr=False)
     round_record: dict | None = None  # the last sync round applied: {"round", "contributors", "members"} (logged)
     worker_rounds: dict = field(default_factory=dict)  # async/ssp: worker -> round of its last applied contribution
+    # Sparse rows (sparse.py): name -> int64 per row, the step the row is current through (lazy 2-D
+    # parameters only), and the last sparse step's answer (a retry gets it again).
+    clocks: dict = field(default_factory=dict, repr=False)
+    last_sparse: object | None = field(default=None, repr=False)
 
     def __post_init__(self):
         allowed = GRAD_DTYPES[self.master_code]
