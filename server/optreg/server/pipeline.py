@@ -225,7 +225,10 @@ class StepRun:
         if not self.is_sparse:
             raise InvalidArgument(f"{where}: sparse rows must come in the step's first message (the step is "
                                   "computed as a sparse step only when they do)")
-        name, rows, values = sparse_rows.parse(self.session, msg, where)
+        self.add_sparse(*sparse_rows.parse(self.session, msg, where), where=where)
+
+    def add_sparse(self, name: str, rows: np.ndarray, values: np.ndarray, where: str = "sparse") -> None:
+        """Rows already validated (sorted, unique, master dtype): logged, applied at commit."""
         if name in self.sparse or name in self.tracker.kinds:
             raise InvalidArgument(f"{where} {shown(name)}: this parameter is already in the step; name each "
                                   "parameter once (rows named twice in one SparseRows are summed)")
@@ -258,10 +261,7 @@ class StepRun:
         (cheaper than marking the arrays read), a large one outside it while they are marked read."""
         try:
             if self.is_sparse:  # parameters not named have a zero gradient; those sent must be whole
-                for name in self.tracker.kinds:
-                    if self.tracker.filled[name] != self.tracker.sizes[name]:
-                        raise ValueError(f"gradient {shown(name)}: {self.tracker.filled[name]} of "
-                                         f"{self.tracker.sizes[name]} elements arrived; the stream ended early")
+                sparse_rows.check_whole(self.tracker)
             else:
                 self.tracker.finish()
         except ValueError as e:

@@ -327,7 +327,105 @@ def settle_in_place(s: Session) -> None:
 def to_messages(result: SparseStepResult) -> list:
     from optreg.v1 import tensor_pb2
     out = []
-    for name, (rows, values) in getattr(result, "sparse", {}).items():
+    rows_of = getattr(result, "sparse", None)
+    if rows_of is None:  # a shared session's Outcome
+        rows_of = getattr(result, "rows", None) or {}
+    for name, (rows, values) in rows_of.items():
         out.append(tensor_pb2.SparseRows(name=name, rows=np.ascontiguousarray(rows, "<i8").tobytes(),
                                          values=tensors.from_numpy(name, values)))
     return out
+
+
+# -- shared sessions (rounds.py): sparse contributions -------------------------------------------
+def parse_all(s: Session, msgs) -> dict:
+    """name -> (rows, values) of a contribution's SparseRows messages; each parameter once."""
+    out = {}
+    for i, m in enumerate(msgs):
+        name, rows, values = parse(s, m, f"sparse[{i}]")
+        if name in out:
+            raise InvalidArgument(f"sparse[{i}] {shown(name)}: this parameter is already in the contribution; "
+                                  "name each parameter once (rows named twice in one SparseRows are summed)")
+        out[name] = (rows, values)
+    return out
+
+
+def dense_buffer(store, s: Session, grads: dict, sparse: dict, name: str) -> None:
+    """A sparse contribution's dense gradient of `name`: its buffer, made on its first chunk."""
+    if name in sparse:
+        raise InvalidArgument(f"gradient {shown(name)} is given both as sparse rows and dense: send one")
+    if name not in grads:
+        grads[name] = store.budget.allocate(f"a worker's gradient of session {s.id}",
+                                            int(np.prod(s.shapes[name])) * s.dtype.itemsize,
+                                            lambda: np.empty(s.shapes[name], s.dtype))
+
+
+def check_whole(tracker) -> None:
+    """The parameters a sparse step or contribution sent densely arrived whole (ValueError if not)."""
+    for name in tracker.kinds:
+        if tracker.filled[name] != tracker.sizes[name]:
+            raise ValueError(f"gradient {shown(name)}: {tracker.filled[name]} of {tracker.sizes[name]} elements "
+                             "arrived; the stream ended early")
+
+
+def combine(contribs: dict, names: list, how: str, dtype):
+    """A sync round's gradient from contributions some of which name rows: summed in worker-name order,
+    the same bits as summing their dense equivalents (x + 0 = x), then divided by their count for the
+    mean. A parameter sent densely by anyone is dense; one only ever named by rows stays rows (their
+    union, duplicates summed); one named by nobody is left out (zero)."""
+    from optreg.server.pipeline import Buffers
+    dense, rows = Buffers(), {}
+    params = []
+    for w in names:
+        for n in list(contribs[w]) + list(getattr(contribs[w], "sparse", None) or {}):
+            if n not in params:
+                params.append(n)
+    for n in params:
+        parts = [(contribs[w].get(n), (getattr(contribs[w], "sparse", None) or {}).get(n)) for w in names]
+        if any(d is not None for d, _ in parts):
+            acc = None
+            for d, sp in parts:
+                if d is not None:
+                    acc = d.copy() if acc is None else acc.__iadd__(d)
+                elif sp is not None:
+                    if acc is None:
+                        acc = np.zeros(next(x for x, _ in parts if x is not None).shape, dtype)
+                    acc[sp[0]] += sp[1]
+                elif acc is None:
+                    acc = np.zeros(next(x for x, _ in parts if x is not None).shape, dtype)
+            dense[n] = acc
+        else:
+            union = np.unique(np.concatenate([sp[0] for _, sp in parts if sp is not None]))
+            vals = None
+            for _, sp in parts:
+                if sp is None:
+                    continue
+                idx = np.searchsorted(union, sp[0])
+                if vals is None:
+                    vals = np.zeros((union.size, sp[1].shape[1]), dtype)
+                vals[idx] += sp[1]
+            rows[n] = (union, vals)
+    if how == "mean" and len(names) > 1:
+        k = dtype.type(len(names))
+        for a in dense.values():
+            a /= k
+        for _, v in rows.values():
+            v /= k
+    dense.sparse = rows
+    return dense
+
+
+def squared_norm(g) -> float:
+    """Sum of squares (float64) of a gradient set: its dense arrays and its rows (zeros elsewhere)."""
+    total = 0.0
+    for a in list(g.values()) + [v for _, v in (getattr(g, "sparse", None) or {}).values()]:
+        f = a.reshape(-1).astype(np.float64)
+        total += float(np.dot(f, f))
+    return total
+
+
+def scaled(g, k: float):
+    """A gradient set times k (a round's mean from its sum, for statistics)."""
+    from optreg.server.pipeline import Buffers
+    res = Buffers({n: a * k for n, a in g.items()})
+    res.sparse = {n: (r, v * k) for n, (r, v) in (getattr(g, "sparse", None) or {}).items()}
+    return res
