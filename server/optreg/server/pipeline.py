@@ -229,7 +229,10 @@ class StepRun:
 
     def add_sparse(self, name: str, rows: np.ndarray, values: np.ndarray, where: str = "sparse") -> None:
         """Rows already validated (sorted, unique, master dtype): logged, applied at commit."""
-        if name in self.sparse or name in self.tracker.kinds:
+        if name in self.tracker.kinds:
+            raise InvalidArgument(f"{where} {shown(name)}: the gradient is given both as sparse rows and dense: "
+                                  "send one")
+        if name in self.sparse:
             raise InvalidArgument(f"{where} {shown(name)}: this parameter is already in the step; name each "
                                   "parameter once (rows named twice in one SparseRows are summed)")
         sparse_rows.log_sparse(self.record, name, rows, values)

@@ -97,15 +97,17 @@ def parse(s: Session, msg, where: str) -> tuple[str, np.ndarray, np.ndarray]:
 
 
 def merge_duplicates(rows: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted unique rows, a repeated row's values summed in the order given."""
-    if rows.size < 2:
+    """Sorted unique rows, a repeated row's values summed in the order given (0 + a + b ...: the bits of
+    adding them into a dense zero gradient one by one)."""
+    if rows.size < 2 or np.all(rows[1:] > rows[:-1]):
         return rows.astype(np.int64), np.ascontiguousarray(values)
-    order = np.argsort(rows, kind="stable")
-    r = rows[order]
-    starts = np.flatnonzero(np.concatenate(([True], r[1:] != r[:-1])))
-    if starts.size == r.size:
-        return r.astype(np.int64), values[order]
-    return r[starts].astype(np.int64), np.add.reduceat(values[order], starts, axis=0)
+    unique, inverse = np.unique(rows, return_inverse=True)
+    if unique.size == rows.size:
+        order = np.argsort(rows)
+        return rows[order].astype(np.int64), values[order]
+    out = np.zeros((unique.size, values.shape[1]), values.dtype)
+    np.add.at(out, inverse, values)
+    return unique.astype(np.int64), out
 
 
 # -- catch-up ---------------------------------------------------------------------------------------
