@@ -217,12 +217,12 @@ def compute(s: Session, base: Arrays, clocks: dict, t: int, hp: dict, dense: dic
     for name, shape in s.shapes.items():
         if name in sparse:
             rows, g = sparse[name]
-            pr = base.params[name][rows]
-            st = {slot: base.state[slot][name][rows] for slot in base.state}
+            pr = sparsekernels.gather(base.params[name], rows)
+            st = {slot: sparsekernels.gather(base.state[slot][name], rows) for slot in base.state}
             c = clocks.get(name)
             if c is not None:
                 sparsekernels.catch_up(defn, pr, st, c[rows], t - 1, old_hp)
-            old = pr.copy()
+            old = pr.copy() if s.reply == "delta" else None
             acc = np.zeros(kernels.STATS)
             kernels.apply(defn, pr, g, st, t, hp, parallel=False, stats=acc if pr.size else None)
             plan.rows[name], plan.old_rows[name], plan.stats[name] = (rows, pr, st), old, acc
@@ -259,9 +259,9 @@ def write(s: Session, target: Arrays, plan: Plan) -> None:
             np.copyto(target.state[slot][name], a)
         s.clocks.pop(name, None)
     for name, (rows, pr, st) in plan.rows.items():
-        target.params[name][rows] = pr
+        sparsekernels.scatter(target.params[name], rows, pr)
         for slot, a in st.items():
-            target.state[slot][name][rows] = a
+            sparsekernels.scatter(target.state[slot][name], rows, a)
         clock(s, name, plan.t)[rows] = plan.t
     for name in plan.lazy:
         clock(s, name, plan.t)
