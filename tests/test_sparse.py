@@ -320,3 +320,18 @@ def test_workers_step_sparse_rows(client, server, mode):
         for g in gs:
             dense.step({"E": g})
     np.testing.assert_array_equal(s.read_parameters()["E"], dense.read_parameters()["E"])
+
+
+def test_conformance_kit_catches_a_catch_up_that_forgets_the_drift():
+    """The kit's check_catch_up holds a plugin's catch_up to its own update with zero gradients."""
+    import dataclasses
+
+    from optreg.plugins.builtins import momentum
+    from optreg.plugins.testing import check_catch_up
+
+    def decay_only(p, state, last, now, hp):  # v decays, but W does not move: not what the dense steps do
+        state["v"][...] *= hp["momentum"] ** (now - last)[:, None]
+
+    check_catch_up(momentum.MOMENTUM)
+    with pytest.raises(AssertionError, match="catch_up's param differs"):
+        check_catch_up(dataclasses.replace(momentum.MOMENTUM, catch_up=decay_only))
