@@ -316,6 +316,11 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
                     run.feed(t)
                 for i, sr in enumerate(request.sparse):
                     run.feed_sparse(sr, f"sparse[{i}]")
+                if run.is_sparse and sparse.reply_bytes(s, names, run.sparse) > self.max_message_bytes - (64 << 10):
+                    raise FailedPrecondition(
+                        f"the reply to this sparse step (the rows, and the parameters stepped densely) exceeds the "
+                        f"server's message limit ({self.max_message_bytes} bytes): use StepStream, or a session with "
+                        "step_reply STEP_REPLY_NONE; the step was not applied")
                 return run.finish(_step_response)
             return _step_response(result)  # a retry: the run holds the answer's arrays as a reader
         finally:

@@ -140,6 +140,9 @@ class Session:
             out = {}
         elif self.reply == "delta":
             out = self.last_delta or {n: np.zeros_like(p) for n, p in self.live.params.items()}
+        elif self.clocks:  # rows a sparse step left lazy: their dense-equivalent values (sparse.py)
+            from optreg.server.sparse import caught_up
+            out = caught_up(self).params
         else:
             out = self.live.params
         return StepResult(self.step, replayed, out)

@@ -140,6 +140,18 @@ def read_view(store, s: Session) -> Arrays:
     Marked read (both: a sparse step then never writes the shared arrays in place)."""
     live = s.live
     live.readers += 1
+    view = caught_up(s)
+    if view is live:
+        return live
+    view.base = live
+    view.readers += 1
+    return view
+
+
+def caught_up(s: Session) -> Arrays:
+    """Caller holds the lock. The live set when no row owes steps, else a set sharing its arrays but for
+    copies of the parameters (and their slots) that owe steps, caught up."""
+    live = s.live
     names = [n for n in s.clocks if stale_rows(s, n, s.step).size]
     if not names:
         return live
@@ -149,8 +161,6 @@ def read_view(store, s: Session) -> Arrays:
         for slot in view.state:
             view.state[slot][n] = live.state[slot][n].copy()
         settle_tensor(s, view, n, s.step, s.hyperparameters)
-    view.base = live
-    view.readers += 1
     return view
 
 
@@ -273,6 +283,16 @@ def clock(s: Session, name: str, t: int) -> np.ndarray:
     if c is None:
         c = s.clocks[name] = np.full(s.shapes[name][0], t - 1, np.int64)
     return c
+
+
+def reply_bytes(s: Session, dense_names, sparse: dict) -> int:
+    """The size of a sparse step's answer: the rows it names, and every parameter stepped densely."""
+    if s.reply == "none":
+        return 0
+    lazy = set(lazy_names(s))
+    whole = sum(int(np.prod(shape)) for n, shape in s.shapes.items()
+                if n not in sparse and (n not in lazy or n in dense_names))
+    return (whole + sum(v.size for _, v in sparse.values())) * s.dtype.itemsize
 
 
 def answer(s: Session, plan: Plan, replayed: bool = False) -> SparseStepResult:
