@@ -86,9 +86,9 @@ def test_lazy_equals_dense_with_zero_gradients(client, opt, dtype):
 
 
 @pytest.mark.parametrize("opt", ["momentum", "adam", "rmsprop"])
-def test_hyperparameter_changes_catch_up_with_the_old_values(client, opt):
+def test_hyperparameter_changes_and_dense_steps_catch_up_first(client, opt):
     """Owed steps ran with the hyperparameters in force then: a change (UpdateHyperparameters, or carried
-    by a step) catches every row up first."""
+    by a step) catches every row up first; so does a dense step between sparse ones."""
     rng = np.random.default_rng(7)
     E = rng.standard_normal((30, 4)).astype(np.float32)
     lazy = client.create_session(opt, {"E": E.copy()})
@@ -98,6 +98,11 @@ def test_hyperparameter_changes_catch_up_with_the_old_values(client, opt):
         rows = rng.integers(0, 30, 3)
         vals = rng.standard_normal((3, 4)).astype(np.float32)
         change = {key: 0.8 + 0.05 * (t % 3)} if t % 40 == 20 else None
+        if t % 25 == 24:  # a dense step in between: the owed rows are caught up first, then stepped
+            g = rng.standard_normal((30, 4)).astype(np.float32)
+            lazy.step({"E": g}, hyperparameters=change)
+            dense.step({"E": g}, hyperparameters=change)
+            continue
         lazy.step_sparse("E", rows, vals, hyperparameters=change)
         dense.step({"E": _scatter((30, 4), rows, vals, np.float32)}, hyperparameters=change)
         if t % 40 == 30:
@@ -335,3 +340,23 @@ def test_conformance_kit_catches_a_catch_up_that_forgets_the_drift():
     check_catch_up(momentum.MOMENTUM)
     with pytest.raises(AssertionError, match="catch_up's param differs"):
         check_catch_up(dataclasses.replace(momentum.MOMENTUM, catch_up=decay_only))
+
+
+@pytest.mark.parametrize("mode", ["sync", "ssp"])
+def test_worker_streamed_sparse_contribution(client, server, mode):
+    """A worker's StepStream: rows in the first message, a dense gradient of another parameter after."""
+    s = client.create_session("sgd", {"E": np.zeros((6, 2), np.float32), "b": np.zeros(3, np.float32)},
+                              workers=1, mode=mode, lr=1.0)
+    stub = session_pb2_grpc.SessionServiceStub(grpc.insecure_channel(server.address))
+    stub.JoinSession(session_pb2.JoinSessionRequest(session_id=s.id, worker="w0"))
+    msgs = [session_pb2.StepStreamRequest(session_id=s.id, worker="w0", round=0,
+                                          sparse=[_rows_msg("E", [4, 1, 4], np.ones((3, 2), np.float32))]),
+            session_pb2.StepStreamRequest(chunks=[tensors.from_numpy("b", np.full(3, 2.0, np.float32))])]
+    replies = list(stub.StepStream(iter(msgs)))
+    assert replies[-1].step == 1
+    rows = {m.name: (np.frombuffer(m.rows, "<i8"), tensors.to_numpy(m.values)) for m in replies[-1].sparse}
+    assert list(rows["E"][0]) == [1, 4]
+    np.testing.assert_array_equal(rows["E"][1], [[-1, -1], [-2, -2]])
+    p = s.read_parameters()
+    np.testing.assert_array_equal(p["b"], [-2, -2, -2])
+    assert p["E"][4, 0] == -2 and p["E"][0, 0] == 0
