@@ -360,3 +360,26 @@ def test_worker_streamed_sparse_contribution(client, server, mode):
     p = s.read_parameters()
     np.testing.assert_array_equal(p["b"], [-2, -2, -2])
     assert p["E"][4, 0] == -2 and p["E"][0, 0] == 0
+
+
+def test_delta_reply_and_an_empty_step(client):
+    """A delta session's sparse answer is new - old of the rows (added into the caller's arrays); a step
+    naming no rows is a step of zero gradients (the velocity still moves every row)."""
+    E = np.arange(24, dtype=np.float32).reshape(8, 3)
+    s = client.create_session("momentum", {"E": E.copy()}, step_reply="delta")
+    d = client.create_session("momentum", {"E": E.copy()})
+    got = s.step_sparse("E", [5, 2], np.ones((2, 3), np.float32))
+    g = np.zeros((8, 3), np.float32)
+    g[[2, 5]] = 1
+    d.step({"E": g})
+    np.testing.assert_array_equal(got.rows["E"][1], d.arrays["E"][[2, 5]] - E[[2, 5]])
+    np.testing.assert_array_equal(s.arrays["E"][[2, 5]], d.arrays["E"][[2, 5]])
+    empty = s.step_sparse("E", np.empty(0, np.int64), np.empty((0, 3), np.float32))
+    d.step({"E": np.zeros((8, 3), np.float32)})
+    assert empty.step == 2 and empty.rows["E"][0].size == 0
+    _close(s.read_parameters()["E"], d.read_parameters()["E"], 1e-6, "after an empty sparse step")
+    state = s.read_state()  # dense-equivalent, so a session recreated from it continues as the dense one
+    again = client.create_session("momentum", state.parameters, state=state.state, initial_step=state.info.step)
+    again.step({"E": g})
+    d.step({"E": g})
+    _close(again.read_parameters()["E"], d.read_parameters()["E"], 1e-6, "recreated from ReadState")
