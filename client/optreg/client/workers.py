@@ -20,6 +20,7 @@ from typing import Mapping, NamedTuple
 
 import numpy as np
 
+from optreg.client import sparse
 from optreg.client.errors import ReassemblyError, UsageError
 from optreg.client.stepping import STREAM_ABOVE_BYTES, apply_result, nbytes
 from optreg.v1 import session_pb2, tensors
@@ -137,6 +138,29 @@ class Worker:
 
         reply, result = self.client._retrying(attempt)
         apply_result(self.arrays, self.info.step_reply, result)
+        self.round = reply.step
+        return WorkerStepResult(reply.step, reply.replayed, self.arrays, reply.round, reply.staleness,
+                                tuple(reply.contributors))
+
+    def step_sparse(self, name: str, rows, values, *, grads: Mapping[str, np.ndarray] | None = None,
+                    metrics: Mapping[str, float] | None = None) -> WorkerStepResult:
+        """A contribution whose gradient for the 2-D parameter `name` is `values` at `rows` and zero
+        elsewhere (as Session.step_sparse; in sync mode the round sums the workers' rows). The rows the
+        step answers with are written into `arrays`; `WorkerStepResult.arrays` holds them."""
+        msg = sparse.message(name, rows, values)
+        number = self.round
+        dense = [tensors.from_numpy(k, g) for k, g in (grads or {}).items()]
+
+        def attempt(n, remaining):
+            request = session_pb2.StepRequest(session_id=self.session_id, worker=self.worker, round=number,
+                                              gradients=dense, sparse=[msg])
+            if metrics:
+                request.metrics.update(metrics)
+            return self.client.transport.unary("Step", request, timeout=self.client.timeout)
+
+        reply = self.client._retrying(attempt)
+        apply_result(self.arrays, self.info.step_reply, {t.name: tensors.to_numpy(t) for t in reply.tensors})
+        sparse.apply_rows(self.arrays, self.info.step_reply, sparse.decode(reply.sparse))
         self.round = reply.step
         return WorkerStepResult(reply.step, reply.replayed, self.arrays, reply.round, reply.staleness,
                                 tuple(reply.contributors))

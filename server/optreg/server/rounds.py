@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from optreg.server import sparse as sparse_rows
 from optreg.server.errors import Cancelled, DeadlineExceeded, FailedPrecondition, InvalidArgument, shown
 from optreg.server.membership import Member, Members, note_worker_record, ssp_may_apply
 from optreg.server.pipeline import Buffers, StepRun, check_finite, widen
@@ -49,6 +50,7 @@ class Outcome:
     staleness: int = 0
     replayed: bool = False
     noise_scale: float = 0.0
+    rows: dict = field(default_factory=dict)  # a sparse step's answered rows: name -> (rows, values)
 
 
 @dataclass(eq=False)
@@ -75,11 +77,13 @@ class _Whole:
 class Contribution:
     """One sync contribution being received: validated chunk by chunk into its own buffer."""
 
-    def __init__(self, store, session):
-        self.session = session
+    def __init__(self, store, session, sparse_msgs=()):
+        self.session, self.store = session, store
         self.tracker = tensors.ChunkTracker(session.spec, "gradient")
         s = session
-        self.grads = store.budget.allocate(
+        # Sparse rows (sparse.py): validated now; the parameters sent densely get buffers as they come.
+        self.sparse = sparse_rows.parse_all(s, sparse_msgs)
+        self.grads = Buffers() if self.sparse else store.budget.allocate(
             f"a worker's contribution to session {s.id}", s.elements * s.dtype.itemsize,
             lambda: Buffers({n: np.empty(shape, s.dtype) for n, shape in s.shapes.items()}))
 
@@ -90,11 +94,17 @@ class Contribution:
             raise InvalidArgument(f"{e}; the contribution was not committed") from None
         g = widen(data, self.session.dtype)
         check_finite(t.name, g, start)
+        if self.sparse:
+            sparse_rows.dense_buffer(self.store, self.session, self.grads, self.sparse, t.name)
         self.grads[t.name].reshape(-1)[start:start + g.size] = g
 
     def finish(self) -> Buffers:
         try:
-            self.tracker.finish()
+            if self.sparse:  # parameters not named have a zero gradient; those sent must be whole
+                sparse_rows.check_whole(self.tracker)
+                self.grads.sparse = self.sparse
+            else:
+                self.tracker.finish()
         except ValueError as e:
             raise InvalidArgument(f"{e}; the contribution was not committed") from None
         return self.grads
@@ -104,6 +114,8 @@ def combine(contribs: dict[str, Buffers], how: str, dtype) -> dict[str, np.ndarr
     """The round's gradient: contributions summed in worker-name order (so it is reproducible bit for
     bit), then divided by their count for the mean, in the master dtype."""
     names = sorted(contribs)
+    if any(getattr(c, "sparse", None) for c in contribs.values()):  # sparse rows merged, duplicates summed
+        return sparse_rows.combine(contribs, names, how, dtype)
     out = {}
     for p in contribs[names[0]]:
         acc = contribs[names[0]][p].copy()
@@ -112,7 +124,7 @@ def combine(contribs: dict[str, Buffers], how: str, dtype) -> dict[str, np.ndarr
         if how == "mean" and len(names) > 1:
             acc /= dtype.type(len(names))
         out[p] = acc
-    return out
+    return Buffers(out)
 
 
 def noise_scale(contribs: dict[str, Buffers], mean: dict[str, np.ndarray]) -> float:
@@ -123,9 +135,8 @@ def noise_scale(contribs: dict[str, Buffers], mean: dict[str, np.ndarray]) -> fl
     n = len(contribs)
     if n < 2:
         return 0.0
-    small = sum(float(np.dot(a.reshape(-1).astype(np.float64), a.reshape(-1).astype(np.float64)))
-                for g in contribs.values() for a in g.values()) / n
-    big = sum(float(np.dot(a.reshape(-1).astype(np.float64), a.reshape(-1).astype(np.float64))) for a in mean.values())
+    small = sum(sparse_rows.squared_norm(g) for g in contribs.values()) / n
+    big = sparse_rows.squared_norm(mean)
     g2 = (n * big - small) / (n - 1)
     trace = (small - big) / (1 - 1 / n)
     return trace / g2 if g2 > 0 else 0.0
@@ -339,16 +350,19 @@ class Hub:
         try:
             combined = self.store.budget.allocate(
                 f"a round's combined gradient of session {s.id}", s.elements * s.dtype.itemsize,
-                lambda: Buffers(combine(contribs, self.config.combine, s.dtype)))
+                lambda: combine(contribs, self.config.combine, s.dtype))
             # Logged with the step (journal.replay restores it), so retries after a restart are answered.
             record = {"round": r.number, "contributors": sorted(contribs), "members": sorted(live), "clocks": clocks}
-            run = StepRun(self.store, s, r.number, metrics=step_metrics, extras=record)
+            merged = getattr(combined, "sparse", None) or {}
+            run = StepRun(self.store, s, r.number, metrics=step_metrics, extras=record, sparse=bool(merged))
             run.on_commit = lambda sess: note_worker_record(sess, record)
             try:
                 result = run.open()
                 if result is None:
                     for name, g in combined.items():
                         run.feed(_Whole(name, s.master_code, s.shapes[name], g))
+                    for name, (rows, values) in merged.items():
+                        run.add_sparse(name, rows, values)
                     result = run.finish()
                 out = {n: np.array(a) for n, a in result.tensors.items()}  # kept: every contributor's reply
             finally:
@@ -363,9 +377,9 @@ class Hub:
                       extra={"session_id": s.id})
             return
         who = tuple(sorted(contribs))
-        mean = combined if self.config.combine == "mean" else {n: a / len(who) for n, a in combined.items()}
+        mean = combined if self.config.combine == "mean" else sparse_rows.scaled(combined, 1 / len(who))
         outcome = Outcome(result.step, out, r.number, who, tuple(sorted(live - set(who))), time.monotonic() - t0,
-                          noise_scale=noise_scale(contribs, mean))
+                          noise_scale=noise_scale(contribs, mean), rows=dict(getattr(result, "sparse", {})))
         metrics = self.store.metrics
         if metrics is not None and hasattr(metrics, "round"):
             metrics.round(s.id, outcome.seconds, len(outcome.stragglers), outcome.noise_scale)
