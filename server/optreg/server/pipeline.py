@@ -373,7 +373,8 @@ class StepRun:
         if self.hp != s.hyperparameters and sparse_rows.owes(s):  # owed steps ran with the old ones
             base, clocks = sparse_rows.settled_copy(self.store, s), {}
         try:
-            plan = sparse_rows.compute(s, base, clocks, self.t, self.hp, dict(self.grads or {}), self.sparse)
+            plan = sparse_rows.compute(s, base, clocks, self.t, self.hp, dict(self.grads or {}), self.sparse,
+                                       origin=s.live.params)
         except Exception as e:
             raise PluginFailed(f"optimizer {self.defn.name} (plugin {self.session.optimizer.plugin}) raised in "
                                f"a sparse update: {type(e).__name__}: {shown(str(e), 300)}; the session is "

@@ -216,12 +216,17 @@ class Plan:
     stats: dict = field(default_factory=dict)
 
 
-def compute(s: Session, base: Arrays, clocks: dict, t: int, hp: dict, dense: dict, sparse: dict) -> Plan:
+def compute(s: Session, base: Arrays, clocks: dict, t: int, hp: dict, dense: dict, sparse: dict,
+            origin: dict | None = None) -> Plan:
     """Step `t` with hyperparameters `hp`: `dense` name -> whole gradient, `sparse` name -> (rows, values);
     every other 2-D parameter is left lazy, every other parameter gets a zero gradient. Nothing of `base`
     (the live set) is written. Caller holds the lock. The owed steps use the session's hyperparameters
-    (they ran with them; a change catches up first). `clocks`: base's row clocks."""
+    (they ran with them; a change catches up first). `clocks`: base's row clocks. `origin`: name -> the
+    parameters a delta answer is taken from (default base's). A delta is new - the stored value before any
+    catch-up, as the dense path's: the caller's copy of a lazy row is the value it was last answered with,
+    so adding new - caught-up would leave out the motion the row owed."""
     defn, old_hp = s.optimizer.definition, s.hyperparameters
+    origin = base.params if origin is None else origin
     plan = Plan(t)
     lazy = set(lazy_names(s))
     for name, shape in s.shapes.items():
@@ -229,10 +234,10 @@ def compute(s: Session, base: Arrays, clocks: dict, t: int, hp: dict, dense: dic
             rows, g = sparse[name]
             pr = sparsekernels.gather(base.params[name], rows)
             st = {slot: sparsekernels.gather(base.state[slot][name], rows) for slot in base.state}
+            old = sparsekernels.gather(origin[name], rows) if s.reply == "delta" else None
             c = clocks.get(name)
             if c is not None:
                 sparsekernels.catch_up(defn, pr, st, c[rows], t - 1, old_hp)
-            old = pr.copy() if s.reply == "delta" else None
             acc = np.zeros(kernels.STATS)
             kernels.apply(defn, pr, g, st, t, hp, parallel=False, stats=acc if pr.size else None)
             plan.rows[name], plan.old_rows[name], plan.stats[name] = (rows, pr, st), old, acc
@@ -245,8 +250,8 @@ def compute(s: Session, base: Arrays, clocks: dict, t: int, hp: dict, dense: dic
             p = base.params[name].copy()
             st = {slot: base.state[slot][name].copy() for slot in base.state}
             tmp = Arrays({name: p}, {slot: {name: a} for slot, a in st.items()})
+            plan.old_dense[name] = origin[name].copy() if s.reply == "delta" else None
             settle_tensor(s, tmp, name, t - 1, old_hp, clocks)
-            plan.old_dense[name] = p.copy() if s.reply == "delta" else None
             acc = np.zeros(kernels.STATS)
             kernels.apply(defn, p, g, st, t, hp, stats=acc)
             plan.dense[name], plan.stats[name] = (p, st), acc
@@ -332,9 +337,12 @@ def replay(s: Session, record) -> None:
     dense_raw, sparse = from_record(record.tensors)
     dense = {n: widen(g.reshape(-1), s.dtype).reshape(s.shapes[n]) for n, g in dense_raw.items()}
     hp = s.optimizer.definition.resolve(record.hyperparameters)
+    origin = None
     if hp != s.hyperparameters:
+        if s.reply == "delta" and s.clocks:  # the delta is taken from the values before this catch-up (compute)
+            origin = {n: p.copy() for n, p in s.live.params.items()}
         settle_in_place(s)
-    plan = compute(s, s.live, s.clocks, record.step, hp, dense, sparse)
+    plan = compute(s, s.live, s.clocks, record.step, hp, dense, sparse, origin)
     write(s, s.live, plan)
     s.last_sparse = answer(s, plan, True)
 
