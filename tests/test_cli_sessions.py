@@ -154,3 +154,26 @@ def test_sessions_offline_on_a_data_directory(start_server, tmp_path):
     with Client(again.address) as c:
         assert [i.session_id for i in c.list_sessions()] == ["restored"]
         _assert_same_state(before, c.session("restored").read_state())
+
+
+def test_export_and_import_keep_a_shared_session_shared(start_server, tmp_path):
+    """A shared session (docs/workers.md) exported and imported is shared again, with the same worker
+    setup, so its workers can join it and a sparse contribution is combined as before."""
+    s = start_server("--memory-only")
+    with Client(s.address) as c:
+        shared = c.create_session("adam", {"E": np.ones((6, 2)), "b": np.zeros(2)}, session_id="run-w", workers=3,
+                                  mode="ssp", min_workers=0, lease=7.0, staleness=2, scale_lr_by_staleness=True)
+        with c.join("run-w", "w0") as w:
+            w.step_sparse("E", [1, 4], np.ones((2, 2)))
+        setup = c.get_session("run-w").workers
+        exported = tmp_path / "run-w.safetensors"
+        address = ("--address", s.address)
+        done = optreg("sessions", "export", "run-w", str(exported), *address)
+        assert done.returncode == 0, done.stderr
+        done = optreg("sessions", "import", str(exported), "--session-id", "run-w2", *address)
+        assert done.returncode == 0, done.stderr
+        again = c.get_session("run-w2")
+        assert again.workers == setup and again.step == 1
+        _assert_same_state(shared.read_state(), c.session("run-w2").read_state())
+        with c.join("run-w2", "w0") as w:
+            assert w.step_sparse("E", [2], np.ones((1, 2))).step == 2

@@ -5,7 +5,8 @@ session had any, its telemetry ring as the uint8 tensor `telemetry/ring`: the bl
 TelemetryService.ExportTelemetry returns, which readers of the format's first files
 skip), and in
 the header's `__metadata__["optreg"]` a JSON object with the session's
-configuration and step, and a "tensors" table mapping each key to
+configuration and step (a shared session's worker setup under "workers": create_session's
+arguments of the same names), and a "tensors" table mapping each key to
 (kind, slot, name) so names may hold any character. This is the layout the
 server's session files had when export was added ("optreg-session/1"), so
 safetensors' and torch's loaders read it, and it is built here from what the
@@ -14,6 +15,7 @@ storage does.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
@@ -45,6 +47,9 @@ def encode(info, parameters: dict[str, np.ndarray], state: dict[str, dict[str, n
             "periodic_steps": int(info.periodic_steps), "periodic_seconds": float(info.periodic_seconds),
             "created_at": created, "shapes": {n: list(s) for n, s in info.parameters.items()},
             "slots": list(info.slots), "tensors": table}
+    workers = getattr(info, "workers", None)
+    if workers is not None:  # a shared session stays shared (its members rejoin; docs/workers.md)
+        meta["workers"] = dataclasses.asdict(workers)
     return st_save({k: np.ascontiguousarray(v) for k, v in arrays.items()},
                    metadata={"optreg": json.dumps(meta, sort_keys=True)})
 

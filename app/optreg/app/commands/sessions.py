@@ -174,4 +174,14 @@ def _create(client, meta, params, state, session_id, durability, periodic):
         master_dtype=meta["master_dtype"], step_reply=meta.get("step_reply"), durability=durability,
         periodic_steps=int(meta.get("periodic_steps") or 0) or None if periodic else None,
         periodic_seconds=float(meta.get("periodic_seconds") or 0) or None if periodic else None,
-        **meta["hyperparameters"])
+        **_worker_setup(meta), **meta["hyperparameters"])
+
+
+# create_session's arguments of a shared session, as sessionfile writes them under "workers"
+WORKER_SETUP = ("workers", "mode", "min_workers", "round_deadline", "lease", "combine", "staleness",
+                "scale_lr_by_staleness")
+
+
+def _worker_setup(meta) -> dict:
+    setup = meta.get("workers") or {}
+    return {k: setup[k] for k in WORKER_SETUP if k in setup}
