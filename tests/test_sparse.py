@@ -240,7 +240,11 @@ def test_bad_sparse_input(client, server):
     step(_rows_msg("E", [1, 2], np.ones((2, 4), np.float64)), words=["DATA_TYPE_FLOAT64 is not accepted"])
     step(_rows_msg("E", [1, 2], np.array([[1, 2, np.nan, 4], [1, 1, 1, 1]], np.float32)), words=["NaN"])
     step(_rows_msg("b", [0], np.ones((1, 3), np.float32)), words=["2-D", "gradients"])
-    step(_rows_msg("nope", [0], ok[:1]), words=["not a parameter"])
+    step(_rows_msg("nope", [0], ok[:1]), words=["not a parameter", "its parameters are: 'E', 'b'"])
+    with pytest.raises(grpc.RpcError) as e:  # a fence ahead at step 0: nothing to retry, so no step -1 offered
+        stub.Step(session_pb2.StepRequest(session_id=s.id, step=3, sparse=[_rows_msg("E", [1], ok[:1])]))
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "send step=0 for the next step (it has no step to retry)" in e.value.details(), e.value.details()
     step(tensor_pb2.SparseRows(name="E", rows=np.array([1], "<i8").tobytes()), words=["values", "missing"])
     step(_rows_msg("E", [1], ok[:1]), _rows_msg("E", [2], ok[:1]), words=["already in the step"])
     step(_rows_msg("E", [1], ok[:1]), grads=[tensors.from_numpy("E", E)], words=["both as sparse rows and dense"])

@@ -132,7 +132,8 @@ class Session:
             return True
         raise FailedPrecondition(
             f"step {fence} does not match session {self.id}, which is at step {self.step}: "
-            f"send step={self.step} for the next step (or {self.step - 1} to retry the last one)",
+            f"send step={self.step} for the next step"
+            + (f" (or {self.step - 1} to retry the last one)" if self.step > 0 else " (it has no step to retry)"),
             metadata=(("optreg-server-step", str(self.step)),))
 
     def answer(self, replayed: bool) -> StepResult:

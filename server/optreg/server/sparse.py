@@ -59,7 +59,8 @@ def parse(s: Session, msg, where: str) -> tuple[str, np.ndarray, np.ndarray]:
     name = msg.name
     if name not in s.shapes:
         known = ", ".join(shown(n, 40) for n in list(s.shapes)[:20])
-        raise InvalidArgument(f"{where}.name {shown(name)} is not a parameter of session {s.id}; its are: {known}")
+        raise InvalidArgument(f"{where}.name {shown(name)} is not a parameter of session {s.id}; its parameters are: "
+                              f"{known}")
     shape = s.shapes[name]
     if len(shape) != 2:
         raise InvalidArgument(f"{where} {shown(name)}: sparse rows need a 2-D parameter, and this one is "
