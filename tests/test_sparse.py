@@ -415,3 +415,40 @@ def test_delta_reply_keeps_the_callers_rows_when_they_owe_steps(client, opt):
         np.testing.assert_allclose(delta.arrays["E"][rows], whole.arrays["E"][rows], rtol=0, atol=1e-12,
                                    err_msg=f"step {t + 1}: the caller's rows after a delta answer")
     np.testing.assert_array_equal(delta.read_parameters()["E"], whole.read_parameters()["E"])
+
+
+def test_staleness_scaled_lr_leaves_no_row_owing_a_step_of_another_lr(tmp_path):
+    """async with scale_lr_by_staleness: a stale contribution runs at lr / (1 + staleness), the session keeps
+    its lr. Adam's rows the contribution does not name move too (their drift uses that step's lr), so they
+    must not be caught up later with the session's lr: sparse contributions equal the same contributions
+    sent densely, bit for bit, also after a kill -9 (the log replays the scaled steps)."""
+    data = str(tmp_path / "data")
+    srv = ServerProcess("--data-dir", data, env={"OPTREG_DATA_DIR": data})
+    E = np.random.default_rng(2).standard_normal((12, 3))
+    try:
+        with Client(srv.address, timeout=60) as c:
+            for kind in ("sparse", "dense"):
+                c.create_session("adam", {"E": E.copy()}, session_id=kind, workers=2, mode="async",
+                                 scale_lr_by_staleness=True, lr=0.01, durability="log")
+                workers = (c.join(kind, "a"), c.join(kind, "b"))
+                rng, stale = np.random.default_rng(4), []
+                for t in range(30):  # alternating workers: each contribution is one step stale
+                    rows, vals = rng.integers(0, 12, 2), rng.standard_normal((2, 3))
+                    w = workers[t % 2]
+                    stale.append((w.step_sparse("E", rows, vals) if kind == "sparse"
+                                  else w.step({"E": _scatter((12, 3), rows, vals, np.float64)})).staleness)
+                assert sum(stale) >= 25
+            before = c.session("sparse").read_state()
+            np.testing.assert_array_equal(before.parameters["E"], c.session("dense").read_parameters()["E"])
+            assert before.info.hyperparameters["lr"] == 0.01
+    finally:
+        srv.kill()
+    srv = ServerProcess("--data-dir", data, env={"OPTREG_DATA_DIR": data})
+    try:
+        with Client(srv.address, timeout=60) as c:
+            after = c.session("sparse").read_state()
+            for name in ("m", "v"):
+                np.testing.assert_array_equal(after.state[name]["E"], before.state[name]["E"])
+            np.testing.assert_array_equal(after.parameters["E"], before.parameters["E"])
+    finally:
+        srv.stop()

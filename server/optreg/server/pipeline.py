@@ -388,6 +388,8 @@ class StepRun:
         s.step = self.t
         if self.hp_changes:
             s.hyperparameters = self._resolve(s)
+        if self.hp != s.hyperparameters and s.clocks:  # ran with an lr of its own (staleness-scaled)
+            sparse_rows.settle_own_hyperparameters(s, self.t, self.hp)
         s.last_delta = None
         s.dirty = True
         self.done = True

@@ -22,6 +22,7 @@ import numpy as np
 
 from optreg.server import kernels, sparsekernels
 from optreg.server.errors import FailedPrecondition, InvalidArgument, shown
+from optreg.server.membership import LR_SCALED
 from optreg.server.sessions import Arrays, Session, StepResult
 from optreg.v1 import tensors
 
@@ -345,7 +346,20 @@ def replay(s: Session, record) -> None:
         settle_in_place(s)
     plan = compute(s, s.live, s.clocks, record.step, hp, dense, sparse, origin)
     write(s, s.live, plan)
+    if record.extras.get(LR_SCALED) and hp != s.hyperparameters:  # as the live step did (pipeline)
+        settle_own_hyperparameters(s, record.step, hp)
     s.last_sparse = answer(s, plan, True)
+
+
+def settle_own_hyperparameters(s: Session, t: int, hp: dict) -> None:
+    """Caller holds the lock; step `t` is written into the live set, which nobody reads outside the lock.
+    The step ran with hyperparameters the session does not keep (a staleness-scaled lr, docs/workers.md):
+    the rows it left lazy owe it with those, but a later catch-up would use the session's. So catch them
+    up through `t` now, in place (every row was current through t - 1: a step whose hyperparameters differ
+    from the session's settles first), and drop the clocks."""
+    for n in list(s.clocks):
+        settle_tensor(s, s.live, n, t, hp)
+    s.clocks.clear()
 
 
 def settle_in_place(s: Session) -> None:
