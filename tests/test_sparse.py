@@ -452,3 +452,27 @@ def test_staleness_scaled_lr_leaves_no_row_owing_a_step_of_another_lr(tmp_path):
             np.testing.assert_array_equal(after.parameters["E"], before.parameters["E"])
     finally:
         srv.stop()
+
+
+@pytest.mark.parametrize("mode", ["async", "sync"])
+def test_a_sparse_contribution_whose_answer_cannot_be_sent_is_not_applied(start_server, mode):
+    """A unary sparse contribution answers with the parameters stepped densely too: over the server's
+    message limit it is refused before anything is applied (as a single-writer sparse step is), not applied
+    and then unanswerable (RESOURCE_EXHAUSTED while sending)."""
+    srv = start_server("--memory-only", "--max-message-mb", "2")
+    stub = session_pb2_grpc.SessionServiceStub(grpc.insecure_channel(srv.address))
+    with Client(srv.address, timeout=60) as c:
+        c.create_session("sgd", {"E": np.zeros((10, 4)), "b": np.zeros(400_000)}, session_id="big", workers=2,
+                         mode=mode)
+        stub.JoinSession(session_pb2.JoinSessionRequest(session_id="big", worker="a"))
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Step(session_pb2.StepRequest(session_id="big", worker="a", round=0,
+                                              sparse=[_rows_msg("E", [1], np.ones((1, 4)))]))
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION, e.value.details()
+        assert "message limit" in e.value.details() and "nothing was applied" in e.value.details()
+        assert c.get_session("big").step == 0
+        small = c.create_session("sgd", {"E": np.zeros((10, 4)), "b": np.zeros(3)}, workers=1, mode=mode)
+        stub.JoinSession(session_pb2.JoinSessionRequest(session_id=small.id, worker="a"))
+        r = stub.Step(session_pb2.StepRequest(session_id=small.id, worker="a", round=0,
+                                              sparse=[_rows_msg("E", [1], np.ones((1, 4)))]))
+        assert r.step == 1 and r.sparse[0].name == "E"

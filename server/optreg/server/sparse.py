@@ -302,6 +302,22 @@ def reply_bytes(s: Session, dense_names, sparse: dict) -> int:
     return (whole + sum(v.size for _, v in sparse.values())) * s.dtype.itemsize
 
 
+def contribution_reply_bytes(s: Session, dense_names, msgs) -> int:
+    """Before a unary sparse contribution is applied: about the most its answer holds, checked against the
+    message limit so that nothing is applied whose answer cannot be sent. Its own rows (a sync round's
+    answer carries the union of the members' rows: bounded by members x its own, capped at the parameter's
+    rows) and every parameter stepped densely. Unknown names are refused later."""
+    if s.reply == "none":
+        return 0
+    lazy = set(lazy_names(s))
+    named = {m.name: len(m.rows) // 8 for m in msgs if m.name in lazy}
+    whole = sum(int(np.prod(shape)) for n, shape in s.shapes.items()
+                if n not in named and (n not in lazy or n in dense_names))
+    per = s.workers.workers if s.workers.mode == "sync" else 1
+    rows = sum(min(k * per, s.shapes[n][0]) * s.shapes[n][1] for n, k in named.items())
+    return (whole + rows) * s.dtype.itemsize
+
+
 def answer(s: Session, plan: Plan, replayed: bool = False) -> SparseStepResult:
     """The reply: the named rows (new values, or new - old), and the parameters stepped densely."""
     if s.reply == "none":

@@ -157,6 +157,12 @@ class WorkerSteps:
                 raise FailedPrecondition(
                     f"the reply to this step ({reply_bytes} bytes) exceeds the server's message limit "
                     f"({self.max_message_bytes} bytes): use StepStream; nothing was applied")
+        if request.sparse and sparse_rows.contribution_reply_bytes(
+                session, {t.name for t in request.gradients}, request.sparse) > self.max_message_bytes - (64 << 10):
+            raise FailedPrecondition(
+                "the reply to this sparse contribution (its rows, and the parameters stepped densely) could exceed "
+                f"the server's message limit ({self.max_message_bytes} bytes): use StepStream, or a session with "
+                "step_reply STEP_REPLY_NONE; nothing was applied")
         o = self._contribute(session, request.worker, request.round, request.hyperparameters, request.metrics,
                              iter(request.gradients), context, request.sparse)
         return session_pb2.StepResponse(step=o.step, replayed=o.replayed, round=o.round, staleness=o.staleness,
