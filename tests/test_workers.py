@@ -649,3 +649,18 @@ def test_a_worker_that_stopped_contributing_raises_the_telemetry_alert(server):
         assert "lease ran out" in found[1].message and "it never contributed" in found[1].message
         assert [m.worker for m in c.get_session(s.id).members] == ["a", "b"]
         del silent
+
+
+def test_join_and_refresh_a_session_larger_than_one_message(start_server):
+    """join() reads the parameters (refresh): a session larger than the message limit streams them, as
+    Session.read_parameters does, instead of failing with RESOURCE_EXHAUSTED; a big worker step streams."""
+    srv = start_server("--memory-only", "--max-message-mb", "2")
+    b = np.arange(400_000, dtype=np.float64)  # 3.2 MB: over the limit and over the client's streaming size
+    with Client(srv.address, timeout=60) as c:
+        c.create_session("sgd", {"b": b, "c": np.ones(3)}, session_id="big", workers=1, mode="async", lr=0.5)
+        with c.join("big", "w0") as w:
+            np.testing.assert_array_equal(w.arrays["b"], b)
+            assert w.round == 0
+            w.step({"b": np.ones_like(b), "c": np.ones(3)})
+            assert w.refresh() == 1
+            np.testing.assert_array_equal(w.arrays["b"], b - 0.5)

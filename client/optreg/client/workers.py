@@ -22,6 +22,7 @@ import numpy as np
 
 from optreg.client import sparse
 from optreg.client.errors import ReassemblyError, UsageError
+from optreg.client.session import _collect
 from optreg.client.stepping import STREAM_ABOVE_BYTES, apply_result, nbytes
 from optreg.v1 import session_pb2, tensors
 
@@ -115,9 +116,18 @@ class Worker:
 
     def refresh(self) -> int:
         """Read the current parameters into `arrays` and key the next contribution by their step."""
-        reply = self.client._unary("ReadParameters", session_pb2.ReadParametersRequest(session_id=self.session_id))
-        apply_result(self.arrays, "parameters", {t.name: tensors.to_numpy(t) for t in reply.parameters})
-        self.round = reply.step
+        if self.info.parameter_bytes > STREAM_ABOVE_BYTES:  # a unary reply could exceed the message limit
+            def attempt(n, remaining):
+                return _collect(self.client.transport.stream_out(
+                    "ReadParametersStream", session_pb2.ReadParametersStreamRequest(session_id=self.session_id),
+                    timeout=self.client.timeout))
+            first, params, _ = self.client._retrying(attempt)
+            step = first.step
+        else:
+            reply = self.client._unary("ReadParameters", session_pb2.ReadParametersRequest(session_id=self.session_id))
+            params, step = {t.name: tensors.to_numpy(t) for t in reply.parameters}, reply.step
+        apply_result(self.arrays, "parameters", params)
+        self.round = step
         return self.round
 
     def step(self, grads: Mapping[str, np.ndarray], *, metrics: Mapping[str, float] | None = None) -> WorkerStepResult:
