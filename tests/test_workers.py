@@ -664,3 +664,23 @@ def test_join_and_refresh_a_session_larger_than_one_message(start_server):
             w.step({"b": np.ones_like(b), "c": np.ones(3)})
             assert w.refresh() == 1
             np.testing.assert_array_equal(w.arrays["b"], b - 0.5)
+
+
+def test_delta_replies_only_in_sync_mode(server):
+    """An async/SSP contribution applies to parameters other workers moved since it read them, so its
+    new - old would leave the worker's arrays without their updates: refused at creation, naming the
+    fields. In sync mode every worker's arrays follow the server."""
+    from optreg.client import InvalidArgument
+    with Client(server.address, timeout=30) as c:
+        for mode in ("async", "ssp"):
+            with pytest.raises(InvalidArgument, match="step_reply delta with config.workers.mode " + mode):
+                c.create_session("sgd", {"x": np.zeros(2)}, workers=2, mode=mode, step_reply="delta")
+        s = c.create_session("sgd", {"x": np.zeros(2)}, workers=2, mode="sync", step_reply="delta", lr=1.0)
+        a, b = c.join(s.id, "a"), c.join(s.id, "b")
+        for _ in range(3):
+            threads = [threading.Thread(target=w.step, args=({"x": np.ones(2)},)) for w in (a, b)]
+            [t.start() for t in threads]
+            [t.join() for t in threads]
+        np.testing.assert_array_equal(s.read_parameters()["x"], [-3, -3])
+        np.testing.assert_array_equal(a.arrays["x"], [-3, -3])
+        np.testing.assert_array_equal(b.arrays["x"], [-3, -3])

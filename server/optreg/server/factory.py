@@ -131,6 +131,13 @@ class SessionFactory:
                           durability, shapes, tuple(declared), step=initial_step, owner=owner)
         if config.workers is not None:
             session.workers = config.workers.checked()
+            if session.workers.mode != "sync" and config.reply == "delta":
+                # A contribution applies to parameters other workers moved since this one read them: new - old
+                # would leave the worker's copy without their updates (sync rounds are read and applied whole).
+                raise InvalidArgument(
+                    f"config.step_reply delta with config.workers.mode {session.workers.mode}: a contribution's "
+                    "new - old would not bring the worker's copy up to date (other workers moved the parameters "
+                    "since it read them); use step_reply parameters (or none, and read), or mode sync")
             if session.workers.scale_lr and "lr" not in hp:
                 raise InvalidArgument(f"config.workers.scale_lr_by_staleness: optimizer {defn.name} has no 'lr' "
                                       "hyperparameter to scale; leave it false")
