@@ -394,8 +394,9 @@ def test_delta_reply_keeps_the_callers_rows_when_they_owe_steps(client, opt):
     """Rows that owe steps move when caught up (momentum's velocity, Adam's drift). The caller's copy of a
     lazy row is the value it was last answered with, so a delta answer must be new - that stored value:
     after every sparse step and every dense step of the table, the rows the caller was answered with equal
-    those of a session answering with whole parameters. (A change of hyperparameters while rows owe steps
-    catches rows up that no answer names: docs/workers.md says to read the parameters then.)"""
+    those of a session answering with whole parameters. set_hyperparameters catches every row up on the
+    server, unanswered: the client then reads them, so later deltas still land right. (A change carried by
+    a sparse step does the same; docs/workers.md says to read the parameters then.)"""
     rng = np.random.default_rng(7)
     E = rng.standard_normal((30, 4))
     delta = client.create_session(opt, {"E": E.copy()}, step_reply="delta")
@@ -407,6 +408,9 @@ def test_delta_reply_keeps_the_callers_rows_when_they_owe_steps(client, opt):
             whole.step({"E": g})
             np.testing.assert_allclose(delta.arrays["E"], whole.arrays["E"], rtol=0, atol=1e-12, err_msg=f"dense {t}")
             continue
+        if t % 11 == 10:
+            for s in (delta, whole):
+                s.set_hyperparameters(lr=0.002 * t)
         rows = rng.integers(0, 30, 3)
         vals = rng.standard_normal((3, 4))
         a = delta.step_sparse("E", rows, vals)

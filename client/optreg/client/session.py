@@ -65,6 +65,7 @@ class Session:
         self._shm: SharedMemory | None = None
         self._stream = StreamStep()
         self._unary = UnaryStep()
+        self._sparse_stepped = False  # rows may be lazy on the server (see set_hyperparameters)
 
     @property
     def info(self) -> SessionInfo:
@@ -153,6 +154,7 @@ class Session:
             return self.client.transport.unary("Step", request, timeout=self.client.timeout)
 
         reply = self.client._retrying(attempt)
+        self._sparse_stepped = True
         self.step_count = reply.step
         mode = self._info.step_reply
         apply_result(self.arrays, mode, {t.name: tensors.to_numpy(t) for t in reply.tensors})
@@ -207,6 +209,10 @@ class Session:
         reply = self.client._unary("UpdateHyperparameters", session_pb2.UpdateHyperparametersRequest(
             session_id=self.id, hyperparameters=values))
         self.info = SessionInfo.from_proto(reply.session)
+        if self._sparse_stepped and self._info.step_reply == "delta":
+            # Rows that owed steps were just caught up on the server, unanswered: a later delta is taken from
+            # those values, so the arrays must hold them (docs/workers.md, "Sparse rows").
+            apply_result(self.arrays, "parameters", self.read_parameters())
         return self.info
 
     def delete(self) -> None:
