@@ -60,6 +60,7 @@ class Directory:
         self._infos: dict[str, dict] = {}
         self._infos_at = 0.0
         self._lock = threading.Lock()
+        self._handles: dict = {}
 
     # -- hosts -------------------------------------------------------------------------------
     def host_for_node(self, node_id: str):
@@ -89,13 +90,20 @@ class Directory:
         return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
                       if a["namespace"] == NAMESPACE and a["name"].startswith(HOST_PREFIX))
 
-    @staticmethod
-    def handle(name: str):
-        """The host actor called `name`, or None when it is gone (drained, or never made)."""
+    def handle(self, name: str):
+        """The host actor called `name`, or None when it is gone (drained, or never made). Cached: a
+        lookup is a round trip to Ray's control store; `forget` it when a call finds the actor dead."""
+        h = self._handles.get(name)
+        if h is not None:
+            return h
         try:
-            return ray.get_actor(name, namespace=NAMESPACE)
+            h = self._handles[name] = ray.get_actor(name, namespace=NAMESPACE)
         except ValueError:
             return None
+        return h
+
+    def forget(self, name: str) -> None:
+        self._handles.pop(name, None)
 
     def infos(self, fresh: bool = False) -> dict[str, dict]:
         """Each live host's load (sessions, bytes held), refreshed every `info_seconds`."""
@@ -170,6 +178,7 @@ class Directory:
         for name, h in victims:
             released = ray.get(h.drain.remote())
             ray.kill(h, no_restart=True)
+            self.forget(name)
             for sid, epoch in released:
                 target = self.place(exclude=frozenset({name}))
                 ray.get(self.handle(target).adopt.remote(sid, epoch))

@@ -43,19 +43,19 @@ class Frontend:
         self._lock = threading.Lock()
 
     # -- routing -----------------------------------------------------------------------------
-    def _route(self, session_id: str) -> tuple[str, bool]:
-        """(host name, whether it must take the session over)."""
+    def _route(self, session_id: str) -> tuple[str, int]:
+        """(host name, the epoch it must take the session over from, 0 for none)."""
         name = self.routes.get(session_id)
         if name and self.directory.handle(name) is not None:
-            return name, False
+            return name, 0
         epoch, holder = self.directory.ownership.current(session_id)
         owner = (holder or {}).get("host", "")
         if owner and not holder.get("deleted") and owner not in self._drained_hosts() \
                 and self.directory.handle(owner) is not None:
-            return owner, False
-        if epoch == 0:  # no such session: any host answers NOT_FOUND
-            return self.directory.place(), False
-        return self.directory.place(), True  # its owner is gone: adopt it elsewhere
+            return owner, 0
+        if epoch == 0 or (holder or {}).get("deleted"):  # no such session: any host answers NOT_FOUND
+            return self.directory.place(), 0
+        return self.directory.place(), epoch  # its owner is gone: adopt it elsewhere, from that epoch
 
     def _drained_hosts(self) -> set[str]:
         from optreg.server.cluster.directory import host_name
@@ -75,7 +75,7 @@ class Frontend:
         buf, ends = pack(messages)
         payload = ray.put(buf) if buf.nbytes >= LARGE else buf  # large tensors via the object store
         deadline = time.monotonic() + self.retry_seconds
-        attempt, take_over, name = 0, False, None
+        attempt, take_over, name = 0, 0, None
         while True:
             if attempt and time.monotonic() > deadline:
                 raise _Failed("UNAVAILABLE", f"session {session_id}: no owner answered within "
@@ -84,13 +84,12 @@ class Frontend:
                 time.sleep(min(0.05 * 2 ** min(attempt, 5), 1.0))
             attempt += 1
             if create and attempt == 1:
-                name, take_over = self.directory.place(), False
-            elif create or not take_over or name is None:
-                name, take_over = self._route(session_id) if session_id else (self.directory.place(), False)
+                name, take_over = self.directory.place(), 0
+            else:
+                name, take_over = self._route(session_id) if session_id else (self.directory.place(), 0)
             host = self.directory.handle(name)
             if host is None:
                 self.routes.pop(session_id, None)
-                take_over = False
                 continue
             try:
                 status, epoch, body, out_ends, trailing = ray.get(
@@ -99,9 +98,8 @@ class Frontend:
             except RETRYABLE as e:
                 log.warning("session %s: host %s failed (%s); retrying", session_id, name, type(e).__name__)
                 self.routes.pop(session_id, None)
-                take_over = False
+                self.directory.forget(name)
                 continue
-            take_over = False
             if status == MOVED:
                 self.routes.pop(session_id, None)
                 owner = (body or {}).get("host") if isinstance(body, dict) else None
@@ -124,6 +122,8 @@ class Frontend:
                 raise _Failed(status, body, trailing)
             if method == "DeleteSession":
                 self.routes.pop(session_id, None)
+            if attempt > 1 and method in ("Step", "StepStream"):
+                body, out_ends = _not_replayed(method, _replies(body, out_ends))
             return body, out_ends, trailing
 
     def _created(self, method, session_id):
@@ -154,6 +154,19 @@ class Frontend:
         for m in SERVICE.methods:
             table[m.name] = _handler(self, m.name, m.client_streaming, m.server_streaming)
         return grpc.method_handlers_generic_handler(SERVICE.full_name, table)
+
+
+def _not_replayed(method: str, replies: list[bytes]):
+    """A step this front end sent again after a failure, answered as a replay: the first send was
+    applied (the same request, the same fence), so to the client it is this call's step, not an
+    earlier call's (which its client would report as a mismatch)."""
+    kind = session_pb2.StepResponse if method == "Step" else session_pb2.StepStreamResponse
+    out = []
+    for r in replies:
+        m = kind.FromString(r)
+        m.replayed = False
+        out.append(m.SerializeToString())
+    return out, None
 
 
 def _replies(body, ends) -> list[bytes]:

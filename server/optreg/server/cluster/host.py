@@ -184,7 +184,7 @@ class SessionHost:
         return os.getpid()
 
     # -- calls -----------------------------------------------------------------------------
-    def call(self, method: str, session_id: str, payload, ends, take_over: bool = False):
+    def call(self, method: str, session_id: str, payload, ends, take_over: int = 0):
         """(status, epoch, body, ends, trailing): status is OK, MOVED (body: the owner's record) or a
         grpc status name (body: the message)."""
         messages = unpack(payload, ends)
@@ -229,15 +229,17 @@ class SessionHost:
         with self._guard:
             return self._adopt_locks.setdefault(session_id, threading.Lock())
 
-    def _ensure_owned(self, session_id: str, take_over: bool):
-        """None when this host owns the session (adopting it if its record names this host or the
-        front end found the owner gone); else the MOVED answer."""
+    def _ensure_owned(self, session_id: str, take_over: int):
+        """None when this host owns the session, adopting it when its record names this host (an
+        earlier incarnation: restarted by Ray) or names epoch `take_over`, whose owner the front end
+        found gone; else the MOVED answer. Adopting only from the epoch the front end saw keeps a late
+        or repeated request from taking a session away from the owner that adopted it meanwhile."""
         if not session_id or session_id in self.journal.claims:
             return None
         epoch, holder = self.journal.ownership.current(session_id)
         if epoch == 0 or (holder or {}).get("deleted"):
             return None  # the servicer answers NOT_FOUND in the contract's words
-        if (holder or {}).get("host") != self.name and not take_over:
+        if (holder or {}).get("host") != self.name and take_over != epoch:
             return MOVED, epoch, holder, None, ()
         try:
             self.adopt(session_id, epoch)
