@@ -58,6 +58,9 @@ def cluster(tmp_path_factory):
         c.add_node(num_cpus=1)
     c.wait_for_nodes()
     connect(c.address)
+    end = time.monotonic() + 60  # until the scheduler sees every node (else hosts land off their node)
+    while ray.available_resources().get("CPU", 0) < 3 and time.monotonic() < end:
+        time.sleep(0.2)
     yield c
     for name in Directory.host_names():
         try:
@@ -94,7 +97,7 @@ def create_request(session_id: str, optimizer: str = "adam", lr: float = 0.01, p
 
 def worker_host(front, cluster):
     """A host on a worker node (not the head, whose loss would end the cluster): (name, handle, node)."""
-    head = cluster.head_node.unique_id
+    head = cluster.head_node.node_id
     for name, info in front.directory.infos(fresh=True).items():
         if info["node"] != head:
             return name, front.directory.handle(name), info["node"]
@@ -102,7 +105,7 @@ def worker_host(front, cluster):
 
 
 def node_by_id(cluster, node_id):
-    return next(n for n in cluster.worker_nodes if n.unique_id == node_id)
+    return next(n for n in cluster.worker_nodes if n.node_id == node_id)
 
 
 CLIENT = r"""
@@ -337,10 +340,14 @@ def test_killing_the_hosting_node_mid_training(front, cluster):
     name, host, node_id = worker_host(front, cluster)
     sid = "killed-node-1"
     assert call(host, "CreateSession", sid, create_request(sid))[0] == OK
+    host_pid = ray.get(host.pid.remote())
     n = 40
     trainer = Trainer(front.address, sid, n)
     trainer.wait_for(12)
-    cluster.remove_node(node_by_id(cluster, node_id), allow_graceful=False)  # raylet and workers, SIGKILL
+    # The node's raylet and processes, SIGKILL. A worker outlives its raylet for a moment (and answers
+    # calls meanwhile, as the issue saw): the host process is killed with it, as a machine's loss would.
+    cluster.remove_node(node_by_id(cluster, node_id), allow_graceful=False)
+    os.kill(host_pid, signal.SIGKILL)
     killed_at = time.monotonic()
     acks = trainer.finish()
     recovery = check_training(front, sid, acks, n)

@@ -61,6 +61,7 @@ class Directory:
         self._infos_at = 0.0
         self._lock = threading.Lock()
         self._handles: dict = {}
+        self._placed: set[str] = set()  # hosts whose node was checked
 
     # -- hosts -------------------------------------------------------------------------------
     def host_for_node(self, node_id: str):
@@ -81,10 +82,27 @@ class Directory:
         names = []
         for node in ray.nodes():
             if node.get("Alive") and node["NodeID"] not in drained:
-                self.host_for_node(node["NodeID"])
+                handle = self.host_for_node(node["NodeID"])
+                if host_name(node["NodeID"]) not in self._placed:
+                    handle = self._check_placement(node["NodeID"], handle)
                 names.append(host_name(node["NodeID"]))
         return names
 
+    def _check_placement(self, node_id: str, handle, attempts: int = 5):
+        """Soft node affinity lands an actor elsewhere when the scheduler does not know the node yet
+        (one just added): an empty misplaced host is stopped and made again, after a moment."""
+        name = host_name(node_id)
+        for attempt in range(attempts):
+            info = ray.get(handle.info.remote(), timeout=120)
+            if info["node"] == node_id or info["sessions"] or attempt == attempts - 1:
+                break
+            log.info("host %s landed on node %s, not %s: placing it again", name, info["node"], node_id)
+            ray.kill(handle, no_restart=True)
+            self.forget(name)
+            time.sleep(0.5 * (attempt + 1))
+            handle = self.host_for_node(node_id)
+        self._placed.add(name)
+        return handle
     @staticmethod
     def host_names() -> list[str]:
         return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)

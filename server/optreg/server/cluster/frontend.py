@@ -40,6 +40,7 @@ class Frontend:
         self.retry_seconds = retry_seconds
         self.routes: dict[str, str] = {}  # session id -> host name believed to own it
         self.epochs: dict[str, int] = {}  # session id -> highest epoch a reply carried
+        self.answered: dict[str, int] = {}  # session id -> highest step number answered to a client
         self._lock = threading.Lock()
 
     # -- routing -----------------------------------------------------------------------------
@@ -122,9 +123,26 @@ class Frontend:
                 raise _Failed(status, body, trailing)
             if method == "DeleteSession":
                 self.routes.pop(session_id, None)
-            if attempt > 1 and method in ("Step", "StepStream"):
-                body, out_ends = _not_replayed(method, _replies(body, out_ends))
+            if method in ("Step", "StepStream"):
+                body, out_ends = self._answered(session_id, method, body, out_ends)
             return body, out_ends, trailing
+
+    def _answered(self, session_id: str, method: str, body, ends):
+        """Note the step answered; a replay of a step this front end never answered is shown as applied.
+
+        Ray retries a call whose host died (max_task_retries), and the front end retries too: when the
+        first send was applied and its answer lost, the retry is answered as a replay. To the client it
+        is its own step, applied once (its client would otherwise report a mismatch). A replay of a step
+        this front end did answer is left as it is: that one is the client's concern."""
+        replies = _replies(body, ends)
+        last = replies[-1] if replies else b""
+        step, replayed = wire.field_varint(last, 1), wire.field_varint(last, 2)
+        with self._lock:
+            seen = self.answered.get(session_id, 0)
+            self.answered[session_id] = max(seen, step)
+        if replayed and seen < step:
+            return _not_replayed(method, replies)
+        return body, ends
 
     def _created(self, method, session_id):
         body, ends, trailing = self.forward("GetSession", [session_pb2.GetSessionRequest(

@@ -76,3 +76,25 @@ def with_create_id(buf, session_id: str) -> bytes:
     sid = session_id.encode()
     inner = b"\x2a" + varint(len(sid)) + sid
     return bytes(buf) + b"\x0a" + varint(len(inner)) + inner
+
+
+def field_varint(buf, number: int, default: int = 0) -> int:
+    """The first top-level varint field `number` (a step, a flag), else `default`."""
+    i, n = 0, len(buf)
+    while i < n:
+        key, i = _varint(buf, i)
+        field, kind = key >> 3, key & 7
+        if kind == 0:
+            value, i = _varint(buf, i)
+            if field == number:
+                return value
+        elif kind == 1:
+            i += 8
+        elif kind == 5:
+            i += 4
+        elif kind == 2:
+            size, i = _varint(buf, i)
+            i += size
+        else:
+            raise ValueError(f"unsupported wire type {kind}")
+    return default
