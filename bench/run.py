@@ -491,10 +491,15 @@ def bench_telemetry(cfg, server, echo):
     run(cfg, server, echo)
 
 
+def bench_ray(cfg, server, echo):
+    from bench.ray_step import bench_ray as run  # a local Ray; skipped in --quick and without Ray
+    run(cfg, server, echo)
+
+
 SECTIONS = {"small": bench_small, "smallparts": bench_small_parts, "large": bench_large, "shm": bench_shm, "kernels": bench_kernels,
             "declared": bench_declared, "memory": bench_memory, "concurrency": bench_concurrency,
             "torch": bench_torch, "wal": bench_wal, "durability": bench_durability, "telemetry": bench_telemetry,
-            "workers": bench_workers}
+            "workers": bench_workers, "ray": bench_ray}
 
 
 class Config:
