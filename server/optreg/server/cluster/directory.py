@@ -50,27 +50,30 @@ def host_name(node_id: str) -> str:
 class Directory:
     """What a front end (and `python -m optreg.server.cluster`) knows of the cluster."""
 
-    def __init__(self, root, memory_budget_mb: float | None = None, info_seconds: float = 2.0):
+    def __init__(self, root, memory_budget_mb: float | None = None, info_seconds: float = 2.0,
+                 answer_seconds: float = 5.0):
         self.root = pathlib.Path(root)
         self.ownership = Ownership(root)
         self.drained_dir = self.root / "drained"
         self.drained_dir.mkdir(parents=True, exist_ok=True)
         self.memory_budget_mb = memory_budget_mb
         self.info_seconds = info_seconds
+        self.answer_seconds = answer_seconds
         self._infos: dict[str, dict] = {}
         self._infos_at = 0.0
         self._lock = threading.Lock()
         self._handles: dict = {}
-        self._placed: set[str] = set()  # hosts whose node was checked
 
     # -- hosts -------------------------------------------------------------------------------
     def host_for_node(self, node_id: str):
-        """Get or create the node's host: a detached actor named after the node, placed there (softly:
-        when the node dies Ray restarts it elsewhere), restarted and its calls retried without end."""
+        """Get or create the node's host: a detached actor named after the node, pinned there, restarted
+        (on that node) and its calls retried without end. When the node dies the host dies with it and
+        its sessions are adopted by the hosts of the surviving nodes (frontend.py). Soft affinity, which
+        would let Ray restart it elsewhere, put 2 of 3 hosts off their nodes here, again and again."""
         return Host.options(
             name=host_name(node_id), namespace=NAMESPACE, get_if_exists=True, lifetime="detached",
             max_restarts=-1, max_task_retries=-1, max_concurrency=HOST_CONCURRENCY, num_cpus=0,
-            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=True),
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
         ).remote(host_name(node_id), str(self.root), self.memory_budget_mb)
 
     def drained(self) -> set[str]:
@@ -79,30 +82,11 @@ class Directory:
     def ensure_hosts(self) -> list[str]:
         """A host on every alive node that is not drained; their names."""
         drained = self.drained()
-        names = []
-        for node in ray.nodes():
-            if node.get("Alive") and node["NodeID"] not in drained:
-                handle = self.host_for_node(node["NodeID"])
-                if host_name(node["NodeID"]) not in self._placed:
-                    handle = self._check_placement(node["NodeID"], handle)
-                names.append(host_name(node["NodeID"]))
-        return names
+        nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive") and n["NodeID"] not in drained]
+        for node in nodes:
+            self.host_for_node(node)
+        return [host_name(node) for node in nodes]
 
-    def _check_placement(self, node_id: str, handle, attempts: int = 5):
-        """Soft node affinity lands an actor elsewhere when the scheduler does not know the node yet
-        (one just added): an empty misplaced host is stopped and made again, after a moment."""
-        name = host_name(node_id)
-        for attempt in range(attempts):
-            info = ray.get(handle.info.remote(), timeout=120)
-            if info["node"] == node_id or info["sessions"] or attempt == attempts - 1:
-                break
-            log.info("host %s landed on node %s, not %s: placing it again", name, info["node"], node_id)
-            ray.kill(handle, no_restart=True)
-            self.forget(name)
-            time.sleep(0.5 * (attempt + 1))
-            handle = self.host_for_node(node_id)
-        self._placed.add(name)
-        return handle
     @staticmethod
     def host_names() -> list[str]:
         return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
@@ -130,17 +114,28 @@ class Directory:
                 return self._infos
         names = set(self.ensure_hosts()) | set(self.host_names())
         refs = {n: h.info.remote() for n in names if (h := self.handle(n)) is not None}
+        # A host that does not answer in a few seconds (its node stopped, not yet found dead) gets no
+        # new sessions this round: placement never waits on it.
+        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=self.answer_seconds)
         infos = {}
         for name, ref in refs.items():
+            if ref not in ready:
+                continue
             try:
-                info = ray.get(ref, timeout=30)
-            except (ray.exceptions.RayError, TimeoutError):
+                info = ray.get(ref)
+            except ray.exceptions.RayError:
+                self.forget(name)
                 continue
             if not info["draining"] and info["node"] not in self.drained():
                 infos[name] = info
         with self._lock:
             self._infos, self._infos_at = infos, time.monotonic()
         return infos
+
+    def stale_infos(self) -> None:
+        """A host failed: read the hosts' loads again before the next placement."""
+        with self._lock:
+            self._infos_at = 0.0
 
     def place(self, exclude: frozenset = frozenset()) -> str:
         """The host for a new session: the one holding the fewest bytes, then the fewest sessions (the

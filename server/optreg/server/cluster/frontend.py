@@ -26,7 +26,8 @@ from optreg.v1 import session_pb2
 log = logging.getLogger("optreg.server.cluster")
 SERVICE = session_pb2.DESCRIPTOR.services_by_name["SessionService"]
 LOCAL_ONLY = ("RegisterSharedMemory", "UnregisterSharedMemory", "StepSharedMemory")
-RETRYABLE = (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError, ray.exceptions.ObjectLostError)
+RETRYABLE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnschedulableError, ray.exceptions.GetTimeoutError,
+             ray.exceptions.ObjectLostError)
 
 
 class _Failed(Exception):
@@ -100,6 +101,7 @@ class Frontend:
                 log.warning("session %s: host %s failed (%s); retrying", session_id, name, type(e).__name__)
                 self.routes.pop(session_id, None)
                 self.directory.forget(name)
+                self.directory.stale_infos()
                 continue
             if status == MOVED:
                 self.routes.pop(session_id, None)

@@ -100,6 +100,9 @@ class ClusterStore(SessionStore):
             self._sessions[session.id] = session
         self._gauges()
 
+    def index_has(self, session_id: str) -> bool:
+        return session_id in self._sessions
+
     def forget(self, session_id: str) -> None:
         with self._lock:
             session = self._sessions.pop(session_id, None)
@@ -148,6 +151,7 @@ class SessionHost:
     def adopt(self, session_id: str, expected: int) -> int:
         """Take the session over from epoch `expected` (its owner is gone or drained); its epoch."""
         with self._lock_for(session_id):
+            # (claimed here and still ours: adopted by the call before us, or a create in progress)
             if session_id in self.journal.claims and self.journal.ownership.holds(self.journal.claims[session_id]):
                 return self.journal.claims[session_id].epoch
             claim = self.journal.ownership.claim(session_id, expected, self.holder())
@@ -225,6 +229,10 @@ class SessionHost:
             return OK, buf, ends, ctx.trailing
         return OK, replies, None, ctx.trailing
 
+    def _owned(self, session_id: str) -> bool:
+        """Claimed and in the store (an adoption claims first and registers the session last)."""
+        return session_id in self.journal.claims and self.store.index_has(session_id)
+
     def _lock_for(self, session_id: str) -> threading.Lock:
         with self._guard:
             return self._adopt_locks.setdefault(session_id, threading.Lock())
@@ -234,7 +242,7 @@ class SessionHost:
         earlier incarnation: restarted by Ray) or names epoch `take_over`, whose owner the front end
         found gone; else the MOVED answer. Adopting only from the epoch the front end saw keeps a late
         or repeated request from taking a session away from the owner that adopted it meanwhile."""
-        if not session_id or session_id in self.journal.claims:
+        if not session_id or self._owned(session_id):
             return None
         epoch, holder = self.journal.ownership.current(session_id)
         if epoch == 0 or (holder or {}).get("deleted"):
@@ -267,7 +275,7 @@ class SessionHost:
 
     def _unclaim(self, session_id: str) -> None:
         claim = self.journal.claims.pop(session_id, None)
-        if claim is not None and self.store._sessions.get(session_id) is None:
+        if claim is not None and not self.store.index_has(session_id):
             try:
                 self.journal.ownership.remove(claim)
             except Refused:
