@@ -386,3 +386,11 @@ def test_stopping_the_owner_node_then_resuming_it(front, cluster):
     check_training(front, sid, acks, n)
     epoch, holder = front.directory.ownership.current(sid)
     assert epoch > old_epoch and holder["node"] != node_id
+
+
+def test_serve_ray_needs_shared_storage():
+    """`optreg serve --ray` with nothing to keep sessions in: one line naming the fix, exit 2."""
+    out = subprocess.run([sys.executable, "-m", "optreg.server", "serve", "--ray", "--memory-only"],
+                         capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=SOURCE_PATH), timeout=60)
+    assert out.returncode == 2
+    assert "--data-dir" in out.stderr and "shared" in out.stderr

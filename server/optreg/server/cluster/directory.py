@@ -192,10 +192,16 @@ class Directory:
             released = ray.get(h.drain.remote())
             ray.kill(h, no_restart=True)
             self.forget(name)
+            refs = {}
             for sid, epoch in released:
                 target = self.place(exclude=frozenset({name}))
-                ray.get(self.handle(target).adopt.remote(sid, epoch))
-                moved[sid] = target
+                refs[sid] = (target, self.handle(target).adopt.remote(sid, epoch))
+            for sid, (target, ref) in refs.items():
+                try:
+                    ray.get(ref)
+                    moved[sid] = target
+                except ray.exceptions.RayTaskError:  # a front end's call had it adopted first: fine
+                    moved[sid] = (self.ownership.current(sid)[1] or {}).get("host", "")
             log.info("node %s drained: %d sessions moved off %s", node_id, len(released), name)
         return moved
 

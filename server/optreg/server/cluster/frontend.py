@@ -52,16 +52,12 @@ class Frontend:
             return name, 0
         epoch, holder = self.directory.ownership.current(session_id)
         owner = (holder or {}).get("host", "")
-        if owner and not holder.get("deleted") and owner not in self._drained_hosts() \
-                and self.directory.handle(owner) is not None:
+        # (a draining owner is still the owner: it answers MOVED until its sessions are adopted)
+        if owner and not holder.get("deleted") and self.directory.handle(owner) is not None:
             return owner, 0
         if epoch == 0 or (holder or {}).get("deleted"):  # no such session: any host answers NOT_FOUND
             return self.directory.place(), 0
         return self.directory.place(), epoch  # its owner is gone: adopt it elsewhere, from that epoch
-
-    def _drained_hosts(self) -> set[str]:
-        from optreg.server.cluster.directory import host_name
-        return {host_name(n) for n in self.directory.drained()}
 
     def forward(self, method: str, messages: list[bytes]):
         """(body, ends, trailing) of the owner's reply, retried across failures and moves."""
