@@ -132,14 +132,16 @@ class Frontend:
         first send was applied and its answer lost, the retry is answered as a replay. To the client it
         is its own step, applied once (its client would otherwise report a mismatch). A replay of a step
         this front end did answer is left as it is: that one is the client's concern."""
-        replies = _replies(body, ends)
-        last = replies[-1] if replies else b""
+        if ends is None:
+            last = body[-1] if body else b""
+        else:  # one numpy buffer: read the last message in place, no copy of the tensors before it
+            last = memoryview(body)[ends[-2] if len(ends) > 1 else 0:ends[-1]] if ends else b""
         step, replayed = wire.field_varint(last, 1), wire.field_varint(last, 2)
         with self._lock:
             seen = self.answered.get(session_id, 0)
             self.answered[session_id] = max(seen, step)
         if replayed and seen < step:
-            return _not_replayed(method, replies)
+            return _not_replayed(method, _replies(body, ends))
         return body, ends
 
     def _created(self, method, session_id):
