@@ -74,6 +74,8 @@ def cluster(tmp_path_factory):
 @pytest.fixture(scope="module")
 def front(cluster, tmp_path_factory):
     server = ClusterServer(str(tmp_path_factory.mktemp("shared")), port=0, memory_budget_mb=1024)
+    # every host up before the tests (placement passes over a host that is slow to answer)
+    ray.get([server.directory.handle(n).info.remote() for n in server.directory.ensure_hosts()], timeout=300)
     server.start()
     yield server
     server.stop(0)
@@ -98,9 +100,11 @@ def create_request(session_id: str, optimizer: str = "adam", lr: float = 0.01, p
 def worker_host(front, cluster):
     """A host on a worker node (not the head, whose loss would end the cluster): (name, handle, node)."""
     head = cluster.head_node.node_id
-    for name, info in front.directory.infos(fresh=True).items():
+    for name in front.directory.ensure_hosts():
+        handle = front.directory.handle(name)
+        info = ray.get(handle.info.remote(), timeout=120)  # (a host may take a while to start here)
         if info["node"] != head:
-            return name, front.directory.handle(name), info["node"]
+            return name, handle, info["node"]
     pytest.fail("no session host on a worker node")
 
 
