@@ -278,6 +278,35 @@ for i in range(1, 300):
     reader.janitor.stop()
 
 
+def test_the_journal_refuses_a_superseded_owners_writes(tmp_path):
+    """Below the host's check on each call: a step already past it when the takeover happens is refused
+    by the journal at its commit (after its record is written, before it is applied or answered), and
+    so are snapshots; the new owner never sees either."""
+    from optreg.server.cluster.host import _Abort, _Context
+    from optreg.server.cluster.ownership import StaleOwner
+    old = SessionHost("optreg-host-a", str(tmp_path), 64)
+    assert old.call("CreateSession", "j-1", *pack([create_request("j-1").SerializeToString()]))[0] == OK
+    step = session_pb2.StepRequest(session_id="j-1", step=0, gradients=[tensors.from_numpy("W", grad(1))])
+    assert old.call("Step", "j-1", *pack([step.SerializeToString()]))[0] == OK
+    session = old.store.get("j-1")
+    new = SessionHost("optreg-host-b", str(tmp_path), 64)
+    assert new.adopt("j-1", 1) == 2
+    second = session_pb2.StepRequest(session_id="j-1", step=1, gradients=[tensors.from_numpy("W", grad(2))])
+    with pytest.raises(_Abort) as refused:  # straight into the servicer, as a call already in flight would be
+        old.servicer.Step(second, _Context())
+    assert refused.value.code.name == "UNAVAILABLE" and "taken over" in refused.value.message
+    with pytest.raises(StaleOwner):
+        old.journal._snapshot(session)
+    assert "j-1" not in old.journal.claims and not old.store.index_has("j-1")
+    for host in (old, new):
+        host.janitor.stop()
+    reader = SessionHost("optreg-host-c", str(tmp_path), 64)
+    assert reader.adopt("j-1", 2) == 3
+    assert reader.store.get("j-1").step == 1
+    np.testing.assert_allclose(reader.store.get("j-1").live.params["W"], adam_after(1), rtol=1e-12, atol=0)
+    reader.janitor.stop()
+
+
 # -- many sessions, draining --------------------------------------------------------------------------
 
 

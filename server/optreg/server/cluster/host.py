@@ -242,8 +242,12 @@ class SessionHost:
         earlier incarnation: restarted by Ray) or names epoch `take_over`, whose owner the front end
         found gone; else the MOVED answer. Adopting only from the epoch the front end saw keeps a late
         or repeated request from taking a session away from the owner that adopted it meanwhile."""
-        if not session_id or self._owned(session_id):
+        if not session_id:
             return None
+        if self._owned(session_id):
+            if self.journal.ownership.holds(self.journal.claims[session_id]):
+                return None  # (checked on every call, so a superseded owner never serves a stale read)
+            self.journal.stale(session_id)
         epoch, holder = self.journal.ownership.current(session_id)
         if epoch == 0 or (holder or {}).get("deleted"):
             return None  # the servicer answers NOT_FOUND in the contract's words
@@ -285,6 +289,8 @@ class SessionHost:
 def _current_node() -> str:
     try:
         import ray
+        if not ray.is_initialized():  # (asking would start a local Ray)
+            return ""
         return ray.get_runtime_context().get_node_id()
     except Exception:
         return ""
