@@ -369,6 +369,23 @@ def test_thousand_sessions_over_three_nodes_and_a_drain(front, cluster):
 # -- losing a node (last: they take nodes away) -------------------------------------------------------
 
 
+def test_killing_the_host_process_mid_training(front, cluster):
+    """The host's process dies (SIGKILL; its node lives): Ray restarts the actor in place and retries
+    the call it was running; the new incarnation takes the session over from its predecessor's epoch."""
+    name, host, node_id = worker_host(front, cluster)
+    sid = "killed-process-1"
+    assert call(host, "CreateSession", sid, create_request(sid))[0] == OK
+    old = ray.get(host.info.remote())
+    trainer = Trainer(front.address, sid, 30)
+    trainer.wait_for(10)
+    os.kill(old["pid"], signal.SIGKILL)
+    check_training(front, sid, trainer.finish(), 30)
+    new = ray.get(host.info.remote())
+    assert new["incarnation"] != old["incarnation"] and new["node"] == node_id
+    epoch, holder = front.directory.ownership.current(sid)
+    assert epoch == 2 and holder["incarnation"] == new["incarnation"]
+
+
 def test_killing_the_hosting_node_mid_training(front, cluster):
     name, host, node_id = worker_host(front, cluster)
     sid = "killed-node-1"
