@@ -220,10 +220,12 @@ def bench_large(cfg, server, echo):
 
 
 def bench_shm(cfg, server, echo):
-    """Adam 1e7 float32 stepped through a same-host shared-memory segment vs the same kernel in-process."""
+    """Adam 1e7 float32 stepped through a same-host shared-memory segment vs the same kernel in-process:
+    plain (the server's own master copy, updated parameters copied into the segment) and resident (the
+    segment is the master copy, updated in place). The three are interleaved round by round."""
     from optreg.client import Client
     from optreg.plugins.registry import Registry
-    from optreg.server import fastkernels, kernels
+    from optreg.server import fastkernels, kernels, resident
 
     n, reps = 10_000_000, max(5, cfg.large_reps * 2)
     rng = np.random.default_rng(3)
@@ -236,21 +238,41 @@ def bench_shm(cfg, server, echo):
     def local():
         step[0] += 1
         kernels.apply(defn, p, g, st, step[0], hp)
-    local()
-    local_t = timed(local, reps)
-    del p, st
+
+    def local_checked():  # what a resident step computes, without gRPC: the finite check, then the
+        step[0] += 1      # update with the step's telemetry statistics
+        resident._check_finite("w", g)
+        kernels.apply(defn, p, g, st, step[0], hp, stats=np.zeros(kernels.STATS))
     with Client(server.address) as c:
-        s = c.create_session("adam", {"w": w})
-        s.enable_shared_memory()
-        s.gradients["w"][...] = g  # the training program writes its gradients here
-        grads = {"w": s.gradients["w"]}
-        for _ in range(2):
-            s.step(grads)
-        shm_t = timed(lambda: s.step(grads), reps)
-        s.delete()
-    local_m = statistics.median(local_t)
-    row("shared-memory step p50 (adam 1e7 f32)", statistics.median(shm_t), "s",
-        "in-process kernel update p50", local_m, 1.2)
+        plain = c.create_session("adam", {"w": w}, keep=False)
+        res = c.create_session("adam", {"w": w}, keep=False)
+        steppers = []
+        for s, in_segment in ((plain, False), (res, True)):
+            s.enable_shared_memory(resident=in_segment)
+            s.gradients["w"][...] = g  # the training program writes its gradients here
+            grads = {"w": s.gradients["w"]}
+            steppers.append(lambda s=s, grads=grads: s.step(grads))
+        times = {"local": [], "checked": [], "plain": [], "resident": []}
+        for _ in range(2):  # warm: compiled kernels, pages of m and v touched
+            local(), local_checked(), steppers[0](), steppers[1]()
+        for _ in range(reps):
+            times["local"] += timed(local, 1)
+            times["checked"] += timed(local_checked, 1)
+            times["plain"] += timed(steppers[0], 1)
+            times["resident"] += timed(steppers[1], 1)
+        same = np.array_equal(res.arrays["w"], plain.arrays["w"])
+        plain.delete()
+        res.delete()
+    del p, st
+    local_m = statistics.median(times["local"])
+    row("shared-memory step p50, resident (adam 1e7 f32)", statistics.median(times["resident"]), "s",
+        "in-process kernel update p50", local_m, 1.2,
+        note="" if same else "RESIDENT AND PLAIN PARAMETERS DIFFER")
+    row("shared-memory step p50, resident", statistics.median(times["resident"]), "s",
+        "in-process finite check + kernel with statistics p50", statistics.median(times["checked"]),
+        note="the same passes over memory as the resident step, without gRPC")
+    row("shared-memory step p50, plain (server copy)", statistics.median(times["plain"]), "s",
+        "in-process kernel update p50", local_m)
 
 
 def _book(name, hp):

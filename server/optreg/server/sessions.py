@@ -103,6 +103,7 @@ class Session:
     hub: object | None = field(default=None, repr=False)
     round_record: dict | None = None  # the last sync round applied: {"round", "contributors", "members"} (logged)
     worker_rounds: dict = field(default_factory=dict)  # async/ssp: worker -> round of its last applied contribution
+    resident: object | None = field(default=None, repr=False)  # shm.Region holding the parameters (resident.py)
 
     def __post_init__(self):
         allowed = GRAD_DTYPES[self.master_code]

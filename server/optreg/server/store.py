@@ -210,7 +210,7 @@ class SessionStore:
     def _unload(self, session: Session) -> bool:
         """Write and drop the tensors of an idle durable session. Caller holds its lock."""
         if (session.live is None or session.durability.mode == "none" or session.live.readers
-                or self._sessions.get(session.id) is not session):
+                or session.resident is not None or self._sessions.get(session.id) is not session):
             return False
         self.journal.flush(session)
         session.live = session.spare = None  # their budget goes when they are collected

@@ -1,0 +1,240 @@
+"""Resident sessions: the master parameters live in a client's shared-memory segment.
+
+A resident registration (RegisterSharedMemory with `resident`) moves a session's live
+parameters into the segment: the server writes the current values there and the live set's
+parameter arrays become views of it (the optimizer state stays in the server's memory). A
+step then moves no tensor bytes and copies no parameters: it runs under the session's lock,
+with every gradient validated and finite-checked before anything is touched, the log record
+made durable next, and only then the update applied where the parameters live.
+
+Never half-applied: an update that cannot fail once its inputs are checked (a built-in
+optimizer's compiled kernel) runs in place; any other (a third party's update, a
+whole-tensor or non-deterministic optimizer, a kernel not compiled yet) runs into a staging
+set that is copied over the live one after the commit. Readers outside the lock (ReadState
+and the like) are waited for before an in-place update starts.
+
+When the registration ends the parameters are copied back into the server's own memory
+(unless the session is gone), before the segment is unmapped.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+
+from optreg.plugins.builtins import MODULES as BUILTIN_MODULES
+from optreg.server import fastkernels, kernels
+from optreg.server.errors import Cancelled, FailedPrecondition, InvalidArgument, PluginFailed, shown
+from optreg.server.pipeline import SMALL_STATS, StepRun, check_finite, widen
+from optreg.server.sessions import MAX_STEP, Session
+from optreg.server.shm import Region, tensors_in
+from optreg.v1 import tensors
+
+log = logging.getLogger("optreg.server.resident")
+
+BUILTIN_PLUGINS = frozenset(BUILTIN_MODULES)  # plugin names are module names
+READER_WAIT = 0.001  # seconds between looks while a reader holds the live set
+PARALLEL_FINITE = 1 << 20  # elements: below, one thread checks a gradient (a hand-off costs more)
+
+
+def _wait_for_readers(session: Session, is_active) -> None:
+    """Caller holds the lock; returns holding it, with nobody reading the live set outside it."""
+    while session.live is not None and session.live.readers:
+        if not is_active():
+            raise Cancelled("the call ended while a read of the session was in progress; nothing was applied")
+        session.lock.release()
+        try:
+            time.sleep(READER_WAIT)
+        finally:
+            session.lock.acquire()
+
+
+def attach(store, session: Session, region: Region, items, is_active=lambda: True) -> int:
+    """Move the session's parameters into `region` at the places `items` name; returns the step they hold."""
+    if session.workers is not None:
+        raise FailedPrecondition(f"session {session.id} is shared by workers: its parameters cannot live in one "
+                                 "client's segment; register without resident")
+    views = {}
+    for t in tensors_in(region, items, session.master_code, "parameter"):
+        if t.name in views:
+            raise InvalidArgument(f"parameter {shown(t.name)} is given twice")
+        if t.dtype != session.master_code:
+            raise InvalidArgument(f"parameter {shown(t.name)}: a resident parameter has the master dtype "
+                                  f"{session.dtype.name}; send that dtype (or leave it unspecified)")
+        views[t.name] = t
+    check = tensors.ChunkTracker({n: (shape, (session.master_code,)) for n, shape in session.shapes.items()},
+                                 "parameter")
+    for t in views.values():
+        try:
+            check.accept(t)
+        except ValueError as e:
+            raise InvalidArgument(f"{e}; resident registration refused") from None
+    try:
+        check.finish()
+    except ValueError as e:
+        raise InvalidArgument(f"{e}: a resident registration places every parameter in the segment") from None
+    _check_disjoint(region, views.values())
+    arrays = {n: np.frombuffer(t.data, dtype=session.dtype).reshape(session.shapes[n]) for n, t in views.items()}
+    with session.lock:
+        store.ensure_loaded(session)
+        if session.resident is not None:
+            raise FailedPrecondition(f"session {session.id} already keeps its parameters in segment "
+                                     f"{shown(session.resident.key)}; unregister that one first")
+        _wait_for_readers(session, is_active)
+        live = session.live
+        for n, a in arrays.items():
+            np.copyto(a, live.params[n])
+        live.params = arrays  # the private arrays go (their bytes stay counted: the set still holds them)
+        session.spare = None  # a spare set would be a second full copy; resident steps never use one
+        session.resident = region
+        region.resident = session
+        region.detach = lambda: detach(store, session, region)
+        step = session.step
+    log.info("session %s: parameters resident in shared-memory segment %s at step %d", session.id, region.key, step,
+             extra={"session_id": session.id})
+    return step
+
+
+def _check_disjoint(region: Region, views) -> None:
+    """Two parameters in the same bytes would update each other."""
+    spans = sorted((t.byte_offset, t.byte_offset + t.data.nbytes, t.name) for t in views)
+    for (a0, a1, an), (b0, b1, bn) in zip(spans, spans[1:]):
+        if b0 < a1:
+            raise InvalidArgument(f"parameters {shown(an)} and {shown(bn)} overlap in segment {shown(region.key)} "
+                                  f"(bytes {a0}..{a1} and {b0}..{b1}); give each its own bytes")
+
+
+def detach(store, session: Session, region: Region) -> None:
+    """The registration ends: the parameters come back into the server's memory (unless the session is gone)."""
+    with session.lock:
+        if session.resident is not region:
+            return
+        live = session.live
+        if live is not None:
+            _wait_for_readers(session, lambda: True)
+            if store.index_of(session) is session:
+                live.params = {n: np.array(a) for n, a in live.params.items()}
+            else:  # deleted: nothing to keep
+                session.live = session.spare = None
+        session.resident = None
+        region.resident = None
+    log.info("session %s: parameters back in server memory at step %d", session.id, session.step,
+             extra={"session_id": session.id})
+
+
+def _check_finite(name: str, g: np.ndarray) -> None:
+    """check_finite, split over the kernel threads for large gradients: this pass is the one a resident
+    step adds to the update's own (it must finish before anything is touched)."""
+    parts = fastkernels.threads()
+    if parts < 2 or g.size < PARALLEL_FINITE or fastkernels.all_finite(g[:1]) is None:
+        check_finite(name, g)
+        return
+    bounds = np.linspace(0, g.size, parts + 1).astype(np.int64)
+    pool = kernels._executor(parts)
+    futures = [pool.submit(fastkernels.all_finite, g[a:b]) for a, b in zip(bounds[1:-1], bounds[2:])]
+    ok = fastkernels.all_finite(g[:bounds[1]])
+    if not all([ok] + [f.result() for f in futures]):
+        check_finite(name, g)  # raises, counting the bad values
+
+
+def in_place(session: Session, grads: dict[str, np.ndarray]) -> bool:
+    """Whether this step's update may run where the parameters live: a built-in optimizer's compiled,
+    deterministic, elementwise kernel (it cannot raise once the gradients are checked finite)."""
+    defn = session.optimizer.definition
+    if session.optimizer.plugin not in BUILTIN_PLUGINS or not defn.elementwise:
+        return False
+    if not getattr(defn, "deterministic", True) or fastkernels.lookup(defn, session.dtype) is None:
+        return False
+    return all(g.dtype == session.dtype or kernels.widens_in_pass(defn, session.dtype, g) for g in grads.values())
+
+
+class ResidentStep(StepRun):
+    """One step of a resident session, whole under its lock: nothing in it waits on the network."""
+
+    def __init__(self, store, session: Session, region: Region, fence, hyperparameters, metrics, is_active):
+        super().__init__(store, session, fence, hyperparameters, metrics, is_active)
+        self.region = region
+
+    def run(self, items) -> None:
+        s = self.session
+        with s.lock:
+            self.store.ensure_loaded(s)
+            if s.resident is not self.region:
+                raise FailedPrecondition(f"segment {shown(self.region.key)} no longer holds session {s.id}'s "
+                                         "parameters; register it again with resident")
+            if s.check_fence(self.fence):
+                self.done = True
+                self.result = s.answer(True)  # the segment holds the step's parameters already
+                return
+            if s.step >= MAX_STEP:
+                raise FailedPrecondition(f"session {s.id} is at step {s.step}, the largest step number")
+            _wait_for_readers(s, self.is_active)
+            self.hp = self._resolve(s)
+            self.t = s.step + 1
+            self.record = self.store.journal.begin(s, self.t, self.fence, self.hp, self.metrics, self.extras)
+            grads = self._validate(items)
+            if not self.is_active():
+                raise Cancelled("the call ended before the step was committed; it was not applied")
+            if in_place(s, grads):
+                self.record.commit(None)  # durable before anything changes (a failed write changes nothing)
+                self._apply_in_place(grads)
+            else:
+                self._apply_staged(grads)
+            self._commit()
+        self.store.stepped(s, self, time.perf_counter() - self.t0)
+
+    def _validate(self, items) -> dict[str, np.ndarray]:
+        s, tracker, grads = self.session, tensors.ChunkTracker(self.session.spec, "gradient"), {}
+        for t in items:
+            if t.name in grads:
+                raise InvalidArgument(f"gradient {shown(t.name)} is given twice")
+            try:
+                _, data = tracker.accept(t)
+            except ValueError as e:
+                raise InvalidArgument(f"{e}; the step was not applied") from None
+            self.record.add(t.name, t.dtype, tuple(t.shape), 0, data)
+            g = data if kernels.widens_in_pass(self.defn, s.dtype, data) else widen(data, s.dtype)
+            _check_finite(t.name, g.reshape(-1))
+            grads[t.name] = g.reshape(s.shapes[t.name])
+        try:
+            tracker.finish()
+        except ValueError as e:
+            raise InvalidArgument(f"{e}; the step was not applied") from None
+        return grads
+
+    def _apply_in_place(self, grads) -> None:
+        live = self.session.live
+        try:
+            for name, g in grads.items():
+                p = live.params[name]
+                old = p.copy() if p.size < SMALL_STATS else p  # small tensors' statistics read the values before
+                self._kernel(p, g, {slot: arrs[name] for slot, arrs in live.state.items()}, parallel=True,
+                             name=name, old=old)
+        except PluginFailed as e:  # cannot happen for a compiled built-in on finite input; if it does, say so
+            s = self.session
+            s.quarantined = (f"step {self.t} failed while updating its parameters in place ({e.message}); "
+                             "the log holds the step: restart the server to recover it")
+            raise
+
+    def _apply_staged(self, grads) -> None:
+        s = self.session
+        live = s.live
+        staging = self.store.allocate_set(s, "a resident step's staging copy")
+        for name, g in grads.items():
+            self._update_copy(staging, live, name, g)
+        self.record.commit(staging)  # a failed write: nothing copied yet
+        for name, p in staging.params.items():
+            np.copyto(live.params[name], p)
+        live.state = staging.state  # private arrays: swapped, not copied
+
+    def _commit(self) -> None:
+        s = self.session
+        s.step = self.t
+        if self.hp_changes:
+            s.hyperparameters = self._resolve(s)
+        s.last_delta = None
+        s.dirty = True
+        self.done = True
+        self.store.after_commit(s)
+        self.result = s.answer(False)
