@@ -258,7 +258,8 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
                 raise InvalidArgument("the stream was empty: send config and the parameters")
             params = arrays.pop("", tensors.Assembler()).finish()
             state = {slot: asm.finish() for slot, asm in arrays.items()}
-            session = self.store.create(config, params, state, initial_step, self.owner(context))
+            # the assembled arrays are this call's own: the session takes them without a copy
+            session = self.store.create(config, params, state, initial_step, self.owner(context), adopt=True)
             return session_pb2.CreateSessionStreamResponse(session=session_info(session))
         finally:
             arrays.clear()

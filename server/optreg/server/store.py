@@ -108,8 +108,9 @@ class SessionStore:
         return self.budget.allocate(f"{what} of session {session.id}", session.set_bytes(), session.live.blank)
 
     # -- lifecycle -----------------------------------------------------------
-    def create(self, config: SessionConfig, params, state=None, initial_step: int = 0, owner: str = "") -> Session:
-        session = self.factory.build(config, params, state, initial_step, owner)
+    def create(self, config: SessionConfig, params, state=None, initial_step: int = 0, owner: str = "",
+               adopt: bool = False) -> Session:
+        session = self.factory.build(config, params, state, initial_step, owner, adopt)
         with self._lock:
             existing = self._sessions.get(session.id)
             if existing is not None:
