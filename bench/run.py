@@ -546,16 +546,20 @@ def main(argv=None):
           f"python {platform.python_version()}, numpy {np.__version__}", flush=True)
     print(f"{'figure':<48} {'value':>12}  {'baseline':<34} {'base value':>12}  {'ratio':>7}  target")
     server, echo = start_optreg(), start_echo()
+    seconds = {}  # per section: what makes a run long (the --quick smoke run in .ci/run must stay short)
     try:
         for name in names:
+            t = time.time()
             SECTIONS[name](cfg, server, echo)
+            seconds[name] = round(time.time() - t, 1)
     finally:
         server.stop()
         echo.stop()
     meta = {"cores": os.cpu_count(), "python": platform.python_version(), "numpy": np.__version__,
             "machine": platform.machine(), "quick": cfg.quick, "seconds": round(time.time() - t0, 1),
-            "when": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            "section_seconds": seconds, "when": time.strftime("%Y-%m-%dT%H:%M:%S")}
     pathlib.Path(args.out).write_text(json.dumps({"meta": meta, "rows": ROWS}, indent=1))
+    print("seconds per section: " + ", ".join(f"{k} {v}" for k, v in seconds.items()))
     print(f"wrote {args.out} ({meta['seconds']} s)")
 
 
