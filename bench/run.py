@@ -1,7 +1,7 @@
 """optreg's benchmark suite: every figure beside a baseline measured in the same run.
 
     python -m bench            # the whole suite, a few minutes on 2 cores
-    python -m bench --quick    # fewer repeats and sessions, ~30-60 s
+    python -m bench --quick    # fewer repeats, sessions and client processes, ~2 min on 2 cores
     python -m bench --only small,large,shm --out bench/results.json
 
 Prints a table (figure, value, baseline, baseline value, ratio, target) and
@@ -478,8 +478,8 @@ def _worker_entry(address, seconds, start_q, done_q, durability=None):
 
 def bench_concurrency(cfg, server, _echo):
     one = _clients(server.address, 1, cfg.conc_seconds)
-    many = _clients(server.address, 16, cfg.conc_seconds)
-    row("16 clients aggregate steps/s (adam 1e3)", many, "steps/s", "1 client steps/s", one,
+    many = _clients(server.address, cfg.clients, cfg.conc_seconds)
+    row(f"{cfg.clients} clients aggregate steps/s (adam 1e3)", many, "steps/s", "1 client steps/s", one,
         note="higher is better; 2 cores shared by server and clients")
 
 
@@ -526,6 +526,8 @@ class Config:
         self.large_reps = 3 if quick else 11
         self.sessions = 300 if quick else 1000
         self.conc_seconds = 2.0 if quick else 5.0
+        # client processes in the concurrency runs: spawning 16 took most of --quick's time on 2 cores
+        self.clients = 4 if quick else 16
 
     def kernel_reps(self, size):
         if size >= 10_000_000:
@@ -535,7 +537,7 @@ class Config:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="fewer repeats (~30-60 s)")
+    ap.add_argument("--quick", action="store_true", help="fewer repeats and client processes (~2 min on 2 cores)")
     ap.add_argument("--only", default="", help="comma-separated sections: " + ",".join(SECTIONS))
     ap.add_argument("--out", default=str(ROOT / "bench" / "results.json"))
     args = ap.parse_args(argv)

@@ -204,9 +204,12 @@ def test_client_killed_parameters_kept(server, client, tmp_path):
     s.delete()
 
 
-def test_recovered_after_server_kill(start_server, tmp_path):
+@pytest.mark.parametrize("how", ["kill", "stop"])
+def test_recovered_after_server_restart(start_server, tmp_path, how):
     """kill -9 with resident steps in the log: a restart replays them; the client registers the same segment
-    again and finds it refilled from the recovered session; steps go on equal to an uninterrupted run."""
+    again and finds it refilled from the recovered session; steps go on equal to an uninterrupted run.
+    A clean stop writes the session from the segment (the server keeps its mapping, no copy) and unlinks
+    the segment's name: the client then gets a new segment, refilled the same way."""
     port = free_port()
     env = {"OPTREG_DATA_DIR": str(tmp_path / "data")}
     srv = start_server("--port", str(port), env=env)
@@ -227,11 +230,19 @@ def test_recovered_after_server_kill(start_server, tmp_path):
             s.step(g)
         want3 = arrays["w"].copy()
         key = s._shm.key
-        srv.kill()
-        arrays["w"][...] = 0  # what a crash could leave in the segment: the log must win
+        if how == "kill":
+            srv.kill()
+            arrays["w"][...] = 0  # what a crash could leave in the segment: the log must win
+        else:
+            assert srv.stop() == 0
+            assert not shm_exists(key)
         srv = start_server("--port", str(port), env=env)
         again = s.enable_shared_memory(resident=True)
-        assert s._shm.key == key and again["w"] is arrays["w"]  # the same segment, the client's same arrays
+        if how == "kill":
+            assert s._shm.key == key and again["w"] is arrays["w"]  # the same segment, the client's same arrays
+        else:
+            assert s._shm.key != key
+            arrays = again
         assert np.array_equal(arrays["w"], want3) and s.step_count == 3
         for g in grads[3:]:
             s.step(g)

@@ -19,6 +19,7 @@ When the registration ends the parameters are copied back into the server's own 
 from __future__ import annotations
 
 import logging
+import mmap
 import time
 
 import numpy as np
@@ -37,6 +38,8 @@ BUILTIN_PLUGINS = frozenset(BUILTIN_MODULES)  # plugin names are module names
 READER_WAIT = 0.001  # seconds between looks while a reader holds the live set
 STATS_COMPILE_WAIT = 60.0  # seconds a resident registration waits for the kernels it will step with
 PARALLEL_FINITE = 1 << 20  # elements: below, one thread checks a gradient (a hand-off costs more)
+# Why a registration ends when the server keeps the segment's mapping instead of copying the parameters out.
+KEEP_MAPPING = ("client gone", "server stopping")
 
 
 def _wait_for_readers(session: Session, is_active) -> None:
@@ -91,7 +94,7 @@ def attach(store, session: Session, region: Region, items, is_active=lambda: Tru
         session.spare = None  # a spare set would be a second full copy; resident steps never use one
         session.resident = region
         region.resident = session
-        region.detach = lambda: detach(store, session, region)
+        region.detach = lambda why: detach(store, session, region, why)
         step = session.step
     log.info("session %s: parameters resident in shared-memory segment %s at step %d", session.id, region.key, step,
              extra={"session_id": session.id})
@@ -124,22 +127,51 @@ def _check_disjoint(region: Region, views) -> None:
                                   f"(bytes {a0}..{a1} and {b0}..{b1}); give each its own bytes")
 
 
-def detach(store, session: Session, region: Region) -> None:
-    """The registration ends: the parameters come back into the server's memory (unless the session is gone)."""
+def detach(store, session: Session, region: Region, why: str = "") -> bool:
+    """The registration ends. Unregistered by a live client: the parameters are copied back into the server's
+    memory (the client keeps its mapping). The client gone or the server stopping: the server keeps the
+    mapping as the parameters' home (nobody else can reach it once the name is unlinked) and gives back
+    the segment's other pages (the gradients): no copy, so no second 4 GB at 1e9. Returns True when
+    the mapping must stay (the caller must not close it)."""
+    keep = why in KEEP_MAPPING
     with session.lock:
         if session.resident is not region:
-            return
+            return False
         live = session.live
         if live is not None:
             _wait_for_readers(session, lambda: True)
-            if store.index_of(session) is session:
-                live.params = {n: np.array(a) for n, a in live.params.items()}
-            else:  # deleted: nothing to keep
+            if store.index_of(session) is not session:  # deleted: nothing to keep
                 session.live = session.spare = None
+                keep = False
+            elif keep:
+                _give_back_others(region, live.params.values())
+            else:
+                live.params = {n: np.array(a) for n, a in live.params.items()}
+        else:
+            keep = False
         session.resident = None
         region.resident = None
-    log.info("session %s: parameters back in server memory at step %d", session.id, session.step,
+    log.info("session %s: parameters %s at step %d", session.id,
+             "kept in the unlinked segment's mapping" if keep else "back in server memory", session.step,
              extra={"session_id": session.id})
+    return keep
+
+
+def _give_back_others(region: Region, params) -> None:
+    """MADV_REMOVE every whole page of the segment that holds no parameter."""
+    base = np.frombuffer(region.mm, np.uint8, 1).ctypes.data
+    spans = sorted((a.ctypes.data - base, a.ctypes.data - base + a.nbytes) for a in params)
+    page = mmap.PAGESIZE
+    pos = 0
+    for a, b in spans + [(region.size, region.size)]:
+        lo, hi = -(-pos // page) * page, (a // page) * page
+        if hi > lo:
+            try:
+                region.mm.madvise(mmap.MADV_REMOVE, lo, hi - lo)
+            except (OSError, ValueError, AttributeError) as e:  # not Linux, or not shmem: the pages stay
+                log.info("segment %s: pages not given back (%s)", region.key, e)
+                return
+        pos = max(pos, b)
 
 
 def _check_finite(name: str, g: np.ndarray) -> None:

@@ -484,7 +484,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         while not region.closed.wait(1.0):
             if not context.is_active():
                 break
-        self.shm.release(region, "registration ended")
+        self.shm.release(region, "registration ended" if context.is_active() else "client gone")
 
     @status.handler
     def UnregisterSharedMemory(self, request, context):

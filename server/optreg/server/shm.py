@@ -51,7 +51,7 @@ class Region:
         self.lock = threading.Lock()
         self.closed = threading.Event()
         self.resident = None  # the session whose parameters live here (resident.py)
-        self.detach = None  # called before the segment is unmapped: the parameters go back to the server
+        self.detach = None  # called with the reason before the segment is unmapped (resident.detach)
 
     def view(self, byte_offset: int, dtype: np.dtype, shape: tuple) -> np.ndarray:
         """An array over [byte_offset, +nbytes) of the segment; bounds and alignment already checked."""
@@ -119,9 +119,10 @@ class SharedMemoryRegistry:
             del self._regions[region.key]
         with region.lock:
             region.closed.set()
+            keep = False
             if region.detach is not None:
                 try:
-                    region.detach()
+                    keep = region.detach(why)
                 except Exception:  # the session's parameters could not be copied back: it is unusable
                     log.exception("shared-memory segment %s: the resident parameters could not be copied back",
                                   region.key)
@@ -129,7 +130,8 @@ class SharedMemoryRegistry:
                         region.resident.quarantined = "its resident parameters could not be copied back"
                 region.detach = None
             try:
-                region.mm.close()
+                if not keep:  # kept: the session's parameters live in the mapping until they are replaced
+                    region.mm.close()
             except BufferError:  # a view is still referenced somewhere: unmapped when it is collected
                 log.warning("shared-memory segment %s still referenced; unmapped later", region.key)
             try:
