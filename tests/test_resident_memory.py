@@ -93,6 +93,11 @@ def test_fp16_gradients_in_place(server, client):
             again = stub.StepSharedMemory(req)  # a retry: answered, not applied again
             assert (again.step, again.replayed) == (1, True)
             assert np.array_equal(seg.array(0, np.float32, (70_000,)), plain.arrays["w"])
+            with pytest.raises(grpc.RpcError) as e:  # a gradient in the parameters' bytes: refused
+                stub.StepSharedMemory(session_pb2.StepSharedMemoryRequest(
+                    session_id=res.id, step=1, key=seg.key, gradients=[region("w", [70_000], 0)]))
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "overlap" in e.value.details()
+            assert np.array_equal(seg.array(0, np.float32, (70_000,)), plain.arrays["w"])
             with pytest.raises(grpc.RpcError) as e:  # a parameters list has no place in a resident step
                 stub.StepSharedMemory(session_pb2.StepSharedMemoryRequest(
                     session_id=res.id, step=1, key=seg.key, gradients=[region("w", [70_000], 280_000, F16)],

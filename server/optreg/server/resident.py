@@ -13,8 +13,9 @@ whole-tensor or non-deterministic optimizer, a kernel not compiled yet) runs int
 set that is copied over the live one after the commit. Readers outside the lock (ReadState
 and the like) are waited for before an in-place update starts.
 
-When the registration ends the parameters are copied back into the server's own memory
-(unless the session is gone), before the segment is unmapped.
+When the registration ends (see `detach`) the parameters are copied back into the server's
+own memory, or, when the client is gone or the server stops, stay in the server's mapping of
+the unlinked segment.
 """
 from __future__ import annotations
 
@@ -95,6 +96,7 @@ def attach(store, session: Session, region: Region, items, is_active=lambda: Tru
         session.resident = region
         region.resident = session
         region.detach = lambda why: detach(store, session, region, why)
+        region.param_spans = sorted((t.byte_offset, t.byte_offset + t.data.nbytes) for t in views.values())
         step = session.step
     log.info("session %s: parameters resident in shared-memory segment %s at step %d", session.id, region.key, step,
              extra={"session_id": session.id})
@@ -240,6 +242,10 @@ class ResidentStep(StepRun):
         for t in items:
             if t.name in grads:
                 raise InvalidArgument(f"gradient {shown(t.name)} is given twice")
+            end = t.byte_offset + t.data.nbytes
+            if any(a < end and t.byte_offset < b for a, b in self.region.param_spans):
+                raise InvalidArgument(f"gradient {shown(t.name)}: bytes [{t.byte_offset}, {end}) overlap the resident "
+                                      "parameters; give gradients their own bytes in the segment")
             try:
                 _, data = tracker.accept(t)
             except ValueError as e:

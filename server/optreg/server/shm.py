@@ -52,6 +52,7 @@ class Region:
         self.closed = threading.Event()
         self.resident = None  # the session whose parameters live here (resident.py)
         self.detach = None  # called with the reason before the segment is unmapped (resident.detach)
+        self.param_spans: list[tuple[int, int]] = []  # resident: the parameters' byte ranges
 
     def view(self, byte_offset: int, dtype: np.dtype, shape: tuple) -> np.ndarray:
         """An array over [byte_offset, +nbytes) of the segment; bounds and alignment already checked."""
