@@ -503,6 +503,11 @@ def bench_workers(cfg, server, echo):
     run(cfg, server, echo)
 
 
+def bench_sparse(cfg, server, echo):
+    from bench.sparse import bench_sparse as run  # sparse rows: 1% of a 1e6x64 table vs the dense step
+    run(cfg, server, echo)
+
+
 def bench_wal(cfg, server, echo):
     from bench.wal import bench_wal as run  # the log/snapshot library's figures (no server involved)
     run(cfg, server, echo)
@@ -516,7 +521,7 @@ def bench_telemetry(cfg, server, echo):
 SECTIONS = {"small": bench_small, "smallparts": bench_small_parts, "large": bench_large, "shm": bench_shm, "kernels": bench_kernels,
             "declared": bench_declared, "memory": bench_memory, "concurrency": bench_concurrency,
             "torch": bench_torch, "wal": bench_wal, "durability": bench_durability, "telemetry": bench_telemetry,
-            "workers": bench_workers}
+            "workers": bench_workers, "sparse": bench_sparse}
 
 
 class Config:

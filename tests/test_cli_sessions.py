@@ -89,7 +89,7 @@ def test_sessions_against_a_server_with_tokens(start_server, tokens, tmp_path):
     assert done.returncode == 0, done.stderr
     assert "step 3" in done.stdout
     assert set(load_file(str(exported))) == {"params/W", "params/b", "state/m/W", "state/m/b", "state/v/W",
-                                             "state/v/b"}
+                                             "state/v/b", "telemetry/ring"}  # its 3 steps' telemetry too
 
     done = optreg("sessions", "delete", "run-a", *alice)
     assert done.returncode == 0 and done.stdout == "deleted session run-a\n", done.stderr

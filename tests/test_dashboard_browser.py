@@ -134,3 +134,31 @@ def test_dashboard_live_alerts_reconnect_and_tokens(dashboard_server, page, tmp_
     out = pathlib.Path(os.environ.get("OPTREG_SCREENSHOT", tmp_path / "dashboard.png"))
     page.screenshot(path=str(out), full_page=True)
     assert out.stat().st_size > 10_000
+
+
+def test_dashboard_shows_a_worker_that_stopped_contributing(dashboard_server, page):
+    """A shared session of alice's: worker "w1" joins and goes silent while "w0" trains; when w1's lease runs
+    out the alerts panel shows "worker_stopped" naming it, live (no reload)."""
+    from optreg.client import Client
+    srv = dashboard_server
+    with Client(srv.address, token="alice-token") as c:
+        c.create_session("sgd", {"w": np.zeros(8, np.float32)}, session_id="shared-1", workers=2, mode="async",
+                         lease=1.0, lr=0.1)
+        w0 = Client(srv.address, token="alice-token").join("shared-1", "w0", heartbeat_every=0.2)
+        w0.step({"w": np.ones(8, np.float32)}, metrics={"loss": 1.0})
+        page.goto(srv.dashboard.url)
+        login(page, "alice-token")
+        page.click("#sessions li[data-id='shared-1']")
+        page.wait_for_function("window.optregDash.connects >= 1")
+        Client(srv.address, token="alice-token").join("shared-1", "w1")  # and never calls again
+        for k in range(2, 8):
+            w0.step({"w": np.ones(8, np.float32)}, metrics={"loss": 1.0 / k})
+        page.wait_for_selector("#alerts li.worker_stopped", timeout=15_000)
+        text = page.inner_text("#alerts li.worker_stopped")
+        assert "worker w1 stopped contributing" in text and "lease ran out" in text
+        assert page.evaluate("window.optregDash.alerts.filter(a => a.kind == 'worker_stopped').length") == 1
+        w0.leave()  # leaving is not stopping: no alert when w0's lease would have run out
+        import time
+        time.sleep(2.5)  # past w0's 1 s lease and several of the server's lease checks
+        w0.client.close()
+    assert page.evaluate("window.optregDash.alerts.filter(a => a.kind == 'worker_stopped').length") == 1

@@ -174,3 +174,25 @@ def test_missing_idx_file_is_named(tmp_path):
     from optreg.app.demo.data import load
     with pytest.raises(FileNotFoundError, match="train-images-idx3-ubyte"):
         load(str(tmp_path))
+
+
+def test_demo_with_four_workers_trains_one_session(tmp_path):
+    """`optreg demo --workers 4 --quick`: four worker processes train the network through one sync session
+    (every round combines all four), against one worker alone; the figure and workers.json are written."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(SOURCE_ROOTS + [env.get("PYTHONPATH", "")])
+    env["MPLBACKEND"] = "Agg"
+    done = subprocess.run([sys.executable, "-m", "optreg.app", "demo", "--workers", "4", "--quick", "--iterations",
+                           "12", "--no-progress", "--dataset", "digits", "--out", str(tmp_path)],
+                          capture_output=True, text=True, env=env, timeout=900)
+    assert done.returncode == 0, f"optreg demo --workers 4 failed:\n{done.stdout}\n{done.stderr}"
+    png = tmp_path / "workers.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    summary = json.loads((tmp_path / "workers.json").read_text())
+    many, one = summary["runs"]["many"], summary["runs"]["one"]
+    assert (many["workers"], many["rounds"], one["workers"], one["rounds"]) == (4, 12, 1, 12)
+    assert many["contributions_per_round"] == [4]  # every round had every worker's contribution
+    assert many["last_round"]["contributors"] == ["w0", "w1", "w2", "w3"] and many["last_round"]["noise_scale"] > 0
+    assert len(many["losses"]) == len(one["losses"]) == 12
+    assert many["losses"][-1] < many["losses"][0] and one["losses"][-1] < one["losses"][0]
+    assert "every round combined 4 contributions" in done.stdout

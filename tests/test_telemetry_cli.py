@@ -82,3 +82,66 @@ def test_demo_dashboard_shows_the_demo_training(tmp_path):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_export_and_import_carry_the_telemetry_through_a_kill_9(start_server, tmp_path):
+    """`optreg sessions export` keeps the session's telemetry ring in the file; `import` into another server
+    gives the new session the same steps, scalars and alerts, owned by the importing token, on disk at once
+    (a kill -9 right after the import keeps it). A blob that is not a ring is refused, changing nothing."""
+    import grpc
+    from cli_helpers import optreg
+    from optreg.client import Client, InvalidArgument
+    from optreg.v1 import telemetry_pb2, telemetry_pb2_grpc
+
+    tokens = tmp_path / "tokens"
+    tokens.write_text("alice\nbob\n")
+    (tmp_path / "alice").write_text("alice\n")
+    a = start_server("--data-dir", str(tmp_path / "a"), "--token-file", str(tokens))
+    with Client(a.address, token="alice") as c:
+        s = c.create_session("adam", {"W": np.ones(4, np.float32)}, session_id="run")
+        for k in range(6):
+            s.step({"W": np.full(4, 0.1, np.float32)}, metrics={"loss": 1.0 / (k + 1)})
+        with pytest.raises(InvalidArgument):  # a non-finite gradient: refused, leaving a "refused" alert
+            s.step({"W": np.array([np.nan, 0, 0, 0], np.float32)})
+
+    def telemetry(address, token):
+        stub = telemetry_pb2_grpc.TelemetryServiceStub(grpc.insecure_channel(address))
+        return stub.GetTelemetry(telemetry_pb2.GetTelemetryRequest(session_id="run"), timeout=10,
+                                 metadata=(("authorization", f"Bearer {token}"),))
+
+    def wait_for(address, token, steps, alerts):
+        deadline = time.monotonic() + 10
+        while True:  # the ring folds events on its own thread: wait until the last one is in
+            got = telemetry(address, token)
+            if (len(got.steps), len(got.alerts)) == (steps, alerts) or time.monotonic() > deadline:
+                return got
+            time.sleep(0.05)
+
+    before = wait_for(a.address, "alice", 6, 1)
+    assert [st.step for st in before.steps] == [1, 2, 3, 4, 5, 6] and before.alerts[0].kind == "refused"
+    exported = tmp_path / "run.safetensors"
+    done = optreg("sessions", "export", "run", str(exported), "--address", a.address,
+                  "--token-file", str(tmp_path / "alice"))
+    assert done.returncode == 0 and "with its telemetry" in done.stdout, done.stderr
+
+    b = start_server("--data-dir", str(tmp_path / "b"), "--token-file", str(tokens))
+    done = optreg("sessions", "import", str(exported), "--address", b.address, "--token-file",
+                  str(tmp_path / "alice"))
+    assert done.returncode == 0 and "with its telemetry" in done.stdout, done.stderr
+    b.kill()  # straight after the import: the ring was written before the import answered
+    b = start_server("--data-dir", str(tmp_path / "b"), "--token-file", str(tokens))
+    after = telemetry(b.address, "alice")
+    assert [st.step for st in after.steps] == [1, 2, 3, 4, 5, 6]
+    assert [dict(st.metrics) for st in after.steps] == [dict(st.metrics) for st in before.steps]
+    assert [st.tensors[0].update_ratio for st in after.steps] == [st.tensors[0].update_ratio for st in before.steps]
+    assert [(x.kind, x.step, x.message) for x in after.alerts] == [(x.kind, x.step, x.message) for x in before.alerts]
+    with pytest.raises(grpc.RpcError) as e:  # the imported ring is alice's: bob sees nothing
+        telemetry(b.address, "bob")
+    assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    with Client(b.address, token="alice") as c:
+        with pytest.raises(InvalidArgument, match="not a telemetry ring"):
+            c.import_telemetry("run", b"not a ring")
+        s = c.session("run", {"W": np.zeros(4, np.float32)})
+        s.step({"W": np.full(4, 0.1, np.float32)}, metrics={"loss": 0.1})  # the imported session goes on
+    got = wait_for(b.address, "alice", 7, 1)
+    assert [st.step for st in got.steps] == [1, 2, 3, 4, 5, 6, 7]

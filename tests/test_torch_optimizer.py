@@ -603,3 +603,73 @@ def test_hyperparameter_changes_reach_the_server(client, monkeypatch, with_step)
         assert len(calls) == (0 if with_step else 100)
         assert session.refresh().hyperparameters["beta1"] == train.last_options["betas"][0]
     assert_close(remote_model, local_model)
+
+
+def test_workers_train_one_shared_session(address):
+    """Three RemoteOptimizer workers (threads, a connection each) of one sync session with two param groups
+    and a StepLR schedule: every step is one round applying the mean of the three gradients, so each
+    worker's model equals local torch.optim.Adam fed that mean; `close()` leaves and keeps the sessions."""
+    import threading
+    n, steps = 3, 12
+    grads = {(w, k): [torch.randn(p.shape, generator=torch.Generator().manual_seed(100 * w + k))
+                      for p in tiny_model().parameters()] for w in range(n) for k in range(steps)}
+    models, errors = {}, []
+    ready = threading.Barrier(n)
+
+    def worker(w):
+        try:
+            model = tiny_model(seed=w)  # different initial weights: joining sets them to the session's
+            groups = [{"params": model[0].parameters()}, {"params": model[2].parameters(), "lr": 0.02}]
+            with Client(address, timeout=60) as c:
+                opt = RemoteOptimizer(groups, "torch.adam", client=c, lr=0.01, session_id="torch-shared",
+                                      worker=f"w{w}", workers=n)
+                sched = torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.5)
+                models[w, "start"] = [p.detach().clone() for p in model.parameters()]
+                ready.wait()  # every worker a member before the first round
+                for k in range(steps):
+                    for p, g in zip(model.parameters(), grads[w, k]):
+                        p.grad = g.clone()
+                    opt.step()
+                    sched.step()
+                models[w] = model
+                opt.close()
+        except BaseException as e:  # noqa: BLE001 - re-raised below
+            errors.append(e)
+            ready.abort()
+
+    threads = [threading.Thread(target=worker, args=(w,)) for w in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors[0]
+    assert all(not t.is_alive() for t in threads), "a worker hung"
+    starts = [models[w, "start"] for w in range(n)]
+    assert all(torch.equal(a, b) for s in starts[1:] for a, b in zip(starts[0], s))  # the session's weights
+    local_model = tiny_model()
+    with torch.no_grad():
+        for p, s in zip(local_model.parameters(), starts[0]):
+            p.copy_(s)
+    local = torch.optim.Adam([{"params": local_model[0].parameters()},
+                              {"params": local_model[2].parameters(), "lr": 0.02}], lr=0.01)
+    sched = torch.optim.lr_scheduler.StepLR(local, step_size=4, gamma=0.5)
+    for k in range(steps):
+        for i, p in enumerate(local_model.parameters()):
+            acc = grads[0, k][i].clone()
+            for w in range(1, n):
+                acc += grads[w, k][i]
+            p.grad = acc / n  # the round's mean, summed in worker-name order as the server does
+        local.step()
+        sched.step()
+    for w in range(n):
+        assert_close(models[w], local_model)
+    with Client(address) as c:
+        for g in ("g0", "g1"):
+            info = c.get_session(f"torch-shared.{g}")
+            assert info.step == steps and info.members == ()  # every worker left; the sessions are kept
+        # the schedule reached the server with each contribution (the last cut, after the last step, is unsent)
+        assert c.get_session("torch-shared.g1").hyperparameters["lr"] == pytest.approx(0.02 * 0.5 ** 2)
+        for g in ("g0", "g1"):
+            c.delete_session(f"torch-shared.{g}")
+    with pytest.raises(ValueError, match="needs session_id="):
+        RemoteOptimizer(tiny_model().parameters(), address=address, worker="w0", workers=2)

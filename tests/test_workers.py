@@ -532,4 +532,120 @@ def test_the_last_rounds_members_come_back_after_kill_9(start_server, tmp_path):
     st.JoinSession(session_pb2.JoinSessionRequest(session_id="m", worker="a"), timeout=10)
     info = st.GetSession(session_pb2.GetSessionRequest(session_id="m"), timeout=10).session
     assert [m.worker for m in info.members] == ["a", "b", "c"] and info.open_round == 1
+    assert [m.contributions for m in info.members] == [1, 1, 0]  # their clocks, from the round's record
     assert info.last_round.round == 0 and list(info.last_round.contributors) == ["a", "b"]
+
+
+def test_ssp_clocks_and_members_survive_kill_9_and_retries_apply_once(start_server, tmp_path):
+    """The SSP bound holds across a crash: the fast worker, 2 contributions ahead of the slow one with bound 1,
+    is still blocked after the restart (the members and their clocks come back from the log), and retries of
+    contributions acknowledged before the crash are answered, not applied again."""
+    srv = start_server("--data-dir", str(tmp_path))
+    with Client(srv.address, timeout=30) as c:
+        c.create_session("sgd", {"w": np.zeros(4)}, session_id="ssp", workers=2, mode="ssp", staleness=1, lr=1.0,
+                         durability="log")
+    st = _stub(srv.address)
+    for w in ("fast", "slow"):
+        st.JoinSession(session_pb2.JoinSessionRequest(session_id="ssp", worker=w), timeout=10)
+    g = {k: np.random.default_rng(k).standard_normal(4) for k in range(5)}
+    assert _contribute(st, "ssp", "fast", 0, g[0]).step == 1
+    assert _contribute(st, "ssp", "fast", 1, g[1]).step == 2  # clock 2, slow at 0: its next must wait
+    srv.kill()
+    srv2 = start_server("--data-dir", str(tmp_path))
+    st = _stub(srv2.address)
+    info = st.GetSession(session_pb2.GetSessionRequest(session_id="ssp"), timeout=10).session
+    assert [(m.worker, m.contributions) for m in info.members] == [("fast", 2), ("slow", 0)]  # before any call
+    with pytest.raises(grpc.RpcError) as e:  # fast is still 2 ahead of slow
+        _contribute(st, "ssp", "fast", 2, g[2], timeout=1.0)
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    again = _contribute(st, "ssp", "fast", 1, g[1])  # its reply was lost in the crash: answered, not applied
+    assert again.replayed and again.step == 2
+    assert st.GetSession(session_pb2.GetSessionRequest(session_id="ssp"), timeout=10).session.step == 2
+    r = _contribute(st, "ssp", "slow", 0, g[3])
+    assert (r.step, r.staleness) == (3, 2)
+    r = _contribute(st, "ssp", "fast", 2, g[2])  # slow moved: fast is within the bound again
+    assert r.step == 4
+    np.testing.assert_array_equal(tensors.to_numpy(r.tensors[0]), -(((g[0] + g[1]) + g[3]) + g[2]))
+
+
+# -- staleness-scaled learning rate -------------------------------------------------------------------
+
+def test_staleness_scaled_lr_applies_lr_over_one_plus_staleness_and_survives_kill_9(start_server, tmp_path):
+    srv = start_server("--data-dir", str(tmp_path))
+    lr = 0.3
+    with Client(srv.address, timeout=30) as c:
+        c.create_session("sgd", {"w": np.zeros(4)}, session_id="sc", workers=3, mode="async", lr=lr,
+                         scale_lr_by_staleness=True, durability="log")
+        assert c.get_session("sc").workers.scale_lr_by_staleness
+    st = _stub(srv.address)
+    g = [np.random.default_rng(10 + i).standard_normal(4) for i in range(3)]
+    results = [_contribute(st, "sc", w, 0, g[i]) for i, w in enumerate("abc")]  # all read at step 0
+    assert [(r.step, r.staleness) for r in results] == [(1, 0), (2, 1), (3, 2)]
+    expected = np.zeros(4)
+    for k in range(3):  # the sgd update, p -= lr_k * g, with lr_k = lr / (1 + staleness)
+        expected -= (lr / (1 + k)) * g[k]
+    unscaled = -lr * (g[0] + g[1] + g[2])
+    got = tensors.to_numpy(results[-1].tensors[0])
+    np.testing.assert_allclose(got, expected, rtol=1e-15, atol=0)
+    assert not np.allclose(got, unscaled)
+    info = st.GetSession(session_pb2.GetSessionRequest(session_id="sc"), timeout=10).session
+    assert info.hyperparameters["lr"] == lr  # the session's own lr is unchanged
+    srv.kill()
+    srv2 = start_server("--data-dir", str(tmp_path))
+    st = _stub(srv2.address)
+    info = st.GetSession(session_pb2.GetSessionRequest(session_id="sc"), timeout=10).session
+    assert info.hyperparameters["lr"] == lr and info.step == 3  # before the session is loaded (from the log)
+    read = st.ReadParameters(session_pb2.ReadParametersRequest(session_id="sc"), timeout=10)
+    np.testing.assert_array_equal(tensors.to_numpy(read.parameters[0]), got)  # the log replays the scaled lrs
+    assert st.GetSession(session_pb2.GetSessionRequest(session_id="sc"), timeout=10).session.hyperparameters["lr"] == lr
+    again = _contribute(st, "sc", "c", 0, g[2])
+    assert again.replayed and again.step == 3
+    r = _contribute(st, "sc", "a", 1, g[0])  # read at step 1, applied as step 4: staleness 2
+    assert r.staleness == 2
+    np.testing.assert_allclose(tensors.to_numpy(r.tensors[0]), got - (lr / 3) * g[0], rtol=1e-15, atol=0)
+
+
+def test_staleness_scaled_lr_is_refused_in_sync_mode(server):
+    with Client(server.address, timeout=30) as c:
+        with pytest.raises(UsageError, match="scale_lr_by_staleness"):
+            c.create_session("sgd", {"w": np.zeros(4)}, workers=2, scale_lr_by_staleness=True)
+    config = session_pb2.SessionConfig(optimizer="sgd", durability=session_pb2.DURABILITY_NONE,
+                                       workers=session_pb2.WorkerConfig(workers=2, scale_lr_by_staleness=True))
+    with pytest.raises(grpc.RpcError) as e:
+        _stub(server.address).CreateSession(session_pb2.CreateSessionRequest(
+            config=config, parameters=[tensors.from_numpy("w", np.zeros(4))]), timeout=10)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "config.workers.scale_lr_by_staleness" in e.value.details() and "async or ssp" in e.value.details()
+
+
+def test_a_worker_that_stopped_contributing_raises_the_telemetry_alert(server):
+    """The dashboard's "worker_stopped" alert (issue 12): a member that is alive (its lease holds) but missed
+    3 sync rounds in a row raises it once, and again when its lease runs out and it is dropped; a worker that
+    leaves does not."""
+    import time
+    from optreg.v1 import telemetry_pb2, telemetry_pb2_grpc
+    with Client(server.address, timeout=30) as c:
+        s = c.create_session("sgd", {"w": np.zeros(4)}, workers=4, min_workers=2, round_deadline=0.2, lease=5.0,
+                             lr=1.0, durability="none")
+        a, b, gone = (Client(server.address, timeout=30).join(s.id, n) for n in ("a", "b", "gone"))
+        silent = Client(server.address, timeout=30).join(s.id, "silent")  # joins, then never calls again
+        gone.leave()
+        for _ in range(3):  # each round closes at its deadline with a and b; "silent" is a straggler of all three
+            _threads([lambda w=w: w.step({"w": np.ones(4)}) for w in (a, b)])
+        stub = telemetry_pb2_grpc.TelemetryServiceStub(grpc.insecure_channel(server.address))
+
+        def alerts():
+            got = stub.GetTelemetry(telemetry_pb2.GetTelemetryRequest(session_id=s.id), timeout=10)
+            return [x for x in got.alerts if x.kind == "worker_stopped"]
+
+        deadline = time.monotonic() + 30
+        while len(alerts()) < 2 and time.monotonic() < deadline:  # a and b keep calling: only silent's lease ends
+            a.heartbeat()
+            b.heartbeat()
+            time.sleep(0.2)
+        found = alerts()
+        assert [x.message.split(":")[0] for x in found] == ["worker silent stopped contributing"] * 2, found
+        assert "none of the last 3 rounds" in found[0].message and found[0].step == 3
+        assert "lease ran out" in found[1].message and "it never contributed" in found[1].message
+        assert [m.worker for m in c.get_session(s.id).members] == ["a", "b"]
+        del silent

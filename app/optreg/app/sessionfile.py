@@ -1,6 +1,9 @@
 """The file `optreg sessions export` writes and `optreg sessions import` reads.
 
-One safetensors file: tensors `params/<name>` and `state/<slot>/<name>`, and in
+One safetensors file: tensors `params/<name>` and `state/<slot>/<name>` (and, when the
+session had any, its telemetry ring as the uint8 tensor `telemetry/ring`: the blob
+TelemetryService.ExportTelemetry returns, which readers of the format's first files
+skip), and in
 the header's `__metadata__["optreg"]` a JSON object with the session's
 configuration and step, and a "tensors" table mapping each key to
 (kind, slot, name) so names may hold any character. This is the layout the
@@ -23,9 +26,13 @@ from safetensors.numpy import load as st_load, save as st_save
 FORMAT = "optreg-session/1"
 
 
-def encode(info, parameters: dict[str, np.ndarray], state: dict[str, dict[str, np.ndarray]]) -> bytes:
+def encode(info, parameters: dict[str, np.ndarray], state: dict[str, dict[str, np.ndarray]],
+           telemetry: bytes = b"") -> bytes:
     """`info` is the client's SessionInfo; parameters and state as SessionState holds them."""
     arrays, table = {}, {}
+    if telemetry:
+        arrays["telemetry/ring"] = np.frombuffer(telemetry, np.uint8)
+        table["telemetry/ring"] = ["telemetry", "", "ring"]
     for name, a in parameters.items():
         arrays[f"params/{name}"], table[f"params/{name}"] = a, ["params", "", name]
     for slot, named in state.items():
@@ -48,7 +55,8 @@ _OLD_NAMES = {"STEP_REPLY_PARAMETERS": "parameters", "STEP_REPLY_DELTA": "delta"
 
 
 def decode(data: bytes) -> tuple[dict, dict[str, np.ndarray], dict[str, dict[str, np.ndarray]]]:
-    """(meta, parameters, state) of an exported file; ValueError naming what is wrong otherwise."""
+    """(meta, parameters, state) of an exported file; ValueError naming what is wrong otherwise.
+    meta["telemetry"]: the telemetry blob (b"" when the file has none)."""
     try:
         header_len = int.from_bytes(data[:8], "little")
         header = json.loads(data[8:8 + header_len])
@@ -60,11 +68,14 @@ def decode(data: bytes) -> tuple[dict, dict[str, np.ndarray], dict[str, dict[str
     if meta.get("format") != FORMAT:
         raise ValueError(f"session file format {meta.get('format')!r}; this optreg reads {FORMAT!r}")
     params, state = {}, {}
+    meta["telemetry"] = b""
     for key, (kind, slot, name) in meta["tensors"].items():
         if kind == "params":
             params[name] = tensors[key]
         elif kind == "state":
             state.setdefault(slot, {})[name] = tensors[key]
+        elif kind == "telemetry":
+            meta["telemetry"] = tensors[key].tobytes()
     for key in ("step_reply", "durability"):
         meta[key] = _OLD_NAMES.get(meta.get(key), meta.get(key))
     return meta, params, state

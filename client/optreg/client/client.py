@@ -16,7 +16,7 @@ from optreg.client.session import Session, check_keep
 from optreg.client.stepping import STREAM_ABOVE_BYTES, nbytes
 from optreg.client.transport import GrpcTransport, Transport
 from optreg.client.workers import Worker, worker_config
-from optreg.v1 import registry_pb2, session_pb2, tensor_pb2, tensors
+from optreg.v1 import registry_pb2, session_pb2, telemetry_pb2, tensor_pb2, tensors
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 
@@ -113,7 +113,8 @@ class Client:
                        periodic_seconds: float | None = None, state: Mapping[str, Mapping[str, np.ndarray]] | None = None,
                        initial_step: int = 0, keep=True, workers: int | None = None, mode: str = "sync",
                        min_workers: int = 0, round_deadline: float | None = None, lease: float | None = None,
-                       combine: str = "mean", staleness: int = 0, **hyperparameters: float) -> Session:
+                       combine: str = "mean", staleness: int = 0, scale_lr_by_staleness: bool = False,
+                       **hyperparameters: float) -> Session:
         """Open a session; `params` (name -> array) are the initial values, copied to the server, and
         the arrays later steps write into.
 
@@ -134,7 +135,8 @@ class Client:
         `min_workers` have and `round_deadline` seconds passed since its first contribution; its
         gradients are combined by `combine`, "mean" or "sum"), "async" (each contribution applied
         on arrival; `staleness` > 0 refuses staler ones) or "ssp" (bound `staleness`). `lease`:
-        seconds a worker stays a member without a call. See docs/workers.md.
+        seconds a worker stays a member without a call. `scale_lr_by_staleness` (async, ssp): each
+        contribution runs at lr / (1 + its staleness). See docs/workers.md.
         """
         if "reply" in hyperparameters and step_reply is None:
             warnings.warn("create_session(reply=...) is now step_reply=...", DeprecationWarning, stacklevel=2)
@@ -145,7 +147,7 @@ class Client:
         check_keep(keep)
         if workers is not None:
             config.workers.CopyFrom(worker_config(workers, mode, min_workers, round_deadline, lease, combine,
-                                                  staleness))
+                                                  staleness, scale_lr_by_staleness))
         if resume:
             try:
                 return self._resume(session_id, optimizer, params, master_dtype, keep)
@@ -230,6 +232,15 @@ class Client:
         w = Worker(self, session_id, worker, arrays, reply.round, info, heartbeat_every)
         w.refresh()
         return w
+
+    def export_telemetry(self, session_id: str) -> bytes:
+        """The session's telemetry ring as one opaque blob (b"": none yet), for `import_telemetry`."""
+        return self._unary("ExportTelemetry", telemetry_pb2.ExportTelemetryRequest(session_id=session_id)).data
+
+    def import_telemetry(self, session_id: str, data: bytes) -> int:
+        """Replace the session's telemetry with a blob `export_telemetry` returned; the newest step it holds."""
+        return self._unary("ImportTelemetry", telemetry_pb2.ImportTelemetryRequest(session_id=session_id,
+                                                                                  data=data)).last_step
 
     def get_session(self, session_id: str) -> SessionInfo:
         reply = self._unary("GetSession", session_pb2.GetSessionRequest(session_id=session_id))

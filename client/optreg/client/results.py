@@ -142,6 +142,7 @@ class WorkerSetup:
     lease: float
     combine: str                    # "mean" or "sum"
     staleness: int
+    scale_lr_by_staleness: bool = False  # async, ssp: a contribution runs at lr / (1 + its staleness)
 
 
 @dataclass(frozen=True)
@@ -172,7 +173,7 @@ def _shared(s) -> dict:
     w = s.workers
     out = dict(workers=WorkerSetup(w.workers, _MODE_NAME.get(w.mode, "sync"), w.min_workers,
                                    w.round_deadline_seconds, w.lease_seconds, _COMBINE_NAME.get(w.combine, "mean"),
-                                   w.staleness),
+                                   w.staleness, w.scale_lr_by_staleness),
                members=tuple(MemberInfo(m.worker, m.contributions, m.last_round, _time(m.last_contact),
                                         _time(m.joined_at)) for m in s.members),
                open_round=s.open_round)

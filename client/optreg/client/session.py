@@ -8,7 +8,9 @@ import numpy as np
 
 from optreg.client.errors import ReassemblyError, StepMismatch, UsageError
 from optreg.client.results import SessionInfo, SessionState, StepResult
+from optreg.client import sparse
 from optreg.client.shm import SharedMemory
+from optreg.client.sparse import SparseStepResult
 from optreg.client.stepping import STREAM_ABOVE_BYTES, StreamStep, UnaryStep, apply_result, nbytes
 from optreg.v1 import session_pb2, tensors
 
@@ -127,6 +129,40 @@ class Session:
                                "is now in the arrays and these gradients were NOT applied: send them again",
                                server_step=step)
         return StepResult(step, replayed, self.arrays)
+
+    def step_sparse(self, name: str, rows, values, *, grads: Mapping[str, np.ndarray] | None = None,
+                    hyperparameters: Mapping[str, float] | None = None,
+                    metrics: Mapping[str, float] | None = None) -> SparseStepResult:
+        """One step whose gradient for the 2-D parameter `name` is `values` (k x columns) at `rows` (k
+        indices; a repeated row's values are summed) and zero elsewhere. `grads`: dense gradients of
+        other parameters; parameters named nowhere get a zero gradient (see docs/workers.md, "Sparse
+        rows"). The stepped rows are written into `self.arrays[name]` and returned. Fenced and retried
+        like step(): the server applies it once."""
+        msg = sparse.message(name, rows, values)
+        fence = self.step_count
+        dense = [tensors.from_numpy(n, g) for n, g in (grads or {}).items()]
+        attempts = []
+
+        def attempt(n, remaining):
+            attempts.append(n)
+            request = session_pb2.StepRequest(session_id=self.id, step=fence, gradients=dense, sparse=[msg])
+            if hyperparameters:
+                request.hyperparameters.update(hyperparameters)
+            if metrics:
+                request.metrics.update(metrics)
+            return self.client.transport.unary("Step", request, timeout=self.client.timeout)
+
+        reply = self.client._retrying(attempt)
+        self.step_count = reply.step
+        mode = self._info.step_reply
+        apply_result(self.arrays, mode, {t.name: tensors.to_numpy(t) for t in reply.tensors})
+        got = sparse.decode(reply.sparse)
+        sparse.apply_rows(self.arrays, mode, got)
+        if reply.replayed and len(attempts) == 1:
+            raise StepMismatch(f"step {reply.step} had already been applied by an earlier call that failed; these "
+                               "gradients were NOT applied: read the parameters, then send them again",
+                               server_step=reply.step)
+        return SparseStepResult(reply.step, reply.replayed, got, self.arrays)
 
     # -- reads and changes -------------------------------------------------------------------
 

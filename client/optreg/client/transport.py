@@ -13,14 +13,15 @@ from typing import Iterable, Iterator, Protocol
 import grpc
 
 from optreg.client.errors import UsageError, from_rpc_error
-from optreg.v1 import registry_pb2, session_pb2, tensors
+from optreg.v1 import registry_pb2, session_pb2, telemetry_pb2, tensors
 
 _SESSION = "/optreg.v1.SessionService/"
 _REGISTRY = "/optreg.v1.OptimizerRegistryService/"
+_TELEMETRY = "/optreg.v1.TelemetryService/"
 
 # method -> (path, kind, request message, response deserializer). Kinds: "unary", "stream_in"
 # (client streams), "stream_out" (server streams), "stream_both".
-_S, _R = session_pb2, registry_pb2
+_S, _R, _T = session_pb2, registry_pb2, telemetry_pb2
 METHODS = {
     "ListOptimizers": (_REGISTRY, "unary", _R.ListOptimizersRequest, _R.ListOptimizersResponse.FromString),
     "CreateSession": (_SESSION, "unary", _S.CreateSessionRequest, _S.CreateSessionResponse.FromString),
@@ -49,6 +50,8 @@ METHODS = {
     "JoinSession": (_SESSION, "unary", _S.JoinSessionRequest, _S.JoinSessionResponse.FromString),
     "LeaveSession": (_SESSION, "unary", _S.LeaveSessionRequest, _S.LeaveSessionResponse.FromString),
     "Heartbeat": (_SESSION, "unary", _S.HeartbeatRequest, _S.HeartbeatResponse.FromString),
+    "ExportTelemetry": (_TELEMETRY, "unary", _T.ExportTelemetryRequest, _T.ExportTelemetryResponse.FromString),
+    "ImportTelemetry": (_TELEMETRY, "unary", _T.ImportTelemetryRequest, _T.ImportTelemetryResponse.FromString),
 }
 
 

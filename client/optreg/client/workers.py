@@ -20,6 +20,7 @@ from typing import Mapping, NamedTuple
 
 import numpy as np
 
+from optreg.client import sparse
 from optreg.client.errors import ReassemblyError, UsageError
 from optreg.client.stepping import STREAM_ABOVE_BYTES, apply_result, nbytes
 from optreg.v1 import session_pb2, tensors
@@ -29,7 +30,8 @@ MODES = {"sync": session_pb2.WORKER_MODE_SYNC, "async": session_pb2.WORKER_MODE_
 COMBINES = {"mean": session_pb2.COMBINE_MEAN, "sum": session_pb2.COMBINE_SUM}
 
 
-def worker_config(workers, mode, min_workers, round_deadline, lease, combine, staleness) -> session_pb2.WorkerConfig:
+def worker_config(workers, mode, min_workers, round_deadline, lease, combine, staleness,
+                  scale_lr=False) -> session_pb2.WorkerConfig:
     """create_session's worker arguments, checked before anything is sent."""
     if not isinstance(workers, int) or workers < 1:
         raise UsageError(f"workers={workers!r}: give the most workers at once (an int >= 1)")
@@ -44,9 +46,12 @@ def worker_config(workers, mode, min_workers, round_deadline, lease, combine, st
             raise UsageError(f"{what}={v!r}: give seconds > 0, or None for the server's default")
     if not isinstance(staleness, int) or staleness < 0:
         raise UsageError(f"staleness={staleness!r}: give an int >= 0")
+    if scale_lr and mode == "sync":
+        raise UsageError("scale_lr_by_staleness=True: sync rounds have no staleness; use mode='async' or 'ssp'")
     return session_pb2.WorkerConfig(workers=workers, mode=MODES[mode], min_workers=min_workers,
                                     round_deadline_seconds=round_deadline or 0.0, lease_seconds=lease or 0.0,
-                                    combine=COMBINES[combine], staleness=staleness)
+                                    combine=COMBINES[combine], staleness=staleness,
+                                    scale_lr_by_staleness=bool(scale_lr))
 
 
 class WorkerStepResult(NamedTuple):
@@ -102,6 +107,12 @@ class Worker:
         self.client._unary("LeaveSession", session_pb2.LeaveSessionRequest(session_id=self.session_id,
                                                                            worker=self.worker))
 
+    def set_hyperparameters(self, **values: float) -> None:
+        """Change the shared session's hyperparameters from its next step on (UpdateHyperparameters: a
+        contribution cannot carry them, since workers could disagree; send the same from each)."""
+        self.client._unary("UpdateHyperparameters", session_pb2.UpdateHyperparametersRequest(
+            session_id=self.session_id, hyperparameters=values))
+
     def refresh(self) -> int:
         """Read the current parameters into `arrays` and key the next contribution by their step."""
         reply = self.client._unary("ReadParameters", session_pb2.ReadParametersRequest(session_id=self.session_id))
@@ -127,6 +138,29 @@ class Worker:
 
         reply, result = self.client._retrying(attempt)
         apply_result(self.arrays, self.info.step_reply, result)
+        self.round = reply.step
+        return WorkerStepResult(reply.step, reply.replayed, self.arrays, reply.round, reply.staleness,
+                                tuple(reply.contributors))
+
+    def step_sparse(self, name: str, rows, values, *, grads: Mapping[str, np.ndarray] | None = None,
+                    metrics: Mapping[str, float] | None = None) -> WorkerStepResult:
+        """A contribution whose gradient for the 2-D parameter `name` is `values` at `rows` and zero
+        elsewhere (as Session.step_sparse; in sync mode the round sums the workers' rows). The rows the
+        step answers with are written into `arrays`; `WorkerStepResult.arrays` holds them."""
+        msg = sparse.message(name, rows, values)
+        number = self.round
+        dense = [tensors.from_numpy(k, g) for k, g in (grads or {}).items()]
+
+        def attempt(n, remaining):
+            request = session_pb2.StepRequest(session_id=self.session_id, worker=self.worker, round=number,
+                                              gradients=dense, sparse=[msg])
+            if metrics:
+                request.metrics.update(metrics)
+            return self.client.transport.unary("Step", request, timeout=self.client.timeout)
+
+        reply = self.client._retrying(attempt)
+        apply_result(self.arrays, self.info.step_reply, {t.name: tensors.to_numpy(t) for t in reply.tensors})
+        sparse.apply_rows(self.arrays, self.info.step_reply, sparse.decode(reply.sparse))
         self.round = reply.step
         return WorkerStepResult(reply.step, reply.replayed, self.arrays, reply.round, reply.staleness,
                                 tuple(reply.contributors))

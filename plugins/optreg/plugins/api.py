@@ -133,7 +133,16 @@ class Optimizer:
     # Each element's update depends only on that element: the server may run
     # `update` over slices of a tensor (cache-sized chunks, several threads).
     elementwise: bool = True
+    # The optimizer can step some rows of a 2-D parameter (a sparse gradient): rows not named
+    # get a zero gradient, applied lazily. `catch_up(p, state, last, now, hp)` brings rows that
+    # missed steps up to date: p is (k, columns) rows, state {slot: (k, columns)}, last an int64
+    # (k,) array of the step each row is current through; every row i missed steps last[i]+1 ..
+    # now (at most `now`), all with gradient zero and hyperparameters `hp`, and must end as the
+    # dense update with zero gradients would leave it (exactly, or to rounding: say which).
+    # None: the server replays `update` with zero gradients for each missed step (exact, costs
+    # the missed steps). Needs elementwise=True and deterministic=True.
     sparse_rows: bool = False
+    catch_up: Callable[..., None] | None = None
     # The same math as a scalar loop, compiled by the server when numba is installed:
     # kernel(p, g, *slots, c) over 1-D arrays, c = kernel_scalars(hp, step) in the array dtype.
     kernel: Callable[..., None] | None = None
@@ -254,4 +263,9 @@ def validate(defn: Any) -> Optimizer:
                 f"optimizer {defn.name}: slot {s.name} is nonnegative but starts at {s.initial_value!r}")
         slots.add(s.name)
     _validate_kernel(defn)
+    if defn.sparse_rows and not (defn.elementwise and defn.deterministic):
+        raise DefinitionError(f"optimizer {defn.name}: sparse_rows needs elementwise=True and deterministic=True "
+                              "(rows are updated apart, and replayed from the log)")
+    if defn.catch_up is not None and (not defn.sparse_rows or not callable(defn.catch_up)):
+        raise DefinitionError(f"optimizer {defn.name}: catch_up must be a function, declared with sparse_rows=True")
     return defn

@@ -36,7 +36,7 @@ from optreg.plugins.api import DefinitionError, HyperparameterError, Optimizer, 
 __all__ = ["OptimizerConformance", "CHECKS", "check_all", "new_state", "new_scratch", "quadratic"] + [
     f"check_{name}" for name in ("definition", "defaults", "bad_hyperparameters", "decreases_quadratic", "in_place",
                                  "state_round_trip", "sliced", "dtypes", "zero_gradients", "kernel",
-                                 "deterministic")]
+                                 "deterministic", "catch_up")]
 
 
 # ---- helpers -------------------------------------------------------------------
@@ -290,6 +290,34 @@ def check_zero_gradients(definition: Optimizer, overrides=None) -> None:
             assert np.isfinite(v).all(), f"{definition.name}: zero gradients made slot {k} non-finite"
 
 
+def check_catch_up(definition: Optimizer, overrides=None, rtol: float = 1e-12) -> None:
+    """sparse_rows with a catch_up: rows brought up to date by catch_up equal (float64, to rtol of the
+    tensor's scale) the same rows stepped by update with zero gradients for each step they missed."""
+    if not definition.sparse_rows or definition.catch_up is None:
+        return
+    hp = _hp(definition, overrides)
+    rng = np.random.default_rng(9)
+    k, cols, now = 12, 5, 40
+    x = rng.standard_normal((k, cols))
+    state = new_state(definition, x)
+    _run(definition, x, lambda p: rng.standard_normal(p.shape) * 0.1, state, hp, 4)  # real state first
+    last = rng.integers(4, now + 1, k).astype(np.int64)
+    want, want_state = x.copy(), {n: a.copy() for n, a in state.items()}
+    for s in range(int(last.min()) + 1, now + 1):
+        sel = np.flatnonzero(last < s)
+        p, st = want[sel], {n: a[sel] for n, a in want_state.items()}
+        _step(definition, p, np.zeros_like(p), st, s, hp, new_scratch(definition, p))
+        want[sel] = p
+        for n, a in st.items():
+            want_state[n][sel] = a
+    definition.catch_up(x, state, last, now, hp)
+    for label, got, ref in [("param", x, want)] + [(f"slot {n}", state[n], want_state[n]) for n in state]:
+        scale = float(np.abs(ref).max()) or 1.0
+        bad = np.abs(got - ref) > rtol * np.abs(ref) + rtol * scale
+        assert not bad.any(), (f"{definition.name}: catch_up's {label} differs from {int(bad.sum())} zero-gradient "
+                               f"update(s) replayed, by up to {float(np.abs(got - ref).max()):.3g}")
+
+
 def _bits(a: np.ndarray) -> np.ndarray:
     return a.reshape(-1).view(f"u{a.dtype.itemsize}")
 
@@ -414,6 +442,7 @@ CHECKS: dict[str, Callable[..., None]] = {
     "zero_gradients": check_zero_gradients,
     "kernel": check_kernel,
     "deterministic": check_deterministic,
+    "catch_up": check_catch_up,
 }
 
 
@@ -485,3 +514,8 @@ class OptimizerConformance:
         if not definition.deterministic:
             pytest.skip(f"{definition.name} declares deterministic=False")
         check_deterministic(definition, overrides)
+
+    def test_catch_up_equals_zero_gradient_steps(self, definition, overrides):
+        if not definition.sparse_rows or definition.catch_up is None:
+            pytest.skip(f"{definition.name} declares no catch_up")
+        check_catch_up(definition, overrides)

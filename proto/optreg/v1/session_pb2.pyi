@@ -85,7 +85,7 @@ class SessionConfig(_message.Message):
     def __init__(self, optimizer: _Optional[str] = ..., hyperparameters: _Optional[_Mapping[str, float]] = ..., master_dtype: _Optional[_Union[_tensor_pb2.DataType, str]] = ..., step_reply: _Optional[_Union[StepReply, str]] = ..., session_id: _Optional[str] = ..., durability: _Optional[_Union[Durability, str]] = ..., periodic_steps: _Optional[int] = ..., periodic_seconds: _Optional[float] = ..., workers: _Optional[_Union[WorkerConfig, _Mapping]] = ...) -> None: ...
 
 class WorkerConfig(_message.Message):
-    __slots__ = ("workers", "mode", "min_workers", "round_deadline_seconds", "lease_seconds", "combine", "staleness")
+    __slots__ = ("workers", "mode", "min_workers", "round_deadline_seconds", "lease_seconds", "combine", "staleness", "scale_lr_by_staleness")
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     MIN_WORKERS_FIELD_NUMBER: _ClassVar[int]
@@ -93,6 +93,7 @@ class WorkerConfig(_message.Message):
     LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     COMBINE_FIELD_NUMBER: _ClassVar[int]
     STALENESS_FIELD_NUMBER: _ClassVar[int]
+    SCALE_LR_BY_STALENESS_FIELD_NUMBER: _ClassVar[int]
     workers: int
     mode: WorkerMode
     min_workers: int
@@ -100,7 +101,8 @@ class WorkerConfig(_message.Message):
     lease_seconds: float
     combine: Combine
     staleness: int
-    def __init__(self, workers: _Optional[int] = ..., mode: _Optional[_Union[WorkerMode, str]] = ..., min_workers: _Optional[int] = ..., round_deadline_seconds: _Optional[float] = ..., lease_seconds: _Optional[float] = ..., combine: _Optional[_Union[Combine, str]] = ..., staleness: _Optional[int] = ...) -> None: ...
+    scale_lr_by_staleness: bool
+    def __init__(self, workers: _Optional[int] = ..., mode: _Optional[_Union[WorkerMode, str]] = ..., min_workers: _Optional[int] = ..., round_deadline_seconds: _Optional[float] = ..., lease_seconds: _Optional[float] = ..., combine: _Optional[_Union[Combine, str]] = ..., staleness: _Optional[int] = ..., scale_lr_by_staleness: _Optional[bool] = ...) -> None: ...
 
 class Member(_message.Message):
     __slots__ = ("worker", "contributions", "last_round", "last_contact", "joined_at")
@@ -260,7 +262,7 @@ class DeleteSessionResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class StepRequest(_message.Message):
-    __slots__ = ("session_id", "step", "gradients", "hyperparameters", "metrics", "worker", "round")
+    __slots__ = ("session_id", "step", "gradients", "hyperparameters", "metrics", "worker", "round", "sparse")
     class HyperparametersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -282,6 +284,7 @@ class StepRequest(_message.Message):
     METRICS_FIELD_NUMBER: _ClassVar[int]
     WORKER_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
+    SPARSE_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     step: int
     gradients: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Tensor]
@@ -289,26 +292,29 @@ class StepRequest(_message.Message):
     metrics: _containers.ScalarMap[str, float]
     worker: str
     round: int
-    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., gradients: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., hyperparameters: _Optional[_Mapping[str, float]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., worker: _Optional[str] = ..., round: _Optional[int] = ...) -> None: ...
+    sparse: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.SparseRows]
+    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., gradients: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., hyperparameters: _Optional[_Mapping[str, float]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., worker: _Optional[str] = ..., round: _Optional[int] = ..., sparse: _Optional[_Iterable[_Union[_tensor_pb2.SparseRows, _Mapping]]] = ...) -> None: ...
 
 class StepResponse(_message.Message):
-    __slots__ = ("step", "replayed", "tensors", "round", "staleness", "contributors")
+    __slots__ = ("step", "replayed", "tensors", "round", "staleness", "contributors", "sparse")
     STEP_FIELD_NUMBER: _ClassVar[int]
     REPLAYED_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     STALENESS_FIELD_NUMBER: _ClassVar[int]
     CONTRIBUTORS_FIELD_NUMBER: _ClassVar[int]
+    SPARSE_FIELD_NUMBER: _ClassVar[int]
     step: int
     replayed: bool
     tensors: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Tensor]
     round: int
     staleness: int
     contributors: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, step: _Optional[int] = ..., replayed: _Optional[bool] = ..., tensors: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., round: _Optional[int] = ..., staleness: _Optional[int] = ..., contributors: _Optional[_Iterable[str]] = ...) -> None: ...
+    sparse: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.SparseRows]
+    def __init__(self, step: _Optional[int] = ..., replayed: _Optional[bool] = ..., tensors: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., round: _Optional[int] = ..., staleness: _Optional[int] = ..., contributors: _Optional[_Iterable[str]] = ..., sparse: _Optional[_Iterable[_Union[_tensor_pb2.SparseRows, _Mapping]]] = ...) -> None: ...
 
 class StepStreamRequest(_message.Message):
-    __slots__ = ("session_id", "step", "chunks", "hyperparameters", "metrics", "worker", "round")
+    __slots__ = ("session_id", "step", "chunks", "hyperparameters", "metrics", "worker", "round", "sparse")
     class HyperparametersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -330,6 +336,7 @@ class StepStreamRequest(_message.Message):
     METRICS_FIELD_NUMBER: _ClassVar[int]
     WORKER_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
+    SPARSE_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     step: int
     chunks: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Tensor]
@@ -337,23 +344,26 @@ class StepStreamRequest(_message.Message):
     metrics: _containers.ScalarMap[str, float]
     worker: str
     round: int
-    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., chunks: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., hyperparameters: _Optional[_Mapping[str, float]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., worker: _Optional[str] = ..., round: _Optional[int] = ...) -> None: ...
+    sparse: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.SparseRows]
+    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., chunks: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., hyperparameters: _Optional[_Mapping[str, float]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., worker: _Optional[str] = ..., round: _Optional[int] = ..., sparse: _Optional[_Iterable[_Union[_tensor_pb2.SparseRows, _Mapping]]] = ...) -> None: ...
 
 class StepStreamResponse(_message.Message):
-    __slots__ = ("step", "replayed", "chunks", "round", "staleness", "contributors")
+    __slots__ = ("step", "replayed", "chunks", "round", "staleness", "contributors", "sparse")
     STEP_FIELD_NUMBER: _ClassVar[int]
     REPLAYED_FIELD_NUMBER: _ClassVar[int]
     CHUNKS_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     STALENESS_FIELD_NUMBER: _ClassVar[int]
     CONTRIBUTORS_FIELD_NUMBER: _ClassVar[int]
+    SPARSE_FIELD_NUMBER: _ClassVar[int]
     step: int
     replayed: bool
     chunks: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Tensor]
     round: int
     staleness: int
     contributors: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, step: _Optional[int] = ..., replayed: _Optional[bool] = ..., chunks: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., round: _Optional[int] = ..., staleness: _Optional[int] = ..., contributors: _Optional[_Iterable[str]] = ...) -> None: ...
+    sparse: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.SparseRows]
+    def __init__(self, step: _Optional[int] = ..., replayed: _Optional[bool] = ..., chunks: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., round: _Optional[int] = ..., staleness: _Optional[int] = ..., contributors: _Optional[_Iterable[str]] = ..., sparse: _Optional[_Iterable[_Union[_tensor_pb2.SparseRows, _Mapping]]] = ...) -> None: ...
 
 class ReadParametersRequest(_message.Message):
     __slots__ = ("session_id", "names")

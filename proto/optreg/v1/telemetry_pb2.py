@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19optreg/v1/telemetry.proto\x12\toptreg.v1\"<\n\x13WatchSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\tfrom_step\x18\x02 \x01(\x03\"l\n\x14WatchSessionResponse\x12(\n\x04step\x18\x01 \x01(\x0b\x32\x18.optreg.v1.StepTelemetryH\x00\x12!\n\x05\x61lert\x18\x02 \x01(\x0b\x32\x10.optreg.v1.AlertH\x00\x42\x07\n\x05\x65vent\"M\n\x13GetTelemetryRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\tfrom_step\x18\x02 \x01(\x03\x12\x0f\n\x07to_step\x18\x03 \x01(\x03\"\xa6\x01\n\x14GetTelemetryResponse\x12\'\n\x05steps\x18\x01 \x03(\x0b\x32\x18.optreg.v1.StepTelemetry\x12 \n\x06\x61lerts\x18\x02 \x03(\x0b\x32\x10.optreg.v1.Alert\x12\x12\n\nfirst_step\x18\x03 \x01(\x03\x12\x11\n\tlast_step\x18\x04 \x01(\x03\x12\x1c\n\x14\x66ull_resolution_from\x18\x05 \x01(\x03\"\xd4\x02\n\rStepTelemetry\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\r\n\x05steps\x18\x02 \x01(\x03\x12\x11\n\twall_time\x18\x03 \x01(\x01\x12+\n\x07tensors\x18\x04 \x03(\x0b\x32\x1a.optreg.v1.TensorTelemetry\x12\x36\n\x07metrics\x18\x05 \x03(\x0b\x32%.optreg.v1.StepTelemetry.MetricsEntry\x12\x46\n\x0fhyperparameters\x18\x06 \x03(\x0b\x32-.optreg.v1.StepTelemetry.HyperparametersEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x36\n\x14HyperparametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x9d\x01\n\x0fTensorTelemetry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tgrad_norm\x18\x02 \x01(\x01\x12\x12\n\nparam_norm\x18\x03 \x01(\x01\x12\x13\n\x0bupdate_norm\x18\x04 \x01(\x01\x12\x14\n\x0cupdate_ratio\x18\x05 \x01(\x01\x12\x14\n\x0cgrad_max_abs\x18\x06 \x01(\x01\x12\x14\n\x0c\x65\x66\x66\x65\x63tive_lr\x18\x07 \x03(\x01\"W\n\x05\x41lert\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x11\n\twall_time\x18\x03 \x01(\x01\x12\x0e\n\x06tensor\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t2\xb6\x01\n\x10TelemetryService\x12Q\n\x0cWatchSession\x12\x1e.optreg.v1.WatchSessionRequest\x1a\x1f.optreg.v1.WatchSessionResponse0\x01\x12O\n\x0cGetTelemetry\x12\x1e.optreg.v1.GetTelemetryRequest\x1a\x1f.optreg.v1.GetTelemetryResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19optreg/v1/telemetry.proto\x12\toptreg.v1\",\n\x16\x45xportTelemetryRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\'\n\x17\x45xportTelemetryResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\":\n\x16ImportTelemetryRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\",\n\x17ImportTelemetryResponse\x12\x11\n\tlast_step\x18\x01 \x01(\x03\"<\n\x13WatchSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\tfrom_step\x18\x02 \x01(\x03\"l\n\x14WatchSessionResponse\x12(\n\x04step\x18\x01 \x01(\x0b\x32\x18.optreg.v1.StepTelemetryH\x00\x12!\n\x05\x61lert\x18\x02 \x01(\x0b\x32\x10.optreg.v1.AlertH\x00\x42\x07\n\x05\x65vent\"M\n\x13GetTelemetryRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\tfrom_step\x18\x02 \x01(\x03\x12\x0f\n\x07to_step\x18\x03 \x01(\x03\"\xa6\x01\n\x14GetTelemetryResponse\x12\'\n\x05steps\x18\x01 \x03(\x0b\x32\x18.optreg.v1.StepTelemetry\x12 \n\x06\x61lerts\x18\x02 \x03(\x0b\x32\x10.optreg.v1.Alert\x12\x12\n\nfirst_step\x18\x03 \x01(\x03\x12\x11\n\tlast_step\x18\x04 \x01(\x03\x12\x1c\n\x14\x66ull_resolution_from\x18\x05 \x01(\x03\"\xd4\x02\n\rStepTelemetry\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\r\n\x05steps\x18\x02 \x01(\x03\x12\x11\n\twall_time\x18\x03 \x01(\x01\x12+\n\x07tensors\x18\x04 \x03(\x0b\x32\x1a.optreg.v1.TensorTelemetry\x12\x36\n\x07metrics\x18\x05 \x03(\x0b\x32%.optreg.v1.StepTelemetry.MetricsEntry\x12\x46\n\x0fhyperparameters\x18\x06 \x03(\x0b\x32-.optreg.v1.StepTelemetry.HyperparametersEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x36\n\x14HyperparametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x9d\x01\n\x0fTensorTelemetry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tgrad_norm\x18\x02 \x01(\x01\x12\x12\n\nparam_norm\x18\x03 \x01(\x01\x12\x13\n\x0bupdate_norm\x18\x04 \x01(\x01\x12\x14\n\x0cupdate_ratio\x18\x05 \x01(\x01\x12\x14\n\x0cgrad_max_abs\x18\x06 \x01(\x01\x12\x14\n\x0c\x65\x66\x66\x65\x63tive_lr\x18\x07 \x03(\x01\"W\n\x05\x41lert\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x11\n\twall_time\x18\x03 \x01(\x01\x12\x0e\n\x06tensor\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t2\xea\x02\n\x10TelemetryService\x12Q\n\x0cWatchSession\x12\x1e.optreg.v1.WatchSessionRequest\x1a\x1f.optreg.v1.WatchSessionResponse0\x01\x12O\n\x0cGetTelemetry\x12\x1e.optreg.v1.GetTelemetryRequest\x1a\x1f.optreg.v1.GetTelemetryResponse\x12X\n\x0f\x45xportTelemetry\x12!.optreg.v1.ExportTelemetryRequest\x1a\".optreg.v1.ExportTelemetryResponse\x12X\n\x0fImportTelemetry\x12!.optreg.v1.ImportTelemetryRequest\x1a\".optreg.v1.ImportTelemetryResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,24 +35,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STEPTELEMETRY_METRICSENTRY']._serialized_options = b'8\001'
   _globals['_STEPTELEMETRY_HYPERPARAMETERSENTRY']._loaded_options = None
   _globals['_STEPTELEMETRY_HYPERPARAMETERSENTRY']._serialized_options = b'8\001'
-  _globals['_WATCHSESSIONREQUEST']._serialized_start=40
-  _globals['_WATCHSESSIONREQUEST']._serialized_end=100
-  _globals['_WATCHSESSIONRESPONSE']._serialized_start=102
-  _globals['_WATCHSESSIONRESPONSE']._serialized_end=210
-  _globals['_GETTELEMETRYREQUEST']._serialized_start=212
-  _globals['_GETTELEMETRYREQUEST']._serialized_end=289
-  _globals['_GETTELEMETRYRESPONSE']._serialized_start=292
-  _globals['_GETTELEMETRYRESPONSE']._serialized_end=458
-  _globals['_STEPTELEMETRY']._serialized_start=461
-  _globals['_STEPTELEMETRY']._serialized_end=801
-  _globals['_STEPTELEMETRY_METRICSENTRY']._serialized_start=699
-  _globals['_STEPTELEMETRY_METRICSENTRY']._serialized_end=745
-  _globals['_STEPTELEMETRY_HYPERPARAMETERSENTRY']._serialized_start=747
-  _globals['_STEPTELEMETRY_HYPERPARAMETERSENTRY']._serialized_end=801
-  _globals['_TENSORTELEMETRY']._serialized_start=804
-  _globals['_TENSORTELEMETRY']._serialized_end=961
-  _globals['_ALERT']._serialized_start=963
-  _globals['_ALERT']._serialized_end=1050
-  _globals['_TELEMETRYSERVICE']._serialized_start=1053
-  _globals['_TELEMETRYSERVICE']._serialized_end=1235
+  _globals['_EXPORTTELEMETRYREQUEST']._serialized_start=40
+  _globals['_EXPORTTELEMETRYREQUEST']._serialized_end=84
+  _globals['_EXPORTTELEMETRYRESPONSE']._serialized_start=86
+  _globals['_EXPORTTELEMETRYRESPONSE']._serialized_end=125
+  _globals['_IMPORTTELEMETRYREQUEST']._serialized_start=127
+  _globals['_IMPORTTELEMETRYREQUEST']._serialized_end=185
+  _globals['_IMPORTTELEMETRYRESPONSE']._serialized_start=187
+  _globals['_IMPORTTELEMETRYRESPONSE']._serialized_end=231
+  _globals['_WATCHSESSIONREQUEST']._serialized_start=233
+  _globals['_WATCHSESSIONREQUEST']._serialized_end=293
+  _globals['_WATCHSESSIONRESPONSE']._serialized_start=295
+  _globals['_WATCHSESSIONRESPONSE']._serialized_end=403
+  _globals['_GETTELEMETRYREQUEST']._serialized_start=405
+  _globals['_GETTELEMETRYREQUEST']._serialized_end=482
+  _globals['_GETTELEMETRYRESPONSE']._serialized_start=485
+  _globals['_GETTELEMETRYRESPONSE']._serialized_end=651
+  _globals['_STEPTELEMETRY']._serialized_start=654
+  _globals['_STEPTELEMETRY']._serialized_end=994
+  _globals['_STEPTELEMETRY_METRICSENTRY']._serialized_start=892
+  _globals['_STEPTELEMETRY_METRICSENTRY']._serialized_end=938
+  _globals['_STEPTELEMETRY_HYPERPARAMETERSENTRY']._serialized_start=940
+  _globals['_STEPTELEMETRY_HYPERPARAMETERSENTRY']._serialized_end=994
+  _globals['_TENSORTELEMETRY']._serialized_start=997
+  _globals['_TENSORTELEMETRY']._serialized_end=1154
+  _globals['_ALERT']._serialized_start=1156
+  _globals['_ALERT']._serialized_end=1243
+  _globals['_TELEMETRYSERVICE']._serialized_start=1246
+  _globals['_TELEMETRYSERVICE']._serialized_end=1608
 # @@protoc_insertion_point(module_scope)

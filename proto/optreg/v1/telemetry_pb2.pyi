@@ -6,6 +6,32 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class ExportTelemetryRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class ExportTelemetryResponse(_message.Message):
+    __slots__ = ("data",)
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    def __init__(self, data: _Optional[bytes] = ...) -> None: ...
+
+class ImportTelemetryRequest(_message.Message):
+    __slots__ = ("session_id", "data")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    data: bytes
+    def __init__(self, session_id: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class ImportTelemetryResponse(_message.Message):
+    __slots__ = ("last_step",)
+    LAST_STEP_FIELD_NUMBER: _ClassVar[int]
+    last_step: int
+    def __init__(self, last_step: _Optional[int] = ...) -> None: ...
+
 class WatchSessionRequest(_message.Message):
     __slots__ = ("session_id", "from_step")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]

@@ -50,6 +50,16 @@ class TelemetryServiceStub:
                 request_serializer=optreg_dot_v1_dot_telemetry__pb2.GetTelemetryRequest.SerializeToString,
                 response_deserializer=optreg_dot_v1_dot_telemetry__pb2.GetTelemetryResponse.FromString,
                 _registered_method=True)
+        self.ExportTelemetry = channel.unary_unary(
+                '/optreg.v1.TelemetryService/ExportTelemetry',
+                request_serializer=optreg_dot_v1_dot_telemetry__pb2.ExportTelemetryRequest.SerializeToString,
+                response_deserializer=optreg_dot_v1_dot_telemetry__pb2.ExportTelemetryResponse.FromString,
+                _registered_method=True)
+        self.ImportTelemetry = channel.unary_unary(
+                '/optreg.v1.TelemetryService/ImportTelemetry',
+                request_serializer=optreg_dot_v1_dot_telemetry__pb2.ImportTelemetryRequest.SerializeToString,
+                response_deserializer=optreg_dot_v1_dot_telemetry__pb2.ImportTelemetryResponse.FromString,
+                _registered_method=True)
 
 
 class TelemetryServiceServicer:
@@ -79,6 +89,23 @@ class TelemetryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExportTelemetry(self, request, context):
+        """A session's whole telemetry ring as one blob (`optreg sessions export`
+        keeps it in the session file beside the parameters and state).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ImportTelemetry(self, request, context):
+        """Replace a session's telemetry with an exported ring (`optreg sessions
+        import`, after creating the session from the same file). The session must
+        exist and belong to the caller's token; the ring becomes the caller's.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TelemetryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -91,6 +118,16 @@ def add_TelemetryServiceServicer_to_server(servicer, server):
                     servicer.GetTelemetry,
                     request_deserializer=optreg_dot_v1_dot_telemetry__pb2.GetTelemetryRequest.FromString,
                     response_serializer=optreg_dot_v1_dot_telemetry__pb2.GetTelemetryResponse.SerializeToString,
+            ),
+            'ExportTelemetry': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExportTelemetry,
+                    request_deserializer=optreg_dot_v1_dot_telemetry__pb2.ExportTelemetryRequest.FromString,
+                    response_serializer=optreg_dot_v1_dot_telemetry__pb2.ExportTelemetryResponse.SerializeToString,
+            ),
+            'ImportTelemetry': grpc.unary_unary_rpc_method_handler(
+                    servicer.ImportTelemetry,
+                    request_deserializer=optreg_dot_v1_dot_telemetry__pb2.ImportTelemetryRequest.FromString,
+                    response_serializer=optreg_dot_v1_dot_telemetry__pb2.ImportTelemetryResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -153,6 +190,60 @@ class TelemetryService:
             '/optreg.v1.TelemetryService/GetTelemetry',
             optreg_dot_v1_dot_telemetry__pb2.GetTelemetryRequest.SerializeToString,
             optreg_dot_v1_dot_telemetry__pb2.GetTelemetryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportTelemetry(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/optreg.v1.TelemetryService/ExportTelemetry',
+            optreg_dot_v1_dot_telemetry__pb2.ExportTelemetryRequest.SerializeToString,
+            optreg_dot_v1_dot_telemetry__pb2.ExportTelemetryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportTelemetry(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/optreg.v1.TelemetryService/ImportTelemetry',
+            optreg_dot_v1_dot_telemetry__pb2.ImportTelemetryRequest.SerializeToString,
+            optreg_dot_v1_dot_telemetry__pb2.ImportTelemetryResponse.FromString,
             options,
             channel_credentials,
             insecure,

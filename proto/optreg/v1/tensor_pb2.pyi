@@ -41,3 +41,13 @@ class SlotTensors(_message.Message):
     slot: str
     tensors: _containers.RepeatedCompositeFieldContainer[Tensor]
     def __init__(self, slot: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ...) -> None: ...
+
+class SparseRows(_message.Message):
+    __slots__ = ("name", "rows", "values")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    rows: bytes
+    values: Tensor
+    def __init__(self, name: _Optional[str] = ..., rows: _Optional[bytes] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...

@@ -133,6 +133,9 @@ class SessionFactory:
                           durability, shapes, tuple(declared), step=initial_step, owner=owner)
         if config.workers is not None:
             session.workers = config.workers.checked()
+            if session.workers.scale_lr and "lr" not in hp:
+                raise InvalidArgument(f"config.workers.scale_lr_by_staleness: optimizer {defn.name} has no 'lr' "
+                                      "hyperparameter to scale; leave it false")
 
         def build() -> Arrays:
             copy = None if adopt else True

@@ -30,10 +30,10 @@ import time
 
 import numpy as np
 
-from optreg.server import kernels, snapshot, wal
+from optreg.server import kernels, snapshot, sparse, wal
 from optreg.server.errors import ResourceExhausted, Unavailable
 from optreg.server.fsync import GroupSyncer, fsync_dir
-from optreg.server.membership import WorkerConfig
+from optreg.server.membership import LR_SCALED, WorkerConfig, note_worker_record
 from optreg.server.sessions import DTYPE_NAMES, Arrays, Durability, Session
 from optreg.v1 import tensors
 
@@ -52,6 +52,9 @@ class NullRecord:
         pass
 
     def renumber(self, step: int, hyperparameters: dict) -> None:
+        pass
+
+    def add_array(self, key, array) -> None:
         pass
 
     def commit(self, arrays=None) -> None:
@@ -119,7 +122,7 @@ def meta_of(s: Session, hyperparameters: dict | None = None) -> dict:
             "periodic_steps": s.durability.periodic_steps, "periodic_seconds": s.durability.periodic_seconds,
             "shapes": {n: list(v) for n, v in s.shapes.items()}, "slots": list(s.slot_names),
             "workers": s.workers.to_meta() if s.workers is not None else None, "round_record": s.round_record,
-            "worker_rounds": s.worker_rounds}
+            "worker_rounds": s.worker_rounds, "worker_clocks": s.worker_clocks}
 
 
 def snapshot_arrays(s: Session) -> tuple[dict, dict]:
@@ -132,12 +135,15 @@ def snapshot_arrays(s: Session) -> tuple[dict, dict]:
             arrays[f"state/{slot}/{name}"], table[f"state/{slot}/{name}"] = a, ["state", slot, name]
     for name, a in (s.last_delta or {}).items():
         arrays[f"last_delta/{name}"], table[f"last_delta/{name}"] = a, ["last_delta", "", name]
+    for name, a in s.clocks.items():  # sparse rows: the step each row of a lazy parameter is current through
+        arrays[f"clock/{name}"], table[f"clock/{name}"] = a, ["clock", "", name]
     return arrays, table
 
 
-def check_against_meta(meta: dict, arrays: dict, path) -> tuple[dict, dict, dict | None]:
+def check_against_meta(meta: dict, arrays: dict, path, clocks: dict | None = None) -> tuple[dict, dict, dict | None]:
     """Split a snapshot's arrays into params, state and last delta, each checked against the metadata's
-    shapes, slots and master dtype (a well-formed file that disagrees with itself is corrupt)."""
+    shapes, slots and master dtype (a well-formed file that disagrees with itself is corrupt); sparse
+    rows' clocks go into `clocks`."""
     dtype = np.dtype(meta["master_dtype"])
     shapes = {n: tuple(v) for n, v in meta["shapes"].items()}
     params, state, delta = {}, {s: {} for s in meta["slots"]}, {}
@@ -145,6 +151,13 @@ def check_against_meta(meta: dict, arrays: dict, path) -> tuple[dict, dict, dict
         a = arrays.get(key)
         if a is None:
             raise snapshot.CorruptFile(path, f"tensor {key!r} named in the metadata is missing")
+        if kind == "clock":
+            shape = shapes.get(name, ())
+            if len(shape) != 2 or a.shape != shape[:1] or a.dtype != np.int64 or (a.size and a.max() > meta["step"]):
+                raise snapshot.CorruptFile(path, f"row clocks {key!r} do not fit parameter {name!r}")
+            if clocks is not None:
+                clocks[name] = np.array(a)
+            continue
         if name not in shapes or a.shape != shapes[name] or a.dtype != dtype:
             raise snapshot.CorruptFile(path, f"tensor {key!r} is {a.dtype} {list(a.shape)}, but the metadata says "
                                              f"{dtype} {list(shapes.get(name, ()))}")
@@ -172,9 +185,14 @@ def replay(s: Session, record: wal.Record) -> None:
             else:
                 slot, _, name = rest.partition("/")
                 np.copyto(live.state[slot][name], a)
+    elif record.extras.get("sparse"):
+        sparse.replay(s, record)
     else:
         from optreg.server.pipeline import widen
         defn, hp, t = s.optimizer.definition, record.hyperparameters, record.step
+        for name in list(s.clocks):  # rows a sparse step left lazy: caught up before the dense step, as live
+            sparse.settle_tensor(s, live, name, t - 1, s.hyperparameters)
+        s.clocks.clear()
         for name, p in live.params.items():
             g = widen(record.tensors[name].reshape(-1), s.dtype).reshape(p.shape)
             before = p.copy() if s.reply == "delta" else None
@@ -182,12 +200,10 @@ def replay(s: Session, record: wal.Record) -> None:
             if before is not None:
                 s.last_delta = s.last_delta or {}
                 s.last_delta[name] = p - before
-    s.hyperparameters = s.optimizer.definition.resolve(record.hyperparameters)
+    if not record.extras.get(LR_SCALED):  # a staleness-scaled contribution's lr was its own, not the session's
+        s.hyperparameters = s.optimizer.definition.resolve(record.hyperparameters)
     s.step = record.step
-    if "worker" in record.extras:  # a shared session's async contribution: retries of it are not applied again
-        s.worker_rounds[record.extras["worker"]] = record.extras["round"]
-    elif "round" in record.extras:  # a shared session's sync round: who it applied (rounds.Hub answers retries)
-        s.round_record = {k: record.extras[k] for k in ("round", "contributors", "members") if k in record.extras}
+    note_worker_record(s, record.extras)  # a shared session's round or contribution: members, clocks, retries
 
 
 # Chunks at least this large are written by the log's writer thread, overlapped with the step's update
@@ -246,6 +262,15 @@ class _Record:
             raise write_failed(self.session, error, f"the log record of step {self.step}")
         if error is not None:
             raise error
+
+    def add_array(self, key: str, array: np.ndarray) -> None:
+        """A whole array the step needs replayed with it (a sparse step's rows and values)."""
+        self.nbytes += array.nbytes
+        self._settle()
+        try:
+            self.writer.add(key, array.dtype, array.shape, 0, np.ascontiguousarray(array).reshape(-1))
+        except OSError as e:
+            raise write_failed(self.session, e, f"the log record of step {self.step}") from None
 
     def renumber(self, step: int, hyperparameters: dict) -> None:
         """An unfenced step learns its number, and the hyperparameters it ran with, at commit."""
@@ -476,7 +501,8 @@ class Journal:
                             meta["log_step"] = True
                             # ...and the hyperparameters in force, as its last record logged them (what
                             # GetSession shows before the session is loaded and replayed)
-                            meta["hyperparameters"] = dict(lg._entries[-1].hyperparameters)
+                            if not lg._entries[-1].extras.get(LR_SCALED):
+                                meta["hyperparameters"] = dict(lg._entries[-1].hyperparameters)
                     except (wal.CorruptData, ValueError, OSError) as e:
                         meta["log_error"] = f"log {self.log_path(sid)}: {e}"
                 yield sid, meta
@@ -494,6 +520,7 @@ class Journal:
         s.workers = WorkerConfig.from_meta(meta.get("workers"))
         s.round_record = meta.get("round_record")
         s.worker_rounds = dict(meta.get("worker_rounds") or {})
+        s.worker_clocks = dict(meta.get("worker_clocks") or {})
         s.persisted_step = s.step
         s.dirty = False
         if meta.get("log_error"):
@@ -507,8 +534,10 @@ class Journal:
         try:
             def build():
                 meta, arrays = snapshot.read(path)
-                params, state, delta = check_against_meta(meta, arrays, path)
+                clocks = {}
+                params, state, delta = check_against_meta(meta, arrays, path, clocks)
                 s.last_delta = delta
+                s.clocks = clocks
                 s.step = int(meta["step"])
                 s.hyperparameters = s.optimizer.definition.resolve(meta["hyperparameters"])
                 return Arrays(params, state)

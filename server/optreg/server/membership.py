@@ -33,6 +33,7 @@ class WorkerConfig:
     lease_seconds: float = DEFAULT_LEASE
     combine: str = "mean"  # sync: one of COMBINES
     staleness: int = 0  # async: the most stale contribution taken (0: any); ssp: the bound s
+    scale_lr: bool = False  # async, ssp: each contribution runs at lr / (1 + its staleness) (Zhang et al. 2016)
 
     def checked(self) -> "WorkerConfig":
         if not 1 <= self.workers <= MAX_WORKERS:
@@ -51,6 +52,9 @@ class WorkerConfig:
                                       "the default)")
         if self.staleness < 0:
             raise InvalidArgument(f"config.workers.staleness {self.staleness} must be >= 0")
+        if self.scale_lr and self.mode == "sync":
+            raise InvalidArgument("config.workers.scale_lr_by_staleness: a sync round's contributions all have "
+                                  "staleness 0; use it with mode async or ssp, or leave it false")
         return self
 
     @property
@@ -63,6 +67,33 @@ class WorkerConfig:
     @classmethod
     def from_meta(cls, meta: dict | None) -> "WorkerConfig | None":
         return cls(**meta) if meta else None
+
+
+def staleness_scaled(hp: dict, staleness: int) -> dict:
+    """The hyperparameters a contribution of this staleness runs with when the session scales its
+    learning rate: lr / (1 + staleness) (Zhang et al. 2016, "Staleness-aware async-SGD"), the rest as is."""
+    if staleness <= 0:
+        return hp
+    return {**hp, "lr": hp["lr"] / (1 + staleness)}
+
+
+LR_SCALED = "lr_scaled"  # a step record's extras: it ran at its own staleness-scaled lr (not the session's)
+
+
+def note_worker_record(s, extras: dict) -> None:
+    """Keep on the session what a shared session's step record says about its workers: as the step commits,
+    and again when recovery replays the record (journal.replay), so both end in the same place.
+    Sync rounds: {"round", "contributors", "members", "clocks"}; async/SSP contributions:
+    {"worker", "round", "clocks"}. "clocks" maps the members when the record began to their applied
+    contributions after it (the SSP clocks): merged by max, since records of concurrent contributions may
+    commit in another order than they began; a worker not in it has left (it joins again with its next call)."""
+    if "worker" in extras:  # an async/SSP contribution: a retry of it is answered, not applied again
+        s.worker_rounds[extras["worker"]] = extras["round"]
+    elif "round" in extras:  # a sync round: who it applied (rounds.Hub answers retries)
+        s.round_record = {k: extras[k] for k in ("round", "contributors", "members") if k in extras}
+    clocks = extras.get("clocks")
+    if clocks is not None:
+        s.worker_clocks = {w: max(int(c), int(s.worker_clocks.get(w, 0))) for w, c in clocks.items()}
 
 
 def check_worker_name(worker: str) -> str:
@@ -79,6 +110,7 @@ class Member:
     expires: float = 0.0  # time.monotonic() when the lease runs out
     contributions: int = 0  # applied contributions: the SSP clock
     last_round: int = -1  # the round (sync) or read step (async, ssp) of its last applied contribution
+    missed: int = 0  # sync: rounds in a row that closed without it while it was a member
 
 
 class Members:
@@ -88,12 +120,15 @@ class Members:
         self.config = config
         self.session_id = session_id
         self.by_name: dict[str, Member] = {}
+        self.on_expired = None  # called with each member whose lease ran out (rounds.Hub: the telemetry alert)
 
     def expire(self, now: float | None = None) -> list[str]:
         now = time.monotonic() if now is None else now
         gone = [n for n, m in self.by_name.items() if m.expires <= now]
         for n in gone:
-            del self.by_name[n]
+            m = self.by_name.pop(n)
+            if self.on_expired is not None:
+                self.on_expired(m)
         return gone
 
     def renew(self, m: Member) -> None:

@@ -25,7 +25,7 @@ import numpy as np
 
 from optreg.plugins import HyperparameterError
 from optreg.server.telemetry import merge_stats, tensor_stats
-from optreg.server import fastkernels, kernels
+from optreg.server import fastkernels, kernels, sparse as sparse_rows
 from optreg.server.errors import Cancelled, FailedPrecondition, InvalidArgument, PluginFailed, shown
 from optreg.server.sessions import MAX_STEP, Arrays, Session, StepResult
 from optreg.v1 import tensor_pb2, tensors
@@ -84,9 +84,14 @@ class StepRun:
     `close()` always (it gives back what an unfinished step held)."""
 
     def __init__(self, store, session: Session, fence: int | None, hyperparameters=None, metrics=None,
-                 is_active=lambda: True, out: dict[str, np.ndarray] | None = None, extras: dict | None = None):
+                 is_active=lambda: True, out: dict[str, np.ndarray] | None = None, extras: dict | None = None,
+                 sparse: bool = False):
         self.store, self.session, self.fence = store, session, fence
         self.extras = extras  # logged with the step (a shared session's round)
+        # A sparse step (sparse.py): some rows of 2-D parameters via feed_sparse(); parameters it does not
+        # name have a zero gradient. Computed under the lock at commit on gathered rows, never overlapped.
+        self.is_sparse = sparse
+        self.sparse: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self.on_commit = None  # called with the session under its lock as the step commits (rounds.py)
         self.hp_changes = dict(hyperparameters or {})
         self.metrics = check_metrics(metrics or {})
@@ -112,6 +117,8 @@ class StepRun:
             if s.resident is not None:  # its parameters live in a client's segment (resident.py)
                 raise FailedPrecondition(f"session {s.id} keeps its parameters in shared memory: step it with "
                                          "StepSharedMemory, or end that registration first")
+            if self.is_sparse:
+                sparse_rows.require(s)
             if s.check_fence(self.fence):
                 return self._replay()
             if s.step >= MAX_STEP:
@@ -119,7 +126,8 @@ class StepRun:
                                          "step again (restart it from its state with a smaller initial_step)")
             self.hp = self._resolve(s)
             self.t = s.step + 1
-            self.overlap = self.fence is not None and self.defn.elementwise
+            # Rows owed steps (sparse.py) are caught up in the staging copy at commit: no overlap then.
+            self.overlap = self.fence is not None and self.defn.elementwise and not s.clocks and not self.is_sparse
             if self.overlap:
                 self.reader = s.live
                 s.live.readers += 1
@@ -127,7 +135,8 @@ class StepRun:
         if self.overlap and self.staging is None:
             self.staging = self.store.allocate_set(s, "a step's staging copy")
         self.tracker = tensors.ChunkTracker(s.spec, "gradient")
-        self.record = self.store.journal.begin(s, self.t, self.fence, self.hp, self.metrics, self.extras)
+        extras = {**(self.extras or {}), "sparse": 1} if self.is_sparse else self.extras
+        self.record = self.store.journal.begin(s, self.t, self.fence, self.hp, self.metrics, extras)
         if s.reply == "delta" and self.overlap:
             self.delta = self._buffers("a step's delta")
         return None
@@ -149,6 +158,13 @@ class StepRun:
     def _replay(self) -> StepResult:
         s = self.session
         self.done = True
+        if self.is_sparse:  # the rows the step answered with (none when a snapshot came after it: read them)
+            last = s.last_sparse
+            if last is not None and last.step == s.step:
+                self.result = sparse_rows.SparseStepResult(s.step, True, last.tensors, last.sparse)
+            else:
+                self.result = sparse_rows.SparseStepResult(s.step, True, {}, {})
+            return self.result
         self.reader = s.live
         s.live.readers += 1
         if self.out is not None:
@@ -166,6 +182,8 @@ class StepRun:
         except ValueError as e:
             raise InvalidArgument(f"{e}; the step was not applied") from None
         name = t.name
+        if name in self.sparse:
+            raise InvalidArgument(f"gradient {shown(name)} is given both as sparse rows and dense: send one")
         self.record.add(name, t.dtype, tuple(t.shape), start, data)
         s = self.session
         # Fenced elementwise steps widen float16/bfloat16 inside the kernel pass (kernels.widens_in_pass).
@@ -174,7 +192,11 @@ class StepRun:
         end = start + g.size
         if not self.overlap:
             if self.grads is None:
-                self.grads = self._buffers("a step's gradients")
+                self.grads = Buffers() if self.is_sparse else self._buffers("a step's gradients")
+            if name not in self.grads:  # a sparse step: only the parameters it sends densely
+                self.grads[name] = self.store.budget.allocate(
+                    "a step's gradient", int(np.prod(s.shapes[name])) * s.dtype.itemsize,
+                    lambda: np.empty(s.shapes[name], s.dtype))
             self.grads[name].reshape(-1)[start:end] = g
             return None
         base, st = self.reader, self.staging
@@ -201,6 +223,24 @@ class StepRun:
             np.subtract(p, live_p.reshape(-1)[start:end], out=self.delta[name].reshape(-1)[start:end])
         return name, start, p
 
+    def feed_sparse(self, msg, where: str = "sparse") -> None:
+        """Validate one SparseRows message (a sparse step's) and log it; applied at commit."""
+        if not self.is_sparse:
+            raise InvalidArgument(f"{where}: sparse rows must come in the step's first message (the step is "
+                                  "computed as a sparse step only when they do)")
+        self.add_sparse(*sparse_rows.parse(self.session, msg, where), where=where)
+
+    def add_sparse(self, name: str, rows: np.ndarray, values: np.ndarray, where: str = "sparse") -> None:
+        """Rows already validated (sorted, unique, master dtype): logged, applied at commit."""
+        if name in self.tracker.kinds:
+            raise InvalidArgument(f"{where} {shown(name)}: the gradient is given both as sparse rows and dense: "
+                                  "send one")
+        if name in self.sparse:
+            raise InvalidArgument(f"{where} {shown(name)}: this parameter is already in the step; name each "
+                                  "parameter once (rows named twice in one SparseRows are summed)")
+        sparse_rows.log_sparse(self.record, name, rows, values)
+        self.sparse[name] = (rows, values)
+
     def _kernel(self, p, g, slots, parallel, name, old) -> None:
         """Apply the update; fold this tensor's (or chunk's) statistics into self.stats: measured in
         the update pass for large slices, from `old` (the values before, still live) for small ones,
@@ -226,7 +266,10 @@ class StepRun:
         Returns the StepResult, or `encode(result)` when given: a small answer is encoded under the lock
         (cheaper than marking the arrays read), a large one outside it while they are marked read."""
         try:
-            self.tracker.finish()
+            if self.is_sparse:  # parameters not named have a zero gradient; those sent must be whole
+                sparse_rows.check_whole(self.tracker)
+            else:
+                self.tracker.finish()
         except ValueError as e:
             raise InvalidArgument(f"{e}; the step was not applied") from None
         if not self.is_active():  # deadline passed or client gone: apply no step nobody will see
@@ -234,43 +277,17 @@ class StepRun:
         s = self.session
         with s.lock:
             self.store.ensure_loaded(s)  # deleted meanwhile: NOT_FOUND; unloaded while idle: read back
-            if self.overlap:
-                if s.live is not self.reader:  # another call committed this step first
-                    return self._lost_race(encode)
+            if self.is_sparse:
+                lost = self._commit_sparse(encode)
+                if lost is not None:
+                    return lost
             else:
-                if self.fence is not None and s.step != self.fence:  # another call applied it meanwhile
+                answer = self._commit_dense(encode)
+                if answer is _LOST:
                     return self._lost_race(encode)
-                if s.step >= MAX_STEP:
-                    raise FailedPrecondition(f"session {s.id} is at step {s.step}, the largest step number")
-                self.t = s.step + 1  # unfenced: applied at whatever step is current
-                self.hp = self._resolve(s)  # and with the hyperparameters in force now
-                self.record.renumber(self.t, self.hp)
-                self._compute_buffered()
-            self.record.commit(self.staging)  # Unavailable/ResourceExhausted on a failed write: nothing swapped
-            old = s.live
-            s.live, self.staging = self.staging, None
-            if self.reader is old:
-                old.readers -= 1
-                self.reader = None
-            if old.readers == 0 and s.spare is None:
-                s.spare = old
-            s.step = self.t
-            if self.hp_changes:  # on top of the values now in force (a concurrent UpdateHyperparameters stays)
-                s.hyperparameters = self._resolve(s)
-            if s.reply == "delta":
-                s.last_delta = self.delta
-            s.dirty = True
-            self.done = True
-            if self.on_commit is not None:
-                self.on_commit(s)
-            self.store.after_commit(s)
-            self.result = s.answer(False)
-            answer = None
-            if encode is not None and sum(a.nbytes for a in self.result.tensors.values()) <= SMALL_ANSWER:
-                answer = encode(self.result)
-            else:
-                self.reader = s.live
-                s.live.readers += 1
+        if self.is_sparse:  # the answer's arrays are the plan's own (not the live set's): encoded now
+            self.store.stepped(s, self, time.perf_counter() - self.t0)
+            return self.result if encode is None else encode(self.result)
         if self.out is not None:  # the sink: the caller's shared memory, after the commit
             for n, o in self.out.items():
                 np.copyto(o, self.reader.params[n])
@@ -278,6 +295,50 @@ class StepRun:
         if encode is None:
             return self.result
         return answer if answer is not None else encode(self.result)
+
+    def _commit_dense(self, encode):
+        """Caller holds the lock: swap the staging set in. Returns the answer encoded under the lock (None
+        when it is to be encoded outside it), or _LOST when another call committed this step first."""
+        s = self.session
+        if self.overlap:
+            if s.live is not self.reader:  # another call committed this step first
+                return _LOST
+        else:
+            if self.fence is not None and s.step != self.fence:  # another call applied it meanwhile
+                return _LOST
+            if s.step >= MAX_STEP:
+                raise FailedPrecondition(f"session {s.id} is at step {s.step}, the largest step number")
+            self.t = s.step + 1  # unfenced: applied at whatever step is current
+            self.hp = self._resolve(s)  # and with the hyperparameters in force now
+            self.record.renumber(self.t, self.hp)
+            self._compute_buffered()
+        self.record.commit(self.staging)  # Unavailable/ResourceExhausted on a failed write: nothing swapped
+        old = s.live
+        s.live, self.staging = self.staging, None
+        if self.reader is old:
+            old.readers -= 1
+            self.reader = None
+        if old.readers == 0 and s.spare is None:
+            s.spare = old
+        s.step = self.t
+        s.clocks.clear()  # a dense step steps every row (the owed ones were caught up first)
+        if self.hp_changes:  # on top of the values now in force (a concurrent UpdateHyperparameters stays)
+            s.hyperparameters = self._resolve(s)
+        if s.reply == "delta":
+            s.last_delta = self.delta
+        s.dirty = True
+        self.done = True
+        if self.on_commit is not None:
+            self.on_commit(s)
+        self.store.after_commit(s)
+        self.result = s.answer(False)
+        answer = None
+        if encode is not None and sum(a.nbytes for a in self.result.tensors.values()) <= SMALL_ANSWER:
+            answer = encode(self.result)
+        else:
+            self.reader = s.live
+            s.live.readers += 1
+        return answer
 
     def _compute_buffered(self) -> None:
         """Whole tensors, under the lock, on the current live set (unfenced steps, whole-tensor optimizers)."""
@@ -301,8 +362,48 @@ class StepRun:
         slots = {slot: st.state[slot][name] for slot in st.state}
         for slot in slots:
             np.copyto(slots[slot], base.state[slot][name])
+        # Rows a sparse step left lazy owe steps (with the hyperparameters they ran with): first those.
+        sparse_rows.settle_tensor(self.session, st, name, self.t - 1, self.session.hyperparameters)
         self._kernel(p, g, slots, parallel=True, name=name, old=base.params[name])
         return p
+
+    def _commit_sparse(self, encode):
+        """Caller holds the lock: a sparse step, computed on gathered rows, logged, then written in."""
+        s = self.session
+        if self.fence is not None and s.step != self.fence:  # another call applied it meanwhile
+            return self._lost_race(encode)
+        if s.step >= MAX_STEP:
+            raise FailedPrecondition(f"session {s.id} is at step {s.step}, the largest step number")
+        self.t = s.step + 1
+        self.hp = self._resolve(s)
+        self.record.renumber(self.t, self.hp)
+        base, clocks = s.live, s.clocks
+        if self.hp != s.hyperparameters and sparse_rows.owes(s):  # owed steps ran with the old ones
+            base, clocks = sparse_rows.settled_copy(self.store, s), {}
+        try:
+            plan = sparse_rows.compute(s, base, clocks, self.t, self.hp, dict(self.grads or {}), self.sparse)
+        except Exception as e:
+            raise PluginFailed(f"optimizer {self.defn.name} (plugin {self.session.optimizer.plugin}) raised in "
+                               f"a sparse update: {type(e).__name__}: {shown(str(e), 300)}; the session is "
+                               "unchanged") from e
+        self.record.commit(None)  # Unavailable/ResourceExhausted on a failed write: nothing written
+        if base is not s.live:
+            sparse_rows.swap(s, base)
+            sparse_rows.write(s, base, plan)
+        else:
+            sparse_rows.commit(self.store, s, plan)
+        s.step = self.t
+        if self.hp_changes:
+            s.hyperparameters = self._resolve(s)
+        s.last_delta = None
+        s.dirty = True
+        self.done = True
+        self.stats = plan.stats
+        if self.on_commit is not None:
+            self.on_commit(s)
+        self.store.after_commit(s)
+        self.result = s.last_sparse = sparse_rows.answer(s, plan)
+        return None
 
     def _lost_race(self, encode=None):
         s = self.session
@@ -333,6 +434,9 @@ class StepRun:
                 if self.record is not None:
                     self.record.abort()
                 self.store.refused(s, self)
+
+
+_LOST = object()  # _commit_dense: another call committed this step first
 
 
 class Buffers(dict):

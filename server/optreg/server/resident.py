@@ -195,8 +195,8 @@ def in_place(session: Session, grads: dict[str, np.ndarray]) -> bool:
     """Whether this step's update may run where the parameters live: a built-in optimizer's compiled,
     deterministic, elementwise kernel (it cannot raise once the gradients are checked finite)."""
     defn = session.optimizer.definition
-    if session.optimizer.plugin not in BUILTIN_PLUGINS or not defn.elementwise:
-        return False
+    if session.optimizer.plugin not in BUILTIN_PLUGINS or not defn.elementwise or session.clocks:
+        return False  # (rows a sparse step left lazy are caught up in the staging copy: pipeline._update_copy)
     if not getattr(defn, "deterministic", True) or fastkernels.lookup(defn, session.dtype) is None:
         return False
     return all(g.dtype == session.dtype or kernels.widens_in_pass(defn, session.dtype, g) for g in grads.values())
@@ -291,6 +291,7 @@ class ResidentStep(StepRun):
         if self.hp_changes:
             s.hyperparameters = self._resolve(s)
         s.last_delta = None
+        s.clocks.clear()  # a dense step steps every row (owed ones were caught up in the staging copy)
         s.dirty = True
         self.done = True
         self.store.after_commit(s)

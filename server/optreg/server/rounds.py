@@ -27,13 +27,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from optreg.server import sparse as sparse_rows
 from optreg.server.errors import Cancelled, DeadlineExceeded, FailedPrecondition, InvalidArgument, shown
-from optreg.server.membership import Member, Members, ssp_may_apply
+from optreg.server.membership import Member, Members, note_worker_record, ssp_may_apply
 from optreg.server.pipeline import Buffers, StepRun, check_finite, widen
 from optreg.v1 import tensors
 
 log = logging.getLogger("optreg.server.rounds")
 WAIT_SLICE = 0.25  # waiters re-check leases and deadlines at least this often
+MISSED_ROUNDS_ALERT = 3  # sync: a live member that misses this many rounds in a row raises "worker_stopped"
 
 
 @dataclass
@@ -48,6 +50,7 @@ class Outcome:
     staleness: int = 0
     replayed: bool = False
     noise_scale: float = 0.0
+    rows: dict = field(default_factory=dict)  # a sparse step's answered rows: name -> (rows, values)
 
 
 @dataclass(eq=False)
@@ -74,11 +77,13 @@ class _Whole:
 class Contribution:
     """One sync contribution being received: validated chunk by chunk into its own buffer."""
 
-    def __init__(self, store, session):
-        self.session = session
+    def __init__(self, store, session, sparse_msgs=()):
+        self.session, self.store = session, store
         self.tracker = tensors.ChunkTracker(session.spec, "gradient")
         s = session
-        self.grads = store.budget.allocate(
+        # Sparse rows (sparse.py): validated now; the parameters sent densely get buffers as they come.
+        self.sparse = sparse_rows.parse_all(s, sparse_msgs)
+        self.grads = Buffers() if self.sparse else store.budget.allocate(
             f"a worker's contribution to session {s.id}", s.elements * s.dtype.itemsize,
             lambda: Buffers({n: np.empty(shape, s.dtype) for n, shape in s.shapes.items()}))
 
@@ -89,11 +94,17 @@ class Contribution:
             raise InvalidArgument(f"{e}; the contribution was not committed") from None
         g = widen(data, self.session.dtype)
         check_finite(t.name, g, start)
+        if self.sparse:
+            sparse_rows.dense_buffer(self.store, self.session, self.grads, self.sparse, t.name)
         self.grads[t.name].reshape(-1)[start:start + g.size] = g
 
     def finish(self) -> Buffers:
         try:
-            self.tracker.finish()
+            if self.sparse:  # parameters not named have a zero gradient; those sent must be whole
+                sparse_rows.check_whole(self.tracker)
+                self.grads.sparse = self.sparse
+            else:
+                self.tracker.finish()
         except ValueError as e:
             raise InvalidArgument(f"{e}; the contribution was not committed") from None
         return self.grads
@@ -103,6 +114,8 @@ def combine(contribs: dict[str, Buffers], how: str, dtype) -> dict[str, np.ndarr
     """The round's gradient: contributions summed in worker-name order (so it is reproducible bit for
     bit), then divided by their count for the mean, in the master dtype."""
     names = sorted(contribs)
+    if any(getattr(c, "sparse", None) for c in contribs.values()):  # sparse rows merged, duplicates summed
+        return sparse_rows.combine(contribs, names, how, dtype)
     out = {}
     for p in contribs[names[0]]:
         acc = contribs[names[0]][p].copy()
@@ -111,7 +124,7 @@ def combine(contribs: dict[str, Buffers], how: str, dtype) -> dict[str, np.ndarr
         if how == "mean" and len(names) > 1:
             acc /= dtype.type(len(names))
         out[p] = acc
-    return out
+    return Buffers(out)
 
 
 def noise_scale(contribs: dict[str, Buffers], mean: dict[str, np.ndarray]) -> float:
@@ -122,9 +135,8 @@ def noise_scale(contribs: dict[str, Buffers], mean: dict[str, np.ndarray]) -> fl
     n = len(contribs)
     if n < 2:
         return 0.0
-    small = sum(float(np.dot(a.reshape(-1).astype(np.float64), a.reshape(-1).astype(np.float64)))
-                for g in contribs.values() for a in g.values()) / n
-    big = sum(float(np.dot(a.reshape(-1).astype(np.float64), a.reshape(-1).astype(np.float64))) for a in mean.values())
+    small = sum(sparse_rows.squared_norm(g) for g in contribs.values()) / n
+    big = sparse_rows.squared_norm(mean)
     g2 = (n * big - small) / (n - 1)
     trace = (small - big) / (1 - 1 / n)
     return trace / g2 if g2 > 0 else 0.0
@@ -142,6 +154,7 @@ class Hub:
         self.store, self.session, self.config = store, session, session.workers
         self.cond = threading.Condition()
         self.members = Members(self.config, session.id)
+        self.members.on_expired = self._lease_ran_out
         self.round = Round(session.step)
         self.last: Outcome | None = None
         self.history: deque = deque(maxlen=64)  # (round, contributors) of closed rounds
@@ -161,8 +174,32 @@ class Hub:
                     self.members.join(w)
                 except Exception:  # the config shrank or the name is not valid any more: it joins again itself
                     pass
+        # The members at the last step, with their clocks (every mode): SSP's bound holds across a restart, and
+        # a worker that does not come back is dropped when its fresh lease runs out.
+        for w, clock in sorted(session.worker_clocks.items()):
+            try:
+                self.members.join(w).contributions = int(clock)
+            except Exception:
+                pass
 
     # -- membership ----------------------------------------------------------------------
+    def _worker_stopped(self, worker: str, message: str) -> None:
+        """Tell the store's observers (telemetry: the dashboard's alert). Caller may hold the condition:
+        observers only queue the event."""
+        for o in self.store.observers:
+            fn = getattr(o, "on_worker_stopped", None)
+            if fn is not None:
+                try:
+                    fn(self.session, worker, message)
+                except Exception:  # telemetry never fails a round
+                    log.exception("session %s: worker_stopped observer failed", self.session.id)
+
+    def _lease_ran_out(self, m: Member) -> None:
+        last = f"its last contribution was to round {m.last_round}" if m.last_round >= 0 else "it never contributed"
+        self._worker_stopped(m.worker, f"worker {m.worker} stopped contributing: no call or heartbeat for "
+                                       f"{self.config.lease_seconds:g} s, so its lease ran out and it was dropped "
+                                       f"({last}; {m.contributions} applied)")
+
     def join(self, worker: str) -> int:
         with self.cond:
             self.members.join(worker)
@@ -304,6 +341,7 @@ class Hub:
         with self.cond:
             contribs = dict(r.contribs)
             live = self.members.names()
+            clocks = {w: m.contributions + (w in contribs) for w, m in self.members.by_name.items()}
             sent = [m for w, m in r.metrics.items() if w in contribs]
         # The round's step records the mean of each scalar over the contributors that sent it.
         names = sorted({k for m in sent for k in m})
@@ -312,16 +350,19 @@ class Hub:
         try:
             combined = self.store.budget.allocate(
                 f"a round's combined gradient of session {s.id}", s.elements * s.dtype.itemsize,
-                lambda: Buffers(combine(contribs, self.config.combine, s.dtype)))
+                lambda: combine(contribs, self.config.combine, s.dtype))
             # Logged with the step (journal.replay restores it), so retries after a restart are answered.
-            record = {"round": r.number, "contributors": sorted(contribs), "members": sorted(live)}
-            run = StepRun(self.store, s, r.number, metrics=step_metrics, extras=record)
-            run.on_commit = lambda sess: setattr(sess, "round_record", record)
+            record = {"round": r.number, "contributors": sorted(contribs), "members": sorted(live), "clocks": clocks}
+            merged = getattr(combined, "sparse", None) or {}
+            run = StepRun(self.store, s, r.number, metrics=step_metrics, extras=record, sparse=bool(merged))
+            run.on_commit = lambda sess: note_worker_record(sess, record)
             try:
                 result = run.open()
                 if result is None:
                     for name, g in combined.items():
                         run.feed(_Whole(name, s.master_code, s.shapes[name], g))
+                    for name, (rows, values) in merged.items():
+                        run.add_sparse(name, rows, values)
                     result = run.finish()
                 out = {n: np.array(a) for n, a in result.tensors.items()}  # kept: every contributor's reply
             finally:
@@ -336,9 +377,9 @@ class Hub:
                       extra={"session_id": s.id})
             return
         who = tuple(sorted(contribs))
-        mean = combined if self.config.combine == "mean" else {n: a / len(who) for n, a in combined.items()}
+        mean = combined if self.config.combine == "mean" else sparse_rows.scaled(combined, 1 / len(who))
         outcome = Outcome(result.step, out, r.number, who, tuple(sorted(live - set(who))), time.monotonic() - t0,
-                          noise_scale=noise_scale(contribs, mean))
+                          noise_scale=noise_scale(contribs, mean), rows=dict(getattr(result, "sparse", {})))
         metrics = self.store.metrics
         if metrics is not None and hasattr(metrics, "round"):
             metrics.round(s.id, outcome.seconds, len(outcome.stragglers), outcome.noise_scale)
@@ -347,6 +388,15 @@ class Hub:
                 m = self.members.by_name.get(w)
                 if m is not None:
                     m.contributions += 1
+                    m.missed = 0
+            for w in outcome.stragglers:  # alive (its lease renewed) but not contributing
+                m = self.members.by_name.get(w)
+                if m is not None:
+                    m.missed += 1
+                    if m.missed == MISSED_ROUNDS_ALERT:
+                        self._worker_stopped(w, f"worker {w} stopped contributing: a member (its lease still "
+                                                f"renewed) whose contribution none of the last {m.missed} rounds "
+                                                f"had (rounds {r.number - m.missed + 1}-{r.number} closed without it)")
             r.result = outcome
             r.contribs.clear()  # their buffers leave the memory budget
             r.metrics.clear()
@@ -356,9 +406,10 @@ class Hub:
             self.cond.notify_all()
 
     # -- async and ssp ---------------------------------------------------------------------
-    def begin_async(self, worker: str, number: int, context=None) -> tuple[Member, Outcome | None]:
+    def begin_async(self, worker: str, number: int, context=None) -> tuple[Member, Outcome | None, dict]:
         """Take the worker's turn (its contributions apply one at a time). Returns (member, the answer when
-        this is a retry of its last applied contribution). SSP: waits while the worker is too far ahead."""
+        this is a retry of its last applied contribution, the members' clocks once it applies: logged with
+        it). SSP: waits while the worker is too far ahead."""
         end = time.monotonic() + _remaining(context)
         with self.cond:
             self._check_open()
@@ -372,7 +423,7 @@ class Hub:
                 step = self.session.step
                 last = self.session.worker_rounds.get(worker, -1)  # survives restarts (logged with each step)
                 if number == last:
-                    return m, self._async_replay(m, number)
+                    return m, self._async_replay(m, number), {}
                 if number < last:
                     raise FailedPrecondition(
                         f"worker {shown(worker)} already contributed gradients read at step {last}; this "
@@ -402,7 +453,9 @@ class Hub:
                         self.members.expire()
                         if m.worker not in self.members.by_name:  # dropped while waiting: back in
                             self.members.by_name[m.worker] = m
-            return m, None
+                clocks = {w: o.contributions for w, o in self.members.by_name.items()}
+                clocks[worker] = m.contributions + 1
+            return m, None, clocks
         except BaseException:
             turn.release()
             raise

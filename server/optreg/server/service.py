@@ -16,8 +16,9 @@ import grpc
 import numpy as np
 
 from optreg.plugins.registry import Registry
-from optreg.server import fastkernels, resident, shm, status
-from optreg.server.errors import (DeadlineExceeded, FailedPrecondition, InvalidArgument, ResourceExhausted, shown)
+from optreg.server import fastkernels, resident, shm, sparse, status
+from optreg.server.errors import (DataLoss, DeadlineExceeded, FailedPrecondition, InvalidArgument, ResourceExhausted,
+                                  shown)
 from optreg.server.factory import SessionConfig
 from optreg.server.metrics import Metrics
 from optreg.server.pipeline import StepRun
@@ -268,8 +269,15 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
 
     @status.handler
     def GetSession(self, request, context):
-        return session_pb2.GetSessionResponse(
-            session=session_info(self.store.get(request.session_id, self.owner(context))))
+        s = self.store.get(request.session_id, self.owner(context))
+        if s.workers is not None and s.hub is None and not s.quarantined:
+            # After a restart: the members and clocks come back from the log when the hub is made (it loads
+            # the session), so GetSession lists them before any worker has called again.
+            try:
+                self.workers.hubs.get(s)
+            except (ResourceExhausted, DataLoss) as e:  # no room to load it now, or damaged files: shown
+                log.warning("session %s: members not listed: %s", s.id, e)  # without members, as before
+        return session_pb2.GetSessionResponse(session=session_info(s))
 
     @status.handler
     def ListSessions(self, request, context):
@@ -285,7 +293,8 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
     def _run(self, request, context, out=None) -> StepRun:
         session = self.store.get(request.session_id, self.owner(context))
         fence = request.step if request.HasField("step") else None
-        return StepRun(self.store, session, fence, request.hyperparameters, request.metrics, context.is_active, out)
+        return StepRun(self.store, session, fence, request.hyperparameters, request.metrics, context.is_active, out,
+                       sparse=bool(getattr(request, "sparse", None)))
 
     @status.handler
     def Step(self, request, context):
@@ -300,7 +309,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
             result = run.open()
             if result is None:
                 s = run.session
-                if s.reply != "none":
+                if s.reply != "none" and not run.is_sparse:  # a sparse step answers with its rows
                     # Refuse before applying: a step whose reply cannot be sent would be applied and never answered.
                     reply_bytes = s.elements * s.dtype.itemsize
                     if reply_bytes > self.max_message_bytes - (64 << 10):
@@ -314,6 +323,13 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
                         raise InvalidArgument(f"gradient {shown(t.name)} is given twice")
                     names.add(t.name)
                     run.feed(t)
+                for i, sr in enumerate(request.sparse):
+                    run.feed_sparse(sr, f"sparse[{i}]")
+                if run.is_sparse and sparse.reply_bytes(s, names, run.sparse) > self.max_message_bytes - (64 << 10):
+                    raise FailedPrecondition(
+                        f"the reply to this sparse step (the rows, and the parameters stepped densely) exceeds the "
+                        f"server's message limit ({self.max_message_bytes} bytes): use StepStream, or a session with "
+                        "step_reply STEP_REPLY_NONE; the step was not applied")
                 return run.finish(_step_response)
             return _step_response(result)  # a retry: the run holds the answer's arrays as a reader
         finally:
@@ -342,7 +358,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
             if result is not None:  # a retry: drain the stream, answer again
                 for _ in request_iterator:
                     requests.progress()
-                yield from self._reply_batches(result.step, True, result.tensors)
+                yield from self._reply_batches(result.step, True, result.tensors, sparse.to_messages(result))
                 return
             send = run.session.reply == "parameters" and run.overlap
             head = tensors.response_head(run.t)
@@ -350,6 +366,11 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
             for i, msg in enumerate(itertools.chain([first], request_iterator)):
                 if i and msg.session_id and msg.session_id != run.session.id:
                     raise InvalidArgument("session_id changed mid-stream")
+                if i and msg.sparse:
+                    raise InvalidArgument("sparse rows came after the stream's first message: send every "
+                                          "SparseRows in the first message (each whole)")
+                for k, sr in enumerate(msg.sparse):
+                    run.feed_sparse(sr, f"sparse[{k}]")
                 out = []
                 before = sum(run.tracker.filled.values())
                 for t in msg.chunks:
@@ -367,22 +388,25 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
                 for batch in tensors.pack_views(out, chunk):
                     yield tensors.encode_stream_message(head, batch)
             result = run.finish()
-            if send or not result.tensors:
+            if run.is_sparse:
+                yield from self._reply_batches(result.step, result.replayed, result.tensors, sparse.to_messages(result))
+            elif send or not result.tensors:
                 yield session_pb2.StepStreamResponse(step=result.step, replayed=result.replayed)
             else:
                 yield from self._reply_batches(result.step, result.replayed, result.tensors)
         finally:
             run.close()
 
-    def _reply_batches(self, step, replayed, arrays):
+    def _reply_batches(self, step, replayed, arrays, rows=()):
+        """The reply's tensors in chunks; a sparse step's rows (`rows`, SparseRows) in the last message."""
         chunks = (c for n, a in arrays.items() for c in tensors.chunk_views(n, a, self.chunk_bytes))
         head = tensors.response_head(step, replayed)
         sent = False
         for batch in tensors.pack_views(chunks, self.chunk_bytes):
             sent = True
             yield tensors.encode_stream_message(head, batch)
-        if not sent:
-            yield session_pb2.StepStreamResponse(step=step, replayed=replayed)
+        if not sent or rows:
+            yield session_pb2.StepStreamResponse(step=step, replayed=replayed, sparse=rows)
 
     # -- reads -----------------------------------------------------------
     def _read(self, request, context):
@@ -573,7 +597,8 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
 
 def _step_response(result) -> session_pb2.StepResponse:
     return session_pb2.StepResponse(step=result.step, replayed=result.replayed,
-                                    tensors=[tensors.from_numpy(n, a) for n, a in result.tensors.items()])
+                                    tensors=[tensors.from_numpy(n, a) for n, a in result.tensors.items()],
+                                    sparse=sparse.to_messages(result))
 
 
 def _tensor_map(items, what: str) -> dict[str, np.ndarray]:

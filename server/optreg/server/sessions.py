@@ -103,6 +103,11 @@ class Session:
     hub: object | None = field(default=None, repr=False)
     round_record: dict | None = None  # the last sync round applied: {"round", "contributors", "members"} (logged)
     worker_rounds: dict = field(default_factory=dict)  # async/ssp: worker -> round of its last applied contribution
+    worker_clocks: dict = field(default_factory=dict)  # the members at the last step -> contributions applied (logged)
+    # Sparse rows (sparse.py): name -> int64 per row, the step the row is current through (lazy 2-D
+    # parameters only), and the last sparse step's answer (a retry gets it again).
+    clocks: dict = field(default_factory=dict, repr=False)
+    last_sparse: object | None = field(default=None, repr=False)
     resident: object | None = field(default=None, repr=False)  # shm.Region holding the parameters (resident.py)
 
     def __post_init__(self):
@@ -137,6 +142,9 @@ class Session:
             out = {}
         elif self.reply == "delta":
             out = self.last_delta or {n: np.zeros_like(p) for n, p in self.live.params.items()}
+        elif self.clocks:  # rows a sparse step left lazy: their dense-equivalent values (sparse.py)
+            from optreg.server.sparse import caught_up
+            out = caught_up(self).params
         else:
             out = self.live.params
         return StepResult(self.step, replayed, out)

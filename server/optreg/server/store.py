@@ -23,6 +23,7 @@ from optreg.server.budget import MemoryBudget
 from optreg.server.errors import (AlreadyExists, DataLoss, FailedPrecondition, InvalidArgument, NotFound,
                                   PermissionDenied, Refused, Unavailable, shown)
 from optreg.server.factory import Limits, SessionConfig, SessionFactory
+from optreg.server import sparse
 from optreg.server.journal import NoJournal
 from optreg.server.sessions import Arrays, Session
 
@@ -95,14 +96,14 @@ class SessionStore:
         session = self.get(session_id, owner)
         with session.lock:
             self.ensure_loaded(session)
-            arrays = session.live
-            arrays.readers += 1
+            arrays = sparse.read_view(self, session)  # the live set, or dense-equivalent copies of lazy rows
             return session, arrays, session.step
 
     @staticmethod
     def done_reading(session: Session, arrays: Arrays) -> None:
         with session.lock:
             arrays.readers -= 1
+            sparse.done_reading(arrays)
 
     def allocate_set(self, session: Session, what: str) -> Arrays:
         return self.budget.allocate(f"{what} of session {session.id}", session.set_bytes(), session.live.blank)
@@ -157,7 +158,19 @@ class SessionStore:
                 hp = session.optimizer.definition.resolve(values, base=session.hyperparameters)
             except HyperparameterError as e:
                 raise InvalidArgument(str(e)) from None
-            self.journal.hyperparameters(session, hp)  # on disk first: a failed write changes nothing
+            settled = None
+            if sparse.owes(session):  # rows owed steps catch up with the hyperparameters those steps ran with
+                settled, old = sparse.settled_copy(self, session), (session.live, session.clocks)
+                session.live, session.clocks = settled, {}  # what the snapshot holds
+            try:
+                self.journal.hyperparameters(session, hp)  # on disk first: a failed write changes nothing
+            except BaseException:
+                if settled is not None:
+                    session.live, session.clocks = old
+                raise
+            if settled is not None:
+                session.live, session.clocks = old
+                sparse.swap(session, settled)
             session.hyperparameters = hp
         return session
 

@@ -324,6 +324,12 @@ class TelemetryHub:
     def on_refused(self, session_id: str, owner: str, step: int, reason: str, optimizer: str = "") -> None:
         self._enqueue(("refused", (session_id, owner, int(step), reason, optimizer)))
 
+    def on_worker_stopped(self, session_id: str, owner: str, step: int, worker: str, message: str,
+                          optimizer: str = "") -> None:
+        """A shared session's member stopped contributing (rounds.Hub: its lease ran out, or it was a
+        straggler of several rounds in a row): the "worker_stopped" alert."""
+        self._enqueue(("worker", (session_id, owner, int(step), worker, message, optimizer)))
+
     def on_delete(self, session_id: str) -> None:
         self._enqueue(("delete", session_id))
         self.drain()  # the file goes now: a session created again with this id starts clean
@@ -341,6 +347,9 @@ class TelemetryHub:
                         changed.append(item.session_id)
                     elif kind == "refused":
                         self._apply_refused(*item)
+                        changed.append(item[0])
+                    elif kind == "worker":
+                        self._apply_worker_stopped(*item)
                         changed.append(item[0])
                     else:
                         ring = self._rings.pop(item, None)
@@ -404,6 +413,13 @@ class TelemetryHub:
         ring = self._ring(session_id, owner, optimizer)
         ring.refused += 1
         ring.alert("refused", step, "", f"step {step + 1} refused: {reason}")
+        ring.version += 1
+        ring.dirty = True
+
+    def _apply_worker_stopped(self, session_id: str, owner: str, step: int, worker: str, message: str,
+                              optimizer: str) -> None:
+        ring = self._ring(session_id, owner, optimizer)
+        ring.alert("worker_stopped", step, "", message)
         ring.version += 1
         ring.dirty = True
 
@@ -486,12 +502,14 @@ class TelemetryHub:
             ring = self._rings.get(session_id)
             return None if ring is None else zlib.compress(json.dumps(ring.to_json()).encode(), 1)
 
-    def import_(self, session_id: str, data: bytes) -> None:
-        """Take a ring from export() bytes (an imported session's telemetry), under `session_id`."""
+    def import_(self, session_id: str, data: bytes, owner: str | None = None) -> SessionRing:
+        """Take a ring from export() bytes (an imported session's telemetry), under `session_id` (and
+        `owner`'s token, when given: not the exporting server's)."""
         raw = json.loads(zlib.decompress(data))
         if raw.get("format") != FORMAT:
             raise ValueError(f"telemetry format {raw.get('format')!r}, expected {FORMAT}")
-        ring = SessionRing(session_id, raw["owner"], raw["optimizer"], self.recent_steps, self.coarse_buckets)
+        ring = SessionRing(session_id, raw["owner"] if owner is None else owner, raw["optimizer"],
+                           self.recent_steps, self.coarse_buckets)
         ring.restore(raw)
         ring.dirty = True
         self.drain()
@@ -500,6 +518,7 @@ class TelemetryHub:
             ring.version += 1
             self._cond.notify_all()
         self._notify(session_id)
+        return ring
 
     def save(self, session_id: str) -> None:
         """Write one session's ring atomically (temporary file, rename)."""
@@ -699,6 +718,10 @@ class TelemetryObserver:
             return
         self.hub.on_refused(session.id, session.owner, int(session.step), str(error) or type(error).__name__,
                             session.optimizer.definition.name)
+
+    def on_worker_stopped(self, session, worker: str, message: str) -> None:
+        self.hub.on_worker_stopped(session.id, session.owner, int(session.step), worker, message,
+                                   session.optimizer.definition.name)
 
     def on_delete(self, session, *_) -> None:
         self.hub.on_delete(session.id)

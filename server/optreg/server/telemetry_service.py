@@ -1,6 +1,9 @@
 """TelemetryService: WatchSession (a resumable stream of each step's figures) and GetTelemetry (a range)."""
 from __future__ import annotations
 
+import json
+import zlib
+
 import grpc
 
 from optreg.server import status
@@ -75,6 +78,27 @@ class TelemetryServicer(telemetry_pb2_grpc.TelemetryServiceServicer):
             alerts=[alert_message(a) for a in alerts
                     if a.step >= request.from_step and (request.to_step <= 0 or a.step <= request.to_step)],
             first_step=ring.first_step, last_step=ring.last_step, full_resolution_from=ring.full_resolution_from)
+
+    def ExportTelemetry(self, request, context):
+        self._ring(request.session_id, context, self.owner(context))  # the caller's session, or refused
+        return telemetry_pb2.ExportTelemetryResponse(data=self.hub.export(request.session_id) or b"")
+
+    def ImportTelemetry(self, request, context):
+        owner = self.owner(context)
+        self._ring(request.session_id, context, owner)
+        if not request.data:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "data is empty: send what ExportTelemetry returned")
+        try:
+            ring = self.hub.import_(request.session_id, request.data, owner=owner)
+        except (ValueError, KeyError, TypeError, IndexError, zlib.error, json.JSONDecodeError) as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"data is not a telemetry ring written by ExportTelemetry ({type(e).__name__}: "
+                          f"{_short(str(e), 200)}); nothing was changed")
+        try:
+            self.hub.save(request.session_id)  # on disk now, so it survives a crash right after
+        except OSError as e:
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"the imported telemetry could not be written ({e}): retry")
+        return telemetry_pb2.ImportTelemetryResponse(last_step=ring.last_step)
 
     def WatchSession(self, request, context):
         owner = self.owner(context)

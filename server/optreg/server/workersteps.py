@@ -6,8 +6,10 @@ import itertools
 
 import numpy as np
 
+from optreg.server import sparse as sparse_rows
 from optreg.server.errors import Cancelled, FailedPrecondition, InvalidArgument, shown
-from optreg.server.membership import DEFAULT_DEADLINE, DEFAULT_LEASE, WorkerConfig
+from optreg.server.membership import (DEFAULT_DEADLINE, DEFAULT_LEASE, LR_SCALED, WorkerConfig, note_worker_record,
+                                     staleness_scaled)
 from optreg.server.pipeline import StepRun, check_metrics
 from optreg.server.rounds import Contribution, Hubs, Outcome
 from optreg.v1 import session_pb2, tensors
@@ -32,7 +34,7 @@ def worker_config_from(msg: session_pb2.SessionConfig) -> WorkerConfig | None:
     return WorkerConfig(workers=w.workers, mode=_MODES[w.mode], min_workers=w.min_workers,
                         round_deadline=w.round_deadline_seconds or DEFAULT_DEADLINE,
                         lease_seconds=w.lease_seconds or DEFAULT_LEASE, combine=_COMBINES[w.combine],
-                        staleness=w.staleness).checked()
+                        staleness=w.staleness, scale_lr=w.scale_lr_by_staleness).checked()
 
 
 def add_worker_info(info: session_pb2.SessionInfo, s) -> None:
@@ -42,7 +44,7 @@ def add_worker_info(info: session_pb2.SessionInfo, s) -> None:
     info.workers.CopyFrom(session_pb2.WorkerConfig(
         workers=cfg.workers, mode=_MODE_CODES[cfg.mode], min_workers=cfg.min_workers,
         round_deadline_seconds=cfg.round_deadline, lease_seconds=cfg.lease_seconds,
-        combine=_COMBINE_CODES[cfg.combine], staleness=cfg.staleness))
+        combine=_COMBINE_CODES[cfg.combine], staleness=cfg.staleness, scale_lr_by_staleness=cfg.scale_lr))
     info.open_round = s.step
     hub = s.hub
     if hub is None:
@@ -60,6 +62,18 @@ def add_worker_info(info: session_pb2.SessionInfo, s) -> None:
         info.last_round.CopyFrom(session_pb2.RoundInfo(round=last.round, contributors=last.contributors,
                                                        stragglers=last.stragglers, seconds=last.seconds,
                                                        noise_scale=last.noise_scale))
+
+
+class ContributionRun(StepRun):
+    """An async/SSP contribution: one unfenced step, so it runs at whichever step is current when it commits
+    (StepRun resolves its hyperparameters then, under the session's lock). With config.scale_lr its lr is
+    lr / (1 + staleness) for this step only: the record logs the lr it ran with and is marked LR_SCALED, so
+    recovery replays it exactly and keeps the session's own lr."""
+    read_step = 0
+
+    def _resolve(self, s):
+        hp = super()._resolve(s)
+        return staleness_scaled(hp, s.step - self.read_step) if s.workers.scale_lr else hp
 
 
 class WorkerSteps:
@@ -80,7 +94,7 @@ class WorkerSteps:
         return self.hubs.get(session).heartbeat(worker)
 
     # -- contributions ----------------------------------------------------------------
-    def _contribute(self, session, worker, number, hyperparameters, metrics, chunks, context) -> Outcome:
+    def _contribute(self, session, worker, number, hyperparameters, metrics, chunks, context, sparse=()) -> Outcome:
         if not worker:
             raise FailedPrecondition(f"session {session.id} is shared by workers: send worker (the name it joined "
                                      "under) and round with every step")
@@ -97,25 +111,31 @@ class WorkerSteps:
                 for _ in chunks:  # a retry: the stream is read to its end, nothing is applied
                     pass
                 return early
-            c = Contribution(self.store, session)
+            c = Contribution(self.store, session, sparse)
             for t in chunks:
                 c.feed(t)
             grads = c.finish()
             if not context.is_active():
                 raise Cancelled("the call ended before the contribution was committed; it was not")
             return hub.contribute(worker, number, grads, context, check_metrics(metrics))
-        member, early = hub.begin_async(worker, number, context)
+        member, early, clocks = hub.begin_async(worker, number, context)
         applied = None
         try:
             if early is not None:
                 for _ in chunks:
                     pass
                 return early
-            run = StepRun(self.store, session, None, None, metrics, context.is_active,
-                          extras={"worker": worker, "round": number})
-            run.on_commit = lambda s: s.worker_rounds.__setitem__(worker, number)
+            record = {"worker": worker, "round": number, "clocks": clocks}
+            if session.workers.scale_lr:
+                record[LR_SCALED] = True
+            run = ContributionRun(self.store, session, None, None, metrics, context.is_active, extras=record,
+                                  sparse=bool(sparse))
+            run.read_step = number
+            run.on_commit = lambda s: note_worker_record(s, record)
             try:
                 run.open()
+                for i, sr in enumerate(sparse):
+                    run.feed_sparse(sr, f"sparse[{i}]")
                 for t in chunks:
                     run.feed(t)
                 result = run.finish()
@@ -126,28 +146,32 @@ class WorkerSteps:
             staleness = result.step - 1 - number
             if self.store.metrics is not None and hasattr(self.store.metrics, "staleness"):
                 self.store.metrics.staleness(staleness)
-            return Outcome(result.step, out, number, staleness=staleness)
+            return Outcome(result.step, out, number, staleness=staleness, rows=dict(getattr(result, "sparse", {})))
         finally:
             hub.end_async(member, number, applied)
 
     def step(self, session, request, context) -> session_pb2.StepResponse:
-        if session.reply != "none":
+        if session.reply != "none" and not request.sparse:  # a sparse step answers with its rows
             reply_bytes = session.elements * session.dtype.itemsize
             if reply_bytes > self.max_message_bytes - (64 << 10):
                 raise FailedPrecondition(
                     f"the reply to this step ({reply_bytes} bytes) exceeds the server's message limit "
                     f"({self.max_message_bytes} bytes): use StepStream; nothing was applied")
         o = self._contribute(session, request.worker, request.round, request.hyperparameters, request.metrics,
-                             iter(request.gradients), context)
+                             iter(request.gradients), context, request.sparse)
         return session_pb2.StepResponse(step=o.step, replayed=o.replayed, round=o.round, staleness=o.staleness,
                                         contributors=o.contributors,
-                                        tensors=[tensors.from_numpy(n, a) for n, a in o.tensors.items()])
+                                        tensors=[tensors.from_numpy(n, a) for n, a in o.tensors.items()],
+                                        sparse=sparse_rows.to_messages(o))
 
     def step_stream(self, session, first, rest, requests, context):
         def chunks():
             for i, msg in enumerate(itertools.chain([first], rest)):
                 if i and msg.session_id and msg.session_id != session.id:
                     raise InvalidArgument("session_id changed mid-stream")
+                if i and msg.sparse:
+                    raise InvalidArgument("sparse rows came after the stream's first message: send every "
+                                          "SparseRows in the first message (each whole)")
                 if i and (msg.worker or msg.round) and (msg.worker, msg.round) != (first.worker, first.round):
                     raise InvalidArgument(f"worker/round changed mid-stream (first {shown(first.worker)} round "
                                           f"{first.round}): send them in the first message only")
@@ -155,7 +179,7 @@ class WorkerSteps:
                 requests.progress()
 
         o = self._contribute(session, first.worker, first.round, first.hyperparameters, first.metrics, chunks(),
-                             context)
+                             context, first.sparse)
         extra = dict(step=o.step, replayed=o.replayed, round=o.round, staleness=o.staleness,
                      contributors=o.contributors)
         sent = False
@@ -163,5 +187,5 @@ class WorkerSteps:
                                   self.chunk_bytes):
             sent = True
             yield session_pb2.StepStreamResponse(chunks=batch, **extra)
-        if not sent:
-            yield session_pb2.StepStreamResponse(**extra)
+        if not sent or o.rows:
+            yield session_pb2.StepStreamResponse(sparse=sparse_rows.to_messages(o), **extra)

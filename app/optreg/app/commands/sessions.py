@@ -132,8 +132,10 @@ def run_export(args) -> int:
         raise FileNotFoundError(f"cannot write {path}: no directory {path.absolute().parent}")
     with connect(args) as client:
         info, params, state = client.session(args.session_id).read_state()
-    sessionfile.write_atomic(path, sessionfile.encode(info, params, state))
-    print(f"exported session {info.session_id} at step {info.step} to {path}")
+        telemetry = _export_telemetry(client, args.session_id)
+    sessionfile.write_atomic(path, sessionfile.encode(info, params, state, telemetry))
+    print(f"exported session {info.session_id} at step {info.step} to {path}"
+          + (f" (with its telemetry, {len(telemetry)} bytes)" if telemetry else ""))
     return 0
 
 
@@ -150,8 +152,20 @@ def run_import(args) -> int:
             raise AlreadyExists(f"{e.details}; or import it under another id with --session-id NEW_ID",
                                 e.code) from None
         info = s.info
-    print(f"imported {args.file} as session {info.session_id} at step {info.step}")
+        if meta["telemetry"]:
+            client.import_telemetry(info.session_id, meta["telemetry"])
+    print(f"imported {args.file} as session {info.session_id} at step {info.step}"
+          + (" with its telemetry" if meta["telemetry"] else ""))
     return 0
+
+
+def _export_telemetry(client, session_id: str) -> bytes:
+    """The session's telemetry ring (b"" from a server that keeps none or predates ExportTelemetry)."""
+    from optreg.client.errors import Unimplemented
+    try:
+        return client.export_telemetry(session_id)
+    except Unimplemented:
+        return b""
 
 
 def _create(client, meta, params, state, session_id, durability, periodic):

@@ -10,6 +10,10 @@ so a typo fails in a second with one line, not after the first figure.
 3. a summary table on stdout, and summary.json beside the figures,
 all in --out (default ./optreg-demo/).
 
+`--workers N` runs instead the demo of several workers on one session
+(optreg.app.demo.workers): N worker processes train the network through one
+sync session, against one worker alone -> workers.png and workers.json.
+
 Every optimizer runs in its own session on an optreg server: one started in
 this process on a free loopback port, or the one at --address.
 """
@@ -48,6 +52,10 @@ def add_arguments(parser) -> None:
                         help="training iterations (default: 2000 on 28x28 images, 300 on the small digits set; "
                              "--quick: 200)")
     parser.add_argument("--seed", type=int, default=0, help="seed for weights and batches (default: 0)")
+    parser.add_argument("--workers", type=_positive, metavar="N",
+                        help="instead: N worker processes train the network through ONE session (sync rounds), "
+                             "against one worker alone -> workers.png, workers.json (--iterations: rounds, "
+                             "default 300; --quick: 30)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--dashboard", nargs="?", const=0, type=_port, metavar="PORT",
                         help="serve the live training dashboard on 127.0.0.1:PORT (default: a free port) and print "
@@ -100,8 +108,32 @@ def _prepare(args):
     probe = out / ".optreg-demo-write-test"
     probe.write_bytes(b"")  # an unwritable folder stops here too, not after minutes of training
     probe.unlink()
-    iterations = args.iterations or (200 if args.quick else training.default_iterations(dataset))
+    if getattr(args, "workers", None):
+        from optreg.app.demo import workers
+        iterations = args.iterations or (workers.QUICK_ROUNDS if args.quick else workers.ROUNDS)
+    else:
+        iterations = args.iterations or (200 if args.quick else training.default_iterations(dataset))
     return out, dataset, iterations
+
+
+def _workers(args, client, address: str, dataset, rounds: int, out: pathlib.Path) -> int:
+    from optreg.app.connect import _token
+    from optreg.app.demo import workers
+    n = args.workers
+    print(f"{n} worker processes, one {workers.OPTIMIZER} session (sync rounds, lr {workers.LR}, batch "
+          f"{workers.BATCH} each), {rounds} rounds; then 1 worker alone", flush=True)
+    summary = workers.run(client, address, _token(args) if args.address else None, dataset,
+                          (args.data, args.dataset), n, rounds, out, named=getattr(args, "dashboard", None) is not None)
+    many, one = summary["runs"]["many"], summary["runs"]["one"]
+    last = many["last_round"] or {}
+    print(f"{n} workers: {many['rounds']} rounds in {many['seconds']:.1f} s, every round combined "
+          f"{'/'.join(map(str, many['contributions_per_round']))} contributions; last round's noise scale "
+          f"{last.get('noise_scale', 0):.2f} worker batches")
+    print(f"1 worker:  {one['rounds']} rounds in {one['seconds']:.1f} s")
+    print(f"mean batch loss over the last {summary['loss_window']} rounds: {n} workers "
+          f"{summary['final_loss']['many']:.4f}, 1 worker {summary['final_loss']['one']:.4f}")
+    print(f"wrote {summary['figure']}, {out / 'workers.json'}")
+    return 0
 
 
 def _main(args) -> int:
@@ -128,6 +160,8 @@ def _main(args) -> int:
         print(f"using the optreg server at {address}")
     try:
         with (client_for(args) if args.address else Client(address, timeout=120)) as client:
+            if getattr(args, "workers", None):
+                return _workers(args, client, address, dataset, iterations, out)
             names = {o.name for o in client.optimizers()}
             print(f"optimizers on the server: {', '.join(sorted(names))}")
 

@@ -38,6 +38,7 @@ import torch
 
 from optreg.client.client import Client
 from optreg.client.stepping import STREAM_ABOVE_BYTES
+from optreg.client.workers import Worker
 from optreg.client.torch.options import check_value, lookup, server_hyperparameters, to_session_state, \
     to_torch_state
 
@@ -58,8 +59,13 @@ def send_steps(work: list[tuple[Any, dict[str, np.ndarray], dict[str, float], Ca
             if changes:
                 session.set_hyperparameters(**changes)
     for session, grads, changes, done in work:
-        session.step(grads, hyperparameters=changes if HYPERPARAMETERS_WITH_STEP and changes else None,
-                     metrics=metrics)
+        if isinstance(session, Worker):  # a shared session's contribution cannot carry them: set them first
+            if changes:
+                session.set_hyperparameters(**changes)
+            session.step(grads, metrics=metrics)
+        else:
+            session.step(grads, hyperparameters=changes if HYPERPARAMETERS_WITH_STEP and changes else None,
+                         metrics=metrics)
         done()
 
 
@@ -100,8 +106,10 @@ _bump_version = getattr(torch.autograd.graph, "increment_version", None)
 class _GroupSession:
     """One param group's session and the arrays its steps write into."""
 
-    def __init__(self, session, group: dict, names: list[str], master: np.dtype, sent: dict[str, float]):
+    def __init__(self, session, group: dict, names: list[str], master: np.dtype, sent: dict[str, float],
+                 worker: Worker | None = None):
         self.session, self.names, self.master = session, names, master
+        self.worker = worker  # several workers on one session: this process's membership (steps go through it)
         self.server_optimizer = session.info.optimizer
         self.sent = dict(sent)  # the hyperparameters the server holds
         self.params = list(group["params"])
@@ -109,6 +117,15 @@ class _GroupSession:
         # (the reply lands in the model's tensor with no copy); any other gets its own master buffer.
         self.shared = [self._can_share(p) for p in self.params]
         self.shm = False
+
+    @property
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The arrays a step's reply is written into (the worker's, for a shared session)."""
+        return self.worker.arrays if self.worker is not None else self.session.arrays
+
+    @property
+    def stepper(self):
+        return self.worker if self.worker is not None else self.session
 
     def use_shared_memory(self) -> None:
         """Parameters and gradients in a segment the server maps too: a step sends names and offsets only.
@@ -139,19 +156,19 @@ class _GroupSession:
         for i, (name, p) in enumerate(zip(self.names, self.params)):
             if not self.shared[i]:
                 continue
-            arr = self.session.arrays.get(name)
+            arr = self.arrays.get(name)
             if (arr is None or not self._can_share(p)
                     or arr.__array_interface__["data"][0] != p.data_ptr() or arr.shape != tuple(p.shape)):
                 if self._can_share(p):
-                    self.session.arrays[name] = p.detach().numpy()
+                    self.arrays[name] = p.detach().numpy()
                 else:
                     self.shared[i] = False
-                    self.session.arrays[name] = _numpy(p).astype(self.master)
+                    self.arrays[name] = _numpy(p).astype(self.master)
 
     def write_back(self) -> None:
         for name, p, shared in zip(self.names, self.params, self.shared):
             if not shared:
-                value = self.session.arrays[name]
+                value = self.arrays[name]
                 if p.device.type == "cpu" and p.is_contiguous():
                     # numpy rounds to bf16/fp16 to nearest-even as torch does, without torch's copy threads
                     np.copyto(_numpy(p), value, casting="unsafe")
@@ -175,7 +192,15 @@ class RemoteOptimizer(torch.optim.Optimizer):
     override them as in torch. Connect with `address=` (and `token=`) or pass a `client=`.
     `session_id=`: the sessions are named `<session_id>.g<group index>`; with `resume=True` they
     are attached to (and the server's parameters copied into the model) instead of created.
-    `worker=` is reserved for several workers on one session (not served yet: refused).
+    `worker=`: this process is one of several workers training the same sessions (docs/workers.md).
+    Needs `session_id=` and `workers=` (the most members; with `mode`, `min_workers`,
+    `round_deadline`, `staleness` as `Client.create_session` takes them): the first worker to start
+    creates the sessions, the others attach, each joins as `worker` and its parameters are set to the
+    server's. Each `step()` is the worker's contribution (in sync mode it returns when the round
+    closes, with the round's parameters); option changes (a scheduler's) are set with
+    UpdateHyperparameters before the contribution, so every worker should run the same schedule.
+    `close()` leaves the sessions and keeps them (`close(delete=True)` deletes them);
+    `load_state_dict()` is refused (it would replace the session under the other workers).
     `shared_memory`: None (default) puts a group's tensors in a segment shared with the server when
     the server is on this host and the group is over the client's streaming size (2 MiB); True for
     every group (a server elsewhere is refused), False never. Smaller groups and remote servers use
@@ -185,10 +210,19 @@ class RemoteOptimizer(torch.optim.Optimizer):
     def __init__(self, params, optimizer: Any = "torch.adam", address: str | None = None, *,
                  client: Client | None = None, token: str | None = None, session_id: str | None = None,
                  worker: str | None = None, resume: bool = False, durability: str | None = None,
-                 shared_memory: bool | None = None, **hyperparameters):
-        if worker is not None:
-            raise ValueError(f"worker={worker!r}: several workers on one session are not served yet; a session has "
-                             "one writer: leave worker= unset")
+                 shared_memory: bool | None = None, workers: int | None = None, mode: str = "sync",
+                 min_workers: int = 0, round_deadline: float | None = None, staleness: int = 0,
+                 **hyperparameters):
+        if worker is not None and (not session_id or not workers):
+            raise ValueError(f"worker={worker!r} needs session_id= (the shared sessions' name) and workers= (the most "
+                             "workers at once)")
+        if workers is not None and worker is None:
+            raise ValueError("workers= needs worker= (this process's name among the workers)")
+        if worker is not None and shared_memory:
+            raise ValueError("shared_memory=True: a worker's contributions are sent over gRPC; leave it unset")
+        self.worker = worker
+        self._shared = dict(workers=workers, mode=mode, min_workers=min_workers, round_deadline=round_deadline,
+                            staleness=staleness) if worker is not None else {}
         if resume and not session_id:
             raise ValueError("resume=True needs session_id=: the sessions to attach to are named after it")
         self.optreg_name, self._mapping = lookup(optimizer)
@@ -260,14 +294,17 @@ class RemoteOptimizer(torch.optim.Optimizer):
         if state:
             kw.update(state=state, initial_step=initial_step)
         # resume=True attaches to an existing session of that id and copies its parameters into `arrays`
+        # (a worker always does: whichever worker starts first creates the shared session)
         session = self.client.create_session(
             self._mapping.server_optimizer(group), arrays, master_dtype=str(master),
-            session_id=self._sid(index) or None, resume=self.resume and not state, **kw,
-            **server_hyperparameters(self._mapping, group))
+            session_id=self._sid(index) or None, resume=(self.resume or bool(self.worker)) and not state, **kw,
+            **self._shared, **server_hyperparameters(self._mapping, group))
+        # a worker joins; the reply's parameters land in `arrays` (the model's tensors where they are shared)
+        worker = self.client.join(session.id, self.worker, arrays) if self.worker else None
         # What the server holds: a resumed session's own values, so the first step sends the group's.
-        gs = _GroupSession(session, group, names, master, dict(session.info.hyperparameters))
-        if self.shared_memory or (self.shared_memory is None and self.client.transport.is_local()
-                                  and session.info.parameter_bytes > STREAM_ABOVE_BYTES):
+        gs = _GroupSession(session, group, names, master, dict(session.info.hyperparameters), worker)
+        if worker is None and (self.shared_memory or (self.shared_memory is None and self.client.transport.is_local()
+                                                      and session.info.parameter_bytes > STREAM_ABOVE_BYTES)):
             try:
                 gs.use_shared_memory()
             except BaseException:
@@ -319,7 +356,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
             def done(gs=gs, changes=changes):
                 gs.sent.update(changes)
                 gs.write_back()
-            calls.append((gs.session, grads, changes, done))
+            calls.append((gs.stepper, grads, changes, done))
         send_steps(calls, _loss_metric(loss))
         return loss
 
@@ -347,6 +384,10 @@ class RemoteOptimizer(torch.optim.Optimizer):
         """Load a state dict of this class or of the matching torch.optim class: each group's session is
         replaced by one holding the given state, the current parameter values and the group's options.
         Everything is checked before anything changes."""
+        if self.worker is not None:
+            raise ValueError(f"load_state_dict: worker {self.worker!r} shares its sessions with other workers; "
+                             "replacing them would pull the state from under the others: load the state into a "
+                             "single-writer RemoteOptimizer (or create the shared sessions from it) instead")
         saved_groups, saved_state = state_dict["param_groups"], state_dict["state"]
         if len(saved_groups) != len(self.param_groups) or any(
                 len(g["params"]) != len(s["params"]) for g, s in zip(self.param_groups, saved_groups)):
@@ -388,11 +429,20 @@ class RemoteOptimizer(torch.optim.Optimizer):
         """The client Session of each param group."""
         return [g.session for g in self._groups]
 
-    def close(self, delete: bool = True) -> None:
+    def close(self, delete: bool | None = None) -> None:
         """Delete the sessions (delete=False: keep them, releasing only their shared-memory segments) and
-        close the connection if this optimizer opened it."""
+        close the connection if this optimizer opened it. A worker leaves the sessions and keeps them
+        (delete=True deletes them, for every worker)."""
+        if delete is None:
+            delete = self.worker is None
         try:
             for g in self._groups:
+                if g.worker is not None:
+                    try:
+                        g.worker.leave()
+                    except Exception:  # the session may be gone (another worker deleted it)
+                        if not delete:
+                            raise
                 if delete:
                     g.session.delete()
                 else:

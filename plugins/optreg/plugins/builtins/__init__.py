@@ -22,3 +22,18 @@ MODULES = [
 # The book adds this outside the square root in AdaGrad, RMSProp and Adam; it is
 # not a hyperparameter there.
 BOOK_EPS = 1e-7
+
+
+def unchanged(p, state, last, now, hp):
+    """catch_up of an optimizer whose step with a zero gradient changes nothing (SGD, AdaGrad): exact."""
+
+
+def geometric(ratio: float, d):
+    """(ratio^d, ratio + ratio^2 + ... + ratio^d) per row, in float64, for d = missed steps (int64 array).
+    `ratio` is the constant as the kernel sees it (rounded to the array dtype), so the factor is the one
+    d dense steps multiply by; only the rounding of the d steps differs."""
+    import numpy as np
+
+    f = np.power(ratio, d.astype(np.float64))
+    s = d.astype(np.float64) if ratio == 1.0 else ratio * (1.0 - f) / (1.0 - ratio)
+    return f, s

@@ -4,7 +4,7 @@ import math
 import numpy as np
 
 from optreg.plugins import Hyperparameter, Optimizer, Slot, hookimpl
-from optreg.plugins.builtins import BOOK_EPS
+from optreg.plugins.builtins import BOOK_EPS, unchanged
 
 
 def update(param, grad, state, step, hp, scratch):
@@ -36,6 +36,8 @@ def kernel_scalars(hp, step):
     return (hp["lr"], BOOK_EPS)
 
 
+# A zero gradient adds 0 to h and moves W by 0: rows that missed steps need nothing (exact).
+
 ADAGRAD = Optimizer(
     name="adagrad",
     summary="AdaGrad: h += g*g; W -= lr*g/(sqrt(h)+1e-7) (the book's AdaGrad).",
@@ -46,6 +48,8 @@ ADAGRAD = Optimizer(
     effective_lr=effective_lr,
     kernel=kernel,
     kernel_scalars=kernel_scalars,
+    sparse_rows=True,
+    catch_up=unchanged,
 )
 
 

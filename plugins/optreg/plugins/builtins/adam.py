@@ -58,6 +58,11 @@ def kernel_scalars(hp, step):
     return (1 - b1, 1 - b2, lr_t, BOOK_EPS)
 
 
+# Sparse rows: no catch_up, so the server replays the update with g = 0 for each step a row missed
+# (m and v decay, and W keeps moving by lr_t m / (sqrt(v) + 1e-7) with each step's own lr_t): the dense
+# steps' numbers bit for bit. The motion of W has no closed form (1e-7 sits outside the root), so a row's
+# catch-up costs the steps it missed.
+
 ADAM = Optimizer(
     name="adam",
     summary="Adam as in the book: bias correction folded into lr_t, 1e-7 outside sqrt of uncorrected v.",
@@ -72,6 +77,7 @@ ADAM = Optimizer(
     effective_lr=effective_lr,
     kernel=kernel,
     kernel_scalars=kernel_scalars,
+    sparse_rows=True,
 )
 
 

@@ -7,6 +7,7 @@ gradients are scaled by the new one.
 import numpy as np
 
 from optreg.plugins import Hyperparameter, Optimizer, Slot, hookimpl
+from optreg.plugins.builtins import geometric
 
 
 def update(param, grad, state, step, hp, scratch):
@@ -30,6 +31,17 @@ def kernel_scalars(hp, step):
     return (hp["lr"], hp["momentum"])
 
 
+def catch_up(p, state, last, now, hp):
+    """d steps with g = 0: v <- mu^d v and W <- W + (mu + ... + mu^d) v (the velocity keeps moving W), in
+    float64 then rounded once: equal to the dense steps to rounding (they round every step)."""
+    d = now - last
+    mu = float(p.dtype.type(hp["momentum"]))
+    f, s = geometric(mu, d)
+    v = state["v"]
+    v64 = v.astype(np.float64)
+    p[...] = p + v64 * s[:, None]
+    v[...] = v64 * f[:, None]
+
 MOMENTUM = Optimizer(
     name="momentum",
     summary="Momentum SGD: v <- momentum*v - lr*g; W <- W + v (the book's Momentum).",
@@ -43,6 +55,8 @@ MOMENTUM = Optimizer(
     scratch=1,
     kernel=kernel,
     kernel_scalars=kernel_scalars,
+    sparse_rows=True,
+    catch_up=catch_up,
 )
 
 

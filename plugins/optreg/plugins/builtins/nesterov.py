@@ -9,6 +9,7 @@ printings update v first, which is not Nesterov momentum. v folds in lr, as in M
 import numpy as np
 
 from optreg.plugins import Hyperparameter, Optimizer, Slot, hookimpl
+from optreg.plugins.builtins import geometric
 
 
 def update(param, grad, state, step, hp, scratch):
@@ -38,6 +39,19 @@ def kernel_scalars(hp, step):
     return (mu * mu, (1 + mu) * lr, lr, mu)
 
 
+def catch_up(p, state, last, now, hp):
+    """d steps with g = 0: W <- W + mu^2 (1 + mu + ... + mu^(d-1)) v, v <- mu^d v, in float64 then rounded
+    once: equal to the dense steps to rounding."""
+    d = now - last
+    mu = float(p.dtype.type(hp["momentum"]))
+    mu2 = float(p.dtype.type(hp["momentum"] * hp["momentum"]))
+    f, _ = geometric(mu, d)
+    v = state["v"]
+    v64 = v.astype(np.float64)
+    first = (1.0 - f) / (1.0 - mu)  # 1 + mu + ... + mu^(d-1) (mu < 1)
+    p[...] = p + v64 * (mu2 * first)[:, None]
+    v[...] = v64 * f[:, None]
+
 NESTEROV = Optimizer(
     name="nesterov",
     summary="Nesterov momentum (the book's corrected form): W += mu^2*v - (1+mu)*lr*g; v = mu*v - lr*g.",
@@ -50,6 +64,8 @@ NESTEROV = Optimizer(
     scratch=1,
     kernel=kernel,
     kernel_scalars=kernel_scalars,
+    sparse_rows=True,
+    catch_up=catch_up,
 )
 
 

@@ -4,7 +4,7 @@ import math
 import numpy as np
 
 from optreg.plugins import Hyperparameter, Optimizer, Slot, hookimpl
-from optreg.plugins.builtins import BOOK_EPS
+from optreg.plugins.builtins import BOOK_EPS, geometric
 
 
 def update(param, grad, state, step, hp, scratch):
@@ -40,6 +40,12 @@ def kernel_scalars(hp, step):
     return (decay, 1 - decay, hp["lr"], BOOK_EPS)
 
 
+def catch_up(p, state, last, now, hp):
+    """d steps with g = 0: h <- decay^d h; W does not move (lr * 0). Equal to the dense steps to rounding."""
+    f, _ = geometric(float(p.dtype.type(hp["decay_rate"])), now - last)
+    h = state["h"]
+    h[...] = h.astype(np.float64) * f[:, None]
+
 RMSPROP = Optimizer(
     name="rmsprop",
     summary="RMSProp: h = decay*h + (1-decay)*g*g; W -= lr*g/(sqrt(h)+1e-7) (the book's RMSprop).",
@@ -53,6 +59,8 @@ RMSPROP = Optimizer(
     effective_lr=effective_lr,
     kernel=kernel,
     kernel_scalars=kernel_scalars,
+    sparse_rows=True,
+    catch_up=catch_up,
 )
 
 

@@ -2,6 +2,7 @@
 import numpy as np
 
 from optreg.plugins import Hyperparameter, Optimizer, hookimpl
+from optreg.plugins.builtins import unchanged
 
 
 def update(param, grad, state, step, hp, scratch):
@@ -21,6 +22,8 @@ def kernel_scalars(hp, step):
     return (hp["lr"],)
 
 
+# A zero gradient leaves W as it is: rows that missed steps need nothing (exact).
+
 SGD = Optimizer(
     name="sgd",
     summary="Stochastic gradient descent: W <- W - lr*g (the book's SGD).",
@@ -29,6 +32,8 @@ SGD = Optimizer(
     scratch=1,
     kernel=kernel,
     kernel_scalars=kernel_scalars,
+    sparse_rows=True,
+    catch_up=unchanged,
 )
 
 
