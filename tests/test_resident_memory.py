@@ -228,6 +228,7 @@ def test_recovered_after_server_restart(start_server, tmp_path, how):
         want3, want6 = None, ref.read_parameters()["w"]
         ref.delete()
     c = Client(f"127.0.0.1:{port}", timeout=60)
+    key = s = None
     try:
         s = c.create_session("adam", {k: v.copy() for k, v in init.items()}, durability="log")
         arrays = s.enable_shared_memory(resident=True)
@@ -255,6 +256,9 @@ def test_recovered_after_server_restart(start_server, tmp_path, how):
         s.delete()
     finally:
         c.close()
+        for k in {key, getattr(getattr(s, "_shm", None), "key", key)} - {None}:  # a failure midway: ours to remove
+            if k and shm_exists(k):
+                os.unlink(f"/dev/shm/{k}")
 
 
 def test_disk_full_leaves_segment(start_server):
