@@ -64,8 +64,9 @@ MAX_JSON = 16 << 20                    # a BEGIN or COMMIT payload larger than t
 SYNC_MODES = ("fsync", "os", "none")
 _READ_BLOCK = 8 << 20
 _CHUNK_HEAD_MAX = 4 + MAX_NAME + 2 + 8 * MAX_NDIM + 8  # a CHUNK payload's description fits in this
-# A record's frames up to this many bytes wait (copied) and go out with its COMMIT frame: a small
-# step's record is one pwritev instead of two. Larger chunks are written as they arrive.
+# A record's whole small tensors, up to this many bytes with its BEGIN frame, wait (copied) and go
+# out with its COMMIT frame: a small unary step's record is one pwritev instead of two. Larger
+# tensors, and parts of tensors (a stream's chunks), are written as they arrive.
 DEFER_BYTES = 64 << 10
 
 
@@ -614,9 +615,11 @@ class RecordWriter:
                 + struct.pack(f"<{len(shape)}Q", *shape) + _U64.pack(offset_elems))
         with self.log._lock:
             self._check_open(background=False)
-            if self.pending is not None and self.pending[1] + FRAME_HEAD + len(meta) + view.nbytes <= DEFER_BYTES:
-                # nothing of the record is in the file yet: this chunk waits for the commit, copied
-                # (the caller may reuse its buffer); offsets relative to the record's first byte
+            if (self.pending is not None and elems == size
+                    and self.pending[1] + FRAME_HEAD + len(meta) + view.nbytes <= DEFER_BYTES):
+                # a whole small tensor while nothing of the record is in the file yet: it waits for
+                # the commit, copied (the caller may reuse its buffer); offsets relative to the
+                # record's first byte. Part of a tensor (a stream's chunk) is written as it arrives.
                 bufs, n, digest = _frame(CHUNK, self.txn, [meta, bytes(view)])
                 at = self.pending[1]
                 self.pending = (self.pending[0] + bufs, at + n)
