@@ -55,23 +55,23 @@ def bench_durability(cfg, server, _echo):
                 row(f"every-step durability step, adam {size}", t["every-step"], "s",
                     "memory-only server, same step", t["none"], 1.5 if n >= 1e6 else None)
             one = _clients(disk.line[-1], 1, cfg.conc_seconds, "every-step")
-            grouped = _clients(disk.line[-1], 16, cfg.conc_seconds, "every-step")
+            grouped = _clients(disk.line[-1], cfg.clients, cfg.conc_seconds, "every-step")
         finally:
             disk.stop()
-        # The same 16 sessions on a server whose syncer gives each log its own fdatasync in turn.
+        # The same sessions on a server whose syncer gives each log its own fdatasync in turn.
         serial = Child(["-m", "optreg.server", "serve", "--host", "127.0.0.1", "--port", "0", "--log-level",
                         "warning", "--data-dir", d, "--fsync-method", "fdatasync"], "optreg serving on ")
         try:
-            one_each = _clients(serial.line[-1], 16, cfg.conc_seconds, "every-step")
+            one_each = _clients(serial.line[-1], cfg.clients, cfg.conc_seconds, "every-step")
         finally:
             serial.stop()
-        memory = _clients(server.address, 16, cfg.conc_seconds)
-        row("every-step, 16 sessions at once: time per step", 1 / grouped, "s",
+        memory = _clients(server.address, cfg.clients, cfg.conc_seconds)
+        row(f"every-step, {cfg.clients} sessions at once: time per step", 1 / grouped, "s",
             "one session, an fsync per step", 1 / one, 0.25,
             note=f"{grouped:.0f} vs {one:.0f} steps/s")
-        row("every-step, 16 sessions at once: time per step", 1 / grouped, "s",
+        row(f"every-step, {cfg.clients} sessions at once: time per step", 1 / grouped, "s",
             "same, --fsync-method fdatasync", 1 / one_each,
             note=f"{one_each:.0f} steps/s with one fdatasync per log, in turn")
-        row("every-step, 16 sessions at once: time per step", 1 / grouped, "s",
-            "16 memory-only sessions at once", 1 / memory,
+        row(f"every-step, {cfg.clients} sessions at once: time per step", 1 / grouped, "s",
+            f"{cfg.clients} memory-only sessions at once", 1 / memory,
             note=f"{memory:.0f} steps/s: what the 2 cores allow without a disk")

@@ -1,7 +1,7 @@
 """optreg's benchmark suite: every figure beside a baseline measured in the same run.
 
     python -m bench            # the whole suite, a few minutes on 2 cores
-    python -m bench --quick    # fewer repeats and sessions, ~30-60 s
+    python -m bench --quick    # fewer repeats, sessions and client processes, ~2 min on 2 cores
     python -m bench --only small,large,shm --out bench/results.json
 
 Prints a table (figure, value, baseline, baseline value, ratio, target) and
@@ -220,10 +220,12 @@ def bench_large(cfg, server, echo):
 
 
 def bench_shm(cfg, server, echo):
-    """Adam 1e7 float32 stepped through a same-host shared-memory segment vs the same kernel in-process."""
+    """Adam 1e7 float32 stepped through a same-host shared-memory segment vs the same kernel in-process:
+    plain (the server's own master copy, updated parameters copied into the segment) and resident (the
+    segment is the master copy, updated in place). The three are interleaved round by round."""
     from optreg.client import Client
     from optreg.plugins.registry import Registry
-    from optreg.server import fastkernels, kernels
+    from optreg.server import fastkernels, kernels, resident
 
     n, reps = 10_000_000, max(5, cfg.large_reps * 2)
     rng = np.random.default_rng(3)
@@ -236,21 +238,41 @@ def bench_shm(cfg, server, echo):
     def local():
         step[0] += 1
         kernels.apply(defn, p, g, st, step[0], hp)
-    local()
-    local_t = timed(local, reps)
-    del p, st
+
+    def local_checked():  # what a resident step computes, without gRPC: the finite check, then the
+        step[0] += 1      # update with the step's telemetry statistics
+        resident._check_finite("w", g)
+        kernels.apply(defn, p, g, st, step[0], hp, stats=np.zeros(kernels.STATS))
     with Client(server.address) as c:
-        s = c.create_session("adam", {"w": w})
-        s.enable_shared_memory()
-        s.gradients["w"][...] = g  # the training program writes its gradients here
-        grads = {"w": s.gradients["w"]}
-        for _ in range(2):
-            s.step(grads)
-        shm_t = timed(lambda: s.step(grads), reps)
-        s.delete()
-    local_m = statistics.median(local_t)
-    row("shared-memory step p50 (adam 1e7 f32)", statistics.median(shm_t), "s",
-        "in-process kernel update p50", local_m, 1.2)
+        plain = c.create_session("adam", {"w": w}, keep=False)
+        res = c.create_session("adam", {"w": w}, keep=False)
+        steppers = []
+        for s, in_segment in ((plain, False), (res, True)):
+            s.enable_shared_memory(resident=in_segment)
+            s.gradients["w"][...] = g  # the training program writes its gradients here
+            grads = {"w": s.gradients["w"]}
+            steppers.append(lambda s=s, grads=grads: s.step(grads))
+        times = {"local": [], "checked": [], "plain": [], "resident": []}
+        for _ in range(2):  # warm: compiled kernels, pages of m and v touched
+            local(), local_checked(), steppers[0](), steppers[1]()
+        for _ in range(reps):
+            times["local"] += timed(local, 1)
+            times["checked"] += timed(local_checked, 1)
+            times["plain"] += timed(steppers[0], 1)
+            times["resident"] += timed(steppers[1], 1)
+        same = np.array_equal(res.arrays["w"], plain.arrays["w"])
+        plain.delete()
+        res.delete()
+    del p, st
+    local_m = statistics.median(times["local"])
+    row("shared-memory step p50, resident (adam 1e7 f32)", statistics.median(times["resident"]), "s",
+        "in-process kernel update p50", local_m, 1.2,
+        note="" if same else "RESIDENT AND PLAIN PARAMETERS DIFFER")
+    row("shared-memory step p50, resident", statistics.median(times["resident"]), "s",
+        "in-process finite check + kernel with statistics p50", statistics.median(times["checked"]),
+        note="the same passes over memory as the resident step, without gRPC")
+    row("shared-memory step p50, plain (server copy)", statistics.median(times["plain"]), "s",
+        "in-process kernel update p50", local_m)
 
 
 def _book(name, hp):
@@ -456,8 +478,8 @@ def _worker_entry(address, seconds, start_q, done_q, durability=None):
 
 def bench_concurrency(cfg, server, _echo):
     one = _clients(server.address, 1, cfg.conc_seconds)
-    many = _clients(server.address, 16, cfg.conc_seconds)
-    row("16 clients aggregate steps/s (adam 1e3)", many, "steps/s", "1 client steps/s", one,
+    many = _clients(server.address, cfg.clients, cfg.conc_seconds)
+    row(f"{cfg.clients} clients aggregate steps/s (adam 1e3)", many, "steps/s", "1 client steps/s", one,
         note="higher is better; 2 cores shared by server and clients")
 
 
@@ -496,10 +518,15 @@ def bench_telemetry(cfg, server, echo):
     run(cfg, server, echo)
 
 
+def bench_ray(cfg, server, echo):
+    from bench.ray_step import bench_ray as run  # a local Ray; skipped in --quick and without Ray
+    run(cfg, server, echo)
+
+
 SECTIONS = {"small": bench_small, "smallparts": bench_small_parts, "large": bench_large, "shm": bench_shm, "kernels": bench_kernels,
             "declared": bench_declared, "memory": bench_memory, "concurrency": bench_concurrency,
             "torch": bench_torch, "wal": bench_wal, "durability": bench_durability, "telemetry": bench_telemetry,
-            "workers": bench_workers, "sparse": bench_sparse}
+            "workers": bench_workers, "sparse": bench_sparse, "ray": bench_ray}
 
 
 class Config:
@@ -509,6 +536,8 @@ class Config:
         self.large_reps = 3 if quick else 11
         self.sessions = 300 if quick else 1000
         self.conc_seconds = 2.0 if quick else 5.0
+        # client processes in the concurrency runs: spawning 16 took most of --quick's time on 2 cores
+        self.clients = 4 if quick else 16
 
     def kernel_reps(self, size):
         if size >= 10_000_000:
@@ -518,7 +547,7 @@ class Config:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="fewer repeats (~30-60 s)")
+    ap.add_argument("--quick", action="store_true", help="fewer repeats and client processes (~2 min on 2 cores)")
     ap.add_argument("--only", default="", help="comma-separated sections: " + ",".join(SECTIONS))
     ap.add_argument("--out", default=str(ROOT / "bench" / "results.json"))
     args = ap.parse_args(argv)
@@ -529,16 +558,20 @@ def main(argv=None):
           f"python {platform.python_version()}, numpy {np.__version__}", flush=True)
     print(f"{'figure':<48} {'value':>12}  {'baseline':<34} {'base value':>12}  {'ratio':>7}  target")
     server, echo = start_optreg(), start_echo()
+    seconds = {}  # per section: what makes a run long (the --quick smoke run in .ci/run must stay short)
     try:
         for name in names:
+            t = time.time()
             SECTIONS[name](cfg, server, echo)
+            seconds[name] = round(time.time() - t, 1)
     finally:
         server.stop()
         echo.stop()
     meta = {"cores": os.cpu_count(), "python": platform.python_version(), "numpy": np.__version__,
             "machine": platform.machine(), "quick": cfg.quick, "seconds": round(time.time() - t0, 1),
-            "when": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            "section_seconds": seconds, "when": time.strftime("%Y-%m-%dT%H:%M:%S")}
     pathlib.Path(args.out).write_text(json.dumps({"meta": meta, "rows": ROWS}, indent=1))
+    print("seconds per section: " + ", ".join(f"{k} {v}" for k, v in seconds.items()))
     print(f"wrote {args.out} ({meta['seconds']} s)")
 
 

@@ -142,7 +142,7 @@ def _concurrent(d, steps, data, sync, method, tag, busy=False):
 
 
 def bench_group_commit(row, quick, d):
-    steps = 30 if quick else 100
+    steps = 10 if quick else 100
     data = _payload(1000)
     reps = 2 if quick else 3
     serial, group = [], {m: [] for m in METHODS}

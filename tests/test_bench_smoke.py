@@ -22,7 +22,8 @@ def test_quick_bench_sections_complete_and_write_every_figure(tmp_path):
     figures = {r["figure"] for r in rows}
     for expected in ("small step unary p50 (adam 1e3 f32)", "small step stream p50",
                      "large step p50 (adam 1e7 f32, 40 MB up+down)", "large step, fp16 gradients p50",
-                     "large step, bf16 gradients p50", "shared-memory step p50 (adam 1e7 f32)"):
+                     "large step, bf16 gradients p50", "shared-memory step p50, resident (adam 1e7 f32)",
+                     "shared-memory step p50, plain (server copy)"):
         assert expected in figures, sorted(figures)
     for r in rows:
         assert math.isfinite(r["value"]) and r["value"] > 0, r

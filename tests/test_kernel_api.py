@@ -153,7 +153,9 @@ def test_statistics_from_the_driver_equal_numpy(kernel, how):
     np.testing.assert_array_equal(p, ref)
     g64, n64, o64 = g.astype(np.float64), p.astype(np.float64), old.astype(np.float64)
     expected = [g64 @ g64, n64 @ n64, (n64 - o64) @ (n64 - o64), np.abs(g64).max()]
-    np.testing.assert_allclose(stats, expected, rtol=1e-12, atol=0)
+    # fused float32 sums are float32 within blocks of 512 (kernelstats._accumulate32: at most ~3.1e-5)
+    np.testing.assert_allclose(stats, expected, rtol=4e-5 if how == "fused" else 1e-12, atol=0)
+    assert stats[3] == expected[3]
 
 
 def test_a_definition_copy_is_compiled_separately():

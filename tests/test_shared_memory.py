@@ -39,15 +39,18 @@ def wait_gone(key: str, seconds: float = 30.0) -> bool:
 class Segment:
     """A /dev/shm segment made by hand, registered with the raw stub (what a non-Python client does)."""
 
-    def __init__(self, stub, session_id: str, size: int):
-        self.key = f"optreg-test{uuid.uuid4().hex}"
+    def __init__(self, stub, session_id: str, size: int, resident: bool = False, places=(), key: str = ""):
+        """`resident`, `places`: a resident registration with the parameters at those regions; `self.ack`
+        is the server's answer (the constructor raises grpc.RpcError when it refuses)."""
+        self.key = key or f"optreg-test{uuid.uuid4().hex}"
         fd = os.open(f"/dev/shm/{self.key}", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         os.ftruncate(fd, size)
         self.mm = mmap.mmap(fd, size)
         os.close(fd)
         self.call = stub.RegisterSharedMemory(session_pb2.RegisterSharedMemoryRequest(
-            session_id=session_id, key=self.key))
-        assert next(self.call).byte_size == size
+            session_id=session_id, key=self.key, resident=resident, parameters=places))
+        self.ack = next(self.call)
+        assert self.ack.byte_size == size
 
     def array(self, offset, dtype, shape):
         return np.frombuffer(self.mm, dtype, int(np.prod(shape)), offset).reshape(shape)

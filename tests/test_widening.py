@@ -140,5 +140,6 @@ def test_statistics_in_the_widening_pass(registry, name, master, gdtype, paralle
         g64, n64 = wide.astype(np.float64), p.astype(np.float64)
         exact = [g64 @ g64, n64 @ n64, (n64 - old) @ (n64 - old), np.abs(g64).max()]
         np.testing.assert_allclose(got, exact, rtol=1e-9)
-        np.testing.assert_allclose(got, want, rtol=1e-9)
+        # `want` came from the f32 kernel's fused sums: float32 within blocks of 512 (at most ~3.1e-5)
+        np.testing.assert_allclose(got, want, rtol=4e-5 if np.dtype(master) == np.float32 else 1e-9)
         assert got[3] == want[3] == exact[3]

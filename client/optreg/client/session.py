@@ -224,7 +224,7 @@ class Session:
 
     # -- shared memory -----------------------------------------------------------------------
 
-    def enable_shared_memory(self) -> dict[str, np.ndarray]:
+    def enable_shared_memory(self, resident: bool = False) -> dict[str, np.ndarray]:
         """Move `self.arrays` into a shared-memory segment the server maps too (same host only).
 
         Returns the new `self.arrays`: views into the segment, holding the current parameters,
@@ -234,12 +234,26 @@ class Session:
         The segment lives as long as this session object keeps its registration open: it is
         released by `disable_shared_memory()`, `delete()`, leaving a `with` block, or the client
         process ending.
+
+        `resident=True`: the segment becomes the server's master copy of the parameters (the
+        server moves them there and updates them in place: a step copies nothing). Do not write
+        `self.arrays` then. Called again after the server restarted (the registration ended),
+        it registers the same segment again and the server refills it from the recovered session
+        (a new segment when the old name is gone: `self.arrays` are then new views).
         """
+        if self._shm is not None and not self._shm.alive:
+            if self._shm.register_again():
+                return self.arrays
+            self._shm.close(unregister=False)
+            self._shm = None
         if self._shm is None:
             if not self.client.transport.is_local():
                 raise UsageError(f"shared memory needs a server on this host; {self.client.address} is not a "
                                  "loopback address (steps go over gRPC without it)")
-            self._shm = SharedMemory.create(self)
+            self._shm = SharedMemory.create(self, resident=resident)
+        elif self._shm.resident != resident:
+            raise UsageError(f"shared memory is already enabled with resident={self._shm.resident}; "
+                             "disable_shared_memory() first")
         return self.arrays
 
     @property

@@ -1,5 +1,11 @@
 """Steps through shared memory: a /dev/shm segment holding a session's parameters and gradient
-buffers, registered with a server on the same host; only names and offsets cross gRPC."""
+buffers, registered with a server on the same host; only names and offsets cross gRPC.
+
+Two modes. Plain: the server keeps its own master copy and writes the updated parameters into
+the segment after each step. Resident: the segment IS the master copy -- the server moved the
+session's parameters into it at registration and updates them there in place, so a step
+copies nothing; the client must not write the parameters (they are the server's to change).
+"""
 from __future__ import annotations
 
 import mmap
@@ -14,67 +20,105 @@ from optreg.v1 import session_pb2, tensors
 _ALIGN = 64
 
 
+def _layout(info, dtype: np.dtype) -> tuple[dict, int]:
+    """name -> (parameter offset, gradient offset), each 64-byte aligned; and the segment's size."""
+    offsets, pos = {}, 0
+    for name, shape in info.parameters.items():
+        size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        p_off = pos
+        pos = -(-(pos + size) // _ALIGN) * _ALIGN
+        offsets[name] = (p_off, pos)
+        pos = -(-(pos + size) // _ALIGN) * _ALIGN
+    return offsets, max(pos, _ALIGN)
+
+
+def _new_segment(size: int) -> tuple[str, mmap.mmap]:
+    key = f"optreg-{uuid.uuid4().hex}"
+    path = f"/dev/shm/{key}"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.ftruncate(fd, size)
+        mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    except BaseException:
+        os.unlink(path)
+        raise
+    finally:
+        os.close(fd)
+    return key, mm
+
+
 class SharedMemory:
     """The segment, its registration call (open while the segment is in use), and the step sender."""
 
-    def __init__(self, session, key: str, mm, size: int, params: dict, grads: dict, offsets: dict, call):
+    def __init__(self, session, key: str, mm, size: int, params: dict, grads: dict, offsets: dict, call,
+                 resident: bool = False):
         self.session, self.key, self.mm, self.size = session, key, mm, size
         self.params, self.grads, self.offsets, self.call = params, grads, offsets, call
+        self.resident = resident
         code = tensors.to_code(session.info.master_dtype)
         self.code = code
         self._param_msgs = [session_pb2.SharedMemoryTensor(name=n, dtype=code, shape=a.shape,
                                                            byte_offset=offsets[n][0]) for n, a in params.items()]
 
     @classmethod
-    def create(cls, session) -> "SharedMemory":
+    def create(cls, session, resident: bool = False) -> "SharedMemory":
         info = session.info
         dtype = np.dtype(info.master_dtype)
-        offsets, pos = {}, 0
-        for name, shape in info.parameters.items():
-            size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-            p_off = pos
-            pos = -(-(pos + size) // _ALIGN) * _ALIGN
-            offsets[name] = (p_off, pos)
-            pos = -(-(pos + size) // _ALIGN) * _ALIGN
-        size = max(pos, _ALIGN)
-        key = f"optreg-{uuid.uuid4().hex}"
-        path = f"/dev/shm/{key}"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        offsets, size = _layout(info, dtype)
+        key, mm = _new_segment(size)
         try:
-            os.ftruncate(fd, size)
-            mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        except BaseException:
-            os.unlink(path)
-            raise
-        finally:
-            os.close(fd)
-        try:
-            current = session.arrays if all(n in session.arrays for n in info.parameters) \
-                else session.read_parameters()
             params, grads = {}, {}
             for name, shape in info.parameters.items():
                 p_off, g_off = offsets[name]
                 count = int(np.prod(shape, dtype=np.int64))
                 params[name] = np.frombuffer(mm, dtype, count, p_off).reshape(shape)
                 grads[name] = np.frombuffer(mm, dtype, count, g_off).reshape(shape)
-                np.copyto(params[name], current[name], casting="unsafe")
-            # The registration lives while this call is open (no deadline); the first reply acknowledges it.
-            call = session.client.transport.stream_out("RegisterSharedMemory", session_pb2.RegisterSharedMemoryRequest(
-                session_id=session.id, key=key, byte_size=size), timeout=None)
-            try:
-                next(call)
-            except StopIteration:
-                raise OptregError("the server ended the shared-memory registration without acknowledging it") \
-                    from None
+            if not resident:  # resident: the server fills the parameters from its master copy
+                current = session.arrays if all(n in session.arrays for n in info.parameters) \
+                    else session.read_parameters()
+                for name in info.parameters:
+                    np.copyto(params[name], current[name], casting="unsafe")
+            call, step = cls._register(session, key, size, params, offsets, resident)
         except BaseException:
             try:
-                os.unlink(path)
+                os.unlink(f"/dev/shm/{key}")
             except FileNotFoundError:
                 pass
             raise
-        self = cls(session, key, mm, size, params, grads, offsets, call)
+        self = cls(session, key, mm, size, params, grads, offsets, call, resident)
         session.arrays = dict(params)
+        if resident:
+            session.step_count = step
         return self
+
+    @staticmethod
+    def _register(session, key, size, params, offsets, resident):
+        code = tensors.to_code(session.info.master_dtype)
+        places = [session_pb2.SharedMemoryTensor(name=n, dtype=code, shape=a.shape, byte_offset=offsets[n][0])
+                  for n, a in params.items()] if resident else []
+        # The registration lives while this call is open (no deadline); the first reply acknowledges it.
+        call = session.client.transport.stream_out("RegisterSharedMemory", session_pb2.RegisterSharedMemoryRequest(
+            session_id=session.id, key=key, byte_size=size, resident=resident, parameters=places), timeout=None)
+        try:
+            ack = next(call)
+        except StopIteration:
+            raise OptregError("the server ended the shared-memory registration without acknowledging it") from None
+        return call, ack.step
+
+    @property
+    def alive(self) -> bool:
+        """False once the registration's call has ended (the server stopped, say)."""
+        return not self.call.done()
+
+    def register_again(self) -> bool:
+        """After the server restarted: register this segment again (resident: the server refills the parameters
+        from its recovered session). False when the segment's name is gone (the server unlinked it)."""
+        if not os.path.exists(f"/dev/shm/{self.key}"):
+            return False
+        self.call, step = self._register(self.session, self.key, self.size, self.params, self.offsets, self.resident)
+        if self.resident:
+            self.session.step_count = step
+        return True
 
     def send(self, session, grads, fence: int, hyperparameters, metrics, timeout):
         msgs = []
@@ -87,7 +131,8 @@ class SharedMemory:
             msgs.append(session_pb2.SharedMemoryTensor(name=name, dtype=self.code, shape=buf.shape,
                                                        byte_offset=self.offsets[name][1]))
         reply = session.client.transport.unary("StepSharedMemory", session_pb2.StepSharedMemoryRequest(
-            session_id=session.id, step=fence, key=self.key, gradients=msgs, parameters=self._param_msgs,
+            session_id=session.id, step=fence, key=self.key, gradients=msgs,
+            parameters=[] if self.resident else self._param_msgs,
             hyperparameters=hyperparameters, metrics=metrics), timeout=timeout)
         return reply.replayed, reply.step, {}
 

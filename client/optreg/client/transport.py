@@ -104,6 +104,9 @@ class _Replies:
     def cancel(self) -> None:
         self._call.cancel()
 
+    def done(self) -> bool:
+        return self._call.done()
+
 
 class GrpcTransport:
     """optreg's RPCs over one gRPC channel (TLS and a bearer token optional).

@@ -451,20 +451,26 @@ class UpdateHyperparametersResponse(_message.Message):
     def __init__(self, session: _Optional[_Union[SessionInfo, _Mapping]] = ...) -> None: ...
 
 class RegisterSharedMemoryRequest(_message.Message):
-    __slots__ = ("session_id", "key", "byte_size")
+    __slots__ = ("session_id", "key", "byte_size", "resident", "parameters")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     KEY_FIELD_NUMBER: _ClassVar[int]
     BYTE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    RESIDENT_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     key: str
     byte_size: int
-    def __init__(self, session_id: _Optional[str] = ..., key: _Optional[str] = ..., byte_size: _Optional[int] = ...) -> None: ...
+    resident: bool
+    parameters: _containers.RepeatedCompositeFieldContainer[SharedMemoryTensor]
+    def __init__(self, session_id: _Optional[str] = ..., key: _Optional[str] = ..., byte_size: _Optional[int] = ..., resident: _Optional[bool] = ..., parameters: _Optional[_Iterable[_Union[SharedMemoryTensor, _Mapping]]] = ...) -> None: ...
 
 class RegisterSharedMemoryResponse(_message.Message):
-    __slots__ = ("byte_size",)
+    __slots__ = ("byte_size", "step")
     BYTE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
     byte_size: int
-    def __init__(self, byte_size: _Optional[int] = ...) -> None: ...
+    step: int
+    def __init__(self, byte_size: _Optional[int] = ..., step: _Optional[int] = ...) -> None: ...
 
 class UnregisterSharedMemoryRequest(_message.Message):
     __slots__ = ("session_id", "key")

@@ -29,6 +29,34 @@ class JsonFormatter(logging.Formatter):
 DURABILITIES = ("every-step", "log", "periodic", "none")
 
 
+def _serve_ray(args, data_dir) -> int:
+    """`optreg serve --ray [ADDRESS]`: a front end on a Ray cluster (optreg.server.cluster)."""
+    if not data_dir:
+        print("optreg serve --ray: sessions live in storage every node reaches: give --data-dir "
+              "(a shared path), not --memory-only", file=sys.stderr)
+        return 2
+    unsupported = [o for o, v in (("--token-file", args.token_file), ("--tls-cert", args.tls_cert),
+                                  ("--dashboard-port", args.dashboard_port)) if v]
+    if unsupported:
+        print(f"optreg serve --ray: {', '.join(unsupported)} not supported on a cluster yet "
+              "(docs/scale-out.md)", file=sys.stderr)
+        return 2
+    try:
+        from optreg.server.cluster.serve import ClusterServer
+    except ImportError as e:
+        print(f"optreg serve --ray needs Ray: pip install 'optreg[ray]' ({e})", file=sys.stderr)
+        return 2
+    try:
+        server = ClusterServer(data_dir, ray_address=args.ray or None, host=args.host, port=args.port,
+                               workers=args.workers, max_message_mb=args.max_message_mb,
+                               memory_budget_mb=args.memory_budget_mb, allow_insecure=args.allow_insecure,
+                               drain_seconds=args.drain_seconds)
+    except (ValueError, OSError, ConnectionError) as e:
+        print(f"optreg serve --ray: {e}", file=sys.stderr)
+        return 2
+    return server.serve_forever()
+
+
 def _serve(args) -> int:
     from optreg.server.app import OptregServer, Settings, default_data_dir
     from optreg.server.datadir import DataDirInUse
@@ -37,6 +65,8 @@ def _serve(args) -> int:
                          logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
     data_dir = None if args.memory_only else (default_data_dir() if args.data_dir is None else args.data_dir)
+    if getattr(args, "ray", None) is not None:
+        return _serve_ray(args, data_dir)
     try:
         server = OptregServer(Settings(
             host=args.host, port=args.port, workers=args.workers, max_message_mb=args.max_message_mb,
@@ -133,6 +163,10 @@ def add_arguments(serve: argparse.ArgumentParser) -> None:
                        help="serve the live training dashboard on this port (0: any free one; docs/telemetry.md)")
     serve.add_argument("--dashboard-host", default="127.0.0.1",
                        help="address of the dashboard (off loopback only with TLS and tokens, as --host)")
+    serve.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                       help="serve sessions on a Ray cluster: join the one at ADDRESS ('auto': this machine's), "
+                            "or start a local Ray without one; --data-dir must be storage every node reaches "
+                            "(docs/scale-out.md; pip install 'optreg[ray]')")
     serve.add_argument("--telemetry-steps", type=at_least_one, default=2048,
                        help="steps of telemetry kept at full resolution per session; older ones are "
                             "downsampled (default: 2048)")

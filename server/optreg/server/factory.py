@@ -78,8 +78,10 @@ class SessionFactory:
 
     def build(self, config: SessionConfig, params: dict[str, np.ndarray],
               state: dict[str, dict[str, np.ndarray]] | None = None, initial_step: int = 0,
-              owner: str = "") -> Session:
-        """A validated Session holding its own copies (counted against the budget); not yet in any index."""
+              owner: str = "", adopt: bool = False) -> Session:
+        """A validated Session holding its own copies (counted against the budget); not yet in any index.
+        `adopt`: the arrays are the caller's to give away (a stream's freshly assembled upload): those
+        already in the master dtype and C order become the session's without a copy."""
         try:
             registered = self.registry.get(config.optimizer)
         except KeyError as e:
@@ -143,13 +145,14 @@ class SessionFactory:
                                       "hyperparameter to scale; leave it false")
 
         def build() -> Arrays:
-            master_params = {n: np.array(p, dtype=dtype, order="C", copy=True) for n, p in params.items()}
+            copy = None if adopt else True
+            master_params = {n: np.array(p, dtype=dtype, order="C", copy=copy) for n, p in params.items()}
             slots = {}
             for slot in defn.slots:
                 given = state.get(slot.name)
                 slots[slot.name] = {
-                    n: (np.full(p.shape, slot.initial_value, dtype=dtype) if given is None
-                        else np.array(given[n], dtype=dtype, order="C", copy=True))
+                    n: (_filled(p.shape, slot.initial_value, dtype) if given is None
+                        else np.array(given[n], dtype=dtype, order="C", copy=copy))
                     for n, p in master_params.items()}
             return Arrays(master_params, slots)
 
@@ -160,3 +163,12 @@ class SessionFactory:
             except InvalidArgument:
                 raise InvalidArgument(f"parameter {shown(name)} has NaN or Inf values; nothing was created") from None
         return session
+
+
+def _filled(shape, value: float, dtype) -> np.ndarray:
+    """A slot's initial array; zeros from calloc, so a large session's untouched pages cost no memory
+    until its first step writes them."""
+    a = np.zeros(shape, dtype)
+    if value != 0 or np.signbit(value):
+        a.fill(value)
+    return a

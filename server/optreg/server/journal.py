@@ -487,27 +487,32 @@ class Journal:
             if sid.startswith("."):
                 continue
             try:
-                meta = snapshot.read_meta(path)
-                if meta.get("session_id") != sid:
-                    raise snapshot.CorruptFile(path, f"it names session {meta.get('session_id')!r}, not {sid!r}")
-                meta["log_error"] = ""
-                if meta["durability"] in SYNC:
-                    try:
-                        lg = self._open_log(sid, int(meta["step"]), meta["durability"])
-                        if lg.last_step < int(meta["step"]):  # a crash between a snapshot and its log reset
-                            lg.reset(int(meta["step"]))
-                        if lg.last_step > int(meta["step"]):
-                            meta["step"] = lg.last_step
-                            meta["log_step"] = True
-                            # ...and the hyperparameters in force, as its last record logged them (what
-                            # GetSession shows before the session is loaded and replayed)
-                            if not lg._entries[-1].extras.get(LR_SCALED):
-                                meta["hyperparameters"] = dict(lg._entries[-1].hyperparameters)
-                    except (wal.CorruptData, ValueError, OSError) as e:
-                        meta["log_error"] = f"log {self.log_path(sid)}: {e}"
-                yield sid, meta
+                yield sid, self.scan_one(sid)
             except Exception as e:
                 yield sid, e
+
+    def scan_one(self, sid: str) -> dict:
+        """One session's snapshot metadata, "step" advanced past its log (opened, a torn tail cut)."""
+        path = self.snapshot_path(sid)
+        meta = snapshot.read_meta(path)
+        if meta.get("session_id") != sid:
+            raise snapshot.CorruptFile(path, f"it names session {meta.get('session_id')!r}, not {sid!r}")
+        meta["log_error"] = ""
+        if meta["durability"] in SYNC:
+            try:
+                lg = self._open_log(sid, int(meta["step"]), meta["durability"])
+                if lg.last_step < int(meta["step"]):  # a crash between a snapshot and its log reset
+                    lg.reset(int(meta["step"]))
+                if lg.last_step > int(meta["step"]):
+                    meta["step"] = lg.last_step
+                    meta["log_step"] = True
+                    # ...and the hyperparameters in force, as its last record logged them (what
+                    # GetSession shows before the session is loaded and replayed)
+                    if not lg._entries[-1].extras.get(LR_SCALED):
+                        meta["hyperparameters"] = dict(lg._entries[-1].hyperparameters)
+            except (wal.CorruptData, ValueError, OSError) as e:
+                meta["log_error"] = f"log {self.log_path(sid)}: {e}"
+        return meta
 
     def session_from(self, meta: dict, registry) -> Session:
         registered = registry.get(meta["optimizer"])  # KeyError names the optimizer

@@ -114,6 +114,9 @@ class StepRun:
         s = self.session
         with s.lock:
             self.store.ensure_loaded(s)
+            if s.resident is not None:  # its parameters live in a client's segment (resident.py)
+                raise FailedPrecondition(f"session {s.id} keeps its parameters in shared memory: step it with "
+                                         "StepSharedMemory, or end that registration first")
             if self.is_sparse:
                 sparse_rows.require(s)
             if s.check_fence(self.fence):
@@ -347,17 +350,22 @@ class StepRun:
         if s.reply == "delta":
             self.delta = self._buffers("a step's delta")
         for name, g in self.grads.items():
-            p = st.params[name]
-            np.copyto(p, base.params[name])
-            slots = {slot: st.state[slot][name] for slot in st.state}
-            for slot in slots:
-                np.copyto(slots[slot], base.state[slot][name])
-            # Rows a sparse step left lazy owe steps (with the hyperparameters they ran with): first those.
-            sparse_rows.settle_tensor(s, st, name, self.t - 1, s.hyperparameters)
-            self._kernel(p, g, slots, parallel=True, name=name, old=base.params[name])
+            p = self._update_copy(st, base, name, g)
             if self.delta is not None:
                 np.subtract(p, base.params[name], out=self.delta[name])
         self.staging = st
+
+    def _update_copy(self, st: Arrays, base: Arrays, name: str, g: np.ndarray) -> np.ndarray:
+        """One whole tensor of `base` copied into `st` (parameter and slots), then updated there."""
+        p = st.params[name]
+        np.copyto(p, base.params[name])
+        slots = {slot: st.state[slot][name] for slot in st.state}
+        for slot in slots:
+            np.copyto(slots[slot], base.state[slot][name])
+        # Rows a sparse step left lazy owe steps (with the hyperparameters they ran with): first those.
+        sparse_rows.settle_tensor(self.session, st, name, self.t - 1, self.session.hyperparameters)
+        self._kernel(p, g, slots, parallel=True, name=name, old=base.params[name])
+        return p
 
     def _commit_sparse(self, encode):
         """Caller holds the lock: a sparse step, computed on gathered rows, logged, then written in."""

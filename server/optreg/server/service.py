@@ -16,7 +16,7 @@ import grpc
 import numpy as np
 
 from optreg.plugins.registry import Registry
-from optreg.server import fastkernels, shm, sparse, status
+from optreg.server import fastkernels, resident, shm, sparse, status
 from optreg.server.errors import (DataLoss, DeadlineExceeded, FailedPrecondition, InvalidArgument, ResourceExhausted,
                                   shown)
 from optreg.server.factory import SessionConfig
@@ -259,7 +259,8 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
                 raise InvalidArgument("the stream was empty: send config and the parameters")
             params = arrays.pop("", tensors.Assembler()).finish()
             state = {slot: asm.finish() for slot, asm in arrays.items()}
-            session = self.store.create(config, params, state, initial_step, self.owner(context))
+            # the assembled arrays are this call's own: the session takes them without a copy
+            session = self.store.create(config, params, state, initial_step, self.owner(context), adopt=True)
             return session_pb2.CreateSessionStreamResponse(session=session_info(session))
         finally:
             arrays.clear()
@@ -481,6 +482,9 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         if not shm.is_local_peer(context.peer()):
             raise FailedPrecondition(f"shared memory needs a client on the server's host (connected over loopback); "
                                      f"this call came from {shown(context.peer())}: use Step")
+        if request.parameters and not request.resident:
+            raise InvalidArgument("parameters are placed only by a resident registration: set resident, or "
+                                  "name the parameters in each StepSharedMemory")
         owner = self.owner(context)
         session = self.store.get(request.session_id, owner)
         region = self.shm.register(request.key, request.byte_size, session.id, owner)
@@ -490,11 +494,21 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         if not context.is_active():
             self.shm.release(region, "client gone")
             return
-        yield session_pb2.RegisterSharedMemoryResponse(byte_size=region.size)
+        step = 0
+        if request.resident:
+            try:
+                with region.lock:  # not released meanwhile (the release detaches under this lock)
+                    if region.closed.is_set():
+                        return
+                    step = resident.attach(self.store, session, region, request.parameters, context.is_active)
+            except BaseException:
+                self.shm.release(region, "resident registration refused")
+                raise
+        yield session_pb2.RegisterSharedMemoryResponse(byte_size=region.size, step=step)
         while not region.closed.wait(1.0):
             if not context.is_active():
                 break
-        self.shm.release(region, "registration ended")
+        self.shm.release(region, "registration ended" if context.is_active() else "client gone")
 
     @status.handler
     def UnregisterSharedMemory(self, request, context):
@@ -511,6 +525,8 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
             raise FailedPrecondition(f"session {session.id} is shared by workers: send contributions with Step or "
                                      "StepStream (worker and round)")
         region = self.shm.get(request.key, session.id, owner)
+        if region.resident is not None:
+            return self._step_resident(session, region, request, context)
         grads = shm.tensors_in(region, request.gradients, session.master_code, "gradient")
         targets = shm.tensors_in(region, request.parameters, session.master_code, "parameter")
         check = tensors.ChunkTracker({n: (shape, (session.master_code,)) for n, shape in session.shapes.items()},
@@ -543,6 +559,22 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
             finally:
                 run.close()
                 del out
+
+    def _step_resident(self, session, region, request, context):
+        if request.parameters:
+            raise InvalidArgument("parameters: leave empty for a resident registration (the parameters are "
+                                  "updated where they live in the segment)")
+        grads = shm.tensors_in(region, request.gradients, session.master_code, "gradient")
+        with region.lock:
+            if region.closed.is_set():
+                raise FailedPrecondition(f"shared-memory segment {shown(region.key)} was unregistered")
+            run = resident.ResidentStep(self.store, session, region, request.step if request.HasField("step") else None,
+                                        request.hyperparameters, request.metrics, context.is_active)
+            try:
+                run.run(grads)
+                return session_pb2.StepSharedMemoryResponse(step=run.result.step, replayed=run.result.replayed)
+            finally:
+                run.close()
 
     # -- shared sessions (workersteps.py) ---------------------------------------------------
     @status.handler

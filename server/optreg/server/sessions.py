@@ -108,6 +108,7 @@ class Session:
     # parameters only), and the last sparse step's answer (a retry gets it again).
     clocks: dict = field(default_factory=dict, repr=False)
     last_sparse: object | None = field(default=None, repr=False)
+    resident: object | None = field(default=None, repr=False)  # shm.Region holding the parameters (resident.py)
 
     def __post_init__(self):
         allowed = GRAD_DTYPES[self.master_code]

@@ -12,8 +12,11 @@ cancels it, its process dies and the connection drops, UnregisterSharedMemory, t
 session is deleted, the server stops -- the server unmaps the segment and unlinks
 its name, so a client killed with SIGKILL leaks nothing in /dev/shm.
 
-Locking: a region's lock is taken after its session's lock (steps) or alone
-(release); the registry's lock only guards the index.
+Locking: a region's lock is taken before its session's lock (steps, release); the
+registry's lock only guards the index.
+
+Resident registrations (resident.py) hold the session's master parameters themselves; the
+release copies them back into the server's memory before the segment is unmapped.
 """
 from __future__ import annotations
 
@@ -47,6 +50,9 @@ class Region:
         self.mm, self.size = mm, size
         self.lock = threading.Lock()
         self.closed = threading.Event()
+        self.resident = None  # the session whose parameters live here (resident.py)
+        self.detach = None  # called with the reason before the segment is unmapped (resident.detach)
+        self.param_spans: list[tuple[int, int]] = []  # resident: the parameters' byte ranges
 
     def view(self, byte_offset: int, dtype: np.dtype, shape: tuple) -> np.ndarray:
         """An array over [byte_offset, +nbytes) of the segment; bounds and alignment already checked."""
@@ -114,8 +120,19 @@ class SharedMemoryRegistry:
             del self._regions[region.key]
         with region.lock:
             region.closed.set()
+            keep = False
+            if region.detach is not None:
+                try:
+                    keep = region.detach(why)
+                except Exception:  # the session's parameters could not be copied back: it is unusable
+                    log.exception("shared-memory segment %s: the resident parameters could not be copied back",
+                                  region.key)
+                    if region.resident is not None:
+                        region.resident.quarantined = "its resident parameters could not be copied back"
+                region.detach = None
             try:
-                region.mm.close()
+                if not keep:  # kept: the session's parameters live in the mapping until they are replaced
+                    region.mm.close()
             except BufferError:  # a view is still referenced somewhere: unmapped when it is collected
                 log.warning("shared-memory segment %s still referenced; unmapped later", region.key)
             try:
@@ -144,10 +161,11 @@ class SharedMemoryRegistry:
 class SegmentTensor:
     """A tensor in a registered segment, shaped like a wire Tensor (name, dtype, shape, offset, data) so the
     step's one tensor check (tensors.ChunkTracker) takes it as it takes any source's."""
-    __slots__ = ("name", "dtype", "shape", "offset", "data")
+    __slots__ = ("name", "dtype", "shape", "offset", "data", "byte_offset")
 
-    def __init__(self, name, dtype, shape, data):
+    def __init__(self, name, dtype, shape, data, byte_offset=0):
         self.name, self.dtype, self.shape, self.offset, self.data = name, dtype, shape, 0, data
+        self.byte_offset = byte_offset
 
 
 def tensors_in(region: Region, items, master_code: int, what: str) -> list[SegmentTensor]:
@@ -165,5 +183,5 @@ def tensors_in(region: Region, items, master_code: int, what: str) -> list[Segme
         if off % itemsize:
             raise InvalidArgument(f"{what} {shown(t.name)}: byte_offset {off} is not a multiple of the dtype's "
                                   f"{itemsize} bytes")
-        out.append(SegmentTensor(t.name, code, tuple(t.shape), memoryview(region.mm)[off:off + nbytes]))
+        out.append(SegmentTensor(t.name, code, tuple(t.shape), memoryview(region.mm)[off:off + nbytes], off))
     return out

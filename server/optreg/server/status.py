@@ -32,7 +32,8 @@ MAX_DETAILS = 2000
 def translate(e: Exception) -> tuple[grpc.StatusCode, str, tuple] | None:
     """(code, message, trailing metadata) for an expected failure; None for a bug."""
     if isinstance(e, errors.Refused):
-        code, message, metadata = STATUS.get(type(e), grpc.StatusCode.UNKNOWN), e.message, e.metadata
+        code = next((STATUS[c] for c in type(e).__mro__ if c in STATUS), grpc.StatusCode.UNKNOWN)  # subclasses too
+        message, metadata = e.message, e.metadata
         if isinstance(e, errors.PluginFailed):
             log.error("%s", e)
     elif isinstance(e, ValueError):  # the wire codec's refusals (optreg.v1.tensors)

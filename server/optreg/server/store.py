@@ -109,8 +109,9 @@ class SessionStore:
         return self.budget.allocate(f"{what} of session {session.id}", session.set_bytes(), session.live.blank)
 
     # -- lifecycle -----------------------------------------------------------
-    def create(self, config: SessionConfig, params, state=None, initial_step: int = 0, owner: str = "") -> Session:
-        session = self.factory.build(config, params, state, initial_step, owner)
+    def create(self, config: SessionConfig, params, state=None, initial_step: int = 0, owner: str = "",
+               adopt: bool = False) -> Session:
+        session = self.factory.build(config, params, state, initial_step, owner, adopt)
         with self._lock:
             existing = self._sessions.get(session.id)
             if existing is not None:
@@ -223,7 +224,7 @@ class SessionStore:
     def _unload(self, session: Session) -> bool:
         """Write and drop the tensors of an idle durable session. Caller holds its lock."""
         if (session.live is None or session.durability.mode == "none" or session.live.readers
-                or self._sessions.get(session.id) is not session):
+                or session.resident is not None or self._sessions.get(session.id) is not session):
             return False
         self.journal.flush(session)
         session.live = session.spare = None  # their budget goes when they are collected

@@ -1,0 +1,74 @@
+"""`optreg serve --ray [ADDRESS]`: a gRPC front end on a Ray cluster (joins ADDRESS, or starts a
+local Ray), serving the optreg.v1 contract over session hosts on every node."""
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from optreg.plugins.registry import Registry
+from optreg.server.app import _bind, bind_address, guard
+from optreg.server.cluster.directory import Directory, connect
+from optreg.server.cluster.frontend import Frontend
+from optreg.server.metrics import Metrics
+from optreg.server.reflection import enable_reflection
+from optreg.server.service import RegistryServicer
+from optreg.v1 import registry_pb2, registry_pb2_grpc, session_pb2
+
+log = logging.getLogger("optreg.server.cluster")
+SERVICES = (registry_pb2.DESCRIPTOR.services_by_name["OptimizerRegistryService"].full_name,
+            session_pb2.DESCRIPTOR.services_by_name["SessionService"].full_name)
+
+
+class ClusterServer:
+    def __init__(self, data_dir: str, ray_address: str | None = None, host: str = "127.0.0.1", port: int = 50051,
+                 workers: int = 16, max_message_mb: int = 64, memory_budget_mb: float | None = None,
+                 allow_insecure: bool = False, drain_seconds: float = 30.0):
+        host = bind_address(host)
+        guard("the gRPC front end", host, False, "TLS and tokens", allow_insecure)
+        connect(ray_address or None)
+        self.directory = Directory(data_dir, memory_budget_mb)
+        self.directory.ensure_hosts()
+        self.frontend = Frontend(self.directory)
+        self.drain_seconds = drain_seconds
+        limit = max_message_mb << 20
+        self.grpc_server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="optreg-front"),
+            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
+                     ("grpc.so_reuseport", 0)])
+        registry_pb2_grpc.add_OptimizerRegistryServiceServicer_to_server(
+            RegistryServicer(Registry(), Metrics()), self.grpc_server)
+        self.grpc_server.add_generic_rpc_handlers((self.frontend.handlers(),))
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
+        enable_reflection(SERVICES + (health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc_server)
+        self.host = host
+        self.port = _bind(self.grpc_server, host, port, None)
+
+    @property
+    def address(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    def start(self) -> None:
+        self.grpc_server.start()
+        for name in ("",) + SERVICES:
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    def stop(self, grace: float | None = None) -> None:
+        self.health.enter_graceful_shutdown()
+        self.grpc_server.stop(self.drain_seconds if grace is None else grace).wait()
+
+    def serve_forever(self) -> int:
+        stopping = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stopping.set())
+        self.start()
+        print(f"optreg serving on {self.address} (Ray front end; sessions in {self.directory.root})", flush=True)
+        stopping.wait()
+        self.stop()
+        return 0
