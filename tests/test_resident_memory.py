@@ -22,7 +22,7 @@ from cli_helpers import free_port
 from conftest import ROOT, SOURCE_ROOTS
 from disk_helpers import small_tmpfs
 from optreg.client import Client
-from optreg.client.errors import OptregError
+from optreg.client.errors import OptregError, UsageError
 from optreg.v1 import session_pb2, session_pb2_grpc, tensor_pb2
 from test_shared_memory import Segment, region, shm_exists, wait_gone
 
@@ -134,6 +134,25 @@ def test_failed_step_leaves_everything(client):
     with pytest.raises(OptregError):
         s.step({k: np.full(v.shape, 0.1, np.float32) for k, v in init.items()}, hyperparameters={"lr": -1.0})
     assert all(np.array_equal(arrays[k], before[k]) for k in init)
+    s.delete()
+
+
+@pytest.mark.parametrize("resident", [False, True])
+def test_wrong_shape_gradient_refused(client, resident):
+    """A gradient whose shape differs is refused as over gRPC, never broadcast into the segment's buffer
+    ((1,), () and (1, n) used to be accepted and stepped with; (n-1,) gave numpy's ValueError)."""
+    init = np.linspace(-1, 1, 1000, dtype=np.float32)
+    s = client.create_session("adam", {"w": init.copy()})
+    arrays = s.enable_shared_memory(resident=resident)
+    s.step({"w": np.full(1000, 0.1, np.float32)})
+    before, grad_before = arrays["w"].copy(), s.gradients["w"].copy()
+    for g in (np.ones(999, np.float32), np.ones(1, np.float32), np.float32(1.0), np.ones((1, 1000), np.float32)):
+        with pytest.raises(UsageError, match=r"gradient 'w': shape .* but the session's is \[1000\]"):
+            s.step({"w": g})
+    assert s.step_count == 1 and client.get_session(s.id).step == 1
+    assert np.array_equal(arrays["w"], before) and np.array_equal(s.gradients["w"], grad_before)
+    s.step({"w": np.full(1000, 0.1, np.float32)})  # still serving
+    assert s.step_count == 2
     s.delete()
 
 

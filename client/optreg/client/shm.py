@@ -127,6 +127,11 @@ class SharedMemory:
             if buf is None:
                 raise UsageError(f"unknown gradient {name!r}; the session's parameters are: " + ", ".join(self.grads))
             if g is not buf:
+                # The shape must match exactly, as over gRPC: copyto would broadcast a (1,) or () gradient
+                # over the whole buffer and the server would then step with it.
+                if np.shape(g) != buf.shape:
+                    raise UsageError(f"gradient {name!r}: shape {list(np.shape(g))}, but the session's is "
+                                     f"{list(buf.shape)}; the step was not applied")
                 np.copyto(buf, g, casting="same_kind")  # one local copy; nothing large crosses gRPC
             msgs.append(session_pb2.SharedMemoryTensor(name=name, dtype=self.code, shape=buf.shape,
                                                        byte_offset=self.offsets[name][1]))
