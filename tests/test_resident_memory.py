@@ -228,6 +228,41 @@ def test_client_killed_parameters_kept(server, client, tmp_path):
     s.delete()
 
 
+CHILD_OUTLIVES_SERVER = textwrap.dedent("""
+    import sys, numpy as np
+    from optreg.client import Client
+    c = Client(sys.argv[1])
+    s = c.create_session("adam", {"w": np.ones(1000, np.float32)}, durability="log")
+    s.enable_shared_memory(resident=True)
+    s.step({"w": np.full(1000, 0.5, np.float32)})
+    print(s._shm.key, flush=True)
+    sys.stdin.readline()  # the server is killed meanwhile; then this process ends normally
+""")
+
+
+def test_client_exit_after_server_killed_unlinks(start_server, tmp_path):
+    """The server killed first keeps the segment's name (for register_again); a client that then ends
+    without re-registering removes it itself (it used to stay in /dev/shm with all the parameters)."""
+    srv = start_server("--data-dir", str(tmp_path / "data"))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(SOURCE_ROOTS + [os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen([sys.executable, "-c", CHILD_OUTLIVES_SERVER, srv.address], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, env=env, cwd=str(ROOT))
+    key = None
+    try:
+        key = proc.stdout.readline().strip()
+        assert key.startswith("optreg-") and shm_exists(key)
+        srv.kill()
+        assert shm_exists(key)  # nobody unlinked it: the client could still register it again
+        proc.communicate("\n", timeout=60)
+        assert proc.returncode == 0
+        assert not shm_exists(key), f"/dev/shm/{key} leaked"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if key and key.startswith("optreg-") and shm_exists(key):
+            os.unlink(f"/dev/shm/{key}")
+
+
 @pytest.mark.parametrize("how", ["kill", "stop"])
 def test_recovered_after_server_restart(start_server, tmp_path, how):
     """kill -9 with resident steps in the log: a restart replays them; the client registers the same segment

@@ -11,6 +11,7 @@ from __future__ import annotations
 import mmap
 import os
 import uuid
+import weakref
 
 import numpy as np
 
@@ -47,6 +48,15 @@ def _new_segment(size: int) -> tuple[str, mmap.mmap]:
     return key, mm
 
 
+def _unlink_quietly(path: str, pid: int) -> None:
+    if os.getpid() != pid:  # a forked child exiting must not remove its parent's segment
+        return
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
 class SharedMemory:
     """The segment, its registration call (open while the segment is in use), and the step sender."""
 
@@ -55,6 +65,11 @@ class SharedMemory:
         self.session, self.key, self.mm, self.size = session, key, mm, size
         self.params, self.grads, self.offsets, self.call = params, grads, offsets, call
         self.resident = resident
+        # The server unlinks the name when the registration ends while it runs; if the server died first
+        # (kill -9: the name is kept so that register_again can find the segment), nobody would, and a
+        # resident segment holds all the parameters. So the name goes when this object is collected or
+        # the process exits normally (a client killed after its server leaves it: nothing can help then).
+        self._unlink = weakref.finalize(self, _unlink_quietly, f"/dev/shm/{key}", os.getpid())
         code = tensors.to_code(session.info.master_dtype)
         self.code = code
         self._param_msgs = [session_pb2.SharedMemoryTensor(name=n, dtype=code, shape=a.shape,
@@ -80,10 +95,7 @@ class SharedMemory:
                     np.copyto(params[name], current[name], casting="unsafe")
             call, step = cls._register(session, key, size, params, offsets, resident)
         except BaseException:
-            try:
-                os.unlink(f"/dev/shm/{key}")
-            except FileNotFoundError:
-                pass
+            _unlink_quietly(f"/dev/shm/{key}", os.getpid())
             raise
         self = cls(session, key, mm, size, params, grads, offsets, call, resident)
         session.arrays = dict(params)
@@ -149,8 +161,5 @@ class SharedMemory:
             except OptregError:
                 pass  # cancelling the registration below releases it as well
         self.call.cancel()
-        try:
-            os.unlink(f"/dev/shm/{self.key}")
-        except FileNotFoundError:
-            pass
+        self._unlink()
         # The mapping stays while arrays view it; it is unmapped when the last one is collected.
