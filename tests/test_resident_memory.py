@@ -156,6 +156,22 @@ def test_wrong_shape_gradient_refused(client, resident):
     s.delete()
 
 
+@pytest.mark.parametrize("resident", [False, True])
+def test_gradient_dtype_as_over_grpc(client, resident):
+    """The segment takes what Step takes: the master dtype or a narrower float. A float64 gradient for a
+    float32 session (rounded) or an int32 one used to be cast into the segment and stepped with."""
+    s = client.create_session("adam", {"w": np.linspace(-1, 1, 1000, dtype=np.float32)})
+    arrays = s.enable_shared_memory(resident=resident)
+    before = arrays["w"].copy()
+    for dt in (np.float64, np.int32, np.complex64):
+        with pytest.raises(UsageError, match=r"gradient 'w': dtype .* not accepted here; send float32"):
+            s.step({"w": np.ones(1000, dt)})
+    assert s.step_count == 0 and np.array_equal(arrays["w"], before)
+    s.step({"w": np.full(1000, 0.5, np.float16)})  # narrower: accepted, as over gRPC
+    assert s.step_count == 1
+    s.delete()
+
+
 def test_steps_over_grpc_refused_while_resident(client):
     s = client.create_session("sgd", {"w": np.ones(10, np.float32)})
     s.enable_shared_memory(resident=True)

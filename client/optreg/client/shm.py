@@ -144,7 +144,8 @@ class SharedMemory:
                 if np.shape(g) != buf.shape:
                     raise UsageError(f"gradient {name!r}: shape {list(np.shape(g))}, but the session's is "
                                      f"{list(buf.shape)}; the step was not applied")
-                np.copyto(buf, g, casting="same_kind")  # one local copy; nothing large crosses gRPC
+                self._check_dtype(name, np.asarray(g).dtype, buf.dtype)
+                np.copyto(buf, g)  # one local copy; nothing large crosses gRPC
             msgs.append(session_pb2.SharedMemoryTensor(name=name, dtype=self.code, shape=buf.shape,
                                                        byte_offset=self.offsets[name][1]))
         reply = session.client.transport.unary("StepSharedMemory", session_pb2.StepSharedMemoryRequest(
@@ -152,6 +153,20 @@ class SharedMemory:
             parameters=[] if self.resident else self._param_msgs,
             hyperparameters=hyperparameters, metrics=metrics), timeout=timeout)
         return reply.replayed, reply.step, {}
+
+    @staticmethod
+    def _check_dtype(name: str, dtype: np.dtype, master: np.dtype) -> None:
+        """What Step accepts: the master dtype or a narrower float. copyto would also round a float64 into a
+        float32 segment, or take integers, where a step over gRPC is refused."""
+        try:
+            tensors.to_code(dtype)
+        except ValueError:
+            wire = False
+        else:
+            wire = dtype.itemsize <= master.itemsize
+        if not wire:
+            raise UsageError(f"gradient {name!r}: dtype {dtype} is not accepted here; send {master} (the session's "
+                             "master dtype) or a narrower float (float16, bfloat16); the step was not applied")
 
     def close(self, unregister: bool = True) -> None:
         if unregister:
