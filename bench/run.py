@@ -453,26 +453,35 @@ def _clients(address, k, seconds, durability=None):
     time.sleep(1.5 + 0.2 * k)  # let them connect and warm up
     for _ in procs:
         start_q.put(1)
-    total = sum(done_q.get(timeout=seconds + 120) for _ in procs)
+    counts = [done_q.get(timeout=seconds + 120) for _ in procs]
     for p in procs:
         p.join()
-    return total / seconds
+    failed = [c for c in counts if isinstance(c, str)]
+    if failed:  # a worker's own error, not a bare queue timeout two minutes later
+        raise RuntimeError(f"{len(failed)} of {k} bench clients failed: {failed[0]}")
+    return sum(counts) / seconds
 
 
 def _worker_entry(address, seconds, start_q, done_q, durability=None):
     from optreg.client import Client
     rng = np.random.default_rng()
-    with Client(address) as c:
-        s = c.create_session("adam", {"w": rng.standard_normal(1000).astype(np.float32)}, durability=durability)
-        g = {"w": rng.standard_normal(1000).astype(np.float32)}
-        for _ in range(20):
-            s.step(g)
-        start_q.get()
-        end, count = time.perf_counter() + seconds, 0
-        while time.perf_counter() < end:
-            s.step(g)
-            count += 1
-        s.delete()
+    count = 0
+    try:
+        # wait_for_ready: on a loaded machine a new connection can time out before the server's first
+        # HTTP/2 frame (UNAVAILABLE); waiting for it is what a client that means to train would do.
+        with Client(address, wait_for_ready=True) as c:
+            s = c.create_session("adam", {"w": rng.standard_normal(1000).astype(np.float32)}, durability=durability)
+            g = {"w": rng.standard_normal(1000).astype(np.float32)}
+            for _ in range(20):
+                s.step(g)
+            start_q.get()
+            end = time.perf_counter() + seconds
+            while time.perf_counter() < end:
+                s.step(g)
+                count += 1
+            s.delete()
+    except Exception as e:  # reported to the parent, which raises it
+        count = f"{type(e).__name__}: {e}"
     done_q.put(count)
 
 

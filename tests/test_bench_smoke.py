@@ -28,3 +28,26 @@ def test_quick_bench_sections_complete_and_write_every_figure(tmp_path):
     for r in rows:
         assert math.isfinite(r["value"]) and r["value"] > 0, r
         assert r["baseline_value"] is None or (math.isfinite(r["baseline_value"]) and r["baseline_value"] > 0), r
+
+
+def test_bench_clients_wait_for_a_slow_server(start_server):
+    """The concurrency and durability sections' client processes wait for a server that does not answer
+    at once (under load a connection timed out before the server's first frame, the worker died, and the
+    quick bench ended two minutes later in a bare queue.Empty)."""
+    import threading
+    import time
+
+    from cli_helpers import free_port
+    sys.path.insert(0, str(ROOT))
+    from bench.run import _clients
+
+    port, out = free_port(), {}
+    t = threading.Thread(target=lambda: out.setdefault("rate", _clients(f"127.0.0.1:{port}", 1, 1.0)))
+    t.start()
+    time.sleep(4)  # the worker process is up and finds nothing listening
+    try:
+        srv = start_server("--port", str(port), "--memory-only")
+    finally:
+        t.join(timeout=180)
+    assert not t.is_alive() and out.get("rate", 0) > 0, out
+    srv.stop()

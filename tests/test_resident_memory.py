@@ -22,7 +22,7 @@ from cli_helpers import free_port
 from conftest import ROOT, SOURCE_ROOTS
 from disk_helpers import small_tmpfs
 from optreg.client import Client
-from optreg.client.errors import OptregError
+from optreg.client.errors import OptregError, UsageError
 from optreg.v1 import session_pb2, session_pb2_grpc, tensor_pb2
 from test_shared_memory import Segment, region, shm_exists, wait_gone
 
@@ -137,6 +137,41 @@ def test_failed_step_leaves_everything(client):
     s.delete()
 
 
+@pytest.mark.parametrize("resident", [False, True])
+def test_wrong_shape_gradient_refused(client, resident):
+    """A gradient whose shape differs is refused as over gRPC, never broadcast into the segment's buffer
+    ((1,), () and (1, n) used to be accepted and stepped with; (n-1,) gave numpy's ValueError)."""
+    init = np.linspace(-1, 1, 1000, dtype=np.float32)
+    s = client.create_session("adam", {"w": init.copy()})
+    arrays = s.enable_shared_memory(resident=resident)
+    s.step({"w": np.full(1000, 0.1, np.float32)})
+    before, grad_before = arrays["w"].copy(), s.gradients["w"].copy()
+    for g in (np.ones(999, np.float32), np.ones(1, np.float32), np.float32(1.0), np.ones((1, 1000), np.float32)):
+        with pytest.raises(UsageError, match=r"gradient 'w': shape .* but the session's is \[1000\]"):
+            s.step({"w": g})
+    assert s.step_count == 1 and client.get_session(s.id).step == 1
+    assert np.array_equal(arrays["w"], before) and np.array_equal(s.gradients["w"], grad_before)
+    s.step({"w": np.full(1000, 0.1, np.float32)})  # still serving
+    assert s.step_count == 2
+    s.delete()
+
+
+@pytest.mark.parametrize("resident", [False, True])
+def test_gradient_dtype_as_over_grpc(client, resident):
+    """The segment takes what Step takes: the master dtype or a narrower float. A float64 gradient for a
+    float32 session (rounded) or an int32 one used to be cast into the segment and stepped with."""
+    s = client.create_session("adam", {"w": np.linspace(-1, 1, 1000, dtype=np.float32)})
+    arrays = s.enable_shared_memory(resident=resident)
+    before = arrays["w"].copy()
+    for dt in (np.float64, np.int32, np.complex64):
+        with pytest.raises(UsageError, match=r"gradient 'w': dtype .* not accepted here; send float32"):
+            s.step({"w": np.ones(1000, dt)})
+    assert s.step_count == 0 and np.array_equal(arrays["w"], before)
+    s.step({"w": np.full(1000, 0.5, np.float16)})  # narrower: accepted, as over gRPC
+    assert s.step_count == 1
+    s.delete()
+
+
 def test_steps_over_grpc_refused_while_resident(client):
     s = client.create_session("sgd", {"w": np.ones(10, np.float32)})
     s.enable_shared_memory(resident=True)
@@ -207,6 +242,41 @@ def test_client_killed_parameters_kept(server, client, tmp_path):
     assert np.array_equal(s.read_parameters()["w"], np.load(saved))
     s.step({"w": np.ones(1000, np.float32)})
     s.delete()
+
+
+CHILD_OUTLIVES_SERVER = textwrap.dedent("""
+    import sys, numpy as np
+    from optreg.client import Client
+    c = Client(sys.argv[1])
+    s = c.create_session("adam", {"w": np.ones(1000, np.float32)}, durability="log")
+    s.enable_shared_memory(resident=True)
+    s.step({"w": np.full(1000, 0.5, np.float32)})
+    print(s._shm.key, flush=True)
+    sys.stdin.readline()  # the server is killed meanwhile; then this process ends normally
+""")
+
+
+def test_client_exit_after_server_killed_unlinks(start_server, tmp_path):
+    """The server killed first keeps the segment's name (for register_again); a client that then ends
+    without re-registering removes it itself (it used to stay in /dev/shm with all the parameters)."""
+    srv = start_server("--data-dir", str(tmp_path / "data"))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(SOURCE_ROOTS + [os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen([sys.executable, "-c", CHILD_OUTLIVES_SERVER, srv.address], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, env=env, cwd=str(ROOT))
+    key = None
+    try:
+        key = proc.stdout.readline().strip()
+        assert key.startswith("optreg-") and shm_exists(key)
+        srv.kill()
+        assert shm_exists(key)  # nobody unlinked it: the client could still register it again
+        proc.communicate("\n", timeout=60)
+        assert proc.returncode == 0
+        assert not shm_exists(key), f"/dev/shm/{key} leaked"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if key and key.startswith("optreg-") and shm_exists(key):
+            os.unlink(f"/dev/shm/{key}")
 
 
 @pytest.mark.parametrize("how", ["kill", "stop"])

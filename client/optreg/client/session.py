@@ -230,7 +230,8 @@ class Session:
         Returns the new `self.arrays`: views into the segment, holding the current parameters,
         which every later `step` updates in place with nothing but names and offsets on the
         wire. Gradients are read from the segment too: write them into `self.gradients[name]`
-        (views as well) and pass those to `step`, or pass any arrays and they are copied there.
+        (views as well) and pass those to `step`, or pass other arrays (the parameter's shape; its dtype
+        or a narrower float, as over gRPC) and they are copied there.
         The segment lives as long as this session object keeps its registration open: it is
         released by `disable_shared_memory()`, `delete()`, leaving a `with` block, or the client
         process ending.

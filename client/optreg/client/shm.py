@@ -11,6 +11,7 @@ from __future__ import annotations
 import mmap
 import os
 import uuid
+import weakref
 
 import numpy as np
 
@@ -47,6 +48,15 @@ def _new_segment(size: int) -> tuple[str, mmap.mmap]:
     return key, mm
 
 
+def _unlink_quietly(path: str, pid: int) -> None:
+    if os.getpid() != pid:  # a forked child exiting must not remove its parent's segment
+        return
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
 class SharedMemory:
     """The segment, its registration call (open while the segment is in use), and the step sender."""
 
@@ -55,6 +65,11 @@ class SharedMemory:
         self.session, self.key, self.mm, self.size = session, key, mm, size
         self.params, self.grads, self.offsets, self.call = params, grads, offsets, call
         self.resident = resident
+        # The server unlinks the name when the registration ends while it runs; if the server died first
+        # (kill -9: the name is kept so that register_again can find the segment), nobody would, and a
+        # resident segment holds all the parameters. So the name goes when this object is collected or
+        # the process exits normally (a client killed after its server leaves it: nothing can help then).
+        self._unlink = weakref.finalize(self, _unlink_quietly, f"/dev/shm/{key}", os.getpid())
         code = tensors.to_code(session.info.master_dtype)
         self.code = code
         self._param_msgs = [session_pb2.SharedMemoryTensor(name=n, dtype=code, shape=a.shape,
@@ -80,10 +95,7 @@ class SharedMemory:
                     np.copyto(params[name], current[name], casting="unsafe")
             call, step = cls._register(session, key, size, params, offsets, resident)
         except BaseException:
-            try:
-                os.unlink(f"/dev/shm/{key}")
-            except FileNotFoundError:
-                pass
+            _unlink_quietly(f"/dev/shm/{key}", os.getpid())
             raise
         self = cls(session, key, mm, size, params, grads, offsets, call, resident)
         session.arrays = dict(params)
@@ -127,7 +139,13 @@ class SharedMemory:
             if buf is None:
                 raise UsageError(f"unknown gradient {name!r}; the session's parameters are: " + ", ".join(self.grads))
             if g is not buf:
-                np.copyto(buf, g, casting="same_kind")  # one local copy; nothing large crosses gRPC
+                # The shape must match exactly, as over gRPC: copyto would broadcast a (1,) or () gradient
+                # over the whole buffer and the server would then step with it.
+                if np.shape(g) != buf.shape:
+                    raise UsageError(f"gradient {name!r}: shape {list(np.shape(g))}, but the session's is "
+                                     f"{list(buf.shape)}; the step was not applied")
+                self._check_dtype(name, np.asarray(g).dtype, buf.dtype)
+                np.copyto(buf, g)  # one local copy; nothing large crosses gRPC
             msgs.append(session_pb2.SharedMemoryTensor(name=name, dtype=self.code, shape=buf.shape,
                                                        byte_offset=self.offsets[name][1]))
         reply = session.client.transport.unary("StepSharedMemory", session_pb2.StepSharedMemoryRequest(
@@ -135,6 +153,20 @@ class SharedMemory:
             parameters=[] if self.resident else self._param_msgs,
             hyperparameters=hyperparameters, metrics=metrics), timeout=timeout)
         return reply.replayed, reply.step, {}
+
+    @staticmethod
+    def _check_dtype(name: str, dtype: np.dtype, master: np.dtype) -> None:
+        """What Step accepts: the master dtype or a narrower float. copyto would also round a float64 into a
+        float32 segment, or take integers, where a step over gRPC is refused."""
+        try:
+            tensors.to_code(dtype)
+        except ValueError:
+            wire = False
+        else:
+            wire = dtype.itemsize <= master.itemsize
+        if not wire:
+            raise UsageError(f"gradient {name!r}: dtype {dtype} is not accepted here; send {master} (the session's "
+                             "master dtype) or a narrower float (float16, bfloat16); the step was not applied")
 
     def close(self, unregister: bool = True) -> None:
         if unregister:
@@ -144,8 +176,5 @@ class SharedMemory:
             except OptregError:
                 pass  # cancelling the registration below releases it as well
         self.call.cancel()
-        try:
-            os.unlink(f"/dev/shm/{self.key}")
-        except FileNotFoundError:
-            pass
+        self._unlink()
         # The mapping stays while arrays view it; it is unmapped when the last one is collected.
