@@ -318,8 +318,7 @@ class StepRun:
         if self.reader is old:
             old.readers -= 1
             self.reader = None
-        if old.readers == 0 and s.spare is None:
-            s.spare = old
+        s.keep_spare(old)
         s.step = self.t
         s.clocks.clear()  # a dense step steps every row (the owed ones were caught up first)
         if self.hp_changes:  # on top of the values now in force (a concurrent UpdateHyperparameters stays)
@@ -430,8 +429,8 @@ class StepRun:
             if self.reader is not None:
                 self.reader.readers -= 1
                 self.reader = None
-            if self.staging is not None and s.spare is None and s.live is not None:
-                s.spare = self.staging
+            if self.staging is not None and s.live is not None:
+                s.keep_spare(self.staging)
             self.staging = None
             if not self.done:
                 if self.record is not None:

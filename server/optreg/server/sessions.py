@@ -39,6 +39,9 @@ DURABILITIES = ("every-step", "log", "periodic", "none")
 MAX_STEP = (1 << 63) - 1
 
 
+SPARE_MIN_BYTES = 256 * 1024  # see Session.keep_spare
+
+
 @dataclass(frozen=True)
 class Durability:
     """How a session's steps reach the disk (see docs/durability.md)."""
@@ -86,7 +89,7 @@ class Session:
     created_at: float = field(default_factory=time.time)
     last_used_at: float = field(default_factory=time.time)
     live: Arrays | None = None  # None while unloaded (its tensors on disk only)
-    spare: Arrays | None = None  # the next step's staging, when nobody reads it
+    spare: Arrays | None = None  # the next step's staging, when nobody reads it (keep_spare)
     last_delta: dict[str, np.ndarray] | None = None  # reply "delta": a retry gets the same answer
     # Durability bookkeeping (store.py): the newest step on disk, and when.
     persisted_step: int = -1
@@ -109,6 +112,13 @@ class Session:
     clocks: dict = field(default_factory=dict, repr=False)
     last_sparse: object | None = field(default=None, repr=False)
     resident: object | None = field(default=None, repr=False)  # shm.Region holding the parameters (resident.py)
+
+    def keep_spare(self, arrays: Arrays) -> None:
+        """Caller holds the lock: keep a set nobody reads as the next step's staging, when making a new one
+        costs: a large set comes from mmap and faults in every page at its first write, while a small
+        one is malloc's and cheap to make again (keeping it would double a small session's memory)."""
+        if arrays.readers == 0 and self.spare is None and arrays.nbytes >= SPARE_MIN_BYTES:
+            self.spare = arrays
 
     def __post_init__(self):
         allowed = GRAD_DTYPES[self.master_code]

@@ -201,8 +201,7 @@ def swap(s: Session, new: Arrays) -> None:
     """Caller holds the lock: `new` (every row current) replaces the live set; readers keep the old."""
     old, s.live = s.live, new
     s.clocks.clear()
-    if old.readers == 0 and s.spare is None:
-        s.spare = old
+    s.keep_spare(old)
 
 
 # -- a sparse step --------------------------------------------------------------------------------
