@@ -21,10 +21,12 @@ import ray
 from optreg.server.cluster import wire
 from optreg.server.cluster.directory import Directory
 from optreg.server.cluster.host import CREATES, LARGE, MOVED, OK, pack, unpack
-from optreg.v1 import session_pb2
+from optreg.v1 import session_pb2, telemetry_pb2
 
 log = logging.getLogger("optreg.server.cluster")
 SERVICE = session_pb2.DESCRIPTOR.services_by_name["SessionService"]
+TELEMETRY = telemetry_pb2.DESCRIPTOR.services_by_name["TelemetryService"]
+WATCH_PULL_SECONDS = 1.0  # each pull of a watch waits this long for news (and the client's cancel is seen)
 LOCAL_ONLY = ("RegisterSharedMemory", "UnregisterSharedMemory", "StepSharedMemory")
 RETRYABLE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnschedulableError, ray.exceptions.GetTimeoutError,
              ray.exceptions.ObjectLostError)
@@ -59,8 +61,9 @@ class Frontend:
             return self.directory.place(), 0
         return self.directory.place(), epoch  # its owner is gone: adopt it elsewhere, from that epoch
 
-    def forward(self, method: str, messages: list[bytes]):
-        """(body, ends, trailing) of the owner's reply, retried across failures and moves."""
+    def forward(self, method: str, messages: list[bytes], invoke=None):
+        """(body, ends, trailing) of the owner's reply, retried across failures and moves.
+        `invoke(host, session_id, take_over)`, when given, makes the call instead of host.call."""
         first = messages[0] if messages else b""
         create = method in CREATES
         if create:
@@ -90,8 +93,9 @@ class Frontend:
                 self.routes.pop(session_id, None)
                 continue
             try:
-                status, epoch, body, out_ends, trailing = ray.get(
-                    host.call.remote(method, session_id, payload, ends, take_over),
+                ref = (invoke(host, session_id, take_over) if invoke is not None
+                       else host.call.remote(method, session_id, payload, ends, take_over))
+                status, epoch, body, out_ends, trailing = ray.get(ref,
                     timeout=max(1.0, deadline - time.monotonic()))
             except RETRYABLE as e:
                 log.warning("session %s: host %s failed (%s); retrying", session_id, name, type(e).__name__)
@@ -166,12 +170,70 @@ class Frontend:
                 out.sessions.extend(session_pb2.ListSessionsResponse.FromString(_replies(body, ends)[0]).sessions)
         return out.SerializeToString()
 
+    def watch(self, request: bytes, context):
+        """WatchSession: the owner runs the single server's watch; its messages are pulled in batches.
+        When the owner fails or the session moves, the watch is opened again on the new owner from
+        one past the last step sent (the steps in between are in the ring it wrote to storage)."""
+        session_id = wire.session_id(request)
+        original, last_step, seen_alerts = request, 0, set()
+        while context.is_active():
+            opened = []
+
+            def invoke(host, sid, take_over):
+                opened[:] = [host]
+                return host.watch.remote(sid, request, take_over)
+
+            watch_id = self.forward("WatchSession", [request], invoke)[0]
+            host = opened[0]
+            try:
+                while context.is_active():
+                    messages, error, ended = ray.get(host.watch_next.remote(watch_id, WATCH_PULL_SECONDS),
+                                                     timeout=WATCH_PULL_SECONDS + self.retry_seconds)
+                    for m in messages:
+                        reply = telemetry_pb2.WatchSessionResponse.FromString(m)
+                        if reply.HasField("step"):
+                            last_step = max(last_step, reply.step.step)
+                        else:  # a reopened watch sends its first step's alerts again
+                            key = reply.alert.SerializeToString(deterministic=True)
+                            if key in seen_alerts:
+                                continue
+                            seen_alerts.add(key)
+                        yield m
+                    if error is not None and error[0] != "UNAVAILABLE":
+                        raise _Failed(*error)
+                    if error is not None or (ended and self._moved(session_id, host)):
+                        break  # the watch ended on a host that no longer has the session: open it again
+                    if ended:
+                        return
+            except RETRYABLE as e:
+                log.warning("session %s: watch on a host failed (%s); watching again", session_id, type(e).__name__)
+                self.routes.pop(session_id, None)
+            finally:
+                if not context.is_active():
+                    host.watch_close.remote(watch_id)
+            request = original if not last_step else telemetry_pb2.WatchSessionRequest(
+                session_id=session_id, from_step=last_step + 1).SerializeToString()
+
+    def _moved(self, session_id: str, host) -> bool:
+        """Whether a watch ended because its host let go of the session (not because it was deleted)."""
+        epoch, holder = self.directory.ownership.current(session_id)
+        return epoch > 0 and not (holder or {}).get("deleted") and self.epochs.get(session_id, 0) < epoch
+
     # -- gRPC --------------------------------------------------------------------------------------
-    def handlers(self) -> grpc.GenericRpcHandler:
+    def handlers(self) -> tuple[grpc.GenericRpcHandler, ...]:
         table = {}
         for m in SERVICE.methods:
             table[m.name] = _handler(self, m.name, m.client_streaming, m.server_streaming)
-        return grpc.method_handlers_generic_handler(SERVICE.full_name, table)
+        watched = {m.name: _handler(self, m.name, False, False) for m in TELEMETRY.methods if m.name != "WatchSession"}
+        watched["WatchSession"] = grpc.unary_stream_rpc_method_handler(self._watch_handler)
+        return (grpc.method_handlers_generic_handler(SERVICE.full_name, table),
+                grpc.method_handlers_generic_handler(TELEMETRY.full_name, watched))
+
+    def _watch_handler(self, request: bytes, context):
+        try:
+            yield from self.watch(request, context)
+        except _Failed as f:
+            context.abort(grpc.StatusCode[f.code], f.message)
 
 
 def _not_replayed(method: str, replies: list[bytes]):

@@ -22,6 +22,8 @@ import numpy as np
 from optreg.plugins.registry import Registry
 from optreg.server import budget as memory
 from optreg.server.app import _add_session_service, _Handlers
+from optreg.server import telemetry_service
+from optreg.server.cluster import telemetry
 from optreg.server.cluster.fenced import FencedJournal
 from optreg.server.cluster.ownership import EpochTaken, StaleOwner
 from optreg.server.errors import AlreadyExists, NotFound, Refused
@@ -31,7 +33,7 @@ from optreg.server.metrics import Metrics
 from optreg.server.service import SessionServicer
 from optreg.server.status import translate
 from optreg.server.store import SessionStore
-from optreg.v1 import session_pb2
+from optreg.v1 import session_pb2, telemetry_pb2
 
 log = logging.getLogger("optreg.server.cluster")
 CREATES = ("CreateSession", "CreateSessionStream")
@@ -122,11 +124,19 @@ class SessionHost:
         budget = memory.default_budget() if memory_budget_mb is None else int(memory_budget_mb * memory.MIB)
         self.store = ClusterStore(Registry(), self.journal, budget=memory.MemoryBudget(budget),
                                   default_durability="log", metrics=self.metrics)
-        self.journal.on_stale = self.store.forget
+        self.journal.on_stale = self._superseded
         self.servicer = SessionServicer(self.store, metrics=self.metrics, max_streams=64)
         got = _Handlers()
         _add_session_service(self.servicer, got)
         self.handlers = got.handlers
+        # TelemetryService: the same servicer as the single server's, over this host's sessions
+        self.telemetry = telemetry.attach(self.store, root, self.store.registry)
+        watching = telemetry_service.TelemetryServicer(
+            self.telemetry, check_session=lambda sid, who: self.store.get(sid, who))
+        got = _Handlers()
+        telemetry_service.add_to_server(watching, got)
+        self.handlers.update(got.handlers)
+        self.watches = telemetry.Watches(watching)
         self.janitor = Janitor(self.store)
         self.janitor.start()
         self.draining = False
@@ -160,6 +170,7 @@ class SessionHost:
             except BaseException:
                 self.journal.release(session_id)
                 raise
+            telemetry.take(self.telemetry, session_id)
             self.store.adopted(session)
             log.info("session %s adopted at step %d, epoch %d", session_id, session.step, claim.epoch,
                      extra={"session_id": session_id, "step": session.step})
@@ -179,6 +190,7 @@ class SessionHost:
                     log.error("session %s not flushed at drain: %s", s.id, e)
                 self.journal.release(s.id)
                 self.store.forget(s.id)
+                telemetry.let_go(self.telemetry, s.id, save=True)
             if epoch:
                 moved.append((s.id, epoch))
         self.janitor.stop()
@@ -186,6 +198,31 @@ class SessionHost:
 
     def pid(self) -> int:
         return os.getpid()
+
+    def _superseded(self, session_id: str) -> None:
+        self.store.forget(session_id)
+        telemetry.let_go(self.telemetry, session_id, save=False)
+
+    # -- WatchSession: a generator here, pulled in batches by the front end (cluster/telemetry.py) --
+    def watch(self, session_id: str, request: bytes, take_over: int = 0):
+        """(status, epoch, watch id or message, None, ()) like call's: the watch started on the owner."""
+        if self.draining:
+            return MOVED, 0, None, None, ()
+        try:
+            moved = self._ensure_owned(session_id, take_over)
+        except Refused as e:
+            code, message, trailing = translate(e)
+            return code.name, 0, message, None, trailing
+        if moved is not None:
+            return moved
+        parsed = telemetry_pb2.WatchSessionRequest.FromString(request)
+        return OK, self.journal.epoch_of(session_id), self.watches.open(parsed), None, ()
+
+    def watch_next(self, watch_id: str, seconds: float):
+        return self.watches.next(watch_id, seconds)
+
+    def watch_close(self, watch_id: str) -> None:
+        self.watches.close(watch_id)
 
     # -- calls -----------------------------------------------------------------------------
     def call(self, method: str, session_id: str, payload, ends, take_over: int = 0):
