@@ -220,6 +220,58 @@ def test_concurrent_takeovers_of_one_session_leave_one_owner(front, tmp_path):
         assert c.get_session(sid).step == 0
 
 
+def test_front_end_serves_telemetry_health_and_reflection_like_one_server(front):
+    """TelemetryService through the front end, forwarded to the owner: a session stepped by an owner
+    that is gone is adopted with its telemetry (the ring moves with it); WatchSession from step 1
+    replays those steps, then streams a new one; health and reflection name TelemetryService; bad
+    input gets the single server's status and words."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+    from optreg.v1 import telemetry_pb2, telemetry_pb2_grpc
+
+    sid = "watched-1"
+    gone = SessionHost("optreg-host-gone-t", str(front.directory.root), 64)  # an owner that is not an actor
+    assert gone.call("CreateSession", sid, *pack([create_request(sid).SerializeToString()]))[0] == OK
+    for i in range(1, 4):
+        step = session_pb2.StepRequest(session_id=sid, step=i - 1, gradients=[tensors.from_numpy("W", grad(i))])
+        assert gone.call("Step", sid, *pack([step.SerializeToString()]))[0] == OK
+    gone.janitor.stop()
+    gone.telemetry.close()  # its ring written to storage, as a host's saver does every 5 s
+    epoch, _ = front.directory.ownership.current(sid)
+    # (its holder is no Ray actor: to the front end it is gone, and a live host adopts the session)
+
+    import grpc
+    with grpc.insecure_channel(front.address) as channel:
+        stub = telemetry_pb2_grpc.TelemetryServiceStub(channel)
+        got = stub.GetTelemetry(telemetry_pb2.GetTelemetryRequest(session_id=sid), timeout=120)
+        assert [r.step for r in got.steps] == [1, 2, 3] and got.steps[0].tensors[0].name == "W"
+        watch = stub.WatchSession(telemetry_pb2.WatchSessionRequest(session_id=sid, from_step=1), timeout=120)
+        seen = [next(watch).step.step for _ in range(3)]
+        with Client(front.address) as c:
+            c.session(sid).step({"W": grad(4)})
+        seen.append(next(watch).step.step)
+        watch.cancel()
+        assert seen == [1, 2, 3, 4]
+        for request, code, words in [
+                (telemetry_pb2.GetTelemetryRequest(session_id="no-such-1"), grpc.StatusCode.NOT_FOUND,
+                 "session 'no-such-1' not found"),
+                (telemetry_pb2.GetTelemetryRequest(session_id=sid, from_step=-1), grpc.StatusCode.INVALID_ARGUMENT,
+                 "from_step and to_step must be >= 0 (0: unbounded on that side)")]:
+            with pytest.raises(grpc.RpcError) as e:
+                stub.GetTelemetry(request, timeout=60)
+            assert (e.value.code(), e.value.details()) == (code, words)
+        with pytest.raises(grpc.RpcError) as e:
+            next(stub.WatchSession(telemetry_pb2.WatchSessionRequest(session_id="no-such-1"), timeout=60))
+        assert (e.value.code(), e.value.details()) == (grpc.StatusCode.NOT_FOUND, "session 'no-such-1' not found")
+        health = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service="optreg.v1.TelemetryService"), timeout=10)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        listed = next(reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10))
+        assert "optreg.v1.TelemetryService" in {s.name for s in listed.list_services_response.service}
+    assert front.directory.ownership.current(sid)[0] > epoch
+
+
 def test_a_stopped_owner_is_fenced_out(front, tmp_path):
     """A session host in another process owns a session and steps it; it is SIGSTOPped, a second
     host takes the session over and steps on, then the first is SIGCONTed: its next write is refused
