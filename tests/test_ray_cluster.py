@@ -272,6 +272,33 @@ def test_front_end_serves_telemetry_health_and_reflection_like_one_server(front)
     assert front.directory.ownership.current(sid)[0] > epoch
 
 
+def test_a_shared_sessions_round_through_the_front_end(front):
+    """Two workers of a sync shared session step at once through the front end: the round waits on
+    its host with the client's deadline (the host's context answers time_remaining) and closes with
+    the mean of both, the same reply to each."""
+    with Client(front.address, timeout=120) as c:
+        session = c.create_session("sgd", {"W": np.zeros(4)}, lr=1.0, workers=2)
+        workers = [c.join(session.id, name) for name in ("a", "b")]
+        replies, errors = [], []
+
+        def step(w, g):
+            try:
+                w.step({"W": np.full(4, g)})
+                replies.append(w.arrays["W"].copy())
+            except Exception as e:  # pragma: no cover - reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=step, args=(w, g)) for w, g in zip(workers, (1.0, 3.0))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not errors, errors
+        for got in replies + [c.session(session.id, {}).read_parameters()["W"]]:
+            np.testing.assert_allclose(got, np.full(4, -2.0))  # 0 - 1.0 * mean(1, 3)
+        session.delete()
+
+
 def test_a_stopped_owner_is_fenced_out(front, tmp_path):
     """A session host in another process owns a session and steps it; it is SIGSTOPped, a second
     host takes the session over and steps on, then the first is SIGCONTed: its next write is refused

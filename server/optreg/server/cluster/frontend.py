@@ -61,9 +61,10 @@ class Frontend:
             return self.directory.place(), 0
         return self.directory.place(), epoch  # its owner is gone: adopt it elsewhere, from that epoch
 
-    def forward(self, method: str, messages: list[bytes], invoke=None):
+    def forward(self, method: str, messages: list[bytes], invoke=None, remaining: float | None = None):
         """(body, ends, trailing) of the owner's reply, retried across failures and moves.
-        `invoke(host, session_id, take_over)`, when given, makes the call instead of host.call."""
+        `invoke(host, session_id, take_over)`, when given, makes the call instead of host.call.
+        `remaining`: the client's time left, the host's bound on a shared session's round wait."""
         first = messages[0] if messages else b""
         create = method in CREATES
         if create:
@@ -75,7 +76,7 @@ class Frontend:
             session_id = wire.session_id(first)
         buf, ends = pack(messages)
         payload = ray.put(buf) if buf.nbytes >= LARGE else buf  # large tensors via the object store
-        deadline = time.monotonic() + self.retry_seconds
+        deadline = time.monotonic() + max(self.retry_seconds, (remaining or 0) + 5)
         attempt, take_over, name = 0, 0, None
         while True:
             if attempt and time.monotonic() > deadline:
@@ -94,7 +95,7 @@ class Frontend:
                 continue
             try:
                 ref = (invoke(host, session_id, take_over) if invoke is not None
-                       else host.call.remote(method, session_id, payload, ends, take_over))
+                       else host.call.remote(method, session_id, payload, ends, take_over, remaining))
                 status, epoch, body, out_ends, trailing = ray.get(ref,
                     timeout=max(1.0, deadline - time.monotonic()))
             except RETRYABLE as e:
@@ -265,7 +266,7 @@ def _handler(front: Frontend, name: str, client_streaming: bool, server_streamin
             return [front.list_sessions()]
         messages = list(request) if client_streaming else [request]
         try:
-            body, ends, trailing = front.forward(name, messages)
+            body, ends, trailing = front.forward(name, messages, remaining=context.time_remaining())
         except _Failed as f:
             if f.trailing:
                 context.set_trailing_metadata(f.trailing)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 import uuid
 
 import grpc
@@ -50,11 +51,16 @@ class _Abort(Exception):
 class _Context:
     """What the servicer needs of a grpc.ServicerContext, inside the actor."""
 
-    def __init__(self):
+    def __init__(self, remaining: float | None = None):
         self.trailing = ()
+        # the client's deadline as the front end saw it (a shared session's round waits up to it)
+        self.deadline = None if remaining is None else time.monotonic() + remaining
 
     def is_active(self):
-        return True
+        return self.deadline is None or time.monotonic() < self.deadline
+
+    def time_remaining(self):
+        return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
 
     def peer(self):
         return "ray:front-end"  # never a local peer: shared-memory RPCs refuse it
@@ -225,7 +231,7 @@ class SessionHost:
         self.watches.close(watch_id)
 
     # -- calls -----------------------------------------------------------------------------
-    def call(self, method: str, session_id: str, payload, ends, take_over: int = 0):
+    def call(self, method: str, session_id: str, payload, ends, take_over: int = 0, remaining: float | None = None):
         """(status, epoch, body, ends, trailing): status is OK, MOVED (body: the owner's record) or a
         grpc status name (body: the message)."""
         messages = unpack(payload, ends)
@@ -242,16 +248,16 @@ class SessionHost:
             code, message, trailing = translate(e)
             return code.name, 0, message, None, trailing
         epoch = self.journal.epoch_of(session_id)
-        status, body, out_ends, trailing = self._invoke(method, messages)
+        status, body, out_ends, trailing = self._invoke(method, messages, remaining)
         if method in CREATES and status != OK:
             self._unclaim(session_id)
         if status == grpc.StatusCode.UNAVAILABLE.name and session_id not in self.journal.claims:
             return MOVED, epoch, None, None, ()  # superseded during the call: the front end retries
         return status, epoch, body, out_ends, trailing
 
-    def _invoke(self, method, messages):
+    def _invoke(self, method, messages, remaining=None):
         h = self.handlers[method]
-        ctx = _Context()
+        ctx = _Context(remaining)
         fn = h.unary_unary or h.unary_stream or h.stream_unary or h.stream_stream
         try:
             request = (h.request_deserializer(m) for m in messages) if h.request_streaming \
