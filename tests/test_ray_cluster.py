@@ -13,6 +13,7 @@ import pathlib
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -297,6 +298,38 @@ def test_a_shared_sessions_round_through_the_front_end(front):
         for got in replies + [c.session(session.id, {}).read_parameters()["W"]]:
             np.testing.assert_allclose(got, np.full(4, -2.0))  # 0 - 1.0 * mean(1, 3)
         session.delete()
+
+
+def test_a_large_stream_is_forwarded_as_it_arrives(front):
+    """A 12 MB create and step (CreateSessionStream, StepStream) reach the host in groups while the
+    client still sends (cluster/feed.py): the result is the formula's, bit for bit."""
+    w = np.random.default_rng(3).standard_normal(3_000_000).astype(np.float32)
+    g = np.random.default_rng(4).standard_normal(w.size).astype(np.float32)
+    with Client(front.address, timeout=120) as c:
+        s = c.create_session("sgd", {"W": w.copy()}, lr=0.5)  # (a session's steps write into its arrays)
+        s.step({"W": g})
+        np.testing.assert_array_equal(s.read_parameters()["W"], w - np.float32(0.5) * g)
+        s.delete()
+
+
+def test_a_stream_whose_groups_stop_coming_is_sent_again():
+    """A fed call whose next group never comes (the front end died, or Ray retried the call in a new
+    incarnation and the groups went to the old one) answers MOVED, with nothing applied, so a front
+    end that is still there sends the whole request again; a late group for it is dropped."""
+    from optreg.server.cluster.feed import FEED_BYTES  # noqa: F401 - the module under test
+    sid = "fed-1"
+    host = SessionHost("optreg-host-fed", str(pathlib.Path(tempfile.mkdtemp())), 64)
+    host.feeds.seconds = 0.5
+    try:
+        assert host.call("CreateSession", sid, *pack([create_request(sid).SerializeToString()]))[0] == OK
+        head = session_pb2.StepStreamRequest(session_id=sid, step=0).SerializeToString()
+        status, *_ = host.call("StepStream", sid, *pack([head]), 0, None, "call-1")
+        assert status == MOVED
+        assert host.feed("call-1", 0, *pack([b""]), True) is False  # late: dropped
+        assert host.store.get(sid).step == 0
+    finally:
+        host.janitor.stop()
+        host.telemetry.close()
 
 
 def test_a_stopped_owner_is_fenced_out(front, tmp_path):

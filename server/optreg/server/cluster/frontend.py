@@ -20,6 +20,7 @@ import ray
 
 from optreg.server.cluster import wire
 from optreg.server.cluster.directory import Directory
+from optreg.server.cluster.feed import FEED_BYTES
 from optreg.server.cluster.host import CREATES, LARGE, MOVED, OK, pack, unpack
 from optreg.v1 import session_pb2, telemetry_pb2
 
@@ -61,10 +62,12 @@ class Frontend:
             return self.directory.place(), 0
         return self.directory.place(), epoch  # its owner is gone: adopt it elsewhere, from that epoch
 
-    def forward(self, method: str, messages: list[bytes], invoke=None, remaining: float | None = None):
+    def forward(self, method: str, messages: list[bytes], invoke=None, remaining: float | None = None, rest=None):
         """(body, ends, trailing) of the owner's reply, retried across failures and moves.
         `invoke(host, session_id, take_over)`, when given, makes the call instead of host.call.
-        `remaining`: the client's time left, the host's bound on a shared session's round wait."""
+        `remaining`: the client's time left, the host's bound on a shared session's round wait.
+        `rest`: the client stream's messages after `messages`, not read yet: the first attempt sends
+        them to the host as they arrive (cluster/feed.py); they are kept for a retry."""
         first = messages[0] if messages else b""
         create = method in CREATES
         if create:
@@ -74,8 +77,7 @@ class Frontend:
                 messages = [wire.with_create_id(first, session_id)] + messages[1:]
         else:
             session_id = wire.session_id(first)
-        buf, ends = pack(messages)
-        payload = ray.put(buf) if buf.nbytes >= LARGE else buf  # large tensors via the object store
+        payload = ends = None
         deadline = time.monotonic() + max(self.retry_seconds, (remaining or 0) + 5)
         attempt, take_over, name = 0, 0, None
         while True:
@@ -94,8 +96,15 @@ class Frontend:
                 self.routes.pop(session_id, None)
                 continue
             try:
-                ref = (invoke(host, session_id, take_over) if invoke is not None
-                       else host.call.remote(method, session_id, payload, ends, take_over, remaining))
+                if rest is not None:  # the first attempt at a client stream: forwarded as it arrives
+                    ref, rest = self._feed(host, method, session_id, messages, rest, take_over, remaining), None
+                elif invoke is not None:
+                    ref = invoke(host, session_id, take_over)
+                else:
+                    if payload is None:
+                        buf, ends = pack(messages)
+                        payload = ray.put(buf) if buf.nbytes >= LARGE else buf  # large tensors via the object store
+                    ref = host.call.remote(method, session_id, payload, ends, take_over, remaining)
                 status, epoch, body, out_ends, trailing = ray.get(ref,
                     timeout=max(1.0, deadline - time.monotonic()))
             except RETRYABLE as e:
@@ -129,6 +138,23 @@ class Frontend:
             if method in ("Step", "StepStream"):
                 body, out_ends = self._answered(session_id, method, body, out_ends)
             return body, out_ends, trailing
+
+    def _feed(self, host, method, session_id, messages, rest, take_over, remaining):
+        """Start the host's call with `messages`, then send the rest of the stream in groups of about
+        FEED_BYTES as it arrives (each group a numpy buffer: Ray passes it through the object store),
+        appending them to `messages` for a retry. The call's reply ref."""
+        call_id = uuid.uuid4().hex
+        ref = host.call.remote(method, session_id, *pack(messages), take_over, remaining, call_id)
+        group, size, seq = [], 0, 0
+        for m in rest:
+            messages.append(m)
+            group.append(m)
+            size += len(m)
+            if size >= FEED_BYTES:
+                host.feed.remote(call_id, seq, *pack(group), False)
+                group, size, seq = [], 0, seq + 1
+        host.feed.remote(call_id, seq, *pack(group), True)
+        return ref
 
     def _answered(self, session_id: str, method: str, body, ends):
         """Note the step answered; a replay of a step this front end never answered is shown as applied.
@@ -264,9 +290,14 @@ def _handler(front: Frontend, name: str, client_streaming: bool, server_streamin
                           "is not: use Step or StepStream")
         if name == "ListSessions":
             return [front.list_sessions()]
-        messages = list(request) if client_streaming else [request]
+        rest = None
+        if client_streaming:  # the first message read here, the rest forwarded as it arrives
+            first = next(request, None)
+            messages, rest = ([], None) if first is None else ([first], request)
+        else:
+            messages = [request]
         try:
-            body, ends, trailing = front.forward(name, messages, remaining=context.time_remaining())
+            body, ends, trailing = front.forward(name, messages, remaining=context.time_remaining(), rest=rest)
         except _Failed as f:
             if f.trailing:
                 context.set_trailing_metadata(f.trailing)

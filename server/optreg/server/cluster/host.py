@@ -11,6 +11,7 @@ Every reply carries the session's epoch, so a front end can drop one from a supe
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import threading
@@ -25,6 +26,7 @@ from optreg.server import budget as memory
 from optreg.server.app import _add_session_service, _Handlers
 from optreg.server import telemetry_service
 from optreg.server.cluster import telemetry
+from optreg.server.cluster.feed import Feeds, FeedStopped
 from optreg.server.cluster.fenced import FencedJournal
 from optreg.server.cluster.ownership import EpochTaken, StaleOwner
 from optreg.server.errors import AlreadyExists, NotFound, Refused
@@ -143,6 +145,7 @@ class SessionHost:
         telemetry_service.add_to_server(watching, got)
         self.handlers.update(got.handlers)
         self.watches = telemetry.Watches(watching)
+        self.feeds = Feeds()
         self.janitor = Janitor(self.store)
         self.janitor.start()
         self.draining = False
@@ -231,10 +234,38 @@ class SessionHost:
         self.watches.close(watch_id)
 
     # -- calls -----------------------------------------------------------------------------
-    def call(self, method: str, session_id: str, payload, ends, take_over: int = 0, remaining: float | None = None):
+    def call(self, method: str, session_id: str, payload, ends, take_over: int = 0, remaining: float | None = None,
+             fed: str | None = None):
         """(status, epoch, body, ends, trailing): status is OK, MOVED (body: the owner's record) or a
-        grpc status name (body: the message)."""
-        messages = unpack(payload, ends)
+        grpc status name (body: the message). `fed`: the rest of the client stream comes by `feed`
+        calls under this id (cluster/feed.py), read as the step goes."""
+        if fed is None:
+            return self._call(method, session_id, unpack(payload, ends), take_over, remaining)
+        stopped = []
+
+        def rest():
+            try:
+                yield from self.feeds.messages(fed)
+            except FeedStopped:
+                stopped.append(True)
+                raise
+
+        try:
+            answer = self._call(method, session_id, itertools.chain(unpack(payload, ends), rest()), take_over,
+                                remaining)
+        except FeedStopped:
+            answer = None
+        finally:
+            self.feeds.end(fed)
+        # Groups that never came (the front end is gone, or this is Ray's retry of the call in a new
+        # incarnation, the groups sent to the old one lost): nothing was applied; the front end, if
+        # still there, sends the whole request again.
+        return (MOVED, 0, None, None, ()) if stopped or answer is None else answer
+
+    def feed(self, call_id: str, seq: int, payload, ends, last: bool) -> bool:
+        return self.feeds.put(call_id, seq, unpack(payload, ends), last)
+
+    def _call(self, method, session_id, messages, take_over, remaining):
         if self.draining:
             return MOVED, 0, None, None, ()
         try:
@@ -307,10 +338,13 @@ class SessionHost:
     def _claim_new(self, method: str, messages):
         """A create: the id (one is drawn if the request has none) claimed at epoch 1 before anything."""
         kind = session_pb2.CreateSessionRequest if method == "CreateSession" else session_pb2.CreateSessionStreamRequest
-        first = kind.FromString(messages[0]) if messages else kind()
+        rest = iter(messages)  # (the rest of a fed stream is still arriving: not read here)
+        raw = next(rest, None)
+        first = kind.FromString(raw) if raw is not None else kind()
         if not first.config.session_id:
             first.config.session_id = uuid.uuid4().hex
-            messages = [first.SerializeToString()] + list(messages[1:])
+            raw = first.SerializeToString()
+        messages = [raw] if method == "CreateSession" else itertools.chain([raw], rest)
         sid = first.config.session_id
         from optreg.server.factory import valid_id
         if valid_id(sid):  # else the servicer refuses it, and nothing was claimed
