@@ -27,6 +27,7 @@ from optreg.v1 import session_pb2, telemetry_pb2
 log = logging.getLogger("optreg.server.cluster")
 SERVICE = session_pb2.DESCRIPTOR.services_by_name["SessionService"]
 TELEMETRY = telemetry_pb2.DESCRIPTOR.services_by_name["TelemetryService"]
+NO_DEADLINE = 1e6  # seconds left above which a call has no deadline
 WATCH_PULL_SECONDS = 1.0  # each pull of a watch waits this long for news (and the client's cancel is seen)
 LOCAL_ONLY = ("RegisterSharedMemory", "UnregisterSharedMemory", "StepSharedMemory")
 RETRYABLE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnschedulableError, ray.exceptions.GetTimeoutError,
@@ -276,6 +277,13 @@ def _not_replayed(method: str, replies: list[bytes]):
     return out, None
 
 
+def _remaining(context) -> float | None:
+    """The client's time left; None without a deadline (gRPC then reports a huge number, which would
+    overflow Ray's timeout)."""
+    left = context.time_remaining()
+    return None if left is None or left > NO_DEADLINE else left
+
+
 def _replies(body, ends) -> list[bytes]:
     if ends is None:
         return list(body)
@@ -297,7 +305,7 @@ def _handler(front: Frontend, name: str, client_streaming: bool, server_streamin
         else:
             messages = [request]
         try:
-            body, ends, trailing = front.forward(name, messages, remaining=context.time_remaining(), rest=rest)
+            body, ends, trailing = front.forward(name, messages, remaining=_remaining(context), rest=rest)
         except _Failed as f:
             if f.trailing:
                 context.set_trailing_metadata(f.trailing)
