@@ -4,8 +4,8 @@ single-process server, both with a data directory (durability `log`), interleave
     python -m bench --only ray      (left out of --quick: it starts a local Ray, ~30 s)
 
 Rows: Adam float32 at 1e3 parameters (unary steps: the fixed cost of the extra hop, front end -> actor)
-and at 1e7 (streamed: the tensors cross the object store; the front end gathers the whole stream
-before forwarding it, so the update no longer overlaps the transfer).
+and at 1e7 (streamed: the tensors cross the object store; the front end forwards the stream in 8 MiB
+groups as it arrives, cluster/feed.py, and the reply comes back whole).
 """
 from __future__ import annotations
 

@@ -20,11 +20,15 @@ import ray
 
 from optreg.server.cluster import wire
 from optreg.server.cluster.directory import Directory
+from optreg.server.cluster.feed import FEED_BYTES
 from optreg.server.cluster.host import CREATES, LARGE, MOVED, OK, pack, unpack
-from optreg.v1 import session_pb2
+from optreg.v1 import session_pb2, telemetry_pb2
 
 log = logging.getLogger("optreg.server.cluster")
 SERVICE = session_pb2.DESCRIPTOR.services_by_name["SessionService"]
+TELEMETRY = telemetry_pb2.DESCRIPTOR.services_by_name["TelemetryService"]
+NO_DEADLINE = 1e6  # seconds left above which a call has no deadline
+WATCH_PULL_SECONDS = 1.0  # each pull of a watch waits this long for news (and the client's cancel is seen)
 LOCAL_ONLY = ("RegisterSharedMemory", "UnregisterSharedMemory", "StepSharedMemory")
 RETRYABLE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnschedulableError, ray.exceptions.GetTimeoutError,
              ray.exceptions.ObjectLostError)
@@ -59,8 +63,12 @@ class Frontend:
             return self.directory.place(), 0
         return self.directory.place(), epoch  # its owner is gone: adopt it elsewhere, from that epoch
 
-    def forward(self, method: str, messages: list[bytes]):
-        """(body, ends, trailing) of the owner's reply, retried across failures and moves."""
+    def forward(self, method: str, messages: list[bytes], invoke=None, remaining: float | None = None, rest=None):
+        """(body, ends, trailing) of the owner's reply, retried across failures and moves.
+        `invoke(host, session_id, take_over)`, when given, makes the call instead of host.call.
+        `remaining`: the client's time left, the host's bound on a shared session's round wait.
+        `rest`: the client stream's messages after `messages`, not read yet: the first attempt sends
+        them to the host as they arrive (cluster/feed.py); they are kept for a retry."""
         first = messages[0] if messages else b""
         create = method in CREATES
         if create:
@@ -70,9 +78,8 @@ class Frontend:
                 messages = [wire.with_create_id(first, session_id)] + messages[1:]
         else:
             session_id = wire.session_id(first)
-        buf, ends = pack(messages)
-        payload = ray.put(buf) if buf.nbytes >= LARGE else buf  # large tensors via the object store
-        deadline = time.monotonic() + self.retry_seconds
+        payload = ends = None
+        deadline = time.monotonic() + max(self.retry_seconds, (remaining or 0) + 5)
         attempt, take_over, name = 0, 0, None
         while True:
             if attempt and time.monotonic() > deadline:
@@ -90,8 +97,16 @@ class Frontend:
                 self.routes.pop(session_id, None)
                 continue
             try:
-                status, epoch, body, out_ends, trailing = ray.get(
-                    host.call.remote(method, session_id, payload, ends, take_over),
+                if rest is not None:  # the first attempt at a client stream: forwarded as it arrives
+                    ref, rest = self._feed(host, method, session_id, messages, rest, take_over, remaining), None
+                elif invoke is not None:
+                    ref = invoke(host, session_id, take_over)
+                else:
+                    if payload is None:
+                        buf, ends = pack(messages)
+                        payload = ray.put(buf) if buf.nbytes >= LARGE else buf  # large tensors via the object store
+                    ref = host.call.remote(method, session_id, payload, ends, take_over, remaining)
+                status, epoch, body, out_ends, trailing = ray.get(ref,
                     timeout=max(1.0, deadline - time.monotonic()))
             except RETRYABLE as e:
                 log.warning("session %s: host %s failed (%s); retrying", session_id, name, type(e).__name__)
@@ -124,6 +139,23 @@ class Frontend:
             if method in ("Step", "StepStream"):
                 body, out_ends = self._answered(session_id, method, body, out_ends)
             return body, out_ends, trailing
+
+    def _feed(self, host, method, session_id, messages, rest, take_over, remaining):
+        """Start the host's call with `messages`, then send the rest of the stream in groups of about
+        FEED_BYTES as it arrives (each group a numpy buffer: Ray passes it through the object store),
+        appending them to `messages` for a retry. The call's reply ref."""
+        call_id = uuid.uuid4().hex
+        ref = host.call.remote(method, session_id, *pack(messages), take_over, remaining, call_id)
+        group, size, seq = [], 0, 0
+        for m in rest:
+            messages.append(m)
+            group.append(m)
+            size += len(m)
+            if size >= FEED_BYTES:
+                host.feed.remote(call_id, seq, *pack(group), False)
+                group, size, seq = [], 0, seq + 1
+        host.feed.remote(call_id, seq, *pack(group), True)
+        return ref
 
     def _answered(self, session_id: str, method: str, body, ends):
         """Note the step answered; a replay of a step this front end never answered is shown as applied.
@@ -166,12 +198,70 @@ class Frontend:
                 out.sessions.extend(session_pb2.ListSessionsResponse.FromString(_replies(body, ends)[0]).sessions)
         return out.SerializeToString()
 
+    def watch(self, request: bytes, context):
+        """WatchSession: the owner runs the single server's watch; its messages are pulled in batches.
+        When the owner fails or the session moves, the watch is opened again on the new owner from
+        one past the last step sent (the steps in between are in the ring it wrote to storage)."""
+        session_id = wire.session_id(request)
+        original, last_step, seen_alerts = request, 0, set()
+        while context.is_active():
+            opened = []
+
+            def invoke(host, sid, take_over):
+                opened[:] = [host]
+                return host.watch.remote(sid, request, take_over)
+
+            watch_id = self.forward("WatchSession", [request], invoke)[0]
+            host = opened[0]
+            try:
+                while context.is_active():
+                    messages, error, ended = ray.get(host.watch_next.remote(watch_id, WATCH_PULL_SECONDS),
+                                                     timeout=WATCH_PULL_SECONDS + self.retry_seconds)
+                    for m in messages:
+                        reply = telemetry_pb2.WatchSessionResponse.FromString(m)
+                        if reply.HasField("step"):
+                            last_step = max(last_step, reply.step.step)
+                        else:  # a reopened watch sends its first step's alerts again
+                            key = reply.alert.SerializeToString(deterministic=True)
+                            if key in seen_alerts:
+                                continue
+                            seen_alerts.add(key)
+                        yield m
+                    if error is not None and error[0] != "UNAVAILABLE":
+                        raise _Failed(*error)
+                    if error is not None or (ended and self._moved(session_id, host)):
+                        break  # the watch ended on a host that no longer has the session: open it again
+                    if ended:
+                        return
+            except RETRYABLE as e:
+                log.warning("session %s: watch on a host failed (%s); watching again", session_id, type(e).__name__)
+                self.routes.pop(session_id, None)
+            finally:
+                if not context.is_active():
+                    host.watch_close.remote(watch_id)
+            request = original if not last_step else telemetry_pb2.WatchSessionRequest(
+                session_id=session_id, from_step=last_step + 1).SerializeToString()
+
+    def _moved(self, session_id: str, host) -> bool:
+        """Whether a watch ended because its host let go of the session (not because it was deleted)."""
+        epoch, holder = self.directory.ownership.current(session_id)
+        return epoch > 0 and not (holder or {}).get("deleted") and self.epochs.get(session_id, 0) < epoch
+
     # -- gRPC --------------------------------------------------------------------------------------
-    def handlers(self) -> grpc.GenericRpcHandler:
+    def handlers(self) -> tuple[grpc.GenericRpcHandler, ...]:
         table = {}
         for m in SERVICE.methods:
             table[m.name] = _handler(self, m.name, m.client_streaming, m.server_streaming)
-        return grpc.method_handlers_generic_handler(SERVICE.full_name, table)
+        watched = {m.name: _handler(self, m.name, False, False) for m in TELEMETRY.methods if m.name != "WatchSession"}
+        watched["WatchSession"] = grpc.unary_stream_rpc_method_handler(self._watch_handler)
+        return (grpc.method_handlers_generic_handler(SERVICE.full_name, table),
+                grpc.method_handlers_generic_handler(TELEMETRY.full_name, watched))
+
+    def _watch_handler(self, request: bytes, context):
+        try:
+            yield from self.watch(request, context)
+        except _Failed as f:
+            context.abort(grpc.StatusCode[f.code], f.message)
 
 
 def _not_replayed(method: str, replies: list[bytes]):
@@ -185,6 +275,13 @@ def _not_replayed(method: str, replies: list[bytes]):
         m.replayed = False
         out.append(m.SerializeToString())
     return out, None
+
+
+def _remaining(context) -> float | None:
+    """The client's time left; None without a deadline (gRPC then reports a huge number, which would
+    overflow Ray's timeout)."""
+    left = context.time_remaining()
+    return None if left is None or left > NO_DEADLINE else left
 
 
 def _replies(body, ends) -> list[bytes]:
@@ -201,9 +298,14 @@ def _handler(front: Frontend, name: str, client_streaming: bool, server_streamin
                           "is not: use Step or StepStream")
         if name == "ListSessions":
             return [front.list_sessions()]
-        messages = list(request) if client_streaming else [request]
+        rest = None
+        if client_streaming:  # the first message read here, the rest forwarded as it arrives
+            first = next(request, None)
+            messages, rest = ([], None) if first is None else ([first], request)
+        else:
+            messages = [request]
         try:
-            body, ends, trailing = front.forward(name, messages)
+            body, ends, trailing = front.forward(name, messages, remaining=_remaining(context), rest=rest)
         except _Failed as f:
             if f.trailing:
                 context.set_trailing_metadata(f.trailing)

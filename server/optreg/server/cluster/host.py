@@ -11,9 +11,11 @@ Every reply carries the session's epoch, so a front end can drop one from a supe
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import threading
+import time
 import uuid
 
 import grpc
@@ -22,6 +24,9 @@ import numpy as np
 from optreg.plugins.registry import Registry
 from optreg.server import budget as memory
 from optreg.server.app import _add_session_service, _Handlers
+from optreg.server import telemetry_service
+from optreg.server.cluster import telemetry
+from optreg.server.cluster.feed import Feeds, FeedStopped
 from optreg.server.cluster.fenced import FencedJournal
 from optreg.server.cluster.ownership import EpochTaken, StaleOwner
 from optreg.server.errors import AlreadyExists, NotFound, Refused
@@ -31,7 +36,7 @@ from optreg.server.metrics import Metrics
 from optreg.server.service import SessionServicer
 from optreg.server.status import translate
 from optreg.server.store import SessionStore
-from optreg.v1 import session_pb2
+from optreg.v1 import session_pb2, telemetry_pb2
 
 log = logging.getLogger("optreg.server.cluster")
 CREATES = ("CreateSession", "CreateSessionStream")
@@ -48,11 +53,16 @@ class _Abort(Exception):
 class _Context:
     """What the servicer needs of a grpc.ServicerContext, inside the actor."""
 
-    def __init__(self):
+    def __init__(self, remaining: float | None = None):
         self.trailing = ()
+        # the client's deadline as the front end saw it (a shared session's round waits up to it)
+        self.deadline = None if remaining is None else time.monotonic() + remaining
 
     def is_active(self):
-        return True
+        return self.deadline is None or time.monotonic() < self.deadline
+
+    def time_remaining(self):
+        return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
 
     def peer(self):
         return "ray:front-end"  # never a local peer: shared-memory RPCs refuse it
@@ -122,11 +132,20 @@ class SessionHost:
         budget = memory.default_budget() if memory_budget_mb is None else int(memory_budget_mb * memory.MIB)
         self.store = ClusterStore(Registry(), self.journal, budget=memory.MemoryBudget(budget),
                                   default_durability="log", metrics=self.metrics)
-        self.journal.on_stale = self.store.forget
+        self.journal.on_stale = self._superseded
         self.servicer = SessionServicer(self.store, metrics=self.metrics, max_streams=64)
         got = _Handlers()
         _add_session_service(self.servicer, got)
         self.handlers = got.handlers
+        # TelemetryService: the same servicer as the single server's, over this host's sessions
+        self.telemetry = telemetry.attach(self.store, root, self.store.registry)
+        watching = telemetry_service.TelemetryServicer(
+            self.telemetry, check_session=lambda sid, who: self.store.get(sid, who))
+        got = _Handlers()
+        telemetry_service.add_to_server(watching, got)
+        self.handlers.update(got.handlers)
+        self.watches = telemetry.Watches(watching)
+        self.feeds = Feeds()
         self.janitor = Janitor(self.store)
         self.janitor.start()
         self.draining = False
@@ -160,6 +179,7 @@ class SessionHost:
             except BaseException:
                 self.journal.release(session_id)
                 raise
+            telemetry.take(self.telemetry, session_id)
             self.store.adopted(session)
             log.info("session %s adopted at step %d, epoch %d", session_id, session.step, claim.epoch,
                      extra={"session_id": session_id, "step": session.step})
@@ -179,6 +199,7 @@ class SessionHost:
                     log.error("session %s not flushed at drain: %s", s.id, e)
                 self.journal.release(s.id)
                 self.store.forget(s.id)
+                telemetry.let_go(self.telemetry, s.id, save=True)
             if epoch:
                 moved.append((s.id, epoch))
         self.janitor.stop()
@@ -187,11 +208,64 @@ class SessionHost:
     def pid(self) -> int:
         return os.getpid()
 
+    def _superseded(self, session_id: str) -> None:
+        self.store.forget(session_id)
+        telemetry.let_go(self.telemetry, session_id, save=False)
+
+    # -- WatchSession: a generator here, pulled in batches by the front end (cluster/telemetry.py) --
+    def watch(self, session_id: str, request: bytes, take_over: int = 0):
+        """(status, epoch, watch id or message, None, ()) like call's: the watch started on the owner."""
+        if self.draining:
+            return MOVED, 0, None, None, ()
+        try:
+            moved = self._ensure_owned(session_id, take_over)
+        except Refused as e:
+            code, message, trailing = translate(e)
+            return code.name, 0, message, None, trailing
+        if moved is not None:
+            return moved
+        parsed = telemetry_pb2.WatchSessionRequest.FromString(request)
+        return OK, self.journal.epoch_of(session_id), self.watches.open(parsed), None, ()
+
+    def watch_next(self, watch_id: str, seconds: float):
+        return self.watches.next(watch_id, seconds)
+
+    def watch_close(self, watch_id: str) -> None:
+        self.watches.close(watch_id)
+
     # -- calls -----------------------------------------------------------------------------
-    def call(self, method: str, session_id: str, payload, ends, take_over: int = 0):
+    def call(self, method: str, session_id: str, payload, ends, take_over: int = 0, remaining: float | None = None,
+             fed: str | None = None):
         """(status, epoch, body, ends, trailing): status is OK, MOVED (body: the owner's record) or a
-        grpc status name (body: the message)."""
-        messages = unpack(payload, ends)
+        grpc status name (body: the message). `fed`: the rest of the client stream comes by `feed`
+        calls under this id (cluster/feed.py), read as the step goes."""
+        if fed is None:
+            return self._call(method, session_id, unpack(payload, ends), take_over, remaining)
+        stopped = []
+
+        def rest():
+            try:
+                yield from self.feeds.messages(fed)
+            except FeedStopped:
+                stopped.append(True)
+                raise
+
+        try:
+            answer = self._call(method, session_id, itertools.chain(unpack(payload, ends), rest()), take_over,
+                                remaining)
+        except FeedStopped:
+            answer = None
+        finally:
+            self.feeds.end(fed)
+        # Groups that never came (the front end is gone, or this is Ray's retry of the call in a new
+        # incarnation, the groups sent to the old one lost): nothing was applied; the front end, if
+        # still there, sends the whole request again.
+        return (MOVED, 0, None, None, ()) if stopped or answer is None else answer
+
+    def feed(self, call_id: str, seq: int, payload, ends, last: bool) -> bool:
+        return self.feeds.put(call_id, seq, unpack(payload, ends), last)
+
+    def _call(self, method, session_id, messages, take_over, remaining):
         if self.draining:
             return MOVED, 0, None, None, ()
         try:
@@ -205,16 +279,16 @@ class SessionHost:
             code, message, trailing = translate(e)
             return code.name, 0, message, None, trailing
         epoch = self.journal.epoch_of(session_id)
-        status, body, out_ends, trailing = self._invoke(method, messages)
+        status, body, out_ends, trailing = self._invoke(method, messages, remaining)
         if method in CREATES and status != OK:
             self._unclaim(session_id)
         if status == grpc.StatusCode.UNAVAILABLE.name and session_id not in self.journal.claims:
             return MOVED, epoch, None, None, ()  # superseded during the call: the front end retries
         return status, epoch, body, out_ends, trailing
 
-    def _invoke(self, method, messages):
+    def _invoke(self, method, messages, remaining=None):
         h = self.handlers[method]
-        ctx = _Context()
+        ctx = _Context(remaining)
         fn = h.unary_unary or h.unary_stream or h.stream_unary or h.stream_stream
         try:
             request = (h.request_deserializer(m) for m in messages) if h.request_streaming \
@@ -264,10 +338,13 @@ class SessionHost:
     def _claim_new(self, method: str, messages):
         """A create: the id (one is drawn if the request has none) claimed at epoch 1 before anything."""
         kind = session_pb2.CreateSessionRequest if method == "CreateSession" else session_pb2.CreateSessionStreamRequest
-        first = kind.FromString(messages[0]) if messages else kind()
+        rest = iter(messages)  # (the rest of a fed stream is still arriving: not read here)
+        raw = next(rest, None)
+        first = kind.FromString(raw) if raw is not None else kind()
         if not first.config.session_id:
             first.config.session_id = uuid.uuid4().hex
-            messages = [first.SerializeToString()] + list(messages[1:])
+            raw = first.SerializeToString()
+        messages = [raw] if method == "CreateSession" else itertools.chain([raw], rest)
         sid = first.config.session_id
         from optreg.server.factory import valid_id
         if valid_id(sid):  # else the servicer refuses it, and nothing was claimed

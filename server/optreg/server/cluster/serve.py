@@ -18,11 +18,12 @@ from optreg.server.cluster.frontend import Frontend
 from optreg.server.metrics import Metrics
 from optreg.server.reflection import enable_reflection
 from optreg.server.service import RegistryServicer
-from optreg.v1 import registry_pb2, registry_pb2_grpc, session_pb2
+from optreg.v1 import registry_pb2, registry_pb2_grpc, session_pb2, telemetry_pb2
 
 log = logging.getLogger("optreg.server.cluster")
 SERVICES = (registry_pb2.DESCRIPTOR.services_by_name["OptimizerRegistryService"].full_name,
-            session_pb2.DESCRIPTOR.services_by_name["SessionService"].full_name)
+            session_pb2.DESCRIPTOR.services_by_name["SessionService"].full_name,
+            telemetry_pb2.DESCRIPTOR.services_by_name["TelemetryService"].full_name)
 
 
 class ClusterServer:
@@ -43,7 +44,7 @@ class ClusterServer:
                      ("grpc.so_reuseport", 0)])
         registry_pb2_grpc.add_OptimizerRegistryServiceServicer_to_server(
             RegistryServicer(Registry(), Metrics()), self.grpc_server)
-        self.grpc_server.add_generic_rpc_handlers((self.frontend.handlers(),))
+        self.grpc_server.add_generic_rpc_handlers(self.frontend.handlers())
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         enable_reflection(SERVICES + (health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc_server)
