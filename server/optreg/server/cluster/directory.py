@@ -20,6 +20,7 @@ log = logging.getLogger("optreg.server.cluster")
 NAMESPACE = "optreg"
 HOST_PREFIX = "optreg-host-"
 HOST_CONCURRENCY = 32  # calls a host serves at once (a threaded actor)
+PLACE_GRAIN = 64 << 20  # bytes held: hosts within one grain of each other are equal for placement
 Host = ray.remote(SessionHost)
 
 
@@ -138,14 +139,15 @@ class Directory:
             self._infos_at = 0.0
 
     def place(self, exclude: frozenset = frozenset()) -> str:
-        """The host for a new session: the one holding the fewest bytes, then the fewest sessions (the
-        estimate is bumped at once, so a burst of creates spreads before the next refresh)."""
+        """The host for a new session: the one holding the fewest bytes, counted in PLACE_GRAIN steps, then
+        the fewest sessions (the estimate is bumped at once, so a burst of creates spreads before the next
+        refresh). The grain keeps a few MB on one host from sending every small session elsewhere."""
         infos = self.infos()
         with self._lock:
             choices = [i for n, i in infos.items() if n not in exclude]
             if not choices:
                 raise RuntimeError("no session host is available on the cluster")
-            best = min(choices, key=lambda i: (i["bytes"], i["sessions"]))
+            best = min(choices, key=lambda i: (i["bytes"] // PLACE_GRAIN, i["sessions"]))
             best["sessions"] += 1
             return best["host"]
 
