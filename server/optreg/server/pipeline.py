@@ -386,12 +386,15 @@ class StepRun:
             raise PluginFailed(f"optimizer {self.defn.name} (plugin {self.session.optimizer.plugin}) raised in "
                                f"a sparse update: {type(e).__name__}: {shown(str(e), 300)}; the session is "
                                "unchanged") from e
+        copy = None
+        if base is s.live and s.live.readers:  # made before the record commits: a refusal changes nothing
+            copy = sparse_rows.copy_set(self.store, s, "a sparse step's copy")
         self.record.commit(None)  # Unavailable/ResourceExhausted on a failed write: nothing written
         if base is not s.live:
             sparse_rows.swap(s, base)
             sparse_rows.write(s, base, plan)
         else:
-            sparse_rows.commit(self.store, s, plan)
+            sparse_rows.commit(s, plan, copy)
         s.step = self.t
         if self.hp_changes:
             s.hyperparameters = self._resolve(s)

@@ -141,8 +141,8 @@ def read_view(store, s: Session) -> Arrays:
     steps a copy of what the dense steps would hold (the copied parameters caught up; the others shared).
     Marked read (both: a sparse step then never writes the shared arrays in place)."""
     live = s.live
+    view = caught_up(s)  # may raise (a plugin's catch_up): no reader counted yet
     live.readers += 1
-    view = caught_up(s)
     if view is live:
         return live
     view.base = live
@@ -259,13 +259,13 @@ def compute(s: Session, base: Arrays, clocks: dict, t: int, hp: dict, dense: dic
     return plan
 
 
-def commit(store, s: Session, plan: Plan) -> None:
-    """Caller holds the lock; the step's record is committed. Write the plan into the live set (in place
-    when nobody reads it outside the lock, else into a copy that replaces it) and advance the clocks."""
-    target = s.live
-    if target.readers:
-        target = s.live = copy_set(store, s, "a sparse step's copy")  # the old set stays with its readers
-    write(s, target, plan)
+def commit(s: Session, plan: Plan, copy: Arrays | None = None) -> None:
+    """Caller holds the lock; the step's record is committed. Write the plan into the live set in place, or,
+    when readers hold it outside the lock, into `copy` (made before the commit) that replaces it (the old
+    set stays with its readers); advance the clocks."""
+    if copy is not None:
+        s.live = copy
+    write(s, s.live, plan)
 
 
 def write(s: Session, target: Arrays, plan: Plan) -> None:

@@ -555,8 +555,13 @@ class TelemetryHub:
             self.dir.mkdir(parents=True, exist_ok=True)
             path = self.dir / f"{session_id}{SUFFIX}"
             tmp = path.with_name(path.name + ".tmp")
-            tmp.write_bytes(data)
-            os.replace(tmp, path)
+            try:
+                tmp.write_bytes(data)
+                os.replace(tmp, path)
+            except OSError:
+                ring.dirty = True  # the next save writes it again
+                tmp.unlink(missing_ok=True)
+                raise
 
     def start(self, save_seconds: float = 5.0) -> None:
         """Write dirty rings every `save_seconds` on a daemon thread (with a data dir)."""
