@@ -355,3 +355,24 @@ def test_disk_full_leaves_segment(start_server):
             s.step({"w": np.full(100_000, 0.3, np.float32)})  # space again: the step goes through
             assert s.step_count == 1 and not np.array_equal(arrays["w"], before)
             s.delete()
+
+
+@pytest.mark.parametrize("optimizer", ["momentum", "adam"])
+def test_rows_owed_by_sparse_steps_are_brought_current_in_the_segment(client, optimizer):
+    """Sparse steps leave untouched rows owing steps (lazy); a resident registration then fills the
+    segment with every row current, and the session steps on equal to one that stayed plain."""
+    rng = np.random.default_rng(5)
+    init = {"emb": rng.standard_normal((6, 3))}
+    plain, res = pair(client, optimizer, init)
+    for rows in ([0, 1], [1, 4], [2]):
+        values = rng.standard_normal((len(rows), 3))
+        for s in (plain, res):
+            s.step_sparse("emb", np.array(rows, np.int64), values.copy())
+    arrays = res.enable_shared_memory(resident=True)
+    assert np.array_equal(arrays["emb"], plain.read_parameters()["emb"])
+    for _ in range(3):
+        g = rng.standard_normal((6, 3))
+        plain.step({"emb": g})
+        res.gradients["emb"][...] = g
+        res.step({"emb": res.gradients["emb"]})
+    assert np.array_equal(arrays["emb"], plain.read_parameters()["emb"])

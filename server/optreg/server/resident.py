@@ -26,7 +26,7 @@ import time
 import numpy as np
 
 from optreg.plugins.builtins import MODULES as BUILTIN_MODULES
-from optreg.server import fastkernels, kernels, kernelstats
+from optreg.server import fastkernels, kernels, kernelstats, sparse
 from optreg.server.errors import Cancelled, FailedPrecondition, InvalidArgument, PluginFailed, shown
 from optreg.server.pipeline import SMALL_STATS, StepRun, check_finite, widen
 from optreg.server.sessions import MAX_STEP, Session
@@ -88,6 +88,8 @@ def attach(store, session: Session, region: Region, items, is_active=lambda: Tru
             raise FailedPrecondition(f"session {session.id} already keeps its parameters in segment "
                                      f"{shown(session.resident.key)}; unregister that one first")
         _wait_for_readers(session, is_active)
+        if sparse.owes(session):  # rows of earlier sparse steps owe steps: the segment gets them current
+            sparse.swap(session, sparse.settled_copy(store, session))
         live = session.live
         for n, a in arrays.items():
             np.copyto(a, live.params[n])
