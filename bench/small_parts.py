@@ -16,14 +16,11 @@ import time
 
 import numpy as np
 
+from bench.run import timed
+
 
 def _median_us(fn, n):
-    xs = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        xs.append(time.perf_counter() - t)
-    return statistics.median(xs)
+    return statistics.median(timed(fn, n))
 
 
 def bench_small_parts(cfg, server, echo, row, channel):

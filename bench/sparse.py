@@ -17,9 +17,10 @@ A sparse step touching 1% of a 1e6 x 64 float32 table against the dense step of 
 from __future__ import annotations
 
 import statistics
-import time
 
 import numpy as np
+
+from bench.run import timed
 
 N, COLS, FRACTION, OWED = 1_000_000, 64, 0.01, 100
 
@@ -33,13 +34,8 @@ def _session(defn, table, reg):
 
 
 def _median(fn, reps):
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    fn()  # a warm-up call, not counted
+    return statistics.median(timed(fn, reps))
 
 
 def _compute_rows(name, cfg):

@@ -245,7 +245,7 @@ class Assembler:
 # copies each chunk once. The bytes are exactly what SerializeToString gives for
 # the same message (tests compare them), so the receiving side cannot tell.
 
-def _varint(n: int) -> bytes:
+def varint(n: int) -> bytes:
     if n < 0:
         n += 1 << 64  # int64: ten bytes, two's complement
     if n < 0x80:
@@ -263,17 +263,17 @@ def _append_tensor(parts: list, name: str, code: int, shape, offset: int, data: 
     head = bytearray()
     if name:
         nb = name.encode()
-        head += b"\x0a" + _varint(len(nb)) + nb
+        head += b"\x0a" + varint(len(nb)) + nb
     if code:
-        head += b"\x10" + _varint(code)
+        head += b"\x10" + varint(code)
     if len(shape):
-        packed = b"".join(_varint(int(d)) for d in shape)
-        head += b"\x1a" + _varint(len(packed)) + packed
+        packed = b"".join(varint(int(d)) for d in shape)
+        head += b"\x1a" + varint(len(packed)) + packed
     nbytes = data.nbytes
     if nbytes:
-        head += b"\x22" + _varint(nbytes)
-    tail = b"\x28" + _varint(offset) if offset else b""
-    parts.append(b"\x1a" + _varint(len(head) + nbytes + len(tail)))
+        head += b"\x22" + varint(nbytes)
+    tail = b"\x28" + varint(offset) if offset else b""
+    parts.append(b"\x1a" + varint(len(head) + nbytes + len(tail)))
     parts.append(bytes(head))
     if nbytes:
         parts.append(data.reshape(-1).view(np.uint8))
@@ -308,7 +308,7 @@ def pack_views(chunks: Iterable[tuple], chunk_bytes: int = CHUNK_BYTES) -> Itera
 
 def response_head(step: int, replayed: bool = False) -> bytes:
     """Fields 1-2 of a StepStreamResponse, encoded (a request's later messages have none)."""
-    return (b"\x08" + _varint(step) if step else b"") + (b"\x10\x01" if replayed else b"")
+    return (b"\x08" + varint(step) if step else b"") + (b"\x10\x01" if replayed else b"")
 
 
 def serialize_passthrough(serialize):
@@ -336,7 +336,7 @@ class StreamResponse:
         self.round, self.staleness, self.contributors = 0, 0, []
 
 
-def _read_varint(buf: memoryview, i: int, end: int) -> tuple[int, int]:
+def read_varint(buf: memoryview, i: int, end: int) -> tuple[int, int]:
     result = shift = 0
     while True:
         if i >= end or shift > 63:
@@ -353,15 +353,15 @@ def _int64(v: int) -> int:
     return v - (1 << 64) if v >= 1 << 63 else v
 
 
-def _skip(buf: memoryview, i: int, end: int, wire: int) -> int:
+def skip_field(buf: memoryview, i: int, end: int, wire: int) -> int:
     if wire == 0:
-        return _read_varint(buf, i, end)[1]
+        return read_varint(buf, i, end)[1]
     if wire == 1:
         i += 8
     elif wire == 5:
         i += 4
     elif wire == 2:
-        n, i = _read_varint(buf, i, end)
+        n, i = read_varint(buf, i, end)
         i += n
     else:
         raise ValueError(f"unsupported wire type {wire}")
@@ -374,10 +374,10 @@ def _decode_tensor(buf: memoryview, i: int, end: int) -> StreamTensor:
     t = StreamTensor()
     shape = []
     while i < end:
-        key, i = _read_varint(buf, i, end)
+        key, i = read_varint(buf, i, end)
         field, wire = key >> 3, key & 7
         if wire == 2:
-            n, i = _read_varint(buf, i, end)
+            n, i = read_varint(buf, i, end)
             if i + n > end:
                 raise ValueError("truncated field")
             if field == 1:
@@ -387,11 +387,11 @@ def _decode_tensor(buf: memoryview, i: int, end: int) -> StreamTensor:
             elif field == 3:  # packed shape
                 j, stop = i, i + n
                 while j < stop:
-                    v, j = _read_varint(buf, j, stop)
+                    v, j = read_varint(buf, j, stop)
                     shape.append(_int64(v))
             i += n
         elif wire == 0 and field in (2, 3, 5):
-            v, i = _read_varint(buf, i, end)
+            v, i = read_varint(buf, i, end)
             if field == 2:
                 v &= 0xFFFFFFFF  # an enum is an int32
                 t.dtype = v - (1 << 32) if v >= 1 << 31 else v
@@ -400,7 +400,7 @@ def _decode_tensor(buf: memoryview, i: int, end: int) -> StreamTensor:
             else:
                 t.offset = _int64(v)
         else:
-            i = _skip(buf, i, end, wire)
+            i = skip_field(buf, i, end, wire)
     t.shape = shape
     return t
 
@@ -412,16 +412,16 @@ def decode_step_response(data: bytes) -> StreamResponse:
     msg = StreamResponse()
     i, end = 0, len(buf)
     while i < end:
-        key, i = _read_varint(buf, i, end)
+        key, i = read_varint(buf, i, end)
         field, wire = key >> 3, key & 7
         if field == 3 and wire == 2:
-            n, i = _read_varint(buf, i, end)
+            n, i = read_varint(buf, i, end)
             if i + n > end:
                 raise ValueError("truncated field")
             msg.chunks.append(_decode_tensor(buf, i, i + n))
             i += n
         elif field in (1, 2, 4, 5) and wire == 0:
-            v, i = _read_varint(buf, i, end)
+            v, i = read_varint(buf, i, end)
             if field == 1:
                 msg.step = _int64(v)
             elif field == 2:
@@ -431,11 +431,11 @@ def decode_step_response(data: bytes) -> StreamResponse:
             else:
                 msg.staleness = _int64(v)
         elif field == 6 and wire == 2:
-            n, i = _read_varint(buf, i, end)
+            n, i = read_varint(buf, i, end)
             if i + n > end:
                 raise ValueError("truncated field")
             msg.contributors.append(bytes(buf[i:i + n]).decode("utf-8"))
             i += n
         else:
-            i = _skip(buf, i, end, wire)
+            i = skip_field(buf, i, end, wire)
     return msg

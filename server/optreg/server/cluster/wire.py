@@ -3,39 +3,25 @@ session_id, and CreateSession's config) read from the raw bytes, without parsing
 be tens of MB."""
 from __future__ import annotations
 
+from optreg.v1.tensors import read_varint, skip_field, varint
 
-def _varint(buf, i: int) -> tuple[int, int]:
-    shift = value = 0
-    while True:
-        b = buf[i]
-        i += 1
-        value |= (b & 0x7F) << shift
-        if b < 0x80:
-            return value, i
-        shift += 7
-        if shift > 63:
-            raise ValueError("malformed varint")
+
+def _fields(buf):
+    """(field number, wire type, offset of its value) of each top-level field, in order."""
+    buf = memoryview(buf)
+    i, n = 0, len(buf)
+    while i < n:
+        key, i = read_varint(buf, i, n)
+        yield key >> 3, key & 7, i
+        i = skip_field(buf, i, n, key & 7)
 
 
 def field_bytes(buf, number: int):
     """The raw value of the first length-delimited field `number` at the top level, else None."""
-    i, n = 0, len(buf)
-    while i < n:
-        key, i = _varint(buf, i)
-        field, kind = key >> 3, key & 7
-        if kind == 0:
-            _, i = _varint(buf, i)
-        elif kind == 1:
-            i += 8
-        elif kind == 5:
-            i += 4
-        elif kind == 2:
-            size, i = _varint(buf, i)
-            if field == number:
-                return bytes(buf[i:i + size])
-            i += size
-        else:
-            raise ValueError(f"unsupported wire type {kind}")
+    for field, kind, i in _fields(buf):
+        if field == number and kind == 2:
+            size, i = read_varint(memoryview(buf), i, len(buf))
+            return bytes(buf[i:i + size])
     return None
 
 
@@ -46,18 +32,6 @@ def session_id(buf) -> str:
         return raw.decode() if raw is not None else ""
     except (ValueError, IndexError, UnicodeDecodeError):
         return ""
-
-
-def varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
 
 
 def create_id(buf) -> str:
@@ -80,21 +54,7 @@ def with_create_id(buf, session_id: str) -> bytes:
 
 def field_varint(buf, number: int, default: int = 0) -> int:
     """The first top-level varint field `number` (a step, a flag), else `default`."""
-    i, n = 0, len(buf)
-    while i < n:
-        key, i = _varint(buf, i)
-        field, kind = key >> 3, key & 7
-        if kind == 0:
-            value, i = _varint(buf, i)
-            if field == number:
-                return value
-        elif kind == 1:
-            i += 8
-        elif kind == 5:
-            i += 4
-        elif kind == 2:
-            size, i = _varint(buf, i)
-            i += size
-        else:
-            raise ValueError(f"unsupported wire type {kind}")
+    for field, kind, i in _fields(buf):
+        if field == number and kind == 0:
+            return read_varint(memoryview(buf), i, len(buf))[0]
     return default
