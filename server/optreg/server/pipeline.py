@@ -318,7 +318,7 @@ class StepRun:
         if self.reader is old:
             old.readers -= 1
             self.reader = None
-        s.keep_spare(old)
+        self.store.recycle(s, old)
         s.step = self.t
         s.clocks.clear()  # a dense step steps every row (the owed ones were caught up first)
         if self.hp_changes:  # on top of the values now in force (a concurrent UpdateHyperparameters stays)
@@ -433,7 +433,7 @@ class StepRun:
                 self.reader.readers -= 1
                 self.reader = None
             if self.staging is not None and s.live is not None:
-                s.keep_spare(self.staging)
+                self.store.recycle(s, self.staging)
             self.staging = None
             if not self.done:
                 if self.record is not None:

@@ -40,6 +40,9 @@ MAX_STEP = (1 << 63) - 1
 
 
 SPARE_MIN_BYTES = 256 * 1024  # see Session.keep_spare
+# Smaller sets a commit replaces go to the store-wide SetPool instead, up to this many bytes in all.
+POOL_BYTES = 4 << 20
+POOL_PER_LAYOUT = 8  # sets of one layout kept (concurrent steps of sessions shaped alike each take one)
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,45 @@ class Arrays:
     def nbytes(self) -> int:
         return sum(p.nbytes for p in self.params.values()) + sum(
             a.nbytes for arrs in self.state.values() for a in arrs.values())
+
+
+class SetPool:
+    """Small sets that commits replaced, kept store-wide for the next step of any session of the same
+    layout (names, shapes, dtype, slots): a small step then allocates nothing, and a small session
+    still holds one set (a spare of its own would double it). Bounded by POOL_BYTES; each set stays
+    counted in the memory budget until it is collected (MemoryBudget.hold), and make_room empties
+    the pool first. Every user of a set overwrites all of it before reading it (the staging copy)."""
+
+    def __init__(self, max_bytes: int = POOL_BYTES, per_layout: int = POOL_PER_LAYOUT):
+        self.max_bytes, self.per_layout = max_bytes, per_layout
+        self.held = 0
+        self._free: dict[tuple, list[tuple[Arrays, int]]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, layout: tuple) -> Arrays | None:
+        with self._lock:
+            free = self._free.get(layout)
+            if not free:
+                return None
+            arrays, nbytes = free.pop()
+            self.held -= nbytes
+            return arrays
+
+    def give(self, layout: tuple, arrays: Arrays, nbytes: int) -> None:
+        """Keep `arrays` (nobody reads it: readers == 0) if there is room; else it is collected."""
+        with self._lock:
+            free = self._free.setdefault(layout, [])
+            if len(free) < self.per_layout and self.held + nbytes <= self.max_bytes:
+                free.append((arrays, nbytes))
+                self.held += nbytes
+
+    def clear(self) -> bool:
+        """Drop every pooled set (their budget goes as they are collected); True if there were any."""
+        with self._lock:
+            had = self.held > 0
+            self._free.clear()
+            self.held = 0
+            return had
 
 
 @dataclass
@@ -101,6 +143,7 @@ class Session:
     # Fixed for the session's life, so computed once (every step reads them).
     dtype: np.dtype = field(init=False, repr=False)
     elements: int = field(init=False, repr=False)
+    layout: tuple = field(init=False, repr=False)  # what makes two sessions' sets interchangeable (SetPool)
     # Shared sessions (membership.WorkerConfig; None: single writer) and their members and rounds (rounds.Hub).
     workers: object | None = None
     hub: object | None = field(default=None, repr=False)
@@ -125,6 +168,7 @@ class Session:
         self.spec = {name: (tuple(shape), allowed) for name, shape in self.shapes.items()}
         self.dtype = MASTER_DTYPES[self.master_code]
         self.elements = sum(int(np.prod(s, dtype=np.int64)) for s in self.shapes.values())
+        self.layout = (self.dtype.str, tuple((n, tuple(s)) for n, s in self.shapes.items()), tuple(self.slot_names))
 
     @property
     def loaded(self) -> bool:

@@ -25,7 +25,7 @@ from optreg.server.errors import (AlreadyExists, DataLoss, FailedPrecondition, I
 from optreg.server.factory import Limits, SessionConfig, SessionFactory
 from optreg.server import sparse
 from optreg.server.journal import NoJournal
-from optreg.server.sessions import Arrays, Session
+from optreg.server.sessions import SPARE_MIN_BYTES, Arrays, Session, SetPool
 
 log = logging.getLogger("optreg.server.store")
 
@@ -50,6 +50,7 @@ class SessionStore:
         self._sessions: dict[str, Session] = {}
         self._unreadable: dict[str, str] = {}  # id -> why its files could not be read at start
         self._lock = threading.Lock()
+        self.pool = SetPool()  # small sets, recycled across steps and sessions (allocate_set, recycle)
 
     # -- access ------------------------------------------------------------
     def missing(self, session_id: str) -> Refused:
@@ -106,7 +107,25 @@ class SessionStore:
             sparse.done_reading(arrays)
 
     def allocate_set(self, session: Session, what: str) -> Arrays:
-        return self.budget.allocate(f"{what} of session {session.id}", session.set_bytes(), session.live.blank)
+        """A set for a copy of `session`'s tensors (contents undefined: the caller overwrites all of it)."""
+        nbytes = session.set_bytes()
+        if nbytes < SPARE_MIN_BYTES:
+            arrays = self.pool.take(session.layout)
+            if arrays is not None:
+                return arrays
+        return self.budget.allocate(f"{what} of session {session.id}", nbytes, session.live.blank)
+
+    def recycle(self, session: Session, arrays: Arrays) -> None:
+        """Caller holds the session's lock: a set nobody reads any more (replaced by a commit, or an
+        unfinished step's staging) becomes a later step's staging: the session's spare when large,
+        the store's pool when small."""
+        if arrays.readers:
+            return
+        nbytes = session.set_bytes()
+        if nbytes >= SPARE_MIN_BYTES:
+            session.keep_spare(arrays)
+        else:
+            self.pool.give(session.layout, arrays, nbytes)
 
     # -- lifecycle -----------------------------------------------------------
     def create(self, config: SessionConfig, params, state=None, initial_step: int = 0, owner: str = "",
@@ -234,7 +253,10 @@ class SessionStore:
         return True
 
     def _make_room(self, nbytes: int) -> bool:
-        """Free memory for a reservation: drop idle sessions' spare sets, then unload idle durable ones."""
+        """Free memory for a reservation: drop the pooled small sets and idle sessions' spare sets, then
+        unload idle durable ones."""
+        if self.pool.clear():  # no cycles hold them: their budget is released as the references go
+            return True
         with self._lock:
             candidates = sorted((s for s in self._sessions.values() if s.live is not None),
                                 key=lambda s: s.last_used_at)

@@ -43,6 +43,7 @@ FORMAT = "optreg-telemetry/1"
 SAMPLE_SIZE = 64  # state elements sampled per tensor for effective-lr quantiles
 QUANTILES = (0.05, 0.5, 0.95)
 RATIO_BAND = (1e-4, 1e-2)
+FEW_TENSORS = 4  # up to this many tensors, effective-lr quantiles are computed tensor by tensor
 FOLD_SECONDS = 0.05  # the worker folds queued events this often (the dashboard's added latency, at most)  # cs231n: update/weight ratio healthy near 1e-3
 
 
@@ -75,13 +76,35 @@ def tensor_stats(grad: np.ndarray, old: np.ndarray, new: np.ndarray) -> np.ndarr
     g, o, n = np.asarray(grad).reshape(-1), np.asarray(old).reshape(-1), np.asarray(new).reshape(-1)
     fast = _SUMS.get(g.dtype.str) if g.dtype == o.dtype == n.dtype and g.size else None
     if fast is not None:
-        out = np.zeros(4)
-        fast(n, o, g, out)  # the update pass's own sums (kernelstats.stats_loop)
-        out[3] = max(g.max(), -g.min())
+        out = np.empty(4)
+        fast(n, o, g, out)  # all four, max |g| included: no reductions or temporaries of numpy's
         return out
     if _SUMS_STATE == "idle":
         _build_sums()
     return numpy_stats(g, o, n)
+
+
+def small_sums(new, old, g, out):
+    """out[:] = [sum g^2, sum new^2, sum (new - old)^2, max |g|] in float64, one pass (compiled by
+    _build_sums; plain Python here). max |g| propagates NaN as numpy's max does."""
+    s0 = 0.0
+    s1 = 0.0
+    s2 = 0.0
+    top = 0.0
+    for i in range(new.size):
+        gi = np.float64(g[i])
+        ni = np.float64(new[i])
+        d = ni - np.float64(old[i])
+        s0 += gi * gi
+        s1 += ni * ni
+        s2 += d * d
+        a = abs(gi)
+        if a > top or a != a:
+            top = a
+    out[0] = s0
+    out[1] = s1
+    out[2] = s2
+    out[3] = top
 
 
 def numpy_stats(grad: np.ndarray, old: np.ndarray, new: np.ndarray) -> np.ndarray:
@@ -106,12 +129,11 @@ def _build_sums() -> None:
     def build():
         try:
             from optreg.server import fastkernels
-            from optreg.server.kernelstats import stats_loop
             if not fastkernels.available():
                 return
             # From numba's disk cache after the first start: compiling it took the GIL for seconds
             # of a new server's first steps (half the server's samples in a 16-client profile).
-            fn = fastkernels._jit(fastkernels.renamed(stats_loop, "__optreg_telemetry"), False)
+            fn = fastkernels._jit(small_sums, False)
             for dt in ("<f4", "<f8"):
                 a = np.zeros(2, dt)
                 fn(a, a, a, np.zeros(4))
@@ -223,6 +245,8 @@ class SessionRing:
         self.alert_seq = 0
         self.refused = 0
         self.out_of_band: list[int] | None = None  # per tensor: consecutive steps with the ratio outside the band
+        self.hp_source: dict | None = None  # the last step's hyperparameters as given, and as floats
+        self.hp: dict[str, float] = {}  # (records share it until they change: never mutated)
         self.version = 0  # bumped on every change; watchers wait for it to move
         self.dirty = False
         self.deleted = False
@@ -411,10 +435,13 @@ class TelemetryHub:
     def _apply_step(self, event: StepEvent) -> None:
         names = list(event.tensors)
         stats = np.array(list(event.tensors.values()), dtype=np.float64).reshape(len(names), 4)
-        record = Record(int(event.step), 1, float(event.wall_time), stats,
-                        {k: float(v) for k, v in event.metrics.items()},
-                        {k: float(v) for k, v in event.hyperparameters.items()}, self._effective_lr(event))
         ring = self._ring(event.session_id, event.owner, event.optimizer)
+        hp = event.hyperparameters
+        if hp is not ring.hp_source:  # a session's hyperparameters are replaced, never changed in place:
+            ring.hp_source, ring.hp = hp, {k: float(v) for k, v in hp.items()}  # converted once per change
+        record = Record(int(event.step), 1, float(event.wall_time), stats,
+                        {k: float(v) for k, v in event.metrics.items()} if event.metrics else {},
+                        ring.hp, self._effective_lr(event))
         if ring.names != names:
             if ring.recent or ring.coarse or ring.pending:  # tensors changed (a re-created session): start over
                 self._rings.pop(event.session_id)
@@ -618,6 +645,8 @@ class TelemetryHub:
         names = [n for n in event.tensors if n in first and all(n in arrs for arrs in slots.values())]
         if not names:
             return {}
+        if len(names) <= FEW_TENSORS:
+            return self._effective_lr_each(fn, event, names)
         sizes = np.fromiter((len(first[n]) for n in names), dtype=np.int64, count=len(names))
         width = int(sizes.max())
         if width == 0:
@@ -650,6 +679,33 @@ class TelemetryHub:
         with np.errstate(all="ignore"):
             q = np.where(hi > lo, a + (pos - lo) * (b - a), a)
         return {n: row for n, row, size in zip(names, q.tolist(), sizes.tolist()) if size > 0}
+
+    def _effective_lr_each(self, fn, event: StepEvent, names: list[str]) -> dict[str, list[float]]:
+        """_effective_lr for a few tensors: one call per tensor and the quantiles in plain floats (the
+        batched version's two dozen numpy calls on tiny arrays cost ~100 us); the same figures."""
+        out = {}
+        for n in names:
+            size = len(next(iter(event.state_sample.values()))[n])
+            if not size:
+                continue
+            try:
+                with np.errstate(all="ignore"):
+                    lr = np.array(np.broadcast_to(fn({slot: arrs[n] for slot, arrs in event.state_sample.items()},
+                                                     event.hyperparameters, event.step), (size,)), dtype=np.float64)
+            except Exception as e:  # noqa: BLE001 - a plugin's telemetry never fails a step
+                log.debug("effective_lr of %s failed: %s", event.optimizer, e)
+                return {}
+            lr.sort()
+            v = lr.tolist()
+            row = []
+            for q in QUANTILES:  # linear interpolation between order statistics, as np.quantile's default
+                pos = (size - 1) * q
+                lo = math.floor(pos)
+                hi = min(lo + 1, size - 1)
+                a = v[lo]
+                row.append(a + (pos - lo) * (v[hi] - a) if hi > lo else a)
+            out[n] = row
+        return out
 
     def _check(self, ring: SessionRing, record: Record) -> None:
         """The alert rules, per tensor (plain floats: a step has few tensors, numpy's per-call cost dominates)."""
@@ -732,9 +788,10 @@ class TelemetryObserver:
                 with session.lock:
                     if session.step == run.t and session.live is not None:
                         sample = sample_state(session.live.state, names)
-        self.hub.on_step(StepEvent(session.id, int(run.t), time.time(), owner=session.owner, optimizer=defn.name,
-                                   hyperparameters=dict(run.hp), tensors=stats, metrics=dict(run.metrics),
-                                   state_sample=sample))
+        # run.hp and run.metrics are the run's own and never changed in place (hyperparameters are replaced
+        # as a whole): handed over without copies
+        self.hub.on_step(StepEvent(session.id, run.t, time.time(), session.owner, defn.name, run.hp, stats,
+                                   run.metrics, sample))
 
     def on_refused(self, session, run, *_) -> None:
         import sys
