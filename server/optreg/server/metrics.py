@@ -1,7 +1,12 @@
 """Prometheus metrics (prometheus-client), on a registry of the server's own."""
 from __future__ import annotations
 
+import bisect
+import threading
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 LATENCY_BUCKETS = (.0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10)
 
@@ -9,11 +14,8 @@ LATENCY_BUCKETS = (.0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, 
 class Metrics:
     def __init__(self):
         r = self.registry = CollectorRegistry()
-        self._steps = Counter("optreg_steps", "Steps answered (replayed: a retry answered without applying)",
-                              ["replayed"], registry=r)
-        self._latency = Histogram("optreg_step_seconds", "Time to apply a step and make it durable, under the "
-                                  "session's lock (excludes decoding and the network)", buckets=LATENCY_BUCKETS,
-                                  registry=r)
+        self._step_counts = _StepCounts()
+        r.register(self._step_counts)
         self._in = Counter("optreg_received_bytes", "Serialized request bytes received", registry=r)
         self._out = Counter("optreg_sent_bytes", "Serialized reply bytes sent", registry=r)
         self._errors = Counter("optreg_errors", "Calls that ended with an error status", ["code", "method"],
@@ -23,9 +25,6 @@ class Metrics:
                               registry=r)
         self._bytes = Gauge("optreg_loaded_bytes", "Bytes of tensors held by loaded sessions (counted against "
                             "--memory-budget-mb)", registry=r)
-        # Children looked up once: labels() costs a lock and a dict lookup per call.
-        self._steps_applied = self._steps.labels(replayed="false")
-        self._steps_replayed = self._steps.labels(replayed="true")
         self._ckpt = Counter("optreg_checkpoints", "Session snapshots written", registry=r)
         self._log_records = Counter("optreg_log_records", "Steps written to sessions' write-ahead logs", registry=r)
         self._log_bytes = Counter("optreg_log_bytes", "Tensor bytes written to sessions' write-ahead logs",
@@ -48,11 +47,7 @@ class Metrics:
         return server.server_address[1]
 
     def step(self, seconds: float, replayed: bool) -> None:
-        if replayed:
-            self._steps_replayed.inc()
-        else:
-            self._steps_applied.inc()
-            self._latency.observe(seconds)
+        self._step_counts.add(seconds, replayed)
 
     def bytes_in(self, n: int) -> None:
         self._in.inc(n)
@@ -85,3 +80,40 @@ class Metrics:
     def checkpoint(self, nbytes: int) -> None:
         self._ckpt.inc()
         self._ckpt_bytes.inc(nbytes)
+
+
+class _StepCounts:
+    """optreg_steps (by replayed) and optreg_step_seconds, in the form Counter and Histogram give them,
+    counted under one lock with one bisect a step: every step records here, and the client library's
+    Counter and Histogram take a lock and check exemplars for the count, the sum and the bucket each."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.applied = self.replayed = 0
+        self.total_seconds = 0.0
+        self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)  # non-cumulative; the last is +Inf
+
+    def add(self, seconds: float, replayed: bool) -> None:
+        with self._lock:
+            if replayed:
+                self.replayed += 1
+            else:
+                self.applied += 1
+                self.total_seconds += seconds
+                self.buckets[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1  # le: bound >= seconds
+
+    def collect(self):
+        with self._lock:
+            applied, replayed, total, buckets = self.applied, self.replayed, self.total_seconds, list(self.buckets)
+        steps = CounterMetricFamily("optreg_steps", "Steps answered (replayed: a retry answered without applying)",
+                                    labels=["replayed"])
+        steps.add_metric(["false"], applied)
+        steps.add_metric(["true"], replayed)
+        latency = HistogramMetricFamily("optreg_step_seconds", "Time to apply a step and make it durable, under the "
+                                        "session's lock (excludes decoding and the network)")
+        cumulative, running = [], 0
+        for bound, n in zip((*map(floatToGoString, LATENCY_BUCKETS), "+Inf"), buckets):
+            running += n
+            cumulative.append((bound, running))
+        latency.add_metric([], cumulative, total)
+        return [steps, latency]
