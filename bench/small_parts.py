@@ -98,8 +98,9 @@ class _InProcess:
         req = self.pb.StepRequest(session_id=self.s.id, step=self.s.step_count,
                                   gradients=[self.tensors.from_numpy("w", self.g)]).SerializeToString()
         reply = self.app.sessions.Step(self.pb.StepRequest.FromString(req), self.ctx)
-        reply.SerializeToString()
-        self.s.step_count = reply.step
+        if type(reply) is not bytes:  # dense answers come encoded (service._step_reply); gRPC serializes others
+            reply = reply.SerializeToString()
+        self.s.step_count += 1
 
     def close(self):
         self.client.close()

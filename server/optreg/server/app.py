@@ -326,5 +326,9 @@ def _add_session_service(servicer, server) -> None:
     got.handlers["StepStream"] = grpc.stream_stream_rpc_method_handler(
         h.stream_stream, request_deserializer=lambda data: (len(data), parse(data)),  # sized without ByteSize()
         response_serializer=tensors.serialize_passthrough(h.response_serializer))
+    h = got.handlers["Step"]  # Step's dense answers come encoded too (service._step_reply)
+    got.handlers["Step"] = grpc.unary_unary_rpc_method_handler(
+        h.unary_unary, request_deserializer=h.request_deserializer,
+        response_serializer=tensors.serialize_passthrough(h.response_serializer))
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(got.service, got.handlers),))
     server.add_registered_method_handlers(got.service, got.handlers)

@@ -94,8 +94,8 @@ class StepRun:
         self.is_sparse = sparse
         self.sparse: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self.on_commit = None  # called with the session under its lock as the step commits (rounds.py)
-        self.hp_changes = dict(hyperparameters or {})
-        self.metrics = check_metrics(metrics or {})
+        self.hp_changes = dict(hyperparameters) if hyperparameters else {}
+        self.metrics = check_metrics(metrics) if metrics else {}
         self.is_active = is_active
         self.out = out  # shared memory: the updated parameters are copied here after the commit
         self.defn = session.optimizer.definition

@@ -330,8 +330,8 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
                         f"the reply to this sparse step (the rows, and the parameters stepped densely) exceeds the "
                         f"server's message limit ({self.max_message_bytes} bytes): use StepStream, or a session with "
                         "step_reply STEP_REPLY_NONE; the step was not applied")
-                return run.finish(_step_response)
-            return _step_response(result)  # a retry: the run holds the answer's arrays as a reader
+                return run.finish(_step_reply)
+            return _step_reply(result)  # a retry: the run holds the answer's arrays as a reader
         finally:
             run.close()
 
@@ -593,6 +593,18 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
     def Heartbeat(self, request, context):
         session = self.store.get(request.session_id, self.owner(context))
         return session_pb2.HeartbeatResponse(round=self.workers.heartbeat(session, request.worker))
+
+
+def _step_reply(result) -> bytes | session_pb2.StepResponse:
+    """Step's answer. A dense one is encoded directly: the bytes SerializeToString gives for the same
+    StepResponse (tests compare them), each tensor copied once, ~3 us less a small step than building
+    the message and serializing it (the handler's serializer passes bytes through: see
+    app._add_session_service). Sparse answers are built as messages."""
+    if getattr(result, "sparse", None) or getattr(result, "rows", None):
+        return _step_response(result)
+    return tensors.encode_stream_message(tensors.response_head(result.step, result.replayed),
+                                         [(n, tensors.to_code(a.dtype), a.shape, 0, a)
+                                          for n, a in result.tensors.items()])
 
 
 def _step_response(result) -> session_pb2.StepResponse:

@@ -100,6 +100,6 @@ def handler(method):
             reply = method(self, request, context)
         except Exception as e:
             fail(self, context, e)
-        self.metrics.bytes_out(reply.ByteSize())
+        self.metrics.bytes_out(len(reply) if type(reply) is bytes else reply.ByteSize())  # bytes: Step's
         return reply
     return unary

@@ -74,8 +74,9 @@ def tensor_stats(grad: np.ndarray, old: np.ndarray, new: np.ndarray) -> np.ndarr
     """The four sums of one tensor in float64: one compiled pass when numba has built it (a small step
     would otherwise spend more on numpy's temporaries and reductions than on its update), else numpy."""
     g, o, n = np.asarray(grad).reshape(-1), np.asarray(old).reshape(-1), np.asarray(new).reshape(-1)
-    fast = _SUMS.get(g.dtype.str) if g.dtype == o.dtype == n.dtype and g.size else None
-    if fast is not None:
+    dt = g.dtype
+    fast = _SUMS.get(dt.str) if dt is o.dtype is n.dtype or dt == o.dtype == n.dtype else None
+    if fast is not None and g.size:
         out = np.empty(4)
         fast(n, o, g, out)  # all four, max |g| included: no reductions or temporaries of numpy's
         return out
