@@ -2,6 +2,8 @@
 
 Each layer is timed alone and against the one below it, round by round:
   echo      gRPC unary echo of raw bytes (no protobuf, trivial handler), another process
+  health    the optreg server's cheapest call (grpc.health.v1 Check, an empty request): the
+            per-call floor of that server process, before any optreg code runs
   raw Step  the optreg server's Step called with pre-encoded request bytes, the reply kept as
             bytes (no client library): the server's work plus gRPC, minus the client's Python
   client    Session.step(): request building, transport, retry wrapper, reply decoding and
@@ -30,11 +32,12 @@ def bench_small_parts(cfg, server, echo, row, channel):
     n, per_round, rounds = 1000, max(100, cfg.small_reps // 3), 5 if cfg.quick else 9
     rng = np.random.default_rng(0)
     g = rng.standard_normal(n).astype(np.float32)
-    res = {"echo": [], "raw": [], "client": [], "servicer": []}
+    res = {"echo": [], "health": [], "raw": [], "client": [], "servicer": []}
     with Client(server.address) as c:
         s = c.create_session("adam", {"w": rng.standard_normal(n).astype(np.float32)}, durability="none")
         ch = channel(server.address)
         raw = ch.unary_unary("/optreg.v1.SessionService/Step")  # no serializers: bytes in, bytes out
+        health = ch.unary_unary("/grpc.health.v1.Health/Check")  # b"": HealthCheckRequest(service="")
         fence = [0]
 
         def raw_step():
@@ -57,11 +60,13 @@ def bench_small_parts(cfg, server, echo, row, channel):
             .SerializeToString()
         for _ in range(100):
             eu(payload)
+            health(b"")
             raw_step()
             s.step({"w": g})
         servicer = _InProcess(g)
         for _ in range(rounds):
             res["echo"].append(_median_us(lambda: eu(payload), per_round))
+            res["health"].append(_median_us(lambda: health(b""), per_round))
             res["raw"].append(statistics.median(raw_timed() for _ in range(per_round)))
             res["client"].append(_median_us(lambda: s.step({"w": g}), per_round))
             res["servicer"].append(_median_us(servicer.step, per_round))
@@ -72,8 +77,10 @@ def bench_small_parts(cfg, server, echo, row, channel):
     m = {k: statistics.median(v) for k, v in res.items()}
     row("small step parts: client Session.step", m["client"], "s", "raw Step call (bytes, no client)", m["raw"],
         note="the difference is the client library's Python")
-    row("small step parts: raw Step call", m["raw"], "s", "gRPC unary echo, raw bytes", m["echo"],
-        note="the difference is the server's work, protobuf included")
+    row("small step parts: raw Step call", m["raw"], "s", "the same server's health check", m["health"],
+        note="the difference is Step's own work on the server, protobuf included")
+    row("small step parts: the server's health check", m["health"], "s", "gRPC unary echo, raw bytes", m["echo"],
+        note="the difference is the server process's per-call floor (gRPC's Python server among its threads)")
     row("small step parts: servicer alone, no gRPC", m["servicer"], "s", "gRPC unary echo, raw bytes", m["echo"],
         note="parse + Step + serialize in the bench's process")
 

@@ -27,6 +27,7 @@ import numpy as np
 from optreg.plugins import HyperparameterError
 from optreg.server.telemetry import merge_stats, tensor_stats
 from optreg.server import fastkernels, kernels, sparse as sparse_rows
+from optreg.server.journal import NULL_RECORD
 from optreg.server.errors import Cancelled, FailedPrecondition, InvalidArgument, PluginFailed, shown
 from optreg.server.sessions import MAX_STEP, Arrays, Session, StepResult
 from optreg.v1 import tensor_pb2, tensors
@@ -185,10 +186,14 @@ class StepRun:
         name = t.name
         if name in self.sparse:
             raise InvalidArgument(f"gradient {shown(name)} is given both as sparse rows and dense: send one")
-        self.record.add(name, t.dtype, tuple(t.shape), start, data)
+        if self.record is not NULL_RECORD:  # (a memory-only session's steps are not logged)
+            self.record.add(name, t.dtype, tuple(t.shape), start, data)
         s = self.session
         # Fenced elementwise steps widen float16/bfloat16 inside the kernel pass (kernels.widens_in_pass).
-        g = data if self.overlap and kernels.widens_in_pass(self.defn, s.dtype, data) else widen(data, s.dtype)
+        if data.dtype == s.dtype:
+            g = data
+        else:
+            g = data if self.overlap and kernels.widens_in_pass(self.defn, s.dtype, data) else widen(data, s.dtype)
         # A small whole tensor of a fenced step is computed into staging, and its statistics pass sees every
         # element of g: the finite check rides on it (_kernel), and nothing is committed before it.
         fused = self.overlap and start == 0 and g.size < SMALL_STATS
@@ -344,7 +349,7 @@ class StepRun:
         self.store.after_commit(s)
         self.result = s.answer(False)
         answer = None
-        if encode is not None and sum(a.nbytes for a in self.result.tensors.values()) <= SMALL_ANSWER:
+        if encode is not None and s.reply_bytes <= SMALL_ANSWER:
             answer = encode(self.result)
         else:
             self.reader = s.live

@@ -597,14 +597,29 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
 
 def _step_reply(result) -> bytes | session_pb2.StepResponse:
     """Step's answer. A dense one is encoded directly: the bytes SerializeToString gives for the same
-    StepResponse (tests compare them), each tensor copied once, ~3 us less a small step than building
-    the message and serializing it (the handler's serializer passes bytes through: see
-    app._add_session_service). Sparse answers are built as messages."""
+    StepResponse (tests compare them), each tensor's field header made once per name, dtype and
+    shape (_TENSOR_HEADS) and its data copied once: ~2 us a small step against ~7 us to build the
+    message and serialize it. The handler's serializer passes bytes through (app._add_session_service).
+    Sparse answers are built as messages."""
     if getattr(result, "sparse", None) or getattr(result, "rows", None):
         return _step_response(result)
-    return tensors.encode_stream_message(tensors.response_head(result.step, result.replayed),
-                                         [(n, tensors.to_code(a.dtype), a.shape, 0, a)
-                                          for n, a in result.tensors.items()])
+    parts = [tensors.response_head(result.step, result.replayed)]
+    for name, a in result.tensors.items():
+        key = (name, a.dtype, a.shape)
+        head = _TENSOR_HEADS.get(key)
+        if head is None:
+            if len(_TENSOR_HEADS) >= 4096:  # bounded: names and shapes come from clients
+                _TENSOR_HEADS.clear()
+            got: list = []
+            tensors._append_tensor(got, name, tensors.to_code(a.dtype), a.shape, 0, a)
+            head = _TENSOR_HEADS[key] = got[0] + got[1]  # field 3's tag and length, the Tensor's fields 1-4
+        parts.append(head)
+        if a.size:
+            parts.append(a.reshape(-1).view(np.uint8))
+    return b"".join(parts)
+
+
+_TENSOR_HEADS: dict[tuple, bytes] = {}
 
 
 def _step_response(result) -> session_pb2.StepResponse:

@@ -144,6 +144,8 @@ class Session:
     dtype: np.dtype = field(init=False, repr=False)
     elements: int = field(init=False, repr=False)
     layout: tuple = field(init=False, repr=False)  # what makes two sessions' sets interchangeable (SetPool)
+    reply_bytes: int = field(init=False, repr=False)  # the tensor bytes of a step's answer (answer())
+    set_nbytes: int = field(init=False, repr=False)  # set_bytes()
     # Shared sessions (membership.WorkerConfig; None: single writer) and their members and rounds (rounds.Hub).
     workers: object | None = None
     hub: object | None = field(default=None, repr=False)
@@ -168,6 +170,8 @@ class Session:
         self.spec = {name: (tuple(shape), allowed) for name, shape in self.shapes.items()}
         self.dtype = MASTER_DTYPES[self.master_code]
         self.elements = sum(int(np.prod(s, dtype=np.int64)) for s in self.shapes.values())
+        self.reply_bytes = 0 if self.reply == "none" else self.elements * self.dtype.itemsize
+        self.set_nbytes = self.elements * (1 + len(self.slot_names)) * self.dtype.itemsize
         self.layout = (self.dtype.str, tuple((n, tuple(s)) for n, s in self.shapes.items()), tuple(self.slot_names))
 
     @property
@@ -176,7 +180,7 @@ class Session:
 
     def set_bytes(self) -> int:
         """Bytes of one Arrays set (parameters and every slot)."""
-        return self.elements * (1 + len(self.slot_names)) * self.dtype.itemsize
+        return self.set_nbytes
 
     def check_fence(self, fence: int | None) -> bool:
         """True when `fence` names the last applied step (a retry); raise when it names neither it nor the next.

@@ -108,7 +108,7 @@ class SessionStore:
 
     def allocate_set(self, session: Session, what: str) -> Arrays:
         """A set for a copy of `session`'s tensors (contents undefined: the caller overwrites all of it)."""
-        nbytes = session.set_bytes()
+        nbytes = session.set_nbytes
         if nbytes < SPARE_MIN_BYTES:
             arrays = self.pool.take(session.layout)
             if arrays is not None:
@@ -121,7 +121,7 @@ class SessionStore:
         the store's pool when small."""
         if arrays.readers:
             return
-        nbytes = session.set_bytes()
+        nbytes = session.set_nbytes
         if nbytes >= SPARE_MIN_BYTES:
             session.keep_spare(arrays)
         else:

@@ -73,7 +73,9 @@ def sample_indices(size: int, k: int = SAMPLE_SIZE) -> np.ndarray:
 def tensor_stats(grad: np.ndarray, old: np.ndarray, new: np.ndarray) -> np.ndarray:
     """The four sums of one tensor in float64: one compiled pass when numba has built it (a small step
     would otherwise spend more on numpy's temporaries and reductions than on its update), else numpy."""
-    g, o, n = np.asarray(grad).reshape(-1), np.asarray(old).reshape(-1), np.asarray(new).reshape(-1)
+    g, o, n = grad, old, new
+    if not (type(g) is type(o) is type(n) is np.ndarray and g.ndim == o.ndim == n.ndim == 1):
+        g, o, n = np.asarray(g).reshape(-1), np.asarray(o).reshape(-1), np.asarray(n).reshape(-1)
     dt = g.dtype
     fast = _SUMS.get(dt.str) if dt is o.dtype is n.dtype or dt == o.dtype == n.dtype else None
     if fast is not None and g.size:
