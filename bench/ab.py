@@ -75,7 +75,9 @@ def main(argv=None):
                 eu(payload)
                 xs.append(time.perf_counter() - a)
             res["echo"].append(float(np.median(xs)))
-            for root in args.trees:
+            # every other round in reverse order: a tree's place in the round (what ran just before it,
+            # a drift within the round) then weighs on every tree alike
+            for root in (args.trees if rnd % 2 == 0 else args.trees[::-1]):
                 out = subprocess.run([sys.executable, "-c", CLIENT, servers[root][1], str(args.steps), str(args.size)],
                                      capture_output=True, text=True, env=_env(root), cwd="/", check=True)
                 res[root].append(float(out.stdout.split()[-1]))
@@ -86,9 +88,14 @@ def main(argv=None):
         echo.stop(0)
     e = float(np.median(res["echo"]))
     print(f"echo median {e * 1e6:.0f} us")
+    first = np.array(res[args.trees[0]])
     for root in args.trees:
         m = float(np.median(res[root]))
-        print(f"{root}: median {m * 1e6:.0f} us, {m / e:.2f}x echo")
+        # paired: each round's ratio to the first tree, then their median (robust to rounds that were slow
+        # for everyone, which the ratio of the medians is not)
+        paired = float(np.median(np.array(res[root]) / first))
+        print(f"{root}: median {m * 1e6:.0f} us, {m / e:.2f}x echo, {paired:.3f}x {args.trees[0]} (median of "
+              f"per-round ratios)")
 
 
 if __name__ == "__main__":
