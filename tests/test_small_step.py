@@ -215,3 +215,26 @@ def test_ring_merge_of_few_tensors_equals_the_numpy_loop_bit_for_bit(monkeypatch
         assert few.steps == loop.steps and few.stats.shape == loop.stats.shape == (tensors, 4)
         np.testing.assert_array_equal(few.stats, loop.stats)  # NaN compares equal here; every bit otherwise
         assert few.stats.tobytes() == loop.stats.tobytes()
+
+
+@pytest.mark.parametrize("where", [0, 450, 999])  # in the first chunk (starts at 0, not whole), a middle one, the last
+def test_non_finite_in_any_chunk_of_a_streamed_tensor_is_refused(server, where):
+    """The fused check covers whole small tensors only: a first chunk (offset 0 but not the whole tensor)
+    is checked on arrival like every other chunk."""
+    import grpc
+    from optreg.v1 import session_pb2, session_pb2_grpc, tensors as tz
+    with Client(server.address) as c:
+        s = c.create_session("adam", {"w": np.linspace(-1, 1, 1000)}, durability="none")
+        g = np.ones(1000)
+        g[where] = np.nan
+        chunks = list(tz.chunk("w", g, 300 * 8))
+        msgs = [session_pb2.StepStreamRequest(session_id=s.id, step=0)]
+        msgs += [session_pb2.StepStreamRequest(chunks=[ch]) for ch in chunks]
+        stub = session_pb2_grpc.SessionServiceStub(c.transport.channel)
+        with pytest.raises(grpc.RpcError) as e:
+            list(stub.StepStream(iter(msgs), timeout=30))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "NaN or Inf" in e.value.details()
+        info, params, _ = s.read_state()
+        assert info.step == 0
+        np.testing.assert_array_equal(params["w"], np.linspace(-1, 1, 1000))
+        s.delete()

@@ -196,7 +196,8 @@ class StepRun:
             g = data if self.overlap and kernels.widens_in_pass(self.defn, s.dtype, data) else widen(data, s.dtype)
         # A small whole tensor of a fenced step is computed into staging, and its statistics pass sees every
         # element of g: the finite check rides on it (_kernel), and nothing is committed before it.
-        fused = self.overlap and start == 0 and g.size < SMALL_STATS
+        fused = (self.overlap and start == 0 and g.size < SMALL_STATS
+                 and g.size == self.reader.params[name].size)  # whole: a first chunk is checked here
         if not fused:
             check_finite(name, g, start)
         end = start + g.size

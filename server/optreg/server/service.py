@@ -290,8 +290,9 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         return session_pb2.DeleteSessionResponse()
 
     # -- steps -----------------------------------------------------------
-    def _run(self, request, context, out=None) -> StepRun:
-        session = self.store.get(request.session_id, self.owner(context))
+    def _run(self, request, context, out=None, session: Session | None = None) -> StepRun:
+        if session is None:
+            session = self.store.get(request.session_id, self.owner(context))
         fence = request.step if request.HasField("step") else None
         return StepRun(self.store, session, fence, request.hyperparameters, request.metrics, context.is_active, out,
                        sparse=bool(getattr(request, "sparse", None)))
@@ -304,7 +305,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
                 raise FailedPrecondition(f"worker {shown(request.worker)} given, but session {session.id} is a "
                                          "single-writer session: leave worker empty")
             return self.workers.step(session, request, context)
-        run = self._run(request, context)
+        run = self._run(request, context, session=session)
         try:
             result = run.open()
             if result is None:
