@@ -346,9 +346,14 @@ class Journal:
             raise OSError(errno.EBUSY, "a step of this session is in flight (its log record is open)")
         arrays, table = snapshot_arrays(s)
         meta = dict(meta_of(s, hyperparameters), tensors=table, saved_at=time.time())
-        size = snapshot.write(self.snapshot_path(s.id), meta, arrays)
+        durable = True
+        try:
+            size = snapshot.write(self.snapshot_path(s.id), meta, arrays)
+        except snapshot.RenameNotDurable as e:  # the file holds this state: it is written, not yet durable
+            log.error("session %s: %s; its log is kept", s.id, e, extra={"session_id": s.id})
+            durable, size = False, self.snapshot_path(s.id).stat().st_size
         lg = self._logs.get(s.id)
-        if lg is not None:
+        if lg is not None and durable:  # (not durable: the log keeps covering the previous file)
             if s.durability.mode in SYNC:
                 try:
                     lg.reset(s.step)
@@ -360,7 +365,7 @@ class Journal:
                               s.step, e, extra={"session_id": s.id})
             else:  # the mode has no log now: the snapshot is the whole state
                 self._close_log(s.id, delete=True)
-        elif s.durability.mode in SYNC:
+        elif lg is None and s.durability.mode in SYNC:
             self._open_log(s.id, s.step, s.durability.mode)
         s.dirty = False
         s.persisted_step = s.step
@@ -508,8 +513,9 @@ class Journal:
                     meta["log_step"] = True
                     # ...and the hyperparameters in force, as its last record logged them (what
                     # GetSession shows before the session is loaded and replayed)
-                    if not lg._entries[-1].extras.get(LR_SCALED):
-                        meta["hyperparameters"] = dict(lg._entries[-1].hyperparameters)
+                    hp, extras = lg.last_settings()
+                    if not extras.get(LR_SCALED):
+                        meta["hyperparameters"] = hp
             except (wal.CorruptData, ValueError, OSError) as e:
                 meta["log_error"] = f"log {self.log_path(sid)}: {e}"
         return meta

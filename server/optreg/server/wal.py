@@ -435,6 +435,15 @@ class Log:
             if e.step > after:
                 yield self._load(e)
 
+    def last_settings(self) -> tuple[dict, dict] | None:
+        """(hyperparameters, extras) of the last committed record, without reading its tensors;
+        None when the log has no record."""
+        with self._lock:
+            if not self._entries:
+                return None
+            e = self._entries[-1]
+            return dict(e.hyperparameters), dict(e.extras)
+
     def _load(self, e: _Entry) -> Record:
         tensors: dict[str, np.ndarray] = {}
         for c in e.chunks:
