@@ -546,6 +546,13 @@ class Log:
             self._entries = []
 
     @property
+    def broken(self) -> OSError | None:
+        """The error that made this log unusable (a failed sync or cut), if any: its data may be lost."""
+        if self._broken is None and not self._closed:
+            self._broken = self._syncer.error(self._fd)
+        return self._broken
+
+    @property
     def log_bytes(self) -> int:
         """Bytes after the header (records since the base step, and any open ones)."""
         return self._end - self._header_end
