@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from optreg.server import bitops
 from optreg.server.fastkernels import DTYPES, Compiled, disk_cache_ok, log, numba, renamed, submit
 
 # Elements per block of the statistics driver: the copy of p, the kernel and the sums over one
@@ -114,7 +115,7 @@ def _helper(name):
         if not _helpers:
             _helpers["accumulate"] = numba.njit(fastmath=_SUM_MATH, error_model="numpy")(_accumulate)
             _helpers["stats_loop"] = numba.njit(nogil=True, fastmath=_SUM_MATH, error_model="numpy")(stats_loop)
-            _helpers["abs_bits_max"] = numba.njit(nogil=True)(_abs_bits_max)
+            _helpers["abs_bits_max"] = numba.njit(nogil=True)(_abs_bits_max)  # the driver's
             _helpers["accumulate32"] = numba.njit(fastmath=_SUM_MATH, error_model="numpy")(_accumulate32)
             _helpers["fold32"] = numba.njit(error_model="numpy")(_fold32)
             _helpers["fold32_update"] = numba.njit(error_model="numpy")(_fold32_update)
@@ -124,11 +125,13 @@ def _helper(name):
 _P = "_optreg_"  # prefix of every name the rewrite adds
 
 
-def fused_stats_source(kernel, blocked: bool = False) -> str | None:
+def fused_stats_source(kernel, blocked: bool = False, grad_terms: bool = True) -> str | None:
     """The source of `kernel` rewritten to also return its statistics, or None when its shape does
     not allow it: one `for` loop, directly in the body, without break, continue or return inside;
-    no closure; no nested functions. The rewritten function takes three more arguments
-    (acc: float64[4], gbits: g viewed as unsigned ints, mask) and returns max |g| as bits.
+    no closure; no nested functions. The rewritten function takes one more argument (acc: float64[4])
+    and returns max |g| as the bits of a float of g's width (bitops.abs_bits).
+    `grad_terms=False`: without sum g^2 and max |g| (the caller has them from its finite check pass:
+    check_grad); acc[0] is left alone and the function returns 0.
     `blocked` (for float32 arrays; the loop must be `for i in range(n)`): the loop split into blocks
     of BLOCK32 elements whose sums are float32 (`_accumulate32`), each block's folded into float64."""
     import ast
@@ -166,19 +169,27 @@ def fused_stats_source(kernel, blocked: bool = False) -> str | None:
         if not (isinstance(it, ast.Call) and isinstance(it.func, ast.Name) and it.func.id == "range"
                 and len(it.args) == 1 and not it.keywords):
             return None
-        return _blocked_source(tree, fdef, loop, p, g, i, stmts)
-    loop.body = stmts(f"{_P}old = {p}[{i}]") + loop.body + stmts(f"""
-        {_P}s0, {_P}s1, {_P}s2 = {_P}accumulate({_P}s0, {_P}s1, {_P}s2, {g}[{i}], {_P}old, {p}[{i}])
-        {_P}b = {_P}gbits[{i}] & {_P}mask
-        if {_P}b > {_P}mx:
-            {_P}mx = {_P}b
-    """)
-    return _finish(tree, fdef, loop, [loop], stmts, "stats")
+        return _blocked_source(tree, fdef, loop, p, g, i, stmts, grad_terms)
+    gq = f"{_P}gq" if grad_terms else f"{_P}zero"
+    loop.body = stmts(f"{_P}old = {p}[{i}]\n{_P}gq = {g}[{i}]") + loop.body + stmts(f"""
+        {_P}s0, {_P}s1, {_P}s2 = {_P}accumulate({_P}s0, {_P}s1, {_P}s2, {gq}, {_P}old, {p}[{i}])
+    """) + stmts(_max_line(grad_terms))
+    return _finish(tree, fdef, loop, [loop], stmts, "stats" + _nog(grad_terms), g)
 
 
-def _finish(tree, fdef, loop, replacement: list, stmts, suffix: str, setup: str = "") -> str:
+def _max_line(grad_terms: bool) -> str:
+    # An unsigned max over the bits of |g| (bitops): a float max, or numba's own integer max (done in
+    # 64-bit lanes), kept LLVM from vectorizing the kernel's loop.
+    return f"{_P}mx = {_P}umax({_P}mx, {_P}abs_bits({_P}gq))\n" if grad_terms else ""
+
+
+def _nog(grad_terms: bool) -> str:
+    return "" if grad_terms else "_nog"
+
+
+def _finish(tree, fdef, loop, replacement: list, stmts, suffix: str, g: str, setup: str = "") -> str:
     """Put `replacement` where `loop` was, between the sums' set-up and their store into acc, and
-    give the function its three extra arguments, max |g|'s return and a new name."""
+    give the function its extra argument, max |g|'s return and a new name."""
     import ast
 
     at = fdef.body.index(loop)
@@ -186,20 +197,21 @@ def _finish(tree, fdef, loop, replacement: list, stmts, suffix: str, setup: str 
 {_P}s0 = 0.0
 {_P}s1 = 0.0
 {_P}s2 = 0.0
-{_P}mx = {_P}gbits.dtype.type(0)
+{_P}zero = {g}.dtype.type(0)
+{_P}mx = {_P}abs_bits({_P}zero)
 """) + replacement + stmts(f"""
         {_P}acc[0] += {_P}s0
         {_P}acc[1] += {_P}s1
         {_P}acc[2] += {_P}s2
         return {_P}mx
     """)
-    fdef.args.args += [ast.arg(f"{_P}acc"), ast.arg(f"{_P}gbits"), ast.arg(f"{_P}mask")]
+    fdef.args.args += [ast.arg(f"{_P}acc")]
     fdef.decorator_list = []
     fdef.name = f"{fdef.name}{_P}{suffix}"
     return ast.unparse(ast.fix_missing_locations(tree))
 
 
-def _blocked_source(tree, fdef, loop, p, g, i, stmts) -> str | None:
+def _blocked_source(tree, fdef, loop, p, g, i, stmts, grad_terms: bool = True) -> str | None:
     """The loop run over blocks; within a block it walks slices of the arrays from 0 (LLVM
     vectorizes that loop; one running from the block's start it left scalar)."""
     import ast
@@ -217,26 +229,23 @@ def _blocked_source(tree, fdef, loop, p, g, i, stmts) -> str | None:
     total = ast.unparse(loop.iter.args[0])
     sums = ", ".join(f"{_P}a{j}" for j in range(3))
     sp, sg = f"{_P}{p}", f"{_P}{g}"
+    gq = f"{_P}gq" if grad_terms else f"{_P}zero"
+    # g[i] is read before the kernel's body: LLVM then shares the load (and g*g) with the kernel's own.
     inner = ast.For(target=ast.Name(i, ast.Store()), iter=ast.parse(
         f"range({_P}e - {_P}a)", mode="eval").body, orelse=[],
-        body=stmts(f"{_P}old = {sp}[{i}]") + body + stmts(f"""
+        body=stmts(f"{_P}old = {sp}[{i}]\n{_P}gq = {sg}[{i}]") + body + stmts(f"""
             {_P}d = {sp}[{i}] - {_P}old
-            {sums} = {_P}accumulate32({sums}, {sg}[{i}], {_P}d, {sp}[{i}])
-        """))
+            {sums} = {_P}accumulate32({sums}, {gq}, {_P}d, {sp}[{i}])
+        """) + stmts(_max_line(grad_terms)))
+    fold_g = f"\n{_P}s0 = {_P}fold32({_P}s0, {_P}a0, {sg})" if grad_terms else ""
     outer = stmts(f"""
-        for {_P}a in range(0, {_P}n, {BLOCK32}):
-            {sums} = {_P}zero32, {_P}zero32, {_P}zero32
-            {_P}e = min({_P}a + {BLOCK32}, {_P}n)
-            {_P}gb = {_P}gbits[{_P}a:{_P}e]
-            {_P}mx = {_P}abs_bits_max({_P}gb, {_P}mask, {_P}mx)
-            {_P}s0 = {_P}fold32({_P}s0, {_P}a0, {sg})
-            {_P}s1 = {_P}fold32({_P}s1, {_P}a1, {sp})
-            {_P}s2 = {_P}fold32_update({_P}s2, {_P}a2)
-    """)[0]
-    # max |g| in its own loop over the block (in L1): inside the kernel's loop it kept LLVM from
-    # vectorizing the float32 loop at all
-    outer.body[3:3] = stmts("\n".join(f"{_P}{x} = {x}[{_P}a:{_P}e]" for x in arrays)) + [inner]
-    return _finish(tree, fdef, loop, [outer], stmts, "stats32", setup=f"{_P}n = {total}")
+for {_P}a in range(0, {_P}n, {BLOCK32}):
+    {sums} = {_P}zero32, {_P}zero32, {_P}zero32
+    {_P}e = min({_P}a + {BLOCK32}, {_P}n)
+    {_P}s1 = {_P}fold32({_P}s1, {_P}a1, {sp})
+    {_P}s2 = {_P}fold32_update({_P}s2, {_P}a2)""" + fold_g.replace("\n", "\n    "))[0]
+    outer.body[2:2] = stmts("\n".join(f"{_P}{x} = {x}[{_P}a:{_P}e]" for x in arrays)) + [inner]
+    return _finish(tree, fdef, loop, [outer], stmts, "stats32" + _nog(grad_terms), g, setup=f"{_P}n = {total}")
 
 
 _DRIVER_SOURCE = """
@@ -282,21 +291,28 @@ class StatsKernel:
     kernel: Compiled
     fn32: object = None  # fused with float32 block sums, for float32 arrays (None: fn serves them too)
     held32: object = None
+    nog: object = None  # fused, releasing the GIL, without the gradient's terms (grad_known)
+    nog32: object = None
 
-    def __call__(self, nogil: bool, p, g, slots, consts, acc, old=None) -> None:
+    def __call__(self, nogil: bool, p, g, slots, consts, acc, old=None, grad_known: bool = False) -> None:
         """Update the flat contiguous slices `p`, `slots` with `g`; acc[:3] += sums, acc[3] = max.
-        `old`: a work array of STATS_BLOCK elements like p (the driver only)."""
-        ubits, mask = _SIGN_CLEARED[p.dtype.str]
-        gbits = g.view(ubits)
-        mask = gbits.dtype.type(mask)
-        if self.fused and self.fn32 is not None and p.dtype == np.float32:
-            m = (self.fn32 if nogil else self.held32)(p, g, *slots, consts, acc, gbits, mask)
-        elif self.fused:
-            m = (self.fn if nogil else self.held)(p, g, *slots, consts, acc, gbits, mask)
+        `old`: a work array of STATS_BLOCK elements like p (the driver only). `grad_known`: the caller
+        has sum g^2 and max |g| already (fastkernels.grad_stats) and sets acc[0] and acc[3] itself
+        afterwards; then a variant without those terms runs where there is one."""
+        f32 = self.fn32 is not None and p.dtype == np.float32
+        if grad_known and nogil and self.nog is not None:
+            (self.nog32 if f32 else self.nog)(p, g, *slots, consts, acc)
+            return
+        if self.fused:
+            m = ((self.fn32 if nogil else self.held32) if f32 else (self.fn if nogil else self.held))(
+                p, g, *slots, consts, acc)
         else:
+            ubits, mask = _SIGN_CLEARED[p.dtype.str]
+            gbits = g.view(ubits)
             kern = self.kernel.fn if nogil else self.kernel.held
-            m = (self.fn if nogil else self.held)(kern, p, g, gbits, mask, *slots, consts, old, acc, STATS_BLOCK)
-        acc[3] = max(acc[3], float(np.array(m, gbits.dtype).view(p.dtype)))
+            m = (self.fn if nogil else self.held)(kern, p, g, gbits, gbits.dtype.type(mask), *slots, consts, old,
+                                                  acc, STATS_BLOCK)
+        acc[3] = max(acc[3], float(np.array(m, _SIGN_CLEARED[p.dtype.str][0]).view(p.dtype)))
 
 
 _stats_ready: dict = {}  # id(definition) -> (definition, StatsKernel)
@@ -333,7 +349,7 @@ def _source_file(source: str) -> str | None:
     if not disk_cache_ok():
         return None
     # _accumulate's code is part of the compiled result: a change to it must change the file.
-    helpers = "".join(inspect.getsource(f) for f in (_accumulate, _accumulate32, _fold32, _fold32_update))
+    helpers = "".join(inspect.getsource(f) for f in (_accumulate, _accumulate32, _fold32, _fold32_update, bitops))
     digest = hashlib.sha256((source + helpers).encode()).hexdigest()[:20]
     base = os.environ.get("NUMBA_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache")
     folder = os.path.join(base, "optreg", "stats-kernels")
@@ -353,37 +369,45 @@ def _source_file(source: str) -> str | None:
 def _try_build(defn, comp: Compiled, fused: bool) -> StatsKernel:
     n = len(comp.slots)
     if fused:
-        source = fused_stats_source(comp.kernel)
-        if source is None:
+        if fused_stats_source(comp.kernel) is None:
             raise LookupError("its kernel's shape does not allow the fused rewrite")
-        builds = []
-        for src in (source, fused_stats_source(comp.kernel, blocked=True)):
-            if src is None:
-                builds += [None, None]
-                continue
-            path = _source_file(src)
-            ns = dict(comp.kernel.__globals__)
-            ns.update({f"{_P}accumulate": _helper("accumulate"), f"{_P}accumulate32": _helper("accumulate32"),
-                       f"{_P}fold32": _helper("fold32"),
-                       f"{_P}fold32_update": _helper("fold32_update"),
-                       f"{_P}abs_bits_max": _helper("abs_bits_max"), f"{_P}zero32": np.float32(0), "min": min})
-            exec(compile(src, path or f"<{defn.name} kernel with statistics>", "exec"), ns)  # noqa: S102
-            pyfunc = ns[src.split("def ", 1)[1].split("(", 1)[0]]
-            options = dict(error_model="numpy", cache=path is not None)
-            builds += [numba.njit(nogil=True, **options)(pyfunc),
-                       numba.njit(**options)(renamed(pyfunc, "__optreg_held"))]
-        sk = StatsKernel(True, builds[0], builds[1], comp, builds[2], builds[3])
+        builds = {}
+        for blocked in (False, True):
+            for grad_terms in (True, False):
+                src = fused_stats_source(comp.kernel, blocked=blocked, grad_terms=grad_terms)
+                if src is None:
+                    continue
+                pyfunc = _define(defn, comp, src)
+                options = dict(error_model="numpy", cache=_source_file(src) is not None)
+                builds[blocked, grad_terms, True] = numba.njit(nogil=True, **options)(pyfunc)
+                if grad_terms:  # small tensors keep the GIL; they never skip the gradient's terms
+                    builds[blocked, grad_terms, False] = numba.njit(**options)(renamed(pyfunc, "__optreg_held"))
+        b = builds.get
+        sk = StatsKernel(True, b((False, True, True)), b((False, True, False)), comp, b((True, True, True)),
+                         b((True, True, False)), b((False, False, True)), b((True, False, True)))
     else:
         sk = StatsKernel(False, _driver(n, True), _driver(n, False), comp)
     c_len = len(defn.kernel_scalars(defn.resolve({}), 1))
     for dt in DTYPES:
-        for nogil in (True, False):
+        for nogil, grad_known in ((True, False), (False, False), (True, True)):
             a = [np.zeros(4, dt) for _ in range(2 + n)]
             c, acc, old = np.full(c_len, 0.5, dt), np.zeros(4), np.zeros(STATS_BLOCK, dt)
-            sk(nogil, a[0], a[1], a[2:], c, acc, old)
+            sk(nogil, a[0], a[1], a[2:], c, acc, old, grad_known)
             a[1].flags.writeable = False
-            sk(nogil, a[0], a[1], a[2:], c, acc, old)
+            sk(nogil, a[0], a[1], a[2:], c, acc, old, grad_known)
     return sk
+
+
+def _define(defn, comp: Compiled, src: str):
+    """The rewritten kernel's Python function, compiled from its cached file when there is one."""
+    path = _source_file(src)
+    ns = dict(comp.kernel.__globals__)
+    ns.update({f"{_P}accumulate": _helper("accumulate"), f"{_P}accumulate32": _helper("accumulate32"),
+               f"{_P}fold32": _helper("fold32"), f"{_P}fold32_update": _helper("fold32_update"),
+               f"{_P}abs_bits": bitops.abs_bits, f"{_P}umax": bitops.umax, f"{_P}zero32": np.float32(0),
+               "min": min})
+    exec(compile(src, path or f"<{defn.name} kernel with statistics>", "exec"), ns)  # noqa: S102
+    return ns[src.split("def ", 1)[1].split("(", 1)[0]]
 
 
 def _compile_stats(defn, comp: Compiled) -> None:
