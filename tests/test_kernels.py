@@ -288,3 +288,71 @@ def test_copy_out_equals_update(name):
     assert np.array_equal(p1, p2) and np.array_equal(out, p1)
     for k in st1:
         assert np.array_equal(st1[k], st2[k])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_grad_stats_pass_equals_numpy_and_finds_non_finite(registry, dtype):
+    """The finite check pass that also measures sum g^2 and max |g| (kernelstats.grad_stats): the sum
+    within the fused kernels' tolerance (float32 blocks whose squares leave float32's range summed again
+    in float64), the max exact, and NaN or Inf anywhere found."""
+    if not fastkernels.available():
+        pytest.skip("numba not installed")
+    defn = registry.get("sgd").definition
+    kernelstats.stats_kernel(defn, fastkernels.lookup(defn, np.dtype(dtype)))
+    assert fastkernels.wait_idle(300) and kernelstats.grad_stats(np.zeros(1, dtype)) is not None
+    rng = np.random.default_rng(11)
+    for size in (0, 1, 1000, (1 << 18) + 17):
+        g = rng.standard_normal(size).astype(dtype)
+        if size > 20_000 and dtype == np.float32:
+            g[:5000] *= np.float32(1e-25)
+            g[5000:9000] = 0
+            g[12000:20000] *= np.float32(1e25)
+        ok, s, m = kernelstats.grad_stats(g)
+        e = _recompute(g, g, g)
+        assert ok and m == e[3], size
+        np.testing.assert_allclose(s, e[0], rtol=STATS_RTOL.get(("fused", dtype), 1e-12), atol=0)
+        for bad in (np.nan, np.inf, -np.inf, -np.nan):
+            if size:
+                h = g.copy()
+                h[size * 2 // 3] = bad
+                assert kernelstats.grad_stats(h)[0] is False, (size, bad)
+                assert fastkernels.all_finite(h) is False
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_update_given_the_gradients_figures_leaves_them_out(registry, dtype):
+    """kernels.apply(grad_stats=): the kernel variant without the gradient's terms runs (it leaves acc[0]
+    alone), the update is the kernel's bit for bit, and the figures equal a numpy recomputation."""
+    if not fastkernels.available():
+        pytest.skip("numba not installed")
+    defn = registry.get("adam").definition
+    comp = fastkernels.lookup(defn, np.dtype(dtype))
+    kernelstats.stats_kernel(defn, comp)
+    assert fastkernels.wait_idle(300)
+    sk = kernelstats.stats_kernel(defn, comp)
+    assert sk.fused and sk.nog is not None
+    rng = np.random.default_rng(12)
+    n = (1 << 18) + 17
+    p = rng.standard_normal(n).astype(dtype)
+    g = (rng.standard_normal(n) * 0.1).astype(dtype)
+    st = {s.name: np.zeros(n, dtype) for s in defn.slots}
+    p_ref, st_ref = p.copy(), {k: v.copy() for k, v in st.items()}
+    for t in (1, 2):
+        old = p.copy()
+        ok, s, m = kernelstats.grad_stats(g)
+        stats = np.zeros(4)
+        kernels.apply(defn, p, g, st, t, HPS["adam"], stats=stats, grad_stats=(s, m))
+        kernels.apply(defn, p_ref, g, st_ref, t, HPS["adam"])
+        np.testing.assert_array_equal(p, p_ref)
+        for k in st:
+            np.testing.assert_array_equal(st[k], st_ref[k])
+        e = _recompute(p, old, g)
+        np.testing.assert_allclose(stats, e, rtol=STATS_RTOL.get(("fused", dtype), 1e-12), atol=0)
+        assert stats[3] == e[3]
+    acc = np.zeros(4)
+    old = p.copy()
+    sk(True, p, g, [st[k] for k in comp.slots], comp.consts(HPS["adam"], 3, np.dtype(dtype)), acc,
+       grad_known=True)
+    e = _recompute(p, old, g)
+    assert acc[0] == 0 and acc[3] == 0  # not measured: the caller has them
+    np.testing.assert_allclose(acc[1:3], e[1:3], rtol=STATS_RTOL.get(("fused", dtype), 1e-12), atol=0)

@@ -13,8 +13,8 @@ try:  # pragma: no cover - whichever environment runs
     from llvmlite import ir
     from numba import types
     from numba.extending import intrinsic
-except ImportError:  # pragma: no cover
-    intrinsic = None
+except ImportError:  # pragma: no cover - no numba: nothing compiles, nothing calls these
+    intrinsic = abs_bits = umax = None
 
 # float32 bits at and above this are +inf or NaN (sign cleared); float64 likewise
 NONFINITE32 = 0x7F800000

@@ -279,6 +279,65 @@ def _driver(nslots: int, nogil: bool):
     return d
 
 
+# The gradient's own figures in one pass over g, which is also its finite check: sum g^2 (float32
+# blocks of BLOCK32 folded into float64, as the fused kernels sum; float64 in one run) and max |g| as
+# the bits of |g|, whose max is at or above bitops.NONFINITE* exactly when some element is NaN or Inf.
+_GRAD_PASS_SOURCE = """
+def grad_pass(g):
+    n = g.size
+    s = 0.0
+    mx = abs_bits(g.dtype.type(0))
+    for a in range(0, n, {block}):
+        e = min(a + {block}, n)
+        x = g[a:e]
+        t = {zero}
+        for i in range(e - a):
+            gi = x[i]
+            t = square_add(t, gi)
+            mx = umax(mx, abs_bits(gi))
+        s = {fold}
+    return s, mx
+"""
+
+
+def _square_add(t, x):
+    return t + x * x
+
+
+_grad_passes: dict = {}  # dtype str -> compiled pass (releases the GIL)
+
+
+def _grad_pass(dtype_str: str):
+    with _lock:
+        f = _grad_passes.get(dtype_str)
+    if f is None:
+        wide = dtype_str == "<f8"
+        src = _GRAD_PASS_SOURCE.format(block="max(n, 1)" if wide else BLOCK32, zero="0.0" if wide else "zero32",
+                                       fold="s + t" if wide else "fold32(s, t, x)")
+        ns = {"abs_bits": bitops.abs_bits, "umax": bitops.umax, "zero32": np.float32(0), "min": min, "max": max,
+              "square_add": numba.njit(fastmath=_SUM_MATH, error_model="numpy")(_square_add),
+              "fold32": _helper("fold32")}
+        exec(src, ns)  # noqa: S102 - a fixed template
+        f = numba.njit(nogil=True, error_model="numpy")(ns["grad_pass"])
+        f(np.zeros(3, dtype_str))
+        with _lock:
+            f = _grad_passes.setdefault(dtype_str, f)
+    return f
+
+
+def grad_stats(g: np.ndarray) -> tuple[bool, float, float] | None:
+    """(all finite, sum g^2, max |g|) of a flat contiguous float32/float64 gradient in one compiled pass;
+    None when there is none (another dtype, numba missing or not compiled yet: the caller checks its way).
+    The sum is meaningless when not all finite."""
+    f = _grad_passes.get(g.dtype.str)
+    if f is None:
+        return None
+    s, m = f(g)
+    ubits = _SIGN_CLEARED[g.dtype.str][0]
+    limit = bitops.NONFINITE32 if g.dtype.itemsize == 4 else bitops.NONFINITE64
+    return int(m) < limit, float(s), float(np.array(m, ubits).view(g.dtype))
+
+
 _SIGN_CLEARED = {"<f4": ("<u4", 0x7FFFFFFF), "<f8": ("<u8", 0x7FFFFFFFFFFFFFFF)}
 
 
@@ -387,6 +446,8 @@ def _try_build(defn, comp: Compiled, fused: bool) -> StatsKernel:
                          b((True, True, False)), b((False, False, True)), b((True, False, True)))
     else:
         sk = StatsKernel(False, _driver(n, True), _driver(n, False), comp)
+    for dt in DTYPES:
+        _grad_pass(dt)
     c_len = len(defn.kernel_scalars(defn.resolve({}), 1))
     for dt in DTYPES:
         for nogil, grad_known in ((True, False), (False, False), (True, True)):

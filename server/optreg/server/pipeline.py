@@ -241,14 +241,15 @@ class StepRun:
         sparse_rows.log_sparse(self.record, name, rows, values)
         self.sparse[name] = (rows, values)
 
-    def _kernel(self, p, g, slots, parallel, name, old) -> None:
+    def _kernel(self, p, g, slots, parallel, name, old, grad_stats=None) -> None:
         """Apply the update; fold this tensor's (or chunk's) statistics into self.stats: measured in
         the update pass for large slices, from `old` (the values before, still live) for small ones,
         where kernels.apply(stats=) costs more in setup than the few dot products do."""
         small = p.size < SMALL_STATS
         part = None if small else np.zeros(kernels.STATS)
         try:
-            kernels.apply(self.defn, p, g, slots, self.t, self.hp, parallel=parallel, stats=part)
+            kernels.apply(self.defn, p, g, slots, self.t, self.hp, parallel=parallel, stats=part,
+                          grad_stats=None if small else grad_stats)
             if small:
                 part = tensor_stats(g, old, p)
             acc = self.stats.get(name)

@@ -178,19 +178,22 @@ def _give_back_others(region: Region, params) -> None:
         pos = max(pos, b)
 
 
-def _check_finite(name: str, g: np.ndarray) -> None:
-    """check_finite, split over the kernel threads for large gradients: this pass is the one a resident
-    step adds to the update's own (it must finish before anything is touched)."""
-    parts = fastkernels.threads()
-    if parts < 2 or g.size < PARALLEL_FINITE or fastkernels.all_finite(g[:1]) is None:
+def _check_finite(name: str, g: np.ndarray) -> tuple[float, float] | None:
+    """check_finite over a flat gradient, in one compiled pass that also measures its telemetry figures
+    (kernelstats.grad_stats), split over the kernel threads for large gradients: this pass is the one a
+    resident step adds to the update's own (it must finish before anything is touched). Returns
+    (sum g^2, max |g|) for kernels.apply(grad_stats=), or None when it could not measure them."""
+    parts = fastkernels.threads() if g.size >= PARALLEL_FINITE else 1
+    if kernelstats.grad_stats(g[:1]) is None:
         check_finite(name, g)
-        return
+        return None
     bounds = np.linspace(0, g.size, parts + 1).astype(np.int64)
-    pool = kernels._executor(parts)
-    futures = [pool.submit(fastkernels.all_finite, g[a:b]) for a, b in zip(bounds[1:-1], bounds[2:])]
-    ok = fastkernels.all_finite(g[:bounds[1]])
-    if not all([ok] + [f.result() for f in futures]):
+    futures = [kernels._executor(parts).submit(kernelstats.grad_stats, g[a:b])
+               for a, b in zip(bounds[1:-1], bounds[2:])]
+    figures = [kernelstats.grad_stats(g[:bounds[1]])] + [f.result() for f in futures]
+    if not all(ok for ok, _, _ in figures):
         check_finite(name, g)  # raises, counting the bad values
+    return sum(s for _, s, _ in figures), max(m for _, _, m in figures)
 
 
 def in_place(session: Session, grads: dict[str, np.ndarray]) -> bool:
@@ -210,6 +213,7 @@ class ResidentStep(StepRun):
     def __init__(self, store, session: Session, region: Region, fence, hyperparameters, metrics, is_active):
         super().__init__(store, session, fence, hyperparameters, metrics, is_active)
         self.region = region
+        self.grad_figures: dict[str, tuple[float, float] | None] = {}  # name -> (sum g^2, max |g|) of the check
 
     def run(self, items) -> None:
         s = self.session
@@ -254,7 +258,7 @@ class ResidentStep(StepRun):
                 raise InvalidArgument(f"{e}; the step was not applied") from None
             self.record.add(t.name, t.dtype, tuple(t.shape), 0, data)
             g = data if kernels.widens_in_pass(self.defn, s.dtype, data) else widen(data, s.dtype)
-            _check_finite(t.name, g.reshape(-1))
+            self.grad_figures[t.name] = _check_finite(t.name, g.reshape(-1))
             grads[t.name] = g.reshape(s.shapes[t.name])
         try:
             tracker.finish()
@@ -269,7 +273,7 @@ class ResidentStep(StepRun):
                 p = live.params[name]
                 old = p.copy() if p.size < SMALL_STATS else p  # small tensors' statistics read the values before
                 self._kernel(p, g, {slot: arrs[name] for slot, arrs in live.state.items()}, parallel=True,
-                             name=name, old=old)
+                             name=name, old=old, grad_stats=self.grad_figures.get(name))
         except PluginFailed as e:  # cannot happen for a compiled built-in on finite input; if it does, say so
             s = self.session
             s.quarantined = (f"step {self.t} failed while updating its parameters in place ({e.message}); "
