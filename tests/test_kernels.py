@@ -292,9 +292,8 @@ def test_copy_out_equals_update(name):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_grad_stats_pass_equals_numpy_and_finds_non_finite(registry, dtype):
-    """The finite check pass that also measures sum g^2 and max |g| (kernelstats.grad_stats): the sum
-    within the fused kernels' tolerance (float32 blocks whose squares leave float32's range summed again
-    in float64), the max exact, and NaN or Inf anywhere found."""
+    """The finite check pass that also measures sum g^2 and max |g| (kernelstats.grad_stats): the sum in
+    float64 (squares far outside float32's range included), the max exact, and NaN or Inf anywhere found."""
     if not fastkernels.available():
         pytest.skip("numba not installed")
     defn = registry.get("sgd").definition
@@ -310,7 +309,7 @@ def test_grad_stats_pass_equals_numpy_and_finds_non_finite(registry, dtype):
         ok, s, m = kernelstats.grad_stats(g)
         e = _recompute(g, g, g)
         assert ok and m == e[3], size
-        np.testing.assert_allclose(s, e[0], rtol=STATS_RTOL.get(("fused", dtype), 1e-12), atol=0)
+        np.testing.assert_allclose(s, e[0], rtol=1e-9, atol=0)
         for bad in (np.nan, np.inf, -np.inf, -np.nan):
             if size:
                 h = g.copy()

@@ -279,49 +279,43 @@ def _driver(nslots: int, nogil: bool):
     return d
 
 
-# The gradient's own figures in one pass over g, which is also its finite check: sum g^2 (float32
-# blocks of BLOCK32 folded into float64, as the fused kernels sum; float64 in one run) and max |g| as
-# the bits of |g|, whose max is at or above bitops.NONFINITE* exactly when some element is NaN or Inf.
+# The gradient's own figures in one pass over g, which is also its finite check: sum g^2 in float64
+# and max |g| as the bits of |g|, whose max is at or above bitops.NONFINITE* exactly when some element
+# is NaN or Inf. The pass is bound by memory, so float64 sums cost nothing here (measured against the
+# float32 blocks the kernels use, whose per-block fold did cost), and they are the more exact.
 _GRAD_PASS_SOURCE = """
 def grad_pass(g):
-    n = g.size
     s = 0.0
     mx = abs_bits(g.dtype.type(0))
-    for a in range(0, n, {block}):
-        e = min(a + {block}, n)
-        x = g[a:e]
-        t = {zero}
-        for i in range(e - a):
-            gi = x[i]
-            t = square_add(t, gi)
-            mx = umax(mx, abs_bits(gi))
-        s = {fold}
+    for i in range(g.size):
+        gi = g[i]
+        s = square_add(s, gi)
+        mx = umax(mx, abs_bits(gi))
     return s, mx
 """
 
 
 def _square_add(t, x):
-    return t + x * x
+    y = np.float64(x)
+    return t + y * y
 
 
-_grad_passes: dict = {}  # dtype str -> compiled pass (releases the GIL)
+_grad_passes: dict = {}  # dtype str -> the compiled pass (releases the GIL)
 
 
 def _grad_pass(dtype_str: str):
     with _lock:
         f = _grad_passes.get(dtype_str)
-    if f is None:
-        wide = dtype_str == "<f8"
-        src = _GRAD_PASS_SOURCE.format(block="max(n, 1)" if wide else BLOCK32, zero="0.0" if wide else "zero32",
-                                       fold="s + t" if wide else "fold32(s, t, x)")
-        ns = {"abs_bits": bitops.abs_bits, "umax": bitops.umax, "zero32": np.float32(0), "min": min, "max": max,
-              "square_add": numba.njit(fastmath=_SUM_MATH, error_model="numpy")(_square_add),
-              "fold32": _helper("fold32")}
-        exec(src, ns)  # noqa: S102 - a fixed template
-        f = numba.njit(nogil=True, error_model="numpy")(ns["grad_pass"])
-        f(np.zeros(3, dtype_str))
-        with _lock:
-            f = _grad_passes.setdefault(dtype_str, f)
+        if f is None:
+            f = _grad_passes.get("compiled")
+            if f is None:
+                ns = {"abs_bits": bitops.abs_bits, "umax": bitops.umax,
+                      "square_add": numba.njit(fastmath=_SUM_MATH, error_model="numpy")(_square_add)}
+                exec(_GRAD_PASS_SOURCE, ns)  # noqa: S102 - a fixed template (its helpers are compiled lazily)
+                f = _grad_passes["compiled"] = numba.njit(nogil=True, error_model="numpy")(ns["grad_pass"])
+    if dtype_str not in _grad_passes:
+        f(np.zeros(3, dtype_str))  # compiled for this dtype before grad_stats may use it
+        _grad_passes[dtype_str] = f
     return f
 
 
