@@ -171,10 +171,41 @@ def fused_stats_source(kernel, blocked: bool = False, grad_terms: bool = True) -
             return None
         return _blocked_source(tree, fdef, loop, p, g, i, stmts, grad_terms)
     gq = f"{_P}gq" if grad_terms else f"{_P}zero"
-    loop.body = stmts(f"{_P}old = {p}[{i}]\n{_P}gq = {g}[{i}]") + loop.body + stmts(f"""
+    loop.body = stmts(f"{_P}old = {p}[{i}]\n{_P}gq = {g}[{i}]") + _reads_as_old(loop.body, p, i) + stmts(f"""
         {_P}s0, {_P}s1, {_P}s2 = {_P}accumulate({_P}s0, {_P}s1, {_P}s2, {gq}, {_P}old, {p}[{i}])
     """) + stmts(_max_line(grad_terms))
     return _finish(tree, fdef, loop, [loop], stmts, "stats" + _nog(grad_terms), g)
+
+
+def _reads_as_old(body: list, p: str, i: str) -> list:
+    """The loop's statements with each read of p[i] before the first store into p replaced by the
+    value read before the body: LLVM reads p again after the kernel's stores into its slots (it cannot
+    tell they are other arrays), a second load an element the kernel alone does not make."""
+    import ast
+
+    def stores_p(node) -> bool:
+        return any(isinstance(n, ast.Subscript) and isinstance(n.value, ast.Name) and n.value.id == p
+                   and not isinstance(n.ctx, ast.Load) for n in ast.walk(node))
+
+    class Old(ast.NodeTransformer):
+        def visit_Subscript(self, node):
+            if (isinstance(node.ctx, ast.Load) and isinstance(node.value, ast.Name) and node.value.id == p
+                    and isinstance(node.slice, ast.Name) and node.slice.id == i):
+                return ast.Name(f"{_P}old", ast.Load())
+            return self.generic_visit(node)
+
+    if any(isinstance(n, ast.Name) and n.id == i and not isinstance(n.ctx, ast.Load)
+           for st in body for n in ast.walk(st)):
+        return body  # the body moves i: its p[i] may be another element
+    out = []
+    for at, st in enumerate(body):
+        if not stores_p(st):
+            out.append(Old().visit(st))
+            continue
+        if isinstance(st, ast.Assign) and not stores_p(st.value):  # its value is read before the store
+            st.value = Old().visit(st.value)
+        return out + [st] + body[at + 1:]
+    return out
 
 
 def _max_line(grad_terms: bool) -> str:
@@ -225,7 +256,7 @@ def _blocked_source(tree, fdef, loop, p, g, i, stmts, grad_terms: bool = True) -
         def visit_Name(self, node):
             return ast.Name(f"{_P}{node.id}", node.ctx) if node.id in arrays else node
 
-    body = [Sliced().visit(st) for st in loop.body]
+    body = [Sliced().visit(st) for st in _reads_as_old(loop.body, p, i)]
     total = ast.unparse(loop.iter.args[0])
     sums = ", ".join(f"{_P}a{j}" for j in range(3))
     sp, sg = f"{_P}{p}", f"{_P}{g}"
