@@ -61,6 +61,15 @@ def pct(xs, q):
     return float(np.percentile(np.asarray(xs), q))
 
 
+def interleaved(fns: dict, reps: int) -> dict:
+    """Median seconds of each fn, run in alternation so the machine's drift hits all alike."""
+    times = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, fn in fns.items():
+            times[k] += timed(fn, 1)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def timed(fn, n):
     out = []
     for _ in range(n):
@@ -553,6 +562,11 @@ def bench_telemetry(cfg, server, echo):
     run(cfg, server, echo)
 
 
+def bench_streams(cfg, server, echo):
+    from bench.streams import bench_streams as run  # several streams per step, chunk pipeline depth
+    run(cfg, server, echo)
+
+
 def bench_ray(cfg, server, echo):
     from bench.ray_step import bench_ray as run  # a local Ray; skipped in --quick and without Ray
     run(cfg, server, echo)
@@ -561,7 +575,7 @@ def bench_ray(cfg, server, echo):
 SECTIONS = {"small": bench_small, "smallparts": bench_small_parts, "large": bench_large, "shm": bench_shm, "kernels": bench_kernels,
             "declared": bench_declared, "memory": bench_memory, "concurrency": bench_concurrency,
             "torch": bench_torch, "wal": bench_wal, "durability": bench_durability, "telemetry": bench_telemetry,
-            "workers": bench_workers, "sparse": bench_sparse, "ray": bench_ray}
+            "workers": bench_workers, "sparse": bench_sparse, "streams": bench_streams, "ray": bench_ray}
 
 
 class Config:

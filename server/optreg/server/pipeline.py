@@ -114,6 +114,7 @@ class StepRun:
         s = self.session
         with s.lock:
             self.store.ensure_loaded(s)
+            self.store.journal.mend(s)  # a log a failed sync left unusable, replaced if the disk allows
             if s.resident is not None:  # its parameters live in a client's segment (resident.py)
                 raise FailedPrecondition(f"session {s.id} keeps its parameters in shared memory: step it with "
                                          "StepSharedMemory, or end that registration first")

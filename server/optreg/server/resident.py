@@ -229,6 +229,7 @@ class ResidentStep(StepRun):
             if s.step >= MAX_STEP:
                 raise FailedPrecondition(f"session {s.id} is at step {s.step}, the largest step number")
             _wait_for_readers(s, self.is_active)
+            self.store.journal.mend(s)
             self.hp = self._resolve(s)
             self.t = s.step + 1
             self.record = self.store.journal.begin(s, self.t, self.fence, self.hp, self.metrics, self.extras)
