@@ -121,7 +121,8 @@ def test_non_finite_whole_tensor_refused_from_the_update_pass(path_server, bad):
     assert t.grad_max_abs == e[3]
 
 
-def test_whole_tensor_finite_check_is_the_update_pass(monkeypatch):
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_whole_tensor_finite_check_is_the_update_pass(monkeypatch, bad):
     """With a built-in's compiled statistics kernel, a large whole tensor makes no separate finite check
     pass over g: the explicit check runs only to count what the update pass's max |g| found."""
     from optreg.server import fastkernels, kernelstats, pipeline
@@ -140,12 +141,15 @@ def test_whole_tensor_finite_check_is_the_update_pass(monkeypatch):
     try:
         with Client(srv.address) as c:
             s = c.create_session("adam", {"w": np.ones(50_000, np.float32), "b": np.ones(10, np.float32)})
+            before = s.arrays["w"].copy()
             g = {"w": np.full(50_000, 0.1, np.float32), "b": np.full(10, 0.1, np.float32)}
             s.step(g)
             assert calls == [10]  # the small tensor only
-            g["w"][123] = np.inf
+            g["w"][123] = bad
             with pytest.raises(Exception, match="1 NaN or Inf"):
                 s.step(g)
             assert calls[1:] in ([50_000], [10, 50_000])  # (the tensors in the order sent)
+            info, params, _ = s.read_state()
+            assert info.step == 1 and not np.array_equal(params["w"], before) and np.isfinite(params["w"]).all()
     finally:
         srv.stop(0)

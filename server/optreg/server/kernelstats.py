@@ -396,7 +396,9 @@ class StatsKernel:
             kern = self.kernel.fn if nogil else self.kernel.held
             m = (self.fn if nogil else self.held)(kern, p, g, gbits, gbits.dtype.type(mask), *slots, consts, old,
                                                   acc, STATS_BLOCK)
-        acc[3] = max(acc[3], float(np.array(m, _SIGN_CLEARED[p.dtype.str][0]).view(p.dtype)))
+        top = float(np.array(m, _SIGN_CLEARED[p.dtype.str][0]).view(p.dtype))
+        if not top <= acc[3]:  # a NaN stays (Python's max would keep acc[3]): it marks a non-finite g
+            acc[3] = top
 
 
 _stats_ready: dict = {}  # id(definition) -> (definition, StatsKernel)
