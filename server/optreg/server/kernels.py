@@ -11,6 +11,8 @@ release the GIL). Until the kernel is compiled, or without numba, the numpy upda
 `stats`: a float64 array of 4 receives this tensor's [sum g^2, sum p_new^2,
 sum (p_new - p_old)^2, max |g|] (float64 accumulation), computed in the same pass
 as the update, slice by slice while each slice is in cache, in both paths (kernelstats.py).
+`grad_stats`: the gradient's two figures, when the caller's finite check pass measured them
+(kernelstats.grad_stats); the kernel then runs a variant without those terms.
 """
 from __future__ import annotations
 

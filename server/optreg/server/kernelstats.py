@@ -3,24 +3,30 @@
 
 Two ways, both leaving the update's bits as the kernel alone gives them:
 
-fused: the kernel's own loop, rewritten (its AST) to keep p[i] before the body and to add
-  the element's terms after it. The sums go through `_accumulate`, compiled separately with
-  reassociation allowed: LLVM inlines it and keeps its flags, so the sums vectorize while the
-  kernel's own operations keep theirs. max |g| is an integer max over the bits of g with the
-  sign cleared (a float max stops the loop vectorizing). The rewritten source is written to a
-  file named by its hash so numba caches its compiled code on disk.
+fused: the kernel's own loop, rewritten (its AST) to read p[i] and g[i] before the body (the body's
+  reads of p[i] before its store use that value; LLVM then shares g's load and g*g with the kernel's
+  own) and to add the element's terms after it. The sums go through `_accumulate`, compiled
+  separately with reassociation allowed: LLVM inlines it and keeps its flags, so the sums vectorize
+  while the kernel's own operations keep theirs. max |g| is an unsigned max over the bits of |g| in
+  the float's own width (bitops.py: numba's integer max ran in 64-bit lanes and, in the kernel's
+  loop, kept it from vectorizing); its NaN or Inf marks a non-finite gradient (pipeline.feed).
+  The rewritten source is written to a file named by its hash so numba caches its compiled code.
   For float32 arrays a second rewrite runs the loop over blocks of BLOCK32 elements with float32
-  sums (`_accumulate32`, range and error bound beside it) folded into float64 after each block,
-  and max |g| in its own loop over the block: float64 sums made LLVM halve the whole loop's
-  vector width (sqrt and division included), and the max inside the block loop kept it scalar.
+  sums (`_accumulate32`, range and error bound beside it) folded into float64 after each block:
+  float64 sums made LLVM halve the whole loop's vector width (sqrt and division included).
+  Variants without the gradient's terms (`grad_terms=False`) serve callers whose finite check pass
+  measured sum g^2 and max |g| already (`grad_stats`; resident steps).
 driver: for kernels the rewrite does not fit (several loops, break/continue, closures): the
   kernel over blocks of STATS_BLOCK elements, each block of p copied first, then the sums over
   the block while it is in L1.
 
-Measured (Adam 1e7 float32, 2 threads, same process, interleaved, 15 rounds, loaded machine):
-the kernel alone 9.87 ms; fused with float64 sums 1.33x; float32 blocks 1.19x. What is left is
-arithmetic (a subtraction and three multiply-adds per element) that does not hide behind the
-memory traffic.
+Measured (Adam 1e7 float32, 2 threads, same process, interleaved, loaded machine): with the max in
+its own loop per block 1.19-1.23x the kernel alone; with it in the loop 1.10-1.14x; the sums alone
+(no max) 1.09-1.10x, the blocking alone 1.00-1.01x, p_new^2 and dp^2 without g's terms 1.06-1.10x.
+Each added term costs about 3% although llvm-mca puts the loop at the divider's bound either way:
+the loop waits on L3 (280 MB of arrays in a 480 MB L3), and more instructions an element mean fewer
+elements in the reorder window, so fewer loads in flight. Splitting the block into a kernel loop and
+a sums loop over L1 (1.21-1.33x) and software prefetch (no gain) were worse.
 """
 from __future__ import annotations
 

@@ -4,7 +4,8 @@ A resident registration (RegisterSharedMemory with `resident`) moves a session's
 parameters into the segment: the server writes the current values there and the live set's
 parameter arrays become views of it (the optimizer state stays in the server's memory). A
 step then moves no tensor bytes and copies no parameters: it runs under the session's lock,
-with every gradient validated and finite-checked before anything is touched, the log record
+with every gradient validated and finite-checked before anything is touched (a pass that also
+measures the gradient's telemetry figures, so the update pass leaves them out), the log record
 made durable next, and only then the update applied where the parameters live.
 
 Never half-applied: an update that cannot fail once its inputs are checked (a built-in
