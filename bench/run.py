@@ -245,9 +245,9 @@ def bench_shm(cfg, server, echo):
     rng = np.random.default_rng(3)
     w = rng.standard_normal(n).astype(np.float32)
     g = (rng.standard_normal(n) * 1e-2).astype(np.float32)
-    fastkernels.warm(block=True, stats=True)
-    fastkernels.wait_idle(600)  # (the statistics kernels' compiles are queued by the jobs warm waited for)
     defn, hp = Registry().get("adam").definition, {"lr": 0.001, "beta1": 0.9, "beta2": 0.999}
+    fastkernels.warm(block=True, definitions=[defn], stats=True)
+    fastkernels.wait_idle(600)  # (the statistics kernels' compiles are queued by the jobs warm waited for)
     p, st, step = w.copy(), {"m": np.zeros(n, np.float32), "v": np.zeros(n, np.float32)}, [0]
     seg = shared_memory.SharedMemory(create=True, size=2 * w.nbytes)
     p_shm = np.ndarray(n, np.float32, buffer=seg.buf)
