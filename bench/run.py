@@ -263,10 +263,10 @@ def bench_shm(cfg, server, echo):
         step[0] += 1
         kernels.apply(defn, p_shm, g_shm, st_shm, step[0], hp)
 
-    def local_checked():  # what a resident step computes, without gRPC: the finite check (which measures
-        step[0] += 1      # the gradient's figures), then the update with the rest of the statistics
-        figures = resident._check_finite("w", g)
-        kernels.apply(defn, p, g, st, step[0], hp, stats=np.zeros(kernels.STATS), grad_stats=figures)
+    def local_checked():  # what a resident step computes, without gRPC: the finite check (its reduction
+        step[0] += 1      # is max |g|), then the update with the rest of the statistics
+        top = resident._check_finite("w", g)
+        kernels.apply(defn, p, g, st, step[0], hp, stats=np.zeros(kernels.STATS), grad_abs_max=top)
     try:
         with Client(server.address) as c:
             plain = c.create_session("adam", {"w": w}, keep=False)

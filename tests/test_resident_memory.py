@@ -379,9 +379,9 @@ def test_rows_owed_by_sparse_steps_are_brought_current_in_the_segment(client, op
 
 
 def test_statistics_and_refusals_of_large_resident_steps(server, client):
-    """A resident step measures sum g^2 and max |g| in its finite check pass (split over threads) and the
-    rest in the update: the reported figures equal a numpy recomputation; a NaN or Inf in the second
-    thread's share of a large gradient is refused with nothing touched."""
+    """A resident step takes max |g| from its finite check (split over threads) and the rest from the
+    update: the reported figures equal a numpy recomputation; a NaN or Inf in the second thread's share
+    of a large gradient is refused with nothing touched."""
     from optreg.server.telemetry import numpy_stats
     from optreg.v1 import telemetry_pb2, telemetry_pb2_grpc
     rng = np.random.default_rng(13)

@@ -297,13 +297,23 @@ def all_finite(a: np.ndarray) -> bool | None:
         return None
     if a.dtype.str in DTYPES and _FINITE_WIDE:
         limit = NONFINITE32 if a.dtype.itemsize == 4 else NONFINITE64
-        return bool(_FINITE_WIDE[a.size < HOLD_GIL_BELOW](a.reshape(-1)) < limit)
+        return bool(int(_FINITE_WIDE[a.size < HOLD_GIL_BELOW](a.reshape(-1))) < limit)
     spec = _FINITE_MASKS.get(a.dtype.str if a.dtype.kind == "f" else a.dtype.name)
     if spec is None:
         return None
     bits = a.reshape(-1).view(spec[0])
     mask = bits.dtype.type(spec[1])
     return bool(_FINITE[bits.size < HOLD_GIL_BELOW](bits, mask) != mask)
+
+
+def abs_max(a: np.ndarray) -> float | None:
+    """max |x| of a contiguous float32/float64 array in the finite check's own pass: NaN or Inf exactly when
+    some element is (the max of |x|'s bits reaches the exponent mask); None when no kernel fits."""
+    if not _FINITE_WIDE or a.dtype.str not in DTYPES or not a.flags.c_contiguous:
+        return None
+    flat = a.reshape(-1)
+    m = _FINITE_WIDE[a.size < HOLD_GIL_BELOW](flat)
+    return float(np.array(m, "<u4" if a.dtype.itemsize == 4 else "<u8").view(a.dtype)[()]) if flat.size else 0.0
 
 
 _threads = None

@@ -14,8 +14,8 @@ fused: the kernel's own loop, rewritten (its AST) to read p[i] and g[i] before t
   For float32 arrays a second rewrite runs the loop over blocks of BLOCK32 elements with float32
   sums (`_accumulate32`, range and error bound beside it) folded into float64 after each block:
   float64 sums made LLVM halve the whole loop's vector width (sqrt and division included).
-  Variants without the gradient's terms (`grad_terms=False`) serve callers whose finite check pass
-  measured sum g^2 and max |g| already (`grad_stats`; resident steps).
+  Variants without max |g| (`max_term=False`) serve callers whose finite check measured it already
+  (fastkernels.abs_max, the check's own reduction; resident steps).
 driver: for kernels the rewrite does not fit (several loops, break/continue, closures): the
   kernel over blocks of STATS_BLOCK elements, each block of p copied first, then the sums over
   the block while it is in L1.
@@ -131,13 +131,12 @@ def _helper(name):
 _P = "_optreg_"  # prefix of every name the rewrite adds
 
 
-def fused_stats_source(kernel, blocked: bool = False, grad_terms: bool = True) -> str | None:
+def fused_stats_source(kernel, blocked: bool = False, max_term: bool = True) -> str | None:
     """The source of `kernel` rewritten to also return its statistics, or None when its shape does
     not allow it: one `for` loop, directly in the body, without break, continue or return inside;
     no closure; no nested functions. The rewritten function takes one more argument (acc: float64[4])
     and returns max |g| as the bits of a float of g's width (bitops.abs_bits).
-    `grad_terms=False`: without sum g^2 and max |g| (the caller has them from its finite check pass:
-    check_grad); acc[0] is left alone and the function returns 0.
+    `max_term=False`: without max |g| (the caller has it from its finite check); returns 0.
     `blocked` (for float32 arrays; the loop must be `for i in range(n)`): the loop split into blocks
     of BLOCK32 elements whose sums are float32 (`_accumulate32`), each block's folded into float64."""
     import ast
@@ -175,12 +174,11 @@ def fused_stats_source(kernel, blocked: bool = False, grad_terms: bool = True) -
         if not (isinstance(it, ast.Call) and isinstance(it.func, ast.Name) and it.func.id == "range"
                 and len(it.args) == 1 and not it.keywords):
             return None
-        return _blocked_source(tree, fdef, loop, p, g, i, stmts, grad_terms)
-    gq = f"{_P}gq" if grad_terms else f"{_P}zero"
+        return _blocked_source(tree, fdef, loop, p, g, i, stmts, max_term)
     loop.body = stmts(f"{_P}old = {p}[{i}]\n{_P}gq = {g}[{i}]") + _reads_as_old(loop.body, p, i) + stmts(f"""
-        {_P}s0, {_P}s1, {_P}s2 = {_P}accumulate({_P}s0, {_P}s1, {_P}s2, {gq}, {_P}old, {p}[{i}])
-    """) + stmts(_max_line(grad_terms))
-    return _finish(tree, fdef, loop, [loop], stmts, "stats" + _nog(grad_terms), g)
+        {_P}s0, {_P}s1, {_P}s2 = {_P}accumulate({_P}s0, {_P}s1, {_P}s2, {_P}gq, {_P}old, {p}[{i}])
+    """) + stmts(_max_line(max_term))
+    return _finish(tree, fdef, loop, [loop], stmts, "stats" + _nomax(max_term), g)
 
 
 def _reads_as_old(body: list, p: str, i: str) -> list:
@@ -214,14 +212,14 @@ def _reads_as_old(body: list, p: str, i: str) -> list:
     return out
 
 
-def _max_line(grad_terms: bool) -> str:
+def _max_line(max_term: bool) -> str:
     # An unsigned max over the bits of |g| (bitops): a float max, or numba's own integer max (done in
     # 64-bit lanes), kept LLVM from vectorizing the kernel's loop.
-    return f"{_P}mx = {_P}umax({_P}mx, {_P}abs_bits({_P}gq))\n" if grad_terms else ""
+    return f"{_P}mx = {_P}umax({_P}mx, {_P}abs_bits({_P}gq))\n" if max_term else ""
 
 
-def _nog(grad_terms: bool) -> str:
-    return "" if grad_terms else "_nog"
+def _nomax(max_term: bool) -> str:
+    return "" if max_term else "_nomax"
 
 
 def _finish(tree, fdef, loop, replacement: list, stmts, suffix: str, g: str, setup: str = "") -> str:
@@ -248,7 +246,7 @@ def _finish(tree, fdef, loop, replacement: list, stmts, suffix: str, g: str, set
     return ast.unparse(ast.fix_missing_locations(tree))
 
 
-def _blocked_source(tree, fdef, loop, p, g, i, stmts, grad_terms: bool = True) -> str | None:
+def _blocked_source(tree, fdef, loop, p, g, i, stmts, max_term: bool = True) -> str | None:
     """The loop run over blocks; within a block it walks slices of the arrays from 0 (LLVM
     vectorizes that loop; one running from the block's start it left scalar)."""
     import ast
@@ -266,23 +264,22 @@ def _blocked_source(tree, fdef, loop, p, g, i, stmts, grad_terms: bool = True) -
     total = ast.unparse(loop.iter.args[0])
     sums = ", ".join(f"{_P}a{j}" for j in range(3))
     sp, sg = f"{_P}{p}", f"{_P}{g}"
-    gq = f"{_P}gq" if grad_terms else f"{_P}zero"
     # g[i] is read before the kernel's body: LLVM then shares the load (and g*g) with the kernel's own.
     inner = ast.For(target=ast.Name(i, ast.Store()), iter=ast.parse(
         f"range({_P}e - {_P}a)", mode="eval").body, orelse=[],
         body=stmts(f"{_P}old = {sp}[{i}]\n{_P}gq = {sg}[{i}]") + body + stmts(f"""
             {_P}d = {sp}[{i}] - {_P}old
-            {sums} = {_P}accumulate32({sums}, {gq}, {_P}d, {sp}[{i}])
-        """) + stmts(_max_line(grad_terms)))
-    fold_g = f"\n{_P}s0 = {_P}fold32({_P}s0, {_P}a0, {sg})" if grad_terms else ""
+            {sums} = {_P}accumulate32({sums}, {_P}gq, {_P}d, {sp}[{i}])
+        """) + stmts(_max_line(max_term)))
     outer = stmts(f"""
 for {_P}a in range(0, {_P}n, {BLOCK32}):
     {sums} = {_P}zero32, {_P}zero32, {_P}zero32
     {_P}e = min({_P}a + {BLOCK32}, {_P}n)
     {_P}s1 = {_P}fold32({_P}s1, {_P}a1, {sp})
-    {_P}s2 = {_P}fold32_update({_P}s2, {_P}a2)""" + fold_g.replace("\n", "\n    "))[0]
+    {_P}s2 = {_P}fold32_update({_P}s2, {_P}a2)
+    {_P}s0 = {_P}fold32({_P}s0, {_P}a0, {sg})""")[0]
     outer.body[2:2] = stmts("\n".join(f"{_P}{x} = {x}[{_P}a:{_P}e]" for x in arrays)) + [inner]
-    return _finish(tree, fdef, loop, [outer], stmts, "stats32" + _nog(grad_terms), g, setup=f"{_P}n = {total}")
+    return _finish(tree, fdef, loop, [outer], stmts, "stats32" + _nomax(max_term), g, setup=f"{_P}n = {total}")
 
 
 _DRIVER_SOURCE = """
@@ -316,59 +313,6 @@ def _driver(nslots: int, nogil: bool):
     return d
 
 
-# The gradient's own figures in one pass over g, which is also its finite check: sum g^2 in float64
-# and max |g| as the bits of |g|, whose max is at or above bitops.NONFINITE* exactly when some element
-# is NaN or Inf. The pass is bound by memory, so float64 sums cost nothing here (measured against the
-# float32 blocks the kernels use, whose per-block fold did cost), and they are the more exact.
-_GRAD_PASS_SOURCE = """
-def grad_pass(g):
-    s = 0.0
-    mx = abs_bits(g.dtype.type(0))
-    for i in range(g.size):
-        gi = g[i]
-        s = square_add(s, gi)
-        mx = umax(mx, abs_bits(gi))
-    return s, mx
-"""
-
-
-def _square_add(t, x):
-    y = np.float64(x)
-    return t + y * y
-
-
-_grad_passes: dict = {}  # dtype str -> the compiled pass (releases the GIL)
-
-
-def _grad_pass(dtype_str: str):
-    with _lock:
-        f = _grad_passes.get(dtype_str)
-        if f is None:
-            f = _grad_passes.get("compiled")
-            if f is None:
-                ns = {"abs_bits": bitops.abs_bits, "umax": bitops.umax,
-                      "square_add": numba.njit(fastmath=_SUM_MATH, error_model="numpy")(_square_add)}
-                exec(_GRAD_PASS_SOURCE, ns)  # noqa: S102 - a fixed template (its helpers are compiled lazily)
-                f = _grad_passes["compiled"] = numba.njit(nogil=True, error_model="numpy")(ns["grad_pass"])
-    if dtype_str not in _grad_passes:
-        f(np.zeros(3, dtype_str))  # compiled for this dtype before grad_stats may use it
-        _grad_passes[dtype_str] = f
-    return f
-
-
-def grad_stats(g: np.ndarray) -> tuple[bool, float, float] | None:
-    """(all finite, sum g^2, max |g|) of a flat contiguous float32/float64 gradient in one compiled pass;
-    None when there is none (another dtype, numba missing or not compiled yet: the caller checks its way).
-    The sum is meaningless when not all finite."""
-    f = _grad_passes.get(g.dtype.str)
-    if f is None:
-        return None
-    s, m = f(g)
-    ubits = _SIGN_CLEARED[g.dtype.str][0]
-    limit = bitops.NONFINITE32 if g.dtype.itemsize == 4 else bitops.NONFINITE64
-    return int(m) < limit, float(s), float(np.array(m, ubits).view(g.dtype))
-
-
 _SIGN_CLEARED = {"<f4": ("<u4", 0x7FFFFFFF), "<f8": ("<u8", 0x7FFFFFFFFFFFFFFF)}
 
 
@@ -381,17 +325,17 @@ class StatsKernel:
     kernel: Compiled
     fn32: object = None  # fused with float32 block sums, for float32 arrays (None: fn serves them too)
     held32: object = None
-    nog: object = None  # fused, releasing the GIL, without the gradient's terms (grad_known)
-    nog32: object = None
+    nomax: object = None  # fused, releasing the GIL, without max |g| (max_known)
+    nomax32: object = None
 
-    def __call__(self, nogil: bool, p, g, slots, consts, acc, old=None, grad_known: bool = False) -> None:
+    def __call__(self, nogil: bool, p, g, slots, consts, acc, old=None, max_known: bool = False) -> None:
         """Update the flat contiguous slices `p`, `slots` with `g`; acc[:3] += sums, acc[3] = max.
-        `old`: a work array of STATS_BLOCK elements like p (the driver only). `grad_known`: the caller
-        has sum g^2 and max |g| already (fastkernels.grad_stats) and sets acc[0] and acc[3] itself
-        afterwards; then a variant without those terms runs where there is one."""
+        `old`: a work array of STATS_BLOCK elements like p (the driver only). `max_known`: the caller
+        has max |g| already (fastkernels.abs_max) and sets acc[3] itself afterwards; then a variant
+        without it runs where there is one."""
         f32 = self.fn32 is not None and p.dtype == np.float32
-        if grad_known and nogil and self.nog is not None:
-            (self.nog32 if f32 else self.nog)(p, g, *slots, consts, acc)
+        if max_known and nogil and self.nomax is not None:
+            (self.nomax32 if f32 else self.nomax)(p, g, *slots, consts, acc)
             return
         if self.fused:
             m = ((self.fn32 if nogil else self.held32) if f32 else (self.fn if nogil else self.held))(
@@ -465,30 +409,28 @@ def _try_build(defn, comp: Compiled, fused: bool) -> StatsKernel:
             raise LookupError("its kernel's shape does not allow the fused rewrite")
         builds = {}
         for blocked in (False, True):
-            for grad_terms in (True, False):
-                src = fused_stats_source(comp.kernel, blocked=blocked, grad_terms=grad_terms)
+            for max_term in (True, False):
+                src = fused_stats_source(comp.kernel, blocked=blocked, max_term=max_term)
                 if src is None:
                     continue
                 pyfunc = _define(defn, comp, src)
                 options = dict(error_model="numpy", cache=_source_file(src) is not None)
-                builds[blocked, grad_terms, True] = numba.njit(nogil=True, **options)(pyfunc)
-                if grad_terms:  # small tensors keep the GIL; they never skip the gradient's terms
-                    builds[blocked, grad_terms, False] = numba.njit(**options)(renamed(pyfunc, "__optreg_held"))
+                builds[blocked, max_term, True] = numba.njit(nogil=True, **options)(pyfunc)
+                if max_term:  # small tensors keep the GIL; they never skip the max
+                    builds[blocked, max_term, False] = numba.njit(**options)(renamed(pyfunc, "__optreg_held"))
         b = builds.get
         sk = StatsKernel(True, b((False, True, True)), b((False, True, False)), comp, b((True, True, True)),
                          b((True, True, False)), b((False, False, True)), b((True, False, True)))
     else:
         sk = StatsKernel(False, _driver(n, True), _driver(n, False), comp)
-    for dt in DTYPES:
-        _grad_pass(dt)
     c_len = len(defn.kernel_scalars(defn.resolve({}), 1))
     for dt in DTYPES:
-        for nogil, grad_known in ((True, False), (False, False), (True, True)):
+        for nogil, max_known in ((True, False), (False, False), (True, True)):
             a = [np.zeros(4, dt) for _ in range(2 + n)]
             c, acc, old = np.full(c_len, 0.5, dt), np.zeros(4), np.zeros(STATS_BLOCK, dt)
-            sk(nogil, a[0], a[1], a[2:], c, acc, old, grad_known)
+            sk(nogil, a[0], a[1], a[2:], c, acc, old, max_known)
             a[1].flags.writeable = False
-            sk(nogil, a[0], a[1], a[2:], c, acc, old, grad_known)
+            sk(nogil, a[0], a[1], a[2:], c, acc, old, max_known)
     return sk
 
 

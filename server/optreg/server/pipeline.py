@@ -258,7 +258,7 @@ class StepRun:
         comp = fastkernels.lookup(self.defn, s.dtype)
         return comp is not None and kernelstats.stats_kernel(self.defn, comp) is not None
 
-    def _kernel(self, p, g, slots, parallel, name, old, grad_stats=None) -> None:
+    def _kernel(self, p, g, slots, parallel, name, old, grad_abs_max=None) -> None:
         """Apply the update; fold this tensor's (or chunk's) statistics into self.stats: measured in
         the update pass for large slices, from `old` (the values before, still live) for small ones,
         where kernels.apply(stats=) costs more in setup than the few dot products do."""
@@ -266,7 +266,7 @@ class StepRun:
         part = None if small else np.zeros(kernels.STATS)
         try:
             kernels.apply(self.defn, p, g, slots, self.t, self.hp, parallel=parallel, stats=part,
-                          grad_stats=None if small else grad_stats)
+                          grad_abs_max=None if small else grad_abs_max)
             if small:
                 part = tensor_stats(g, old, p)
             acc = self.stats.get(name)
