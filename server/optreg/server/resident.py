@@ -190,14 +190,10 @@ def _check_finite(name: str, g: np.ndarray) -> float | None:
         return None
     bounds = np.linspace(0, g.size, parts + 1).astype(np.int64)
     futures = [kernels._executor(parts).submit(fastkernels.abs_max, g[a:b]) for a, b in zip(bounds[1:-1], bounds[2:])]
-    top = max([fastkernels.abs_max(g[:bounds[1]])] + [f.result() for f in futures], key=_nan_first)
-    if not np.isfinite(top):
+    tops = [fastkernels.abs_max(g[:bounds[1]])] + [f.result() for f in futures]
+    if not np.isfinite(tops).all():
         check_finite(name, g)  # raises, counting the bad values
-    return top
-
-
-def _nan_first(x: float) -> float:
-    return np.inf if x != x else x
+    return max(tops)
 
 
 def in_place(session: Session, grads: dict[str, np.ndarray]) -> bool:
