@@ -61,7 +61,8 @@ def bench_stats(cfg, row, n: int = 10_000_000) -> None:
         float(max(grad.max(), -grad.min()))
 
     from optreg.server import fastkernels
-    fastkernels.warm(block=True, stats=True)  # fused kernels and their statistics variants compiled
+    fastkernels.warm(block=True, definitions=[defn], stats=True)  # Adam's kernel and its statistics variants
+    fastkernels.wait_idle(600)  # (the statistics compiles are queued by the jobs warm waited for)
     plain()  # warm up
     if "stats" in inspect.signature(kernels.apply).parameters:
         stats = np.zeros(4)
