@@ -126,14 +126,13 @@ def drive(kernel, p, gbits, {slots}c, buf, ubuf, mask, old, acc):
 # With statistics fused into the kernel (kernelstats.StatsKernel.fn / fn32): it sums and takes
 # max |g| over the widened block itself.
 _FUSED_SOURCE = """
-def drive(kernel, p, gbits, {slots}c, buf, ubuf, mask, acc):
+def drive(kernel, p, gbits, {slots}c, buf, m, acc):
     n = p.size
     block = buf.size
-    m = ubuf.dtype.type(0)
     for a in range(0, n, block):
         b = min(a + block, n)
         w = widen_into(gbits[a:b], buf)
-        mb = kernel(p[a:b], w, {sliced}c, acc, ubuf[:b - a], mask)
+        mb = kernel(p[a:b], w, {sliced}c, acc)  # max |g|'s bits: a NaN's are the largest
         if mb > m:
             m = mb
     return m
@@ -188,6 +187,7 @@ class Widening:
         self.driver, self.stats_driver, self.dtype = driver, stats_driver, dtype
         self.ubits, mask = _SIGN_CLEARED[dtype.str]
         self.mask = np.dtype(self.ubits).type(mask)
+        self.zero = np.dtype(self.ubits).type(0)
         self.local = threading.local()
         self.fused = None  # (driver, kernel with statistics) once both are compiled
         self.fused_asked = False
@@ -219,7 +219,7 @@ class Widening:
                 a = [np.zeros(4, self.dtype) for _ in range(1 + len(self.comp.slots))]
                 g = np.zeros(4, np.uint16)
                 g.flags.writeable = writeable
-                driver(kernel, a[0], g, *a[1:], c, buf, buf.view(self.ubits), self.mask, np.zeros(4))
+                driver(kernel, a[0], g, *a[1:], c, buf, self.zero, np.zeros(4))
         except Exception as e:  # the float64 driver stays: same update, same figures
             fastkernels.log.info("optimizer %s: widening with fused statistics unavailable (%s: %s)",
                                  self.defn.name, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
@@ -242,11 +242,13 @@ class Widening:
             return
         fused = self._fused()
         if fused is not None:
-            m = fused[0](fused[1], p, gbits, *slots, consts, buf, buf.view(self.ubits), self.mask, acc)
+            m = fused[0](fused[1], p, gbits, *slots, consts, buf, self.zero, acc)
         else:
             m = self.stats_driver(self.comp.fn, p, gbits, *slots, consts, buf, buf.view(self.ubits), self.mask,
                                   old, acc)
-        acc[3] = max(acc[3], float(np.array(m, self.ubits).view(self.dtype)))
+        top = float(np.array(m, self.ubits).view(self.dtype))
+        if not top <= acc[3]:  # a NaN stays (Python's max would keep acc[3]): it marks a non-finite g
+            acc[3] = top
 
 
 def lookup(defn, master: np.dtype, grad: np.dtype) -> Widening | None:
