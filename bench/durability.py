@@ -9,6 +9,7 @@ once in every-step mode (group commit) against one session's fsync per step.
 """
 from __future__ import annotations
 
+import os
 import statistics
 import tempfile
 import time
@@ -66,6 +67,7 @@ def bench_durability(cfg, server, _echo):
         finally:
             serial.stop()
         memory = _clients(server.address, cfg.clients, cfg.conc_seconds)
+        sync = _fdatasync_seconds(d)
         row(f"every-step, {cfg.clients} sessions at once: time per step", 1 / grouped, "s",
             "one session, an fsync per step", 1 / one, 0.25,
             note=f"{grouped:.0f} vs {one:.0f} steps/s")
@@ -75,3 +77,27 @@ def bench_durability(cfg, server, _echo):
         row(f"every-step, {cfg.clients} sessions at once: time per step", 1 / grouped, "s",
             f"{cfg.clients} memory-only sessions at once", 1 / memory,
             note=f"{memory:.0f} steps/s: what the 2 cores allow without a disk")
+        # What the cores allow: one session alternates CPU (client and server) and an fsync; k sessions keep
+        # the cores busy and share fsyncs, so they reach at most cores * (cpu + fsync) / cpu one session's
+        # rate. 4x needs an fsync at least as long as a step's CPU time on 2 cores.
+        row(f"ceiling: {cfg.clients} memory-only sessions at once", 1 / memory, "s",
+            "one session, an fsync per step", 1 / one,
+            note=f"the best every-step can do on {os.cpu_count()} cores; fdatasync here p50 {sync * 1e3:.2f} ms, "
+                 f"a step's CPU ~{os.cpu_count() / memory * 1e3:.2f} ms")
+
+
+def _fdatasync_seconds(folder: str, n: int = 200) -> float:
+    """Median time of an fdatasync after a small append (a small step's log record) in `folder`."""
+    path = os.path.join(folder, "fsync-probe")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    times = []
+    try:
+        for _ in range(n):
+            os.write(fd, b"x" * 4096)
+            t = time.perf_counter()
+            os.fdatasync(fd)
+            times.append(time.perf_counter() - t)
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    return statistics.median(times)

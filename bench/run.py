@@ -61,6 +61,15 @@ def pct(xs, q):
     return float(np.percentile(np.asarray(xs), q))
 
 
+def interleaved(fns: dict, reps: int) -> dict:
+    """Median seconds of each fn, run in alternation so the machine's drift hits all alike."""
+    times = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, fn in fns.items():
+            times[k] += timed(fn, 1)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def timed(fn, n):
     out = []
     for _ in range(n):
@@ -222,7 +231,12 @@ def bench_large(cfg, server, echo):
 def bench_shm(cfg, server, echo):
     """Adam 1e7 float32 stepped through a same-host shared-memory segment vs the same kernel in-process:
     plain (the server's own master copy, updated parameters copied into the segment) and resident (the
-    segment is the master copy, updated in place). The three are interleaved round by round."""
+    segment is the master copy, updated in place). Beside the in-process kernel over numpy memory, the
+    same kernel with p and g in a shared-memory segment (m and v in numpy memory, as a resident session
+    keeps them): /dev/shm pages are 4 KiB where numpy's large arrays get transparent huge pages, and the
+    kernel is slower over them by itself. All rounds are interleaved."""
+    from multiprocessing import shared_memory
+
     from optreg.client import Client
     from optreg.plugins.registry import Registry
     from optreg.server import fastkernels, kernels, resident
@@ -231,48 +245,69 @@ def bench_shm(cfg, server, echo):
     rng = np.random.default_rng(3)
     w = rng.standard_normal(n).astype(np.float32)
     g = (rng.standard_normal(n) * 1e-2).astype(np.float32)
-    fastkernels.warm(block=True)
     defn, hp = Registry().get("adam").definition, {"lr": 0.001, "beta1": 0.9, "beta2": 0.999}
+    fastkernels.warm(block=True, definitions=[defn], stats=True)
+    fastkernels.wait_idle(600)  # (the statistics kernels' compiles are queued by the jobs warm waited for)
     p, st, step = w.copy(), {"m": np.zeros(n, np.float32), "v": np.zeros(n, np.float32)}, [0]
+    seg = shared_memory.SharedMemory(create=True, size=2 * w.nbytes)
+    p_shm = np.ndarray(n, np.float32, buffer=seg.buf)
+    g_shm = np.ndarray(n, np.float32, buffer=seg.buf, offset=w.nbytes)
+    p_shm[...], g_shm[...] = w, g
+    st_shm = {"m": np.zeros(n, np.float32), "v": np.zeros(n, np.float32)}
 
     def local():
         step[0] += 1
         kernels.apply(defn, p, g, st, step[0], hp)
 
-    def local_checked():  # what a resident step computes, without gRPC: the finite check, then the
-        step[0] += 1      # update with the step's telemetry statistics
-        resident._check_finite("w", g)
-        kernels.apply(defn, p, g, st, step[0], hp, stats=np.zeros(kernels.STATS))
-    with Client(server.address) as c:
-        plain = c.create_session("adam", {"w": w}, keep=False)
-        res = c.create_session("adam", {"w": w}, keep=False)
-        steppers = []
-        for s, in_segment in ((plain, False), (res, True)):
-            s.enable_shared_memory(resident=in_segment)
-            s.gradients["w"][...] = g  # the training program writes its gradients here
-            grads = {"w": s.gradients["w"]}
-            steppers.append(lambda s=s, grads=grads: s.step(grads))
-        times = {"local": [], "checked": [], "plain": [], "resident": []}
-        for _ in range(2):  # warm: compiled kernels, pages of m and v touched
-            local(), local_checked(), steppers[0](), steppers[1]()
-        for _ in range(reps):
-            times["local"] += timed(local, 1)
-            times["checked"] += timed(local_checked, 1)
-            times["plain"] += timed(steppers[0], 1)
-            times["resident"] += timed(steppers[1], 1)
-        same = np.array_equal(res.arrays["w"], plain.arrays["w"])
-        plain.delete()
-        res.delete()
-    del p, st
-    local_m = statistics.median(times["local"])
-    row("shared-memory step p50, resident (adam 1e7 f32)", statistics.median(times["resident"]), "s",
-        "in-process kernel update p50", local_m, 1.2,
+    def local_shm():
+        step[0] += 1
+        kernels.apply(defn, p_shm, g_shm, st_shm, step[0], hp)
+
+    def local_checked():  # what a resident step computes, without gRPC: the finite check (its reduction
+        step[0] += 1      # is max |g|), then the update with the rest of the statistics
+        top = resident._check_finite("w", g)
+        kernels.apply(defn, p, g, st, step[0], hp, stats=np.zeros(kernels.STATS), grad_abs_max=top)
+    try:
+        with Client(server.address) as c:
+            plain = c.create_session("adam", {"w": w}, keep=False)
+            res = c.create_session("adam", {"w": w}, keep=False)
+            steppers = []
+            for s, in_segment in ((plain, False), (res, True)):
+                s.enable_shared_memory(resident=in_segment)
+                s.gradients["w"][...] = g  # the training program writes its gradients here
+                grads = {"w": s.gradients["w"]}
+                steppers.append(lambda s=s, grads=grads: s.step(grads))
+            runs = {"local": local, "shm": local_shm, "checked": local_checked, "plain": steppers[0],
+                    "resident": steppers[1]}
+            times = {k: [] for k in runs}
+            for _ in range(2):  # warm: compiled kernels, pages of m and v touched
+                for fn in runs.values():
+                    fn()
+            for _ in range(reps):
+                for k, fn in runs.items():
+                    times[k] += timed(fn, 1)
+            same = np.array_equal(res.arrays["w"], plain.arrays["w"])
+            plain.delete()
+            res.delete()
+    finally:
+        del p_shm, g_shm
+        seg.close()
+        seg.unlink()
+    del p, st, st_shm
+    med = {k: statistics.median(v) for k, v in times.items()}
+    row("shared-memory step p50, resident (adam 1e7 f32)", med["resident"], "s",
+        "in-process kernel update p50", med["local"], 1.2,
         note="" if same else "RESIDENT AND PLAIN PARAMETERS DIFFER")
-    row("shared-memory step p50, resident", statistics.median(times["resident"]), "s",
-        "in-process finite check + kernel with statistics p50", statistics.median(times["checked"]),
+    row("shared-memory step p50, resident", med["resident"], "s",
+        "in-process kernel over shared-memory pages p50", med["shm"],
+        note="p and g in a /dev/shm segment (4 KiB pages), m and v in numpy memory")
+    row("in-process kernel over shared-memory pages p50", med["shm"], "s",
+        "in-process kernel update p50", med["local"], note="the floor the segment's 4 KiB pages set")
+    row("shared-memory step p50, resident", med["resident"], "s",
+        "in-process finite check + kernel with statistics p50", med["checked"],
         note="the same passes over memory as the resident step, without gRPC")
-    row("shared-memory step p50, plain (server copy)", statistics.median(times["plain"]), "s",
-        "in-process kernel update p50", local_m)
+    row("shared-memory step p50, plain (server copy)", med["plain"], "s",
+        "in-process kernel update p50", med["local"])
 
 
 def _book(name, hp):
@@ -527,6 +562,11 @@ def bench_telemetry(cfg, server, echo):
     run(cfg, server, echo)
 
 
+def bench_streams(cfg, server, echo):
+    from bench.streams import bench_streams as run  # several streams per step, chunk pipeline depth
+    run(cfg, server, echo)
+
+
 def bench_ray(cfg, server, echo):
     from bench.ray_step import bench_ray as run  # a local Ray; skipped in --quick and without Ray
     run(cfg, server, echo)
@@ -535,7 +575,7 @@ def bench_ray(cfg, server, echo):
 SECTIONS = {"small": bench_small, "smallparts": bench_small_parts, "large": bench_large, "shm": bench_shm, "kernels": bench_kernels,
             "declared": bench_declared, "memory": bench_memory, "concurrency": bench_concurrency,
             "torch": bench_torch, "wal": bench_wal, "durability": bench_durability, "telemetry": bench_telemetry,
-            "workers": bench_workers, "sparse": bench_sparse, "ray": bench_ray}
+            "workers": bench_workers, "sparse": bench_sparse, "streams": bench_streams, "ray": bench_ray}
 
 
 class Config:

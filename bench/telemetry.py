@@ -12,11 +12,9 @@ or as the `telemetry` section of `python -m bench`.
 """
 from __future__ import annotations
 
-import inspect
 import os
 import pathlib
 import shutil
-import statistics
 import sys
 import time
 
@@ -28,20 +26,11 @@ for d in ("proto", "plugins", "server", "client"):
         sys.path.insert(0, str(ROOT / d))
 
 
-def _interleaved(fns: dict, reps: int) -> dict:
-    """Median seconds of each fn, run in alternation so drift hits all alike."""
-    times = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 def bench_stats(cfg, row, n: int = 10_000_000) -> None:
+    from bench.run import interleaved
     from optreg.plugins.registry import Registry
     from optreg.server import kernels
+    from optreg.server.pipeline import check_finite
     defn = Registry().get("adam").definition
     rng = np.random.default_rng(0)
     param = rng.normal(size=n).astype(np.float32)
@@ -61,22 +50,27 @@ def bench_stats(cfg, row, n: int = 10_000_000) -> None:
         float(max(grad.max(), -grad.min()))
 
     from optreg.server import fastkernels
-    fastkernels.warm(block=True, stats=True)  # fused kernels and their statistics variants compiled
+    fastkernels.warm(block=True, definitions=[defn], stats=True)  # Adam's kernel and its statistics variants
+    fastkernels.wait_idle(600)  # (the statistics compiles are queued by the jobs warm waited for)
     plain()  # warm up
-    if "stats" in inspect.signature(kernels.apply).parameters:
-        stats = np.zeros(4)
+    stats = np.zeros(4)
 
-        def with_stats():
-            step[0] += 1
-            kernels.apply(defn, param, grad, state, step[0], hp, stats=stats)
+    def with_stats():
+        step[0] += 1
+        kernels.apply(defn, param, grad, state, step[0], hp, stats=stats)
 
-        with_stats()
-        t = _interleaved({"plain": plain, "stats": with_stats}, reps)
-        row("adam 1e7 f32 update with statistics", t["stats"], "s", "same update without", t["plain"], 1.03)
-    else:
-        print("adam 1e7 f32 update with statistics: not measured: kernels.apply has no stats= yet "
-              "(the kernels branch adds it)", flush=True)
-    t = _interleaved({"plain": plain, "pass": second_pass}, reps)
+    def checked_plain():  # a step's whole-tensor pass without statistics: the finite check, then the update
+        check_finite("w", grad)
+        plain()
+
+    with_stats()
+    t = interleaved({"plain": plain, "stats": with_stats, "checked": checked_plain}, reps)
+    row("adam 1e7 f32 update with statistics", t["stats"], "s", "same update without", t["plain"], 1.03)
+    # What a server step pays: with statistics, a whole tensor's finite check rides on the update pass
+    # (NaN or Inf shows in its max |g|, pipeline.feed); without them it is a pass of its own.
+    row("adam 1e7 f32 update with statistics (the check in it)", t["stats"], "s",
+        "finite check pass + update without", t["checked"], note="what a step's update pass costs either way")
+    t = interleaved({"plain": plain, "pass": second_pass}, reps)
     row("a separate numpy statistics pass (reference)", t["pass"], "s", "adam 1e7 f32 update", t["plain"],
         note="what measuring in the update pass saves")
 
@@ -125,6 +119,7 @@ def bench_browser(cfg, row) -> None:
 def bench_small_step(cfg, row) -> None:
     """A 1e3-parameter Adam step through an in-process server with telemetry (statistics in the
     update pass, the observer, the hub) against the same server with it switched off, interleaved."""
+    from bench.run import interleaved
     from optreg.client import Client
     from optreg.server import kernels, pipeline
     from optreg.server.app import OptregServer, Settings
@@ -161,7 +156,7 @@ def bench_small_step(cfg, row) -> None:
                         s.step(g, metrics={"loss": 1.0})
                 return go
             run(True)()
-            t = _interleaved({"on": run(True), "off": run(False)}, reps)
+            t = interleaved({"on": run(True), "off": run(False)}, reps)
     finally:
         telemetry(True)
         srv.stop(0)

@@ -133,6 +133,31 @@ def test_the_rewrite_declines_what_it_cannot_fuse():
     assert kernelstats.fused_stats_source(closure) is None
 
 
+def stored_twice(p, g, c):
+    lr = c[0]
+    for i in range(p.size):
+        p[i] = p[i] - g[i] * lr
+        p[i] = p[i] * c[1]  # reads the value just stored
+
+
+def moves_i(p, g, c):
+    for i in range(p.size):
+        x = p[i]
+        i = 0  # noqa: PLW2901 - p[i] below is another element
+        p[i] = x - g[i] * c[0]
+
+
+@pytest.mark.parametrize("blocked", [False, True])
+def test_reads_of_p_before_its_store_use_the_value_read_first(blocked):
+    """The rewrite reads p[i] once before the body (the statistics need it): reads of p[i] until the first
+    store into p use that value; the ones after it, and any in a body that moves i, stay reads."""
+    src = kernelstats.fused_stats_source(stored_twice, blocked=blocked)
+    p = "_optreg_p" if blocked else "p"
+    assert f"{p}[i] = _optreg_old - " in src and f"{p}[i] = {p}[i] * c[1]" in src
+    src = kernelstats.fused_stats_source(moves_i, blocked=blocked)
+    assert src is None or f"x = {p}[i]" in src
+
+
 @pytest.mark.skipif(not fastkernels.available(), reason="numba not installed")
 @pytest.mark.parametrize("kernel,how", [(sgd_kernel, "fused"), (two_loops, "driver"), (with_continue, "driver")])
 def test_statistics_from_the_driver_equal_numpy(kernel, how):

@@ -288,3 +288,64 @@ def test_copy_out_equals_update(name):
     assert np.array_equal(p1, p2) and np.array_equal(out, p1)
     for k in st1:
         assert np.array_equal(st1[k], st2[k])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_finite_check_gives_max_abs(dtype):
+    """fastkernels.abs_max: the finite check's reduction, max |g| exactly, NaN or Inf when any element is."""
+    fastkernels.warm(block=True)
+    if not fastkernels.available():
+        pytest.skip("numba not installed")
+    rng = np.random.default_rng(11)
+    for size in (0, 1, 1000, (1 << 18) + 17):
+        g = rng.standard_normal(size).astype(dtype)
+        if size > 20_000:
+            g[:5000] *= dtype(1e-30)
+            g[12000:20000] *= dtype(1e30)
+        assert fastkernels.abs_max(g) == (float(np.abs(g).max()) if size else 0.0), size
+        for bad in (np.nan, np.inf, -np.inf, -np.nan):
+            if size:
+                h = g.copy()
+                h[size * 2 // 3] = bad
+                top = fastkernels.abs_max(h)
+                assert not np.isfinite(top) and (np.isnan(top) == np.isnan(bad)), (size, bad)
+                assert fastkernels.all_finite(h) is False
+    assert fastkernels.abs_max(np.ones(4, np.float16)) is None
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_update_given_max_abs_leaves_it_out(registry, dtype):
+    """kernels.apply(grad_abs_max=): the kernel variant without max |g| runs (acc[3] left alone), the update
+    is the kernel's bit for bit, and the figures equal a numpy recomputation."""
+    if not fastkernels.available():
+        pytest.skip("numba not installed")
+    defn = registry.get("adam").definition
+    comp = fastkernels.lookup(defn, np.dtype(dtype))
+    kernelstats.stats_kernel(defn, comp)
+    assert fastkernels.wait_idle(300)
+    sk = kernelstats.stats_kernel(defn, comp)
+    assert sk.fused and sk.nomax is not None
+    rng = np.random.default_rng(12)
+    n = (1 << 18) + 17
+    p = rng.standard_normal(n).astype(dtype)
+    g = (rng.standard_normal(n) * 0.1).astype(dtype)
+    st = {s.name: np.zeros(n, dtype) for s in defn.slots}
+    p_ref, st_ref = p.copy(), {k: v.copy() for k, v in st.items()}
+    for t in (1, 2):
+        old = p.copy()
+        stats = np.zeros(4)
+        kernels.apply(defn, p, g, st, t, HPS["adam"], stats=stats, grad_abs_max=fastkernels.abs_max(g))
+        kernels.apply(defn, p_ref, g, st_ref, t, HPS["adam"])
+        np.testing.assert_array_equal(p, p_ref)
+        for k in st:
+            np.testing.assert_array_equal(st[k], st_ref[k])
+        e = _recompute(p, old, g)
+        np.testing.assert_allclose(stats, e, rtol=STATS_RTOL.get(("fused", dtype), 1e-12), atol=0)
+        assert stats[3] == e[3]
+    acc = np.zeros(4)
+    old = p.copy()
+    sk(True, p, g, [st[k] for k in comp.slots], comp.consts(HPS["adam"], 3, np.dtype(dtype)), acc,
+       max_known=True)
+    e = _recompute(p, old, g)
+    assert acc[3] == 0  # not measured: the caller has it
+    np.testing.assert_allclose(acc[:3], e[:3], rtol=STATS_RTOL.get(("fused", dtype), 1e-12), atol=0)

@@ -376,3 +376,37 @@ def test_rows_owed_by_sparse_steps_are_brought_current_in_the_segment(client, op
         res.gradients["emb"][...] = g
         res.step({"emb": res.gradients["emb"]})
     assert np.array_equal(arrays["emb"], plain.read_parameters()["emb"])
+
+
+def test_statistics_and_refusals_of_large_resident_steps(server, client):
+    """A resident step takes max |g| from its finite check (split over threads) and the rest from the
+    update: the reported figures equal a numpy recomputation; a NaN or Inf in the second thread's share
+    of a large gradient is refused with nothing touched."""
+    from optreg.server.telemetry import numpy_stats
+    from optreg.v1 import telemetry_pb2, telemetry_pb2_grpc
+    rng = np.random.default_rng(13)
+    n = (1 << 21) + 5  # above resident.PARALLEL_FINITE: the check is split
+    s = client.create_session("adam", {"w": rng.standard_normal(n).astype(np.float32)})
+    arrays = s.enable_shared_memory(resident=True)
+    expected = []
+    for _ in range(2):
+        before = arrays["w"].copy()
+        s.gradients["w"][...] = (rng.standard_normal(n) * 0.1).astype(np.float32)
+        s.step({"w": s.gradients["w"]})
+        expected.append(numpy_stats(s.gradients["w"], before, arrays["w"]))
+    before = arrays["w"].copy()
+    for bad in (np.nan, np.inf):
+        s.gradients["w"][n - 3] = bad
+        with pytest.raises(OptregError, match="1 NaN or Inf"):
+            s.step({"w": s.gradients["w"]})
+        assert np.array_equal(arrays["w"], before)
+    with grpc.insecure_channel(server.address) as ch:
+        got = telemetry_pb2_grpc.TelemetryServiceStub(ch).GetTelemetry(
+            telemetry_pb2.GetTelemetryRequest(session_id=s.id))
+    steps = [st for st in got.steps if st.tensors]
+    assert [st.step for st in steps] == [1, 2]
+    for e, st in zip(expected, steps):
+        (t,) = st.tensors
+        np.testing.assert_allclose([t.grad_norm ** 2, t.param_norm ** 2, t.update_norm ** 2], e[:3], rtol=4e-5)
+        assert t.grad_max_abs == e[3]
+    s.delete()

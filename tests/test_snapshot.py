@@ -252,3 +252,98 @@ def test_disk_full_leaves_the_old_file(small_tmpfs):
 def small_tmpfs():
     with disk_helpers.small_tmpfs("1m") as d:
         yield d
+
+
+def test_a_failed_directory_fsync_after_the_rename_keeps_memory_file_and_log_alike(tmp_path, monkeypatch):
+    """The rename is done when the directory's fsync fails: the new file is what every reader (and a
+    restart) sees, so the hyperparameter change it holds is the session's, and the log is kept (it
+    still covers the previous file, should a power loss bring that back)."""
+    import errno
+
+    from optreg.client import Client
+    from optreg.server import snapshot as snap, wal
+    from optreg.server.app import OptregServer, Settings
+
+    def failing(path):
+        raise OSError(errno.EIO, "Input/output error")
+
+    srv = OptregServer(Settings(port=0, data_dir=str(tmp_path)))
+    srv.start()
+    try:
+        with Client(srv.address) as c:
+            s = c.create_session("adam", {"w": np.ones(8, np.float32)}, session_id="s1")
+            for _ in range(3):
+                s.step({"w": np.full(8, 0.1, np.float32)})
+            monkeypatch.setattr(snap, "fsync_dir", failing)
+            s.set_hyperparameters(lr=0.5)
+            monkeypatch.undo()
+            assert c.get_session("s1").hyperparameters["lr"] == 0.5
+            log_path = wal.path_for(tmp_path / "sessions", "s1")
+            with wal.Log.open(log_path, "s1") as lg:
+                assert lg.last_step == 3  # not emptied
+            s.step({"w": np.full(8, 0.1, np.float32)})
+            want = s.read_parameters()["w"]
+    finally:
+        srv.stop(0)
+    meta = snap.read_meta(tmp_path / "sessions" / "s1.safetensors")
+    assert meta["hyperparameters"]["lr"] == 0.5
+    srv = OptregServer(Settings(port=0, data_dir=str(tmp_path)))
+    srv.start()
+    try:
+        with Client(srv.address) as c:
+            got = c.get_session("s1")
+            assert got.step == 4 and got.hyperparameters["lr"] == 0.5
+            np.testing.assert_array_equal(c.session("s1").read_parameters()["w"], want)
+    finally:
+        srv.stop(0)
+
+
+@pytest.mark.parametrize("mode", ["every-step", "log"])
+def test_a_log_whose_sync_failed_is_replaced_by_a_snapshot_at_the_next_step(tmp_path, monkeypatch, mode):
+    """A failed fdatasync (EIO: the kernel may have dropped the log's pages) leaves the log refusing
+    records. The next step writes a snapshot of memory (every acknowledged step, nothing else) and
+    starts a new log, without a restart; the refused step is not in it; a restart agrees."""
+    import errno
+    import time
+
+    from optreg.client import Client, RetryPolicy
+    from optreg.client.errors import OptregError
+    from optreg.server import fsync
+    from optreg.server.app import OptregServer, Settings
+
+    def failing(fd):
+        return OSError(errno.EIO, "Input/output error")
+
+    g = {"w": np.full(8, 0.1, np.float32)}
+    srv = OptregServer(Settings(port=0, data_dir=str(tmp_path)))
+    srv.start()
+    try:
+        with Client(srv.address, retry=RetryPolicy(total_seconds=0)) as c:
+            s = c.create_session("adam", {"w": np.ones(8, np.float32)}, session_id="s1", durability=mode)
+            for _ in range(3):
+                s.step(g)
+            monkeypatch.setattr(fsync, "_fdatasync", failing)
+            if mode == "every-step":
+                with pytest.raises(OptregError, match="could not be written"):
+                    s.step(g)  # refused: its record may or may not be on disk
+            else:
+                s.step(g)  # acknowledged when written to the OS; the background sync fails after
+                deadline = time.monotonic() + 10
+                while srv.store.journal._logs["s1"].broken is None and time.monotonic() < deadline:
+                    time.sleep(0.05)
+            monkeypatch.undo()
+            s.step(g)  # no restart needed
+            s.step(g)
+            want_step = 5 if mode == "every-step" else 6
+            assert c.get_session("s1").step == want_step
+            want = s.read_parameters()["w"]
+    finally:
+        srv.stop(0)
+    srv = OptregServer(Settings(port=0, data_dir=str(tmp_path)))
+    srv.start()
+    try:
+        with Client(srv.address) as c:
+            assert c.get_session("s1").step == want_step
+            np.testing.assert_array_equal(c.session("s1").read_parameters()["w"], want)
+    finally:
+        srv.stop(0)

@@ -53,10 +53,16 @@ def test_uneven_last_chunk_reassembles(client, adam):
     np.testing.assert_array_equal(s.read_parameters()["w"], out["w"])
 
 
-@pytest.mark.parametrize("case", ["out_of_order", "missing_middle", "missing_tensor", "truncated", "nan"])
+@pytest.mark.parametrize("case", ["out_of_order", "missing_middle", "missing_tensor", "truncated", "nan",
+                                  "nan_in_first_chunk", "inf_in_last_chunk"])
 def test_bad_chunks_refused_and_session_untouched(client, adam, case):
     s, w = adam
     g = np.random.default_rng(7).standard_normal(N)
+    good = _chunks("w", g)
+    if case == "nan_in_first_chunk":  # a small first chunk of a larger tensor: checked like any chunk
+        g[5] = np.nan
+    if case == "inf_in_last_chunk":
+        g[N - 1] = -np.inf
     chunks = _chunks("w", g)
     b = list(tensors.chunk("b", np.ones(3)))
     lists = {
@@ -65,6 +71,8 @@ def test_bad_chunks_refused_and_session_untouched(client, adam, case):
         "missing_tensor": [chunks],
         "truncated": [chunks[:3], b],
         "nan": [chunks[:3], list(tensors.chunk("b", np.array([1.0, np.nan, 0.0])))],
+        "nan_in_first_chunk": [chunks[:1], chunks[1:], b],
+        "inf_in_last_chunk": [chunks[:3], chunks[3:], b],
     }[case]
     if case == "nan":
         lists[0].append(chunks[3])
@@ -81,7 +89,7 @@ def test_bad_chunks_refused_and_session_untouched(client, adam, case):
         for n in slots[slot]:
             np.testing.assert_array_equal(slots[slot][n], before[2][slot][n])
     # and the next good step applies normally, as step 1
-    replies = _stream(client, s.id, 0, [chunks, b])
+    replies = _stream(client, s.id, 0, [good, b])
     assert replies[-1].step == 1
 
 

@@ -80,3 +80,76 @@ def test_statistics_of_a_streamed_step_fold_every_chunk(path_server):
                                rtol=RTOL["float32"])
     assert t.grad_max_abs == e[3]
     assert len(t.effective_lr) == 3 and 0 < t.effective_lr[0] <= t.effective_lr[1] <= t.effective_lr[2]
+
+
+@pytest.mark.parametrize("bad", [np.nan, -np.inf])
+def test_non_finite_whole_tensor_refused_from_the_update_pass(path_server, bad):
+    """A large whole tensor's finite check comes from the kernel's own max |g| (fused path) or the explicit
+    check (numpy path): either way the step is refused with the count, nothing changes, and the next step's
+    figures are a clean recomputation (the staging copy the refused update wrote is not reused as is)."""
+    rng = np.random.default_rng(21)
+    n = 100_000  # above pipeline.SMALL_STATS: measured in the update pass
+    init = rng.normal(size=n).astype(np.float32)
+    sid = f"nonfinite-{'nan' if np.isnan(bad) else 'inf'}"
+    with Client(path_server.address) as c:
+        s = c.create_session("adam", {"w": init.copy()}, session_id=sid)
+        g = (rng.normal(size=n) * 0.1).astype(np.float32)
+        s.step({"w": g})
+        before = s.arrays["w"].copy()
+        worse = g.copy()
+        worse[[7, n - 2]] = bad
+        with pytest.raises(Exception, match="2 NaN or Inf"):
+            s.step({"w": worse})
+        info, params, _ = s.read_state()
+        assert info.step == 1 and np.array_equal(params["w"], before)
+        s.step({"w": g})
+        after = s.arrays["w"].copy()
+    ref = Client(path_server.address)
+    with ref:
+        r = ref.create_session("adam", {"w": init.copy()}, session_id=sid + "-ref")
+        r.step({"w": g})
+        r.step({"w": g})
+        assert np.array_equal(r.arrays["w"], after)
+    channel = grpc.insecure_channel(path_server.address)
+    got = telemetry_pb2_grpc.TelemetryServiceStub(channel).GetTelemetry(
+        telemetry_pb2.GetTelemetryRequest(session_id=sid))
+    channel.close()
+    last = [st for st in got.steps if st.tensors][-1]
+    (t,) = last.tensors
+    e = tensor_stats(g, before, after)
+    np.testing.assert_allclose([t.grad_norm ** 2, t.param_norm ** 2, t.update_norm ** 2], e[:3], rtol=RTOL["float32"])
+    assert t.grad_max_abs == e[3]
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_whole_tensor_finite_check_is_the_update_pass(monkeypatch, bad):
+    """With a built-in's compiled statistics kernel, a large whole tensor makes no separate finite check
+    pass over g: the explicit check runs only to count what the update pass's max |g| found."""
+    from optreg.server import fastkernels, kernelstats, pipeline
+    from optreg.server.app import OptregServer, Settings
+    if not fastkernels.available():
+        pytest.skip("numba not installed")
+    defn = Registry().get("adam").definition
+    fastkernels.warm(block=True, definitions=[defn], stats=True)
+    assert fastkernels.wait_idle(300)
+    assert kernelstats.stats_kernel(defn, fastkernels.lookup(defn, np.dtype(np.float32))) is not None
+    calls = []
+    check = pipeline.check_finite
+    monkeypatch.setattr(pipeline, "check_finite", lambda name, g, start=0: (calls.append(g.size), check(name, g, start)))
+    srv = OptregServer(Settings(port=0, data_dir=""))
+    srv.start()
+    try:
+        with Client(srv.address) as c:
+            s = c.create_session("adam", {"w": np.ones(50_000, np.float32), "b": np.ones(10, np.float32)})
+            before = s.arrays["w"].copy()
+            g = {"w": np.full(50_000, 0.1, np.float32), "b": np.full(10, 0.1, np.float32)}
+            s.step(g)
+            assert calls == [10]  # the small tensor only
+            g["w"][123] = bad
+            with pytest.raises(Exception, match="1 NaN or Inf"):
+                s.step(g)
+            assert calls[1:] in ([50_000], [10, 50_000])  # (the tensors in the order sent)
+            info, params, _ = s.read_state()
+            assert info.step == 1 and not np.array_equal(params["w"], before) and np.isfinite(params["w"]).all()
+    finally:
+        srv.stop(0)

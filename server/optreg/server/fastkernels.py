@@ -32,6 +32,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from optreg.server.bitops import NONFINITE32, NONFINITE64, abs_bits, umax
+
 log = logging.getLogger("optreg.server")
 
 try:  # pragma: no cover - exercised by whichever environment runs
@@ -247,10 +249,20 @@ def _exponent_max(bits, mask):
     return m
 
 
+def _abs_bits_max(a):
+    # float32/float64: the largest |x| as bits, in the float's own width (bitops: numba's integer max runs
+    # in 64-bit lanes); at or above the exponent mask exactly when some value is NaN or Inf.
+    m = abs_bits(a.dtype.type(0))
+    for i in range(a.size):
+        m = umax(m, abs_bits(a[i]))
+    return m
+
+
 # float dtype str -> (unsigned view of the same width, exponent mask)
 _FINITE_MASKS = {"<f2": ("<u2", 0x7C00), "<f4": ("<u4", 0x7F800000), "<f8": ("<u8", 0x7FF0000000000000),
                  "bfloat16": ("<u2", 0x7F80)}
 _FINITE: list = []  # [releases the GIL, keeps it]
+_FINITE_WIDE: list = []  # the same for float32/float64 arrays (_abs_bits_max)
 
 
 def _compile_finite() -> None:
@@ -264,6 +276,16 @@ def _compile_finite() -> None:
                 a.flags.writeable = False
                 fin(a, a.dtype.type(mask))
             finite.append(fin)
+        wide = []
+        for nogil in (True, False):
+            fin = _jit(_abs_bits_max if nogil else renamed(_abs_bits_max, "__optreg_held"), nogil)
+            for dt in DTYPES:
+                a = np.zeros(4, dt)
+                fin(a)
+                a.flags.writeable = False
+                fin(a)
+            wide.append(fin)
+        _FINITE_WIDE[:] = wide
         _FINITE[:] = finite  # both at once: steps may run while this thread compiles
     except Exception as e:  # a broken numba must never break the server
         log.warning("numba finite check unavailable (%s: %s); using numpy", type(e).__name__, e)
@@ -273,12 +295,25 @@ def all_finite(a: np.ndarray) -> bool | None:
     """True when a contiguous float array has no NaN or Inf; None when no kernel fits (use numpy)."""
     if not _FINITE or not a.flags.c_contiguous:
         return None
+    if a.dtype.str in DTYPES and _FINITE_WIDE:
+        limit = NONFINITE32 if a.dtype.itemsize == 4 else NONFINITE64
+        return bool(int(_FINITE_WIDE[a.size < HOLD_GIL_BELOW](a.reshape(-1))) < limit)
     spec = _FINITE_MASKS.get(a.dtype.str if a.dtype.kind == "f" else a.dtype.name)
     if spec is None:
         return None
     bits = a.reshape(-1).view(spec[0])
     mask = bits.dtype.type(spec[1])
     return bool(_FINITE[bits.size < HOLD_GIL_BELOW](bits, mask) != mask)
+
+
+def abs_max(a: np.ndarray) -> float | None:
+    """max |x| of a contiguous float32/float64 array in the finite check's own pass: NaN or Inf exactly when
+    some element is (the max of |x|'s bits reaches the exponent mask); None when no kernel fits."""
+    if not _FINITE_WIDE or a.dtype.str not in DTYPES or not a.flags.c_contiguous:
+        return None
+    flat = a.reshape(-1)
+    m = _FINITE_WIDE[a.size < HOLD_GIL_BELOW](flat)
+    return float(np.array(m, "<u4" if a.dtype.itemsize == 4 else "<u8").view(a.dtype)[()]) if flat.size else 0.0
 
 
 _threads = None

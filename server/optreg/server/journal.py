@@ -92,6 +92,7 @@ class NoJournal:
 
     def create(self, session): pass
     def begin(self, session, step, fence, hp, metrics, extras=None): return NULL_RECORD
+    def mend(self, session): pass
     def after_commit(self, session): pass
     def hyperparameters(self, session, hp): pass
     def delete(self, session): pass
@@ -346,9 +347,18 @@ class Journal:
             raise OSError(errno.EBUSY, "a step of this session is in flight (its log record is open)")
         arrays, table = snapshot_arrays(s)
         meta = dict(meta_of(s, hyperparameters), tensors=table, saved_at=time.time())
-        size = snapshot.write(self.snapshot_path(s.id), meta, arrays)
+        durable = True
+        try:
+            size = snapshot.write(self.snapshot_path(s.id), meta, arrays)
+        except snapshot.RenameNotDurable as e:  # the file holds this state: it is written, not yet durable
+            log.error("session %s: %s; its log is kept", s.id, e, extra={"session_id": s.id})
+            durable, size = False, self.snapshot_path(s.id).stat().st_size
         lg = self._logs.get(s.id)
-        if lg is not None:
+        if lg is not None and durable and lg.broken is not None:  # mend(): the snapshot replaces it
+            self._close_log(s.id, delete=True)
+            if s.durability.mode in SYNC:
+                self._open_log(s.id, s.step, s.durability.mode)
+        elif lg is not None and durable:  # (not durable: the log keeps covering the previous file)
             if s.durability.mode in SYNC:
                 try:
                     lg.reset(s.step)
@@ -360,7 +370,7 @@ class Journal:
                               s.step, e, extra={"session_id": s.id})
             else:  # the mode has no log now: the snapshot is the whole state
                 self._close_log(s.id, delete=True)
-        elif s.durability.mode in SYNC:
+        elif lg is None and s.durability.mode in SYNC:
             self._open_log(s.id, s.step, s.durability.mode)
         s.dirty = False
         s.persisted_step = s.step
@@ -388,6 +398,23 @@ class Journal:
             return
         self._close_log(s.id, delete=True)  # a leftover of a deleted session of the same id
         self._snapshot(s)
+
+    def mend(self, s: Session) -> None:
+        """Caller holds the lock; its set is loaded. A log whose sync failed may have lost data
+        (fsyncgate), so it refuses every record; memory holds exactly the session's acknowledged
+        steps, so a snapshot of it and a new, empty log stand for all the broken log held. If that
+        fails too (the disk still failing), the log stays broken and the step is refused as before."""
+        lg = self._logs.get(s.id)
+        if lg is None or lg.broken is None or self._inflight.get(s.id):
+            return
+        try:
+            self._snapshot(s)
+        except OSError as e:
+            log.error("session %s: its log is unusable (%s) and a snapshot to replace it failed: %s", s.id,
+                      lg.broken, e, extra={"session_id": s.id})
+            return
+        log.warning("session %s: its log was unusable (%s); replaced by a snapshot at step %d and a new log", s.id,
+                    lg.broken, s.step, extra={"session_id": s.id})
 
     def begin(self, s: Session, step: int, fence, hp, metrics, extras=None):
         lg = self._logs.get(s.id)
@@ -508,8 +535,9 @@ class Journal:
                     meta["log_step"] = True
                     # ...and the hyperparameters in force, as its last record logged them (what
                     # GetSession shows before the session is loaded and replayed)
-                    if not lg._entries[-1].extras.get(LR_SCALED):
-                        meta["hyperparameters"] = dict(lg._entries[-1].hyperparameters)
+                    hp, extras = lg.last_settings()
+                    if not extras.get(LR_SCALED):
+                        meta["hyperparameters"] = hp
             except (wal.CorruptData, ValueError, OSError) as e:
                 meta["log_error"] = f"log {self.log_path(sid)}: {e}"
         return meta

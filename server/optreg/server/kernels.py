@@ -11,6 +11,8 @@ release the GIL). Until the kernel is compiled, or without numba, the numpy upda
 `stats`: a float64 array of 4 receives this tensor's [sum g^2, sum p_new^2,
 sum (p_new - p_old)^2, max |g|] (float64 accumulation), computed in the same pass
 as the update, slice by slice while each slice is in cache, in both paths (kernelstats.py).
+`grad_abs_max`: max |g|, when the caller's finite check measured it (fastkernels.abs_max); the
+kernel then runs a variant without it.
 """
 from __future__ import annotations
 
@@ -72,14 +74,23 @@ def _stats_buffers(size: int, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
 
 
 def apply(defn: Optimizer, param: np.ndarray, grad: np.ndarray, state: dict[str, np.ndarray], step: int,
-          hp: dict, out: np.ndarray | None = None, parallel: bool = True, stats: np.ndarray | None = None) -> None:
+          hp: dict, out: np.ndarray | None = None, parallel: bool = True, stats: np.ndarray | None = None,
+          grad_abs_max: float | None = None) -> None:
     """Update `param` and `state` in place with one gradient; then copy the new `param` into `out`
     (same shape and dtype) when given -- slice by slice while each slice is still in cache.
     `parallel=False` keeps the update on this thread (a streamed chunk: a hand-off per chunk costs
     more than it saves while gRPC's threads want the other core). `stats` (float64, 4 elements)
-    receives [sum g^2, sum p_new^2, sum (p_new - p_old)^2, max |g|] for this tensor."""
+    receives [sum g^2, sum p_new^2, sum (p_new - p_old)^2, max |g|] for this tensor. `grad_abs_max`:
+    max |g| over the whole of `grad`, measured already by the caller's finite check
+    (fastkernels.abs_max); the update pass then leaves it out where its kernel allows."""
     if stats is not None and (stats.dtype != np.float64 or stats.shape != (STATS,)):
         raise ValueError(f"stats must be a float64 array of shape ({STATS},), got {stats.dtype} {stats.shape}")
+    _apply(defn, param, grad, state, step, hp, out, parallel, stats, grad_abs_max is not None)
+    if stats is not None and grad_abs_max is not None:
+        stats[3] = grad_abs_max
+
+
+def _apply(defn, param, grad, state, step, hp, out, parallel, stats, max_known) -> None:
     n = param.size
     fast = fastkernels.lookup(defn, param.dtype) if grad.dtype == param.dtype else None
     if fast is None and grad.dtype != param.dtype:  # a narrower gradient (float16, bfloat16)
@@ -92,7 +103,7 @@ def apply(defn: Optimizer, param: np.ndarray, grad: np.ndarray, state: dict[str,
         grad = widen(grad, param.dtype)
         fast = fastkernels.lookup(defn, param.dtype)
     if fast is not None:
-        _run_fast(defn, fast, param, grad, state, step, hp, out, parallel, stats)
+        _run_fast(defn, fast, param, grad, state, step, hp, out, parallel, stats, max_known)
         return
     acc = None if stats is None else np.zeros(STATS)
     _apply_numpy(defn, param, grad, state, step, hp, n, acc)
@@ -180,7 +191,8 @@ def numpy_stats(new: np.ndarray, old: np.ndarray, g: np.ndarray, acc: np.ndarray
     acc[2] += np.dot(work, work)
 
 
-def _run_fast(defn, kernel, param, grad, state, step, hp, out=None, parallel=True, stats=None) -> None:
+def _run_fast(defn, kernel, param, grad, state, step, hp, out=None, parallel=True, stats=None,
+              max_known=False) -> None:
     n = param.size
     threads = fastkernels.threads() if parallel else 1
     if threads == 1 or n < PARALLEL_ABOVE:
@@ -208,7 +220,7 @@ def _run_fast(defn, kernel, param, grad, state, step, hp, out=None, parallel=Tru
             fn(p[a:b], g[a:b], *[v[a:b] for v in flat_slots], consts)
         elif with_stats is not None:
             old = _stats_buffers(kernelstats.STATS_BLOCK, param.dtype)[0]
-            with_stats(nogil, p[a:b], g[a:b], [v[a:b] for v in flat_slots], consts, acc, old)
+            with_stats(nogil, p[a:b], g[a:b], [v[a:b] for v in flat_slots], consts, acc, old, max_known)
         else:  # the statistics kernel is still compiling: the kernel per slice, numpy sums (same numbers)
             for x in range(a, b, CHUNK_ELEMENTS):
                 y = min(x + CHUNK_ELEMENTS, b)

@@ -3,24 +3,30 @@
 
 Two ways, both leaving the update's bits as the kernel alone gives them:
 
-fused: the kernel's own loop, rewritten (its AST) to keep p[i] before the body and to add
-  the element's terms after it. The sums go through `_accumulate`, compiled separately with
-  reassociation allowed: LLVM inlines it and keeps its flags, so the sums vectorize while the
-  kernel's own operations keep theirs. max |g| is an integer max over the bits of g with the
-  sign cleared (a float max stops the loop vectorizing). The rewritten source is written to a
-  file named by its hash so numba caches its compiled code on disk.
+fused: the kernel's own loop, rewritten (its AST) to read p[i] and g[i] before the body (the body's
+  reads of p[i] before its store use that value; LLVM then shares g's load and g*g with the kernel's
+  own) and to add the element's terms after it. The sums go through `_accumulate`, compiled
+  separately with reassociation allowed: LLVM inlines it and keeps its flags, so the sums vectorize
+  while the kernel's own operations keep theirs. max |g| is an unsigned max over the bits of |g| in
+  the float's own width (bitops.py: numba's integer max ran in 64-bit lanes and, in the kernel's
+  loop, kept it from vectorizing); its NaN or Inf marks a non-finite gradient (pipeline.feed).
+  The rewritten source is written to a file named by its hash so numba caches its compiled code.
   For float32 arrays a second rewrite runs the loop over blocks of BLOCK32 elements with float32
-  sums (`_accumulate32`, range and error bound beside it) folded into float64 after each block,
-  and max |g| in its own loop over the block: float64 sums made LLVM halve the whole loop's
-  vector width (sqrt and division included), and the max inside the block loop kept it scalar.
+  sums (`_accumulate32`, range and error bound beside it) folded into float64 after each block:
+  float64 sums made LLVM halve the whole loop's vector width (sqrt and division included).
+  Variants without max |g| (`max_term=False`) serve callers whose finite check measured it already
+  (fastkernels.abs_max, the check's own reduction; resident steps).
 driver: for kernels the rewrite does not fit (several loops, break/continue, closures): the
   kernel over blocks of STATS_BLOCK elements, each block of p copied first, then the sums over
   the block while it is in L1.
 
-Measured (Adam 1e7 float32, 2 threads, same process, interleaved, 15 rounds, loaded machine):
-the kernel alone 9.87 ms; fused with float64 sums 1.33x; float32 blocks 1.19x. What is left is
-arithmetic (a subtraction and three multiply-adds per element) that does not hide behind the
-memory traffic.
+Measured (Adam 1e7 float32, 2 threads, same process, interleaved, loaded machine): with the max in
+its own loop per block 1.19-1.23x the kernel alone; with it in the loop 1.10-1.14x; the sums alone
+(no max) 1.09-1.10x, the blocking alone 1.00-1.01x, p_new^2 and dp^2 without g's terms 1.06-1.10x.
+Each added term costs about 3% although llvm-mca puts the loop at the divider's bound either way:
+the loop waits on L3 (280 MB of arrays in a 480 MB L3), and more instructions an element mean fewer
+elements in the reorder window, so fewer loads in flight. Splitting the block into a kernel loop and
+a sums loop over L1 (1.21-1.33x) and software prefetch (no gain) were worse.
 """
 from __future__ import annotations
 
@@ -30,6 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from optreg.server import bitops
 from optreg.server.fastkernels import DTYPES, Compiled, disk_cache_ok, log, numba, renamed, submit
 
 # Elements per block of the statistics driver: the copy of p, the kernel and the sums over one
@@ -114,7 +121,7 @@ def _helper(name):
         if not _helpers:
             _helpers["accumulate"] = numba.njit(fastmath=_SUM_MATH, error_model="numpy")(_accumulate)
             _helpers["stats_loop"] = numba.njit(nogil=True, fastmath=_SUM_MATH, error_model="numpy")(stats_loop)
-            _helpers["abs_bits_max"] = numba.njit(nogil=True)(_abs_bits_max)
+            _helpers["abs_bits_max"] = numba.njit(nogil=True)(_abs_bits_max)  # the driver's
             _helpers["accumulate32"] = numba.njit(fastmath=_SUM_MATH, error_model="numpy")(_accumulate32)
             _helpers["fold32"] = numba.njit(error_model="numpy")(_fold32)
             _helpers["fold32_update"] = numba.njit(error_model="numpy")(_fold32_update)
@@ -124,11 +131,12 @@ def _helper(name):
 _P = "_optreg_"  # prefix of every name the rewrite adds
 
 
-def fused_stats_source(kernel, blocked: bool = False) -> str | None:
+def fused_stats_source(kernel, blocked: bool = False, max_term: bool = True) -> str | None:
     """The source of `kernel` rewritten to also return its statistics, or None when its shape does
     not allow it: one `for` loop, directly in the body, without break, continue or return inside;
-    no closure; no nested functions. The rewritten function takes three more arguments
-    (acc: float64[4], gbits: g viewed as unsigned ints, mask) and returns max |g| as bits.
+    no closure; no nested functions. The rewritten function takes one more argument (acc: float64[4])
+    and returns max |g| as the bits of a float of g's width (bitops.abs_bits).
+    `max_term=False`: without max |g| (the caller has it from its finite check); returns 0.
     `blocked` (for float32 arrays; the loop must be `for i in range(n)`): the loop split into blocks
     of BLOCK32 elements whose sums are float32 (`_accumulate32`), each block's folded into float64."""
     import ast
@@ -166,19 +174,57 @@ def fused_stats_source(kernel, blocked: bool = False) -> str | None:
         if not (isinstance(it, ast.Call) and isinstance(it.func, ast.Name) and it.func.id == "range"
                 and len(it.args) == 1 and not it.keywords):
             return None
-        return _blocked_source(tree, fdef, loop, p, g, i, stmts)
-    loop.body = stmts(f"{_P}old = {p}[{i}]") + loop.body + stmts(f"""
-        {_P}s0, {_P}s1, {_P}s2 = {_P}accumulate({_P}s0, {_P}s1, {_P}s2, {g}[{i}], {_P}old, {p}[{i}])
-        {_P}b = {_P}gbits[{i}] & {_P}mask
-        if {_P}b > {_P}mx:
-            {_P}mx = {_P}b
-    """)
-    return _finish(tree, fdef, loop, [loop], stmts, "stats")
+        return _blocked_source(tree, fdef, loop, p, g, i, stmts, max_term)
+    loop.body = stmts(f"{_P}old = {p}[{i}]\n{_P}gq = {g}[{i}]") + _reads_as_old(loop.body, p, i) + stmts(f"""
+        {_P}s0, {_P}s1, {_P}s2 = {_P}accumulate({_P}s0, {_P}s1, {_P}s2, {_P}gq, {_P}old, {p}[{i}])
+    """) + stmts(_max_line(max_term))
+    return _finish(tree, fdef, loop, [loop], stmts, "stats" + _nomax(max_term), g)
 
 
-def _finish(tree, fdef, loop, replacement: list, stmts, suffix: str, setup: str = "") -> str:
+def _reads_as_old(body: list, p: str, i: str) -> list:
+    """The loop's statements with each read of p[i] before the first store into p replaced by the
+    value read before the body: LLVM reads p again after the kernel's stores into its slots (it cannot
+    tell they are other arrays), a second load an element the kernel alone does not make."""
+    import ast
+
+    def stores_p(node) -> bool:
+        return any(isinstance(n, ast.Subscript) and isinstance(n.value, ast.Name) and n.value.id == p
+                   and not isinstance(n.ctx, ast.Load) for n in ast.walk(node))
+
+    class Old(ast.NodeTransformer):
+        def visit_Subscript(self, node):
+            if (isinstance(node.ctx, ast.Load) and isinstance(node.value, ast.Name) and node.value.id == p
+                    and isinstance(node.slice, ast.Name) and node.slice.id == i):
+                return ast.Name(f"{_P}old", ast.Load())
+            return self.generic_visit(node)
+
+    if any(isinstance(n, ast.Name) and n.id == i and not isinstance(n.ctx, ast.Load)
+           for st in body for n in ast.walk(st)):
+        return body  # the body moves i: its p[i] may be another element
+    out = []
+    for at, st in enumerate(body):
+        if not stores_p(st):
+            out.append(Old().visit(st))
+            continue
+        if isinstance(st, ast.Assign) and not stores_p(st.value):  # its value is read before the store
+            st.value = Old().visit(st.value)
+        return out + [st] + body[at + 1:]
+    return out
+
+
+def _max_line(max_term: bool) -> str:
+    # An unsigned max over the bits of |g| (bitops): a float max, or numba's own integer max (done in
+    # 64-bit lanes), kept LLVM from vectorizing the kernel's loop.
+    return f"{_P}mx = {_P}umax({_P}mx, {_P}abs_bits({_P}gq))\n" if max_term else ""
+
+
+def _nomax(max_term: bool) -> str:
+    return "" if max_term else "_nomax"
+
+
+def _finish(tree, fdef, loop, replacement: list, stmts, suffix: str, g: str, setup: str = "") -> str:
     """Put `replacement` where `loop` was, between the sums' set-up and their store into acc, and
-    give the function its three extra arguments, max |g|'s return and a new name."""
+    give the function its extra argument, max |g|'s return and a new name."""
     import ast
 
     at = fdef.body.index(loop)
@@ -186,20 +232,21 @@ def _finish(tree, fdef, loop, replacement: list, stmts, suffix: str, setup: str 
 {_P}s0 = 0.0
 {_P}s1 = 0.0
 {_P}s2 = 0.0
-{_P}mx = {_P}gbits.dtype.type(0)
+{_P}zero = {g}.dtype.type(0)
+{_P}mx = {_P}abs_bits({_P}zero)
 """) + replacement + stmts(f"""
         {_P}acc[0] += {_P}s0
         {_P}acc[1] += {_P}s1
         {_P}acc[2] += {_P}s2
         return {_P}mx
     """)
-    fdef.args.args += [ast.arg(f"{_P}acc"), ast.arg(f"{_P}gbits"), ast.arg(f"{_P}mask")]
+    fdef.args.args += [ast.arg(f"{_P}acc")]
     fdef.decorator_list = []
     fdef.name = f"{fdef.name}{_P}{suffix}"
     return ast.unparse(ast.fix_missing_locations(tree))
 
 
-def _blocked_source(tree, fdef, loop, p, g, i, stmts) -> str | None:
+def _blocked_source(tree, fdef, loop, p, g, i, stmts, max_term: bool = True) -> str | None:
     """The loop run over blocks; within a block it walks slices of the arrays from 0 (LLVM
     vectorizes that loop; one running from the block's start it left scalar)."""
     import ast
@@ -213,30 +260,26 @@ def _blocked_source(tree, fdef, loop, p, g, i, stmts) -> str | None:
         def visit_Name(self, node):
             return ast.Name(f"{_P}{node.id}", node.ctx) if node.id in arrays else node
 
-    body = [Sliced().visit(st) for st in loop.body]
+    body = [Sliced().visit(st) for st in _reads_as_old(loop.body, p, i)]
     total = ast.unparse(loop.iter.args[0])
     sums = ", ".join(f"{_P}a{j}" for j in range(3))
     sp, sg = f"{_P}{p}", f"{_P}{g}"
+    # g[i] is read before the kernel's body: LLVM then shares the load (and g*g) with the kernel's own.
     inner = ast.For(target=ast.Name(i, ast.Store()), iter=ast.parse(
         f"range({_P}e - {_P}a)", mode="eval").body, orelse=[],
-        body=stmts(f"{_P}old = {sp}[{i}]") + body + stmts(f"""
+        body=stmts(f"{_P}old = {sp}[{i}]\n{_P}gq = {sg}[{i}]") + body + stmts(f"""
             {_P}d = {sp}[{i}] - {_P}old
-            {sums} = {_P}accumulate32({sums}, {sg}[{i}], {_P}d, {sp}[{i}])
-        """))
+            {sums} = {_P}accumulate32({sums}, {_P}gq, {_P}d, {sp}[{i}])
+        """) + stmts(_max_line(max_term)))
     outer = stmts(f"""
-        for {_P}a in range(0, {_P}n, {BLOCK32}):
-            {sums} = {_P}zero32, {_P}zero32, {_P}zero32
-            {_P}e = min({_P}a + {BLOCK32}, {_P}n)
-            {_P}gb = {_P}gbits[{_P}a:{_P}e]
-            {_P}mx = {_P}abs_bits_max({_P}gb, {_P}mask, {_P}mx)
-            {_P}s0 = {_P}fold32({_P}s0, {_P}a0, {sg})
-            {_P}s1 = {_P}fold32({_P}s1, {_P}a1, {sp})
-            {_P}s2 = {_P}fold32_update({_P}s2, {_P}a2)
-    """)[0]
-    # max |g| in its own loop over the block (in L1): inside the kernel's loop it kept LLVM from
-    # vectorizing the float32 loop at all
-    outer.body[3:3] = stmts("\n".join(f"{_P}{x} = {x}[{_P}a:{_P}e]" for x in arrays)) + [inner]
-    return _finish(tree, fdef, loop, [outer], stmts, "stats32", setup=f"{_P}n = {total}")
+for {_P}a in range(0, {_P}n, {BLOCK32}):
+    {sums} = {_P}zero32, {_P}zero32, {_P}zero32
+    {_P}e = min({_P}a + {BLOCK32}, {_P}n)
+    {_P}s1 = {_P}fold32({_P}s1, {_P}a1, {sp})
+    {_P}s2 = {_P}fold32_update({_P}s2, {_P}a2)
+    {_P}s0 = {_P}fold32({_P}s0, {_P}a0, {sg})""")[0]
+    outer.body[2:2] = stmts("\n".join(f"{_P}{x} = {x}[{_P}a:{_P}e]" for x in arrays)) + [inner]
+    return _finish(tree, fdef, loop, [outer], stmts, "stats32" + _nomax(max_term), g, setup=f"{_P}n = {total}")
 
 
 _DRIVER_SOURCE = """
@@ -282,21 +325,30 @@ class StatsKernel:
     kernel: Compiled
     fn32: object = None  # fused with float32 block sums, for float32 arrays (None: fn serves them too)
     held32: object = None
+    nomax: object = None  # fused, releasing the GIL, without max |g| (max_known)
+    nomax32: object = None
 
-    def __call__(self, nogil: bool, p, g, slots, consts, acc, old=None) -> None:
+    def __call__(self, nogil: bool, p, g, slots, consts, acc, old=None, max_known: bool = False) -> None:
         """Update the flat contiguous slices `p`, `slots` with `g`; acc[:3] += sums, acc[3] = max.
-        `old`: a work array of STATS_BLOCK elements like p (the driver only)."""
-        ubits, mask = _SIGN_CLEARED[p.dtype.str]
-        gbits = g.view(ubits)
-        mask = gbits.dtype.type(mask)
-        if self.fused and self.fn32 is not None and p.dtype == np.float32:
-            m = (self.fn32 if nogil else self.held32)(p, g, *slots, consts, acc, gbits, mask)
-        elif self.fused:
-            m = (self.fn if nogil else self.held)(p, g, *slots, consts, acc, gbits, mask)
+        `old`: a work array of STATS_BLOCK elements like p (the driver only). `max_known`: the caller
+        has max |g| already (fastkernels.abs_max) and sets acc[3] itself afterwards; then a variant
+        without it runs where there is one."""
+        f32 = self.fn32 is not None and p.dtype == np.float32
+        if max_known and nogil and self.nomax is not None:
+            (self.nomax32 if f32 else self.nomax)(p, g, *slots, consts, acc)
+            return
+        if self.fused:
+            m = ((self.fn32 if nogil else self.held32) if f32 else (self.fn if nogil else self.held))(
+                p, g, *slots, consts, acc)
         else:
+            ubits, mask = _SIGN_CLEARED[p.dtype.str]
+            gbits = g.view(ubits)
             kern = self.kernel.fn if nogil else self.kernel.held
-            m = (self.fn if nogil else self.held)(kern, p, g, gbits, mask, *slots, consts, old, acc, STATS_BLOCK)
-        acc[3] = max(acc[3], float(np.array(m, gbits.dtype).view(p.dtype)))
+            m = (self.fn if nogil else self.held)(kern, p, g, gbits, gbits.dtype.type(mask), *slots, consts, old,
+                                                  acc, STATS_BLOCK)
+        top = float(np.array(m, _SIGN_CLEARED[p.dtype.str][0]).view(p.dtype))
+        if not top <= acc[3]:  # a NaN stays (Python's max would keep acc[3]): it marks a non-finite g
+            acc[3] = top
 
 
 _stats_ready: dict = {}  # id(definition) -> (definition, StatsKernel)
@@ -333,7 +385,7 @@ def _source_file(source: str) -> str | None:
     if not disk_cache_ok():
         return None
     # _accumulate's code is part of the compiled result: a change to it must change the file.
-    helpers = "".join(inspect.getsource(f) for f in (_accumulate, _accumulate32, _fold32, _fold32_update))
+    helpers = "".join(inspect.getsource(f) for f in (_accumulate, _accumulate32, _fold32, _fold32_update, bitops))
     digest = hashlib.sha256((source + helpers).encode()).hexdigest()[:20]
     base = os.environ.get("NUMBA_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache")
     folder = os.path.join(base, "optreg", "stats-kernels")
@@ -353,37 +405,45 @@ def _source_file(source: str) -> str | None:
 def _try_build(defn, comp: Compiled, fused: bool) -> StatsKernel:
     n = len(comp.slots)
     if fused:
-        source = fused_stats_source(comp.kernel)
-        if source is None:
+        if fused_stats_source(comp.kernel) is None:
             raise LookupError("its kernel's shape does not allow the fused rewrite")
-        builds = []
-        for src in (source, fused_stats_source(comp.kernel, blocked=True)):
-            if src is None:
-                builds += [None, None]
-                continue
-            path = _source_file(src)
-            ns = dict(comp.kernel.__globals__)
-            ns.update({f"{_P}accumulate": _helper("accumulate"), f"{_P}accumulate32": _helper("accumulate32"),
-                       f"{_P}fold32": _helper("fold32"),
-                       f"{_P}fold32_update": _helper("fold32_update"),
-                       f"{_P}abs_bits_max": _helper("abs_bits_max"), f"{_P}zero32": np.float32(0), "min": min})
-            exec(compile(src, path or f"<{defn.name} kernel with statistics>", "exec"), ns)  # noqa: S102
-            pyfunc = ns[src.split("def ", 1)[1].split("(", 1)[0]]
-            options = dict(error_model="numpy", cache=path is not None)
-            builds += [numba.njit(nogil=True, **options)(pyfunc),
-                       numba.njit(**options)(renamed(pyfunc, "__optreg_held"))]
-        sk = StatsKernel(True, builds[0], builds[1], comp, builds[2], builds[3])
+        builds = {}
+        for blocked in (False, True):
+            for max_term in (True, False):
+                src = fused_stats_source(comp.kernel, blocked=blocked, max_term=max_term)
+                if src is None:
+                    continue
+                pyfunc = _define(defn, comp, src)
+                options = dict(error_model="numpy", cache=_source_file(src) is not None)
+                builds[blocked, max_term, True] = numba.njit(nogil=True, **options)(pyfunc)
+                if max_term:  # small tensors keep the GIL; they never skip the max
+                    builds[blocked, max_term, False] = numba.njit(**options)(renamed(pyfunc, "__optreg_held"))
+        b = builds.get
+        sk = StatsKernel(True, b((False, True, True)), b((False, True, False)), comp, b((True, True, True)),
+                         b((True, True, False)), b((False, False, True)), b((True, False, True)))
     else:
         sk = StatsKernel(False, _driver(n, True), _driver(n, False), comp)
     c_len = len(defn.kernel_scalars(defn.resolve({}), 1))
     for dt in DTYPES:
-        for nogil in (True, False):
+        for nogil, max_known in ((True, False), (False, False), (True, True)):
             a = [np.zeros(4, dt) for _ in range(2 + n)]
             c, acc, old = np.full(c_len, 0.5, dt), np.zeros(4), np.zeros(STATS_BLOCK, dt)
-            sk(nogil, a[0], a[1], a[2:], c, acc, old)
+            sk(nogil, a[0], a[1], a[2:], c, acc, old, max_known)
             a[1].flags.writeable = False
-            sk(nogil, a[0], a[1], a[2:], c, acc, old)
+            sk(nogil, a[0], a[1], a[2:], c, acc, old, max_known)
     return sk
+
+
+def _define(defn, comp: Compiled, src: str):
+    """The rewritten kernel's Python function, compiled from its cached file when there is one."""
+    path = _source_file(src)
+    ns = dict(comp.kernel.__globals__)
+    ns.update({f"{_P}accumulate": _helper("accumulate"), f"{_P}accumulate32": _helper("accumulate32"),
+               f"{_P}fold32": _helper("fold32"), f"{_P}fold32_update": _helper("fold32_update"),
+               f"{_P}abs_bits": bitops.abs_bits, f"{_P}umax": bitops.umax, f"{_P}zero32": np.float32(0),
+               "min": min})
+    exec(compile(src, path or f"<{defn.name} kernel with statistics>", "exec"), ns)  # noqa: S102
+    return ns[src.split("def ", 1)[1].split("(", 1)[0]]
 
 
 def _compile_stats(defn, comp: Compiled) -> None:

@@ -26,7 +26,8 @@ import numpy as np
 
 from optreg.plugins import HyperparameterError
 from optreg.server.telemetry import merge_stats, tensor_stats
-from optreg.server import fastkernels, kernels, sparse as sparse_rows
+from optreg.plugins.builtins import MODULES as BUILTIN_MODULES  # plugin names are module names
+from optreg.server import fastkernels, kernels, kernelstats, sparse as sparse_rows
 from optreg.server.journal import NULL_RECORD
 from optreg.server.errors import Cancelled, FailedPrecondition, InvalidArgument, PluginFailed, shown
 from optreg.server.sessions import MAX_STEP, Arrays, Session, StepResult
@@ -116,6 +117,7 @@ class StepRun:
         s = self.session
         with s.lock:
             self.store.ensure_loaded(s)
+            self.store.journal.mend(s)  # a log a failed sync left unusable, replaced if the disk allows
             if s.resident is not None:  # its parameters live in a client's segment (resident.py)
                 raise FailedPrecondition(f"session {s.id} keeps its parameters in shared memory: step it with "
                                          "StepSharedMemory, or end that registration first")
@@ -194,11 +196,13 @@ class StepRun:
             g = data
         else:
             g = data if self.overlap and kernels.widens_in_pass(self.defn, s.dtype, data) else widen(data, s.dtype)
-        # A small whole tensor of a fenced step is computed into staging, and its statistics pass sees every
-        # element of g: the finite check rides on it (_kernel), and nothing is committed before it.
-        fused = (self.overlap and start == 0 and g.size < SMALL_STATS
-                 and g.size == self.reader.params[name].size)  # whole: a first chunk is checked here
-        if not fused:
+        # A whole tensor of a fenced step is computed into staging, and nothing is committed before its check:
+        # a small one's statistics pass sees every element of g (the check rides on it, in _kernel); a large
+        # one's update pass measures max |g| when a built-in kernel with statistics runs (_checks_in_pass).
+        whole = self.overlap and start == 0 and g.size == self.reader.params[name].size
+        fused = whole and g.size < SMALL_STATS
+        checked_in_pass = whole and not fused and self._checks_in_pass(name, g)
+        if not (fused or checked_in_pass):
             check_finite(name, g, start)
         end = start + g.size
         if not self.overlap:
@@ -220,6 +224,8 @@ class StepRun:
                 slots[slot] = arrs[name]
                 np.copyto(arrs[name], base.state[slot][name])
             self._kernel(p, g.reshape(p.shape), slots, parallel=True, name=name, old=live_p, checked=not fused)
+            if checked_in_pass and not np.isfinite(self.stats[name][3]):
+                check_finite(name, g)  # raises, counting them (only the staging copy was written)
             if self.delta is not None:
                 np.subtract(p, live_p, out=self.delta[name])
             return name, 0, p.reshape(-1)
@@ -252,7 +258,18 @@ class StepRun:
         sparse_rows.log_sparse(self.record, name, rows, values)
         self.sparse[name] = (rows, values)
 
-    def _kernel(self, p, g, slots, parallel, name, old, checked=True) -> None:
+    def _checks_in_pass(self, name: str, g: np.ndarray) -> bool:
+        """Whether a whole tensor's finite check can come from its update pass: a built-in's compiled kernel
+        with statistics writes the staging copy, and NaN or Inf in g shows in its max |g| (one pass over g
+        fewer; no built-in kernel raises on them)."""
+        s = self.session
+        if (g.size < SMALL_STATS or g.dtype != s.dtype or g.size != int(np.prod(s.shapes[name]))
+                or s.optimizer.plugin not in BUILTIN_MODULES):
+            return False
+        comp = fastkernels.lookup(self.defn, s.dtype)
+        return comp is not None and kernelstats.stats_kernel(self.defn, comp) is not None
+
+    def _kernel(self, p, g, slots, parallel, name, old, grad_abs_max=None, checked=True) -> None:
         """Apply the update; fold this tensor's (or chunk's) statistics into self.stats: measured in
         the update pass for large slices, from `old` (the values before, still live) for small ones,
         where kernels.apply(stats=) costs more in setup than the few dot products do.
@@ -262,7 +279,8 @@ class StepRun:
         small = p.size < SMALL_STATS
         part = None if small else np.zeros(kernels.STATS)
         try:
-            kernels.apply(self.defn, p, g, slots, self.t, self.hp, parallel=parallel, stats=part)
+            kernels.apply(self.defn, p, g, slots, self.t, self.hp, parallel=parallel, stats=part,
+                          grad_abs_max=None if small else grad_abs_max)
             if small:
                 part = tensor_stats(g, old, p)
         except Exception as e:

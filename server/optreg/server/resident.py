@@ -4,7 +4,8 @@ A resident registration (RegisterSharedMemory with `resident`) moves a session's
 parameters into the segment: the server writes the current values there and the live set's
 parameter arrays become views of it (the optimizer state stays in the server's memory). A
 step then moves no tensor bytes and copies no parameters: it runs under the session's lock,
-with every gradient validated and finite-checked before anything is touched, the log record
+with every gradient validated and finite-checked before anything is touched (the check's max |g| is
+the step's telemetry figure, so the update pass leaves it out), the log record
 made durable next, and only then the update applied where the parameters live.
 
 Never half-applied: an update that cannot fail once its inputs are checked (a built-in
@@ -178,19 +179,21 @@ def _give_back_others(region: Region, params) -> None:
         pos = max(pos, b)
 
 
-def _check_finite(name: str, g: np.ndarray) -> None:
+def _check_finite(name: str, g: np.ndarray) -> float | None:
     """check_finite, split over the kernel threads for large gradients: this pass is the one a resident
-    step adds to the update's own (it must finish before anything is touched)."""
-    parts = fastkernels.threads()
-    if parts < 2 or g.size < PARALLEL_FINITE or fastkernels.all_finite(g[:1]) is None:
+    step adds to the update's own (it must finish before anything is touched). Returns max |g|, which the
+    check's reduction yields anyway (fastkernels.abs_max), for kernels.apply(grad_abs_max=); None when
+    the compiled check does not fit (numpy checked)."""
+    parts = fastkernels.threads() if g.size >= PARALLEL_FINITE else 1
+    if fastkernels.abs_max(g[:1]) is None:
         check_finite(name, g)
-        return
+        return None
     bounds = np.linspace(0, g.size, parts + 1).astype(np.int64)
-    pool = kernels._executor(parts)
-    futures = [pool.submit(fastkernels.all_finite, g[a:b]) for a, b in zip(bounds[1:-1], bounds[2:])]
-    ok = fastkernels.all_finite(g[:bounds[1]])
-    if not all([ok] + [f.result() for f in futures]):
+    futures = [kernels._executor(parts).submit(fastkernels.abs_max, g[a:b]) for a, b in zip(bounds[1:-1], bounds[2:])]
+    tops = [fastkernels.abs_max(g[:bounds[1]])] + [f.result() for f in futures]
+    if not np.isfinite(tops).all():
         check_finite(name, g)  # raises, counting the bad values
+    return max(tops)
 
 
 def in_place(session: Session, grads: dict[str, np.ndarray]) -> bool:
@@ -210,6 +213,7 @@ class ResidentStep(StepRun):
     def __init__(self, store, session: Session, region: Region, fence, hyperparameters, metrics, is_active):
         super().__init__(store, session, fence, hyperparameters, metrics, is_active)
         self.region = region
+        self.grad_max: dict[str, float | None] = {}  # name -> max |g| from its finite check
 
     def run(self, items) -> None:
         s = self.session
@@ -225,6 +229,7 @@ class ResidentStep(StepRun):
             if s.step >= MAX_STEP:
                 raise FailedPrecondition(f"session {s.id} is at step {s.step}, the largest step number")
             _wait_for_readers(s, self.is_active)
+            self.store.journal.mend(s)
             self.hp = self._resolve(s)
             self.t = s.step + 1
             self.record = self.store.journal.begin(s, self.t, self.fence, self.hp, self.metrics, self.extras)
@@ -254,7 +259,7 @@ class ResidentStep(StepRun):
                 raise InvalidArgument(f"{e}; the step was not applied") from None
             self.record.add(t.name, t.dtype, tuple(t.shape), 0, data)
             g = data if kernels.widens_in_pass(self.defn, s.dtype, data) else widen(data, s.dtype)
-            _check_finite(t.name, g.reshape(-1))
+            self.grad_max[t.name] = _check_finite(t.name, g.reshape(-1))
             grads[t.name] = g.reshape(s.shapes[t.name])
         try:
             tracker.finish()
@@ -269,7 +274,7 @@ class ResidentStep(StepRun):
                 p = live.params[name]
                 old = p.copy() if p.size < SMALL_STATS else p  # small tensors' statistics read the values before
                 self._kernel(p, g, {slot: arrs[name] for slot, arrs in live.state.items()}, parallel=True,
-                             name=name, old=old)
+                             name=name, old=old, grad_abs_max=self.grad_max.get(name))
         except PluginFailed as e:  # cannot happen for a compiled built-in on finite input; if it does, say so
             s = self.session
             s.quarantined = (f"step {self.t} failed while updating its parameters in place ({e.message}); "

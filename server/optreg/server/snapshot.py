@@ -132,8 +132,17 @@ def write(path, meta: dict, arrays: dict[str, np.ndarray]) -> int:
     os.close(fd)
     _crash_hook()
     os.replace(tmp, path)
-    fsync_dir(path.parent)
+    try:
+        fsync_dir(path.parent)
+    except OSError as e:
+        raise RenameNotDurable(e.errno, f"{path} is written and in place, but its directory's fsync failed "
+                                        f"({e.strerror}): a power loss may bring back the previous file") from e
     return size
+
+
+class RenameNotDurable(OSError):
+    """The new snapshot is in place (every reader sees it) but the rename may not survive a power
+    loss: the state it holds is the session's, and the log must keep covering the previous file."""
 
 
 def _write_all(fd: int, data) -> int:

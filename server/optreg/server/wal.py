@@ -435,6 +435,15 @@ class Log:
             if e.step > after:
                 yield self._load(e)
 
+    def last_settings(self) -> tuple[dict, dict] | None:
+        """(hyperparameters, extras) of the last committed record, without reading its tensors;
+        None when the log has no record."""
+        with self._lock:
+            if not self._entries:
+                return None
+            e = self._entries[-1]
+            return dict(e.hyperparameters), dict(e.extras)
+
     def _load(self, e: _Entry) -> Record:
         tensors: dict[str, np.ndarray] = {}
         for c in e.chunks:
@@ -535,6 +544,13 @@ class Log:
             self.base_step = self.last_step = base_step
             self._end = self._header_end = len(_file_header(self.session_id, base_step))
             self._entries = []
+
+    @property
+    def broken(self) -> OSError | None:
+        """The error that made this log unusable (a failed sync or cut), if any: its data may be lost."""
+        if self._broken is None and not self._closed:
+            self._broken = self._syncer.error(self._fd)
+        return self._broken
 
     @property
     def log_bytes(self) -> int:

@@ -5,8 +5,9 @@ Before, a float16 gradient was widened by numpy's `astype` into a fresh full-siz
 over it: the halved upload bought nothing. Here a numba driver walks the gradient in
 blocks of WIDEN_BLOCK elements, widens each block from its bits into a per-thread buffer
 that stays in L1, and calls the optimizer's own compiled kernel (fastkernels.py) on the
-block right away. The widening is exact and done with integer operations (numba has no
-float16 type on the CPU):
+block right away. The widening is exact: by the CPU's own conversion where it has one
+(`_native_half`: F16C on x86, ARMv8), else with integer operations (numba has no float16
+type on the CPU):
 
   float16: the exponent and mantissa bits shifted into a float32's place and multiplied
            by 2^112 (exact: a power of two; it also turns a subnormal half into the
@@ -17,9 +18,12 @@ float16 type on the CPU):
 A float64 master takes the float32 value (exact). So the kernel sees exactly the numbers
 widen-then-update gives it, and the results are the same bit for bit (tests/test_kernels.py).
 
-With statistics (kernels.apply(stats=), the step's telemetry) a second driver also copies each
-block of p before the update and sums over the block with kernelstats' helpers, as kernelstats'
-own driver does.
+With statistics (kernels.apply(stats=), the step's telemetry) the driver calls the optimizer's
+kernel with the statistics fused into its loop (kernelstats.py: float32 block sums for a float32
+master) on each widened block, once that kernel is compiled. Until then, or for a kernel the
+rewrite does not fit, a second driver copies each block of p before the update and sums over it
+with kernelstats' float64 helpers. Measured at 1e7 Adam float16 (2 threads): the float64 driver
+made the widening step ~1.5x the float32 one, which ate what the halved upload saved.
 
 Each (definition, master dtype, gradient dtype) driver is compiled on first use in the
 compile thread (fastkernels.submit); until then, and without numba, kernels.apply widens
@@ -50,20 +54,55 @@ def _half_to_float(h):
     return np.uint32(b | ((x & np.uint32(0x8000)) << np.uint32(16))).view(np.float32)
 
 
+def _native_half() -> object | None:
+    """float16 bits to float32 by LLVM's own `fpext half`, where the CPU converts in hardware (x86's
+    F16C: vcvtph2ps, 8 at a time; ~2.8x _half_to_float measured at 1e7): the same value for every
+    non-NaN input (a signalling NaN comes out quieted; NaN gradients are refused before any kernel).
+    None elsewhere: without F16C, LLVM would call a runtime routine numba may not link."""
+    import platform
+
+    try:
+        import llvmlite.binding as llvm
+        from llvmlite import ir
+        from numba.core import types
+        from numba.core.extending import intrinsic
+    except ImportError:
+        return None
+    machine = platform.machine().lower()
+    if machine in ("x86_64", "amd64"):
+        if not llvm.get_host_cpu_features().get("f16c"):
+            return None
+    elif machine not in ("aarch64", "arm64"):  # ARMv8 converts half precision in hardware
+        return None
+
+    @intrinsic
+    def half_to_float(typingctx, h):
+        def codegen(context, builder, signature, args):
+            return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+        return types.float32(types.uint16), codegen
+
+    return half_to_float
+
+
 def _bfloat_to_float(h):
     return np.uint32(np.uint32(h) << np.uint32(16)).view(np.float32)
 
 
+# The drivers' first lines: a block of the gradient's bits widened into the per-thread buffer.
+_WIDEN_SOURCE = """
+def widen_into(gb, buf):
+    w = buf[:gb.size]
+    for i in range(gb.size):  # gb[i], not gbits[a + i]: a signed index stops LLVM vectorizing (~3.5x)
+        w[i] = conv(gb[i])
+    return w
+"""
 _DRIVER_SOURCE = """
 def drive(kernel, p, gbits, {slots}c, buf):
     n = p.size
     block = buf.size
     for a in range(0, n, block):
         b = min(a + block, n)
-        w = buf[:b - a]
-        gb = gbits[a:b]
-        for i in range(gb.size):  # gb[i], not gbits[a + i]: a signed index stops LLVM vectorizing (~3.5x)
-            w[i] = conv(gb[i])
+        w = widen_into(gbits[a:b], buf)
         kernel(p[a:b], w, {sliced}c)
 """
 # With statistics (kernels.apply(stats=)): as kernelstats' driver, over the widened block.
@@ -74,10 +113,7 @@ def drive(kernel, p, gbits, {slots}c, buf, ubuf, mask, old, acc):
     m = ubuf.dtype.type(0)
     for a in range(0, n, block):
         b = min(a + block, n)
-        w = buf[:b - a]
-        gb = gbits[a:b]
-        for i in range(gb.size):
-            w[i] = conv(gb[i])
+        w = widen_into(gbits[a:b], buf)
         pb = p[a:b]
         o = old[:b - a]
         for i in range(pb.size):
@@ -85,6 +121,20 @@ def drive(kernel, p, gbits, {slots}c, buf, ubuf, mask, old, acc):
         kernel(pb, w, {sliced}c)
         stats_loop(pb, o, w, acc)
         m = abs_bits_max(ubuf[:b - a], mask, m)
+    return m
+"""
+# With statistics fused into the kernel (kernelstats.StatsKernel.fn / fn32): it sums and takes
+# max |g| over the widened block itself.
+_FUSED_SOURCE = """
+def drive(kernel, p, gbits, {slots}c, buf, m, acc):
+    n = p.size
+    block = buf.size
+    for a in range(0, n, block):
+        b = min(a + block, n)
+        w = widen_into(gbits[a:b], buf)
+        mb = kernel(p[a:b], w, {sliced}c, acc)  # max |g|'s bits: a NaN's are the largest
+        if mb > m:
+            m = mb
     return m
 """
 # gradient dtype str (or name) -> converter of its bits
@@ -101,21 +151,29 @@ def kind_of(dtype: np.dtype) -> str | None:
     return KINDS.get(dtype.str if dtype.kind == "f" else dtype.name)
 
 
-def _driver(nslots: int, kind: str, stats: bool = False):
+def _driver(nslots: int, kind: str, stats: bool | str = False):
+    """stats: False, True (the float64 block driver) or "fused" (the kernel sums itself)."""
     key = (nslots, kind, stats)
     with _lock:
         d = _drivers.get(key)
         if not _convs:
-            _convs["half"] = numba.njit(inline="always", error_model="numpy")(_half_to_float)
+            native = _native_half()
+            if native is not None:
+                _convs["half"] = numba.njit(inline="always", error_model="numpy")(lambda h: native(h))
+            else:
+                _convs["half"] = numba.njit(inline="always", error_model="numpy")(_half_to_float)
             _convs["bfloat"] = numba.njit(inline="always", error_model="numpy")(_bfloat_to_float)
     if d is None:
         slots = "".join(f"s{i}, " for i in range(nslots))
         sliced = "".join(f"s{i}[a:b], " for i in range(nslots))
         ns = {"conv": _convs[kind], "min": min}
-        if stats:
+        exec(_WIDEN_SOURCE, ns)  # noqa: S102 - a fixed template
+        ns["widen_into"] = numba.njit(inline="always", error_model="numpy")(ns["widen_into"])
+        if stats is True:
             from optreg.server import kernelstats
             ns.update(stats_loop=kernelstats._helper("stats_loop"), abs_bits_max=kernelstats._helper("abs_bits_max"))
-        exec((_STATS_SOURCE if stats else _DRIVER_SOURCE).format(slots=slots, sliced=sliced), ns)  # noqa: S102
+        source = {False: _DRIVER_SOURCE, True: _STATS_SOURCE, "fused": _FUSED_SOURCE}[stats]
+        exec(source.format(slots=slots, sliced=sliced), ns)  # noqa: S102
         with _lock:
             d = _drivers.setdefault(key, numba.njit(nogil=True, error_model="numpy")(ns["drive"]))
     return d
@@ -124,11 +182,49 @@ def _driver(nslots: int, kind: str, stats: bool = False):
 class Widening:
     """A definition's compiled kernel behind a driver that widens its gradient block by block."""
 
-    def __init__(self, comp: fastkernels.Compiled, driver, stats_driver, dtype: np.dtype):
-        self.comp, self.driver, self.stats_driver, self.dtype = comp, driver, stats_driver, dtype
+    def __init__(self, defn, comp: fastkernels.Compiled, kind: str, driver, stats_driver, dtype: np.dtype):
+        self.defn, self.comp, self.kind = defn, comp, kind
+        self.driver, self.stats_driver, self.dtype = driver, stats_driver, dtype
         self.ubits, mask = _SIGN_CLEARED[dtype.str]
         self.mask = np.dtype(self.ubits).type(mask)
+        self.zero = np.dtype(self.ubits).type(0)
         self.local = threading.local()
+        self.fused = None  # (driver, kernel with statistics) once both are compiled
+        self.fused_asked = False
+
+    def _fused(self):
+        """The driver over the kernel with fused statistics, or None (not compiled yet, or none fits);
+        the first call that finds the statistics kernel ready queues the driver's compile."""
+        if self.fused is not None or self.fused_asked:
+            return self.fused
+        from optreg.server import kernelstats
+        sk = kernelstats.stats_kernel(self.defn, self.comp)
+        if sk is None:
+            if kernelstats.stats_status(self.defn) in ("failed", "driver"):
+                self.fused_asked = True  # never: the float64 driver it is
+            return None
+        self.fused_asked = True
+        if not sk.fused:
+            return None
+        kernel = sk.fn32 if self.dtype == np.float32 and sk.fn32 is not None else sk.fn
+        fastkernels.submit(lambda: self._compile_fused(kernel))
+        return None
+
+    def _compile_fused(self, kernel) -> None:
+        try:
+            driver = _driver(len(self.comp.slots), self.kind, "fused")
+            c = np.full(len(self.defn.kernel_scalars(self.defn.resolve({}), 1)), 0.5, self.dtype)
+            buf = np.empty(4, self.dtype)
+            for writeable in (True, False):
+                a = [np.zeros(4, self.dtype) for _ in range(1 + len(self.comp.slots))]
+                g = np.zeros(4, np.uint16)
+                g.flags.writeable = writeable
+                driver(kernel, a[0], g, *a[1:], c, buf, self.zero, np.zeros(4))
+        except Exception as e:  # the float64 driver stays: same update, same figures
+            fastkernels.log.info("optimizer %s: widening with fused statistics unavailable (%s: %s)",
+                                 self.defn.name, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            return
+        self.fused = (driver, kernel)
 
     def buffers(self) -> tuple[np.ndarray, np.ndarray]:
         """Per thread: the widened block, and (statistics) a copy of p's block before the update."""
@@ -144,9 +240,15 @@ class Widening:
         if acc is None:
             self.driver(self.comp.fn, p, gbits, *slots, consts, buf)
             return
-        m = self.stats_driver(self.comp.fn, p, gbits, *slots, consts, buf, buf.view(self.ubits), self.mask,
-                              old, acc)
-        acc[3] = max(acc[3], float(np.array(m, self.ubits).view(self.dtype)))
+        fused = self._fused()
+        if fused is not None:
+            m = fused[0](fused[1], p, gbits, *slots, consts, buf, self.zero, acc)
+        else:
+            m = self.stats_driver(self.comp.fn, p, gbits, *slots, consts, buf, buf.view(self.ubits), self.mask,
+                                  old, acc)
+        top = float(np.array(m, self.ubits).view(self.dtype))
+        if not top <= acc[3]:  # a NaN stays (Python's max would keep acc[3]): it marks a non-finite g
+            acc[3] = top
 
 
 def lookup(defn, master: np.dtype, grad: np.dtype) -> Widening | None:
@@ -173,7 +275,8 @@ def lookup(defn, master: np.dtype, grad: np.dtype) -> Widening | None:
 
 def _compile(defn, comp, master: np.dtype, kind: str, key) -> None:
     try:
-        w = Widening(comp, _driver(len(comp.slots), kind), _driver(len(comp.slots), kind, stats=True), master)
+        w = Widening(defn, comp, kind, _driver(len(comp.slots), kind), _driver(len(comp.slots), kind, stats=True),
+                     master)
         c = np.full(len(defn.kernel_scalars(defn.resolve({}), 1)), 0.5, master)
         for writeable in (True, False):  # wire bytes are read-only, shared memory is not
             for acc in (None, np.zeros(4)):
