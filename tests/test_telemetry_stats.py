@@ -144,11 +144,11 @@ def test_whole_tensor_finite_check_is_the_update_pass(monkeypatch, bad):
             before = s.arrays["w"].copy()
             g = {"w": np.full(50_000, 0.1, np.float32), "b": np.full(10, 0.1, np.float32)}
             s.step(g)
-            assert calls == [10]  # the small tensor only
+            assert calls == []  # neither: the small whole tensor's check rides on its statistics pass
             g["w"][123] = bad
             with pytest.raises(Exception, match="1 NaN or Inf"):
                 s.step(g)
-            assert calls[1:] in ([50_000], [10, 50_000])  # (the tensors in the order sent)
+            assert calls == [50_000]  # only to count what the update pass's max |g| found
             info, params, _ = s.read_state()
             assert info.step == 1 and not np.array_equal(params["w"], before) and np.isfinite(params["w"]).all()
     finally:
