@@ -1,4 +1,4 @@
-"""Two numba intrinsics for the statistics and the finite check: the bits of |x| and an unsigned max.
+"""Numba intrinsics for the statistics and the finite check: the bits of |x|, an unsigned and, an unsigned max.
 
 Why not numba's own operations: numba widens integer arithmetic on uint32 to 64 bits, so a max over
 float32 bits ran in 64-bit lanes (half the vector width), and inside a kernel's loop it kept LLVM
@@ -14,7 +14,7 @@ try:  # pragma: no cover - whichever environment runs
     from numba import types
     from numba.extending import intrinsic
 except ImportError:  # pragma: no cover - no numba: nothing compiles, nothing calls these
-    intrinsic = abs_bits = umax = None
+    intrinsic = abs_bits = uand = umax = None
 
 # float32 bits at and above this are +inf or NaN (sign cleared); float64 likewise
 NONFINITE32 = 0x7F800000
@@ -32,6 +32,16 @@ if intrinsic is not None:
             it = ir.IntType(width)
             return builder.and_(builder.bitcast(args[0], it), ir.Constant(it, (1 << (width - 1)) - 1))
         return (types.uint32 if width == 32 else types.uint64)(x), codegen
+
+    @intrinsic
+    def uand(typingctx, a, b):
+        """a & b for two unsigned integers of one type, in that width (numba's & widens to 64 bits)."""
+        if not (isinstance(a, types.Integer) and not a.signed and a == b):
+            return None
+
+        def codegen(context, builder, sig, args):
+            return builder.and_(args[0], args[1])
+        return a(a, b), codegen
 
     @intrinsic
     def umax(typingctx, a, b):
