@@ -120,7 +120,10 @@ def numpy_stats(grad: np.ndarray, old: np.ndarray, new: np.ndarray) -> np.ndarra
     return np.array([g @ g, n @ n, d @ d, max(g.max(), -g.min())])
 
 
-_SUMS: dict = {}  # dtype str -> kernelstats.stats_loop compiled plainly (float32 and float64 arrays)
+# dtype str -> small_sums compiled (float32 and float64 arrays). It repeats kernelstats.stats_loop's three
+# sums on purpose: that one is compiled with reassociation for the large driver and leaves the max to
+# another loop; this one sums in order and takes max |g| in the same pass (a small step's one call).
+_SUMS: dict = {}
 _SUMS_STATE = "idle"
 
 
