@@ -349,3 +349,43 @@ def test_update_given_max_abs_leaves_it_out(registry, dtype):
     e = _recompute(p, old, g)
     assert acc[3] == 0  # not measured: the caller has it
     np.testing.assert_allclose(acc[:3], e[:3], rtol=STATS_RTOL.get(("fused", dtype), 1e-12), atol=0)
+
+
+@pytest.mark.parametrize("max_known", [False, True])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name,setting", CASES)
+def test_update_from_sources_equals_copy_then_update(registry, name, setting, dtype, max_known):
+    """kernels.apply(src=): the staging arrays are computed from the sources (the copying variants copy
+    each block in within the pass): bit for bit the update of copies, the same statistics, the sources
+    untouched, and the staging arrays' own contents (NaN here) never read."""
+    defn = registry.get(name).definition
+    hp = defn.resolve(SETTINGS[name][setting])
+    if fastkernels.available():
+        kernelstats.stats_kernel(defn, fastkernels.lookup(defn, np.dtype(dtype)))
+        assert fastkernels.wait_idle(300)
+        sk = kernelstats.stats_kernel(defn, fastkernels.lookup(defn, np.dtype(dtype)))
+        assert dtype != np.float32 or sk.copy32 is not None  # every built-in's loop takes the copying rewrite
+    rng = np.random.default_rng(13)
+    for size in STAT_SIZES:
+        live = rng.standard_normal(size).astype(dtype)
+        live_st = {s.name: np.abs(rng.standard_normal(size)).astype(dtype) for s in defn.slots}
+        frozen = [live.copy()] + [v.copy() for v in live_st.values()]
+        for t in (1, 2):
+            g = (rng.standard_normal(size) * 0.1).astype(dtype)
+            known = fastkernels.abs_max(g) if max_known else None
+            p, st = np.full(size, np.nan, dtype), {k: np.full(size, np.nan, dtype) for k in live_st}
+            stats = np.zeros(4)
+            kernels.apply(defn, p, g, st, t, hp, stats=stats, grad_abs_max=known, src=(live, live_st))
+            p_ref, st_ref = live.copy(), {k: v.copy() for k, v in live_st.items()}
+            ref_stats = np.zeros(4)
+            kernels.apply(defn, p_ref, g, st_ref, t, hp, stats=ref_stats, grad_abs_max=known)
+            where = f"{name} {setting} {np.dtype(dtype).name} size {size}"
+            np.testing.assert_array_equal(p, p_ref, err_msg=where)
+            for k in st:
+                np.testing.assert_array_equal(st[k], st_ref[k], err_msg=f"{where} slot {k}")
+            # the sums' order is LLVM's to choose in each compiled variant (reassociation allowed)
+            np.testing.assert_allclose(stats, ref_stats, rtol=STATS_RTOL.get(("fused", dtype), 1e-12), atol=0,
+                                       err_msg=where)
+            assert stats[3] == ref_stats[3]
+            for a, b in zip([live, *live_st.values()], frozen):
+                np.testing.assert_array_equal(a, b)  # the sources are read, never written

@@ -169,3 +169,41 @@ def test_statistics_in_the_widening_pass(registry, name, master, gdtype, paralle
         np.testing.assert_allclose(got, exact, rtol=rtol)
         np.testing.assert_allclose(got, want, rtol=2 * rtol)
         assert got[3] == want[3] == exact[3]
+
+
+@pytest.mark.parametrize("master,gdtype", [(np.float32, np.float16), (np.float32, BF16), (np.float64, np.float16)])
+@pytest.mark.parametrize("parallel", [True, False])
+@pytest.mark.parametrize("name", ["adam", "torch.rmsprop"])
+def test_widening_from_sources_equals_copy_then_update(registry, name, master, gdtype, parallel):
+    """apply(src=) with a narrow gradient (a staging set computed from the live one): the float32 master's
+    widening driver runs the kernel's copying variant; the update bit for bit as copy-then-update, the
+    statistics alike, the sources untouched, the staging arrays' own contents (NaN) never read."""
+    defn = registry.get(name).definition
+    w = _ready(defn, master, gdtype)
+    hp = defn.resolve(SETTINGS[name][-1])
+    one = np.ones(1 << 15, master)
+    for _ in range(2):  # the first call with statistics queues the drivers over the fused kernels
+        kernels.apply(defn, one, one.astype(gdtype), {s.name: one.copy() for s in defn.slots}, 1, hp,
+                      stats=np.zeros(kernels.STATS))
+        fastkernels.wait_idle(300)
+    assert (w.copying is not None) == (np.dtype(master) == np.float32)
+    rng = np.random.default_rng(6)
+    size = (1 << 18) + 17
+    live = rng.standard_normal(size).astype(master)
+    live_st = {s.name: np.abs(rng.standard_normal(size)).astype(master) for s in defn.slots}
+    frozen = [live.copy()] + [v.copy() for v in live_st.values()]
+    for t in (1, 2):
+        g = (rng.standard_normal(size) * 1e-2).astype(gdtype)
+        p, st = np.full(size, np.nan, master), {k: np.full(size, np.nan, master) for k in live_st}
+        got, want = np.zeros(kernels.STATS), np.zeros(kernels.STATS)
+        kernels.apply(defn, p, g, st, t, hp, parallel=parallel, stats=got, src=(live, live_st))
+        p_ref, st_ref = live.copy(), {k: v.copy() for k, v in live_st.items()}
+        kernels.apply(defn, p_ref, g, st_ref, t, hp, parallel=parallel, stats=want)
+        np.testing.assert_array_equal(p, p_ref)
+        for k in st:
+            np.testing.assert_array_equal(st[k], st_ref[k])
+        rtol = 4e-5 if np.dtype(master) == np.float32 else 1e-9  # each compiled variant orders its sums
+        np.testing.assert_allclose(got, want, rtol=rtol)
+        assert got[3] == want[3]
+        for a, b in zip([live, *live_st.values()], frozen):
+            np.testing.assert_array_equal(a, b)

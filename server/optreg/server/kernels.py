@@ -75,35 +75,49 @@ def _stats_buffers(size: int, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
 
 def apply(defn: Optimizer, param: np.ndarray, grad: np.ndarray, state: dict[str, np.ndarray], step: int,
           hp: dict, out: np.ndarray | None = None, parallel: bool = True, stats: np.ndarray | None = None,
-          grad_abs_max: float | None = None) -> None:
+          grad_abs_max: float | None = None, src: tuple | None = None) -> None:
     """Update `param` and `state` in place with one gradient; then copy the new `param` into `out`
     (same shape and dtype) when given -- slice by slice while each slice is still in cache.
     `parallel=False` keeps the update on this thread (a streamed chunk: a hand-off per chunk costs
     more than it saves while gRPC's threads want the other core). `stats` (float64, 4 elements)
     receives [sum g^2, sum p_new^2, sum (p_new - p_old)^2, max |g|] for this tensor. `grad_abs_max`:
     max |g| over the whole of `grad`, measured already by the caller's finite check
-    (fastkernels.abs_max); the update pass then leaves it out where its kernel allows."""
+    (fastkernels.abs_max); the update pass then leaves it out where its kernel allows.
+    `src` = (param's values, {slot: its values}), arrays shaped like param: `param` and `state` are
+    computed from these (a staging set from the live one) and their own contents are not read. A
+    compiled kernel with statistics copies them in block by block inside its pass (the block is in L1
+    when the update reads it); otherwise they are copied first."""
     if stats is not None and (stats.dtype != np.float64 or stats.shape != (STATS,)):
         raise ValueError(f"stats must be a float64 array of shape ({STATS},), got {stats.dtype} {stats.shape}")
-    _apply(defn, param, grad, state, step, hp, out, parallel, stats, grad_abs_max is not None)
+    _apply(defn, param, grad, state, step, hp, out, parallel, stats, grad_abs_max is not None, src)
     if stats is not None and grad_abs_max is not None:
         stats[3] = grad_abs_max
 
 
-def _apply(defn, param, grad, state, step, hp, out, parallel, stats, max_known) -> None:
+def _apply(defn, param, grad, state, step, hp, out, parallel, stats, max_known, src=None) -> None:
     n = param.size
     fast = fastkernels.lookup(defn, param.dtype) if grad.dtype == param.dtype else None
+    wide = None
+    if fast is None and grad.dtype != param.dtype and out is None and n >= fastkernels.HOLD_GIL_BELOW:
+        wide = widenkernels.lookup(defn, param.dtype, grad.dtype)  # widened block by block in the pass
+    if src is not None:
+        compiled = fast if fast is not None else wide.comp if wide is not None else None
+        if stats is not None and compiled is not None:  # copied in block by block inside the pass
+            src = [src[0].reshape(-1)] + [src[1][s].reshape(-1) for s in compiled.slots]
+        else:
+            np.copyto(param, src[0])
+            for slot, values in src[1].items():
+                np.copyto(state[slot], values)
+            src = None
+    if wide is not None:
+        _run_widening(wide, param, grad, state, step, hp, parallel, stats, src)
+        return
     if fast is None and grad.dtype != param.dtype:  # a narrower gradient (float16, bfloat16)
-        if out is None and n >= fastkernels.HOLD_GIL_BELOW:
-            wide = widenkernels.lookup(defn, param.dtype, grad.dtype)
-            if wide is not None:  # widened block by block inside the kernel pass
-                _run_widening(wide, param, grad, state, step, hp, parallel, stats)
-                return
         from optreg.server.pipeline import widen  # (pipeline imports this module)
         grad = widen(grad, param.dtype)
         fast = fastkernels.lookup(defn, param.dtype)
     if fast is not None:
-        _run_fast(defn, fast, param, grad, state, step, hp, out, parallel, stats, max_known)
+        _run_fast(defn, fast, param, grad, state, step, hp, out, parallel, stats, max_known, src)
         return
     acc = None if stats is None else np.zeros(STATS)
     _apply_numpy(defn, param, grad, state, step, hp, n, acc)
@@ -120,7 +134,7 @@ def widens_in_pass(defn: Optimizer, master: np.dtype, grad: np.ndarray) -> bool:
             and widenkernels.lookup(defn, master, grad.dtype) is not None)
 
 
-def _run_widening(wide, param, grad, state, step, hp, parallel, stats=None) -> None:
+def _run_widening(wide, param, grad, state, step, hp, parallel, stats=None, src: list | None = None) -> None:
     n = param.size
     threads = fastkernels.threads() if parallel and n >= PARALLEL_ABOVE else 1
     consts = wide.comp.consts(hp, step, param.dtype)
@@ -132,7 +146,8 @@ def _run_widening(wide, param, grad, state, step, hp, parallel, stats=None) -> N
 
     def part(i):
         a, b = bounds[i], bounds[i + 1]
-        wide(p[a:b], gbits[a:b], [v[a:b] for v in slots], consts, None if accs is None else accs[i])
+        wide(p[a:b], gbits[a:b], [v[a:b] for v in slots], consts, None if accs is None else accs[i],
+             None if src is None else [x[a:b] for x in src])
 
     if threads == 1:
         part(0)
@@ -192,7 +207,8 @@ def numpy_stats(new: np.ndarray, old: np.ndarray, g: np.ndarray, acc: np.ndarray
 
 
 def _run_fast(defn, kernel, param, grad, state, step, hp, out=None, parallel=True, stats=None,
-              max_known=False) -> None:
+              max_known=False, src: list | None = None) -> None:
+    """`src` (with `stats` only): [param's source, the slots' sources], flat (see apply)."""
     n = param.size
     threads = fastkernels.threads() if parallel else 1
     if threads == 1 or n < PARALLEL_ABOVE:
@@ -220,8 +236,12 @@ def _run_fast(defn, kernel, param, grad, state, step, hp, out=None, parallel=Tru
             fn(p[a:b], g[a:b], *[v[a:b] for v in flat_slots], consts)
         elif with_stats is not None:
             old = _stats_buffers(kernelstats.STATS_BLOCK, param.dtype)[0]
-            with_stats(nogil, p[a:b], g[a:b], [v[a:b] for v in flat_slots], consts, acc, old, max_known)
+            with_stats(nogil, p[a:b], g[a:b], [v[a:b] for v in flat_slots], consts, acc, old, max_known,
+                       None if src is None else [x[a:b] for x in src])
         else:  # the statistics kernel is still compiling: the kernel per slice, numpy sums (same numbers)
+            if src is not None:
+                for dst, values in zip([p, *flat_slots], src):
+                    dst[a:b] = values[a:b]
             for x in range(a, b, CHUNK_ELEMENTS):
                 y = min(x + CHUNK_ELEMENTS, b)
                 old, work = _stats_buffers(y - x, param.dtype)

@@ -131,14 +131,17 @@ def _helper(name):
 _P = "_optreg_"  # prefix of every name the rewrite adds
 
 
-def fused_stats_source(kernel, blocked: bool = False, max_term: bool = True) -> str | None:
+def fused_stats_source(kernel, blocked: bool = False, max_term: bool = True, copy: bool = False) -> str | None:
     """The source of `kernel` rewritten to also return its statistics, or None when its shape does
     not allow it: one `for` loop, directly in the body, without break, continue or return inside;
     no closure; no nested functions. The rewritten function takes one more argument (acc: float64[4])
     and returns max |g| as the bits of a float of g's width (bitops.abs_bits).
     `max_term=False`: without max |g| (the caller has it from its finite check); returns 0.
     `blocked` (for float32 arrays; the loop must be `for i in range(n)`): the loop split into blocks
-    of BLOCK32 elements whose sums are float32 (`_accumulate32`), each block's folded into float64."""
+    of BLOCK32 elements whose sums are float32 (`_accumulate32`), each block's folded into float64.
+    `copy` (blocked only): the function takes, after acc, one source array per written array (p, then
+    the slots) and copies each block from them before updating it, so p and the slots are computed
+    from the sources and their own contents are never read (kernels.apply(src=))."""
     import ast
     import inspect
     import textwrap
@@ -169,12 +172,14 @@ def fused_stats_source(kernel, blocked: bool = False, max_term: bool = True) -> 
     loop = loops[0]
     p, g, i = args.args[0].arg, args.args[1].arg, loop.target.id
     stmts = lambda src: ast.parse(textwrap.dedent(src)).body  # noqa: E731
+    if copy and not blocked:
+        return None
     if blocked:
         it = loop.iter
         if not (isinstance(it, ast.Call) and isinstance(it.func, ast.Name) and it.func.id == "range"
                 and len(it.args) == 1 and not it.keywords):
             return None
-        return _blocked_source(tree, fdef, loop, p, g, i, stmts, max_term)
+        return _blocked_source(tree, fdef, loop, p, g, i, stmts, max_term, copy)
     loop.body = stmts(f"{_P}old = {p}[{i}]\n{_P}gq = {g}[{i}]") + _reads_as_old(loop.body, p, i) + stmts(f"""
         {_P}s0, {_P}s1, {_P}s2 = {_P}accumulate({_P}s0, {_P}s1, {_P}s2, {_P}gq, {_P}old, {p}[{i}])
     """) + stmts(_max_line(max_term))
@@ -222,7 +227,8 @@ def _nomax(max_term: bool) -> str:
     return "" if max_term else "_nomax"
 
 
-def _finish(tree, fdef, loop, replacement: list, stmts, suffix: str, g: str, setup: str = "") -> str:
+def _finish(tree, fdef, loop, replacement: list, stmts, suffix: str, g: str, setup: str = "",
+            sources: tuple = ()) -> str:
     """Put `replacement` where `loop` was, between the sums' set-up and their store into acc, and
     give the function its extra argument, max |g|'s return and a new name."""
     import ast
@@ -240,13 +246,13 @@ def _finish(tree, fdef, loop, replacement: list, stmts, suffix: str, g: str, set
         {_P}acc[2] += {_P}s2
         return {_P}mx
     """)
-    fdef.args.args += [ast.arg(f"{_P}acc")]
+    fdef.args.args += [ast.arg(f"{_P}acc")] + [ast.arg(a) for a in sources]
     fdef.decorator_list = []
     fdef.name = f"{fdef.name}{_P}{suffix}"
     return ast.unparse(ast.fix_missing_locations(tree))
 
 
-def _blocked_source(tree, fdef, loop, p, g, i, stmts, max_term: bool = True) -> str | None:
+def _blocked_source(tree, fdef, loop, p, g, i, stmts, max_term: bool = True, copy: bool = False) -> str | None:
     """The loop run over blocks; within a block it walks slices of the arrays from 0 (LLVM
     vectorizes that loop; one running from the block's start it left scalar)."""
     import ast
@@ -279,7 +285,14 @@ for {_P}a in range(0, {_P}n, {BLOCK32}):
     {_P}s2 = {_P}fold32_update({_P}s2, {_P}a2)
     {_P}s0 = {_P}fold32({_P}s0, {_P}a0, {sg})""")[0]
     outer.body[2:2] = stmts("\n".join(f"{_P}{x} = {x}[{_P}a:{_P}e]" for x in arrays)) + [inner]
-    return _finish(tree, fdef, loop, [outer], stmts, "stats32" + _nomax(max_term), g, setup=f"{_P}n = {total}")
+    written = [x for x in arrays if x != g]
+    if copy:  # each block copied in from its source just before the update: it is in L1 when read
+        at = outer.body.index(inner)
+        outer.body[at:at] = stmts("\n".join(f"""
+for {_P}k in range({_P}e - {_P}a):
+    {_P}{x}[{_P}k] = {_P}from_{x}[{_P}a + {_P}k]""" for x in written))
+    return _finish(tree, fdef, loop, [outer], stmts, "stats32" + _nomax(max_term) + ("_copy" if copy else ""), g,
+                   setup=f"{_P}n = {total}", sources=tuple(f"{_P}from_{x}" for x in written) if copy else ())
 
 
 _DRIVER_SOURCE = """
@@ -327,13 +340,27 @@ class StatsKernel:
     held32: object = None
     nomax: object = None  # fused, releasing the GIL, without max |g| (max_known)
     nomax32: object = None
+    copy32: object = None  # fn32 copying each block in from the sources first (src=)
+    copy32_nomax: object = None
 
-    def __call__(self, nogil: bool, p, g, slots, consts, acc, old=None, max_known: bool = False) -> None:
+    def __call__(self, nogil: bool, p, g, slots, consts, acc, old=None, max_known: bool = False,
+                 src=None) -> None:
         """Update the flat contiguous slices `p`, `slots` with `g`; acc[:3] += sums, acc[3] = max.
         `old`: a work array of STATS_BLOCK elements like p (the driver only). `max_known`: the caller
         has max |g| already (fastkernels.abs_max) and sets acc[3] itself afterwards; then a variant
-        without it runs where there is one."""
+        without it runs where there is one. `src`: [p's source, the slots' sources] (kernels.apply(src=)):
+        p and the slots are computed from these, copied in block by block inside the pass by the
+        copying variants, else before it."""
         f32 = self.fn32 is not None and p.dtype == np.float32
+        if src is not None:
+            copying = (self.copy32_nomax if max_known else self.copy32) if f32 and nogil else None
+            if copying is not None:
+                m = copying(p, g, *slots, consts, acc, *src)
+                if not max_known:
+                    _fold_max(m, p.dtype, acc)
+                return
+            for dst, s in zip([p, *slots], src):
+                np.copyto(dst, s)
         if max_known and nogil and self.nomax is not None:
             (self.nomax32 if f32 else self.nomax)(p, g, *slots, consts, acc)
             return
@@ -346,9 +373,15 @@ class StatsKernel:
             kern = self.kernel.fn if nogil else self.kernel.held
             m = (self.fn if nogil else self.held)(kern, p, g, gbits, gbits.dtype.type(mask), *slots, consts, old,
                                                   acc, STATS_BLOCK)
-        top = float(np.array(m, _SIGN_CLEARED[p.dtype.str][0]).view(p.dtype))
-        if not top <= acc[3]:  # a NaN stays (Python's max would keep acc[3]): it marks a non-finite g
-            acc[3] = top
+        _fold_max(m, p.dtype, acc)
+
+
+def _fold_max(m, dtype, acc) -> None:
+    """acc[3] = max(acc[3], the float whose sign-cleared bits are m), keeping a NaN (Python's max
+    would keep acc[3]): it marks a non-finite g."""
+    top = float(np.array(m, _SIGN_CLEARED[dtype.str][0]).view(dtype))
+    if not top <= acc[3]:
+        acc[3] = top
 
 
 _stats_ready: dict = {}  # id(definition) -> (definition, StatsKernel)
@@ -408,19 +441,21 @@ def _try_build(defn, comp: Compiled, fused: bool) -> StatsKernel:
         if fused_stats_source(comp.kernel) is None:
             raise LookupError("its kernel's shape does not allow the fused rewrite")
         builds = {}
-        for blocked in (False, True):
+        for blocked, copy in ((False, False), (True, False), (True, True)):
             for max_term in (True, False):
-                src = fused_stats_source(comp.kernel, blocked=blocked, max_term=max_term)
+                src = fused_stats_source(comp.kernel, blocked=blocked, max_term=max_term, copy=copy)
                 if src is None:
                     continue
                 pyfunc = _define(defn, comp, src)
                 options = dict(error_model="numpy", cache=_source_file(src) is not None)
-                builds[blocked, max_term, True] = numba.njit(nogil=True, **options)(pyfunc)
-                if max_term:  # small tensors keep the GIL; they never skip the max
-                    builds[blocked, max_term, False] = numba.njit(**options)(renamed(pyfunc, "__optreg_held"))
+                builds[blocked, max_term, True, copy] = numba.njit(nogil=True, **options)(pyfunc)
+                if max_term and not copy:  # small tensors keep the GIL; they never skip the max
+                    builds[blocked, max_term, False, copy] = numba.njit(**options)(
+                        renamed(pyfunc, "__optreg_held"))
         b = builds.get
-        sk = StatsKernel(True, b((False, True, True)), b((False, True, False)), comp, b((True, True, True)),
-                         b((True, True, False)), b((False, False, True)), b((True, False, True)))
+        sk = StatsKernel(True, b((False, True, True, False)), b((False, True, False, False)), comp,
+                         b((True, True, True, False)), b((True, True, False, False)), b((False, False, True, False)),
+                         b((True, False, True, False)), b((True, True, True, True)), b((True, False, True, True)))
     else:
         sk = StatsKernel(False, _driver(n, True), _driver(n, False), comp)
     c_len = len(defn.kernel_scalars(defn.resolve({}), 1))
@@ -428,9 +463,12 @@ def _try_build(defn, comp: Compiled, fused: bool) -> StatsKernel:
         for nogil, max_known in ((True, False), (False, False), (True, True)):
             a = [np.zeros(4, dt) for _ in range(2 + n)]
             c, acc, old = np.full(c_len, 0.5, dt), np.zeros(4), np.zeros(STATS_BLOCK, dt)
-            sk(nogil, a[0], a[1], a[2:], c, acc, old, max_known)
-            a[1].flags.writeable = False
-            sk(nogil, a[0], a[1], a[2:], c, acc, old, max_known)
+            src = [np.zeros(4, dt) for _ in range(1 + n)]  # the copying variants' (a live set's arrays)
+            for writeable in (True, False):  # gradients may view read-only wire bytes
+                a[1].flags.writeable = writeable
+                sk(nogil, a[0], a[1], a[2:], c, acc, old, max_known)
+                if nogil:
+                    sk(nogil, a[0], a[1], a[2:], c, acc, old, max_known, src)
     return sk
 
 

@@ -57,7 +57,7 @@ def _half_to_float(h):
 def _native_half() -> object | None:
     """float16 bits to float32 by LLVM's own `fpext half`, where the CPU converts in hardware (x86's
     F16C: vcvtph2ps, 8 at a time; ~2.8x _half_to_float measured at 1e7): the same value for every
-    non-NaN input (a signalling NaN comes out quieted; NaN gradients are refused before any kernel).
+    non-NaN input (a signalling NaN comes out a quiet NaN: still a NaN, which max |g| shows and the step refuses).
     None elsewhere: without F16C, LLVM would call a runtime routine numba may not link."""
     import platform
 
@@ -137,6 +137,20 @@ def drive(kernel, p, gbits, {slots}c, buf, m, acc):
             m = mb
     return m
 """
+# The same over the kernel's copying variant (kernelstats: StatsKernel.copy32): p and the slots are
+# computed from sources (kernels.apply(src=)), each block copied in inside the pass.
+_COPY_SOURCE = """
+def drive(kernel, p, gbits, {slots}c, buf, m, acc, src_p, {srcs}):
+    n = p.size
+    block = buf.size
+    for a in range(0, n, block):
+        b = min(a + block, n)
+        w = widen_into(gbits[a:b], buf)
+        mb = kernel(p[a:b], w, {sliced}c, acc, src_p[a:b], {srcs_sliced})
+        if mb > m:
+            m = mb
+    return m
+"""
 # gradient dtype str (or name) -> converter of its bits
 KINDS = {"<f2": "half", "bfloat16": "bfloat"}
 _SIGN_CLEARED = {"<f4": ("<u4", 0x7FFFFFFF), "<f8": ("<u8", 0x7FFFFFFFFFFFFFFF)}
@@ -152,7 +166,8 @@ def kind_of(dtype: np.dtype) -> str | None:
 
 
 def _driver(nslots: int, kind: str, stats: bool | str = False):
-    """stats: False, True (the float64 block driver) or "fused" (the kernel sums itself)."""
+    """stats: False, True (the float64 block driver), "fused" (the kernel sums itself) or "copy" (the
+    kernel also copies p and the slots in from sources)."""
     key = (nslots, kind, stats)
     with _lock:
         d = _drivers.get(key)
@@ -166,14 +181,16 @@ def _driver(nslots: int, kind: str, stats: bool | str = False):
     if d is None:
         slots = "".join(f"s{i}, " for i in range(nslots))
         sliced = "".join(f"s{i}[a:b], " for i in range(nslots))
+        srcs = "".join(f"src{i}, " for i in range(nslots))
+        srcs_sliced = "".join(f"src{i}[a:b], " for i in range(nslots))
         ns = {"conv": _convs[kind], "min": min}
         exec(_WIDEN_SOURCE, ns)  # noqa: S102 - a fixed template
         ns["widen_into"] = numba.njit(inline="always", error_model="numpy")(ns["widen_into"])
         if stats is True:
             from optreg.server import kernelstats
             ns.update(stats_loop=kernelstats._helper("stats_loop"), abs_bits_max=kernelstats._helper("abs_bits_max"))
-        source = {False: _DRIVER_SOURCE, True: _STATS_SOURCE, "fused": _FUSED_SOURCE}[stats]
-        exec(source.format(slots=slots, sliced=sliced), ns)  # noqa: S102
+        source = {False: _DRIVER_SOURCE, True: _STATS_SOURCE, "fused": _FUSED_SOURCE, "copy": _COPY_SOURCE}[stats]
+        exec(source.format(slots=slots, sliced=sliced, srcs=srcs, srcs_sliced=srcs_sliced), ns)  # noqa: S102
         with _lock:
             d = _drivers.setdefault(key, numba.njit(nogil=True, error_model="numpy")(ns["drive"]))
     return d
@@ -190,6 +207,7 @@ class Widening:
         self.zero = np.dtype(self.ubits).type(0)
         self.local = threading.local()
         self.fused = None  # (driver, kernel with statistics) once both are compiled
+        self.copying = None  # (driver, the kernel's copying variant) likewise, where it has one
         self.fused_asked = False
 
     def _fused(self):
@@ -207,24 +225,33 @@ class Widening:
         if not sk.fused:
             return None
         kernel = sk.fn32 if self.dtype == np.float32 and sk.fn32 is not None else sk.fn
-        fastkernels.submit(lambda: self._compile_fused(kernel))
+        copying = sk.copy32 if self.dtype == np.float32 else None
+        fastkernels.submit(lambda: self._compile_fused(kernel, copying))
         return None
 
-    def _compile_fused(self, kernel) -> None:
-        try:
-            driver = _driver(len(self.comp.slots), self.kind, "fused")
-            c = np.full(len(self.defn.kernel_scalars(self.defn.resolve({}), 1)), 0.5, self.dtype)
-            buf = np.empty(4, self.dtype)
-            for writeable in (True, False):
-                a = [np.zeros(4, self.dtype) for _ in range(1 + len(self.comp.slots))]
-                g = np.zeros(4, np.uint16)
-                g.flags.writeable = writeable
-                driver(kernel, a[0], g, *a[1:], c, buf, self.zero, np.zeros(4))
-        except Exception as e:  # the float64 driver stays: same update, same figures
-            fastkernels.log.info("optimizer %s: widening with fused statistics unavailable (%s: %s)",
-                                 self.defn.name, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
-            return
-        self.fused = (driver, kernel)
+    def _compile_fused(self, kernel, copying) -> None:
+        n = len(self.comp.slots)
+        c = np.full(len(self.defn.kernel_scalars(self.defn.resolve({}), 1)), 0.5, self.dtype)
+        buf = np.empty(4, self.dtype)
+        for stats, fn in (("fused", kernel), ("copy", copying)):
+            if fn is None:
+                continue
+            try:
+                driver = _driver(n, self.kind, stats)
+                for writeable in (True, False):
+                    a = [np.zeros(4, self.dtype) for _ in range(1 + n)]
+                    g = np.zeros(4, np.uint16)
+                    g.flags.writeable = writeable
+                    src = [np.zeros(4, self.dtype) for _ in range(1 + n)] if stats == "copy" else []
+                    driver(fn, a[0], g, *a[1:], c, buf, self.zero, np.zeros(4), *src)
+            except Exception as e:  # the float64 driver (or copying first) stays: same update, same figures
+                fastkernels.log.info("optimizer %s: widening with %s statistics unavailable (%s: %s)",
+                                     self.defn.name, stats, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+                return
+            if stats == "fused":
+                self.fused = (driver, fn)
+            else:
+                self.copying = (driver, fn)
 
     def buffers(self) -> tuple[np.ndarray, np.ndarray]:
         """Per thread: the widened block, and (statistics) a copy of p's block before the update."""
@@ -233,19 +260,26 @@ class Widening:
             bufs = self.local.bufs = (np.empty(WIDEN_BLOCK, self.dtype), np.empty(WIDEN_BLOCK, self.dtype))
         return bufs
 
-    def __call__(self, p, gbits, slots, consts, acc=None) -> None:
+    def __call__(self, p, gbits, slots, consts, acc=None, src=None) -> None:
         """Update flat contiguous `p` and `slots` with the gradient given as its bits (uint16); with
-        `acc` (float64[4]) add [sum g^2, sum p_new^2, sum (p_new - p_old)^2] and fold max |g| in."""
+        `acc` (float64[4]) add [sum g^2, sum p_new^2, sum (p_new - p_old)^2] and fold max |g| in.
+        `src`: [p's source, the slots' sources] to compute them from (kernels.apply(src=))."""
         buf, old = self.buffers()
-        if acc is None:
-            self.driver(self.comp.fn, p, gbits, *slots, consts, buf)
-            return
-        fused = self._fused()
-        if fused is not None:
-            m = fused[0](fused[1], p, gbits, *slots, consts, buf, self.zero, acc)
+        fused = None if acc is None else self._fused()
+        if src is not None and fused is not None and self.copying is not None:
+            m = self.copying[0](self.copying[1], p, gbits, *slots, consts, buf, self.zero, acc, *src)
         else:
-            m = self.stats_driver(self.comp.fn, p, gbits, *slots, consts, buf, buf.view(self.ubits), self.mask,
-                                  old, acc)
+            if src is not None:
+                for dst, values in zip([p, *slots], src):
+                    np.copyto(dst, values)
+            if acc is None:
+                self.driver(self.comp.fn, p, gbits, *slots, consts, buf)
+                return
+            if fused is not None:
+                m = fused[0](fused[1], p, gbits, *slots, consts, buf, self.zero, acc)
+            else:
+                m = self.stats_driver(self.comp.fn, p, gbits, *slots, consts, buf, buf.view(self.ubits),
+                                      self.mask, old, acc)
         top = float(np.array(m, self.ubits).view(self.dtype))
         if not top <= acc[3]:  # a NaN stays (Python's max would keep acc[3]): it marks a non-finite g
             acc[3] = top
