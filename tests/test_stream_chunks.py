@@ -145,3 +145,50 @@ def test_large_client_step_uses_stream_and_reuses_buffers(client):
     np.testing.assert_array_equal(w, s.read_parameters()["w"])
     assert s.step_count == 2
     s.delete()
+
+
+@pytest.mark.parametrize("dtype,gdtype", [(np.float32, None), (np.float64, None), (np.float32, np.float16),
+                                          (np.float32, ml_dtypes.bfloat16)])
+@pytest.mark.parametrize("bad", [np.nan, -np.inf])
+def test_non_finite_in_a_large_later_chunk_refused_untouched(dtype, gdtype, bad):
+    """Chunks large enough that a built-in's update pass measures max |g| (the check rides on it, the
+    chunk computed into staging only; a float16/bfloat16 gradient widened in that pass): a NaN or Inf in a
+    later chunk refuses the whole step with its
+    element range, the session keeps its values, and the next good step applies. The server runs in
+    this process so the test can wait for the statistics kernel that path needs."""
+    from optreg.client import Client
+    from optreg.server import fastkernels, kernelstats, widenkernels
+    from optreg.server.app import OptregServer, Settings
+    server = OptregServer(Settings(port=0, data_dir=None))
+    server.start()
+    size, count = 1 << 15, 5
+    rng = np.random.default_rng(9)
+    w = rng.standard_normal(size * count).astype(dtype)
+    try:
+        with Client(server.address, timeout=120) as c:
+            s = c.create_session("adam", {"w": w})
+            g = (rng.standard_normal(w.size) * 0.01).astype(gdtype or dtype)
+            # the first queues the kernel's compile, the next ones its statistics and widening variants'
+            for step in range(4):
+                _stream(c, s.id, step, [_chunks("w", g, size)])
+                assert fastkernels.wait_idle(300)
+            defn = server.registry.optimizers["adam"].definition
+            assert kernelstats.stats_status(defn) == "fused"
+            if gdtype is not None:
+                assert widenkernels.lookup(defn, np.dtype(dtype), np.dtype(gdtype)).copying is not None
+            before = s.read_state()
+            bad_g = g.copy()
+            bad_g[3 * size + 17] = bad
+            with pytest.raises(grpc.RpcError) as e:
+                _stream(c, s.id, 4, [[ch] for ch in _chunks("w", bad_g, size)])
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert f"1 NaN or Inf value(s) in elements {3 * size}..{4 * size}" in e.value.details(), e.value.details()
+            info, params, slots = s.read_state()
+            assert info.step == 4
+            np.testing.assert_array_equal(params["w"], before[1]["w"])
+            for slot in slots:
+                np.testing.assert_array_equal(slots[slot]["w"], before[2][slot]["w"])
+            replies = _stream(c, s.id, 4, [_chunks("w", g, size)])
+            assert replies[-1].step == 5
+    finally:
+        server.stop(0)

@@ -196,12 +196,12 @@ class StepRun:
             g = data
         else:
             g = data if self.overlap and kernels.widens_in_pass(self.defn, s.dtype, data) else widen(data, s.dtype)
-        # A whole tensor of a fenced step is computed into staging, and nothing is committed before its check:
-        # a small one's statistics pass sees every element of g (the check rides on it, in _kernel); a large
-        # one's update pass measures max |g| when a built-in kernel with statistics runs (_checks_in_pass).
+        # A fenced step is computed into staging, and nothing is committed before its check: a small whole
+        # tensor's statistics pass sees every element of g (the check rides on it, in _kernel); a large tensor
+        # or chunk's update pass measures max |g| when a built-in kernel with statistics runs (_checks_in_pass).
         whole = self.overlap and start == 0 and g.size == self.reader.params[name].size
         fused = whole and g.size < SMALL_STATS
-        checked_in_pass = whole and not fused and self._checks_in_pass(name, g)
+        checked_in_pass = self.overlap and not fused and self._checks_in_pass(g)
         if not (fused or checked_in_pass):
             check_finite(name, g, start)
         end = start + g.size
@@ -216,26 +216,21 @@ class StepRun:
             return None
         base, st = self.reader, self.staging
         live_p = base.params[name]
+        # The staging set is computed from the live one: the kernel reads the live values (kernels.apply(src=)).
         if start == 0 and g.size == live_p.size:  # a whole tensor (unary, shared memory, a one-chunk stream)
             p = st.params[name]
-            np.copyto(p, live_p)
-            slots = {}
-            for slot, arrs in st.state.items():
-                slots[slot] = arrs[name]
-                np.copyto(arrs[name], base.state[slot][name])
-            self._kernel(p, g.reshape(p.shape), slots, parallel=True, name=name, old=live_p, checked=not fused)
-            if checked_in_pass and not np.isfinite(self.stats[name][3]):
-                check_finite(name, g)  # raises, counting them (only the staging copy was written)
+            slots = {slot: arrs[name] for slot, arrs in st.state.items()}
+            src = (live_p, {slot: base.state[slot][name] for slot in slots})
+            self._kernel(p, g.reshape(p.shape), slots, parallel=True, name=name, old=live_p,
+                         checked=not (fused or checked_in_pass), src=src)
             if self.delta is not None:
                 np.subtract(p, live_p, out=self.delta[name])
             return name, 0, p.reshape(-1)
         p = st.params[name].reshape(-1)[start:end]
-        np.copyto(p, live_p.reshape(-1)[start:end])
-        slots = {}
-        for slot, arrs in st.state.items():
-            slots[slot] = arrs[name].reshape(-1)[start:end]
-            np.copyto(slots[slot], base.state[slot][name].reshape(-1)[start:end])
-        self._kernel(p, g, slots, parallel=False, name=name, old=live_p.reshape(-1)[start:end])
+        slots = {slot: arrs[name].reshape(-1)[start:end] for slot, arrs in st.state.items()}
+        src = (live_p.reshape(-1)[start:end], {slot: base.state[slot][name].reshape(-1)[start:end] for slot in slots})
+        self._kernel(p, g, slots, parallel=False, name=name, old=live_p.reshape(-1)[start:end],
+                     checked=not checked_in_pass, src=src, start=start)
         if self.delta is not None:
             np.subtract(p, live_p.reshape(-1)[start:end], out=self.delta[name].reshape(-1)[start:end])
         return name, start, p
@@ -258,38 +253,42 @@ class StepRun:
         sparse_rows.log_sparse(self.record, name, rows, values)
         self.sparse[name] = (rows, values)
 
-    def _checks_in_pass(self, name: str, g: np.ndarray) -> bool:
-        """Whether a whole tensor's finite check can come from its update pass: a built-in's compiled kernel
-        with statistics writes the staging copy, and NaN or Inf in g shows in its max |g| (one pass over g
-        fewer; no built-in kernel raises on them)."""
+    def _checks_in_pass(self, g: np.ndarray) -> bool:
+        """Whether the finite check of a large tensor or chunk can come from its update pass: a built-in's
+        compiled kernel with statistics writes the staging copy, and NaN or Inf in g shows in its max |g|
+        (one pass over g fewer; no built-in kernel raises on them). A narrower gradient widened in the pass
+        likewise: widening keeps NaN and Inf, and the widening drivers measure max |g| of what they widen."""
         s = self.session
-        if (g.size < SMALL_STATS or g.dtype != s.dtype or g.size != int(np.prod(s.shapes[name]))
-                or s.optimizer.plugin not in BUILTIN_MODULES):
+        if g.size < SMALL_STATS or s.optimizer.plugin not in BUILTIN_MODULES:
             return False
+        if g.dtype != s.dtype:
+            return kernels.widens_in_pass(self.defn, s.dtype, g)
         comp = fastkernels.lookup(self.defn, s.dtype)
         return comp is not None and kernelstats.stats_kernel(self.defn, comp) is not None
 
-    def _kernel(self, p, g, slots, parallel, name, old, grad_abs_max=None, checked=True) -> None:
+    def _kernel(self, p, g, slots, parallel, name, old, grad_abs_max=None, checked=True, src=None,
+                start: int = 0) -> None:
         """Apply the update; fold this tensor's (or chunk's) statistics into self.stats: measured in
         the update pass for large slices, from `old` (the values before, still live) for small ones,
         where kernels.apply(stats=) costs more in setup than the few dot products do.
-        `checked=False` (a small tensor computed into staging): g's finite check is done here, from its
-        statistics (sum g^2 and max |g| are finite exactly when g is, short of float64 overflow, which
-        the exact check then settles), saving a pass and a call per step."""
+        `checked=False` (g computed into staging, its statistics measured): g's finite check is done here,
+        from its statistics (sum g^2 and max |g| are finite exactly when g is, short of float64 overflow,
+        which the exact check then settles), saving a pass per step. `start`: g's first element in its
+        tensor (a chunk's), for the refusal's message."""
         small = p.size < SMALL_STATS
         part = None if small else np.zeros(kernels.STATS)
         try:
             kernels.apply(self.defn, p, g, slots, self.t, self.hp, parallel=parallel, stats=part,
-                          grad_abs_max=None if small else grad_abs_max)
+                          grad_abs_max=None if small else grad_abs_max, src=src)
             if small:
                 part = tensor_stats(g, old, p)
         except Exception as e:
             if not checked:  # a non-finite gradient is refused as such, whatever the update made of it
-                check_finite(name, g.reshape(-1))
+                check_finite(name, g.reshape(-1), start)
             raise PluginFailed(f"optimizer {self.defn.name} (plugin {self.session.optimizer.plugin}) raised in "
                                f"update: {type(e).__name__}: {shown(str(e), 300)}; the session is unchanged") from e
         if not checked and not (math.isfinite(part[0]) and math.isfinite(part[3])):
-            check_finite(name, g.reshape(-1))
+            check_finite(name, g.reshape(-1), start)  # raises, counting them (only staging was written)
         acc = self.stats.get(name)
         if acc is None:
             self.stats[name] = part

@@ -185,7 +185,9 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         self.stream_idle_seconds = stream_idle_seconds
         store.observers.append(_ReleaseSegments(self.shm))
         self.workers = WorkerSteps(store, self.chunk_bytes, max_message_bytes)  # shared sessions (rounds.py)
-        fastkernels.warm()  # JIT the fused kernels in the background (numpy until then: same numbers)
+        # JIT the server's own optimizers' kernels in the background (numpy until then: same numbers);
+        # compiled kernels are found by their definition, so these objects, not a fresh registry's.
+        fastkernels.warm(definitions=[r.definition for r in store.registry.optimizers.values()])
 
     @contextlib.contextmanager
     def _stream_slot(self):
