@@ -63,3 +63,35 @@ def test_decode_matches_protobuf(step, replayed):
 def test_decode_refuses_malformed(bad):
     with pytest.raises(ValueError):
         tensors.decode_step_response(bad)
+
+
+def test_request_chunks_decode_as_protobuf_does():
+    """A server's large chunk-only StepStreamRequest (decode_request_chunks): the same tensors as
+    protobuf's parse, data as views of the received bytes; its other fields read as defaults."""
+    rng = np.random.default_rng(3)
+    chunks = [tensor_pb2.Tensor(name="wé", dtype=tensor_pb2.DATA_TYPE_FLOAT32, shape=[3, 2**40, 0], offset=2**35,
+                                data=rng.bytes(4 * 1000)),
+              tensor_pb2.Tensor(name="", data=b""), tensor_pb2.Tensor(dtype=-5, shape=[-1], offset=-7)]
+    wire = session_pb2.StepStreamRequest(chunks=chunks).SerializeToString()
+    wire += b"\x1a\x06\x18\x02\x18\x03\x28\x09"  # an unpacked shape; repeated scalars (last wins)
+    ours, theirs = tensors.decode_request_chunks(wire), session_pb2.StepStreamRequest.FromString(wire)
+    assert len(ours.chunks) == len(theirs.chunks) == 4
+    for a, b in zip(ours.chunks, theirs.chunks):
+        assert (a.name, a.dtype, list(a.shape), a.offset, bytes(a.data)) == (b.name, b.dtype, list(b.shape),
+                                                                              b.offset, b.data)
+    assert isinstance(ours.chunks[0].data, memoryview) and ours.chunks[0].data.obj is wire  # not copied
+    assert (ours.session_id, ours.worker, ours.round, list(ours.sparse), dict(ours.hyperparameters),
+            dict(ours.metrics), ours.HasField("step")) == ("", "", 0, [], {}, {}, False)
+
+
+@pytest.mark.parametrize("wire", [
+    session_pb2.StepStreamRequest(session_id="s", chunks=[tensor_pb2.Tensor(name="w")]).SerializeToString(),
+    session_pb2.StepStreamRequest(step=0, chunks=[tensor_pb2.Tensor(name="w")]).SerializeToString(),
+    session_pb2.StepStreamRequest(metrics={"loss": 1.0}).SerializeToString(),
+    b"\x1a\x05\x0a\x01",  # truncated
+    b"\x1a\x03\x0a\x01\xff",  # a name that is not UTF-8
+    b"\x1a\x02\x22\x09",  # a data field longer than its tensor
+])
+def test_request_chunks_leave_anything_else_to_protobuf(wire):
+    """Any field but chunks, or bytes that do not decode: None, and protobuf parses (or refuses) them."""
+    assert tensors.decode_request_chunks(wire) is None

@@ -5,6 +5,7 @@ contract (dtype table, byte order, chunking) and both sides depend on it.
 """
 from __future__ import annotations
 
+import types
 from typing import Iterable, Iterator
 
 import ml_dtypes
@@ -439,3 +440,39 @@ def decode_step_response(data: bytes) -> StreamResponse:
         else:
             i = skip_field(buf, i, end, wire)
     return msg
+
+
+class StreamRequestChunks:
+    """A StepStreamRequest that holds only chunks (a stream's later messages), decoded without copying
+    the chunks' bytes; its other fields read as protobuf's defaults."""
+    __slots__ = ("chunks",)
+    session_id = worker = ""
+    round = 0
+    sparse = ()
+    hyperparameters = metrics = types.MappingProxyType({})
+
+    def __init__(self, chunks: list):
+        self.chunks = chunks
+
+    def HasField(self, name: str) -> bool:  # noqa: N802 - protobuf's name
+        return False
+
+
+def decode_request_chunks(data: bytes) -> StreamRequestChunks | None:
+    """A StepStreamRequest of chunks only (field 3), its tensors' data views of `data`; None when it holds
+    anything else or does not decode here (protobuf then parses it, and reports what is wrong)."""
+    buf = memoryview(data)
+    i, end, chunks = 0, len(buf), []
+    try:
+        while i < end:
+            key, i = read_varint(buf, i, end)
+            if key != 0x1A:  # field 3, length-delimited
+                return None
+            n, i = read_varint(buf, i, end)
+            if i + n > end:
+                return None
+            chunks.append(_decode_tensor(buf, i, i + n))
+            i += n
+    except ValueError:  # UnicodeDecodeError included
+        return None
+    return StreamRequestChunks(chunks)

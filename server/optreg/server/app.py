@@ -315,16 +315,30 @@ class _Handlers:
         self.service, self.handlers = service, dict(handlers)
 
 
+# StepStream messages of at least this many bytes that hold only chunks are decoded by
+# tensors.decode_request_chunks (no copy of their data; protobuf copies each bytes field when read);
+# smaller ones by protobuf, faster there than the Python decoder.
+DECODE_CHUNKS_ABOVE = 64 << 10
+
+
 def _add_session_service(servicer, server) -> None:
     """The generated registration, except that StepStream's replies may come already encoded
     (bytes from tensors.encode_stream_message: the updated parameters copied once, not four times)
-    and its requests come with their size on the wire, for the metrics."""
+    and its requests come with their size on the wire, for the metrics (large chunk messages decoded
+    without copies, see DECODE_CHUNKS_ABOVE)."""
     got = _Handlers()
     session_pb2_grpc.add_SessionServiceServicer_to_server(servicer, got)
     h = got.handlers["StepStream"]
     parse = h.request_deserializer
+
+    def parse_sized(data):  # sized without ByteSize()
+        if len(data) >= DECODE_CHUNKS_ABOVE:  # a large chunk message: its tensors' bytes not copied
+            msg = tensors.decode_request_chunks(data)
+            if msg is not None:
+                return len(data), msg
+        return len(data), parse(data)
     got.handlers["StepStream"] = grpc.stream_stream_rpc_method_handler(
-        h.stream_stream, request_deserializer=lambda data: (len(data), parse(data)),  # sized without ByteSize()
+        h.stream_stream, request_deserializer=parse_sized,
         response_serializer=tensors.serialize_passthrough(h.response_serializer))
     h = got.handlers["Step"]  # Step's dense answers come encoded too (service._step_reply)
     got.handlers["Step"] = grpc.unary_unary_rpc_method_handler(
