@@ -236,10 +236,19 @@ class OptregServer:
         log.info("optimizers: %s", ", ".join(self.registry.optimizers))
         for f in self.registry.failures:
             log.error("plugin %s failed: %s", f.plugin, f.reason)
-        stopping.wait()
+        wait_interruptibly(stopping)
         failures = self.stop()
         log.info("stopped")
         return 1 if failures else 0
+
+
+def wait_interruptibly(event: threading.Event) -> None:
+    """event.wait() for the main thread, in slices. The kernel may deliver SIGTERM to any thread
+    (gRPC's among them); CPython then only marks its Python handler as due, and the main thread runs
+    it the next time it runs Python code: blocked in one untimed wait, it never would, and the
+    server ignored SIGTERM (seen once in a few dozen shutdowns)."""
+    while not event.wait(0.2):
+        pass
 
 
 def _telemetry(settings: Settings, registry: Registry, auth) -> TelemetryHub:

@@ -12,7 +12,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from optreg.plugins.registry import Registry
-from optreg.server.app import _bind, bind_address, guard
+from optreg.server.app import _bind, bind_address, guard, wait_interruptibly
 from optreg.server.cluster.directory import Directory, connect
 from optreg.server.cluster.frontend import Frontend
 from optreg.server.metrics import Metrics
@@ -70,6 +70,6 @@ class ClusterServer:
             signal.signal(sig, lambda *_: stopping.set())
         self.start()
         print(f"optreg serving on {self.address} (Ray front end; sessions in {self.directory.root})", flush=True)
-        stopping.wait()
+        wait_interruptibly(stopping)
         self.stop()
         return 0
