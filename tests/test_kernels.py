@@ -389,3 +389,15 @@ def test_update_from_sources_equals_copy_then_update(registry, name, setting, dt
             assert stats[3] == ref_stats[3]
             for a, b in zip([live, *live_st.values()], frozen):
                 np.testing.assert_array_equal(a, b)  # the sources are read, never written
+
+
+def test_a_nan_max_stays_whichever_side_it_comes_from():
+    """max |g| folds keep a NaN (it marks a non-finite gradient) from the new part and from the total."""
+    from optreg.server.telemetry import merge_stats
+    for acc3, part3 in ((np.nan, 2.0), (2.0, np.nan), (1.0, 2.0)):
+        acc, part = np.array([1.0, 1.0, 1.0, acc3]), np.array([1.0, 1.0, 1.0, part3])
+        merge_stats(acc, part)
+        assert np.isnan(acc[3]) if np.isnan(acc3) or np.isnan(part3) else acc[3] == 2.0
+        acc = np.array([0.0, 0.0, 0.0, acc3])
+        kernelstats._fold_max(np.array(part3, np.float32).view(np.uint32), np.dtype(np.float32), acc)
+        assert np.isnan(acc[3]) if np.isnan(acc3) or np.isnan(part3) else acc[3] == 2.0

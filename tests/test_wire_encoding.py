@@ -95,3 +95,22 @@ def test_request_chunks_decode_as_protobuf_does():
 def test_request_chunks_leave_anything_else_to_protobuf(wire):
     """Any field but chunks, or bytes that do not decode: None, and protobuf parses (or refuses) them."""
     assert tensors.decode_request_chunks(wire) is None
+
+
+@pytest.mark.parametrize("wire", [
+    b"\x1a\x00" * 500_000,  # a flood of empty chunks: protobuf's C parser takes it, not a Python loop
+    b"\x1a\x00" * (1 + 64),  # more chunks than decode_request_chunks decodes itself
+    b"\x1a\x07\x00\x05\x22\x03abc",  # a tensor field numbered 0: protobuf refuses it
+    b"\x1a\x0c\x80\x80\x80\x80\x80\x01\x05\x22\x03abc",  # a tag of more than 32 bits: refused likewise
+    b"\x1a" + tensors.varint(2 + 100) + b"\x1a" + tensors.varint(100) + b"\x01" * 100,  # 100 dimensions
+    b"\x1a" + tensors.varint(40) + b"\x28\x01" * 20,  # more fields than a tensor has
+])
+def test_request_chunks_bounded_and_strict(wire):
+    """What the Python decoder would loop over at length, or what protobuf refuses, goes to protobuf."""
+    assert tensors.decode_request_chunks(wire) is None
+
+
+def test_response_decoder_refuses_tags_protobuf_refuses():
+    for bad in (b"\x1a\x07\x00\x05\x22\x03abc", b"\x1a\x0c\x80\x80\x80\x80\x80\x01\x05\x22\x03abc"):
+        with pytest.raises(ValueError):
+            tensors.decode_step_response(bad)

@@ -371,12 +371,21 @@ def skip_field(buf: memoryview, i: int, end: int, wire: int) -> int:
     return i
 
 
-def _decode_tensor(buf: memoryview, i: int, end: int) -> StreamTensor:
+def _decode_tensor(buf: memoryview, i: int, end: int, max_fields: int | None = None,
+                   max_dims: int | None = None) -> StreamTensor:
+    """One Tensor; with `max_fields`/`max_dims`, ValueError past that many fields or shape entries
+    (a request's decoder then leaves the message to protobuf's C parser rather than loop in Python)."""
     t = StreamTensor()
     shape = []
+    fields = 0
     while i < end:
         key, i = read_varint(buf, i, end)
         field, wire = key >> 3, key & 7
+        fields += 1
+        if field == 0 or key > 0xFFFFFFFF:  # protobuf refuses these tags
+            raise ValueError(f"invalid tag {key}")
+        if max_fields is not None and (fields > max_fields or len(shape) > max_dims):
+            raise ValueError("more fields than a tensor of this decoder has")
         if wire == 2:
             n, i = read_varint(buf, i, end)
             if i + n > end:
@@ -390,6 +399,8 @@ def _decode_tensor(buf: memoryview, i: int, end: int) -> StreamTensor:
                 while j < stop:
                     v, j = read_varint(buf, j, stop)
                     shape.append(_int64(v))
+                    if max_dims is not None and len(shape) > max_dims:
+                        raise ValueError("more dimensions than this decoder takes")
             i += n
         elif wire == 0 and field in (2, 3, 5):
             v, i = read_varint(buf, i, end)
@@ -458,6 +469,11 @@ class StreamRequestChunks:
         return False
 
 
+# A message of more chunks than this (many small tensors packed together, or a flood of empty ones)
+# goes to protobuf: decoding each in Python costs more than the copies it saves.
+REQUEST_CHUNKS_MAX = 64
+
+
 def decode_request_chunks(data: bytes) -> StreamRequestChunks | None:
     """A StepStreamRequest of chunks only (field 3), its tensors' data views of `data`; None when it holds
     anything else or does not decode here (protobuf then parses it, and reports what is wrong)."""
@@ -466,12 +482,12 @@ def decode_request_chunks(data: bytes) -> StreamRequestChunks | None:
     try:
         while i < end:
             key, i = read_varint(buf, i, end)
-            if key != 0x1A:  # field 3, length-delimited
+            if key != 0x1A or len(chunks) == REQUEST_CHUNKS_MAX:  # field 3, length-delimited
                 return None
             n, i = read_varint(buf, i, end)
             if i + n > end:
                 return None
-            chunks.append(_decode_tensor(buf, i, i + n))
+            chunks.append(_decode_tensor(buf, i, i + n, max_fields=16, max_dims=64))
             i += n
     except ValueError:  # UnicodeDecodeError included
         return None

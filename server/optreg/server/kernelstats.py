@@ -380,7 +380,7 @@ def _fold_max(m, dtype, acc) -> None:
     """acc[3] = max(acc[3], the float whose sign-cleared bits are m), keeping a NaN (Python's max
     would keep acc[3]): it marks a non-finite g."""
     top = float(np.array(m, _SIGN_CLEARED[dtype.str][0]).view(dtype))
-    if not top <= acc[3]:
+    if acc[3] == acc[3] and not top <= acc[3]:  # a NaN, in either, stays
         acc[3] = top
 
 

@@ -781,7 +781,7 @@ class TelemetryHub:
 def merge_stats(acc: np.ndarray, part: np.ndarray) -> None:
     """Fold one chunk's four figures into a tensor's (sums add, the max of |g| is the max)."""
     acc[:3] += part[:3]
-    if not part[3] <= acc[3]:  # a NaN stays (Python's max would drop it)
+    if acc[3] == acc[3] and not part[3] <= acc[3]:  # a NaN, in either, stays (Python's max would drop it)
         acc[3] = part[3]
 
 

@@ -281,7 +281,7 @@ class Widening:
                 m = self.stats_driver(self.comp.fn, p, gbits, *slots, consts, buf, buf.view(self.ubits),
                                       self.mask, old, acc)
         top = float(np.array(m, self.ubits).view(self.dtype))
-        if not top <= acc[3]:  # a NaN stays (Python's max would keep acc[3]): it marks a non-finite g
+        if acc[3] == acc[3] and not top <= acc[3]:  # a NaN, in either, stays: it marks a non-finite g
             acc[3] = top
 
 
