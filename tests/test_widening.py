@@ -29,6 +29,18 @@ def _ready(defn, master, gdtype):
     return w
 
 
+def _ready_with_statistics(defn, master, gdtype, hp):
+    """_ready, plus the drivers over the statistics kernels (fused and copying), which the first call
+    with statistics queues."""
+    w = _ready(defn, master, gdtype)
+    one = np.ones(1 << 15, master)
+    for _ in range(2):
+        kernels.apply(defn, one, one.astype(gdtype), {s.name: one.copy() for s in defn.slots}, 1, hp,
+                      stats=np.zeros(kernels.STATS))
+        fastkernels.wait_idle(300)
+    return w
+
+
 def _every_half(conv) -> tuple[np.ndarray, np.ndarray]:
     """(what `conv` makes of each of the 65536 float16 bit patterns, numpy's astype of them)."""
     import numba
@@ -138,13 +150,8 @@ def test_statistics_in_the_widening_pass(registry, name, master, gdtype, paralle
     """apply(stats=) with a narrow gradient: the update bit for bit as widen-then-update, and the
     statistics of the widened gradient (sums to float64 rounding, max |g| exact)."""
     defn = registry.get(name).definition
-    w = _ready(defn, master, gdtype)
     hp = defn.resolve(SETTINGS[name][-1])
-    one = np.ones(1 << 15, master)
-    for _ in range(2):  # the first call with statistics queues the driver over the fused kernel
-        kernels.apply(defn, one, one.astype(gdtype), {s.name: one.copy() for s in defn.slots}, 1, hp,
-                      stats=np.zeros(kernels.STATS))
-        fastkernels.wait_idle(300)
+    w = _ready_with_statistics(defn, master, gdtype, hp)
     assert w.fused is not None  # every built-in's kernel takes the fused statistics
     rng = np.random.default_rng(5)
     size = (1 << 18) + 17
@@ -179,13 +186,8 @@ def test_widening_from_sources_equals_copy_then_update(registry, name, master, g
     widening driver runs the kernel's copying variant; the update bit for bit as copy-then-update, the
     statistics alike, the sources untouched, the staging arrays' own contents (NaN) never read."""
     defn = registry.get(name).definition
-    w = _ready(defn, master, gdtype)
     hp = defn.resolve(SETTINGS[name][-1])
-    one = np.ones(1 << 15, master)
-    for _ in range(2):  # the first call with statistics queues the drivers over the fused kernels
-        kernels.apply(defn, one, one.astype(gdtype), {s.name: one.copy() for s in defn.slots}, 1, hp,
-                      stats=np.zeros(kernels.STATS))
-        fastkernels.wait_idle(300)
+    w = _ready_with_statistics(defn, master, gdtype, hp)
     assert (w.copying is not None) == (np.dtype(master) == np.float32)
     rng = np.random.default_rng(6)
     size = (1 << 18) + 17

@@ -36,7 +36,7 @@ import threading
 
 import numpy as np
 
-from optreg.server import fastkernels
+from optreg.server import fastkernels, kernelstats
 from optreg.server.fastkernels import DTYPES, numba
 
 # Elements widened per block: the block (4-8 bytes an element) stays in L1 beside the kernel's
@@ -187,7 +187,6 @@ def _driver(nslots: int, kind: str, stats: bool | str = False):
         exec(_WIDEN_SOURCE, ns)  # noqa: S102 - a fixed template
         ns["widen_into"] = numba.njit(inline="always", error_model="numpy")(ns["widen_into"])
         if stats is True:
-            from optreg.server import kernelstats
             ns.update(stats_loop=kernelstats._helper("stats_loop"), abs_bits_max=kernelstats._helper("abs_bits_max"))
         source = {False: _DRIVER_SOURCE, True: _STATS_SOURCE, "fused": _FUSED_SOURCE, "copy": _COPY_SOURCE}[stats]
         exec(source.format(slots=slots, sliced=sliced, srcs=srcs, srcs_sliced=srcs_sliced), ns)  # noqa: S102
@@ -215,7 +214,6 @@ class Widening:
         the first call that finds the statistics kernel ready queues the driver's compile."""
         if self.fused is not None or self.fused_asked:
             return self.fused
-        from optreg.server import kernelstats
         sk = kernelstats.stats_kernel(self.defn, self.comp)
         if sk is None:
             if kernelstats.stats_status(self.defn) in ("failed", "driver"):
@@ -280,9 +278,7 @@ class Widening:
             else:
                 m = self.stats_driver(self.comp.fn, p, gbits, *slots, consts, buf, buf.view(self.ubits),
                                       self.mask, old, acc)
-        top = float(np.array(m, self.ubits).view(self.dtype))
-        if acc[3] == acc[3] and not top <= acc[3]:  # a NaN, in either, stays: it marks a non-finite g
-            acc[3] = top
+        kernelstats._fold_max(m, self.dtype, acc)
 
 
 def lookup(defn, master: np.dtype, grad: np.dtype) -> Widening | None:
