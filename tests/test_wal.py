@@ -50,6 +50,12 @@ def append(lg: Log, step: int, chunks: int = 1, n: int = 10, extras=None, **kw):
     return w
 
 
+def append_whole(lg: Log, step: int, n: int = 10, extras=None):
+    """The record append() above writes with chunks=1, as one Log.append."""
+    lg.append(step, step - 1, {"lr": 0.01 * step, "beta1": 0.9}, extras or {"worker": "w0", "loss": 1.0 / step},
+              [(name, a.dtype, a.shape, a.tobytes()) for name, a in grads(step, n).items()])
+
+
 def check(rec: wal.Record, step: int, n: int = 10):
     assert rec.step == step and rec.fence == step - 1
     assert rec.hyperparameters == {"lr": 0.01 * step, "beta1": 0.9}
@@ -79,6 +85,40 @@ def test_round_trip(tmp_path, sync):
         append(lg, 6)
     with Log.open(p, "a") as lg:
         assert [r.step for r in lg.records(after=4)] == [5, 6]
+
+
+def test_append_writes_what_begin_add_commit_write(tmp_path):
+    """Log.append (a small unary step's record in one write) is the same bytes as the record written
+    frame by frame, and reads back the same; refusals leave the file as it was."""
+    with Log.open(tmp_path / "frames.wal", "a") as a, Log.open(tmp_path / "once.wal", "a") as b:
+        for s in range(1, 5):
+            append(a, s)
+            append_whole(b, s)
+            assert a.log_bytes == b.log_bytes
+        size = b.log_bytes
+        with pytest.raises(ValueError, match="cannot follow step 4"):
+            append_whole(b, 6)
+        with pytest.raises(ValueError, match="whole tensors"):
+            b.append(5, 4, {}, {}, [("W", "float32", (4,), np.zeros(2, np.float32).tobytes())])
+        with pytest.raises(ValueError, match="each tensor once"):
+            b.append(5, 4, {}, {}, [("W", "float32", (2,), b"\0" * 8)] * 2)
+        with pytest.raises(ValueError, match="not valid"):
+            b.append(5, 4, {}, {}, [("W", "float32", (-2,), b"")])
+        assert b.log_bytes == size and b.last_step == 4
+        assert [r.step for r in b.records()] == [1, 2, 3, 4]  # read from the index it keeps
+    raw_a = (tmp_path / "frames.wal").read_bytes()
+    raw_b = (tmp_path / "once.wal").read_bytes()
+    header = len(wal._file_header("a", 0))
+    assert raw_a[header:] == raw_b[header:]
+    with Log.open(tmp_path / "once.wal", "a") as b:
+        recs = list(b.records())
+        assert [r.step for r in recs] == [1, 2, 3, 4]
+        for r in recs:
+            check(r, r.step)
+        assert recs[1].extras == {"worker": "w0", "loss": 0.5}
+        append_whole(b, 5)  # and goes on after a reopen
+    with Log.open(tmp_path / "once.wal", "a") as b:
+        assert [r.step for r in b.records(after=3)] == [4, 5]
 
 
 def test_arrays_as_chunks_and_nan_metrics(tmp_path):
@@ -383,8 +423,9 @@ def test_wait_durable_after_commit(tmp_path):
 
 
 # -- disk full -------------------------------------------------------------------------------
+@pytest.mark.parametrize("whole", [False, True], ids=["frames", "append"])
 @pytest.mark.parametrize("sync", ["fsync", "os"])
-def test_disk_full(sync):
+def test_disk_full(sync, whole):
     with disk_helpers.small_tmpfs("1m") as d:
         filler = d / "filler"
         filler.write_bytes(b"x" * (600 << 10))
@@ -394,7 +435,10 @@ def test_disk_full(sync):
         s, failed = 0, None
         while failed is None:
             try:
-                append(lg, s + 1, chunks=3, n=3000)
+                if whole:
+                    append_whole(lg, s + 1, n=3000)
+                else:
+                    append(lg, s + 1, chunks=3, n=3000)
                 s += 1
             except OSError as e:
                 failed = e

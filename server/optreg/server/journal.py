@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import pathlib
 import threading
 import time
@@ -222,14 +223,20 @@ def _background():
 
 
 class _Record:
-    """A step's log record, written as its gradients arrive (see pipeline.StepRun)."""
+    """A step's log record, written as its gradients arrive (see pipeline.StepRun). Whole small tensors
+    wait (copied) while nothing of the record is written: a record of only those (a small unary step's)
+    goes out at commit as one wal.Log.append; anything else opens a wal.RecordWriter, which writes the
+    rest as it comes."""
 
-    def __init__(self, journal: "Journal", session: Session, writer: wal.RecordWriter, results: bool):
-        self.journal, self.session, self.writer, self.results = journal, session, writer, results
-        self.step = writer.step
+    def __init__(self, journal: "Journal", session: Session, lg: wal.Log, step: int, fence, hp, extras: dict,
+                 results: bool):
+        self.journal, self.session, self.log, self.results = journal, session, lg, results
+        self.step, self.fence, self.hp, self.extras = step, fence, hp, extras
+        self.writer: wal.RecordWriter | None = None
         self.hyperparameters = None  # None: those given to begin()
+        self.waiting: list = []  # whole small tensors, while there is no writer
+        self.waiting_bytes = 0
         self.nbytes = 0
-        self.extras: dict = {}
         self.pending: list = []
         self.open = True
         journal.count_open(session.id, +1)
@@ -239,16 +246,34 @@ class _Record:
             self.open = False
             self.journal.count_open(self.session.id, -1)
 
+    def _writer(self) -> wal.RecordWriter:
+        """The record's writer, opened (its BEGIN frame pending) with the tensors that waited."""
+        if self.writer is None:
+            try:
+                self.writer = self.log.begin(self.step, self.fence, self.hp, self.extras)
+                for t in self.waiting:
+                    self.writer.add(*t)
+            except OSError as e:
+                raise write_failed(self.session, e, f"the log record of step {self.step}") from None
+            self.waiting = []
+        return self.writer
+
     def add(self, name, code, shape, start, data) -> None:
         if self.results:
             return
         self.nbytes += data.nbytes
+        if (self.writer is None and start == 0 and data.size == math.prod(shape)
+                and self.waiting_bytes + data.nbytes <= wal.DEFER_BYTES):
+            self.waiting.append((name, tensors.DTYPES[code], shape, 0, data.tobytes()))
+            self.waiting_bytes += data.nbytes
+            return
+        writer = self._writer()
         if data.nbytes >= BACKGROUND_WRITE:
-            self.pending.append(_background().submit(self.writer.add, name, tensors.DTYPES[code], shape, start, data))
+            self.pending.append(_background().submit(writer.add, name, tensors.DTYPES[code], shape, start, data))
             return
         self._settle()
         try:
-            self.writer.add(name, tensors.DTYPES[code], shape, start, data)
+            writer.add(name, tensors.DTYPES[code], shape, start, data)
         except OSError as e:
             raise write_failed(self.session, e, f"the log record of step {self.step}") from None
 
@@ -267,9 +292,10 @@ class _Record:
     def add_array(self, key: str, array: np.ndarray) -> None:
         """A whole array the step needs replayed with it (a sparse step's rows and values)."""
         self.nbytes += array.nbytes
+        writer = self._writer()
         self._settle()
         try:
-            self.writer.add(key, array.dtype, array.shape, 0, np.ascontiguousarray(array).reshape(-1))
+            writer.add(key, array.dtype, array.shape, 0, np.ascontiguousarray(array).reshape(-1))
         except OSError as e:
             raise write_failed(self.session, e, f"the log record of step {self.step}") from None
 
@@ -279,34 +305,41 @@ class _Record:
 
     def commit(self, arrays: Arrays | None = None) -> None:
         try:
-            self._settle()
-            if self.results and arrays is not None:  # not deterministic: log what it computed
-                for name, p in arrays.params.items():
-                    self.writer.add(f"p/{name}", p.dtype, p.shape, 0, p.reshape(-1))
-                for slot, arrs in arrays.state.items():
-                    for name, a in arrs.items():
-                        self.writer.add(f"s/{slot}/{name}", a.dtype, a.shape, 0, a.reshape(-1))
-            self.writer.commit(self.step, hyperparameters=self.hyperparameters,
-                               extras={**self.extras, "kind": "result"} if self.results else None)
+            if self.writer is None and not self.results:
+                self.log.append(self.step, self.fence, self.hp if self.hyperparameters is None else self.hyperparameters,
+                                self.extras, [t[:3] + t[4:] for t in self.waiting])
+            else:
+                writer = self._writer()
+                self._settle()
+                if self.results and arrays is not None:  # not deterministic: log what it computed
+                    for name, p in arrays.params.items():
+                        writer.add(f"p/{name}", p.dtype, p.shape, 0, p.reshape(-1))
+                    for slot, arrs in arrays.state.items():
+                        for name, a in arrs.items():
+                            writer.add(f"s/{slot}/{name}", a.dtype, a.shape, 0, a.reshape(-1))
+                writer.commit(self.step, hyperparameters=self.hyperparameters,
+                              extras={**self.extras, "kind": "result"} if self.results else None)
         except OSError as e:
-            self.writer.abort()
-            self._closed()
+            self._abort_writer()
             raise write_failed(self.session, e, f"the log record of step {self.step}") from None
         except BaseException:
-            self.writer.abort()
-            self._closed()
+            self._abort_writer()
             raise
         self._closed()
         if self.journal.metrics:
             self.journal.metrics.log_record(self.nbytes)
+
+    def _abort_writer(self) -> None:
+        if self.writer is not None:
+            self.writer.abort()
+        self._closed()
 
     def abort(self) -> None:
         try:
             self._settle()
         except Exception:
             pass  # the record is void either way
-        self.writer.abort()
-        self._closed()
+        self._abort_writer()
 
 
 class Journal:
@@ -425,13 +458,9 @@ class Journal:
             extras["metrics"] = metrics
         extras = extras or None
         results = not getattr(s.optimizer.definition, "deterministic", True)
-        try:
-            writer = lg.begin(step, fence, hp, extras)
-        except OSError as e:
-            raise write_failed(s, e, f"the log record of step {step}") from None
-        rec = _Record(self, s, writer, results)
-        rec.extras = extras or {}
-        return rec
+        if lg.broken is not None:  # refused before any work (mend could not replace it)
+            raise write_failed(s, lg.broken, f"the log record of step {step}")
+        return _Record(self, s, lg, step, fence, hp, extras or {}, results)
 
     def after_commit(self, s: Session) -> None:
         """Caller holds the lock; the step is committed (and logged as its mode says)."""

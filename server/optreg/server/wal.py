@@ -58,6 +58,7 @@ _CHUNK_NAME = struct.Struct("<I")
 _CHUNK_TYPE = struct.Struct("<BB")     # dtype code, ndim
 _U64 = struct.Struct("<Q")
 CODES = list(ALLOWED)                  # wire dtype code = index + 1 into safetensors codes
+_CODE_OF = {ALLOWED[c]: i + 1 for i, c in enumerate(CODES)}
 MAX_NAME = 1 << 16
 MAX_NDIM = 64
 MAX_JSON = 16 << 20                    # a BEGIN or COMMIT payload larger than this is damage
@@ -68,6 +69,9 @@ _CHUNK_HEAD_MAX = 4 + MAX_NAME + 2 + 8 * MAX_NDIM + 8  # a CHUNK payload's descr
 # out with its COMMIT frame: a small unary step's record is one pwritev instead of two. Larger
 # tensors, and parts of tensors (a stream's chunks), are written as they arrive.
 DEFER_BYTES = 64 << 10
+# Frames and writes up to this many bytes are joined into one buffer before they are hashed or
+# written: copying a few KiB costs less than a streaming hasher or a vector of buffers does.
+SMALL_WRITE = 16 << 10
 
 
 class CorruptLog(CorruptData):
@@ -135,17 +139,22 @@ def _file_header(session_id: str, base_step: int) -> bytes:
 
 
 def _frame(kind: int, txn: int, parts: list) -> tuple[list, int, int]:
-    """(buffers to write, total length, frame checksum)."""
-    n = sum(len(p) for p in parts)
+    """(buffers to write, total length, frame checksum). `parts`: bytes or byte-cast memoryviews."""
+    n = sum(map(len, parts))
     head = _FRAME.pack(FRAME_MAGIC, kind, txn, n)
-    h = xxhash.xxh3_64(head)
-    for p in parts:
-        h.update(p)
-    digest = h.intdigest()
+    if n <= SMALL_WRITE:  # one call on a joined copy costs less than a streaming hasher's three
+        digest = xxhash.xxh3_64_intdigest(head + b"".join(parts))
+    else:
+        h = xxhash.xxh3_64(head)
+        for p in parts:
+            h.update(p)
+        digest = h.intdigest()
     return [head + _HASH.pack(digest), *parts], FRAME_HEAD + n, digest
 
 
 def _pwrite_all(fd: int, bufs: list, off: int) -> None:
+    if len(bufs) > 1 and sum(map(len, bufs)) <= SMALL_WRITE:  # (a small record: joined, one buffer)
+        bufs = [b"".join(bufs)]
     views = [memoryview(b).cast("B") for b in bufs if len(b)]
     left = sum(v.nbytes for v in views)
     while left:
@@ -348,8 +357,35 @@ class _Scan:
             pos += _READ_BLOCK
 
 
+def _chunk_parts(name: str, dtype, shape, offset_elems: int, data):
+    """A CHUNK frame's description and data, checked: (meta, data as bytes, dtype, shape, elements, the
+    tensor's size)."""
+    if not isinstance(name, str):
+        raise ValueError(f"tensor name must be a str, not {type(name).__name__}")
+    raw_name = name.encode("utf-8")
+    if len(raw_name) > MAX_NAME:
+        raise ValueError(f"tensor name of {len(raw_name)} bytes exceeds {MAX_NAME}")
+    dt = np.dtype(dtype)
+    code = _CODE_OF.get(dt) or CODES.index(dtype_code(dt)) + 1
+    shape = tuple(map(int, shape))
+    if len(shape) > MAX_NDIM or (shape and min(shape) < 0):
+        raise ValueError(f"tensor {name!r}: shape {list(shape)} is not valid")
+    try:
+        view = memoryview(data).cast("B")
+    except (TypeError, ValueError):  # not contiguous, or no buffer (numpy exports none for ml_dtypes' bfloat16)
+        view = memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
+    if view.nbytes % dt.itemsize:
+        raise ValueError(f"tensor {name!r}: {view.nbytes} bytes is not whole {dt} items")
+    elems, size = view.nbytes // dt.itemsize, math.prod(shape)
+    if offset_elems < 0 or offset_elems + elems > size:
+        raise ValueError(f"tensor {name!r}: chunk [{offset_elems}, {offset_elems + elems}) outside its {size} elements")
+    meta = (_CHUNK_NAME.pack(len(raw_name)) + raw_name + _CHUNK_TYPE.pack(code, len(shape))
+            + struct.pack(f"<{len(shape)}Q", *shape) + _U64.pack(offset_elems))
+    return meta, view, dt, shape, elems, size
+
+
 def _record_hash(hashes: list[int]) -> int:
-    return xxhash.xxh3_64_intdigest(b"".join(_HASH.pack(h) for h in hashes))
+    return xxhash.xxh3_64_intdigest(struct.pack(f"<{len(hashes)}Q", *hashes))
 
 
 def _check_cover(path, off, chunks: list):
@@ -392,6 +428,7 @@ class Log:
         self._lock = threading.Lock()
         self._broken: OSError | None = None
         self._closed = False
+        self._hp_json: tuple | None = None  # (hyperparameters' items, their JSON): _begin_payload
 
     # -- opening --------------------------------------------------------------------------
     @classmethod
@@ -467,7 +504,7 @@ class Log:
         hp = {k: float(v) for k, v in (hyperparameters or {}).items()}
         fence = None if fence is None else int(fence)
         extras = dict(extras or {})
-        payload = _dumps({"step": int(step), "fence": fence, "hp": hp, "extras": extras})
+        payload = self._begin_payload(int(step), fence, hp, extras)
         with self._lock:
             self._check_usable()
             w = RecordWriter(self, self._next_txn, int(step))
@@ -480,6 +517,77 @@ class Log:
             w.hashes.append(digest)
             self._open[w.txn] = w
         return w
+
+    def append(self, step: int, fence: int | None, hyperparameters: dict, extras: dict | None,
+               tensors: list) -> None:
+        """Write a whole record at once: the frames begin(), add() and commit() would write, in one write
+        and one pass under the lock (a small unary step's record, whose every tensor came in one message).
+        `tensors`: (name, dtype, shape, data) of whole tensors. Durable as commit() makes it; on OSError
+        nothing of the record counts and the file is as before it."""
+        step = int(step)
+        hp = {k: float(v) for k, v in hyperparameters.items()}
+        fence = None if fence is None else int(fence)
+        extras = dict(extras or {})
+        begin = self._begin_payload(step, fence, hp, extras)
+        parts = []
+        for name, dtype, shape, data in tensors:
+            meta, view, dt, shape, elems, size = _chunk_parts(name, dtype, shape, 0, data)
+            if elems != size:
+                raise ValueError(f"tensor {name!r}: {elems} of {size} elements given; append takes whole tensors")
+            parts.append((name, dt, shape, meta, view))
+        if len({name for name, *_ in parts}) != len(parts):
+            raise ValueError("a record names each tensor once")
+        with self._lock:
+            self._check_usable()
+            if step != self.last_step + 1:
+                raise ValueError(f"record of step {step} cannot follow step {self.last_step} in {self.path}")
+            txn, at = self._next_txn, self._end
+            self._next_txn += 1
+            out, pos, digest = _frame(BEGIN, txn, [begin])
+            hashes, chunks = [digest], []
+            for name, dt, shape, meta, view in parts:
+                bufs, n, digest = _frame(CHUNK, txn, [meta, view])
+                chunks.append(_Chunk(name, dt, shape, 0, at + pos, bufs[0][:_FRAME.size] + meta,
+                                     at + pos + FRAME_HEAD + len(meta), view.nbytes, digest))
+                out += bufs
+                hashes.append(digest)
+                pos += n
+            bufs, n, _ = _frame(COMMIT, txn, [_COMMIT.pack(at, len(hashes), _record_hash(hashes)) + b'{"step":%d}' % step])
+            out += bufs
+            try:
+                _pwrite_all(self._fd, out, at)
+            except OSError:
+                self._truncate(at)
+                raise
+            self._end = at + pos + n
+            for other in self._open.values():  # their frames are no longer the file's last
+                if other.pending is None:
+                    other.interleaved = True
+            self.last_step = step
+            self._entries.append(_Entry(step, fence, hp, extras, chunks, at))
+            fd = self._fd
+        self._durable(fd)
+
+    def _durable(self, fd: int) -> None:
+        """After a commit: "fsync" waits for a group sync, "os" has the syncer sync within its interval."""
+        if self.sync == "fsync":
+            try:
+                self._syncer.sync(fd)
+            except OSError as e:
+                self._broken = e  # the record may or may not be on disk: reopen to know
+                raise
+        elif self.sync == "os":
+            self._syncer.dirty(fd)
+
+    def _begin_payload(self, step: int, fence: int | None, hp: dict, extras: dict) -> bytes:
+        """_dumps({"step", "fence", "hp", "extras"}), byte for byte, with the hyperparameters' JSON
+        kept from the last record (they seldom change; encoding them was most of a small record's JSON)."""
+        key = tuple(hp.items())
+        cached = self._hp_json
+        if cached is None or cached[0] != key:
+            cached = self._hp_json = (key, _dumps(hp))
+        return b'{"extras":%s,"fence":%s,"hp":%s,"step":%d}' % (
+            _dumps(extras) if extras else b"{}", b"null" if fence is None else b"%d" % fence, cached[1], step)
 
     def _check_usable(self, background: bool = True):
         if self._closed:
@@ -606,29 +714,10 @@ class RecordWriter:
     def add(self, name: str, dtype, shape, offset_elems: int, data) -> None:
         """Append one chunk of tensor `name` (dtype and shape of the whole tensor as received;
         `data` is raw bytes of items offset_elems, offset_elems+1, ...)."""
-        if not isinstance(name, str):
-            raise ValueError(f"tensor name must be a str, not {type(name).__name__}")
-        raw_name = name.encode("utf-8")
-        if len(raw_name) > MAX_NAME:
-            raise ValueError(f"tensor name of {len(raw_name)} bytes exceeds {MAX_NAME}")
-        dt = np.dtype(dtype)
-        code = CODES.index(dtype_code(dt)) + 1
-        shape = tuple(int(d) for d in shape)
-        if len(shape) > MAX_NDIM or any(d < 0 for d in shape):
-            raise ValueError(f"tensor {name!r}: shape {list(shape)} is not valid")
-        if isinstance(data, np.ndarray):  # numpy exports no buffer for ml_dtypes' bfloat16
-            data = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
-        view = memoryview(data).cast("B")
-        if view.nbytes % dt.itemsize:
-            raise ValueError(f"tensor {name!r}: {view.nbytes} bytes is not whole {dt} items")
-        elems, size = view.nbytes // dt.itemsize, math.prod(shape)
-        if offset_elems < 0 or offset_elems + elems > size:
-            raise ValueError(f"tensor {name!r}: chunk [{offset_elems}, {offset_elems + elems}) outside its {size} elements")
+        meta, view, dt, shape, elems, size = _chunk_parts(name, dtype, shape, offset_elems, data)
         t = self._tensors.setdefault(name, [dt, shape, []])
         if (t[0], t[1]) != (dt, shape):
             raise ValueError(f"tensor {name!r}: chunk says {dt} {list(shape)}, earlier ones {t[0]} {list(t[1])}")
-        meta = (_CHUNK_NAME.pack(len(raw_name)) + raw_name + _CHUNK_TYPE.pack(code, len(shape))
-                + struct.pack(f"<{len(shape)}Q", *shape) + _U64.pack(offset_elems))
         with self.log._lock:
             self._check_open(background=False)
             if (self.pending is not None and elems == size
@@ -682,7 +771,8 @@ class RecordWriter:
             if step != lg.last_step + 1:
                 raise ValueError(f"record of step {step} cannot follow step {lg.last_step} in {lg.path}")
             begin_off = lg._end if self.pending is not None else self.begin_off
-            payload = _COMMIT.pack(begin_off, len(self.hashes), _record_hash(self.hashes)) + _dumps(body)
+            payload = _COMMIT.pack(begin_off, len(self.hashes), _record_hash(self.hashes)) + (
+                b'{"step":%d}' % step if len(body) == 1 else _dumps(body))
             lg._write_frame(self, COMMIT, [payload])
             self.done = True
             lg._open.pop(self.txn, None)
@@ -695,21 +785,16 @@ class RecordWriter:
             self._durable_fd = fd
             if wait:
                 self.wait_durable()
-        elif lg.sync == "os":
-            lg._syncer.dirty(fd)
+        else:
+            lg._durable(fd)
 
     def wait_durable(self) -> None:
         """In "fsync" mode, block until the committed record is on disk (group commit)."""
         if not self.done:
             raise ValueError(f"record of step {self.step} is not committed")
         fd, self._durable_fd = self._durable_fd, None
-        if fd is None:
-            return
-        try:
-            self.log._syncer.sync(fd)
-        except OSError as e:
-            self.log._broken = e  # the record may or may not be on disk: reopen to know
-            raise
+        if fd is not None:
+            self.log._durable(fd)
 
     def abort(self) -> None:
         """The record is void: the file goes back to before it when no other record's
