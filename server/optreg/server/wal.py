@@ -27,6 +27,7 @@ the offset. Opening for append truncates the file after its last COMMIT.
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import json
 import logging
@@ -150,6 +151,26 @@ def _frame(kind: int, txn: int, parts: list) -> tuple[list, int, int]:
             h.update(p)
         digest = h.intdigest()
     return [head + _HASH.pack(digest), *parts], FRAME_HEAD + n, digest
+
+
+def _writeback_starter():
+    """libc's sync_file_range, to start writing a range back without waiting (Linux), or None."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    fn.restype = ctypes.c_int
+    return fn
+
+
+# In "fsync" mode a large chunk's writeback is started as soon as it is written, so the disk works while
+# the rest of the step arrives and the commit's fdatasync waits only for the tail (40 MB written in 1 MiB
+# chunks over ~90 ms, this VM's disk: the fdatasync after them 18 ms, 0.2 ms with this). Only a hint:
+# the fdatasync still makes the record durable, and reports any error.
+_SYNC_FILE_RANGE = _writeback_starter()
+_SYNC_FILE_RANGE_WRITE = 2
+WRITEBACK_ABOVE = 256 << 10
 
 
 def _pwrite_all(fd: int, bufs: list, off: int) -> None:
@@ -738,6 +759,9 @@ class RecordWriter:
             t[2].append((offset_elems, elems))
             self._chunks.append(_Chunk(name, dt, shape, offset_elems, at, head + meta,
                                        at + FRAME_HEAD + len(meta), view.nbytes, digest))
+            fd = self.log._fd
+        if self.log.sync == "fsync" and n >= WRITEBACK_ABOVE and _SYNC_FILE_RANGE is not None:
+            _SYNC_FILE_RANGE(fd, at, n, _SYNC_FILE_RANGE_WRITE)  # (a hint: its errors come back at the sync)
 
     def _check_open(self, background: bool = True):
         if self.done or self.failed:
