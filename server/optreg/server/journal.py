@@ -234,7 +234,7 @@ class _Record:
         self.step, self.fence, self.hp, self.extras = step, fence, hp, extras
         self.writer: wal.RecordWriter | None = None
         self.hyperparameters = None  # None: those given to begin()
-        self.waiting: list = []  # whole small tensors, while there is no writer
+        self.waiting: list = []  # (name, dtype, shape, bytes) of whole small tensors, while there is no writer
         self.waiting_bytes = 0
         self.nbytes = 0
         self.pending: list = []
@@ -251,8 +251,8 @@ class _Record:
         if self.writer is None:
             try:
                 self.writer = self.log.begin(self.step, self.fence, self.hp, self.extras)
-                for t in self.waiting:
-                    self.writer.add(*t)
+                for name, dtype, shape, data in self.waiting:
+                    self.writer.add(name, dtype, shape, 0, data)
             except OSError as e:
                 raise write_failed(self.session, e, f"the log record of step {self.step}") from None
             self.waiting = []
@@ -264,7 +264,7 @@ class _Record:
         self.nbytes += data.nbytes
         if (self.writer is None and start == 0 and data.size == math.prod(shape)
                 and self.waiting_bytes + data.nbytes <= wal.DEFER_BYTES):
-            self.waiting.append((name, tensors.DTYPES[code], shape, 0, data.tobytes()))
+            self.waiting.append((name, tensors.DTYPES[code], shape, data.tobytes()))
             self.waiting_bytes += data.nbytes
             return
         writer = self._writer()
@@ -306,8 +306,8 @@ class _Record:
     def commit(self, arrays: Arrays | None = None) -> None:
         try:
             if self.writer is None and not self.results:
-                self.log.append(self.step, self.fence, self.hp if self.hyperparameters is None else self.hyperparameters,
-                                self.extras, [t[:3] + t[4:] for t in self.waiting])
+                hp = self.hp if self.hyperparameters is None else self.hyperparameters
+                self.log.append(self.step, self.fence, hp, self.extras, self.waiting)
             else:
                 writer = self._writer()
                 self._settle()

@@ -573,7 +573,8 @@ class Log:
                 out += bufs
                 hashes.append(digest)
                 pos += n
-            bufs, n, _ = _frame(COMMIT, txn, [_COMMIT.pack(at, len(hashes), _record_hash(hashes)) + b'{"step":%d}' % step])
+            commit = _COMMIT.pack(at, len(hashes), _record_hash(hashes)) + b'{"step":%d}' % step
+            bufs, n, _ = _frame(COMMIT, txn, [commit])
             out += bufs
             try:
                 _pwrite_all(self._fd, out, at)
