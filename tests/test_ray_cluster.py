@@ -392,6 +392,19 @@ for i in range(1, 300):
     reader.janitor.stop()
 
 
+def test_a_sparse_step_through_the_front_end(front):
+    """A sparse step is logged by the host's fenced journal (its rows and values go in as whole arrays)
+    and applied to the rows it names."""
+    table = np.arange(40, dtype=np.float32).reshape(10, 4)
+    with Client(front.address, timeout=120) as c:
+        s = c.create_session("sgd", {"E": table.copy()}, lr=0.5)
+        s.step_sparse("E", np.array([1, 3]), np.ones((2, 4), np.float32))
+        want = table.copy()
+        want[[1, 3]] -= np.float32(0.5)
+        np.testing.assert_array_equal(s.read_parameters()["E"], want)
+        s.delete()
+
+
 def test_the_journal_refuses_a_superseded_owners_writes(tmp_path):
     """Below the host's check on each call: a step already past it when the takeover happens is refused
     by the journal at its commit (after its record is written, before it is applied or answered), and

@@ -121,6 +121,37 @@ def test_append_writes_what_begin_add_commit_write(tmp_path):
         assert [r.step for r in b.records(after=3)] == [4, 5]
 
 
+@pytest.mark.parametrize("whole", [False, True], ids=["frames", "append"])
+def test_a_record_of_many_small_tensors(tmp_path, whole):
+    """More buffers than one pwritev takes (IOV_MAX, 1024 on Linux: three a tensor): written in turns."""
+    arrays = {f"layer{i}.b": np.full(10, i, np.float32) for i in range(1500)}
+    with Log.open(tmp_path / "a.wal", "a") as lg:
+        for step in (1, 2):
+            if whole:
+                lg.append(step, step - 1, {"lr": 0.1}, {}, [(k, a.dtype, a.shape, a.tobytes()) for k, a in arrays.items()])
+            else:
+                w = lg.begin(step, step - 1, {"lr": 0.1})
+                for k, a in arrays.items():
+                    w.add(k, a.dtype, a.shape, 0, a)
+                w.commit()
+    with Log.open(tmp_path / "a.wal", "a") as lg:
+        recs = list(lg.records())
+        assert [r.step for r in recs] == [1, 2]
+        for r in recs:
+            assert set(r.tensors) == set(arrays)
+            assert all(np.array_equal(r.tensors[k], a) for k, a in arrays.items())
+
+
+def test_hyperparameters_logged_to_the_bit(tmp_path):
+    """-0.0 and 0.0 are equal but not the same hyperparameter: each record holds what it was given."""
+    with Log.open(tmp_path / "a.wal", "a") as lg:
+        for step, wd in enumerate((0.0, -0.0, 0.0), start=1):
+            lg.append(step, step - 1, {"wd": wd}, {}, [("w", "float32", (1,), b"\0" * 4)])
+        assert [np.signbit(r.hyperparameters["wd"]) for r in lg.records()] == [False, True, False]
+    with Log.open(tmp_path / "a.wal", "a") as lg:
+        assert [np.signbit(r.hyperparameters["wd"]) for r in lg.records()] == [False, True, False]
+
+
 def test_arrays_as_chunks_and_nan_metrics(tmp_path):
     with Log.open(tmp_path / "a.wal", "a") as lg:
         w = lg.begin(1, 0, {"lr": 0.1}, {"loss": float("nan")})

@@ -173,22 +173,34 @@ _SYNC_FILE_RANGE_WRITE = 2
 WRITEBACK_ABOVE = 256 << 10
 
 
+def _iov_max() -> int:
+    try:
+        n = os.sysconf("SC_IOV_MAX")
+    except (ValueError, OSError, AttributeError):
+        n = -1
+    return n if n > 0 else 16  # (POSIX's least)
+
+
+# Buffers a pwritev takes at most (Linux: 1024); a record of many small tensors has three a tensor.
+_IOV_MAX = _iov_max()
+
+
 def _pwrite_all(fd: int, bufs: list, off: int) -> None:
     if len(bufs) > 1 and sum(map(len, bufs)) <= SMALL_WRITE:  # (a small record: joined, one buffer)
         bufs = [b"".join(bufs)]
     views = [memoryview(b).cast("B") for b in bufs if len(b)]
-    left = sum(v.nbytes for v in views)
+    left, i = sum(v.nbytes for v in views), 0
     while left:
-        n = os.pwritev(fd, views, off)
+        n = os.pwritev(fd, views[i:i + _IOV_MAX], off)
         left -= n
         if not left:  # the usual case: one call wrote it all
             return
         off += n
-        while n >= len(views[0]):
-            n -= len(views[0])
-            views.pop(0)
+        while n >= views[i].nbytes:
+            n -= views[i].nbytes
+            i += 1
         if n:
-            views[0] = views[0][n:]
+            views[i] = views[i][n:]
 
 
 def _pread_exact(fd: int, n: int, off: int) -> bytes:
@@ -604,7 +616,7 @@ class Log:
     def _begin_payload(self, step: int, fence: int | None, hp: dict, extras: dict) -> bytes:
         """_dumps({"step", "fence", "hp", "extras"}), byte for byte, with the hyperparameters' JSON
         kept from the last record (they seldom change; encoding them was most of a small record's JSON)."""
-        key = tuple(hp.items())
+        key = tuple((k, v.hex()) for k, v in hp.items())  # (by bits: -0.0 == 0.0, and both are logged as given)
         cached = self._hp_json
         if cached is None or cached[0] != key:
             cached = self._hp_json = (key, _dumps(hp))

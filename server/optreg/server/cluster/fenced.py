@@ -34,6 +34,9 @@ class _FencedRecord:
     def add(self, name, code, shape, start, data) -> None:
         self.inner.add(name, code, shape, start, data)
 
+    def add_array(self, key, array) -> None:  # a sparse step's rows and values
+        self.inner.add_array(key, array)
+
     def renumber(self, step, hyperparameters) -> None:
         self.inner.renumber(step, hyperparameters)
 
