@@ -117,7 +117,7 @@ CLIENT = r"""
 import json, sys, time
 import numpy as np
 from optreg.client import Client, RetryPolicy
-address, sid, n, size = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+address, sid, n, size, pace = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
 def grad(i):
     return np.sin(np.arange(size) * 0.37 + i) * (1 + 0.1 * i)
 with Client(address, timeout=120, retry=RetryPolicy(total_seconds=120)) as c:
@@ -126,15 +126,17 @@ with Client(address, timeout=120, retry=RetryPolicy(total_seconds=120)) as c:
         i = s.step_count + 1
         r = s.step({"W": grad(i)})
         print(json.dumps({"step": r.step, "t": time.monotonic(), "replayed": r.replayed}), flush=True)
+        time.sleep(pace)
 """
 
 
 class Trainer:
-    """A client in another process stepping `sid` to `n` steps; its acknowledged steps, as they come."""
+    """A client in another process stepping `sid` to `n` steps, `pace` seconds apart (so that what a test
+    does after wait_for(k) lands near step k, not after the last step); its acknowledged steps."""
 
-    def __init__(self, address: str, sid: str, n: int):
+    def __init__(self, address: str, sid: str, n: int, pace: float = 0.02):
         env = dict(os.environ, PYTHONPATH=SOURCE_PATH)
-        self.proc = subprocess.Popen([sys.executable, "-c", CLIENT, address, sid, str(n), str(SIZE)],
+        self.proc = subprocess.Popen([sys.executable, "-c", CLIENT, address, sid, str(n), str(SIZE), str(pace)],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         self.acks: list[dict] = []
         self.reader = threading.Thread(target=self._read, daemon=True)
@@ -149,7 +151,7 @@ class Trainer:
         while len(self.acks) < count:
             assert self.proc.poll() is None or len(self.acks) >= count, self.proc.stderr.read()
             assert time.monotonic() < end, f"only {len(self.acks)} steps acknowledged"
-            time.sleep(0.05)
+            time.sleep(0.005)
 
     def finish(self, timeout: float = 180) -> list[dict]:
         assert self.proc.wait(timeout) == 0, self.proc.stderr.read()
