@@ -417,6 +417,13 @@ def _chunk_parts(name: str, dtype, shape, offset_elems: int, data):
     return meta, view, dt, shape, elems, size
 
 
+def _commit_payload(begin_off: int, hashes: list[int], body: dict) -> bytes:
+    """A COMMIT frame's payload: where the record begins, its frame count and checksum, then its JSON
+    (a bare {"step"} formatted directly: it is every small record's)."""
+    head = _COMMIT.pack(begin_off, len(hashes), _record_hash(hashes))
+    return head + (b'{"step":%d}' % body["step"] if len(body) == 1 else _dumps(body))
+
+
 def _record_hash(hashes: list[int]) -> int:
     return xxhash.xxh3_64_intdigest(struct.pack(f"<{len(hashes)}Q", *hashes))
 
@@ -585,8 +592,7 @@ class Log:
                 out += bufs
                 hashes.append(digest)
                 pos += n
-            commit = _COMMIT.pack(at, len(hashes), _record_hash(hashes)) + b'{"step":%d}' % step
-            bufs, n, _ = _frame(COMMIT, txn, [commit])
+            bufs, n, _ = _frame(COMMIT, txn, [_commit_payload(at, hashes, {"step": step})])
             out += bufs
             try:
                 _pwrite_all(self._fd, out, at)
@@ -594,9 +600,7 @@ class Log:
                 self._truncate(at)
                 raise
             self._end = at + pos + n
-            for other in self._open.values():  # their frames are no longer the file's last
-                if other.pending is None:
-                    other.interleaved = True
+            self._others_interleaved()
             self.last_step = step
             self._entries.append(_Entry(step, fence, hp, extras, chunks, at))
             fd = self._fd
@@ -655,11 +659,16 @@ class Log:
                 c.frame_off += at
                 c.data_off += at
         w.pending = None
-        for other in self._open.values():
-            if other is not w and other.pending is None:
-                other.interleaved = True
+        self._others_interleaved(w)
         w.hashes.append(digest)
         w.last_frame = (frame_at, bufs[-len(parts) - 1][:_FRAME.size], n, digest)
+
+    def _others_interleaved(self, writer: "RecordWriter | None" = None) -> None:
+        """Under the lock, after a write: open records already in the file are no longer its last frames
+        (an abort of theirs then writes an ABORT frame rather than cutting the file)."""
+        for other in self._open.values():
+            if other is not writer and other.pending is None:
+                other.interleaved = True
 
     def _truncate(self, at: int):
         try:
@@ -808,9 +817,7 @@ class RecordWriter:
             if step != lg.last_step + 1:
                 raise ValueError(f"record of step {step} cannot follow step {lg.last_step} in {lg.path}")
             begin_off = lg._end if self.pending is not None else self.begin_off
-            payload = _COMMIT.pack(begin_off, len(self.hashes), _record_hash(self.hashes)) + (
-                b'{"step":%d}' % step if len(body) == 1 else _dumps(body))
-            lg._write_frame(self, COMMIT, [payload])
+            lg._write_frame(self, COMMIT, [_commit_payload(begin_off, self.hashes, body)])
             self.done = True
             lg._open.pop(self.txn, None)
             lg.last_step = step
