@@ -16,7 +16,7 @@ import grpc
 import numpy as np
 
 from optreg.plugins.registry import Registry
-from optreg.server import fastkernels, resident, shm, sparse, status
+from optreg.server import fastkernels, resident, shm, sparse, status, writers
 from optreg.server.errors import (DataLoss, DeadlineExceeded, FailedPrecondition, InvalidArgument, ResourceExhausted,
                                   shown)
 from optreg.server.factory import SessionConfig
@@ -107,6 +107,11 @@ def list_optimizers(registry: Registry) -> registry_pb2.ListOptimizersResponse:
 
 def _no_owner(context) -> str:
     return ""
+
+
+def _writer(context) -> tuple:
+    """(writers.Writer or None, take over?) of a single-writer step's caller."""
+    return writers.from_call(context.invocation_metadata(), context.peer())
 
 
 class _Paced:
@@ -297,7 +302,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
             session = self.store.get(request.session_id, self.owner(context))
         fence = request.step if request.HasField("step") else None
         return StepRun(self.store, session, fence, request.hyperparameters, request.metrics, context.is_active, out,
-                       sparse=bool(getattr(request, "sparse", None)))
+                       sparse=bool(getattr(request, "sparse", None)), writer=_writer(context))
 
     @status.handler
     def Step(self, request, context):
@@ -546,8 +551,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         with region.lock:
             if region.closed.is_set():
                 raise FailedPrecondition(f"shared-memory segment {shown(region.key)} was unregistered")
-            run = StepRun(self.store, session, request.step if request.HasField("step") else None,
-                          request.hyperparameters, request.metrics, context.is_active, out)
+            run = self._run(request, context, out, session)
             try:
                 result = run.open()
                 if result is None:
@@ -572,7 +576,8 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
             if region.closed.is_set():
                 raise FailedPrecondition(f"shared-memory segment {shown(region.key)} was unregistered")
             run = resident.ResidentStep(self.store, session, region, request.step if request.HasField("step") else None,
-                                        request.hyperparameters, request.metrics, context.is_active)
+                                        request.hyperparameters, request.metrics, context.is_active,
+                                        _writer(context))
             try:
                 run.run(grads)
                 return session_pb2.StepSharedMemoryResponse(step=run.result.step, replayed=run.result.replayed)
