@@ -6,6 +6,7 @@ import itertools
 
 import numpy as np
 
+from optreg.server import admission
 from optreg.server import sparse as sparse_rows
 from optreg.server.errors import Cancelled, FailedPrecondition, InvalidArgument, shown
 from optreg.server.membership import (DEFAULT_DEADLINE, DEFAULT_LEASE, LR_SCALED, WorkerConfig, note_worker_record,
@@ -77,9 +78,19 @@ class ContributionRun(StepRun):
 
 
 class WorkerSteps:
-    def __init__(self, store, chunk_bytes: int, max_message_bytes: int):
+    """`max_members`: sync and SSP members on the whole server, and worker calls in flight at once (every
+    member may wait in one for the others): app.py gives the thread pool a thread for each."""
+
+    def __init__(self, store, chunk_bytes: int, max_message_bytes: int, max_members: int = 64):
         self.store = store
-        self.hubs = Hubs(store)
+        self.hubs = Hubs(store, seats=admission.Limit(max_members, (
+            f"this server holds {max_members} members of sync and SSP sessions, its limit (--max-members): each "
+            "waits for the others in a call that needs a server thread; wait for a member to leave (or its lease "
+            "to run out), or start the server with a larger --max-members")))
+        self.calls = admission.Limit(max_members, (
+            f"this server has {max_members} calls of shared-session workers in flight, its limit (--max-members); "
+            "nothing was applied: send one call per worker at a time (retry this one when its previous call has "
+            "ended), or start the server with a larger --max-members"))
         self.chunk_bytes = chunk_bytes
         self.max_message_bytes = max_message_bytes
 
@@ -151,6 +162,10 @@ class WorkerSteps:
             hub.end_async(member, number, applied)
 
     def step(self, session, request, context) -> session_pb2.StepResponse:
+        with self.calls.take():
+            return self._step(session, request, context)
+
+    def _step(self, session, request, context) -> session_pb2.StepResponse:
         if session.reply != "none" and not request.sparse:  # a sparse step answers with its rows
             reply_bytes = session.elements * session.dtype.itemsize
             if reply_bytes > self.max_message_bytes - (64 << 10):
@@ -171,6 +186,10 @@ class WorkerSteps:
                                         sparse=sparse_rows.to_messages(o))
 
     def step_stream(self, session, first, rest, requests, context):
+        with self.calls.take():
+            yield from self._step_stream(session, first, rest, requests, context)
+
+    def _step_stream(self, session, first, rest, requests, context):
         def chunks():
             for i, msg in enumerate(itertools.chain([first], rest)):
                 if i and msg.session_id and msg.session_id != session.id:
@@ -182,7 +201,9 @@ class WorkerSteps:
                     raise InvalidArgument(f"worker/round changed mid-stream (first {shown(first.worker)} round "
                                           f"{first.round}): send them in the first message only")
                 yield from msg.chunks
-                requests.progress()
+                if any(len(t.data) for t in msg.chunks):  # the idle timer resets on data only, as for one writer
+                    requests.progress()
+            requests.received()  # its stream slot is free while the call waits (under its --max-members slot)
 
         o = self._contribute(session, first.worker, first.round, first.hyperparameters, first.metrics, chunks(),
                              context, first.sparse)
