@@ -171,6 +171,11 @@ class Members:
         check_worker_name(worker)
         return self._drop(worker) is not None
 
+    def readmit(self, m: Member) -> None:
+        """A member dropped while its own call waited comes back as it was (its clock), in a seat again."""
+        m.seat = self.seats.take() if self.seats is not None else None
+        self.by_name[m.worker] = m
+
     def clear(self) -> None:
         """Every member gone (the session was deleted): their seats back to the server."""
         for n in list(self.by_name):

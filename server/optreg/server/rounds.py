@@ -452,7 +452,7 @@ class Hub:
                         self.members.renew(m)
                         self.members.expire()
                         if m.worker not in self.members.by_name:  # dropped while waiting: back in
-                            self.members.by_name[m.worker] = m
+                            self.members.readmit(m)
                 clocks = {w: o.contributions for w, o in self.members.by_name.items()}
                 clocks[worker] = m.contributions + 1
             return m, None, clocks
