@@ -180,9 +180,22 @@ def test_members_beyond_max_members_are_refused_at_join_and_the_others_close_rou
         session_pb2.JoinSessionRequest(session_id=sid, worker="d"), timeout=PROMPT), "--max-members", "4")
     refused(grpc.StatusCode.RESOURCE_EXHAUSTED, lambda: contribute(stub, other, "y", 0), "--max-members")
     assert stub.GetSession(session_pb2.GetSessionRequest(session_id=other), timeout=PROMPT).session.step == 0
-    # Within the limit, rounds close (4 members waiting on a server of 2 handler threads).
-    replies = run_round(stub, sid, ["a", "b", "c"], 0)
-    assert {x.step for x in replies} == {1} and all(sorted(x.contributors) == ["a", "b", "c"] for x in replies)
+    # Within the limit, rounds close (4 members waiting on a server of 2 handler threads), and a member
+    # that floods the server with the same contribution holds two calls (a call and a retry), not the
+    # slots of the others: they still get in.
+    with futures.ThreadPoolExecutor(10) as pool:
+        flood = [pool.submit(contribute, stub, sid, "a", 0) for _ in range(10)]
+        end = time.monotonic() + PROMPT
+        while sum(f.done() for f in flood) < 8 and time.monotonic() < end:
+            time.sleep(0.05)
+        replies = run_round(stub, sid, ["b", "c"], 0)
+        floods = [f.exception() or f.result() for f in flood]
+    too_many = [e for e in floods if isinstance(e, grpc.RpcError)]
+    assert len(too_many) == 8 and all(e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for e in too_many)
+    assert "calls in flight" in too_many[0].details(), too_many[0].details()
+    replies += [r for r in floods if not isinstance(r, grpc.RpcError)]
+    assert len(replies) == 4 and {x.step for x in replies} == {1}
+    assert all(sorted(x.contributors) == ["a", "b", "c"] for x in replies)
     assert contribute(stub, other, "x", 0).step == 1
     # A member that leaves gives its seat back, and so do the members of a deleted session.
     stub.LeaveSession(session_pb2.LeaveSessionRequest(session_id=other, worker="x"), timeout=PROMPT)

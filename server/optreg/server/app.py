@@ -27,6 +27,7 @@ from optreg.server import budget as memory
 from optreg.server.factory import Limits
 from optreg.server.fsync import GroupSyncer
 from optreg.server.journal import Journal
+from optreg.server.membership import CALLS_PER_WORKER
 from optreg.server.store import SessionStore
 from optreg.server import telemetry_service
 from optreg.server.telemetry import TelemetryHub, TelemetryObserver
@@ -164,7 +165,7 @@ class OptregServer:
         # Watchers and shared-session workers wait (for steps, for the other members) holding a thread each:
         # the pool has one for each admitted, on top of --workers, so they never take the threads that steps
         # and health checks use (admission.py).
-        threads = settings.workers + settings.max_watchers + settings.max_members
+        threads = settings.workers + settings.max_watchers + CALLS_PER_WORKER * settings.max_members
         self.grpc_server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="optreg"),
             interceptors=[self.auth] if self.auth else [],

@@ -17,6 +17,7 @@ from optreg.server.errors import FailedPrecondition, InvalidArgument, shown
 MODES = ("sync", "async", "ssp")
 COMBINES = ("mean", "sum")
 MAX_WORKERS = 1024
+CALLS_PER_WORKER = 2  # a worker's calls in flight at once on one session: a call, and a retry overlapping it
 WORKER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:@-]{0,127}")
 WORKER_NAME_RULE = "1-128 letters, digits, '_', '-', '.', ':' or '@', not starting with a punctuation mark"
 DEFAULT_DEADLINE = 30.0
