@@ -58,7 +58,7 @@ class Settings:
     memory_budget_mb: float | None = None  # None: budget.DEFAULT_SHARE of physical memory; 0: unlimited
     max_streams: int = 0  # 0: half the workers
     max_watchers: int = 16  # WatchSession calls at once (each has a thread of its own beyond `workers`)
-    max_members: int = 64  # sync/SSP members on the server, and worker calls at once (a thread each beyond `workers`)
+    max_members: int = 64  # sync/SSP members on the server; worker calls: two each, with threads beyond `workers`
     stream_idle_seconds: float = 30.0
     fsync_method: str = "threads"  # how the log syncer makes a batch durable (fsync.METHODS)
     max_tensors: int = 4096
