@@ -197,13 +197,10 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         # compiled kernels are found by their definition, so these objects, not a fresh registry's.
         fastkernels.warm(definitions=[r.definition for r in store.registry.optimizers.values()])
 
-    def _stream_slot(self):
-        return self._streams.take()
-
     @contextlib.contextmanager
     def _upload(self, request_iterator):
         """A stream slot, and the requests paced by the idle timeout, for a call that receives a stream."""
-        with self._stream_slot() as slot:
+        with self._streams.take() as slot:
             paced = _Paced(request_iterator, self.stream_idle_seconds, slot)
             try:
                 yield paced
@@ -436,7 +433,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
 
     @status.handler
     def ReadParametersStream(self, request, context):
-        with self._stream_slot():
+        with self._streams.take():
             session, arrays, step = self._read(request, context)
             try:
                 selected = self._selected(session, arrays.params, request.names)
@@ -461,7 +458,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
 
     @status.handler
     def ReadStateStream(self, request, context):
-        with self._stream_slot():
+        with self._streams.take():
             session, arrays, _ = self._read(request, context)
             try:
                 yield session_pb2.ReadStateStreamResponse(session=session_info(session))
