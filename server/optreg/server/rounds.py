@@ -150,10 +150,10 @@ def _remaining(context) -> float:
 class Hub:
     """The members and open round of one shared session."""
 
-    def __init__(self, store, session):
+    def __init__(self, store, session, seats=None):
         self.store, self.session, self.config = store, session, session.workers
         self.cond = threading.Condition()
-        self.members = Members(self.config, session.id)
+        self.members = Members(self.config, session.id, seats)
         self.members.on_expired = self._lease_ran_out
         self.round = Round(session.step)
         self.last: Outcome | None = None
@@ -452,7 +452,7 @@ class Hub:
                         self.members.renew(m)
                         self.members.expire()
                         if m.worker not in self.members.by_name:  # dropped while waiting: back in
-                            self.members.by_name[m.worker] = m
+                            self.members.readmit(m)
                 clocks = {w: o.contributions for w, o in self.members.by_name.items()}
                 clocks[worker] = m.contributions + 1
             return m, None, clocks
@@ -489,9 +489,10 @@ class Hubs:
     """The hubs of every shared session, made on first use, and one background thread that ends leases
     and closes rounds whose waiters have gone."""
 
-    def __init__(self, store, interval: float = 0.1):
+    def __init__(self, store, interval: float = 0.1, seats=None):
         self.store = store
         self.interval = interval
+        self.seats = seats  # the server's --max-members (admission.Limit), shared by every session's members
         self._lock = threading.Lock()
         self._thread = None
         store.observers.append(self)
@@ -505,7 +506,7 @@ class Hubs:
             if hub is None:
                 with session.lock:
                     self.store.ensure_loaded(session)  # the open round is the session's step
-                hub = session.hub = Hub(self.store, session)
+                hub = session.hub = Hub(self.store, session, self.seats)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, daemon=True, name="optreg-rounds")
                 self._thread.start()
@@ -534,4 +535,5 @@ class Hubs:
         if hub is not None:
             with hub.cond:
                 hub.deleted = True
+                hub.members.clear()
                 hub.cond.notify_all()
