@@ -3,7 +3,7 @@ network (the book's two-layer net on scikit-learn's digits) while one worker aft
 with SIGKILL and restarted (it rejoins under its name), and now and then the server is killed with
 SIGKILL and restarted on the same port and data directory (durability `log`).
 
-    python -m bench --only chaos     # a few minutes (--quick: ~25 s); tests/test_chaos.py: ~40 s
+    python -m bench --only chaos     # a few minutes (--quick: ~30 s); tests/test_chaos.py: ~45 s
     python -m bench.chaos worker ADDRESS SESSION NAME FOLDER      # one worker (run() starts them)
 
 Every worker appends each event to FOLDER/NAME.jsonl, fsynced: what it sent (round, a digest of its
@@ -200,7 +200,7 @@ class Monitor(threading.Thread):
         self.request = session_pb2.GetSessionRequest(session_id=session_id)
         self.stopped = threading.Event()
         self.late: list[dict] = []  # rounds left open past their deadline
-        self.most_overdue = 0.0  # the largest (seen open - due) of any round, seconds
+        self.most_overdue = float("-inf")  # the largest (seen open - due) of any round, seconds
         self.committed = 0  # the open round last seen: rounds committed so far
 
     def run(self):
@@ -423,13 +423,16 @@ class Report:
     contributions_sent: int
     contributions_applied: int
     full_rounds: int  # rounds with all WORKERS contributors
+    replayed: int  # answers to a retry of a round already applied (its first answer was lost)
+    stale: int  # contributions refused because their round closed without them (or with them, unanswered)
     torn: int
     problems: list  # anything else (worker gradients that differ from the replay's, odd acks)
 
     def summary(self) -> str:
         return (f"{self.rounds} rounds committed of {self.attempts} attempted ({self.fraction:.1%}); "
                 f"{self.contributions_applied} of {self.contributions_sent} contributions applied; "
-                f"{self.full_rounds} rounds with all {WORKERS} workers; {self.acks} acknowledgements")
+                f"{self.full_rounds} rounds with all {WORKERS} workers; {self.acks} answers ({self.replayed} "
+                f"replayed), {self.stale} contributions refused as stale")
 
 
 def check(r: Run) -> Report:
@@ -513,7 +516,47 @@ def check(r: Run) -> Report:
     sent = len({(x["worker"], x["round"]) for x in sends if x["round"] < r.final_step})
     attempts = r.final_step + aborted_by_server_kills(r.folder, acks, sends)
     return Report(len(acks), lost, disagreeing, replay_mismatch, unknown, final_equal, r.final_step, attempts,
-                  r.final_step / attempts if attempts else 0.0, sent, applied, full, torn, problems)
+                  r.final_step / attempts if attempts else 0.0, sent, applied, full, sum(a["replayed"] for a in acks),
+                  sum(x["event"] == "mismatch" for x in records), torn, problems)
+
+
+# -- python -m bench --only chaos ------------------------------------------------------------------
+def bench_chaos(cfg, _server, _echo):
+    """Rows: the fraction of round attempts that committed, of contributions applied, rounds per second
+    under chaos. Raises when a promise broke, so the quick bench in CI fails too."""
+    import tempfile
+    from bench.run import row
+
+    with tempfile.TemporaryDirectory(prefix="optreg-chaos-") as d:
+        if cfg.quick:
+            r = run(d, 10.0, worker_kill_every=(1.0, 3.0), server_kill_every=(4.0, 6.0), min_kills=(2, 1),
+                    min_rounds=20, most_seconds=180.0)
+        else:
+            r = run(d, 180.0, worker_kill_every=(2.0, 6.0), server_kill_every=(15.0, 40.0), min_kills=(20, 4),
+                    min_rounds=500, most_seconds=900.0)
+        rep = check(r)
+        kills = f"{r.worker_kills} worker and {r.server_kills} server kills (SIGKILL) in {r.seconds:.0f} s"
+        row("chaos: round attempts committed", rep.fraction, "", note=f"{rep.rounds} rounds; {kills}")
+        row("chaos: contributions applied", rep.contributions_applied / max(1, rep.contributions_sent), "",
+            note=f"{rep.contributions_applied} of {rep.contributions_sent} sent; {rep.full_rounds} rounds with all "
+                 f"{WORKERS}; {rep.replayed} answers replayed; {rep.stale} refused as stale")
+        row("chaos: rounds per second under chaos", rep.rounds / r.seconds, "rounds/s",
+            note=f"most overdue round {r.most_overdue:+.2f} s past its deadline (late: {len(r.late)})")
+        broken = {k: v for k, v in (("lost", rep.lost), ("answered differently", rep.disagreeing),
+                                    ("replay differs", rep.replay_mismatch), ("not reconstructible",
+                                                                              rep.unknown_rounds),
+                                    ("late", r.late), ("other", rep.problems)) if v}
+        if broken or not rep.final_equal:
+            raise AssertionError(f"chaos broke a promise: {broken}, final state equal to the replay: "
+                                 f"{rep.final_equal} (journals in {d}, kept: {keep(d)})")
+
+
+def keep(folder) -> str:
+    """A copy of a failed run's journals and server log, for the report (the run's folder is temporary)."""
+    import shutil
+    dest = pathlib.Path(f"/tmp/optreg-chaos-failed-{int(time.time())}")
+    shutil.copytree(folder, dest, ignore=shutil.ignore_patterns("data"))
+    return str(dest)
 
 
 if __name__ == "__main__":
