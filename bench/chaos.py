@@ -84,6 +84,9 @@ class Journal:
         os.write(self.fd, (json.dumps(record) + "\n").encode())
         os.fsync(self.fd)
 
+    def close(self):
+        os.close(self.fd)
+
 
 def worker_main(address: str, session_id: str, name: str, folder: str) -> None:
     from optreg.client import Client, RetryPolicy, StepMismatch
@@ -308,15 +311,15 @@ def run(folder, seconds: float, worker_kill_every=(1.0, 3.0), server_kill_every=
     monitor.start()
     worker_kills = server_kills = 0
     events = Journal(folder / "driver.jsonl")  # what the driver did when, beside the workers' journals
-    start = time.monotonic()
-    while not all(running(n) for n in procs) and time.monotonic() < start + most_seconds:
-        time.sleep(0.1)  # the chaos starts once every worker contributes (python starts slowly under load)
-    events.write(event="workers up", at=time.time())
-    start = time.monotonic()
-    end, hard_end = start + seconds, start + most_seconds
-    next_worker = start + rng.uniform(*worker_kill_every)
-    next_server = start + rng.uniform(*server_kill_every)
     try:
+        start = time.monotonic()
+        while not all(running(n) for n in procs) and time.monotonic() < start + most_seconds:
+            time.sleep(0.1)  # the chaos starts once every worker contributes (python starts slowly under load)
+        events.write(event="workers up", at=time.time())
+        start = time.monotonic()
+        end, hard_end = start + seconds, start + most_seconds
+        next_worker = start + rng.uniform(*worker_kill_every)
+        next_server = start + rng.uniform(*server_kill_every)
         while (now := time.monotonic()) < end or (
                 now < hard_end and (worker_kills < min_kills[0] or server_kills < min_kills[1]
                                     or monitor.committed < min_rounds)):
@@ -361,6 +364,7 @@ def run(folder, seconds: float, worker_kill_every=(1.0, 3.0), server_kill_every=
                 p.kill()
                 p.wait()
         monitor.stopped.set()
+        events.close()
         client.close()
         server.stop()
     return Run(folder, s.id, p0, state.info.step, state.parameters, state.state, worker_kills, server_kills,
