@@ -205,6 +205,7 @@ class Monitor(threading.Thread):
         self.late: list[dict] = []  # rounds left open past their deadline
         self.most_overdue = float("-inf")  # the largest (seen open - due) of any round, seconds
         self.committed = 0  # the open round last seen: rounds committed so far
+        self.closing = threading.Event()  # set while the open round has all but one contribution (about to close)
 
     def run(self):
         cur = seen = quorum_at = None
@@ -219,6 +220,7 @@ class Monitor(threading.Thread):
             now = time.monotonic()
             committed = [m.worker for m in info.members if m.last_round == info.open_round]
             self.committed = max(self.committed, info.open_round)
+            (self.closing.set if len(committed) >= WORKERS - 1 else self.closing.clear)()
             if info.open_round != cur:
                 cur, seen, quorum_at, polls_overdue = info.open_round, None, None, 0
             if committed and seen is None:
@@ -337,6 +339,9 @@ def run(folder, seconds: float, worker_kill_every=(1.0, 3.0), server_kill_every=
                 spawn(name)  # rejoins under its name
                 next_worker = now + rng.uniform(*worker_kill_every)
             if now >= next_server:
+                # Mostly just as a round is about to close: its record may be logged and its replies lost, so
+                # the workers' retries must be answered from the log (replayed), not applied again.
+                monitor.closing.wait(2.0)
                 server.kill()
                 server_kills += 1
                 events.write(event="killed server", at=time.time())
