@@ -237,9 +237,13 @@ class Hub:
     def _closed_answer(self, worker: str, number: int) -> Outcome:
         """A contribution to a round that is no longer open: a retry of one it applied, or stale."""
         if self.last is not None and self.last.round == number and worker in self.last.contributors:
-            if self.last.tensors is None:  # restored after a restart: the session still holds that step
-                return self._current(number, self.last.contributors)
-            return Outcome(**{**self.last.__dict__, "replayed": True})
+            if self.last.tensors is None:  # restored after a restart: answered from the session at that step
+                # ... while it is still there: the next round may have committed without updating self.last yet
+                answer = self._current(number, self.last.contributors)
+                if answer.step == number + 1:
+                    return answer
+            else:
+                return Outcome(**{**self.last.__dict__, "replayed": True})
         for rnd, who in self.history:
             if rnd == number and worker in who:
                 raise FailedPrecondition(
