@@ -61,9 +61,13 @@ class StreamStep:
     def _receive(self, session, replies):
         """The result, returned only when the stream ended OK, i.e. after the server committed the
         step (a broken stream raises, and nothing was applied). A stream that ended OK but whose
-        chunks do not fit raises ReassemblyError: the step WAS applied."""
+        chunks do not fit raises ReassemblyError: the step WAS applied. Chunks marked provisional
+        (sent before the commit) are the result only if no later message carries chunks: those of a
+        lost race's answer (the committed step's reply, replayed) replace them."""
         rx, filled, last = self.rx, {}, None
         for msg in replies:
+            if last is not None and last.provisional and not msg.provisional and msg.chunks:
+                filled = {}  # the answer starts over
             last = msg
             for t in msg.chunks:
                 dtype = tensors.numpy_dtype(t.dtype)

@@ -348,7 +348,7 @@ class StepStreamRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., chunks: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., hyperparameters: _Optional[_Mapping[str, float]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., worker: _Optional[str] = ..., round: _Optional[int] = ..., sparse: _Optional[_Iterable[_Union[_tensor_pb2.SparseRows, _Mapping]]] = ...) -> None: ...
 
 class StepStreamResponse(_message.Message):
-    __slots__ = ("step", "replayed", "chunks", "round", "staleness", "contributors", "sparse")
+    __slots__ = ("step", "replayed", "chunks", "round", "staleness", "contributors", "sparse", "provisional")
     STEP_FIELD_NUMBER: _ClassVar[int]
     REPLAYED_FIELD_NUMBER: _ClassVar[int]
     CHUNKS_FIELD_NUMBER: _ClassVar[int]
@@ -356,6 +356,7 @@ class StepStreamResponse(_message.Message):
     STALENESS_FIELD_NUMBER: _ClassVar[int]
     CONTRIBUTORS_FIELD_NUMBER: _ClassVar[int]
     SPARSE_FIELD_NUMBER: _ClassVar[int]
+    PROVISIONAL_FIELD_NUMBER: _ClassVar[int]
     step: int
     replayed: bool
     chunks: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Tensor]
@@ -363,7 +364,8 @@ class StepStreamResponse(_message.Message):
     staleness: int
     contributors: _containers.RepeatedScalarFieldContainer[str]
     sparse: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.SparseRows]
-    def __init__(self, step: _Optional[int] = ..., replayed: _Optional[bool] = ..., chunks: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., round: _Optional[int] = ..., staleness: _Optional[int] = ..., contributors: _Optional[_Iterable[str]] = ..., sparse: _Optional[_Iterable[_Union[_tensor_pb2.SparseRows, _Mapping]]] = ...) -> None: ...
+    provisional: bool
+    def __init__(self, step: _Optional[int] = ..., replayed: _Optional[bool] = ..., chunks: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., round: _Optional[int] = ..., staleness: _Optional[int] = ..., contributors: _Optional[_Iterable[str]] = ..., sparse: _Optional[_Iterable[_Union[_tensor_pb2.SparseRows, _Mapping]]] = ..., provisional: _Optional[bool] = ...) -> None: ...
 
 class ReadParametersRequest(_message.Message):
     __slots__ = ("session_id", "names")

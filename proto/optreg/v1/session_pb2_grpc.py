@@ -186,7 +186,8 @@ class SessionServiceServicer:
 
     def StepStream(self, request_iterator, context):
         """The first message carries session_id and step; all carry gradient chunks.
-        The reply streams the step's result in chunks.
+        The reply streams the step's result in chunks; chunks sent before the
+        step committed are marked provisional (see StepStreamResponse).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -307,9 +307,10 @@ def pack_views(chunks: Iterable[tuple], chunk_bytes: int = CHUNK_BYTES) -> Itera
     return pack(chunks, chunk_bytes, size=lambda c: c[4].nbytes)
 
 
-def response_head(step: int, replayed: bool = False) -> bytes:
-    """Fields 1-2 of a StepStreamResponse, encoded (a request's later messages have none)."""
-    return (b"\x08" + varint(step) if step else b"") + (b"\x10\x01" if replayed else b"")
+def response_head(step: int, replayed: bool = False, provisional: bool = False) -> bytes:
+    """Fields 1-2 (and 9) of a StepStreamResponse, encoded (a request's later messages have none)."""
+    return ((b"\x08" + varint(step) if step else b"") + (b"\x10\x01" if replayed else b"")
+            + (b"\x48\x01" if provisional else b""))
 
 
 def serialize_passthrough(serialize):
@@ -330,10 +331,10 @@ class StreamTensor:
 class StreamResponse:
     """A decoded StepStreamResponse (step, replayed, chunks; and a shared session's round, staleness and
     contributors) whose chunks' data are not copied."""
-    __slots__ = ("step", "replayed", "chunks", "round", "staleness", "contributors")
+    __slots__ = ("step", "replayed", "chunks", "round", "staleness", "contributors", "provisional")
 
     def __init__(self):
-        self.step, self.replayed, self.chunks = 0, False, []
+        self.step, self.replayed, self.chunks, self.provisional = 0, False, [], False
         self.round, self.staleness, self.contributors = 0, 0, []
 
 
@@ -432,7 +433,7 @@ def decode_step_response(data: bytes) -> StreamResponse:
                 raise ValueError("truncated field")
             msg.chunks.append(_decode_tensor(buf, i, i + n))
             i += n
-        elif field in (1, 2, 4, 5) and wire == 0:
+        elif field in (1, 2, 4, 5, 9) and wire == 0:
             v, i = read_varint(buf, i, end)
             if field == 1:
                 msg.step = _int64(v)
@@ -440,8 +441,10 @@ def decode_step_response(data: bytes) -> StreamResponse:
                 msg.replayed = v != 0
             elif field == 4:
                 msg.round = _int64(v)
-            else:
+            elif field == 5:
                 msg.staleness = _int64(v)
+            else:
+                msg.provisional = v != 0
         elif field == 6 and wire == 2:
             n, i = read_varint(buf, i, end)
             if i + n > end:

@@ -130,7 +130,8 @@ class SessionFactory:
         check_state(defn, state)
         shapes = {n: tuple(np.shape(p)) for n, p in params.items()}
         session = Session(config.session_id or uuid.uuid4().hex, registered, hp, codes[master], config.reply,
-                          durability, shapes, tuple(declared), step=initial_step, owner=owner)
+                          durability, shapes, tuple(declared), step=initial_step, first_step=initial_step,
+                          owner=owner)
         if config.workers is not None:
             session.workers = config.workers.checked()
             if session.workers.mode != "sync" and config.reply == "delta":

@@ -32,7 +32,7 @@ import time
 import numpy as np
 
 from optreg.server import kernels, snapshot, sparse, wal
-from optreg.server.errors import ResourceExhausted, Unavailable
+from optreg.server.errors import NotFound, ResourceExhausted, Unavailable
 from optreg.server.fsync import GroupSyncer, fsync_dir
 from optreg.server.membership import LR_SCALED, WorkerConfig, note_worker_record
 from optreg.server.sessions import DTYPE_NAMES, Arrays, Durability, Session
@@ -118,7 +118,7 @@ def write_failed(session: Session, e: OSError, what: str) -> Exception:
 def meta_of(s: Session, hyperparameters: dict | None = None) -> dict:
     return {"session_id": s.id, "optimizer": s.optimizer.definition.name, "plugin": s.optimizer.plugin,
             "hyperparameters": {k: float(v) for k, v in (hyperparameters or s.hyperparameters).items()},
-            "step": s.step, "master_dtype": DTYPE_NAMES[s.master_code], "reply": s.reply,
+            "step": s.step, "first_step": s.first_step, "master_dtype": DTYPE_NAMES[s.master_code], "reply": s.reply,
             "created_at": s.created_at, "last_used_at": s.last_used_at, "owner": s.owner,
             "durability": s.durability.mode,
             "periodic_steps": s.durability.periodic_steps, "periodic_seconds": s.durability.periodic_seconds,
@@ -239,12 +239,20 @@ class _Record:
         self.nbytes = 0
         self.pending: list = []
         self.open = True
-        journal.count_open(session.id, +1)
+        journal.count_open(session, +1)
 
     def _closed(self) -> None:
         if self.open:
             self.open = False
-            self.journal.count_open(self.session.id, -1)
+            self.journal.count_open(self.session, -1)
+
+    def _failed(self, e: Exception) -> Exception:
+        """A write's failure as the refusal to send: the log closed under the record means its session
+        was deleted meanwhile (a new session may hold the id, with a log of its own)."""
+        if self.log.closed:
+            return NotFound(f"session {self.session.id} was deleted while step {self.step} was in flight; "
+                            "it was not applied")
+        return write_failed(self.session, e, f"the log record of step {self.step}") if isinstance(e, OSError) else e
 
     def _writer(self) -> wal.RecordWriter:
         """The record's writer, opened (its BEGIN frame pending) with the tensors that waited."""
@@ -253,8 +261,8 @@ class _Record:
                 self.writer = self.log.begin(self.step, self.fence, self.hp, self.extras)
                 for name, dtype, shape, data in self.waiting:
                     self.writer.add(name, dtype, shape, 0, data)
-            except OSError as e:
-                raise write_failed(self.session, e, f"the log record of step {self.step}") from None
+            except (OSError, ValueError) as e:
+                raise self._failed(e) from None
             self.waiting = []
         return self.writer
 
@@ -274,8 +282,8 @@ class _Record:
         self._settle()
         try:
             writer.add(name, tensors.DTYPES[code], shape, start, data)
-        except OSError as e:
-            raise write_failed(self.session, e, f"the log record of step {self.step}") from None
+        except (OSError, ValueError) as e:
+            raise self._failed(e) from None
 
     def _settle(self) -> None:
         """Wait for the chunks handed to the writer thread; raise the first failure."""
@@ -284,10 +292,8 @@ class _Record:
         for f in pending:
             e = f.exception()
             error = error or e
-        if isinstance(error, OSError):
-            raise write_failed(self.session, error, f"the log record of step {self.step}")
         if error is not None:
-            raise error
+            raise self._failed(error)
 
     def add_array(self, key: str, array: np.ndarray) -> None:
         """A whole array the step needs replayed with it (a sparse step's rows and values)."""
@@ -296,8 +302,8 @@ class _Record:
         self._settle()
         try:
             writer.add(key, array.dtype, array.shape, 0, np.ascontiguousarray(array).reshape(-1))
-        except OSError as e:
-            raise write_failed(self.session, e, f"the log record of step {self.step}") from None
+        except (OSError, ValueError) as e:
+            raise self._failed(e) from None
 
     def renumber(self, step: int, hyperparameters: dict) -> None:
         """An unfenced step learns its number, and the hyperparameters it ran with, at commit."""
@@ -354,16 +360,18 @@ class Journal:
         self.syncer = syncer or GroupSyncer()
         self._logs: dict[str, wal.Log] = {}
         self._snapshot_at: dict[str, float] = {}
-        self._inflight: dict[str, int] = {}  # session id -> its steps whose log records are open
+        # session -> its steps whose log records are open. By the object, not the id: a deleted session's
+        # stream may still hold a record (of its own, closed log) while a new session takes the id.
+        self._inflight: dict[Session, int] = {}
         self._inflight_lock = threading.Lock()  # records begin outside the session's lock
 
-    def count_open(self, session_id: str, delta: int) -> None:
+    def count_open(self, session: Session, delta: int) -> None:
         with self._inflight_lock:
-            n = self._inflight.get(session_id, 0) + delta
+            n = self._inflight.get(session, 0) + delta
             if n > 0:
-                self._inflight[session_id] = n
+                self._inflight[session] = n
             else:
-                self._inflight.pop(session_id, None)
+                self._inflight.pop(session, None)
 
     def snapshot_path(self, session_id: str) -> pathlib.Path:
         return self.dir / f"{session_id}{SNAPSHOT}"
@@ -376,7 +384,7 @@ class Journal:
         """Write the session's snapshot, then empty its log. Caller holds its lock; its set is loaded.
         OSError (EBUSY) before anything is written while a step's log record is open: the log cannot
         be emptied under it, and that step commits hyperparameters resolved before this snapshot."""
-        if self._inflight.get(s.id):
+        if self._inflight.get(s):
             raise OSError(errno.EBUSY, "a step of this session is in flight (its log record is open)")
         arrays, table = snapshot_arrays(s)
         meta = dict(meta_of(s, hyperparameters), tensors=table, saved_at=time.time())
@@ -438,7 +446,7 @@ class Journal:
         steps, so a snapshot of it and a new, empty log stand for all the broken log held. If that
         fails too (the disk still failing), the log stays broken and the step is refused as before."""
         lg = self._logs.get(s.id)
-        if lg is None or lg.broken is None or self._inflight.get(s.id):
+        if lg is None or lg.broken is None or self._inflight.get(s):
             return
         try:
             self._snapshot(s)
@@ -484,7 +492,7 @@ class Journal:
 
     def _try_snapshot(self, s: Session) -> None:
         """A snapshot the step does not depend on: a failure is logged, and tried again later."""
-        if self._inflight.get(s.id):  # another step of the session is in flight: after it
+        if self._inflight.get(s):  # another step of the session is in flight: after it
             return
         try:
             self._snapshot(s)
@@ -525,7 +533,7 @@ class Journal:
         if mode.mode == "periodic":
             if s.dirty and now - s.persisted_at >= mode.periodic_seconds:
                 self._snapshot(s)
-        elif (self._log_bytes(s.id) and not self._inflight.get(s.id)
+        elif (self._log_bytes(s.id) and not self._inflight.get(s)
               and time.time() - s.last_used_at >= IDLE_SECONDS
               and now - self._snapshot_at.get(s.id, 0.0) >= SNAPSHOT_SECONDS):
             self._snapshot(s)
@@ -577,7 +585,8 @@ class Journal:
         s = Session(meta["session_id"], registered, hp, DTYPE_CODES[meta["master_dtype"]], meta["reply"],
                     Durability(meta["durability"], int(meta["periodic_steps"]), float(meta["periodic_seconds"])),
                     {n: tuple(v) for n, v in meta["shapes"].items()}, tuple(meta["slots"]),
-                    step=int(meta["step"]), owner=meta.get("owner", ""), created_at=float(meta["created_at"]),
+                    step=int(meta["step"]), first_step=int(meta.get("first_step", 0)), owner=meta.get("owner", ""),
+                    created_at=float(meta["created_at"]),
                     last_used_at=float(meta.get("last_used_at") or meta.get("saved_at") or meta["created_at"]))
         s.workers = WorkerConfig.from_meta(meta.get("workers"))
         s.round_record = meta.get("round_record")

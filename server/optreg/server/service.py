@@ -17,8 +17,8 @@ import numpy as np
 
 from optreg.plugins.registry import Registry
 from optreg.server import admission, fastkernels, resident, shm, sparse, status, writers
-from optreg.server.errors import (DataLoss, DeadlineExceeded, FailedPrecondition, InvalidArgument, ResourceExhausted,
-                                  shown)
+from optreg.server.errors import (Cancelled, DataLoss, DeadlineExceeded, FailedPrecondition, InvalidArgument,
+                                  ResourceExhausted, shown)
 from optreg.server.factory import SessionConfig
 from optreg.server.metrics import Metrics
 from optreg.server.pipeline import StepRun
@@ -135,7 +135,9 @@ class _Paced:
                 if not self._put(m):
                     return
             self._put(self._END)
-        except BaseException as e:  # the call ended (cancelled, broken): hand it to the handler
+        except grpc.RpcError:  # the client cancelled the call (or its deadline passed): no server error
+            self._put(Cancelled("the call was cancelled before its last message; nothing of it was applied"))
+        except BaseException as e:  # the call broke otherwise: hand it to the handler
             self._put(e)
 
     def _put(self, item) -> bool:
@@ -362,12 +364,15 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         try:
             result = run.open()
             if result is not None:  # a retry: drain the stream, answer again
-                for _ in request_iterator:
-                    requests.progress()
+                for msg in request_iterator:
+                    if any(t.data for t in msg.chunks):  # tensor data only: empty messages are no progress
+                        requests.progress()
                 yield from self._reply_batches(result.step, True, result.tensors, sparse.to_messages(result))
                 return
+            # The result streams while the gradients arrive (the update overlaps the transfer), marked
+            # provisional: the step may yet be refused (a NaN in a later chunk) or lose its fence's race.
             send = run.session.reply == "parameters" and run.overlap
-            head = tensors.response_head(run.t)
+            head = tensors.response_head(run.t, provisional=True)
             code, chunk = run.session.master_code, self.chunk_bytes
             for i, msg in enumerate(itertools.chain([first], request_iterator)):
                 if i and msg.session_id and msg.session_id != run.session.id:
@@ -394,12 +399,10 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
                 for batch in tensors.pack_views(out, chunk):
                     yield tensors.encode_stream_message(head, batch)
             result = run.finish()
-            if run.is_sparse:
+            if send and not result.replayed:  # committed: the provisional chunks are its result
+                yield session_pb2.StepStreamResponse(step=result.step)
+            else:  # a lost race is answered as the retry it is: the committed step's reply, whole
                 yield from self._reply_batches(result.step, result.replayed, result.tensors, sparse.to_messages(result))
-            elif send or not result.tensors:
-                yield session_pb2.StepStreamResponse(step=result.step, replayed=result.replayed)
-            else:
-                yield from self._reply_batches(result.step, result.replayed, result.tensors)
         finally:
             run.close()
 

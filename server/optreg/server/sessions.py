@@ -127,6 +127,9 @@ class Session:
     shapes: dict[str, tuple]
     slot_names: tuple[str, ...]
     step: int = 0
+    # The step it was created at (CreateSession's initial_step): the steps before it were never applied
+    # here, so a fence naming one is no retry (check_fence). Kept in the snapshot's metadata.
+    first_step: int = 0
     owner: str = ""  # the creating token's hash; "" when the server has no tokens
     created_at: float = field(default_factory=time.time)
     last_used_at: float = field(default_factory=time.time)
@@ -188,12 +191,17 @@ class Session:
         Caller holds the lock."""
         if fence is None or fence == self.step:
             return False
-        if fence == self.step - 1 and fence >= 0:
+        retry = self.step > self.first_step  # it applied a step itself: the last one can be answered again
+        if fence == self.step - 1 and retry:
             return True
+        if fence == self.step - 1 and fence >= 0:
+            why = (f"step {fence} was never applied by session {self.id}: it was created at step {self.step} "
+                   "and has applied no step since")
+        else:
+            why = f"step {fence} does not match session {self.id}, which is at step {self.step}"
         raise FailedPrecondition(
-            f"step {fence} does not match session {self.id}, which is at step {self.step}: "
-            f"send step={self.step} for the next step"
-            + (f" (or {self.step - 1} to retry the last one)" if self.step > 0 else " (it has no step to retry)"),
+            f"{why}: send step={self.step} for the next step"
+            + (f" (or {self.step - 1} to retry the last one)" if retry else " (it has no step to retry)"),
             metadata=(("optreg-server-step", str(self.step)),))
 
     def answer(self, replayed: bool) -> StepResult:

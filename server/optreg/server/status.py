@@ -60,6 +60,8 @@ def handler(method):
             raise e
         code, message, metadata = t
         self.metrics.error(code.name, name)
+        if code == grpc.StatusCode.CANCELLED:  # the client's doing, one line
+            log.info("%s: %s", name, message)
         if metadata:
             context.set_trailing_metadata(metadata)
         context.abort(code, message)

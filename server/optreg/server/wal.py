@@ -704,6 +704,10 @@ class Log:
         return self._broken
 
     @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
     def log_bytes(self) -> int:
         """Bytes after the header (records since the base step, and any open ones)."""
         return self._end - self._header_end
