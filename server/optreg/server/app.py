@@ -233,6 +233,9 @@ class OptregServer:
         print(f"optreg serving on {self.address}", flush=True)
         if self.dashboard:
             print(f"optreg dashboard on {self.dashboard.url}", flush=True)
+        # After the lines scripts read (the address first, then the dashboard's URL).
+        print(f"optreg sessions in {pathlib.Path(self.settings.data_dir).resolve()}" if self.settings.data_dir else
+              "optreg sessions in memory only (lost when the server stops)", flush=True)
         log.info("optimizers: %s", ", ".join(self.registry.optimizers))
         for f in self.registry.failures:
             log.error("plugin %s failed: %s", f.plugin, f.reason)

@@ -48,7 +48,7 @@ def _serve_ray(args, data_dir) -> int:
         return 2
     try:
         server = ClusterServer(data_dir, ray_address=args.ray or None, host=args.host, port=args.port,
-                               workers=args.workers, max_message_mb=args.max_message_mb,
+                               workers=args.threads, max_message_mb=args.max_message_mb,
                                memory_budget_mb=args.memory_budget_mb, allow_insecure=args.allow_insecure,
                                drain_seconds=args.drain_seconds)
     except (ValueError, OSError, ConnectionError) as e:
@@ -64,12 +64,16 @@ def _serve(args) -> int:
     handler.setFormatter(JsonFormatter() if args.log_format == "json" else
                          logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
+    if args.memory_only and args.data_dir:
+        print(f"optreg serve: --memory-only and --data-dir {args.data_dir} contradict each other: give one",
+              file=sys.stderr)
+        return 2
     data_dir = None if args.memory_only else (default_data_dir() if args.data_dir is None else args.data_dir)
     if getattr(args, "ray", None) is not None:
         return _serve_ray(args, data_dir)
     try:
         server = OptregServer(Settings(
-            host=args.host, port=args.port, workers=args.workers, max_message_mb=args.max_message_mb,
+            host=args.host, port=args.port, workers=args.threads, max_message_mb=args.max_message_mb,
             drain_seconds=args.drain_seconds, data_dir=data_dir or None,
             default_durability=args.default_durability or "", periodic_steps=args.periodic_steps,
             periodic_seconds=args.periodic_seconds, idle_seconds=args.idle_seconds,
@@ -91,6 +95,15 @@ def _serve(args) -> int:
     except OSError as e:  # the metrics port in use, found only at start
         print(f"optreg serve: {e}", file=sys.stderr)
         return 2
+
+
+class _Deprecated(argparse.Action):
+    """An old spelling of an option: works as the new one, with a one-line note on stderr."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        new = "--" + self.dest.replace("_", "-")
+        print(f"optreg serve: {option_string} is deprecated: use {new} (same meaning)", file=sys.stderr)
+        setattr(namespace, self.dest, values)
 
 
 def at_least_one(text: str) -> int:
@@ -128,7 +141,9 @@ def add_arguments(serve: argparse.ArgumentParser) -> None:
     net.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     net.add_argument("--port", type=port, default=50051,
                        help="port (default: 50051; 0 picks a free one; a port in use is an error)")
-    limits.add_argument("--workers", type=int, default=16, help="threads serving calls (default: 16)")
+    limits.add_argument("--threads", type=int, default=16, help="threads serving calls (default: 16)")
+    # --workers was this option's first name; everywhere else it means worker processes.
+    limits.add_argument("--workers", type=int, dest="threads", action=_Deprecated, help=argparse.SUPPRESS)
     limits.add_argument("--max-message-mb", type=int, default=64,
                        help="largest unary message in MiB (default: 64; the streaming RPCs have no model limit)")
     net.add_argument("--drain-seconds", type=float, default=30.0,
@@ -153,7 +168,7 @@ def add_arguments(serve: argparse.ArgumentParser) -> None:
                             "beyond it idle durable sessions are unloaded, then requests fail with "
                             "RESOURCE_EXHAUSTED (default: half the physical memory; 0: unlimited)")
     limits.add_argument("--max-streams", type=int, default=0,
-                       help="streaming calls served at once, the rest refused (default: half of --workers)")
+                       help="streaming calls served at once, the rest refused (default: half of --threads)")
     storage.add_argument("--fsync-method", choices=["threads", "fdatasync", "syncfs"], default="threads",
                        help="how logs waiting for durability are synced together: threads (concurrent "
                             "fdatasyncs, default), fdatasync (one after another: no sharing), syncfs")
