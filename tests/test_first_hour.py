@@ -1,0 +1,134 @@
+"""A newcomer's first hour (issue 27, items 5-10): what they met, each as a user meets it, against a real server."""
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from cli_helpers import assert_one_line_error, free_port, optreg
+
+
+# -- item 9: `optreg serve` ------------------------------------------------------------------------
+
+def test_serve_help_is_grouped_and_names_threads_not_workers():
+    done = optreg("serve", "--help")
+    assert done.returncode == 0, done.stderr
+    for group in ("network:", "storage and durability:", "threads and limits:", "security:", "logging:"):
+        assert f"\n{group}\n" in done.stdout, group
+    assert "--threads" in done.stdout and "--workers" not in done.stdout
+
+
+def test_serve_workers_is_a_deprecated_alias_of_threads(start_server):
+    s = start_server("--workers", "4", "--memory-only")
+    assert optreg("sessions", "list", "--address", s.address).returncode == 0
+    s.stop()
+    notes = [line for line in s.proc.stderr.read().splitlines() if "--workers" in line]
+    assert notes == ["optreg serve: --workers is deprecated: use --threads (same meaning)"]
+
+
+def test_serve_prints_where_its_sessions_live(start_server, tmp_path):
+    s = start_server("--data-dir", str(tmp_path))
+    assert s.proc.stdout.readline().strip() == f"optreg sessions in {tmp_path.resolve()}"
+    m = start_server("--memory-only")
+    assert "memory only" in m.proc.stdout.readline()
+
+
+def test_serve_refuses_memory_only_with_a_data_dir(tmp_path):
+    done = optreg("serve", "--port", "0", "--memory-only", "--data-dir", str(tmp_path), timeout=60)
+    assert done.returncode == 2
+    assert_one_line_error(done, "--memory-only", "--data-dir", str(tmp_path))
+    assert not any(tmp_path.iterdir())
+
+
+# -- item 6: an unreachable server ------------------------------------------------------------------
+
+def test_a_stopped_server_is_one_line_with_the_address_and_a_hint():
+    address = f"127.0.0.1:{free_port()}"
+    line = assert_one_line_error(optreg("sessions", "list", "--address", address), address, "optreg serve")
+    assert "connection refused" in line and "failed to connect to all addresses" not in line
+
+
+@pytest.mark.parametrize("address, words", [
+    ("nosuchhost.invalid:50051", ("nosuchhost.invalid:50051", "cannot resolve", "check the address")),
+    ("http://127.0.0.1:50051", ("http://127.0.0.1:50051", "without a scheme", "127.0.0.1:50051")),
+    ("127.0.0.1:5oo51", ("127.0.0.1:5oo51", "port")),
+])
+def test_a_bad_address_fails_at_once_in_one_line(address, words):
+    line = assert_one_line_error(optreg("sessions", "list", "--address", address), *words)
+    assert "attempts" not in line  # not retried for the client's retry window: retrying cannot help
+
+
+def test_an_address_without_a_port_means_50051(start_server):
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", 50051))
+        except OSError:
+            pytest.skip("port 50051 is in use on this machine")
+    s = start_server("--port", "50051", "--memory-only")
+    assert s.address.endswith(":50051")
+    done = optreg("sessions", "list", "--address", "127.0.0.1")
+    assert done.returncode == 0, done.stderr
+    from optreg.client import Client
+    with Client("127.0.0.1") as client:
+        assert client.address == "127.0.0.1:50051"
+        assert client.list_sessions() == []
+
+
+# -- item 5: the book's drop-ins, used exactly as in the book (no with-block, no close()) ------------
+
+BOOK_SCRIPT = """
+import sys
+import numpy as np
+from optreg.client import {cls}
+
+params = {{"W": np.ones((3, 2)), "b": np.zeros(2)}}
+optimizer = {cls}({kwargs})
+start = optimizer.resume(params) if {named} else 0
+print(start, flush=True)
+for i in range(start, {until}):
+    grads = {{"W": np.full((3, 2), 0.5), "b": np.ones(2)}}
+    optimizer.update(params, grads)
+    if i + 1 == {interrupt_at}:
+        raise KeyboardInterrupt  # Ctrl-C
+"""
+
+
+def _book(address, cls="SGD", kwargs="lr=0.1", named=False, until=3, interrupt_at=-1):
+    import subprocess
+    import sys
+    from cli_helpers import optreg_env
+    code = BOOK_SCRIPT.format(cls=cls, kwargs=kwargs, named=named, until=until, interrupt_at=interrupt_at)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env=optreg_env(OPTREG_ADDRESS=address))
+
+
+def test_book_dropins_without_with_or_close_leave_no_session(server, client):
+    for cls, kwargs in (("SGD", "lr=0.1"), ("Adam", "lr=0.001"), ("Momentum", "keep=False")):
+        done = _book(server.address, cls, kwargs)
+        assert done.returncode == 0, done.stderr
+    assert [s.session_id for s in client.list_sessions()] == []
+
+
+def test_a_named_book_run_interrupted_is_kept_and_resumed_then_ended(server, client):
+    kwargs = "lr=0.001, session_id='book-no-with'"
+    interrupted = _book(server.address, "Adam", kwargs, named=True, until=6, interrupt_at=3)
+    assert interrupted.returncode != 0 and "KeyboardInterrupt" in interrupted.stderr
+    assert client.get_session("book-no-with").step == 3  # kept: Ctrl-C is the error "on-error" keeps it for
+    resumed = _book(server.address, "Adam", kwargs, named=True, until=6)
+    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.stdout.split() == ["3"]
+    assert [s.session_id for s in client.list_sessions()] == []  # the run finished: nothing left
+
+
+def test_keep_false_outside_a_with_block_deletes_at_exit(server, client):
+    import subprocess
+    import sys
+    from cli_helpers import optreg_env
+    code = ("import numpy as np\nfrom optreg.client import Client\n"
+            "c = Client()\nkept = c.create_session('sgd', {'w': np.zeros(2)}, session_id='kept-by-default')\n"
+            "gone = c.create_session('sgd', {'w': np.zeros(2)}, session_id='keep-false', keep=False)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env=optreg_env(OPTREG_ADDRESS=server.address))
+    assert done.returncode == 0, done.stderr
+    assert [s.session_id for s in client.list_sessions()] == ["kept-by-default"]
+    client.delete_session("kept-by-default")
