@@ -132,3 +132,20 @@ def test_keep_false_outside_a_with_block_deletes_at_exit(server, client):
     assert done.returncode == 0, done.stderr
     assert [s.session_id for s in client.list_sessions()] == ["kept-by-default"]
     client.delete_session("kept-by-default")
+
+
+# -- item 10: the README's book snippet runs as written -----------------------------------------------
+
+def test_the_readme_book_snippet_runs_as_written(server, client):
+    import re
+    import subprocess
+    import sys
+    from conftest import ROOT
+    from cli_helpers import optreg_env
+    readme = (ROOT / "README.md").read_text()
+    snippet = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "import Adam" in b)
+    done = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, timeout=300,
+                          env=optreg_env(OPTREG_ADDRESS=server.address, MPLBACKEND="Agg"))
+    assert done.returncode == 0, done.stderr
+    assert re.fullmatch(r"loss \d+\.\d+, test accuracy \d+\.\d%\n", done.stdout), done.stdout
+    assert client.list_sessions() == []  # the with-block ended the session
