@@ -149,3 +149,29 @@ def test_the_readme_book_snippet_runs_as_written(server, client):
     assert done.returncode == 0, done.stderr
     assert re.fullmatch(r"loss \d+\.\d+, test accuracy \d+\.\d%\n", done.stdout), done.stdout
     assert client.list_sessions() == []  # the with-block ended the session
+
+
+def _idx(path, array):
+    """An IDX file of unsigned bytes (the format the book's loader saves)."""
+    import numpy as np
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    path.write_bytes(header + np.asarray(array, np.uint8).tobytes())
+
+
+def test_fashion_mnist_given_with_data_is_titled_fashion_mnist(server, tmp_path):
+    import json
+    import numpy as np
+    data = tmp_path / "some" / "long" / "path"
+    data.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    labels = np.array([9, 0, 0, 3, 0, 2, 7, 2, 5, 5] * 10)  # Fashion-MNIST's first training labels
+    _idx(data / "train-images-idx3-ubyte", rng.integers(0, 256, (100, 28, 28)))
+    _idx(data / "train-labels-idx1-ubyte", labels)
+    _idx(data / "t10k-images-idx3-ubyte", rng.integers(0, 256, (20, 28, 28)))
+    _idx(data / "t10k-labels-idx1-ubyte", labels[:20])
+    out = tmp_path / "demo"
+    done = optreg("demo", "--data", str(data), "--quick", "--iterations", "2", "--no-progress", "--out", str(out),
+                  "--address", server.address, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((out / "summary.json").read_text())["dataset"] == "Fashion-MNIST"
+    assert f"data set: Fashion-MNIST (IDX files in {data}):" in done.stdout

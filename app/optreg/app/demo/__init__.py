@@ -42,7 +42,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
                         help=f"folder for paths.png, training.png, summary.json (default: ./{DEFAULT_OUT}/)")
     parser.add_argument("--data", metavar="DIR",
-                        help="MNIST IDX files (train-images-idx3-ubyte[.gz], ...), as the book's loader saves them; "
+                        help="MNIST or Fashion-MNIST IDX files (train-images-idx3-ubyte[.gz], ...), as the book's loader saves them; "
                              "default: Fashion-MNIST from Debian's dataset-fashion-mnist if installed, "
                              "else scikit-learn's digits")
     parser.add_argument("--dataset", default="auto", choices=("auto", "fashion-mnist", "digits"),

@@ -99,8 +99,7 @@ def plot(many: dict, one: dict, dataset_name: str, path: pathlib.Path) -> None:
     ax.set_xlabel("round (= step)")
     ax.set_ylabel("training batch loss (mean over workers)")
     ax.set_yscale("log")
-    short = dataset_name.split(" (")[0]  # "Fashion-MNIST (Debian ..., /usr/share/...)" -> "Fashion-MNIST"
-    ax.set_title(f"the demo's network through one optreg session\n{OPTIMIZER}, lr {LR}, {short}", fontsize=10)
+    ax.set_title(f"the demo's network through one optreg session\n{OPTIMIZER}, lr {LR}, {dataset_name}", fontsize=10)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
