@@ -175,3 +175,38 @@ def test_fashion_mnist_given_with_data_is_titled_fashion_mnist(server, tmp_path)
     assert done.returncode == 0, done.stderr
     assert json.loads((out / "summary.json").read_text())["dataset"] == "Fashion-MNIST"
     assert f"data set: Fashion-MNIST (IDX files in {data}):" in done.stdout
+
+
+# -- items 7 and 10: the workers demo and examples/workers_train.py ---------------------------------------
+
+def _noise_line_is_honest(line: str) -> None:
+    assert "noise scale 0.00" not in line
+    assert "worker batches (~" in line or "noise scale not measurable" in line, line
+
+
+def test_workers_demo_says_what_its_noise_scale_and_wall_time_mean(server, tmp_path):
+    import json
+    done = optreg("demo", "--workers", "2", "--quick", "--iterations", "4", "--dataset", "digits", "--no-progress",
+                  "--out", str(tmp_path), "--address", server.address, timeout=600)
+    assert done.returncode == 0, done.stderr
+    _noise_line_is_honest(next(line for line in done.stdout.splitlines() if "noise scale" in line))
+    runs = json.loads((tmp_path / "workers.json").read_text())["runs"]
+    if runs["many"]["seconds"] > runs["one"]["seconds"]:
+        assert "2 workers took" in done.stdout and "every round waits for the slowest of 2 processes" in done.stdout
+
+
+def test_workers_example_help_is_whole_and_it_names_the_file_it_wrote(server, tmp_path):
+    import subprocess
+    import sys
+    from conftest import ROOT
+    from cli_helpers import optreg_env
+    example = [sys.executable, str(ROOT / "examples" / "workers_train.py")]
+    helped = subprocess.run(example + ["--help"], capture_output=True, text=True, env=optreg_env(), timeout=120)
+    assert helped.returncode == 0 and "or with\noptreg installed." in helped.stdout, helped.stdout
+    done = subprocess.run(example + ["--address", server.address, "--workers", "2", "--rounds", "3",
+                                     "--out", str(tmp_path / "wt")],
+                          capture_output=True, text=True, env=optreg_env(MPLBACKEND="Agg"), timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == f"wrote {tmp_path / 'wt.png'}"
+    assert (tmp_path / "wt.png").read_bytes()[:4] == b"\x89PNG"
+    _noise_line_is_honest(done.stdout.splitlines()[0])
