@@ -210,3 +210,11 @@ def test_workers_example_help_is_whole_and_it_names_the_file_it_wrote(server, tm
     assert done.stdout.splitlines()[-1] == f"wrote {tmp_path / 'wt.png'}"
     assert (tmp_path / "wt.png").read_bytes()[:4] == b"\x89PNG"
     _noise_line_is_honest(done.stdout.splitlines()[0])
+
+
+def test_serve_ray_at_an_address_where_no_cluster_answers_fails_in_one_line(tmp_path):
+    pytest.importorskip("ray")
+    address = f"127.0.0.1:{free_port()}"
+    done = optreg("serve", "--ray", address, "--data-dir", str(tmp_path), "--port", "0", timeout=90)  # hang guard
+    assert done.returncode == 2
+    assert_one_line_error(done, "--ray", f"no Ray cluster answers at {address} (Connection refused)")
