@@ -218,3 +218,18 @@ def test_serve_ray_at_an_address_where_no_cluster_answers_fails_in_one_line(tmp_
     done = optreg("serve", "--ray", address, "--data-dir", str(tmp_path), "--port", "0", timeout=90)  # hang guard
     assert done.returncode == 2
     assert_one_line_error(done, "--ray", f"no Ray cluster answers at {address} (Connection refused)")
+
+
+def test_the_readme_grpcurl_example_creates_steps_and_deletes_a_session(server, client):
+    import re
+    import subprocess
+    from conftest import ROOT
+    from test_reflection import _grpcurl
+    grpcurl = _grpcurl()
+    readme = (ROOT / "README.md").read_text()
+    block = next(b for b in re.findall(r"```sh\n(.*?)```", readme, re.S) if "SessionService/Step" in b)
+    script = block.replace("127.0.0.1:50051", server.address).replace("grpcurl ", f"{grpcurl} ")
+    done = subprocess.run(["bash", "-euo", "pipefail", "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert '"data": "ZmZmZmZm7j8zMzMzMzP/Pw=="' in done.stdout and '"step": "1"' in done.stdout, done.stdout
+    assert client.list_sessions() == []
