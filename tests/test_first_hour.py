@@ -233,3 +233,27 @@ def test_the_readme_grpcurl_example_creates_steps_and_deletes_a_session(server, 
     assert done.returncode == 0, done.stderr
     assert '"data": "ZmZmZmZm7j8zMzMzMzP/Pw=="' in done.stdout and '"step": "1"' in done.stdout, done.stdout
     assert client.list_sessions() == []
+
+
+# -- item 8: the plugin guide says what is true ---------------------------------------------------------
+
+def test_the_plugin_guide_counts_the_kits_tests_and_shares_without_an_index():
+    import re
+    import subprocess
+    import sys
+    from conftest import ROOT
+    from cli_helpers import optreg_env
+    from optreg.plugins.testing import OptimizerConformance
+    guide = (ROOT / "docs" / "plugins.md").read_text()
+    words = ["ten", "eleven", "twelve", "thirteen", "fourteen", "fifteen"]
+    kit = len([n for n in dir(OptimizerConformance) if n.startswith("test_")])
+    assert f"That is {words[kit - 10]} tests:" in guide
+    assert f"# {kit} conformance tests" in guide
+    # The count the guide promises for the example package, run from its folder as the guide says.
+    promised = re.search(r'"(\d+ passed, \d+ skipped)"', guide).group(1)
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"], capture_output=True,
+                          text=True, cwd=ROOT / "examples" / "optreg-lion", env=optreg_env(), timeout=300)
+    assert done.returncode == 0, done.stdout
+    assert promised in done.stdout.splitlines()[-1], done.stdout
+    # optreg is on no index: the guide must not send a plugin that depends on it to one.
+    assert "on a package index" in guide and "twine upload" not in guide
