@@ -567,6 +567,11 @@ def bench_streams(cfg, server, echo):
     run(cfg, server, echo)
 
 
+def bench_chaos(cfg, server, echo):
+    from bench.chaos import bench_chaos as run  # workers and the server killed under a sync session (issue 22)
+    run(cfg, server, echo)
+
+
 def bench_ray(cfg, server, echo):
     from bench.ray_step import bench_ray as run  # a local Ray; skipped in --quick and without Ray
     run(cfg, server, echo)
@@ -575,7 +580,8 @@ def bench_ray(cfg, server, echo):
 SECTIONS = {"small": bench_small, "smallparts": bench_small_parts, "large": bench_large, "shm": bench_shm, "kernels": bench_kernels,
             "declared": bench_declared, "memory": bench_memory, "concurrency": bench_concurrency,
             "torch": bench_torch, "wal": bench_wal, "durability": bench_durability, "telemetry": bench_telemetry,
-            "workers": bench_workers, "sparse": bench_sparse, "streams": bench_streams, "ray": bench_ray}
+            "workers": bench_workers, "sparse": bench_sparse, "streams": bench_streams, "chaos": bench_chaos,
+            "ray": bench_ray}
 
 
 class Config:

@@ -42,6 +42,8 @@ def test_each_status_maps_to_its_class(cls):
 def test_the_rest_of_the_tree():
     step = errors.for_status(grpc.StatusCode.FAILED_PRECONDITION, "at step 3", server_step=3)
     assert type(step) is oc.StepMismatch and isinstance(step, oc.FailedPrecondition) and step.server_step == 3
+    held = errors.for_status(grpc.StatusCode.FAILED_PRECONDITION, "held", holder="host=h pid=1 id=x")
+    assert type(held) is oc.WriterConflict and isinstance(held, oc.FailedPrecondition) and held.holder.endswith("x")
     other = errors.for_status(grpc.StatusCode.ABORTED, "aborted")  # a status optreg does not send
     assert type(other) is oc.Refusal and other.code == grpc.StatusCode.ABORTED
     assert issubclass(oc.UsageError, ValueError) and issubclass(oc.InvalidArgument, ValueError)
@@ -50,8 +52,8 @@ def test_the_rest_of_the_tree():
     assert oc.ReassemblyError("chunks out of order").code is None
     # The classes in the tree drawn in optreg.client's docstring are exactly the exported ones.
     drawn = set(re.findall(r"[├└]── (\w+)", oc.__doc__))
-    exported = {c.__name__ for c in TREE} | {"TransportError", "Refusal", "StepMismatch", "ReassemblyError",
-                                              "UsageError"}
+    exported = {c.__name__ for c in TREE} | {"TransportError", "Refusal", "StepMismatch", "WriterConflict",
+                                              "ReassemblyError", "UsageError"}
     assert drawn == exported
 
 

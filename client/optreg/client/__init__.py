@@ -24,7 +24,8 @@ Every error is an OptregError; its base class says what happened:
     │   ├── NotFound                 (also a LookupError) no such session or optimizer
     │   ├── AlreadyExists            that session id is taken (resume=True attaches instead)
     │   ├── FailedPrecondition       durability without a data dir, shared memory from afar, ...
-    │   │   └── StepMismatch         the session is at another step: .server_step
+    │   │   ├── StepMismatch         the session is at another step: .server_step
+    │   │   └── WriterConflict       another process is stepping the session: .holder
     │   ├── PermissionDenied         the session belongs to another token
     │   ├── Unauthenticated          no token, or an unknown one
     │   ├── ResourceExhausted        over the server's memory budget
@@ -47,7 +48,7 @@ from optreg.client.client import Client
 from optreg.client.errors import (AlreadyExists, Cancelled, DataLoss, DeadlineExceeded, FailedPrecondition, Internal,
                                   InvalidArgument, NotFound, OptregError, PermissionDenied, ReassemblyError, Refusal,
                                   ResourceExhausted, StepMismatch, TransportError, Unauthenticated, Unavailable,
-                                  Unimplemented, Unknown, UsageError)
+                                  Unimplemented, Unknown, UsageError, WriterConflict)
 from optreg.client.results import (Hyperparameter, OptimizerInfo, PluginFailure, SessionInfo, SessionState, Slot,
                                    StepResult)
 from optreg.client.retry import RetryPolicy
@@ -62,4 +63,4 @@ __all__ = ["SGD", "AdaGrad", "Adam", "AlreadyExists", "Cancelled", "Client", "Da
            "ReassemblyError", "Refusal", "ResourceExhausted", "RetryPolicy", "Session", "SessionInfo",
            "SessionState", "Slot", "StepMismatch", "StepResult", "Transport", "TransportError", "Unauthenticated",
            "Unavailable", "Unimplemented", "Unknown", "UsageError", "errors", "Worker", "WorkerStepResult",
-           "MemberInfo", "RoundSummary", "WorkerSetup"]
+           "MemberInfo", "RoundSummary", "WorkerSetup", "WriterConflict"]

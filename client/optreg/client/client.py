@@ -114,7 +114,7 @@ class Client:
                        initial_step: int = 0, keep=True, workers: int | None = None, mode: str = "sync",
                        min_workers: int = 0, round_deadline: float | None = None, lease: float | None = None,
                        combine: str = "mean", staleness: int = 0, scale_lr_by_staleness: bool = False,
-                       **hyperparameters: float) -> Session:
+                       take_over: bool = False, **hyperparameters: float) -> Session:
         """Open a session; `params` (name -> array) are the initial values, copied to the server, and
         the arrays later steps write into.
 
@@ -128,7 +128,8 @@ class Client:
         session of that id already there, attach to it instead: its optimizer, parameter names,
         shapes and master dtype must match (UsageError naming what differs); the server's
         parameters are then copied into `params`, and its hyperparameters and step are kept.
-        `keep`: what leaving a with-block does (see Session).
+        `keep`: what leaving a with-block does (see Session). `take_over=True` (with resume): this
+        process becomes the session's writer even if another one is stepping it (see `session`).
 
         `workers`: share the session among up to this many workers (`join`), combined as `mode`
         says: "sync" rounds (a round closes when every live member contributed, or when
@@ -150,7 +151,7 @@ class Client:
                                                   staleness, scale_lr_by_staleness))
         if resume:
             try:
-                return self._resume(session_id, optimizer, params, master_dtype, keep)
+                return self._resume(session_id, optimizer, params, master_dtype, keep, take_over)
             except NotFound:
                 pass
         attempts = []
@@ -178,17 +179,17 @@ class Client:
             if not resume and len(attempts) < 2:
                 raise
             # Created by this call's earlier attempt (its reply was lost), or by a racing resume.
-            return self._resume(session_id, optimizer, params, master_dtype, keep)
+            return self._resume(session_id, optimizer, params, master_dtype, keep, take_over)
         return Session(self, SessionInfo.from_proto(info), params, keep=keep)
 
-    def _resume(self, session_id, optimizer, params, master_dtype, keep) -> Session:
+    def _resume(self, session_id, optimizer, params, master_dtype, keep, take_over=False) -> Session:
         info = self.get_session(session_id)
         problems = resume_mismatches(info, optimizer, params, dtype_name(master_dtype))
         if problems:
             raise UsageError(f"cannot resume session {session_id!r}: " + "; ".join(problems)
                              + " (use another session_id, or delete that session)")
         session = Session(self, info, params, keep=keep)
-        session.resumed = True
+        session.resumed, session.take_over = True, take_over
         load_into(params, session.read_parameters())
         return session
 
@@ -200,20 +201,27 @@ class Client:
             for batch in tensors.pack(chunks):
                 yield session_pb2.CreateSessionStreamRequest(slot=slot, chunks=batch)
 
-    def session(self, session_id: str, params: Mapping[str, np.ndarray] | None = None, *, keep=True) -> Session:
+    def session(self, session_id: str, params: Mapping[str, np.ndarray] | None = None, *, keep=True,
+                take_over: bool = False) -> Session:
         """Attach to an existing session. `params`: the arrays steps write into (some or all of the
         session's parameters, shapes as the session's), filled with the server's values; None: new
-        arrays read from the server; {}: none (nothing is read; for read_state or set_hyperparameters)."""
+        arrays read from the server; {}: none (nothing is read; for read_state or set_hyperparameters).
+
+        One process steps a single-writer session at a time (the server's writer lease): while
+        another is stepping it, this one's steps are refused (WriterConflict, naming it). The lease
+        passes when that process is gone or quiet; `take_over=True` takes it at the next step."""
         check_keep(keep)
         info = self.get_session(session_id)
         if params is None:
             s = Session(self, info, {}, keep=keep)
+            s.take_over = take_over
             s.arrays = s.read_parameters()
             return s
         problems = [p for p in shape_mismatches(info, params, require_all=False)]
         if problems:
             raise UsageError(f"cannot attach to session {session_id!r}: " + "; ".join(problems))
         s = Session(self, info, params, keep=keep)
+        s.take_over = take_over
         if len(params):
             load_into(params, s.read_parameters(list(params)))
         return s

@@ -89,6 +89,15 @@ class StepMismatch(FailedPrecondition):
         self.server_step = server_step
 
 
+class WriterConflict(FailedPrecondition):
+    """Another process is stepping this single-writer session; `.holder` names it ("host=H pid=P id=R").
+    Attach with take_over=True to take the session over on purpose."""
+
+    def __init__(self, details: str, code: grpc.StatusCode | None = None, holder: str = ""):
+        super().__init__(details, code)
+        self.holder = holder
+
+
 class PermissionDenied(Refusal):
     """The session belongs to another token."""
     code = grpc.StatusCode.PERMISSION_DENIED
@@ -143,10 +152,14 @@ _BY_CODE: dict[grpc.StatusCode, type[OptregError]] = {
                               Internal, Unimplemented, Unknown)}
 
 
-def for_status(code: grpc.StatusCode, details: str, server_step: int | None = None) -> OptregError:
-    """The exception for a gRPC status (StepMismatch when the server named its step)."""
+def for_status(code: grpc.StatusCode, details: str, server_step: int | None = None,
+               holder: str | None = None) -> OptregError:
+    """The exception for a gRPC status (StepMismatch when the server named its step, WriterConflict when
+    it named the session's writer)."""
     if code == grpc.StatusCode.FAILED_PRECONDITION and server_step is not None:
         return StepMismatch(details, code, server_step)
+    if code == grpc.StatusCode.FAILED_PRECONDITION and holder is not None:
+        return WriterConflict(details, code, holder)
     cls = _BY_CODE.get(code)
     if cls is None:  # ABORTED, OUT_OF_RANGE...: statuses optreg's server does not send
         return Refusal(details, code)
@@ -156,8 +169,10 @@ def for_status(code: grpc.StatusCode, details: str, server_step: int | None = No
 def from_rpc_error(e: grpc.RpcError) -> OptregError:
     code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
     details = (e.details() if hasattr(e, "details") else str(e)) or ""
-    step = None
+    step = holder = None
     if code == grpc.StatusCode.FAILED_PRECONDITION and hasattr(e, "trailing_metadata"):
-        value = dict(e.trailing_metadata() or ()).get("optreg-server-step")
+        trailers = dict(e.trailing_metadata() or ())
+        value = trailers.get("optreg-server-step")
         step = int(value) if value is not None else None
-    return for_status(code, details, step)
+        holder = trailers.get("optreg-writer-holder")
+    return for_status(code, details, step, holder)

@@ -84,6 +84,7 @@ class Session:
         self._stream = StreamStep()
         self._unary = UnaryStep()
         self._sparse_stepped = False  # rows may be lazy on the server (see set_hyperparameters)
+        self.take_over = False  # True: the next step takes the writer lease from another process (attach's take_over)
         # keep=False or "on-error" without a with-block (the book's loop has none): the same decision when
         # this object is dropped or the program exits, so a session nobody will resume is not left behind.
         self._unattended = weakref.finalize(self, _end_unattended, client, self.id, keep) if keep is not True \
@@ -122,6 +123,10 @@ class Session:
 
     # -- steps -------------------------------------------------------------------------------
 
+    def step_headers(self) -> dict:
+        """Extra call headers of a step: the deliberate take-over of the writer lease, until a step lands."""
+        return {"metadata": (("optreg-take-over", "1"),)} if self.take_over else {}
+
     def _sender(self, grads):
         if self._shm is not None:
             return self._shm
@@ -149,6 +154,7 @@ class Session:
             return sender.send(self, grads, fence, hp, mx, self.client.timeout)
 
         replayed, step, result = self.client._retrying(attempt)
+        self.take_over = False
         self.step_count = step
         apply_result(self.arrays, self._info.step_reply, result)
         if replayed and len(attempts) == 1:
@@ -180,9 +186,10 @@ class Session:
                 request.hyperparameters.update(hyperparameters)
             if metrics:
                 request.metrics.update(metrics)
-            return self.client.transport.unary("Step", request, timeout=self.client.timeout)
+            return self.client.transport.unary("Step", request, timeout=self.client.timeout, **self.step_headers())
 
         reply = self.client._retrying(attempt)
+        self.take_over = False
         self._sparse_stepped = True
         self.step_count = reply.step
         mode = self._info.step_reply

@@ -151,7 +151,7 @@ class SharedMemory:
         reply = session.client.transport.unary("StepSharedMemory", session_pb2.StepSharedMemoryRequest(
             session_id=session.id, step=fence, key=self.key, gradients=msgs,
             parameters=[] if self.resident else self._param_msgs,
-            hyperparameters=hyperparameters, metrics=metrics), timeout=timeout)
+            hyperparameters=hyperparameters, metrics=metrics), timeout=timeout, **session.step_headers())
         return reply.replayed, reply.step, {}
 
     @staticmethod

@@ -33,7 +33,7 @@ class UnaryStep:
             request.hyperparameters.update(hyperparameters)
         if metrics:
             request.metrics.update(metrics)
-        reply = session.client.transport.unary("Step", request, timeout=timeout)
+        reply = session.client.transport.unary("Step", request, timeout=timeout, **session.step_headers())
         return reply.replayed, reply.step, {t.name: tensors.to_numpy(t) for t in reply.tensors}
 
 
@@ -46,7 +46,8 @@ class StreamStep:
 
     def send(self, session, grads, fence: int, hyperparameters, metrics, timeout):
         replies = session.client.transport.stream_both(
-            "StepStream", self._messages(session.id, grads, fence, hyperparameters, metrics), timeout=timeout)
+            "StepStream", self._messages(session.id, grads, fence, hyperparameters, metrics), timeout=timeout,
+            **session.step_headers())
         return self._receive(session, replies)
 
     @staticmethod

@@ -8,6 +8,9 @@ StepSharedMemory — is chosen above this layer (optreg.client.stepping), by siz
 from __future__ import annotations
 
 import ipaddress
+import os
+import socket
+import uuid
 from typing import Iterable, Iterator, Protocol
 
 import grpc
@@ -181,7 +184,7 @@ class GrpcTransport:
                 channel = grpc.insecure_channel(address, options=options)
         self.channel = channel
         self._closed = False
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._calls = {}
         for name, (service, kind, request_cls, deserialize) in METHODS.items():
             serialize = request_cls.SerializeToString
@@ -192,20 +195,25 @@ class GrpcTransport:
             self._calls[name] = factory(service + name, request_serializer=serialize,
                                         response_deserializer=deserialize)
 
-    def unary(self, method: str, request, *, timeout: float | None):
+    def _headers(self, extra: tuple) -> tuple:
+        # Every call names this process, for the writer lease of the sessions it steps (the server's writers.py).
+        return (*self._metadata, ("optreg-writer", writer_identity()), *extra)
+
+    def unary(self, method: str, request, *, timeout: float | None, metadata: tuple = ()):
         if self._closed:
             raise UsageError(f"this client's connection to {self.address} is closed")
         try:
-            return self._calls[method](request, timeout=timeout, metadata=self._metadata)
+            return self._calls[method](request, timeout=timeout, metadata=self._headers(metadata))
         except grpc.RpcError as e:
             raise error_for(self.address, e) from None
 
     stream_in = unary  # a client-streaming call is invoked like a unary one, with an iterator
 
-    def stream_out(self, method: str, request, *, timeout: float | None) -> StreamCall:
+    def stream_out(self, method: str, request, *, timeout: float | None, metadata: tuple = ()) -> StreamCall:
         if self._closed:
             raise UsageError(f"this client's connection to {self.address} is closed")
-        return _Replies(self._calls[method](request, timeout=timeout, metadata=self._metadata), self.address)
+        return _Replies(self._calls[method](request, timeout=timeout, metadata=self._headers(metadata)),
+                        self.address)
 
     stream_both = stream_out
 
@@ -223,6 +231,20 @@ class GrpcTransport:
     def close(self) -> None:
         self._closed = True
         self.channel.close()
+
+
+_IDENTITY: tuple[int, str] = (0, "")
+
+
+def writer_identity() -> str:
+    """This process as the server's writer lease shows it: host, pid and a random id (a forked child gets
+    its own)."""
+    global _IDENTITY
+    pid = os.getpid()
+    if _IDENTITY[0] != pid:
+        host = socket.gethostname().encode("ascii", "replace").decode()
+        _IDENTITY = (pid, f"host={host} pid={pid} id={uuid.uuid4().hex[:12]}")
+    return _IDENTITY[1]
 
 
 def is_loopback(address: str) -> bool:

@@ -27,6 +27,7 @@ from optreg.server import budget as memory
 from optreg.server.factory import Limits
 from optreg.server.fsync import GroupSyncer
 from optreg.server.journal import Journal
+from optreg.server.membership import CALLS_PER_WORKER
 from optreg.server.store import SessionStore
 from optreg.server import telemetry_service
 from optreg.server.telemetry import TelemetryHub, TelemetryObserver
@@ -56,6 +57,8 @@ class Settings:
     idle_seconds: float = 0.0  # 0: never unload
     memory_budget_mb: float | None = None  # None: budget.DEFAULT_SHARE of physical memory; 0: unlimited
     max_streams: int = 0  # 0: half the workers
+    max_watchers: int = 16  # WatchSession calls at once (each has a thread of its own beyond `workers`)
+    max_members: int = 64  # sync/SSP members on the server; worker calls: two each, with threads beyond `workers`
     stream_idle_seconds: float = 30.0
     fsync_method: str = "threads"  # how the log syncer makes a batch durable (fsync.METHODS)
     max_tensors: int = 4096
@@ -155,8 +158,16 @@ class OptregServer:
         self.telemetry = _telemetry(settings, self.registry, self.auth)
         self.store.observers.append(TelemetryObserver(self.telemetry))
         limit = settings.max_message_mb * 1024 * 1024
+        for flag, value in (("--threads", settings.workers), ("--max-watchers", settings.max_watchers),
+                            ("--max-members", settings.max_members)):
+            if value < 1:
+                raise ValueError(f"{flag} {value}: give at least 1")
+        # Watchers and shared-session workers wait (for steps, for the other members) holding a thread each:
+        # the pool has one for each admitted, on top of --threads, so they never take the threads that steps
+        # and health checks use (admission.py).
+        threads = settings.workers + settings.max_watchers + CALLS_PER_WORKER * settings.max_members
         self.grpc_server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="optreg"),
+            futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="optreg"),
             interceptors=[self.auth] if self.auth else [],
             options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
                      # Ping idle peers so a dead client's stream (which may hold a session's lock) ends in
@@ -173,10 +184,12 @@ class OptregServer:
         self.sessions = SessionServicer(self.store, metrics=self.metrics, owner=owner, max_message_bytes=limit,
                                         shm_registrations=max(1, settings.workers // 4),
                                         max_streams=settings.max_streams or max(1, settings.workers // 2),
-                                        stream_idle_seconds=settings.stream_idle_seconds)
+                                        stream_idle_seconds=settings.stream_idle_seconds,
+                                        max_members=settings.max_members)
         _add_session_service(self.sessions, self.grpc_server)
         telemetry_service.add_to_server(telemetry_service.TelemetryServicer(
-            self.telemetry, owner, check_session=lambda sid, who: self.store.get(sid, who)), self.grpc_server)
+            self.telemetry, owner, check_session=lambda sid, who: self.store.get(sid, who),
+            max_watchers=settings.max_watchers), self.grpc_server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         enable_reflection(SERVICE_NAMES + (health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc_server)

@@ -78,6 +78,7 @@ def _serve(args) -> int:
             default_durability=args.default_durability or "", periodic_steps=args.periodic_steps,
             periodic_seconds=args.periodic_seconds, idle_seconds=args.idle_seconds,
             memory_budget_mb=args.memory_budget_mb, max_streams=args.max_streams,
+            max_watchers=args.max_watchers, max_members=args.max_members,
             stream_idle_seconds=args.stream_idle_seconds, fsync_method=args.fsync_method, max_tensors=args.max_tensors, token_file=args.token_file,
             tls_cert=args.tls_cert,
             tls_key=args.tls_key, allow_insecure=args.allow_insecure, metrics_port=args.metrics_port,
@@ -141,7 +142,8 @@ def add_arguments(serve: argparse.ArgumentParser) -> None:
     net.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     net.add_argument("--port", type=port, default=50051,
                        help="port (default: 50051; 0 picks a free one; a port in use is an error)")
-    limits.add_argument("--threads", type=int, default=16, help="threads serving calls (default: 16)")
+    limits.add_argument("--threads", type=int, default=16,
+                       help="threads serving calls, besides those of --max-watchers and --max-members (default: 16)")
     # --workers was this option's first name; everywhere else it means worker processes.
     limits.add_argument("--workers", type=int, dest="threads", action=_Deprecated, help=argparse.SUPPRESS)
     limits.add_argument("--max-message-mb", type=int, default=64,
@@ -169,6 +171,13 @@ def add_arguments(serve: argparse.ArgumentParser) -> None:
                             "RESOURCE_EXHAUSTED (default: half the physical memory; 0: unlimited)")
     limits.add_argument("--max-streams", type=int, default=0,
                        help="streaming calls served at once, the rest refused (default: half of --threads)")
+    limits.add_argument("--max-watchers", type=at_least_one, default=16,
+                       help="WatchSession calls served at once, the rest refused RESOURCE_EXHAUSTED; each has a "
+                            "thread of its own beyond --threads (default: 16)")
+    limits.add_argument("--max-members", type=at_least_one, default=64,
+                       help="members of sync and SSP sessions on this server; beyond, JoinSession is refused "
+                            "RESOURCE_EXHAUSTED. Worker calls (two per member: a call and its retry) have threads of "
+                            "their own beyond --threads, so every admitted member can wait for its round (default: 64)")
     storage.add_argument("--fsync-method", choices=["threads", "fdatasync", "syncfs"], default="threads",
                        help="how logs waiting for durability are synced together: threads (concurrent "
                             "fdatasyncs, default), fdatasync (one after another: no sharing), syncfs")

@@ -17,6 +17,7 @@ from optreg.server.errors import FailedPrecondition, InvalidArgument, shown
 MODES = ("sync", "async", "ssp")
 COMBINES = ("mean", "sum")
 MAX_WORKERS = 1024
+CALLS_PER_WORKER = 2  # a worker's calls in flight at once on one session: a call, and a retry overlapping it
 WORKER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:@-]{0,127}")
 WORKER_NAME_RULE = "1-128 letters, digits, '_', '-', '.', ':' or '@', not starting with a punctuation mark"
 DEFAULT_DEADLINE = 30.0
@@ -111,22 +112,26 @@ class Member:
     contributions: int = 0  # applied contributions: the SSP clock
     last_round: int = -1  # the round (sync) or read step (async, ssp) of its last applied contribution
     missed: int = 0  # sync: rounds in a row that closed without it while it was a member
+    seat: object = None  # sync, ssp: its admission.Slot of the server's --max-members
 
 
 class Members:
     """The live members of one session. Every method: caller holds the hub's condition."""
 
-    def __init__(self, config: WorkerConfig, session_id: str):
+    def __init__(self, config: WorkerConfig, session_id: str, seats=None):
         self.config = config
         self.session_id = session_id
         self.by_name: dict[str, Member] = {}
+        # Sync and SSP members wait for each other, each in a call that holds a server thread: they take
+        # one of the server's --max-members seats (an admission.Limit), so a round can always close.
+        self.seats = seats if config.mode in ("sync", "ssp") else None
         self.on_expired = None  # called with each member whose lease ran out (rounds.Hub: the telemetry alert)
 
     def expire(self, now: float | None = None) -> list[str]:
         now = time.monotonic() if now is None else now
         gone = [n for n, m in self.by_name.items() if m.expires <= now]
         for n in gone:
-            m = self.by_name.pop(n)
+            m = self._drop(n)
             if self.on_expired is not None:
                 self.on_expired(m)
         return gone
@@ -148,7 +153,8 @@ class Members:
                     f"({self.config.lease_seconds:g} s without a call)")
             # A newcomer starts at the slowest member's clock, so it neither stalls SSP nor races ahead.
             clock = min((o.contributions for o in self.by_name.values()), default=0)
-            m = self.by_name[worker] = Member(worker, contributions=clock)
+            seat = self.seats.take() if self.seats is not None else None
+            m = self.by_name[worker] = Member(worker, contributions=clock, seat=seat)
         self.renew(m)
         return m
 
@@ -164,7 +170,23 @@ class Members:
 
     def leave(self, worker: str) -> bool:
         check_worker_name(worker)
-        return self.by_name.pop(worker, None) is not None
+        return self._drop(worker) is not None
+
+    def readmit(self, m: Member) -> None:
+        """A member dropped while its own call waited comes back as it was (its clock), in a seat again."""
+        m.seat = self.seats.take() if self.seats is not None else None
+        self.by_name[m.worker] = m
+
+    def clear(self) -> None:
+        """Every member gone (the session was deleted): their seats back to the server."""
+        for n in list(self.by_name):
+            self._drop(n)
+
+    def _drop(self, worker: str) -> Member | None:
+        m = self.by_name.pop(worker, None)
+        if m is not None and m.seat is not None:
+            m.seat.release()
+        return m
 
     def names(self) -> set[str]:
         return set(self.by_name)

@@ -27,7 +27,7 @@ import numpy as np
 from optreg.plugins import HyperparameterError
 from optreg.server.telemetry import merge_stats, tensor_stats
 from optreg.plugins.builtins import MODULES as BUILTIN_MODULES  # plugin names are module names
-from optreg.server import fastkernels, kernels, kernelstats, sparse as sparse_rows
+from optreg.server import fastkernels, kernels, kernelstats, sparse as sparse_rows, writers
 from optreg.server.journal import NULL_RECORD
 from optreg.server.errors import Cancelled, FailedPrecondition, InvalidArgument, PluginFailed, shown
 from optreg.server.sessions import MAX_STEP, Arrays, Session, StepResult
@@ -88,8 +88,9 @@ class StepRun:
 
     def __init__(self, store, session: Session, fence: int | None, hyperparameters=None, metrics=None,
                  is_active=lambda: True, out: dict[str, np.ndarray] | None = None, extras: dict | None = None,
-                 sparse: bool = False):
+                 sparse: bool = False, writer: tuple = (None, False)):
         self.store, self.session, self.fence = store, session, fence
+        self.writer = writer  # (writers.Writer or None, take over?): the caller, for the session's lease
         self.extras = extras  # logged with the step (a shared session's round)
         # A sparse step (sparse.py): some rows of 2-D parameters via feed_sparse(); parameters it does not
         # name have a zero gradient. Computed under the lock at commit on gathered rows, never overlapped.
@@ -118,6 +119,7 @@ class StepRun:
         with s.lock:
             self.store.ensure_loaded(s)
             self.store.journal.mend(s)  # a log a failed sync left unusable, replaced if the disk allows
+            writers.claim(s, *self.writer)
             if s.resident is not None:  # its parameters live in a client's segment (resident.py)
                 raise FailedPrecondition(f"session {s.id} keeps its parameters in shared memory: step it with "
                                          "StepSharedMemory, or end that registration first")

@@ -27,7 +27,7 @@ import time
 import numpy as np
 
 from optreg.plugins.builtins import MODULES as BUILTIN_MODULES
-from optreg.server import fastkernels, kernels, kernelstats, sparse
+from optreg.server import fastkernels, kernels, kernelstats, sparse, writers
 from optreg.server.errors import Cancelled, FailedPrecondition, InvalidArgument, PluginFailed, shown
 from optreg.server.pipeline import SMALL_STATS, StepRun, check_finite, widen
 from optreg.server.sessions import MAX_STEP, Session
@@ -210,8 +210,9 @@ def in_place(session: Session, grads: dict[str, np.ndarray]) -> bool:
 class ResidentStep(StepRun):
     """One step of a resident session, whole under its lock: nothing in it waits on the network."""
 
-    def __init__(self, store, session: Session, region: Region, fence, hyperparameters, metrics, is_active):
-        super().__init__(store, session, fence, hyperparameters, metrics, is_active)
+    def __init__(self, store, session: Session, region: Region, fence, hyperparameters, metrics, is_active,
+                 writer: tuple = (None, False)):
+        super().__init__(store, session, fence, hyperparameters, metrics, is_active, writer=writer)
         self.region = region
         self.grad_max: dict[str, float | None] = {}  # name -> max |g| from its finite check
 
@@ -222,6 +223,7 @@ class ResidentStep(StepRun):
             if s.resident is not self.region:
                 raise FailedPrecondition(f"segment {shown(self.region.key)} no longer holds session {s.id}'s "
                                          "parameters; register it again with resident")
+            writers.claim(s, *self.writer)
             if s.check_fence(self.fence):
                 self.done = True
                 self.result = s.answer(True)  # the segment holds the step's parameters already

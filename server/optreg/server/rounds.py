@@ -150,10 +150,10 @@ def _remaining(context) -> float:
 class Hub:
     """The members and open round of one shared session."""
 
-    def __init__(self, store, session):
+    def __init__(self, store, session, seats=None):
         self.store, self.session, self.config = store, session, session.workers
         self.cond = threading.Condition()
-        self.members = Members(self.config, session.id)
+        self.members = Members(self.config, session.id, seats)
         self.members.on_expired = self._lease_ran_out
         self.round = Round(session.step)
         self.last: Outcome | None = None
@@ -237,9 +237,13 @@ class Hub:
     def _closed_answer(self, worker: str, number: int) -> Outcome:
         """A contribution to a round that is no longer open: a retry of one it applied, or stale."""
         if self.last is not None and self.last.round == number and worker in self.last.contributors:
-            if self.last.tensors is None:  # restored after a restart: the session still holds that step
-                return self._current(number, self.last.contributors)
-            return Outcome(**{**self.last.__dict__, "replayed": True})
+            if self.last.tensors is None:  # restored after a restart: answered from the session at that step
+                # ... while it is still there: the next round may have committed without updating self.last yet
+                answer = self._current(number, self.last.contributors)
+                if answer.step == number + 1:
+                    return answer
+            else:
+                return Outcome(**{**self.last.__dict__, "replayed": True})
         for rnd, who in self.history:
             if rnd == number and worker in who:
                 raise FailedPrecondition(
@@ -452,7 +456,7 @@ class Hub:
                         self.members.renew(m)
                         self.members.expire()
                         if m.worker not in self.members.by_name:  # dropped while waiting: back in
-                            self.members.by_name[m.worker] = m
+                            self.members.readmit(m)
                 clocks = {w: o.contributions for w, o in self.members.by_name.items()}
                 clocks[worker] = m.contributions + 1
             return m, None, clocks
@@ -489,9 +493,10 @@ class Hubs:
     """The hubs of every shared session, made on first use, and one background thread that ends leases
     and closes rounds whose waiters have gone."""
 
-    def __init__(self, store, interval: float = 0.1):
+    def __init__(self, store, interval: float = 0.1, seats=None):
         self.store = store
         self.interval = interval
+        self.seats = seats  # the server's --max-members (admission.Limit), shared by every session's members
         self._lock = threading.Lock()
         self._thread = None
         store.observers.append(self)
@@ -505,7 +510,7 @@ class Hubs:
             if hub is None:
                 with session.lock:
                     self.store.ensure_loaded(session)  # the open round is the session's step
-                hub = session.hub = Hub(self.store, session)
+                hub = session.hub = Hub(self.store, session, self.seats)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, daemon=True, name="optreg-rounds")
                 self._thread.start()
@@ -534,4 +539,5 @@ class Hubs:
         if hub is not None:
             with hub.cond:
                 hub.deleted = True
+                hub.members.clear()
                 hub.cond.notify_all()

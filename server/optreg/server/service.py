@@ -16,7 +16,7 @@ import grpc
 import numpy as np
 
 from optreg.plugins.registry import Registry
-from optreg.server import fastkernels, resident, shm, sparse, status
+from optreg.server import admission, fastkernels, resident, shm, sparse, status, writers
 from optreg.server.errors import (DataLoss, DeadlineExceeded, FailedPrecondition, InvalidArgument, ResourceExhausted,
                                   shown)
 from optreg.server.factory import SessionConfig
@@ -109,14 +109,20 @@ def _no_owner(context) -> str:
     return ""
 
 
+def _writer(context) -> tuple:
+    """(writers.Writer or None, take over?) of a single-writer step's caller."""
+    return writers.from_call(context.invocation_metadata(), context.peer())
+
+
 class _Paced:
     """A request stream read by a thread of its own into a small queue, so the handler can end a
     sender that makes no progress (no new tensor data) for `seconds` with a status that says so:
     a stalled client holds its worker thread and stream slot for a bounded time only."""
     _END = object()
 
-    def __init__(self, requests, seconds: float):
+    def __init__(self, requests, seconds: float, slot=None):
         self.seconds = seconds
+        self.slot = slot  # the call's stream slot: a worker's contribution gives it back once received
         self.closed = False
         self.deadline = time.monotonic() + seconds
         self.queue: queue.Queue = queue.Queue(maxsize=4)  # read-ahead, so a fast sender is not slowed
@@ -160,6 +166,12 @@ class _Paced:
                 raise item
             yield item
 
+    def received(self) -> None:
+        """The whole request stream is in: the stream slot is free for another sender (a shared
+        session's contribution then waits for its round under --max-members, workersteps.py)."""
+        if self.slot is not None:
+            self.slot.release()
+
     def close(self) -> None:
         self.closed = True
 
@@ -173,7 +185,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
 
     def __init__(self, store: SessionStore, chunk_bytes: int = tensors.CHUNK_BYTES, metrics: Metrics | None = None,
                  owner=_no_owner, max_message_bytes: int = 64 << 20, shm_registrations: int = 4,
-                 max_streams: int = 8, stream_idle_seconds: float = 30.0):
+                 max_streams: int = 8, stream_idle_seconds: float = 30.0, max_members: int = 64):
         self.store = store
         self.max_message_bytes = max_message_bytes
         self.chunk_bytes = max(4096, min(chunk_bytes, max_message_bytes - (64 << 10)))  # room for the envelope
@@ -181,29 +193,20 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         self.owner = owner
         self.shm = shm.SharedMemoryRegistry(shm_registrations)
         self.max_streams = max_streams
-        self._streams = threading.BoundedSemaphore(max_streams)
+        self._streams = admission.Limit(max_streams, f"this server is running {max_streams} streaming calls, its "
+                                        "limit (--max-streams); retry shortly, or send small steps with Step")
         self.stream_idle_seconds = stream_idle_seconds
         store.observers.append(_ReleaseSegments(self.shm))
-        self.workers = WorkerSteps(store, self.chunk_bytes, max_message_bytes)  # shared sessions (rounds.py)
+        self.workers = WorkerSteps(store, self.chunk_bytes, max_message_bytes, max_members)  # shared sessions
         # JIT the server's own optimizers' kernels in the background (numpy until then: same numbers);
         # compiled kernels are found by their definition, so these objects, not a fresh registry's.
         fastkernels.warm(definitions=[r.definition for r in store.registry.optimizers.values()])
 
     @contextlib.contextmanager
-    def _stream_slot(self):
-        if not self._streams.acquire(blocking=False):
-            raise ResourceExhausted(f"this server is running {self.max_streams} streaming calls, its limit "
-                                    "(--max-streams); retry shortly, or send small steps with Step")
-        try:
-            yield
-        finally:
-            self._streams.release()
-
-    @contextlib.contextmanager
     def _upload(self, request_iterator):
         """A stream slot, and the requests paced by the idle timeout, for a call that receives a stream."""
-        with self._stream_slot():
-            paced = _Paced(request_iterator, self.stream_idle_seconds)
+        with self._streams.take() as slot:
+            paced = _Paced(request_iterator, self.stream_idle_seconds, slot)
             try:
                 yield paced
             finally:
@@ -297,7 +300,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
             session = self.store.get(request.session_id, self.owner(context))
         fence = request.step if request.HasField("step") else None
         return StepRun(self.store, session, fence, request.hyperparameters, request.metrics, context.is_active, out,
-                       sparse=bool(getattr(request, "sparse", None)))
+                       sparse=bool(getattr(request, "sparse", None)), writer=_writer(context))
 
     @status.handler
     def Step(self, request, context):
@@ -435,7 +438,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
 
     @status.handler
     def ReadParametersStream(self, request, context):
-        with self._stream_slot():
+        with self._streams.take():
             session, arrays, step = self._read(request, context)
             try:
                 selected = self._selected(session, arrays.params, request.names)
@@ -460,7 +463,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
 
     @status.handler
     def ReadStateStream(self, request, context):
-        with self._stream_slot():
+        with self._streams.take():
             session, arrays, _ = self._read(request, context)
             try:
                 yield session_pb2.ReadStateStreamResponse(session=session_info(session))
@@ -546,8 +549,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         with region.lock:
             if region.closed.is_set():
                 raise FailedPrecondition(f"shared-memory segment {shown(region.key)} was unregistered")
-            run = StepRun(self.store, session, request.step if request.HasField("step") else None,
-                          request.hyperparameters, request.metrics, context.is_active, out)
+            run = self._run(request, context, out, session)
             try:
                 result = run.open()
                 if result is None:
@@ -572,7 +574,8 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
             if region.closed.is_set():
                 raise FailedPrecondition(f"shared-memory segment {shown(region.key)} was unregistered")
             run = resident.ResidentStep(self.store, session, region, request.step if request.HasField("step") else None,
-                                        request.hyperparameters, request.metrics, context.is_active)
+                                        request.hyperparameters, request.metrics, context.is_active,
+                                        _writer(context))
             try:
                 run.run(grads)
                 return session_pb2.StepSharedMemoryResponse(step=run.result.step, replayed=run.result.replayed)

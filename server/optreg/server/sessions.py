@@ -157,6 +157,7 @@ class Session:
     clocks: dict = field(default_factory=dict, repr=False)
     last_sparse: object | None = field(default=None, repr=False)
     resident: object | None = field(default=None, repr=False)  # shm.Region holding the parameters (resident.py)
+    writer: object | None = field(default=None, repr=False)  # writers.Writer holding the step lease (memory only)
 
     def keep_spare(self, arrays: Arrays) -> None:
         """Caller holds the lock: keep a set nobody reads as the next step's staging, when making a new one

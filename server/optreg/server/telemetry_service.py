@@ -6,7 +6,8 @@ import zlib
 
 import grpc
 
-from optreg.server import status
+from optreg.server import admission, status
+from optreg.server.errors import ResourceExhausted
 
 from optreg.server.telemetry import Alert, Record, SessionRing, TelemetryHub, visible
 from optreg.v1 import telemetry_pb2, telemetry_pb2_grpc
@@ -38,8 +39,13 @@ class TelemetryServicer(telemetry_pb2_grpc.TelemetryServiceServicer):
     when given, raises the session service's own error for an unknown or another token's session
     (so a watcher of a fresh session with no step yet waits rather than getting NOT_FOUND)."""
 
-    def __init__(self, hub: TelemetryHub, owner=lambda context: "", check_session=None):
+    def __init__(self, hub: TelemetryHub, owner=lambda context: "", check_session=None, max_watchers: int = 16):
         self.hub, self.owner, self.check_session = hub, owner, check_session
+        # Each watch holds a server thread while it waits for steps (app.py adds a thread for each).
+        self.watchers = admission.Limit(max_watchers, (
+            f"this server is serving {max_watchers} WatchSession calls, its limit (--max-watchers): close a "
+            "watch you no longer need, read past steps with GetTelemetry, or start the server with a larger "
+            "--max-watchers"))
 
     def _ring(self, session_id: str, context, owner: str) -> SessionRing | None:
         if not session_id:
@@ -101,6 +107,14 @@ class TelemetryServicer(telemetry_pb2_grpc.TelemetryServiceServicer):
         return telemetry_pb2.ImportTelemetryResponse(last_step=ring.last_step)
 
     def WatchSession(self, request, context):
+        try:
+            slot = self.watchers.take()
+        except ResourceExhausted as e:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, e.message)
+        with slot:
+            yield from self._watch(request, context)
+
+    def _watch(self, request, context):
         owner = self.owner(context)
         if request.from_step < 0:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,

@@ -2,14 +2,17 @@
 membership.py). Step and StepStream hand a call here when its session has workers."""
 from __future__ import annotations
 
+import contextlib
 import itertools
+import threading
 
 import numpy as np
 
+from optreg.server import admission
 from optreg.server import sparse as sparse_rows
-from optreg.server.errors import Cancelled, FailedPrecondition, InvalidArgument, shown
-from optreg.server.membership import (DEFAULT_DEADLINE, DEFAULT_LEASE, LR_SCALED, WorkerConfig, note_worker_record,
-                                     staleness_scaled)
+from optreg.server.errors import Cancelled, FailedPrecondition, InvalidArgument, ResourceExhausted, shown
+from optreg.server.membership import (CALLS_PER_WORKER, DEFAULT_DEADLINE, DEFAULT_LEASE, LR_SCALED, WorkerConfig,
+                                     note_worker_record, staleness_scaled)
 from optreg.server.pipeline import StepRun, check_metrics
 from optreg.server.rounds import Contribution, Hubs, Outcome
 from optreg.v1 import session_pb2, tensors
@@ -77,11 +80,45 @@ class ContributionRun(StepRun):
 
 
 class WorkerSteps:
-    def __init__(self, store, chunk_bytes: int, max_message_bytes: int):
+    """`max_members`: sync and SSP members on the whole server; worker calls in flight at once are bounded by
+    CALLS_PER_WORKER for each (every member may wait in one for the others, and retry it), so one worker's
+    flood of calls cannot take other members' slots. app.py gives the thread pool a thread for each."""
+
+    def __init__(self, store, chunk_bytes: int, max_message_bytes: int, max_members: int = 64):
         self.store = store
-        self.hubs = Hubs(store)
+        self.hubs = Hubs(store, seats=admission.Limit(max_members, (
+            f"this server holds {max_members} members of sync and SSP sessions, its limit (--max-members): each "
+            "waits for the others in a call that needs a server thread; wait for a member to leave (or its lease "
+            "to run out), or start the server with a larger --max-members")))
+        calls = CALLS_PER_WORKER * max_members
+        self.calls = admission.Limit(calls, (
+            f"this server has {calls} calls of shared-session workers in flight, its limit ({CALLS_PER_WORKER} "
+            "a member of --max-members); nothing was applied: retry shortly, or start the server with a larger "
+            "--max-members"))
+        self._lock = threading.Lock()
+        self._in_flight: dict[tuple[str, str], int] = {}  # (session, worker) -> its calls now
         self.chunk_bytes = chunk_bytes
         self.max_message_bytes = max_message_bytes
+
+    @contextlib.contextmanager
+    def _call(self, session, worker: str):
+        """One of the worker's CALLS_PER_WORKER calls, and one of the server's worker-call slots."""
+        key = (session.id, worker)
+        with self._lock:
+            n = self._in_flight.get(key, 0)
+            if n >= CALLS_PER_WORKER:
+                raise ResourceExhausted(
+                    f"worker {shown(worker)} has {n} calls in flight on session {session.id}, the most a worker may "
+                    "(a call and its retry); nothing was applied: wait for its answer, or cancel the call")
+            self._in_flight[key] = n + 1
+        try:
+            with self.calls.take():
+                yield
+        finally:
+            with self._lock:
+                n = self._in_flight.pop(key) - 1
+                if n:
+                    self._in_flight[key] = n
 
     # -- membership -------------------------------------------------------------------
     def join(self, session, worker: str) -> int:
@@ -151,6 +188,10 @@ class WorkerSteps:
             hub.end_async(member, number, applied)
 
     def step(self, session, request, context) -> session_pb2.StepResponse:
+        with self._call(session, request.worker):
+            return self._step(session, request, context)
+
+    def _step(self, session, request, context) -> session_pb2.StepResponse:
         if session.reply != "none" and not request.sparse:  # a sparse step answers with its rows
             reply_bytes = session.elements * session.dtype.itemsize
             if reply_bytes > self.max_message_bytes - (64 << 10):
@@ -171,6 +212,10 @@ class WorkerSteps:
                                         sparse=sparse_rows.to_messages(o))
 
     def step_stream(self, session, first, rest, requests, context):
+        with self._call(session, first.worker):
+            yield from self._step_stream(session, first, rest, requests, context)
+
+    def _step_stream(self, session, first, rest, requests, context):
         def chunks():
             for i, msg in enumerate(itertools.chain([first], rest)):
                 if i and msg.session_id and msg.session_id != session.id:
@@ -182,7 +227,9 @@ class WorkerSteps:
                     raise InvalidArgument(f"worker/round changed mid-stream (first {shown(first.worker)} round "
                                           f"{first.round}): send them in the first message only")
                 yield from msg.chunks
-                requests.progress()
+                if any(len(t.data) for t in msg.chunks):  # the idle timer resets on data only, as for one writer
+                    requests.progress()
+            requests.received()  # its stream slot is free while the call waits (under its --max-members slot)
 
         o = self._contribute(session, first.worker, first.round, first.hyperparameters, first.metrics, chunks(),
                              context, first.sparse)

@@ -1,0 +1,104 @@
+"""The writer lease of a single-writer session: which client process steps it.
+
+Two processes stepping one session (a script started twice by accident) would each be fenced
+correctly step by step and still overwrite each other's training. So a client names itself in
+the `optreg-writer` call header ("host=H pid=P id=R": R random, made once per process). The
+first named writer to step holds the session's lease and each of its steps renews it; another
+writer's step is refused FAILED_PRECONDITION naming the holder, until
+
+- the lease lapses (LEASE_SECONDS without a step from its holder: a writer that crashed),
+- the holder's process is seen gone (it ran on this host, called over loopback, and its pid no
+  longer exists: a local restart after a crash takes over at once), or
+- the new writer takes over deliberately (header `optreg-take-over: 1`; the Python client's
+  `take_over=True`).
+
+Leases live in memory only: after a server restart the first writer to step holds it. Calls that
+name no writer (a raw gRPC client, grpcurl) are neither fenced by nor holders of a lease.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass
+
+from optreg.server.errors import FailedPrecondition, InvalidArgument, shown
+
+HEADER = "optreg-writer"
+TAKE_OVER = "optreg-take-over"
+LEASE_SECONDS = 30.0
+MAX_HEADER = 256
+_LOCAL_PEERS = ("ipv4:127.", "ipv6:[::1]", "ipv6:[::ffff:127.", "unix:")
+_HOST = socket.gethostname()
+
+
+@dataclass
+class Writer:
+    key: str  # the header's value: one process
+    host: str = ""
+    pid: int = 0
+    local: bool = False  # on this host, over loopback: its pid can be checked
+    since: float = 0.0  # wall clock, when it took the lease
+    seen: float = 0.0  # monotonic, its last step
+
+    def describe(self) -> str:
+        who = f"host {self.host or '?'}, pid {self.pid or '?'}"
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.since))
+        return f"{who}, holding it since {since}, last step {time.monotonic() - self.seen:.0f} s ago"
+
+    def gone(self) -> bool:
+        """Its process is known to have ended (a process on this host only)."""
+        if not (self.local and self.pid > 0):
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return True
+        except OSError:  # exists, another user's
+            return False
+        return False
+
+
+def from_call(metadata, peer: str) -> tuple[Writer | None, bool]:
+    """The caller's writer identity (None: it names none) and whether it asks to take over."""
+    value, take_over = None, False
+    for k, v in metadata or ():
+        if k == HEADER:
+            value = v
+        elif k == TAKE_OVER:
+            take_over = v.strip().lower() in ("1", "true", "yes")
+    if value is None:
+        return None, take_over
+    if not value or len(value) > MAX_HEADER or not value.isprintable():
+        raise InvalidArgument(f"header {HEADER} {shown(value)}: use 'host=H pid=P id=R' in at most "
+                              f"{MAX_HEADER} printable characters")
+    fields = dict(part.split("=", 1) for part in value.split() if "=" in part)
+    try:
+        pid = int(fields.get("pid", "0"))
+    except ValueError:
+        pid = 0
+    host = fields.get("host", "")
+    local = host == _HOST and peer.startswith(_LOCAL_PEERS)
+    return Writer(value, host, pid, local), take_over
+
+
+def claim(session, writer: Writer | None, take_over: bool = False) -> None:
+    """Caller holds the session's lock: let `writer` step the session (taking or renewing its lease),
+    or refuse naming the holder."""
+    if writer is None:
+        return
+    now = time.monotonic()
+    held = session.writer
+    if held is not None and held.key != writer.key and not take_over:
+        if now - held.seen < LEASE_SECONDS and not held.gone():
+            raise FailedPrecondition(
+                f"session {session.id} is being stepped by another writer ({held.describe()}); two writers would "
+                f"overwrite each other's steps. If that run is gone, its lease lapses {LEASE_SECONDS:.0f} s after "
+                "its last step; to take over now on purpose, attach with take_over=True (Python: "
+                f"client.session(id, params, take_over=True) or create_session(..., resume=True, take_over=True); "
+                f"other clients: send the header {TAKE_OVER}: 1)",
+                metadata=(("optreg-writer-holder", held.key),))
+    if held is None or held.key != writer.key:
+        writer.since = time.time()
+        session.writer = writer
+    session.writer.seen = now
