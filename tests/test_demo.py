@@ -163,7 +163,8 @@ def test_idx_files_are_read_as_the_books_loader_saves_them(tmp_path):
     _write_idx(tmp_path / "t10k-images-idx3-ubyte", x_test, gz=False)
     _write_idx(tmp_path / "t10k-labels-idx1-ubyte", t_test, gz=False)
     d = load(str(tmp_path))
-    assert "MNIST" in d.name and str(tmp_path) in d.name
+    # Neither MNIST's nor Fashion-MNIST's labels: named by its folder, short; the path is where it came from.
+    assert d.name == f"IDX data set {tmp_path.name}" and str(tmp_path) in d.describe()
     assert d.x_train.shape == (7, 784) and d.x_test.shape == (3, 784)
     np.testing.assert_array_equal(d.x_train, x_train.reshape(7, -1) / 255.0)
     np.testing.assert_array_equal(d.t_train, t_train)

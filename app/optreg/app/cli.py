@@ -91,20 +91,8 @@ def main(argv=None) -> int:
     except Exception as e:
         if not _expected(e):
             raise
-        print(f"{name}: {_where(e, args)}{one_line(e)}", file=sys.stderr)
+        print(f"{name}: {one_line(e)}", file=sys.stderr)  # a transport error names its address
         return 1
-
-
-def _where(e: Exception, args) -> str:
-    """'cannot reach HOST:PORT: ' before a transport error's message, so the line says which server."""
-    try:
-        from optreg.client.errors import Unavailable
-    except ImportError:
-        return ""
-    if isinstance(e, Unavailable) and hasattr(args, "address") and not getattr(args, "data_dir", None):
-        from optreg.app.connect import address
-        return f"cannot reach the server at {address(args)}: "
-    return ""
 
 
 def _expected(e: Exception) -> bool:

@@ -20,7 +20,7 @@ DEFAULT_ADDRESS = "127.0.0.1:50051"
 def add_client_arguments(parser, offline: bool = False) -> None:
     g = parser.add_argument_group("connection")
     g.add_argument("--address", metavar="HOST:PORT",
-                   help=f"the server (default: $OPTREG_ADDRESS, else {DEFAULT_ADDRESS})")
+                   help=f"the server (default: $OPTREG_ADDRESS, else {DEFAULT_ADDRESS}; without a port: 50051)")
     g.add_argument("--token-file", metavar="FILE",
                    help="send the bearer token in FILE (its first word; default: the token in $OPTREG_TOKEN)")
     g.add_argument("--tls-ca", metavar="PEM", help="connect over TLS, trusting these root certificates")

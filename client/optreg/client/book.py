@@ -13,7 +13,9 @@ dtype: the book works in float64); each `update` writes the new values into thos
 must match, the arrays receive its parameters, and `resume` returns its step to continue from.
 None: a fresh session, never resumed.
 
-`keep`: what `close()` and leaving the with-block do with the session.
+`keep`: what `close()` and leaving the with-block do with the session; without either (the book's
+loop has no with-block), what the program's exit does (an uncaught exception, Ctrl-C included, being
+the error), so a script used exactly as in the book leaves no session behind.
   - None (the default): with a session_id, "on-error"; without one, False.
   - "on-error": delete it when the block ends normally (the run is done); keep it when an
     exception ends the block (Ctrl-C, a crash), so running again resumes it. close() deletes.
@@ -129,10 +131,7 @@ class _ServiceOptimizer:
                 finally:
                     self.worker = None
             if self.session is not None:
-                if delete:
-                    self.session.delete()
-                else:
-                    self.session.disable_shared_memory()
+                self.session.end(delete)
                 self.session = None
         finally:
             if self._own_client:

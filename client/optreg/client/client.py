@@ -14,7 +14,7 @@ from optreg.client.results import OptimizerInfo, PluginFailure, SessionInfo
 from optreg.client.retry import RetryPolicy
 from optreg.client.session import Session, check_keep
 from optreg.client.stepping import STREAM_ABOVE_BYTES, nbytes
-from optreg.client.transport import GrpcTransport, Transport
+from optreg.client.transport import GrpcTransport, Transport, normalize_address
 from optreg.client.workers import Worker, worker_config
 from optreg.v1 import registry_pb2, session_pb2, telemetry_pb2, tensor_pb2, tensors
 
@@ -28,7 +28,7 @@ class Client:
     ...     session = client.create_session("adam", {"W": W}, lr=0.01)
     ...     session.step({"W": dW})                    # W now holds the updated values
 
-    `address`: host:port (None: $OPTREG_ADDRESS, else 127.0.0.1:50051). `token`: a bearer token
+    `address`: host:port (None: $OPTREG_ADDRESS, else 127.0.0.1:50051; without a port, 50051). `token`: a bearer token
     sent with every call (None: $OPTREG_TOKEN when set). `root_certificates` (PEM bytes) or
     `tls=True` (the system's roots) connect over TLS; `tls_server_name` overrides the name checked
     against the server's certificate.
@@ -53,7 +53,7 @@ class Client:
         if transport is not None:
             self.address = transport.address
         else:
-            self.address = address or os.environ.get("OPTREG_ADDRESS") or DEFAULT_ADDRESS
+            self.address = normalize_address(address or os.environ.get("OPTREG_ADDRESS") or DEFAULT_ADDRESS)
             if token is None:
                 token = os.environ.get("OPTREG_TOKEN") or None
             transport = GrpcTransport(self.address, token=token, root_certificates=root_certificates, tls=tls,

@@ -38,8 +38,10 @@ class TransportError(OptregError):
 
 
 class Unavailable(TransportError):
-    """The server could not be reached (or asked for a retry) for the whole retry window."""
+    """The server could not be reached (or asked for a retry) for the whole retry window. `permanent`:
+    retrying cannot help (the host's name does not resolve), so it was raised at once."""
     code = grpc.StatusCode.UNAVAILABLE
+    permanent = False
 
 
 class DeadlineExceeded(TransportError):

@@ -52,6 +52,8 @@ class RetryPolicy:
             except Unavailable as e:
                 elapsed = clock() - start
                 left = self.total_seconds - elapsed
+                if e.permanent and wait is None:  # waiting for the server (wait_for_ready) may outlast DNS
+                    raise
                 if left <= 0:
                     if n:
                         e.details = f"{e.details} (after {n + 1} attempts in {elapsed:.1f} s)"

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
+import weakref
 from typing import Mapping
 
 import numpy as np
 
-from optreg.client.errors import ReassemblyError, StepMismatch, UsageError
+from optreg.client.errors import OptregError, ReassemblyError, StepMismatch, UsageError
 from optreg.client.results import SessionInfo, SessionState, StepResult
 from optreg.client import sparse
 from optreg.client.shm import SharedMemory
@@ -21,6 +23,20 @@ def check_keep(keep) -> None:
     if keep not in KEEP_CHOICES:
         raise UsageError(f"keep={keep!r}: use True (leave the session on the server), False (delete it) or "
                          "'on-error' (delete it unless the with-block raised)")
+
+
+def _end_unattended(client, session_id: str, keep) -> None:
+    """A Session with keep=False or "on-error" was dropped, or the program is exiting, without a with-block
+    or delete(): delete the session unless keep="on-error" and the program is ending with an uncaught
+    exception (Ctrl-C, a crash: kept, so a rerun resumes). One attempt, errors ignored: nothing waits
+    for a server that is gone."""
+    crashed = getattr(sys, "last_exc", None) or getattr(sys, "last_value", None)  # set for an uncaught exception
+    if keep == "on-error" and crashed is not None:
+        return
+    try:
+        client.transport.unary("DeleteSession", session_pb2.DeleteSessionRequest(session_id=session_id), timeout=5.0)
+    except OptregError:
+        pass
 
 
 def _collect(messages) -> tuple[object, dict[str, np.ndarray], dict[str, dict]]:
@@ -46,6 +62,8 @@ class Session:
     is `keep`: True (the default for sessions) leaves the session on the server, only releasing
     this object's shared memory; False deletes it; "on-error" deletes it when the block ends
     normally and keeps it when an exception ends it (so a rerun with the same session_id resumes).
+    Without a with-block, the same happens when the object is dropped or the program exits (an
+    uncaught exception, Ctrl-C included, counting as the error).
 
     `step_count` is the step number the next step is fenced with (the server's step as this
     object last saw it). `resumed` is True when create_session(..., resume=True) found the
@@ -67,6 +85,10 @@ class Session:
         self._unary = UnaryStep()
         self._sparse_stepped = False  # rows may be lazy on the server (see set_hyperparameters)
         self.take_over = False  # True: the next step takes the writer lease from another process (attach's take_over)
+        # keep=False or "on-error" without a with-block (the book's loop has none): the same decision when
+        # this object is dropped or the program exits, so a session nobody will resume is not left behind.
+        self._unattended = weakref.finalize(self, _end_unattended, client, self.id, keep) if keep is not True \
+            else None
 
     @property
     def info(self) -> SessionInfo:
@@ -87,10 +109,17 @@ class Session:
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        if self.keep is False or (self.keep == "on-error" and exc_type is None):
+        self.end(self.keep is False or (self.keep == "on-error" and exc_type is None))
+
+    def end(self, delete: bool) -> None:
+        """What leaving a with-block does, decided by the caller: delete the session, or leave it on the
+        server and release this object's shared memory. Either way `keep` has no more say."""
+        if delete:
             self.delete()
         else:
             self.disable_shared_memory()
+            if self._unattended is not None:
+                self._unattended.detach()
 
     # -- steps -------------------------------------------------------------------------------
 
@@ -224,6 +253,8 @@ class Session:
 
     def delete(self) -> None:
         """Delete the session on the server (and release its shared memory)."""
+        if self._unattended is not None:
+            self._unattended.detach()
         self.client.delete_session(self.id)  # the server releases the segment too
         if self._shm is not None:
             self._shm.close(unregister=False)

@@ -15,7 +15,7 @@ from typing import Iterable, Iterator, Protocol
 
 import grpc
 
-from optreg.client.errors import UsageError, from_rpc_error
+from optreg.client.errors import Unavailable, UsageError, from_rpc_error
 from optreg.v1 import registry_pb2, session_pb2, telemetry_pb2, tensors
 
 _SESSION = "/optreg.v1.SessionService/"
@@ -89,11 +89,58 @@ class Transport(Protocol):
     def close(self) -> None: ...
 
 
+DEFAULT_PORT = 50051
+# gRPC target schemes passed through as they are (gRPC's own naming); any other "scheme://" is a mistake.
+_GRPC_SCHEMES = ("dns:", "unix:", "unix-abstract:", "ipv4:", "ipv6:", "vsock:")
+
+
+def normalize_address(address: str) -> str:
+    """HOST:PORT as gRPC needs it: a missing port is optreg's 50051 (gRPC's own default is 443), a bare
+    IPv6 address is bracketed. A URL (http://...) or a bad port is a UsageError now, not a connection
+    that fails later with a resolver's message."""
+    text = address.strip()
+    if text.startswith(_GRPC_SCHEMES):
+        return text
+    if "://" in text:
+        rest = text.split("://", 1)[1].rstrip("/")
+        raise UsageError(f"address {address!r}: give HOST:PORT without a scheme (e.g. {rest or '127.0.0.1:50051'}); "
+                         "for TLS use tls=True (the CLI's --tls)")
+    if text.count(":") > 1 and not text.startswith("["):  # a bare IPv6 address
+        text = f"[{text}]"
+    host, sep, port = text.rpartition(":") if not text.endswith("]") else (text, "", "")
+    if not sep:
+        host, port = text, str(DEFAULT_PORT)
+    if not host or host == "[]":
+        raise UsageError(f"address {address!r}: no host; give HOST:PORT, e.g. 127.0.0.1:{DEFAULT_PORT}")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise UsageError(f"address {address!r}: the port must be 1-65535 (HOST:PORT; without a port, "
+                         f"{DEFAULT_PORT})")
+    return f"{host}:{int(port)}"
+
+
+def error_for(address: str, e: grpc.RpcError):
+    """The OptregError for a failed call. gRPC's own connection failures become one line naming the address
+    and what to check; a name that does not resolve is `permanent` (retrying cannot help).
+    UNAVAILABLE sent by the server itself keeps its message."""
+    error = from_rpc_error(e)
+    if not isinstance(error, Unavailable):
+        return error
+    text = error.details
+    cause = text.rsplit(": ", 1)[-1].strip().rstrip("]").lower()
+    if text.startswith(("errors resolving", "DNS resolution failed")):
+        error.details = f"cannot resolve the host of {address} ({cause}): check the address (HOST:PORT)"
+        error.permanent = True
+    elif text.startswith("failed to connect to all addresses"):
+        error.details = f"cannot reach {address} ({cause}): is `optreg serve` running there?"
+    return error
+
+
 class _Replies:
     """A gRPC response iterator whose errors come out as OptregError."""
 
-    def __init__(self, call):
+    def __init__(self, call, address: str):
         self._call = call
+        self._address = address
 
     def __iter__(self):
         return self
@@ -102,7 +149,7 @@ class _Replies:
         try:
             return next(self._call)
         except grpc.RpcError as e:
-            raise from_rpc_error(e) from None
+            raise error_for(self._address, e) from None
 
     def cancel(self) -> None:
         self._call.cancel()
@@ -158,14 +205,15 @@ class GrpcTransport:
         try:
             return self._calls[method](request, timeout=timeout, metadata=self._headers(metadata))
         except grpc.RpcError as e:
-            raise from_rpc_error(e) from None
+            raise error_for(self.address, e) from None
 
     stream_in = unary  # a client-streaming call is invoked like a unary one, with an iterator
 
     def stream_out(self, method: str, request, *, timeout: float | None, metadata: tuple = ()) -> StreamCall:
         if self._closed:
             raise UsageError(f"this client's connection to {self.address} is closed")
-        return _Replies(self._calls[method](request, timeout=timeout, metadata=self._headers(metadata)))
+        return _Replies(self._calls[method](request, timeout=timeout, metadata=self._headers(metadata)),
+                        self.address)
 
     stream_both = stream_out
 

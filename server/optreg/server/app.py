@@ -158,12 +158,12 @@ class OptregServer:
         self.telemetry = _telemetry(settings, self.registry, self.auth)
         self.store.observers.append(TelemetryObserver(self.telemetry))
         limit = settings.max_message_mb * 1024 * 1024
-        for flag, value in (("--workers", settings.workers), ("--max-watchers", settings.max_watchers),
+        for flag, value in (("--threads", settings.workers), ("--max-watchers", settings.max_watchers),
                             ("--max-members", settings.max_members)):
             if value < 1:
                 raise ValueError(f"{flag} {value}: give at least 1")
         # Watchers and shared-session workers wait (for steps, for the other members) holding a thread each:
-        # the pool has one for each admitted, on top of --workers, so they never take the threads that steps
+        # the pool has one for each admitted, on top of --threads, so they never take the threads that steps
         # and health checks use (admission.py).
         threads = settings.workers + settings.max_watchers + CALLS_PER_WORKER * settings.max_members
         self.grpc_server = grpc.server(
@@ -246,6 +246,9 @@ class OptregServer:
         print(f"optreg serving on {self.address}", flush=True)
         if self.dashboard:
             print(f"optreg dashboard on {self.dashboard.url}", flush=True)
+        # After the lines scripts read (the address first, then the dashboard's URL).
+        print(f"optreg sessions in {pathlib.Path(self.settings.data_dir).resolve()}" if self.settings.data_dir else
+              "optreg sessions in memory only (lost when the server stops)", flush=True)
         log.info("optimizers: %s", ", ".join(self.registry.optimizers))
         for f in self.registry.failures:
             log.error("plugin %s failed: %s", f.plugin, f.reason)

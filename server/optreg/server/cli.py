@@ -48,7 +48,7 @@ def _serve_ray(args, data_dir) -> int:
         return 2
     try:
         server = ClusterServer(data_dir, ray_address=args.ray or None, host=args.host, port=args.port,
-                               workers=args.workers, max_message_mb=args.max_message_mb,
+                               workers=args.threads, max_message_mb=args.max_message_mb,
                                memory_budget_mb=args.memory_budget_mb, allow_insecure=args.allow_insecure,
                                drain_seconds=args.drain_seconds)
     except (ValueError, OSError, ConnectionError) as e:
@@ -64,12 +64,16 @@ def _serve(args) -> int:
     handler.setFormatter(JsonFormatter() if args.log_format == "json" else
                          logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
+    if args.memory_only and args.data_dir:
+        print(f"optreg serve: --memory-only and --data-dir {args.data_dir} contradict each other: give one",
+              file=sys.stderr)
+        return 2
     data_dir = None if args.memory_only else (default_data_dir() if args.data_dir is None else args.data_dir)
     if getattr(args, "ray", None) is not None:
         return _serve_ray(args, data_dir)
     try:
         server = OptregServer(Settings(
-            host=args.host, port=args.port, workers=args.workers, max_message_mb=args.max_message_mb,
+            host=args.host, port=args.port, workers=args.threads, max_message_mb=args.max_message_mb,
             drain_seconds=args.drain_seconds, data_dir=data_dir or None,
             default_durability=args.default_durability or "", periodic_steps=args.periodic_steps,
             periodic_seconds=args.periodic_seconds, idle_seconds=args.idle_seconds,
@@ -92,6 +96,15 @@ def _serve(args) -> int:
     except OSError as e:  # the metrics port in use, found only at start
         print(f"optreg serve: {e}", file=sys.stderr)
         return 2
+
+
+class _Deprecated(argparse.Action):
+    """An old spelling of an option: works as the new one, with a one-line note on stderr."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        new = "--" + self.dest.replace("_", "-")
+        print(f"optreg serve: {option_string} is deprecated: use {new} (same meaning)", file=sys.stderr)
+        setattr(namespace, self.dest, values)
 
 
 def at_least_one(text: str) -> int:
@@ -117,66 +130,76 @@ def port(text: str) -> int:
 
 
 def add_arguments(serve: argparse.ArgumentParser) -> None:
-    """`optreg serve`'s options on `serve`."""
-    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
-    serve.add_argument("--port", type=port, default=50051,
+    """`optreg serve`'s options on `serve`, in groups so --help reads by topic."""
+    serve.usage = "%(prog)s [options]  (grouped below)"
+    net = serve.add_argument_group("network")
+    storage = serve.add_argument_group("storage and durability")
+    limits = serve.add_argument_group("threads and limits")
+    security = serve.add_argument_group("security")
+    telemetry = serve.add_argument_group("metrics, dashboard and telemetry")
+    logs = serve.add_argument_group("logging")
+    cluster = serve.add_argument_group("scale-out")
+    net.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    net.add_argument("--port", type=port, default=50051,
                        help="port (default: 50051; 0 picks a free one; a port in use is an error)")
-    serve.add_argument("--workers", type=int, default=16,
+    limits.add_argument("--threads", type=int, default=16,
                        help="threads serving calls, besides those of --max-watchers and --max-members (default: 16)")
-    serve.add_argument("--max-message-mb", type=int, default=64,
+    # --workers was this option's first name; everywhere else it means worker processes.
+    limits.add_argument("--workers", type=int, dest="threads", action=_Deprecated, help=argparse.SUPPRESS)
+    limits.add_argument("--max-message-mb", type=int, default=64,
                        help="largest unary message in MiB (default: 64; the streaming RPCs have no model limit)")
-    serve.add_argument("--drain-seconds", type=float, default=30.0,
+    net.add_argument("--drain-seconds", type=float, default=30.0,
                        help="on SIGTERM, how long in-flight calls may finish (default: 30)")
-    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    serve.add_argument("--log-format", default="text", choices=["text", "json"],
+    logs.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    logs.add_argument("--log-format", default="text", choices=["text", "json"],
                        help="json: one object a line with session_id and step fields")
-    serve.add_argument("--data-dir", default=None,
+    storage.add_argument("--data-dir", default=None,
                        help="where sessions are kept (default: $OPTREG_DATA_DIR, else ~/.local/share/optreg); "
                             "'' keeps them in memory only")
-    serve.add_argument("--memory-only", action="store_true", help="no data directory (same as --data-dir '')")
-    serve.add_argument("--default-durability", choices=list(DURABILITIES),
+    storage.add_argument("--memory-only", action="store_true", help="no data directory (same as --data-dir '')")
+    storage.add_argument("--default-durability", choices=list(DURABILITIES),
                        help="for sessions that do not choose (default: log with a data dir, else none)")
-    serve.add_argument("--periodic-steps", type=int, default=100,
+    storage.add_argument("--periodic-steps", type=int, default=100,
                        help="periodic durability's default step window (default: 100)")
-    serve.add_argument("--periodic-seconds", type=float, default=30.0,
+    storage.add_argument("--periodic-seconds", type=float, default=30.0,
                        help="periodic durability's default time window (default: 30)")
-    serve.add_argument("--idle-seconds", type=float, default=0.0,
+    storage.add_argument("--idle-seconds", type=float, default=0.0,
                        help="unload a durable session's tensors after this long unused (default: 0, never)")
-    serve.add_argument("--memory-budget-mb", type=float, default=None,
+    limits.add_argument("--memory-budget-mb", type=float, default=None,
                        help="MiB of tensor data the server holds at most (sessions, staging copies, uploads); "
                             "beyond it idle durable sessions are unloaded, then requests fail with "
                             "RESOURCE_EXHAUSTED (default: half the physical memory; 0: unlimited)")
-    serve.add_argument("--max-streams", type=int, default=0,
-                       help="streaming calls served at once, the rest refused (default: half of --workers)")
-    serve.add_argument("--max-watchers", type=at_least_one, default=16,
+    limits.add_argument("--max-streams", type=int, default=0,
+                       help="streaming calls served at once, the rest refused (default: half of --threads)")
+    limits.add_argument("--max-watchers", type=at_least_one, default=16,
                        help="WatchSession calls served at once, the rest refused RESOURCE_EXHAUSTED; each has a "
-                            "thread of its own beyond --workers (default: 16)")
-    serve.add_argument("--max-members", type=at_least_one, default=64,
+                            "thread of its own beyond --threads (default: 16)")
+    limits.add_argument("--max-members", type=at_least_one, default=64,
                        help="members of sync and SSP sessions on this server; beyond, JoinSession is refused "
                             "RESOURCE_EXHAUSTED. Worker calls (two per member: a call and its retry) have threads of "
-                            "their own beyond --workers, so every admitted member can wait for its round (default: 64)")
-    serve.add_argument("--fsync-method", choices=["threads", "fdatasync", "syncfs"], default="threads",
+                            "their own beyond --threads, so every admitted member can wait for its round (default: 64)")
+    storage.add_argument("--fsync-method", choices=["threads", "fdatasync", "syncfs"], default="threads",
                        help="how logs waiting for durability are synced together: threads (concurrent "
                             "fdatasyncs, default), fdatasync (one after another: no sharing), syncfs")
-    serve.add_argument("--stream-idle-seconds", type=float, default=30.0,
+    limits.add_argument("--stream-idle-seconds", type=float, default=30.0,
                        help="end a stream that sends no data for this long (default: 30; 0: never)")
-    serve.add_argument("--max-tensors", type=int, default=4096, help="parameters a session may have (default: 4096)")
-    serve.add_argument("--token-file", help="require a bearer token from this file (one a line)")
-    serve.add_argument("--tls-cert", help="PEM certificate chain: serve TLS")
-    serve.add_argument("--tls-key", help="PEM private key for --tls-cert")
-    serve.add_argument("--allow-insecure", action="store_true",
+    limits.add_argument("--max-tensors", type=int, default=4096, help="parameters a session may have (default: 4096)")
+    security.add_argument("--token-file", help="require a bearer token from this file (one a line)")
+    security.add_argument("--tls-cert", help="PEM certificate chain: serve TLS")
+    security.add_argument("--tls-key", help="PEM private key for --tls-cert")
+    security.add_argument("--allow-insecure", action="store_true",
                        help="allow a non-loopback --host without TLS and tokens")
-    serve.add_argument("--metrics-port", type=port, help="serve Prometheus metrics on this port (0: any free one)")
-    serve.add_argument("--metrics-host", default="127.0.0.1", help="address of the metrics endpoint")
-    serve.add_argument("--dashboard-port", type=port,
+    telemetry.add_argument("--metrics-port", type=port, help="serve Prometheus metrics on this port (0: any free one)")
+    telemetry.add_argument("--metrics-host", default="127.0.0.1", help="address of the metrics endpoint")
+    telemetry.add_argument("--dashboard-port", type=port,
                        help="serve the live training dashboard on this port (0: any free one; docs/telemetry.md)")
-    serve.add_argument("--dashboard-host", default="127.0.0.1",
+    telemetry.add_argument("--dashboard-host", default="127.0.0.1",
                        help="address of the dashboard (off loopback only with TLS and tokens, as --host)")
-    serve.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+    cluster.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                        help="serve sessions on a Ray cluster: join the one at ADDRESS ('auto': this machine's), "
                             "or start a local Ray without one; --data-dir must be storage every node reaches "
                             "(docs/scale-out.md; pip install 'optreg[ray]')")
-    serve.add_argument("--telemetry-steps", type=at_least_one, default=2048,
+    telemetry.add_argument("--telemetry-steps", type=at_least_one, default=2048,
                        help="steps of telemetry kept at full resolution per session; older ones are "
                             "downsampled (default: 2048)")
 

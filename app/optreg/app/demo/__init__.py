@@ -42,7 +42,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
                         help=f"folder for paths.png, training.png, summary.json (default: ./{DEFAULT_OUT}/)")
     parser.add_argument("--data", metavar="DIR",
-                        help="MNIST IDX files (train-images-idx3-ubyte[.gz], ...), as the book's loader saves them; "
+                        help="MNIST or Fashion-MNIST IDX files (train-images-idx3-ubyte[.gz], ...), as the book's loader saves them; "
                              "default: Fashion-MNIST from Debian's dataset-fashion-mnist if installed, "
                              "else scikit-learn's digits")
     parser.add_argument("--dataset", default="auto", choices=("auto", "fashion-mnist", "digits"),
@@ -125,11 +125,15 @@ def _workers(args, client, address: str, dataset, rounds: int, out: pathlib.Path
     summary = workers.run(client, address, _token(args) if args.address else None, dataset,
                           (args.data, args.dataset), n, rounds, out, named=getattr(args, "dashboard", None) is not None)
     many, one = summary["runs"]["many"], summary["runs"]["one"]
-    last = many["last_round"] or {}
     print(f"{n} workers: {many['rounds']} rounds in {many['seconds']:.1f} s, every round combined "
-          f"{'/'.join(map(str, many['contributions_per_round']))} contributions; last round's noise scale "
-          f"{last.get('noise_scale', 0):.2f} worker batches")
+          f"{'/'.join(map(str, many['contributions_per_round']))} contributions; "
+          f"{workers.noise_words((many['last_round'] or {}).get('noise_scale', 0.0))}")
     print(f"1 worker:  {one['rounds']} rounds in {one['seconds']:.1f} s")
+    if n > 1 and many["seconds"] > one["seconds"]:
+        import os
+        print(f"{n} workers took {many['seconds'] / one['seconds']:.1f}x the wall time of 1: every round waits for "
+              f"the slowest of {n} processes, which share this machine's {os.cpu_count()} cores with each other and "
+              f"the server; on machines of their own a round costs about one worker's batch (docs/workers.md)")
     print(f"mean batch loss over the last {summary['loss_window']} rounds: {n} workers "
           f"{summary['final_loss']['many']:.4f}, 1 worker {summary['final_loss']['one']:.4f}")
     print(f"wrote {summary['figure']}, {out / 'workers.json'}")

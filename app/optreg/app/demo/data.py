@@ -29,11 +29,12 @@ IDX_FILES = {
 
 @dataclass
 class Dataset:
-    name: str
+    name: str  # what it is, short: figure titles and summaries
     x_train: np.ndarray
     t_train: np.ndarray
     x_test: np.ndarray
     t_test: np.ndarray
+    source: str = ""  # where it came from, for describe()
 
     @property
     def input_size(self) -> int:
@@ -44,7 +45,8 @@ class Dataset:
         return int(max(self.t_train.max(), self.t_test.max())) + 1
 
     def describe(self) -> str:
-        return (f"{self.name}: {len(self.x_train):,} training and {len(self.x_test):,} test images "
+        where = f" ({self.source})" if self.source else ""
+        return (f"{self.name}{where}: {len(self.x_train):,} training and {len(self.x_test):,} test images "
                 f"of {self.input_size} pixels, {self.classes} classes")
 
 
@@ -73,7 +75,13 @@ def read_idx(path: pathlib.Path) -> np.ndarray:
     return data.reshape(shape)
 
 
-def load_idx_dir(directory: pathlib.Path, name: str) -> Dataset:
+# The first ten training labels of the two public IDX sets, in their published order: enough to name what
+# --data holds (both are 60,000 28x28 images of 10 classes; a directory's name need not say which).
+KNOWN_IDX_SETS = {(5, 0, 4, 1, 9, 2, 1, 3, 1, 4): "MNIST", (9, 0, 0, 3, 0, 2, 7, 2, 5, 5): "Fashion-MNIST"}
+
+
+def load_idx_dir(directory: pathlib.Path, name: str | None = None, source: str = "") -> Dataset:
+    """The four IDX files in `directory`; `name` None: MNIST or Fashion-MNIST by its labels, else the folder's name."""
     arrays = {}
     for key, stem in IDX_FILES.items():
         path = _find(directory, stem)
@@ -83,7 +91,10 @@ def load_idx_dir(directory: pathlib.Path, name: str) -> Dataset:
         arrays[key] = read_idx(path)
     x_train = arrays["x_train"].reshape(len(arrays["x_train"]), -1).astype(np.float64) / 255.0
     x_test = arrays["x_test"].reshape(len(arrays["x_test"]), -1).astype(np.float64) / 255.0
-    return Dataset(name, x_train, arrays["t_train"].astype(np.int64), x_test, arrays["t_test"].astype(np.int64))
+    if name is None:
+        name = KNOWN_IDX_SETS.get(tuple(arrays["t_train"][:10].tolist()), f"IDX data set {directory.name}")
+    return Dataset(name, x_train, arrays["t_train"].astype(np.int64), x_test, arrays["t_test"].astype(np.int64),
+                   source or f"IDX files in {directory}")
 
 
 def load_digits_dataset() -> Dataset:
@@ -94,7 +105,7 @@ def load_digits_dataset() -> Dataset:
     # A fixed, shuffled split: 1,497 to train on, 300 to test.
     order = np.random.default_rng(0).permutation(len(x))
     test, train = order[:300], order[300:]
-    return Dataset("scikit-learn digits (8x8 handwritten digits, load_digits)", x[train], t[train], x[test], t[test])
+    return Dataset("scikit-learn digits", x[train], t[train], x[test], t[test], "8x8 handwritten digits, load_digits")
 
 
 CHOICES = ("auto", "fashion-mnist", "digits")
@@ -104,12 +115,12 @@ def load(data_dir: str | None = None, which: str = "auto", fashion_dir: pathlib.
     """The data set the demo trains on; see the module docstring for the order `auto` follows."""
     if data_dir:
         directory = pathlib.Path(data_dir)
-        return load_idx_dir(directory, f"MNIST (IDX files in {directory})")
+        return load_idx_dir(directory)
     fashion_installed = all(_find(fashion_dir, stem) for stem in IDX_FILES.values())
     if which == "fashion-mnist" and not fashion_installed:
         raise FileNotFoundError(f"Fashion-MNIST is not in {fashion_dir}: apt install dataset-fashion-mnist")
     if which in ("auto", "fashion-mnist") and fashion_installed:
-        return load_idx_dir(fashion_dir, f"Fashion-MNIST (Debian dataset-fashion-mnist, {fashion_dir})")
+        return load_idx_dir(fashion_dir, "Fashion-MNIST", f"Debian dataset-fashion-mnist, {fashion_dir}")
     try:
         return load_digits_dataset()
     except ImportError:

@@ -90,18 +90,32 @@ def train(client, address: str, token: str | None, dataset, data_args: tuple, wo
                                                      "noise_scale": last.noise_scale}}
 
 
+def noise_words(noise_scale: float) -> str:
+    """The last round's noise scale for people. The server reports 0 when its estimate of the mean gradient's
+    squared norm was not positive: the workers' gradients disagreed more than their mean showed, i.e. the
+    noise dominated (a large noise scale), the opposite of what "0.00" reads as."""
+    if noise_scale > 0:
+        return f"last round's noise scale {noise_scale:.2f} worker batches (~{noise_scale * BATCH:.0f} examples)"
+    return "last round's noise scale not measurable (the workers' gradients disagreed more than their mean showed)"
+
+
 def plot(many: dict, one: dict, dataset_name: str, path: pathlib.Path) -> None:
+    """Loss per round (left: where more workers per round would help) and per example seen (right: what
+    they cost); per round the two lines can lie on each other, per example they part."""
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(one["losses"], label=f"1 worker (batch {BATCH})", alpha=0.8)
-    ax.plot(many["losses"], label=f"{many['workers']} workers, one session, sync ({many['workers']} x {BATCH})",
-            alpha=0.8)
-    ax.set_xlabel("round (= step)")
-    ax.set_ylabel("training batch loss (mean over workers)")
-    ax.set_yscale("log")
-    short = dataset_name.split(" (")[0]  # "Fashion-MNIST (Debian ..., /usr/share/...)" -> "Fashion-MNIST"
-    ax.set_title(f"the demo's network through one optreg session\n{OPTIMIZER}, lr {LR}, {short}", fontsize=10)
-    ax.legend()
+    fig, (by_round, by_example) = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for run, style in ((one, "-"), (many, "--")):
+        k = run["workers"]
+        label = (f"1 worker (batch {BATCH})" if k == 1 else f"{k} workers, one session, sync ({k} x {BATCH})")
+        rounds = np.arange(1, len(run["losses"]) + 1)
+        by_round.plot(rounds, run["losses"], style, label=label, alpha=0.85)
+        by_example.plot(rounds * k * BATCH, run["losses"], style, label=label, alpha=0.85)
+    by_round.set_xlabel("round (= step)")
+    by_example.set_xlabel("training examples seen (all workers)")
+    by_round.set_ylabel("training batch loss (mean over workers)")
+    by_round.set_yscale("log")
+    fig.suptitle(f"the demo's network through one optreg session: {OPTIMIZER}, lr {LR}, {dataset_name}", fontsize=10)
+    by_round.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

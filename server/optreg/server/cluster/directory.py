@@ -6,6 +6,7 @@ import logging
 import os
 import pathlib
 import site
+import socket
 import threading
 import time
 
@@ -36,10 +37,30 @@ def runtime_env() -> dict:
     return {"env_vars": {"PYTHONPATH": os.pathsep.join(local + ([extra] if extra else []))}}
 
 
+def check_reachable(address: str, seconds: float = 3.0) -> None:
+    """ConnectionError at once when nothing listens at a cluster address (a typo): ray.init would retry for
+    minutes, printing warnings, deaf to SIGTERM. HOST[:PORT] is the head's GCS (port 6379 by default);
+    ray://HOST[:PORT] its client server (10001). "auto" and "local" are Ray's to resolve."""
+    if address in ("auto", "local"):
+        return
+    rest, default = (address[len("ray://"):], 10001) if address.startswith("ray://") else (address, 6379)
+    host, sep, port = rest.rstrip("/").rpartition(":")
+    if not sep or not port.isdigit():
+        host, port = rest.rstrip("/"), default
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=seconds).close()
+    except OSError as e:
+        raise ConnectionError(f"no Ray cluster answers at {host}:{port} ({e.strerror or e}): check the "
+                              "address (`ray status` on the head node), or give --ray alone to start a local "
+                              "Ray") from None
+
+
 def connect(address: str | None = None, **init_kwargs) -> None:
     """Join the Ray cluster at `address` ("auto": the local one), or start a local Ray when None."""
     if ray.is_initialized():
         return
+    if address:
+        check_reachable(address)
     ray.init(address=address, namespace=NAMESPACE, runtime_env=runtime_env() or None,
              log_to_driver=False, **init_kwargs)
 
