@@ -69,7 +69,7 @@ def test_address_and_token_from_the_environment(tmp_path):
 
 BAD_ARGUMENTS = [
     ("serve", "--port", "99999"),
-    ("serve", "--workers", "many"),
+    ("serve", "--threads", "many"),
     ("serve", "--tls-cert", "/nonexistent/cert.pem", "--port", "0", "--memory-only"),
     ("bogus",),
     ("optimizers", "--nope"),

@@ -79,7 +79,7 @@ def _trainer(address, sid, seed, log, stop):
 
 
 def test_kill9_mid_training_every_step_loses_no_acknowledged_step(start_server, tmp_path):
-    s = start_server("--data-dir", str(tmp_path), "--workers", "8")
+    s = start_server("--data-dir", str(tmp_path), "--threads", "8")
     ids = [f"k{i}" for i in range(6)]
     with Client(s.address) as c:
         for i, sid in enumerate(ids):

@@ -258,7 +258,7 @@ def check_stalled_step_stream(idle_server, stalls, kind):
 
 # -- 2. stalled uploads cannot take the server's workers -------------------------------------------
 def test_stalled_create_streams_never_make_the_server_unresponsive(start_server, stalls):
-    srv = start_server("--memory-only", "--workers", "4", "--stream-idle-seconds", "4")
+    srv = start_server("--memory-only", "--threads", "4", "--stream-idle-seconds", "4")
     stub = stub_for(srv.address)
     other = create(stub, {"w": np.ones(4, np.float32)}).session_id
     config = session_pb2.CreateSessionStreamRequest(config=session_pb2.SessionConfig(optimizer="adam"))

@@ -33,7 +33,7 @@ IDLE = 2
 @pytest.fixture(scope="module")
 def busy():
     """Fewer handler threads than members, one stream slot, a short idle timeout (starts take seconds here)."""
-    s = ServerProcess("--memory-only", "--workers", "4", "--max-streams", "1", "--stream-idle-seconds", str(IDLE))
+    s = ServerProcess("--memory-only", "--threads", "4", "--max-streams", "1", "--stream-idle-seconds", str(IDLE))
     yield s
     s.stop()
 
@@ -168,7 +168,7 @@ def test_sync_members_streaming_their_contributions_close_rounds_beyond_max_stre
 
 
 def test_members_beyond_max_members_are_refused_at_join_and_the_others_close_rounds(start_server):
-    srv = start_server("--memory-only", "--workers", "2", "--max-members", "4")
+    srv = start_server("--memory-only", "--threads", "2", "--max-members", "4")
     stub = stub_for(srv.address)
     sid = shared(stub, 6)
     other = shared(stub, 2)

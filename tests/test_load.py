@@ -13,7 +13,7 @@ CLIENTS, SESSIONS, STEPS = 64, 1000, 3
 
 
 def test_64_clients_over_1000_sessions(start_server, tmp_path):
-    s = start_server("--data-dir", str(tmp_path), "--workers", "32", "--default-durability", "periodic",
+    s = start_server("--data-dir", str(tmp_path), "--threads", "32", "--default-durability", "periodic",
                      "--periodic-steps", "2")
     errors, acked = [], {}
     lock = threading.Lock()
