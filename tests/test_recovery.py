@@ -10,7 +10,6 @@ them through the raw gRPC stubs, so each step's fence, dtype and transport are c
 """
 from __future__ import annotations
 
-import errno
 import math
 import os
 import pathlib
@@ -23,7 +22,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from disk_helpers import small_tmpfs
+from disk_helpers import fill as _fill, small_tmpfs
 from durability_helpers import digest, step_request, stub
 from optreg.plugins.registry import Registry
 from optreg.server import snapshot
@@ -563,25 +562,6 @@ def test_crafted_snapshot_headers_are_data_loss_and_crash_nothing(start_server, 
 
 
 # == 4. a full disk ==================================================================================
-def _fill(directory: pathlib.Path, leave: int = 0) -> pathlib.Path:
-    """Fill the file system holding `directory` to the last byte, then free `leave` bytes."""
-    filler = directory / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    try:
-        block, size = b"\0" * (1 << 20), 1 << 20
-        while size:
-            try:
-                os.write(fd, block[:size])
-            except OSError as e:
-                assert e.errno == errno.ENOSPC, e
-                size //= 2
-        if leave:
-            os.ftruncate(fd, max(0, os.fstat(fd).st_size - leave))
-    finally:
-        os.close(fd)
-    return filler
-
-
 def _held(st, sid):
     """What a session holds: its step, hyperparameters and every tensor's bytes (not when it was written)."""
     info, state = read_state(st, sid)

@@ -6,7 +6,7 @@ import zlib
 
 import grpc
 
-from optreg.server import status
+from optreg.server import errors, status
 
 from optreg.server.telemetry import Alert, Record, SessionRing, TelemetryHub, visible
 from optreg.v1 import telemetry_pb2, telemetry_pb2_grpc
@@ -97,7 +97,8 @@ class TelemetryServicer(telemetry_pb2_grpc.TelemetryServiceServicer):
         try:
             self.hub.save(request.session_id)  # on disk now, so it survives a crash right after
         except OSError as e:
-            context.abort(grpc.StatusCode.UNAVAILABLE, f"the imported telemetry could not be written ({e}): retry")
+            code, message, _ = status.translate(errors.write_failed(e, "the imported telemetry"))
+            context.abort(code, message)
         return telemetry_pb2.ImportTelemetryResponse(last_step=ring.last_step)
 
     def WatchSession(self, request, context):
