@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
 import pathlib
 import subprocess
 import tempfile
@@ -22,3 +24,22 @@ def small_tmpfs(size: str = "1m"):
     finally:
         subprocess.run(["umount", "-l", str(d)], check=False)
         d.rmdir()
+
+
+def fill(directory: pathlib.Path, leave: int = 0) -> pathlib.Path:
+    """Fill the file system holding `directory` to the last byte, then free `leave` bytes."""
+    filler = directory / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        block, size = b"\0" * (1 << 20), 1 << 20
+        while size:
+            try:
+                os.write(fd, block[:size])
+            except OSError as e:
+                assert e.errno == errno.ENOSPC, e
+                size //= 2
+        if leave:
+            os.ftruncate(fd, max(0, os.fstat(fd).st_size - leave))
+    finally:
+        os.close(fd)
+    return filler

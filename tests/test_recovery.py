@@ -10,7 +10,6 @@ them through the raw gRPC stubs, so each step's fence, dtype and transport are c
 """
 from __future__ import annotations
 
-import errno
 import math
 import os
 import pathlib
@@ -23,7 +22,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from disk_helpers import small_tmpfs
+from disk_helpers import fill as _fill, small_tmpfs
 from durability_helpers import digest, step_request, stub
 from optreg.plugins.registry import Registry
 from optreg.server import snapshot
@@ -563,25 +562,6 @@ def test_crafted_snapshot_headers_are_data_loss_and_crash_nothing(start_server, 
 
 
 # == 4. a full disk ==================================================================================
-def _fill(directory: pathlib.Path, leave: int = 0) -> pathlib.Path:
-    """Fill the file system holding `directory` to the last byte, then free `leave` bytes."""
-    filler = directory / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    try:
-        block, size = b"\0" * (1 << 20), 1 << 20
-        while size:
-            try:
-                os.write(fd, block[:size])
-            except OSError as e:
-                assert e.errno == errno.ENOSPC, e
-                size //= 2
-        if leave:
-            os.ftruncate(fd, max(0, os.fstat(fd).st_size - leave))
-    finally:
-        os.close(fd)
-    return filler
-
-
 def _held(st, sid):
     """What a session holds: its step, hyperparameters and every tensor's bytes (not when it was written)."""
     info, state = read_state(st, sid)
@@ -810,9 +790,10 @@ def test_crash_around_a_logged_sessions_snapshot_loses_nothing(start_server, tmp
 
 # == 7. hyperparameter changes and the log ===========================================================
 @pytest.mark.parametrize("mode", ["log", "every-step"])
-def test_lr_change_while_a_logged_stream_step_is_in_flight_changes_nothing(start_server, tmp_path, mode):
-    """The change would need the log emptied under the open record of the in-flight step: UNAVAILABLE, nothing
-    written or changed (before: INVALID_ARGUMENT naming the log file, and the refused lr in the snapshot)."""
+def test_lr_change_while_a_logged_stream_step_is_in_flight_waits_for_it(start_server, tmp_path, mode):
+    """The change would need the log emptied under the open record of the in-flight step: it waits for that
+    step, which commits with the lr it began with (issue 22, finding 11: it was refused UNAVAILABLE). A change
+    whose deadline passes while it waits ends DEADLINE_EXCEEDED with nothing written or changed."""
     data = tmp_path / "data"
     s = start_server("--data-dir", str(data))
     _, st = stub(s.address)
@@ -829,7 +810,11 @@ def test_lr_change_while_a_logged_stream_step_is_in_flight_changes_nothing(start
         for c in chunks[1:]:
             yield session_pb2.StepStreamRequest(chunks=[c])
 
-    out = {}
+    def change(lr, timeout=T):
+        return st.UpdateHyperparameters(session_pb2.UpdateHyperparametersRequest(
+            session_id="c", hyperparameters={"lr": lr}), timeout=timeout).session
+
+    out, answered = {}, []
     t = threading.Thread(target=lambda: out.update(r=[(r.step, r.replayed) for r in st.StepStream(requests(),
                                                                                                    timeout=T)]))
     t.start()
@@ -837,24 +822,27 @@ def test_lr_change_while_a_logged_stream_step_is_in_flight_changes_nothing(start
     deadline = time.monotonic() + T
     while (data / "sessions" / "c.wal").stat().st_size == logged and time.monotonic() < deadline:
         time.sleep(0.01)  # until the first chunk is in the step's open record
-    e = refusal(lambda: st.UpdateHyperparameters(session_pb2.UpdateHyperparametersRequest(
-        session_id="c", hyperparameters={"lr": 0.5}), timeout=T))
-    assert e is not None and e.code() == grpc.StatusCode.UNAVAILABLE and "in flight" in e.details(), e
-    assert str(data) not in e.details()
+    e = refusal(lambda: change(0.3, timeout=1))
+    assert e is not None and e.code() == grpc.StatusCode.DEADLINE_EXCEEDED, e
     assert get_info(st, "c").hyperparameters["lr"] == 0.1
+    waiter = threading.Thread(target=lambda: answered.append(change(0.5)))
+    waiter.start()
+    waiter.join(0.5)
+    assert not answered, "the change did not wait for the step in flight"
     release.set()
     t.join(T)
+    waiter.join(T)
     assert out["r"][-1] == (2, False) and time.monotonic() < deadline
-    np.testing.assert_array_equal(read_state(st, "c")[1]["params/W"], 1 - 0.1 - 0.2)
+    assert answered and answered[0].step == 2 and answered[0].hyperparameters["lr"] == 0.5
+    np.testing.assert_array_equal(read_state(st, "c")[1]["params/W"], 1 - 0.1 - 0.2)  # step 2 ran with 0.1
     kept = _held(st, "c")
     s.kill()
     s = start_server("--data-dir", str(data))
     _, st = stub(s.address)
-    assert get_info(st, "c").hyperparameters["lr"] == 0.1  # before the load, as after it
+    assert get_info(st, "c").hyperparameters["lr"] == 0.5  # before the load, as after it
     assert _held(st, "c") == kept
-    st.UpdateHyperparameters(session_pb2.UpdateHyperparametersRequest(session_id="c", hyperparameters={"lr": 0.5}),
-                             timeout=T)  # nothing in flight now
-    assert get_info(st, "c").hyperparameters["lr"] == 0.5
+    np.testing.assert_allclose(unary_step(st, "c", {"W": np.ones(1000)}, step=2)[2]["W"], 1 - 0.1 - 0.2 - 0.5,
+                               rtol=1e-15)
 
 
 def test_lr_change_applies_when_its_snapshot_is_written_but_the_log_is_not_emptied(start_server, tmp_path):

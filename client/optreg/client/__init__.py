@@ -28,7 +28,7 @@ Every error is an OptregError; its base class says what happened:
     │   │   └── WriterConflict       another process is stepping the session: .holder
     │   ├── PermissionDenied         the session belongs to another token
     │   ├── Unauthenticated          no token, or an unknown one
-    │   ├── ResourceExhausted        over the server's memory budget
+    │   ├── ResourceExhausted        over the server's memory budget, or its disk is full
     │   ├── DataLoss                 the server could not read the session's file
     │   ├── Internal                 an optimizer plugin raised; the session is as before the step
     │   ├── Unimplemented            an older server without this method

@@ -82,13 +82,16 @@ def default_data_dir() -> str:
 
 
 def bind_address(host: str) -> str:
-    """The numeric address a host names ("127.1" and "0x7f000001" are 127.0.0.1, as the C library reads
-    them); names that resolve to several addresses (localhost) stay names. ValueError when unresolvable."""
+    """The numeric address a host names ("127.1", "0x7f000001" and "::ffff:127.0.0.1" are 127.0.0.1, as the C
+    library reads them); names that resolve to several addresses (localhost) stay names. ValueError when unresolvable."""
     bare = host.strip("[]")
     try:
-        return str(ipaddress.ip_address(bare))
+        ip = ipaddress.ip_address(bare)
     except ValueError:
         pass
+    else:  # ::ffff:127.0.0.1 is 127.0.0.1 (all an IPv6 socket bound to it serves; asyncio's, the
+        # dashboard's, are IPv6-only and cannot bind it at all)
+        return str(getattr(ip, "ipv4_mapped", None) or ip)
     try:
         found = {a[4][0] for a in socket.getaddrinfo(bare, None, proto=socket.IPPROTO_TCP)}
     except OSError as e:
@@ -98,7 +101,16 @@ def bind_address(host: str) -> str:
     return bare
 
 
+def _loopback_ip(address: str) -> bool:
+    ip = ipaddress.ip_address(address)
+    # ::ffff:127.0.0.1 is 127.0.0.1 as an IPv6 socket carries it; ipaddress calls it non-loopback.
+    return (getattr(ip, "ipv4_mapped", None) or ip).is_loopback
+
+
 def is_loopback(host: str) -> bool:
+    """Whether `host` is this machine's loopback in any spelling: 127.x.y.z, ::1, 0:0:0:0:0:0:0:1,
+    ::ffff:127.0.0.1, 127.1, localhost, or a name that resolves to loopback addresses only. The one check
+    --host, --metrics-host and --dashboard-host go through (guard)."""
     try:
         bare = bind_address(host)
     except ValueError:
@@ -106,11 +118,11 @@ def is_loopback(host: str) -> bool:
     if bare in ("localhost", "ip6-localhost"):
         return True
     try:
-        return ipaddress.ip_address(bare).is_loopback
+        return _loopback_ip(bare)
     except ValueError:
         try:
-            return all(ipaddress.ip_address(a[4][0]).is_loopback for a in socket.getaddrinfo(bare, None))
-        except OSError:
+            return all(_loopback_ip(a[4][0]) for a in socket.getaddrinfo(bare, None))
+        except (OSError, ValueError):
             return False
 
 

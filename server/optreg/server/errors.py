@@ -6,6 +6,8 @@ says what is wrong and how to fix it; client input quoted in it goes through
 """
 from __future__ import annotations
 
+import errno
+
 # Longest piece of client input quoted back in a message (ids, names, values).
 ECHO_LIMIT = 80
 
@@ -64,6 +66,20 @@ class DeadlineExceeded(Refused):
 class PluginFailed(Refused):
     """An optimizer's update raised; the session is as it was before the step."""
     code = "INTERNAL"
+
+
+# A write that fails for want of space: retrying does not help until space is freed.
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def write_failed(e: OSError, what: str) -> Refused:
+    """A failed write of `what` (nothing was changed) as the refusal a client can act on: a full disk
+    is RESOURCE_EXHAUSTED (clients retry UNAVAILABLE at once, and that would fail until space is
+    freed); any other failure UNAVAILABLE, a transient fault."""
+    if e.errno in DISK_FULL:
+        return ResourceExhausted(f"{what} could not be written: the disk is full ({e.strerror}); nothing was "
+                                 "changed: free space, then retry")
+    return Unavailable(f"{what} could not be written ({e.strerror or e}); nothing was changed: retry")
 
 
 def invalid(message: str) -> InvalidArgument:

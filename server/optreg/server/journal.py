@@ -31,8 +31,8 @@ import time
 
 import numpy as np
 
-from optreg.server import kernels, snapshot, sparse, wal
-from optreg.server.errors import NotFound, ResourceExhausted, Unavailable
+from optreg.server import errors, kernels, snapshot, sparse, wal
+from optreg.server.errors import NotFound
 from optreg.server.fsync import GroupSyncer, fsync_dir
 from optreg.server.membership import LR_SCALED, WorkerConfig, note_worker_record
 from optreg.server.sessions import DTYPE_NAMES, Arrays, Durability, Session
@@ -96,6 +96,8 @@ class NoJournal:
     def mend(self, session): pass
     def after_commit(self, session): pass
     def hyperparameters(self, session, hp): pass
+    def wait_turn(self, session): pass
+    def wait_for_steps(self, session, timeout): pass
     def delete(self, session): pass
     def scan(self): return iter(())
     def flush(self, session): pass
@@ -108,11 +110,7 @@ class NoJournal:
 
 def write_failed(session: Session, e: OSError, what: str) -> Exception:
     """A failed write as the refusal a client can act on; nothing was changed in memory."""
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return ResourceExhausted(f"session {session.id}: {what} could not be written: the disk is full ({e.strerror});"
-                                 " nothing was changed: free space, then retry")
-    return Unavailable(f"session {session.id}: {what} could not be written ({e.strerror or e}); nothing was changed: "
-                       "retry")
+    return errors.write_failed(e, f"session {session.id}: {what}")
 
 
 def meta_of(s: Session, hyperparameters: dict | None = None) -> dict:
@@ -363,15 +361,54 @@ class Journal:
         # session -> its steps whose log records are open. By the object, not the id: a deleted session's
         # stream may still hold a record (of its own, closed log) while a new session takes the id.
         self._inflight: dict[Session, int] = {}
-        self._inflight_lock = threading.Lock()  # records begin outside the session's lock
+        self._queued: dict[Session, int] = {}  # session -> its hyperparameter changes waiting for them
+        self._turns = threading.Condition(threading.Lock())  # guards both; notified as they empty
 
     def count_open(self, session: Session, delta: int) -> None:
-        with self._inflight_lock:
+        with self._turns:
             n = self._inflight.get(session, 0) + delta
             if n > 0:
                 self._inflight[session] = n
             else:
                 self._inflight.pop(session, None)
+                self._turns.notify_all()
+
+    def wait_turn(self, session: Session) -> None:
+        """A step about to begin (not holding its session's lock) waits while a hyperparameter change of
+        the session waits for the steps before it: the change goes first, so steps cannot starve it."""
+        if session in self._queued:  # (a dict read: nothing on a step's path otherwise)
+            with self._turns:
+                self._turns.wait_for(lambda: session not in self._queued)
+
+    def wait_for_steps(self, s: Session, timeout: float | None) -> None:
+        """Caller holds s's lock: return, holding it, once no step of s has its log record open. The
+        lock is let go meanwhile (their commits need it), and steps not yet begun wait (wait_turn): a
+        change to the session's snapshot queues behind the steps in flight, which began with the
+        values in force before it. DeadlineExceeded if `timeout` seconds pass first."""
+        if not self._inflight.get(s):
+            return
+        end = None if timeout is None else time.monotonic() + timeout
+        with self._turns:
+            self._queued[s] = self._queued.get(s, 0) + 1
+        try:
+            while self._inflight.get(s):
+                s.lock.release()
+                try:
+                    with self._turns:
+                        done = self._turns.wait_for(lambda: not self._inflight.get(s),
+                                                    None if end is None else end - time.monotonic())
+                finally:
+                    s.lock.acquire()
+                if not done:
+                    raise errors.DeadlineExceeded(
+                        f"session {s.id}: the call's deadline passed while a step of it was in flight (this "
+                        "change waits for it); nothing was changed: retry, or give the call a longer deadline")
+        finally:
+            with self._turns:
+                n = self._queued.pop(s) - 1
+                if n:
+                    self._queued[s] = n
+                self._turns.notify_all()
 
     def snapshot_path(self, session_id: str) -> pathlib.Path:
         return self.dir / f"{session_id}{SNAPSHOT}"

@@ -116,6 +116,7 @@ class StepRun:
     def open(self) -> StepResult | None:
         """Check the fence. Returns the answer when this is a retry of the applied step (nothing more to do)."""
         s = self.session
+        self.store.journal.wait_turn(s)  # a hyperparameter change waiting for the steps in flight goes first
         with s.lock:
             self.store.ensure_loaded(s)
             self.store.journal.mend(s)  # a log a failed sync left unusable, replaced if the disk allows
@@ -138,11 +139,13 @@ class StepRun:
                 self.reader = s.live
                 s.live.readers += 1
                 self.staging, s.spare = s.spare, None
+            # Open under the lock that resolved self.hp, so a hyperparameter change (journal.wait_for_steps)
+            # either waits for this record or comes before it, never between.
+            extras = {**(self.extras or {}), "sparse": 1} if self.is_sparse else self.extras
+            self.record = self.store.journal.begin(s, self.t, self.fence, self.hp, self.metrics, extras)
         if self.overlap and self.staging is None:
             self.staging = self.store.allocate_set(s, "a step's staging copy")
         self.tracker = tensors.ChunkTracker(s.spec, "gradient")
-        extras = {**(self.extras or {}), "sparse": 1} if self.is_sparse else self.extras
-        self.record = self.store.journal.begin(s, self.t, self.fence, self.hp, self.metrics, extras)
         if s.reply == "delta" and self.overlap:
             self.delta = self._buffers("a step's delta")
         return None

@@ -482,7 +482,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
     @status.handler
     def UpdateHyperparameters(self, request, context):
         session = self.store.set_hyperparameters(request.session_id, dict(request.hyperparameters),
-                                                 self.owner(context))
+                                                 self.owner(context), context.time_remaining())
         return session_pb2.UpdateHyperparametersResponse(session=session_info(session))
 
     # -- same-host shared memory ---------------------------------------------

@@ -38,6 +38,9 @@ def translate(e: Exception) -> tuple[grpc.StatusCode, str, tuple] | None:
             log.error("%s", e)
     elif isinstance(e, ValueError):  # the wire codec's refusals (optreg.v1.tensors)
         code, message, metadata = grpc.StatusCode.INVALID_ARGUMENT, str(e), ()
+    elif isinstance(e, OSError) and e.errno in errors.DISK_FULL:  # a write no caller named: still no retry
+        return translate(errors.ResourceExhausted(f"a write failed: the disk is full ({e.strerror}); free space, "
+                                                  "then retry"))
     elif isinstance(e, MemoryError):
         code, message, metadata = (grpc.StatusCode.RESOURCE_EXHAUSTED,
                                    "the server ran out of memory for this request; nothing was changed", ())

@@ -21,7 +21,7 @@ from optreg.plugins import HyperparameterError
 from optreg.plugins.registry import Registry
 from optreg.server.budget import MemoryBudget
 from optreg.server.errors import (AlreadyExists, DataLoss, FailedPrecondition, InvalidArgument, NotFound,
-                                  PermissionDenied, Refused, Unavailable, shown)
+                                  PermissionDenied, Refused, shown, write_failed)
 from optreg.server.factory import Limits, SessionConfig, SessionFactory
 from optreg.server import sparse
 from optreg.server.journal import NoJournal
@@ -148,8 +148,7 @@ class SessionStore:
             except OSError as e:  # not created after all: a retry with the same id works
                 with self._lock:
                     self._sessions.pop(session.id, None)
-                raise Unavailable(f"session {session.id} could not be written to disk ({e}); nothing was created, "
-                                  "retry") from None
+                raise write_failed(e, f"session {session.id}") from None
         log.info("session %s created: %s, durability %s", session.id, session.optimizer.definition.name,
                  session.durability.mode, extra={"session_id": session.id, "step": initial_step})
         self._gauges()
@@ -169,9 +168,13 @@ class SessionStore:
         log.info("session %s deleted", session_id, extra={"session_id": session_id})
         self._gauges()
 
-    def set_hyperparameters(self, session_id: str, values: dict, owner: str = "") -> Session:
+    def set_hyperparameters(self, session_id: str, values: dict, owner: str = "",
+                            timeout: float | None = None) -> Session:
+        """Change them for the steps to come; a durable session's steps in flight commit first, with the
+        values they began with (waited for up to `timeout` seconds, then DeadlineExceeded)."""
         session = self.get(session_id, owner)
         with session.lock:
+            self.journal.wait_for_steps(session, timeout)  # lets the lock go while it waits
             self.ensure_loaded(session)
             try:
                 hp = session.optimizer.definition.resolve(values, base=session.hyperparameters)

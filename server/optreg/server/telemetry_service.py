@@ -6,7 +6,7 @@ import zlib
 
 import grpc
 
-from optreg.server import admission, status
+from optreg.server import admission, errors, status
 from optreg.server.errors import ResourceExhausted
 
 from optreg.server.telemetry import Alert, Record, SessionRing, TelemetryHub, visible
@@ -103,7 +103,8 @@ class TelemetryServicer(telemetry_pb2_grpc.TelemetryServiceServicer):
         try:
             self.hub.save(request.session_id)  # on disk now, so it survives a crash right after
         except OSError as e:
-            context.abort(grpc.StatusCode.UNAVAILABLE, f"the imported telemetry could not be written ({e}): retry")
+            code, message, _ = status.translate(errors.write_failed(e, "the imported telemetry"))
+            context.abort(code, message)
         return telemetry_pb2.ImportTelemetryResponse(last_step=ring.last_step)
 
     def WatchSession(self, request, context):
