@@ -70,9 +70,8 @@ def read(path) -> tuple[dict, dict[str, np.ndarray], dict[str, dict[str, np.ndar
             raise snapshot.CorruptFile(path, f"format {str(meta.get('format'))[:40]!r}; this optreg reads "
                                              f"{FORMAT!r} (files of `optreg sessions export`)")
         journal.check_meta(meta, path)
-        telemetry = arrays.pop(TELEMETRY, None)
-        if meta["tensors"].pop(TELEMETRY, ["telemetry"])[0] != "telemetry" or (
-                telemetry is not None and (telemetry.dtype != np.uint8 or telemetry.ndim != 1)):
+        telemetry, kind = arrays.pop(TELEMETRY, None), meta["tensors"].pop(TELEMETRY, ["telemetry"])[0]
+        if kind != "telemetry" or (telemetry is not None and (telemetry.dtype != np.uint8 or telemetry.ndim != 1)):
             raise snapshot.CorruptFile(path, f"tensor {TELEMETRY!r} is not a telemetry blob (uint8, 1-D)")
         if set(arrays) != set(meta["tensors"]):
             raise snapshot.CorruptFile(path, "the tensors and the metadata's table differ")

@@ -10,7 +10,6 @@ import inspect
 import json
 import pathlib
 
-from optreg.app import sessionfile
 from optreg.app.commands.optimizers import print_table
 from optreg.app.connect import add_client_arguments, connect
 from optreg.app.hookspecs import hookimpl
@@ -131,6 +130,7 @@ def run_export(args) -> int:
     path = pathlib.Path(args.file)
     if not path.absolute().parent.is_dir():
         raise FileNotFoundError(f"cannot write {path}: no directory {path.absolute().parent}")
+    from optreg.app import sessionfile  # the server's snapshot code: only for export and import
     with connect(args) as client:
         info, params, state = client.session(args.session_id).read_state()
         telemetry = _export_telemetry(client, args.session_id)
@@ -141,6 +141,7 @@ def run_export(args) -> int:
 
 
 def run_import(args) -> int:
+    from optreg.app import sessionfile
     meta, params, state = sessionfile.read(args.file)
     durability = args.durability or meta.get("durability")
     periodic = durability == "periodic"
