@@ -40,7 +40,7 @@ def _stopped_server_commands(tmp_path):
                        master_dtype="float64", step_reply="parameters", parameters={"w": (2,)}, slots=(),
                        durability="none", periodic_steps=0, periodic_seconds=0.0, persisted_step=-1, loaded=True)
     exported = tmp_path / "s.safetensors"
-    exported.write_bytes(sessionfile.encode(info, {"w": np.ones(2)}, {}))
+    sessionfile.write(exported, info, {"w": np.ones(2)}, {})
     return [("optimizers",), ("sessions", "list"), ("sessions", "show", "s"), ("sessions", "delete", "s"),
             ("sessions", "export", "s", str(tmp_path / "out.safetensors")), ("sessions", "import", str(exported)),
             ("demo", "--quick", "--no-progress", "--out", str(tmp_path / "demo"))]

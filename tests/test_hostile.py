@@ -524,7 +524,9 @@ def _poisoned(slot, value):
     return state
 
 
-@pytest.mark.parametrize("slot,value", [("m", np.nan), ("m", np.inf), ("v", np.inf), ("v", np.nan)])
+# +-inf is in the domains (a step can overflow an accumulator: tests/test_hostile_numbers.py); NaN and a
+# negative v are not.
+@pytest.mark.parametrize("slot,value", [("m", np.nan), ("v", -1.0), ("v", -np.inf), ("v", np.nan)])
 @pytest.mark.parametrize("how", ["unary", "stream"])
 def test_restored_state_outside_its_domain_is_refused(stub, slot, value, how):
     check_restored_state_refused(stub, slot, value, how)

@@ -38,21 +38,20 @@ def make(**kw):
 # ---- Slot.check and Optimizer.check_state -------------------------------------------
 
 def test_slot_check_accepts_values_in_the_domain():
-    assert Slot("v", domain="nonnegative").check("W", np.array([0.0, 1.0, 3e38], np.float32), "adam") is None
-    assert Slot("m").check("W", np.array([-1.0, 2.0])) is None
+    assert Slot("v", domain="nonnegative").check("W", np.array([0.0, 1.0, 3e38, np.inf], np.float32), "adam") is None
+    assert Slot("m").check("W", np.array([-1.0, 2.0, np.inf, -np.inf])) is None  # an overflowed accumulator
 
 
 def test_slot_check_names_negative_values_in_a_nonnegative_slot():
-    msg = Slot("v", domain="nonnegative").check("W", np.array([[1.0, -2.0], [-0.5, -3.0]]), "adam")
+    msg = Slot("v", domain="nonnegative").check("W", np.array([[1.0, -2.0], [-0.5, -np.inf]]), "adam")
     assert msg == "state v/W has 3 negative value(s); adam's v must be >= 0"
 
 
-@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
-def test_slot_check_names_non_finite_values_in_any_slot(bad):
+def test_slot_check_names_nan_in_any_slot():
     a = np.zeros(5, np.float32)
-    a[[1, 3]] = bad
+    a[[1, 3]] = np.nan
     msg = Slot("m").check("layer.0", a, "torch.adam")
-    assert msg == ("state m/layer.0 has 2 non-finite value(s) (NaN or infinity); torch.adam's m must be finite")
+    assert msg == "state m/layer.0 has 2 NaN value(s); torch.adam's m must be a number"
 
 
 def test_slot_check_reads_bfloat16():
@@ -76,7 +75,7 @@ def test_check_state_reports_the_first_bad_slot():
     assert adam.check_state("W", good) is None
     assert adam.check_state("W", {"m": good["m"], "v": np.array([-1e-30, 1.0])}) == (
         "state v/W has 1 negative value(s); adam's v must be >= 0")
-    assert "m/W has 1 non-finite" in adam.check_state("W", {"m": np.array([np.nan, 0.0]), "v": good["v"]})
+    assert "m/W has 1 NaN" in adam.check_state("W", {"m": np.array([np.nan, 0.0]), "v": good["v"]})
 
 
 # ---- validate --------------------------------------------------------------------------

@@ -1,101 +1,86 @@
 """The file `optreg sessions export` writes and `optreg sessions import` reads.
 
-One safetensors file: tensors `params/<name>` and `state/<slot>/<name>` (and, when the
-session had any, its telemetry ring as the uint8 tensor `telemetry/ring`: the blob
-TelemetryService.ExportTelemetry returns, which readers of the format's first files
-skip), and in
-the header's `__metadata__["optreg"]` a JSON object with the session's
-configuration and step (a shared session's worker setup under "workers": create_session's
-arguments of the same names), and a "tensors" table mapping each key to
-(kind, slot, name) so names may hold any character. This is the layout the
-server's session files had when export was added ("optreg-session/1"), so
-safetensors' and torch's loaders read it, and it is built here from what the
-client reads (`Session.read_state`): it does not change when the server's
-storage does.
+A checked snapshot file (optreg.server.snapshot: the data directory's own format, read and
+written by the same code): a safetensors file whose header also holds an xxh3-64 checksum of
+every tensor and of the metadata, so a flipped bit anywhere is refused on import. Tensors
+`params/<name>` and `state/<slot>/<name>` in the session's master dtype and their own shapes
+(`[]` stays `[]`), and, when the session had any, its telemetry ring as the uint8 tensor
+`telemetry/ring` (the blob TelemetryService.ExportTelemetry returns). The metadata holds the
+session's configuration and step under the data directory's key names, a shared session's
+worker setup under "workers" (membership.WorkerConfig's fields), and a "tensors" table mapping
+each key to (kind, slot, name) so names may hold any character.
+
+Reading is bounded by the file's size (a header or tensor that claims more than the file holds
+is refused before it is read) and checks, before anything is sent to a server: the checksums,
+every metadata value's type and range (journal.check_meta, as for the data directory), and
+every tensor's dtype and shape against the metadata (journal.check_against_meta). Anything
+wrong is a ValueError naming the file and what is wrong. It is built from what the client
+reads (`Session.read_state`), so any client can write one.
 """
 from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
-import os
 import pathlib
-import tempfile
 
 import numpy as np
-from safetensors.numpy import load as st_load, save as st_save
 
-FORMAT = "optreg-session/1"
+from optreg.server import journal, snapshot
+
+FORMAT = "optreg-session/2"
+# client WorkerSetup / create_session argument -> membership.WorkerConfig field, as the metadata spells it
+WORKER_FIELDS = {"workers": "workers", "mode": "mode", "min_workers": "min_workers",
+                 "round_deadline": "round_deadline", "lease": "lease_seconds", "combine": "combine",
+                 "staleness": "staleness", "scale_lr_by_staleness": "scale_lr"}
+TELEMETRY = "telemetry/ring"
 
 
-def encode(info, parameters: dict[str, np.ndarray], state: dict[str, dict[str, np.ndarray]],
-           telemetry: bytes = b"") -> bytes:
-    """`info` is the client's SessionInfo; parameters and state as SessionState holds them."""
+def write(path, info, parameters: dict[str, np.ndarray], state: dict[str, dict[str, np.ndarray]],
+          telemetry: bytes = b"") -> int:
+    """Write the file atomically (a crash leaves the old file or the new one, whole); its size.
+    `info` is the client's SessionInfo; parameters and state as SessionState holds them."""
     arrays, table = {}, {}
-    if telemetry:
-        arrays["telemetry/ring"] = np.frombuffer(telemetry, np.uint8)
-        table["telemetry/ring"] = ["telemetry", "", "ring"]
     for name, a in parameters.items():
         arrays[f"params/{name}"], table[f"params/{name}"] = a, ["params", "", name]
     for slot, named in state.items():
         for name, a in named.items():
             arrays[f"state/{slot}/{name}"], table[f"state/{slot}/{name}"] = a, ["state", slot, name]
+    if telemetry:
+        arrays[TELEMETRY], table[TELEMETRY] = np.frombuffer(telemetry, np.uint8), ["telemetry", "", "ring"]
     created = info.created_at.timestamp() if isinstance(info.created_at, datetime.datetime) else None
     meta = {"format": FORMAT, "session_id": info.session_id, "optimizer": info.optimizer,
             "hyperparameters": dict(info.hyperparameters), "step": int(info.step),
-            "master_dtype": info.master_dtype, "step_reply": info.step_reply, "durability": info.durability,
+            "master_dtype": info.master_dtype, "reply": info.step_reply, "durability": info.durability,
             "periodic_steps": int(info.periodic_steps), "periodic_seconds": float(info.periodic_seconds),
             "created_at": created, "shapes": {n: list(s) for n, s in info.parameters.items()},
-            "slots": list(info.slots), "tensors": table}
+            "slots": list(info.slots), "tensors": table, "workers": None}
     workers = getattr(info, "workers", None)
     if workers is not None:  # a shared session stays shared (its members rejoin; docs/workers.md)
-        meta["workers"] = dataclasses.asdict(workers)
-    return st_save({k: np.ascontiguousarray(v) for k, v in arrays.items()},
-                   metadata={"optreg": json.dumps(meta, sort_keys=True)})
+        meta["workers"] = {WORKER_FIELDS[k]: v for k, v in dataclasses.asdict(workers).items()}
+    return snapshot.write(pathlib.Path(path), meta, arrays)
 
 
-# The server's session files of format 1 spelled the enums as proto names.
-_OLD_NAMES = {"STEP_REPLY_PARAMETERS": "parameters", "STEP_REPLY_DELTA": "delta", "STEP_REPLY_NONE": "none",
-              "DURABILITY_EVERY_STEP": "every-step", "DURABILITY_PERIODIC": "periodic", "DURABILITY_NONE": "none"}
-
-
-def decode(data: bytes) -> tuple[dict, dict[str, np.ndarray], dict[str, dict[str, np.ndarray]]]:
-    """(meta, parameters, state) of an exported file; ValueError naming what is wrong otherwise.
-    meta["telemetry"]: the telemetry blob (b"" when the file has none)."""
+def read(path) -> tuple[dict, dict[str, np.ndarray], dict[str, dict[str, np.ndarray]]]:
+    """(meta, parameters, state) of an exported file, every check done; ValueError naming the file and
+    what is wrong otherwise. meta["telemetry"]: the telemetry blob (b"" when the file has none);
+    meta["workers"]: create_session's worker arguments ({} for a single-writer session)."""
     try:
-        header_len = int.from_bytes(data[:8], "little")
-        header = json.loads(data[8:8 + header_len])
-        meta = json.loads(header["__metadata__"]["optreg"])
-        tensors = st_load(data)
-    except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"not a session file written by `optreg sessions export` ({type(e).__name__}: {e})") \
-            from None
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"session file format {meta.get('format')!r}; this optreg reads {FORMAT!r}")
-    params, state = {}, {}
-    meta["telemetry"] = b""
-    for key, (kind, slot, name) in meta["tensors"].items():
-        if kind == "params":
-            params[name] = tensors[key]
-        elif kind == "state":
-            state.setdefault(slot, {})[name] = tensors[key]
-        elif kind == "telemetry":
-            meta["telemetry"] = tensors[key].tobytes()
-    for key in ("step_reply", "durability"):
-        meta[key] = _OLD_NAMES.get(meta.get(key), meta.get(key))
+        meta, arrays = snapshot.read(path)
+        if meta.get("format") != FORMAT:
+            raise snapshot.CorruptFile(path, f"format {str(meta.get('format'))[:40]!r}; this optreg reads "
+                                             f"{FORMAT!r} (files of `optreg sessions export`)")
+        journal.check_meta(meta, path)
+        telemetry, kind = arrays.pop(TELEMETRY, None), meta["tensors"].pop(TELEMETRY, ["telemetry"])[0]
+        if kind != "telemetry" or (telemetry is not None and (telemetry.dtype != np.uint8 or telemetry.ndim != 1)):
+            raise snapshot.CorruptFile(path, f"tensor {TELEMETRY!r} is not a telemetry blob (uint8, 1-D)")
+        if set(arrays) != set(meta["tensors"]):
+            raise snapshot.CorruptFile(path, "the tensors and the metadata's table differ")
+        params, state, delta = journal.check_against_meta(meta, arrays, path)
+        if delta:
+            raise snapshot.CorruptFile(path, "it holds tensors of kind last_delta, which an export never has")
+    except snapshot.CorruptData as e:  # a ValueError for the command: one line, exit 1
+        raise ValueError(f"not a usable `optreg sessions export` file: {e}") from None
+    meta["telemetry"] = b"" if telemetry is None else telemetry.tobytes()
+    inverse = {v: k for k, v in WORKER_FIELDS.items()}
+    meta["workers"] = {inverse[k]: v for k, v in (meta["workers"] or {}).items()}
     return meta, params, state
-
-
-def write_atomic(path: pathlib.Path, data: bytes) -> None:
-    """Write `data` to `path` so that a crash leaves either the old file or the new one, whole."""
-    path = pathlib.Path(path).absolute()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise

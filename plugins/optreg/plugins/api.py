@@ -94,9 +94,12 @@ DOMAINS = ("real", "nonnegative")
 class Slot:
     """A per-parameter state array, same shape and dtype as the parameter.
 
-    `domain` is what a valid value looks like: "real" (any finite number) or
-    "nonnegative" (finite and >= 0: Adam's v, AdaGrad's sum of squares). The
-    server checks restored state against it (`check`) before it steps on it.
+    `domain` is what a valid value looks like: "real" (any number: +-inf included, since a
+    finite gradient can overflow an accumulator such as momentum's) or "nonnegative" (>= 0,
+    +inf included: Adam's v, AdaGrad's sum of squares, where g**2 overflows float32 for
+    |g| > 1.8e19). NaN is in no domain. The server checks restored state against it (`check`)
+    on every path that restores state (CreateSession, a snapshot's load), so whatever a step
+    can leave in a slot can be read back and restored.
     """
     name: str
     initial_value: float = 0.0
@@ -111,9 +114,9 @@ class Slot:
         if a.dtype.kind not in "fiu":  # bfloat16 and other extension types: compare in float64
             a = a.astype(np.float64)
         owner = f"{optimizer}'s {self.name}" if optimizer else f"slot {self.name}"
-        bad = int(a.size - np.count_nonzero(np.isfinite(a))) if a.dtype.kind == "f" else 0
-        if bad:
-            return f"state {self.name}/{tensor} has {bad} non-finite value(s) (NaN or infinity); {owner} must be finite"
+        nan = int(np.count_nonzero(np.isnan(a))) if a.dtype.kind == "f" else 0
+        if nan:
+            return f"state {self.name}/{tensor} has {nan} NaN value(s); {owner} must be a number"
         if self.domain == "nonnegative":
             negative = int(np.count_nonzero(a < 0))
             if negative:

@@ -9,7 +9,6 @@ import numpy as np
 
 from optreg.plugins import HyperparameterError
 from optreg.server.errors import FailedPrecondition, InvalidArgument, NotFound, shown
-from optreg.server.pipeline import check_finite
 from optreg.server.sessions import (DURABILITIES, MASTER_DTYPES, MAX_STEP, REPLIES, Arrays, Durability, Session)
 from optreg.v1 import tensor_pb2
 
@@ -42,13 +41,21 @@ def valid_id(session_id: str) -> bool:
     return bool(SESSION_ID.fullmatch(session_id))
 
 
-def check_state(defn, state: dict[str, dict[str, np.ndarray]]) -> None:
-    """Restored optimizer state: finite, and inside each slot's declared domain (Adam's v >= 0)."""
+def check_values(defn, params: dict[str, np.ndarray], state: dict[str, dict[str, np.ndarray]]) -> str | None:
+    """The one domain check of restored numbers, run on every path that restores them (CreateSession,
+    so import and torch's load_state_dict; a snapshot's load): parameters hold no NaN, and each slot's
+    arrays are inside its declared domain (optreg.plugins.api.Slot: +-inf allowed where a step can
+    reach it). A message naming the tensor; None when all are valid."""
+    for name, p in params.items():
+        nan = int(np.count_nonzero(np.isnan(p))) if p.dtype.kind == "f" else 0
+        if nan:
+            return f"parameter {shown(name)} has {nan} NaN value(s); a parameter must be a number (+-inf allowed)"
     for slot in defn.slots:
         for name, a in state.get(slot.name, {}).items():
             problem = slot.check(shown(name), a, defn.name)
             if problem:
-                raise InvalidArgument(f"{problem}; nothing was created")
+                return problem
+    return None
 
 
 class SessionFactory:
@@ -127,7 +134,6 @@ class SessionFactory:
                 if tuple(a.shape) != tuple(np.shape(params[name])):
                     raise InvalidArgument(f"state {slot}/{shown(name)}: shape {list(a.shape)}, expected "
                                           f"{list(np.shape(params[name]))}")
-        check_state(defn, state)
         shapes = {n: tuple(np.shape(p)) for n, p in params.items()}
         session = Session(config.session_id or uuid.uuid4().hex, registered, hp, codes[master], config.reply,
                           durability, shapes, tuple(declared), step=initial_step, first_step=initial_step,
@@ -158,11 +164,10 @@ class SessionFactory:
             return Arrays(master_params, slots)
 
         session.live = self.budget.allocate(f"session {session.id}", session.set_bytes(), build)
-        for name, p in session.live.params.items():
-            try:
-                check_finite(name, p)
-            except InvalidArgument:
-                raise InvalidArgument(f"parameter {shown(name)} has NaN or Inf values; nothing was created") from None
+        problem = check_values(defn, session.live.params, session.live.state)  # as converted to the master dtype
+        if problem:
+            session.live = None
+            raise InvalidArgument(f"{problem}; nothing was created")
         return session
 
 

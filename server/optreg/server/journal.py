@@ -31,11 +31,12 @@ import time
 
 import numpy as np
 
+from optreg.plugins import HyperparameterError
 from optreg.server import errors, kernels, snapshot, sparse, wal
-from optreg.server.errors import NotFound
+from optreg.server.errors import InvalidArgument, NotFound
 from optreg.server.fsync import GroupSyncer, fsync_dir
 from optreg.server.membership import LR_SCALED, WorkerConfig, note_worker_record
-from optreg.server.sessions import DTYPE_NAMES, Arrays, Durability, Session
+from optreg.server.sessions import DTYPE_NAMES, DURABILITIES, MAX_STEP, REPLIES, Arrays, Durability, Session
 from optreg.v1 import tensors
 
 log = logging.getLogger("optreg.server.journal")
@@ -138,6 +139,67 @@ def snapshot_arrays(s: Session) -> tuple[dict, dict]:
     for name, a in s.clocks.items():  # sparse rows: the step each row of a lazy parameter is current through
         arrays[f"clock/{name}"], table[f"clock/{name}"] = a, ["clock", "", name]
     return arrays, table
+
+
+def check_meta(meta: dict, path) -> None:
+    """Every metadata value a session is built from, of the type and in the range it must have: a
+    checksum proves a file is as written, not that what was written is usable (a step of 2**70, a
+    durability that does not exist). CorruptFile naming the file and the field otherwise. Shared by the
+    data directory's snapshots and `optreg sessions export` files (optreg.app.sessionfile)."""
+    def bad(field, rule):
+        return snapshot.CorruptFile(path, f"metadata {field} {str(meta.get(field))[:80]!r}: {rule}")
+
+    def number(v):
+        return type(v) in (int, float) and math.isfinite(v)
+
+    def count(v):
+        return type(v) is int and v >= 0
+
+    rules = {
+        "session_id": (lambda v: type(v) is str, "must be a string"),
+        "optimizer": (lambda v: type(v) is str, "must be a string"),
+        "hyperparameters": (lambda v: type(v) is dict and all(type(k) is str and type(x) in (int, float, bool)
+                                                               for k, x in v.items()), "must map names to numbers"),
+        "step": (lambda v: type(v) is int and 0 <= v < MAX_STEP, f"must be an integer in 0..{MAX_STEP - 1}"),
+        "master_dtype": (lambda v: v in DTYPE_CODES, f"must be one of {', '.join(DTYPE_CODES)}"),
+        "reply": (lambda v: v in REPLIES, f"must be one of {', '.join(REPLIES)}"),
+        "durability": (lambda v: v in DURABILITIES, f"must be one of {', '.join(DURABILITIES)}"),
+        "periodic_steps": (count, "must be an integer >= 0"),
+        "periodic_seconds": (lambda v: number(v) and v >= 0, "must be a number >= 0"),
+        "created_at": (lambda v: v is None or number(v), "must be a time in seconds"),
+        "shapes": (lambda v: type(v) is dict and v and all(
+            type(k) is str and type(d) is list and len(d) <= 64 and all(count(n) for n in d) for k, d in v.items()),
+            "must map parameter names to shapes (lists of integers >= 0)"),
+        "slots": (lambda v: type(v) is list and all(type(x) is str for x in v), "must be a list of slot names"),
+        "tensors": (lambda v: type(v) is dict and all(type(t) is list and len(t) == 3 and all(type(x) is str for x in t)
+                                                      for t in v.values()), "must map keys to [kind, slot, name]"),
+    }
+    optional = {  # the data directory's alone
+        "owner": (lambda v: type(v) is str, "must be a string"),
+        "first_step": (lambda v: type(v) is int and 0 <= v < MAX_STEP, f"must be an integer in 0..{MAX_STEP - 1}"),
+        "last_used_at": (lambda v: v is None or number(v), "must be a time in seconds"),
+        "round_record": (lambda v: v is None or type(v) is dict, "must be an object"),
+        "worker_rounds": (lambda v: type(v) is dict and all(type(x) is int for x in v.values()),
+                          "must map workers to rounds"),
+        "worker_clocks": (lambda v: type(v) is dict and all(type(x) is int for x in v.values()),
+                          "must map workers to clocks"),
+    }
+    if not isinstance(meta, dict):
+        raise snapshot.CorruptFile(path, "metadata is not an object")
+    for field, (ok, rule) in rules.items():
+        if field not in meta:
+            raise snapshot.CorruptFile(path, f"metadata has no {field}")
+        if not ok(meta[field]):
+            raise bad(field, rule)
+    for field, (ok, rule) in optional.items():
+        if field in meta and not ok(meta[field]):
+            raise bad(field, rule)
+    workers = meta.get("workers")
+    if workers is not None:
+        try:
+            WorkerConfig(**workers).checked()
+        except (TypeError, ValueError, InvalidArgument) as e:
+            raise bad("workers", f"not a valid worker setup ({e})") from None
 
 
 def check_against_meta(meta: dict, arrays: dict, path, clocks: dict | None = None) -> tuple[dict, dict, dict | None]:
@@ -596,6 +658,7 @@ class Journal:
         """One session's snapshot metadata, "step" advanced past its log (opened, a torn tail cut)."""
         path = self.snapshot_path(sid)
         meta = snapshot.read_meta(path)
+        check_meta(meta, path)
         if meta.get("session_id") != sid:
             raise snapshot.CorruptFile(path, f"it names session {meta.get('session_id')!r}, not {sid!r}")
         meta["log_error"] = ""
@@ -617,8 +680,18 @@ class Journal:
         return meta
 
     def session_from(self, meta: dict, registry) -> Session:
+        """The unloaded session `meta` (checked by scan_one) describes; KeyError names an optimizer
+        not installed, CorruptFile a value this optimizer cannot take."""
         registered = registry.get(meta["optimizer"])  # KeyError names the optimizer
-        hp = registered.definition.resolve(meta["hyperparameters"])
+        defn = registered.definition
+        try:
+            hp = defn.resolve(meta["hyperparameters"])
+        except HyperparameterError as e:
+            raise snapshot.CorruptFile(self.snapshot_path(meta["session_id"]), f"metadata hyperparameters: {e}") \
+                from None
+        if meta["slots"] != [s.name for s in defn.slots]:
+            raise snapshot.CorruptFile(self.snapshot_path(meta["session_id"]),
+                                       f"metadata slots {meta['slots']!r} are not {defn.name}'s")
         s = Session(meta["session_id"], registered, hp, DTYPE_CODES[meta["master_dtype"]], meta["reply"],
                     Durability(meta["durability"], int(meta["periodic_steps"]), float(meta["periodic_seconds"])),
                     {n: tuple(v) for n, v in meta["shapes"].items()}, tuple(meta["slots"]),
@@ -644,6 +717,10 @@ class Journal:
                 meta, arrays = snapshot.read(path)
                 clocks = {}
                 params, state, delta = check_against_meta(meta, arrays, path, clocks)
+                from optreg.server.factory import check_values  # (factory imports this module)
+                problem = check_values(s.optimizer.definition, params, state)
+                if problem:  # the same check as CreateSession's: a checksum does not make NaN usable
+                    raise snapshot.CorruptFile(path, problem)
                 s.last_delta = delta
                 s.clocks = clocks
                 s.step = int(meta["step"])

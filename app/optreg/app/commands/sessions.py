@@ -6,10 +6,10 @@ no server, against the sessions kept in that directory (optreg.app.connect).
 from __future__ import annotations
 
 import datetime
+import inspect
 import json
 import pathlib
 
-from optreg.app import sessionfile
 from optreg.app.commands.optimizers import print_table
 from optreg.app.connect import add_client_arguments, connect
 from optreg.app.hookspecs import hookimpl
@@ -130,17 +130,19 @@ def run_export(args) -> int:
     path = pathlib.Path(args.file)
     if not path.absolute().parent.is_dir():
         raise FileNotFoundError(f"cannot write {path}: no directory {path.absolute().parent}")
+    from optreg.app import sessionfile  # the server's snapshot code: only for export and import
     with connect(args) as client:
         info, params, state = client.session(args.session_id).read_state()
         telemetry = _export_telemetry(client, args.session_id)
-    sessionfile.write_atomic(path, sessionfile.encode(info, params, state, telemetry))
+    sessionfile.write(path, info, params, state, telemetry)
     print(f"exported session {info.session_id} at step {info.step} to {path}"
           + (f" (with its telemetry, {len(telemetry)} bytes)" if telemetry else ""))
     return 0
 
 
 def run_import(args) -> int:
-    meta, params, state = sessionfile.decode(pathlib.Path(args.file).read_bytes())
+    from optreg.app import sessionfile
+    meta, params, state = sessionfile.read(args.file)
     durability = args.durability or meta.get("durability")
     periodic = durability == "periodic"
     session_id = meta["session_id"] if args.session_id is None else (args.session_id or None)
@@ -169,19 +171,13 @@ def _export_telemetry(client, session_id: str) -> bytes:
 
 
 def _create(client, meta, params, state, session_id, durability, periodic):
+    hp = meta["hyperparameters"]
+    clash = sorted(set(hp) & set(inspect.signature(client.create_session).parameters))
+    if clash:  # it would land on create_session's own argument of that name
+        raise ValueError(f"{clash[0]!r} in the file's hyperparameters is not a hyperparameter name")
     return client.create_session(
-        meta["optimizer"], params, session_id=session_id, state=state, initial_step=int(meta["step"]),
-        master_dtype=meta["master_dtype"], step_reply=meta.get("step_reply"), durability=durability,
-        periodic_steps=int(meta.get("periodic_steps") or 0) or None if periodic else None,
-        periodic_seconds=float(meta.get("periodic_seconds") or 0) or None if periodic else None,
-        **_worker_setup(meta), **meta["hyperparameters"])
-
-
-# create_session's arguments of a shared session, as sessionfile writes them under "workers"
-WORKER_SETUP = ("workers", "mode", "min_workers", "round_deadline", "lease", "combine", "staleness",
-                "scale_lr_by_staleness")
-
-
-def _worker_setup(meta) -> dict:
-    setup = meta.get("workers") or {}
-    return {k: setup[k] for k in WORKER_SETUP if k in setup}
+        meta["optimizer"], params, session_id=session_id, state=state, initial_step=meta["step"],
+        master_dtype=meta["master_dtype"], step_reply=meta["reply"], durability=durability,
+        periodic_steps=meta["periodic_steps"] or None if periodic else None,
+        periodic_seconds=meta["periodic_seconds"] or None if periodic else None,
+        **meta["workers"], **hp)
