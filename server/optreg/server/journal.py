@@ -160,7 +160,7 @@ def check_meta(meta: dict, path) -> None:
         "optimizer": (lambda v: type(v) is str, "must be a string"),
         "hyperparameters": (lambda v: type(v) is dict and all(type(k) is str and type(x) in (int, float, bool)
                                                                for k, x in v.items()), "must map names to numbers"),
-        "step": (lambda v: type(v) is int and 0 <= v < MAX_STEP, f"must be an integer in 0..{MAX_STEP - 1}"),
+        "step": (lambda v: type(v) is int and 0 <= v <= MAX_STEP, f"must be an integer in 0..{MAX_STEP}"),
         "master_dtype": (lambda v: v in DTYPE_CODES, f"must be one of {', '.join(DTYPE_CODES)}"),
         "reply": (lambda v: v in REPLIES, f"must be one of {', '.join(REPLIES)}"),
         "durability": (lambda v: v in DURABILITIES, f"must be one of {', '.join(DURABILITIES)}"),
@@ -176,7 +176,7 @@ def check_meta(meta: dict, path) -> None:
     }
     optional = {  # the data directory's alone
         "owner": (lambda v: type(v) is str, "must be a string"),
-        "first_step": (lambda v: type(v) is int and 0 <= v < MAX_STEP, f"must be an integer in 0..{MAX_STEP - 1}"),
+        "first_step": (lambda v: type(v) is int and 0 <= v <= MAX_STEP, f"must be an integer in 0..{MAX_STEP}"),
         "last_used_at": (lambda v: v is None or number(v), "must be a time in seconds"),
         "round_record": (lambda v: v is None or type(v) is dict, "must be an object"),
         "worker_rounds": (lambda v: type(v) is dict and all(type(x) is int for x in v.values()),
