@@ -2,7 +2,8 @@
 
     python -m bench.ab /path/to/tree-a /path/to/tree-b [--rounds 7] [--steps 1000] [--size 1000]
 
-`--size 10000000 --steps 5` measures the large step (the client streams it).
+`--size 10000000 --steps 5` measures the large step (the client streams it); `--shm plain` or
+`--shm resident` steps through a same-host shared-memory segment instead.
 
 Each tree gets its own `optreg serve --memory-only` and its own client (the tree's
 client code); rounds alternate the trees against one gRPC echo measured in the same
@@ -27,6 +28,10 @@ with Client(sys.argv[1]) as c:
     n = int(sys.argv[3])
     s = c.create_session("adam", {"w": rng.standard_normal(n).astype(np.float32)}, durability="none")
     g = {"w": rng.standard_normal(n).astype(np.float32)}
+    if sys.argv[4]:  # the gradient written into the segment once; each step reads it there
+        s.enable_shared_memory(resident=sys.argv[4] == "resident")
+        s.gradients["w"][...] = g["w"]
+        g = s.gradients
     for _ in range(100 if n < 1e5 else 2):
         s.step(g)
     xs = []
@@ -50,6 +55,7 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--size", type=int, default=1000, help="float32 parameters (default: 1000)")
+    ap.add_argument("--shm", choices=["", "plain", "resident"], default="", help="step through shared memory")
     args = ap.parse_args(argv)
     import grpc
 
@@ -78,7 +84,7 @@ def main(argv=None):
             # every other round in reverse order: a tree's place in the round (what ran just before it,
             # a drift within the round) then weighs on every tree alike
             for root in (args.trees if rnd % 2 == 0 else args.trees[::-1]):
-                out = subprocess.run([sys.executable, "-c", CLIENT, servers[root][1], str(args.steps), str(args.size)],
+                out = subprocess.run([sys.executable, "-c", CLIENT, servers[root][1], str(args.steps), str(args.size), args.shm],
                                      capture_output=True, text=True, env=_env(root), cwd="/", check=True)
                 res[root].append(float(out.stdout.split()[-1]))
             print(rnd, "  ".join(f"{k}: {v[-1] * 1e6:.0f} us" for k, v in res.items()), flush=True)

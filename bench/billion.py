@@ -78,7 +78,7 @@ class Monitor:
 
     def __init__(self):
         self.pids: dict[str, int] = {"client": os.getpid()}
-        self.segment = ""  # /dev/shm path: its allocated blocks are the segment's memory, counted once
+        self.segment = ""  # the memfd (/proc/self/fd/N): its allocated blocks are the segment's memory, counted once
         self.phase = "start"
         self.peaks: dict[str, dict[str, int]] = {}
         self._stop = threading.Event()
@@ -210,7 +210,7 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         arrays = s.enable_shared_memory(resident=True)
         figures["resident_s"] = time.perf_counter() - t
-        mon.segment = f"/dev/shm/{s._shm.key}"
+        mon.segment = f"/proc/{os.getpid()}/fd/{s._shm.fd}"
         del params  # the client's private copy: the segment holds the parameters now
         print(f"resident registration (parameters into the segment): {figures['resident_s']:.1f} s", flush=True)
 

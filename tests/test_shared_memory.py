@@ -1,6 +1,7 @@
 """Same-host shared-memory steps against a real server: numbers, fencing, validation, life cycle."""
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 import subprocess
@@ -23,11 +24,22 @@ F32, F16, BF16 = tensor_pb2.DATA_TYPE_FLOAT32, tensor_pb2.DATA_TYPE_FLOAT16, ten
 
 
 def shm_exists(key: str) -> bool:
-    return os.path.exists(f"/dev/shm/{key}")
+    """Whether a process other than this one (the server, a child client) still maps the memfd named `key`."""
+    mark = f"/memfd:{key} "
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                if mark in f.read():
+                    return True
+        except OSError:  # gone meanwhile, or not ours to read
+            pass
+    return False
 
 
 def wait_gone(key: str, seconds: float = 30.0) -> bool:
-    """Polls until the segment's name is gone (a bounded wait, not a timing assertion)."""
+    """Polls until no other process maps the segment (a bounded wait, not a timing assertion)."""
     end = time.monotonic() + seconds
     while shm_exists(key):
         if time.monotonic() > end:
@@ -36,20 +48,31 @@ def wait_gone(key: str, seconds: float = 30.0) -> bool:
     return True
 
 
+def sealed_memfd(key: str, size: int) -> int:
+    """What a client registers: a memfd named `key` that can never shrink (nor grow)."""
+    fd = os.memfd_create(key, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, size)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+    return fd
+
+
 class Segment:
-    """A /dev/shm segment made by hand, registered with the raw stub (what a non-Python client does)."""
+    """A sealed memfd made by hand, registered with the raw stub (what a non-Python client does)."""
 
     def __init__(self, stub, session_id: str, size: int, resident: bool = False, places=(), key: str = ""):
         """`resident`, `places`: a resident registration with the parameters at those regions; `self.ack`
         is the server's answer (the constructor raises grpc.RpcError when it refuses)."""
         self.key = key or f"optreg-test{uuid.uuid4().hex}"
-        fd = os.open(f"/dev/shm/{self.key}", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        os.ftruncate(fd, size)
-        self.mm = mmap.mmap(fd, size)
-        os.close(fd)
-        self.call = stub.RegisterSharedMemory(session_pb2.RegisterSharedMemoryRequest(
-            session_id=session_id, key=self.key, resident=resident, parameters=places))
-        self.ack = next(self.call)
+        self.fd = sealed_memfd(self.key, size)
+        self.mm = mmap.mmap(self.fd, size)
+        try:
+            self.call = stub.RegisterSharedMemory(session_pb2.RegisterSharedMemoryRequest(
+                session_id=session_id, key=self.key, resident=resident, parameters=places, pid=os.getpid(),
+                fd=self.fd))
+            self.ack = next(self.call)
+        except BaseException:
+            os.close(self.fd)
+            raise
         assert self.ack.byte_size == size
 
     def array(self, offset, dtype, shape):
@@ -57,10 +80,7 @@ class Segment:
 
     def close(self):
         self.call.cancel()
-        try:
-            os.unlink(f"/dev/shm/{self.key}")
-        except FileNotFoundError:
-            pass
+        os.close(self.fd)
 
 
 def region(name, shape, offset, dtype=F32):
@@ -97,7 +117,7 @@ def test_numbers_equal_step(client, optimizer, master, reply, shape):
     assert shared.step_count == plain.step_count == 4
     key = shared._shm.key
     shared.delete()
-    assert not shm_exists(key)  # delete unmaps and unlinks
+    assert wait_gone(key)  # delete unmaps
 
 
 def test_narrow_gradients_and_replay(server, client):
@@ -193,8 +213,9 @@ def test_bad_keys_refused(server, client):
                           ("optreg-../../x", grpc.StatusCode.INVALID_ARGUMENT),
                           ("other-segment1234", grpc.StatusCode.INVALID_ARGUMENT),
                           (f"optreg-missing{uuid.uuid4().hex}", grpc.StatusCode.NOT_FOUND)]:
-            with pytest.raises(grpc.RpcError) as e:
-                next(stub.RegisterSharedMemory(session_pb2.RegisterSharedMemoryRequest(session_id=s.id, key=key)))
+            with pytest.raises(grpc.RpcError) as e:  # descriptor 999999: none
+                next(stub.RegisterSharedMemory(session_pb2.RegisterSharedMemoryRequest(
+                    session_id=s.id, key=key, pid=os.getpid(), fd=999999)))
             assert e.value.code() == code, key
         with pytest.raises(grpc.RpcError) as e:
             next(stub.RegisterSharedMemory(session_pb2.RegisterSharedMemoryRequest(session_id="nope", key="x")))
@@ -244,7 +265,7 @@ def test_client_killed_leaks_nothing(server, client):
         assert key.startswith("optreg-") and shm_exists(key)
         proc.kill()  # SIGKILL: no atexit, no finally, no resource tracker of ours
         proc.wait()
-        assert wait_gone(key), f"/dev/shm/{key} leaked"
+        assert wait_gone(key), f"segment {key} leaked"
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -283,4 +304,4 @@ def test_only_owner(start_server, tmp_path):
         np.testing.assert_allclose(a.arrays["w"], 0.99)
         key = a._shm.key
         a.delete()
-        assert not shm_exists(key)
+        assert wait_gone(key)

@@ -278,7 +278,7 @@ class Session:
         server moves them there and updates them in place: a step copies nothing). Do not write
         `self.arrays` then. Called again after the server restarted (the registration ended),
         it registers the same segment again and the server refills it from the recovered session
-        (a new segment when the old name is gone: `self.arrays` are then new views).
+        (`self.arrays` stay the same arrays).
         """
         if self._shm is not None and not self._shm.alive:
             if self._shm.register_again():

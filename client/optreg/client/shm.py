@@ -1,5 +1,7 @@
-"""Steps through shared memory: a /dev/shm segment holding a session's parameters and gradient
-buffers, registered with a server on the same host; only names and offsets cross gRPC.
+"""Steps through shared memory: a segment (a sealed memfd) holding a session's parameters and
+gradient buffers, registered with a server on the same host; only names and offsets cross gRPC.
+The server opens the segment through /proc/<this pid>/fd/<its descriptor>, which stays open while
+this object lives; it is sealed so that it can never shrink (the server maps it).
 
 Two modes. Plain: the server keeps its own master copy and writes the updated parameters into
 the segment after each step. Resident: the segment IS the master copy -- the server moved the
@@ -8,6 +10,7 @@ copies nothing; the client must not write the parameters (they are the server's 
 """
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 import uuid
@@ -33,43 +36,32 @@ def _layout(info, dtype: np.dtype) -> tuple[dict, int]:
     return offsets, max(pos, _ALIGN)
 
 
-def _new_segment(size: int) -> tuple[str, mmap.mmap]:
+def _new_segment(size: int) -> tuple[str, int, mmap.mmap]:
+    """A memfd of `size` bytes, sealed against any change of size (what the server requires), and its mapping."""
     key = f"optreg-{uuid.uuid4().hex}"
-    path = f"/dev/shm/{key}"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    fd = os.memfd_create(key, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
         os.ftruncate(fd, size)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
         mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
     except BaseException:
-        os.unlink(path)
-        raise
-    finally:
         os.close(fd)
-    return key, mm
-
-
-def _unlink_quietly(path: str, pid: int) -> None:
-    if os.getpid() != pid:  # a forked child exiting must not remove its parent's segment
-        return
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
+        raise
+    return key, fd, mm
 
 
 class SharedMemory:
     """The segment, its registration call (open while the segment is in use), and the step sender."""
 
-    def __init__(self, session, key: str, mm, size: int, params: dict, grads: dict, offsets: dict, call,
+    def __init__(self, session, key: str, fd: int, mm, size: int, params: dict, grads: dict, offsets: dict, call,
                  resident: bool = False):
-        self.session, self.key, self.mm, self.size = session, key, mm, size
+        self.session, self.key, self.fd, self.mm, self.size = session, key, fd, mm, size
         self.params, self.grads, self.offsets, self.call = params, grads, offsets, call
         self.resident = resident
-        # The server unlinks the name when the registration ends while it runs; if the server died first
-        # (kill -9: the name is kept so that register_again can find the segment), nobody would, and a
-        # resident segment holds all the parameters. So the name goes when this object is collected or
-        # the process exits normally (a client killed after its server leaves it: nothing can help then).
-        self._unlink = weakref.finalize(self, _unlink_quietly, f"/dev/shm/{key}", os.getpid())
+        # The descriptor is how the server finds the segment (register_again after a restart too); it is
+        # closed with close() or when this object is collected. The memory goes with the last descriptor
+        # and mapping, so nothing outlives both processes.
+        self._close_fd = weakref.finalize(self, os.close, fd)
         code = tensors.to_code(session.info.master_dtype)
         self.code = code
         self._param_msgs = [session_pb2.SharedMemoryTensor(name=n, dtype=code, shape=a.shape,
@@ -80,7 +72,7 @@ class SharedMemory:
         info = session.info
         dtype = np.dtype(info.master_dtype)
         offsets, size = _layout(info, dtype)
-        key, mm = _new_segment(size)
+        key, fd, mm = _new_segment(size)
         try:
             params, grads = {}, {}
             for name, shape in info.parameters.items():
@@ -93,24 +85,25 @@ class SharedMemory:
                     else session.read_parameters()
                 for name in info.parameters:
                     np.copyto(params[name], current[name], casting="unsafe")
-            call, step = cls._register(session, key, size, params, offsets, resident)
+            call, step = cls._register(session, key, fd, size, params, offsets, resident)
         except BaseException:
-            _unlink_quietly(f"/dev/shm/{key}", os.getpid())
+            os.close(fd)
             raise
-        self = cls(session, key, mm, size, params, grads, offsets, call, resident)
+        self = cls(session, key, fd, mm, size, params, grads, offsets, call, resident)
         session.arrays = dict(params)
         if resident:
             session.step_count = step
         return self
 
     @staticmethod
-    def _register(session, key, size, params, offsets, resident):
+    def _register(session, key, fd, size, params, offsets, resident):
         code = tensors.to_code(session.info.master_dtype)
         places = [session_pb2.SharedMemoryTensor(name=n, dtype=code, shape=a.shape, byte_offset=offsets[n][0])
                   for n, a in params.items()] if resident else []
         # The registration lives while this call is open (no deadline); the first reply acknowledges it.
         call = session.client.transport.stream_out("RegisterSharedMemory", session_pb2.RegisterSharedMemoryRequest(
-            session_id=session.id, key=key, byte_size=size, resident=resident, parameters=places), timeout=None)
+            session_id=session.id, key=key, byte_size=size, resident=resident, parameters=places, pid=os.getpid(),
+            fd=fd), timeout=None)
         try:
             ack = next(call)
         except StopIteration:
@@ -124,10 +117,11 @@ class SharedMemory:
 
     def register_again(self) -> bool:
         """After the server restarted: register this segment again (resident: the server refills the parameters
-        from its recovered session). False when the segment's name is gone (the server unlinked it)."""
-        if not os.path.exists(f"/dev/shm/{self.key}"):
+        from its recovered session). False once close() gave the segment up."""
+        if not self._close_fd.alive:
             return False
-        self.call, step = self._register(self.session, self.key, self.size, self.params, self.offsets, self.resident)
+        self.call, step = self._register(self.session, self.key, self.fd, self.size, self.params, self.offsets,
+                                         self.resident)
         if self.resident:
             self.session.step_count = step
         return True
@@ -176,5 +170,5 @@ class SharedMemory:
             except OptregError:
                 pass  # cancelling the registration below releases it as well
         self.call.cancel()
-        self._unlink()
+        self._close_fd()
         # The mapping stays while arrays view it; it is unmapped when the last one is collected.

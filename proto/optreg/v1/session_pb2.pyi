@@ -453,18 +453,22 @@ class UpdateHyperparametersResponse(_message.Message):
     def __init__(self, session: _Optional[_Union[SessionInfo, _Mapping]] = ...) -> None: ...
 
 class RegisterSharedMemoryRequest(_message.Message):
-    __slots__ = ("session_id", "key", "byte_size", "resident", "parameters")
+    __slots__ = ("session_id", "key", "byte_size", "resident", "parameters", "pid", "fd")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     KEY_FIELD_NUMBER: _ClassVar[int]
     BYTE_SIZE_FIELD_NUMBER: _ClassVar[int]
     RESIDENT_FIELD_NUMBER: _ClassVar[int]
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    FD_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     key: str
     byte_size: int
     resident: bool
     parameters: _containers.RepeatedCompositeFieldContainer[SharedMemoryTensor]
-    def __init__(self, session_id: _Optional[str] = ..., key: _Optional[str] = ..., byte_size: _Optional[int] = ..., resident: _Optional[bool] = ..., parameters: _Optional[_Iterable[_Union[SharedMemoryTensor, _Mapping]]] = ...) -> None: ...
+    pid: int
+    fd: int
+    def __init__(self, session_id: _Optional[str] = ..., key: _Optional[str] = ..., byte_size: _Optional[int] = ..., resident: _Optional[bool] = ..., parameters: _Optional[_Iterable[_Union[SharedMemoryTensor, _Mapping]]] = ..., pid: _Optional[int] = ..., fd: _Optional[int] = ...) -> None: ...
 
 class RegisterSharedMemoryResponse(_message.Message):
     __slots__ = ("byte_size", "step")

@@ -233,13 +233,13 @@ class SessionServiceServicer:
     def RegisterSharedMemory(self, request, context):
         """Same-host shared memory (like Triton's system shared-memory extension).
 
-        The client creates a POSIX shared-memory segment (a file in /dev/shm whose
-        name starts with "optreg-") and registers it for one of its sessions. The
-        registration lives as long as this call: the server answers once, keeps
-        the stream open, and when the call ends (the client cancels it or dies,
-        UnregisterSharedMemory is called, or the session is deleted) it unmaps the
-        segment and unlinks its name. Only callers on the server's own host
-        (loopback peers) may register.
+        The client creates a segment (a Linux memfd named "optreg-...", sealed so
+        that it can never shrink: see RegisterSharedMemoryRequest.pid) and
+        registers it for one of its sessions. The registration lives as long as
+        this call: the server answers once, keeps the stream open, and when the
+        call ends (the client cancels it or dies, UnregisterSharedMemory is
+        called, or the session is deleted) it unmaps the segment. Only callers on
+        the server's own host (loopback peers) may register.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -201,7 +201,7 @@ class OptregServer:
         _add_session_service(self.sessions, self.grpc_server)
         telemetry_service.add_to_server(telemetry_service.TelemetryServicer(
             self.telemetry, owner, check_session=lambda sid, who: self.store.get(sid, who),
-            max_watchers=settings.max_watchers), self.grpc_server)
+            max_watchers=settings.max_watchers, budget=self.store.budget), self.grpc_server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         enable_reflection(SERVICE_NAMES + (health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc_server)

@@ -16,7 +16,7 @@ and the like) are waited for before an in-place update starts.
 
 When the registration ends (see `detach`) the parameters are copied back into the server's
 own memory, or, when the client is gone or the server stops, stay in the server's mapping of
-the unlinked segment.
+the segment (its client can still write it, never shrink it).
 """
 from __future__ import annotations
 
@@ -135,7 +135,7 @@ def _check_disjoint(region: Region, views) -> None:
 def detach(store, session: Session, region: Region, why: str = "") -> bool:
     """The registration ends. Unregistered by a live client: the parameters are copied back into the server's
     memory (the client keeps its mapping). The client gone or the server stopping: the server keeps the
-    mapping as the parameters' home (nobody else can reach it once the name is unlinked) and gives back
+    mapping as the parameters' home (it cannot shrink: sealed, see shm.py) and gives back
     the segment's other pages (the gradients): no copy, so no second 4 GB at 1e9. Returns True when
     the mapping must stay (the caller must not close it)."""
     keep = why in KEEP_MAPPING
@@ -157,7 +157,7 @@ def detach(store, session: Session, region: Region, why: str = "") -> bool:
         session.resident = None
         region.resident = None
     log.info("session %s: parameters %s at step %d", session.id,
-             "kept in the unlinked segment's mapping" if keep else "back in server memory", session.step,
+             "kept in the segment's mapping" if keep else "back in server memory", session.step,
              extra={"session_id": session.id})
     return keep
 

@@ -496,9 +496,9 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
                                   "name the parameters in each StepSharedMemory")
         owner = self.owner(context)
         session = self.store.get(request.session_id, owner)
-        region = self.shm.register(request.key, request.byte_size, session.id, owner)
+        region = self.shm.register(request.key, request.byte_size, session.id, owner, request.pid, request.fd)
         # The registration lives as long as this call: when it ends (cancelled, the client gone,
-        # the server stopping) the segment is unmapped and its name unlinked.
+        # the server stopping) the segment is unmapped.
         context.add_callback(lambda: self.shm.release(region, "client gone"))
         if not context.is_active():
             self.shm.release(region, "client gone")

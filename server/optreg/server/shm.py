@@ -1,16 +1,21 @@
 """Same-host shared memory: segments a client registers for a session, read and written in place.
 
-A segment is a file in /dev/shm (POSIX shared memory) that the client created and
-mapped; the server maps it too. A step then passes only names and byte offsets over
-gRPC: the server reads the gradients from the segment and writes the updated
-parameters back into it, so the client's arrays that live there change with no copy
-on the wire.
+A segment is a Linux memfd that the client created and mapped; the server opens it through
+/proc/<client pid>/fd/<fd> and maps it too. A step then passes only names and byte offsets over
+gRPC: the server reads the gradients from the segment and writes the updated parameters back
+into it, so the client's arrays that live there change with no copy on the wire.
+
+Why a sealed memfd: the server reads the segment through its mapping, and a page cut off by a
+truncation kills the reader with SIGBUS -- a /dev/shm file's creator could take the whole server
+down that way. A memfd sealed with F_SEAL_SHRINK can never shrink again (seals are irrevocable
+and belong to the file, so checking them on the server's own descriptor cannot race), and that
+is the only kind of segment registered.
 
 Life cycle: a registration lives as long as its RegisterSharedMemory call (a server
 stream the client keeps open). When that call ends for any reason -- the client
 cancels it, its process dies and the connection drops, UnregisterSharedMemory, the
-session is deleted, the server stops -- the server unmaps the segment and unlinks
-its name, so a client killed with SIGKILL leaks nothing in /dev/shm.
+session is deleted, the server stops -- the server unmaps the segment; the memory goes with
+the last descriptor and mapping, so a client killed with SIGKILL leaks nothing.
 
 Locking: a region's lock is taken before its session's lock (steps, release); the
 registry's lock only guards the index.
@@ -20,11 +25,11 @@ release copies them back into the server's memory before the segment is unmapped
 """
 from __future__ import annotations
 
+import fcntl
 import logging
 import mmap
 import os
 import re
-import stat
 import threading
 
 import numpy as np
@@ -35,7 +40,6 @@ from optreg.v1 import tensors
 
 log = logging.getLogger("optreg.server.shm")
 
-SHM_DIR = "/dev/shm"
 KEY_RE = re.compile(r"^optreg-[A-Za-z0-9_-]{8,200}$")
 LOCAL_PEERS = ("ipv4:127.", "ipv6:[::1]", "ipv6:[::ffff:127.", "unix:")
 
@@ -69,36 +73,23 @@ class SharedMemoryRegistry:
     def __len__(self):
         return len(self._regions)
 
-    def register(self, key: str, byte_size: int, session_id: str, owner: str) -> Region:
+    def register(self, key: str, byte_size: int, session_id: str, owner: str, pid: int = 0, fd: int = -1) -> Region:
         if not KEY_RE.match(key):
-            raise InvalidArgument(f"shared-memory key {shown(key)}: use 'optreg-' followed by 8-200 letters, digits, '_' or '-' "
-                          f"(a file in {SHM_DIR})")
+            raise InvalidArgument(f"shared-memory key {shown(key)}: use 'optreg-' followed by 8-200 letters, digits, "
+                                  "'_' or '-' (the memfd's name)")
         if byte_size < 0:
             raise InvalidArgument(f"byte_size {byte_size} is negative")
-        path = os.path.join(SHM_DIR, key)
+        if pid <= 0 or fd < 0:
+            raise FailedPrecondition(f"shared-memory segment {shown(key)}: set pid and fd to a sealed memfd the client "
+                                     "holds (a /dev/shm file can be shrunk under the server, so it is not taken)")
         with self._lock:
             if key in self._regions:
                 raise AlreadyExists(f"shared-memory segment {shown(key)} is already "
-                                   "registered; create a new segment for each registration")
+                                    "registered; create a new segment for each registration")
             if len(self._regions) >= self.max_regions:
                 raise ResourceExhausted(f"this server holds {self.max_regions} shared-memory registrations, its limit "
-                                   "(each keeps a server thread); unregister one or use Step")
-            try:
-                fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
-            except FileNotFoundError:
-                raise NotFound(f"no shared-memory segment {path}: is the client on the server's host?") from None
-            except OSError as e:
-                raise PermissionDenied(f"cannot open shared-memory segment {path}: {e.strerror}") from None
-            try:
-                st = os.fstat(fd)
-                if not stat.S_ISREG(st.st_mode):
-                    raise InvalidArgument(f"{path} is not a regular file")
-                size = byte_size or st.st_size
-                if size <= 0 or size > st.st_size:
-                    raise InvalidArgument(f"byte_size {byte_size}, but segment {path} has {st.st_size} bytes")
-                mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-            finally:
-                os.close(fd)
+                                        "(each keeps a server thread); unregister one or use Step")
+            mm, size = _map_sealed(key, byte_size, pid, fd)
             region = Region(key, session_id, owner, mm, size)
             self._regions[key] = region
         log.info("session %s: shared-memory segment %s registered (%d bytes)", session_id, key, size,
@@ -113,7 +104,7 @@ class SharedMemoryRegistry:
         return region
 
     def release(self, region: Region, why: str = "") -> bool:
-        """Unmap the segment and unlink its name; idempotent. Waits for a step using it to finish."""
+        """Unmap the segment; idempotent. Waits for a step using it to finish."""
         with self._lock:
             if self._regions.get(region.key) is not region:
                 return False
@@ -131,16 +122,13 @@ class SharedMemoryRegistry:
                         region.resident.quarantined = "its resident parameters could not be copied back"
                 region.detach = None
             try:
-                if not keep:  # kept: the session's parameters live in the mapping until they are replaced
+                if not keep:
                     region.mm.close()
             except BufferError:  # a view is still referenced somewhere: unmapped when it is collected
                 log.warning("shared-memory segment %s still referenced; unmapped later", region.key)
-            try:
-                os.unlink(os.path.join(SHM_DIR, region.key))
-            except FileNotFoundError:
-                pass
-            except OSError as e:
-                log.warning("could not unlink %s: %s", region.key, e)
+            # Kept: the session's parameters live in the mapping until they are replaced, and their arrays
+            # hold it; without this reference it is unmapped with them (a deleted session's at once).
+            region.mm = None
         log.info("session %s: shared-memory segment %s released%s", region.session_id, region.key,
                  f" ({why})" if why else "", extra={"session_id": region.session_id})
         return True
@@ -158,6 +146,40 @@ class SharedMemoryRegistry:
             self.release(r, "server stopping")
 
 
+def _map_sealed(key: str, byte_size: int, pid: int, fd: int) -> tuple[mmap.mmap, int]:
+    """Map descriptor `fd` of process `pid`: the memfd named `key`, sealed against shrinking."""
+    path = f"/proc/{pid}/fd/{fd}"
+    try:
+        own = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise NotFound(f"no descriptor {fd} in process {pid}: is the client on the server's host, and does it keep "
+                       "the segment's memfd open?") from None
+    except OSError as e:
+        raise PermissionDenied(f"cannot open {path}: {e.strerror} (the client must run as the server's user)") from None
+    try:  # every check on the server's own descriptor: what the client does to its own cannot change them
+        if os.readlink(f"/proc/self/fd/{own}") != f"/memfd:{key} (deleted)":
+            raise FailedPrecondition(f"descriptor {fd} of process {pid} is not the memfd named {shown(key)}: create "
+                                     "the segment with memfd_create(key, MFD_ALLOW_SEALING)")
+        try:
+            seals = fcntl.fcntl(own, fcntl.F_GET_SEALS)
+        except OSError:
+            seals = 0
+        if not seals & fcntl.F_SEAL_SHRINK:
+            raise FailedPrecondition(f"shared-memory segment {shown(key)} is not sealed against shrinking: add "
+                                     "F_SEAL_SHRINK (fcntl F_ADD_SEALS) before registering")
+        st = os.fstat(own)
+        size = byte_size or st.st_size
+        if size <= 0 or size > st.st_size:
+            raise InvalidArgument(f"byte_size {byte_size}, but segment {shown(key)} has {st.st_size} bytes")
+        try:
+            return mmap.mmap(own, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE), size
+        except OSError as e:  # F_SEAL_WRITE or F_SEAL_FUTURE_WRITE
+            raise FailedPrecondition(f"shared-memory segment {shown(key)} cannot be mapped for writing "
+                                     f"({e.strerror}): leave out the write seals") from None
+    finally:
+        os.close(own)
+
+
 class SegmentTensor:
     """A tensor in a registered segment, shaped like a wire Tensor (name, dtype, shape, offset, data) so the
     step's one tensor check (tensors.ChunkTracker) takes it as it takes any source's."""
@@ -171,6 +193,10 @@ class SegmentTensor:
 def tensors_in(region: Region, items, master_code: int, what: str) -> list[SegmentTensor]:
     """SharedMemoryTensors as views of the segment, each inside its bounds and aligned; names, dtypes and
     shapes are the ChunkTracker's to check."""
+    try:
+        whole = memoryview(region.mm)  # None or closed: released meanwhile
+    except (TypeError, ValueError):
+        raise FailedPrecondition(f"shared-memory segment {shown(region.key)} was unregistered") from None
     out = []
     for t in items:
         code = t.dtype or master_code
@@ -183,5 +209,5 @@ def tensors_in(region: Region, items, master_code: int, what: str) -> list[Segme
         if off % itemsize:
             raise InvalidArgument(f"{what} {shown(t.name)}: byte_offset {off} is not a multiple of the dtype's "
                                   f"{itemsize} bytes")
-        out.append(SegmentTensor(t.name, code, tuple(t.shape), memoryview(region.mm)[off:off + nbytes], off))
+        out.append(SegmentTensor(t.name, code, tuple(t.shape), whole[off:off + nbytes], off))
     return out

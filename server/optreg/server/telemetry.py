@@ -40,6 +40,11 @@ log = logging.getLogger("optreg.server.telemetry")
 
 SUFFIX = ".telemetry"
 FORMAT = "optreg-telemetry/1"
+# A ring's JSON is inflated at most this far (a zlib bomb of 1 MB would otherwise grow the server by
+# gigabytes); a ring of the default options with a thousand parameter names stays below it.
+INFLATE_LIMIT = 256 << 20
+INFLATE_PIECE = 4 << 20  # bytes inflated (and counted) at a time
+PARSE_FACTOR = 4  # the parsed JSON's Python objects, counted as this many times its text
 SAMPLE_SIZE = 64  # state elements sampled per tensor for effective-lr quantiles
 QUANTILES = (0.05, 0.5, 0.95)
 RATIO_BAND = (1e-4, 1e-2)
@@ -364,6 +369,25 @@ class SessionRing:
 EffectiveLr = Callable[[dict, dict, int], np.ndarray]
 
 
+def inflate(data: bytes, reserve=lambda nbytes: None, limit: int = INFLATE_LIMIT) -> bytearray:
+    """zlib-decompress `data`, never past `limit` bytes (ValueError); `reserve(n)` is called before each
+    piece of at most n bytes is inflated, so a memory budget can refuse it first."""
+    d, out, rest = zlib.decompressobj(), bytearray(), data
+    while True:
+        n = min(INFLATE_PIECE, limit + 1 - len(out))
+        reserve(n)
+        piece = d.decompress(rest, n) if rest else d.flush(n)
+        rest = d.unconsumed_tail
+        if len(out) + len(piece) > limit:
+            raise ValueError(f"data inflates to more than {limit >> 20} MiB, more than any telemetry ring")
+        out += piece
+        if d.eof or (not rest and not piece):
+            break
+    if not d.eof:
+        raise ValueError("data is a truncated zlib stream")
+    return out  # json.loads takes it as it is: no second copy
+
+
 class TelemetryHub:
     """Every session's ring, fed by the step pipeline, read by the gRPC servicer and the dashboard.
 
@@ -565,7 +589,7 @@ class TelemetryHub:
         n = 0
         for path in sorted(self.dir.glob(f"*{SUFFIX}")):
             try:
-                data = json.loads(zlib.decompress(path.read_bytes()))
+                data = json.loads(inflate(path.read_bytes()))
                 if data.get("format") != FORMAT:
                     raise ValueError(f"format {data.get('format')!r}, expected {FORMAT}")
                 ring = SessionRing(data["session_id"], data["owner"], data["optimizer"],
@@ -585,15 +609,29 @@ class TelemetryHub:
             ring = self._rings.get(session_id)
             return None if ring is None else zlib.compress(json.dumps(ring.to_json()).encode(), 1)
 
-    def import_(self, session_id: str, data: bytes, owner: str | None = None) -> SessionRing:
+    def import_(self, session_id: str, data: bytes, owner: str | None = None, budget=None) -> SessionRing:
         """Take a ring from export() bytes (an imported session's telemetry), under `session_id` (and
-        `owner`'s token, when given: not the exporting server's)."""
-        raw = json.loads(zlib.decompress(data))
-        if raw.get("format") != FORMAT:
-            raise ValueError(f"telemetry format {raw.get('format')!r}, expected {FORMAT}")
-        ring = SessionRing(session_id, raw["owner"] if owner is None else owner, raw["optimizer"],
-                           self.recent_steps, self.coarse_buckets)
-        ring.restore(raw)
+        `owner`'s token, when given: not the exporting server's). With a memory `budget`, the inflated
+        text and its parse are counted against it before they exist, and given back once the ring is built."""
+        held = [0]
+
+        def reserve(nbytes: int) -> None:
+            if budget is not None:
+                budget.reserve(nbytes, "an imported telemetry ring")
+                held[0] += nbytes
+        try:
+            text = inflate(data, reserve)
+            reserve(PARSE_FACTOR * len(text))
+            raw = json.loads(text)
+            del text
+            if raw.get("format") != FORMAT:
+                raise ValueError(f"telemetry format {raw.get('format')!r}, expected {FORMAT}")
+            ring = SessionRing(session_id, raw["owner"] if owner is None else owner, raw["optimizer"],
+                               self.recent_steps, self.coarse_buckets)
+            ring.restore(raw)
+        finally:
+            if held[0]:
+                budget.release(held[0])
         ring.dirty = True
         self.drain()
         with self._cond:

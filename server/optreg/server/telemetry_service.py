@@ -39,8 +39,10 @@ class TelemetryServicer(telemetry_pb2_grpc.TelemetryServiceServicer):
     when given, raises the session service's own error for an unknown or another token's session
     (so a watcher of a fresh session with no step yet waits rather than getting NOT_FOUND)."""
 
-    def __init__(self, hub: TelemetryHub, owner=lambda context: "", check_session=None, max_watchers: int = 16):
+    def __init__(self, hub: TelemetryHub, owner=lambda context: "", check_session=None, max_watchers: int = 16,
+                 budget=None):
         self.hub, self.owner, self.check_session = hub, owner, check_session
+        self.budget = budget  # the server's memory budget: an import's inflated bytes are counted there
         # Each watch holds a server thread while it waits for steps (app.py adds a thread for each).
         self.watchers = admission.Limit(max_watchers, (
             f"this server is serving {max_watchers} WatchSession calls, its limit (--max-watchers): close a "
@@ -95,7 +97,9 @@ class TelemetryServicer(telemetry_pb2_grpc.TelemetryServiceServicer):
         if not request.data:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "data is empty: send what ExportTelemetry returned")
         try:
-            ring = self.hub.import_(request.session_id, request.data, owner=owner)
+            ring = self.hub.import_(request.session_id, request.data, owner=owner, budget=self.budget)
+        except ResourceExhausted as e:  # the memory budget
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, e.message)
         except (ValueError, KeyError, TypeError, IndexError, zlib.error, json.JSONDecodeError) as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           f"data is not a telemetry ring written by ExportTelemetry ({type(e).__name__}: "
