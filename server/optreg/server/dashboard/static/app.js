@@ -142,6 +142,7 @@ function select(ids) {
     li.querySelector("input").checked = ids.includes(li.dataset.id);
   }
   showAlerts();
+  showSummary();
   explainElr();
   if (!ids.length) $("status").textContent = "";
   scheduleDraw();
@@ -197,11 +198,17 @@ function onStep(run, rec) {
   run.steps.push(rec.step);
   run.recs.push(rec);
   run.hp = rec.hp;
-  if (run.id === dash.sessionId) {
-    $("summary").textContent = `step ${rec.step} · ` + Object.entries(rec.hp).map(([k, v]) => `${k}=${+v.toPrecision(4)}`).join(" ");
-  }
+  showSummary();
   dash.pendingDraw.push(rec);
   scheduleDraw();
+}
+
+// each selected session's last step and hyperparameters
+function showSummary() {
+  const several = dash.selected.length > 1;
+  $("summary").textContent = dash.selected.map((id) => dash.runs[id]).filter((r) => r && r.steps.length).map((r) =>
+    (several ? r.id + ": " : "") + `step ${r.steps[r.steps.length - 1]} · ` +
+    Object.entries(r.hp).map(([k, v]) => `${k}=${+v.toPrecision(4)}`).join(" ")).join("; ");
 }
 
 function scheduleDraw() { if (!dash.drawScheduled) { dash.drawScheduled = true; requestAnimationFrame(draw); } }
