@@ -86,14 +86,12 @@ def test_landing_page_single_session_panels_and_comparison(trained, page, tmp_pa
     page.evaluate("const r = document.querySelector('#smoothing'); r.value = 0.8; r.dispatchEvent(new Event('input'))")
     shot(page, tmp_path, "sgd.png")
 
-    # tick a second session in the list: both on the same charts, one line each for the whole model
+    # tick a second session in the list: both on the same charts, one line each
     page.click("#sessions li[data-id='run-adam'] input[type=checkbox]")
     page.wait_for_function("window.optregDash.selected.length == 2 && window.optregDash.charts.grad"
                            " && window.optregDash.charts.grad.series.length == 3")
-    assert chart(page, "grad", "u.series.map(s => s.label)") == ["step", "run-sgd (whole model)",
-                                                                  "run-adam (whole model)"]
-    labels = chart(page, "metrics", "u.series.map(s => s.label)")
-    assert "run-sgd loss" in labels and "run-adam loss" in labels
+    for key in ("metrics", "ratio", "grad", "elr"):  # the loss, and the whole model's figures
+        assert chart(page, key, "u.series.map(s => s.label)")[:3] == ["step", "run-sgd", "run-adam"], key
     assert chart(page, "elr", "u.data[2].filter(v => v !== null).length") > 0  # Adam's, beside SGD's
     assert "comparing 2 sessions" in page.inner_text("#title")
     text = page.inner_text("#explain-elr")

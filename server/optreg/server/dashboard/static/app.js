@@ -7,7 +7,6 @@ const PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b
                  "#7f7f7f", "#bcbd22", "#17becf"];
 const TOKEN_KEY = "optreg-token";
 const LIVE_SECONDS = 10;  // a session that stepped this recently is "training"
-const MODEL = "whole model";  // the series of a whole session when several are overlaid
 const $ = (id) => document.getElementById(id);
 
 const dash = window.optregDash = {
@@ -238,9 +237,11 @@ function seriesOf(key, run, several) {
     shown.forEach((n, i) => {
       let raw = run.recs.map((r) => (n in r.metrics ? r.metrics[n] : null));
       if (dash.lossLog) raw = raw.map(positive);
-      const label = several ? `${run.id} ${n}` : n;
+      const label = several ? run.id : n;
       const c = several ? color(dash.selected.indexOf(run.id)) : color(i);
-      if (dash.smoothing > 0) {
+      if (dash.smoothing > 0 && several) {  // overlaid: the averages alone (each step's line would hide them)
+        out.push({ label, values: smooth(raw, dash.smoothing), stroke: c, width: 2 });
+      } else if (dash.smoothing > 0) {
         out.push({ label: label + " (each step)", values: raw, stroke: c + "55", width: 1 });
         out.push({ label, values: smooth(raw, dash.smoothing), stroke: c, width: 2 });
       } else {
@@ -251,7 +252,7 @@ function seriesOf(key, run, several) {
   }
   const fam = FAMILIES[key];
   if (several) {
-    out.push({ label: `${run.id} (${MODEL})`, values: run.recs.map((r) => positive(fam.model(r))),
+    out.push({ label: run.id, values: run.recs.map((r) => positive(fam.model(r))),
                stroke: color(dash.selected.indexOf(run.id)), width: 1.5 });
     return out;
   }
@@ -342,7 +343,7 @@ function elrText(optimizer) {
 function explainElr() {
   const opts = [...new Set(dash.selected.map((id) => (dash.optimizers || {})[id]).filter(Boolean))];
   let text = opts.map(elrText).filter((t, i, a) => a.indexOf(t) === i).join(" ");
-  text += dash.selected.length > 1 ? " Overlaid: the median over the model's tensors." : " Per tensor: the median of a sample of its elements, measured every 10th step.";
+  text += dash.selected.length > 1 ? " Overlaid: the median over each model's tensors." : " Per tensor: the median of a sample of its elements, measured every 10th step.";
   $("explain-elr").textContent = text;
 }
 
