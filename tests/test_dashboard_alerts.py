@@ -58,7 +58,7 @@ def test_the_demos_six_optimizers_at_the_books_rates_raise_no_alert(server):
     from optreg.client import Nesterov
     optimizers = training.OPTIMIZERS + [("Nesterov", Nesterov, {"lr": 0.01, "momentum": 0.9})]
     with Client(server.address, timeout=120) as c:
-        results = training.run(c, data.load(None, "digits"), iterations=60, optimizers=optimizers, progress=False,
+        results = training.run(c, data.load(None, "digits"), iterations=40, optimizers=optimizers, progress=False,
                                named=True)
         assert all(r["final_loss"] < r["losses"][0] for r in results.values())  # they did learn
         for title, _, _ in optimizers:
