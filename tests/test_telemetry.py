@@ -59,27 +59,33 @@ def test_figures_from_the_four_sums():
     assert f["grad_max_abs"] == np.max(np.abs(g))
 
 
-def test_alerts_refused_ratio_out_of_band_for_n_steps_and_non_finite():
-    hub = TelemetryHub(ratio_steps=5)
-    for s in range(1, 5):
-        hub.on_step(event(s, ratio=1e-6))  # below the band, but not yet for 5 steps
+def test_alert_rules_each_once_per_excursion():
+    """The rules of docs/telemetry.md "Alerts" on made-up figures (tests/test_dashboard_alerts.py drives
+    them with real training): a ratio far outside the old band alone raises nothing."""
+    hub = TelemetryHub(patience=5)
+    for s in range(1, 31):
+        hub.on_step(event(s, ratio=1e-6 if s < 15 else 0.5))
     assert not hub.ring("s").alerts
-    hub.on_step(event(5, ratio=1e-6))
-    alerts = list(hub.ring("s").alerts)
-    assert sorted(a.tensor for a in alerts) == ["W", "b"]
-    assert all(a.kind == "update_ratio" and a.step == 5 and "below" in a.message for a in alerts)
-    for s in range(6, 12):
-        hub.on_step(event(s, ratio=1e-6))
-    assert len(hub.ring("s").alerts) == 2  # one per tensor per excursion, not one per step
-    hub.on_step(event(12, ratio=1e-3))
-    for s in range(13, 18):
-        hub.on_step(event(s, ratio=0.5))
-    assert [a.message for a in hub.ring("s").alerts][-1].count("above") == 1
-    hub.on_refused("s", "", 17, "gradient 'W' holds NaN at index 3")
+    zero = lambda s, g2: StepEvent("s", s, time.time(), tensors={"W": np.array([g2, 100.0, 1e-6, 1.0]),
+                                                                 "b": np.array([1.0, 4.0, 1e-6, 1.0])})
+    for s in range(31, 41):
+        hub.on_step(zero(s, 0.0))  # W: no gradient at all
+    (a,) = hub.ring("s").alerts
+    assert (a.kind, a.step, a.tensor) == ("dead_tensor", 35, "W")
+    hub.on_step(zero(41, 4.0 * 11 ** 2))  # W's gradient norm 22: 11x its first steps' 2
+    hub.on_step(zero(42, 4.0 * 11 ** 2))
     a = hub.ring("s").alerts[-1]
-    assert a.kind == "refused" and a.step == 17 and "step 18 refused" in a.message and "NaN" in a.message
+    assert (a.kind, a.step, a.tensor) == ("exploding_gradients", 41, "W") and "11x" in a.message
+    for s in range(43, 60):  # the loss: 1/s so far, then from 1.0 up to 10
+        hub.on_step(event(s, metrics={"loss": 10.0}))
+    a = hub.ring("s").alerts[-1]
+    assert a.kind == "diverging" and a.step == 52 and "learning rate too high" in a.message
+    assert [x.kind for x in hub.ring("s").alerts].count("diverging") == 1
+    hub.on_refused("s", "", 59, "gradient 'W' holds NaN at index 3")
+    a = hub.ring("s").alerts[-1]
+    assert a.kind == "refused" and a.step == 59 and "step 60 refused" in a.message and "NaN" in a.message
     assert hub.ring("s").refused == 1
-    hub.on_step(StepEvent("s", 18, time.time(), tensors={"W": np.array([np.inf, 1.0, 1.0, np.inf]),
+    hub.on_step(StepEvent("s", 60, time.time(), tensors={"W": np.array([np.inf, 1.0, 1.0, np.inf]),
                                                           "b": np.array([1.0, 4.0, 4e-6, 1.0])}))
     assert hub.ring("s").alerts[-1].kind == "non_finite"
 

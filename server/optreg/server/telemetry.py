@@ -47,9 +47,18 @@ INFLATE_PIECE = 4 << 20  # bytes inflated (and counted) at a time
 PARSE_FACTOR = 4  # the parsed JSON's Python objects, counted as this many times its text
 SAMPLE_SIZE = 64  # state elements sampled per tensor for effective-lr quantiles
 QUANTILES = (0.05, 0.5, 0.95)
-RATIO_BAND = (1e-4, 1e-2)
 FEW_TENSORS = 4  # up to this many tensors, effective-lr quantiles are computed tensor by tensor
-FOLD_SECONDS = 0.05  # the worker folds queued events this often (the dashboard's added latency, at most)  # cs231n: update/weight ratio healthy near 1e-3
+FOLD_SECONDS = 0.05  # the worker folds queued events this often (the dashboard's added latency, at most)
+# The alert rules (docs/telemetry.md "Alerts"). Each compares a tensor, or the loss, with its own history:
+# a fixed band on the update/param ratio misread healthy runs (a bias starting at zero, a converged run).
+PATIENCE = 20  # steps a tensor's gradient must stay exactly zero to be called dead
+REFERENCE_STEPS = 10  # a tensor's reference gradient norm: the largest of its first steps
+EXPLODE_FACTOR = 10.0  # exploding: the gradient norm above this many times the reference
+LOSS_SMOOTHING = 0.1  # weight of a new loss in its moving average
+DIVERGE_STEPS = 10  # the smoothed loss must stay up this many steps to be called diverging
+# ... and have climbed back this fraction of the way from its lowest to the first loss: RMSProp on the
+# digits, converged, has spikes that climb back 0.23 of the way for a dozen steps and recover
+DIVERGE_FRACTION = 0.5
 
 
 @dataclass
@@ -255,7 +264,7 @@ def _merge_few(records: list[Record]) -> tuple[np.ndarray, int]:
 @dataclass
 class Alert:
     seq: int  # per session, increasing: a watcher sends each alert once
-    kind: str  # "refused" | "update_ratio" | "non_finite"
+    kind: str  # "refused" | "non_finite" | "diverging" | "exploding_gradients" | "dead_tensor" | "worker_stopped"
     step: int
     wall_time: float
     tensor: str
@@ -282,7 +291,10 @@ class SessionRing:
         self.alerts: collections.deque[Alert] = collections.deque(maxlen=256)
         self.alert_seq = 0
         self.refused = 0
-        self.out_of_band: list[int] | None = None  # per tensor: consecutive steps with the ratio outside the band
+        # the alert rules' memory: tensor -> [reference grad norm, steps seen, steps with a zero gradient,
+        # exploding now]; and the loss's [first, smoothed, lowest smoothed, steps up] (None before one)
+        self.watch: dict[str, list] = {}
+        self.loss_watch: list | None = None
         self.hp_source: dict | None = None  # the last step's hyperparameters as given, and as floats
         self.hp: dict[str, float] = {}  # (records share it until they change: never mutated)
         self.version = 0  # bumped on every change; watchers wait for it to move
@@ -338,6 +350,7 @@ class SessionRing:
         return {"session_id": self.session_id, "optimizer": self.optimizer, "step": self.last_step,
                 "first_step": self.first_step, "wall_time": last.wall_time if last else 0.0,
                 "tensors": list(self.names), "metrics": sorted(last.metrics) if last else [],
+                "loss": last.metrics.get("loss") if last else None,
                 "alerts": len(self.alerts), "refused": self.refused}
 
     # persistence: zlib-compressed JSON, rewritten whole (a ring is small: bounded by its options)
@@ -348,7 +361,8 @@ class SessionRing:
                 "optimizer": self.optimizer, "names": self.names, "stride": self.stride,
                 "coarse": [rec(r) for r in self.coarse], "pending": [rec(r) for r in self.pending],
                 "recent": [rec(r) for r in self.recent], "alerts": [a.as_dict() for a in self.alerts],
-                "alert_seq": self.alert_seq, "refused": self.refused}
+                "alert_seq": self.alert_seq, "refused": self.refused, "watch": self.watch,
+                "loss_watch": self.loss_watch}
 
     def restore(self, data: dict) -> None:
         def rec(x) -> Record:
@@ -364,6 +378,8 @@ class SessionRing:
             self.alerts.append(Alert(a["seq"], a["kind"], a["step"], a["wall_time"], a["tensor"], a["message"]))
         self.alert_seq = int(data["alert_seq"])
         self.refused = int(data["refused"])
+        self.watch = {k: list(v) for k, v in data.get("watch", {}).items()}  # absent in older files
+        self.loss_watch = data.get("loss_watch")
 
 
 EffectiveLr = Callable[[dict, dict, int], np.ndarray]
@@ -397,12 +413,11 @@ class TelemetryHub:
     """
 
     def __init__(self, data_dir: str | os.PathLike | None = None, *, recent_steps: int = 2048,
-                 coarse_buckets: int = 1024, ratio_band: tuple[float, float] = RATIO_BAND,
-                 ratio_steps: int = 20, effective_lr: Callable[[str], EffectiveLr | None] | None = None,
+                 coarse_buckets: int = 1024, patience: int = PATIENCE, effective_lr: Callable[[str], EffectiveLr | None] | None = None,
                  auth: bool = False, effective_lr_every: int = 10):
         self.dir = pathlib.Path(data_dir) / "telemetry" if data_dir else None
         self.recent_steps, self.coarse_buckets = recent_steps, coarse_buckets
-        self.ratio_band, self.ratio_steps = ratio_band, ratio_steps
+        self.patience = max(1, patience)
         self.effective_lr = effective_lr or (lambda optimizer: None)
         self.auth = auth
         self.effective_lr_every = max(1, effective_lr_every)
@@ -710,7 +725,13 @@ class TelemetryHub:
         """Quantiles of the declared effective lr over each tensor's state sample: one call of the
         optimizer's function over every tensor's sample at once (padded rows), one sort."""
         if not event.state_sample:
-            return {}
+            # SGD, Momentum, Nesterov (no effective_lr declared): the multiplier on the gradient, or on
+            # the momentum buffer, is the lr itself; measured on the same steps as the adaptive ones
+            lr = event.hyperparameters.get("lr")
+            if lr is None or not self.wants_state_sample(event.step) or self.effective_lr(event.optimizer):
+                return {}
+            lr = float(lr)
+            return {n: [lr, lr, lr] for n in event.tensors}
         fn = self.effective_lr(event.optimizer)
         if fn is None:
             return {}
@@ -782,31 +803,55 @@ class TelemetryHub:
         return out
 
     def _check(self, ring: SessionRing, record: Record) -> None:
-        """The alert rules, per tensor (plain floats: a step has few tensors, numpy's per-call cost dominates)."""
-        lo, hi = self.ratio_band
-        counts = ring.out_of_band
-        if counts is None or len(counts) != len(ring.names):
-            counts = ring.out_of_band = [0] * len(ring.names)
+        """The alert rules, per tensor and on the client's "loss" (plain floats: a step has few tensors,
+        numpy's per-call cost dominates). Each fires once per excursion and re-arms when it ends."""
         for i, (g2, p2, u2, _) in enumerate(record.stats.tolist()):
             name = ring.names[i]
+            w = ring.watch.get(name)
+            if w is None:
+                w = ring.watch[name] = [0.0, 0, 0, False]
             if not (math.isfinite(g2) and math.isfinite(p2) and math.isfinite(u2)):
-                counts[i] = 0
                 ring.alert("non_finite", record.step, name,
                            f"{name}: non-finite figures at step {record.step} (grad norm {math.sqrt(abs(g2)):g}, "
                            f"param norm {math.sqrt(abs(p2)):g})", record.wall_time)
                 continue
-            if p2 > 0:
-                r = math.sqrt(max(u2, 0.0) / p2)
-                if r < lo or r > hi:
-                    counts[i] += 1
-                    if counts[i] == self.ratio_steps:
-                        side = "below" if r < lo else "above"
-                        ring.alert("update_ratio", record.step, name,
-                                   f"{name}: update/param ratio {r:.2g} {side} [{lo:g}, {hi:g}] for "
-                                   f"{self.ratio_steps} steps (learning rate too {'low' if side == 'below' else 'high'}?)",
-                                   record.wall_time)
-                    continue
-            counts[i] = 0
+            g = math.sqrt(g2)
+            w[2] = w[2] + 1 if g2 == 0.0 else 0
+            if w[2] == self.patience:
+                ring.alert("dead_tensor", record.step, name,
+                           f"{name}: gradient exactly zero for {self.patience} steps (a dead layer: ReLUs that "
+                           f"never fire, or a parameter the loss does not reach)", record.wall_time)
+            if w[1] < REFERENCE_STEPS or w[0] == 0.0:  # the reference: the largest norm of the first steps
+                w[0], w[1] = max(w[0], g), w[1] + 1
+                continue
+            high = g > EXPLODE_FACTOR * w[0]
+            if high and not w[3]:
+                ring.alert("exploding_gradients", record.step, name,
+                           f"{name}: gradient norm {g:.3g} at step {record.step}, {g / w[0]:.0f}x the largest of its "
+                           f"first {REFERENCE_STEPS} steps (exploding gradients: clip them, or lower the lr)",
+                           record.wall_time)
+            w[3] = high
+        loss = record.metrics.get("loss")
+        if loss is not None and math.isfinite(loss):
+            self._check_loss(ring, record, loss)
+
+    def _check_loss(self, ring: SessionRing, record: Record, loss: float) -> None:
+        """"diverging": the smoothed loss doubled from its lowest and climbed back half of the way to where
+        it started, and stayed there DIVERGE_STEPS steps. Both, so that neither the noise of a loss near 0
+        (0.001 to 0.003 is no divergence) nor that of a loss that never fell raises it."""
+        lw = ring.loss_watch
+        if lw is None:
+            ring.loss_watch = [loss, loss, loss, 0]
+            return
+        lw[1] += LOSS_SMOOTHING * (loss - lw[1])
+        lw[2] = min(lw[2], lw[1])
+        first, smooth, low = lw[0], lw[1], lw[2]
+        up = smooth - low > max(abs(low), DIVERGE_FRACTION * (first - low), 1e-12)
+        lw[3] = lw[3] + 1 if up else 0
+        if lw[3] == DIVERGE_STEPS:
+            ring.alert("diverging", record.step, "",
+                       f"loss diverging: smoothed loss {smooth:.3g} at step {record.step}, up from its lowest "
+                       f"{low:.3g} (it started at {first:.3g}): learning rate too high?", record.wall_time)
 
     def _notify(self, session_id: str) -> None:
         for fn in list(self._listeners):

@@ -145,7 +145,6 @@ def _main(args) -> int:
         raise ValueError("--dashboard serves the dashboard of the server this demo starts; with --address, "
                          "open that server's own dashboard (optreg serve --dashboard-port PORT)")
     out, dataset, iterations = _prepare(args)
-    from optreg.app.demo import paths, training
     from optreg.app.connect import client_for
     from optreg.client import Client
 
@@ -159,33 +158,55 @@ def _main(args) -> int:
         address = server.address
         print(f"optreg server started in-process on {address}")
         if server.dashboard is not None:
-            print(f"dashboard: {server.dashboard.url} (live while the demo trains)", flush=True)
+            print(f"dashboard: {server.dashboard.url} (live while the demo trains, and after until Ctrl-C)",
+                  flush=True)
     else:
         print(f"using the optreg server at {address}")
     try:
         with (client_for(args) if args.address else Client(address, timeout=120)) as client:
             if getattr(args, "workers", None):
-                return _workers(args, client, address, dataset, iterations, out)
-            names = {o.name for o in client.optimizers()}
-            print(f"optimizers on the server: {', '.join(sorted(names))}")
-
-            path_results = paths.run(client)
-            paths_png = out / "paths.png"
-            paths.plot(path_results, paths_png)
-            print(f"paths: {len(path_results)} optimizers x {paths.UPDATES} updates -> {paths_png}")
-
-            started = time.perf_counter()
-            train_results = training.run(client, dataset, iterations=iterations, seed=args.seed,
-                                         progress=not args.no_progress,
-                                         named=getattr(args, "dashboard", None) is not None)
-            elapsed = time.perf_counter() - started
-            training_png = out / "training.png"
-            axes = training.plot(train_results, dataset, training.BATCH, training_png)
-            print(f"training: {iterations} iterations x {len(train_results)} optimizers in {elapsed:.1f} s "
-                  f"-> {training_png}")
+                code = _workers(args, client, address, dataset, iterations, out)
+            else:
+                code = _train(args, client, dataset, iterations, out)
+        if server is not None and server.dashboard is not None:
+            _serve_until_interrupted(server.dashboard.url)
+        return code
     finally:
         if server is not None:
             server.stop(grace=1.0)
+
+
+def _serve_until_interrupted(url: str) -> None:
+    """Keep the in-process server, and so the page, up after training: the runs stay on it to read and
+    compare; Ctrl-C (SIGINT) ends the demo cleanly."""
+    import threading
+    print(f"dashboard: {url} stays up with every run; press Ctrl-C to stop", flush=True)
+    try:
+        while not threading.Event().wait(0.5):  # in slices: the main thread runs the SIGINT handler between them
+            pass
+    except KeyboardInterrupt:
+        print("stopped", flush=True)
+
+
+def _train(args, client, dataset, iterations: int, out: pathlib.Path) -> int:
+    from optreg.app.demo import paths, training
+    names = {o.name for o in client.optimizers()}
+    print(f"optimizers on the server: {', '.join(sorted(names))}")
+
+    path_results = paths.run(client)
+    paths_png = out / "paths.png"
+    paths.plot(path_results, paths_png)
+    print(f"paths: {len(path_results)} optimizers x {paths.UPDATES} updates -> {paths_png}")
+
+    started = time.perf_counter()
+    train_results = training.run(client, dataset, iterations=iterations, seed=args.seed,
+                                 progress=not args.no_progress,
+                                 named=getattr(args, "dashboard", None) is not None)
+    elapsed = time.perf_counter() - started
+    training_png = out / "training.png"
+    axes = training.plot(train_results, dataset, training.BATCH, training_png)
+    print(f"training: {iterations} iterations x {len(train_results)} optimizers in {elapsed:.1f} s "
+          f"-> {training_png}")
 
     summary = {
         "dataset": dataset.name,

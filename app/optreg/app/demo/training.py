@@ -99,7 +99,8 @@ def run(client: Client, data: Dataset, iterations: int = ITERATIONS, batch: int 
     base = MultiLayerNet(data.input_size, list(hidden), data.classes, rng)
     runs = []
     for title, cls, hp in optimizers:
-        named_kw = {"session_id": f"demo-{title.lower()}", "keep": False} if named else {}
+        # named (--dashboard): kept, so the page still shows every run after training ends
+        named_kw = {"session_id": f"demo-{title.lower()}", "keep": True} if named else {}
         runs.append({"title": title, "net": base.copy(), "opt": cls(client=client, **named_kw, **hp), "hp": hp,
                      "losses": [], "service_seconds": 0.0})
     bar = _Progress(iterations, "training", enabled=progress)

@@ -1,7 +1,8 @@
 """HTTP side of the dashboard.
 
     GET /                                  the page (static, vendored uPlot, no build step)
-    GET /api/sessions?q=TEXT               the caller's sessions with telemetry (q: substring of the id)
+    GET /api/sessions?q=TEXT               the caller's sessions with telemetry (q: substring of the id),
+                                           newest first, with `age`: seconds since the last step
     GET /api/sessions/ID/telemetry         every record the ring holds, and the alerts (JSON)
     GET /api/sessions/ID/events            server-sent events: `event: step` with `id: STEP`, then live;
                                            `event: alert` (no id, so Last-Event-ID stays a step number)
@@ -23,6 +24,7 @@ import math
 import pathlib
 import ssl
 import threading
+import time
 
 from aiohttp import web
 
@@ -190,6 +192,9 @@ class DashboardServer:
         q = request.query.get("q", "").lower()
         found = [s for s in self.hub.sessions(caller) if q in s["session_id"].lower()]
         found.sort(key=lambda s: -s["wall_time"])
+        now = time.time()
+        for s in found:  # the page tells a session still training from one that stopped, whatever its clock
+            s["age"] = max(0.0, now - s["wall_time"])
         return web.json_response({"sessions": _finite(found), "auth": self.token_hashes is not None})
 
     async def _telemetry(self, request: web.Request) -> web.Response:
