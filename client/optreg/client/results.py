@@ -103,11 +103,21 @@ class SessionInfo:
     created_at: datetime.datetime | None = None     # UTC
     last_used_at: datetime.datetime | None = None   # UTC
     quarantined: str = ""           # why its files failed their checks ("" when healthy)
+    missing_optimizer: str = ""     # the optimizer it needs when the server has no plugin for it
     # Shared sessions: the worker config (None: single writer), members, open and last closed round.
     workers: WorkerSetup | None = None
     members: tuple = ()
     open_round: int = 0
     last_round: RoundSummary | None = None
+
+    @property
+    def state(self) -> str:
+        """One phrase: whether the session can be used now, and if not, why."""
+        if self.missing_optimizer:
+            return f"optimizer {self.missing_optimizer} not installed"
+        if self.quarantined:
+            return "quarantined (damaged files)"
+        return "ready" if self.loaded else "on disk"
 
     @property
     def size_bytes(self) -> int:
@@ -130,7 +140,7 @@ class SessionInfo:
             durability=_DURABILITY_NAME.get(s.durability, "none"), periodic_steps=s.periodic_steps,
             periodic_seconds=s.periodic_seconds, persisted_step=s.persisted_step, loaded=s.loaded,
             created_at=_time(s.created_at), last_used_at=_time(s.last_used_at), quarantined=s.quarantined,
-            **_shared(s))
+            missing_optimizer=s.missing_optimizer, **_shared(s))
 
 
 @dataclass(frozen=True)

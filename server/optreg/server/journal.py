@@ -31,7 +31,8 @@ import time
 
 import numpy as np
 
-from optreg.plugins import HyperparameterError
+from optreg.plugins import HyperparameterError, Optimizer, Slot
+from optreg.plugins.registry import Registered
 from optreg.server import errors, kernels, snapshot, sparse, wal
 from optreg.server.errors import InvalidArgument, NotFound
 from optreg.server.fsync import GroupSyncer, fsync_dir
@@ -139,6 +140,18 @@ def snapshot_arrays(s: Session) -> tuple[dict, dict]:
     for name, a in s.clocks.items():  # sparse rows: the step each row of a lazy parameter is current through
         arrays[f"clock/{name}"], table[f"clock/{name}"] = a, ["clock", "", name]
     return arrays, table
+
+
+NOT_INSTALLED = "(not installed)"
+
+
+def not_installed(name: str, slots) -> Registered:
+    """What a session on disk names as its optimizer when no installed plugin provides it: enough to
+    list the session and say why it cannot step (its slots as its files name them)."""
+    def update(*args, **kwargs):
+        raise RuntimeError(f"optimizer {name!r} is not installed")
+    return Registered(Optimizer(name=name, summary="not installed on this server", update=update,
+                                slots=tuple(Slot(n) for n in slots)), NOT_INSTALLED, "", "")
 
 
 def check_meta(meta: dict, path) -> None:
@@ -680,15 +693,20 @@ class Journal:
         return meta
 
     def session_from(self, meta: dict, registry) -> Session:
-        """The unloaded session `meta` (checked by scan_one) describes; KeyError names an optimizer
-        not installed, CorruptFile a value this optimizer cannot take."""
-        registered = registry.get(meta["optimizer"])  # KeyError names the optimizer
+        """The unloaded session `meta` (checked by scan_one) describes; CorruptFile names a value its
+        optimizer cannot take. A session whose optimizer is not installed is listed, with `missing`
+        naming it, and served again once a server with that plugin starts."""
+        name = meta["optimizer"]
+        if name not in registry.optimizers:
+            registered, hp = not_installed(name, meta["slots"]), dict(meta["hyperparameters"])
+        else:
+            registered = registry.get(name)
+            try:
+                hp = registered.definition.resolve(meta["hyperparameters"])
+            except HyperparameterError as e:
+                raise snapshot.CorruptFile(self.snapshot_path(meta["session_id"]),
+                                           f"metadata hyperparameters: {e}") from None
         defn = registered.definition
-        try:
-            hp = defn.resolve(meta["hyperparameters"])
-        except HyperparameterError as e:
-            raise snapshot.CorruptFile(self.snapshot_path(meta["session_id"]), f"metadata hyperparameters: {e}") \
-                from None
         if meta["slots"] != [s.name for s in defn.slots]:
             raise snapshot.CorruptFile(self.snapshot_path(meta["session_id"]),
                                        f"metadata slots {meta['slots']!r} are not {defn.name}'s")
@@ -706,6 +724,8 @@ class Journal:
         s.dirty = False
         if meta.get("log_error"):
             s.quarantined = f"{meta['log_error']} (files kept: {self.snapshot_path(s.id)}, {self.log_path(s.id)})"
+        if registered.plugin == NOT_INSTALLED:
+            s.missing = name
         return s
 
     def load(self, s: Session, budget) -> None:

@@ -66,7 +66,8 @@ def session_info(s: Session) -> session_pb2.SessionInfo:
         parameters=[session_pb2.TensorInfo(name=n, dtype=s.master_code, shape=shape) for n, shape in s.shapes.items()],
         slots=list(s.slot_names), durability=_DUR_CODES[s.durability.mode],
         periodic_steps=s.durability.periodic_steps, periodic_seconds=s.durability.periodic_seconds,
-        persisted_step=s.persisted_step, loaded=s.loaded, quarantined=s.quarantined)
+        persisted_step=s.persisted_step, loaded=s.loaded, quarantined=s.quarantined,
+        missing_optimizer=s.missing)
     info.created_at.FromNanoseconds(int(s.created_at * 1e9))
     info.last_used_at.FromNanoseconds(int(s.last_used_at * 1e9))
     add_worker_info(info, s)

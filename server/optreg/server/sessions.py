@@ -141,6 +141,7 @@ class Session:
     persisted_at: float = field(default_factory=time.monotonic)
     dirty: bool = True
     quarantined: str = ""  # why its files cannot be trusted: every use is DATA_LOSS
+    missing: str = ""  # the optimizer its files name, when no installed plugin provides it (journal.not_installed)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     spec: dict = field(default_factory=dict, repr=False)  # name -> (shape, gradient dtypes allowed)
     # Fixed for the session's life, so computed once (every step reads them).

@@ -85,6 +85,11 @@ class SessionStore:
         """Caller holds the session's lock: its tensors in memory, or DATA_LOSS / NOT_FOUND."""
         if self._sessions.get(session.id) is not session:  # deleted (maybe re-created) while we waited
             raise self.missing(session.id)
+        if session.missing:
+            raise FailedPrecondition(
+                f"session {session.id} needs optimizer {shown(session.missing)}, which is not installed on this "
+                "server: install the plugin that provides it (`optreg plugins` lists what is installed) and restart "
+                "the server; the session's files are kept")
         if session.quarantined:
             raise DataLoss(f"session {session.id} is quarantined: {session.quarantined}")
         session.last_used_at = time.time()

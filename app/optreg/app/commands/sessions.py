@@ -74,7 +74,8 @@ def as_json(info) -> dict:
             "step_reply": info.step_reply, "parameters": {n: list(s) for n, s in info.parameters.items()},
             "slots": list(info.slots), "durability": info.durability, "periodic_steps": info.periodic_steps,
             "periodic_seconds": info.periodic_seconds, "persisted_step": info.persisted_step,
-            "loaded": info.loaded, "size_bytes": info.size_bytes,
+            "loaded": info.loaded, "size_bytes": info.size_bytes, "state": info.state,
+            "quarantined": info.quarantined, "missing_optimizer": info.missing_optimizer,
             "created_at": info.created_at.isoformat() if info.created_at else None,
             "last_used_at": info.last_used_at.isoformat() if info.last_used_at else None}
 
@@ -89,8 +90,9 @@ def run_list(args) -> int:
         print("no sessions")
         return 0
     print_table([{"ID": i.session_id, "OPTIMIZER": i.optimizer, "STEP": str(i.step), "DURABILITY": i.durability,
-                  "SIZE": human_bytes(i.size_bytes), "LAST USED": when(i.last_used_at)} for i in infos],
-                ["ID", "OPTIMIZER", "STEP", "DURABILITY", "SIZE", "LAST USED"])
+                  "SIZE": human_bytes(i.size_bytes), "LAST USED": when(i.last_used_at), "STATE": i.state}
+                 for i in infos],
+                ["ID", "OPTIMIZER", "STEP", "DURABILITY", "SIZE", "LAST USED", "STATE"])
     return 0
 
 
@@ -104,7 +106,8 @@ def run_show(args) -> int:
     if durability == "periodic":
         durability += f" (every {info.periodic_steps} steps or {info.periodic_seconds:g} s)"
     on_disk = "-" if info.persisted_step < 0 else f"step {info.persisted_step}"
-    for key, value in (("id", info.session_id), ("optimizer", info.optimizer),
+    state = info.state + (f": {info.quarantined}" if info.quarantined and not info.missing_optimizer else "")
+    for key, value in (("id", info.session_id), ("optimizer", info.optimizer), ("state", state),
                        ("hyperparameters", ", ".join(f"{k}={v:g}" for k, v in info.hyperparameters.items())),
                        ("step", info.step), ("master dtype", info.master_dtype), ("step reply", info.step_reply),
                        ("durability", durability), ("on disk", on_disk),
