@@ -1,4 +1,7 @@
-"""Issue 22's fencing and stream findings: one answer per fence, provisional stream chunks, fences of a
+"""Hostile client, fencing family: one answer per fence, however many clients send it and however they send it
+(issue 9; issue 22), and what a step carries besides its gradients is applied once.
+
+Issue 22's fencing and stream findings: one answer per fence, provisional stream chunks, fences of a
 session created at a later step, cancelled streams, and re-creating an id while its old stream is in flight.
 
 Raw clients here follow the words of the contract (StepStreamResponse.provisional in session.proto):
@@ -6,6 +9,7 @@ Raw clients here follow the words of the contract (StepStreamResponse.provisiona
 """
 from __future__ import annotations
 
+import textwrap
 import threading
 import time
 
@@ -16,7 +20,9 @@ import pytest
 from conftest import ServerProcess
 from optreg.client import Client, StepMismatch
 from optreg.v1 import session_pb2, tensors
-from test_hostile import PROMPT, Stalled, create, digest, grads_of, refused, stalls, step_messages, stub_for  # noqa: F401
+from hostile_helpers import (PROMPT, Stalled, create, digest, grads_of, params_of, refused, step_messages,
+                             stream_params, stub_for)
+from hostile_helpers import stalls, stub  # noqa: F401 (fixtures)
 
 LR = 0.5
 N = 300_000  # float64: 2.4 MB, a few chunks each way (and over the Python client's stream threshold)
@@ -227,3 +233,159 @@ def test_recreating_a_deleted_id_while_its_old_stream_is_in_flight(start_server,
     server.stop()
     server = start_server(env={"OPTREG_DATA_DIR": str(tmp_path)})  # what the new session's log holds
     assert digest(stub_for(server.address), "reborn") == after
+
+
+# -- hyperparameters carried by a step ------------------------------------------------------------
+def test_step_hyperparameters_apply_from_that_step_and_are_not_reapplied_on_retry(stub):
+    p0 = np.array([1.0, -2.0, 3.0, 0.5])
+    g = np.array([0.5, 1.0, -1.0, 2.0])
+    sid = create(stub, {"w": p0}, optimizer="sgd", hyperparameters={"lr": 0.1}).session_id
+
+    def lr():
+        return stub.GetSession(session_pb2.GetSessionRequest(session_id=sid), timeout=PROMPT).session.hyperparameters["lr"]
+
+    r1 = stub.Step(session_pb2.StepRequest(session_id=sid, step=0, gradients=grads_of({"w": g}),
+                                           hyperparameters={"lr": 0.5}), timeout=PROMPT)
+    p1 = p0 - g * 0.5
+    np.testing.assert_array_equal(params_of(r1.tensors)["w"], p1)
+    assert lr() == 0.5
+    r2 = stub.Step(session_pb2.StepRequest(session_id=sid, step=1, gradients=grads_of({"w": g})), timeout=PROMPT)
+    p2 = p1 - g * 0.5  # the new rate stays in force
+    np.testing.assert_array_equal(params_of(r2.tensors)["w"], p2)
+
+    before = digest(stub, sid)
+    for bad, word in (({"lr": -1.0}, "lr"), ({"lr": float("nan")}, "lr"), ({"nope": 1.0}, "nope")):
+        refused(grpc.StatusCode.INVALID_ARGUMENT, lambda: stub.Step(session_pb2.StepRequest(
+            session_id=sid, step=2, gradients=grads_of({"w": g}), hyperparameters=bad), timeout=PROMPT), word)
+        refused(grpc.StatusCode.INVALID_ARGUMENT, lambda: list(stub.StepStream(iter(step_messages(
+            sid, {"w": g}, step=2, hyperparameters=bad)), timeout=PROMPT)), word)
+    assert digest(stub, sid) == before
+
+    # A retry of step 2 (fence 1) with other values is answered as the original; nothing changes.
+    again = stub.Step(session_pb2.StepRequest(session_id=sid, step=1, gradients=grads_of({"w": g}),
+                                              hyperparameters={"lr": 5.0}), timeout=PROMPT)
+    assert again.replayed and again.step == 2
+    np.testing.assert_array_equal(params_of(again.tensors)["w"], p2)
+    assert lr() == 0.5 and digest(stub, sid) == before
+
+    # The streamed step carries them in its first message, the same way.
+    step, replayed, out = stream_params(stub.StepStream(iter(step_messages(
+        sid, {"w": g}, step=2, hyperparameters={"lr": 0.25})), timeout=PROMPT))
+    p3 = p2 - g * 0.25
+    assert (step, replayed) == (3, False)
+    np.testing.assert_array_equal(out["w"], p3)
+    assert lr() == 0.25
+    step, replayed, out = stream_params(stub.StepStream(iter(step_messages(
+        sid, {"w": g}, step=2, hyperparameters={"lr": 9.0})), timeout=PROMPT))
+    assert (step, replayed) == (3, True)
+    np.testing.assert_array_equal(out["w"], p3)
+    assert lr() == 0.25
+
+
+# -- one fence, two clients ---------------------------------------------------------------------------
+WHOLE_TENSOR_PLUGIN = textwrap.dedent('''
+    import numpy as np
+    from optreg.plugins import Hyperparameter, Optimizer, hookimpl
+
+    def update(param, grad, state, step, hp, scratch):
+        param -= hp["lr"] * grad / (np.sqrt(np.sum(grad * grad)) + 1e-12)
+
+    @hookimpl
+    def optreg_optimizers():
+        return [Optimizer(name="normsgd", summary="SGD on the tensor's normalized gradient.", update=update,
+                          hyperparameters=(Hyperparameter("lr", 0.1, "step size", minimum=0.0),),
+                          elementwise=False)]
+''')
+
+
+@pytest.fixture(scope="module")
+def race_server(tmp_path_factory):
+    """A server that also has a whole-tensor optimizer (elementwise=False), installed as a real plugin."""
+    root = tmp_path_factory.mktemp("plugin")
+    (root / "optreg_normsgd.py").write_text(WHOLE_TENSOR_PLUGIN)
+    info = root / "optreg_normsgd-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: optreg-normsgd\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[optreg]\nnormsgd = optreg_normsgd\n")
+    s = ServerProcess("--memory-only", "--stream-idle-seconds", "60", env={"PYTHONPATH": str(root)})
+    yield s
+    s.stop()
+
+
+@pytest.mark.parametrize("optimizer", ["adam"])
+def test_same_fence_from_two_clients_while_one_streams_applies_once(race_server, stalls, optimizer):
+    check_same_fence_while_one_streams(race_server, stalls, optimizer)
+
+
+def check_same_fence_while_one_streams(race_server, stalls, optimizer):
+    """Client A streams step 0 and holds the stream open before its end; client B sends step 0 whole.
+    One of them is applied; the other is answered as its replay, with the same parameters."""
+    a_stub, b_stub = stub_for(race_server.address), stub_for(race_server.address)
+    rng = np.random.default_rng(7)
+    p = {"w": rng.standard_normal(5000).astype(np.float32), "b": rng.standard_normal(7).astype(np.float32)}
+    g = {"w": rng.standard_normal(5000).astype(np.float32), "b": rng.standard_normal(7).astype(np.float32)}
+    sid = create(a_stub, p, optimizer=optimizer).session_id
+    twin = create(a_stub, p, optimizer=optimizer).session_id  # stepped once, alone: the expected result
+    expected = params_of(b_stub.Step(session_pb2.StepRequest(session_id=twin, step=0, gradients=grads_of(g)),
+                                     timeout=PROMPT).tensors)
+
+    a = Stalled(a_stub.StepStream, step_messages(sid, g, step=0, chunk_bytes=4096))
+    stalls.append(a)
+    time.sleep(1.0)  # every chunk of A reaches the server; its end does not
+    b = b_stub.Step(session_pb2.StepRequest(session_id=sid, step=0, gradients=grads_of(g)), timeout=PROMPT)
+    a.released.set()  # A's generator returns: the stream ends and A's step can finish
+    assert a.wait_end(PROMPT) is None, a.error
+    a_step, a_replayed, a_params = stream_params(a.replies)
+
+    assert (b.step, a_step) == (1, 1)
+    assert sorted([b.replayed, a_replayed]) == [False, True]
+    for name in p:
+        np.testing.assert_array_equal(params_of(b.tensors)[name], a_params[name])
+        np.testing.assert_array_equal(a_params[name], expected[name])
+    info = a_stub.GetSession(session_pb2.GetSessionRequest(session_id=sid), timeout=PROMPT).session
+    assert info.step == 1
+
+
+@pytest.mark.parametrize("optimizer", ["adam"])
+def test_same_fence_from_two_clients_at_once_applies_once(race_server, optimizer):
+    check_same_fence_at_once(race_server, optimizer)
+
+
+def check_same_fence_at_once(race_server, optimizer):
+    stubs = [stub_for(race_server.address), stub_for(race_server.address)]
+    rng = np.random.default_rng(8)
+    p = {"w": rng.standard_normal(20000).astype(np.float32)}
+    sid = create(stubs[0], p, optimizer=optimizer).session_id
+    rounds = 15
+    for k in range(rounds):
+        g = {"w": rng.standard_normal(20000).astype(np.float32)}
+        barrier, answers = threading.Barrier(2), [None, None]
+
+        def send(i):
+            barrier.wait()
+            try:
+                answers[i] = stubs[i].Step(session_pb2.StepRequest(session_id=sid, step=k, gradients=grads_of(g)),
+                                           timeout=PROMPT)
+            except grpc.RpcError as e:
+                answers[i] = e
+
+        threads = [threading.Thread(target=send, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for ans in answers:
+            assert not isinstance(ans, grpc.RpcError), (k, ans.code(), ans.details())
+        assert [a.step for a in answers] == [k + 1, k + 1], (k, answers[0].step, answers[1].step)
+        assert sorted(a.replayed for a in answers) == [False, True], k
+        assert answers[0].tensors[0].data == answers[1].tensors[0].data, k
+    assert stubs[0].GetSession(session_pb2.GetSessionRequest(session_id=sid), timeout=PROMPT).session.step == rounds
+
+
+def test_whole_tensor_optimizer_same_fence_while_one_streams_applies_once(race_server, stalls):
+    # StepRun.finish re-checks the fence for whole-tensor steps too: the loser is answered as a replay.
+    check_same_fence_while_one_streams(race_server, stalls, "normsgd")
+
+
+def test_whole_tensor_optimizer_same_fence_at_once_applies_once(race_server):
+    check_same_fence_at_once(race_server, "normsgd")

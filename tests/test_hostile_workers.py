@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 from conftest import ServerProcess
-from test_hostile import PROMPT, Stalled, create, grads_of, health_ok, refused, stalls, stub_for  # noqa: F401
+from hostile_helpers import PROMPT, Stalled, create, grads_of, health_ok, refused, stub_for
+from hostile_helpers import stalls  # noqa: F401 (a fixture)
 from optreg.v1 import session_pb2, telemetry_pb2, telemetry_pb2_grpc, tensor_pb2
 
 MODES = {"sync": session_pb2.WORKER_MODE_SYNC, "async": session_pb2.WORKER_MODE_ASYNC,
