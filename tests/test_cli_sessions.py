@@ -23,7 +23,7 @@ def tokens(tmp_path):
 
 def _table(stdout: str) -> dict[str, list[str]]:
     lines = stdout.splitlines()
-    assert lines[0].split() == ["ID", "OPTIMIZER", "STEP", "DURABILITY", "SIZE", "LAST", "USED"], lines[0]
+    assert lines[0].split() == ["ID", "OPTIMIZER", "STEP", "DURABILITY", "SIZE", "LAST", "USED", "STATE"], lines[0]
     return {line.split()[0]: line.split()[1:] for line in lines[1:]}
 
 

@@ -308,7 +308,7 @@ def test_streamed_steps_are_durable_before_acknowledged(start_server, tmp_path):
 
 
 def test_unloadable_session_file_is_kept_and_its_id_stays_taken(start_server, tmp_path):
-    """A checkpoint whose optimizer is missing at start is skipped, not overwritten by a new session."""
+    """A checkpoint whose optimizer is missing at start is listed, not overwritten by a new session."""
     s = start_server("--data-dir", str(tmp_path))
     with Client(s.address) as c:
         c.create_session("adam", {"w": np.ones(3)}, session_id="keep-me", durability="every-step")
@@ -318,7 +318,7 @@ def test_unloadable_session_file_is_kept_and_its_id_stays_taken(start_server, tm
     with Client(s2.address) as c:
         with pytest.raises(OptregError) as e:
             c.create_session("sgd", {"w": np.zeros(3)}, session_id="keep-me", durability="every-step")
-        assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION and "could not be loaded" in e.value.details
+        assert e.value.code == grpc.StatusCode.ALREADY_EXISTS and "not installed" in e.value.details and "adam" in e.value.details
     assert (tmp_path / "sessions" / "keep-me.safetensors").read_bytes() == before
 
 

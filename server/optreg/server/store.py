@@ -141,7 +141,8 @@ class SessionStore:
             if existing is not None:
                 if self.auth and existing.owner and existing.owner != owner:
                     raise self.missing(session.id)
-                raise AlreadyExists(f"session {session.id} already exists; attach to it, or delete it first")
+                why = f" (it needs optimizer {shown(existing.missing)}, not installed here)" if existing.missing else ""
+                raise AlreadyExists(f"session {session.id} already exists{why}; attach to it, or delete it first")
             if session.id in self._unreadable:
                 raise FailedPrecondition(
                     f"session {session.id} has files in the data directory that could not be loaded "
