@@ -24,6 +24,7 @@ import pytest
 
 from disk_helpers import fill as _fill, small_tmpfs
 from durability_helpers import digest, step_request, stub
+from hostile_helpers import stream_params
 from optreg.plugins.registry import Registry
 from optreg.server import snapshot
 from optreg.v1 import session_pb2, tensors
@@ -97,16 +98,7 @@ def stream_step(st, sid, grads, step=None, chunk_bytes=1 << 20, hp=None):
     """(step, replayed, {name: array}) of a StepStream, its reply chunks reassembled."""
     msgs = stream_messages(sid, grads, step, chunk_bytes, hp)
     assert len(msgs) > 2 or chunk_bytes >= 1 << 20, "a streamed step of this test should take several chunks"
-    got, replayed, out = None, None, {}
-    for r in st.StepStream(iter(msgs), timeout=T):
-        got, replayed = r.step, r.replayed
-        for c in r.chunks:
-            a = out.get(c.name)
-            if a is None:
-                a = out[c.name] = np.empty(tuple(c.shape), tensors.DTYPES[c.dtype])
-            data = np.frombuffer(bytes(c.data), tensors.DTYPES[c.dtype])
-            a.reshape(-1)[c.offset:c.offset + data.size] = data
-    return got, replayed, out
+    return stream_params(st.StepStream(iter(msgs), timeout=T))
 
 
 def unary_step(st, sid, grads, step=None, hp=None):
