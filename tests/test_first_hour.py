@@ -135,6 +135,29 @@ def test_keep_false_outside_a_with_block_deletes_at_exit(server, client):
     client.delete_session("kept-by-default")
 
 
+def test_sessions_that_end_on_their_own_are_ended_by_their_clients_with_block(server, client):
+    # The session objects outlive the Client's with-block, which closes the connection: the block's end
+    # decides them (an exception keeps "on-error" ones), not the exit, when the client can no longer call.
+    import subprocess
+    import sys
+    from cli_helpers import optreg_env
+    code = ("import numpy as np\nfrom optreg.client import Client\n"
+            "with Client() as c:\n"
+            "    a = c.create_session('sgd', {'w': np.zeros(2)}, session_id='outlives-ok', keep=False)\n"
+            "try:\n"
+            "    with Client() as c:\n"
+            "        b = c.create_session('sgd', {'w': np.zeros(2)}, session_id='on-error-kept', keep='on-error')\n"
+            "        c2 = c.create_session('sgd', {'w': np.zeros(2)}, session_id='false-gone', keep=False)\n"
+            "        raise RuntimeError('training failed')\n"
+            "except RuntimeError:\n"
+            "    pass\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env=optreg_env(OPTREG_ADDRESS=server.address))
+    assert done.returncode == 0, done.stderr
+    assert [s.session_id for s in client.list_sessions()] == ["on-error-kept"]
+    client.delete_session("on-error-kept")
+
+
 # -- item 10: the README's book snippet runs as written -----------------------------------------------
 
 def test_the_readme_book_snippet_runs_as_written(server, client):

@@ -62,6 +62,7 @@ class Client:
         self.timeout = timeout
         self.retry = retry
         self.wait_for_ready = wait_for_ready
+        self.unattended: list = []  # weakref.finalize of sessions that end on their own (session.py)
 
     def __repr__(self):
         return f"<Client {self.address}>"
@@ -71,14 +72,22 @@ class Client:
         """The gRPC channel under the default transport (for calling the service's RPCs directly)."""
         return self.transport.channel
 
-    def close(self) -> None:
+    def close(self, error: bool = False) -> None:
+        """Close the connection; first end this client's keep=False / "on-error" sessions that no with-block
+        or delete() ended (as leaving a with-block would: `error` keeps the "on-error" ones)."""
+        for pending in self.unattended:
+            held = pending.detach()  # None once it ran or was detached
+            if held is not None:
+                _, end, args, _ = held
+                end(*args, error=error)
+        self.unattended.clear()
         self.transport.close()
 
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.close()
+    def __exit__(self, exc_type, *exc):
+        self.close(error=exc_type is not None)
 
     # -- calls, retried as the policy says ---------------------------------------------------
 

@@ -25,13 +25,14 @@ def check_keep(keep) -> None:
                          "'on-error' (delete it unless the with-block raised)")
 
 
-def _end_unattended(client, session_id: str, keep) -> None:
-    """A Session with keep=False or "on-error" was dropped, or the program is exiting, without a with-block
-    or delete(): delete the session unless keep="on-error" and the program is ending with an uncaught
-    exception (Ctrl-C, a crash: kept, so a rerun resumes). One attempt, errors ignored: nothing waits
-    for a server that is gone."""
-    crashed = getattr(sys, "last_exc", None) or getattr(sys, "last_value", None)  # set for an uncaught exception
-    if keep == "on-error" and crashed is not None:
+def _end_unattended(client, session_id: str, keep, error: bool | None = None) -> None:
+    """A Session with keep=False or "on-error" was dropped, its Client closed (`error`: by an exception), or
+    the program is exiting, without a with-block or delete(): delete the session unless keep="on-error"
+    and it ends with an exception (Ctrl-C, a crash: kept, so a rerun resumes). One attempt, errors
+    ignored: nothing waits for a server that is gone."""
+    if error is None:  # at exit or when dropped: set for an uncaught exception
+        error = (getattr(sys, "last_exc", None) or getattr(sys, "last_value", None)) is not None
+    if keep == "on-error" and error:
         return
     try:
         client.transport.unary("DeleteSession", session_pb2.DeleteSessionRequest(session_id=session_id), timeout=5.0)
@@ -89,6 +90,10 @@ class Session:
         # this object is dropped or the program exits, so a session nobody will resume is not left behind.
         self._unattended = weakref.finalize(self, _end_unattended, client, self.id, keep) if keep is not True \
             else None
+        if self._unattended is not None:  # Client.close() decides them while it can still call the server
+            if len(client.unattended) >= 64:
+                client.unattended[:] = [f for f in client.unattended if f.alive]
+            client.unattended.append(self._unattended)
 
     @property
     def info(self) -> SessionInfo:
