@@ -137,7 +137,7 @@ def test_calls_naming_no_writer_are_not_fenced_by_the_lease_and_a_bad_header_is_
                                           gradients=[tensors.from_numpy("w", np.ones(4))])
             assert stub.Step(req, timeout=30).step == 2  # no header: a raw gRPC client, as before
             with pytest.raises(grpc.RpcError) as e:
-                stub.Step(req, timeout=30, metadata=(("optreg-writer", "x" * 300),))
+                stub.Step(req, timeout=30, metadata=(("optreg-writer", "x" * 600),))
             assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "optreg-writer" in e.value.details()
             assert stub.GetSession(session_pb2.GetSessionRequest(session_id="raw"), timeout=30).session.step == 2
         got = a.step()  # fenced at 1 while the raw client moved the session on: a step mismatch, not the lease
@@ -153,11 +153,24 @@ class _Session:
 
 def test_a_quiet_remote_writer_lapses_after_the_lease():
     s = _Session()
-    far = writers.Writer("host=elsewhere pid=1 id=a", "elsewhere", 1, local=False)
+    far = writers.Writer("host=elsewhere pid=1 ns=1 id=a", "elsewhere", 1, local=False)
     writers.claim(s, far)
-    other = writers.Writer("host=elsewhere pid=2 id=b", "elsewhere", 2, local=False)
+    other = writers.Writer("host=elsewhere pid=2 ns=1 id=b", "elsewhere", 2, local=False)
     with pytest.raises(writers.FailedPrecondition, match="another writer"):
         writers.claim(s, other)
     s.writer.seen = time.monotonic() - writers.LEASE_SECONDS - 1  # quiet for longer than the lease
     writers.claim(s, other)
     assert s.writer is other
+
+
+def test_the_lease_checks_a_pid_only_on_this_host_in_this_pid_namespace_over_loopback():
+    me = f"host={writers._HOST} pid={1 << 21} ns={writers._NAMESPACE} id=x"
+    for peer in ("ipv4:127.0.0.1:5", "ipv6:%5B::1%5D:5", "ipv6:%5B::ffff:127.0.0.1%5D:5", "unix:/tmp/s"):
+        assert writers.from_call((("optreg-writer", me),), peer)[0].local, peer
+    assert not writers.from_call((("optreg-writer", me),), "ipv4:192.0.2.7:5")[0].local
+    other_ns = me.replace(f"ns={writers._NAMESPACE}", "ns=1")  # a container with the host's name and network
+    assert not writers.from_call((("optreg-writer", other_ns),), "ipv4:127.0.0.1:5")[0].local
+    huge = writers.from_call((("optreg-writer", f"host={writers._HOST} pid={1 << 40} ns=1 id=y"),), "unix:")[0]
+    assert huge.pid == 0 and not huge.gone()  # a pid no kernel has: never checked (os.kill would overflow)
+    with pytest.raises(writers.InvalidArgument, match="ASCII"):
+        writers.from_call((("optreg-writer", "host=h\u00e9 pid=1"),), "unix:")

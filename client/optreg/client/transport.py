@@ -70,17 +70,19 @@ class StreamCall(Protocol):
 
 class Transport(Protocol):
     """What Client and Session need from a connection. Every method raises OptregError
-    subclasses (never grpc.RpcError), also while a returned stream is being iterated."""
+    subclasses (never grpc.RpcError), also while a returned stream is being iterated.
+    `metadata`: extra call headers, given only by a step taking over a session's writer lease."""
 
     address: str
 
-    def unary(self, method: str, request, *, timeout: float | None): ...
+    def unary(self, method: str, request, *, timeout: float | None, metadata: tuple = ()): ...
 
-    def stream_in(self, method: str, requests: Iterable, *, timeout: float | None): ...
+    def stream_in(self, method: str, requests: Iterable, *, timeout: float | None, metadata: tuple = ()): ...
 
-    def stream_out(self, method: str, request, *, timeout: float | None) -> StreamCall: ...
+    def stream_out(self, method: str, request, *, timeout: float | None, metadata: tuple = ()) -> StreamCall: ...
 
-    def stream_both(self, method: str, requests: Iterable, *, timeout: float | None) -> StreamCall: ...
+    def stream_both(self, method: str, requests: Iterable, *, timeout: float | None,
+                    metadata: tuple = ()) -> StreamCall: ...
 
     def wait_until_ready(self, seconds: float) -> bool: ...
 
@@ -242,8 +244,14 @@ def writer_identity() -> str:
     global _IDENTITY
     pid = os.getpid()
     if _IDENTITY[0] != pid:
-        host = socket.gethostname().encode("ascii", "replace").decode()
-        _IDENTITY = (pid, f"host={host} pid={pid} id={uuid.uuid4().hex[:12]}")
+        host = socket.gethostname()
+        if not host.isascii():  # a header value is ASCII: such a host is never matched as the server's own
+            host = host.encode("ascii", "replace").decode()
+        try:
+            ns = os.stat("/proc/self/ns/pid").st_ino  # lets a server on this host check the pid (writers.py)
+        except OSError:
+            ns = ""
+        _IDENTITY = (pid, f"host={host[:200]} pid={pid} ns={ns} id={uuid.uuid4().hex[:12]}")
     return _IDENTITY[1]
 
 

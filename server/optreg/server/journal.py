@@ -191,6 +191,7 @@ def check_meta(meta: dict, path) -> None:
         "owner": (lambda v: type(v) is str, "must be a string"),
         "first_step": (lambda v: type(v) is int and 0 <= v <= MAX_STEP, f"must be an integer in 0..{MAX_STEP}"),
         "last_used_at": (lambda v: v is None or number(v), "must be a time in seconds"),
+        "saved_at": (lambda v: v is None or number(v), "must be a time in seconds"),
         "round_record": (lambda v: v is None or type(v) is dict, "must be an object"),
         "worker_rounds": (lambda v: type(v) is dict and all(type(x) is int for x in v.values()),
                           "must map workers to rounds"),
@@ -698,7 +699,9 @@ class Journal:
         naming it, and served again once a server with that plugin starts."""
         name = meta["optimizer"]
         if name not in registry.optimizers:
-            registered, hp = not_installed(name, meta["slots"]), dict(meta["hyperparameters"])
+            # (numbers only: the log's last values replace the checked ones, and listing must not fail)
+            registered = not_installed(name, meta["slots"])
+            hp = {k: v for k, v in meta["hyperparameters"].items() if type(v) in (int, float, bool)}
         else:
             registered = registry.get(name)
             try:
@@ -714,8 +717,8 @@ class Journal:
                     Durability(meta["durability"], int(meta["periodic_steps"]), float(meta["periodic_seconds"])),
                     {n: tuple(v) for n, v in meta["shapes"].items()}, tuple(meta["slots"]),
                     step=int(meta["step"]), first_step=int(meta.get("first_step", 0)), owner=meta.get("owner", ""),
-                    created_at=float(meta["created_at"]),
-                    last_used_at=float(meta.get("last_used_at") or meta.get("saved_at") or meta["created_at"]))
+                    created_at=float(meta["created_at"] or meta.get("saved_at") or 0.0),
+                    last_used_at=float(meta.get("last_used_at") or meta.get("saved_at") or meta["created_at"] or 0.0))
         s.workers = WorkerConfig.from_meta(meta.get("workers"))
         s.round_record = meta.get("round_record")
         s.worker_rounds = dict(meta.get("worker_rounds") or {})

@@ -361,7 +361,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
                                          "single-writer session: leave worker empty")
             yield from self.workers.step_stream(session, first, request_iterator, requests, context)
             return
-        run = self._run(first, context)
+        run = self._run(first, context, session=session)
         try:
             result = run.open()
             if result is not None:  # a retry: drain the stream, answer again

@@ -2,13 +2,14 @@
 
 Two processes stepping one session (a script started twice by accident) would each be fenced
 correctly step by step and still overwrite each other's training. So a client names itself in
-the `optreg-writer` call header ("host=H pid=P id=R": R random, made once per process). The
+the `optreg-writer` call header ("host=H pid=P ns=N id=R": N its pid namespace, R random, made once
+per process). The
 first named writer to step holds the session's lease and each of its steps renews it; another
 writer's step is refused FAILED_PRECONDITION naming the holder, until
 
 - the lease lapses (LEASE_SECONDS without a step from its holder: a writer that crashed),
-- the holder's process is seen gone (it ran on this host, called over loopback, and its pid no
-  longer exists: a local restart after a crash takes over at once), or
+- the holder's process is seen gone (it ran on this host in the server's pid namespace, called over
+  loopback, and its pid no longer exists: a local restart after a crash takes over at once), or
 - the new writer takes over deliberately (header `optreg-take-over: 1`; the Python client's
   `take_over=True`).
 
@@ -17,9 +18,11 @@ name no writer (a raw gRPC client, grpcurl) are neither fenced by nor holders of
 """
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 import time
+import urllib.parse
 from dataclasses import dataclass
 
 from optreg.server.errors import FailedPrecondition, InvalidArgument, shown
@@ -27,9 +30,33 @@ from optreg.server.errors import FailedPrecondition, InvalidArgument, shown
 HEADER = "optreg-writer"
 TAKE_OVER = "optreg-take-over"
 LEASE_SECONDS = 30.0
-MAX_HEADER = 256
-_LOCAL_PEERS = ("ipv4:127.", "ipv6:[::1]", "ipv6:[::ffff:127.", "unix:")
+MAX_HEADER = 512
+MAX_PID = 1 << 22  # the kernel's largest pid_max
 _HOST = socket.gethostname()
+
+
+def _pid_namespace() -> str:
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return ""
+
+
+_NAMESPACE = _pid_namespace()
+
+
+def _is_loopback(peer: str) -> bool:
+    """gRPC's peer string ("ipv4:127.0.0.1:5", "ipv6:%5B::1%5D:5", "unix:...") names this host's loopback."""
+    kind, _, rest = urllib.parse.unquote(peer).partition(":")
+    if kind == "unix":
+        return True
+    host = rest.rpartition(":")[0].strip("[]")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return (mapped or ip).is_loopback
 
 
 @dataclass
@@ -41,8 +68,13 @@ class Writer:
     since: float = 0.0  # wall clock, when it took the lease
     seen: float = 0.0  # monotonic, its last step
 
+    @property
+    def who(self) -> str:
+        """The holder as others may be told of it (not its random id, which would let them pose as it)."""
+        return f"host={self.host or '?'} pid={self.pid or '?'}"
+
     def describe(self) -> str:
-        who = f"host {self.host or '?'}, pid {self.pid or '?'}"
+        who = f"host {shown(self.host or '?', 80)}, pid {self.pid or '?'}"
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.since))
         return f"{who}, holding it since {since}, last step {time.monotonic() - self.seen:.0f} s ago"
 
@@ -69,16 +101,16 @@ def from_call(metadata, peer: str) -> tuple[Writer | None, bool]:
             take_over = v.strip().lower() in ("1", "true", "yes")
     if value is None:
         return None, take_over
-    if not value or len(value) > MAX_HEADER or not value.isprintable():
-        raise InvalidArgument(f"header {HEADER} {shown(value)}: use 'host=H pid=P id=R' in at most "
-                              f"{MAX_HEADER} printable characters")
+    if not value or len(value) > MAX_HEADER or not (value.isascii() and value.isprintable()):
+        raise InvalidArgument(f"header {HEADER} {shown(value)}: use 'host=H pid=P ns=N id=R' in at most "
+                              f"{MAX_HEADER} printable ASCII characters")
     fields = dict(part.split("=", 1) for part in value.split() if "=" in part)
-    try:
-        pid = int(fields.get("pid", "0"))
-    except ValueError:
-        pid = 0
+    pid = fields.get("pid", "")
+    pid = int(pid) if pid.isdigit() and 0 < int(pid) <= MAX_PID else 0
     host = fields.get("host", "")
-    local = host == _HOST and peer.startswith(_LOCAL_PEERS)
+    # Its pid means something here only on this host, in this pid namespace (a container with the host's
+    # name and network has pids of its own).
+    local = host == _HOST and fields.get("ns") == _NAMESPACE != "" and _is_loopback(peer)
     return Writer(value, host, pid, local), take_over
 
 
@@ -97,7 +129,7 @@ def claim(session, writer: Writer | None, take_over: bool = False) -> None:
                 "its last step; to take over now on purpose, attach with take_over=True (Python: "
                 f"client.session(id, params, take_over=True) or create_session(..., resume=True, take_over=True); "
                 f"other clients: send the header {TAKE_OVER}: 1)",
-                metadata=(("optreg-writer-holder", held.key),))
+                metadata=(("optreg-writer-holder", held.who),))
     if held is None or held.key != writer.key:
         writer.since = time.time()
         session.writer = writer
