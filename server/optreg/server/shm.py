@@ -26,11 +26,13 @@ release copies them back into the server's memory before the segment is unmapped
 from __future__ import annotations
 
 import fcntl
+import ipaddress
 import logging
 import mmap
 import os
 import re
 import threading
+import urllib.parse
 
 import numpy as np
 
@@ -41,11 +43,19 @@ from optreg.v1 import tensors
 log = logging.getLogger("optreg.server.shm")
 
 KEY_RE = re.compile(r"^optreg-[A-Za-z0-9_-]{8,200}$")
-LOCAL_PEERS = ("ipv4:127.", "ipv6:[::1]", "ipv6:[::ffff:127.", "unix:")
 
 
 def is_local_peer(peer: str) -> bool:
-    return peer.startswith(LOCAL_PEERS)
+    """gRPC's peer string ("ipv4:127.0.0.1:5", "ipv6:%5B::1%5D:5" quoted, "unix:...") names this host's loopback."""
+    kind, _, rest = urllib.parse.unquote(peer).partition(":")
+    if kind == "unix":
+        return True
+    host = rest.rpartition(":")[0].strip("[]")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return (getattr(ip, "ipv4_mapped", None) or ip).is_loopback
 
 
 class Region:

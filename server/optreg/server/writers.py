@@ -18,14 +18,13 @@ name no writer (a raw gRPC client, grpcurl) are neither fenced by nor holders of
 """
 from __future__ import annotations
 
-import ipaddress
 import os
 import socket
 import time
-import urllib.parse
 from dataclasses import dataclass
 
 from optreg.server.errors import FailedPrecondition, InvalidArgument, shown
+from optreg.server.shm import is_local_peer
 
 HEADER = "optreg-writer"
 TAKE_OVER = "optreg-take-over"
@@ -43,20 +42,6 @@ def _pid_namespace() -> str:
 
 
 _NAMESPACE = _pid_namespace()
-
-
-def _is_loopback(peer: str) -> bool:
-    """gRPC's peer string ("ipv4:127.0.0.1:5", "ipv6:%5B::1%5D:5", "unix:...") names this host's loopback."""
-    kind, _, rest = urllib.parse.unquote(peer).partition(":")
-    if kind == "unix":
-        return True
-    host = rest.rpartition(":")[0].strip("[]")
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    mapped = getattr(ip, "ipv4_mapped", None)
-    return (mapped or ip).is_loopback
 
 
 @dataclass
@@ -110,7 +95,7 @@ def from_call(metadata, peer: str) -> tuple[Writer | None, bool]:
     host = fields.get("host", "")
     # Its pid means something here only on this host, in this pid namespace (a container with the host's
     # name and network has pids of its own).
-    local = host == _HOST and fields.get("ns") == _NAMESPACE != "" and _is_loopback(peer)
+    local = host == _HOST and fields.get("ns") == _NAMESPACE != "" and is_local_peer(peer)
     return Writer(value, host, pid, local), take_over
 
 
