@@ -153,9 +153,9 @@ class _Session:
 
 def test_a_quiet_remote_writer_lapses_after_the_lease():
     s = _Session()
-    far = writers.Writer("host=elsewhere pid=1 ns=1 id=a", "elsewhere", 1, local=False)
+    far = writers.Writer("host=elsewhere pid=1 ns=1 id=a", "ipv4:192.0.2.1:5")
     writers.claim(s, far)
-    other = writers.Writer("host=elsewhere pid=2 ns=1 id=b", "elsewhere", 2, local=False)
+    other = writers.Writer("host=elsewhere pid=2 ns=1 id=b", "ipv4:192.0.2.2:5")
     with pytest.raises(writers.FailedPrecondition, match="another writer"):
         writers.claim(s, other)
     s.writer.seen = time.monotonic() - writers.LEASE_SECONDS - 1  # quiet for longer than the lease

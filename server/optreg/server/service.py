@@ -112,7 +112,7 @@ def _no_owner(context) -> str:
 
 def _writer(context) -> tuple:
     """(writers.Writer or None, take over?) of a single-writer step's caller."""
-    return writers.from_call(context.invocation_metadata(), context.peer())
+    return writers.from_call(context.invocation_metadata(), context.peer)
 
 
 class _Paced:

@@ -18,10 +18,10 @@ name no writer (a raw gRPC client, grpcurl) are neither fenced by nor holders of
 """
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import time
-from dataclasses import dataclass
 
 from optreg.server.errors import FailedPrecondition, InvalidArgument, shown
 from optreg.server.shm import is_local_peer
@@ -44,14 +44,35 @@ def _pid_namespace() -> str:
 _NAMESPACE = _pid_namespace()
 
 
-@dataclass
 class Writer:
-    key: str  # the header's value: one process
-    host: str = ""
-    pid: int = 0
-    local: bool = False  # on this host, over loopback: its pid can be checked
-    since: float = 0.0  # wall clock, when it took the lease
-    seen: float = 0.0  # monotonic, its last step
+    """One writer process, as its header names it. Parsed only when the lease changes hands or is
+    disputed: a step of the holder compares the header's text and nothing more."""
+
+    def __init__(self, key: str, peer=""):
+        self.key = key  # the header's value: one process
+        self._peer = peer  # gRPC's peer string, or a callable giving it (read only if the pid is checked)
+        self.since = 0.0  # wall clock, when it took the lease
+        self.seen = 0.0  # monotonic, its last step
+
+    @functools.cached_property
+    def fields(self) -> dict:
+        return dict(part.split("=", 1) for part in self.key.split() if "=" in part)
+
+    @property
+    def host(self) -> str:
+        return self.fields.get("host", "")
+
+    @property
+    def pid(self) -> int:
+        pid = self.fields.get("pid", "")
+        return int(pid) if pid.isdigit() and 0 < int(pid) <= MAX_PID else 0
+
+    @functools.cached_property
+    def local(self) -> bool:
+        """On this host, in this pid namespace, over loopback: its pid can be checked (a container with the
+        host's name and network has pids of its own)."""
+        peer = self._peer() if callable(self._peer) else self._peer
+        return self.host == _HOST and self.fields.get("ns") == _NAMESPACE != "" and is_local_peer(peer)
 
     @property
     def who(self) -> str:
@@ -76,8 +97,9 @@ class Writer:
         return False
 
 
-def from_call(metadata, peer: str) -> tuple[Writer | None, bool]:
-    """The caller's writer identity (None: it names none) and whether it asks to take over."""
+def from_call(metadata, peer) -> tuple[Writer | None, bool]:
+    """The caller's writer identity (None: it names none) and whether it asks to take over. `peer`: gRPC's
+    peer string or a callable giving it."""
     value, take_over = None, False
     for k, v in metadata or ():
         if k == HEADER:
@@ -89,14 +111,7 @@ def from_call(metadata, peer: str) -> tuple[Writer | None, bool]:
     if not value or len(value) > MAX_HEADER or not (value.isascii() and value.isprintable()):
         raise InvalidArgument(f"header {HEADER} {shown(value)}: use 'host=H pid=P ns=N id=R' in at most "
                               f"{MAX_HEADER} printable ASCII characters")
-    fields = dict(part.split("=", 1) for part in value.split() if "=" in part)
-    pid = fields.get("pid", "")
-    pid = int(pid) if pid.isdigit() and 0 < int(pid) <= MAX_PID else 0
-    host = fields.get("host", "")
-    # Its pid means something here only on this host, in this pid namespace (a container with the host's
-    # name and network has pids of its own).
-    local = host == _HOST and fields.get("ns") == _NAMESPACE != "" and is_local_peer(peer)
-    return Writer(value, host, pid, local), take_over
+    return Writer(value, peer), take_over
 
 
 def claim(session, writer: Writer | None, take_over: bool = False) -> None:
