@@ -187,6 +187,7 @@ class GrpcTransport:
         self.channel = channel
         self._closed = False
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._named: tuple | None = None  # (this process's identity, the headers every call sends)
         self._calls = {}
         for name, (service, kind, request_cls, deserialize) in METHODS.items():
             serialize = request_cls.SerializeToString
@@ -198,8 +199,12 @@ class GrpcTransport:
                                         response_deserializer=deserialize)
 
     def _headers(self, extra: tuple) -> tuple:
-        # Every call names this process, for the writer lease of the sessions it steps (the server's writers.py).
-        return (*self._metadata, ("optreg-writer", writer_identity()), *extra)
+        # Every call names this process, for the writer lease of the sessions it steps (the server's writers.py);
+        # the tuple is made once per process (a forked child names itself anew).
+        identity = writer_identity()
+        if self._named is None or self._named[0] != identity:
+            self._named = (identity, (*self._metadata, ("optreg-writer", identity)))
+        return self._named[1] + extra if extra else self._named[1]
 
     def unary(self, method: str, request, *, timeout: float | None, metadata: tuple = ()):
         if self._closed:
