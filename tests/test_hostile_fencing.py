@@ -195,7 +195,8 @@ def test_a_client_cancelling_its_stream_is_one_info_line(start_server):
     err = server.proc.stderr.read()
     assert "Traceback" not in err, err[-3000:]
     lines = [line for line in err.splitlines() if "StepStream" in line]
-    assert 1 <= len(lines) <= 3, err[-3000:]  # (a call cancelled before its handler started leaves none)
+    # At most one line a call; a call cancelled before its handler started (a loaded machine) leaves none.
+    assert len(lines) <= 3, err[-3000:]
     assert " ERROR " not in err, err[-3000:]
     assert all("INFO" in line and "cancel" in line for line in lines), lines
 
