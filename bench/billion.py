@@ -139,8 +139,10 @@ def start_server(data: pathlib.Path, port: int, budget_mb: int) -> subprocess.Po
 def kernel_ns_per_param(rounds: int = 7) -> float:
     """The in-process Adam kernel at 1e7 float32 (the bench's shm baseline), ns a parameter."""
     from optreg.plugins.registry import Registry
-    from optreg.server import fastkernels, kernels
-    fastkernels.warm(block=True)
+    from optreg.server.kernels import jit as fastkernels
+    from optreg.server.kernels import warmup
+    from optreg.server.kernels import apply as kernels
+    warmup.warm(block=True)
     n = 10_000_000
     defn, hp = Registry().get("adam").definition, {"lr": 0.001, "beta1": 0.9, "beta2": 0.999}
     p = np.random.default_rng(0).standard_normal(n, dtype=np.float32)

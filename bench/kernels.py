@@ -30,7 +30,10 @@ VARIANTS = [  # (figure, optimizer, hyperparameter overrides, with statistics, t
 
 def run(cfg, row) -> None:
     from optreg.plugins.registry import Registry
-    from optreg.server import fastkernels, kernels, kernelstats
+    from optreg.server.kernels import jit as fastkernels
+    from optreg.server.kernels import warmup
+    from optreg.server.kernels import apply as kernels
+    from optreg.server.kernels import stats as kernelstats
 
     reg = Registry()
     missing = [name for _, name, _, _, _ in VARIANTS if name not in reg.optimizers]
@@ -38,7 +41,7 @@ def run(cfg, row) -> None:
         print(f"  (declared kernels: {', '.join(missing)} not registered; pip install -e examples/optreg-lion)")
     variants = [v for v in VARIANTS if v[1] in reg.optimizers]
     defns = {name: reg.get(name).definition for _, name, _, _, _ in variants}
-    fastkernels.warm(block=True, definitions=list(defns.values()))
+    warmup.warm(block=True, definitions=list(defns.values()))
     for _, name, _, with_stats, _ in variants:
         comp = fastkernels.lookup(defns[name], np.dtype(np.float32))
         if with_stats and comp is not None:

@@ -239,14 +239,17 @@ def bench_shm(cfg, server, echo):
 
     from optreg.client import Client
     from optreg.plugins.registry import Registry
-    from optreg.server import fastkernels, kernels, resident
+    from optreg.server.kernels import jit as fastkernels
+    from optreg.server.kernels import warmup
+    from optreg.server.kernels import apply as kernels
+    from optreg.server.steps import resident
 
     n, reps = 10_000_000, max(5, cfg.large_reps * 2)
     rng = np.random.default_rng(3)
     w = rng.standard_normal(n).astype(np.float32)
     g = (rng.standard_normal(n) * 1e-2).astype(np.float32)
     defn, hp = Registry().get("adam").definition, {"lr": 0.001, "beta1": 0.9, "beta2": 0.999}
-    fastkernels.warm(block=True, definitions=[defn], stats=True)
+    warmup.warm(block=True, definitions=[defn], stats=True)
     fastkernels.wait_idle(600)  # (the statistics kernels' compiles are queued by the jobs warm waited for)
     p, st, step = w.copy(), {"m": np.zeros(n, np.float32), "v": np.zeros(n, np.float32)}, [0]
     seg = shared_memory.SharedMemory(create=True, size=2 * w.nbytes)
@@ -366,9 +369,11 @@ def _torch_opt(name, hp, p):
 def bench_kernels(cfg, server, echo):
     """ns/param of the server's kernel per built-in, vs the book's numpy expression and torch.optim."""
     from optreg.plugins.registry import Registry
-    from optreg.server import fastkernels, kernels
+    from optreg.server.kernels import jit as fastkernels
+    from optreg.server.kernels import warmup
+    from optreg.server.kernels import apply as kernels
 
-    fastkernels.warm(block=True)
+    warmup.warm(block=True)
     threads = fastkernels.threads()
     try:
         import torch
@@ -423,8 +428,11 @@ def bench_kernels(cfg, server, echo):
 
 def _bench_widening(cfg, reg, hp, rng):
     """Adam 1e7 with a float16 gradient: widened inside the kernel pass vs numpy astype then the kernel."""
-    from optreg.server import fastkernels, kernels, widenkernels
-    from optreg.server.pipeline import widen
+    from optreg.server.kernels import jit as fastkernels
+    from optreg.server.kernels import warmup
+    from optreg.server.kernels import apply as kernels
+    from optreg.server.kernels import widen as widenkernels
+    from optreg.server.steps.run import widen
 
     defn, n, f32 = reg.get("adam").definition, 10_000_000, np.dtype(np.float32)
     widenkernels.lookup(defn, f32, np.dtype(np.float16))

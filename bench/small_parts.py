@@ -89,10 +89,11 @@ class _InProcess:
     """An optreg server in this process, its servicer's Step called directly (no gRPC in the path)."""
 
     def __init__(self, g):
-        from optreg.server import fastkernels
-        from optreg.server.app import OptregServer, Settings
+        from optreg.server.kernels import jit as fastkernels
+        from optreg.server.kernels import warmup
+        from optreg.server.assembly import OptregServer, Settings
         from optreg.v1 import session_pb2, tensors
-        fastkernels.warm(block=True)
+        warmup.warm(block=True)
         self.app = OptregServer(Settings(port=0, data_dir=None))
         self.app.start()
         from optreg.client import Client

@@ -26,7 +26,7 @@ N, COLS, FRACTION, OWED = 1_000_000, 64, 0.01, 100
 
 
 def _session(defn, table, reg):
-    from optreg.server.sessions import Arrays, Durability, Session
+    from optreg.server.model.session import Arrays, Durability, Session
     from optreg.v1 import tensor_pb2
     s = Session("bench", reg, defn.resolve({}), tensor_pb2.DATA_TYPE_FLOAT32, "none", Durability(),
                 {"E": table.shape}, tuple(x.name for x in defn.slots))
@@ -41,12 +41,16 @@ def _median(fn, reps):
 def _compute_rows(name, cfg):
     from bench.run import row
     from optreg.plugins.registry import Registry
-    from optreg.server import fastkernels, kernels, sparse, sparsekernels
-    from optreg.server.sessions import Arrays
+    from optreg.server.kernels import jit as fastkernels
+    from optreg.server.kernels import warmup
+    from optreg.server.kernels import apply as kernels
+    from optreg.server.steps import sparse_rows as sparse
+    from optreg.server.kernels import rows as sparsekernels
+    from optreg.server.model.session import Arrays
 
     reg = Registry().get(name)
     defn = reg.definition
-    fastkernels.warm(block=True, stats=True)
+    warmup.warm(block=True, stats=True)
     sparsekernels.warm(block=True)
     rng = np.random.default_rng(3)
     table = rng.standard_normal((N, COLS), dtype=np.float32)

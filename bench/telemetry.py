@@ -29,8 +29,8 @@ for d in ("proto", "plugins", "server", "client"):
 def bench_stats(cfg, row, n: int = 10_000_000) -> None:
     from bench.run import interleaved
     from optreg.plugins.registry import Registry
-    from optreg.server import kernels
-    from optreg.server.pipeline import check_finite
+    from optreg.server.kernels import apply as kernels
+    from optreg.server.steps.run import check_finite
     defn = Registry().get("adam").definition
     rng = np.random.default_rng(0)
     param = rng.normal(size=n).astype(np.float32)
@@ -49,8 +49,10 @@ def bench_stats(cfg, row, n: int = 10_000_000) -> None:
         float(np.dot(param, param))
         float(max(grad.max(), -grad.min()))
 
-    from optreg.server import fastkernels
-    fastkernels.warm(block=True, definitions=[defn], stats=True)  # Adam's kernel and its statistics variants
+    from optreg.server.kernels import jit as fastkernels
+
+    from optreg.server.kernels import warmup
+    warmup.warm(block=True, definitions=[defn], stats=True)  # Adam's kernel and its statistics variants
     fastkernels.wait_idle(600)  # (the statistics compiles are queued by the jobs warm waited for)
     plain()  # warm up
     stats = np.zeros(4)
@@ -88,7 +90,7 @@ def bench_browser(cfg, row) -> None:
         print("commit to browser: not measured: chromium is not installed", flush=True)
         return
     from optreg.client import Client
-    from optreg.server.app import OptregServer, Settings
+    from optreg.server.assembly import OptregServer, Settings
     srv = OptregServer(Settings(port=0, data_dir="", dashboard_port=0))
     srv.start()
     steps, rate = (100, 20) if cfg.quick else (400, 20)
@@ -121,9 +123,10 @@ def bench_small_step(cfg, row) -> None:
     update pass, the observer, the hub) against the same server with it switched off, interleaved."""
     from bench.run import interleaved
     from optreg.client import Client
-    from optreg.server import kernels, pipeline
-    from optreg.server.app import OptregServer, Settings
-    from optreg.server.telemetry import TelemetryObserver
+    from optreg.server.kernels import apply as kernels
+    from optreg.server.steps import run as pipeline
+    from optreg.server.assembly import OptregServer, Settings
+    from optreg.server.telemetry.hub import TelemetryObserver
     srv = OptregServer(Settings(port=0, data_dir=""))
     srv.start()
     observer = next(o for o in srv.store.observers if isinstance(o, TelemetryObserver))

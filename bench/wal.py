@@ -1,4 +1,4 @@
-"""The storage library's figures (optreg.server.wal, snapshot, fsync), each beside a baseline
+"""The storage library's figures (optreg.server.storage.wal, snapshot, fsync), each beside a baseline
 measured in the same run:
 
 - checksums: xxh3-64 (xxhash) vs zlib.crc32 (and crc32c / google-crc32c when installed) on
@@ -7,7 +7,7 @@ measured in the same run:
   method, against one fdatasync per step done serially (issue 9: >= 4x the steps/s, i.e.
   <= 0.25x the time per step);
 - the "os" mode's append cost for 1e3 and 1e7 float32 steps against a plain os.write;
-- a 1e7 Adam snapshot (120 MB) written and read against today's storage.encode/write_atomic.
+- a 1e7 Adam snapshot (120 MB) written and read against safetensors' own save_file/load_file (no checksums, no fsync).
 
 Run: python bench/wal.py [--quick]   (or `python -m bench --only wal`)
 The files go under $OPTREG_BENCH_DIR or the system temp dir: put it on the disk to measure.
@@ -35,9 +35,11 @@ if str(ROOT) not in sys.path:
 
 import xxhash  # noqa: E402
 
-from optreg.server import snapshot, storage  # noqa: E402
-from optreg.server.fsync import METHODS, GroupSyncer  # noqa: E402
-from optreg.server.wal import Log  # noqa: E402
+from safetensors.numpy import load_file, save_file  # noqa: E402
+
+from optreg.server.storage import snapshot  # noqa: E402
+from optreg.server.storage.fsync import METHODS, GroupSyncer  # noqa: E402
+from optreg.server.storage.wal import Log  # noqa: E402
 
 SESSIONS = 16
 
@@ -237,13 +239,11 @@ def bench_snapshot(row, quick, d):
     reps = 2 if quick else 3
     p_new, p_old = d / "new.safetensors", d / "old.safetensors"
     tw = _best(lambda: snapshot.write(p_new, meta, arrays), reps)
-    tw_old = _best(lambda: storage.write_atomic(
-        p_old, storage.encode(meta, {"w": arrays["params/w"]},
-                              {"m": {"w": arrays["state/m/w"]}, "v": {"w": arrays["state/v/w"]}})), reps)
-    row("snapshot write 1e7 adam (120 MB, checked)", tw, "s", "storage.encode+write_atomic", tw_old)
+    tw_old = _best(lambda: save_file(arrays, str(p_old)), reps)
+    row("snapshot write 1e7 adam (120 MB, checked)", tw, "s", "safetensors save_file (unchecked, no fsync)", tw_old)
     tr = _best(lambda: snapshot.read(p_new), reps)
-    tr_old = _best(lambda: storage.decode(p_old.read_bytes()), reps)
-    row("snapshot read 1e7 adam (120 MB, checked)", tr, "s", "storage.decode (unchecked)", tr_old)
+    tr_old = _best(lambda: load_file(str(p_old)), reps)
+    row("snapshot read 1e7 adam (120 MB, checked)", tr, "s", "safetensors load_file (unchecked)", tr_old)
 
 
 def bench_wal(cfg, _server=None, _echo=None, row=None):

@@ -21,7 +21,7 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="playwright not ins
 
 @pytest.fixture
 def dashboard_server(tmp_path):
-    from optreg.server.app import OptregServer, Settings
+    from optreg.server.assembly import OptregServer, Settings
     tokens = tmp_path / "tokens"
     tokens.write_text("alice-token\nbob-token\n")
     srv = OptregServer(Settings(port=0, data_dir="", token_file=str(tokens), dashboard_port=0))

@@ -21,7 +21,7 @@ STEPS = 40
 @pytest.fixture
 def trained(tmp_path):
     from optreg.client import Client
-    from optreg.server.app import OptregServer, Settings
+    from optreg.server.assembly import OptregServer, Settings
     srv = OptregServer(Settings(port=0, data_dir="", dashboard_port=0))
     srv.start()
     with Client(srv.address, timeout=60) as c:

@@ -24,7 +24,7 @@ from cli_helpers import assert_one_line_error, optreg, optreg_command, optreg_en
 from optreg.app import sessionfile
 from optreg.client import Client
 from optreg.client.errors import OptregError
-from optreg.server import snapshot
+from optreg.server.storage import snapshot
 from optreg.v1 import session_pb2, session_pb2_grpc
 
 PARAMS = {"s": np.float32(0.5).reshape(()), "W": np.arange(6, dtype=np.float32).reshape(2, 3)}

@@ -5,7 +5,7 @@ A float32 Adam or AdaGrad session stepped with a finite gradient of 1e20 (1e30 f
 overflows float32); SGD with a large lr overflows a parameter. ReadState gives such a state back
 and every restore path takes it: CreateSession with state=, `optreg sessions export`/`import`, and
 the torch adapter's state_dict/load_state_dict. NaN stays refused, on the same paths, by the same
-check (optreg.server.factory.check_values; the snapshot load path is in test_hostile_files.py).
+check (optreg.server.model.session.check_values; the snapshot load path is in test_hostile_files.py).
 """
 from __future__ import annotations
 
@@ -85,7 +85,7 @@ def test_export_and_import_of_an_overflowed_session(address, tmp_path):
         assert done.returncode == 0, done.stderr
         _same(s.read_state(), c.session("of-import").read_state())
         # a NaN put into the file (its checksums recomputed) is refused by the server, in one line
-        from optreg.server import snapshot
+        from optreg.server.storage import snapshot
         meta, arrays = snapshot.read(exported)
         arrays["state/v/w"][2] = np.nan
         snapshot.write(exported, meta, arrays)

@@ -7,7 +7,10 @@ import pytest
 
 from optreg.plugins import DefinitionError, Hyperparameter, Optimizer, Slot, validate
 from optreg.plugins.registry import Registry
-from optreg.server import fastkernels, kernels, kernelstats
+from optreg.server.kernels import jit as fastkernels
+from optreg.server.kernels import warmup
+from optreg.server.kernels import apply as kernels
+from optreg.server.kernels import stats as kernelstats
 
 LR = (Hyperparameter("lr", 0.1, minimum=0.0),)
 
@@ -186,7 +189,7 @@ def test_a_definition_copy_is_compiled_separately():
     """The cache is keyed by the definition, not by its update function."""
     adam = Registry(autoload=False).get("adam").definition
     twin = dataclasses.replace(adam, name="adam-twin")
-    fastkernels.warm(block=True, definitions=[adam])
+    warmup.warm(block=True, definitions=[adam])
     if not fastkernels.available():
         pytest.skip("numba not installed")
     assert fastkernels.lookup(adam, np.dtype(np.float32)) is not None
@@ -198,6 +201,6 @@ def test_a_definition_copy_is_compiled_separately():
 @pytest.mark.skipif(not fastkernels.available(), reason="numba not installed")
 def test_warm_can_build_the_statistics_kernels_too():
     defn = make(name="warm-stats")
-    fastkernels.warm(block=True, definitions=[defn], stats=True)
+    warmup.warm(block=True, definitions=[defn], stats=True)
     assert fastkernels.wait_idle(300)
     assert fastkernels.status(defn) == "ready" and kernelstats.stats_status(defn) == "fused"

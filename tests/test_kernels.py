@@ -10,7 +10,11 @@ import pytest
 from optreg.plugins import Hyperparameter, Optimizer
 from optreg.plugins import testing as kit
 from optreg.plugins.registry import Registry
-from optreg.server import fastkernels, kernels, kernelstats
+from optreg.server.kernels import jit as fastkernels
+from optreg.server.kernels import warmup
+from optreg.server.kernels import finite
+from optreg.server.kernels import apply as kernels
+from optreg.server.kernels import stats as kernelstats
 
 HPS = {"sgd": {"lr": 0.05}, "momentum": {"lr": 0.02, "momentum": 0.8}, "nesterov": {"lr": 0.02, "momentum": 0.85},
        "adagrad": {"lr": 0.1}, "rmsprop": {"lr": 0.01, "decay_rate": 0.9},
@@ -59,7 +63,7 @@ def book(name, hp, p, g, st, t):
 
 @pytest.fixture(scope="module")
 def registry():
-    fastkernels.warm(block=True)
+    warmup.warm(block=True)
     return Registry()
 
 
@@ -256,7 +260,7 @@ def test_statistics_argument_is_checked(registry):
 @pytest.mark.parametrize("size", [3, (1 << 15) + 5])  # below and above the GIL-keeping threshold
 def test_finite_check_matches_numpy(dtype, size):
     import ml_dtypes
-    fastkernels.warm(block=True)
+    warmup.warm(block=True)
     if not fastkernels.available():
         pytest.skip("numba not installed")
     dt = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
@@ -266,15 +270,15 @@ def test_finite_check_matches_numpy(dtype, size):
         a = np.ones(size, dt)
         a[size // 2] = special
         for arr in (a, a.reshape(1, -1)):
-            assert fastkernels.all_finite(arr) == bool(np.isfinite(arr.astype(np.float64)).all()), (dtype, special)
-    assert fastkernels.all_finite(np.ones(10, np.float32)[::2]) is None  # not contiguous: numpy decides
+            assert finite.all_finite(arr) == bool(np.isfinite(arr.astype(np.float64)).all()), (dtype, special)
+    assert finite.all_finite(np.ones(10, np.float32)[::2]) is None  # not contiguous: numpy decides
     assert kernels.COPY_SLICE > 0
 
 
 @pytest.mark.parametrize("name", ["adam", "rmsprop"])
 def test_copy_out_equals_update(name):
     """kernels.apply(out=...) (shared-memory steps) writes the same numbers it leaves in the parameter."""
-    fastkernels.warm(block=True)
+    warmup.warm(block=True)
     defn = Registry().get(name).definition
     rng = np.random.default_rng(5)
     n = (1 << 18) + 333
@@ -293,7 +297,7 @@ def test_copy_out_equals_update(name):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_finite_check_gives_max_abs(dtype):
     """fastkernels.abs_max: the finite check's reduction, max |g| exactly, NaN or Inf when any element is."""
-    fastkernels.warm(block=True)
+    warmup.warm(block=True)
     if not fastkernels.available():
         pytest.skip("numba not installed")
     rng = np.random.default_rng(11)
@@ -302,15 +306,15 @@ def test_finite_check_gives_max_abs(dtype):
         if size > 20_000:
             g[:5000] *= dtype(1e-30)
             g[12000:20000] *= dtype(1e30)
-        assert fastkernels.abs_max(g) == (float(np.abs(g).max()) if size else 0.0), size
+        assert finite.abs_max(g) == (float(np.abs(g).max()) if size else 0.0), size
         for bad in (np.nan, np.inf, -np.inf, -np.nan):
             if size:
                 h = g.copy()
                 h[size * 2 // 3] = bad
-                top = fastkernels.abs_max(h)
+                top = finite.abs_max(h)
                 assert not np.isfinite(top) and (np.isnan(top) == np.isnan(bad)), (size, bad)
-                assert fastkernels.all_finite(h) is False
-    assert fastkernels.abs_max(np.ones(4, np.float16)) is None
+                assert finite.all_finite(h) is False
+    assert finite.abs_max(np.ones(4, np.float16)) is None
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -334,7 +338,7 @@ def test_update_given_max_abs_leaves_it_out(registry, dtype):
     for t in (1, 2):
         old = p.copy()
         stats = np.zeros(4)
-        kernels.apply(defn, p, g, st, t, HPS["adam"], stats=stats, grad_abs_max=fastkernels.abs_max(g))
+        kernels.apply(defn, p, g, st, t, HPS["adam"], stats=stats, grad_abs_max=finite.abs_max(g))
         kernels.apply(defn, p_ref, g, st_ref, t, HPS["adam"])
         np.testing.assert_array_equal(p, p_ref)
         for k in st:
@@ -372,7 +376,7 @@ def test_update_from_sources_equals_copy_then_update(registry, name, setting, dt
         frozen = [live.copy()] + [v.copy() for v in live_st.values()]
         for t in (1, 2):
             g = (rng.standard_normal(size) * 0.1).astype(dtype)
-            known = fastkernels.abs_max(g) if max_known else None
+            known = finite.abs_max(g) if max_known else None
             p, st = np.full(size, np.nan, dtype), {k: np.full(size, np.nan, dtype) for k in live_st}
             stats = np.zeros(4)
             kernels.apply(defn, p, g, st, t, hp, stats=stats, grad_abs_max=known, src=(live, live_st))
@@ -393,7 +397,7 @@ def test_update_from_sources_equals_copy_then_update(registry, name, setting, dt
 
 def test_a_nan_max_stays_whichever_side_it_comes_from():
     """max |g| folds keep a NaN (it marks a non-finite gradient) from the new part and from the total."""
-    from optreg.server.telemetry import merge_stats
+    from optreg.server.kernels.stats import merge_stats
     for acc3, part3 in ((np.nan, 2.0), (2.0, np.nan), (1.0, 2.0)):
         acc, part = np.array([1.0, 1.0, 1.0, acc3]), np.array([1.0, 1.0, 1.0, part3])
         merge_stats(acc, part)

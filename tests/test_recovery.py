@@ -26,7 +26,7 @@ from disk_helpers import fill as _fill, small_tmpfs
 from durability_helpers import digest, step_request, stub
 from hostile_helpers import stream_params
 from optreg.plugins.registry import Registry
-from optreg.server import snapshot
+from optreg.server.storage import snapshot
 from optreg.v1 import session_pb2, tensors
 
 D = session_pb2.Durability

@@ -143,7 +143,7 @@ def test_create_and_step_through_reflection(reflected):
 def _own_files():
     """optreg's .proto files as the committed descriptor set holds them (with source info)."""
     from google.protobuf import descriptor_pb2
-    from optreg.server.reflection import DESCRIPTOR_SET
+    from optreg.server.rpc.reflection import DESCRIPTOR_SET
     fds = descriptor_pb2.FileDescriptorSet.FromString(DESCRIPTOR_SET.read_bytes())
     return [f for f in fds.file if f.package == "optreg.v1"]
 

@@ -372,7 +372,7 @@ def test_statistics_and_refusals_of_large_resident_steps(server, client):
     """A resident step takes max |g| from its finite check (split over threads) and the rest from the
     update: the reported figures equal a numpy recomputation; a NaN or Inf in the second thread's share
     of a large gradient is refused with nothing touched."""
-    from optreg.server.telemetry import numpy_stats
+    from optreg.server.kernels.stats import reference_stats as numpy_stats
     from optreg.v1 import telemetry_pb2, telemetry_pb2_grpc
     rng = np.random.default_rng(13)
     n = (1 << 21) + 5  # above resident.PARALLEL_FINITE: the check is split

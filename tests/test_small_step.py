@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 
 from optreg.client import Client, InvalidArgument
-from optreg.server import telemetry as tm
-from optreg.server.budget import MemoryBudget
-from optreg.server.metrics import LATENCY_BUCKETS, Metrics
-from optreg.server.service import _step_reply, _step_response
-from optreg.server.sessions import Arrays, SetPool, StepResult
+from optreg.server.kernels import stats as kstats
+from optreg.server.telemetry import hub as tm
+from optreg.server.model.budget import MemoryBudget
+from optreg.server.telemetry.metrics import LATENCY_BUCKETS, Metrics
+from optreg.server.rpc.service import _step_reply, _step_response
+from optreg.server.model.session import Arrays, SetPool, StepResult
 
 
 def _local_adam(p, grads, lr=1e-3, b1=0.9, b2=0.999, eps=1e-8):
@@ -189,10 +190,10 @@ def test_small_sums_equal_numpy_reference():
         g, old = rng.standard_normal(777).astype(dt), rng.standard_normal(777).astype(dt)
         new = (old - 0.01 * g).astype(dt)
         out = np.empty(4)
-        tm.small_sums(new, old, g, out)  # the plain-Python body numba compiles
-        np.testing.assert_allclose(out, tm.numpy_stats(g, old, new), rtol=1e-12)
+        kstats.small_sums(new, old, g, out)  # the plain-Python body numba compiles
+        np.testing.assert_allclose(out, kstats.reference_stats(g, old, new), rtol=1e-12)
         g[5] = np.nan
-        tm.small_sums(new, old, g, out)
+        kstats.small_sums(new, old, g, out)
         assert math.isnan(out[0]) and math.isnan(out[3])
 
 

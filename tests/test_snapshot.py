@@ -1,4 +1,4 @@
-"""Checked snapshot files (optreg.server.snapshot): round trips, every single-bit flip in a
+"""Checked snapshot files (optreg.server.storage.snapshot): round trips, every single-bit flip in a
 header, random flips in data, crafted safetensors headers, the crash-before-rename hook."""
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from optreg.server import snapshot
-from optreg.server.snapshot import CorruptFile
+from optreg.server.storage import snapshot
+from optreg.server.storage.snapshot import CorruptFile
 
 import disk_helpers
 from conftest import SOURCE_ROOTS
@@ -227,7 +227,7 @@ def test_crash_before_rename_keeps_the_old_file(tmp_path):
     snapshot.write(p, META, {"W": np.ones(3, np.float32)})
     code = textwrap.dedent(f"""
         import numpy as np
-        from optreg.server import snapshot
+        from optreg.server.storage import snapshot
         snapshot.write({str(p)!r}, {{"step": 8}}, {{"W": np.zeros(3, np.float32)}})
     """)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(SOURCE_ROOTS), OPTREG_TEST_CRASH_BEFORE_RENAME="1")
@@ -261,8 +261,9 @@ def test_a_failed_directory_fsync_after_the_rename_keeps_memory_file_and_log_ali
     import errno
 
     from optreg.client import Client
-    from optreg.server import snapshot as snap, wal
-    from optreg.server.app import OptregServer, Settings
+    from optreg.server.storage import snapshot as snap
+    from optreg.server.storage import wal
+    from optreg.server.assembly import OptregServer, Settings
 
     def failing(path):
         raise OSError(errno.EIO, "Input/output error")
@@ -308,8 +309,8 @@ def test_a_log_whose_sync_failed_is_replaced_by_a_snapshot_at_the_next_step(tmp_
 
     from optreg.client import Client, RetryPolicy
     from optreg.client.errors import OptregError
-    from optreg.server import fsync
-    from optreg.server.app import OptregServer, Settings
+    from optreg.server.storage import fsync
+    from optreg.server.assembly import OptregServer, Settings
 
     def failing(fd):
         return OSError(errno.EIO, "Input/output error")

@@ -157,8 +157,10 @@ def test_non_finite_in_a_large_later_chunk_refused_untouched(dtype, gdtype, bad)
     element range, the session keeps its values, and the next good step applies. The server runs in
     this process so the test can wait for the statistics kernel that path needs."""
     from optreg.client import Client
-    from optreg.server import fastkernels, kernelstats, widenkernels
-    from optreg.server.app import OptregServer, Settings
+    from optreg.server.kernels import jit as fastkernels
+    from optreg.server.kernels import stats as kernelstats
+    from optreg.server.kernels import widen as widenkernels
+    from optreg.server.assembly import OptregServer, Settings
     server = OptregServer(Settings(port=0, data_dir=None))
     server.start()
     size, count = 1 << 15, 5

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from optreg.plugins.registry import Registry
-from optreg.server.telemetry import StepEvent, TelemetryHub, sample_indices, tensor_stats
+from optreg.server.kernels.stats import tensor_stats
+from optreg.server.telemetry.hub import StepEvent, TelemetryHub, sample_indices
 from optreg.v1 import telemetry_pb2, telemetry_pb2_grpc
 
 
@@ -169,7 +170,7 @@ def test_hub_reports_effective_lr_quantiles_from_the_state_sample():
 
 @pytest.fixture
 def served(tmp_path):
-    from optreg.server.app import OptregServer, Settings
+    from optreg.server.assembly import OptregServer, Settings
     tokens = tmp_path / "tokens"
     tokens.write_text("alice\nbob\n")
     srv = OptregServer(Settings(port=0, data_dir="", token_file=str(tokens)))
@@ -185,7 +186,7 @@ def _stub(srv, token):
 
 
 def _alice():
-    from optreg.server.auth import token_hash
+    from optreg.server.rpc.auth import token_hash
     return token_hash("alice")
 
 
@@ -295,7 +296,7 @@ def test_get_telemetry_range_and_tokens(served):
 # ---- the dashboard's HTTP side without a browser ----------------------------------------------
 
 def test_dashboard_guard_refuses_a_non_loopback_host_without_tls_and_tokens():
-    from optreg.server.app import OptregServer, Settings
+    from optreg.server.assembly import OptregServer, Settings
     with pytest.raises(ValueError, match="the dashboard to non-loopback address 0.0.0.0 without TLS and tokens"):
         OptregServer(Settings(port=0, data_dir="", dashboard_port=0, dashboard_host="0.0.0.0"))
 
@@ -328,7 +329,7 @@ def test_event_stream_resumes_after_last_event_id(tmp_path):
 
 def test_telemetry_survives_a_server_restart_with_its_session(tmp_path):
     from optreg.client import Client
-    from optreg.server.app import OptregServer, Settings
+    from optreg.server.assembly import OptregServer, Settings
     settings = Settings(port=0, data_dir=str(tmp_path))
     srv = OptregServer(settings)
     srv.start()
@@ -365,7 +366,7 @@ def test_export_and_import_carry_the_ring():
 
 def test_compiled_small_tensor_sums_equal_numpy():
     """The compiled pass the step pipeline uses for small tensors gives numpy's figures (float32 and float64)."""
-    import optreg.server.telemetry as t
+    import optreg.server.kernels.stats as t
     pytest.importorskip("numba")
     rng = np.random.default_rng(5)
     t.tensor_stats(np.zeros(2), np.zeros(2), np.zeros(2))  # starts the build
@@ -376,4 +377,4 @@ def test_compiled_small_tensor_sums_equal_numpy():
     for dt in (np.float32, np.float64):
         g, old = rng.normal(size=1001).astype(dt), rng.normal(size=1001).astype(dt)
         new = (old - dt(0.01) * g).astype(dt)
-        np.testing.assert_allclose(t.tensor_stats(g, old, new), t.numpy_stats(g, old, new), rtol=1e-12)
+        np.testing.assert_allclose(t.tensor_stats(g, old, new), t.reference_stats(g, old, new), rtol=1e-12)

@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 
 from test_node_client import NODE, NODE_DIR, ROOT, _ensure_node_modules
-from optreg.server.auth import token_hash
-from optreg.server.telemetry import StepEvent
+from optreg.server.rpc.auth import token_hash
+from optreg.server.telemetry.hub import StepEvent
 
 pytestmark = pytest.mark.skipif(NODE is None, reason="node is not installed")
 
 
 def test_watch_js_prints_live_ratios_from_a_step(tmp_path):
     from optreg.client import Client
-    from optreg.server.app import OptregServer, Settings
+    from optreg.server.assembly import OptregServer, Settings
     _ensure_node_modules()
     tokens = tmp_path / "tokens"
     tokens.write_text("alice\n")

@@ -9,7 +9,7 @@ import pytest
 
 from optreg.client import Client
 from optreg.plugins.registry import Registry
-from optreg.server.telemetry import numpy_stats as tensor_stats  # the plain numpy reference
+from optreg.server.kernels.stats import reference_stats as tensor_stats  # the plain numpy reference
 from optreg.v1 import session_pb2, session_pb2_grpc, telemetry_pb2, telemetry_pb2_grpc, tensors
 
 BUILTINS = sorted(Registry().optimizers)
@@ -125,12 +125,15 @@ def test_non_finite_whole_tensor_refused_from_the_update_pass(path_server, bad):
 def test_whole_tensor_finite_check_is_the_update_pass(monkeypatch, bad):
     """With a built-in's compiled statistics kernel, a large whole tensor makes no separate finite check
     pass over g: the explicit check runs only to count what the update pass's max |g| found."""
-    from optreg.server import fastkernels, kernelstats, pipeline
-    from optreg.server.app import OptregServer, Settings
+    from optreg.server.kernels import jit as fastkernels
+    from optreg.server.kernels import warmup
+    from optreg.server.kernels import stats as kernelstats
+    from optreg.server.steps import run as pipeline
+    from optreg.server.assembly import OptregServer, Settings
     if not fastkernels.available():
         pytest.skip("numba not installed")
     defn = Registry().get("adam").definition
-    fastkernels.warm(block=True, definitions=[defn], stats=True)
+    warmup.warm(block=True, definitions=[defn], stats=True)
     assert fastkernels.wait_idle(300)
     assert kernelstats.stats_kernel(defn, fastkernels.lookup(defn, np.dtype(np.float32))) is not None
     calls = []

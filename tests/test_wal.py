@@ -1,4 +1,4 @@
-"""The write-ahead log (optreg.server.wal): round trips, torn tails, bit flips, kill -9 of
+"""The write-ahead log (optreg.server.storage.wal): round trips, torn tails, bit flips, kill -9 of
 an appending process, group commit, disk full."""
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from optreg.server import wal
-from optreg.server.fsync import METHODS, GroupSyncer
-from optreg.server.wal import CorruptLog, Log
+from optreg.server.storage import wal
+from optreg.server.storage.fsync import METHODS, GroupSyncer
+from optreg.server.storage.wal import CorruptLog, Log
 
 import disk_helpers
 from conftest import SOURCE_ROOTS
@@ -364,7 +364,7 @@ def test_bad_file_header(tmp_path):
 CHILD = textwrap.dedent("""
     import sys
     sys.path.insert(0, {tests!r})
-    from optreg.server.wal import Log
+    from optreg.server.storage.wal import Log
     from test_wal import append
     lg = Log.open({path!r}, "a", sync={sync!r})
     s = lg.last_step

@@ -6,8 +6,11 @@ import numpy as np
 import pytest
 
 from optreg.plugins.registry import Registry
-from optreg.server import fastkernels, kernels, widenkernels
-from optreg.server.pipeline import widen
+from optreg.server.kernels import jit as fastkernels
+from optreg.server.kernels import warmup
+from optreg.server.kernels import apply as kernels
+from optreg.server.kernels import widen as widenkernels
+from optreg.server.steps.run import widen
 
 from test_kernels import CASES, SETTINGS
 
@@ -17,7 +20,7 @@ BF16 = np.dtype(ml_dtypes.bfloat16)
 
 @pytest.fixture(scope="module")
 def registry():
-    fastkernels.warm(block=True)
+    warmup.warm(block=True)
     return Registry()
 
 

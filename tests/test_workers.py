@@ -20,7 +20,7 @@ from hypothesis import given, settings, strategies as st
 
 from conftest import ROOT, SOURCE_ROOTS
 from optreg.client import Client, DeadlineExceeded, FailedPrecondition, StepMismatch, UsageError
-from optreg.server.membership import ssp_may_apply
+from optreg.server.model.workers import ssp_may_apply
 from optreg.v1 import session_pb2, session_pb2_grpc, tensors
 
 sys.path.insert(0, str(ROOT / "tests"))
@@ -474,7 +474,7 @@ def test_book_drop_ins_as_workers_of_one_session(server):
 
 def test_round_metrics_and_scalars(start_server, tmp_path):
     from test_auth_tls_metrics import _free_port, _scrape
-    from optreg.server import wal
+    from optreg.server.storage import wal
     port = _free_port()
     srv = start_server("--data-dir", str(tmp_path), "--metrics-port", str(port))
     with Client(srv.address, timeout=30) as c:

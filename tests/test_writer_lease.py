@@ -16,7 +16,7 @@ import pytest
 
 from conftest import SOURCE_ROOTS
 from optreg.client import Client
-from optreg.server import writers
+from optreg.server.steps import writers
 from optreg.v1 import session_pb2, session_pb2_grpc, tensors
 
 # A writer process: attach (creating the session if needed), then obey one command a line on stdin:

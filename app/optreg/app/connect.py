@@ -66,8 +66,8 @@ def connect(args):
         raise ValueError("give --address (a running server) or --data-dir (no server), not both")
     if not pathlib.Path(data_dir).is_dir():
         raise FileNotFoundError(f"no data directory at {data_dir}")
-    from optreg.server.app import OptregServer, Settings
-    from optreg.server.datadir import DataDirInUse
+    from optreg.server.assembly import OptregServer, Settings
+    from optreg.server.storage.datadir import DataDirInUse
     try:
         server = OptregServer(Settings(host="127.0.0.1", port=0, data_dir=data_dir, workers=4))
     except DataDirInUse as e:

@@ -1,6 +1,6 @@
 """The file `optreg sessions export` writes and `optreg sessions import` reads.
 
-A checked snapshot file (optreg.server.snapshot: the data directory's own format, read and
+A checked snapshot file (optreg.server.storage.snapshot: the data directory's own format, read and
 written by the same code): a safetensors file whose header also holds an xxh3-64 checksum of
 every tensor and of the metadata, so a flipped bit anywhere is refused on import. Tensors
 `params/<name>` and `state/<slot>/<name>` in the session's master dtype and their own shapes
@@ -25,7 +25,9 @@ import pathlib
 
 import numpy as np
 
-from optreg.server import journal, snapshot
+from optreg.server.storage import journal
+
+from optreg.server.storage import snapshot
 
 FORMAT = "optreg-session/2"
 # client WorkerSetup / create_session argument -> membership.WorkerConfig field, as the metadata spells it

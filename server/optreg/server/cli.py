@@ -58,8 +58,8 @@ def _serve_ray(args, data_dir) -> int:
 
 
 def _serve(args) -> int:
-    from optreg.server.app import OptregServer, Settings, default_data_dir
-    from optreg.server.datadir import DataDirInUse
+    from optreg.server.assembly import OptregServer, Settings, default_data_dir
+    from optreg.server.storage.datadir import DataDirInUse
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter() if args.log_format == "json" else
                          logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))

@@ -25,7 +25,7 @@ def _local() -> tuple[list[dict], list[dict]]:
     from google.protobuf import json_format
 
     from optreg.plugins.registry import Registry
-    from optreg.server.service import list_optimizers
+    from optreg.server.rpc.service import list_optimizers
     listing = json_format.MessageToDict(list_optimizers(Registry()), preserving_proto_field_name=True,
                                         always_print_fields_with_no_presence=True)
     return listing["optimizers"], listing.get("failures", [])

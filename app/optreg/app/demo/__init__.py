@@ -152,7 +152,7 @@ def _main(args) -> int:
     server = None
     address = args.address
     if not address:
-        from optreg.server.app import OptregServer, Settings
+        from optreg.server.assembly import OptregServer, Settings
         server = OptregServer(Settings(host="127.0.0.1", port=0, dashboard_port=getattr(args, "dashboard", None)))
         server.start()
         address = server.address

@@ -17,10 +17,10 @@ import os
 import pathlib
 import time
 
-from optreg.server import snapshot
 from optreg.server.cluster.ownership import Claim, Ownership, StaleOwner
-from optreg.server.errors import DataLoss, NotFound
-from optreg.server.journal import NULL_RECORD, SNAPSHOT, Journal
+from optreg.server.model.errors import DataLoss, NotFound
+from optreg.server.storage.journal import NULL_RECORD, SNAPSHOT, Journal
+from optreg.server.steps.replay import replay
 
 log = logging.getLogger("optreg.server.cluster")
 
@@ -161,7 +161,7 @@ class FencedJournal(Journal):
                 s = self.session_from(meta, registry)
                 if s.quarantined:
                     raise DataLoss(f"session {sid} is quarantined: {s.quarantined}")
-                self.load(s, budget)
+                self.load(s, budget, replay)
                 self._close_log(sid)
                 if self._fingerprint(sid) == before:
                     break

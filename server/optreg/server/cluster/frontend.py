@@ -15,7 +15,6 @@ import time
 import uuid
 
 import grpc
-import numpy as np
 import ray
 
 from optreg.server.cluster import wire

@@ -15,27 +15,27 @@ import itertools
 import logging
 import os
 import threading
-import time
 import uuid
 
 import grpc
 import numpy as np
 
 from optreg.plugins.registry import Registry
-from optreg.server import budget as memory
-from optreg.server.app import _add_session_service, _Handlers
-from optreg.server import telemetry_service
+from optreg.server.model import budget as memory
+from optreg.server.assembly import _add_session_service, _Handlers
+from optreg.server.rpc import telemetry as telemetry_service
 from optreg.server.cluster import telemetry
+from optreg.server.cluster.context import Abort, ActorContext
 from optreg.server.cluster.feed import Feeds, FeedStopped
 from optreg.server.cluster.fenced import FencedJournal
 from optreg.server.cluster.ownership import EpochTaken, StaleOwner
-from optreg.server.errors import AlreadyExists, NotFound, Refused
-from optreg.server.fsync import GroupSyncer
-from optreg.server.janitor import Janitor
-from optreg.server.metrics import Metrics
-from optreg.server.service import SessionServicer
-from optreg.server.status import translate
-from optreg.server.store import SessionStore
+from optreg.server.model.errors import AlreadyExists, NotFound, Refused
+from optreg.server.storage.fsync import GroupSyncer
+from optreg.server.sessions.janitor import Janitor
+from optreg.server.telemetry.metrics import Metrics
+from optreg.server.rpc.service import SessionServicer
+from optreg.server.rpc.status import translate
+from optreg.server.sessions.store import SessionStore
 from optreg.v1 import session_pb2, telemetry_pb2
 
 log = logging.getLogger("optreg.server.cluster")
@@ -43,41 +43,6 @@ CREATES = ("CreateSession", "CreateSessionStream")
 OK = "OK"
 MOVED = "MOVED"  # not this host's session: the reply names the owner's epoch and host
 LARGE = 1 << 20  # replies at least this large go back as one numpy buffer (object store, no pickling)
-
-
-class _Abort(Exception):
-    def __init__(self, code, message):
-        self.code, self.message = code, message
-
-
-class _Context:
-    """What the servicer needs of a grpc.ServicerContext, inside the actor."""
-
-    def __init__(self, remaining: float | None = None):
-        self.trailing = ()
-        # the client's deadline as the front end saw it (a shared session's round waits up to it)
-        self.deadline = None if remaining is None else time.monotonic() + remaining
-
-    def is_active(self):
-        return self.deadline is None or time.monotonic() < self.deadline
-
-    def time_remaining(self):
-        return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
-
-    def peer(self):
-        return "ray:front-end"  # never a local peer: shared-memory RPCs refuse it
-
-    def add_callback(self, callback):
-        return False
-
-    def set_trailing_metadata(self, metadata):
-        self.trailing = tuple(metadata)
-
-    def invocation_metadata(self):
-        return ()
-
-    def abort(self, code, message):
-        raise _Abort(code, message)
 
 
 def pack(messages: list) -> tuple[np.ndarray, list[int]]:
@@ -288,7 +253,7 @@ class SessionHost:
 
     def _invoke(self, method, messages, remaining=None):
         h = self.handlers[method]
-        ctx = _Context(remaining)
+        ctx = ActorContext(remaining)
         fn = h.unary_unary or h.unary_stream or h.stream_unary or h.stream_stream
         try:
             request = (h.request_deserializer(m) for m in messages) if h.request_streaming \
@@ -296,7 +261,7 @@ class SessionHost:
             out = fn(request, ctx)
             replies = [h.response_serializer(m) for m in out] if h.response_streaming \
                 else [h.response_serializer(out)]
-        except _Abort as a:
+        except Abort as a:
             return a.code.name, a.message, None, ctx.trailing
         if sum(len(r) for r in replies) >= LARGE:
             buf, ends = pack(replies)
@@ -346,7 +311,7 @@ class SessionHost:
             raw = first.SerializeToString()
         messages = [raw] if method == "CreateSession" else itertools.chain([raw], rest)
         sid = first.config.session_id
-        from optreg.server.factory import valid_id
+        from optreg.server.sessions.factory import valid_id
         if valid_id(sid):  # else the servicer refuses it, and nothing was claimed
             try:
                 self.journal.claims[sid] = self.journal.ownership.claim(sid, 0, self.holder())

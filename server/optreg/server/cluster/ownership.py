@@ -17,7 +17,7 @@ import shutil
 import uuid
 from dataclasses import dataclass
 
-from optreg.server.errors import NotFound, Unavailable
+from optreg.server.model.errors import NotFound, Unavailable
 
 PREFIX = "epoch."
 

@@ -12,12 +12,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from optreg.plugins.registry import Registry
-from optreg.server.app import _bind, bind_address, guard, wait_interruptibly
+from optreg.server.assembly import _bind, bind_address, guard, wait_interruptibly
 from optreg.server.cluster.directory import Directory, connect
 from optreg.server.cluster.frontend import Frontend
-from optreg.server.metrics import Metrics
-from optreg.server.reflection import enable_reflection
-from optreg.server.service import RegistryServicer
+from optreg.server.telemetry.metrics import Metrics
+from optreg.server.rpc.reflection import enable_reflection
+from optreg.server.rpc.service import RegistryServicer
 from optreg.v1 import registry_pb2, registry_pb2_grpc, session_pb2, telemetry_pb2
 
 log = logging.getLogger("optreg.server.cluster")

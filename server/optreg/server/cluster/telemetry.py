@@ -14,7 +14,8 @@ import threading
 import time
 import uuid
 
-from optreg.server.telemetry import TelemetryHub, TelemetryObserver
+from optreg.server.cluster.context import Abort
+from optreg.server.telemetry.hub import TelemetryHub, TelemetryObserver
 
 log = logging.getLogger("optreg.server.cluster")
 WATCH_IDLE_SECONDS = 30.0  # a watch whose front end stopped pulling (gone, or the client left)
@@ -75,8 +76,7 @@ class _WatchContext:
         return not self.closed and time.monotonic() - self.pulled < WATCH_IDLE_SECONDS
 
     def abort(self, code, message):
-        from optreg.server.cluster.host import _Abort
-        raise _Abort(code, message)
+        raise Abort(code, message)
 
     def invocation_metadata(self):
         return ()
@@ -102,12 +102,11 @@ class Watches:
         return watch_id
 
     def _run(self, watch_id, request, ctx, out) -> None:
-        from optreg.server.cluster.host import _Abort
         try:
             for message in self.servicer.WatchSession(request, ctx):
                 out.put(("message", message.SerializeToString()))
             out.put(("end", None))
-        except _Abort as a:
+        except Abort as a:
             out.put(("error", (a.code.name, a.message)))
         except Exception as e:  # noqa: BLE001 - reported to the caller, not lost on this thread
             log.exception("watch %s failed", watch_id)

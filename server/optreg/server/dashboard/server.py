@@ -28,8 +28,8 @@ import time
 
 from aiohttp import web
 
-from optreg.server.auth import bearer, token_hash
-from optreg.server.telemetry import Record, TelemetryHub, visible
+from optreg.server.rpc.auth import bearer, token_hash
+from optreg.server.telemetry.hub import Record, TelemetryHub, visible
 
 log = logging.getLogger("optreg.server.dashboard")
 

@@ -1,0 +1,385 @@
+"""Builds and runs the gRPC server: optreg's services, standard health checking, reflection."""
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+import os
+import pathlib
+import signal
+import socket
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from optreg.plugins.registry import Registry
+from optreg.server.rpc.auth import TokenAuth, read_tokens
+from optreg.server.storage.datadir import DataDirLock
+from optreg.server.rpc.reflection import enable_reflection
+from optreg.server.telemetry.metrics import Metrics
+from optreg.server.sessions.janitor import Janitor
+from optreg.server.rpc.service import RegistryServicer, SessionServicer
+from optreg.server.model import budget as memory
+from optreg.server.sessions.factory import Limits
+from optreg.server.storage.fsync import GroupSyncer
+from optreg.server.storage.journal import Journal
+from optreg.server.model.workers import CALLS_PER_WORKER
+from optreg.server.sessions.store import SessionStore
+from optreg.server.rpc import telemetry as telemetry_service
+from optreg.server.telemetry.hub import TelemetryHub, TelemetryObserver
+from optreg.v1 import registry_pb2, registry_pb2_grpc, session_pb2, session_pb2_grpc, tensors
+
+log = logging.getLogger("optreg.server")
+
+SERVICE_NAMES = (
+    registry_pb2.DESCRIPTOR.services_by_name["OptimizerRegistryService"].full_name,
+    session_pb2.DESCRIPTOR.services_by_name["SessionService"].full_name,
+    telemetry_service.SERVICE_NAME,
+)
+
+
+@dataclass
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 50051
+    workers: int = 16
+    max_message_mb: int = 64
+    drain_seconds: float = 30.0
+    # Persistence: None or "" keeps sessions in memory only.
+    data_dir: str | None = None
+    default_durability: str = ""  # every-step | log | periodic | none; "": log with a data dir, else none
+    periodic_steps: int = 100
+    periodic_seconds: float = 30.0
+    idle_seconds: float = 0.0  # 0: never unload
+    memory_budget_mb: float | None = None  # None: budget.DEFAULT_SHARE of physical memory; 0: unlimited
+    max_streams: int = 0  # 0: half the workers
+    max_watchers: int = 16  # WatchSession calls at once (each has a thread of its own beyond `workers`)
+    max_members: int = 64  # sync/SSP members on the server; worker calls: two each, with threads beyond `workers`
+    stream_idle_seconds: float = 30.0
+    fsync_method: str = "threads"  # how the log syncer makes a batch durable (fsync.METHODS)
+    max_tensors: int = 4096
+    token_file: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    allow_insecure: bool = False
+    metrics_port: int | None = None  # None: no endpoint; 0 picks a free port
+    metrics_host: str = "127.0.0.1"
+    dashboard_port: int | None = None  # None: no dashboard; 0 picks a free port
+    dashboard_host: str = "127.0.0.1"
+    telemetry_steps: int = 2048  # steps kept at full resolution per session (older ones downsampled)
+
+
+def default_data_dir() -> str:
+    """$OPTREG_DATA_DIR, else $XDG_DATA_HOME/optreg, else ~/.local/share/optreg."""
+    if "OPTREG_DATA_DIR" in os.environ:
+        return os.environ["OPTREG_DATA_DIR"]
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return os.path.join(base, "optreg")
+
+
+def bind_address(host: str) -> str:
+    """The numeric address a host names ("127.1", "0x7f000001" and "::ffff:127.0.0.1" are 127.0.0.1, as the C
+    library reads them); names that resolve to several addresses (localhost) stay names. ValueError when unresolvable."""
+    bare = host.strip("[]")
+    try:
+        ip = ipaddress.ip_address(bare)
+    except ValueError:
+        pass
+    else:  # ::ffff:127.0.0.1 is 127.0.0.1 (all an IPv6 socket bound to it serves; asyncio's, the
+        # dashboard's, are IPv6-only and cannot bind it at all)
+        return str(getattr(ip, "ipv4_mapped", None) or ip)
+    try:
+        found = {a[4][0] for a in socket.getaddrinfo(bare, None, proto=socket.IPPROTO_TCP)}
+    except OSError as e:
+        raise ValueError(f"cannot resolve host {host!r}: {e.strerror or e}") from None
+    if len(found) == 1:
+        return found.pop()
+    return bare
+
+
+def _loopback_ip(address: str) -> bool:
+    ip = ipaddress.ip_address(address)
+    # ::ffff:127.0.0.1 is 127.0.0.1 as an IPv6 socket carries it; ipaddress calls it non-loopback.
+    return (getattr(ip, "ipv4_mapped", None) or ip).is_loopback
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` is this machine's loopback in any spelling: 127.x.y.z, ::1, 0:0:0:0:0:0:0:1,
+    ::ffff:127.0.0.1, 127.1, localhost, or a name that resolves to loopback addresses only. The one check
+    --host, --metrics-host and --dashboard-host go through (guard)."""
+    try:
+        bare = bind_address(host)
+    except ValueError:
+        return False
+    if bare in ("localhost", "ip6-localhost"):
+        return True
+    try:
+        return _loopback_ip(bare)
+    except ValueError:
+        try:
+            return all(_loopback_ip(a[4][0]) for a in socket.getaddrinfo(bare, None))
+        except (OSError, ValueError):
+            return False
+
+
+def guard(what: str, host: str, secured: bool, missing: str, allow_insecure: bool) -> None:
+    """A non-loopback address needs TLS and tokens (`secured`), or --allow-insecure."""
+    if is_loopback(host) or secured:
+        return
+    if not allow_insecure:
+        raise ValueError(f"refusing to bind {what} to non-loopback address {host} without {missing}: "
+                         "pass --tls-cert/--tls-key and --token-file, or --allow-insecure")
+    log.warning("%s on non-loopback %s without %s (--allow-insecure)", what, host, missing)
+
+
+class OptregServer:
+    def __init__(self, settings: Settings, registry: Registry | None = None):
+        self.settings = settings
+        self.registry = registry or Registry()
+        self.metrics = Metrics()
+        self.auth = TokenAuth(read_tokens(settings.token_file), self.metrics.error) if settings.token_file else None
+        tls = bool(settings.tls_cert or settings.tls_key)
+        if tls and not (settings.tls_cert and settings.tls_key):
+            raise ValueError("TLS needs both --tls-cert and --tls-key")
+        settings.host = bind_address(settings.host)
+        settings.metrics_host = bind_address(settings.metrics_host)
+        missing = " and ".join(w for w, on in (("TLS", tls), ("tokens", self.auth)) if not on)
+        guard("the gRPC server", settings.host, bool(tls and self.auth), missing, settings.allow_insecure)
+        if settings.metrics_port is not None:  # plain HTTP, no tokens: never off loopback unless allowed
+            guard("the metrics endpoint", settings.metrics_host, False, "TLS and tokens", settings.allow_insecure)
+        if settings.dashboard_port is not None:  # the dashboard serves TLS with the same certificate
+            settings.dashboard_host = bind_address(settings.dashboard_host)
+            guard("the dashboard", settings.dashboard_host, bool(tls and self.auth), missing, settings.allow_insecure)
+        # One server per data directory (DataDirInUse, an OSError, names the holder otherwise).
+        self.data_lock = DataDirLock(settings.data_dir) if settings.data_dir else None
+        journal = (Journal(pathlib.Path(settings.data_dir), self.metrics, GroupSyncer(settings.fsync_method))
+                   if settings.data_dir else None)
+        budget_bytes = (memory.default_budget() if settings.memory_budget_mb is None
+                        else int(settings.memory_budget_mb * memory.MIB))
+        self.store = SessionStore(
+            self.registry, journal, budget=memory.MemoryBudget(budget_bytes),
+            limits=Limits(max_tensors=settings.max_tensors), default_durability=settings.default_durability or None,
+            periodic_steps=settings.periodic_steps, periodic_seconds=settings.periodic_seconds,
+            idle_seconds=settings.idle_seconds, auth=self.auth is not None, metrics=self.metrics)
+        self.janitor = Janitor(self.store) if journal else None
+        self.store.open_all()
+        self.telemetry = _telemetry(settings, self.registry, self.auth)
+        self.store.observers.append(TelemetryObserver(self.telemetry))
+        limit = settings.max_message_mb * 1024 * 1024
+        for flag, value in (("--threads", settings.workers), ("--max-watchers", settings.max_watchers),
+                            ("--max-members", settings.max_members)):
+            if value < 1:
+                raise ValueError(f"{flag} {value}: give at least 1")
+        # Watchers and shared-session workers wait (for steps, for the other members) holding a thread each:
+        # the pool has one for each admitted, on top of --threads, so they never take the threads that steps
+        # and health checks use (admission.py).
+        threads = settings.workers + settings.max_watchers + CALLS_PER_WORKER * settings.max_members
+        self.grpc_server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="optreg"),
+            interceptors=[self.auth] if self.auth else [],
+            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
+                     # Ping idle peers so a dead client's stream (which may hold a session's lock) ends in
+                     # about 40 s rather than the 2 h TCP default.
+                     ("grpc.keepalive_time_ms", 30_000), ("grpc.keepalive_timeout_ms", 10_000),
+                     ("grpc.keepalive_permit_without_calls", 1),
+                     # gRPC sets SO_REUSEPORT by default: a second server on a port in use would start and
+                     # take half the new connections. Without it, that bind fails (see _bind).
+                     ("grpc.so_reuseport", 0)])
+        registry_pb2_grpc.add_OptimizerRegistryServiceServicer_to_server(
+            RegistryServicer(self.registry, self.metrics), self.grpc_server)
+        owner = self.auth.owner if self.auth else (lambda context: "")
+        # Each shared-memory registration holds a worker thread while it lives: at most a quarter of them.
+        self.sessions = SessionServicer(self.store, metrics=self.metrics, owner=owner, max_message_bytes=limit,
+                                        shm_registrations=max(1, settings.workers // 4),
+                                        max_streams=settings.max_streams or max(1, settings.workers // 2),
+                                        stream_idle_seconds=settings.stream_idle_seconds,
+                                        max_members=settings.max_members)
+        _add_session_service(self.sessions, self.grpc_server)
+        telemetry_service.add_to_server(telemetry_service.TelemetryServicer(
+            self.telemetry, owner, check_session=lambda sid, who: self.store.get(sid, who),
+            max_watchers=settings.max_watchers, budget=self.store.budget), self.grpc_server)
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
+        enable_reflection(SERVICE_NAMES + (health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc_server)
+        creds = grpc.ssl_server_credentials([(pathlib.Path(settings.tls_key).read_bytes(),
+                                              pathlib.Path(settings.tls_cert).read_bytes())]) if tls else None
+        self.port = _bind(self.grpc_server, settings.host, settings.port, creds)
+
+    @property
+    def address(self) -> str:
+        host = self.settings.host
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+
+    def start(self) -> None:
+        if self.settings.metrics_port is not None:
+            self.metrics_port = self.metrics.serve(self.settings.metrics_port, self.settings.metrics_host)
+            log.info("metrics on http://%s:%d/metrics", self.settings.metrics_host, self.metrics_port)
+        if self.janitor:
+            self.janitor.start()
+        self.telemetry.start()
+        self.dashboard = _dashboard(self.settings, self.telemetry, self.auth)
+        self.grpc_server.start()
+        for name in ("",) + SERVICE_NAMES:
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    def stop(self, grace: float | None = None) -> None:
+        """Refuse new calls, let in-flight ones (steps included) finish within `grace` seconds."""
+        self.health.enter_graceful_shutdown()
+        self.sessions.shm.close_all()  # ends the registration calls, which would otherwise hold the drain
+        self.grpc_server.stop(self.settings.drain_seconds if grace is None else grace).wait()
+        if self.janitor:
+            self.janitor.stop()
+        if getattr(self, "dashboard", None):
+            self.dashboard.stop()
+        self.telemetry.close()
+        failures = self.store.flush_all()
+        self.store.journal.close()
+        for session_id, why in failures:
+            log.error("session %s was not written at shutdown: %s", session_id, why)
+        if self.data_lock is not None:
+            self.data_lock.release()
+        return failures
+
+    def serve_forever(self) -> None:
+        """Run until SIGTERM or SIGINT, then drain and stop."""
+        stopping = threading.Event()
+
+        def on_signal(signum, frame):
+            log.info("signal %s: draining in-flight calls (up to %ss)", signum, self.settings.drain_seconds)
+            stopping.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        self.start()
+        print(f"optreg serving on {self.address}", flush=True)
+        if self.dashboard:
+            print(f"optreg dashboard on {self.dashboard.url}", flush=True)
+        # After the lines scripts read (the address first, then the dashboard's URL).
+        print(f"optreg sessions in {pathlib.Path(self.settings.data_dir).resolve()}" if self.settings.data_dir else
+              "optreg sessions in memory only (lost when the server stops)", flush=True)
+        log.info("optimizers: %s", ", ".join(self.registry.optimizers))
+        for f in self.registry.failures:
+            log.error("plugin %s failed: %s", f.plugin, f.reason)
+        wait_interruptibly(stopping)
+        failures = self.stop()
+        log.info("stopped")
+        return 1 if failures else 0
+
+
+def wait_interruptibly(event: threading.Event) -> None:
+    """event.wait() for the main thread, in slices. The kernel may deliver SIGTERM to any thread
+    (gRPC's among them); CPython then only marks its Python handler as due, and the main thread runs
+    it the next time it runs Python code: blocked in one untimed wait, it never would, and the
+    server ignored SIGTERM (seen once in a few dozen shutdowns)."""
+    while not event.wait(0.2):
+        pass
+
+
+def _telemetry(settings: Settings, registry: Registry, auth) -> TelemetryHub:
+    def effective_lr(optimizer: str):
+        found = registry.optimizers.get(optimizer)
+        return getattr(found.definition, "effective_lr", None) if found else None
+
+    hub = TelemetryHub(settings.data_dir or None, recent_steps=settings.telemetry_steps,
+                       effective_lr=effective_lr, auth=auth is not None)
+    hub.load_all()
+    return hub
+
+
+def _dashboard(settings: Settings, hub: TelemetryHub, auth):
+    """The web dashboard on its own thread, under the same loopback/TLS/token rule as the gRPC port."""
+    if settings.dashboard_port is None:
+        return None
+    from optreg.server.dashboard import DashboardServer  # aiohttp only when asked for
+    context = None
+    if settings.tls_cert and settings.tls_key:
+        import ssl
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    dashboard = DashboardServer(hub, settings.dashboard_host, settings.dashboard_port,
+                                token_hashes=auth.hashes if auth else None, ssl_context=context)
+    dashboard.start()
+    log.info("dashboard on %s", dashboard.url)
+    return dashboard
+
+
+def _bind(grpc_server, host: str, port: int, creds) -> int:
+    """Bind host:port (0: any free port) and return the port; OSError with one line when that fails."""
+    if not 0 <= port <= 65535:
+        raise OSError(f"port {port} is outside 0-65535")
+    bind = f"[{host}]:{port}" if ":" in host and "[" not in host else f"{host}:{port}"
+    if port and _in_use(host.strip("[]"), port):  # before gRPC, whose failed bind logs a C-core line too
+        raise OSError(f"port {port} on {host} is in use: another server is listening on it "
+                      "(stop it, or pick another --port; --port 0 picks a free one)")
+    try:
+        bound = grpc_server.add_secure_port(bind, creds) if creds else grpc_server.add_insecure_port(bind)
+    except RuntimeError:  # grpcio >= 1.60 raises where older ones returned 0
+        bound = 0
+    if bound:
+        return bound
+    raise OSError(f"could not listen on {host}:{port} (is {host} an address of this machine, "
+                  "and the port free?)")
+
+
+def _in_use(host: str, port: int) -> bool:
+    """Whether binding host:port fails with EADDRINUSE, tried as gRPC binds (SO_REUSEADDR, no SO_REUSEPORT)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError:
+        return False  # gRPC's own bind reports a bad host
+    for family, kind, proto, _, addr in infos:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(addr)
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    return True
+    return False
+
+
+class _Handlers:
+    """Stands in for a server to catch the generated code's method handlers."""
+
+    def add_generic_rpc_handlers(self, handlers):
+        pass
+
+    def add_registered_method_handlers(self, service, handlers):
+        self.service, self.handlers = service, dict(handlers)
+
+
+# StepStream messages of at least this many bytes that hold only chunks are decoded by
+# tensors.decode_request_chunks (no copy of their data; protobuf copies each bytes field when read);
+# smaller ones by protobuf, faster there than the Python decoder.
+DECODE_CHUNKS_ABOVE = 64 << 10
+
+
+def _add_session_service(servicer, server) -> None:
+    """The generated registration, except that StepStream's replies may come already encoded
+    (bytes from tensors.encode_stream_message: the updated parameters copied once, not four times)
+    and its requests come with their size on the wire, for the metrics (large chunk messages decoded
+    without copies, see DECODE_CHUNKS_ABOVE)."""
+    got = _Handlers()
+    session_pb2_grpc.add_SessionServiceServicer_to_server(servicer, got)
+    h = got.handlers["StepStream"]
+    parse = h.request_deserializer
+
+    def parse_sized(data):  # sized without ByteSize()
+        if len(data) >= DECODE_CHUNKS_ABOVE:  # a large chunk message: its tensors' bytes not copied
+            msg = tensors.decode_request_chunks(data)
+            if msg is not None:
+                return len(data), msg
+        return len(data), parse(data)
+    got.handlers["StepStream"] = grpc.stream_stream_rpc_method_handler(
+        h.stream_stream, request_deserializer=parse_sized,
+        response_serializer=tensors.serialize_passthrough(h.response_serializer))
+    h = got.handlers["Step"]  # Step's dense answers come encoded too (service._step_reply)
+    got.handlers["Step"] = grpc.unary_unary_rpc_method_handler(
+        h.unary_unary, request_deserializer=h.request_deserializer,
+        response_serializer=tensors.serialize_passthrough(h.response_serializer))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(got.service, got.handlers),))
+    server.add_registered_method_handlers(got.service, got.handlers)

@@ -1,0 +1,164 @@
+"""A new session from a plain config: everything checked before anything is allocated."""
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from optreg.plugins import HyperparameterError
+from optreg.server.model.errors import FailedPrecondition, InvalidArgument, NotFound, shown
+from optreg.server.model.session import (DURABILITIES, MASTER_DTYPES, MAX_STEP, REPLIES, Arrays, Durability, Session,
+                                         check_values)
+from optreg.v1 import tensor_pb2
+
+DT = tensor_pb2.DataType
+SESSION_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+SESSION_ID_RULE = "1-128 letters, digits, '_', '-' or '.', not starting with '.' or '-'"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for; each has a serve option (docs/durability.md, "Limits")."""
+    max_tensors: int = 4096  # parameters a session
+    max_name: int = 256  # characters in a tensor name
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    optimizer: str
+    hyperparameters: dict = field(default_factory=dict)
+    master_dtype: str = ""  # "float32" | "float64" | "" (that of the first parameter)
+    reply: str = "parameters"  # one of sessions.REPLIES
+    session_id: str = ""  # "" for a fresh random id
+    durability: str = ""  # one of sessions.DURABILITIES, "" for the server's default
+    periodic_steps: int = 0
+    periodic_seconds: float = 0.0
+    workers: object | None = None  # membership.WorkerConfig: a shared session
+
+
+def valid_id(session_id: str) -> bool:
+    return bool(SESSION_ID.fullmatch(session_id))
+
+
+class SessionFactory:
+    def __init__(self, registry, budget, limits: Limits, default_durability: str, has_disk: bool,
+                 periodic_steps: int, periodic_seconds: float):
+        self.registry = registry
+        self.budget = budget
+        self.limits = limits
+        self.default_durability = default_durability
+        self.has_disk = has_disk
+        self.periodic_steps = periodic_steps
+        self.periodic_seconds = periodic_seconds
+
+    def durability(self, config: SessionConfig) -> Durability:
+        mode = config.durability or self.default_durability
+        if mode not in DURABILITIES:
+            raise InvalidArgument(f"config.durability {shown(mode)} is not one of {', '.join(DURABILITIES)}")
+        if mode != "none" and not self.has_disk:
+            raise FailedPrecondition(f"durability {mode} needs a server started with a data directory (--data-dir); this one "
+                                     "keeps sessions in memory only (use durability none)")
+        if config.periodic_steps < 0 or config.periodic_seconds < 0 or not np.isfinite(config.periodic_seconds):
+            raise InvalidArgument("periodic_steps and periodic_seconds must be >= 0 (0: the server's default)")
+        if mode != "periodic":
+            return Durability(mode)
+        return Durability(mode, config.periodic_steps or self.periodic_steps,
+                          config.periodic_seconds or self.periodic_seconds)
+
+    def build(self, config: SessionConfig, params: dict[str, np.ndarray],
+              state: dict[str, dict[str, np.ndarray]] | None = None, initial_step: int = 0,
+              owner: str = "", adopt: bool = False) -> Session:
+        """A validated Session holding its own copies (counted against the budget); not yet in any index.
+        `adopt`: the arrays are the caller's to give away (a stream's freshly assembled upload): those
+        already in the master dtype and C order become the session's without a copy."""
+        try:
+            registered = self.registry.get(config.optimizer)
+        except KeyError as e:
+            raise NotFound(shown(e.args[0], 600)) from None
+        defn = registered.definition
+        try:
+            hp = defn.resolve(dict(config.hyperparameters))
+        except HyperparameterError as e:
+            raise InvalidArgument(str(e)) from None
+        if config.session_id and not valid_id(config.session_id):
+            raise InvalidArgument(f"session_id {shown(config.session_id)}: use {SESSION_ID_RULE}")
+        if not params:
+            raise InvalidArgument("parameters is empty: a session needs at least one named tensor")
+        if len(params) > self.limits.max_tensors:
+            raise InvalidArgument(f"{len(params)} parameters: a session takes at most {self.limits.max_tensors} "
+                                  "(--max-tensors); group small tensors into larger ones")
+        for name in params:
+            if not name or len(name) > self.limits.max_name:
+                raise InvalidArgument(f"parameter name {shown(name)}: use 1-{self.limits.max_name} characters")
+        if config.reply not in REPLIES:
+            raise InvalidArgument(f"config.step_reply {shown(config.reply)} is not one of {', '.join(REPLIES)}")
+        if not 0 <= initial_step < MAX_STEP:
+            raise InvalidArgument(f"initial_step {initial_step} must be in 0..{MAX_STEP - 1}")
+        master = config.master_dtype or ("float64" if next(iter(params.values())).dtype == np.float64 else "float32")
+        codes = {"float32": DT.DATA_TYPE_FLOAT32, "float64": DT.DATA_TYPE_FLOAT64}
+        if master not in codes:
+            raise InvalidArgument(f"config.master_dtype {shown(master)} is not supported; use float32 or float64")
+        dtype = MASTER_DTYPES[codes[master]]
+        durability = self.durability(config)
+        state = state or {}
+        declared = [s.name for s in defn.slots]
+        extra = set(state) - set(declared)
+        if extra:
+            raise InvalidArgument(f"state slot(s) {shown(', '.join(sorted(extra)))} unknown to {defn.name}; "
+                                  f"it keeps: {', '.join(sorted(declared)) or 'none'}")
+        if state and set(state) != set(declared):
+            raise InvalidArgument(f"state must give every slot of {defn.name} ({', '.join(sorted(declared))}) "
+                                  "or none")
+        for slot, arrays in state.items():
+            if set(arrays) != set(params):
+                raise InvalidArgument(f"state slot {slot!r} must have exactly the parameters' names")
+            for name, a in arrays.items():
+                if tuple(a.shape) != tuple(np.shape(params[name])):
+                    raise InvalidArgument(f"state {slot}/{shown(name)}: shape {list(a.shape)}, expected "
+                                          f"{list(np.shape(params[name]))}")
+        shapes = {n: tuple(np.shape(p)) for n, p in params.items()}
+        session = Session(config.session_id or uuid.uuid4().hex, registered, hp, codes[master], config.reply,
+                          durability, shapes, tuple(declared), step=initial_step, first_step=initial_step,
+                          owner=owner)
+        if config.workers is not None:
+            session.workers = config.workers.checked()
+            if session.workers.mode != "sync" and config.reply == "delta":
+                # A contribution applies to parameters other workers moved since this one read them: new - old
+                # would leave the worker's copy without their updates (sync rounds are read and applied whole).
+                raise InvalidArgument(
+                    f"config.step_reply delta with config.workers.mode {session.workers.mode}: a contribution's "
+                    "new - old would not bring the worker's copy up to date (other workers moved the parameters "
+                    "since it read them); use step_reply parameters (or none, and read), or mode sync")
+            if session.workers.scale_lr and "lr" not in hp:
+                raise InvalidArgument(f"config.workers.scale_lr_by_staleness: optimizer {defn.name} has no 'lr' "
+                                      "hyperparameter to scale; leave it false")
+
+        def build() -> Arrays:
+            copy = None if adopt else True
+            master_params = {n: np.array(p, dtype=dtype, order="C", copy=copy) for n, p in params.items()}
+            slots = {}
+            for slot in defn.slots:
+                given = state.get(slot.name)
+                slots[slot.name] = {
+                    n: (_filled(p.shape, slot.initial_value, dtype) if given is None
+                        else np.array(given[n], dtype=dtype, order="C", copy=copy))
+                    for n, p in master_params.items()}
+            return Arrays(master_params, slots)
+
+        session.live = self.budget.allocate(f"session {session.id}", session.set_bytes(), build)
+        problem = check_values(defn, session.live.params, session.live.state)  # as converted to the master dtype
+        if problem:
+            session.live = None
+            raise InvalidArgument(f"{problem}; nothing was created")
+        return session
+
+
+def _filled(shape, value: float, dtype) -> np.ndarray:
+    """A slot's initial array; zeros from calloc, so a large session's untouched pages cost no memory
+    until its first step writes them."""
+    a = np.zeros(shape, dtype)
+    if value != 0 or np.signbit(value):
+        a.fill(value)
+    return a

@@ -1,0 +1,323 @@
+"""The session store: the index of sessions and who owns each, their lifecycle (create, load,
+unload, delete), and the hooks every step calls (journal, metrics, observers).
+
+Locking: the store's `_lock` guards the index only; a session's tensors are touched under
+that session's own lock. Nothing holds the store lock while taking a session's lock, and
+eviction only *tries* other sessions' locks, so there is no lock order to get wrong.
+
+Token rule: a session belongs to the token that created it and is invisible to every
+other token (PERMISSION_DENIED, whether or not it exists). A session created while the
+server had no tokens has no owner and stays open to every token.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+
+from optreg.plugins import HyperparameterError
+from optreg.plugins.registry import Registry
+from optreg.server.model.budget import MemoryBudget
+from optreg.server.model.errors import (AlreadyExists, DataLoss, FailedPrecondition, InvalidArgument, NotFound,
+                                  PermissionDenied, Refused, shown, write_failed)
+from optreg.server.sessions.factory import Limits, SessionConfig, SessionFactory
+from optreg.server.steps import sparse_rows as sparse
+from optreg.server.steps.replay import replay
+from optreg.server.storage.journal import NoJournal
+from optreg.server.model.session import SPARE_MIN_BYTES, Arrays, Session, SetPool
+
+log = logging.getLogger("optreg.server.sessions.store")
+
+
+class SessionStore:
+    def __init__(self, registry: Registry, journal=None, *, budget: MemoryBudget | None = None,
+                 limits: Limits = Limits(), default_durability: str | None = None, periodic_steps: int = 100,
+                 periodic_seconds: float = 30.0, idle_seconds: float = 0.0, auth: bool = False, metrics=None):
+        self.registry = registry
+        self.journal = journal or NoJournal()
+        self.budget = budget or MemoryBudget(0)
+        self.budget.make_room = self._make_room
+        self.limits = limits
+        has_disk = not isinstance(self.journal, NoJournal)
+        self.factory = SessionFactory(registry, self.budget, limits,
+                                      default_durability or ("log" if has_disk else "none"), has_disk,
+                                      periodic_steps, periodic_seconds)
+        self.idle_seconds = idle_seconds
+        self.auth = auth
+        self.metrics = metrics
+        self.observers: list = []  # objects with on_step(session, run, seconds) / on_refused / on_delete
+        self._sessions: dict[str, Session] = {}
+        self._unreadable: dict[str, str] = {}  # id -> why its files could not be read at start
+        self._lock = threading.Lock()
+        self.pool = SetPool()  # small sets, recycled across steps and sessions (allocate_set, recycle)
+
+    # -- access ------------------------------------------------------------
+    def missing(self, session_id: str) -> Refused:
+        if self.auth:  # the same answer whether the session is absent or another token's
+            return PermissionDenied(f"session {shown(session_id)} does not exist or belongs to another token")
+        return NotFound(f"session {shown(session_id)} not found")
+
+    def index_of(self, session: Session) -> Session | None:
+        return self._sessions.get(session.id)
+
+    def get(self, session_id: str, owner: str = "") -> Session:
+        """The session's record (its tensors may be unloaded)."""
+        if not session_id:
+            raise InvalidArgument("session_id is empty: pass the id CreateSession returned")
+        session = self._sessions.get(session_id)
+        if session is None and session_id in self._unreadable:
+            raise DataLoss(f"session {shown(session_id)} could not be loaded at start: "
+                           f"{shown(self._unreadable[session_id], 600)}; its files are kept")
+        if session is None or (self.auth and session.owner and session.owner != owner):
+            raise self.missing(session_id)
+        return session
+
+    def list(self, owner: str = "") -> list[Session]:
+        with self._lock:
+            return [s for s in self._sessions.values() if not self.auth or not s.owner or s.owner == owner]
+
+    def list_all(self) -> list[Session]:
+        with self._lock:
+            return list(self._sessions.values())
+
+    def ensure_loaded(self, session: Session) -> None:
+        """Caller holds the session's lock: its tensors in memory, or DATA_LOSS / NOT_FOUND."""
+        if self._sessions.get(session.id) is not session:  # deleted (maybe re-created) while we waited
+            raise self.missing(session.id)
+        if session.missing:
+            raise FailedPrecondition(
+                f"session {session.id} needs optimizer {shown(session.missing)}, which is not installed on this "
+                "server: install the plugin that provides it (`optreg plugins` lists what is installed) and restart "
+                "the server; the session's files are kept")
+        if session.quarantined:
+            raise DataLoss(f"session {session.id} is quarantined: {session.quarantined}")
+        session.last_used_at = time.time()
+        if session.live is None:
+            self._load(session)
+
+    def read(self, session_id: str, owner: str = ""):
+        """(session, its live set marked read, the step it holds): read the set outside the lock, then
+        `done_reading`."""
+        session = self.get(session_id, owner)
+        with session.lock:
+            self.ensure_loaded(session)
+            arrays = sparse.read_view(self, session)  # the live set, or dense-equivalent copies of lazy rows
+            return session, arrays, session.step
+
+    @staticmethod
+    def done_reading(session: Session, arrays: Arrays) -> None:
+        with session.lock:
+            arrays.readers -= 1
+            sparse.done_reading(arrays)
+
+    def allocate_set(self, session: Session, what: str) -> Arrays:
+        """A set for a copy of `session`'s tensors (contents undefined: the caller overwrites all of it)."""
+        nbytes = session.set_nbytes
+        if nbytes < SPARE_MIN_BYTES:
+            arrays = self.pool.take(session.layout)
+            if arrays is not None:
+                return arrays
+        return self.budget.allocate(f"{what} of session {session.id}", nbytes, session.live.blank)
+
+    def recycle(self, session: Session, arrays: Arrays) -> None:
+        """Caller holds the session's lock: a set nobody reads any more (replaced by a commit, or an
+        unfinished step's staging) becomes a later step's staging: the session's spare when large,
+        the store's pool when small."""
+        if arrays.readers:
+            return
+        nbytes = session.set_nbytes
+        if nbytes >= SPARE_MIN_BYTES:
+            session.keep_spare(arrays)
+        else:
+            self.pool.give(session.layout, arrays, nbytes)
+
+    # -- lifecycle -----------------------------------------------------------
+    def create(self, config: SessionConfig, params, state=None, initial_step: int = 0, owner: str = "",
+               adopt: bool = False) -> Session:
+        session = self.factory.build(config, params, state, initial_step, owner, adopt)
+        with self._lock:
+            existing = self._sessions.get(session.id)
+            if existing is not None:
+                if self.auth and existing.owner and existing.owner != owner:
+                    raise self.missing(session.id)
+                why = f" (it needs optimizer {shown(existing.missing)}, not installed here)" if existing.missing else ""
+                raise AlreadyExists(f"session {session.id} already exists{why}; attach to it, or delete it first")
+            if session.id in self._unreadable:
+                raise FailedPrecondition(
+                    f"session {session.id} has files in the data directory that could not be loaded "
+                    f"({self._unreadable[session.id]}); install what it needs and restart, or move them away")
+            self._sessions[session.id] = session
+        with session.lock:
+            try:
+                self.journal.create(session)
+            except OSError as e:  # not created after all: a retry with the same id works
+                with self._lock:
+                    self._sessions.pop(session.id, None)
+                raise write_failed(e, f"session {session.id}") from None
+        log.info("session %s created: %s, durability %s", session.id, session.optimizer.definition.name,
+                 session.durability.mode, extra={"session_id": session.id, "step": initial_step})
+        self._gauges()
+        return session
+
+    def delete(self, session_id: str, owner: str = "") -> None:
+        session = self.get(session_id, owner)
+        with session.lock:
+            if self._sessions.get(session_id) is not session:
+                raise self.missing(session_id)
+            self.journal.delete(session)  # the files go before the index entry
+            with self._lock:
+                self._sessions.pop(session_id, None)
+            session.live = session.spare = session.last_delta = None
+        for o in self.observers:
+            o.on_delete(session)
+        log.info("session %s deleted", session_id, extra={"session_id": session_id})
+        self._gauges()
+
+    def set_hyperparameters(self, session_id: str, values: dict, owner: str = "",
+                            timeout: float | None = None) -> Session:
+        """Change them for the steps to come; a durable session's steps in flight commit first, with the
+        values they began with (waited for up to `timeout` seconds, then DeadlineExceeded)."""
+        session = self.get(session_id, owner)
+        with session.lock:
+            self.journal.wait_for_steps(session, timeout)  # lets the lock go while it waits
+            self.ensure_loaded(session)
+            try:
+                hp = session.optimizer.definition.resolve(values, base=session.hyperparameters)
+            except HyperparameterError as e:
+                raise InvalidArgument(str(e)) from None
+            settled = None
+            if sparse.owes(session):  # rows owed steps catch up with the hyperparameters those steps ran with
+                settled, old = sparse.settled_copy(self, session), (session.live, session.clocks)
+                session.live, session.clocks = settled, {}  # what the snapshot holds
+            try:
+                self.journal.hyperparameters(session, hp)  # on disk first: a failed write changes nothing
+            except BaseException:
+                if settled is not None:
+                    session.live, session.clocks = old
+                raise
+            if settled is not None:
+                session.live, session.clocks = old
+                sparse.swap(session, settled)
+            session.hyperparameters = hp
+        return session
+
+    # -- the step's hooks (pipeline.StepRun) ---------------------------------------
+    def after_commit(self, session: Session) -> None:
+        """Caller holds the lock; the step is committed."""
+        self.journal.after_commit(session)
+
+    def stepped(self, session: Session, run, seconds: float) -> None:
+        if self.metrics:
+            self.metrics.step(seconds, run.result.replayed)
+        for o in self.observers:
+            o.on_step(session, run)
+
+    def refused(self, session: Session, run) -> None:
+        for o in self.observers:
+            o.on_refused(session, run)
+
+    # -- loading and unloading --------------------------------------------
+    def open_all(self) -> int:
+        """Register every session in the data directory, unloaded (read on first use)."""
+        for sid, meta_or_error in self.journal.scan():
+            if isinstance(meta_or_error, Exception):
+                log.error("session %s not loaded: %s", sid, meta_or_error, extra={"session_id": sid})
+                self._unreadable[sid] = str(meta_or_error)  # its id stays taken: nothing overwrites its files
+                continue
+            try:
+                session = self.journal.session_from(meta_or_error, self.registry)
+            except Exception as e:
+                log.error("session %s not loaded: %s", sid, e, extra={"session_id": sid})
+                self._unreadable[sid] = f"{type(e).__name__}: {e}"
+                continue
+            self._sessions[sid] = session
+        self._gauges()
+        return len(self._sessions)
+
+    def _load(self, session: Session) -> None:
+        """Read the session's tensors from disk. Caller holds its lock."""
+        try:
+            self.journal.load(session, self.budget, replay)
+        except Refused:
+            raise
+        except Exception as e:
+            session.quarantined = f"its files could not be read: {e}"
+            log.error("session %s quarantined: %s", session.id, e, extra={"session_id": session.id})
+            raise DataLoss(f"session {session.id} is quarantined: {session.quarantined}") from None
+        log.info("session %s loaded at step %d", session.id, session.step,
+                 extra={"session_id": session.id, "step": session.step})
+        self._gauges()
+
+    def _unload(self, session: Session) -> bool:
+        """Write and drop the tensors of an idle durable session. Caller holds its lock."""
+        if (session.live is None or session.durability.mode == "none" or session.live.readers
+                or session.resident is not None or self._sessions.get(session.id) is not session):
+            return False
+        self.journal.flush(session)
+        session.live = session.spare = None  # their budget goes when they are collected
+        log.info("session %s unloaded at step %d", session.id, session.step,
+                 extra={"session_id": session.id, "step": session.step})
+        self._gauges()
+        return True
+
+    def _make_room(self, nbytes: int) -> bool:
+        """Free memory for a reservation: drop the pooled small sets and idle sessions' spare sets, then
+        unload idle durable ones."""
+        if self.pool.clear():  # no cycles hold them: their budget is released as the references go
+            return True
+        with self._lock:
+            candidates = sorted((s for s in self._sessions.values() if s.live is not None),
+                                key=lambda s: s.last_used_at)
+        for s in candidates:
+            if s.lock.acquire(blocking=False):
+                try:
+                    if s.spare is not None:
+                        s.spare = None
+                        return True
+                    if self._unload(s):
+                        return True
+                except OSError as e:
+                    log.error("session %s could not be unloaded: %s", s.id, e)
+                finally:
+                    s.lock.release()
+        return False
+
+    def flush_all(self) -> list[tuple[str, str]]:
+        """Write every session with unsaved changes (at shutdown). Tries every one; returns the failures."""
+        failures = []
+        for s in self.list_all():
+            if s.durability.mode == "none" or s.live is None:
+                continue
+            with s.lock:
+                try:
+                    if self._sessions.get(s.id) is s and s.live is not None:
+                        self.journal.flush(s)
+                except Exception as e:
+                    log.error("session %s could not be written at shutdown: %s", s.id, e,
+                              extra={"session_id": s.id})
+                    failures.append((s.id, str(e)))
+        return failures
+
+    def tick(self) -> None:
+        """Janitor: periodic snapshots past their window, idle sessions unloaded."""
+        now = time.time()
+        for s in self.list_all():
+            if s.live is None or s.durability.mode == "none" or not s.lock.acquire(blocking=False):
+                continue
+            try:
+                if self.idle_seconds and now - s.last_used_at >= self.idle_seconds:
+                    self._unload(s)
+                elif self._sessions.get(s.id) is s and s.live is not None:
+                    self.journal.tick(s)
+            except OSError as e:
+                log.error("session %s: background write failed: %s", s.id, e, extra={"session_id": s.id})
+            finally:
+                s.lock.release()
+
+    def _gauges(self) -> None:
+        if self.metrics:
+            with self._lock:
+                loaded = sum(1 for s in self._sessions.values() if s.live is not None)
+                on_disk = sum(1 for s in self._sessions.values() if s.persisted_step >= 0)
+            self.metrics.sessions(loaded, on_disk, self.budget.held)

@@ -1,0 +1,736 @@
+"""Where sessions' steps go to be durable: a data directory of snapshots and write-ahead logs.
+
+State on disk = the session's latest snapshot (DIR/sessions/<id>.safetensors, checked,
+written atomically) + its log (DIR/sessions/<id>.wal): one record per step applied since,
+holding what was new in the step (fence, step, hyperparameters in force, the gradients as
+received, checksums). Recovery replays the records through the same kernels as the steps
+took, which are deterministic, so the recovered state equals the uninterrupted one bit
+for bit. An optimizer that declares itself not deterministic is logged by its results.
+
+Modes (a session's `durability`):
+    every-step  the record is fsync'd before the step is committed (group commit: sessions
+                stepping at once share fsyncs)
+    log         (the default) the record is written to the OS before the commit: a crash of
+                the server loses nothing acknowledged; fsync'd within a second
+    periodic    no log; a snapshot every periodic_steps steps or periodic_seconds seconds
+    none        nothing written
+
+Snapshots are taken when the log outgrows the session (LOG_FACTOR times its size, at least
+LOG_MIN bytes) or has waited SNAPSHOT_SECONDS while the session is idle, at a clean stop,
+before an unload and on a hyperparameter change; the log is emptied after each.
+NoJournal is the memory-only server's: nothing is written.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import math
+import pathlib
+import threading
+import time
+
+import numpy as np
+
+from optreg.plugins import HyperparameterError, Optimizer, Slot
+from optreg.plugins.registry import Registered
+from optreg.server.model import errors
+from optreg.server.storage import snapshot
+from optreg.server.storage import wal
+from optreg.server.model.errors import InvalidArgument, NotFound
+from optreg.server.storage.fsync import GroupSyncer, fsync_dir
+from optreg.server.model.workers import LR_SCALED, WorkerConfig
+from optreg.server.model.session import (DTYPE_NAMES, DURABILITIES, MAX_STEP, REPLIES, Arrays, Durability, Session,
+                                         check_values)
+from optreg.v1 import tensors
+
+log = logging.getLogger("optreg.server.storage.journal")
+DTYPE_CODES = {v: k for k, v in DTYPE_NAMES.items()}
+SNAPSHOT = ".safetensors"
+LOG_FACTOR = 8  # the log may grow to this many times the session's size before a snapshot is forced
+LOG_MIN = 64 << 20
+SNAPSHOT_SECONDS = 60.0  # an idle session whose log is older than this gets a snapshot
+IDLE_SECONDS = 2.0
+SYNC = {"every-step": "fsync", "log": "os"}
+
+
+class NullRecord:
+    def add(self, name, code, shape, start, data) -> None:
+        pass
+
+    def renumber(self, step: int, hyperparameters: dict) -> None:
+        pass
+
+    def add_array(self, key, array) -> None:
+        pass
+
+    def commit(self, arrays=None) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+
+NULL_RECORD = NullRecord()
+
+
+class _WindowGate(NullRecord):
+    """A periodic session's step: no log, but its commit (under the lock, before the swap) checks the
+    window. When the snapshot that should have closed it failed (a full disk), it is tried again now,
+    and the step is refused if it fails again: acknowledging more steps would let a crash lose more
+    than the window the session promises."""
+
+    def __init__(self, journal: "Journal", session: Session):
+        self.journal, self.session = journal, session
+
+    def commit(self, arrays=None) -> None:
+        s = self.session
+        if self.journal.window_overdue(s):
+            try:
+                self.journal._snapshot(s)
+            except OSError as e:
+                raise write_failed(s, e, f"the periodic snapshot of step {s.step} (taken every "
+                                         f"{s.durability.periodic_steps} steps or {s.durability.periodic_seconds:g} s)"
+                                   ) from None
+
+
+class NoJournal:
+    """Memory-only server: nothing is written."""
+
+    def create(self, session): pass
+    def begin(self, session, step, fence, hp, metrics, extras=None): return NULL_RECORD
+    def mend(self, session): pass
+    def after_commit(self, session): pass
+    def hyperparameters(self, session, hp): pass
+    def wait_turn(self, session): pass
+    def wait_for_steps(self, session, timeout): pass
+    def delete(self, session): pass
+    def scan(self): return iter(())
+    def flush(self, session): pass
+    def tick(self, session): pass
+    def close(self): pass
+
+    def load(self, session, budget):  # pragma: no cover - memory-only sessions are never unloaded
+        raise RuntimeError("memory-only sessions are never unloaded")
+
+
+def write_failed(session: Session, e: OSError, what: str) -> Exception:
+    """A failed write as the refusal a client can act on; nothing was changed in memory."""
+    return errors.write_failed(e, f"session {session.id}: {what}")
+
+
+def meta_of(s: Session, hyperparameters: dict | None = None) -> dict:
+    return {"session_id": s.id, "optimizer": s.optimizer.definition.name, "plugin": s.optimizer.plugin,
+            "hyperparameters": {k: float(v) for k, v in (hyperparameters or s.hyperparameters).items()},
+            "step": s.step, "first_step": s.first_step, "master_dtype": DTYPE_NAMES[s.master_code], "reply": s.reply,
+            "created_at": s.created_at, "last_used_at": s.last_used_at, "owner": s.owner,
+            "durability": s.durability.mode,
+            "periodic_steps": s.durability.periodic_steps, "periodic_seconds": s.durability.periodic_seconds,
+            "shapes": {n: list(v) for n, v in s.shapes.items()}, "slots": list(s.slot_names),
+            "workers": s.workers.to_meta() if s.workers is not None else None, "round_record": s.round_record,
+            "worker_rounds": s.worker_rounds, "worker_clocks": s.worker_clocks}
+
+
+def snapshot_arrays(s: Session) -> tuple[dict, dict]:
+    """(file key -> array, key -> [kind, slot, name]) for a session's live set and last delta."""
+    arrays, table = {}, {}
+    for name, a in s.live.params.items():
+        arrays[f"params/{name}"], table[f"params/{name}"] = a, ["params", "", name]
+    for slot, arrs in s.live.state.items():
+        for name, a in arrs.items():
+            arrays[f"state/{slot}/{name}"], table[f"state/{slot}/{name}"] = a, ["state", slot, name]
+    for name, a in (s.last_delta or {}).items():
+        arrays[f"last_delta/{name}"], table[f"last_delta/{name}"] = a, ["last_delta", "", name]
+    for name, a in s.clocks.items():  # sparse rows: the step each row of a lazy parameter is current through
+        arrays[f"clock/{name}"], table[f"clock/{name}"] = a, ["clock", "", name]
+    return arrays, table
+
+
+NOT_INSTALLED = "(not installed)"
+
+
+def not_installed(name: str, slots) -> Registered:
+    """What a session on disk names as its optimizer when no installed plugin provides it: enough to
+    list the session and say why it cannot step (its slots as its files name them)."""
+    def update(*args, **kwargs):
+        raise RuntimeError(f"optimizer {name!r} is not installed")
+    return Registered(Optimizer(name=name, summary="not installed on this server", update=update,
+                                slots=tuple(Slot(n) for n in slots)), NOT_INSTALLED, "", "")
+
+
+def check_meta(meta: dict, path) -> None:
+    """Every metadata value a session is built from, of the type and in the range it must have: a
+    checksum proves a file is as written, not that what was written is usable (a step of 2**70, a
+    durability that does not exist). CorruptFile naming the file and the field otherwise. Shared by the
+    data directory's snapshots and `optreg sessions export` files (optreg.app.sessionfile)."""
+    def bad(field, rule):
+        return snapshot.CorruptFile(path, f"metadata {field} {str(meta.get(field))[:80]!r}: {rule}")
+
+    def number(v):
+        return type(v) in (int, float) and math.isfinite(v)
+
+    def count(v):
+        return type(v) is int and v >= 0
+
+    rules = {
+        "session_id": (lambda v: type(v) is str, "must be a string"),
+        "optimizer": (lambda v: type(v) is str, "must be a string"),
+        "hyperparameters": (lambda v: type(v) is dict and all(type(k) is str and type(x) in (int, float, bool)
+                                                               for k, x in v.items()), "must map names to numbers"),
+        "step": (lambda v: type(v) is int and 0 <= v <= MAX_STEP, f"must be an integer in 0..{MAX_STEP}"),
+        "master_dtype": (lambda v: v in DTYPE_CODES, f"must be one of {', '.join(DTYPE_CODES)}"),
+        "reply": (lambda v: v in REPLIES, f"must be one of {', '.join(REPLIES)}"),
+        "durability": (lambda v: v in DURABILITIES, f"must be one of {', '.join(DURABILITIES)}"),
+        "periodic_steps": (count, "must be an integer >= 0"),
+        "periodic_seconds": (lambda v: number(v) and v >= 0, "must be a number >= 0"),
+        "created_at": (lambda v: v is None or number(v), "must be a time in seconds"),
+        "shapes": (lambda v: type(v) is dict and v and all(
+            type(k) is str and type(d) is list and len(d) <= 64 and all(count(n) for n in d) for k, d in v.items()),
+            "must map parameter names to shapes (lists of integers >= 0)"),
+        "slots": (lambda v: type(v) is list and all(type(x) is str for x in v), "must be a list of slot names"),
+        "tensors": (lambda v: type(v) is dict and all(type(t) is list and len(t) == 3 and all(type(x) is str for x in t)
+                                                      for t in v.values()), "must map keys to [kind, slot, name]"),
+    }
+    optional = {  # the data directory's alone
+        "owner": (lambda v: type(v) is str, "must be a string"),
+        "first_step": (lambda v: type(v) is int and 0 <= v <= MAX_STEP, f"must be an integer in 0..{MAX_STEP}"),
+        "last_used_at": (lambda v: v is None or number(v), "must be a time in seconds"),
+        "saved_at": (lambda v: v is None or number(v), "must be a time in seconds"),
+        "round_record": (lambda v: v is None or type(v) is dict, "must be an object"),
+        "worker_rounds": (lambda v: type(v) is dict and all(type(x) is int for x in v.values()),
+                          "must map workers to rounds"),
+        "worker_clocks": (lambda v: type(v) is dict and all(type(x) is int for x in v.values()),
+                          "must map workers to clocks"),
+    }
+    if not isinstance(meta, dict):
+        raise snapshot.CorruptFile(path, "metadata is not an object")
+    for field, (ok, rule) in rules.items():
+        if field not in meta:
+            raise snapshot.CorruptFile(path, f"metadata has no {field}")
+        if not ok(meta[field]):
+            raise bad(field, rule)
+    for field, (ok, rule) in optional.items():
+        if field in meta and not ok(meta[field]):
+            raise bad(field, rule)
+    workers = meta.get("workers")
+    if workers is not None:
+        try:
+            WorkerConfig(**workers).checked()
+        except (TypeError, ValueError, InvalidArgument) as e:
+            raise bad("workers", f"not a valid worker setup ({e})") from None
+
+
+def check_against_meta(meta: dict, arrays: dict, path, clocks: dict | None = None) -> tuple[dict, dict, dict | None]:
+    """Split a snapshot's arrays into params, state and last delta, each checked against the metadata's
+    shapes, slots and master dtype (a well-formed file that disagrees with itself is corrupt); sparse
+    rows' clocks go into `clocks`."""
+    dtype = np.dtype(meta["master_dtype"])
+    shapes = {n: tuple(v) for n, v in meta["shapes"].items()}
+    params, state, delta = {}, {s: {} for s in meta["slots"]}, {}
+    for key, (kind, slot, name) in meta["tensors"].items():
+        a = arrays.get(key)
+        if a is None:
+            raise snapshot.CorruptFile(path, f"tensor {key!r} named in the metadata is missing")
+        if kind == "clock":
+            shape = shapes.get(name, ())
+            if len(shape) != 2 or a.shape != shape[:1] or a.dtype != np.int64 or (a.size and a.max() > meta["step"]):
+                raise snapshot.CorruptFile(path, f"row clocks {key!r} do not fit parameter {name!r}")
+            if clocks is not None:
+                clocks[name] = np.array(a)
+            continue
+        if name not in shapes or a.shape != shapes[name] or a.dtype != dtype:
+            raise snapshot.CorruptFile(path, f"tensor {key!r} is {a.dtype} {list(a.shape)}, but the metadata says "
+                                             f"{dtype} {list(shapes.get(name, ()))}")
+        if kind == "params":
+            params[name] = a
+        elif kind == "state" and slot in state:
+            state[slot][name] = a
+        elif kind == "last_delta":
+            delta[name] = a
+        else:
+            raise snapshot.CorruptFile(path, f"tensor {key!r}: unknown kind or slot")
+    if set(params) != set(shapes) or any(set(v) != set(shapes) for v in state.values()):
+        raise snapshot.CorruptFile(path, "the tensors do not cover every parameter and slot")
+    return params, state, delta or None
+
+
+# Chunks at least this large are written by the log's writer thread, overlapped with the step's update
+# and the next chunk's transfer; smaller ones inline (a thread hand-off would cost more than the write).
+BACKGROUND_WRITE = 256 << 10
+_writer = None
+
+
+def _background():
+    global _writer
+    if _writer is None:
+        from concurrent.futures import ThreadPoolExecutor
+        _writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="optreg-log")  # FIFO: frames in order
+    return _writer
+
+
+class _Record:
+    """A step's log record, written as its gradients arrive (see pipeline.StepRun). Whole small tensors
+    wait (copied) while nothing of the record is written: a record of only those (a small unary step's)
+    goes out at commit as one wal.Log.append; anything else opens a wal.RecordWriter, which writes the
+    rest as it comes."""
+
+    def __init__(self, journal: "Journal", session: Session, lg: wal.Log, step: int, fence, hp, extras: dict,
+                 results: bool):
+        self.journal, self.session, self.log, self.results = journal, session, lg, results
+        self.step, self.fence, self.hp, self.extras = step, fence, hp, extras
+        self.writer: wal.RecordWriter | None = None
+        self.hyperparameters = None  # None: those given to begin()
+        self.waiting: list = []  # (name, dtype, shape, bytes) of whole small tensors, while there is no writer
+        self.waiting_bytes = 0
+        self.nbytes = 0
+        self.pending: list = []
+        self.open = True
+        journal.count_open(session, +1)
+
+    def _closed(self) -> None:
+        if self.open:
+            self.open = False
+            self.journal.count_open(self.session, -1)
+
+    def _failed(self, e: Exception) -> Exception:
+        """A write's failure as the refusal to send: the log closed under the record means its session
+        was deleted meanwhile (a new session may hold the id, with a log of its own)."""
+        if self.log.closed:
+            return NotFound(f"session {self.session.id} was deleted while step {self.step} was in flight; "
+                            "it was not applied")
+        return write_failed(self.session, e, f"the log record of step {self.step}") if isinstance(e, OSError) else e
+
+    def _writer(self) -> wal.RecordWriter:
+        """The record's writer, opened (its BEGIN frame pending) with the tensors that waited."""
+        if self.writer is None:
+            try:
+                self.writer = self.log.begin(self.step, self.fence, self.hp, self.extras)
+                for name, dtype, shape, data in self.waiting:
+                    self.writer.add(name, dtype, shape, 0, data)
+            except (OSError, ValueError) as e:
+                raise self._failed(e) from None
+            self.waiting = []
+        return self.writer
+
+    def add(self, name, code, shape, start, data) -> None:
+        if self.results:
+            return
+        self.nbytes += data.nbytes
+        if (self.writer is None and start == 0 and data.size == math.prod(shape)
+                and self.waiting_bytes + data.nbytes <= wal.DEFER_BYTES):
+            self.waiting.append((name, tensors.DTYPES[code], shape, data.tobytes()))
+            self.waiting_bytes += data.nbytes
+            return
+        writer = self._writer()
+        if data.nbytes >= BACKGROUND_WRITE:
+            self.pending.append(_background().submit(writer.add, name, tensors.DTYPES[code], shape, start, data))
+            return
+        self._settle()
+        try:
+            writer.add(name, tensors.DTYPES[code], shape, start, data)
+        except (OSError, ValueError) as e:
+            raise self._failed(e) from None
+
+    def _settle(self) -> None:
+        """Wait for the chunks handed to the writer thread; raise the first failure."""
+        pending, self.pending = self.pending, []
+        error = None
+        for f in pending:
+            e = f.exception()
+            error = error or e
+        if error is not None:
+            raise self._failed(error)
+
+    def add_array(self, key: str, array: np.ndarray) -> None:
+        """A whole array the step needs replayed with it (a sparse step's rows and values)."""
+        self.nbytes += array.nbytes
+        writer = self._writer()
+        self._settle()
+        try:
+            writer.add(key, array.dtype, array.shape, 0, np.ascontiguousarray(array).reshape(-1))
+        except (OSError, ValueError) as e:
+            raise self._failed(e) from None
+
+    def renumber(self, step: int, hyperparameters: dict) -> None:
+        """An unfenced step learns its number, and the hyperparameters it ran with, at commit."""
+        self.step, self.hyperparameters = step, hyperparameters
+
+    def commit(self, arrays: Arrays | None = None) -> None:
+        try:
+            if self.writer is None and not self.results:
+                hp = self.hp if self.hyperparameters is None else self.hyperparameters
+                self.log.append(self.step, self.fence, hp, self.extras, self.waiting)
+            else:
+                writer = self._writer()
+                self._settle()
+                if self.results and arrays is not None:  # not deterministic: log what it computed
+                    for name, p in arrays.params.items():
+                        writer.add(f"p/{name}", p.dtype, p.shape, 0, p.reshape(-1))
+                    for slot, arrs in arrays.state.items():
+                        for name, a in arrs.items():
+                            writer.add(f"s/{slot}/{name}", a.dtype, a.shape, 0, a.reshape(-1))
+                writer.commit(self.step, hyperparameters=self.hyperparameters,
+                              extras={**self.extras, "kind": "result"} if self.results else None)
+        except OSError as e:
+            self._abort_writer()
+            raise write_failed(self.session, e, f"the log record of step {self.step}") from None
+        except BaseException:
+            self._abort_writer()
+            raise
+        self._closed()
+        if self.journal.metrics:
+            self.journal.metrics.log_record(self.nbytes)
+
+    def _abort_writer(self) -> None:
+        if self.writer is not None:
+            self.writer.abort()
+        self._closed()
+
+    def abort(self) -> None:
+        try:
+            self._settle()
+        except Exception:
+            pass  # the record is void either way
+        self._abort_writer()
+
+
+class Journal:
+    """A data directory: DIR/sessions/<id>.safetensors and <id>.wal for every durable session."""
+
+    def __init__(self, root: pathlib.Path, metrics=None, syncer: GroupSyncer | None = None):
+        self.dir = pathlib.Path(root) / "sessions"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for stale in self.dir.glob(".*.tmp"):  # a write cut short by a crash
+            stale.unlink(missing_ok=True)
+        self.metrics = metrics
+        self.syncer = syncer or GroupSyncer()
+        self._logs: dict[str, wal.Log] = {}
+        self._snapshot_at: dict[str, float] = {}
+        # session -> its steps whose log records are open. By the object, not the id: a deleted session's
+        # stream may still hold a record (of its own, closed log) while a new session takes the id.
+        self._inflight: dict[Session, int] = {}
+        self._queued: dict[Session, int] = {}  # session -> its hyperparameter changes waiting for them
+        self._turns = threading.Condition(threading.Lock())  # guards both; notified as they empty
+
+    def count_open(self, session: Session, delta: int) -> None:
+        with self._turns:
+            n = self._inflight.get(session, 0) + delta
+            if n > 0:
+                self._inflight[session] = n
+            else:
+                self._inflight.pop(session, None)
+                self._turns.notify_all()
+
+    def wait_turn(self, session: Session) -> None:
+        """A step about to begin (not holding its session's lock) waits while a hyperparameter change of
+        the session waits for the steps before it: the change goes first, so steps cannot starve it."""
+        if session in self._queued:  # (a dict read: nothing on a step's path otherwise)
+            with self._turns:
+                self._turns.wait_for(lambda: session not in self._queued)
+
+    def wait_for_steps(self, s: Session, timeout: float | None) -> None:
+        """Caller holds s's lock: return, holding it, once no step of s has its log record open. The
+        lock is let go meanwhile (their commits need it), and steps not yet begun wait (wait_turn): a
+        change to the session's snapshot queues behind the steps in flight, which began with the
+        values in force before it. DeadlineExceeded if `timeout` seconds pass first."""
+        if not self._inflight.get(s):
+            return
+        end = None if timeout is None else time.monotonic() + timeout
+        with self._turns:
+            self._queued[s] = self._queued.get(s, 0) + 1
+        try:
+            while self._inflight.get(s):
+                s.lock.release()
+                try:
+                    with self._turns:
+                        done = self._turns.wait_for(lambda: not self._inflight.get(s),
+                                                    None if end is None else end - time.monotonic())
+                finally:
+                    s.lock.acquire()
+                if not done:
+                    raise errors.DeadlineExceeded(
+                        f"session {s.id}: the call's deadline passed while a step of it was in flight (this "
+                        "change waits for it); nothing was changed: retry, or give the call a longer deadline")
+        finally:
+            with self._turns:
+                n = self._queued.pop(s) - 1
+                if n:
+                    self._queued[s] = n
+                self._turns.notify_all()
+
+    def snapshot_path(self, session_id: str) -> pathlib.Path:
+        return self.dir / f"{session_id}{SNAPSHOT}"
+
+    def log_path(self, session_id: str) -> pathlib.Path:
+        return wal.path_for(self.dir, session_id)
+
+    # -- snapshots ------------------------------------------------------------------------
+    def _snapshot(self, s: Session, hyperparameters: dict | None = None) -> None:
+        """Write the session's snapshot, then empty its log. Caller holds its lock; its set is loaded.
+        OSError (EBUSY) before anything is written while a step's log record is open: the log cannot
+        be emptied under it, and that step commits hyperparameters resolved before this snapshot."""
+        if self._inflight.get(s):
+            raise OSError(errno.EBUSY, "a step of this session is in flight (its log record is open)")
+        arrays, table = snapshot_arrays(s)
+        meta = dict(meta_of(s, hyperparameters), tensors=table, saved_at=time.time())
+        durable = True
+        try:
+            size = snapshot.write(self.snapshot_path(s.id), meta, arrays)
+        except snapshot.RenameNotDurable as e:  # the file holds this state: it is written, not yet durable
+            log.error("session %s: %s; its log is kept", s.id, e, extra={"session_id": s.id})
+            durable, size = False, self.snapshot_path(s.id).stat().st_size
+        lg = self._logs.get(s.id)
+        if lg is not None and durable and lg.broken is not None:  # mend(): the snapshot replaces it
+            self._close_log(s.id, delete=True)
+            if s.durability.mode in SYNC:
+                self._open_log(s.id, s.step, s.durability.mode)
+        elif lg is not None and durable:  # (not durable: the log keeps covering the previous file)
+            if s.durability.mode in SYNC:
+                try:
+                    lg.reset(s.step)
+                except (OSError, ValueError) as e:
+                    # The snapshot is written: it holds the whole state (a hyperparameter change
+                    # included) and covers every record in the log, which recovery skips. The log is
+                    # only left longer; the next snapshot empties it.
+                    log.error("session %s: the log was not emptied after the snapshot at step %d: %s", s.id,
+                              s.step, e, extra={"session_id": s.id})
+            else:  # the mode has no log now: the snapshot is the whole state
+                self._close_log(s.id, delete=True)
+        elif lg is None and s.durability.mode in SYNC:
+            self._open_log(s.id, s.step, s.durability.mode)
+        s.dirty = False
+        s.persisted_step = s.step
+        s.persisted_at = time.monotonic()
+        self._snapshot_at[s.id] = time.monotonic()
+        if self.metrics:
+            self.metrics.checkpoint(size)
+
+    def _open_log(self, session_id: str, base_step: int, mode: str) -> wal.Log:
+        lg = wal.Log.open(self.log_path(session_id), session_id, base_step=base_step, sync=SYNC[mode],
+                          syncer=self.syncer)
+        self._logs[session_id] = lg
+        return lg
+
+    def _close_log(self, session_id: str, delete: bool = False) -> None:
+        lg = self._logs.pop(session_id, None)
+        if lg is not None:
+            lg.close()
+        if delete:
+            self.log_path(session_id).unlink(missing_ok=True)
+
+    # -- the store's calls --------------------------------------------------------------
+    def create(self, s: Session) -> None:
+        if s.durability.mode == "none":
+            return
+        self._close_log(s.id, delete=True)  # a leftover of a deleted session of the same id
+        self._snapshot(s)
+
+    def mend(self, s: Session) -> None:
+        """Caller holds the lock; its set is loaded. A log whose sync failed may have lost data
+        (fsyncgate), so it refuses every record; memory holds exactly the session's acknowledged
+        steps, so a snapshot of it and a new, empty log stand for all the broken log held. If that
+        fails too (the disk still failing), the log stays broken and the step is refused as before."""
+        lg = self._logs.get(s.id)
+        if lg is None or lg.broken is None or self._inflight.get(s):
+            return
+        try:
+            self._snapshot(s)
+        except OSError as e:
+            log.error("session %s: its log is unusable (%s) and a snapshot to replace it failed: %s", s.id,
+                      lg.broken, e, extra={"session_id": s.id})
+            return
+        log.warning("session %s: its log was unusable (%s); replaced by a snapshot at step %d and a new log", s.id,
+                    lg.broken, s.step, extra={"session_id": s.id})
+
+    def begin(self, s: Session, step: int, fence, hp, metrics, extras=None):
+        lg = self._logs.get(s.id)
+        if lg is None:  # periodic or none: no log
+            return _WindowGate(self, s) if s.durability.mode == "periodic" else NULL_RECORD
+        extras = dict(extras or {})  # a shared session's round (rounds.py) rides in its step's record
+        if metrics:
+            extras["metrics"] = metrics
+        extras = extras or None
+        results = not getattr(s.optimizer.definition, "deterministic", True)
+        if lg.broken is not None:  # refused before any work (mend could not replace it)
+            raise write_failed(s, lg.broken, f"the log record of step {step}")
+        return _Record(self, s, lg, step, fence, hp, extras or {}, results)
+
+    def after_commit(self, s: Session) -> None:
+        """Caller holds the lock; the step is committed (and logged as its mode says)."""
+        mode = s.durability
+        lg = self._logs.get(s.id)
+        if lg is not None:
+            s.persisted_step = s.step
+            if lg.log_bytes >= max(LOG_MIN, LOG_FACTOR * s.set_bytes()):
+                self._try_snapshot(s)
+            return
+        if mode.mode == "periodic" and (s.step - s.persisted_step >= mode.periodic_steps
+                                        or time.monotonic() - s.persisted_at >= mode.periodic_seconds):
+            self._try_snapshot(s)
+
+    @staticmethod
+    def window_overdue(s: Session) -> bool:
+        """A periodic session whose window closed without a snapshot (it failed)."""
+        mode = s.durability
+        return s.dirty and (s.step - s.persisted_step >= mode.periodic_steps
+                            or time.monotonic() - s.persisted_at >= mode.periodic_seconds)
+
+    def _try_snapshot(self, s: Session) -> None:
+        """A snapshot the step does not depend on: a failure is logged, and tried again later."""
+        if self._inflight.get(s):  # another step of the session is in flight: after it
+            return
+        try:
+            self._snapshot(s)
+        except OSError as e:
+            log.error("session %s: snapshot at step %d failed: %s", s.id, s.step, e, extra={"session_id": s.id})
+
+    def hyperparameters(self, s: Session, hp: dict) -> None:
+        """A change outside a step: on disk (a snapshot holding it) before it is applied."""
+        if s.durability.mode == "none":
+            return
+        try:
+            self._snapshot(s, hp)
+        except OSError as e:
+            raise write_failed(s, e, "the hyperparameter change") from None
+
+    def delete(self, s: Session) -> None:
+        self._close_log(s.id, delete=True)
+        self._snapshot_at.pop(s.id, None)
+        try:
+            self.snapshot_path(s.id).unlink()
+        except FileNotFoundError:
+            return
+        fsync_dir(self.dir)
+
+    def flush(self, s: Session) -> None:
+        """A snapshot now if anything changed since the last (clean stop, unload)."""
+        if s.durability.mode != "none" and s.live is not None and (s.dirty or self._log_bytes(s.id)):
+            self._snapshot(s)
+
+    def _log_bytes(self, session_id: str) -> int:
+        lg = self._logs.get(session_id)
+        return lg.log_bytes if lg is not None else 0
+
+    def tick(self, s: Session) -> None:
+        """Janitor: periodic windows; a snapshot for an idle session whose log has waited long enough."""
+        mode = s.durability
+        now = time.monotonic()
+        if mode.mode == "periodic":
+            if s.dirty and now - s.persisted_at >= mode.periodic_seconds:
+                self._snapshot(s)
+        elif (self._log_bytes(s.id) and not self._inflight.get(s)
+              and time.time() - s.last_used_at >= IDLE_SECONDS
+              and now - self._snapshot_at.get(s.id, 0.0) >= SNAPSHOT_SECONDS):
+            self._snapshot(s)
+
+    def close(self) -> None:
+        for sid in list(self._logs):
+            self._close_log(sid)
+
+    # -- start and load -------------------------------------------------------------------
+    def scan(self):
+        """(session id, its snapshot metadata with "step" advanced past its log | the exception) for every
+        session in the directory; opens each log (cutting a torn tail)."""
+        for path in sorted(self.dir.glob(f"*{SNAPSHOT}")):
+            sid = path.name[:-len(SNAPSHOT)]
+            if sid.startswith("."):
+                continue
+            try:
+                yield sid, self.scan_one(sid)
+            except Exception as e:
+                yield sid, e
+
+    def scan_one(self, sid: str) -> dict:
+        """One session's snapshot metadata, "step" advanced past its log (opened, a torn tail cut)."""
+        path = self.snapshot_path(sid)
+        meta = snapshot.read_meta(path)
+        check_meta(meta, path)
+        if meta.get("session_id") != sid:
+            raise snapshot.CorruptFile(path, f"it names session {meta.get('session_id')!r}, not {sid!r}")
+        meta["log_error"] = ""
+        if meta["durability"] in SYNC:
+            try:
+                lg = self._open_log(sid, int(meta["step"]), meta["durability"])
+                if lg.last_step < int(meta["step"]):  # a crash between a snapshot and its log reset
+                    lg.reset(int(meta["step"]))
+                if lg.last_step > int(meta["step"]):
+                    meta["step"] = lg.last_step
+                    meta["log_step"] = True
+                    # ...and the hyperparameters in force, as its last record logged them (what
+                    # GetSession shows before the session is loaded and replayed)
+                    hp, extras = lg.last_settings()
+                    if not extras.get(LR_SCALED):
+                        meta["hyperparameters"] = hp
+            except (wal.CorruptData, ValueError, OSError) as e:
+                meta["log_error"] = f"log {self.log_path(sid)}: {e}"
+        return meta
+
+    def session_from(self, meta: dict, registry) -> Session:
+        """The unloaded session `meta` (checked by scan_one) describes; CorruptFile names a value its
+        optimizer cannot take. A session whose optimizer is not installed is listed, with `missing`
+        naming it, and served again once a server with that plugin starts."""
+        name = meta["optimizer"]
+        if name not in registry.optimizers:
+            # (numbers only: the log's last values replace the checked ones, and listing must not fail)
+            registered = not_installed(name, meta["slots"])
+            hp = {k: v for k, v in meta["hyperparameters"].items() if type(v) in (int, float, bool)}
+        else:
+            registered = registry.get(name)
+            try:
+                hp = registered.definition.resolve(meta["hyperparameters"])
+            except HyperparameterError as e:
+                raise snapshot.CorruptFile(self.snapshot_path(meta["session_id"]),
+                                           f"metadata hyperparameters: {e}") from None
+        defn = registered.definition
+        if meta["slots"] != [s.name for s in defn.slots]:
+            raise snapshot.CorruptFile(self.snapshot_path(meta["session_id"]),
+                                       f"metadata slots {meta['slots']!r} are not {defn.name}'s")
+        s = Session(meta["session_id"], registered, hp, DTYPE_CODES[meta["master_dtype"]], meta["reply"],
+                    Durability(meta["durability"], int(meta["periodic_steps"]), float(meta["periodic_seconds"])),
+                    {n: tuple(v) for n, v in meta["shapes"].items()}, tuple(meta["slots"]),
+                    step=int(meta["step"]), first_step=int(meta.get("first_step", 0)), owner=meta.get("owner", ""),
+                    created_at=float(meta["created_at"] or meta.get("saved_at") or 0.0),
+                    last_used_at=float(meta.get("last_used_at") or meta.get("saved_at") or meta["created_at"] or 0.0))
+        s.workers = WorkerConfig.from_meta(meta.get("workers"))
+        s.round_record = meta.get("round_record")
+        s.worker_rounds = dict(meta.get("worker_rounds") or {})
+        s.worker_clocks = dict(meta.get("worker_clocks") or {})
+        s.persisted_step = s.step
+        s.dirty = False
+        if meta.get("log_error"):
+            s.quarantined = f"{meta['log_error']} (files kept: {self.snapshot_path(s.id)}, {self.log_path(s.id)})"
+        if registered.plugin == NOT_INSTALLED:
+            s.missing = name
+        return s
+
+    def load(self, s: Session, budget, replay) -> None:
+        """The snapshot, then every log record after it, replayed by `replay(session, record)` (the step's
+        own commit, steps/replay.py). Caller holds the session's lock."""
+        path = self.snapshot_path(s.id)
+        target = s.step  # the step scan() found (snapshot + log)
+        try:
+            def build():
+                meta, arrays = snapshot.read(path)
+                clocks = {}
+                params, state, delta = check_against_meta(meta, arrays, path, clocks)
+                problem = check_values(s.optimizer.definition, params, state)
+                if problem:  # the same check as CreateSession's: a checksum does not make NaN usable
+                    raise snapshot.CorruptFile(path, problem)
+                s.last_delta = delta
+                s.clocks = clocks
+                s.step = int(meta["step"])
+                s.hyperparameters = s.optimizer.definition.resolve(meta["hyperparameters"])
+                return Arrays(params, state)
+            s.live = budget.allocate(f"session {s.id}", s.set_bytes(), build)
+            lg = self._logs.get(s.id)
+            if lg is not None:
+                for record in lg.records(after=s.step):
+                    replay(s, record)
+            if s.step != target:
+                raise snapshot.CorruptFile(path, f"recovered step {s.step}, but the files named step {target}")
+        except BaseException as e:
+            s.live = None
+            s.step = target
+            if isinstance(e, (snapshot.CorruptData, ValueError, KeyError)):
+                raise RuntimeError(f"{e} (files kept: {path}, {self.log_path(s.id)})") from None
+            raise
+        s.dirty = False
