@@ -1,7 +1,7 @@
 """Regenerate the committed Python bindings of proto/optreg/v1/*.proto, and
 optreg/v1/descriptors.binpb: a FileDescriptorSet of those files and their
 imports with their comments (protoc --include_source_info), which the server's
-reflection service answers from (optreg/server/reflection.py).
+reflection service answers from (optreg/server/rpc/reflection.py).
 
 Run: python proto/generate.py   (needs the grpcio-tools pinned in pyproject's dev extra)
 tests/test_generated.py runs the same generation into a temporary folder and
