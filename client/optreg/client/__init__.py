@@ -6,9 +6,9 @@
         session.step(grads)                                # params now hold the updated values
 
 Modules: client (Client), session (Session), results (what calls return: SessionInfo,
-OptimizerInfo, StepResult, SessionState), stepping and shm (how a step travels: unary,
-stream or shared memory, chosen by size and host), transport (the RPCs over gRPC; tests
-replace it with a fake), retry (RetryPolicy), checks (arguments and resume matching, before
+OptimizerInfo, StepResult, SessionState), _step_transport (how a step travels: unary,
+stream or shared memory, and the rule choosing among them), transport (the RPCs over gRPC;
+tests replace it with a fake), retry (RetryPolicy), checks (arguments and resume matching, before
 any call), errors, book (the book's drop-in classes), workers (Worker: a member of a shared
 session, from `client.join`; docs/workers.md).
 

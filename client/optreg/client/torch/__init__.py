@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from optreg.client.client import Client
-from optreg.client.stepping import STREAM_ABOVE_BYTES
+from optreg.client._step_transport import STREAM_ABOVE_BYTES
 from optreg.client.workers import Worker
 from optreg.client.torch.options import check_value, lookup, server_hyperparameters, to_session_state, \
     to_torch_state
