@@ -10,12 +10,12 @@ import numpy as np
 
 from optreg.client.errors import OptregError, ReassemblyError, StepMismatch, UsageError
 from optreg.client.results import SessionInfo, SessionState, StepResult
-from optreg.client import sparse
+from optreg.client import sparse_rows
 from optreg.client._step_transport import STREAM_ABOVE_BYTES, choose
 from optreg.client._step_transport.shared_memory import SharedMemory
 from optreg.client._step_transport.stream import StreamStep
 from optreg.client._step_transport.unary import UnaryStep
-from optreg.client.sparse import SparseStepResult
+from optreg.client.sparse_rows import SparseStepResult
 from optreg.v1 import session_pb2, tensors
 
 KEEP_CHOICES = (True, False, "on-error")
@@ -189,7 +189,7 @@ class Session:
         other parameters; parameters named nowhere get a zero gradient (see docs/workers.md, "Sparse
         rows"). The stepped rows are written into `self.arrays[name]` and returned. Fenced and retried
         like step(): the server applies it once."""
-        msg = sparse.message(name, rows, values)
+        msg = sparse_rows.message(name, rows, values)
         fence = self.step_count
         dense = [tensors.from_numpy(n, g) for n, g in (grads or {}).items()]
         attempts = []
@@ -209,8 +209,8 @@ class Session:
         self.step_count = reply.step
         mode = self._info.step_reply
         apply_result(self.arrays, mode, {t.name: tensors.to_numpy(t) for t in reply.tensors})
-        got = sparse.decode(reply.sparse)
-        sparse.apply_rows(self.arrays, mode, got)
+        got = sparse_rows.decode(reply.sparse)
+        sparse_rows.apply_rows(self.arrays, mode, got)
         if reply.replayed and len(attempts) == 1:
             raise StepMismatch(f"step {reply.step} had already been applied by an earlier call that failed; these "
                                "gradients were NOT applied: read the parameters, then send them again",

@@ -20,7 +20,7 @@ from typing import Mapping, NamedTuple
 
 import numpy as np
 
-from optreg.client import sparse
+from optreg.client import sparse_rows
 from optreg.client.errors import ReassemblyError, UsageError
 from optreg.client._step_transport import STREAM_ABOVE_BYTES, choose
 from optreg.client.session import _collect, apply_result
@@ -146,7 +146,7 @@ class Worker:
         """A contribution whose gradient for the 2-D parameter `name` is `values` at `rows` and zero
         elsewhere (as Session.step_sparse; in sync mode the round sums the workers' rows). The rows the
         step answers with are written into `arrays`; `WorkerStepResult.arrays` holds them."""
-        msg = sparse.message(name, rows, values)
+        msg = sparse_rows.message(name, rows, values)
         number = self.round
         dense = [tensors.from_numpy(k, g) for k, g in (grads or {}).items()]
 
@@ -159,7 +159,7 @@ class Worker:
 
         reply = self.client._retrying(attempt)
         apply_result(self.arrays, self.info.step_reply, {t.name: tensors.to_numpy(t) for t in reply.tensors})
-        sparse.apply_rows(self.arrays, self.info.step_reply, sparse.decode(reply.sparse))
+        sparse_rows.apply_rows(self.arrays, self.info.step_reply, sparse_rows.decode(reply.sparse))
         self.round = reply.step
         return WorkerStepResult(reply.step, reply.replayed, self.arrays, reply.round, reply.staleness,
                                 tuple(reply.contributors))
