@@ -133,7 +133,7 @@ def test_large_client_step_uses_stream_and_reuses_buffers(client):
     n = 700_000  # 2.8 MB: above the client's streaming threshold, several chunks
     w = rng.standard_normal(n).astype(np.float32)
     s = client.create_session("adam", {"w": w})
-    from optreg.client.stepping import StreamStep
+    from optreg.client._step_transport.stream import StreamStep
     assert isinstance(s._sender({"w": w}), StreamStep)
     g = rng.standard_normal(n).astype(np.float32)
     s.step(g_dict := {"w": g})

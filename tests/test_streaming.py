@@ -1,7 +1,7 @@
 """Any model size: create, step and read over the streaming RPCs (a 128 MB float32 model)."""
 import numpy as np
 
-from optreg.client import stepping as client_mod
+from optreg.client import _step_transport as client_mod
 
 
 def test_large_model_create_step_read(client):

@@ -582,7 +582,7 @@ def test_hyperparameter_changes_reach_the_server(client, monkeypatch, with_step)
     way, under a scheduler that changes lr and beta1 every step."""
     import numpy as np
 
-    import optreg.client.torch as adapter
+    import optreg.client.torch.optimizer as adapter
     if with_step:
         probe = client.create_session("torch.sgd", {"w": np.zeros(2, np.float32)}, lr=0.1)
         try:

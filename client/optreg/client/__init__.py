@@ -5,12 +5,20 @@
         session = client.create_session("adam", params, lr=0.001)
         session.step(grads)                                # params now hold the updated values
 
-Modules: client (Client), session (Session), results (what calls return: SessionInfo,
-OptimizerInfo, StepResult, SessionState), stepping and shm (how a step travels: unary,
-stream or shared memory, chosen by size and host), transport (the RPCs over gRPC; tests
-replace it with a fake), retry (RetryPolicy), checks (arguments and resume matching, before
-any call), errors, book (the book's drop-in classes), workers (Worker: a member of a shared
-session, from `client.join`; docs/workers.md).
+Modules:
+
+    client            Client: the connection; opens, finds and deletes sessions
+    session           Session: one training run's optimizer, stepping the caller's arrays
+    workers           Worker: a member of a shared session, from `client.join` (docs/workers.md)
+    _step_transport   how a step travels (unary, stream or shared memory) and which one, when
+    transport         the RPCs over gRPC (tests replace it with a fake)
+    sparse_rows       a sparse step's rows, out and back
+    results           what calls return: SessionInfo, OptimizerInfo, StepResult, SessionState...
+    checks            arguments and resume matching, before any call
+    retry             RetryPolicy
+    errors            the exceptions (below)
+    book              the book's drop-in optimizer classes
+    torch             RemoteOptimizer, a torch.optim.Optimizer on optreg sessions
 
 Every error is an OptregError; its base class says what happened:
 

@@ -8,12 +8,12 @@ from typing import Mapping
 
 import numpy as np
 
+from optreg.client._step_transport import STREAM_ABOVE_BYTES, nbytes
 from optreg.client.checks import dtype_name, load_into, resume_mismatches, session_config, shape_mismatches
 from optreg.client.errors import AlreadyExists, NotFound, OptregError, UsageError
 from optreg.client.results import OptimizerInfo, PluginFailure, SessionInfo
 from optreg.client.retry import RetryPolicy
 from optreg.client.session import Session, check_keep
-from optreg.client.stepping import STREAM_ABOVE_BYTES, nbytes
 from optreg.client.transport import GrpcTransport, Transport, normalize_address
 from optreg.client.workers import Worker, worker_config
 from optreg.v1 import registry_pb2, session_pb2, telemetry_pb2, tensor_pb2, tensors

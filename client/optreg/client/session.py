@@ -10,10 +10,12 @@ import numpy as np
 
 from optreg.client.errors import OptregError, ReassemblyError, StepMismatch, UsageError
 from optreg.client.results import SessionInfo, SessionState, StepResult
-from optreg.client import sparse
-from optreg.client.shm import SharedMemory
-from optreg.client.sparse import SparseStepResult
-from optreg.client.stepping import STREAM_ABOVE_BYTES, StreamStep, UnaryStep, apply_result, nbytes
+from optreg.client import sparse_rows
+from optreg.client._step_transport import STREAM_ABOVE_BYTES, choose
+from optreg.client._step_transport.shared_memory import SharedMemory
+from optreg.client._step_transport.stream import StreamStep
+from optreg.client._step_transport.unary import UnaryStep
+from optreg.client.sparse_rows import SparseStepResult
 from optreg.v1 import session_pb2, tensors
 
 KEEP_CHOICES = (True, False, "on-error")
@@ -38,6 +40,18 @@ def _end_unattended(client, session_id: str, keep, error: bool | None = None) ->
         client.transport.unary("DeleteSession", session_pb2.DeleteSessionRequest(session_id=session_id), timeout=5.0)
     except OptregError:
         pass
+
+
+def apply_result(arrays: dict, mode: str, result: Mapping[str, np.ndarray]) -> None:
+    """Write a step's reply into the caller's arrays: parameters are copied, deltas added."""
+    for name, value in result.items():
+        target = arrays.get(name)
+        if target is None:
+            arrays[name] = np.array(value)
+        elif mode == "delta":
+            target += value
+        else:
+            np.copyto(target, value, casting="unsafe")
 
 
 def _collect(messages) -> tuple[object, dict[str, np.ndarray], dict[str, dict]]:
@@ -133,11 +147,7 @@ class Session:
         return {"metadata": (("optreg-take-over", "1"),)} if self.take_over else {}
 
     def _sender(self, grads):
-        if self._shm is not None:
-            return self._shm
-        if self._reply_bytes > STREAM_ABOVE_BYTES or nbytes(grads) > STREAM_ABOVE_BYTES:
-            return self._stream
-        return self._unary
+        return choose(grads, self._reply_bytes, self._unary, self._stream, self._shm)
 
     def step(self, grads: Mapping[str, np.ndarray], *, hyperparameters: Mapping[str, float] | None = None,
              metrics: Mapping[str, float] | None = None) -> StepResult:
@@ -179,7 +189,7 @@ class Session:
         other parameters; parameters named nowhere get a zero gradient (see docs/workers.md, "Sparse
         rows"). The stepped rows are written into `self.arrays[name]` and returned. Fenced and retried
         like step(): the server applies it once."""
-        msg = sparse.message(name, rows, values)
+        msg = sparse_rows.message(name, rows, values)
         fence = self.step_count
         dense = [tensors.from_numpy(n, g) for n, g in (grads or {}).items()]
         attempts = []
@@ -199,8 +209,8 @@ class Session:
         self.step_count = reply.step
         mode = self._info.step_reply
         apply_result(self.arrays, mode, {t.name: tensors.to_numpy(t) for t in reply.tensors})
-        got = sparse.decode(reply.sparse)
-        sparse.apply_rows(self.arrays, mode, got)
+        got = sparse_rows.decode(reply.sparse)
+        sparse_rows.apply_rows(self.arrays, mode, got)
         if reply.replayed and len(attempts) == 1:
             raise StepMismatch(f"step {reply.step} had already been applied by an earlier call that failed; these "
                                "gradients were NOT applied: read the parameters, then send them again",

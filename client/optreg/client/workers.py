@@ -20,10 +20,10 @@ from typing import Mapping, NamedTuple
 
 import numpy as np
 
-from optreg.client import sparse
+from optreg.client import sparse_rows
 from optreg.client.errors import ReassemblyError, UsageError
-from optreg.client.session import _collect
-from optreg.client.stepping import STREAM_ABOVE_BYTES, apply_result, nbytes
+from optreg.client._step_transport import STREAM_ABOVE_BYTES, choose
+from optreg.client.session import _collect, apply_result
 from optreg.v1 import session_pb2, tensors
 
 MODES = {"sync": session_pb2.WORKER_MODE_SYNC, "async": session_pb2.WORKER_MODE_ASYNC,
@@ -134,19 +134,8 @@ class Worker:
         if not isinstance(grads, Mapping):
             raise UsageError(f"step() takes a mapping of parameter name -> gradient array, not {type(grads).__name__}")
         number = self.round
-        big = nbytes(grads) > STREAM_ABOVE_BYTES or self.info.parameter_bytes > STREAM_ABOVE_BYTES
-
-        def attempt(n, remaining):
-            if big:
-                return self._stream(grads, number, metrics)
-            request = session_pb2.StepRequest(session_id=self.session_id, worker=self.worker, round=number,
-                                              gradients=[tensors.from_numpy(k, g) for k, g in grads.items()])
-            if metrics:
-                request.metrics.update(metrics)
-            reply = self.client.transport.unary("Step", request, timeout=self.client.timeout)
-            return reply, {t.name: tensors.to_numpy(t) for t in reply.tensors}
-
-        reply, result = self.client._retrying(attempt)
+        send = choose(grads, self.info.parameter_bytes, self._unary, self._stream)
+        reply, result = self.client._retrying(lambda n, remaining: send(grads, number, metrics))
         apply_result(self.arrays, self.info.step_reply, result)
         self.round = reply.step
         return WorkerStepResult(reply.step, reply.replayed, self.arrays, reply.round, reply.staleness,
@@ -157,7 +146,7 @@ class Worker:
         """A contribution whose gradient for the 2-D parameter `name` is `values` at `rows` and zero
         elsewhere (as Session.step_sparse; in sync mode the round sums the workers' rows). The rows the
         step answers with are written into `arrays`; `WorkerStepResult.arrays` holds them."""
-        msg = sparse.message(name, rows, values)
+        msg = sparse_rows.message(name, rows, values)
         number = self.round
         dense = [tensors.from_numpy(k, g) for k, g in (grads or {}).items()]
 
@@ -170,10 +159,18 @@ class Worker:
 
         reply = self.client._retrying(attempt)
         apply_result(self.arrays, self.info.step_reply, {t.name: tensors.to_numpy(t) for t in reply.tensors})
-        sparse.apply_rows(self.arrays, self.info.step_reply, sparse.decode(reply.sparse))
+        sparse_rows.apply_rows(self.arrays, self.info.step_reply, sparse_rows.decode(reply.sparse))
         self.round = reply.step
         return WorkerStepResult(reply.step, reply.replayed, self.arrays, reply.round, reply.staleness,
                                 tuple(reply.contributors))
+
+    def _unary(self, grads, number, metrics):
+        request = session_pb2.StepRequest(session_id=self.session_id, worker=self.worker, round=number,
+                                          gradients=[tensors.from_numpy(k, g) for k, g in grads.items()])
+        if metrics:
+            request.metrics.update(metrics)
+        reply = self.client.transport.unary("Step", request, timeout=self.client.timeout)
+        return reply, {t.name: tensors.to_numpy(t) for t in reply.tensors}
 
     def _stream(self, grads, number, metrics):
         def messages():

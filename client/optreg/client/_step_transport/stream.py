@@ -1,40 +1,15 @@
-"""How one step travels: a unary Step, a StepStream, or shared memory (optreg.client.shm).
+"""The streaming transport: one StepStream call, for steps too large for one message.
 
-Session picks the sender (Session._sender): shared memory once enabled (same host only),
-else StepStream when the gradients or the reply exceed STREAM_ABOVE_BYTES, else Step.
-Each sender's `send` makes ONE attempt and returns (replayed, step, {name: array}); the
-retry loop around it (Session.step) sends the same step number every time.
+The gradients go out as chunk messages encoded ahead (one copy each); the reply's chunks are
+written into receive buffers kept from step to step. See this package's docstring for when
+it is chosen.
 """
 from __future__ import annotations
-
-from typing import Mapping
 
 import numpy as np
 
 from optreg.client.errors import ReassemblyError
 from optreg.v1 import session_pb2, tensors
-
-# Above this many bytes of tensors a call goes over the streaming RPCs (unary
-# messages stay well under gRPC's default 4 MiB limit).
-STREAM_ABOVE_BYTES = 2 << 20
-
-
-def nbytes(arrays: Mapping[str, np.ndarray]) -> int:
-    return sum(np.asarray(a).nbytes for a in arrays.values())
-
-
-class UnaryStep:
-    """One Step call: gradients and reply in one message each."""
-
-    def send(self, session, grads, fence: int, hyperparameters, metrics, timeout):
-        request = session_pb2.StepRequest(session_id=session.id, step=fence,
-                                          gradients=[tensors.from_numpy(n, g) for n, g in grads.items()])
-        if hyperparameters:  # empty maps cost ~6 us in the constructor; a small step takes ~600 us
-            request.hyperparameters.update(hyperparameters)
-        if metrics:
-            request.metrics.update(metrics)
-        reply = session.client.transport.unary("Step", request, timeout=timeout, **session.step_headers())
-        return reply.replayed, reply.step, {t.name: tensors.to_numpy(t) for t in reply.tensors}
 
 
 class StreamStep:
@@ -93,15 +68,3 @@ class StreamStep:
                 raise ReassemblyError(f"the step's reply for {name!r} ended after {got} elements; the step was "
                                       "applied: refresh() and read_parameters() give its result")
         return last.replayed, last.step, {n: rx[n] for n in filled}
-
-
-def apply_result(arrays: dict, mode: str, result: Mapping[str, np.ndarray]) -> None:
-    """Write a step's reply into the caller's arrays: parameters are copied, deltas added."""
-    for name, value in result.items():
-        target = arrays.get(name)
-        if target is None:
-            arrays[name] = np.array(value)
-        elif mode == "delta":
-            target += value
-        else:
-            np.copyto(target, value, casting="unsafe")

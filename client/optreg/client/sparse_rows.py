@@ -1,5 +1,6 @@
-"""Sparse rows on the client: some rows of a 2-D parameter as one SparseRows message, and a sparse
-step's reply written back into the caller's arrays (only the rows the step named)."""
+"""Sparse rows on the client (Session.step_sparse, Worker.step_sparse): some rows of a 2-D parameter
+as one SparseRows message, and a sparse step's reply written back into the caller's arrays (only the
+rows the step named). docs/workers.md, "Sparse rows", says what the server does with them."""
 from __future__ import annotations
 
 from typing import Mapping, NamedTuple

@@ -1,4 +1,4 @@
-"""Steps through shared memory: a segment (a sealed memfd) holding a session's parameters and
+"""The shared-memory transport: a segment (a sealed memfd) holding a session's parameters and
 gradient buffers, registered with a server on the same host; only names and offsets cross gRPC.
 The server opens the segment through /proc/<this pid>/fd/<its descriptor>, which stays open while
 this object lives; it is sealed so that it can never shrink (the server maps it).
