@@ -3,7 +3,7 @@ network (the book's two-layer net on scikit-learn's digits) while one worker aft
 with SIGKILL and restarted (it rejoins under its name), and now and then the server is killed with
 SIGKILL and restarted on the same port and data directory (durability `log`).
 
-    python -m bench --only chaos     # a few minutes (--quick: ~30 s); tests/test_chaos.py: ~45 s
+    python -m bench --only chaos     # a few minutes (--quick: ~30 s); tests/hostile/test_chaos.py: ~45 s
     python -m bench.chaos worker ADDRESS SESSION NAME FOLDER      # one worker (run() starts them)
 
 Every worker appends each event to FOLDER/NAME.jsonl, fsynced: what it sent (round, a digest of its

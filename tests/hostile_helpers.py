@@ -1,4 +1,4 @@
-"""Shared by the hostile-client family files (tests/test_hostile_*.py): raw stubs, refusals, state digests,
+"""Shared by the hostile-client family files (tests/hostile/test_hostile_*.py): raw stubs, refusals, state digests,
 stream messages, and `Stalled`, a client call left open on purpose.
 
 A client that must stay alive but stalled is a request generator blocked on an Event in a thread

@@ -1,4 +1,4 @@
-"""A worker process for tests/test_workers.py: joins a sync session and contributes deterministic
+"""A worker process for tests/steps/test_workers.py: joins a sync session and contributes deterministic
 gradients round after round, recording every reply as a JSON line.
 
     python workers_proc.py ADDRESS SESSION WORKER ROUNDS SEED OUT [DIE_AT ...]

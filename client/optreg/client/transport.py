@@ -2,7 +2,7 @@
 
 Session and Client call only the four methods of `Transport` (plus `wait_until_ready`), with
 protobuf requests and replies, so a test can put a fake in its place (see
-tests/test_client_transport.py). Which RPC a step takes — Step, StepStream or
+tests/client/test_client_transport.py). Which RPC a step takes — Step, StepStream or
 StepSharedMemory — is chosen above this layer (optreg.client._step_transport), by size and host.
 """
 from __future__ import annotations

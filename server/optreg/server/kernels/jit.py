@@ -16,7 +16,7 @@ with the same scalars rounded to the array dtype first (numpy 2 treats a Python
 float as a "weak" scalar, so `float32_array * 0.1` multiplies by float32(0.1)).
 Without fastmath LLVM neither reassociates nor contracts a*b+c into an FMA, and
 sqrt and division are IEEE-exact in SIMD too, so the results are identical to
-the numpy path (the conformance kit and tests/test_kernels.py check array_equal).
+the numpy path (the conformance kit and tests/kernels/test_kernels.py check array_equal).
 
 Statistics (`kernels.apply(..., stats=)`) are built from the same kernels by
 kernelstats.py.

@@ -9,7 +9,7 @@ step (exact, but it costs every missed step).
 
 The kernels here are the same arithmetic as the plugins' numpy catch-ups, element by
 element in the same order and precision (float64 coefficients, one rounding into the
-array dtype), so they give the same bits (tests/test_sparse.py compares them); they are
+array dtype), so they give the same bits (tests/steps/test_sparse.py compares them); they are
 picked by the identity of the plugin's function, so a third party's optimizer never runs
 a built-in's kernel. Compiled on the JIT thread (fastkernels.submit); until then numpy runs.
 """

@@ -16,7 +16,7 @@ type on the CPU):
   bfloat16: the 16 bits shifted into a float32's top half (what widen() does).
 
 A float64 master takes the float32 value (exact). So the kernel sees exactly the numbers
-widen-then-update gives it, and the results are the same bit for bit (tests/test_kernels.py).
+widen-then-update gives it, and the results are the same bit for bit (tests/kernels/test_kernels.py).
 
 With statistics (kernels.apply(stats=), the step's telemetry) the driver calls the optimizer's
 kernel with the statistics fused into its loop (kernelstats.py: float32 block sums for a float32

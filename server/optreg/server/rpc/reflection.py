@@ -11,7 +11,7 @@ twice (grpc_reflection/v1alpha/_base.py):
 
 So optreg's own files are served from proto/optreg/v1/descriptors.binpb, a
 FileDescriptorSet that proto/generate.py writes with protoc's
---include_source_info --include_imports (tests/test_generated.py fails when it
+--include_source_info --include_imports (tests/proto/test_generated.py fails when it
 is stale), with a symbol index built from it that includes methods, fields,
 enum values and nested types. Everything else (health, reflection itself) still
 comes from the pool, through the base class.

@@ -5,7 +5,7 @@ import pathlib
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent / "proto"
+ROOT = pathlib.Path(__file__).resolve().parents[2] / "proto"
 
 
 def test_generated_code_is_not_stale(tmp_path):

@@ -32,7 +32,7 @@ from optreg.server.cluster.serve import ClusterServer  # noqa: E402
 from optreg.v1 import session_pb2, tensors  # noqa: E402
 
 pytestmark = pytest.mark.ray
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 SOURCE_PATH = os.pathsep.join(str(ROOT / p) for p in ("proto", "plugins", "server", "client", "app"))
 # Node death found within ~2 s (the default, 5 checks 3 s apart, is ~15 s: docs/scale-out.md)
 FAST_HEALTH = {"health_check_period_ms": 500, "health_check_timeout_ms": 500, "health_check_failure_threshold": 4}

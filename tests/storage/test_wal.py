@@ -379,7 +379,8 @@ CHILD = textwrap.dedent("""
 def test_kill9_while_appending(tmp_path, sync):
     p, n = tmp_path / "a.wal", 20000
     code = CHILD.format(tests=os.path.dirname(__file__), path=str(p), sync=sync, n=n)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(SOURCE_ROOTS))
+    helpers = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tests/: disk_helpers
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(SOURCE_ROOTS + [helpers]))
     rng = random.Random(3)
     acked = 0
     for kill in range(22):

@@ -3,7 +3,7 @@ lists the sessions with their state; the loss is on a log axis with a smoothing 
 learning rate is its lr; every chart says what it shows; several sessions overlay on the same charts.
 
 A real server in this process with its dashboard on a free loopback port, real sessions stepped through the
-client with the gradients of a small network (tests/test_dashboard_alerts.py's Regression).
+client with the gradients of a small network (tests/dashboard/test_dashboard_alerts.py's Regression).
 """
 from __future__ import annotations
 

@@ -61,7 +61,7 @@ def test_figures_from_the_four_sums():
 
 
 def test_alert_rules_each_once_per_excursion():
-    """The rules of docs/telemetry.md "Alerts" on made-up figures (tests/test_dashboard_alerts.py drives
+    """The rules of docs/telemetry.md "Alerts" on made-up figures (tests/dashboard/test_dashboard_alerts.py drives
     them with real training): a ratio far outside the old band alone raises nothing."""
     hub = TelemetryHub(patience=5)
     for s in range(1, 31):

@@ -7,7 +7,7 @@ from conftest import QUICK, ROOT
 
 
 def test_every_quick_file_exists_and_quick_selects_exactly_them():
-    files = {p.name for p in ROOT.glob("tests/test_*.py")} | {p.name for p in ROOT.glob("examples/*/tests/test_*.py")}
+    files = {p.name for p in ROOT.glob("tests/**/test_*.py")} | {p.name for p in ROOT.glob("examples/*/tests/test_*.py")}
     assert QUICK <= files, QUICK - files
     done = subprocess.run([sys.executable, "-m", "pytest", "--quick", "--collect-only", "-q", "-p", "no:cacheprovider"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)

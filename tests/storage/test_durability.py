@@ -202,7 +202,7 @@ def test_export_import_cli(start_server, tmp_path):
     r = _cli("export", "exp", str(out), "--address", a.address)
     assert r.returncode == 0, r.stderr
     assert set(load_file(str(out))) == {"params/W", "params/b", "state/m/W", "state/m/b", "state/v/W", "state/v/b",
-                                        "telemetry/ring"}  # the steps' telemetry (tests/test_telemetry_cli.py)
+                                        "telemetry/ring"}  # the steps' telemetry (tests/app/test_telemetry_cli.py)
     r = _cli("import", str(out), "--address", b.address, "--durability", "none")
     assert r.returncode == 0, r.stderr
     _, sa = stub(a.address)
