@@ -1,17 +1,17 @@
 """Runs an optimizer's update over a parameter: elementwise ones over cache-sized slices.
 
-Slicing keeps the working set (parameter, gradient, slots, scratch) in cache: DESIGN
-measured Adam at ~1.7 ns/param over 256K-element chunks against ~3.1 whole-array.
+Slicing keeps the working set (parameter, gradient, slots, scratch) in cache (measured:
+docs/speed.md, "Kernel notes").
 
 An optimizer that declares a kernel (`Optimizer.kernel`) runs it compiled by numba
-when numba is installed (fastkernels.py: same numbers bit for bit, ~5x faster), split
+when numba is installed (kernels/jit.py: same numbers bit for bit, several times faster), split
 over the available cores for tensors of PARALLEL_ABOVE elements or more (the kernels
 release the GIL). Until the kernel is compiled, or without numba, the numpy update runs.
 
 `stats`: a float64 array of 4 receives this tensor's [sum g^2, sum p_new^2,
 sum (p_new - p_old)^2, max |g|] (float64 accumulation), computed in the same pass
-as the update, slice by slice while each slice is in cache, in both paths (kernelstats.py).
-`grad_abs_max`: max |g|, when the caller's finite check measured it (fastkernels.abs_max); the
+as the update, slice by slice while each slice is in cache, in both paths (kernels/stats.py).
+`grad_abs_max`: max |g|, when the caller's finite check measured it (kernels/finite.py abs_max); the
 kernel then runs a variant without it.
 """
 from __future__ import annotations
@@ -84,7 +84,7 @@ def apply(defn: Optimizer, param: np.ndarray, grad: np.ndarray, state: dict[str,
     more than it saves while gRPC's threads want the other core). `stats` (float64, 4 elements)
     receives [sum g^2, sum p_new^2, sum (p_new - p_old)^2, max |g|] for this tensor. `grad_abs_max`:
     max |g| over the whole of `grad`, measured already by the caller's finite check
-    (fastkernels.abs_max); the update pass then leaves it out where its kernel allows.
+    (finite.abs_max); the update pass then leaves it out where its kernel allows.
     `src` = (param's values, {slot: its values}), arrays shaped like param: `param` and `state` are
     computed from these (a staging set from the live one) and their own contents are not read. A
     compiled kernel with statistics copies them in block by block inside its pass (the block is in L1

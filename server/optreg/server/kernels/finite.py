@@ -20,7 +20,7 @@ log = logging.getLogger("optreg.server")
 def _exponent_max(bits, mask):
     # The largest exponent field: all ones (== mask) exactly when some value is NaN or Inf.
     # Integer max vectorizes where a float test with an early exit would not; in the bits' own width
-    # (bitops: numba's & and max widen 16-bit float16/bfloat16 bits to 64-bit lanes, a quarter as many).
+    # (kernels/bits.py: numba's & and max widen 16-bit float16/bfloat16 bits to 64-bit lanes, a quarter as many).
     m = bits.dtype.type(0)
     for i in range(bits.size):
         m = umax(m, uand(bits[i], mask))
@@ -28,7 +28,7 @@ def _exponent_max(bits, mask):
 
 
 def _abs_bits_max(a):
-    # float32/float64: the largest |x| as bits, in the float's own width (bitops: numba's integer max runs
+    # float32/float64: the largest |x| as bits, in the float's own width (kernels/bits.py: numba's integer max runs
     # in 64-bit lanes); at or above the exponent mask exactly when some value is NaN or Inf.
     m = abs_bits(a.dtype.type(0))
     for i in range(a.size):

@@ -1,4 +1,5 @@
-"""Catch-up of rows that missed steps (sparse rows, sparse.py): numba kernels for the built-ins, numpy otherwise.
+"""Catch-up of rows that missed steps (sparse rows, steps/sparse_rows.py): numba kernels for the
+built-ins, numpy otherwise.
 
 A row of a 2-D parameter that a sparse step did not name had a zero gradient at that step,
 applied lazily: when the row is next touched or read, `catch_up` brings it from the step
@@ -11,7 +12,7 @@ The kernels here are the same arithmetic as the plugins' numpy catch-ups, elemen
 element in the same order and precision (float64 coefficients, one rounding into the
 array dtype), so they give the same bits (tests/steps/test_sparse.py compares them); they are
 picked by the identity of the plugin's function, so a third party's optimizer never runs
-a built-in's kernel. Compiled on the JIT thread (fastkernels.submit); until then numpy runs.
+a built-in's kernel. Compiled on the JIT thread (kernels/jit.py submit); until then numpy runs.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Statistics in the update pass: the kernels of fastkernels.py, also summing, per tensor,
+"""Statistics in the update pass: the kernels of kernels/jit.py, also summing, per tensor,
 [sum g^2, sum p_new^2, sum (p_new - p_old)^2, max |g|] in float64 (kernels.apply(stats=)).
 
 Two ways, both leaving the update's bits as the kernel alone gives them:
@@ -8,25 +8,19 @@ fused: the kernel's own loop, rewritten (its AST) to read p[i] and g[i] before t
   own) and to add the element's terms after it. The sums go through `_accumulate`, compiled
   separately with reassociation allowed: LLVM inlines it and keeps its flags, so the sums vectorize
   while the kernel's own operations keep theirs. max |g| is an unsigned max over the bits of |g| in
-  the float's own width (bitops.py: numba's integer max ran in 64-bit lanes and, in the kernel's
-  loop, kept it from vectorizing); its NaN or Inf marks a non-finite gradient (pipeline.feed).
+  the float's own width (kernels/bits.py: numba's integer max ran in 64-bit lanes and, in the kernel's
+  loop, kept it from vectorizing); its NaN or Inf marks a non-finite gradient (steps/run.py StepRun.feed).
   The rewritten source is written to a file named by its hash so numba caches its compiled code.
   For float32 arrays a second rewrite runs the loop over blocks of BLOCK32 elements with float32
   sums (`_accumulate32`, range and error bound beside it) folded into float64 after each block:
   float64 sums made LLVM halve the whole loop's vector width (sqrt and division included).
   Variants without max |g| (`max_term=False`) serve callers whose finite check measured it already
-  (fastkernels.abs_max, the check's own reduction; resident steps).
+  (kernels/finite.py abs_max, the check's own reduction; resident steps).
 driver: for kernels the rewrite does not fit (several loops, break/continue, closures): the
   kernel over blocks of STATS_BLOCK elements, each block of p copied first, then the sums over
   the block while it is in L1.
 
-Measured (Adam 1e7 float32, 2 threads, same process, interleaved, loaded machine): with the max in
-its own loop per block 1.19-1.23x the kernel alone; with it in the loop 1.10-1.14x; the sums alone
-(no max) 1.09-1.10x, the blocking alone 1.00-1.01x, p_new^2 and dp^2 without g's terms 1.06-1.10x.
-Each added term costs about 3% although llvm-mca puts the loop at the divider's bound either way:
-the loop waits on L3 (280 MB of arrays in a 480 MB L3), and more instructions an element mean fewer
-elements in the reorder window, so fewer loads in flight. Splitting the block into a kernel loop and
-a sums loop over L1 (1.21-1.33x) and software prefetch (no gain) were worse.
+What each choice cost and what was tried instead: docs/speed.md, "Kernel notes".
 """
 from __future__ import annotations
 
@@ -135,7 +129,7 @@ def fused_stats_source(kernel, blocked: bool = False, max_term: bool = True, cop
     """The source of `kernel` rewritten to also return its statistics, or None when its shape does
     not allow it: one `for` loop, directly in the body, without break, continue or return inside;
     no closure; no nested functions. The rewritten function takes one more argument (acc: float64[4])
-    and returns max |g| as the bits of a float of g's width (bitops.abs_bits).
+    and returns max |g| as the bits of a float of g's width (kernels/bits.py abs_bits).
     `max_term=False`: without max |g| (the caller has it from its finite check); returns 0.
     `blocked` (for float32 arrays; the loop must be `for i in range(n)`): the loop split into blocks
     of BLOCK32 elements whose sums are float32 (`_accumulate32`), each block's folded into float64.
@@ -218,7 +212,7 @@ def _reads_as_old(body: list, p: str, i: str) -> list:
 
 
 def _max_line(max_term: bool) -> str:
-    # An unsigned max over the bits of |g| (bitops): a float max, or numba's own integer max (done in
+    # An unsigned max over the bits of |g| (kernels/bits.py): a float max, or numba's own integer max (done in
     # 64-bit lanes), kept LLVM from vectorizing the kernel's loop.
     return f"{_P}mx = {_P}umax({_P}mx, {_P}abs_bits({_P}gq))\n" if max_term else ""
 
@@ -347,7 +341,7 @@ class StatsKernel:
                  src=None) -> None:
         """Update the flat contiguous slices `p`, `slots` with `g`; acc[:3] += sums, acc[3] = max.
         `old`: a work array of STATS_BLOCK elements like p (the driver only). `max_known`: the caller
-        has max |g| already (fastkernels.abs_max) and sets acc[3] itself afterwards; then a variant
+        has max |g| already (finite.abs_max) and sets acc[3] itself afterwards; then a variant
         without it runs where there is one. `src`: [p's source, the slots' sources] (kernels.apply(src=)):
         p and the slots are computed from these, copied in block by block inside the pass by the
         copying variants, else before it."""
@@ -557,7 +551,7 @@ def reference_stats(grad: np.ndarray, old: np.ndarray, new: np.ndarray) -> np.nd
     return np.array([g @ g, n @ n, d @ d, max(g.max(), -g.min())])
 
 
-# dtype str -> small_sums compiled (float32 and float64 arrays). It repeats kernelstats.stats_loop's three
+# dtype str -> small_sums compiled (float32 and float64 arrays). It repeats stats_loop's three
 # sums on purpose: that one is compiled with reassociation for the large driver and leaves the max to
 # another loop; this one sums in order and takes max |g| in the same pass (a small step's one call).
 _SUMS: dict = {}

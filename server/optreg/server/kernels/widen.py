@@ -1,13 +1,12 @@
 """Gradients narrower than the master dtype (float16, bfloat16) widened inside the kernel pass.
 
-Before, a float16 gradient was widened by numpy's `astype` into a fresh full-size array
-(~20 ms at 1e7 on the bench machine, more than the kernel itself), then the kernel ran
-over it: the halved upload bought nothing. Here a numba driver walks the gradient in
-blocks of WIDEN_BLOCK elements, widens each block from its bits into a per-thread buffer
-that stays in L1, and calls the optimizer's own compiled kernel (fastkernels.py) on the
-block right away. The widening is exact: by the CPU's own conversion where it has one
-(`_native_half`: F16C on x86, ARMv8), else with integer operations (numba has no float16
-type on the CPU):
+Why: numpy's `astype` widens into a fresh full-size array, which costs more than the kernel
+itself, so the halved upload bought nothing (measured: docs/speed.md, "Kernel notes"). Here a
+numba driver walks the gradient in blocks of WIDEN_BLOCK elements, widens each block from its
+bits into a per-thread buffer that stays in L1, and calls the optimizer's own compiled kernel
+(kernels/jit.py) on the block right away. The widening is exact: by the CPU's own conversion
+where it has one (`_native_half`: F16C on x86, ARMv8), else with integer operations (numba has
+no float16 type on the CPU):
 
   float16: the exponent and mantissa bits shifted into a float32's place and multiplied
            by 2^112 (exact: a power of two; it also turns a subnormal half into the
@@ -19,16 +18,15 @@ A float64 master takes the float32 value (exact). So the kernel sees exactly the
 widen-then-update gives it, and the results are the same bit for bit (tests/kernels/test_kernels.py).
 
 With statistics (kernels.apply(stats=), the step's telemetry) the driver calls the optimizer's
-kernel with the statistics fused into its loop (kernelstats.py: float32 block sums for a float32
-master) on each widened block, once that kernel is compiled. Until then, or for a kernel the
-rewrite does not fit, a second driver copies each block of p before the update and sums over it
-with kernelstats' float64 helpers. Measured at 1e7 Adam float16 (2 threads): the float64 driver
-made the widening step ~1.5x the float32 one, which ate what the halved upload saved.
+kernel with the statistics fused into its loop (kernels/stats.py: float32 block sums for a float32
+master, as a float64 driver ate what the halved upload saved) on each widened block, once that
+kernel is compiled. Until then, or for a kernel the rewrite does not fit, a second driver copies
+each block of p before the update and sums over it with kernels/stats.py's float64 helpers.
 
 Each (definition, master dtype, gradient dtype) driver is compiled on first use in the
-compile thread (fastkernels.submit); until then, and without numba, kernels.apply widens
+compile thread (jit.submit); until then, and without numba, kernels.apply widens
 with numpy first (same numbers). Only the GIL-releasing build exists: below
-fastkernels.HOLD_GIL_BELOW elements numpy's widening costs microseconds.
+jit.HOLD_GIL_BELOW elements numpy's widening costs microseconds.
 """
 from __future__ import annotations
 
@@ -121,7 +119,7 @@ def drive(kernel, p, gbits, {slots}c, buf):
         w = widen_into(gbits[a:b], buf)
         kernel(p[a:b], w, {sliced}c)
 """
-# With statistics (kernels.apply(stats=)): as kernelstats' driver, over the widened block.
+# With statistics (kernels.apply(stats=)): as kernels/stats.py's driver, over the widened block.
 _STATS_SOURCE = """
 def drive(kernel, p, gbits, {slots}c, buf, ubuf, mask, old, acc):
     n = p.size
@@ -139,7 +137,7 @@ def drive(kernel, p, gbits, {slots}c, buf, ubuf, mask, old, acc):
         m = abs_bits_max(ubuf[:b - a], mask, m)
     return m
 """
-# With statistics fused into the kernel (kernelstats.StatsKernel.fn / fn32): it sums and takes
+# With statistics fused into the kernel (kernels/stats.py StatsKernel.fn / fn32): it sums and takes
 # max |g| over the widened block itself.
 _FUSED_SOURCE = """
 def drive(kernel, p, gbits, {slots}c, buf, m, acc):
@@ -153,7 +151,7 @@ def drive(kernel, p, gbits, {slots}c, buf, m, acc):
             m = mb
     return m
 """
-# The same over the kernel's copying variant (kernelstats: StatsKernel.copy32): p and the slots are
+# The same over the kernel's copying variant (kernels/stats.py StatsKernel.copy32): p and the slots are
 # computed from sources (kernels.apply(src=)), each block copied in inside the pass.
 _COPY_SOURCE = """
 def drive(kernel, p, gbits, {slots}c, buf, m, acc, src_p, {srcs}):
