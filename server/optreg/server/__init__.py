@@ -1,1 +1,3 @@
-"""optreg's server: sessions, the gRPC servicers, the `optreg` command."""
+"""optreg's server, in layers lowest first: model, kernels, storage, steps, sessions, telemetry, rpc,
+dashboard, assembly, cluster, cli. Imports point down or across, never up (tests/server/test_layers.py);
+docs/architecture.md draws the layers, the path of a step and where each concern lives."""

@@ -1,9 +1,8 @@
 """The session host: a detached, named Ray actor that owns many sessions.
 
-One Ray actor per session was measured here at ~80 MB resident (41 MB unique) for an empty actor
-and ~160 MB (73 MB unique) once optreg is imported: 1,000 sessions would need ~73 GB on a 24 GiB
-machine. So a host is one actor process per node holding many sessions, each owned through its own
-epoch in storage (ownership.py); the unit of ownership is still the session (docs/scale-out.md).
+One Ray actor per session would cost a process (~73 MB unique once optreg is imported: docs/scale-out.md,
+"Why one actor per node"), so a host is one actor process per node holding many sessions, each owned
+through its own epoch in storage (ownership.py); the unit of ownership is still the session.
 
 Inside, the host is the single server's core: a SessionStore over a FencedJournal and the very
 SessionServicer the gRPC server uses, called with the raw request bytes the front end received.

@@ -1,6 +1,6 @@
 """What the server refuses, as domain exceptions: no grpc here.
 
-The servicers map each class to its gRPC status in one table (status.py). A message
+The servicers map each class to its gRPC status in one table (rpc/status.py). A message
 says what is wrong and how to fix it; client input quoted in it goes through
 `shown()`, so a 100 KB name cannot make the reply's trailers too large.
 """

@@ -136,7 +136,7 @@ class Session:
     live: Arrays | None = None  # None while unloaded (its tensors on disk only)
     spare: Arrays | None = None  # the next step's staging, when nobody reads it (keep_spare)
     last_delta: dict[str, np.ndarray] | None = None  # reply "delta": a retry gets the same answer
-    # Durability bookkeeping (store.py): the newest step on disk, and when.
+    # Durability bookkeeping (sessions/store.py): the newest step on disk, and when.
     persisted_step: int = -1
     persisted_at: float = field(default_factory=time.monotonic)
     dirty: bool = True
@@ -150,13 +150,13 @@ class Session:
     layout: tuple = field(init=False, repr=False)  # what makes two sessions' sets interchangeable (SetPool)
     reply_bytes: int = field(init=False, repr=False)  # the tensor bytes of a step's answer (steps.run.reply)
     set_nbytes: int = field(init=False, repr=False)  # set_bytes()
-    # Shared sessions (membership.WorkerConfig; None: single writer) and their members and rounds (rounds.Hub).
+    # Shared sessions (model/workers.py WorkerConfig; None: single writer), members and rounds (steps/rounds.py Hub).
     workers: object | None = None
     hub: object | None = field(default=None, repr=False)
     round_record: dict | None = None  # the last sync round applied: {"round", "contributors", "members"} (logged)
     worker_rounds: dict = field(default_factory=dict)  # async/ssp: worker -> round of its last applied contribution
     worker_clocks: dict = field(default_factory=dict)  # the members at the last step -> contributions applied (logged)
-    # Sparse rows (sparse.py): name -> int64 per row, the step the row is current through (lazy 2-D
+    # Sparse rows (steps/sparse_rows.py): name -> int64 per row, the step the row is current through (lazy 2-D
     # parameters only), and the last sparse step's answer (a retry gets it again).
     clocks: dict = field(default_factory=dict, repr=False)
     last_sparse: object | None = field(default=None, repr=False)

@@ -3,7 +3,7 @@
 A shared session (SessionConfig.workers) is stepped by several workers. Each joins under a
 name and holds a lease that every call it makes renews; a member whose lease runs out is
 dropped, so no round and no SSP bound ever waits for a worker that died. The members live
-in memory (guarded by the session's Hub condition, rounds.py); after a restart a worker's
+in memory (guarded by the session's Hub condition, steps/rounds.py); after a restart a worker's
 next call joins it again (a step from an unknown worker joins it when there is room).
 """
 from __future__ import annotations
@@ -83,7 +83,7 @@ LR_SCALED = "lr_scaled"  # a step record's extras: it ran at its own staleness-s
 
 def note_worker_record(s, extras: dict) -> None:
     """Keep on the session what a shared session's step record says about its workers: as the step commits,
-    and again when recovery replays the record (journal.replay), so both end in the same place.
+    and again when recovery replays the record (steps/replay.py), so both end in the same place.
     Sync rounds: {"round", "contributors", "members", "clocks"}; async/SSP contributions:
     {"worker", "round", "clocks"}. "clocks" maps the members when the record began to their applied
     contributions after it (the SSP clocks): merged by max, since records of concurrent contributions may

@@ -3,7 +3,7 @@
 The server is gRPC's thread-pool server, where a call that waits (for its peer, for a round to
 close, for the next step to watch) holds a handler thread the whole time. So every kind of
 waiting is admitted up to a documented limit with a flag, and refused beyond it with
-RESOURCE_EXHAUSTED naming the limit, its flag and what to do; app.py gives the thread pool a
+RESOURCE_EXHAUSTED naming the limit, its flag and what to do; assembly.py gives the thread pool a
 thread for each admitted watcher and member on top of --threads, so waiting callers can never
 take the threads that steps and health checks use.
 """

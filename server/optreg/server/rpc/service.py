@@ -1,7 +1,7 @@
-"""The gRPC servicers: thin adapters from messages to the domain (store, pipeline) and back.
+"""The gRPC servicers: thin adapters from messages to the domain (sessions/store.py, steps/) and back.
 
-Every step, whatever its source, is a pipeline.StepRun; refusals are the domain's
-exceptions, mapped to status codes by status.py's one table.
+Every step, whatever its source, is a steps/run.py StepRun (docs/architecture.md, "The path of a
+step"); refusals are the domain's exceptions, mapped to status codes by rpc/status.py's one table.
 """
 from __future__ import annotations
 
@@ -177,7 +177,7 @@ class _Paced:
 
     def received(self) -> None:
         """The whole request stream is in: the stream slot is free for another sender (a shared
-        session's contribution then waits for its round under --max-members, workersteps.py)."""
+        session's contribution then waits for its round under --max-members, rpc/workers.py)."""
         if self.slot is not None:
             self.slot.release()
 
@@ -592,7 +592,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
             finally:
                 run.close()
 
-    # -- shared sessions (workersteps.py) ---------------------------------------------------
+    # -- shared sessions (rpc/workers.py) ---------------------------------------------------
     @status.handler
     def JoinSession(self, request, context):
         session = self.store.get(request.session_id, self.owner(context))

@@ -47,7 +47,7 @@ class TelemetryServicer(telemetry_pb2_grpc.TelemetryServiceServicer):
                  budget=None):
         self.hub, self.owner, self.check_session = hub, owner, check_session
         self.budget = budget  # the server's memory budget: an import's inflated bytes are counted there
-        # Each watch holds a server thread while it waits for steps (app.py adds a thread for each).
+        # Each watch holds a server thread while it waits for steps (assembly.py adds a thread for each).
         self.watchers = admission.Limit(max_watchers, (
             f"this server is serving {max_watchers} WatchSession calls, its limit (--max-watchers): close a "
             "watch you no longer need, read past steps with GetTelemetry, or start the server with a larger "

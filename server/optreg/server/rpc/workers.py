@@ -1,5 +1,5 @@
-"""gRPC adapters for shared sessions: the contract's worker fields to and from the domain (rounds.py,
-membership.py). Step and StepStream hand a call here when its session has workers."""
+"""gRPC adapters for shared sessions: the contract's worker fields to and from the domain
+(steps/rounds.py, model/workers.py). Step and StepStream hand a call here when its session has workers."""
 from __future__ import annotations
 
 import contextlib
@@ -82,7 +82,7 @@ class ContributionRun(StepRun):
 class WorkerSteps:
     """`max_members`: sync and SSP members on the whole server; worker calls in flight at once are bounded by
     CALLS_PER_WORKER for each (every member may wait in one for the others, and retry it), so one worker's
-    flood of calls cannot take other members' slots. app.py gives the thread pool a thread for each."""
+    flood of calls cannot take other members' slots. assembly.py gives the thread pool a thread for each."""
 
     def __init__(self, store, chunk_bytes: int, max_message_bytes: int, max_members: int = 64):
         self.store = store

@@ -202,7 +202,7 @@ class SessionStore:
             session.hyperparameters = hp
         return session
 
-    # -- the step's hooks (pipeline.StepRun) ---------------------------------------
+    # -- the step's hooks (steps/run.py StepRun) ---------------------------------------
     def after_commit(self, session: Session) -> None:
         """Caller holds the lock; the step is committed."""
         self.journal.after_commit(session)

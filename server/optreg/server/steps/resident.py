@@ -141,7 +141,7 @@ def _check_disjoint(region: Region, views) -> None:
 def detach(store, session: Session, region: Region, why: str = "") -> bool:
     """The registration ends. Unregistered by a live client: the parameters are copied back into the server's
     memory (the client keeps its mapping). The client gone or the server stopping: the server keeps the
-    mapping as the parameters' home (it cannot shrink: sealed, see shm.py) and gives back
+    mapping as the parameters' home (it cannot shrink: sealed, see shared_memory.py) and gives back
     the segment's other pages (the gradients): no copy, so no second 4 GB at 1e9. Returns True when
     the mapping must stay (the caller must not close it)."""
     keep = why in KEEP_MAPPING
@@ -188,7 +188,7 @@ def _give_back_others(region: Region, params) -> None:
 def _check_finite(name: str, g: np.ndarray) -> float | None:
     """check_finite, split over the kernel threads for large gradients: this pass is the one a resident
     step adds to the update's own (it must finish before anything is touched). Returns max |g|, which the
-    check's reduction yields anyway (fastkernels.abs_max), for kernels.apply(grad_abs_max=); None when
+    check's reduction yields anyway (kernels/finite.py abs_max), for kernels.apply(grad_abs_max=); None when
     the compiled check does not fit (numpy checked)."""
     parts = fastkernels.threads() if g.size >= PARALLEL_FINITE else 1
     if abs_max(g[:1]) is None:

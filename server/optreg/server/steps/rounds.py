@@ -1,6 +1,6 @@
-"""Shared sessions' steps: sync rounds, async and SSP contributions (DESIGN.md, "gather").
+"""Shared sessions' steps: sync rounds, async and SSP contributions (docs/workers.md).
 
-One Hub per shared session holds its members (membership.py) and, in sync mode, its open
+One Hub per shared session holds its members (model/workers.py) and, in sync mode, its open
 round. Round r collects contributions keyed by worker; it is applied as step r + 1, so the
 open round is always the session's step and survives a restart with it (a round's
 contributions are acknowledged only when it closes, so a crash loses none that was
@@ -84,7 +84,7 @@ class Contribution:
         self.session, self.store = session, store
         self.tracker = tensors.ChunkTracker(session.spec, "gradient")
         s = session
-        # Sparse rows (sparse.py): validated now; the parameters sent densely get buffers as they come.
+        # Sparse rows (sparse_rows.py): validated now; the parameters sent densely get buffers as they come.
         self.sparse = sparse_rows.parse_all(s, sparse_msgs)
         self.grads = Buffers() if self.sparse else store.budget.allocate(
             f"a worker's contribution to session {s.id}", s.elements * s.dtype.itemsize,
@@ -358,7 +358,7 @@ class Hub:
             combined = self.store.budget.allocate(
                 f"a round's combined gradient of session {s.id}", s.elements * s.dtype.itemsize,
                 lambda: combine(contribs, self.config.combine, s.dtype))
-            # Logged with the step (journal.replay restores it), so retries after a restart are answered.
+            # Logged with the step (steps/replay.py restores it), so retries after a restart are answered.
             record = {"round": r.number, "contributors": sorted(contribs), "members": sorted(live), "clocks": clocks}
             merged = getattr(combined, "sparse", None) or {}
             run = StepRun(self.store, s, r.number, metrics=step_metrics, extras=record, sparse=bool(merged))

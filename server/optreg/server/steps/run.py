@@ -1,4 +1,4 @@
-"""One step, as data: every step of every source takes this path (DESIGN.md, "One step").
+"""One step, as data: every step of every source takes this path (docs/architecture.md, "The path of a step").
 
     source -> fence -> validate -> apply into staging (outside the lock) -> log -> commit -> sink
 
@@ -73,7 +73,7 @@ class StepRun:
         self.store, self.session, self.fence = store, session, fence
         self.writer = writer  # (writers.Writer or None, take over?): the caller, for the session's lease
         self.extras = extras  # logged with the step (a shared session's round)
-        # A sparse step (sparse.py): some rows of 2-D parameters via feed_sparse(); parameters it does not
+        # A sparse step (sparse_rows.py): some rows of 2-D parameters via feed_sparse(); parameters it does not
         # name have a zero gradient. Computed under the lock at commit on gathered rows, never overlapped.
         self.is_sparse = sparse
         self.sparse: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -114,7 +114,7 @@ class StepRun:
                                          "step again (restart it from its state with a smaller initial_step)")
             self.hp = self._resolve(s)
             self.t = s.step + 1
-            # Rows owed steps (sparse.py) are caught up in the staging copy at commit: no overlap then.
+            # Rows owed steps (sparse_rows.py) are caught up in the staging copy at commit: no overlap then.
             self.overlap = self.fence is not None and self.defn.elementwise and not s.clocks and not self.is_sparse
             if self.overlap:
                 self.reader = s.live

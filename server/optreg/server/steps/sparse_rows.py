@@ -1,7 +1,7 @@
 """Sparse rows: a step that names some rows of 2-D parameters (docs/workers.md, "Sparse rows").
 
 A sparse step's gradient is zero everywhere it does not name. Rows it names are brought up
-to date (their missed zero-gradient steps, sparsekernels.catch_up) and stepped by the
+to date (their missed zero-gradient steps, kernels/rows.py catch_up) and stepped by the
 optimizer's ordinary kernel; rows it does not name are left lazy. Each lazy 2-D parameter
 has a clock (Session.clocks: name -> int64 per row, the step the row is current through);
 a row with clock < the session's step is owed steps. Every reader sees dense-equivalent

@@ -268,7 +268,7 @@ def _background():
 
 
 class _Record:
-    """A step's log record, written as its gradients arrive (see pipeline.StepRun). Whole small tensors
+    """A step's log record, written as its gradients arrive (see steps/run.py StepRun). Whole small tensors
     wait (copied) while nothing of the record is written: a record of only those (a small unary step's)
     goes out at commit as one wal.Log.append; anything else opens a wal.RecordWriter, which writes the
     rest as it comes."""

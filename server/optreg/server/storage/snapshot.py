@@ -41,7 +41,7 @@ import xxhash
 from .fsync import fsync_dir
 
 # Test-only: exit the process between writing the temporary file and renaming it, on
-# the N-th snapshot write of this process (the same contract as storage.py's hook).
+# the N-th snapshot write of this process.
 CRASH_ENV = "OPTREG_TEST_CRASH_BEFORE_RENAME"
 MAX_HEADER = 100 << 20  # a header larger than this is refused before it is read
 KEY_META, KEY_TENSORS, KEY_CHECK = "optreg", "optreg_tensors", "optreg_check"

@@ -1,6 +1,7 @@
 """Training telemetry: what each session's steps leave behind, kept in a bounded ring per session.
 
-The step pipeline calls the hub (it imports no grpc; the gRPC servicer and the dashboard read it):
+Steps call the hub through the store's observer (TelemetryObserver, below; the hub imports no grpc;
+rpc/telemetry.py and the dashboard read it):
 
     hub.on_step(StepEvent(...))                  after every committed step (not after a replayed retry)
     hub.on_refused(session_id, owner, step, reason)   after every refused step (non-finite gradients, ...);
@@ -798,7 +799,7 @@ class TelemetryObserver:
     Reads from the run: `t` (the step), `hp`, `metrics`, `result.replayed`, `reader` (the committed set,
     held as a reader until run.close(), so its arrays are not reused while we sample them; when the
     run holds none, the live set under the session's lock if it is still this step's), and
-    `stats` ({name: float64[4]}: what kernels.apply(stats=...) measured in the update pass; the pipeline
+    `stats` ({name: float64[4]}: what kernels.apply(stats=...) measured in the update pass; steps/run.py
     fills it, folding chunks with merge_stats). A refusal's reason is the exception in flight when the
     run is closed; a cancelled call (the client went away) is not a refusal.
     """
