@@ -143,7 +143,7 @@ def test_book_adam_and_torch_adam_differ_for_a_tiny_gradient():
     # The book: lr_t = lr*sqrt(1-b2)/(1-b1); step = lr_t*m/(sqrt(v)+1e-7), m and v uncorrected.
     m, v = 0.1 * g, 0.001 * g * g
     assert book == pytest.approx(lr * 0.001 ** 0.5 / 0.1 * m / (v ** 0.5 + 1e-7), rel=1e-9)
-    assert book == pytest.approx(2.4e-4, rel=0.01)  # the figure DESIGN.md and docs/plugins.md quote
+    assert book == pytest.approx(2.4e-4, rel=0.01)  # the figure docs/plugins.md quotes
     # torch: corrected m and v are g and g*g, so step = lr*g/(g + 1e-8), about 9.9e-4.
     assert ours == pytest.approx(lr * g / (g + 1e-8), rel=1e-9)
     p = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))

@@ -24,8 +24,8 @@ DTYPES: dict[int, np.dtype] = {
 }
 _BY_NUMPY = {dt: code for code, dt in DTYPES.items()}
 
-# Chunks on the streaming RPCs: DESIGN measured 1 MiB chunks on one stream at
-# about 5x faster than one large message.
+# Chunks on the streaming RPCs: 1 MiB (256 KiB and 4 MiB measured within noise of it: docs/speed.md,
+# "What makes it fast").
 CHUNK_BYTES = 1 << 20
 
 
