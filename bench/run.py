@@ -580,6 +580,11 @@ def bench_chaos(cfg, server, echo):
     run(cfg, server, echo)
 
 
+def bench_waiting(cfg, server, echo):
+    from bench.waiting import bench_waiting as run  # 1,000 waiting members, watchers, stalled uploads (issue 23)
+    run(cfg, server, echo)
+
+
 def bench_ray(cfg, server, echo):
     from bench.ray_step import bench_ray as run  # a local Ray; skipped in --quick and without Ray
     run(cfg, server, echo)
@@ -589,7 +594,7 @@ SECTIONS = {"small": bench_small, "smallparts": bench_small_parts, "large": benc
             "declared": bench_declared, "memory": bench_memory, "concurrency": bench_concurrency,
             "torch": bench_torch, "wal": bench_wal, "durability": bench_durability, "telemetry": bench_telemetry,
             "workers": bench_workers, "sparse": bench_sparse, "streams": bench_streams, "chaos": bench_chaos,
-            "ray": bench_ray}
+            "waiting": bench_waiting, "ray": bench_ray}
 
 
 class Config:

@@ -87,13 +87,13 @@ def check_stalled_step_stream(idle_server, stalls, kind):
 
 # -- issue 9, 2: stalled uploads cannot take the server's workers
 def test_stalled_create_streams_never_make_the_server_unresponsive(start_server, stalls):
-    srv = start_server("--memory-only", "--threads", "4", "--stream-idle-seconds", "4")
+    srv = start_server("--memory-only", "--threads", "4", "--max-streams", "2", "--stream-idle-seconds", "4")
     stub = stub_for(srv.address)
     other = create(stub, {"w": np.ones(4, np.float32)}).session_id
     config = session_pb2.CreateSessionStreamRequest(config=session_pb2.SessionConfig(optimizer="adam"))
     part = session_pb2.CreateSessionStreamRequest(chunks=[tensor_pb2.Tensor(
         name="w", dtype=F32, shape=[1 << 20], offset=0, data=np.ones(1000, np.float32).tobytes())])
-    # --workers 4: at most 2 streams at once. Twice that many hostile uploads, all alive and stalled.
+    # --max-streams 2: at most 2 streams at once. Twice that many hostile uploads, all alive and stalled.
     for _ in range(2):
         stalls.append(Stalled(stub.CreateSessionStream, [config, part], unary_reply=True))
     time.sleep(0.5)  # the first two hold their slots

@@ -1,9 +1,9 @@
 """Issue 22's hangs 6 and 7, and its idle-timer item, against a real `optreg serve` through the generated stubs.
 
-- WatchSession is admitted up to --max-watchers (each has a thread of its own): 16 and more open
+- WatchSession is admitted up to --max-watchers (each waits holding no thread): 16 and more open
   watchers never stop health checks, GetSession or steps, and the ones beyond are refused at once.
-- A sync session with more members than --workers closes its rounds (members wait in threads of
-  their own, up to --max-members); members beyond --max-members are refused at JoinSession.
+- A sync session with more members than --threads closes its rounds (members wait holding no
+  thread); members beyond --max-members are refused at JoinSession.
 - A worker StepStream's idle timer resets on data only: a trickle of empty messages is ended after
   --stream-idle-seconds and gives back the worker's turn.
 """
@@ -105,8 +105,9 @@ class Watch:
         self.channel.close()
 
 
-def test_more_watchers_than_threads_never_stop_health_reads_or_steps(server):
-    srv = server  # a default server: 16 handler threads, 16 watchers
+def test_more_watchers_than_threads_never_stop_health_reads_or_steps(start_server):
+    # 16 handler threads, 16 watchers admitted (--max-watchers is an admission limit: 1024 by default)
+    srv = start_server("--memory-only", "--max-watchers", "16")
     stub = stub_for(srv.address)
     sid = create(stub, W, optimizer="sgd").session_id
     watches = [Watch(srv.address, sid) for _ in range(20)]

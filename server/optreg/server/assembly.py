@@ -1,6 +1,7 @@
 """Builds and runs the gRPC server: optreg's services, standard health checking, reflection."""
 from __future__ import annotations
 
+import asyncio
 import errno
 import ipaddress
 import logging
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from optreg.plugins.registry import Registry
@@ -27,8 +29,9 @@ from optreg.server.model import budget as memory
 from optreg.server.sessions.factory import Limits
 from optreg.server.storage.fsync import GroupSyncer
 from optreg.server.storage.journal import Journal
-from optreg.server.model.workers import CALLS_PER_WORKER
 from optreg.server.sessions.store import SessionStore
+from optreg.server.rpc import calls
+from optreg.server.rpc.aio import coroutines
 from optreg.server.rpc import telemetry as telemetry_service
 from optreg.server.telemetry.hub import TelemetryHub, TelemetryObserver
 from optreg.v1 import registry_pb2, registry_pb2_grpc, session_pb2, session_pb2_grpc, tensors
@@ -56,9 +59,12 @@ class Settings:
     periodic_seconds: float = 30.0
     idle_seconds: float = 0.0  # 0: never unload
     memory_budget_mb: float | None = None  # None: budget.DEFAULT_SHARE of physical memory; 0: unlimited
-    max_streams: int = 0  # 0: half the workers
-    max_watchers: int = 16  # WatchSession calls at once (each has a thread of its own beyond `workers`)
-    max_members: int = 64  # sync/SSP members on the server; worker calls: two each, with threads beyond `workers`
+    # Admission limits (rpc/admission.py): calls beyond them are refused with RESOURCE_EXHAUSTED. A waiting
+    # call holds no thread (grpc.aio), only its memory: a few KiB each.
+    max_streams: int = 1024  # streaming calls at once (uploads and downloads)
+    max_watchers: int = 1024  # WatchSession calls at once
+    max_members: int = 2048  # sync/SSP members on the server; worker calls in flight: two each
+    max_shm_registrations: int = 256  # shared-memory registrations at once
     stream_idle_seconds: float = 30.0
     fsync_method: str = "threads"  # how the log syncer makes a batch durable (fsync.METHODS)
     max_tensors: int = 4096
@@ -174,40 +180,25 @@ class OptregServer:
                             ("--max-members", settings.max_members)):
             if value < 1:
                 raise ValueError(f"{flag} {value}: give at least 1")
-        # Watchers and shared-session workers wait (for steps, for the other members) holding a thread each:
-        # the pool has one for each admitted, on top of --threads, so they never take the threads that steps
-        # and health checks use (admission.py).
-        threads = settings.workers + settings.max_watchers + CALLS_PER_WORKER * settings.max_members
-        self.grpc_server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="optreg"),
-            interceptors=[self.auth] if self.auth else [],
-            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
-                     # Ping idle peers so a dead client's stream (which may hold a session's lock) ends in
-                     # about 40 s rather than the 2 h TCP default.
-                     ("grpc.keepalive_time_ms", 30_000), ("grpc.keepalive_timeout_ms", 10_000),
-                     ("grpc.keepalive_permit_without_calls", 1),
-                     # gRPC sets SO_REUSEPORT by default: a second server on a port in use would start and
-                     # take half the new connections. Without it, that bind fails (see _bind).
-                     ("grpc.so_reuseport", 0)])
-        registry_pb2_grpc.add_OptimizerRegistryServiceServicer_to_server(
-            RegistryServicer(self.registry, self.metrics), self.grpc_server)
+        # grpc.aio: waiting calls are coroutines on the loop and hold no thread; --threads bounds the pool
+        # that runs the plain handlers and the CPU work coroutines hand off (rpc/calls.py).
+        self.grpc_server = GrpcServer(settings.workers, limit, interceptors=[self.auth] if self.auth else [])
         owner = self.auth.owner if self.auth else (lambda context: "")
-        # Each shared-memory registration holds a worker thread while it lives: at most a quarter of them.
         self.sessions = SessionServicer(self.store, metrics=self.metrics, owner=owner, max_message_bytes=limit,
-                                        shm_registrations=max(1, settings.workers // 4),
-                                        max_streams=settings.max_streams or max(1, settings.workers // 2),
+                                        shm_registrations=settings.max_shm_registrations,
+                                        max_streams=settings.max_streams,
                                         stream_idle_seconds=settings.stream_idle_seconds,
                                         max_members=settings.max_members)
-        _add_session_service(self.sessions, self.grpc_server)
-        telemetry_service.add_to_server(telemetry_service.TelemetryServicer(
+        watching = telemetry_service.TelemetryServicer(
             self.telemetry, owner, check_session=lambda sid, who: self.store.get(sid, who),
-            max_watchers=settings.max_watchers, budget=self.store.budget), self.grpc_server)
-        self.health = health.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
-        enable_reflection(SERVICE_NAMES + (health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc_server)
+            max_watchers=settings.max_watchers, budget=self.store.budget)
+        for service, handlers in build_services(self.sessions, watching, RegistryServicer(self.registry, self.metrics),
+                                                aio=True).items():
+            self.grpc_server.add(service, handlers)
+        self.grpc_server.add_health_and_reflection(SERVICE_NAMES)
         creds = grpc.ssl_server_credentials([(pathlib.Path(settings.tls_key).read_bytes(),
                                               pathlib.Path(settings.tls_cert).read_bytes())]) if tls else None
-        self.port = _bind(self.grpc_server, settings.host, settings.port, creds)
+        self.port = self.grpc_server.bind(settings.host, settings.port, creds)
 
     @property
     def address(self) -> str:
@@ -223,14 +214,12 @@ class OptregServer:
         self.telemetry.start()
         self.dashboard = _dashboard(self.settings, self.telemetry, self.auth)
         self.grpc_server.start()
-        for name in ("",) + SERVICE_NAMES:
-            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     def stop(self, grace: float | None = None) -> None:
         """Refuse new calls, let in-flight ones (steps included) finish within `grace` seconds."""
-        self.health.enter_graceful_shutdown()
+        self.grpc_server.enter_graceful_shutdown()
         self.sessions.shm.close_all()  # ends the registration calls, which would otherwise hold the drain
-        self.grpc_server.stop(self.settings.drain_seconds if grace is None else grace).wait()
+        self.grpc_server.stop(self.settings.drain_seconds if grace is None else grace)
         if self.janitor:
             self.janitor.stop()
         if getattr(self, "dashboard", None):
@@ -352,20 +341,30 @@ class _Handlers:
         self.service, self.handlers = service, dict(handlers)
 
 
+def method_handlers(add, servicer) -> tuple[str, dict]:
+    """(service, {method: handler}) as the generated add_*_to_server(servicer, server) registers them."""
+    got = _Handlers()
+    add(servicer, got)
+    return got.service, got.handlers
+
+
 # StepStream messages of at least this many bytes that hold only chunks are decoded by
 # tensors.decode_request_chunks (no copy of their data; protobuf copies each bytes field when read);
 # smaller ones by protobuf, faster there than the Python decoder.
 DECODE_CHUNKS_ABOVE = 64 << 10
 
 
-def _add_session_service(servicer, server) -> None:
-    """The generated registration, except that StepStream's replies may come already encoded
-    (bytes from tensors.encode_stream_message: the updated parameters copied once, not four times)
-    and its requests come with their size on the wire, for the metrics (large chunk messages decoded
-    without copies, see DECODE_CHUNKS_ABOVE)."""
-    got = _Handlers()
-    session_pb2_grpc.add_SessionServiceServicer_to_server(servicer, got)
-    h = got.handlers["StepStream"]
+def build_services(sessions: SessionServicer, watching=None, registry=None, aio: bool = True) -> dict[str, dict]:
+    """{service name: {method: handler}} of optreg's services, for the single server (aio: the
+    coroutine handlers of rpc/aio.py, the rest adapted to run on the pool) or, aio=False, for callers
+    that invoke the handlers themselves (cluster/host.py). As the generated registration, except that
+    StepStream's replies may come already encoded (bytes from tensors.encode_stream_message: the
+    updated parameters copied once, not four times) and its requests come with their size on the wire,
+    for the metrics (large chunk messages decoded without copies, see DECODE_CHUNKS_ABOVE); Step's
+    dense answers come encoded too (service._step_reply)."""
+    out = {}
+    service, handlers = method_handlers(session_pb2_grpc.add_SessionServiceServicer_to_server, sessions)
+    h = handlers["StepStream"]
     parse = h.request_deserializer
 
     def parse_sized(data):  # sized without ByteSize()
@@ -374,12 +373,98 @@ def _add_session_service(servicer, server) -> None:
             if msg is not None:
                 return len(data), msg
         return len(data), parse(data)
-    got.handlers["StepStream"] = grpc.stream_stream_rpc_method_handler(
+    handlers["StepStream"] = grpc.stream_stream_rpc_method_handler(
         h.stream_stream, request_deserializer=parse_sized,
         response_serializer=tensors.serialize_passthrough(h.response_serializer))
-    h = got.handlers["Step"]  # Step's dense answers come encoded too (service._step_reply)
-    got.handlers["Step"] = grpc.unary_unary_rpc_method_handler(
+    h = handlers["Step"]
+    handlers["Step"] = grpc.unary_unary_rpc_method_handler(
         h.unary_unary, request_deserializer=h.request_deserializer,
         response_serializer=tensors.serialize_passthrough(h.response_serializer))
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(got.service, got.handlers),))
-    server.add_registered_method_handlers(got.service, got.handlers)
+    if aio:
+        handlers = coroutines(sessions, handlers)
+    out[service] = handlers
+    if watching is not None:
+        service, handlers = method_handlers(telemetry_service.add_to_server, watching)
+        if aio:
+            handlers = coroutines(watching, handlers)
+        out[service] = handlers
+    if registry is not None:
+        service, handlers = method_handlers(registry_pb2_grpc.add_OptimizerRegistryServiceServicer_to_server, registry)
+        out[service] = handlers
+    if aio:
+        out = {service: calls.adapt(handlers) for service, handlers in out.items()}
+    return out
+
+
+def server_options(max_message_bytes: int) -> list[tuple]:
+    return [("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+            # Ping idle peers so a dead client's stream (which may hold a session's lock) ends in
+            # about 40 s rather than the 2 h TCP default.
+            ("grpc.keepalive_time_ms", 30_000), ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+            # gRPC sets SO_REUSEPORT by default: a second server on a port in use would start and
+            # take half the new connections. Without it, that bind fails (see _bind).
+            ("grpc.so_reuseport", 0)]
+
+
+class GrpcServer:
+    """A grpc.aio server on an event loop of its own thread, driven from plain code (start, stop), with
+    standard health checking and reflection. `threads` bound the pool that runs plain handlers and the
+    work coroutines hand off (the loop's default executor): waiting calls hold none of them."""
+
+    def __init__(self, threads: int, max_message_bytes: int, interceptors=(), name: str = "optreg"):
+        self.pool = futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name)
+        self.loop = asyncio.new_event_loop()
+        self.loop.set_default_executor(self.pool)
+        self.thread = threading.Thread(target=self.loop.run_forever, name=f"{name}-loop", daemon=True)
+        self.thread.start()
+        self.services: list[str] = []
+
+        async def make():
+            return grpc.aio.server(migration_thread_pool=self.pool, interceptors=list(interceptors),
+                                   options=server_options(max_message_bytes))
+        self.server = self.run(make())
+        self.health = health_aio.HealthServicer()
+
+    def run(self, coro, timeout: float | None = None):
+        """Run a coroutine on the loop from another thread; its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def add(self, service: str, handlers: dict) -> None:
+        self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+        self.server.add_registered_method_handlers(service, handlers)
+        self.services.append(service)
+
+    def add_generic(self, service: str, generic) -> None:
+        self.server.add_generic_rpc_handlers((generic,))
+        self.services.append(service)
+
+    def add_health_and_reflection(self, names) -> None:
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self._names = tuple(names)
+        enable_reflection(self._names + (health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+
+    def bind(self, host: str, port: int, creds) -> int:
+        return _bind(self.server, host, port, creds)
+
+    def start(self) -> None:
+        async def start():
+            await self.server.start()
+            for name in ("",) + self._names:
+                await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.run(start())
+
+    def enter_graceful_shutdown(self) -> None:
+        self.run(self.health.enter_graceful_shutdown())
+
+    def stop(self, grace: float | None) -> None:
+        """Refuse new calls; let those in flight finish within `grace` seconds; then end the loop."""
+        if self.loop.is_closed():
+            return
+        try:
+            self.run(self.server.stop(grace))
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+            self.pool.shutdown(wait=False, cancel_futures=True)

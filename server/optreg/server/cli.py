@@ -143,7 +143,8 @@ def add_arguments(serve: argparse.ArgumentParser) -> None:
     net.add_argument("--port", type=port, default=50051,
                        help="port (default: 50051; 0 picks a free one; a port in use is an error)")
     limits.add_argument("--threads", type=int, default=16,
-                       help="threads serving calls, besides those of --max-watchers and --max-members (default: 16)")
+                       help="threads running handlers and steps; calls that wait (watches, rounds, idle streams) "
+                            "hold none (default: 16)")
     # --workers was this option's first name; everywhere else it means worker processes.
     limits.add_argument("--workers", type=int, dest="threads", action=_Deprecated, help=argparse.SUPPRESS)
     limits.add_argument("--max-message-mb", type=int, default=64,
@@ -169,15 +170,14 @@ def add_arguments(serve: argparse.ArgumentParser) -> None:
                        help="MiB of tensor data the server holds at most (sessions, staging copies, uploads); "
                             "beyond it idle durable sessions are unloaded, then requests fail with "
                             "RESOURCE_EXHAUSTED (default: half the physical memory; 0: unlimited)")
-    limits.add_argument("--max-streams", type=int, default=0,
-                       help="streaming calls served at once, the rest refused (default: half of --threads)")
-    limits.add_argument("--max-watchers", type=at_least_one, default=16,
-                       help="WatchSession calls served at once, the rest refused RESOURCE_EXHAUSTED; each has a "
-                            "thread of its own beyond --threads (default: 16)")
-    limits.add_argument("--max-members", type=at_least_one, default=64,
+    limits.add_argument("--max-streams", type=at_least_one, default=1024,
+                       help="streaming calls served at once, the rest refused RESOURCE_EXHAUSTED (default: 1024)")
+    limits.add_argument("--max-watchers", type=at_least_one, default=1024,
+                       help="WatchSession calls served at once, the rest refused RESOURCE_EXHAUSTED (default: 1024)")
+    limits.add_argument("--max-members", type=at_least_one, default=2048,
                        help="members of sync and SSP sessions on this server; beyond, JoinSession is refused "
-                            "RESOURCE_EXHAUSTED. Worker calls (two per member: a call and its retry) have threads of "
-                            "their own beyond --threads, so every admitted member can wait for its round (default: 64)")
+                            "RESOURCE_EXHAUSTED; each may have two calls in flight (a call and its retry) "
+                            "(default: 2048)")
     storage.add_argument("--fsync-method", choices=["threads", "fdatasync", "syncfs"], default="threads",
                        help="how logs waiting for durability are synced together: threads (concurrent "
                             "fdatasyncs, default), fdatasync (one after another: no sharing), syncfs")

@@ -247,14 +247,14 @@ class Frontend:
         return epoch > 0 and not (holder or {}).get("deleted") and self.epochs.get(session_id, 0) < epoch
 
     # -- gRPC --------------------------------------------------------------------------------------
-    def handlers(self) -> tuple[grpc.GenericRpcHandler, ...]:
+    def tables(self) -> dict[str, dict[str, grpc.RpcMethodHandler]]:
+        """{service: {method: handler}} of the session and telemetry services."""
         table = {}
         for m in SERVICE.methods:
             table[m.name] = _handler(self, m.name, m.client_streaming, m.server_streaming)
         watched = {m.name: _handler(self, m.name, False, False) for m in TELEMETRY.methods if m.name != "WatchSession"}
         watched["WatchSession"] = grpc.unary_stream_rpc_method_handler(self._watch_handler)
-        return (grpc.method_handlers_generic_handler(SERVICE.full_name, table),
-                grpc.method_handlers_generic_handler(TELEMETRY.full_name, watched))
+        return {SERVICE.full_name: table, TELEMETRY.full_name: watched}
 
     def _watch_handler(self, request: bytes, context):
         try:

@@ -21,7 +21,7 @@ import numpy as np
 
 from optreg.plugins.registry import Registry
 from optreg.server.model import budget as memory
-from optreg.server.assembly import _add_session_service, _Handlers
+from optreg.server.assembly import build_services
 from optreg.server.rpc import telemetry as telemetry_service
 from optreg.server.cluster import telemetry
 from optreg.server.cluster.context import Abort, ActorContext
@@ -98,16 +98,14 @@ class SessionHost:
                                   default_durability="log", metrics=self.metrics)
         self.journal.on_stale = self._superseded
         self.servicer = SessionServicer(self.store, metrics=self.metrics, max_streams=64)
-        got = _Handlers()
-        _add_session_service(self.servicer, got)
-        self.handlers = got.handlers
         # TelemetryService: the same servicer as the single server's, over this host's sessions
         self.telemetry = telemetry.attach(self.store, root, self.store.registry)
         watching = telemetry_service.TelemetryServicer(
             self.telemetry, check_session=lambda sid, who: self.store.get(sid, who))
-        got = _Handlers()
-        telemetry_service.add_to_server(watching, got)
-        self.handlers.update(got.handlers)
+        # The single server's handlers, called here with the request bytes the front end received
+        self.handlers = {}
+        for handlers in build_services(self.servicer, watching, aio=False).values():
+            self.handlers.update(handlers)
         self.watches = telemetry.Watches(watching)
         self.feeds = Feeds()
         self.janitor = Janitor(self.store)

@@ -5,18 +5,13 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from concurrent import futures
-
-import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from optreg.plugins.registry import Registry
-from optreg.server.assembly import _bind, bind_address, guard, wait_interruptibly
+from optreg.server.assembly import GrpcServer, bind_address, guard, method_handlers, wait_interruptibly
 from optreg.server.cluster.directory import Directory, connect
 from optreg.server.cluster.frontend import Frontend
 from optreg.server.telemetry.metrics import Metrics
-from optreg.server.rpc.reflection import enable_reflection
+from optreg.server.rpc import calls
 from optreg.server.rpc.service import RegistryServicer
 from optreg.v1 import registry_pb2, registry_pb2_grpc, session_pb2, telemetry_pb2
 
@@ -37,19 +32,16 @@ class ClusterServer:
         self.directory.ensure_hosts()
         self.frontend = Frontend(self.directory)
         self.drain_seconds = drain_seconds
-        limit = max_message_mb << 20
-        self.grpc_server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="optreg-front"),
-            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
-                     ("grpc.so_reuseport", 0)])
-        registry_pb2_grpc.add_OptimizerRegistryServiceServicer_to_server(
-            RegistryServicer(Registry(), Metrics()), self.grpc_server)
-        self.grpc_server.add_generic_rpc_handlers(self.frontend.handlers())
-        self.health = health.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
-        enable_reflection(SERVICES + (health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc_server)
+        # The single server's (assembly.GrpcServer): grpc.aio, the same options (keepalive included), health
+        # and reflection; the front end's handlers run on its pool of `workers` threads.
+        self.grpc_server = GrpcServer(workers, max_message_mb << 20, name="optreg-front")
+        registry = method_handlers(registry_pb2_grpc.add_OptimizerRegistryServiceServicer_to_server,
+                                   RegistryServicer(Registry(), Metrics()))
+        for service, handlers in [registry] + list(self.frontend.tables().items()):
+            self.grpc_server.add(service, calls.adapt(handlers))
+        self.grpc_server.add_health_and_reflection(SERVICES)
         self.host = host
-        self.port = _bind(self.grpc_server, host, port, None)
+        self.port = self.grpc_server.bind(host, port, None)
 
     @property
     def address(self) -> str:
@@ -57,12 +49,10 @@ class ClusterServer:
 
     def start(self) -> None:
         self.grpc_server.start()
-        for name in ("",) + SERVICES:
-            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     def stop(self, grace: float | None = None) -> None:
-        self.health.enter_graceful_shutdown()
-        self.grpc_server.stop(self.drain_seconds if grace is None else grace).wait()
+        self.grpc_server.enter_graceful_shutdown()
+        self.grpc_server.stop(self.drain_seconds if grace is None else grace)
 
     def serve_forever(self) -> int:
         stopping = threading.Event()
@@ -73,3 +63,4 @@ class ClusterServer:
         wait_interruptibly(stopping)
         self.stop()
         return 0
+

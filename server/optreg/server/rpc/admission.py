@@ -1,11 +1,9 @@
 """Admission limits: at most so many calls (or members) of one kind at once, the rest refused at once.
 
-The server is gRPC's thread-pool server, where a call that waits (for its peer, for a round to
-close, for the next step to watch) holds a handler thread the whole time. So every kind of
-waiting is admitted up to a documented limit with a flag, and refused beyond it with
-RESOURCE_EXHAUSTED naming the limit, its flag and what to do; assembly.py gives the thread pool a
-thread for each admitted watcher and member on top of --threads, so waiting callers can never
-take the threads that steps and health checks use.
+Every kind of waiting (streams, watchers, members of shared sessions, shared-memory registrations) is
+admitted up to a documented limit with a flag, and refused beyond it with RESOURCE_EXHAUSTED naming
+the limit, its flag and what to do. On the asyncio server (rpc/aio.py) a waiting call holds no
+thread, only its memory, so the limits are sized by memory (1,000s), not by threads.
 """
 from __future__ import annotations
 

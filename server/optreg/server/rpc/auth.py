@@ -1,4 +1,4 @@
-"""Bearer tokens: a grpc.ServerInterceptor that refuses calls without a known token, and
+"""Bearer tokens: a grpc.aio.ServerInterceptor that refuses calls without a known token, and
 the owner of a call (the SHA-256 of its token; sessions record it, never the token).
 
 Token file: one token per line; blank lines and lines starting with '#' are ignored.
@@ -40,16 +40,13 @@ def bearer(metadata) -> str | None:
 
 
 def _deny(message: str):
-    def abort(request, context):
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+    async def abort(request, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
-    def abort_stream(request_iterator, context):
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-
-    return abort, abort_stream
+    return abort
 
 
-class TokenAuth(grpc.ServerInterceptor):
+class TokenAuth(grpc.aio.ServerInterceptor):
     def __init__(self, tokens: set[str], on_error=None):
         self.hashes = frozenset(token_hash(t) for t in tokens)
         self.on_error = on_error  # called with the method name on every refusal (metrics)
@@ -59,27 +56,28 @@ class TokenAuth(grpc.ServerInterceptor):
         token = bearer(context.invocation_metadata())
         return token_hash(token) if token else ""
 
-    def intercept_service(self, continuation, handler_call_details):
+    async def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method
         if method.startswith(OPEN_PREFIXES):
-            return continuation(handler_call_details)
+            return await continuation(handler_call_details)
         token = bearer(handler_call_details.invocation_metadata)
         if token is None:
             message = "no token: send the metadata 'authorization: Bearer <token>'"
         elif not token or token_hash(token) not in self.hashes:
             message = "the token is not one this server accepts"
         else:
-            return continuation(handler_call_details)
+            return await continuation(handler_call_details)
         if self.on_error:
             self.on_error(grpc.StatusCode.UNAUTHENTICATED.name, method.rsplit("/", 1)[-1])
-        handler = continuation(handler_call_details)
-        unary, stream = _deny(message)
+        handler = await continuation(handler_call_details)
         if handler is None:
             return None
+        # Refused on the event loop (no thread), before any request is read.
+        deny = _deny(message)
         if handler.request_streaming and handler.response_streaming:
-            return grpc.stream_stream_rpc_method_handler(stream)
+            return grpc.stream_stream_rpc_method_handler(deny)
         if handler.request_streaming:
-            return grpc.stream_unary_rpc_method_handler(stream)
+            return grpc.stream_unary_rpc_method_handler(deny)
         if handler.response_streaming:
-            return grpc.unary_stream_rpc_method_handler(unary)
-        return grpc.unary_unary_rpc_method_handler(unary)
+            return grpc.unary_stream_rpc_method_handler(deny)
+        return grpc.unary_unary_rpc_method_handler(deny)

@@ -118,7 +118,8 @@ def _no_owner(context) -> str:
 
 def _writer(context) -> tuple:
     """(writers.Writer or None, take over?) of a single-writer step's caller."""
-    return writers.from_call(context.invocation_metadata(), context.peer)
+    # peer() now: the lease keeps it beyond the call, and an ended asyncio call cannot answer it
+    return writers.from_call(context.invocation_metadata(), context.peer())
 
 
 class _Paced:
@@ -185,12 +186,63 @@ class _Paced:
         self.closed = True
 
 
+class Upload:
+    """A CreateSessionStream's arrays as they arrive: add() each message, then finish(); close() always."""
+
+    def __init__(self, store: SessionStore):
+        self.store = store
+        self.config, self.initial_step = None, 0
+        self.arrays: dict[str, tensors.Assembler] = {}
+        self.held = []  # reservations for the uploaded arrays, released when this call ends
+
+    def _reserve(self, name, nbytes):
+        self.store.budget.reserve(nbytes, f"uploading {shown(name)}")
+        self.held.append(nbytes)
+
+    def add(self, i: int, msg) -> bool:
+        """Message `i`; whether it brought tensor data."""
+        if i == 0:
+            if not msg.HasField("config"):
+                raise InvalidArgument("the first CreateSessionStream message must carry config")
+            self.config, self.initial_step = config_from(msg.config), msg.initial_step
+        elif msg.HasField("config"):
+            raise InvalidArgument("config may only be sent in the first message")
+        arrays = self.arrays
+        if msg.slot not in arrays and len(arrays) > 64:
+            raise InvalidArgument("too many state slots in the stream")
+        asm = arrays.get(msg.slot)
+        if asm is None:
+            asm = arrays[msg.slot] = tensors.Assembler(
+                what="parameter" if not msg.slot else f"state {shown(msg.slot)}",
+                max_tensors=self.store.limits.max_tensors, reserve=self._reserve)
+        before = sum(asm.tracker.filled.values())
+        for t in msg.chunks:
+            asm.add(t)
+        return sum(asm.tracker.filled.values()) > before
+
+    def finish(self, owner: str) -> session_pb2.CreateSessionStreamResponse:
+        if self.config is None:
+            raise InvalidArgument("the stream was empty: send config and the parameters")
+        params = self.arrays.pop("", tensors.Assembler()).finish()
+        state = {slot: asm.finish() for slot, asm in self.arrays.items()}
+        # the assembled arrays are this call's own: the session takes them without a copy
+        session = self.store.create(self.config, params, state, self.initial_step, owner, adopt=True)
+        return session_pb2.CreateSessionStreamResponse(session=session_info(session))
+
+    def close(self) -> None:
+        self.arrays.clear()
+        for n in self.held:
+            self.store.budget.release(n)
+        self.held = []
+
+
 class SessionServicer(session_pb2_grpc.SessionServiceServicer):
     """`owner(context)` names the caller (a token's hash; "" without auth); the store checks it.
 
-    Calls that stream tensors in or out hold a worker thread while the peer sends or reads: at most
-    `max_streams` run at once (the rest are refused with RESOURCE_EXHAUSTED), so stalled peers can
-    never take every worker from health checks, other sessions and unary calls."""
+    Calls that stream tensors in or out are admitted up to `max_streams` at once (the rest are refused
+    with RESOURCE_EXHAUSTED). On the asyncio server, rpc/aio.py runs the calls that wait (Step,
+    StepStream, CreateSessionStream, RegisterSharedMemory) as coroutines over these methods; the
+    methods themselves also serve callers that invoke them directly (cluster/host.py)."""
 
     def __init__(self, store: SessionStore, chunk_bytes: int = tensors.CHUNK_BYTES, metrics: Metrics | None = None,
                  owner=_no_owner, max_message_bytes: int = 64 << 20, shm_registrations: int = 4,
@@ -240,46 +292,14 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
             return self._create_stream(requests, context)
 
     def _create_stream(self, requests, context):
-        config, initial_step = None, 0
-        arrays: dict[str, tensors.Assembler] = {}
-        budget, limits = self.store.budget, self.store.limits
-        held = []  # reservations for the uploaded arrays, released when this call ends
-
-        def reserve(name, nbytes):
-            budget.reserve(nbytes, f"uploading {shown(name)}")
-            held.append(nbytes)
-
+        upload = Upload(self.store)
         try:
             for i, msg in enumerate(requests):
-                if i == 0:
-                    if not msg.HasField("config"):
-                        raise InvalidArgument("the first CreateSessionStream message must carry config")
-                    config, initial_step = config_from(msg.config), msg.initial_step
-                elif msg.HasField("config"):
-                    raise InvalidArgument("config may only be sent in the first message")
-                if msg.slot not in arrays and len(arrays) > 64:
-                    raise InvalidArgument("too many state slots in the stream")
-                asm = arrays.get(msg.slot)
-                if asm is None:
-                    asm = arrays[msg.slot] = tensors.Assembler(
-                        what="parameter" if not msg.slot else f"state {shown(msg.slot)}",
-                        max_tensors=limits.max_tensors, reserve=reserve)
-                before = sum(asm.tracker.filled.values())
-                for t in msg.chunks:
-                    asm.add(t)
-                if sum(asm.tracker.filled.values()) > before:
+                if upload.add(i, msg):
                     requests.progress()
-            if config is None:
-                raise InvalidArgument("the stream was empty: send config and the parameters")
-            params = arrays.pop("", tensors.Assembler()).finish()
-            state = {slot: asm.finish() for slot, asm in arrays.items()}
-            # the assembled arrays are this call's own: the session takes them without a copy
-            session = self.store.create(config, params, state, initial_step, self.owner(context), adopt=True)
-            return session_pb2.CreateSessionStreamResponse(session=session_info(session))
+            return upload.finish(self.owner(context))
         finally:
-            arrays.clear()
-            for n in held:
-                budget.release(n)
+            upload.close()
 
     @status.handler
     def GetSession(self, request, context):
@@ -314,11 +334,12 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
     @status.handler
     def Step(self, request, context):
         session = self.store.get(request.session_id, self.owner(context))
-        if session.workers is not None or request.worker:
-            if session.workers is None:
-                raise FailedPrecondition(f"worker {shown(request.worker)} given, but session {session.id} is a "
-                                         "single-writer session: leave worker empty")
+        if shared(session, request.worker):
             return self.workers.step(session, request, context)
+        return self.step(session, request, context)
+
+    def step(self, session, request, context):
+        """A single-writer session's step: its answer encoded (_step_reply)."""
         run = self._run(request, context, session=session)
         try:
             result = run.open()
@@ -361,10 +382,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         if first is None:
             raise InvalidArgument("the stream was empty: the first message must carry session_id")
         session = self.store.get(first.session_id, self.owner(context))
-        if session.workers is not None or first.worker:
-            if session.workers is None:
-                raise FailedPrecondition(f"worker {shown(first.worker)} given, but session {session.id} is a "
-                                         "single-writer session: leave worker empty")
+        if shared(session, first.worker):
             yield from self.workers.step_stream(session, first, request_iterator, requests, context)
             return
         run = self._run(first, context, session=session)
@@ -376,42 +394,50 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
                         requests.progress()
                 yield from self._reply_batches(result.step, True, result.tensors, sparse.to_messages(result))
                 return
-            # The result streams while the gradients arrive (the update overlaps the transfer), marked
-            # provisional: the step may yet be refused (a NaN in a later chunk) or lose its fence's race.
-            send = run.session.reply == "parameters" and run.overlap
-            head = tensors.response_head(run.t, provisional=True)
-            code, chunk = run.session.master_code, self.chunk_bytes
             for i, msg in enumerate(itertools.chain([first], request_iterator)):
-                if i and msg.session_id and msg.session_id != run.session.id:
-                    raise InvalidArgument("session_id changed mid-stream")
-                if i and msg.sparse:
-                    raise InvalidArgument("sparse rows came after the stream's first message: send every "
-                                          "SparseRows in the first message (each whole)")
-                for k, sr in enumerate(msg.sparse):
-                    run.feed_sparse(sr, f"sparse[{k}]")
-                out = []
-                before = sum(run.tracker.filled.values())
-                for t in msg.chunks:
-                    got = run.feed(t)
-                    if send and got is not None:
-                        name, start, p = got
-                        shape = run.session.shapes[name]
-                        # A reply chunk can be wider than the gradient chunk (bf16 in, fp32 out): split it.
-                        per = max(1, chunk // p.itemsize)
-                        for a in range(0, max(p.size, 1), per):
-                            out.append((name, code, shape, start + a, p[a:a + per]))
-                if sum(run.tracker.filled.values()) > before:
+                replies, progress = self.stream_feed(run, i, msg)
+                if progress:
                     requests.progress()
-                # Encoded before the next chunk arrives: one copy of each updated slice, into the message.
-                for batch in tensors.pack_views(out, chunk):
-                    yield tensors.encode_stream_message(head, batch)
-            result = run.finish()
-            if send and not result.replayed:  # committed: the provisional chunks are its result
-                yield session_pb2.StepStreamResponse(step=result.step)
-            else:  # a lost race is answered as the retry it is: the committed step's reply, whole
-                yield from self._reply_batches(result.step, result.replayed, result.tensors, sparse.to_messages(result))
+                yield from replies
+            yield from self.stream_finish(run, run.finish())
         finally:
             run.close()
+
+    def stream_feed(self, run: StepRun, i: int, msg) -> tuple[list, bool]:
+        """One StepStream message into the run: (the replies it makes, whether it brought tensor data).
+        The result streams while the gradients arrive (the update overlaps the transfer), marked
+        provisional: the step may yet be refused (a NaN in a later chunk) or lose its fence's race."""
+        if i and msg.session_id and msg.session_id != run.session.id:
+            raise InvalidArgument("session_id changed mid-stream")
+        if i and msg.sparse:
+            raise InvalidArgument("sparse rows came after the stream's first message: send every "
+                                  "SparseRows in the first message (each whole)")
+        for k, sr in enumerate(msg.sparse):
+            run.feed_sparse(sr, f"sparse[{k}]")
+        send = run.session.reply == "parameters" and run.overlap
+        code, chunk = run.session.master_code, self.chunk_bytes
+        out = []
+        before = sum(run.tracker.filled.values())
+        for t in msg.chunks:
+            got = run.feed(t)
+            if send and got is not None:
+                name, start, p = got
+                shape = run.session.shapes[name]
+                # A reply chunk can be wider than the gradient chunk (bf16 in, fp32 out): split it.
+                per = max(1, chunk // p.itemsize)
+                for a in range(0, max(p.size, 1), per):
+                    out.append((name, code, shape, start + a, p[a:a + per]))
+        # Encoded before the next chunk arrives: one copy of each updated slice, into the message.
+        head = tensors.response_head(run.t, provisional=True)
+        replies = [tensors.encode_stream_message(head, batch) for batch in tensors.pack_views(out, chunk)]
+        return replies, sum(run.tracker.filled.values()) > before
+
+    def stream_finish(self, run: StepRun, result) -> list:
+        """The last replies of a committed StepStream step."""
+        if run.session.reply == "parameters" and run.overlap and not result.replayed:
+            return [session_pb2.StepStreamResponse(step=result.step)]  # the provisional chunks are its result
+        # a lost race is answered as the retry it is: the committed step's reply, whole
+        return list(self._reply_batches(result.step, result.replayed, result.tensors, sparse.to_messages(result)))
 
     def _reply_batches(self, step, replayed, arrays, rows=()):
         """The reply's tensors in chunks; a sparse step's rows (`rows`, SparseRows) in the last message."""
@@ -495,6 +521,18 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
     # -- same-host shared memory ---------------------------------------------
     @status.handler
     def RegisterSharedMemory(self, request, context):
+        got = self.register_shm(request, context)
+        if got is None:
+            return
+        region, step = got
+        yield session_pb2.RegisterSharedMemoryResponse(byte_size=region.size, step=step)
+        while not region.closed.wait(1.0):
+            if not context.is_active():
+                break
+        self.shm.release(region, "registration ended" if context.is_active() else "client gone")
+
+    def register_shm(self, request, context):
+        """(region, step) of a new registration, released when the call ends; None if it ended already."""
         if not shm.is_local_peer(context.peer()):
             raise FailedPrecondition(f"shared memory needs a client on the server's host (connected over loopback); "
                                      f"this call came from {shown(context.peer())}: use Step")
@@ -506,25 +544,22 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         region = self.shm.register(request.key, request.byte_size, session.id, owner, request.pid, request.fd)
         # The registration lives as long as this call: when it ends (cancelled, the client gone,
         # the server stopping) the segment is unmapped.
-        context.add_callback(lambda: self.shm.release(region, "client gone"))
+        (context.add_done_callback if hasattr(context, "add_done_callback") else context.add_callback)(
+            lambda *_: self.shm.release(region, "client gone"))
         if not context.is_active():
             self.shm.release(region, "client gone")
-            return
+            return None
         step = 0
         if request.resident:
             try:
                 with region.lock:  # not released meanwhile (the release detaches under this lock)
                     if region.closed.is_set():
-                        return
+                        return None
                     step = resident.attach(self.store, session, region, request.parameters, context.is_active)
             except BaseException:
                 self.shm.release(region, "resident registration refused")
                 raise
-        yield session_pb2.RegisterSharedMemoryResponse(byte_size=region.size, step=step)
-        while not region.closed.wait(1.0):
-            if not context.is_active():
-                break
-        self.shm.release(region, "registration ended" if context.is_active() else "client gone")
+        return region, step
 
     @status.handler
     def UnregisterSharedMemory(self, request, context):
@@ -609,6 +644,15 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
     def Heartbeat(self, request, context):
         session = self.store.get(request.session_id, self.owner(context))
         return session_pb2.HeartbeatResponse(round=self.workers.heartbeat(session, request.worker))
+
+
+def shared(session, worker: str) -> bool:
+    """Whether a step call is a worker's contribution (rpc/workers.py); refused when it names a worker
+    of a single-writer session."""
+    if session.workers is None and worker:
+        raise FailedPrecondition(f"worker {shown(worker)} given, but session {session.id} is a "
+                                 "single-writer session: leave worker empty")
+    return session.workers is not None
 
 
 def _step_reply(result) -> bytes | session_pb2.StepResponse:

@@ -1,5 +1,5 @@
 """The one table from the domain's refusals to gRPC status codes, and the decorator that applies it
-to every handler (unary and streaming), counting bytes and errors on the way."""
+to every handler (unary and streaming, plain functions or coroutines), counting bytes and errors on the way."""
 from __future__ import annotations
 
 import functools
@@ -78,33 +78,80 @@ def handler(method):
             self.metrics.bytes_in(size)
             yield msg
 
+    async def afail(self, context, e):
+        if isinstance(e, grpc.aio.AbortError):  # the handler answered with a status itself
+            raise e
+        t = translate(e)
+        if t is None:
+            fail(self, context, e)  # logs and raises it
+        code, message, metadata = t
+        self.metrics.error(code.name, name)
+        if code == grpc.StatusCode.CANCELLED:
+            log.info("%s: %s", name, message)
+        if metadata:
+            context.set_trailing_metadata(metadata)
+        await context.abort(code, message)
+
+    async def acounted(self, iterator):
+        async for msg in iterator:
+            if type(msg) is tuple:
+                size, msg = msg
+            else:
+                size = msg.ByteSize()
+            self.metrics.bytes_in(size)
+            yield msg
+
     streaming_in = name in ("CreateSessionStream", "StepStream")
+
+    def received(self, request):
+        if streaming_in:
+            return acounted(self, request) if hasattr(request, "__aiter__") else counted(self, request)
+        self.metrics.bytes_in(request.ByteSize())
+        return request
+
+    def sent(self, reply):
+        self.metrics.bytes_out(len(reply) if type(reply) is bytes else reply.ByteSize())  # bytes: Step's
+        return reply
+
+    if inspect.isasyncgenfunction(method):
+        @functools.wraps(method)
+        async def astream(self, request, context):
+            request = received(self, request)
+            try:
+                async for reply in method(self, request, context):
+                    yield sent(self, reply)
+            except Exception as e:
+                await afail(self, context, e)
+        return astream
+
+    if inspect.iscoroutinefunction(method):
+        @functools.wraps(method)
+        async def aunary(self, request, context):
+            request = received(self, request)
+            try:
+                reply = await method(self, request, context)
+            except Exception as e:
+                await afail(self, context, e)
+            return sent(self, reply)
+        return aunary
 
     if inspect.isgeneratorfunction(method):
         @functools.wraps(method)
         def stream(self, request, context):
-            if streaming_in:
-                request = counted(self, request)
-            else:
-                self.metrics.bytes_in(request.ByteSize())
+            request = received(self, request)
             try:
                 for reply in method(self, request, context):
-                    self.metrics.bytes_out(len(reply) if type(reply) is bytes else reply.ByteSize())
-                    yield reply
+                    yield sent(self, reply)
             except Exception as e:
                 fail(self, context, e)
         return stream
 
     @functools.wraps(method)
     def unary(self, request, context):
-        if streaming_in:
-            request = counted(self, request)
-        else:
-            self.metrics.bytes_in(request.ByteSize())
+        request = received(self, request)
         try:
             reply = method(self, request, context)
         except Exception as e:
             fail(self, context, e)
-        self.metrics.bytes_out(len(reply) if type(reply) is bytes else reply.ByteSize())  # bytes: Step's
-        return reply
+        return sent(self, reply)
     return unary

@@ -47,28 +47,32 @@ class TelemetryServicer(telemetry_pb2_grpc.TelemetryServiceServicer):
                  budget=None):
         self.hub, self.owner, self.check_session = hub, owner, check_session
         self.budget = budget  # the server's memory budget: an import's inflated bytes are counted there
-        # Each watch holds a server thread while it waits for steps (assembly.py adds a thread for each).
+        # An admission limit (each watch holds a few KiB while it waits for steps; on the asyncio server, rpc/aio.py,
+        # no thread)
         self.watchers = admission.Limit(max_watchers, (
             f"this server is serving {max_watchers} WatchSession calls, its limit (--max-watchers): close a "
             "watch you no longer need, read past steps with GetTelemetry, or start the server with a larger "
             "--max-watchers"))
 
-    def _ring(self, session_id: str, context, owner: str) -> SessionRing | None:
+    def find_ring(self, session_id: str, owner: str) -> SessionRing | None:
+        """The caller's session's ring (None: no step yet); the domain's refusal otherwise."""
         if not session_id:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "session_id is empty: pass the id CreateSession returned")
+            raise errors.InvalidArgument("session_id is empty: pass the id CreateSession returned")
         if self.check_session is not None:
-            try:
-                self.check_session(session_id, owner)
-            except Exception as e:  # the domain's refusal, mapped by the servicers' one table
-                t = status.translate(e)
-                if t is None:
-                    raise
-                context.abort(t[0], t[1])
+            self.check_session(session_id, owner)
         ring = self.hub.ring(session_id)
         if ring is not None and not visible(ring.owner, owner, self.hub.auth):
-            context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                          f"session {_short(session_id)!r} does not exist or belongs to another token")
+            raise errors.PermissionDenied(f"session {_short(session_id)!r} does not exist or belongs to another token")
         return ring
+
+    def _ring(self, session_id: str, context, owner: str) -> SessionRing | None:
+        try:
+            return self.find_ring(session_id, owner)
+        except Exception as e:  # the domain's refusal, mapped by the servicers' one table
+            t = status.translate(e)
+            if t is None:
+                raise
+            context.abort(t[0], t[1])
 
     def GetTelemetry(self, request, context):
         owner = self.owner(context)
@@ -139,26 +143,29 @@ class TelemetryServicer(telemetry_pb2_grpc.TelemetryServiceServicer):
         while context.is_active():
             records, alerts, now, ring = self.hub.snapshot(session_id, after_step, after_alert or 0)
             if ring is not None:
-                if not visible(ring.owner, owner, self.hub.auth):
-                    context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                                  f"session {_short(session_id)!r} does not exist or belongs to another token")
-                seen = max([after_alert or 0] + [a.seq for a in alerts])
-                if after_alert is None:  # first batch of a resumed watch: the alerts from its step on
-                    alerts = [a for a in alerts if a.step >= request.from_step - 1]
-                # in step order; an alert comes after the step it is about
-                events = sorted([((r.step, 0), r) for r in records] + [((a.step, 1), a) for a in alerts],
-                                key=lambda e: e[0])
-                for _, item in events:
-                    if isinstance(item, Alert):
-                        yield telemetry_pb2.WatchSessionResponse(alert=alert_message(item))
-                    else:
-                        yield telemetry_pb2.WatchSessionResponse(step=step_message(item, ring.names))
-                after_alert = seen
-                if records:
-                    after_step = records[-1].step
+                try:
+                    events, after_step, after_alert = self.events(records, alerts, ring, owner, request.from_step,
+                                                                  after_step, after_alert)
+                except errors.PermissionDenied as e:
+                    context.abort(grpc.StatusCode.PERMISSION_DENIED, e.message)
+                yield from events
             elif version is not None and version >= 0:
                 return  # the session was deleted while we watched
             version = self.hub.wait(session_id, now, POLL_SECONDS)
+
+    def events(self, records, alerts, ring, owner: str, from_step: int, after_step: int, after_alert):
+        """(the watch's next messages, after_step, after_alert) from a snapshot of the ring."""
+        if not visible(ring.owner, owner, self.hub.auth):
+            raise errors.PermissionDenied(f"session {_short(ring.session_id)!r} does not exist or belongs to another "
+                                          "token")
+        seen = max([after_alert or 0] + [a.seq for a in alerts])
+        if after_alert is None:  # first batch of a resumed watch: the alerts from its step on
+            alerts = [a for a in alerts if a.step >= from_step - 1]
+        # in step order; an alert comes after the step it is about
+        events = sorted([((r.step, 0), r) for r in records] + [((a.step, 1), a) for a in alerts], key=lambda e: e[0])
+        out = [telemetry_pb2.WatchSessionResponse(alert=alert_message(item)) if isinstance(item, Alert)
+               else telemetry_pb2.WatchSessionResponse(step=step_message(item, ring.names)) for _, item in events]
+        return out, (records[-1].step if records else after_step), seen
 
 
 def add_to_server(servicer: TelemetryServicer, server) -> None:

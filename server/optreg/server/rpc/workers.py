@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import threading
+from concurrent.futures import Future
 
 import numpy as np
 
@@ -82,14 +83,14 @@ class ContributionRun(StepRun):
 class WorkerSteps:
     """`max_members`: sync and SSP members on the whole server; worker calls in flight at once are bounded by
     CALLS_PER_WORKER for each (every member may wait in one for the others, and retry it), so one worker's
-    flood of calls cannot take other members' slots. assembly.py gives the thread pool a thread for each."""
+    flood of calls cannot take other members' slots. On the asyncio server a waiting call holds no thread
+    (rpc/aio.py): these are admission limits only."""
 
     def __init__(self, store, chunk_bytes: int, max_message_bytes: int, max_members: int = 64):
         self.store = store
         self.hubs = Hubs(store, seats=admission.Limit(max_members, (
-            f"this server holds {max_members} members of sync and SSP sessions, its limit (--max-members): each "
-            "waits for the others in a call that needs a server thread; wait for a member to leave (or its lease "
-            "to run out), or start the server with a larger --max-members")))
+            f"this server holds {max_members} members of sync and SSP sessions, its limit (--max-members): wait for "
+            "a member to leave (or its lease to run out), or start the server with a larger --max-members")))
         calls = CALLS_PER_WORKER * max_members
         self.calls = admission.Limit(calls, (
             f"this server has {calls} calls of shared-session workers in flight, its limit ({CALLS_PER_WORKER} "
@@ -101,7 +102,7 @@ class WorkerSteps:
         self.max_message_bytes = max_message_bytes
 
     @contextlib.contextmanager
-    def _call(self, session, worker: str):
+    def call(self, session, worker: str):
         """One of the worker's CALLS_PER_WORKER calls, and one of the server's worker-call slots."""
         key = (session.id, worker)
         with self._lock:
@@ -131,7 +132,10 @@ class WorkerSteps:
         return self.hubs.get(session).heartbeat(worker)
 
     # -- contributions ----------------------------------------------------------------
-    def _contribute(self, session, worker, number, hyperparameters, metrics, chunks, context, sparse=()) -> Outcome:
+    def _contribute(self, session, worker, number, hyperparameters, metrics, chunks, context, sparse=(),
+                    wait=True) -> Outcome | Future:
+        """The contribution's outcome; wait=False: a sync contribution is committed to its round and the
+        round's outcome future returned (the asyncio server awaits it holding no thread)."""
         if not worker:
             raise FailedPrecondition(f"session {session.id} is shared by workers: send worker (the name it joined "
                                      "under) and round with every step")
@@ -154,7 +158,7 @@ class WorkerSteps:
             grads = c.finish()
             if not context.is_active():
                 raise Cancelled("the call ended before the contribution was committed; it was not")
-            return hub.contribute(worker, number, grads, context, check_metrics(metrics))
+            return (hub.contribute if wait else hub.submit)(worker, number, grads, context, check_metrics(metrics))
         member, early, clocks = hub.begin_async(worker, number, context)
         applied = None
         try:
@@ -188,10 +192,11 @@ class WorkerSteps:
             hub.end_async(member, number, applied)
 
     def step(self, session, request, context) -> session_pb2.StepResponse:
-        with self._call(session, request.worker):
-            return self._step(session, request, context)
+        with self.call(session, request.worker):
+            return self.reply(self.contribution(session, request, context))
 
-    def _step(self, session, request, context) -> session_pb2.StepResponse:
+    def contribution(self, session, request, context, wait=True) -> Outcome | Future:
+        """A Step call's contribution (caller holds its call()): its outcome, or its round's future (wait=False)."""
         if session.reply != "none" and not request.sparse:  # a sparse step answers with its rows
             reply_bytes = session.elements * session.dtype.itemsize
             if reply_bytes > self.max_message_bytes - (64 << 10):
@@ -204,18 +209,26 @@ class WorkerSteps:
                 "the reply to this sparse contribution (its rows, and the parameters stepped densely) could exceed "
                 f"the server's message limit ({self.max_message_bytes} bytes): use StepStream, or a session with "
                 "step_reply STEP_REPLY_NONE; nothing was applied")
-        o = self._contribute(session, request.worker, request.round, request.hyperparameters, request.metrics,
-                             iter(request.gradients), context, request.sparse)
+        return self._contribute(session, request.worker, request.round, request.hyperparameters, request.metrics,
+                                iter(request.gradients), context, request.sparse, wait)
+
+    @staticmethod
+    def reply(o: Outcome) -> session_pb2.StepResponse:
         return session_pb2.StepResponse(step=o.step, replayed=o.replayed, round=o.round, staleness=o.staleness,
                                         contributors=o.contributors,
                                         tensors=[tensors.from_numpy(n, a) for n, a in o.tensors.items()],
                                         sparse=sparse_rows.to_messages(o))
 
     def step_stream(self, session, first, rest, requests, context):
-        with self._call(session, first.worker):
+        with self.call(session, first.worker):
             yield from self._step_stream(session, first, rest, requests, context)
 
     def _step_stream(self, session, first, rest, requests, context):
+        yield from self.stream_replies(self.stream_contribution(session, first, rest, requests, context))
+
+    def stream_contribution(self, session, first, rest, requests, context, wait=True) -> Outcome | Future:
+        """A StepStream call's contribution (caller holds its call()): `rest` the messages after `first`,
+        `requests` the paced stream (progress(), received())."""
         def chunks():
             for i, msg in enumerate(itertools.chain([first], rest)):
                 if i and msg.session_id and msg.session_id != session.id:
@@ -231,8 +244,10 @@ class WorkerSteps:
                     requests.progress()
             requests.received()  # its stream slot is free while the call waits (under its --max-members slot)
 
-        o = self._contribute(session, first.worker, first.round, first.hyperparameters, first.metrics, chunks(),
-                             context, first.sparse)
+        return self._contribute(session, first.worker, first.round, first.hyperparameters, first.metrics, chunks(),
+                                context, first.sparse, wait)
+
+    def stream_replies(self, o: Outcome):
         extra = dict(step=o.step, replayed=o.replayed, round=o.round, staleness=o.staleness,
                      contributors=o.contributors)
         sent = False

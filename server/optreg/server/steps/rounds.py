@@ -12,7 +12,10 @@ of it has arrived. A round closes when every live member has contributed, or whe
 least min_workers have and its deadline has passed; the close runs ONE ordinary StepRun
 with the mean (or sum) of exactly the committed contributions, so fencing, the log,
 telemetry and the commit are the single-writer path's. Waiting for a close holds no lock
-but the hub's condition (released while waiting) and ends at the call's deadline.
+but the hub's condition (released while waiting) and ends at the call's deadline; or, for the
+asyncio server, no thread at all: `submit` commits the contribution and returns the round's
+`outcome` future, which its close resolves (the background tick closes rounds at their deadline
+and keeps the waiting members' leases).
 
 Async and SSP contributions are each one unfenced StepRun: computed under the session's
 lock on the current step, so concurrent contributions serialize and none is lost.
@@ -23,6 +26,7 @@ import logging
 import threading
 import time
 from collections import deque
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -66,6 +70,9 @@ class Round:
     result: Outcome | None = None
     failures: int = 0  # closes that failed (a failed write): waiters of that attempt get the error
     error: Exception | None = None
+    # Waiters without a thread (submit): the close attempt's outcome, and worker -> its call's is_active
+    outcome: Future = field(default_factory=Future)
+    waiting: dict = field(default_factory=dict)
 
 
 class _Whole:
@@ -223,6 +230,10 @@ class Hub:
         """Background: drop expired leases; close a round nobody is waiting on when it may close."""
         close = None
         with self.cond:
+            for w, active in list(self.round.waiting.items()):  # waiting in a live call: in contact
+                m = self.members.by_name.get(w)
+                if m is not None and active():
+                    self.members.renew(m)
             if self.members.expire():
                 self.cond.notify_all()
             r = self.round
@@ -276,30 +287,60 @@ class Hub:
         """Commit a whole contribution to its round, and wait for the round's close."""
         end = time.monotonic() + _remaining(context)
         with self.cond:
-            while True:
-                self._check_open()
-                r = self.round
-                if r.number != number:  # the round closed while this contribution arrived
-                    return self._closed_answer(worker, number)
-                if not r.closing or worker in r.contribs:
-                    break
-                # The round's gradient is being computed without this contribution: once the close lands it
-                # is stale (answered as such); if the close fails, the round takes it after all.
-                now = time.monotonic()
-                if now >= end:
-                    raise DeadlineExceeded(f"round {number} was closing without worker {shown(worker)}'s "
-                                           "contribution when this call's deadline passed; nothing was applied")
-                self.cond.wait(min(end - now, WAIT_SLICE))
-            m = self.members.join(worker)
-            if worker not in r.contribs:  # else: a retry of a committed contribution waits for the same close
-                r.contribs[worker] = grads
-                if metrics:
-                    r.metrics[worker] = dict(metrics)
-                if r.opened is None:
-                    r.opened = time.monotonic()
-                m.last_round = number
-            self.cond.notify_all()
+            r = self._commit(worker, number, grads, metrics, end)
+            if isinstance(r, Outcome):
+                return r
             return self._await(r, worker, end, context)
+
+    def submit(self, worker: str, number: int, grads: Buffers, context=None, metrics=None) -> Outcome | Future:
+        """Commit a whole contribution to its round without waiting for the close: the answer, or the
+        round's outcome future (closed here when this contribution completes the round). The caller
+        waits on it up to its deadline, then calls done_waiting."""
+        end = time.monotonic() + _remaining(context)
+        with self.cond:
+            r = self._commit(worker, number, grads, metrics, end)
+            if isinstance(r, Outcome):
+                return r
+            r.waiting[worker] = context.is_active if context is not None else (lambda: True)
+            outcome = r.outcome
+            close = not r.closing and r.result is None and self._closable(r)
+            if close:
+                r.closing = True
+        if close:
+            self._close(r)
+        return outcome
+
+    def done_waiting(self, number: int, worker: str) -> None:
+        with self.cond:
+            if self.round.number == number:
+                self.round.waiting.pop(worker, None)
+
+    def _commit(self, worker: str, number: int, grads: Buffers, metrics, end: float) -> Outcome | Round:
+        """Caller holds the condition: the contribution in its round (the round), or the answer of a closed one."""
+        while True:
+            self._check_open()
+            r = self.round
+            if r.number != number:  # the round closed while this contribution arrived
+                return self._closed_answer(worker, number)
+            if not r.closing or worker in r.contribs:
+                break
+            # The round's gradient is being computed without this contribution: once the close lands it
+            # is stale (answered as such); if the close fails, the round takes it after all.
+            now = time.monotonic()
+            if now >= end:
+                raise DeadlineExceeded(f"round {number} was closing without worker {shown(worker)}'s "
+                                       "contribution when this call's deadline passed; nothing was applied")
+            self.cond.wait(min(end - now, WAIT_SLICE))
+        m = self.members.join(worker)
+        if worker not in r.contribs:  # else: a retry of a committed contribution waits for the same close
+            r.contribs[worker] = grads
+            if metrics:
+                r.metrics[worker] = dict(metrics)
+            if r.opened is None:
+                r.opened = time.monotonic()
+            m.last_round = number
+        self.cond.notify_all()
+        return r
 
     def _closable(self, r: Round) -> bool:
         if not r.contribs:
@@ -379,6 +420,8 @@ class Hub:
                 r.closing = False
                 r.failures += 1
                 r.error = e
+                failed, r.outcome = r.outcome, Future()
+                failed.set_exception(e)
                 self.cond.notify_all()
             log.error("session %s: round %d could not be applied: %s", s.id, r.number, e,
                       extra={"session_id": s.id})
@@ -405,6 +448,7 @@ class Hub:
                                                 f"renewed) whose contribution none of the last {m.missed} rounds "
                                                 f"had (rounds {r.number - m.missed + 1}-{r.number} closed without it)")
             r.result = outcome
+            r.outcome.set_result(outcome)
             r.contribs.clear()  # their buffers leave the memory budget
             r.metrics.clear()
             self.last = outcome
@@ -543,4 +587,6 @@ class Hubs:
             with hub.cond:
                 hub.deleted = True
                 hub.members.clear()
+                if not hub.round.outcome.done():
+                    hub.round.outcome.set_exception(self.store.missing(session.id))
                 hub.cond.notify_all()

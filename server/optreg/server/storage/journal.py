@@ -102,6 +102,7 @@ class NoJournal:
     def after_commit(self, session): pass
     def hyperparameters(self, session, hp): pass
     def wait_turn(self, session): pass
+    def busy(self, session): return False
     def wait_for_steps(self, session, timeout): pass
     def delete(self, session): pass
     def scan(self): return iter(())
@@ -419,6 +420,16 @@ class Journal:
             else:
                 self._inflight.pop(session, None)
                 self._turns.notify_all()
+
+    def busy(self, s: Session) -> bool:
+        """Whether a step of `s` may wait here beyond one write() of its record: a hyperparameter change
+        queued, a log to mend, a snapshot due (or close), an fsync (every-step) or a window's snapshot
+        (periodic). The asyncio server runs small steps only of sessions that are not (rpc/aio.py)."""
+        if s.durability.mode in ("every-step", "periodic") or s in self._queued:
+            return True
+        lg = self._logs.get(s.id)
+        return lg is not None and (lg.broken is not None
+                                   or lg.log_bytes + 2 * s.set_bytes() >= max(LOG_MIN, LOG_FACTOR * s.set_bytes()))
 
     def wait_turn(self, session: Session) -> None:
         """A step about to begin (not holding its session's lock) waits while a hyperparameter change of

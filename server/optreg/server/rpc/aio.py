@@ -1,0 +1,326 @@
+"""The calls that wait, as coroutines on the asyncio server (grpc.aio): parked on the event loop,
+they hold no thread while they wait for their peer, their round or the next step to watch.
+
+Work stays where it was (rpc/service.py, rpc/workers.py, rpc/telemetry.py, steps/); these
+coroutines read and write the stream and hand the work to the server's pool (calls.offload):
+everything that may wait for a session's lock, touch the disk or run a kernel on more than a
+small message. A small dense step of a loaded session in memory-only or `log` durability whose
+lock is free runs inline on the loop: handing it to a thread and back costs more than it does.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+import grpc
+
+from optreg.server.model.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
+from optreg.server.rpc import status
+from optreg.server.rpc.calls import Context, offload
+from optreg.server.rpc.service import SessionServicer, Upload, shared
+from optreg.server.rpc.telemetry import POLL_SECONDS, TelemetryServicer
+from optreg.server.steps import sparse_rows
+from optreg.server.steps.rounds import Outcome
+from optreg.v1 import session_pb2
+
+# Messages and steps up to this many bytes of tensor data are worked on inline, on the loop; larger
+# ones on the pool (a 64 KiB step is ~0.1 ms of work, less than the hand-off to a thread and back).
+INLINE_BYTES = 64 << 10
+STREAM_ENDED = object()
+
+
+def coroutines(servicer, handlers: dict) -> dict:
+    """`handlers` with the servicer's waiting methods replaced by their coroutines."""
+    out = dict(handlers)
+    if isinstance(servicer, SessionServicer):
+        aio = AioSessions(servicer)
+        names = ("Step", "StepStream", "CreateSessionStream", "RegisterSharedMemory")
+    elif isinstance(servicer, TelemetryServicer):
+        aio = AioTelemetry(servicer)
+        names = ("WatchSession",)
+    else:
+        return out
+    for name in names:
+        h = out[name]
+        kind = next(k for k in ("unary_unary", "unary_stream", "stream_unary", "stream_stream") if getattr(h, k))
+        out[name] = h._replace(**{kind: getattr(aio, name)})
+    return out
+
+
+def _data_bytes(tensors_) -> int:
+    return sum(len(t.data) for t in tensors_)
+
+
+class Paced:
+    """A request stream read with `async for`, ended by DeadlineExceeded when the sender brings no new
+    tensor data for `seconds` (--stream-idle-seconds): a stalled client holds a stream slot (and no
+    thread) for a bounded time only."""
+
+    def __init__(self, requests, seconds: float, slot=None):
+        self.requests = requests.__aiter__()
+        self.seconds, self.slot = seconds, slot
+        self.deadline = time.monotonic() + seconds
+
+    def progress(self) -> None:
+        self.deadline = time.monotonic() + self.seconds
+
+    def received(self) -> None:
+        """The whole request stream is in: the stream slot is free for another sender."""
+        if self.slot is not None:
+            self.slot.release()
+
+    async def next(self):
+        """The next message, or STREAM_ENDED."""
+        wait = self.deadline - time.monotonic() if self.seconds else None
+        try:
+            if wait is not None and wait <= 0:
+                raise asyncio.TimeoutError
+            return await asyncio.wait_for(self.requests.__anext__(), wait)
+        except StopAsyncIteration:
+            return STREAM_ENDED
+        except asyncio.TimeoutError:
+            raise DeadlineExceeded(f"no tensor data for {self.seconds:g} s (--stream-idle-seconds): the server "
+                                   "ended the stream; nothing was applied, send the step again") from None
+
+
+async def _work(size: int, fn, *args):
+    """fn(*args) inline when it handles at most INLINE_BYTES of tensor data, else on the pool."""
+    return fn(*args) if size <= INLINE_BYTES else await offload(fn, *args)
+
+
+class AioSessions:
+    """Step, StepStream, CreateSessionStream and RegisterSharedMemory of a SessionServicer as coroutines."""
+
+    def __init__(self, servicer: SessionServicer):
+        self.s = servicer
+        self.metrics = servicer.metrics  # (status.handler counts here)
+
+    # -- Step ------------------------------------------------------------------------------
+    @status.handler
+    async def Step(self, request, context):
+        ctx = Context(context)
+        s = self.s
+        session = s.store.get(request.session_id, s.owner(ctx))
+        if shared(session, request.worker):
+            return await self._contribute(session, request, ctx)
+        if self._inline(session, request):
+            return s.step(session, request, ctx)
+        return await offload(s.step, session, request, ctx)
+
+    def _inline(self, session, request) -> bool:
+        """Whether a step cannot wait (for the session's lock, a load, an fsync or a snapshot) and is
+        small: then it runs on the loop. The lock is free now and the loop is the only thread taking it
+        this instant but the pool's; a pool step taking it in between makes this one wait that step's commit."""
+        s = session
+        return (s.live is not None and s.hub is None and s.resident is None and not request.sparse
+                and s.durability.mode in ("none", "log") and not s.lock.locked()
+                and not self.s.store.journal.busy(s) and _data_bytes(request.gradients) <= INLINE_BYTES)
+
+    async def _contribute(self, session, request, ctx):
+        workers = self.s.workers
+        if session.workers.mode != "sync":  # async/SSP: one step each (SSP may wait for the slowest member)
+            return await offload(workers.step, session, request, ctx)
+        with workers.call(session, request.worker):
+            o = await offload(workers.contribution, session, request, ctx, False)
+            o = await self._round(session, request.worker, request.round, o, ctx)
+            return await _work(_outcome_bytes(o), workers.reply, o)
+
+    async def _round(self, session, worker: str, number: int, o, ctx) -> Outcome:
+        """The round's outcome: awaited (no thread) until its close resolves it, up to the call's deadline."""
+        if isinstance(o, Outcome):
+            return o
+        hub = session.hub
+        try:
+            return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(o)), ctx.time_remaining())
+        except asyncio.TimeoutError:
+            raise DeadlineExceeded(
+                f"round {number} did not close within this call's deadline; worker {worker!r}'s contribution is "
+                "committed to it: send the same (worker, round) again to receive the round's reply (it is applied "
+                "once)") from None
+        finally:
+            hub.done_waiting(number, worker)
+
+    # -- streams ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _paced(self, request_iterator):
+        """A stream slot (--max-streams), and the requests paced by the idle timeout."""
+        with self.s._streams.take() as slot:
+            yield Paced(request_iterator, self.s.stream_idle_seconds, slot)
+
+    @status.handler
+    async def StepStream(self, request_iterator, context):
+        ctx = Context(context)
+        s = self.s
+        with self._paced(request_iterator) as requests:
+            first = await requests.next()
+            if first is STREAM_ENDED:
+                raise InvalidArgument("the stream was empty: the first message must carry session_id")
+            session = s.store.get(first.session_id, s.owner(ctx))
+            if shared(session, first.worker):
+                async for reply in self._contribute_stream(session, first, requests, ctx):
+                    yield reply
+                return
+            run = s._run(first, ctx, session=session)
+            try:
+                result = await offload(run.open)
+                if result is not None:  # a retry: drain the stream, answer again
+                    while (msg := await requests.next()) is not STREAM_ENDED:
+                        if any(t.data for t in msg.chunks):
+                            requests.progress()
+                    for reply in await offload(lambda: list(s._reply_batches(
+                            result.step, True, result.tensors, sparse_rows.to_messages(result)))):
+                        yield reply
+                    return
+                i, msg = 0, first
+                while msg is not STREAM_ENDED:
+                    replies, progress = await _work(_data_bytes(msg.chunks), s.stream_feed, run, i, msg)
+                    if progress:
+                        requests.progress()
+                    for reply in replies:
+                        yield reply
+                    i, msg = i + 1, await requests.next()
+                result = await offload(run.finish)
+                for reply in await offload(s.stream_finish, run, result):
+                    yield reply
+            finally:
+                run.close()
+
+    async def _contribute_stream(self, session, first, requests: Paced, ctx):
+        """A worker's StepStream: the messages read without a thread, the contribution staged on the pool."""
+        workers = self.s.workers
+        with workers.call(session, first.worker):
+            messages = []
+            while (msg := await requests.next()) is not STREAM_ENDED:
+                if any(len(t.data) for t in msg.chunks):
+                    requests.progress()
+                messages.append(msg)
+            requests.received()  # its stream slot is free while it waits for its round (under --max-members)
+            o = await offload(workers.stream_contribution, session, first, iter(messages), _Read(), ctx,
+                              session.workers.mode != "sync")
+            del messages
+            o = await self._round(session, first.worker, first.round, o, ctx)
+            for reply in await _work(_outcome_bytes(o), lambda: list(workers.stream_replies(o))):
+                yield reply
+
+    @status.handler
+    async def CreateSessionStream(self, request_iterator, context):
+        ctx = Context(context)
+        s = self.s
+        with self._paced(request_iterator) as requests:
+            upload = Upload(s.store)
+            try:
+                i = 0
+                while (msg := await requests.next()) is not STREAM_ENDED:
+                    if await _work(_data_bytes(msg.chunks), upload.add, i, msg):
+                        requests.progress()
+                    i += 1
+                return await offload(upload.finish, s.owner(ctx))
+            finally:
+                upload.close()
+
+    # -- shared memory ---------------------------------------------------------------------
+    @status.handler
+    async def RegisterSharedMemory(self, request, context):
+        ctx = Context(context)
+        got = await offload(self.s.register_shm, request, ctx)
+        if got is None:
+            return
+        region, step = got
+        yield session_pb2.RegisterSharedMemoryResponse(byte_size=region.size, step=step)
+        # The registration lives as long as this call: it ends when the segment is released (unregistered,
+        # its session deleted, the server stopping) or the call ends (the done callback releases it).
+        while not region.closed.is_set() and ctx.is_active():
+            await asyncio.sleep(0.5)
+        self.s.shm.release(region, "registration ended" if ctx.is_active() else "client gone")
+
+
+class _Read:
+    """The paced stream of a contribution already read whole (its progress and slot were handled then)."""
+
+    def progress(self) -> None:
+        pass
+
+    def received(self) -> None:
+        pass
+
+
+def _outcome_bytes(o: Outcome) -> int:
+    return sum(a.nbytes for a in (o.tensors or {}).values())
+
+
+class AioTelemetry:
+    """WatchSession as a coroutine: each watcher waits on an asyncio.Event the hub's listener sets (from
+    whichever thread folded the step in) through the loop."""
+
+    def __init__(self, servicer: TelemetryServicer):
+        self.s = servicer
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.waiting: dict[str, set[asyncio.Event]] = {}
+        servicer.hub.add_listener(self._changed)
+
+    def _changed(self, session_id: str) -> None:  # any thread: only hands off
+        loop = self.loop
+        if loop is not None and session_id in self.waiting:
+            loop.call_soon_threadsafe(self._wake, session_id)
+
+    def _wake(self, session_id: str) -> None:
+        for event in self.waiting.get(session_id, ()):
+            event.set()
+
+    async def WatchSession(self, request, context):
+        self.loop = asyncio.get_running_loop()
+        try:
+            slot = self.s.watchers.take()
+        except ResourceExhausted as e:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, e.message)
+        with slot:
+            try:
+                async for reply in self._watch(request, context):
+                    yield reply
+            except grpc.aio.AbortError:
+                raise
+            except Exception as e:
+                t = status.translate(e)
+                if t is None:
+                    raise
+                await context.abort(t[0], t[1])
+
+    async def _watch(self, request, context):
+        s, hub = self.s, self.s.hub
+        owner = s.owner(context)
+        if request.from_step < 0:
+            raise InvalidArgument("from_step must be >= 0 (0: only steps committed from now on)")
+        session_id = request.session_id
+        ring = s.find_ring(session_id, owner)
+        if request.from_step > 0:
+            after_step, after_alert = request.from_step - 1, None  # alerts from that step on
+        else:  # from now on
+            after_step = ring.last_step if ring is not None else 0
+            after_alert = ring.alert_seq if ring is not None else 0
+        event = asyncio.Event()
+        self.waiting.setdefault(session_id, set()).add(event)
+        try:
+            version = None
+            while True:
+                event.clear()  # before the snapshot: a change after it sets the event again
+                records, alerts, now, ring = hub.snapshot(session_id, after_step, after_alert or 0)
+                if ring is not None:
+                    events, after_step, after_alert = s.events(records, alerts, ring, owner, request.from_step,
+                                                               after_step, after_alert)
+                    for item in events:
+                        yield item
+                elif version is not None and version >= 0:
+                    return  # the session was deleted while we watched
+                try:
+                    await asyncio.wait_for(event.wait(), POLL_SECONDS)
+                except asyncio.TimeoutError:
+                    pass
+                current = hub.ring(session_id)
+                version = -1 if current is None else current.version
+        finally:
+            watchers = self.waiting.get(session_id)
+            if watchers is not None:
+                watchers.discard(event)
+                if not watchers:
+                    del self.waiting[session_id]
