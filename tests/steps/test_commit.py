@@ -6,12 +6,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from optreg.plugins import Hyperparameter, Optimizer
 from optreg.plugins.builtins import MODULES as BUILTIN_MODULES
+from optreg.plugins.registry import Registered, Registry
 from optreg.server.model.errors import FailedPrecondition, InvalidArgument
+from optreg.server.sessions.factory import SessionConfig
+from optreg.server.sessions.store import SessionStore
 from optreg.server.steps.run import StepRun
+from optreg.server.storage.journal import Journal
 from optreg.v1 import tensors
 
-from store_helpers import REGISTRY, assert_bits, create, grads, open_store, sparse_rows, state_of, step
+from store_helpers import (REGISTRY, assert_bits, create, grads, open_store, params, sparse_rows, state_of,
+                           step)
 
 BUILTINS = sorted(n for n, r in REGISTRY.optimizers.items() if r.plugin in BUILTIN_MODULES)
 
@@ -160,5 +166,29 @@ def test_replay_equals_the_live_run_for_every_builtin(tmp_path, dtype, reply):
         # And the next step is the same whether the session was recovered or not.
         nxt = step(again, s, grads(dtype, 8), fence=7)
         assert_bits(nxt, step(store, store.get(sid), grads(dtype, 8), fence=7), f"{sid}: the step after")
+    store.journal.close()
+    again.journal.close()
+
+
+def _noisy(param, grad, state, step, hp, scratch):
+    param -= hp["lr"] * grad * (1 + 1e-3 * np.random.default_rng().standard_normal(grad.shape))
+
+
+def test_replay_of_a_nondeterministic_optimizer_restores_what_it_computed(tmp_path):
+    """Its log records hold the step's results, not its gradients: recovery copies them in, and the session
+    (parameters, the delta a retry gets) is the live one bit for bit."""
+    registry = Registry()
+    registry.optimizers["noisy"] = Registered(
+        Optimizer(name="noisy", summary="unseeded noise", update=_noisy, deterministic=False,
+                  hyperparameters=[Hyperparameter("lr", 0.1)]), "test-noisy", "test", "0")
+    store = SessionStore(registry, Journal(tmp_path))
+    s = store.create(SessionConfig(optimizer="noisy", session_id="n", reply="delta"), params(np.float32))
+    for k in range(3):
+        last = step(store, s, grads(np.float32, k), fence=k)
+    live = state_of(store, s)
+    again = SessionStore(registry, Journal(tmp_path))
+    again.open_all()
+    assert_bits(state_of(again, again.get("n")), live, "replayed")
+    assert_bits(step(again, again.get("n"), grads(np.float32, 2), fence=2)[2], last[2], "the retry's answer")
     store.journal.close()
     again.journal.close()
