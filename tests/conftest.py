@@ -11,6 +11,11 @@ import tempfile
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+# Tests live in folders by layer (tests/<layer>/); a few share fixtures across folders (test file names
+# are unique), so every folder is importable whichever file pytest is given.
+for _folder in sorted(p for p in (ROOT / "tests").iterdir() if p.is_dir() and p.name != "__pycache__"):
+    if str(_folder) not in sys.path:
+        sys.path.append(str(_folder))
 SOURCE_ROOTS = [str(ROOT / d) for d in ("proto", "plugins", "server", "client", "app")]
 
 

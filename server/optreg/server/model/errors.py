@@ -97,3 +97,9 @@ def shown(value, limit: int = ECHO_LIMIT) -> str:
         return text
     size = len(value) if hasattr(value, "__len__") else len(text)
     return f"{text[:limit]}...({size} characters)"
+
+
+def once(seen, what: str, name: str) -> None:
+    """Refuse a name a request gives twice (`seen`: the names so far, a set or dict the caller adds to)."""
+    if name in seen:
+        raise InvalidArgument(f"{what} {shown(name)} is given twice")

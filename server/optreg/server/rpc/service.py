@@ -24,7 +24,7 @@ from optreg.server.steps import sparse_rows as sparse
 from optreg.server.rpc import status
 from optreg.server.steps import writers
 from optreg.server.model.errors import (Cancelled, DataLoss, DeadlineExceeded, FailedPrecondition, InvalidArgument,
-                                  ResourceExhausted, shown)
+                                  ResourceExhausted, once, shown)
 from optreg.server.sessions.factory import SessionConfig
 from optreg.server.telemetry.metrics import Metrics
 from optreg.server.steps.run import StepRun
@@ -227,8 +227,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         params = _tensor_map(request.parameters, "parameter")
         state = {}
         for slot in request.state:
-            if slot.slot in state:
-                raise InvalidArgument(f"state slot {shown(slot.slot)} is given twice")
+            once(state, "state slot", slot.slot)
             state[slot.slot] = _tensor_map(slot.tensors, f"state {slot.slot}")
         session = self.store.create(config_from(request.config), params, state, request.initial_step,
                                     self.owner(context))
@@ -334,8 +333,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
                             "STEP_REPLY_NONE; the step was not applied")
                 names = set()
                 for t in request.gradients:
-                    if t.name in names:
-                        raise InvalidArgument(f"gradient {shown(t.name)} is given twice")
+                    once(names, "gradient", t.name)
                     names.add(t.name)
                     run.feed(t)
                 for i, sr in enumerate(request.sparse):
@@ -549,8 +547,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
                                      "parameter")
         out = {}
         for t in targets:
-            if t.name in out:
-                raise InvalidArgument(f"parameter {shown(t.name)} is given twice")
+            once(out, "parameter", t.name)
             try:
                 check.accept(t)
             except ValueError as e:
@@ -565,8 +562,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
                 if result is None:
                     names = set()
                     for t in grads:
-                        if t.name in names:
-                            raise InvalidArgument(f"gradient {shown(t.name)} is given twice")
+                        once(names, "gradient", t.name)
                         names.add(t.name)
                         run.feed(t)
                     result = run.finish()
@@ -647,8 +643,7 @@ def _step_response(result) -> session_pb2.StepResponse:
 def _tensor_map(items, what: str) -> dict[str, np.ndarray]:
     out = {}
     for t in items:
-        if t.name in out:
-            raise InvalidArgument(f"{what} {shown(t.name)} is given twice")
+        once(out, what, t.name)
         out[t.name] = tensors.to_numpy(t)
     return out
 

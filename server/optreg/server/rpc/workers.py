@@ -12,7 +12,7 @@ from optreg.server.rpc import admission
 from optreg.server.steps import sparse_rows
 from optreg.server.model.errors import Cancelled, FailedPrecondition, InvalidArgument, ResourceExhausted, shown
 from optreg.server.model.workers import (CALLS_PER_WORKER, DEFAULT_DEADLINE, DEFAULT_LEASE, LR_SCALED, WorkerConfig,
-                                     note_worker_record, staleness_scaled)
+                                         staleness_scaled)
 from optreg.server.steps.run import StepRun, check_metrics
 from optreg.server.steps.rounds import Contribution, Hubs, Outcome
 from optreg.v1 import session_pb2, tensors
@@ -168,7 +168,6 @@ class WorkerSteps:
             run = ContributionRun(self.store, session, None, None, metrics, context.is_active, extras=record,
                                   sparse=bool(sparse))
             run.read_step = number
-            run.on_commit = lambda s: note_worker_record(s, record)
             try:
                 run.open()
                 for i, sr in enumerate(sparse):

@@ -704,7 +704,7 @@ class Journal:
 
     def load(self, s: Session, budget, replay) -> None:
         """The snapshot, then every log record after it, replayed by `replay(session, record)` (the step's
-        own commit, steps/replay.py). Caller holds the session's lock."""
+        own commit, steps/replay.py through steps/commit.py). Caller holds the session's lock."""
         path = self.snapshot_path(s.id)
         target = s.step  # the step scan() found (snapshot + log)
         try:
