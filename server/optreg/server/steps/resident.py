@@ -26,7 +26,6 @@ import time
 
 import numpy as np
 
-from optreg.plugins.builtins import MODULES as BUILTIN_MODULES
 from optreg.server.kernels import jit as fastkernels
 from optreg.server.kernels import apply as kernels
 from optreg.server.kernels import stats as kernelstats
@@ -43,7 +42,6 @@ from optreg.v1 import tensors
 
 log = logging.getLogger("optreg.server.steps.resident")
 
-BUILTIN_PLUGINS = frozenset(BUILTIN_MODULES)  # plugin names are module names
 READER_WAIT = 0.001  # seconds between looks while a reader holds the live set
 STATS_COMPILE_WAIT = 60.0  # seconds a resident registration waits for the kernels it will step with
 PARALLEL_FINITE = 1 << 20  # elements: below, one thread checks a gradient (a hand-off costs more)
@@ -203,11 +201,12 @@ def _check_finite(name: str, g: np.ndarray) -> float | None:
 
 
 def in_place(session: Session, grads: dict[str, np.ndarray]) -> bool:
-    """Whether this step's update may run where the parameters live: a built-in optimizer's compiled,
-    deterministic, elementwise kernel (it cannot raise once the gradients are checked finite)."""
+    """Whether this step's update may run where the parameters live: a compiled, deterministic,
+    elementwise kernel, whoever's plugin it is (a kernel never raises: docs/plugins.md, checked by the
+    conformance kit), once the gradients are checked finite."""
     defn = session.optimizer.definition
-    if session.optimizer.plugin not in BUILTIN_PLUGINS or not defn.elementwise or session.clocks:
-        return False  # (rows a sparse step left lazy are caught up in the staging copy: pipeline._update_copy)
+    if not defn.elementwise or session.clocks:
+        return False  # (rows a sparse step left lazy are caught up in the staging copy: StepRun._update_copy)
     if not getattr(defn, "deterministic", True) or fastkernels.lookup(defn, session.dtype) is None:
         return False
     return all(g.dtype == session.dtype or kernels.widens_in_pass(defn, session.dtype, g) for g in grads.values())
