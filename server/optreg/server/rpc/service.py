@@ -31,36 +31,27 @@ from optreg.server.steps.run import StepRun
 from optreg.server.model.session import Session
 from optreg.server.sessions.store import SessionStore
 from optreg.server.rpc.workers import WorkerSteps, add_worker_info, worker_config_from
-from optreg.v1 import registry_pb2, registry_pb2_grpc, session_pb2, session_pb2_grpc, tensor_pb2, tensors
+from optreg.v1 import names, registry_pb2, registry_pb2_grpc, session_pb2, session_pb2_grpc, tensor_pb2, tensors
+from optreg.v1.names import name_of
 
 log = logging.getLogger("optreg.server")
 
 _HP_TYPES = {float: registry_pb2.HYPERPARAMETER_TYPE_FLOAT, int: registry_pb2.HYPERPARAMETER_TYPE_INT,
              bool: registry_pb2.HYPERPARAMETER_TYPE_BOOL}
-DUR = session_pb2.Durability
-REPLY = session_pb2.StepReply
-_REPLY_NAMES = {REPLY.STEP_REPLY_PARAMETERS: "parameters", REPLY.STEP_REPLY_DELTA: "delta",
-                REPLY.STEP_REPLY_NONE: "none"}
-_REPLY_CODES = {v: k for k, v in _REPLY_NAMES.items()}
-_DUR_NAMES = {DUR.DURABILITY_EVERY_STEP: "every-step", DUR.DURABILITY_LOG: "log",
-              DUR.DURABILITY_PERIODIC: "periodic", DUR.DURABILITY_NONE: "none"}
-_DUR_CODES = {v: k for k, v in _DUR_NAMES.items()}
-_MASTER_NAMES = {tensor_pb2.DATA_TYPE_FLOAT32: "float32", tensor_pb2.DATA_TYPE_FLOAT64: "float64"}
-
 
 def config_from(msg: session_pb2.SessionConfig) -> SessionConfig:
     """The contract's SessionConfig as the domain's plain one; enum values checked here."""
-    if msg.master_dtype and msg.master_dtype not in _MASTER_NAMES:
+    if msg.master_dtype and name_of(names.MASTER_DTYPE, msg.master_dtype) is None:
         raise InvalidArgument(f"config.master_dtype {tensors.dtype_name(msg.master_dtype)} is not supported; "
                               "use DATA_TYPE_FLOAT32 or DATA_TYPE_FLOAT64")
-    if msg.step_reply and msg.step_reply not in _REPLY_NAMES:
+    if msg.step_reply and name_of(names.STEP_REPLY, msg.step_reply) is None:
         raise InvalidArgument(f"config.step_reply {msg.step_reply} is not a StepReply value")
-    if msg.durability and msg.durability not in _DUR_NAMES:
+    if msg.durability and name_of(names.DURABILITY, msg.durability) is None:
         raise InvalidArgument(f"config.durability {msg.durability} is not a Durability value")
     return SessionConfig(optimizer=msg.optimizer, hyperparameters=dict(msg.hyperparameters),
-                         master_dtype=_MASTER_NAMES.get(msg.master_dtype, ""),
-                         reply=_REPLY_NAMES.get(msg.step_reply, "parameters"), session_id=msg.session_id,
-                         durability=_DUR_NAMES.get(msg.durability, ""), periodic_steps=msg.periodic_steps,
+                         master_dtype=name_of(names.MASTER_DTYPE, msg.master_dtype, ""),
+                         reply=name_of(names.STEP_REPLY, msg.step_reply, "parameters"), session_id=msg.session_id,
+                         durability=name_of(names.DURABILITY, msg.durability, ""), periodic_steps=msg.periodic_steps,
                          periodic_seconds=msg.periodic_seconds, workers=worker_config_from(msg))
 
 
@@ -68,9 +59,9 @@ def session_info(s: Session) -> session_pb2.SessionInfo:
     info = session_pb2.SessionInfo(
         session_id=s.id, optimizer=s.optimizer.definition.name,
         hyperparameters={k: float(v) for k, v in s.hyperparameters.items()}, step=s.step,
-        master_dtype=s.master_code, step_reply=_REPLY_CODES[s.reply],
+        master_dtype=s.master_code, step_reply=names.STEP_REPLY[s.reply],
         parameters=[session_pb2.TensorInfo(name=n, dtype=s.master_code, shape=shape) for n, shape in s.shapes.items()],
-        slots=list(s.slot_names), durability=_DUR_CODES[s.durability.mode],
+        slots=list(s.slot_names), durability=names.DURABILITY[s.durability.mode],
         periodic_steps=s.durability.periodic_steps, periodic_seconds=s.durability.periodic_seconds,
         persisted_step=s.persisted_step, loaded=s.loaded, quarantined=s.quarantined,
         missing_optimizer=s.missing)
