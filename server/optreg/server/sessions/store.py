@@ -20,7 +20,7 @@ from optreg.plugins import HyperparameterError
 from optreg.plugins.registry import Registry
 from optreg.server.model.budget import MemoryBudget
 from optreg.server.model.errors import (AlreadyExists, DataLoss, FailedPrecondition, InvalidArgument, NotFound,
-                                  PermissionDenied, Refused, shown, write_failed)
+                                  PermissionDenied, Refused, Unavailable, out_of_descriptors, shown, write_failed)
 from optreg.server.sessions.factory import Limits, SessionConfig, SessionFactory
 from optreg.server.steps import sparse_rows as sparse
 from optreg.server.steps.replay import replay
@@ -221,6 +221,9 @@ class SessionStore:
     def open_all(self) -> int:
         """Register every session in the data directory, unloaded (read on first use)."""
         for sid, meta_or_error in self.journal.scan():
+            if out_of_descriptors(meta_or_error):  # the process's limit, not the session's files: stop
+                raise OSError(meta_or_error.errno, f"reading the data directory ({sid}): {meta_or_error.strerror}; "
+                                                   "raise the descriptor limit (ulimit -n) or lower --max-open-logs")
             if isinstance(meta_or_error, Exception):
                 log.error("session %s not loaded: %s", sid, meta_or_error, extra={"session_id": sid})
                 self._unreadable[sid] = str(meta_or_error)  # its id stays taken: nothing overwrites its files
@@ -242,6 +245,10 @@ class SessionStore:
         except Refused:
             raise
         except Exception as e:
+            if out_of_descriptors(e):  # the process ran out, not the files: refused for now, never quarantined
+                log.warning("session %s not loaded: %s", session.id, e, extra={"session_id": session.id})
+                raise Unavailable(f"session {session.id} could not be loaded now ({e.strerror}): the server is "
+                                  "out of file descriptors or memory; nothing was changed: retry") from None
             session.quarantined = f"its files could not be read: {e}"
             log.error("session %s quarantined: %s", session.id, e, extra={"session_id": session.id})
             raise DataLoss(f"session {session.id} is quarantined: {session.quarantined}") from None
