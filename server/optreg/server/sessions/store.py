@@ -11,6 +11,7 @@ server had no tokens has no owner and stays open to every token.
 """
 from __future__ import annotations
 
+import bisect
 import logging
 import threading
 import time
@@ -48,6 +49,7 @@ class SessionStore:
         self.metrics = metrics
         self.observers: list = []  # objects with on_step(session, run, seconds) / on_refused / on_delete
         self._sessions: dict[str, Session] = {}
+        self._ids: list[str] = []  # the keys of _sessions, sorted: ListSessions' pages (page)
         self._unreadable: dict[str, str] = {}  # id -> why its files could not be read at start
         self._lock = threading.Lock()
         self.pool = SetPool()  # small sets, recycled across steps and sessions (allocate_set, recycle)
@@ -76,6 +78,32 @@ class SessionStore:
     def list(self, owner: str = "") -> list[Session]:
         with self._lock:
             return [s for s in self._sessions.values() if not self.auth or not s.owner or s.owner == owner]
+
+    def page(self, owner: str, after: str, limit: int) -> tuple[list[Session], bool]:
+        """(the sessions `owner` may see with ids after `after`, in id order, at most `limit` of them
+        (0: all), and whether sessions with later ids exist). Each call costs its page (plus other
+        owners' ids skipped), not the whole index."""
+        out = []
+        with self._lock:
+            ids = self._ids
+            i = bisect.bisect_right(ids, after)
+            while i < len(ids) and (not limit or len(out) < limit):
+                s = self._sessions[ids[i]]
+                i += 1
+                if not self.auth or not s.owner or s.owner == owner:
+                    out.append(s)
+            return out, i < len(ids)
+
+    def _indexed(self, session: Session) -> None:
+        """Caller holds _lock: `session` enters the index (in place of one of the same id)."""
+        if self._sessions.setdefault(session.id, session) is session:
+            bisect.insort(self._ids, session.id)
+        self._sessions[session.id] = session
+
+    def _unindexed(self, session_id: str) -> None:
+        """Caller holds _lock: the id leaves the index."""
+        if self._sessions.pop(session_id, None) is not None:
+            del self._ids[bisect.bisect_left(self._ids, session_id)]
 
     def list_all(self) -> list[Session]:
         with self._lock:
@@ -147,13 +175,13 @@ class SessionStore:
                 raise FailedPrecondition(
                     f"session {session.id} has files in the data directory that could not be loaded "
                     f"({self._unreadable[session.id]}); install what it needs and restart, or move them away")
-            self._sessions[session.id] = session
+            self._indexed(session)
         with session.lock:
             try:
                 self.journal.create(session)
             except OSError as e:  # not created after all: a retry with the same id works
                 with self._lock:
-                    self._sessions.pop(session.id, None)
+                    self._unindexed(session.id)
                 raise write_failed(e, f"session {session.id}") from None
         log.info("session %s created: %s, durability %s", session.id, session.optimizer.definition.name,
                  session.durability.mode, extra={"session_id": session.id, "step": initial_step})
@@ -167,7 +195,7 @@ class SessionStore:
                 raise self.missing(session_id)
             self.journal.delete(session)  # the files go before the index entry
             with self._lock:
-                self._sessions.pop(session_id, None)
+                self._unindexed(session_id)
             session.live = session.spare = session.last_delta = None
         for o in self.observers:
             o.on_delete(session)
@@ -234,7 +262,8 @@ class SessionStore:
                 log.error("session %s not loaded: %s", sid, e, extra={"session_id": sid})
                 self._unreadable[sid] = f"{type(e).__name__}: {e}"
                 continue
-            self._sessions[sid] = session
+            with self._lock:
+                self._indexed(session)
         self._gauges()
         return len(self._sessions)
 
