@@ -76,3 +76,41 @@ def test_more_durable_sessions_than_descriptors_step_restart_and_recover_exactly
     assert len(st2.ListSessions(session_pb2.ListSessionsRequest(), timeout=T).sessions) == N
     ch2.close()
     ch.close()
+
+
+def test_session_gauges_follow_create_unload_load_and_delete(start_server, tmp_path):
+    """The loaded/on-disk gauges are counted as sessions come, go, unload and load (not recounted
+    over every session): they stay right through each."""
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as so:
+        so.bind(("127.0.0.1", 0))
+        port = so.getsockname()[1]
+
+    def gauges():
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        found = dict(line.split() for line in text.splitlines()
+                     if line.startswith(("optreg_sessions_loaded ", "optreg_sessions_on_disk ")))
+        return int(float(found["optreg_sessions_loaded"])), int(float(found["optreg_sessions_on_disk"]))
+
+    def until(want):
+        end = time.monotonic() + 60  # a hang guard: the janitor unloads within about a second
+        while gauges() != want and time.monotonic() < end:
+            time.sleep(0.1)
+        assert gauges() == want
+
+    s = start_server("--data-dir", str(tmp_path / "d"), "--metrics-port", str(port), "--idle-seconds", "1")
+    ch, st = stub(s.address)
+    for i in range(3):
+        _create(st, f"d{i}", 0)
+    _create(st, "mem", 0, durable=False)
+    assert gauges() == (4, 3)
+    until((1, 3))  # the durable ones unloaded when idle; "mem" never is
+    assert _step(st, "d0", 0, 1) == _step(st, "d1", 0, 1)  # loaded again to step
+    assert gauges()[1] == 3 and gauges()[0] >= 2
+    st.DeleteSession(session_pb2.DeleteSessionRequest(session_id="d2"), timeout=T)  # (unloaded)
+    st.DeleteSession(session_pb2.DeleteSessionRequest(session_id="mem"), timeout=T)  # (loaded)
+    until((0, 2))
+    ch.close()

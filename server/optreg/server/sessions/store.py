@@ -50,6 +50,10 @@ class SessionStore:
         self.observers: list = []  # objects with on_step(session, run, seconds) / on_refused / on_delete
         self._sessions: dict[str, Session] = {}
         self._ids: list[str] = []  # the keys of _sessions, sorted: ListSessions' pages (page)
+        # The indexed sessions whose tensors are in memory, and how many are durable: kept as sessions
+        # come, go, load and unload, so the janitor, eviction and the gauges never walk every session.
+        self._loaded: dict[str, Session] = {}
+        self._durable = 0
         self._unreadable: dict[str, str] = {}  # id -> why its files could not be read at start
         self._lock = threading.Lock()
         self.pool = SetPool()  # small sets, recycled across steps and sessions (allocate_set, recycle)
@@ -96,14 +100,33 @@ class SessionStore:
 
     def _indexed(self, session: Session) -> None:
         """Caller holds _lock: `session` enters the index (in place of one of the same id)."""
-        if self._sessions.setdefault(session.id, session) is session:
-            bisect.insort(self._ids, session.id)
+        self._unindexed(session.id)
         self._sessions[session.id] = session
+        bisect.insort(self._ids, session.id)
+        self._durable += session.durability.mode != "none"
+        if session.live is not None:
+            self._loaded[session.id] = session
 
     def _unindexed(self, session_id: str) -> None:
         """Caller holds _lock: the id leaves the index."""
-        if self._sessions.pop(session_id, None) is not None:
+        session = self._sessions.pop(session_id, None)
+        if session is not None:
             del self._ids[bisect.bisect_left(self._ids, session_id)]
+            self._durable -= session.durability.mode != "none"
+            self._loaded.pop(session_id, None)
+
+    def _loaded_now(self, session: Session, loaded: bool) -> None:
+        """`session`'s tensors were just read in (or dropped)."""
+        with self._lock:
+            if not loaded:
+                if self._loaded.get(session.id) is session:
+                    del self._loaded[session.id]
+            elif self._sessions.get(session.id) is session:
+                self._loaded[session.id] = session
+
+    def list_loaded(self) -> list[Session]:
+        with self._lock:
+            return list(self._loaded.values())
 
     def list_all(self) -> list[Session]:
         with self._lock:
@@ -283,6 +306,7 @@ class SessionStore:
             raise DataLoss(f"session {session.id} is quarantined: {session.quarantined}") from None
         log.info("session %s loaded at step %d", session.id, session.step,
                  extra={"session_id": session.id, "step": session.step})
+        self._loaded_now(session, True)
         self._gauges()
 
     def _unload(self, session: Session) -> bool:
@@ -292,6 +316,7 @@ class SessionStore:
             return False
         self.journal.flush(session)
         session.live = session.spare = None  # their budget goes when they are collected
+        self._loaded_now(session, False)
         log.info("session %s unloaded at step %d", session.id, session.step,
                  extra={"session_id": session.id, "step": session.step})
         self._gauges()
@@ -302,9 +327,7 @@ class SessionStore:
         unload idle durable ones."""
         if self.pool.clear():  # no cycles hold them: their budget is released as the references go
             return True
-        with self._lock:
-            candidates = sorted((s for s in self._sessions.values() if s.live is not None),
-                                key=lambda s: s.last_used_at)
+        candidates = sorted((s for s in self.list_loaded() if s.live is not None), key=lambda s: s.last_used_at)
         for s in candidates:
             if s.lock.acquire(blocking=False):
                 try:
@@ -322,7 +345,7 @@ class SessionStore:
     def flush_all(self) -> list[tuple[str, str]]:
         """Write every session with unsaved changes (at shutdown). Tries every one; returns the failures."""
         failures = []
-        for s in self.list_all():
+        for s in self.list_loaded():
             if s.durability.mode == "none" or s.live is None:
                 continue
             with s.lock:
@@ -338,7 +361,7 @@ class SessionStore:
     def tick(self) -> None:
         """Janitor: periodic snapshots past their window, idle sessions unloaded."""
         now = time.time()
-        for s in self.list_all():
+        for s in self.list_loaded():
             if s.live is None or s.durability.mode == "none" or not s.lock.acquire(blocking=False):
                 continue
             try:
@@ -353,7 +376,4 @@ class SessionStore:
 
     def _gauges(self) -> None:
         if self.metrics:
-            with self._lock:
-                loaded = sum(1 for s in self._sessions.values() if s.live is not None)
-                on_disk = sum(1 for s in self._sessions.values() if s.persisted_step >= 0)
-            self.metrics.sessions(loaded, on_disk, self.budget.held)
+            self.metrics.sessions(len(self._loaded), self._durable, self.budget.held)
