@@ -68,6 +68,15 @@ class PluginFailed(Refused):
     code = "INTERNAL"
 
 
+# Errors of the process, not of a file (its descriptor table, the system's, memory): transient, so a
+# session whose files they hit is refused for now (UNAVAILABLE), never quarantined.
+OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOMEM)
+
+
+def out_of_descriptors(e: BaseException) -> bool:
+    return isinstance(e, OSError) and e.errno in OUT_OF_DESCRIPTORS
+
+
 # A write that fails for want of space: retrying does not help until space is freed.
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 

@@ -16,7 +16,7 @@ import grpc
 import numpy as np
 
 from optreg.plugins.registry import Registry
-from optreg.server.rpc import admission
+from optreg.server.rpc import admission, pages
 from optreg.server.kernels import warmup
 from optreg.server.steps import resident
 from optreg.server.steps import shared_memory as shm
@@ -187,6 +187,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
                  owner=_no_owner, max_message_bytes: int = 64 << 20, shm_registrations: int = 4,
                  max_streams: int = 8, stream_idle_seconds: float = 30.0, max_members: int = 64):
         self.store = store
+        self.page_tokens = pages.PageTokens()  # ListSessions
         self.max_message_bytes = max_message_bytes
         self.chunk_bytes = max(4096, min(chunk_bytes, max_message_bytes - (64 << 10)))  # room for the envelope
         self.metrics = metrics or Metrics()
@@ -285,8 +286,13 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
 
     @status.handler
     def ListSessions(self, request, context):
+        owner = self.owner(context)
+        pages.check_page_size(request.page_size)
+        after = self.page_tokens.after(request.page_token, owner) if request.page_token else ""
+        found, more = self.store.page(owner, after, request.page_size)
         return session_pb2.ListSessionsResponse(
-            sessions=[session_info(s) for s in self.store.list(self.owner(context))])
+            sessions=[session_info(s) for s in found],
+            next_page_token=self.page_tokens.issue(found[-1].id, owner) if more and found else "")
 
     @status.handler
     def DeleteSession(self, request, context):
