@@ -28,27 +28,38 @@ VARIANTS = [  # (figure, optimizer, hyperparameter overrides, with statistics, t
 ]
 
 
+def server_kernels():
+    """(apply, jit, stats): the server's kernel modules."""
+    from optreg.server.kernels import apply, jit, stats
+    return apply, jit, stats
+
+
+def compile_now(defns: list, stats_for: list = ()) -> str:
+    """Compile the kernels of `defns` and the statistics kernels of `stats_for` (some of them) and wait
+    for them, so no timed call runs the numpy update; returns the engine's name for the bench's header."""
+    _, fastkernels, kernelstats = server_kernels()
+    from optreg.server.kernels import warmup
+    warmup.warm(block=True, definitions=list(defns))
+    for defn in stats_for:
+        comp = fastkernels.lookup(defn, np.dtype(np.float32))
+        if comp is not None:
+            kernelstats.stats_kernel(defn, comp)
+    fastkernels.wait_idle()
+    return f"{'numba' if fastkernels.available() else 'numpy'}, {fastkernels.threads()} thread(s)"
+
+
 def run(cfg, row) -> None:
     from optreg.plugins.registry import Registry
-    from optreg.server.kernels import jit as fastkernels
-    from optreg.server.kernels import warmup
-    from optreg.server.kernels import apply as kernels
-    from optreg.server.kernels import stats as kernelstats
 
+    kernels, _, _ = server_kernels()
     reg = Registry()
     missing = [name for _, name, _, _, _ in VARIANTS if name not in reg.optimizers]
     if missing:
         print(f"  (declared kernels: {', '.join(missing)} not registered; pip install -e examples/optreg-lion)")
     variants = [v for v in VARIANTS if v[1] in reg.optimizers]
     defns = {name: reg.get(name).definition for _, name, _, _, _ in variants}
-    warmup.warm(block=True, definitions=list(defns.values()))
-    for _, name, _, with_stats, _ in variants:
-        comp = fastkernels.lookup(defns[name], np.dtype(np.float32))
-        if with_stats and comp is not None:
-            kernelstats.stats_kernel(defns[name], comp)
-    fastkernels.wait_idle()
-    engine = "numba" if fastkernels.available() else "numpy"
-    print(f"  (declared kernels: {engine}, {fastkernels.threads()} thread(s), 1e7 float32)", flush=True)
+    engine = compile_now(list(defns.values()), [defns[name] for _, name, _, with_stats, _ in variants if with_stats])
+    print(f"  (declared kernels: {engine}, 1e7 float32)", flush=True)
 
     rng = np.random.default_rng(4)
     base = rng.standard_normal(N).astype(np.float32)

@@ -460,6 +460,12 @@ def bench_declared(cfg, _server, _echo):
     declared.run(cfg, row)
 
 
+def bench_vs(cfg, _server, _echo):
+    """optreg's Adam beside torch fused, DeepSpeed's CPU Adam and the bandwidth floor (bench/kernels_vs.py)."""
+    from bench import kernels_vs
+    kernels_vs.run(cfg, row)
+
+
 def bench_memory(cfg, _server, _echo):
     """Resident memory per small session beyond its arrays, in a fresh server."""
     from optreg.client import Client
@@ -591,7 +597,7 @@ def bench_ray(cfg, server, echo):
 
 
 SECTIONS = {"small": bench_small, "smallparts": bench_small_parts, "large": bench_large, "shm": bench_shm, "kernels": bench_kernels,
-            "declared": bench_declared, "memory": bench_memory, "concurrency": bench_concurrency,
+            "declared": bench_declared, "vs": bench_vs, "memory": bench_memory, "concurrency": bench_concurrency,
             "torch": bench_torch, "wal": bench_wal, "durability": bench_durability, "telemetry": bench_telemetry,
             "workers": bench_workers, "sparse": bench_sparse, "streams": bench_streams, "chaos": bench_chaos,
             "waiting": bench_waiting, "ray": bench_ray}

@@ -4,7 +4,7 @@ imports with their comments (protoc --include_source_info), which the server's
 reflection service answers from (optreg/server/rpc/reflection.py).
 
 Run: python proto/generate.py   (needs the grpcio-tools pinned in pyproject's dev extra)
-tests/test_generated.py runs the same generation into a temporary folder and
+tests/proto/test_generated.py runs the same generation into a temporary folder and
 fails when the committed files differ.
 """
 import pathlib

@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import os
 import pathlib
+import resource
 import subprocess
 import sys
 import tempfile
@@ -11,13 +12,19 @@ import tempfile
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+# Tests live in folders by layer (tests/<layer>/); a few share fixtures across folders (test file names
+# are unique), so every folder is importable whichever file pytest is given.
+for _folder in sorted(p for p in (ROOT / "tests").iterdir() if p.is_dir() and p.name != "__pycache__"):
+    if str(_folder) not in sys.path:
+        sys.path.append(str(_folder))
 SOURCE_ROOTS = [str(ROOT / d) for d in ("proto", "plugins", "server", "client", "app")]
 
 
 class ServerProcess:
     """`python -m optreg.server serve --port 0 ...` in a child process; `.address` once it listens."""
 
-    def __init__(self, *args: str, env: dict | None = None):
+    def __init__(self, *args: str, env: dict | None = None, nofile: int | None = None):
+        """`nofile`: the child's descriptor limit (RLIMIT_NOFILE, soft and hard), as `ulimit -n` would set it."""
         full_env = dict(os.environ)
         # Never the user's ~/.local/share/optreg: a fresh data dir unless the test names one.
         self._tmp = tempfile.TemporaryDirectory(prefix="optreg-data-")
@@ -27,7 +34,8 @@ class ServerProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "optreg.server", "serve", "--host", "127.0.0.1", "--port", "0",
              "--log-level", "warning", *args],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env)
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env,
+            preexec_fn=None if nofile is None else lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile)))
         line = self.proc.stdout.readline()
         if not line.startswith("optreg serving on "):
             self.proc.kill()
@@ -68,8 +76,8 @@ def start_server():
     """Factory: start_server(*cli_args, env={...}) -> ServerProcess, stopped at teardown."""
     started = []
 
-    def start(*args, env=None):
-        s = ServerProcess(*args, env=env)
+    def start(*args, env=None, nofile=None):
+        s = ServerProcess(*args, env=env, nofile=nofile)
         started.append(s)
         return s
 

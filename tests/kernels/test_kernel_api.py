@@ -204,3 +204,21 @@ def test_warm_can_build_the_statistics_kernels_too():
     warmup.warm(block=True, definitions=[defn], stats=True)
     assert fastkernels.wait_idle(300)
     assert fastkernels.status(defn) == "ready" and kernelstats.stats_status(defn) == "fused"
+
+
+def refusing_kernel(p, g, c):
+    for i in range(p.size):
+        if g[i] != g[i]:
+            raise ValueError("NaN")
+        p[i] = p[i] - c[0] * g[i]
+
+
+@pytest.mark.parametrize("jit", [False, None])
+def test_the_conformance_kit_refuses_a_kernel_that_raises(jit):
+    """Every optimizer's kernel may update a resident session in place and has its gradient's NaN found
+    by the update pass (steps/resident.py, StepRun._checks_in_pass), built-in or not: the kit holds a
+    third-party kernel to the contract that makes that safe."""
+    from optreg.plugins.testing import check_kernel
+    with pytest.raises(AssertionError, match="must never raise"):
+        check_kernel(make(name="refusing", kernel=refusing_kernel), jit=jit)
+    check_kernel(make(name="total", kernel=sgd_kernel), jit=jit)  # the same loop without the raise passes

@@ -225,6 +225,39 @@ def test_statistics_fold_over_threads_and_copy_out(registry, threads, monkeypatc
             np.testing.assert_array_equal(out, p)
 
 
+def test_a_busy_kernel_pool_does_not_hold_a_parallel_update_up(registry, monkeypatch):
+    """The split hands its pieces to whichever thread asks first: with every helper of the kernels' pool
+    busy (on a server: another step, or a helper the OS starts late) the caller runs all the pieces
+    itself and returns, with the same bits. (Fixed halves waited for a helper to take the second half.)"""
+    import threading
+
+    defn = registry.get("adam").definition
+    warmup.warm(block=True, definitions=[defn])
+    if fastkernels.lookup(defn, np.dtype(np.float32)) is None:
+        pytest.skip("numba not installed")
+    monkeypatch.setattr(fastkernels, "_threads", 2)
+    rng = np.random.default_rng(12)
+    n = kernels.PARALLEL_ABOVE * 3 + 5
+    p, g = rng.standard_normal(n).astype(np.float32), rng.standard_normal(n).astype(np.float32)
+    st = {s.name: np.zeros(n, np.float32) for s in defn.slots}
+    p_ref, st_ref = p.copy(), {k: v.copy() for k, v in st.items()}
+    pool, release = kernels.executor(2), threading.Event()
+    busy = [pool.submit(release.wait, 120) for _ in range(pool._max_workers)]
+    try:
+        done = threading.Thread(target=kernels.apply, args=(defn, p, g, st, 1, HPS["adam"]), daemon=True)
+        done.start()
+        done.join(60)  # a hang guard: it returns at once
+        assert not done.is_alive(), "the update waited for the busy pool"
+    finally:
+        release.set()
+        for f in busy:
+            f.result(10)
+    _numpy_update(defn, p_ref, g, st_ref, 1, HPS["adam"])
+    np.testing.assert_array_equal(p, p_ref)
+    for k in st:
+        np.testing.assert_array_equal(st[k], st_ref[k])
+
+
 def test_float32_block_sums_hold_where_squares_leave_float32s_range(registry):
     """Blocks whose float32 sum of squares overflows (|x| ~ 1e25), underflows (|x| ~ 1e-25) or is zero
     are summed again in float64: the figures still equal float64's."""

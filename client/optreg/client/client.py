@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import warnings
-from typing import Mapping
+from typing import Iterator, Mapping
 
 import numpy as np
 
@@ -264,8 +264,21 @@ class Client:
         return SessionInfo.from_proto(reply.session)
 
     def list_sessions(self) -> list[SessionInfo]:
-        reply = self._unary("ListSessions", session_pb2.ListSessionsRequest())
-        return [SessionInfo.from_proto(s) for s in reply.sessions]
+        """Every session the caller may see, in id order (walks the pages: iter_sessions)."""
+        return list(self.iter_sessions())
+
+    def iter_sessions(self, page_size: int = 100) -> Iterator[SessionInfo]:
+        """The sessions page by page (ListSessions' page_size, 1-1000), one call per page. A session
+        that exists throughout is yielded once; a server from before paging sends all in one reply."""
+        token = ""
+        while True:
+            request = session_pb2.ListSessionsRequest(page_size=page_size, page_token=token)
+            reply = self._unary("ListSessions", request)
+            for s in reply.sessions:
+                yield SessionInfo.from_proto(s)
+            token = reply.next_page_token
+            if not token:
+                return
 
     def delete_session(self, session_id: str) -> None:
         """Delete a session (its files too). NotFound if there is none of that id."""

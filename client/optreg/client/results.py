@@ -7,19 +7,11 @@ from typing import Mapping, NamedTuple
 
 import numpy as np
 
-from optreg.v1 import registry_pb2, session_pb2, tensor_pb2
+from optreg.v1 import names, registry_pb2, session_pb2
+from optreg.v1.names import name_of
 
-# Enum values <-> the names the client's API takes and returns.
-STEP_REPLY = {"parameters": session_pb2.STEP_REPLY_PARAMETERS, "delta": session_pb2.STEP_REPLY_DELTA,
-              "none": session_pb2.STEP_REPLY_NONE}
-DURABILITY = {"every-step": session_pb2.DURABILITY_EVERY_STEP, "log": session_pb2.DURABILITY_LOG,
-              "periodic": session_pb2.DURABILITY_PERIODIC, "none": session_pb2.DURABILITY_NONE}
-MASTER_DTYPE = {"float32": tensor_pb2.DATA_TYPE_FLOAT32, "float64": tensor_pb2.DATA_TYPE_FLOAT64}
-HYPERPARAMETER_TYPE = {registry_pb2.HYPERPARAMETER_TYPE_FLOAT: "float", registry_pb2.HYPERPARAMETER_TYPE_INT: "int",
-                       registry_pb2.HYPERPARAMETER_TYPE_BOOL: "bool"}
-_NAME = {**{v: k for k, v in STEP_REPLY.items()}, session_pb2.STEP_REPLY_UNSPECIFIED: "parameters"}
-_DURABILITY_NAME = {v: k for k, v in DURABILITY.items()}
-_DTYPE_NAME = {v: k for k, v in MASTER_DTYPE.items()}
+# Enum values <-> the names the client's API takes and returns (optreg.v1.names: the server's tables too).
+STEP_REPLY, DURABILITY, MASTER_DTYPE = names.STEP_REPLY, names.DURABILITY, names.MASTER_DTYPE
 _ITEMSIZE = {"float32": 4, "float64": 8}
 
 
@@ -42,7 +34,7 @@ class Hyperparameter:
 
     @classmethod
     def from_proto(cls, h: registry_pb2.HyperparameterSpec) -> "Hyperparameter":
-        return cls(h.name, HYPERPARAMETER_TYPE.get(h.type, "float"), h.default,
+        return cls(h.name, name_of(names.HYPERPARAMETER_TYPE, h.type) or "float", h.default,
                    h.minimum if h.HasField("minimum") else None, h.maximum if h.HasField("maximum") else None,
                    h.minimum_exclusive, h.maximum_exclusive, h.doc)
 
@@ -134,10 +126,10 @@ class SessionInfo:
     def from_proto(cls, s: session_pb2.SessionInfo) -> "SessionInfo":
         return cls(
             session_id=s.session_id, optimizer=s.optimizer, hyperparameters=dict(sorted(s.hyperparameters.items())),
-            step=s.step, master_dtype=_DTYPE_NAME.get(s.master_dtype, "float32"),
-            step_reply=_NAME.get(s.step_reply, "parameters"),
+            step=s.step, master_dtype=name_of(MASTER_DTYPE, s.master_dtype) or "float32",
+            step_reply=name_of(STEP_REPLY, s.step_reply, "parameters") or "parameters",
             parameters={t.name: tuple(t.shape) for t in s.parameters}, slots=tuple(s.slots),
-            durability=_DURABILITY_NAME.get(s.durability, "none"), periodic_steps=s.periodic_steps,
+            durability=name_of(DURABILITY, s.durability) or "none", periodic_steps=s.periodic_steps,
             periodic_seconds=s.periodic_seconds, persisted_step=s.persisted_step, loaded=s.loaded,
             created_at=_time(s.created_at), last_used_at=_time(s.last_used_at), quarantined=s.quarantined,
             missing_optimizer=s.missing_optimizer, **_shared(s))
@@ -173,16 +165,14 @@ class RoundSummary:
     noise_scale: float = 0.0         # B_simple in worker batches (McCandlish et al. 2018); 0: not estimated
 
 
-_MODE_NAME = {1: "sync", 2: "async", 3: "ssp", 0: "sync"}
-_COMBINE_NAME = {0: "mean", 1: "mean", 2: "sum"}
 
 
 def _shared(s) -> dict:
     if not s.HasField("workers"):
         return {}
     w = s.workers
-    out = dict(workers=WorkerSetup(w.workers, _MODE_NAME.get(w.mode, "sync"), w.min_workers,
-                                   w.round_deadline_seconds, w.lease_seconds, _COMBINE_NAME.get(w.combine, "mean"),
+    out = dict(workers=WorkerSetup(w.workers, name_of(names.WORKER_MODE, w.mode, "sync") or "sync", w.min_workers,
+                                   w.round_deadline_seconds, w.lease_seconds, name_of(names.COMBINE, w.combine, "mean") or "mean",
                                    w.staleness, w.scale_lr_by_staleness),
                members=tuple(MemberInfo(m.worker, m.contributions, m.last_round, _time(m.last_contact),
                                         _time(m.joined_at)) for m in s.members),

@@ -24,11 +24,9 @@ from optreg.client import sparse_rows
 from optreg.client.errors import ReassemblyError, UsageError
 from optreg.client._step_transport import STREAM_ABOVE_BYTES, choose
 from optreg.client.session import _collect, apply_result
-from optreg.v1 import session_pb2, tensors
+from optreg.v1 import names, session_pb2, tensors
 
-MODES = {"sync": session_pb2.WORKER_MODE_SYNC, "async": session_pb2.WORKER_MODE_ASYNC,
-         "ssp": session_pb2.WORKER_MODE_SSP}
-COMBINES = {"mean": session_pb2.COMBINE_MEAN, "sum": session_pb2.COMBINE_SUM}
+MODES, COMBINES = names.WORKER_MODE, names.COMBINE
 
 
 def worker_config(workers, mode, min_workers, round_deadline, lease, combine, staleness,

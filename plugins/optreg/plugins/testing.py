@@ -402,6 +402,19 @@ def check_kernel(definition: Optimizer, overrides=None, jit: bool | None = None,
                 assert not problems, (
                     f"{where} {problems[0]} (same operations in the same order? every constant from c? "
                     "a Python float literal makes numba compute in float64)")
+        # The server may run a kernel where the parameters live (a resident session's shared memory) and
+        # reads NaN or Inf in a gradient from the pass's statistics: a kernel must never raise, on any input.
+        bad = np.array([np.nan, np.inf, -np.inf, 0.0, -0.0, np.finfo(dtype).max, np.finfo(dtype).tiny], dtype)
+        state = {k: np.full_like(bad, v) for k, v in zip((s.name for s in definition.slots), (0.0, 1.0, np.inf, np.nan))}
+        state.update({s.name: np.zeros_like(bad) for s in definition.slots if s.name not in state})
+        try:
+            with np.errstate(all="ignore"):
+                fn(bad.copy(), _read_only(bad[::-1].copy()), *[state[s.name] for s in definition.slots],
+                   np.array(definition.kernel_scalars(hp, 1), dtype=dtype))
+        except Exception as e:
+            raise AssertionError(f"{definition.name}: kernel {how} raised on NaN, Inf or extreme values "
+                                 f"({type(e).__name__}: {e}); a kernel must never raise (the server updates in "
+                                 "place and checks gradients in the same pass)") from e
 
 
 def check_deterministic(definition: Optimizer, overrides=None, steps: int = 6) -> None:

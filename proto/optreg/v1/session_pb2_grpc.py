@@ -164,7 +164,8 @@ class SessionServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListSessions(self, request, context):
-        """Every session the caller may see (with tokens: the caller's own).
+        """The sessions the caller may see (with tokens: the caller's own), in
+        session_id order, a page at a time (ListSessionsRequest).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

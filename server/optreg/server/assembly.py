@@ -67,6 +67,7 @@ class Settings:
     max_shm_registrations: int = 256  # shared-memory registrations at once
     stream_idle_seconds: float = 30.0
     fsync_method: str = "threads"  # how the log syncer makes a batch durable (fsync.METHODS)
+    max_open_logs: int = 256  # logs with an open descriptor at once (capped below RLIMIT_NOFILE: open_logs_cap)
     max_tensors: int = 4096
     token_file: str | None = None
     tls_cert: str | None = None
@@ -77,6 +78,24 @@ class Settings:
     dashboard_port: int | None = None  # None: no dashboard; 0 picks a free port
     dashboard_host: str = "127.0.0.1"
     telemetry_steps: int = 2048  # steps kept at full resolution per session (older ones downsampled)
+
+
+def open_logs_cap(settings: Settings) -> int:
+    """--max-open-logs, lowered to fit the process's descriptor limit (RLIMIT_NOFILE) with room for
+    everything else: about 64 of the process's own (the data directory's lock, the syncer, telemetry,
+    numba's imports), a snapshot file per serving thread, and 256 connections."""
+    import resource
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return settings.max_open_logs
+    threads = settings.workers + settings.max_watchers + CALLS_PER_WORKER * settings.max_members
+    room = soft - (64 + threads + 256)
+    if room >= settings.max_open_logs:
+        return settings.max_open_logs
+    cap = max(16, room)
+    log.warning("--max-open-logs %d lowered to %d: the descriptor limit is %d (ulimit -n)",
+                settings.max_open_logs, cap, soft)
+    return cap
 
 
 def default_data_dir() -> str:
@@ -162,7 +181,10 @@ class OptregServer:
             guard("the dashboard", settings.dashboard_host, bool(tls and self.auth), missing, settings.allow_insecure)
         # One server per data directory (DataDirInUse, an OSError, names the holder otherwise).
         self.data_lock = DataDirLock(settings.data_dir) if settings.data_dir else None
-        journal = (Journal(pathlib.Path(settings.data_dir), self.metrics, GroupSyncer(settings.fsync_method))
+        if settings.max_open_logs < 1:
+            raise ValueError(f"--max-open-logs {settings.max_open_logs}: give at least 1")
+        journal = (Journal(pathlib.Path(settings.data_dir), self.metrics, GroupSyncer(settings.fsync_method),
+                           max_open_logs=open_logs_cap(settings))
                    if settings.data_dir else None)
         budget_bytes = (memory.default_budget() if settings.memory_budget_mb is None
                         else int(settings.memory_budget_mb * memory.MIB))

@@ -79,7 +79,8 @@ def _serve(args) -> int:
             periodic_seconds=args.periodic_seconds, idle_seconds=args.idle_seconds,
             memory_budget_mb=args.memory_budget_mb, max_streams=args.max_streams,
             max_watchers=args.max_watchers, max_members=args.max_members,
-            stream_idle_seconds=args.stream_idle_seconds, fsync_method=args.fsync_method, max_tensors=args.max_tensors, token_file=args.token_file,
+            stream_idle_seconds=args.stream_idle_seconds, fsync_method=args.fsync_method,
+            max_open_logs=args.max_open_logs, max_tensors=args.max_tensors, token_file=args.token_file,
             tls_cert=args.tls_cert,
             tls_key=args.tls_key, allow_insecure=args.allow_insecure, metrics_port=args.metrics_port,
             metrics_host=args.metrics_host, dashboard_port=args.dashboard_port,
@@ -181,6 +182,10 @@ def add_arguments(serve: argparse.ArgumentParser) -> None:
     storage.add_argument("--fsync-method", choices=["threads", "fdatasync", "syncfs"], default="threads",
                        help="how logs waiting for durability are synced together: threads (concurrent "
                             "fdatasyncs, default), fdatasync (one after another: no sharing), syncfs")
+    storage.add_argument("--max-open-logs", type=at_least_one, default=256,
+                         help="durable sessions' logs kept open at once; the least recently used idle log is "
+                              "closed past it and reopened on its next step (default: 256; lowered to fit "
+                              "the descriptor limit, ulimit -n)")
     limits.add_argument("--stream-idle-seconds", type=float, default=30.0,
                        help="end a stream that sends no data for this long (default: 30; 0: never)")
     limits.add_argument("--max-tensors", type=int, default=4096, help="parameters a session may have (default: 4096)")

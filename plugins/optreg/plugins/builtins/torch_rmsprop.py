@@ -73,7 +73,8 @@ def kernel(p, g, square_avg, grad_avg, momentum_buffer, c):
         if centered:
             ci = grad_avg[i] + (gi - grad_avg[i]) * a
             grad_avg[i] = ci
-            di = math.sqrt(vi - ci * ci) + eps
+            # np.sqrt: a variance made negative by rounding gives NaN, as torch does; math.sqrt would raise
+            di = np.sqrt(vi - ci * ci) + eps
         else:
             di = math.sqrt(vi) + eps
         if use_buffer:

@@ -71,7 +71,7 @@ class ClusterStore(SessionStore):
 
     def adopted(self, session) -> None:
         with self._lock:
-            self._sessions[session.id] = session
+            self._indexed(session)
         self._gauges()
 
     def index_has(self, session_id: str) -> bool:
@@ -79,7 +79,8 @@ class ClusterStore(SessionStore):
 
     def forget(self, session_id: str) -> None:
         with self._lock:
-            session = self._sessions.pop(session_id, None)
+            session = self._sessions.get(session_id)
+            self._unindexed(session_id)
         if session is not None:
             session.live = session.spare = None
 

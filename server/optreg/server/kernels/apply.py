@@ -35,6 +35,13 @@ COPY_SLICE = 1 << 17
 STATS_FIELDS = ("grad_sq_sum", "param_sq_sum", "update_sq_sum", "grad_abs_max")
 STATS = len(STATS_FIELDS)
 
+# The parallel split cuts a tensor into up to SPLIT_PIECES pieces a thread (of at least MIN_PIECE
+# elements), each run by whichever thread is free. With fixed halves a helper thread the OS starts late
+# (the other core busy with a request, another process, a vCPU waking up) held the whole step up by its
+# delay; with pieces the caller takes over its share (see _split, and docs/speed.md).
+SPLIT_PIECES = 8
+MIN_PIECE = 1 << 17
+
 _pool = None
 _pool_lock = threading.Lock()
 
@@ -45,6 +52,41 @@ def executor(n: int):
         if _pool is None:
             _pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="optreg-kernel")
         return _pool
+
+
+def _pieces(n: int, threads: int) -> list[int]:
+    """The bounds of the pieces _split cuts n elements into (the same whichever thread runs which)."""
+    count = 1 if threads == 1 else max(1, min(threads * SPLIT_PIECES, n // MIN_PIECE))
+    return [n * k // count for k in range(count + 1)]
+
+
+def _split(bounds: list[int], threads: int, work) -> None:
+    """work(k, a, b) for every piece k = [a, b) of `bounds`, on this thread and threads - 1 of the pool;
+    each piece goes to whichever thread asks first, and this returns once every piece is done (a helper
+    that starts after the last piece was taken does nothing and is not waited for)."""
+    count = len(bounds) - 1
+    pieces = iter(range(count))  # next() on it is atomic under the GIL: each piece is taken once
+    left, lock, done, errors = [count], threading.Lock(), threading.Event(), []
+
+    def drain():
+        for k in pieces:
+            try:
+                work(k, bounds[k], bounds[k + 1])
+            except BaseException as e:  # raised on the caller's thread below
+                errors.append(e)
+            with lock:
+                left[0] -= 1
+                if left[0] == 0:
+                    done.set()
+
+    if count > 1:
+        pool = executor(threads)
+        for _ in range(min(threads, count) - 1):
+            pool.submit(drain)
+    drain()
+    done.wait()
+    if errors:
+        raise errors[0]
 
 
 _local = threading.local()
@@ -142,22 +184,15 @@ def _run_widening(wide, param, grad, state, step, hp, parallel, stats=None, src:
     p = param.reshape(-1)
     gbits = np.ascontiguousarray(grad).reshape(-1).view(np.uint16)
     slots = [state[s].reshape(-1) for s in wide.comp.slots]
-    bounds = [n * i // threads for i in range(threads + 1)]
-    accs = None if stats is None else np.zeros((threads, STATS))
+    bounds = _pieces(n, threads)
+    accs = None if stats is None else np.zeros((len(bounds) - 1, STATS))
 
-    def part(i):
-        a, b = bounds[i], bounds[i + 1]
-        wide(p[a:b], gbits[a:b], [v[a:b] for v in slots], consts, None if accs is None else accs[i],
+    def part(k, a, b):
+        wide(p[a:b], gbits[a:b], [v[a:b] for v in slots], consts, None if accs is None else accs[k],
              None if src is None else [x[a:b] for x in src])
 
-    if threads == 1:
-        part(0)
-    else:
-        futures = [executor(threads).submit(part, i) for i in range(1, threads)]
-        part(0)
-        for f in futures:
-            f.result()
-    if stats is not None:  # fold the threads' partial statistics
+    _split(bounds, threads, part)
+    if stats is not None:  # fold the pieces' partial statistics, in order
         stats[:3] = accs[:, :3].sum(axis=0)
         stats[3] = accs[:, 3].max()
 
@@ -229,8 +264,8 @@ def _run_fast(defn, kernel, param, grad, state, step, hp, out=None, parallel=Tru
     nogil = n >= fastkernels.HOLD_GIL_BELOW
     fn = kernel.fn if nogil else kernel.held
     with_stats = None if stats is None else kernelstats.stats_kernel(defn, kernel)
-    bounds = [n * i // threads for i in range(threads + 1)]
-    accs = np.zeros((threads, STATS))
+    bounds = _pieces(n, threads)
+    accs = np.zeros((len(bounds) - 1, STATS))
 
     def run(a, b, acc):
         if stats is None:
@@ -250,23 +285,16 @@ def _run_fast(defn, kernel, param, grad, state, step, hp, out=None, parallel=Tru
                 fn(p[x:y], g[x:y], *[v[x:y] for v in flat_slots], consts)
                 numpy_stats(p[x:y], old, g[x:y], acc, work)
 
-    def part(i):
-        a, b = bounds[i], bounds[i + 1]
+    def part(k, a, b):
         if o is None:
-            run(a, b, accs[i])
+            run(a, b, accs[k])
             return
         for x in range(a, b, COPY_SLICE):
             y = min(x + COPY_SLICE, b)
-            run(x, y, accs[i])
+            run(x, y, accs[k])
             o[x:y] = p[x:y]
 
-    if threads == 1:
-        part(0)
-    else:
-        futures = [executor(threads).submit(part, i) for i in range(1, threads)]
-        part(0)  # this thread does a share too
-        for f in futures:
-            f.result()
-    if stats is not None:  # fold the threads' partial statistics
+    _split(bounds, threads, part)
+    if stats is not None:  # fold the pieces' partial statistics, in order
         stats[:3] = accs[:, :3].sum(axis=0)
         stats[3] = accs[:, 3].max()

@@ -413,7 +413,8 @@ def _source_file(source: str) -> str | None:
         return None
     # _accumulate's code is part of the compiled result: a change to it must change the file.
     helpers = "".join(inspect.getsource(f) for f in (_accumulate, _accumulate32, _fold32, _fold32_update, bitops))
-    digest = hashlib.sha256((source + helpers).encode()).hexdigest()[:20]
+    # numba's cached code names the helpers' modules: a renamed module must not load the old entries.
+    digest = hashlib.sha256((source + helpers + __name__ + bitops.__name__).encode()).hexdigest()[:20]
     base = os.environ.get("NUMBA_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache")
     folder = os.path.join(base, "optreg", "stats-kernels")
     path = os.path.join(folder, f"stats_{digest}.py")

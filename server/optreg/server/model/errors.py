@@ -68,6 +68,15 @@ class PluginFailed(Refused):
     code = "INTERNAL"
 
 
+# Errors of the process, not of a file (its descriptor table, the system's, memory): transient, so a
+# session whose files they hit is refused for now (UNAVAILABLE), never quarantined.
+OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOMEM)
+
+
+def out_of_descriptors(e: BaseException) -> bool:
+    return isinstance(e, OSError) and e.errno in OUT_OF_DESCRIPTORS
+
+
 # A write that fails for want of space: retrying does not help until space is freed.
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
@@ -97,3 +106,9 @@ def shown(value, limit: int = ECHO_LIMIT) -> str:
         return text
     size = len(value) if hasattr(value, "__len__") else len(text)
     return f"{text[:limit]}...({size} characters)"
+
+
+def once(seen, what: str, name: str) -> None:
+    """Refuse a name a request gives twice (`seen`: the names so far, a set or dict the caller adds to)."""
+    if name in seen:
+        raise InvalidArgument(f"{what} {shown(name)} is given twice")

@@ -22,11 +22,11 @@ import numpy as np
 
 from optreg.plugins.registry import Registered
 from optreg.server.model.errors import FailedPrecondition, shown
-from optreg.v1 import tensor_pb2
+from optreg.v1 import names, tensor_pb2
 
 DT = tensor_pb2.DataType
 MASTER_DTYPES = {DT.DATA_TYPE_FLOAT32: np.dtype("<f4"), DT.DATA_TYPE_FLOAT64: np.dtype("<f8")}
-DTYPE_NAMES = {DT.DATA_TYPE_FLOAT32: "float32", DT.DATA_TYPE_FLOAT64: "float64"}
+DTYPE_NAMES = {code: name for name, code in names.MASTER_DTYPE.items()}
 # A gradient may be the master dtype or narrower; it is widened on the server.
 GRAD_DTYPES = {
     DT.DATA_TYPE_FLOAT32: (DT.DATA_TYPE_FLOAT32, DT.DATA_TYPE_FLOAT16, DT.DATA_TYPE_BFLOAT16),

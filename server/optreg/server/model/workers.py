@@ -83,7 +83,7 @@ LR_SCALED = "lr_scaled"  # a step record's extras: it ran at its own staleness-s
 
 def note_worker_record(s, extras: dict) -> None:
     """Keep on the session what a shared session's step record says about its workers: as the step commits,
-    and again when recovery replays the record (steps/replay.py), so both end in the same place.
+    and again when recovery replays the record (both through steps/commit.py), so both end in the same place.
     Sync rounds: {"round", "contributors", "members", "clocks"}; async/SSP contributions:
     {"worker", "round", "clocks"}. "clocks" maps the members when the record began to their applied
     contributions after it (the SSP clocks): merged by max, since records of concurrent contributions may

@@ -16,7 +16,7 @@ import grpc
 import numpy as np
 
 from optreg.plugins.registry import Registry
-from optreg.server.rpc import admission
+from optreg.server.rpc import admission, pages
 from optreg.server.kernels import warmup
 from optreg.server.steps import resident
 from optreg.server.steps import shared_memory as shm
@@ -24,43 +24,34 @@ from optreg.server.steps import sparse_rows as sparse
 from optreg.server.rpc import status
 from optreg.server.steps import writers
 from optreg.server.model.errors import (Cancelled, DataLoss, DeadlineExceeded, FailedPrecondition, InvalidArgument,
-                                  ResourceExhausted, shown)
+                                  ResourceExhausted, once, shown)
 from optreg.server.sessions.factory import SessionConfig
 from optreg.server.telemetry.metrics import Metrics
 from optreg.server.steps.run import StepRun
 from optreg.server.model.session import Session
 from optreg.server.sessions.store import SessionStore
 from optreg.server.rpc.workers import WorkerSteps, add_worker_info, worker_config_from
-from optreg.v1 import registry_pb2, registry_pb2_grpc, session_pb2, session_pb2_grpc, tensor_pb2, tensors
+from optreg.v1 import names, registry_pb2, registry_pb2_grpc, session_pb2, session_pb2_grpc, tensor_pb2, tensors
+from optreg.v1.names import name_of
 
 log = logging.getLogger("optreg.server")
 
 _HP_TYPES = {float: registry_pb2.HYPERPARAMETER_TYPE_FLOAT, int: registry_pb2.HYPERPARAMETER_TYPE_INT,
              bool: registry_pb2.HYPERPARAMETER_TYPE_BOOL}
-DUR = session_pb2.Durability
-REPLY = session_pb2.StepReply
-_REPLY_NAMES = {REPLY.STEP_REPLY_PARAMETERS: "parameters", REPLY.STEP_REPLY_DELTA: "delta",
-                REPLY.STEP_REPLY_NONE: "none"}
-_REPLY_CODES = {v: k for k, v in _REPLY_NAMES.items()}
-_DUR_NAMES = {DUR.DURABILITY_EVERY_STEP: "every-step", DUR.DURABILITY_LOG: "log",
-              DUR.DURABILITY_PERIODIC: "periodic", DUR.DURABILITY_NONE: "none"}
-_DUR_CODES = {v: k for k, v in _DUR_NAMES.items()}
-_MASTER_NAMES = {tensor_pb2.DATA_TYPE_FLOAT32: "float32", tensor_pb2.DATA_TYPE_FLOAT64: "float64"}
-
 
 def config_from(msg: session_pb2.SessionConfig) -> SessionConfig:
     """The contract's SessionConfig as the domain's plain one; enum values checked here."""
-    if msg.master_dtype and msg.master_dtype not in _MASTER_NAMES:
+    if msg.master_dtype and name_of(names.MASTER_DTYPE, msg.master_dtype) is None:
         raise InvalidArgument(f"config.master_dtype {tensors.dtype_name(msg.master_dtype)} is not supported; "
                               "use DATA_TYPE_FLOAT32 or DATA_TYPE_FLOAT64")
-    if msg.step_reply and msg.step_reply not in _REPLY_NAMES:
+    if msg.step_reply and name_of(names.STEP_REPLY, msg.step_reply) is None:
         raise InvalidArgument(f"config.step_reply {msg.step_reply} is not a StepReply value")
-    if msg.durability and msg.durability not in _DUR_NAMES:
+    if msg.durability and name_of(names.DURABILITY, msg.durability) is None:
         raise InvalidArgument(f"config.durability {msg.durability} is not a Durability value")
     return SessionConfig(optimizer=msg.optimizer, hyperparameters=dict(msg.hyperparameters),
-                         master_dtype=_MASTER_NAMES.get(msg.master_dtype, ""),
-                         reply=_REPLY_NAMES.get(msg.step_reply, "parameters"), session_id=msg.session_id,
-                         durability=_DUR_NAMES.get(msg.durability, ""), periodic_steps=msg.periodic_steps,
+                         master_dtype=name_of(names.MASTER_DTYPE, msg.master_dtype, ""),
+                         reply=name_of(names.STEP_REPLY, msg.step_reply, "parameters"), session_id=msg.session_id,
+                         durability=name_of(names.DURABILITY, msg.durability, ""), periodic_steps=msg.periodic_steps,
                          periodic_seconds=msg.periodic_seconds, workers=worker_config_from(msg))
 
 
@@ -68,9 +59,9 @@ def session_info(s: Session) -> session_pb2.SessionInfo:
     info = session_pb2.SessionInfo(
         session_id=s.id, optimizer=s.optimizer.definition.name,
         hyperparameters={k: float(v) for k, v in s.hyperparameters.items()}, step=s.step,
-        master_dtype=s.master_code, step_reply=_REPLY_CODES[s.reply],
+        master_dtype=s.master_code, step_reply=names.STEP_REPLY[s.reply],
         parameters=[session_pb2.TensorInfo(name=n, dtype=s.master_code, shape=shape) for n, shape in s.shapes.items()],
-        slots=list(s.slot_names), durability=_DUR_CODES[s.durability.mode],
+        slots=list(s.slot_names), durability=names.DURABILITY[s.durability.mode],
         periodic_steps=s.durability.periodic_steps, periodic_seconds=s.durability.periodic_seconds,
         persisted_step=s.persisted_step, loaded=s.loaded, quarantined=s.quarantined,
         missing_optimizer=s.missing)
@@ -248,6 +239,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
                  owner=_no_owner, max_message_bytes: int = 64 << 20, shm_registrations: int = 4,
                  max_streams: int = 8, stream_idle_seconds: float = 30.0, max_members: int = 64):
         self.store = store
+        self.page_tokens = pages.PageTokens()  # ListSessions
         self.max_message_bytes = max_message_bytes
         self.chunk_bytes = max(4096, min(chunk_bytes, max_message_bytes - (64 << 10)))  # room for the envelope
         self.metrics = metrics or Metrics()
@@ -279,8 +271,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         params = _tensor_map(request.parameters, "parameter")
         state = {}
         for slot in request.state:
-            if slot.slot in state:
-                raise InvalidArgument(f"state slot {shown(slot.slot)} is given twice")
+            once(state, "state slot", slot.slot)
             state[slot.slot] = _tensor_map(slot.tensors, f"state {slot.slot}")
         session = self.store.create(config_from(request.config), params, state, request.initial_step,
                                     self.owner(context))
@@ -315,8 +306,13 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
 
     @status.handler
     def ListSessions(self, request, context):
+        owner = self.owner(context)
+        pages.check_page_size(request.page_size)
+        after = self.page_tokens.after(request.page_token, owner) if request.page_token else ""
+        found, more = self.store.page(owner, after, request.page_size)
         return session_pb2.ListSessionsResponse(
-            sessions=[session_info(s) for s in self.store.list(self.owner(context))])
+            sessions=[session_info(s) for s in found],
+            next_page_token=self.page_tokens.issue(found[-1].id, owner) if more and found else "")
 
     @status.handler
     def DeleteSession(self, request, context):
@@ -355,8 +351,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
                             "STEP_REPLY_NONE; the step was not applied")
                 names = set()
                 for t in request.gradients:
-                    if t.name in names:
-                        raise InvalidArgument(f"gradient {shown(t.name)} is given twice")
+                    once(names, "gradient", t.name)
                     names.add(t.name)
                     run.feed(t)
                 for i, sr in enumerate(request.sparse):
@@ -584,8 +579,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
                                      "parameter")
         out = {}
         for t in targets:
-            if t.name in out:
-                raise InvalidArgument(f"parameter {shown(t.name)} is given twice")
+            once(out, "parameter", t.name)
             try:
                 check.accept(t)
             except ValueError as e:
@@ -600,8 +594,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
                 if result is None:
                     names = set()
                     for t in grads:
-                        if t.name in names:
-                            raise InvalidArgument(f"gradient {shown(t.name)} is given twice")
+                        once(names, "gradient", t.name)
                         names.add(t.name)
                         run.feed(t)
                     result = run.finish()
@@ -691,8 +684,7 @@ def _step_response(result) -> session_pb2.StepResponse:
 def _tensor_map(items, what: str) -> dict[str, np.ndarray]:
     out = {}
     for t in items:
-        if t.name in out:
-            raise InvalidArgument(f"{what} {shown(t.name)} is given twice")
+        once(out, what, t.name)
         out[t.name] = tensors.to_numpy(t)
     return out
 

@@ -13,31 +13,24 @@ from optreg.server.rpc import admission
 from optreg.server.steps import sparse_rows
 from optreg.server.model.errors import Cancelled, FailedPrecondition, InvalidArgument, ResourceExhausted, shown
 from optreg.server.model.workers import (CALLS_PER_WORKER, DEFAULT_DEADLINE, DEFAULT_LEASE, LR_SCALED, WorkerConfig,
-                                     note_worker_record, staleness_scaled)
+                                         staleness_scaled)
 from optreg.server.steps.run import StepRun, check_metrics
 from optreg.server.steps.rounds import Contribution, Hubs, Outcome
-from optreg.v1 import session_pb2, tensors
-
-_MODES = {session_pb2.WORKER_MODE_UNSPECIFIED: "sync", session_pb2.WORKER_MODE_SYNC: "sync",
-          session_pb2.WORKER_MODE_ASYNC: "async", session_pb2.WORKER_MODE_SSP: "ssp"}
-_MODE_CODES = {"sync": session_pb2.WORKER_MODE_SYNC, "async": session_pb2.WORKER_MODE_ASYNC,
-               "ssp": session_pb2.WORKER_MODE_SSP}
-_COMBINES = {session_pb2.COMBINE_UNSPECIFIED: "mean", session_pb2.COMBINE_MEAN: "mean",
-             session_pb2.COMBINE_SUM: "sum"}
-_COMBINE_CODES = {"mean": session_pb2.COMBINE_MEAN, "sum": session_pb2.COMBINE_SUM}
+from optreg.v1 import names, session_pb2, tensors
+from optreg.v1.names import name_of
 
 
 def worker_config_from(msg: session_pb2.SessionConfig) -> WorkerConfig | None:
     if not msg.HasField("workers") or msg.workers.workers == 0:
         return None
     w = msg.workers
-    if w.mode not in _MODES:
+    if name_of(names.WORKER_MODE, w.mode, "sync") is None:
         raise InvalidArgument(f"config.workers.mode {w.mode} is not a WorkerMode value")
-    if w.combine not in _COMBINES:
+    if name_of(names.COMBINE, w.combine, "mean") is None:
         raise InvalidArgument(f"config.workers.combine {w.combine} is not a Combine value")
-    return WorkerConfig(workers=w.workers, mode=_MODES[w.mode], min_workers=w.min_workers,
+    return WorkerConfig(workers=w.workers, mode=name_of(names.WORKER_MODE, w.mode, "sync"), min_workers=w.min_workers,
                         round_deadline=w.round_deadline_seconds or DEFAULT_DEADLINE,
-                        lease_seconds=w.lease_seconds or DEFAULT_LEASE, combine=_COMBINES[w.combine],
+                        lease_seconds=w.lease_seconds or DEFAULT_LEASE, combine=name_of(names.COMBINE, w.combine, "mean"),
                         staleness=w.staleness, scale_lr=w.scale_lr_by_staleness).checked()
 
 
@@ -46,9 +39,9 @@ def add_worker_info(info: session_pb2.SessionInfo, s) -> None:
     if cfg is None:
         return
     info.workers.CopyFrom(session_pb2.WorkerConfig(
-        workers=cfg.workers, mode=_MODE_CODES[cfg.mode], min_workers=cfg.min_workers,
+        workers=cfg.workers, mode=names.WORKER_MODE[cfg.mode], min_workers=cfg.min_workers,
         round_deadline_seconds=cfg.round_deadline, lease_seconds=cfg.lease_seconds,
-        combine=_COMBINE_CODES[cfg.combine], staleness=cfg.staleness, scale_lr_by_staleness=cfg.scale_lr))
+        combine=names.COMBINE[cfg.combine], staleness=cfg.staleness, scale_lr_by_staleness=cfg.scale_lr))
     info.open_round = s.step
     hub = s.hub
     if hub is None:
@@ -172,7 +165,6 @@ class WorkerSteps:
             run = ContributionRun(self.store, session, None, None, metrics, context.is_active, extras=record,
                                   sparse=bool(sparse))
             run.read_step = number
-            run.on_commit = lambda s: note_worker_record(s, record)
             try:
                 run.open()
                 for i, sr in enumerate(sparse):

@@ -11,9 +11,8 @@ from optreg.plugins import HyperparameterError
 from optreg.server.model.errors import FailedPrecondition, InvalidArgument, NotFound, shown
 from optreg.server.model.session import (DURABILITIES, MASTER_DTYPES, MAX_STEP, REPLIES, Arrays, Durability, Session,
                                          check_values)
-from optreg.v1 import tensor_pb2
+from optreg.v1 import names
 
-DT = tensor_pb2.DataType
 SESSION_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 SESSION_ID_RULE = "1-128 letters, digits, '_', '-' or '.', not starting with '.' or '-'"
 
@@ -97,7 +96,7 @@ class SessionFactory:
         if not 0 <= initial_step < MAX_STEP:
             raise InvalidArgument(f"initial_step {initial_step} must be in 0..{MAX_STEP - 1}")
         master = config.master_dtype or ("float64" if next(iter(params.values())).dtype == np.float64 else "float32")
-        codes = {"float32": DT.DATA_TYPE_FLOAT32, "float64": DT.DATA_TYPE_FLOAT64}
+        codes = names.MASTER_DTYPE
         if master not in codes:
             raise InvalidArgument(f"config.master_dtype {shown(master)} is not supported; use float32 or float64")
         dtype = MASTER_DTYPES[codes[master]]

@@ -11,6 +11,7 @@ server had no tokens has no owner and stays open to every token.
 """
 from __future__ import annotations
 
+import bisect
 import logging
 import threading
 import time
@@ -20,7 +21,7 @@ from optreg.plugins import HyperparameterError
 from optreg.plugins.registry import Registry
 from optreg.server.model.budget import MemoryBudget
 from optreg.server.model.errors import (AlreadyExists, DataLoss, FailedPrecondition, InvalidArgument, NotFound,
-                                  PermissionDenied, Refused, shown, write_failed)
+                                  PermissionDenied, Refused, Unavailable, out_of_descriptors, shown, write_failed)
 from optreg.server.sessions.factory import Limits, SessionConfig, SessionFactory
 from optreg.server.steps import sparse_rows as sparse
 from optreg.server.steps.replay import replay
@@ -48,6 +49,11 @@ class SessionStore:
         self.metrics = metrics
         self.observers: list = []  # objects with on_step(session, run, seconds) / on_refused / on_delete
         self._sessions: dict[str, Session] = {}
+        self._ids: list[str] = []  # the keys of _sessions, sorted: ListSessions' pages (page)
+        # The indexed sessions whose tensors are in memory, and how many are durable: kept as sessions
+        # come, go, load and unload, so the janitor, eviction and the gauges never walk every session.
+        self._loaded: dict[str, Session] = {}
+        self._durable = 0
         self._unreadable: dict[str, str] = {}  # id -> why its files could not be read at start
         self._lock = threading.Lock()
         self.pool = SetPool()  # small sets, recycled across steps and sessions (allocate_set, recycle)
@@ -76,6 +82,51 @@ class SessionStore:
     def list(self, owner: str = "") -> list[Session]:
         with self._lock:
             return [s for s in self._sessions.values() if not self.auth or not s.owner or s.owner == owner]
+
+    def page(self, owner: str, after: str, limit: int) -> tuple[list[Session], bool]:
+        """(the sessions `owner` may see with ids after `after`, in id order, at most `limit` of them
+        (0: all), and whether sessions with later ids exist). Each call costs its page (plus other
+        owners' ids skipped), not the whole index."""
+        out = []
+        with self._lock:
+            ids = self._ids
+            i = bisect.bisect_right(ids, after)
+            while i < len(ids) and (not limit or len(out) < limit):
+                s = self._sessions[ids[i]]
+                i += 1
+                if not self.auth or not s.owner or s.owner == owner:
+                    out.append(s)
+            return out, i < len(ids)
+
+    def _indexed(self, session: Session) -> None:
+        """Caller holds _lock: `session` enters the index (in place of one of the same id)."""
+        self._unindexed(session.id)
+        self._sessions[session.id] = session
+        bisect.insort(self._ids, session.id)
+        self._durable += session.durability.mode != "none"
+        if session.live is not None:
+            self._loaded[session.id] = session
+
+    def _unindexed(self, session_id: str) -> None:
+        """Caller holds _lock: the id leaves the index."""
+        session = self._sessions.pop(session_id, None)
+        if session is not None:
+            del self._ids[bisect.bisect_left(self._ids, session_id)]
+            self._durable -= session.durability.mode != "none"
+            self._loaded.pop(session_id, None)
+
+    def _loaded_now(self, session: Session, loaded: bool) -> None:
+        """`session`'s tensors were just read in (or dropped)."""
+        with self._lock:
+            if not loaded:
+                if self._loaded.get(session.id) is session:
+                    del self._loaded[session.id]
+            elif self._sessions.get(session.id) is session:
+                self._loaded[session.id] = session
+
+    def list_loaded(self) -> list[Session]:
+        with self._lock:
+            return list(self._loaded.values())
 
     def list_all(self) -> list[Session]:
         with self._lock:
@@ -147,13 +198,13 @@ class SessionStore:
                 raise FailedPrecondition(
                     f"session {session.id} has files in the data directory that could not be loaded "
                     f"({self._unreadable[session.id]}); install what it needs and restart, or move them away")
-            self._sessions[session.id] = session
+            self._indexed(session)
         with session.lock:
             try:
                 self.journal.create(session)
             except OSError as e:  # not created after all: a retry with the same id works
                 with self._lock:
-                    self._sessions.pop(session.id, None)
+                    self._unindexed(session.id)
                 raise write_failed(e, f"session {session.id}") from None
         log.info("session %s created: %s, durability %s", session.id, session.optimizer.definition.name,
                  session.durability.mode, extra={"session_id": session.id, "step": initial_step})
@@ -167,7 +218,7 @@ class SessionStore:
                 raise self.missing(session_id)
             self.journal.delete(session)  # the files go before the index entry
             with self._lock:
-                self._sessions.pop(session_id, None)
+                self._unindexed(session_id)
             session.live = session.spare = session.last_delta = None
         for o in self.observers:
             o.on_delete(session)
@@ -221,6 +272,9 @@ class SessionStore:
     def open_all(self) -> int:
         """Register every session in the data directory, unloaded (read on first use)."""
         for sid, meta_or_error in self.journal.scan():
+            if out_of_descriptors(meta_or_error):  # the process's limit, not the session's files: stop
+                raise OSError(meta_or_error.errno, f"reading the data directory ({sid}): {meta_or_error.strerror}; "
+                                                   "raise the descriptor limit (ulimit -n) or lower --max-open-logs")
             if isinstance(meta_or_error, Exception):
                 log.error("session %s not loaded: %s", sid, meta_or_error, extra={"session_id": sid})
                 self._unreadable[sid] = str(meta_or_error)  # its id stays taken: nothing overwrites its files
@@ -231,7 +285,8 @@ class SessionStore:
                 log.error("session %s not loaded: %s", sid, e, extra={"session_id": sid})
                 self._unreadable[sid] = f"{type(e).__name__}: {e}"
                 continue
-            self._sessions[sid] = session
+            with self._lock:
+                self._indexed(session)
         self._gauges()
         return len(self._sessions)
 
@@ -242,11 +297,16 @@ class SessionStore:
         except Refused:
             raise
         except Exception as e:
+            if out_of_descriptors(e):  # the process ran out, not the files: refused for now, never quarantined
+                log.warning("session %s not loaded: %s", session.id, e, extra={"session_id": session.id})
+                raise Unavailable(f"session {session.id} could not be loaded now ({e.strerror}): the server is "
+                                  "out of file descriptors or memory; nothing was changed: retry") from None
             session.quarantined = f"its files could not be read: {e}"
             log.error("session %s quarantined: %s", session.id, e, extra={"session_id": session.id})
             raise DataLoss(f"session {session.id} is quarantined: {session.quarantined}") from None
         log.info("session %s loaded at step %d", session.id, session.step,
                  extra={"session_id": session.id, "step": session.step})
+        self._loaded_now(session, True)
         self._gauges()
 
     def _unload(self, session: Session) -> bool:
@@ -256,6 +316,7 @@ class SessionStore:
             return False
         self.journal.flush(session)
         session.live = session.spare = None  # their budget goes when they are collected
+        self._loaded_now(session, False)
         log.info("session %s unloaded at step %d", session.id, session.step,
                  extra={"session_id": session.id, "step": session.step})
         self._gauges()
@@ -266,9 +327,7 @@ class SessionStore:
         unload idle durable ones."""
         if self.pool.clear():  # no cycles hold them: their budget is released as the references go
             return True
-        with self._lock:
-            candidates = sorted((s for s in self._sessions.values() if s.live is not None),
-                                key=lambda s: s.last_used_at)
+        candidates = sorted((s for s in self.list_loaded() if s.live is not None), key=lambda s: s.last_used_at)
         for s in candidates:
             if s.lock.acquire(blocking=False):
                 try:
@@ -286,7 +345,7 @@ class SessionStore:
     def flush_all(self) -> list[tuple[str, str]]:
         """Write every session with unsaved changes (at shutdown). Tries every one; returns the failures."""
         failures = []
-        for s in self.list_all():
+        for s in self.list_loaded():
             if s.durability.mode == "none" or s.live is None:
                 continue
             with s.lock:
@@ -302,7 +361,7 @@ class SessionStore:
     def tick(self) -> None:
         """Janitor: periodic snapshots past their window, idle sessions unloaded."""
         now = time.time()
-        for s in self.list_all():
+        for s in self.list_loaded():
             if s.live is None or s.durability.mode == "none" or not s.lock.acquire(blocking=False):
                 continue
             try:
@@ -317,7 +376,4 @@ class SessionStore:
 
     def _gauges(self) -> None:
         if self.metrics:
-            with self._lock:
-                loaded = sum(1 for s in self._sessions.values() if s.live is not None)
-                on_disk = sum(1 for s in self._sessions.values() if s.persisted_step >= 0)
-            self.metrics.sessions(loaded, on_disk, self.budget.held)
+            self.metrics.sessions(len(self._loaded), self._durable, self.budget.held)

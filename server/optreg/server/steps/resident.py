@@ -26,23 +26,22 @@ import time
 
 import numpy as np
 
-from optreg.plugins.builtins import MODULES as BUILTIN_MODULES
 from optreg.server.kernels import jit as fastkernels
 from optreg.server.kernels import apply as kernels
 from optreg.server.kernels import stats as kernelstats
 from optreg.server.steps import sparse_rows as sparse
 from optreg.server.steps import writers
-from optreg.server.model.errors import Cancelled, FailedPrecondition, InvalidArgument, PluginFailed, shown
+from optreg.server.model.errors import Cancelled, FailedPrecondition, InvalidArgument, PluginFailed, once, shown
 from optreg.server.kernels.finite import abs_max, check_finite
 from optreg.server.kernels.widen import widen
+from optreg.server.steps.commit import next_step
 from optreg.server.steps.run import SMALL_STATS, StepRun, reply
-from optreg.server.model.session import MAX_STEP, Session
+from optreg.server.model.session import Session
 from optreg.server.steps.shared_memory import Region, tensors_in
 from optreg.v1 import tensors
 
 log = logging.getLogger("optreg.server.steps.resident")
 
-BUILTIN_PLUGINS = frozenset(BUILTIN_MODULES)  # plugin names are module names
 READER_WAIT = 0.001  # seconds between looks while a reader holds the live set
 STATS_COMPILE_WAIT = 60.0  # seconds a resident registration waits for the kernels it will step with
 PARALLEL_FINITE = 1 << 20  # elements: below, one thread checks a gradient (a hand-off costs more)
@@ -69,8 +68,7 @@ def attach(store, session: Session, region: Region, items, is_active=lambda: Tru
                                  "client's segment; register without resident")
     views = {}
     for t in tensors_in(region, items, session.master_code, "parameter"):
-        if t.name in views:
-            raise InvalidArgument(f"parameter {shown(t.name)} is given twice")
+        once(views, "parameter", t.name)
         if t.dtype != session.master_code:
             raise InvalidArgument(f"parameter {shown(t.name)}: a resident parameter has the master dtype "
                                   f"{session.dtype.name}; send that dtype (or leave it unspecified)")
@@ -203,11 +201,12 @@ def _check_finite(name: str, g: np.ndarray) -> float | None:
 
 
 def in_place(session: Session, grads: dict[str, np.ndarray]) -> bool:
-    """Whether this step's update may run where the parameters live: a built-in optimizer's compiled,
-    deterministic, elementwise kernel (it cannot raise once the gradients are checked finite)."""
+    """Whether this step's update may run where the parameters live: a compiled, deterministic,
+    elementwise kernel, whoever's plugin it is (a kernel never raises: docs/plugins.md, checked by the
+    conformance kit), once the gradients are checked finite."""
     defn = session.optimizer.definition
-    if session.optimizer.plugin not in BUILTIN_PLUGINS or not defn.elementwise or session.clocks:
-        return False  # (rows a sparse step left lazy are caught up in the staging copy: pipeline._update_copy)
+    if not defn.elementwise or session.clocks:
+        return False  # (rows a sparse step left lazy are caught up in the staging copy: StepRun._update_copy)
     if not getattr(defn, "deterministic", True) or fastkernels.lookup(defn, session.dtype) is None:
         return False
     return all(g.dtype == session.dtype or kernels.widens_in_pass(defn, session.dtype, g) for g in grads.values())
@@ -234,29 +233,27 @@ class ResidentStep(StepRun):
                 self.done = True
                 self.result = reply(s, True)  # the segment holds the step's parameters already
                 return
-            if s.step >= MAX_STEP:
-                raise FailedPrecondition(f"session {s.id} is at step {s.step}, the largest step number")
+            self.t = next_step(s)
             _wait_for_readers(s, self.is_active)
             self.store.journal.mend(s)
             self.hp = self._resolve(s)
-            self.t = s.step + 1
             self.record = self.store.journal.begin(s, self.t, self.fence, self.hp, self.metrics, self.extras)
             grads = self._validate(items)
             if not self.is_active():
                 raise Cancelled("the call ended before the step was committed; it was not applied")
-            if in_place(s, grads):
-                self.record.commit(None)  # durable before anything changes (a failed write changes nothing)
-                self._apply_in_place(grads)
+            if in_place(s, grads):  # logged before anything changes (a failed write changes nothing)
+                self._commit(lambda: self._apply_in_place(grads))
             else:
-                self._apply_staged(grads)
-            self._commit()
+                staging = self.store.allocate_set(s, "a resident step's staging copy")
+                for name, g in grads.items():
+                    self._update_copy(staging, s.live, name, g)
+                self._commit(lambda: self._copy_in(staging), logged=staging)  # a failed write: nothing copied
         self.store.stepped(s, self, time.perf_counter() - self.t0)
 
     def _validate(self, items) -> dict[str, np.ndarray]:
         s, tracker, grads = self.session, tensors.ChunkTracker(self.session.spec, "gradient"), {}
         for t in items:
-            if t.name in grads:
-                raise InvalidArgument(f"gradient {shown(t.name)} is given twice")
+            once(grads, "gradient", t.name)
             end = t.byte_offset + t.data.nbytes
             if any(a < end and t.byte_offset < b for a, b in self.region.param_spans):
                 raise InvalidArgument(f"gradient {shown(t.name)}: bytes [{t.byte_offset}, {end}) overlap the resident "
@@ -289,25 +286,9 @@ class ResidentStep(StepRun):
                              "the log holds the step: restart the server to recover it")
             raise
 
-    def _apply_staged(self, grads) -> None:
-        s = self.session
-        live = s.live
-        staging = self.store.allocate_set(s, "a resident step's staging copy")
-        for name, g in grads.items():
-            self._update_copy(staging, live, name, g)
-        self.record.commit(staging)  # a failed write: nothing copied yet
+    def _copy_in(self, staging) -> None:
+        """A staged resident step's write: the parameters copied where they live, the state swapped."""
+        live = self.session.live
         for name, p in staging.params.items():
             np.copyto(live.params[name], p)
         live.state = staging.state  # private arrays: swapped, not copied
-
-    def _commit(self) -> None:
-        s = self.session
-        s.step = self.t
-        if self.hp_changes:
-            s.hyperparameters = self._resolve(s)
-        s.last_delta = None
-        s.clocks.clear()  # a dense step steps every row (owed ones were caught up in the staging copy)
-        s.dirty = True
-        self.done = True
-        self.store.after_commit(s)
-        self.result = reply(s, False)

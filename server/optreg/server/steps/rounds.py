@@ -33,7 +33,7 @@ import numpy as np
 
 from optreg.server.steps import sparse_rows
 from optreg.server.model.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, shown
-from optreg.server.model.workers import Member, Members, note_worker_record, ssp_may_apply
+from optreg.server.model.workers import Member, Members, ssp_may_apply
 from optreg.server.kernels.finite import check_finite
 from optreg.server.kernels.widen import widen
 from optreg.server.model.session import Buffers
@@ -399,11 +399,11 @@ class Hub:
             combined = self.store.budget.allocate(
                 f"a round's combined gradient of session {s.id}", s.elements * s.dtype.itemsize,
                 lambda: combine(contribs, self.config.combine, s.dtype))
-            # Logged with the step (steps/replay.py restores it), so retries after a restart are answered.
+            # Logged with the step, and kept on the session by its commit, live or replayed (commit.py), so
+            # retries after a restart are answered.
             record = {"round": r.number, "contributors": sorted(contribs), "members": sorted(live), "clocks": clocks}
             merged = getattr(combined, "sparse", None) or {}
             run = StepRun(self.store, s, r.number, metrics=step_metrics, extras=record, sparse=bool(merged))
-            run.on_commit = lambda sess: note_worker_record(sess, record)
             try:
                 result = run.open()
                 if result is None:

@@ -15,6 +15,7 @@ copied from the live set they started on (`base`); the commit swaps staging in o
 another call applied the same fenced step (a retry that overtook its original): the loser
 is answered as the retry it is. Unfenced steps and whole-tensor optimizers collect the
 gradients first and compute under the lock at commit, on whatever step is current.
+The commit itself is commit.py's, the one resident steps and recovery use too.
 """
 from __future__ import annotations
 
@@ -26,17 +27,17 @@ import numpy as np
 
 from optreg.plugins import HyperparameterError
 from optreg.server.kernels.stats import merge_stats, tensor_stats
-from optreg.plugins.builtins import MODULES as BUILTIN_MODULES  # plugin names are module names
 from optreg.server.kernels import jit as fastkernels
 from optreg.server.kernels import apply as kernels
 from optreg.server.kernels import stats as kernelstats
 from optreg.server.steps import sparse_rows
 from optreg.server.steps import writers
+from optreg.server.steps.commit import commit, next_step
 from optreg.server.kernels.finite import check_finite
 from optreg.server.kernels.widen import widen
 from optreg.server.storage.journal import NULL_RECORD
 from optreg.server.model.errors import Cancelled, FailedPrecondition, InvalidArgument, PluginFailed, shown
-from optreg.server.model.session import MAX_STEP, Arrays, Buffers, Session, StepResult
+from optreg.server.model.session import Arrays, Buffers, Session, StepResult
 from optreg.v1 import tensors
 
 log = logging.getLogger("optreg.server")
@@ -77,7 +78,6 @@ class StepRun:
         # name have a zero gradient. Computed under the lock at commit on gathered rows, never overlapped.
         self.is_sparse = sparse
         self.sparse: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        self.on_commit = None  # called with the session under its lock as the step commits (rounds.py)
         self.hp_changes = dict(hyperparameters) if hyperparameters else {}
         self.metrics = check_metrics(metrics) if metrics else {}
         self.is_active = is_active
@@ -109,11 +109,8 @@ class StepRun:
                 sparse_rows.require(s)
             if s.check_fence(self.fence):
                 return self._replay()
-            if s.step >= MAX_STEP:
-                raise FailedPrecondition(f"session {s.id} is at step {s.step}, the largest step number: it cannot "
-                                         "step again (restart it from its state with a smaller initial_step)")
+            self.t = next_step(s)
             self.hp = self._resolve(s)
-            self.t = s.step + 1
             # Rows owed steps (sparse_rows.py) are caught up in the staging copy at commit: no overlap then.
             self.overlap = self.fence is not None and self.defn.elementwise and not s.clocks and not self.is_sparse
             if self.overlap:
@@ -240,12 +237,12 @@ class StepRun:
         self.sparse[name] = (rows, values)
 
     def _checks_in_pass(self, g: np.ndarray) -> bool:
-        """Whether the finite check of a large tensor or chunk can come from its update pass: a built-in's
-        compiled kernel with statistics writes the staging copy, and NaN or Inf in g shows in its max |g|
-        (one pass over g fewer; no built-in kernel raises on them). A narrower gradient widened in the pass
+        """Whether the finite check of a large tensor or chunk can come from its update pass: a compiled
+        kernel with statistics writes the staging copy, and NaN or Inf in g shows in its max |g| (one pass
+        over g fewer; a kernel never raises, docs/plugins.md). A narrower gradient widened in the pass
         likewise: widening keeps NaN and Inf, and the widening drivers measure max |g| of what they widen."""
         s = self.session
-        if g.size < SMALL_STATS or s.optimizer.plugin not in BUILTIN_MODULES:
+        if g.size < SMALL_STATS:
             return False
         if g.dtype != s.dtype:  # feed leaves g narrow only when it widens in the pass
             return True
@@ -327,31 +324,13 @@ class StepRun:
         else:
             if self.fence is not None and s.step != self.fence:  # another call applied it meanwhile
                 return _LOST
-            if s.step >= MAX_STEP:
-                raise FailedPrecondition(f"session {s.id} is at step {s.step}, the largest step number")
-            self.t = s.step + 1  # unfenced: applied at whatever step is current
+            self.t = next_step(s)  # unfenced: applied at whatever step is current
             self.hp = self._resolve(s)  # and with the hyperparameters in force now
             self.record.renumber(self.t, self.hp)
             self._compute_buffered()
-        self.record.commit(self.staging)  # Unavailable/ResourceExhausted on a failed write: nothing swapped
-        old = s.live
-        s.live, self.staging = self.staging, None
-        if self.reader is old:
-            old.readers -= 1
-            self.reader = None
-        self.store.recycle(s, old)
-        s.step = self.t
-        s.clocks.clear()  # a dense step steps every row (the owed ones were caught up first)
-        if self.hp_changes:  # on top of the values now in force (a concurrent UpdateHyperparameters stays)
-            s.hyperparameters = self._resolve(s)
-        if s.reply == "delta":
-            s.last_delta = self.delta
-        s.dirty = True
-        self.done = True
-        if self.on_commit is not None:
-            self.on_commit(s)
-        self.store.after_commit(s)
-        self.result = reply(s, False)
+        # The record first (Unavailable/ResourceExhausted on a failed write: nothing swapped); the hyperparameters
+        # the step set go on top of the values now in force (a concurrent UpdateHyperparameters stays).
+        self._commit(self._swap_in, logged=self.staging, delta=self.delta)
         answer = None
         if encode is not None and s.reply_bytes <= SMALL_ANSWER:
             answer = encode(self.result)
@@ -359,6 +338,24 @@ class StepRun:
             self.reader = s.live
             s.live.readers += 1
         return answer
+
+    def _commit(self, write, logged=None, delta=None, plan=None) -> None:
+        """Caller holds the lock: the step becomes the session's (commit.py), and is answered."""
+        s = self.session
+        commit(s, self.t, self.hp, write, record=self.record, logged=logged, changes=self.hp_changes,
+               extras=self.extras, delta=delta, plan=plan, store=self.store)
+        self.done = True
+        self.result = s.last_sparse if plan is not None else reply(s, False)
+
+    def _swap_in(self) -> None:
+        """A live step's write: the staging set becomes the live one; the old goes to recycling."""
+        s = self.session
+        old = s.live
+        s.live, self.staging = self.staging, None
+        if self.reader is old:
+            old.readers -= 1
+            self.reader = None
+        self.store.recycle(s, old)
 
     def _compute_buffered(self) -> None:
         """Whole tensors, under the lock, on the current live set (unfenced steps, whole-tensor optimizers)."""
@@ -392,9 +389,7 @@ class StepRun:
         s = self.session
         if self.fence is not None and s.step != self.fence:  # another call applied it meanwhile
             return self._lost_race(encode)
-        if s.step >= MAX_STEP:
-            raise FailedPrecondition(f"session {s.id} is at step {s.step}, the largest step number")
-        self.t = s.step + 1
+        self.t = next_step(s)
         self.hp = self._resolve(s)
         self.record.renumber(self.t, self.hp)
         base, clocks = s.live, s.clocks
@@ -410,25 +405,16 @@ class StepRun:
         copy = None
         if base is s.live and s.live.readers:  # made before the record commits: a refusal changes nothing
             copy = sparse_rows.copy_set(self.store, s, "a sparse step's copy")
-        self.record.commit(None)  # Unavailable/ResourceExhausted on a failed write: nothing written
-        if base is not s.live:
-            sparse_rows.swap(s, base)
-            sparse_rows.write(s, base, plan)
-        else:
-            sparse_rows.commit(s, plan, copy)
-        s.step = self.t
-        if self.hp_changes:
-            s.hyperparameters = self._resolve(s)
-        if self.hp != s.hyperparameters and s.clocks:  # ran with an lr of its own (staleness-scaled)
-            sparse_rows.settle_own_hyperparameters(s, self.t, self.hp)
-        s.last_delta = None
-        s.dirty = True
-        self.done = True
+
+        def write():
+            if base is not s.live:
+                sparse_rows.swap(s, base)
+                sparse_rows.write(s, base, plan)
+            else:
+                sparse_rows.commit(s, plan, copy)
+
+        self._commit(write, plan=plan)  # the record first: a failed write changes nothing
         self.stats = plan.stats
-        if self.on_commit is not None:
-            self.on_commit(s)
-        self.store.after_commit(s)
-        self.result = s.last_sparse = sparse_rows.answer(s, plan)
         return None
 
     def _lost_race(self, encode=None):

@@ -24,7 +24,6 @@ from optreg.server.kernels import apply as kernels
 
 from optreg.server.kernels import rows as sparsekernels
 from optreg.server.model.errors import FailedPrecondition, InvalidArgument, shown
-from optreg.server.model.workers import LR_SCALED
 from optreg.server.model.session import Arrays, Buffers, Session, StepResult
 from optreg.server.kernels.finite import check_finite
 from optreg.server.kernels.widen import widen
@@ -351,21 +350,16 @@ def from_record(record_tensors: dict) -> tuple[dict, dict]:
     return dense, sparse
 
 
-def replay(s: Session, record) -> None:
-    """Recovery: apply a logged sparse step to the live set in place, as the live server did."""
+def replay_plan(s: Session, record, hp: dict) -> Plan:
+    """Recovery: a logged sparse step computed again, as the live server did (commit.py writes it in)."""
     dense_raw, sparse = from_record(record.tensors)
     dense = {n: widen(g.reshape(-1), s.dtype).reshape(s.shapes[n]) for n, g in dense_raw.items()}
-    hp = s.optimizer.definition.resolve(record.hyperparameters)
     origin = None
-    if hp != s.hyperparameters:
+    if hp != s.hyperparameters:  # the live step caught every row up first, in a copy it swapped in
         if s.reply == "delta" and s.clocks:  # the delta is taken from the values before this catch-up (compute)
             origin = {n: p.copy() for n, p in s.live.params.items()}
         settle_in_place(s)
-    plan = compute(s, s.live, s.clocks, record.step, hp, dense, sparse, origin)
-    write(s, s.live, plan)
-    if record.extras.get(LR_SCALED) and hp != s.hyperparameters:  # as the live step did (pipeline)
-        settle_own_hyperparameters(s, record.step, hp)
-    s.last_sparse = answer(s, plan, True)
+    return compute(s, s.live, s.clocks, record.step, hp, dense, sparse, origin)
 
 
 def settle_own_hyperparameters(s: Session, t: int, hp: dict) -> None:

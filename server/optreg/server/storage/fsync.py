@@ -115,6 +115,25 @@ class GroupSyncer:
                 self._done.wait()
             self._errors.pop(fd, None)
 
+    def release(self, fd: int) -> OSError | None:
+        """Before closing `fd` while it may have a sync owed (dirty() not yet synced): that sync now,
+        then forget(fd). The error of its last sync, if one failed (its data may be lost)."""
+        with self._lock:
+            owed = fd in self._dirty or fd in self._urgent
+        err = None
+        if owed:
+            try:
+                self.sync(fd)
+            except OSError as e:
+                err = e
+        with self._lock:
+            while fd in self._inflight:
+                self._done.wait()
+            failed = self._errors.pop(fd, None)
+            self._urgent.discard(fd)
+            self._dirty.pop(fd, None)
+        return err or (failed[1] if failed else None)
+
     def close(self) -> None:
         with self._lock:
             self._stop = True

@@ -50,6 +50,7 @@ LOG_FACTOR = 8  # the log may grow to this many times the session's size before 
 LOG_MIN = 64 << 20
 SNAPSHOT_SECONDS = 60.0  # an idle session whose log is older than this gets a snapshot
 IDLE_SECONDS = 2.0
+MAX_OPEN_LOGS = 256  # logs holding an open descriptor at once (--max-open-logs; wal.LogPool)
 SYNC = {"every-step": "fsync", "log": "os"}
 
 
@@ -397,7 +398,8 @@ class _Record:
 class Journal:
     """A data directory: DIR/sessions/<id>.safetensors and <id>.wal for every durable session."""
 
-    def __init__(self, root: pathlib.Path, metrics=None, syncer: GroupSyncer | None = None):
+    def __init__(self, root: pathlib.Path, metrics=None, syncer: GroupSyncer | None = None,
+                 max_open_logs: int = MAX_OPEN_LOGS):
         self.dir = pathlib.Path(root) / "sessions"
         self.dir.mkdir(parents=True, exist_ok=True)
         for stale in self.dir.glob(".*.tmp"):  # a write cut short by a crash
@@ -405,6 +407,7 @@ class Journal:
         self.metrics = metrics
         self.syncer = syncer or GroupSyncer()
         self._logs: dict[str, wal.Log] = {}
+        self.pool = wal.LogPool(max_open_logs)  # the logs' descriptors: opened on use, the idle closed
         self._snapshot_at: dict[str, float] = {}
         # session -> its steps whose log records are open. By the object, not the id: a deleted session's
         # stream may still hold a record (of its own, closed log) while a new session takes the id.
@@ -517,7 +520,7 @@ class Journal:
 
     def _open_log(self, session_id: str, base_step: int, mode: str) -> wal.Log:
         lg = wal.Log.open(self.log_path(session_id), session_id, base_step=base_step, sync=SYNC[mode],
-                          syncer=self.syncer)
+                          syncer=self.syncer, pool=self.pool)
         self._logs[session_id] = lg
         return lg
 
@@ -672,6 +675,8 @@ class Journal:
                     if not extras.get(LR_SCALED):
                         meta["hyperparameters"] = hp
             except (wal.CorruptData, ValueError, OSError) as e:
+                if errors.out_of_descriptors(e):  # the process's, not the file's: never a quarantine
+                    raise
                 meta["log_error"] = f"log {self.log_path(sid)}: {e}"
         return meta
 
@@ -715,7 +720,7 @@ class Journal:
 
     def load(self, s: Session, budget, replay) -> None:
         """The snapshot, then every log record after it, replayed by `replay(session, record)` (the step's
-        own commit, steps/replay.py). Caller holds the session's lock."""
+        own commit, steps/replay.py through steps/commit.py). Caller holds the session's lock."""
         path = self.snapshot_path(s.id)
         target = s.step  # the step scan() found (snapshot + log)
         try:

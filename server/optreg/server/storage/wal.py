@@ -27,8 +27,10 @@ the offset. Opening for append truncates the file after its last COMMIT.
 """
 from __future__ import annotations
 
+import collections
 import ctypes
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -452,7 +454,8 @@ class Log:
     Thread-safe: several records may be open at once (their frames interleave), commits
     are ordered by step."""
 
-    def __init__(self, path, fd, scan: _Scan, sync: str, syncer: GroupSyncer | None):
+    def __init__(self, path, fd, scan: _Scan, sync: str, syncer: GroupSyncer | None,
+                 pool: "LogPool | None" = None):
         self.path = pathlib.Path(path)
         self.session_id = scan.session
         self.base_step = scan.base_step
@@ -469,13 +472,19 @@ class Log:
         self._broken: OSError | None = None
         self._closed = False
         self._hp_json: tuple | None = None  # (hyperparameters' items, their JSON): _begin_payload
+        # With a pool the descriptor is open only while the log is in use (None: detached; what was read
+        # stays, so reattaching costs an open, not a rescan). `_pins`: uses of the descriptor outside
+        # the lock (a sync, a read of records), which keep it open.
+        self._pool = pool
+        self._pins = 0
 
     # -- opening --------------------------------------------------------------------------
     @classmethod
     def open(cls, path, session_id: str, *, base_step: int = 0, sync: str = "os",
-             syncer: GroupSyncer | None = None) -> "Log":
+             syncer: GroupSyncer | None = None, pool: "LogPool | None" = None) -> "Log":
         """Open the log at `path`, creating it (empty, based at `base_step`) if missing.
-        Checks every record; cuts a torn tail; raises CorruptLog for other damage."""
+        Checks every record; cuts a torn tail; raises CorruptLog for other damage. With a `pool`,
+        the descriptor is closed once read and reopened on first use (as the pool allows)."""
         if sync not in SYNC_MODES:
             raise ValueError(f"sync {sync!r}: choose one of {SYNC_MODES}")
         path = pathlib.Path(path)
@@ -495,7 +504,58 @@ class Log:
         except BaseException:
             os.close(fd)
             raise
-        return cls(path, fd, scan, sync, syncer)
+        if pool is not None:
+            os.close(fd)
+            fd = None
+        return cls(path, fd, scan, sync, syncer, pool)
+
+    # -- the descriptor (LogPool) ------------------------------------------------------------
+    def _fd_now(self) -> int:
+        """Caller holds the lock: the descriptor, reopened if the pool closed it (the file must be as
+        this log left it: CorruptLog otherwise); marked most recently used in the pool. An OSError
+        (EMFILE) leaves the log as it was: nothing is broken, the call may be retried."""
+        if self._fd is None:
+            if self._closed:
+                raise ValueError(f"log {self.path} is closed")
+            fd = os.open(self.path, os.O_RDWR)
+            try:
+                if (os.fstat(fd).st_size != self._end
+                        or _pread_exact(fd, self._header_end, 0) != _file_header(self.session_id, self.base_step)):
+                    raise CorruptLog(self.path, 0, "the file changed on disk while the server had it closed")
+            except BaseException:
+                os.close(fd)
+                raise
+            self._fd = fd
+        if self._pool is not None:
+            self._pool.touch(self)
+        return self._fd
+
+    def _unpin(self) -> None:
+        with self._lock:
+            self._pins -= 1
+
+    def detach(self) -> bool:
+        """Close the descriptor (synced first if a sync of it is owed: "os" mode's promise of a sync
+        within its interval), keeping what was read. False, doing nothing, while the log is in use: its lock held,
+        records open, the descriptor lent out."""
+        if not self._lock.acquire(blocking=False):
+            return False
+        try:
+            if self._open or self._pins:
+                return False
+            fd, self._fd = self._fd, None
+            if fd is not None:
+                try:
+                    err = self._syncer.release(fd)  # (syncs only when a sync of it is still owed)
+                    if err is not None and self._broken is None:
+                        self._broken = err  # the data may be lost (fsyncgate): it stays refused
+                finally:
+                    os.close(fd)
+        finally:
+            self._lock.release()
+        if self._pool is not None:
+            self._pool.closed(self)
+        return True
 
     # -- reading --------------------------------------------------------------------------
     def records(self, after: int | None = None) -> Iterator[Record]:
@@ -507,10 +567,16 @@ class Log:
             raise CorruptLog(self.path, 0, f"the log starts after step {self.base_step}, so it cannot continue "
                                            f"a snapshot at step {after} (steps {after + 1}..{self.base_step} are lost)")
         with self._lock:
-            entries = list(self._entries)
-        for e in entries:
-            if e.step > after:
+            entries = [e for e in self._entries if e.step > after]
+            if not entries:  # (nothing to read: the descriptor stays as it is)
+                return
+            self._fd_now()
+            self._pins += 1
+        try:
+            for e in entries:
                 yield self._load(e)
+        finally:
+            self._unpin()
 
     def last_settings(self) -> tuple[dict, dict] | None:
         """(hyperparameters, extras) of the last committed record, without reading its tensors;
@@ -594,8 +660,9 @@ class Log:
                 pos += n
             bufs, n, _ = _frame(COMMIT, txn, [_commit_payload(at, hashes, {"step": step})])
             out += bufs
+            fd = self._fd_now()
             try:
-                _pwrite_all(self._fd, out, at)
+                _pwrite_all(fd, out, at)
             except OSError:
                 self._truncate(at)
                 raise
@@ -603,8 +670,11 @@ class Log:
             self._others_interleaved()
             self.last_step = step
             self._entries.append(_Entry(step, fence, hp, extras, chunks, at))
-            fd = self._fd
-        self._durable(fd)
+            self._pins += 1
+        try:
+            self._durable(fd)
+        finally:
+            self._unpin()
 
     def _durable(self, fd: int) -> None:
         """After a commit: "fsync" waits for a group sync, "os" has the syncer sync within its interval."""
@@ -632,7 +702,7 @@ class Log:
             raise ValueError(f"log {self.path} is closed")
         if self._broken is not None:
             raise self._broken
-        err = self._syncer.error(self._fd) if background else None
+        err = self._syncer.error(self._fd) if background and self._fd is not None else None
         if err is not None:  # a background sync failed: the data may be gone (fsyncgate)
             self._broken = err
             raise err
@@ -647,7 +717,7 @@ class Log:
             frame_at += w.pending[1]
             bufs = w.pending[0] + bufs
         try:
-            _pwrite_all(self._fd, bufs, at)
+            _pwrite_all(self._fd_now(), bufs, at)
         except OSError:
             w.failed = True
             self._open.pop(w.txn, None)
@@ -672,7 +742,7 @@ class Log:
 
     def _truncate(self, at: int):
         try:
-            os.ftruncate(self._fd, at)
+            os.ftruncate(self._fd_now(), at)
             self._end = at
         except OSError as e:
             self._broken = e
@@ -688,10 +758,12 @@ class Log:
                 raise ValueError(f"log {self.path} holds steps up to {self.last_step}; "
                                  f"a reset to {base_step} would lose them")
             _create(self.path, self.session_id, base_step)
-            fd = os.open(self.path, os.O_RDWR)
-            self._syncer.forget(self._fd)
-            os.close(self._fd)
-            self._fd = fd
+            fd, self._fd = self._fd, None  # the new file is opened on its first use
+            if fd is not None:
+                self._syncer.forget(fd)
+                os.close(fd)
+                if self._pool is not None:
+                    self._pool.closed(self)
             self.base_step = self.last_step = base_step
             self._end = self._header_end = len(_file_header(self.session_id, base_step))
             self._entries = []
@@ -699,7 +771,7 @@ class Log:
     @property
     def broken(self) -> OSError | None:
         """The error that made this log unusable (a failed sync or cut), if any: its data may be lost."""
-        if self._broken is None and not self._closed:
+        if self._broken is None and not self._closed and self._fd is not None:
             self._broken = self._syncer.error(self._fd)
         return self._broken
 
@@ -716,31 +788,82 @@ class Log:
         """Make every record written so far durable (a clean stop in "os" mode)."""
         with self._lock:
             self._check_usable()
-        if self.sync != "none":
-            self._syncer.sync(self._fd)
+            fd = self._fd  # None: detached, which synced it
+            if fd is None or self.sync == "none":
+                return
+            self._pins += 1
+        try:
+            self._syncer.sync(fd)
+        finally:
+            self._unpin()
 
     def close(self) -> None:
         """Sync ("fsync" and "os" modes) and close; records still open are void."""
         if self._closed:
             return
+        with self._lock:
+            fd = self._fd
+            self._pins += 1  # (not detached meanwhile)
         try:
-            if self.sync != "none" and self._broken is None:
+            if fd is not None and self.sync != "none" and self._broken is None:
                 try:
-                    self._syncer.sync(self._fd)
+                    self._syncer.sync(fd)
                 except OSError as e:
                     log.error("%s: final sync failed: %s", self.path, e)
         finally:
-            self._syncer.forget(self._fd)
+            if fd is not None:
+                self._syncer.forget(fd)
             with self._lock:
+                self._pins -= 1
                 self._closed = True
                 self._open.clear()
-                os.close(self._fd)
+                if fd is not None:
+                    os.close(fd)
+                self._fd = None
+            if self._pool is not None:
+                self._pool.closed(self)
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.close()
+
+
+class LogPool:
+    """Bounds the logs holding an open descriptor to `max_open` (--max-open-logs): a log opens its
+    file on use and, past the bound, the least recently used idle logs are closed (Log.detach), to be
+    reopened on their next use. A log in use (its lock held, a record open, a sync under way) is
+    skipped, so with more logs in use at once than `max_open` the pool runs over by that many."""
+
+    def __init__(self, max_open: int):
+        if max_open < 1:
+            raise ValueError(f"max_open {max_open}: give at least 1")
+        self.max_open = max_open
+        self._lock = threading.Lock()
+        self._open: collections.OrderedDict[Log, None] = collections.OrderedDict()  # LRU first
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def touch(self, lg: Log) -> None:
+        """`lg` (its lock held by the caller) has its descriptor open and is being used."""
+        with self._lock:
+            self._open[lg] = None
+            self._open.move_to_end(lg)
+            excess = len(self._open) - self.max_open
+            if excess <= 0:
+                return
+            # A few more candidates than needed: some may be in use.
+            candidates = [v for v in itertools.islice(self._open, excess + 8) if v is not lg]
+        for v in candidates:  # (outside the pool's lock: a detach syncs; it only tries v's lock)
+            if excess <= 0:
+                break
+            excess -= v.detach()
+
+    def closed(self, lg: Log) -> None:
+        with self._lock:
+            self._open.pop(lg, None)
 
 
 class RecordWriter:
@@ -780,7 +903,7 @@ class RecordWriter:
                 self._chunks.append(_Chunk(name, dt, shape, offset_elems, at, bufs[0][:_FRAME.size] + meta,
                                            at + FRAME_HEAD + len(meta), view.nbytes, digest))
                 return
-            self.log._write_frame(self, CHUNK, [meta, view])
+            self.log._write_frame(self, CHUNK, [meta, view])  # (open, the record keeps the log attached)
             at, head, n, digest = self.last_frame
             t[2].append((offset_elems, elems))
             self._chunks.append(_Chunk(name, dt, shape, offset_elems, at, head + meta,
@@ -829,12 +952,16 @@ class RecordWriter:
             lg._entries.append(_Entry(step, begin_meta["fence"], body.get("hp", begin_meta["hp"]),
                                       body.get("extras", begin_meta["extras"]), self._chunks, self.begin_off))
             fd = lg._fd
+            lg._pins += 1  # until the sync below (wait_durable)
         if lg.sync == "fsync":
             self._durable_fd = fd
             if wait:
                 self.wait_durable()
         else:
-            lg._durable(fd)
+            try:
+                lg._durable(fd)
+            finally:
+                lg._unpin()
 
     def wait_durable(self) -> None:
         """In "fsync" mode, block until the committed record is on disk (group commit)."""
@@ -842,7 +969,10 @@ class RecordWriter:
             raise ValueError(f"record of step {self.step} is not committed")
         fd, self._durable_fd = self._durable_fd, None
         if fd is not None:
-            self.log._durable(fd)
+            try:
+                self.log._durable(fd)
+            finally:
+                self.log._unpin()
 
     def abort(self) -> None:
         """The record is void: the file goes back to before it when no other record's
