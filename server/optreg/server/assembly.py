@@ -5,6 +5,7 @@ import asyncio
 import errno
 import ipaddress
 import logging
+import resource
 import os
 import pathlib
 import signal
@@ -83,13 +84,11 @@ class Settings:
 def open_logs_cap(settings: Settings) -> int:
     """--max-open-logs, lowered to fit the process's descriptor limit (RLIMIT_NOFILE) with room for
     everything else: about 64 of the process's own (the data directory's lock, the syncer, telemetry,
-    numba's imports), a snapshot file per serving thread, and 256 connections."""
-    import resource
+    numba's imports), a snapshot file per pool thread (--threads), and 256 connections."""
     soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         return settings.max_open_logs
-    threads = settings.workers + settings.max_watchers + CALLS_PER_WORKER * settings.max_members
-    room = soft - (64 + threads + 256)
+    room = soft - (64 + settings.workers + 256)
     if room >= settings.max_open_logs:
         return settings.max_open_logs
     cap = max(16, room)
