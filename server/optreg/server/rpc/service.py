@@ -11,6 +11,7 @@ import logging
 import queue
 import threading
 import time
+import traceback
 
 import grpc
 import numpy as np
@@ -551,7 +552,10 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
                     if region.closed.is_set():
                         return None
                     step = resident.attach(self.store, session, region, request.parameters, context.is_active)
-            except BaseException:
+            except BaseException as e:
+                # The failed attach's frames hold views of the mapping, and the exception may outlive this
+                # call (held by the loop's future): clear them so the segment unmaps now.
+                traceback.clear_frames(e.__traceback__)
                 self.shm.release(region, "resident registration refused")
                 raise
         return region, step
