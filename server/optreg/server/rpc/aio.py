@@ -53,14 +53,27 @@ def _data_bytes(tensors_) -> int:
 
 
 class Paced:
-    """A request stream read with `async for`, ended by DeadlineExceeded when the sender brings no new
-    tensor data for `seconds` (--stream-idle-seconds): a stalled client holds a stream slot (and no
-    thread) for a bounded time only."""
+    """A request stream read ahead by a task of its own (a few messages, so the next chunk arrives
+    while the pool works on this one, as a fast sender needs), ended by DeadlineExceeded when the
+    sender brings no new tensor data for `seconds` (--stream-idle-seconds): a stalled client holds a
+    stream slot (and no thread) for a bounded time only."""
 
     def __init__(self, requests, seconds: float, slot=None):
-        self.requests = requests.__aiter__()
+        self.requests = requests
         self.seconds, self.slot = seconds, slot
         self.deadline = time.monotonic() + seconds
+        self.queue: asyncio.Queue = asyncio.Queue(maxsize=4)
+        self.reader: asyncio.Task | None = None
+
+    async def _read(self) -> None:
+        try:
+            async for m in self.requests:
+                await self.queue.put(m)
+            await self.queue.put(STREAM_ENDED)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:  # the call broke: hand it to the handler
+            await self.queue.put(e)
 
     def progress(self) -> None:
         self.deadline = time.monotonic() + self.seconds
@@ -72,16 +85,23 @@ class Paced:
 
     async def next(self):
         """The next message, or STREAM_ENDED."""
+        if self.reader is None:
+            self.reader = asyncio.ensure_future(self._read())
         wait = self.deadline - time.monotonic() if self.seconds else None
         try:
             if wait is not None and wait <= 0:
                 raise asyncio.TimeoutError
-            return await asyncio.wait_for(self.requests.__anext__(), wait)
-        except StopAsyncIteration:
-            return STREAM_ENDED
+            item = await asyncio.wait_for(self.queue.get(), wait)
         except asyncio.TimeoutError:
             raise DeadlineExceeded(f"no tensor data for {self.seconds:g} s (--stream-idle-seconds): the server "
                                    "ended the stream; nothing was applied, send the step again") from None
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        if self.reader is not None:
+            self.reader.cancel()
 
 
 async def _work(size: int, fn, *args):
@@ -146,7 +166,11 @@ class AioSessions:
     def _paced(self, request_iterator):
         """A stream slot (--max-streams), and the requests paced by the idle timeout."""
         with self.s._streams.take() as slot:
-            yield Paced(request_iterator, self.s.stream_idle_seconds, slot)
+            paced = Paced(request_iterator, self.s.stream_idle_seconds, slot)
+            try:
+                yield paced
+            finally:
+                paced.close()
 
     @status.handler
     async def StepStream(self, request_iterator, context):
@@ -172,14 +196,22 @@ class AioSessions:
                             result.step, True, result.tensors, sparse_rows.to_messages(result)))):
                         yield reply
                     return
-                i, msg = 0, first
+                # The pool feeds message i while the loop writes the replies of message i - 1.
+                i, msg, replies = 0, first, []
                 while msg is not STREAM_ENDED:
-                    replies, progress = await _work(_data_bytes(msg.chunks), s.stream_feed, run, i, msg)
+                    feeding = asyncio.ensure_future(_work(_data_bytes(msg.chunks), s.stream_feed, run, i, msg))
+                    try:
+                        for reply in replies:
+                            yield reply
+                    finally:
+                        if not feeding.done():  # the run is not closed under a feed in flight
+                            await asyncio.wait([feeding])
+                    replies, progress = feeding.result()
                     if progress:
                         requests.progress()
-                    for reply in replies:
-                        yield reply
                     i, msg = i + 1, await requests.next()
+                for reply in replies:
+                    yield reply
                 result = await offload(run.finish)
                 for reply in await offload(s.stream_finish, run, result):
                     yield reply
