@@ -3,11 +3,14 @@
     python -m bench --only waiting
 
 A few client processes hold, at once: the members of one sync session (1,000 in the full run),
-closing round after round; as many open WatchSession calls (watching that session: each round is a
-step they are sent); as many upload streams that sent their first message and then stall. Meanwhile
-this process probes health checks and a 1e3-float32 Adam step on another session. Rows: the probe's
-p50/p99 with the waiters, against the same probe on the same server before them, and the rounds
-closed while it ran. The server's thread count is shown in the note.
+closing round after round, each member computing for THINK_SECONDS (0.5-1.5 s at random) before it
+sends its next contribution, as training workers do; as many open WatchSession calls (watching that
+session: each round is a step they are sent); as many upload streams that sent their first message
+and then stall. Meanwhile this process probes, every PROBE_EVERY seconds, a health check and a
+1e3-float32 Adam step on another session. Rows: the probe's p50/p99 with the waiters, against the
+same probe on the same server before them, and the rounds closed while it ran. The server's thread
+count is shown in the note. (Members sending back to back, with no compute between rounds, fill both
+cores with their own calls: docs/speed.md has that figure.)
 """
 from __future__ import annotations
 
@@ -21,6 +24,8 @@ import time
 import numpy as np
 
 PROCESSES = 4
+THINK_SECONDS = (0.5, 1.5)
+PROBE_EVERY = 0.02
 
 
 def _threads(pid: int) -> int:
@@ -28,7 +33,7 @@ def _threads(pid: int) -> int:
         return next(int(ln.split()[1]) for ln in f if ln.startswith("Threads:"))
 
 
-def _probe(address: str, session_id: str, reps: int) -> tuple[list, list]:
+def _probe(address: str, session_id: str, seconds: float) -> tuple[list, list]:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
     from optreg.v1 import session_pb2, session_pb2_grpc, tensors
@@ -38,7 +43,9 @@ def _probe(address: str, session_id: str, reps: int) -> tuple[list, list]:
         stub = session_pb2_grpc.SessionServiceStub(ch)
         step = stub.GetSession(session_pb2.GetSessionRequest(session_id=session_id)).session.step
         checks, steps = [], []
-        for _ in range(reps):
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            time.sleep(PROBE_EVERY)
             t = time.perf_counter()
             health.Check(health_pb2.HealthCheckRequest(), timeout=60)
             checks.append(time.perf_counter() - t)
@@ -76,10 +83,12 @@ async def _client(address: str, shared: str, target: str, first: int, n: int) ->
     readers = [asyncio.ensure_future(read(w)) for w in watches]
     stop = asyncio.Event()
     rounds = [0]
+    rng = np.random.default_rng(first)
 
     async def member(w):
         r = (await stub.JoinSession(session_pb2.JoinSessionRequest(session_id=shared, worker=w), timeout=120)).round
         while not stop.is_set():
+            await asyncio.sleep(rng.uniform(*THINK_SECONDS))  # the member computes its gradient
             reply = await stub.Step(session_pb2.StepRequest(session_id=shared, worker=w, round=r, gradients=g),
                                     timeout=600)
             r = reply.step
@@ -91,7 +100,8 @@ async def _client(address: str, shared: str, target: str, first: int, n: int) ->
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
     stop.set()
     print(json.dumps({"rounds": rounds[0], "watched": seen[0],
-                      "uploads_open": sum(not u.done() for u in uploads)}), flush=True)
+                      "uploads_open": sum(not u.done() for u in uploads),
+                      "watching": sum(not r.done() for r in readers), "members": sum(not m.done() for m in members)}), flush=True)
     os._exit(0)  # the members' last round never closes: leave without waiting for it
 
 
@@ -99,7 +109,7 @@ def bench_waiting(cfg, _server, _echo):
     from bench.run import ROOT, _env, pct, row, start_optreg
     from optreg.client import Client
     n = 250 if cfg.quick else 1000
-    reps = 300 if cfg.quick else 1000
+    seconds = 10 if cfg.quick else 30
     server = start_optreg()  # a default server of its own (its limits are what is measured)
     try:
         with Client(server.address) as c:
@@ -107,8 +117,8 @@ def bench_waiting(cfg, _server, _echo):
             shared = c.create_session("adam", {"w": np.zeros(16, np.float32)},
                                       workers=n, round_deadline=600)
             target = c.create_session("adam", {"w": np.zeros(1000, np.float32)})
-        _probe(server.address, probe.id, 50)
-        base_checks, base_steps = _probe(server.address, probe.id, reps)
+        _probe(server.address, probe.id, 1)
+        base_checks, base_steps = _probe(server.address, probe.id, seconds / 3)
         threads_before = _threads(server.proc.pid)
         per = n // PROCESSES
         clients = [subprocess.Popen(
@@ -120,7 +130,7 @@ def bench_waiting(cfg, _server, _echo):
                 line = p.stdout.readline()
                 if line.strip() != "ready":
                     raise RuntimeError(f"a waiting client did not start: {line!r}")
-            checks, steps = _probe(server.address, probe.id, reps)
+            checks, steps = _probe(server.address, probe.id, seconds)
             threads = _threads(server.proc.pid)
         finally:
             got = []
@@ -131,8 +141,10 @@ def bench_waiting(cfg, _server, _echo):
                 p.wait(60)
         rounds = min(g.get("rounds", 0) for g in got) if got else 0
         open_uploads = sum(g.get("uploads_open", 0) for g in got)
-        note = (f"{n} members, {n} watchers, {open_uploads} stalled uploads open; server threads "
-                f"{threads_before} -> {threads}")
+        watching = sum(g.get("watching", 0) for g in got)
+        members = sum(g.get("members", 0) for g in got)
+        note = (f"{members} members, {watching} watchers, {open_uploads} stalled uploads open at the end; server "
+                f"threads {threads_before} -> {threads}")
         row(f"waiting: health p50 ({n} of each waiting)", pct(checks, 50), "s", "the same, no waiters",
             pct(base_checks, 50), note=note)
         row("waiting: health p99", pct(checks, 99), "s", "the same, no waiters", pct(base_checks, 99),
