@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
 
 import grpc
+from google.protobuf.message import Message
 
 from optreg.server.model.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
 from optreg.server.rpc import status
@@ -115,6 +117,7 @@ class AioSessions:
     def __init__(self, servicer: SessionServicer):
         self.s = servicer
         self.metrics = servicer.metrics  # (status.handler counts here)
+        self._replies = Shared()  # a round's reply, encoded once for all its members
 
     # -- Step ------------------------------------------------------------------------------
     @status.handler
@@ -144,7 +147,9 @@ class AioSessions:
         with workers.call(session, request.worker):
             o = await offload(workers.contribution, session, request, ctx, False)
             o = await self._round(session, request.worker, request.round, o, ctx)
-            return await _work(_outcome_bytes(o), workers.reply, o)
+            if _outcome_bytes(o) > INLINE_BYTES:  # made on the pool for each member (not kept: its size)
+                return await offload(workers.reply, o)
+            return self._replies.get(o, workers.reply)
 
     async def _round(self, session, worker: str, number: int, o, ctx) -> Outcome:
         """The round's outcome: awaited (no thread) until its close resolves it, up to the call's deadline."""
@@ -277,6 +282,33 @@ class _Read:
         pass
 
 
+class Shared:
+    """The last few answers made for an object (a round's outcome, a step's watch events), made once for
+    every call that sends it: when a round of 1,000 members closes, or 1,000 watchers see the same step,
+    the loop encodes it once instead of in a burst of 1,000 (every other call waits behind a burst)."""
+
+    def __init__(self, keep: int = 64):
+        self.keep = keep
+        self.made: dict = {}
+        self.lock = threading.Lock()  # (the loop's alone today; cheap insurance if the pool makes some)
+
+    def get(self, key, make, *args):
+        """make(*args) (or make(key), when args are empty), made once for `key`: a tuple, or an object whose
+        identity is the key; what the key names by id is kept alive here, so no id is reused meanwhile."""
+        k = key if isinstance(key, tuple) else id(key)
+        got = self.made.get(k)
+        if got is None:
+            made = make(*args) if args else make(key)
+            if isinstance(made, Message):
+                made = made.SerializeToString()  # the Step handler sends bytes as they are
+            got = (made, key, args)  # (key and args keep alive the objects whose ids are in the key)
+            with self.lock:
+                self.made[k] = got
+                while len(self.made) > self.keep:
+                    del self.made[next(iter(self.made))]
+        return got[0]
+
+
 def _outcome_bytes(o: Outcome) -> int:
     return sum(a.nbytes for a in (o.tensors or {}).values())
 
@@ -289,6 +321,7 @@ class AioTelemetry:
         self.s = servicer
         self.loop: asyncio.AbstractEventLoop | None = None
         self.waiting: dict[str, set[asyncio.Event]] = {}
+        self.shared = Shared()  # a step's events, made once for all the watchers at the same point
         servicer.hub.add_listener(self._changed)
 
     def _changed(self, session_id: str) -> None:  # any thread: only hands off
@@ -338,8 +371,10 @@ class AioTelemetry:
                 event.clear()  # before the snapshot: a change after it sets the event again
                 records, alerts, now, ring = hub.snapshot(session_id, after_step, after_alert or 0)
                 if ring is not None:
-                    events, after_step, after_alert = s.events(records, alerts, ring, owner, request.from_step,
-                                                               after_step, after_alert)
+                    key = (id(ring), now, owner, after_step, after_alert,
+                           request.from_step if after_alert is None else 0)
+                    events, after_step, after_alert = self.shared.get(
+                        key, s.events, records, alerts, ring, owner, request.from_step, after_step, after_alert)
                     for item in events:
                         yield item
                 elif version is not None and version >= 0:
