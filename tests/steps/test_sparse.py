@@ -309,10 +309,12 @@ def test_workers_step_sparse_rows(client, server, mode):
     vals = {"w0": np.array([[1, 2, 3], [4, 5, 6], [1, 1, 1]], np.float32),
             "w1": np.array([[0.5, 0.25, 2], [3, 3, 3]], np.float32)}
     out = {}
+    joined = threading.Barrier(len(rows), timeout=60)  # a round closes when every member *so far* is in
 
     def run(w):
         with Client(server.address, timeout=60) as c:
             worker = c.join(s.id, w)
+            joined.wait()
             out[w] = worker.step_sparse("E", rows[w], vals[w])
             worker.leave()
 

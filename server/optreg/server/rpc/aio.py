@@ -80,6 +80,10 @@ class Paced:
     def progress(self) -> None:
         self.deadline = time.monotonic() + self.seconds
 
+    def ready(self) -> bool:
+        """Whether the next message (or the stream's end) is already in."""
+        return not self.queue.empty()
+
     def received(self) -> None:
         """The whole request stream is in: the stream slot is free for another sender."""
         if self.slot is not None:
@@ -214,6 +218,10 @@ class AioSessions:
                     replies, progress = feeding.result()
                     if progress:
                         requests.progress()
+                    if not requests.ready():  # the sender pauses: answer what is stepped now, not after it
+                        for reply in replies:
+                            yield reply
+                        replies = []
                     i, msg = i + 1, await requests.next()
                 for reply in replies:
                     yield reply
