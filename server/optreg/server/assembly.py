@@ -317,7 +317,7 @@ def _dashboard(settings: Settings, hub: TelemetryHub, auth):
     return dashboard
 
 
-def _bind(grpc_server, host: str, port: int, creds) -> int:
+def bind_port(grpc_server, host: str, port: int, creds) -> int:
     """Bind host:port (0: any free port) and return the port; OSError with one line when that fails."""
     if not 0 <= port <= 65535:
         raise OSError(f"port {port} is outside 0-65535")
@@ -425,7 +425,7 @@ def server_options(max_message_bytes: int) -> list[tuple]:
             ("grpc.keepalive_time_ms", 30_000), ("grpc.keepalive_timeout_ms", 10_000),
             ("grpc.keepalive_permit_without_calls", 1),
             # gRPC sets SO_REUSEPORT by default: a second server on a port in use would start and
-            # take half the new connections. Without it, that bind fails (see _bind).
+            # take half the new connections. Without it, that bind fails (see bind_port).
             ("grpc.so_reuseport", 0)]
 
 
@@ -467,7 +467,7 @@ class GrpcServer:
         enable_reflection(self._names + (health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
 
     def bind(self, host: str, port: int, creds) -> int:
-        return _bind(self.server, host, port, creds)
+        return bind_port(self.server, host, port, creds)
 
     def start(self) -> None:
         async def start():

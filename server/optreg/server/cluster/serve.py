@@ -5,13 +5,18 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 from optreg.plugins.registry import Registry
-from optreg.server.assembly import GrpcServer, bind_address, guard, method_handlers, wait_interruptibly
+from optreg.server.assembly import bind_address, bind_port, guard, method_handlers, server_options, wait_interruptibly
 from optreg.server.cluster.directory import Directory, connect
 from optreg.server.cluster.frontend import Frontend
 from optreg.server.telemetry.metrics import Metrics
-from optreg.server.rpc import calls
+from optreg.server.rpc.reflection import enable_reflection
 from optreg.server.rpc.service import RegistryServicer
 from optreg.v1 import registry_pb2, registry_pb2_grpc, session_pb2, telemetry_pb2
 
@@ -32,16 +37,20 @@ class ClusterServer:
         self.directory.ensure_hosts()
         self.frontend = Frontend(self.directory)
         self.drain_seconds = drain_seconds
-        # The single server's (assembly.GrpcServer): grpc.aio, the same options (keepalive included), health
-        # and reflection; the front end's handlers run on its pool of `workers` threads.
-        self.grpc_server = GrpcServer(workers, max_message_mb << 20, name="optreg-front")
+        # The thread-pool server: the front end's handlers forward to the session hosts and wait on Ray
+        # (not yet coroutines, as the single server's are); the single server's options, keepalive included.
+        self.grpc_server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="optreg-front"),
+            options=server_options(max_message_mb << 20))
         registry = method_handlers(registry_pb2_grpc.add_OptimizerRegistryServiceServicer_to_server,
                                    RegistryServicer(Registry(), Metrics()))
         for service, handlers in [registry] + list(self.frontend.tables().items()):
-            self.grpc_server.add(service, calls.adapt(handlers))
-        self.grpc_server.add_health_and_reflection(SERVICES)
+            self.grpc_server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
+        enable_reflection(SERVICES + (health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc_server)
         self.host = host
-        self.port = self.grpc_server.bind(host, port, None)
+        self.port = bind_port(self.grpc_server, host, port, None)
 
     @property
     def address(self) -> str:
@@ -49,10 +58,12 @@ class ClusterServer:
 
     def start(self) -> None:
         self.grpc_server.start()
+        for name in ("",) + SERVICES:
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     def stop(self, grace: float | None = None) -> None:
-        self.grpc_server.enter_graceful_shutdown()
-        self.grpc_server.stop(self.drain_seconds if grace is None else grace)
+        self.health.enter_graceful_shutdown()
+        self.grpc_server.stop(self.drain_seconds if grace is None else grace).wait()
 
     def serve_forever(self) -> int:
         stopping = threading.Event()
@@ -63,4 +74,3 @@ class ClusterServer:
         wait_interruptibly(stopping)
         self.stop()
         return 0
-
