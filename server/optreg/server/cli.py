@@ -77,6 +77,7 @@ def _serve(args) -> int:
             drain_seconds=args.drain_seconds, data_dir=data_dir or None,
             default_durability=args.default_durability or "", periodic_steps=args.periodic_steps,
             periodic_seconds=args.periodic_seconds, idle_seconds=args.idle_seconds,
+            max_loaded_sessions=args.max_loaded_sessions,
             memory_budget_mb=args.memory_budget_mb, max_streams=args.max_streams,
             max_watchers=args.max_watchers, max_members=args.max_members,
             stream_idle_seconds=args.stream_idle_seconds, fsync_method=args.fsync_method,
@@ -164,8 +165,12 @@ def add_arguments(serve: argparse.ArgumentParser) -> None:
                        help="periodic durability's default step window (default: 100)")
     storage.add_argument("--periodic-seconds", type=float, default=30.0,
                        help="periodic durability's default time window (default: 30)")
-    storage.add_argument("--idle-seconds", type=float, default=0.0,
-                       help="unload a durable session's tensors after this long unused (default: 0, never)")
+    storage.add_argument("--idle-seconds", type=float, default=300.0,
+                       help="unload a durable session (to its files; read again on its next use) after this long "
+                            "unused, and its telemetry from memory (default: 300; 0: never)")
+    storage.add_argument("--max-loaded-sessions", type=int, default=10_000,
+                       help="durable sessions held in memory at most; past it the least recently used are "
+                            "unloaded (default: 10000; 0: no bound)")
     limits.add_argument("--memory-budget-mb", type=float, default=None,
                        help="MiB of tensor data the server holds at most (sessions, staging copies, uploads); "
                             "beyond it idle durable sessions are unloaded, then requests fail with "
