@@ -108,6 +108,35 @@ def test_persisted_ring_survives_a_restart_and_a_delete_removes_it(tmp_path):
     assert again.ring("s") is None and not list(pathlib.Path(tmp_path, "telemetry").glob("*.telemetry"))
 
 
+def test_an_idle_ring_leaves_memory_and_is_read_again_from_its_file_on_use(tmp_path):
+    """With a data directory a ring is in memory only while used: unused for idle_seconds it is written
+    and dropped (its summary kept for the list), read again by a reader or the next step; a new hub
+    (a restart) reads none at start, each on its first use."""
+    import tracemalloc
+    hub = TelemetryHub(tmp_path, recent_steps=100, coarse_buckets=8, idle_seconds=0.05)
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    for sid in range(20):
+        for s in range(1, 101):
+            hub.on_step(event(s, session=f"s{sid:02d}", owner="abc"))
+    hub.drain()
+    held = tracemalloc.get_traced_memory()[0] - before
+    rings = {sid: repr([(r.step, r.steps, r.metrics) for r in hub.ring(sid).records()]) for sid in ("s03", "s04")}
+    time.sleep(0.1)
+    assert hub.drop_idle() == 20
+    left = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    assert left < held / 10, (left, held)  # what stays per session is its summary
+    assert sorted((x["session_id"], x["step"], x["loss"]) for x in hub.sessions("abc")) == [
+        (f"s{i:02d}", 100, 1 / 100) for i in range(20)]
+    assert repr([(r.step, r.steps, r.metrics) for r in hub.ring("s03").records()]) == rings["s03"]  # read again
+    hub.on_step(event(101, session="s04", owner="abc"))  # a step goes on from the file's ring
+    assert hub.ring("s04").last_step == 101 and len(hub.ring("s04").records()) > 100
+    hub.close()
+    again = TelemetryHub(tmp_path, recent_steps=100, coarse_buckets=8)
+    assert len(again.sessions("abc")) == 20 and again.ring("s04").last_step == 101
+
+
 def test_a_damaged_file_is_skipped_not_fatal(tmp_path):
     (tmp_path / "telemetry").mkdir()
     (tmp_path / "telemetry" / "x.telemetry").write_bytes(b"not zlib")

@@ -144,7 +144,7 @@ class Session:
     quarantined: str = ""  # why its files cannot be trusted: every use is DATA_LOSS
     missing: str = ""  # the optimizer its files name, when no installed plugin provides it (journal.not_installed)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-    spec: dict = field(default_factory=dict, repr=False)  # name -> (shape, gradient dtypes allowed)
+    spec: dict = field(init=False, repr=False)  # name -> (shape, gradient dtypes allowed)
     # Fixed for the session's life, so computed once (every step reads them).
     dtype: np.dtype = field(init=False, repr=False)
     elements: int = field(init=False, repr=False)

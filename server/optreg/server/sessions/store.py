@@ -12,6 +12,7 @@ server had no tokens has no owner and stays open to every token.
 from __future__ import annotations
 
 import bisect
+import gc
 import logging
 import threading
 import time
@@ -276,6 +277,29 @@ class SessionStore:
     # -- loading and unloading --------------------------------------------
     def open_all(self) -> int:
         """Register every session in the data directory, unloaded (read on first use)."""
+        # Nothing built here is garbage, and the cyclic collector would scan every session registered so
+        # far, again and again: half of a 100,000-session start. Off meanwhile; then those sessions (and
+        # the modules) are left out of its later scans (gc.freeze: they live as long as the process).
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            self._open_all()
+        finally:
+            if collecting:
+                gc.enable()
+            gc.freeze()
+        if self.journal.read_files >= REINDEX_AFTER:
+            t = time.monotonic()
+            try:
+                self.journal.write_index(self.list_all())
+            except OSError as e:
+                log.warning("the data directory's index was not written: %s", e)
+            log.info("%d sessions' files read at start; their index written in %.1f s", self.journal.read_files,
+                     time.monotonic() - t)
+        self._gauges()
+        return len(self._sessions)
+
+    def _open_all(self) -> None:
         for sid, meta_or_error in self.journal.scan():
             if out_of_descriptors(meta_or_error):  # the process's limit, not the session's files: stop
                 raise OSError(meta_or_error.errno, f"reading the data directory ({sid}): {meta_or_error.strerror}; "
@@ -292,16 +316,6 @@ class SessionStore:
                 continue
             with self._lock:
                 self._indexed(session)
-        if self.journal.read_files >= REINDEX_AFTER:
-            t = time.monotonic()
-            try:
-                self.journal.write_index(self.list_all())
-            except OSError as e:
-                log.warning("the data directory's index was not written: %s", e)
-            log.info("%d sessions' files read at start; their index written in %.1f s", self.journal.read_files,
-                     time.monotonic() - t)
-        self._gauges()
-        return len(self._sessions)
 
     def _load(self, session: Session) -> None:
         """Read the session's tensors from disk. Caller holds its lock."""
@@ -373,7 +387,7 @@ class SessionStore:
                               extra={"session_id": s.id})
                     failures.append((s.id, str(e)))
         try:
-            self.journal.write_index(self.list_all())
+            self.journal.write_index(self.list_all(), exact=not failures)
         except OSError as e:  # the next start reads every session's files instead
             log.error("the data directory's index was not written: %s", e)
         return failures

@@ -107,7 +107,7 @@ class NoJournal:
     def wait_for_steps(self, session, timeout): pass
     def delete(self, session): pass
     def unload(self, session): pass
-    def write_index(self, sessions): pass
+    def write_index(self, sessions, exact=False): pass
     read_files = 0
     def scan(self): return iter(())
     def flush(self, session): pass
@@ -673,15 +673,15 @@ class Journal:
         self._kinds = {}
         self.read_files = 0
         try:
-            indexed = index.read(self.dir) or {}
+            indexed, exact = index.read(self.dir) or ({}, False)
         except (ValueError, TypeError, KeyError, IndexError) as e:  # (json's errors are ValueErrors)
             log.warning("%s; reading every session's files instead", e)
-            indexed = {}
+            indexed, exact = {}, False
         for sid, (snap, lg) in sorted(self._files().items()):
             if snap is None:  # a log without a snapshot: nothing to recover from
                 continue
             hit = indexed.get(sid)
-            if hit is not None and hit[1] == [index.file_key(snap), index.file_key(lg)]:
+            if hit is not None and (exact or index.same(hit[1], snap, lg)):
                 yield sid, hit[0]
                 continue
             self.read_files += 1
@@ -691,10 +691,11 @@ class Journal:
                 yield sid, e
         self._kinds = {}
 
-    def write_index(self, sessions) -> None:
+    def write_index(self, sessions, exact: bool = False) -> None:
         """Record `sessions` (those of this directory, as in memory now: nothing may change them while
-        this runs) in the index, each with its files' identity. Left out, to be read from their files
-        at the next start: a periodic session's unsaved steps, and any session with a problem."""
+        this runs) in the index, each with its files' identity; `exact`: nothing will change them
+        before the next start (a clean stop). Left out, to be read from their files at the next start:
+        a periodic session's unsaved steps, and any session with a problem."""
         found = self._files()
         metas = []
         for s in sessions:
@@ -703,8 +704,8 @@ class Journal:
             if (files is None or files[0] is None or s.quarantined or s.missing or s.durability.mode == "none"
                     or (s.dirty and s.durability.mode not in SYNC) or (lg is not None and lg.broken is not None)):
                 continue
-            metas.append((meta_of(s), [index.file_key(files[0]), index.file_key(files[1])]))
-        index.write(self.dir, metas)
+            metas.append((meta_of(s), index.file_key(files[0]) + index.file_key(files[1])))
+        index.write(self.dir, metas, exact)
 
     def scan_one(self, sid: str) -> dict:
         """One session's snapshot metadata, "step" advanced past its log (read, a torn tail cut, and
@@ -746,10 +747,13 @@ class Journal:
                     step=int(meta["step"]), first_step=int(meta.get("first_step", 0)), owner=meta.get("owner", ""),
                     created_at=float(meta["created_at"] or meta.get("saved_at") or 0.0),
                     last_used_at=float(meta.get("last_used_at") or meta.get("saved_at") or meta["created_at"] or 0.0))
-        s.workers = WorkerConfig.from_meta(meta.get("workers"))
+        if meta.get("workers") is not None:
+            s.workers = WorkerConfig.from_meta(meta["workers"])
         s.round_record = meta.get("round_record")
-        s.worker_rounds = dict(meta.get("worker_rounds") or {})
-        s.worker_clocks = dict(meta.get("worker_clocks") or {})
+        if meta.get("worker_rounds"):
+            s.worker_rounds = dict(meta["worker_rounds"])
+        if meta.get("worker_clocks"):
+            s.worker_clocks = dict(meta["worker_clocks"])
         s.persisted_step = s.step
         s.dirty = False
         if meta.get("log_error"):
