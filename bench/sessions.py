@@ -44,7 +44,7 @@ def _fill_entry(address, count, seed, out_q):
     w = {"w": rng.standard_normal(SIZE).astype(np.float32)}
     ids = []
     try:
-        with Client(address, wait_for_ready=True, timeout=120) as c:
+        with Client(address, timeout=120) as c:
             for _ in range(count):
                 ids.append(c.create_session("adam", w, step_reply="none").id)
         out_q.put(ids)
@@ -75,16 +75,15 @@ def _rss(child) -> int:
 
 
 def _restart(child, data_dir, probe_id) -> tuple[object, float, float]:
-    """SIGTERM, then start again; (the new child, seconds of the clean stop, seconds from the new
-    process's start to the reply of a step on `probe_id`)."""
-    from bench.run import Child
+    """SIGTERM (if it still runs), then start again; (the new child, seconds of the clean stop, seconds
+    from the new process's start to the reply of a step on `probe_id`)."""
     from optreg.client import Client
     t = time.perf_counter()
     child.stop()
     stopped = time.perf_counter() - t
     t = time.perf_counter()
     new = _serve(data_dir)
-    with Client(new.address, wait_for_ready=True) as c:
+    with Client(new.address) as c:  # (it listens: Child waited for its line)
         s = c.session(probe_id, {})
         s.step({"w": np.ones(SIZE, np.float32)})
     return new, stopped, time.perf_counter() - t
@@ -92,7 +91,6 @@ def _restart(child, data_dir, probe_id) -> tuple[object, float, float]:
 
 def _timings(address, ids, rounds_out, w):
     """One round of each call on one server: appended to rounds_out[name]."""
-    import grpc
     from optreg.client import Client
     from optreg.v1 import session_pb2
     with Client(address) as c:
@@ -100,13 +98,11 @@ def _timings(address, ids, rounds_out, w):
         t0 = time.perf_counter()
         s = c.create_session("adam", w, step_reply="none")
         rounds_out["create"].append(time.perf_counter() - t0)
-        token = ""
-        for _ in range(3):
+        for _ in range(3):  # a whole page on either server (the small one has 100 sessions: one page)
             t0 = time.perf_counter()
-            reply = stub.unary("ListSessions", session_pb2.ListSessionsRequest(page_size=100, page_token=token),
-                               timeout=60)
+            reply = stub.unary("ListSessions", session_pb2.ListSessionsRequest(page_size=100), timeout=60)
             rounds_out["list page"].append(time.perf_counter() - t0)
-            token = reply.next_page_token
+            assert len(reply.sessions) == 100
         g = {"w": np.ones(SIZE, np.float32)}
         s.step(g)
         for _ in range(5):
@@ -164,7 +160,7 @@ def _same(x, y) -> bool:
 
 def run(n: int, row, rounds: int = 40, procs: int = 4) -> None:
     from optreg.client import Client
-    print(f"# sessions: load {os.getloadavg()[0]:.1f} (uptime) on {os.cpu_count()} cores", flush=True)
+    print(f"# sessions: load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
     with tempfile.TemporaryDirectory(prefix="optreg-sessions-") as d:
         small_dir, big_dir = os.path.join(d, "small"), os.path.join(d, "big")
         small, big = _serve(small_dir), _serve(big_dir)
@@ -185,7 +181,8 @@ def run(n: int, row, rounds: int = 40, procs: int = 4) -> None:
                     f"same server holding {SMALL}", statistics.median(times["small"][k]), 1.2)
             with Client(big.address) as c:
                 loaded = sum(i.loaded for i in c.iter_sessions(1000))
-            rss_before = (_rss(big) - _rss(small)) / (n - SMALL)
+            row(f"RSS per session, {n} sessions ({loaded} of them loaded)", (_rss(big) - _rss(small)) / (n - SMALL) / 1024,
+                "KiB", "target 10 KiB", 10.0, 1.0)
             small, _, _ = _restart(small, small_dir, small_ids[0])
             probe = random.choice(big_ids)
             big, stop_s, first_step = _restart(big, big_dir, probe)
@@ -194,7 +191,12 @@ def run(n: int, row, rounds: int = 40, procs: int = 4) -> None:
             # (every session is on disk only now, but the one probed; the same on the small server)
             per = (_rss(big) - _rss(small)) / (n - SMALL)
             row(f"RSS per idle session, {n} sessions (after restart)", per / 1024, "KiB", "target 10 KiB", 10.0, 1.0,
-                note=f"before the restart, {loaded} of them loaded: {rss_before / 1024:.2f} KiB per session")
+                note="every session unloaded but one")
+            big.proc.kill()  # a crash: the next start checks each index entry against its files
+            big.proc.wait()
+            big, _, first_step = _restart(big, big_dir, random.choice(big_ids))
+            row(f"restart after a crash (SIGKILL) to first served step, {n} sessions", first_step, "s",
+                "target 5 s", 5.0, 1.0)
         finally:
             small.stop()
             big.stop()

@@ -109,15 +109,20 @@ class _Deprecated(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
-def at_least_one(text: str) -> int:
-    """argparse type: a whole number >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value}: give at least 1")
-    return value
+def at_least(low: int):
+    """argparse type: a whole number >= low."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value}: give at least {low}")
+        return value
+    return parse
+
+
+at_least_one = at_least(1)
 
 
 def port(text: str) -> int:
@@ -168,7 +173,7 @@ def add_arguments(serve: argparse.ArgumentParser) -> None:
     storage.add_argument("--idle-seconds", type=float, default=300.0,
                        help="unload a durable session (to its files; read again on its next use) after this long "
                             "unused, and its telemetry from memory (default: 300; 0: never)")
-    storage.add_argument("--max-loaded-sessions", type=int, default=10_000,
+    storage.add_argument("--max-loaded-sessions", type=at_least(0), default=10_000,
                        help="durable sessions held in memory at most; past it the least recently used are "
                             "unloaded (default: 10000; 0: no bound)")
     limits.add_argument("--memory-budget-mb", type=float, default=None,

@@ -372,8 +372,9 @@ class SessionStore:
         return False
 
     def flush_all(self) -> list[tuple[str, str]]:
-        """Write every session with unsaved changes, then the data directory's index of every session (at
-        shutdown: nothing may change them any more). Tries every one; returns the failures."""
+        """At shutdown (nothing may change the sessions any more): write every session with unsaved
+        changes, close the journal (every log synced), then write the data directory's index of every
+        session, exact only once all of that is durable. Tries every one; returns the failures."""
         failures = []
         for s in self.list_loaded():
             if s.durability.mode == "none" or s.live is None:
@@ -386,8 +387,9 @@ class SessionStore:
                     log.error("session %s could not be written at shutdown: %s", s.id, e,
                               extra={"session_id": s.id})
                     failures.append((s.id, str(e)))
+        self.journal.close()
         try:
-            self.journal.write_index(self.list_all(), exact=not failures)
+            self.journal.write_index(self.list_all(), exact=not failures and not self.journal.unsynced)
         except OSError as e:  # the next start reads every session's files instead
             log.error("the data directory's index was not written: %s", e)
         return failures

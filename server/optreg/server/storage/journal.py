@@ -107,6 +107,7 @@ class NoJournal:
     def wait_for_steps(self, session, timeout): pass
     def delete(self, session): pass
     def unload(self, session): pass
+    unsynced: set = frozenset()
     def write_index(self, sessions, exact=False): pass
     read_files = 0
     def scan(self): return iter(())
@@ -414,6 +415,7 @@ class Journal:
         self._snapshot_at: dict[str, float] = {}
         self._kinds: dict[int, tuple] = {}  # during scan(): what sessions of one index kind share
         self.read_files = 0  # sessions the last scan() read from their files (not from the index)
+        self.unsynced: set[str] = set()  # close(): sessions whose logs' last sync failed
         # session -> its steps whose log records are open. By the object, not the id: a deleted session's
         # stream may still hold a record (of its own, closed log) while a new session takes the id.
         self._inflight: dict[Session, int] = {}
@@ -647,8 +649,13 @@ class Journal:
             self._snapshot(s)
 
     def close(self) -> None:
+        """Sync and close every log; `unsynced` gets the sessions whose logs may not hold what they
+        acknowledged (a failed sync)."""
         for sid in list(self._logs):
+            lg = self._logs[sid]
             self._close_log(sid)
+            if lg.broken is not None:
+                self.unsynced.add(sid)
 
     # -- start and load -------------------------------------------------------------------
     def _files(self) -> dict[str, list]:
@@ -702,7 +709,8 @@ class Journal:
             files = found.get(s.id)
             lg = self._logs.get(s.id)
             if (files is None or files[0] is None or s.quarantined or s.missing or s.durability.mode == "none"
-                    or (s.dirty and s.durability.mode not in SYNC) or (lg is not None and lg.broken is not None)):
+                    or (s.dirty and s.durability.mode not in SYNC) or (lg is not None and lg.broken is not None)
+                    or s.id in self.unsynced):
                 continue
             metas.append((meta_of(s), index.file_key(files[0]) + index.file_key(files[1])))
         index.write(self.dir, metas, exact)
