@@ -374,7 +374,7 @@ class SessionStore:
     def flush_all(self) -> list[tuple[str, str]]:
         """At shutdown (nothing may change the sessions any more): write every session with unsaved
         changes, close the journal (every log synced), then write the data directory's index of every
-        session, exact only once all of that is durable. Tries every one; returns the failures."""
+        session. Tries every one; returns the failures."""
         failures = []
         for s in self.list_loaded():
             if s.durability.mode == "none" or s.live is None:
@@ -389,7 +389,7 @@ class SessionStore:
                     failures.append((s.id, str(e)))
         self.journal.close()
         try:
-            self.journal.write_index(self.list_all(), exact=not failures and not self.journal.unsynced)
+            self.journal.write_index(self.list_all())
         except OSError as e:  # the next start reads every session's files instead
             log.error("the data directory's index was not written: %s", e)
         return failures

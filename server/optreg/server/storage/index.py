@@ -5,14 +5,11 @@ A cache, never the truth. Each entry holds what Journal.scan_one would find for 
 metadata, the step advanced past its log) and the identity of the files it was read from (inode,
 size, modification time of the snapshot and of the log). Written atomically (temporary file,
 fsync, rename, directory fsync) at a clean stop, and after a start that had to read many sessions'
-files. A session not in the index (created since) is read from its files, an entry whose snapshot
-is gone is dropped, and a missing or damaged index (a checksum covers it) is a full scan.
-
-After a clean stop the index is exact, and says so: a marker file (CLEAN) holding the index's
-checksum. A start that finds it trusts every entry as it is; it removes the marker (durably)
-before anything can change a file. Otherwise (the server that read the index did not stop
-cleanly: a crash) an entry is used only while both of its files are exactly as recorded, which
-costs a stat of each (about 1 s per 100,000 sessions here); the rest are read from their files.
+files. At start an entry is used only while both of its files are exactly as recorded (a stat of
+each: about 1 s per 100,000 sessions here), so a session stepped after the index was written (then
+a crash) or a file changed while no server ran is read from its files; so is a session not in the
+index (created since); an entry whose snapshot is gone is dropped, and a missing or damaged index
+(a checksum covers it) is a full scan.
 
 Sessions shaped and configured alike share one "kind" (optimizer, hyperparameters, dtype, shapes,
 durability, owner...): the file holds each kind once, and start-up builds what the kinds share once.
@@ -27,7 +24,6 @@ import zlib
 from optreg.server.storage.fsync import fsync_dir
 
 NAME = "index"
-CLEAN = "index.clean"  # exists only while no server has used the directory since the index was written
 FORMAT = b"optreg-index/1"
 # The metadata fields sessions of one kind share; the rest are per session (ENTRY).
 KIND = ("optimizer", "plugin", "hyperparameters", "master_dtype", "reply", "durability", "periodic_steps",
@@ -50,11 +46,9 @@ def same(keys: list, snapshot: os.DirEntry, log: os.DirEntry | None) -> bool:
     return keys == file_key(snapshot) + file_key(log)
 
 
-def read(directory: pathlib.Path) -> tuple[dict[str, tuple[dict, list]], bool] | None:
-    """({session id: (its metadata, its files' keys)}, whether the index is exact: written at a clean
-    stop and unused since), or None when there is none. ValueError (or another error of a malformed
-    file) when it is not one whole index as written. The exact mark is removed (durably) here: from
-    now on files may change."""
+def read(directory: pathlib.Path) -> dict[str, tuple[dict, list]] | None:
+    """{session id: (its metadata, its files' keys)}, or None when there is none. ValueError (or
+    another error of a malformed file) when it is not one whole index as written."""
     try:
         data = (directory / NAME).read_bytes()
     except FileNotFoundError:
@@ -64,13 +58,6 @@ def read(directory: pathlib.Path) -> tuple[dict[str, tuple[dict, list]], bool] |
     if len(parts) != 3 or parts[0] != FORMAT or parts[2] != str(len(body)).encode() \
             or parts[1] != f"{zlib.crc32(body):08x}".encode():
         raise ValueError(f"{directory / NAME}: not a whole optreg index (torn or damaged)")
-    try:
-        exact = (directory / CLEAN).read_bytes() == parts[1]
-    except FileNotFoundError:
-        exact = False
-    else:
-        (directory / CLEAN).unlink()
-        fsync_dir(directory)
     raw = json.loads(body)
     kinds = [dict(zip(KIND, k)) for k in raw["kinds"]]
     out = {}
@@ -82,12 +69,11 @@ def read(directory: pathlib.Path) -> tuple[dict[str, tuple[dict, list]], bool] |
         if rare:
             meta.update(rare)
         out[sid] = (meta, keys)
-    return out, exact
+    return out
 
 
-def write(directory: pathlib.Path, metas: list[tuple[dict, list]], exact: bool) -> None:
-    """Write the index of `metas` ((metadata as Journal.meta_of gives it, its files' keys)); `exact`:
-    nothing will change them before the next start reads it (a clean stop)."""
+def write(directory: pathlib.Path, metas: list[tuple[dict, list]]) -> None:
+    """Write the index of `metas` ((metadata as Journal.meta_of gives it, its files' keys))."""
     kinds: dict[str, int] = {}
     kind_rows, entries = [], []
     for meta, keys in metas:
@@ -100,18 +86,12 @@ def write(directory: pathlib.Path, metas: list[tuple[dict, list]], exact: bool) 
         rare = {k: meta[k] for k in RARE if meta.get(k)}
         entries.append([meta["session_id"], i, [meta[k] for k in ENTRY], rare or 0, keys])
     body = json.dumps({"kinds": kind_rows, "entries": entries}, separators=(",", ":")).encode()
-    crc = b"%08x" % zlib.crc32(body)
-    (directory / CLEAN).unlink(missing_ok=True)
-    _write(directory / NAME, b"%s %s %d\n" % (FORMAT, crc, len(body)) + body)
-    if exact:
-        _write(directory / CLEAN, crc)
-
-
-def _write(path: pathlib.Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")  # (a crash leaves it: Journal deletes .*.tmp at start)
+    path = directory / NAME
+    tmp = path.with_name(f".{NAME}.tmp")  # (a crash leaves it: Journal deletes .*.tmp at start)
     with open(tmp, "wb") as f:
-        f.write(data)
+        f.write(b"%s %08x %d\n" % (FORMAT, zlib.crc32(body), len(body)))
+        f.write(body)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    fsync_dir(path.parent)
+    fsync_dir(directory)

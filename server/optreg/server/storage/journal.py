@@ -108,7 +108,7 @@ class NoJournal:
     def delete(self, session): pass
     def unload(self, session): pass
     unsynced: set = frozenset()
-    def write_index(self, sessions, exact=False): pass
+    def write_index(self, sessions): pass
     read_files = 0
     def scan(self): return iter(())
     def flush(self, session): pass
@@ -680,15 +680,15 @@ class Journal:
         self._kinds = {}
         self.read_files = 0
         try:
-            indexed, exact = index.read(self.dir) or ({}, False)
+            indexed = index.read(self.dir) or {}
         except (ValueError, TypeError, KeyError, IndexError) as e:  # (json's errors are ValueErrors)
             log.warning("%s; reading every session's files instead", e)
-            indexed, exact = {}, False
+            indexed = {}
         for sid, (snap, lg) in sorted(self._files().items()):
             if snap is None:  # a log without a snapshot: nothing to recover from
                 continue
             hit = indexed.get(sid)
-            if hit is not None and (exact or index.same(hit[1], snap, lg)):
+            if hit is not None and index.same(hit[1], snap, lg):
                 yield sid, hit[0]
                 continue
             self.read_files += 1
@@ -698,11 +698,11 @@ class Journal:
                 yield sid, e
         self._kinds = {}
 
-    def write_index(self, sessions, exact: bool = False) -> None:
+    def write_index(self, sessions) -> None:
         """Record `sessions` (those of this directory, as in memory now: nothing may change them while
-        this runs) in the index, each with its files' identity; `exact`: nothing will change them
-        before the next start (a clean stop). Left out, to be read from their files at the next start:
-        a periodic session's unsaved steps, and any session with a problem."""
+        this runs) in the index, each with its files' identity. Left out, to be read from their files
+        at the next start: a periodic session's unsaved steps, and any session with a problem (a log
+        whose last sync failed among them)."""
         found = self._files()
         metas = []
         for s in sessions:
@@ -713,7 +713,7 @@ class Journal:
                     or s.id in self.unsynced):
                 continue
             metas.append((meta_of(s), index.file_key(files[0]) + index.file_key(files[1])))
-        index.write(self.dir, metas, exact)
+        index.write(self.dir, metas)
 
     def scan_one(self, sid: str) -> dict:
         """One session's snapshot metadata, "step" advanced past its log (read, a torn tail cut, and
