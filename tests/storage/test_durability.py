@@ -58,7 +58,7 @@ def test_restart_keeps_every_session(start_server, tmp_path):
             assert c.get_session(sid).loaded is False  # read from disk on first use
             assert_state(st, sid, p0, grads, lr=0.01)
     files = sorted(p.name for p in (tmp_path / "sessions").iterdir())
-    assert files == ["s-every-step.safetensors", "s-every-step.wal", "s-periodic.safetensors"]
+    assert files == ["index", "s-every-step.safetensors", "s-every-step.wal", "s-periodic.safetensors"]
     arrays = load_file(str(tmp_path / "sessions" / "s-every-step.safetensors"))  # plain safetensors
     np.testing.assert_allclose(arrays["params/W"], adam_replay(p0, grads, lr=0.01)[0]["W"], rtol=1e-12)
 

@@ -97,8 +97,7 @@ def test_persisted_ring_survives_a_restart_and_a_delete_removes_it(tmp_path):
         hub.on_step(event(s, owner="abc"))
     hub.on_refused("s", "abc", 101, "non-finite gradient")
     hub.close()
-    again = TelemetryHub(tmp_path, recent_steps=20, coarse_buckets=4)
-    assert again.load_all() == 1
+    again = TelemetryHub(tmp_path, recent_steps=20, coarse_buckets=4)  # reads the ring on its first use
     a, b = hub.ring("s"), again.ring("s")
     assert [(r.step, r.steps, r.metrics) for r in a.records()] == [(r.step, r.steps, r.metrics) for r in b.records()]
     assert all(np.array_equal(x.stats, y.stats) for x, y in zip(a.records(), b.records()))
@@ -109,11 +108,40 @@ def test_persisted_ring_survives_a_restart_and_a_delete_removes_it(tmp_path):
     assert again.ring("s") is None and not list(pathlib.Path(tmp_path, "telemetry").glob("*.telemetry"))
 
 
+def test_an_idle_ring_leaves_memory_and_is_read_again_from_its_file_on_use(tmp_path):
+    """With a data directory a ring is in memory only while used: unused for idle_seconds it is written
+    and dropped (its summary kept for the list), read again by a reader or the next step; a new hub
+    (a restart) reads none at start, each on its first use."""
+    import tracemalloc
+    hub = TelemetryHub(tmp_path, recent_steps=100, coarse_buckets=8, idle_seconds=0.05)
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    for sid in range(20):
+        for s in range(1, 101):
+            hub.on_step(event(s, session=f"s{sid:02d}", owner="abc"))
+    hub.drain()
+    held = tracemalloc.get_traced_memory()[0] - before
+    rings = {sid: repr([(r.step, r.steps, r.metrics) for r in hub.ring(sid).records()]) for sid in ("s03", "s04")}
+    time.sleep(0.1)
+    assert hub.drop_idle() == 20
+    left = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    assert left < held / 10, (left, held)  # what stays per session is its summary
+    assert sorted((x["session_id"], x["step"], x["loss"]) for x in hub.sessions("abc")) == [
+        (f"s{i:02d}", 100, 1 / 100) for i in range(20)]
+    assert repr([(r.step, r.steps, r.metrics) for r in hub.ring("s03").records()]) == rings["s03"]  # read again
+    hub.on_step(event(101, session="s04", owner="abc"))  # a step goes on from the file's ring
+    assert hub.ring("s04").last_step == 101 and len(hub.ring("s04").records()) > 100
+    hub.close()
+    again = TelemetryHub(tmp_path, recent_steps=100, coarse_buckets=8)
+    assert len(again.sessions("abc")) == 20 and again.ring("s04").last_step == 101
+
+
 def test_a_damaged_file_is_skipped_not_fatal(tmp_path):
     (tmp_path / "telemetry").mkdir()
     (tmp_path / "telemetry" / "x.telemetry").write_bytes(b"not zlib")
     hub = TelemetryHub(tmp_path)
-    assert hub.load_all() == 0
+    assert hub.ring("x") is None and hub.sessions() == []
     hub.on_step(event(1, session="x"))
     assert hub.ring("x").last_step == 1
 

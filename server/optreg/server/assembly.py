@@ -58,7 +58,8 @@ class Settings:
     default_durability: str = ""  # every-step | log | periodic | none; "": log with a data dir, else none
     periodic_steps: int = 100
     periodic_seconds: float = 30.0
-    idle_seconds: float = 0.0  # 0: never unload
+    idle_seconds: float = 300.0  # a durable session unused this long is unloaded (0: never)
+    max_loaded_sessions: int = 10_000  # durable sessions in memory at most (0: no bound); the idlest unloaded
     memory_budget_mb: float | None = None  # None: budget.DEFAULT_SHARE of physical memory; 0: unlimited
     # Admission limits (rpc/admission.py): calls beyond them are refused with RESOURCE_EXHAUSTED. A waiting
     # call holds no thread (grpc.aio), only its memory: a few KiB each.
@@ -191,7 +192,8 @@ class OptregServer:
             self.registry, journal, budget=memory.MemoryBudget(budget_bytes),
             limits=Limits(max_tensors=settings.max_tensors), default_durability=settings.default_durability or None,
             periodic_steps=settings.periodic_steps, periodic_seconds=settings.periodic_seconds,
-            idle_seconds=settings.idle_seconds, auth=self.auth is not None, metrics=self.metrics)
+            idle_seconds=settings.idle_seconds, max_loaded=settings.max_loaded_sessions, auth=self.auth is not None,
+            metrics=self.metrics)
         self.janitor = Janitor(self.store) if journal else None
         self.store.open_all()
         self.telemetry = _telemetry(settings, self.registry, self.auth)
@@ -295,8 +297,7 @@ def _telemetry(settings: Settings, registry: Registry, auth) -> TelemetryHub:
         return getattr(found.definition, "effective_lr", None) if found else None
 
     hub = TelemetryHub(settings.data_dir or None, recent_steps=settings.telemetry_steps,
-                       effective_lr=effective_lr, auth=auth is not None)
-    hub.load_all()
+                       effective_lr=effective_lr, auth=auth is not None, idle_seconds=settings.idle_seconds)
     return hub
 
 

@@ -77,6 +77,7 @@ def _serve(args) -> int:
             drain_seconds=args.drain_seconds, data_dir=data_dir or None,
             default_durability=args.default_durability or "", periodic_steps=args.periodic_steps,
             periodic_seconds=args.periodic_seconds, idle_seconds=args.idle_seconds,
+            max_loaded_sessions=args.max_loaded_sessions,
             memory_budget_mb=args.memory_budget_mb, max_streams=args.max_streams,
             max_watchers=args.max_watchers, max_members=args.max_members,
             stream_idle_seconds=args.stream_idle_seconds, fsync_method=args.fsync_method,
@@ -108,15 +109,20 @@ class _Deprecated(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
-def at_least_one(text: str) -> int:
-    """argparse type: a whole number >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value}: give at least 1")
-    return value
+def at_least(low: int):
+    """argparse type: a whole number >= low."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value}: give at least {low}")
+        return value
+    return parse
+
+
+at_least_one = at_least(1)
 
 
 def port(text: str) -> int:
@@ -165,8 +171,12 @@ def add_arguments(serve: argparse.ArgumentParser) -> None:
                        help="periodic durability's default step window (default: 100)")
     storage.add_argument("--periodic-seconds", type=float, default=30.0,
                        help="periodic durability's default time window (default: 30)")
-    storage.add_argument("--idle-seconds", type=float, default=0.0,
-                       help="unload a durable session's tensors after this long unused (default: 0, never)")
+    storage.add_argument("--idle-seconds", type=float, default=300.0,
+                       help="unload a durable session (to its files; read again on its next use) after this long "
+                            "unused, and its telemetry from memory (default: 300; 0: never)")
+    storage.add_argument("--max-loaded-sessions", type=at_least(0), default=10_000,
+                       help="durable sessions held in memory at most; past it the least recently used are "
+                            "unloaded (default: 10000; 0: no bound)")
     limits.add_argument("--memory-budget-mb", type=float, default=None,
                        help="MiB of tensor data the server holds at most (sessions, staging copies, uploads); "
                             "beyond it idle durable sessions are unloaded, then requests fail with "

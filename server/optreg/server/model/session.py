@@ -14,6 +14,7 @@ collector, and its bytes leave the memory budget when it is collected.
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import time
 from dataclasses import dataclass, field
@@ -116,7 +117,7 @@ class StepResult:
     tensors: dict[str, np.ndarray]  # what the session's reply asks for (empty for "none")
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Session:
     id: str
     optimizer: Registered
@@ -143,7 +144,7 @@ class Session:
     quarantined: str = ""  # why its files cannot be trusted: every use is DATA_LOSS
     missing: str = ""  # the optimizer its files name, when no installed plugin provides it (journal.not_installed)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-    spec: dict = field(default_factory=dict, repr=False)  # name -> (shape, gradient dtypes allowed)
+    spec: dict = field(init=False, repr=False)  # name -> (shape, gradient dtypes allowed)
     # Fixed for the session's life, so computed once (every step reads them).
     dtype: np.dtype = field(init=False, repr=False)
     elements: int = field(init=False, repr=False)
@@ -171,13 +172,9 @@ class Session:
             self.spare = arrays
 
     def __post_init__(self):
-        allowed = GRAD_DTYPES[self.master_code]
-        self.spec = {name: (tuple(shape), allowed) for name, shape in self.shapes.items()}
-        self.dtype = MASTER_DTYPES[self.master_code]
-        self.elements = sum(int(np.prod(s, dtype=np.int64)) for s in self.shapes.values())
-        self.reply_bytes = 0 if self.reply == "none" else self.elements * self.dtype.itemsize
-        self.set_nbytes = self.elements * (1 + len(self.slot_names)) * self.dtype.itemsize
-        self.layout = (self.dtype.str, tuple((n, tuple(s)) for n, s in self.shapes.items()), tuple(self.slot_names))
+        (self.spec, self.dtype, self.elements, self.reply_bytes, self.set_nbytes,
+         self.layout) = _derived(self.master_code, self.reply, tuple((n, tuple(s)) for n, s in self.shapes.items()),
+                                 tuple(self.slot_names))
 
     @property
     def loaded(self) -> bool:
@@ -215,6 +212,18 @@ class Session:
         finally:
             with self.lock:
                 arrays.readers -= 1
+
+
+@functools.lru_cache(maxsize=4096)
+def _derived(master_code: int, reply: str, shapes: tuple, slot_names: tuple) -> tuple:
+    """What a Session computes from its layout once, shared by the sessions of one layout (a server
+    holds many sessions shaped alike: their spec, layout... are one object, not one each; never
+    changed in place)."""
+    dtype = MASTER_DTYPES[master_code]
+    spec = {name: (shape, GRAD_DTYPES[master_code]) for name, shape in shapes}
+    elements = sum(int(np.prod(s, dtype=np.int64)) for _, s in shapes)
+    return (spec, dtype, elements, 0 if reply == "none" else elements * dtype.itemsize,
+            elements * (1 + len(slot_names)) * dtype.itemsize, (dtype.str, shapes, slot_names))
 
 
 class Buffers(dict):

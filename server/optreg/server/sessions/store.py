@@ -12,6 +12,7 @@ server had no tokens has no owner and stays open to every token.
 from __future__ import annotations
 
 import bisect
+import gc
 import logging
 import threading
 import time
@@ -29,12 +30,16 @@ from optreg.server.storage.journal import NoJournal
 from optreg.server.model.session import SPARE_MIN_BYTES, Arrays, Session, SetPool
 
 log = logging.getLogger("optreg.server.sessions.store")
+# A start that had to read this many sessions' files (not in the data directory's index, or changed
+# since it was written: a crash) writes the index anew, so the next start need not read them again.
+REINDEX_AFTER = 1000
 
 
 class SessionStore:
     def __init__(self, registry: Registry, journal=None, *, budget: MemoryBudget | None = None,
                  limits: Limits = Limits(), default_durability: str | None = None, periodic_steps: int = 100,
-                 periodic_seconds: float = 30.0, idle_seconds: float = 0.0, auth: bool = False, metrics=None):
+                 periodic_seconds: float = 30.0, idle_seconds: float = 0.0, max_loaded: int = 0, auth: bool = False,
+                 metrics=None):
         self.registry = registry
         self.journal = journal or NoJournal()
         self.budget = budget or MemoryBudget(0)
@@ -45,6 +50,7 @@ class SessionStore:
                                       default_durability or ("log" if has_disk else "none"), has_disk,
                                       periodic_steps, periodic_seconds)
         self.idle_seconds = idle_seconds
+        self.max_loaded = max_loaded  # durable sessions in memory at most (0: no bound); the janitor unloads
         self.auth = auth
         self.metrics = metrics
         self.observers: list = []  # objects with on_step(session, run, seconds) / on_refused / on_delete
@@ -271,6 +277,29 @@ class SessionStore:
     # -- loading and unloading --------------------------------------------
     def open_all(self) -> int:
         """Register every session in the data directory, unloaded (read on first use)."""
+        # Nothing built here is garbage, and the cyclic collector would scan every session registered so
+        # far, again and again: half of a 100,000-session start. Off meanwhile; then those sessions (and
+        # the modules) are left out of its later scans (gc.freeze: they live as long as the process).
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            self._open_all()
+        finally:
+            if collecting:
+                gc.enable()
+            gc.freeze()
+        if self.journal.read_files >= REINDEX_AFTER:
+            t = time.monotonic()
+            try:
+                self.journal.write_index(self.list_all())
+            except OSError as e:
+                log.warning("the data directory's index was not written: %s", e)
+            log.info("%d sessions' files read at start; their index written in %.1f s", self.journal.read_files,
+                     time.monotonic() - t)
+        self._gauges()
+        return len(self._sessions)
+
+    def _open_all(self) -> None:
         for sid, meta_or_error in self.journal.scan():
             if out_of_descriptors(meta_or_error):  # the process's limit, not the session's files: stop
                 raise OSError(meta_or_error.errno, f"reading the data directory ({sid}): {meta_or_error.strerror}; "
@@ -287,8 +316,6 @@ class SessionStore:
                 continue
             with self._lock:
                 self._indexed(session)
-        self._gauges()
-        return len(self._sessions)
 
     def _load(self, session: Session) -> None:
         """Read the session's tensors from disk. Caller holds its lock."""
@@ -315,7 +342,9 @@ class SessionStore:
                 or session.resident is not None or self._sessions.get(session.id) is not session):
             return False
         self.journal.flush(session)
-        session.live = session.spare = None  # their budget goes when they are collected
+        self.journal.unload(session)
+        # (their budget goes when they are collected; load reads the last delta back from the snapshot)
+        session.live = session.spare = session.last_delta = None
         self._loaded_now(session, False)
         log.info("session %s unloaded at step %d", session.id, session.step,
                  extra={"session_id": session.id, "step": session.step})
@@ -343,7 +372,9 @@ class SessionStore:
         return False
 
     def flush_all(self) -> list[tuple[str, str]]:
-        """Write every session with unsaved changes (at shutdown). Tries every one; returns the failures."""
+        """At shutdown (nothing may change the sessions any more): write every session with unsaved
+        changes, close the journal (every log synced), then write the data directory's index of every
+        session. Tries every one; returns the failures."""
         failures = []
         for s in self.list_loaded():
             if s.durability.mode == "none" or s.live is None:
@@ -356,12 +387,29 @@ class SessionStore:
                     log.error("session %s could not be written at shutdown: %s", s.id, e,
                               extra={"session_id": s.id})
                     failures.append((s.id, str(e)))
+        self.journal.close()
+        try:
+            self.journal.write_index(self.list_all())
+        except OSError as e:  # the next start reads every session's files instead
+            log.error("the data directory's index was not written: %s", e)
         return failures
 
     def tick(self) -> None:
-        """Janitor: periodic snapshots past their window, idle sessions unloaded."""
+        """Janitor: periodic snapshots past their window, idle sessions unloaded, and the least recently
+        used ones while more than `max_loaded` are in memory."""
         now = time.time()
-        for s in self.list_loaded():
+        loaded = self.list_loaded()
+        if self.max_loaded and len(loaded) > self.max_loaded:
+            loaded.sort(key=lambda s: s.last_used_at)
+            for s in loaded[:len(loaded) - self.max_loaded]:
+                if s.durability.mode != "none" and s.lock.acquire(blocking=False):
+                    try:
+                        self._unload(s)
+                    except OSError as e:
+                        log.error("session %s could not be unloaded: %s", s.id, e, extra={"session_id": s.id})
+                    finally:
+                        s.lock.release()
+        for s in loaded:
             if s.live is None or s.durability.mode == "none" or not s.lock.acquire(blocking=False):
                 continue
             try:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import errno
 import logging
 import math
+import os
 import pathlib
 import threading
 import time
@@ -34,7 +35,7 @@ import numpy as np
 from optreg.plugins import HyperparameterError, Optimizer, Slot
 from optreg.plugins.registry import Registered
 from optreg.server.model import errors
-from optreg.server.storage import snapshot
+from optreg.server.storage import index, snapshot
 from optreg.server.storage import wal
 from optreg.server.model.errors import InvalidArgument, NotFound
 from optreg.server.storage.fsync import GroupSyncer, fsync_dir
@@ -106,6 +107,10 @@ class NoJournal:
     def busy(self, session): return False
     def wait_for_steps(self, session, timeout): pass
     def delete(self, session): pass
+    def unload(self, session): pass
+    unsynced: set = frozenset()
+    def write_index(self, sessions): pass
+    read_files = 0
     def scan(self): return iter(())
     def flush(self, session): pass
     def tick(self, session): pass
@@ -409,6 +414,9 @@ class Journal:
         self._logs: dict[str, wal.Log] = {}
         self.pool = wal.LogPool(max_open_logs)  # the logs' descriptors: opened on use, the idle closed
         self._snapshot_at: dict[str, float] = {}
+        self._kinds: dict[int, tuple] = {}  # during scan(): what sessions of one index kind share
+        self.read_files = 0  # sessions the last scan() read from their files (not from the index)
+        self.unsynced: set[str] = set()  # close(): sessions whose logs' last sync failed
         # session -> its steps whose log records are open. By the object, not the id: a deleted session's
         # stream may still hold a record (of its own, closed log) while a new session takes the id.
         self._inflight: dict[Session, int] = {}
@@ -518,10 +526,19 @@ class Journal:
         if self.metrics:
             self.metrics.checkpoint(size)
 
-    def _open_log(self, session_id: str, base_step: int, mode: str) -> wal.Log:
+    def _open_log(self, session_id: str, base_step: int, mode: str, keep: bool = True) -> wal.Log:
+        """The session's log (created empty at `base_step` if missing; emptied at `base_step` if it ends
+        before it: a crash between a snapshot and its log's reset), kept in `_logs` if `keep`."""
         lg = wal.Log.open(self.log_path(session_id), session_id, base_step=base_step, sync=SYNC[mode],
                           syncer=self.syncer, pool=self.pool)
-        self._logs[session_id] = lg
+        try:
+            if lg.last_step < base_step:
+                lg.reset(base_step)
+        except BaseException:
+            lg.close()
+            raise
+        if keep:
+            self._logs[session_id] = lg
         return lg
 
     def _close_log(self, session_id: str, delete: bool = False) -> None:
@@ -620,6 +637,12 @@ class Journal:
         if s.durability.mode != "none" and s.live is not None and (s.dirty or self._log_bytes(s.id)):
             self._snapshot(s)
 
+    def unload(self, s: Session) -> None:
+        """Caller holds the lock; the session was just flushed (its snapshot holds it all, its log is
+        empty): close its log, kept for loaded sessions only (load opens it again)."""
+        self._close_log(s.id)
+        self._snapshot_at.pop(s.id, None)
+
     def _log_bytes(self, session_id: str) -> int:
         lg = self._logs.get(session_id)
         return lg.log_bytes if lg is not None else 0
@@ -637,24 +660,75 @@ class Journal:
             self._snapshot(s)
 
     def close(self) -> None:
+        """Sync and close every log; `unsynced` gets the sessions whose logs may not hold what they
+        acknowledged (a failed sync)."""
         for sid in list(self._logs):
+            lg = self._logs[sid]
             self._close_log(sid)
+            if lg.broken is not None:
+                self.unsynced.add(sid)
 
     # -- start and load -------------------------------------------------------------------
+    def _files(self) -> dict[str, list]:
+        """session id -> [its snapshot's DirEntry, its log's (or None)], from one listing of the directory."""
+        found: dict[str, list] = {}
+        with os.scandir(self.dir) as entries:
+            for e in entries:
+                name = e.name
+                if name.startswith("."):
+                    continue
+                if name.endswith(SNAPSHOT):
+                    found.setdefault(name[:-len(SNAPSHOT)], [None, None])[0] = e
+                elif name.endswith(wal.SUFFIX):
+                    found.setdefault(name[:-len(wal.SUFFIX)], [None, None])[1] = e
+        return found
+
     def scan(self):
         """(session id, its snapshot metadata with "step" advanced past its log | the exception) for every
-        session in the directory; opens each log (cutting a torn tail)."""
-        for path in sorted(self.dir.glob(f"*{SNAPSHOT}")):
-            sid = path.name[:-len(SNAPSHOT)]
-            if sid.startswith("."):
+        session in the directory, in id order: from the index (storage/index.py) for each session whose
+        files are as the index recorded them, else read from its files (scan_one). `self.read_files`
+        counts the sessions read from their files."""
+        self._kinds = {}
+        self.read_files = 0
+        try:
+            indexed = index.read(self.dir) or {}
+        except (ValueError, TypeError, KeyError, IndexError) as e:  # (json's errors are ValueErrors)
+            log.warning("%s; reading every session's files instead", e)
+            indexed = {}
+        for sid, (snap, lg) in sorted(self._files().items()):
+            if snap is None:  # a log without a snapshot: nothing to recover from
                 continue
+            hit = indexed.get(sid)
+            if hit is not None and index.same(hit[1], snap, lg):
+                yield sid, hit[0]
+                continue
+            self.read_files += 1
             try:
                 yield sid, self.scan_one(sid)
             except Exception as e:
                 yield sid, e
+        self._kinds = {}
+
+    def write_index(self, sessions) -> None:
+        """Record `sessions` (those of this directory, as in memory now: nothing may change them while
+        this runs) in the index, each with its files' identity. Left out, to be read from their files
+        at the next start: a periodic session's unsaved steps, and any session with a problem (a log
+        whose last sync failed among them)."""
+        found = self._files()
+        metas = []
+        for s in sessions:
+            files = found.get(s.id)
+            lg = self._logs.get(s.id)
+            if (files is None or files[0] is None or s.quarantined or s.missing or s.durability.mode == "none"
+                    or (s.dirty and s.durability.mode not in SYNC) or (lg is not None and lg.broken is not None)
+                    or s.id in self.unsynced):
+                continue
+            metas.append((meta_of(s), index.file_key(files[0]) + index.file_key(files[1])))
+        index.write(self.dir, metas)
 
     def scan_one(self, sid: str) -> dict:
-        """One session's snapshot metadata, "step" advanced past its log (opened, a torn tail cut)."""
+        """One session's snapshot metadata, "step" advanced past its log (read, a torn tail cut, and
+        closed again: a session's log is open while it is loaded, Journal.load)."""
         path = self.snapshot_path(sid)
         meta = snapshot.read_meta(path)
         check_meta(meta, path)
@@ -663,17 +737,15 @@ class Journal:
         meta["log_error"] = ""
         if meta["durability"] in SYNC:
             try:
-                lg = self._open_log(sid, int(meta["step"]), meta["durability"])
-                if lg.last_step < int(meta["step"]):  # a crash between a snapshot and its log reset
-                    lg.reset(int(meta["step"]))
-                if lg.last_step > int(meta["step"]):
-                    meta["step"] = lg.last_step
-                    meta["log_step"] = True
-                    # ...and the hyperparameters in force, as its last record logged them (what
-                    # GetSession shows before the session is loaded and replayed)
-                    hp, extras = lg.last_settings()
-                    if not extras.get(LR_SCALED):
-                        meta["hyperparameters"] = hp
+                with self._open_log(sid, int(meta["step"]), meta["durability"], keep=False) as lg:
+                    if lg.last_step > int(meta["step"]):
+                        meta["step"] = lg.last_step
+                        meta["log_step"] = True
+                        # ...and the hyperparameters in force, as its last record logged them (what
+                        # GetSession shows before the session is loaded and replayed)
+                        hp, extras = lg.last_settings()
+                        if not extras.get(LR_SCALED):
+                            meta["hyperparameters"] = hp
             except (wal.CorruptData, ValueError, OSError) as e:
                 if errors.out_of_descriptors(e):  # the process's, not the file's: never a quarantine
                     raise
@@ -684,6 +756,33 @@ class Journal:
         """The unloaded session `meta` (checked by scan_one) describes; CorruptFile names a value its
         optimizer cannot take. A session whose optimizer is not installed is listed, with `missing`
         naming it, and served again once a server with that plugin starts."""
+        kind = self._kinds.get(meta["kind"]) if "kind" in meta else None
+        if kind is None:
+            kind = self._kind(meta, registry)
+            if "kind" in meta:  # sessions of one kind in the index share what it builds
+                self._kinds[meta["kind"]] = kind
+        registered, hp, code, durability, shapes, slots = kind
+        s = Session(meta["session_id"], registered, hp, code, meta["reply"], durability, shapes, slots,
+                    step=int(meta["step"]), first_step=int(meta.get("first_step", 0)), owner=meta.get("owner", ""),
+                    created_at=float(meta["created_at"] or meta.get("saved_at") or 0.0),
+                    last_used_at=float(meta.get("last_used_at") or meta.get("saved_at") or meta["created_at"] or 0.0))
+        if meta.get("workers") is not None:
+            s.workers = WorkerConfig.from_meta(meta["workers"])
+        s.round_record = meta.get("round_record")
+        if meta.get("worker_rounds"):
+            s.worker_rounds = dict(meta["worker_rounds"])
+        if meta.get("worker_clocks"):
+            s.worker_clocks = dict(meta["worker_clocks"])
+        s.persisted_step = s.step
+        s.dirty = False
+        if meta.get("log_error"):
+            s.quarantined = f"{meta['log_error']} (files kept: {self.snapshot_path(s.id)}, {self.log_path(s.id)})"
+        if registered.plugin == NOT_INSTALLED:
+            s.missing = meta["optimizer"]
+        return s
+
+    def _kind(self, meta: dict, registry) -> tuple:
+        """(optimizer, resolved hyperparameters, dtype code, durability, shapes, slots) of `meta`."""
         name = meta["optimizer"]
         if name not in registry.optimizers:
             # (numbers only: the log's last values replace the checked ones, and listing must not fail)
@@ -700,23 +799,9 @@ class Journal:
         if meta["slots"] != [s.name for s in defn.slots]:
             raise snapshot.CorruptFile(self.snapshot_path(meta["session_id"]),
                                        f"metadata slots {meta['slots']!r} are not {defn.name}'s")
-        s = Session(meta["session_id"], registered, hp, DTYPE_CODES[meta["master_dtype"]], meta["reply"],
-                    Durability(meta["durability"], int(meta["periodic_steps"]), float(meta["periodic_seconds"])),
-                    {n: tuple(v) for n, v in meta["shapes"].items()}, tuple(meta["slots"]),
-                    step=int(meta["step"]), first_step=int(meta.get("first_step", 0)), owner=meta.get("owner", ""),
-                    created_at=float(meta["created_at"] or meta.get("saved_at") or 0.0),
-                    last_used_at=float(meta.get("last_used_at") or meta.get("saved_at") or meta["created_at"] or 0.0))
-        s.workers = WorkerConfig.from_meta(meta.get("workers"))
-        s.round_record = meta.get("round_record")
-        s.worker_rounds = dict(meta.get("worker_rounds") or {})
-        s.worker_clocks = dict(meta.get("worker_clocks") or {})
-        s.persisted_step = s.step
-        s.dirty = False
-        if meta.get("log_error"):
-            s.quarantined = f"{meta['log_error']} (files kept: {self.snapshot_path(s.id)}, {self.log_path(s.id)})"
-        if registered.plugin == NOT_INSTALLED:
-            s.missing = name
-        return s
+        return (registered, hp, DTYPE_CODES[meta["master_dtype"]],
+                Durability(meta["durability"], int(meta["periodic_steps"]), float(meta["periodic_seconds"])),
+                {n: tuple(v) for n, v in meta["shapes"].items()}, tuple(meta["slots"]))
 
     def load(self, s: Session, budget, replay) -> None:
         """The snapshot, then every log record after it, replayed by `replay(session, record)` (the step's
@@ -738,6 +823,8 @@ class Journal:
                 return Arrays(params, state)
             s.live = budget.allocate(f"session {s.id}", s.set_bytes(), build)
             lg = self._logs.get(s.id)
+            if lg is None and s.durability.mode in SYNC:  # (the snapshot's step: s.step now)
+                lg = self._open_log(s.id, s.step, s.durability.mode)
             if lg is not None:
                 for record in lg.records(after=s.step):
                     replay(s, record)
@@ -746,6 +833,7 @@ class Journal:
         except BaseException as e:
             s.live = None
             s.step = target
+            self._close_log(s.id)
             if isinstance(e, (snapshot.CorruptData, ValueError, KeyError)):
                 raise RuntimeError(f"{e} (files kept: {path}, {self.log_path(s.id)})") from None
             raise

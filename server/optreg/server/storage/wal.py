@@ -810,6 +810,7 @@ class Log:
                     self._syncer.sync(fd)
                 except OSError as e:
                     log.error("%s: final sync failed: %s", self.path, e)
+                    self._broken = e  # (what it holds may be lost: `broken` tells the closer)
         finally:
             if fd is not None:
                 self._syncer.forget(fd)

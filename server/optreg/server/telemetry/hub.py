@@ -9,6 +9,11 @@ rpc/telemetry.py and the dashboard read it):
     hub.on_delete(session_id)                    when a session is deleted (its telemetry and file go too)
     hub.flush() / hub.close()                    write dirty rings to DIR/telemetry/<id>.telemetry
 
+With a data directory, a ring is in memory only while its session is in use: read from its file on
+first use (a step, a reader), and written and dropped once unused for `idle_seconds` (the server's
+--idle-seconds), so memory follows the active sessions, not every session that ever stepped. The
+list of every session's summary (`sessions`, the dashboard's) keeps a few figures per dropped ring.
+
 A StepEvent carries, per tensor, the four sums the update pass measures (kernels.apply(stats=...)):
 sum g^2, sum theta_new^2, sum (theta_new - theta_old)^2 and max |g|, so no second pass over memory;
 and a small sample of the optimizer state at fixed indices (sample_indices) from which the optimizer's
@@ -221,6 +226,7 @@ class SessionRing:
         self.version = 0  # bumped on every change; watchers wait for it to move
         self.dirty = False
         self.deleted = False
+        self.used = time.monotonic()  # the last step or read (TelemetryHub drops rings unused for long)
 
     @property
     def last_step(self) -> int:
@@ -335,14 +341,19 @@ class TelemetryHub:
 
     def __init__(self, data_dir: str | os.PathLike | None = None, *, recent_steps: int = 2048,
                  coarse_buckets: int = 1024, patience: int = PATIENCE, effective_lr: Callable[[str], EffectiveLr | None] | None = None,
-                 auth: bool = False, effective_lr_every: int = 10):
+                 auth: bool = False, effective_lr_every: int = 10, idle_seconds: float = 0.0):
         self.dir = pathlib.Path(data_dir) / "telemetry" if data_dir else None
         self.recent_steps, self.coarse_buckets = recent_steps, coarse_buckets
         self.patience = max(1, patience)
         self.effective_lr = effective_lr or (lambda optimizer: None)
         self.auth = auth
         self.effective_lr_every = max(1, effective_lr_every)
-        self._rings: dict[str, SessionRing] = {}
+        self._rings: dict[str, SessionRing] = {}  # in memory; the rest only in their files (_get)
+        self.idle_seconds = idle_seconds  # a ring unused this long is written and dropped (0: never)
+        # session id -> (owner, summary) of rings not in memory: what `sessions` lists for them
+        self._summaries: dict[str, tuple[str, dict]] = {}
+        self._listed = False  # every file's summary read (the first `sessions` call does it)
+        self._waiters: dict[str, int] = {}  # rings `wait` is blocked on: not dropped meanwhile
         self._cond = threading.Condition()
         self._queue: collections.deque = collections.deque()
         self._kick = threading.Event()
@@ -390,6 +401,7 @@ class TelemetryHub:
                         changed.append(item[0])
                     else:
                         ring = self._rings.pop(item, None)
+                        self._summaries.pop(item, None)
                         if ring is not None:
                             ring.deleted = True
                             ring.version += 1
@@ -440,8 +452,7 @@ class TelemetryHub:
                         ring.hp, self._effective_lr(event))
         if ring.names != names:
             if ring.recent or ring.coarse or ring.pending:  # tensors changed (a re-created session): start over
-                self._rings.pop(event.session_id)
-                ring = self._ring(event.session_id, event.owner, event.optimizer)
+                ring = self._ring(event.session_id, event.owner, event.optimizer, fresh=True)
             ring.names = names
         if ring.last_step and record.step <= ring.last_step:
             # a session restored from an older snapshot steps again over steps we hold: keep the newest
@@ -474,18 +485,32 @@ class TelemetryHub:
     # -- readers ---------------------------------------------------------------------------------
     def ring(self, session_id: str) -> SessionRing | None:
         self.drain()
-        return self._rings.get(session_id)
+        with self._cond:
+            return self._get(session_id)
 
     def sessions(self, caller: str = "") -> list[dict]:
+        """Every session's summary, those whose rings are only in their files included."""
         self.drain()
+        if not self._listed and self.dir is not None and self.dir.is_dir():
+            for path in self.dir.glob(f"*{SUFFIX}"):  # once: then kept up to date as rings come and go
+                sid = path.name[:-len(SUFFIX)]
+                if sid not in self._rings and sid not in self._summaries:
+                    ring = self._read(sid)
+                    with self._cond:
+                        if ring is not None and sid not in self._rings:
+                            self._summaries.setdefault(sid, (ring.owner, ring.summary()))
+            self._listed = True
         with self._cond:
-            return [r.summary() for r in self._rings.values() if visible(r.owner, caller, self.auth)]
+            out = [r.summary() for r in self._rings.values() if visible(r.owner, caller, self.auth)]
+            out += [dict(summary) for sid, (owner, summary) in self._summaries.items()
+                    if sid not in self._rings and visible(owner, caller, self.auth)]
+            return out
 
     def snapshot(self, session_id: str, after_step: int = 0, after_alert: int = 0, to_step: int = 0):
         """(records after after_step, alerts after seq after_alert, version, ring) under the lock."""
         self.drain()
         with self._cond:
-            ring = self._rings.get(session_id)
+            ring = self._get(session_id)
             if ring is None:
                 return [], [], -1, None
             alerts = [a for a in ring.alerts if a.seq > after_alert]
@@ -497,15 +522,21 @@ class TelemetryHub:
         deadline = time.monotonic() + timeout
         self.drain()
         with self._cond:
-            while True:
-                ring = self._rings.get(session_id)
-                now = -1 if ring is None else ring.version
-                if now != version:
-                    return now
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return now
-                self._cond.wait(left)
+            self._waiters[session_id] = self._waiters.get(session_id, 0) + 1
+            try:
+                while True:
+                    ring = self._get(session_id)
+                    now = -1 if ring is None else ring.version
+                    if now != version:
+                        return now
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return now
+                    self._cond.wait(left)
+            finally:
+                n = self._waiters.pop(session_id) - 1
+                if n:
+                    self._waiters[session_id] = n
 
     def add_listener(self, fn: Callable[[str], None]) -> None:
         """fn(session_id) after every change, on the committing thread: it must only hand off."""
@@ -518,31 +549,65 @@ class TelemetryHub:
             pass
 
     # -- persistence -----------------------------------------------------------------------------
-    def load_all(self) -> int:
-        """Read every DIR/telemetry/*.telemetry; a file that cannot be read is logged and skipped."""
-        if self.dir is None or not self.dir.is_dir():
+    def _read(self, session_id: str) -> SessionRing | None:
+        """The ring in DIR/telemetry/<id>.telemetry; None without one, or when it cannot be read (logged:
+        telemetry never stops the server; the session's next step starts a new ring)."""
+        if (self.dir is None or not session_id or session_id.startswith(".") or "/" in session_id
+                or "\\" in session_id or "\0" in session_id):  # (a name the caller gave: no path)
+            return None
+        path = self.dir / f"{session_id}{SUFFIX}"
+        try:
+            data = json.loads(inflate(path.read_bytes()))
+            if data.get("format") != FORMAT:
+                raise ValueError(f"format {data.get('format')!r}, expected {FORMAT}")
+            ring = SessionRing(data["session_id"], data["owner"], data["optimizer"],
+                               self.recent_steps, self.coarse_buckets)
+            ring.restore(data)
+        except FileNotFoundError:
+            return None
+        except Exception as e:  # noqa: BLE001 - telemetry must never stop the server
+            log.warning("telemetry file %s not loaded: %s", path, e)
+            return None
+        return ring
+
+    def _get(self, session_id: str) -> SessionRing | None:
+        """Caller holds _cond: the session's ring, read from its file if it is not in memory."""
+        ring = self._rings.get(session_id)
+        if ring is None:
+            ring = self._read(session_id)
+            if ring is None:
+                return None
+            self._rings[session_id] = ring
+            self._summaries.pop(session_id, None)
+        ring.used = time.monotonic()
+        return ring
+
+    def drop_idle(self) -> int:
+        """Write and drop the rings unused for `idle_seconds` (kept: their summaries); how many went."""
+        if self.dir is None or not self.idle_seconds:
             return 0
-        n = 0
-        for path in sorted(self.dir.glob(f"*{SUFFIX}")):
+        cutoff = time.monotonic() - self.idle_seconds
+        with self._cond:
+            idle = [sid for sid, r in self._rings.items() if r.used < cutoff and sid not in self._waiters]
+        dropped = 0
+        for sid in idle:
             try:
-                data = json.loads(inflate(path.read_bytes()))
-                if data.get("format") != FORMAT:
-                    raise ValueError(f"format {data.get('format')!r}, expected {FORMAT}")
-                ring = SessionRing(data["session_id"], data["owner"], data["optimizer"],
-                                   self.recent_steps, self.coarse_buckets)
-                ring.restore(data)
-            except Exception as e:  # noqa: BLE001 - telemetry must never stop the server
-                log.warning("telemetry file %s not loaded: %s", path, e)
+                self.save(sid)
+            except OSError as e:  # kept in memory: tried again at the next round
+                log.warning("telemetry of session %s not written: %s", sid, e)
                 continue
             with self._cond:
-                self._rings[ring.session_id] = ring
-            n += 1
-        return n
+                ring = self._rings.get(sid)
+                if ring is not None and not ring.dirty and ring.used < cutoff and sid not in self._waiters:
+                    del self._rings[sid]
+                    self._summaries[sid] = (ring.owner, ring.summary())
+                    dropped += 1
+        return dropped
 
     def export(self, session_id: str) -> bytes | None:
         self.drain()
         with self._cond:
-            ring = self._rings.get(session_id)
+            ring = self._get(session_id)
             return None if ring is None else zlib.compress(json.dumps(ring.to_json()).encode(), 1)
 
     def import_(self, session_id: str, data: bytes, owner: str | None = None, budget=None) -> SessionRing:
@@ -572,6 +637,7 @@ class TelemetryHub:
         self.drain()
         with self._cond:
             self._rings[session_id] = ring
+            self._summaries.pop(session_id, None)
             ring.version += 1
             self._cond.notify_all()
         self._notify(session_id)
@@ -609,6 +675,7 @@ class TelemetryHub:
         def run():
             while not self._stop.wait(save_seconds):
                 self.flush()
+                self.drop_idle()
 
         self._saver = threading.Thread(target=run, name="optreg-telemetry-save", daemon=True)
         self._saver.start()
@@ -633,8 +700,10 @@ class TelemetryHub:
                 log.warning("telemetry of session %s not written: %s", session_id, e)
 
     # -- internals -------------------------------------------------------------------------------
-    def _ring(self, session_id: str, owner: str, optimizer: str) -> SessionRing:
-        ring = self._rings.get(session_id)
+    def _ring(self, session_id: str, owner: str, optimizer: str, fresh: bool = False) -> SessionRing:
+        """Caller holds _cond: the session's ring (from its file when not in memory; a new one if it has
+        none, or `fresh`)."""
+        ring = None if fresh else self._get(session_id)
         if ring is None:
             ring = self._rings[session_id] = SessionRing(session_id, owner, optimizer, self.recent_steps,
                                                          self.coarse_buckets)
