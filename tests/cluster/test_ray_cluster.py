@@ -411,7 +411,7 @@ def test_the_journal_refuses_a_superseded_owners_writes(tmp_path):
     """Below the host's check on each call: a step already past it when the takeover happens is refused
     by the journal at its commit (after its record is written, before it is applied or answered), and
     so are snapshots; the new owner never sees either."""
-    from optreg.server.cluster.host import _Abort, _Context
+    from optreg.server.cluster.context import Abort, ActorContext
     from optreg.server.cluster.ownership import StaleOwner
     old = SessionHost("optreg-host-a", str(tmp_path), 64)
     assert old.call("CreateSession", "j-1", *pack([create_request("j-1").SerializeToString()]))[0] == OK
@@ -421,8 +421,8 @@ def test_the_journal_refuses_a_superseded_owners_writes(tmp_path):
     new = SessionHost("optreg-host-b", str(tmp_path), 64)
     assert new.adopt("j-1", 1) == 2
     second = session_pb2.StepRequest(session_id="j-1", step=1, gradients=[tensors.from_numpy("W", grad(2))])
-    with pytest.raises(_Abort) as refused:  # straight into the servicer, as a call already in flight would be
-        old.servicer.Step(second, _Context())
+    with pytest.raises(Abort) as refused:  # straight into the servicer, as a call already in flight would be
+        old.servicer.Step(second, ActorContext())
     assert refused.value.code.name == "UNAVAILABLE" and "taken over" in refused.value.message
     with pytest.raises(StaleOwner):
         old.journal._snapshot(session)
