@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import threading
 import time
 
 import grpc
@@ -298,7 +297,6 @@ class Shared:
     def __init__(self, keep: int = 64):
         self.keep = keep
         self.made: dict = {}
-        self.lock = threading.Lock()  # (the loop's alone today; cheap insurance if the pool makes some)
 
     def get(self, key, make, *args):
         """make(*args) (or make(key), when args are empty), made once for `key`: a tuple, or an object whose
@@ -309,11 +307,9 @@ class Shared:
             made = make(*args) if args else make(key)
             if isinstance(made, Message):
                 made = made.SerializeToString()  # the Step handler sends bytes as they are
-            got = (made, key, args)  # (key and args keep alive the objects whose ids are in the key)
-            with self.lock:
-                self.made[k] = got
-                while len(self.made) > self.keep:
-                    del self.made[next(iter(self.made))]
+            got = self.made[k] = (made, key, args)  # (key and args keep alive what the key names by id)
+            while len(self.made) > self.keep:  # (only the loop uses it: no lock)
+                del self.made[next(iter(self.made))]
         return got[0]
 
 
