@@ -7,9 +7,11 @@ closing round after round, each member computing for THINK_SECONDS (0.5-1.5 s at
 sends its next contribution, as training workers do; as many open WatchSession calls (watching that
 session: each round is a step they are sent); as many upload streams that sent their first message
 and then stall. Meanwhile this process probes, every PROBE_EVERY seconds, a health check and a
-1e3-float32 Adam step on another session. Rows: the probe's p50/p99 with the waiters, against the
-same probe on the same server before them, and the rounds closed while it ran. The server's thread
-count is shown in the note. (Members sending back to back, with no compute between rounds, fill both
+1e3-float32 Adam step on another session. The server is a default one (durable, `log`) on a data
+directory of its own. Rows: the probe's p50/p99 with the waiters, against the same probe on the same
+server before them, and the rounds closed while it ran. The floor: the same probe, at the same
+moments, against a second default server that holds no waiters (what the 2-core machine, busy with
+the waiters' client processes, leaves any server). The server's thread count is in the note. (Members sending back to back, with no compute between rounds, fill both
 cores with their own calls: docs/speed.md has that figure.)
 """
 from __future__ import annotations
@@ -19,6 +21,8 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 
 import numpy as np
@@ -105,13 +109,26 @@ async def _client(address: str, shared: str, target: str, first: int, n: int) ->
     os._exit(0)  # the members' last round never closes: leave without waiting for it
 
 
+def _serve(data_dir):
+    from bench.run import Child
+    c = Child(["-m", "optreg.server", "serve", "--host", "127.0.0.1", "--port", "0", "--log-level", "warning",
+               "--data-dir", data_dir], "optreg serving on ")
+    c.address = c.line[-1]
+    return c
+
+
 def bench_waiting(cfg, _server, _echo):
-    from bench.run import ROOT, _env, pct, row, start_optreg
+    from bench.run import ROOT, _env, pct, row
     from optreg.client import Client
     n = 250 if cfg.quick else 1000
     seconds = 10 if cfg.quick else 30
-    server = start_optreg()  # a default server of its own (its limits are what is measured)
+    tmp = tempfile.TemporaryDirectory(prefix="optreg-bench-waiting-")
+    server = _serve(f"{tmp.name}/loaded")  # a default server of its own (its limits are what is measured)
+    idle = None
     try:
+        idle = _serve(f"{tmp.name}/idle")
+        with Client(idle.address) as c:
+            floor_probe = c.create_session("adam", {"w": np.zeros(1000, np.float32)})
         with Client(server.address) as c:
             probe = c.create_session("adam", {"w": np.zeros(1000, np.float32)})
             shared = c.create_session("adam", {"w": np.zeros(16, np.float32)},
@@ -130,7 +147,11 @@ def bench_waiting(cfg, _server, _echo):
                 line = p.stdout.readline()
                 if line.strip() != "ready":
                     raise RuntimeError(f"a waiting client did not start: {line!r}")
+            floor = []
+            beside = threading.Thread(target=lambda: floor.extend(_probe(idle.address, floor_probe.id, seconds)))
+            beside.start()
             checks, steps = _probe(server.address, probe.id, seconds)
+            beside.join()
             threads = _threads(server.proc.pid)
         finally:
             got = []
@@ -149,12 +170,19 @@ def bench_waiting(cfg, _server, _echo):
             pct(base_checks, 50), note=note)
         row("waiting: health p99", pct(checks, 99), "s", "the same, no waiters", pct(base_checks, 99),
             note="target: p99 <= 50 ms")
+        row("waiting: health p99, floor", pct(checks, 99), "s", "an idle server, same moments", pct(floor[0], 99),
+            note="the machine's share: the waiters' clients on 2 cores")
         row("waiting: adam 1e3 step p50", pct(steps, 50), "s", "the same, no waiters", pct(base_steps, 50))
         row("waiting: adam 1e3 step p99", pct(steps, 99), "s", "the same, no waiters", pct(base_steps, 99),
             note="target: p99 <= 50 ms")
+        row("waiting: adam 1e3 step p99, floor", pct(steps, 99), "s", "an idle server, same moments",
+            pct(floor[1], 99))
         row(f"waiting: sync rounds of {n} members closed", float(rounds), "rounds", note="while the probe ran")
     finally:
         server.stop()
+        if idle is not None:
+            idle.stop()
+        tmp.cleanup()
 
 
 if __name__ == "__main__":

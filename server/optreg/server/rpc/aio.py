@@ -10,6 +10,7 @@ lock is free runs inline on the loop: handing it to a thread and back costs more
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import time
 
@@ -18,7 +19,7 @@ from google.protobuf.message import Message
 
 from optreg.server.model.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
 from optreg.server.rpc import status
-from optreg.server.rpc.calls import Context, offload
+from optreg.server.rpc.calls import live_context, offload
 from optreg.server.rpc.service import SessionServicer, Upload, shared
 from optreg.server.rpc.telemetry import POLL_SECONDS, TelemetryServicer
 from optreg.server.steps import sparse_rows
@@ -29,6 +30,8 @@ from optreg.v1 import session_pb2
 # ones on the pool (a 64 KiB step is ~0.1 ms of work, less than the hand-off to a thread and back).
 INLINE_BYTES = 64 << 10
 STREAM_ENDED = object()
+# Calls woken together (a round's members, a step's watchers) go on this many per loop turn.
+WAKE_SLICE = 32
 
 
 def coroutines(servicer, handlers: dict) -> dict:
@@ -47,6 +50,36 @@ def coroutines(servicer, handlers: dict) -> dict:
         kind = next(k for k in ("unary_unary", "unary_stream", "stream_unary", "stream_stream") if getattr(h, k))
         out[name] = h._replace(**{kind: getattr(aio, name)})
     return out
+
+
+class Waker:
+    """Wakes many parked calls a slice per loop turn. When a round of 1,000 members closes, or 1,000
+    watchers see the same step, each woken call sends its reply on the loop: woken at once, a call
+    arriving meanwhile (a health check, another session's step) would wait behind all of them; woken a
+    slice at a time, the loop polls for new calls between slices, and it waits one slice."""
+
+    def __init__(self):
+        self.queue: collections.deque = collections.deque()
+
+    def wake(self, loop: asyncio.AbstractEventLoop, wakes) -> None:
+        """Calls each of `wakes` (callables) on the loop, a slice per turn (loop thread only)."""
+        idle = not self.queue
+        self.queue.extend(wakes)
+        if idle and self.queue:
+            loop.call_soon(self._turn, loop)
+
+    def _turn(self, loop) -> None:
+        for _ in range(min(WAKE_SLICE, len(self.queue))):
+            self.queue.popleft()()
+        if self.queue:
+            loop.call_soon(self._turn, loop)  # (the next turn: after the loop's poll for new events)
+
+
+def _settle(f: asyncio.Future, source) -> None:
+    """f takes the outcome of the (done) concurrent future `source`, unless its waiter left."""
+    if not f.done():
+        e = source.exception()
+        f.set_exception(e) if e is not None else f.set_result(source.result())
 
 
 def _data_bytes(tensors_) -> int:
@@ -121,11 +154,13 @@ class AioSessions:
         self.s = servicer
         self.metrics = servicer.metrics  # (status.handler counts here)
         self._replies = Shared()  # a round's reply, encoded once for all its members
+        self._waker = Waker()
+        self._rounds: dict = {}  # a round's outcome future -> the asyncio futures of its waiting members
 
     # -- Step ------------------------------------------------------------------------------
     @status.handler
-    async def Step(self, request, context):
-        ctx = Context(context)
+    @live_context
+    async def Step(self, request, ctx):
         s = self.s
         session = s.store.get(request.session_id, s.owner(ctx))
         if shared(session, request.worker):
@@ -143,12 +178,26 @@ class AioSessions:
                 and s.durability.mode in ("none", "log") and not s.lock.locked()
                 and not self.s.store.journal.busy(s) and _data_bytes(request.gradients) <= INLINE_BYTES)
 
+    def _inline_contribution(self, session, request) -> bool:
+        """Whether a sync member's contribution is small and will not close its round (so it only joins
+        the round in memory): then it is committed on the loop. A thousand members each handing theirs to
+        a thread and back kept the loop waiting for the GIL behind the pool. (Read without the round's
+        lock: a round that fills meanwhile is closed here, a small session's one step.)"""
+        s, hub = session, session.hub
+        r = hub.round if hub is not None else None
+        return (r is not None and not r.closing and not request.sparse and s.live is not None
+                and len(r.contribs) + 1 < len(hub.members.by_name)
+                and s.elements * s.dtype.itemsize <= INLINE_BYTES and _data_bytes(request.gradients) <= INLINE_BYTES)
+
     async def _contribute(self, session, request, ctx):
         workers = self.s.workers
         if session.workers.mode != "sync":  # async/SSP: one step each (SSP may wait for the slowest member)
             return await offload(workers.step, session, request, ctx)
         with workers.call(session, request.worker):
-            o = await offload(workers.contribution, session, request, ctx, False)
+            if self._inline_contribution(session, request):
+                o = workers.contribution(session, request, ctx, False)
+            else:
+                o = await offload(workers.contribution, session, request, ctx, False)
             o = await self._round(session, request.worker, request.round, o, ctx)
             if _outcome_bytes(o) > INLINE_BYTES:  # made on the pool for each member (not kept: its size)
                 return await offload(workers.reply, o)
@@ -158,9 +207,18 @@ class AioSessions:
         """The round's outcome: awaited (no thread) until its close resolves it, up to the call's deadline."""
         if isinstance(o, Outcome):
             return o
+        if o.done():  # this member closed the round
+            return o.result()
         hub = session.hub
+        loop = asyncio.get_running_loop()
+        waiters = self._rounds.get(o)
+        if waiters is None:  # the first member to wait: the close (on the pool) wakes them through the loop
+            waiters = self._rounds[o] = []
+            o.add_done_callback(lambda _: loop.call_soon_threadsafe(self._closed, loop, o))
+        mine = loop.create_future()
+        waiters.append(mine)
         try:
-            return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(o)), ctx.time_remaining())
+            return await asyncio.wait_for(mine, ctx.time_remaining())
         except asyncio.TimeoutError:
             raise DeadlineExceeded(
                 f"round {number} did not close within this call's deadline; worker {worker!r}'s contribution is "
@@ -168,6 +226,9 @@ class AioSessions:
                 "once)") from None
         finally:
             hub.done_waiting(number, worker)
+
+    def _closed(self, loop, o) -> None:
+        self._waker.wake(loop, [lambda f=f: _settle(f, o) for f in self._rounds.pop(o, ())])
 
     # -- streams ---------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -181,8 +242,8 @@ class AioSessions:
                 paced.close()
 
     @status.handler
-    async def StepStream(self, request_iterator, context):
-        ctx = Context(context)
+    @live_context
+    async def StepStream(self, request_iterator, ctx):
         s = self.s
         with self._paced(request_iterator) as requests:
             first = await requests.next()
@@ -248,8 +309,8 @@ class AioSessions:
                 yield reply
 
     @status.handler
-    async def CreateSessionStream(self, request_iterator, context):
-        ctx = Context(context)
+    @live_context
+    async def CreateSessionStream(self, request_iterator, ctx):
         s = self.s
         with self._paced(request_iterator) as requests:
             upload = Upload(s.store)
@@ -265,8 +326,8 @@ class AioSessions:
 
     # -- shared memory ---------------------------------------------------------------------
     @status.handler
-    async def RegisterSharedMemory(self, request, context):
-        ctx = Context(context)
+    @live_context
+    async def RegisterSharedMemory(self, request, ctx):
         got = await offload(self.s.register_shm, request, ctx)
         if got is None:
             return
@@ -326,6 +387,7 @@ class AioTelemetry:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.waiting: dict[str, set[asyncio.Event]] = {}
         self.shared = Shared()  # a step's events, made once for all the watchers at the same point
+        self.waker = Waker()
         servicer.hub.add_listener(self._changed)
 
     def _changed(self, session_id: str) -> None:  # any thread: only hands off
@@ -334,8 +396,7 @@ class AioTelemetry:
             loop.call_soon_threadsafe(self._wake, session_id)
 
     def _wake(self, session_id: str) -> None:
-        for event in self.waiting.get(session_id, ()):
-            event.set()
+        self.waker.wake(self.loop, [e.set for e in self.waiting.get(session_id, ())])
 
     async def WatchSession(self, request, context):
         self.loop = asyncio.get_running_loop()
