@@ -54,7 +54,10 @@ class Schedule:
         out = {p.name: p.default for p in self.parameters}
         for p in self.parameters:
             if p.name in values:
-                out[p.name] = p.coerce(values[p.name], f"schedule {self.name}")
+                try:
+                    out[p.name] = p.coerce(values[p.name], f"schedule {self.name}")
+                except HyperparameterError as e:  # a schedule's are parameters, checked as hyperparameters are
+                    raise HyperparameterError(str(e).replace(" hyperparameter ", " parameter ", 1)) from None
         problem = self.check(out) if self.check is not None else None
         if problem:
             raise HyperparameterError(f"schedule {self.name}: {problem}")
