@@ -165,6 +165,19 @@ def not_installed(name: str, slots) -> Registered:
                                 slots=tuple(Slot(n) for n in slots)), NOT_INSTALLED, "", "")
 
 
+def schedule_meta(meta: dict, path) -> dict | None:
+    """The metadata's schedule ({"name", "parameters"}: Journal.meta_of), None when it names none;
+    CorruptFile when it is not of that form (its parameters are checked by the schedule itself).
+    Shared with `optreg sessions export` files."""
+    named = meta.get("schedule")
+    if not named:
+        return None
+    if type(named) is not dict or type(named.get("name")) is not str or type(named.get("parameters")) is not dict \
+            or not all(type(k) is str and type(v) in (int, float) for k, v in named["parameters"].items()):
+        raise snapshot.CorruptFile(path, f"metadata schedule {str(named)[:80]!r}: must be {{name, parameters}}")
+    return named
+
+
 def check_meta(meta: dict, path) -> None:
     """Every metadata value a session is built from, of the type and in the range it must have: a
     checksum proves a file is as written, not that what was written is usable (a step of 2**70, a
@@ -809,12 +822,10 @@ class Journal:
     def _schedule(self, meta: dict, registry) -> SessionSchedule | None:
         """The schedule `meta` names, its parameters checked as CreateSession checks them; None when it
         names none, or one no installed plugin provides (session_from marks the session missing)."""
-        named = meta.get("schedule")
-        if not named:
-            return None
         path = self.snapshot_path(meta["session_id"])
-        if type(named) is not dict or type(named.get("name")) is not str or type(named.get("parameters")) is not dict:
-            raise snapshot.CorruptFile(path, f"metadata schedule {str(named)[:80]!r}: must be {{name, parameters}}")
+        named = schedule_meta(meta, path)
+        if named is None:
+            return None
         if named["name"] not in registry.schedules:
             return None
         registered = registry.schedule(named["name"])
