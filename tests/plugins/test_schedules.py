@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import textwrap
 import threading
 
@@ -283,9 +284,12 @@ def test_third_party_schedule_from_an_entry_point(tmp_path, start_server):
             s.step({"w": np.ones(2)})
             got.append(s.lr)
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
-    listing = optreg("optimizers", "--json", env=None)  # the CLI lists the built-ins
-    assert listing.returncode == 0, listing.stderr
-    assert set(CASES) <= {s["name"] for s in json.loads(listing.stdout)["schedules"]}
+        listing = optreg("optimizers", "--json", "--address", srv.address)  # the CLI lists them all
+        assert listing.returncode == 0, listing.stderr
+        assert set(CASES) | {"step-decay"} <= {s["name"] for s in json.loads(listing.stdout)["schedules"]}
+        table = optreg("optimizers", "--address", srv.address).stdout
+        row = next(line for line in table.splitlines() if line.startswith("step-decay "))
+        assert re.split(r"\s{2,}", row) == ["step-decay", "step_size*, gamma=0.1", "optreg-stepdecay 0.2.0"], table
 
 
 def test_remote_optimizer_with_a_server_schedule_matches_torch_with_onecycle(start_server):
