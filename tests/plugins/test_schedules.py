@@ -16,7 +16,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from cli_helpers import optreg  # noqa: E402
-from optreg.client import Client, FailedPrecondition, InvalidArgument  # noqa: E402
+from optreg.client import Client, FailedPrecondition, Internal, InvalidArgument  # noqa: E402
 from optreg.client.torch import RemoteOptimizer  # noqa: E402
 from optreg.v1 import session_pb2, session_pb2_grpc, telemetry_pb2, telemetry_pb2_grpc, tensors  # noqa: E402
 from test_plugins_entry_point import install_fake_distribution  # noqa: E402
@@ -290,6 +290,58 @@ def test_third_party_schedule_from_an_entry_point(tmp_path, start_server):
         table = optreg("optimizers", "--address", srv.address).stdout
         row = next(line for line in table.splitlines() if line.startswith("step-decay "))
         assert re.split(r"\s{2,}", row) == ["step-decay", "step_size*, gamma=0.1", "optreg-stepdecay 0.2.0"], table
+
+
+def test_a_session_whose_schedule_is_uninstalled_is_listed_refused_and_served_again(tmp_path, start_server):
+    (tmp_path / "site").mkdir()
+    install_fake_distribution(tmp_path / "site", name="optreg-stepdecay", version="0.2.0", body=STEP_DECAY)
+    data = str(tmp_path / "data")
+    with_plugin = {"PYTHONPATH": str(tmp_path / "site")}
+    srv = start_server("--data-dir", data, env=with_plugin)
+    with Client(srv.address, timeout=60) as c:
+        s = c.create_session("torch.sgd", {"w": np.zeros(2)}, session_id="decay", lr=LR, schedule="step-decay",
+                             schedule_parameters={"step_size": 2, "gamma": 0.5}, durability="log")
+        for _ in range(3):
+            s.step({"w": np.ones(2)})
+    srv.kill()
+    srv = start_server("--data-dir", data)  # the plugin is gone
+    with Client(srv.address, timeout=60) as c:
+        info = c.get_session("decay")
+        assert info.missing_optimizer == "schedule step-decay" and info.step == 3
+        with pytest.raises(FailedPrecondition, match="needs schedule step-decay, which is not installed"):
+            c.session("decay").step({"w": np.ones(2)})
+    srv.stop()
+    srv = start_server("--data-dir", data, env=with_plugin)
+    with Client(srv.address, timeout=60) as c:
+        s = c.session("decay")
+        s.step({"w": np.ones(2)})  # step 4: 0.5 ** (3 // 2)
+        assert s.lr == LR * 0.5 and s.info.schedule == "step-decay"
+
+
+BROKEN = textwrap.dedent('''
+    from optreg.plugins import Schedule, hookimpl
+
+    @hookimpl
+    def optreg_schedules():
+        return [Schedule(name="nan-at-3", summary="breaks at step 3.",
+                         factor=lambda k, p: float("nan") if k == 2 else 1.0),
+                Schedule(name="Bad Name", summary="refused at load.", factor=lambda k, p: 1.0)]
+''')
+
+
+def test_a_schedule_that_fails_is_internal_naming_the_plugin_and_changes_nothing(tmp_path, start_server):
+    install_fake_distribution(tmp_path, name="optreg-broken", body=BROKEN)
+    srv = start_server(env={"PYTHONPATH": str(tmp_path)})
+    with Client(srv.address, timeout=60) as c:
+        (failure,) = c.plugin_failures()
+        assert failure.plugin == "signsgd" and "invalid schedule definition" in failure.reason
+        s = c.create_session("torch.sgd", {"w": np.zeros(2)}, lr=LR, schedule="nan-at-3", durability="none")
+        s.step({"w": np.ones(2)})
+        s.step({"w": np.ones(2)})
+        with pytest.raises(Internal, match=r"schedule nan-at-3 \(plugin signsgd\) failed at step 3"):
+            s.step({"w": np.ones(2)})
+        assert s.refresh().step == 2
+        assert s.read_parameters()["w"].tolist() == [-2 * LR, -2 * LR]
 
 
 def test_remote_optimizer_with_a_server_schedule_matches_torch_with_onecycle(start_server):

@@ -794,7 +794,7 @@ class Journal:
         if registered.plugin == NOT_INSTALLED:
             s.missing = meta["optimizer"]
         elif meta.get("schedule") and schedule is None:  # listed, kept, and served once a server has it
-            s.missing = f"{meta['optimizer']} (schedule {meta['schedule']['name']})"
+            s.missing = f"schedule {meta['schedule']['name']}"
         return s
 
     def _kind(self, meta: dict, registry) -> tuple:
