@@ -122,8 +122,9 @@ def test_huge_finite_float64_gradient_is_not_taken_for_non_finite(server):
     {"empty": np.zeros((0, 3), np.float32)},
 ])
 @pytest.mark.parametrize("step,replayed", [(0, False), (1, False), (1 << 40, True)])
-def test_step_reply_bytes_equal_the_serialized_message(tensors, step, replayed):
-    result = StepResult(step, replayed, tensors)
+@pytest.mark.parametrize("lr", [0.0, 0.1, 3.0517578125e-05])  # the lr the step ran with (StepResponse.lr)
+def test_step_reply_bytes_equal_the_serialized_message(tensors, step, replayed, lr):
+    result = StepResult(step, replayed, tensors, lr=lr)
     assert _step_reply(result) == _step_response(result).SerializeToString()
 
 

@@ -7,7 +7,8 @@ every tensor and of the metadata, so a flipped bit anywhere is refused on import
 (`[]` stays `[]`), and, when the session had any, its telemetry ring as the uint8 tensor
 `telemetry/ring` (the blob TelemetryService.ExportTelemetry returns). The metadata holds the
 session's configuration and step under the data directory's key names, a shared session's
-worker setup under "workers" (membership.WorkerConfig's fields), and a "tensors" table mapping
+worker setup under "workers" (membership.WorkerConfig's fields), its learning-rate schedule under
+"schedule" ({name, parameters}, or null), and a "tensors" table mapping
 each key to (kind, slot, name) so names may hold any character.
 
 Reading is bounded by the file's size (a header or tensor that claims more than the file holds
@@ -55,7 +56,8 @@ def write(path, info, parameters: dict[str, np.ndarray], state: dict[str, dict[s
             "master_dtype": info.master_dtype, "reply": info.step_reply, "durability": info.durability,
             "periodic_steps": int(info.periodic_steps), "periodic_seconds": float(info.periodic_seconds),
             "created_at": created, "shapes": {n: list(s) for n, s in info.parameters.items()},
-            "slots": list(info.slots), "tensors": table, "workers": None}
+            "slots": list(info.slots), "tensors": table, "workers": None,
+            "schedule": {"name": info.schedule, "parameters": dict(info.schedule_parameters)} if info.schedule else None}
     workers = getattr(info, "workers", None)
     if workers is not None:  # a shared session stays shared (its members rejoin; docs/workers.md)
         meta["workers"] = {WORKER_FIELDS[k]: v for k, v in dataclasses.asdict(workers).items()}
@@ -72,6 +74,7 @@ def read(path) -> tuple[dict, dict[str, np.ndarray], dict[str, dict[str, np.ndar
             raise snapshot.CorruptFile(path, f"format {str(meta.get('format'))[:40]!r}; this optreg reads "
                                              f"{FORMAT!r} (files of `optreg sessions export`)")
         journal.check_meta(meta, path)
+        meta["schedule"] = journal.schedule_meta(meta, path)
         telemetry, kind = arrays.pop(TELEMETRY, None), meta["tensors"].pop(TELEMETRY, ["telemetry"])[0]
         if kind != "telemetry" or (telemetry is not None and (telemetry.dtype != np.uint8 or telemetry.ndim != 1)):
             raise snapshot.CorruptFile(path, f"tensor {TELEMETRY!r} is not a telemetry blob (uint8, 1-D)")

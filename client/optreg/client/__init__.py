@@ -63,7 +63,7 @@ from optreg.client.retry import RetryPolicy
 from optreg.client.session import Session
 from optreg.client.transport import GrpcTransport, Transport
 from optreg.client.workers import Worker, WorkerStepResult
-from optreg.client.results import MemberInfo, RoundSummary, WorkerSetup
+from optreg.client.results import MemberInfo, RoundSummary, ScheduleInfo, WorkerSetup
 
 __all__ = ["SGD", "AdaGrad", "Adam", "AlreadyExists", "Cancelled", "Client", "DataLoss", "DeadlineExceeded",
            "FailedPrecondition", "GrpcTransport", "Hyperparameter", "Internal", "InvalidArgument", "Momentum",
@@ -71,4 +71,4 @@ __all__ = ["SGD", "AdaGrad", "Adam", "AlreadyExists", "Cancelled", "Client", "Da
            "ReassemblyError", "Refusal", "ResourceExhausted", "RetryPolicy", "Session", "SessionInfo",
            "SessionState", "Slot", "StepMismatch", "StepResult", "Transport", "TransportError", "Unauthenticated",
            "Unavailable", "Unimplemented", "Unknown", "UsageError", "errors", "Worker", "WorkerStepResult",
-           "MemberInfo", "RoundSummary", "WorkerSetup", "WriterConflict"]
+           "MemberInfo", "RoundSummary", "ScheduleInfo", "WorkerSetup", "WriterConflict"]

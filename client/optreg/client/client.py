@@ -11,7 +11,7 @@ import numpy as np
 from optreg.client._step_transport import STREAM_ABOVE_BYTES, nbytes
 from optreg.client.checks import dtype_name, load_into, resume_mismatches, session_config, shape_mismatches
 from optreg.client.errors import AlreadyExists, NotFound, OptregError, UsageError
-from optreg.client.results import OptimizerInfo, PluginFailure, SessionInfo
+from optreg.client.results import OptimizerInfo, PluginFailure, ScheduleInfo, SessionInfo
 from optreg.client.retry import RetryPolicy
 from optreg.client.session import Session, check_keep
 from optreg.client.transport import GrpcTransport, Transport, normalize_address
@@ -109,6 +109,11 @@ class Client:
         reply = self._unary("ListOptimizers", registry_pb2.ListOptimizersRequest())
         return [OptimizerInfo.from_proto(o) for o in reply.optimizers]
 
+    def schedules(self) -> list[ScheduleInfo]:
+        """The learning-rate schedules the server has loaded (create_session's `schedule`)."""
+        reply = self._unary("ListOptimizers", registry_pb2.ListOptimizersRequest())
+        return [ScheduleInfo.from_proto(o) for o in reply.schedules]
+
     def plugin_failures(self) -> list[PluginFailure]:
         """Plugins the server could not load, and why."""
         reply = self._unary("ListOptimizers", registry_pb2.ListOptimizersRequest())
@@ -123,7 +128,8 @@ class Client:
                        initial_step: int = 0, keep=True, workers: int | None = None, mode: str = "sync",
                        min_workers: int = 0, round_deadline: float | None = None, lease: float | None = None,
                        combine: str = "mean", staleness: int = 0, scale_lr_by_staleness: bool = False,
-                       take_over: bool = False, **hyperparameters: float) -> Session:
+                       take_over: bool = False, schedule: str | None = None,
+                       schedule_parameters: Mapping[str, float] | None = None, **hyperparameters: float) -> Session:
         """Open a session; `params` (name -> array) are the initial values, copied to the server, and
         the arrays later steps write into.
 
@@ -147,6 +153,11 @@ class Client:
         on arrival; `staleness` > 0 refuses staler ones) or "ssp" (bound `staleness`). `lease`:
         seconds a worker stays a member without a call. `scale_lr_by_staleness` (async, ssp): each
         contribution runs at lr / (1 + its staleness). See docs/workers.md.
+
+        `schedule`: a learning-rate schedule the server applies (`schedules()` lists them), with its
+        `schedule_parameters` (`{"total_steps": 1000, "warmup_steps": 100}`): step t runs with
+        lr = the session's lr * factor(t - 1), as torch.optim.lr_scheduler steps; a step then may not
+        set lr itself. `Session.lr` is the lr the last step ran with (docs/plugins.md, "Schedules").
         """
         if "reply" in hyperparameters and step_reply is None:
             warnings.warn("create_session(reply=...) is now step_reply=...", DeprecationWarning, stacklevel=2)
@@ -155,6 +166,15 @@ class Client:
                                              durability, periodic_steps, periodic_seconds, state, initial_step,
                                              hyperparameters)
         check_keep(keep)
+        if schedule:
+            config.schedule = schedule
+            try:
+                config.schedule_parameters.update({k: float(v) for k, v in (schedule_parameters or {}).items()})
+            except (TypeError, ValueError):
+                raise UsageError(f"schedule_parameters={schedule_parameters!r}: give a mapping of name -> number") \
+                    from None
+        elif schedule_parameters:
+            raise UsageError("schedule_parameters without schedule: name the schedule they are for")
         if workers is not None:
             config.workers.CopyFrom(worker_config(workers, mode, min_workers, round_deadline, lease, combine,
                                                   staleness, scale_lr_by_staleness))

@@ -1,6 +1,7 @@
 """What the client's calls return: small frozen objects built from the protobufs, never the protobufs."""
 from __future__ import annotations
 
+import dataclasses
 import datetime
 from dataclasses import dataclass
 from typing import Mapping, NamedTuple
@@ -70,6 +71,24 @@ class OptimizerInfo:
 
 
 @dataclass(frozen=True)
+class ScheduleInfo:
+    """A learning-rate schedule the server offers: its parameters (with `required` those that
+    must be given) and where it comes from."""
+    name: str
+    summary: str
+    parameters: tuple[Hyperparameter, ...]
+    required: tuple[str, ...]
+    plugin: str
+    distribution: str
+    version: str
+
+    @classmethod
+    def from_proto(cls, o: registry_pb2.ScheduleInfo) -> "ScheduleInfo":
+        return cls(o.name, o.summary, tuple(Hyperparameter.from_proto(h) for h in o.parameters), tuple(o.required),
+                   o.plugin, o.distribution, o.version)
+
+
+@dataclass(frozen=True)
 class PluginFailure:
     """A plugin the server could not load, and why."""
     plugin: str
@@ -101,6 +120,8 @@ class SessionInfo:
     members: tuple = ()
     open_round: int = 0
     last_round: RoundSummary | None = None
+    schedule: str = ""              # its learning-rate schedule ("" for none) and the schedule's parameters
+    schedule_parameters: Mapping[str, float] = dataclasses.field(default_factory=dict)
 
     @property
     def state(self) -> str:
@@ -132,7 +153,8 @@ class SessionInfo:
             durability=name_of(DURABILITY, s.durability) or "none", periodic_steps=s.periodic_steps,
             periodic_seconds=s.periodic_seconds, persisted_step=s.persisted_step, loaded=s.loaded,
             created_at=_time(s.created_at), last_used_at=_time(s.last_used_at), quarantined=s.quarantined,
-            missing_optimizer=s.missing_optimizer, **_shared(s))
+            missing_optimizer=s.missing_optimizer, schedule=s.schedule,
+            schedule_parameters=dict(sorted(s.schedule_parameters.items())), **_shared(s))
 
 
 @dataclass(frozen=True)

@@ -94,6 +94,7 @@ class Session:
         self.step_count = self._info_fence = info.step
         self.arrays = dict(arrays)
         self.keep = keep
+        self.lr = 0.0  # the lr the last step ran with (StepResponse.lr: a schedule's value); 0: none yet
         self.resumed = False  # True when create_session(resume=True) attached to an existing session
         self._shm: SharedMemory | None = None
         self._stream = StreamStep()

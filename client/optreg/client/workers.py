@@ -62,6 +62,7 @@ class WorkerStepResult(NamedTuple):
     round: int
     staleness: int
     contributors: tuple[str, ...]
+    lr: float = 0.0  # the lr the step ran with (a schedule's value, the same for every worker at that step)
 
 
 class Worker:
@@ -137,7 +138,7 @@ class Worker:
         apply_result(self.arrays, self.info.step_reply, result)
         self.round = reply.step
         return WorkerStepResult(reply.step, reply.replayed, self.arrays, reply.round, reply.staleness,
-                                tuple(reply.contributors))
+                                tuple(reply.contributors), reply.lr)
 
     def step_sparse(self, name: str, rows, values, *, grads: Mapping[str, np.ndarray] | None = None,
                     metrics: Mapping[str, float] | None = None) -> WorkerStepResult:
@@ -160,7 +161,7 @@ class Worker:
         sparse_rows.apply_rows(self.arrays, self.info.step_reply, sparse_rows.decode(reply.sparse))
         self.round = reply.step
         return WorkerStepResult(reply.step, reply.replayed, self.arrays, reply.round, reply.staleness,
-                                tuple(reply.contributors))
+                                tuple(reply.contributors), reply.lr)
 
     def _unary(self, grads, number, metrics):
         request = session_pb2.StepRequest(session_id=self.session_id, worker=self.worker, round=number,

@@ -8,11 +8,13 @@ A plugin is a module with a hook implementation returning definitions::
     def optreg_optimizers():
         return [Optimizer(name="lion", summary="...", update=..., ...)]
 
-and an entry point in the ``optreg`` group naming that module.
+and an entry point in the ``optreg`` group naming that module. A plugin may also (or
+instead) provide learning-rate schedules from ``optreg_schedules`` (optreg.plugins.schedule).
 """
 from optreg.plugins.api import (DefinitionError, Hyperparameter, HyperparameterError, Optimizer, Slot,
                                 validate)
 from optreg.plugins.hookspecs import hookimpl
+from optreg.plugins.schedule import Schedule
 
-__all__ = ["DefinitionError", "Hyperparameter", "HyperparameterError", "Optimizer", "Slot", "hookimpl",
+__all__ = ["DefinitionError", "Hyperparameter", "HyperparameterError", "Optimizer", "Schedule", "Slot", "hookimpl",
            "validate"]

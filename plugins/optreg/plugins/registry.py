@@ -1,4 +1,4 @@
-"""Finds the optimizers: the built-ins, then the `optreg` entry-point group.
+"""Finds the optimizers and schedules: the built-ins, then the `optreg` entry-point group.
 
 Environment:
   OPTREG_DISABLE_PLUGIN_AUTOLOAD=1   load no entry points (built-ins only)
@@ -16,13 +16,13 @@ from dataclasses import dataclass
 
 import pluggy
 
-from optreg.plugins import api, hookspecs
+from optreg.plugins import api, hookspecs, schedule
 from optreg.plugins.builtins import MODULES as BUILTIN_MODULES
 
 
 @dataclass(frozen=True)
 class Registered:
-    definition: api.Optimizer
+    definition: api.Optimizer  # or a schedule.Schedule (Registry.schedules)
     plugin: str
     distribution: str
     version: str
@@ -50,6 +50,7 @@ class Registry:
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
         self.pm.add_hookspecs(hookspecs)
         self.optimizers: dict[str, Registered] = {}
+        self.schedules: dict[str, Registered] = {}
         self.failures: list[Failure] = []
         self._origin: dict[str, tuple[str, str]] = {}  # plugin name -> (distribution, version)
 
@@ -82,26 +83,32 @@ class Registry:
             self._origin[ep.name] = (dist.name, dist.version) if dist else ("unknown", "unknown")
 
     def _collect(self) -> None:
+        self._collect_hook(self.pm.hook.optreg_optimizers, "optreg_optimizers", "optimizer", api.validate,
+                           self.optimizers)
+        self._collect_hook(self.pm.hook.optreg_schedules, "optreg_schedules", "schedule",
+                           schedule.validate_schedule, self.schedules)
+
+    def _collect_hook(self, hook, hook_name: str, what: str, validate, into: dict[str, Registered]) -> None:
         # Call each implementation alone so every definition is attributed to its plugin.
-        for impl in self.pm.hook.optreg_optimizers.get_hookimpls():
+        for impl in hook.get_hookimpls():
             plugin = impl.plugin_name
             try:
                 defs = list(impl.function() or [])
             except Exception as e:
-                self.failures.append(Failure(plugin, f"optreg_optimizers() raised {type(e).__name__}: {e}"))
+                self.failures.append(Failure(plugin, f"{hook_name}() raised {type(e).__name__}: {e}"))
                 continue
             for defn in defs:
                 try:
-                    api.validate(defn)
+                    validate(defn)
                 except api.DefinitionError as e:
-                    self.failures.append(Failure(plugin, f"invalid optimizer definition: {e}"))
+                    self.failures.append(Failure(plugin, f"invalid {what} definition: {e}"))
                     continue
-                if defn.name in self.optimizers:
-                    other = self.optimizers[defn.name].plugin
-                    self.failures.append(Failure(plugin, f"optimizer name {defn.name!r} is already provided by {other}"))
+                if defn.name in into:
+                    other = into[defn.name].plugin
+                    self.failures.append(Failure(plugin, f"{what} name {defn.name!r} is already provided by {other}"))
                     continue
                 dist, version = self._origin.get(plugin, ("unknown", "unknown"))
-                self.optimizers[defn.name] = Registered(defn, plugin, dist, version)
+                into[defn.name] = Registered(defn, plugin, dist, version)
 
     def get(self, name: str) -> Registered:
         """The registered optimizer `name`; KeyError with the available names otherwise."""
@@ -109,3 +116,10 @@ class Registry:
             return self.optimizers[name]
         except KeyError:
             raise KeyError(f"unknown optimizer {name!r}; available: {', '.join(sorted(self.optimizers))}") from None
+
+    def schedule(self, name: str) -> Registered:
+        """The registered schedule `name`; KeyError with the available names otherwise."""
+        try:
+            return self.schedules[name]
+        except KeyError:
+            raise KeyError(f"unknown schedule {name!r}; available: {', '.join(sorted(self.schedules))}") from None

@@ -80,10 +80,30 @@ class ListOptimizersRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class ScheduleInfo(_message.Message):
+    __slots__ = ("name", "summary", "parameters", "required", "plugin", "distribution", "version")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    REQUIRED_FIELD_NUMBER: _ClassVar[int]
+    PLUGIN_FIELD_NUMBER: _ClassVar[int]
+    DISTRIBUTION_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    summary: str
+    parameters: _containers.RepeatedCompositeFieldContainer[HyperparameterSpec]
+    required: _containers.RepeatedScalarFieldContainer[str]
+    plugin: str
+    distribution: str
+    version: str
+    def __init__(self, name: _Optional[str] = ..., summary: _Optional[str] = ..., parameters: _Optional[_Iterable[_Union[HyperparameterSpec, _Mapping]]] = ..., required: _Optional[_Iterable[str]] = ..., plugin: _Optional[str] = ..., distribution: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
+
 class ListOptimizersResponse(_message.Message):
-    __slots__ = ("optimizers", "failures")
+    __slots__ = ("optimizers", "failures", "schedules")
     OPTIMIZERS_FIELD_NUMBER: _ClassVar[int]
     FAILURES_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULES_FIELD_NUMBER: _ClassVar[int]
     optimizers: _containers.RepeatedCompositeFieldContainer[OptimizerInfo]
     failures: _containers.RepeatedCompositeFieldContainer[PluginFailure]
-    def __init__(self, optimizers: _Optional[_Iterable[_Union[OptimizerInfo, _Mapping]]] = ..., failures: _Optional[_Iterable[_Union[PluginFailure, _Mapping]]] = ...) -> None: ...
+    schedules: _containers.RepeatedCompositeFieldContainer[ScheduleInfo]
+    def __init__(self, optimizers: _Optional[_Iterable[_Union[OptimizerInfo, _Mapping]]] = ..., failures: _Optional[_Iterable[_Union[PluginFailure, _Mapping]]] = ..., schedules: _Optional[_Iterable[_Union[ScheduleInfo, _Mapping]]] = ...) -> None: ...

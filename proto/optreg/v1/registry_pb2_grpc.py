@@ -26,7 +26,7 @@ if _version_not_supported:
 
 
 class OptimizerRegistryServiceStub:
-    """Lists the optimizers this server has loaded from its plugins.
+    """Lists the optimizers and schedules this server has loaded from its plugins.
     """
 
     def __init__(self, channel):
@@ -43,12 +43,13 @@ class OptimizerRegistryServiceStub:
 
 
 class OptimizerRegistryServiceServicer:
-    """Lists the optimizers this server has loaded from its plugins.
+    """Lists the optimizers and schedules this server has loaded from its plugins.
     """
 
     def ListOptimizers(self, request, context):
         """Every optimizer the server loaded, with its hyperparameters (defaults and
-        bounds) and state slots, and the plugins that failed to load.
+        bounds) and state slots, every schedule with its parameters, and the
+        plugins that failed to load.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -71,7 +72,7 @@ def add_OptimizerRegistryServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class OptimizerRegistryService:
-    """Lists the optimizers this server has loaded from its plugins.
+    """Lists the optimizers and schedules this server has loaded from its plugins.
     """
 
     @staticmethod

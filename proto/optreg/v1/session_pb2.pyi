@@ -56,8 +56,15 @@ COMBINE_MEAN: Combine
 COMBINE_SUM: Combine
 
 class SessionConfig(_message.Message):
-    __slots__ = ("optimizer", "hyperparameters", "master_dtype", "step_reply", "session_id", "durability", "periodic_steps", "periodic_seconds", "workers")
+    __slots__ = ("optimizer", "hyperparameters", "master_dtype", "step_reply", "session_id", "durability", "periodic_steps", "periodic_seconds", "workers", "schedule", "schedule_parameters")
     class HyperparametersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class ScheduleParametersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -73,6 +80,8 @@ class SessionConfig(_message.Message):
     PERIODIC_STEPS_FIELD_NUMBER: _ClassVar[int]
     PERIODIC_SECONDS_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULE_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULE_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     optimizer: str
     hyperparameters: _containers.ScalarMap[str, float]
     master_dtype: _tensor_pb2.DataType
@@ -82,7 +91,9 @@ class SessionConfig(_message.Message):
     periodic_steps: int
     periodic_seconds: float
     workers: WorkerConfig
-    def __init__(self, optimizer: _Optional[str] = ..., hyperparameters: _Optional[_Mapping[str, float]] = ..., master_dtype: _Optional[_Union[_tensor_pb2.DataType, str]] = ..., step_reply: _Optional[_Union[StepReply, str]] = ..., session_id: _Optional[str] = ..., durability: _Optional[_Union[Durability, str]] = ..., periodic_steps: _Optional[int] = ..., periodic_seconds: _Optional[float] = ..., workers: _Optional[_Union[WorkerConfig, _Mapping]] = ...) -> None: ...
+    schedule: str
+    schedule_parameters: _containers.ScalarMap[str, float]
+    def __init__(self, optimizer: _Optional[str] = ..., hyperparameters: _Optional[_Mapping[str, float]] = ..., master_dtype: _Optional[_Union[_tensor_pb2.DataType, str]] = ..., step_reply: _Optional[_Union[StepReply, str]] = ..., session_id: _Optional[str] = ..., durability: _Optional[_Union[Durability, str]] = ..., periodic_steps: _Optional[int] = ..., periodic_seconds: _Optional[float] = ..., workers: _Optional[_Union[WorkerConfig, _Mapping]] = ..., schedule: _Optional[str] = ..., schedule_parameters: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class WorkerConfig(_message.Message):
     __slots__ = ("workers", "mode", "min_workers", "round_deadline_seconds", "lease_seconds", "combine", "staleness", "scale_lr_by_staleness")
@@ -143,8 +154,15 @@ class TensorInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[_tensor_pb2.DataType, str]] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SessionInfo(_message.Message):
-    __slots__ = ("session_id", "optimizer", "hyperparameters", "step", "master_dtype", "step_reply", "parameters", "slots", "created_at", "last_used_at", "durability", "periodic_steps", "periodic_seconds", "persisted_step", "loaded", "quarantined", "workers", "members", "open_round", "last_round", "missing_optimizer")
+    __slots__ = ("session_id", "optimizer", "hyperparameters", "step", "master_dtype", "step_reply", "parameters", "slots", "created_at", "last_used_at", "durability", "periodic_steps", "periodic_seconds", "persisted_step", "loaded", "quarantined", "workers", "members", "open_round", "last_round", "missing_optimizer", "schedule", "schedule_parameters")
     class HyperparametersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class ScheduleParametersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -172,6 +190,8 @@ class SessionInfo(_message.Message):
     OPEN_ROUND_FIELD_NUMBER: _ClassVar[int]
     LAST_ROUND_FIELD_NUMBER: _ClassVar[int]
     MISSING_OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULE_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULE_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     optimizer: str
     hyperparameters: _containers.ScalarMap[str, float]
@@ -193,7 +213,9 @@ class SessionInfo(_message.Message):
     open_round: int
     last_round: RoundInfo
     missing_optimizer: str
-    def __init__(self, session_id: _Optional[str] = ..., optimizer: _Optional[str] = ..., hyperparameters: _Optional[_Mapping[str, float]] = ..., step: _Optional[int] = ..., master_dtype: _Optional[_Union[_tensor_pb2.DataType, str]] = ..., step_reply: _Optional[_Union[StepReply, str]] = ..., parameters: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., slots: _Optional[_Iterable[str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_used_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., durability: _Optional[_Union[Durability, str]] = ..., periodic_steps: _Optional[int] = ..., periodic_seconds: _Optional[float] = ..., persisted_step: _Optional[int] = ..., loaded: _Optional[bool] = ..., quarantined: _Optional[str] = ..., workers: _Optional[_Union[WorkerConfig, _Mapping]] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., open_round: _Optional[int] = ..., last_round: _Optional[_Union[RoundInfo, _Mapping]] = ..., missing_optimizer: _Optional[str] = ...) -> None: ...
+    schedule: str
+    schedule_parameters: _containers.ScalarMap[str, float]
+    def __init__(self, session_id: _Optional[str] = ..., optimizer: _Optional[str] = ..., hyperparameters: _Optional[_Mapping[str, float]] = ..., step: _Optional[int] = ..., master_dtype: _Optional[_Union[_tensor_pb2.DataType, str]] = ..., step_reply: _Optional[_Union[StepReply, str]] = ..., parameters: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., slots: _Optional[_Iterable[str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_used_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., durability: _Optional[_Union[Durability, str]] = ..., periodic_steps: _Optional[int] = ..., periodic_seconds: _Optional[float] = ..., persisted_step: _Optional[int] = ..., loaded: _Optional[bool] = ..., quarantined: _Optional[str] = ..., workers: _Optional[_Union[WorkerConfig, _Mapping]] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., open_round: _Optional[int] = ..., last_round: _Optional[_Union[RoundInfo, _Mapping]] = ..., missing_optimizer: _Optional[str] = ..., schedule: _Optional[str] = ..., schedule_parameters: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class CreateSessionRequest(_message.Message):
     __slots__ = ("config", "parameters", "state", "initial_step")
@@ -304,7 +326,7 @@ class StepRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., gradients: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., hyperparameters: _Optional[_Mapping[str, float]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., worker: _Optional[str] = ..., round: _Optional[int] = ..., sparse: _Optional[_Iterable[_Union[_tensor_pb2.SparseRows, _Mapping]]] = ...) -> None: ...
 
 class StepResponse(_message.Message):
-    __slots__ = ("step", "replayed", "tensors", "round", "staleness", "contributors", "sparse")
+    __slots__ = ("step", "replayed", "tensors", "round", "staleness", "contributors", "sparse", "lr")
     STEP_FIELD_NUMBER: _ClassVar[int]
     REPLAYED_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
@@ -312,6 +334,7 @@ class StepResponse(_message.Message):
     STALENESS_FIELD_NUMBER: _ClassVar[int]
     CONTRIBUTORS_FIELD_NUMBER: _ClassVar[int]
     SPARSE_FIELD_NUMBER: _ClassVar[int]
+    LR_FIELD_NUMBER: _ClassVar[int]
     step: int
     replayed: bool
     tensors: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Tensor]
@@ -319,7 +342,8 @@ class StepResponse(_message.Message):
     staleness: int
     contributors: _containers.RepeatedScalarFieldContainer[str]
     sparse: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.SparseRows]
-    def __init__(self, step: _Optional[int] = ..., replayed: _Optional[bool] = ..., tensors: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., round: _Optional[int] = ..., staleness: _Optional[int] = ..., contributors: _Optional[_Iterable[str]] = ..., sparse: _Optional[_Iterable[_Union[_tensor_pb2.SparseRows, _Mapping]]] = ...) -> None: ...
+    lr: float
+    def __init__(self, step: _Optional[int] = ..., replayed: _Optional[bool] = ..., tensors: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., round: _Optional[int] = ..., staleness: _Optional[int] = ..., contributors: _Optional[_Iterable[str]] = ..., sparse: _Optional[_Iterable[_Union[_tensor_pb2.SparseRows, _Mapping]]] = ..., lr: _Optional[float] = ...) -> None: ...
 
 class StepStreamRequest(_message.Message):
     __slots__ = ("session_id", "step", "chunks", "hyperparameters", "metrics", "worker", "round", "sparse")
@@ -356,7 +380,7 @@ class StepStreamRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., chunks: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., hyperparameters: _Optional[_Mapping[str, float]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., worker: _Optional[str] = ..., round: _Optional[int] = ..., sparse: _Optional[_Iterable[_Union[_tensor_pb2.SparseRows, _Mapping]]] = ...) -> None: ...
 
 class StepStreamResponse(_message.Message):
-    __slots__ = ("step", "replayed", "chunks", "round", "staleness", "contributors", "sparse", "provisional")
+    __slots__ = ("step", "replayed", "chunks", "round", "staleness", "contributors", "sparse", "provisional", "lr")
     STEP_FIELD_NUMBER: _ClassVar[int]
     REPLAYED_FIELD_NUMBER: _ClassVar[int]
     CHUNKS_FIELD_NUMBER: _ClassVar[int]
@@ -365,6 +389,7 @@ class StepStreamResponse(_message.Message):
     CONTRIBUTORS_FIELD_NUMBER: _ClassVar[int]
     SPARSE_FIELD_NUMBER: _ClassVar[int]
     PROVISIONAL_FIELD_NUMBER: _ClassVar[int]
+    LR_FIELD_NUMBER: _ClassVar[int]
     step: int
     replayed: bool
     chunks: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Tensor]
@@ -373,7 +398,8 @@ class StepStreamResponse(_message.Message):
     contributors: _containers.RepeatedScalarFieldContainer[str]
     sparse: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.SparseRows]
     provisional: bool
-    def __init__(self, step: _Optional[int] = ..., replayed: _Optional[bool] = ..., chunks: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., round: _Optional[int] = ..., staleness: _Optional[int] = ..., contributors: _Optional[_Iterable[str]] = ..., sparse: _Optional[_Iterable[_Union[_tensor_pb2.SparseRows, _Mapping]]] = ..., provisional: _Optional[bool] = ...) -> None: ...
+    lr: float
+    def __init__(self, step: _Optional[int] = ..., replayed: _Optional[bool] = ..., chunks: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., round: _Optional[int] = ..., staleness: _Optional[int] = ..., contributors: _Optional[_Iterable[str]] = ..., sparse: _Optional[_Iterable[_Union[_tensor_pb2.SparseRows, _Mapping]]] = ..., provisional: _Optional[bool] = ..., lr: _Optional[float] = ...) -> None: ...
 
 class ReadParametersRequest(_message.Message):
     __slots__ = ("session_id", "names")
@@ -543,12 +569,14 @@ class StepSharedMemoryRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., key: _Optional[str] = ..., gradients: _Optional[_Iterable[_Union[SharedMemoryTensor, _Mapping]]] = ..., parameters: _Optional[_Iterable[_Union[SharedMemoryTensor, _Mapping]]] = ..., hyperparameters: _Optional[_Mapping[str, float]] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class StepSharedMemoryResponse(_message.Message):
-    __slots__ = ("step", "replayed")
+    __slots__ = ("step", "replayed", "lr")
     STEP_FIELD_NUMBER: _ClassVar[int]
     REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    LR_FIELD_NUMBER: _ClassVar[int]
     step: int
     replayed: bool
-    def __init__(self, step: _Optional[int] = ..., replayed: _Optional[bool] = ...) -> None: ...
+    lr: float
+    def __init__(self, step: _Optional[int] = ..., replayed: _Optional[bool] = ..., lr: _Optional[float] = ...) -> None: ...
 
 class JoinSessionRequest(_message.Message):
     __slots__ = ("session_id", "worker")

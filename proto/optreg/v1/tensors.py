@@ -5,6 +5,7 @@ contract (dtype table, byte order, chunking) and both sides depend on it.
 """
 from __future__ import annotations
 
+import struct
 import types
 from typing import Iterable, Iterator
 
@@ -307,10 +308,11 @@ def pack_views(chunks: Iterable[tuple], chunk_bytes: int = CHUNK_BYTES) -> Itera
     return pack(chunks, chunk_bytes, size=lambda c: c[4].nbytes)
 
 
-def response_head(step: int, replayed: bool = False, provisional: bool = False) -> bytes:
-    """Fields 1-2 (and 9) of a StepStreamResponse, encoded (a request's later messages have none)."""
+def response_head(step: int, replayed: bool = False, provisional: bool = False, lr: float = 0.0) -> bytes:
+    """Fields 1-2 (and 9, 10) of a StepStreamResponse, encoded (a request's later messages have none);
+    fields 1-2 of a StepResponse too (its lr, field 9, is encoded after the tensors)."""
     return ((b"\x08" + varint(step) if step else b"") + (b"\x10\x01" if replayed else b"")
-            + (b"\x48\x01" if provisional else b""))
+            + (b"\x48\x01" if provisional else b"") + (b"\x51" + struct.pack("<d", lr) if lr else b""))
 
 
 def serialize_passthrough(serialize):
@@ -331,10 +333,10 @@ class StreamTensor:
 class StreamResponse:
     """A decoded StepStreamResponse (step, replayed, chunks; and a shared session's round, staleness and
     contributors) whose chunks' data are not copied."""
-    __slots__ = ("step", "replayed", "chunks", "round", "staleness", "contributors", "provisional")
+    __slots__ = ("step", "replayed", "chunks", "round", "staleness", "contributors", "provisional", "lr")
 
     def __init__(self):
-        self.step, self.replayed, self.chunks, self.provisional = 0, False, [], False
+        self.step, self.replayed, self.chunks, self.provisional, self.lr = 0, False, [], False, 0.0
         self.round, self.staleness, self.contributors = 0, 0, []
 
 
@@ -445,6 +447,11 @@ def decode_step_response(data: bytes) -> StreamResponse:
                 msg.staleness = _int64(v)
             else:
                 msg.provisional = v != 0
+        elif field == 10 and wire == 1:
+            if i + 8 > end:
+                raise ValueError("truncated field")
+            msg.lr = struct.unpack_from("<d", buf, i)[0]
+            i += 8
         elif field == 6 and wire == 2:
             n, i = read_varint(buf, i, end)
             if i + n > end:

@@ -1,4 +1,5 @@
-"""`optreg optimizers`: the optimizers of this installation, or of a server (--address)."""
+"""`optreg optimizers`: the optimizers and learning-rate schedules of this installation, or of a server
+(--address)."""
 from __future__ import annotations
 
 import dataclasses
@@ -14,26 +15,26 @@ WIDTH = 100  # the table fits this many columns; --wide does not wrap
 
 @hookimpl
 def register_commands(subparsers):
-    p = subparsers.add_parser("optimizers", help="list the installed optimizers (or a server's, with --address)")
+    p = subparsers.add_parser("optimizers", help="list the installed optimizers and schedules (or a server's, with --address)")
     p.add_argument("--json", action="store_true", help="machine-readable output, every field")
     p.add_argument("--wide", action="store_true", help="every column (summary, slots, plugin), unwrapped")
     add_client_arguments(p)
     p.set_defaults(run=run)
 
 
-def _local() -> tuple[list[dict], list[dict]]:
+def _local() -> tuple[list[dict], list[dict], list[dict]]:
     from google.protobuf import json_format
 
     from optreg.plugins.registry import Registry
     from optreg.server.rpc.service import list_optimizers
     listing = json_format.MessageToDict(list_optimizers(Registry()), preserving_proto_field_name=True,
                                         always_print_fields_with_no_presence=True)
-    return listing["optimizers"], listing.get("failures", [])
+    return listing["optimizers"], listing.get("failures", []), listing.get("schedules", [])
 
 
-def _remote(args) -> list[dict]:
+def _remote(args) -> tuple[list[dict], list[dict]]:
     with client_for(args) as client:
-        return [_plain(o) for o in client.optimizers()]
+        return [_plain(o) for o in client.optimizers()], [_plain(s) for s in client.schedules()]
 
 
 def _plain(value):
@@ -65,11 +66,11 @@ def _slot_names(slots) -> list[str]:
 
 def run(args) -> int:
     if args.address or args.token_file or args.tls_ca or args.tls:
-        optimizers, failures = _remote(args), []
+        (optimizers, schedules), failures = _remote(args), []
     else:
-        optimizers, failures = _local()
+        optimizers, failures, schedules = _local()
     if args.json:
-        print(json.dumps({"optimizers": optimizers, "failures": failures}, indent=2))
+        print(json.dumps({"optimizers": optimizers, "failures": failures, "schedules": schedules}, indent=2))
         return 0
     rows = []
     for o in optimizers:
@@ -81,6 +82,19 @@ def run(args) -> int:
     columns = (["NAME", "HYPERPARAMETERS (default)", "SLOTS", "PLUGIN", "FROM", "SUMMARY"] if args.wide
                else ["NAME", "HYPERPARAMETERS (default)", "FROM"])
     print_table(rows, columns, wrap=None if args.wide else "HYPERPARAMETERS (default)")
+    rows = []
+    for s in schedules:
+        required = set(s.get("required", []))
+        params = ", ".join(f"{h['name']}*" if h["name"] in required else f"{h['name']}={_default(h)}"
+                           for h in s.get("parameters", []))
+        rows.append({"SCHEDULE": s["name"], "PARAMETERS (default; * required)": params,
+                     "FROM": f"{s['distribution']} {s['version']}", "PLUGIN": s["plugin"],
+                     "SUMMARY": s.get("summary", "")})
+    if rows:
+        print()
+        columns = (["SCHEDULE", "PARAMETERS (default; * required)", "PLUGIN", "FROM", "SUMMARY"] if args.wide
+                   else ["SCHEDULE", "PARAMETERS (default; * required)", "FROM"])
+        print_table(rows, columns, wrap=None if args.wide else "PARAMETERS (default; * required)")
     for f in failures:
         print(f"FAILED  {f['plugin']}: {f['reason']}", file=sys.stderr)
     return 0

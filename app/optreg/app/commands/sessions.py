@@ -183,4 +183,5 @@ def _create(client, meta, params, state, session_id, durability, periodic):
         master_dtype=meta["master_dtype"], step_reply=meta["reply"], durability=durability,
         periodic_steps=meta["periodic_steps"] or None if periodic else None,
         periodic_seconds=meta["periodic_seconds"] or None if periodic else None,
+        schedule=(meta["schedule"] or {}).get("name"), schedule_parameters=(meta["schedule"] or {}).get("parameters"),
         **meta["workers"], **hp)

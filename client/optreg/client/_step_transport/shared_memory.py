@@ -146,6 +146,7 @@ class SharedMemory:
             session_id=session.id, step=fence, key=self.key, gradients=msgs,
             parameters=[] if self.resident else self._param_msgs,
             hyperparameters=hyperparameters, metrics=metrics), timeout=timeout, **session.step_headers())
+        session.lr = reply.lr
         return reply.replayed, reply.step, {}
 
     @staticmethod

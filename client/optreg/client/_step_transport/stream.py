@@ -67,4 +67,5 @@ class StreamStep:
             if got != size:
                 raise ReassemblyError(f"the step's reply for {name!r} ended after {got} elements; the step was "
                                       "applied: refresh() and read_parameters() give its result")
+        session.lr = last.lr
         return last.replayed, last.step, {n: rx[n] for n in filled}

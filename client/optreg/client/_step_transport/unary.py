@@ -18,4 +18,5 @@ class UnaryStep:
         if metrics:
             request.metrics.update(metrics)
         reply = session.client.transport.unary("Step", request, timeout=timeout, **session.step_headers())
+        session.lr = reply.lr
         return reply.replayed, reply.step, {t.name: tensors.to_numpy(t) for t in reply.tensors}

@@ -27,6 +27,15 @@ GradScaler calls `step()` only when the unscaled gradients are finite (this clas
 `optimizer.state` stays empty: the state is on the server; `state_dict()` reads it and returns
 torch's layout (`step`, `exp_avg`, ...), which `torch.optim.Adam` etc. load, and `load_state_dict()`
 accepts their state dicts (it replaces each group's session with one holding the given state).
+
+Or let the server schedule the learning rate, the same for every worker and kept across restarts:
+
+    opt = RemoteOptimizer(model.parameters(), "torch.adam", lr=1e-2, schedule="onecycle",
+                          schedule_parameters={"total_steps": 1000})
+
+The group's lr is then the base the schedule multiplies (torch's initial_lr); `server_lr()` gives the
+lr each group's last step ran with. Do not also attach a local lr scheduler: a step that changes lr
+on a scheduled session is refused.
 """
 from __future__ import annotations
 
@@ -210,7 +219,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
                  worker: str | None = None, resume: bool = False, durability: str | None = None,
                  shared_memory: bool | None = None, workers: int | None = None, mode: str = "sync",
                  min_workers: int = 0, round_deadline: float | None = None, staleness: int = 0,
-                 **hyperparameters):
+                 schedule: str | None = None, schedule_parameters: dict | None = None, **hyperparameters):
         if worker is not None and (not session_id or not workers):
             raise ValueError(f"worker={worker!r} needs session_id= (the shared sessions' name) and workers= (the most "
                              "workers at once)")
@@ -234,6 +243,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
             client = Client(address, **kw) if address is not None else Client(**kw)
         self.client = client
         self.session_id, self.resume, self.durability = session_id, resume, durability
+        self._schedule = dict(schedule=schedule, schedule_parameters=schedule_parameters) if schedule else {}
         self.shared_memory = shared_memory
         self._groups: list[_GroupSession] = []
         self._specs: dict[str, dict] = {}  # optimizer -> {hyperparameter: spec}, as the server publishes them
@@ -289,6 +299,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         master, names = self._master(group), self._names(index)
         arrays = self._arrays(group, master, names)
         kw = {"durability": self.durability} if self.durability else {}
+        kw.update(self._schedule)
         if state:
             kw.update(state=state, initial_step=initial_step)
         # resume=True attaches to an existing session of that id and copies its parameters into `arrays`
@@ -314,6 +325,11 @@ class RemoteOptimizer(torch.optim.Optimizer):
 
     # -- the step -----------------------------------------------------------------------------------
     @torch.no_grad()
+    def server_lr(self) -> list[float]:
+        """Per param group, the lr its session's last step ran with (a server schedule's value; 0 before
+        the first step)."""
+        return [gs.session.lr for gs in self._groups]
+
     def step(self, closure: Callable[[], Any] | None = None):
         """Send every group's gradients (and its changed options); write the results into the parameters.
         A closure's loss travels with the step as the metric "loss"."""

@@ -6,6 +6,7 @@ Each module is an ordinary plugin of the same hook as any third-party package; t
 registry registers them from this list so a bare checkout works without entry points.
 """
 MODULES = [
+    "optreg.plugins.builtins.schedules",  # the learning-rate schedules (the optreg_schedules hook)
     "optreg.plugins.builtins.sgd",
     "optreg.plugins.builtins.momentum",
     "optreg.plugins.builtins.nesterov",

@@ -110,11 +110,28 @@ class SetPool:
             return had
 
 
+@dataclass(frozen=True)
+class SessionSchedule:
+    """A session's learning-rate schedule (optreg.plugins.schedule): step t runs with lr = the
+    session's lr * factor(t - 1). A pure function of the step, so every worker of a shared session,
+    a restart and the log's replay (which computes it again, steps/replay.py) get the same bits."""
+    registered: Registered
+    parameters: dict
+
+    @property
+    def name(self) -> str:
+        return self.registered.definition.name
+
+    def lr(self, base: float, t: int) -> float:
+        return base * self.registered.definition.value(t - 1, self.parameters)
+
+
 @dataclass
 class StepResult:
     step: int
     replayed: bool
     tensors: dict[str, np.ndarray]  # what the session's reply asks for (empty for "none")
+    lr: float = field(default=0.0, kw_only=True)  # the lr the step ran with (StepResponse.lr); 0: none
 
 
 @dataclass(eq=False, slots=True)
@@ -163,6 +180,7 @@ class Session:
     last_sparse: object | None = field(default=None, repr=False)
     resident: object | None = field(default=None, repr=False)  # shm.Region holding the parameters (resident.py)
     writer: object | None = field(default=None, repr=False)  # writers.Writer holding the step lease (memory only)
+    schedule: SessionSchedule | None = None  # its learning-rate schedule (CreateSession's config.schedule)
 
     def keep_spare(self, arrays: Arrays) -> None:
         """Caller holds the lock: keep a set nobody reads as the next step's staging, when making a new one
@@ -175,6 +193,14 @@ class Session:
         (self.spec, self.dtype, self.elements, self.reply_bytes, self.set_nbytes,
          self.layout) = _derived(self.master_code, self.reply, tuple((n, tuple(s)) for n, s in self.shapes.items()),
                                  tuple(self.slot_names))
+
+    def in_force(self, t: int, hp: dict) -> dict:
+        """The hyperparameters step `t` runs with, from `hp` (the session's, or those the step set, as
+        logged): with a schedule, its lr; `hp` itself otherwise. Every path that runs an update (live
+        steps, resident steps, replay) takes them from here."""
+        if self.schedule is None:
+            return hp
+        return {**hp, "lr": self.schedule.lr(hp["lr"], t)}
 
     @property
     def loaded(self) -> bool:

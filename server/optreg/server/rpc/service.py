@@ -9,6 +9,7 @@ import contextlib
 import itertools
 import logging
 import queue
+import struct
 import threading
 import time
 import traceback
@@ -53,7 +54,8 @@ def config_from(msg: session_pb2.SessionConfig) -> SessionConfig:
                          master_dtype=name_of(names.MASTER_DTYPE, msg.master_dtype, ""),
                          reply=name_of(names.STEP_REPLY, msg.step_reply, "parameters"), session_id=msg.session_id,
                          durability=name_of(names.DURABILITY, msg.durability, ""), periodic_steps=msg.periodic_steps,
-                         periodic_seconds=msg.periodic_seconds, workers=worker_config_from(msg))
+                         periodic_seconds=msg.periodic_seconds, workers=worker_config_from(msg),
+                         schedule=msg.schedule, schedule_parameters=dict(msg.schedule_parameters))
 
 
 def session_info(s: Session) -> session_pb2.SessionInfo:
@@ -66,6 +68,9 @@ def session_info(s: Session) -> session_pb2.SessionInfo:
         periodic_steps=s.durability.periodic_steps, periodic_seconds=s.durability.periodic_seconds,
         persisted_step=s.persisted_step, loaded=s.loaded, quarantined=s.quarantined,
         missing_optimizer=s.missing)
+    if s.schedule is not None:
+        info.schedule = s.schedule.name
+        info.schedule_parameters.update({k: float(v) for k, v in s.schedule.parameters.items()})
     info.created_at.FromNanoseconds(int(s.created_at * 1e9))
     info.last_used_at.FromNanoseconds(int(s.last_used_at * 1e9))
     add_worker_info(info, s)
@@ -89,19 +94,27 @@ def list_optimizers(registry: Registry) -> registry_pb2.ListOptimizersResponse:
         info = out.optimizers.add(name=d.name, summary=d.summary, elementwise=d.elementwise,
                                   sparse_rows=d.sparse_rows, plugin=reg.plugin, distribution=reg.distribution,
                                   version=reg.version)
-        for h in d.hyperparameters:
-            spec = info.hyperparameters.add(name=h.name, type=_HP_TYPES[h.type], default=float(h.default),
-                                            minimum_exclusive=h.minimum_exclusive,
-                                            maximum_exclusive=h.maximum_exclusive, doc=h.doc)
-            if h.minimum is not None:
-                spec.minimum = h.minimum
-            if h.maximum is not None:
-                spec.maximum = h.maximum
+        _specs(info.hyperparameters, d.hyperparameters)
         for s in d.slots:
             info.slots.add(name=s.name, initial_value=s.initial_value)
+    for reg in registry.schedules.values():
+        d = reg.definition
+        info = out.schedules.add(name=d.name, summary=d.summary, required=d.required, plugin=reg.plugin,
+                                 distribution=reg.distribution, version=reg.version)
+        _specs(info.parameters, d.parameters)
     for f in registry.failures:
         out.failures.add(plugin=f.plugin, reason=f.reason)
     return out
+
+
+def _specs(into, hyperparameters) -> None:
+    for h in hyperparameters:
+        spec = into.add(name=h.name, type=_HP_TYPES[h.type], default=float(h.default),
+                        minimum_exclusive=h.minimum_exclusive, maximum_exclusive=h.maximum_exclusive, doc=h.doc)
+        if h.minimum is not None:
+            spec.minimum = h.minimum
+        if h.maximum is not None:
+            spec.maximum = h.maximum
 
 
 def _no_owner(context) -> str:
@@ -431,20 +444,22 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
     def stream_finish(self, run: StepRun, result) -> list:
         """The last replies of a committed StepStream step."""
         if run.session.reply == "parameters" and run.overlap and not result.replayed:
-            return [session_pb2.StepStreamResponse(step=result.step)]  # the provisional chunks are its result
+            # the provisional chunks are its result
+            return [session_pb2.StepStreamResponse(step=result.step, lr=result.lr)]
         # a lost race is answered as the retry it is: the committed step's reply, whole
-        return list(self._reply_batches(result.step, result.replayed, result.tensors, sparse.to_messages(result)))
+        return list(self._reply_batches(result.step, result.replayed, result.tensors, sparse.to_messages(result),
+                                        result.lr))
 
-    def _reply_batches(self, step, replayed, arrays, rows=()):
+    def _reply_batches(self, step, replayed, arrays, rows=(), lr=0.0):
         """The reply's tensors in chunks; a sparse step's rows (`rows`, SparseRows) in the last message."""
         chunks = (c for n, a in arrays.items() for c in tensors.chunk_views(n, a, self.chunk_bytes))
-        head = tensors.response_head(step, replayed)
+        head = tensors.response_head(step, replayed, lr=lr)
         sent = False
         for batch in tensors.pack_views(chunks, self.chunk_bytes):
             sent = True
             yield tensors.encode_stream_message(head, batch)
         if not sent or rows:
-            yield session_pb2.StepStreamResponse(step=step, replayed=replayed, sparse=rows)
+            yield session_pb2.StepStreamResponse(step=step, replayed=replayed, sparse=rows, lr=lr)
 
     # -- reads -----------------------------------------------------------
     def _read(self, request, context):
@@ -602,7 +617,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
                         names.add(t.name)
                         run.feed(t)
                     result = run.finish()
-                return session_pb2.StepSharedMemoryResponse(step=result.step, replayed=result.replayed)
+                return session_pb2.StepSharedMemoryResponse(step=result.step, replayed=result.replayed, lr=result.lr)
             finally:
                 run.close()
                 del out
@@ -620,7 +635,8 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
                                         _writer(context))
             try:
                 run.run(grads)
-                return session_pb2.StepSharedMemoryResponse(step=run.result.step, replayed=run.result.replayed)
+                return session_pb2.StepSharedMemoryResponse(step=run.result.step, replayed=run.result.replayed,
+                                                            lr=run.result.lr)
             finally:
                 run.close()
 
@@ -673,7 +689,12 @@ def _step_reply(result) -> bytes | session_pb2.StepResponse:
         parts.append(head)
         if a.size:
             parts.append(a.reshape(-1).view(np.uint8))
+    if result.lr:
+        parts.append(_LR_FIELD + struct.pack("<d", result.lr))
     return b"".join(parts)
+
+
+_LR_FIELD = b"\x49"  # StepResponse field 9 (lr), a double: tag (9 << 3) | 1
 
 
 _TENSOR_HEADS: dict[tuple, bytes] = {}
@@ -682,7 +703,7 @@ _TENSOR_HEADS: dict[tuple, bytes] = {}
 def _step_response(result) -> session_pb2.StepResponse:
     return session_pb2.StepResponse(step=result.step, replayed=result.replayed,
                                     tensors=[tensors.from_numpy(n, a) for n, a in result.tensors.items()],
-                                    sparse=sparse.to_messages(result))
+                                    sparse=sparse.to_messages(result), lr=result.lr)
 
 
 def _tensor_map(items, what: str) -> dict[str, np.ndarray]:

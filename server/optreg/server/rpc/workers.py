@@ -179,7 +179,8 @@ class WorkerSteps:
             staleness = result.step - 1 - number
             if self.store.metrics is not None and hasattr(self.store.metrics, "staleness"):
                 self.store.metrics.staleness(staleness)
-            return Outcome(result.step, out, number, staleness=staleness, rows=dict(getattr(result, "sparse", {})))
+            return Outcome(result.step, out, number, staleness=staleness, rows=dict(getattr(result, "sparse", {})),
+                           lr=result.lr)
         finally:
             hub.end_async(member, number, applied)
 
@@ -207,7 +208,7 @@ class WorkerSteps:
     @staticmethod
     def reply(o: Outcome) -> session_pb2.StepResponse:
         return session_pb2.StepResponse(step=o.step, replayed=o.replayed, round=o.round, staleness=o.staleness,
-                                        contributors=o.contributors,
+                                        contributors=o.contributors, lr=o.lr,
                                         tensors=[tensors.from_numpy(n, a) for n, a in o.tensors.items()],
                                         sparse=sparse_rows.to_messages(o))
 
@@ -241,7 +242,7 @@ class WorkerSteps:
 
     def stream_replies(self, o: Outcome):
         extra = dict(step=o.step, replayed=o.replayed, round=o.round, staleness=o.staleness,
-                     contributors=o.contributors)
+                     contributors=o.contributors, lr=o.lr)
         sent = False
         for batch in tensors.pack((c for n, a in o.tensors.items() for c in tensors.chunk(n, a, self.chunk_bytes)),
                                   self.chunk_bytes):

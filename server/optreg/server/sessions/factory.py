@@ -10,7 +10,7 @@ import numpy as np
 from optreg.plugins import HyperparameterError
 from optreg.server.model.errors import FailedPrecondition, InvalidArgument, NotFound, shown
 from optreg.server.model.session import (DURABILITIES, MASTER_DTYPES, MAX_STEP, REPLIES, Arrays, Durability, Session,
-                                         check_values)
+                                         SessionSchedule, check_values)
 from optreg.v1 import names
 
 SESSION_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
@@ -35,6 +35,8 @@ class SessionConfig:
     periodic_steps: int = 0
     periodic_seconds: float = 0.0
     workers: object | None = None  # membership.WorkerConfig: a shared session
+    schedule: str = ""  # a registered schedule's name, "" for none
+    schedule_parameters: dict = field(default_factory=dict)
 
 
 def valid_id(session_id: str) -> bool:
@@ -66,6 +68,26 @@ class SessionFactory:
         return Durability(mode, config.periodic_steps or self.periodic_steps,
                           config.periodic_seconds or self.periodic_seconds)
 
+    def schedule(self, config: SessionConfig, hp: dict) -> SessionSchedule | None:
+        """The config's schedule with its parameters validated; None without one."""
+        if not config.schedule:
+            if config.schedule_parameters:
+                raise InvalidArgument("config.schedule_parameters are given without config.schedule: name the "
+                                      "schedule they are for (ListOptimizers lists the schedules)")
+            return None
+        try:
+            registered = self.registry.schedule(config.schedule)
+        except KeyError as e:
+            raise InvalidArgument(f"config.schedule: {shown(e.args[0], 600)}") from None
+        try:
+            parameters = registered.definition.resolve(dict(config.schedule_parameters))
+        except HyperparameterError as e:
+            raise InvalidArgument(f"config.schedule_parameters: {e}") from None
+        if "lr" not in hp:
+            raise InvalidArgument(f"config.schedule {shown(config.schedule)}: optimizer {config.optimizer} has no 'lr' "
+                                  "hyperparameter for a schedule to set; leave config.schedule empty")
+        return SessionSchedule(registered, parameters)
+
     def build(self, config: SessionConfig, params: dict[str, np.ndarray],
               state: dict[str, dict[str, np.ndarray]] | None = None, initial_step: int = 0,
               owner: str = "", adopt: bool = False) -> Session:
@@ -81,6 +103,7 @@ class SessionFactory:
             hp = defn.resolve(dict(config.hyperparameters))
         except HyperparameterError as e:
             raise InvalidArgument(str(e)) from None
+        schedule = self.schedule(config, hp)
         if config.session_id and not valid_id(config.session_id):
             raise InvalidArgument(f"session_id {shown(config.session_id)}: use {SESSION_ID_RULE}")
         if not params:
@@ -120,7 +143,7 @@ class SessionFactory:
         shapes = {n: tuple(np.shape(p)) for n, p in params.items()}
         session = Session(config.session_id or uuid.uuid4().hex, registered, hp, codes[master], config.reply,
                           durability, shapes, tuple(declared), step=initial_step, first_step=initial_step,
-                          owner=owner)
+                          owner=owner, schedule=schedule)
         if config.workers is not None:
             session.workers = config.workers.checked()
             if session.workers.mode != "sync" and config.reply == "delta":

@@ -143,8 +143,9 @@ class SessionStore:
         if self._sessions.get(session.id) is not session:  # deleted (maybe re-created) while we waited
             raise self.missing(session.id)
         if session.missing:
+            what = session.missing if session.missing.startswith("schedule ") else f"optimizer {shown(session.missing)}"
             raise FailedPrecondition(
-                f"session {session.id} needs optimizer {shown(session.missing)}, which is not installed on this "
+                f"session {session.id} needs {what}, which is not installed on this "
                 "server: install the plugin that provides it (`optreg plugins` lists what is installed) and restart "
                 "the server; the session's files are kept")
         if session.quarantined:

@@ -15,6 +15,7 @@ def replay(s: Session, record: wal.Record) -> None:
     """Apply one logged step to the session's live set, in place (recovery: nobody else sees it)."""
     live, t = s.live, record.step
     hp = s.optimizer.definition.resolve(record.hyperparameters)
+    ran = s.in_force(t, hp)  # a schedule's lr computed again from the step, as the live step did
     delta = {} if s.reply == "delta" else None  # new - old of every parameter, filled by the write
     plan = None
 
@@ -34,7 +35,7 @@ def replay(s: Session, record: wal.Record) -> None:
             for name, p in live.params.items():
                 g = widen(record.tensors[name].reshape(-1), s.dtype).reshape(p.shape)
                 kernels.apply(s.optimizer.definition, p, g, {slot: live.state[slot][name] for slot in live.state},
-                              t, hp)
+                              t, ran)
         for name, old in before.items():
             delta[name] = live.params[name] - old
 

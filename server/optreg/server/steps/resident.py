@@ -236,7 +236,7 @@ class ResidentStep(StepRun):
             self.t = next_step(s)
             _wait_for_readers(s, self.is_active)
             self.store.journal.mend(s)
-            self.hp = self._resolve(s)
+            self._hyperparameters(s)
             self.record = self.store.journal.begin(s, self.t, self.fence, self.hp, self.metrics, self.extras)
             grads = self._validate(items)
             if not self.is_active():

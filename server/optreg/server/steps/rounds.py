@@ -58,6 +58,7 @@ class Outcome:
     replayed: bool = False
     noise_scale: float = 0.0
     rows: dict = field(default_factory=dict)  # a sparse step's answered rows: name -> (rows, values)
+    lr: float = 0.0  # the lr the step ran with (StepResponse.lr)
 
 
 @dataclass(eq=False)
@@ -429,7 +430,8 @@ class Hub:
         who = tuple(sorted(contribs))
         mean = combined if self.config.combine == "mean" else sparse_rows.scaled(combined, 1 / len(who))
         outcome = Outcome(result.step, out, r.number, who, tuple(sorted(live - set(who))), time.monotonic() - t0,
-                          noise_scale=noise_scale(contribs, mean), rows=dict(getattr(result, "sparse", {})))
+                          noise_scale=noise_scale(contribs, mean), rows=dict(getattr(result, "sparse", {})),
+                          lr=result.lr)
         metrics = self.store.metrics
         if metrics is not None and hasattr(metrics, "round"):
             metrics.round(s.id, outcome.seconds, len(outcome.stragglers), outcome.noise_scale)

@@ -110,7 +110,7 @@ class StepRun:
             if s.check_fence(self.fence):
                 return self._replay()
             self.t = next_step(s)
-            self.hp = self._resolve(s)
+            self._hyperparameters(s)
             # Rows owed steps (sparse_rows.py) are caught up in the staging copy at commit: no overlap then.
             self.overlap = self.fence is not None and self.defn.elementwise and not s.clocks and not self.is_sparse
             if self.overlap:
@@ -134,7 +134,23 @@ class StepRun:
         return self.store.budget.allocate(what, s.elements * s.dtype.itemsize,
                                           lambda: Buffers({n: np.empty(shape, s.dtype) for n, shape in s.shapes.items()}))
 
+    def _hyperparameters(self, s: Session) -> None:
+        """Step self.t's hyperparameters: `hp`, the session's or those the step sets (logged, and kept by
+        the commit), and `ran`, what the update runs with (s.in_force: a schedule's lr; replay's too)."""
+        self.hp = self._resolve(s)
+        try:
+            self.ran = s.in_force(self.t, self.hp)
+        except Exception as e:
+            raise PluginFailed(f"schedule {s.schedule.name} (plugin {s.schedule.registered.plugin}) failed at "
+                               f"step {self.t}: {type(e).__name__}: {shown(str(e), 300)}; the session is "
+                               "unchanged") from e
+
     def _resolve(self, s: Session) -> dict:
+        if "lr" in self.hp_changes and s.schedule is not None:
+            raise InvalidArgument(
+                f"hyperparameters lr={self.hp_changes['lr']!r}: session {s.id} follows schedule {s.schedule.name}, "
+                f"which sets every step's lr from the session's lr ({s.hyperparameters['lr']!r}); leave lr out of the "
+                "step (UpdateHyperparameters changes the base the schedule multiplies); the step was not applied")
         if not self.hp_changes:
             return s.hyperparameters
         try:
@@ -261,7 +277,7 @@ class StepRun:
         small = p.size < SMALL_STATS
         part = None if small else np.zeros(kernels.STATS)
         try:
-            kernels.apply(self.defn, p, g, slots, self.t, self.hp, parallel=parallel, stats=part,
+            kernels.apply(self.defn, p, g, slots, self.t, self.ran, parallel=parallel, stats=part,
                           grad_abs_max=None if small else grad_abs_max, src=src)
             if small:
                 part = tensor_stats(g, old, p)
@@ -325,7 +341,7 @@ class StepRun:
             if self.fence is not None and s.step != self.fence:  # another call applied it meanwhile
                 return _LOST
             self.t = next_step(s)  # unfenced: applied at whatever step is current
-            self.hp = self._resolve(s)  # and with the hyperparameters in force now
+            self._hyperparameters(s)  # and with the hyperparameters in force now
             self.record.renumber(self.t, self.hp)
             self._compute_buffered()
         # The record first (Unavailable/ResourceExhausted on a failed write: nothing swapped); the hyperparameters
@@ -346,6 +362,7 @@ class StepRun:
                extras=self.extras, delta=delta, plan=plan, store=self.store)
         self.done = True
         self.result = s.last_sparse if plan is not None else reply(s, False)
+        self.result.lr = float(self.ran.get("lr", 0.0))  # as it ran (a staleness-scaled lr too)
 
     def _swap_in(self) -> None:
         """A live step's write: the staging set becomes the live one; the old goes to recycling."""
@@ -390,13 +407,13 @@ class StepRun:
         if self.fence is not None and s.step != self.fence:  # another call applied it meanwhile
             return self._lost_race(encode)
         self.t = next_step(s)
-        self.hp = self._resolve(s)
+        self._hyperparameters(s)
         self.record.renumber(self.t, self.hp)
         base, clocks = s.live, s.clocks
         if self.hp != s.hyperparameters and sparse_rows.owes(s):  # owed steps ran with the old ones
             base, clocks = sparse_rows.settled_copy(self.store, s), {}
         try:
-            plan = sparse_rows.compute(s, base, clocks, self.t, self.hp, dict(self.grads or {}), self.sparse,
+            plan = sparse_rows.compute(s, base, clocks, self.t, self.ran, dict(self.grads or {}), self.sparse,
                                        origin=s.live.params)
         except Exception as e:
             raise PluginFailed(f"optimizer {self.defn.name} (plugin {self.session.optimizer.plugin}) raised in "
@@ -461,4 +478,6 @@ def reply(s: Session, replayed: bool) -> StepResult:
         out = sparse_rows.caught_up(s).params
     else:
         out = s.live.params
-    return StepResult(s.step, replayed, out)
+    # A retry's lr: the last step's, from the session's (a live step's own is set by its commit)
+    lr = float(s.in_force(s.step, s.hyperparameters).get("lr", 0.0)) if replayed and s.step > 0 else 0.0
+    return StepResult(s.step, replayed, out, lr=lr)

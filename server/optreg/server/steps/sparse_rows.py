@@ -48,6 +48,10 @@ def require(s: Session, where: str = "sparse") -> None:
             f"{where}: optimizer {d.name} does not declare sparse rows, so session {s.id} cannot step some rows "
             "of a parameter: send dense gradients (zeros where there is none), or create the session with an "
             "optimizer that declares sparse_rows (ListOptimizers: sgd, momentum, nesterov, adagrad, rmsprop, adam)")
+    if s.schedule is not None:  # a lazy row's catch-up runs the steps it missed with one lr, not each step's
+        raise FailedPrecondition(
+            f"{where}: session {s.id} follows schedule {s.schedule.name}, whose lr changes every step, and rows "
+            "left lazy would catch up under one lr: send dense gradients (zeros where there is none)")
 
 
 def lazy_names(s: Session) -> list[str]:

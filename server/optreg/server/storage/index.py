@@ -27,7 +27,7 @@ NAME = "index"
 FORMAT = b"optreg-index/1"
 # The metadata fields sessions of one kind share; the rest are per session (ENTRY).
 KIND = ("optimizer", "plugin", "hyperparameters", "master_dtype", "reply", "durability", "periodic_steps",
-        "periodic_seconds", "shapes", "slots", "owner", "workers")
+        "periodic_seconds", "shapes", "slots", "owner", "workers", "schedule")
 ENTRY = ("step", "first_step", "created_at", "last_used_at")
 RARE = ("round_record", "worker_rounds", "worker_clocks")  # kept per session only when set
 

@@ -41,7 +41,7 @@ from optreg.server.model.errors import InvalidArgument, NotFound
 from optreg.server.storage.fsync import GroupSyncer, fsync_dir
 from optreg.server.model.workers import LR_SCALED, WorkerConfig
 from optreg.server.model.session import (DTYPE_NAMES, DURABILITIES, MAX_STEP, REPLIES, Arrays, Durability, Session,
-                                         check_values)
+                                         SessionSchedule, check_values)
 from optreg.v1 import tensors
 
 log = logging.getLogger("optreg.server.storage.journal")
@@ -134,7 +134,8 @@ def meta_of(s: Session, hyperparameters: dict | None = None) -> dict:
             "periodic_steps": s.durability.periodic_steps, "periodic_seconds": s.durability.periodic_seconds,
             "shapes": {n: list(v) for n, v in s.shapes.items()}, "slots": list(s.slot_names),
             "workers": s.workers.to_meta() if s.workers is not None else None, "round_record": s.round_record,
-            "worker_rounds": s.worker_rounds, "worker_clocks": s.worker_clocks}
+            "worker_rounds": s.worker_rounds, "worker_clocks": s.worker_clocks,
+            "schedule": {"name": s.schedule.name, "parameters": s.schedule.parameters} if s.schedule else None}
 
 
 def snapshot_arrays(s: Session) -> tuple[dict, dict]:
@@ -162,6 +163,19 @@ def not_installed(name: str, slots) -> Registered:
         raise RuntimeError(f"optimizer {name!r} is not installed")
     return Registered(Optimizer(name=name, summary="not installed on this server", update=update,
                                 slots=tuple(Slot(n) for n in slots)), NOT_INSTALLED, "", "")
+
+
+def schedule_meta(meta: dict, path) -> dict | None:
+    """The metadata's schedule ({"name", "parameters"}: Journal.meta_of), None when it names none;
+    CorruptFile when it is not of that form (its parameters are checked by the schedule itself).
+    Shared with `optreg sessions export` files."""
+    named = meta.get("schedule")
+    if not named:
+        return None
+    if type(named) is not dict or type(named.get("name")) is not str or type(named.get("parameters")) is not dict \
+            or not all(type(k) is str and type(v) in (int, float) for k, v in named["parameters"].items()):
+        raise snapshot.CorruptFile(path, f"metadata schedule {str(named)[:80]!r}: must be {{name, parameters}}")
+    return named
 
 
 def check_meta(meta: dict, path) -> None:
@@ -761,8 +775,8 @@ class Journal:
             kind = self._kind(meta, registry)
             if "kind" in meta:  # sessions of one kind in the index share what it builds
                 self._kinds[meta["kind"]] = kind
-        registered, hp, code, durability, shapes, slots = kind
-        s = Session(meta["session_id"], registered, hp, code, meta["reply"], durability, shapes, slots,
+        registered, hp, code, durability, shapes, slots, schedule = kind
+        s = Session(meta["session_id"], registered, hp, code, meta["reply"], durability, shapes, slots, schedule=schedule,
                     step=int(meta["step"]), first_step=int(meta.get("first_step", 0)), owner=meta.get("owner", ""),
                     created_at=float(meta["created_at"] or meta.get("saved_at") or 0.0),
                     last_used_at=float(meta.get("last_used_at") or meta.get("saved_at") or meta["created_at"] or 0.0))
@@ -779,6 +793,8 @@ class Journal:
             s.quarantined = f"{meta['log_error']} (files kept: {self.snapshot_path(s.id)}, {self.log_path(s.id)})"
         if registered.plugin == NOT_INSTALLED:
             s.missing = meta["optimizer"]
+        elif meta.get("schedule") and schedule is None:  # listed, kept, and served once a server has it
+            s.missing = f"schedule {meta['schedule']['name']}"
         return s
 
     def _kind(self, meta: dict, registry) -> tuple:
@@ -801,7 +817,22 @@ class Journal:
                                        f"metadata slots {meta['slots']!r} are not {defn.name}'s")
         return (registered, hp, DTYPE_CODES[meta["master_dtype"]],
                 Durability(meta["durability"], int(meta["periodic_steps"]), float(meta["periodic_seconds"])),
-                {n: tuple(v) for n, v in meta["shapes"].items()}, tuple(meta["slots"]))
+                {n: tuple(v) for n, v in meta["shapes"].items()}, tuple(meta["slots"]), self._schedule(meta, registry))
+
+    def _schedule(self, meta: dict, registry) -> SessionSchedule | None:
+        """The schedule `meta` names, its parameters checked as CreateSession checks them; None when it
+        names none, or one no installed plugin provides (session_from marks the session missing)."""
+        path = self.snapshot_path(meta["session_id"])
+        named = schedule_meta(meta, path)
+        if named is None:
+            return None
+        if named["name"] not in registry.schedules:
+            return None
+        registered = registry.schedule(named["name"])
+        try:
+            return SessionSchedule(registered, registered.definition.resolve(named["parameters"]))
+        except HyperparameterError as e:
+            raise snapshot.CorruptFile(path, f"metadata schedule: {e}") from None
 
     def load(self, s: Session, budget, replay) -> None:
         """The snapshot, then every log record after it, replayed by `replay(session, record)` (the step's

@@ -891,9 +891,9 @@ class TelemetryObserver:
                 with session.lock:
                     if session.step == run.t and session.live is not None:
                         sample = sample_state(session.live.state, names)
-        # run.hp and run.metrics are the run's own and never changed in place (hyperparameters are replaced
+        # run.ran (the hyperparameters the update ran with: a schedule's lr) and run.metrics are the run's own and never changed in place (hyperparameters are replaced
         # as a whole): handed over without copies
-        self.hub.on_step(StepEvent(session.id, run.t, time.time(), session.owner, defn.name, run.hp, stats,
+        self.hub.on_step(StepEvent(session.id, run.t, time.time(), session.owner, defn.name, run.ran, stats,
                                    run.metrics, sample))
 
     def on_refused(self, session, run, *_) -> None:
