@@ -125,3 +125,39 @@ def test_the_cli_lists_every_page(filled):
     listed = optreg("sessions", "list", "--address", s.address, "--json")
     assert listed.returncode == 0, listed.stderr
     assert [i["session_id"] for i in json.loads(listed.stdout)] == ids  # 250: three of the client's pages
+
+
+def test_an_idle_sessions_listing_follows_its_changes(start_server, tmp_path):
+    """An idle session's listed entry is kept encoded (service.listed_info): each change, made while it is
+    idle or after it loads again, shows in the next listing as in GetSession."""
+    import time
+    s = start_server("--data-dir", str(tmp_path), "--idle-seconds", "0.2")
+
+    def listed(c, sid):
+        return next(i for i in c.list_sessions() if i.session_id == sid)
+
+    def idle(c, sid):
+        for _ in range(200):
+            if not c.get_session(sid).loaded:
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"{sid} was not unloaded")
+
+    with Client(s.address) as c:
+        sess = c.create_session("adam", {"w": np.ones(4, np.float32)}, lr=0.01, session_id="quiet")
+        c.create_session("sgd", {"w": np.ones(2, np.float32)}, session_id="other", durability="none")
+        sess.step({"w": np.full(4, 0.5, np.float32)})
+        idle(c, "quiet")
+        first = listed(c, "quiet")
+        assert (first.step, first.loaded, first.hyperparameters["lr"]) == (1, False, pytest.approx(0.01))
+        assert listed(c, "quiet") == first  # (kept)
+        sess.set_hyperparameters(lr=0.02)
+        idle(c, "quiet")
+        after_hp = listed(c, "quiet")
+        assert after_hp.hyperparameters["lr"] == pytest.approx(0.02) and after_hp == c.get_session("quiet")
+        sess.step({"w": np.full(4, 0.5, np.float32)})
+        assert listed(c, "quiet").step == 2 and listed(c, "quiet").loaded
+        idle(c, "quiet")
+        again = listed(c, "quiet")
+        assert again.step == 2 and not again.loaded and again == c.get_session("quiet")
+        assert again.last_used_at >= after_hp.last_used_at

@@ -389,7 +389,7 @@ def build_services(sessions: SessionServicer, watching=None, registry=None, aio:
     StepStream's replies may come already encoded (bytes from tensors.encode_stream_message: the
     updated parameters copied once, not four times) and its requests come with their size on the wire,
     for the metrics (large chunk messages decoded without copies, see DECODE_CHUNKS_ABOVE); Step's
-    dense answers come encoded too (service._step_reply)."""
+    dense answers come encoded too (service._step_reply), and ListSessions' pages (service.listed_info)."""
     out = {}
     service, handlers = method_handlers(session_pb2_grpc.add_SessionServiceServicer_to_server, sessions)
     h = handlers["StepStream"]
@@ -404,10 +404,11 @@ def build_services(sessions: SessionServicer, watching=None, registry=None, aio:
     handlers["StepStream"] = grpc.stream_stream_rpc_method_handler(
         h.stream_stream, request_deserializer=parse_sized,
         response_serializer=tensors.serialize_passthrough(h.response_serializer))
-    h = handlers["Step"]
-    handlers["Step"] = grpc.unary_unary_rpc_method_handler(
-        h.unary_unary, request_deserializer=h.request_deserializer,
-        response_serializer=tensors.serialize_passthrough(h.response_serializer))
+    for name in ("Step", "ListSessions"):
+        h = handlers[name]
+        handlers[name] = grpc.unary_unary_rpc_method_handler(
+            h.unary_unary, request_deserializer=h.request_deserializer,
+            response_serializer=tensors.serialize_passthrough(h.response_serializer))
     if aio:
         handlers = coroutines(sessions, handlers)
     out[service] = handlers
