@@ -226,7 +226,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self.optreg_name, self._mapping = lookup(optimizer)
         # The torch class checks the options and supplies its defaults, so param_groups hold exactly
         # the keys (and values) torch's own optimizer would: schedulers and state dicts see no difference.
-        probe = self._mapping.torch_class([torch.zeros(1, requires_grad=True)], **hyperparameters)
+        probe = self._mapping.torch_class([torch.zeros(1, 1, requires_grad=True)], **hyperparameters)  # 2-D: Muon
         defaults = dict(probe.defaults)
         self._owns_client = client is None
         if client is None:
