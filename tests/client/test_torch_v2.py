@@ -178,3 +178,35 @@ def test_kill_9_mid_run_then_restore_from_state_dict(start_server, tmp_path, cls
         restored.load_state_dict(sd)
         shared_steps(restored_model, restored, torch_model, from_remote, 20, x, y)
         assert max_diff(restored_model, torch_model) < tol
+
+
+def test_schedulefree_adamw_matches_the_reference_in_train_and_eval_views(address):
+    """schedulefree.adamw through a real session against schedulefree.AdamWScheduleFree (PyPI 1.4), the
+    same gradients for 300 steps with warm-up and weight decay: the training point y (the session's
+    parameters) and z within 1e-5, and the evaluation view x = lerp(y, z, 1 - 1/beta1), computed from
+    ReadState, equal to the reference's parameters after optimizer.eval()."""
+    schedulefree = pytest.importorskip("schedulefree")
+    options = dict(lr=0.01, weight_decay=0.01, warmup_steps=20, betas=(0.9, 0.999))
+    rng = np.random.default_rng(0)
+    init = {"W": rng.standard_normal((16, 8)).astype(np.float32), "b": rng.standard_normal(8).astype(np.float32)}
+    ref = {n: torch.nn.Parameter(torch.from_numpy(a.copy())) for n, a in init.items()}
+    opt = schedulefree.AdamWScheduleFree(list(ref.values()), **options)
+    opt.train()
+    hp = dict(lr=0.01, weight_decay=0.01, warmup_steps=20, beta1=0.9, beta2=0.999)
+    with Client(address) as c:
+        s = c.create_session("schedulefree.adamw", {n: a.copy() for n, a in init.items()}, **hp)
+        for _ in range(300):
+            g = {n: rng.standard_normal(a.shape).astype(np.float32) for n, a in init.items()}
+            for n, p in ref.items():
+                p.grad = torch.from_numpy(g[n].copy())
+            opt.step()
+            s.step(g)
+        st = s.read_state()
+    for n, p in ref.items():
+        np.testing.assert_allclose(st.parameters[n], p.detach().numpy(), atol=1e-5, rtol=0)
+        np.testing.assert_allclose(st.state["z"][n], opt.state[p]["z"].numpy(), atol=1e-5, rtol=0)
+        assert st.state["weight_sum"][n].shape == () and st.state["weight_sum"][n].dtype == np.float64
+    opt.eval()
+    for n, p in ref.items():
+        y, z = torch.from_numpy(st.parameters[n]), torch.from_numpy(st.state["z"][n])
+        np.testing.assert_allclose(y.lerp(z, 1 - 1 / 0.9).numpy(), p.detach().numpy(), atol=1e-5, rtol=0)

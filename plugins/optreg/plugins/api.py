@@ -5,7 +5,8 @@ checkpoint, export and slice them); the plugin owns the math::
 
     def update(param, grad, state, step, hp, scratch):
         # param: ndarray, updated in place; grad: read-only ndarray, same shape
-        # and dtype; state: {slot name: ndarray like param}, updated in place;
+        # and dtype; state: {slot name: ndarray like param, or in the slot's
+        # declared shape and dtype (contract v2, Slot.shape/dtype)}, updated in place;
         # step: the 1-based number of this step; hp: {name: value};
         # scratch: list of `Optimizer.scratch` work arrays like param.
 
@@ -89,7 +90,7 @@ class Hyperparameter:
 
 DOMAINS = ("real", "nonnegative")
 # A slot's dtype: None (the session's master dtype, float32 or float64) or one of these.
-SLOT_DTYPES = ("bfloat16",)
+SLOT_DTYPES = ("bfloat16", "float64")
 
 
 def same(shape: tuple) -> tuple:
@@ -114,6 +115,11 @@ def unfactored(shape: tuple) -> tuple:
     return tuple(shape) if len(shape) <= 1 else (0,)
 
 
+def scalar(shape: tuple) -> tuple:
+    """One number per parameter (a running sum the update keeps: schedule-free's weight_sum)."""
+    return ()
+
+
 def per_dimension(shape: tuple) -> tuple:
     """An [n, n] matrix per dimension of size n, stacked when all are equal: (ndim, n, n); (0,) otherwise
     (Shampoo's preconditioners of a square weight)."""
@@ -128,8 +134,8 @@ class Slot:
     `rows`/`columns` (Adafactor's factored second moment), `per_dimension`; a shape with no element,
     (0,), means the slot is not kept for that parameter (torch's state dict then has no entry for it).
     Only a whole-tensor optimizer (elementwise=False) may declare a shape other than `same`.
-    `dtype`: None (the master dtype) or "bfloat16" (half the bytes; the update reads and writes an
-    ml_dtypes.bfloat16 array and rounds what it stores). The server allocates, counts (memory budget),
+    `dtype`: None (the master dtype), "bfloat16" (half the bytes; the update reads and writes an
+    ml_dtypes.bfloat16 array and rounds what it stores) or "float64" (a running sum kept in double). The server allocates, counts (memory budget),
     snapshots, logs, exports and restores every slot in its declared shape and dtype.
 
     `domain` is what a valid value looks like: "real" (any number: +-inf included, since a
@@ -150,7 +156,9 @@ class Slot:
         import numpy as np
 
         dtype = np.dtype(master)
-        if self.dtype is not None:
+        if self.dtype == "float64":
+            dtype = np.dtype(np.float64)
+        elif self.dtype is not None:
             import ml_dtypes
 
             dtype = np.dtype(getattr(ml_dtypes, self.dtype))
