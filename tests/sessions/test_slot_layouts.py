@@ -1,6 +1,6 @@
 """Contract v2 state through every machinery that handles state, over a real server: slots of their own
 shape (torch.adafactor's row and column vectors, a vector's variance, and (0,) where a slot is not kept)
-and of their own dtype (adamw-bf16's bfloat16 m and v). The memory budget counts them before allocating;
+and of their own dtype (adamw-bf16's bfloat16 m and v; schedulefree.adamw's float64 scalars). The memory budget counts them before allocating;
 ReadState and CreateSession restore them; snapshots (checksummed) and the log bring them back after a
 stop and after a kill -9; an export file carries them to an import; shared memory, workers and telemetry
 step them like any other."""
@@ -17,12 +17,18 @@ from cli_helpers import optreg, optreg_env
 from optreg.client import Client, InvalidArgument, ResourceExhausted
 from optreg.v1 import telemetry_pb2, telemetry_pb2_grpc
 
-LAYOUT = {  # optimizer -> {slot: {parameter: (shape, dtype)}} for PARAMS below
-    "torch.adafactor": {"row_var": {"W": (6, 1), "b": (0,)}, "col_var": {"W": (1, 5), "b": (0,)},
-                        "variance": {"W": (0,), "b": (5,)}},
-    "adamw-bf16": {s: {"W": (6, 5), "b": (5,)} for s in ("m", "v", "max_v")},
+F32, F64, BF16 = np.dtype(np.float32), np.dtype(np.float64), np.dtype(ml_dtypes.bfloat16)
+LAYOUT = {  # optimizer -> {slot: {parameter: (shape, dtype)}} for params() below
+    "torch.adafactor": {"row_var": {"W": ((6, 1), F32), "b": ((0,), F32)},
+                        "col_var": {"W": ((1, 5), F32), "b": ((0,), F32)},
+                        "variance": {"W": ((0,), F32), "b": ((5,), F32)}},
+    "adamw-bf16": {s: {"W": ((6, 5), BF16), "b": ((5,), BF16)} for s in ("m", "v", "max_v")},
+    # one float64 number per parameter: the run's lr_max and weight_sum
+    "schedulefree.adamw": {"z": {"W": ((6, 5), F32), "b": ((5,), F32)},
+                           "exp_avg_sq": {"W": ((6, 5), F32), "b": ((5,), F32)},
+                           "lr_max": {"W": ((), F64), "b": ((), F64)},
+                           "weight_sum": {"W": ((), F64), "b": ((), F64)}},
 }
-DTYPE = {"torch.adafactor": np.dtype(np.float32), "adamw-bf16": np.dtype(ml_dtypes.bfloat16)}
 
 
 def params():
@@ -37,8 +43,7 @@ def grads(i):
 
 def assert_layout(optimizer, state):
     got = {slot: {n: (a.shape, a.dtype) for n, a in arrays.items()} for slot, arrays in state.items()}
-    assert got == {slot: {n: (shape, DTYPE[optimizer]) for n, shape in arrays.items()}
-                   for slot, arrays in LAYOUT[optimizer].items()}
+    assert got == LAYOUT[optimizer]
 
 
 def same_bits(a: dict, b: dict):
