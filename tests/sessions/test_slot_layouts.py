@@ -1,9 +1,9 @@
 """Contract v2 state through every machinery that handles state, over a real server: slots of their own
 shape (torch.adafactor's row and column vectors, a vector's variance, and (0,) where a slot is not kept)
-and of their own dtype (adamw-bf16's bfloat16 m and v; schedulefree.adamw's float64 scalars). The memory budget counts them before allocating;
-ReadState and CreateSession restore them; snapshots (checksummed) and the log bring them back after a
-stop and after a kill -9; an export file carries them to an import; shared memory, workers and telemetry
-step them like any other."""
+and of their own dtype (adamw-bf16's bfloat16 m and v; schedulefree.adamw's float64 scalars). The memory
+budget counts them before allocating; ReadState and CreateSession restore them; snapshots (checksummed)
+and the log bring them back after a stop and after a kill -9; an export file carries them to an import;
+shared memory, workers and telemetry step them like any other."""
 from __future__ import annotations
 
 import threading
