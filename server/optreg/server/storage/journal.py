@@ -251,7 +251,7 @@ def check_against_meta(meta: dict, arrays: dict, path, clocks: dict | None = Non
         want = (shapes.get(name, ()), dtype)
         if kind == "state" and slot_layouts is None and a.dtype.kind in "fV":
             want = (a.shape, a.dtype)  # (bfloat16 is numpy kind "V")
-        elif kind == "state" and name in slot_layouts.get(slot, {}):
+        elif kind == "state" and slot_layouts is not None and name in slot_layouts.get(slot, {}):
             want = slot_layouts[slot][name]
         if name not in shapes or a.shape != want[0] or a.dtype != want[1]:
             raise snapshot.CorruptFile(path, f"tensor {key!r} is {a.dtype} {list(a.shape)}, but the metadata says "
