@@ -135,8 +135,9 @@ class Slot:
     (0,), means the slot is not kept for that parameter (torch's state dict then has no entry for it).
     Only a whole-tensor optimizer (elementwise=False) may declare a shape other than `same`.
     `dtype`: None (the master dtype), "bfloat16" (half the bytes; the update reads and writes an
-    ml_dtypes.bfloat16 array and rounds what it stores) or "float64" (a running sum kept in double). The server allocates, counts (memory budget),
-    snapshots, logs, exports and restores every slot in its declared shape and dtype.
+    ml_dtypes.bfloat16 array and rounds what it stores) or "float64" (a running sum kept in double).
+    The server allocates, counts (memory budget), snapshots, logs, exports and restores every slot in
+    its declared shape and dtype.
 
     `domain` is what a valid value looks like: "real" (any number: +-inf included, since a
     finite gradient can overflow an accumulator such as momentum's) or "nonnegative" (>= 0,
