@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from optreg.plugins import Hyperparameter, Optimizer, Slot, rows
+from optreg.plugins import Hyperparameter, Optimizer, Slot, layouts, matrices, per_dimension, rows
 from optreg.plugins import testing as kit
 from optreg.plugins.registry import Registry
 
@@ -217,6 +217,25 @@ def test_the_kit_catches_with_numba(check, definition, message):
 
 def test_a_correct_optimizer_passes_every_check():
     kit.check_all(make(sgd))
+
+
+def preconditioned(param, grad, state, step, hp, scratch):
+    # a Shampoo-like whole-tensor update over [n, n] statistics per dimension (contract v2)
+    if param.ndim < 2:
+        param -= hp["lr"] * grad
+        return
+    left, right = matrices(state["stats"], param.shape)
+    left += grad @ grad.T
+    right += grad.T @ grad
+    scale = 1.0 / (np.sqrt(np.trace(left) * np.trace(right)) ** 0.5 + 1e-12)
+    param -= hp["lr"] * scale * grad
+
+
+def test_a_whole_tensor_optimizer_with_per_dimension_matrices_passes_every_check():
+    defn = make(preconditioned, slots=(Slot("stats", shape=per_dimension, domain="real"),), elementwise=False,
+                accepts=lambda name, shape: None if len(shape) == 2 else "matrices only")
+    kit.check_all(defn)
+    assert layouts(defn, {"W": (3, 5)}, np.float32) == {"stats": {"W": ((34,), np.dtype(np.float32))}}
 
 
 

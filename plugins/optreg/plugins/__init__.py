@@ -11,10 +11,10 @@ A plugin is a module with a hook implementation returning definitions::
 and an entry point in the ``optreg`` group naming that module.
 """
 from optreg.plugins.api import (DefinitionError, Hyperparameter, HyperparameterError, Optimizer, Slot, columns,
-                                layouts, per_dimension, rows, same, scalar, unfactored,
+                                layouts, matrices, per_dimension, rows, same, scalar, unfactored,
                                 validate)
 from optreg.plugins.hookspecs import hookimpl
 
 __all__ = ["DefinitionError", "Hyperparameter", "HyperparameterError", "Optimizer", "Slot", "columns", "hookimpl",
-           "layouts", "per_dimension", "rows", "same", "scalar", "unfactored",
+           "layouts", "matrices", "per_dimension", "rows", "same", "scalar", "unfactored",
            "validate"]

@@ -121,9 +121,19 @@ def scalar(shape: tuple) -> tuple:
 
 
 def per_dimension(shape: tuple) -> tuple:
-    """An [n, n] matrix per dimension of size n, stacked when all are equal: (ndim, n, n); (0,) otherwise
-    (Shampoo's preconditioners of a square weight)."""
-    return (len(shape), shape[0], shape[0]) if shape and len(set(shape)) == 1 else (0,)
+    """An [n, n] matrix for each dimension n of a matrix or larger tensor, one after another in one flat
+    array (d1*d1 + d2*d2 + ...,), which `matrices` splits; (0,) for a vector or a scalar (Shampoo's and
+    SOAP's preconditioners)."""
+    return (sum(int(d) * int(d) for d in shape),) if len(shape) > 1 else (0,)
+
+
+def matrices(flat, shape: tuple) -> list:
+    """The [n, n] views of a `per_dimension` slot for a parameter of `shape` (writable: no copies)."""
+    out, start = [], 0
+    for d in shape:
+        out.append(flat[start:start + d * d].reshape(d, d))
+        start += d * d
+    return out
 
 
 @dataclass(frozen=True)
