@@ -596,6 +596,11 @@ def bench_sessions(cfg, server, echo):
     run(cfg, server, echo)
 
 
+def bench_v2(cfg, server, echo):
+    from bench.v2 import bench_v2 as run  # contract v2: factored and bfloat16 state bytes, a Muon step (issue 24)
+    run(cfg, server, echo)
+
+
 def bench_ray(cfg, server, echo):
     from bench.ray_step import bench_ray as run  # a local Ray; skipped in --quick and without Ray
     run(cfg, server, echo)
@@ -605,7 +610,7 @@ SECTIONS = {"small": bench_small, "smallparts": bench_small_parts, "large": benc
             "declared": bench_declared, "vs": bench_vs, "memory": bench_memory, "concurrency": bench_concurrency,
             "torch": bench_torch, "wal": bench_wal, "durability": bench_durability, "telemetry": bench_telemetry,
             "workers": bench_workers, "sparse": bench_sparse, "streams": bench_streams, "chaos": bench_chaos,
-            "waiting": bench_waiting, "sessions": bench_sessions, "ray": bench_ray}
+            "waiting": bench_waiting, "sessions": bench_sessions, "v2": bench_v2, "ray": bench_ray}
 
 
 class Config:

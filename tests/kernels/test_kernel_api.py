@@ -69,7 +69,10 @@ def test_builtins_declare_their_nonnegative_slots():
               if s.domain == "nonnegative"}
     assert nonneg == {("adam", "v"), ("adagrad", "h"), ("rmsprop", "h"), ("torch.adam", "v"),
                       ("torch.adam", "max_v"), ("adamw", "v"), ("adamw", "max_v"),
-                      ("torch.rmsprop", "square_avg"), ("torch.adagrad", "sum")}
+                      ("torch.rmsprop", "square_avg"), ("torch.adagrad", "sum"), ("adamw-bf16", "v"),
+                      ("adamw-bf16", "max_v"), ("torch.adafactor", "row_var"), ("torch.adafactor", "col_var"),
+                      ("torch.adafactor", "variance"), ("schedulefree.adamw", "exp_avg_sq"),
+                      ("schedulefree.adamw", "weight_sum")}
 
 
 def test_check_state_reports_the_first_bad_slot():

@@ -72,7 +72,11 @@ def _numpy_update(defn, p, g, st, t, hp):
 
 
 def test_every_registered_optimizer_declares_a_kernel(registry):
-    assert set(SETTINGS) == set(registry.optimizers)
+    """Every elementwise optimizer whose slots are the parameter's shape and dtype (contract v1): a
+    whole-tensor update has no kernel, and numba has no bfloat16 (adamw-bf16 runs its numpy update)."""
+    fused = {n for n, r in registry.optimizers.items()
+             if r.definition.elementwise and all(s.standard for s in r.definition.slots)}
+    assert set(SETTINGS) == fused
     assert all(registry.get(name).definition.kernel is not None for name in SETTINGS)
 
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from optreg.plugins import Hyperparameter, Optimizer, Slot
+from optreg.plugins import Hyperparameter, Optimizer, Slot, layouts, matrices, per_dimension, rows
 from optreg.plugins import testing as kit
 from optreg.plugins.registry import Registry
 
@@ -138,6 +138,26 @@ def sgd_book(param, grad, state, step, hp, scratch):
     param -= s
 
 
+def resizes_row_slot(param, grad, state, step, hp, scratch):
+    # contract v2: a factored slot widened to the parameter's shape (gives up the memory it exists for)
+    state["r"] = np.zeros_like(param)
+    param -= hp["lr"] * grad
+
+
+def widens_bf16_slot(param, grad, state, step, hp, scratch):
+    state["m"] = state["m"].astype(param.dtype)  # the bfloat16 slot replaced by a master-dtype one
+    param -= hp["lr"] * grad
+
+
+def k_sgd_m(p, g, m, c):
+    for i in range(p.size):
+        p[i] = p[i] - g[i] * c[0]
+
+
+def refuses_all(name, shape):
+    return "refuses everything"
+
+
 class UncheckedHyperparameter(Hyperparameter):
     def coerce(self, value, optimizer=""):
         return value
@@ -162,6 +182,14 @@ BROKEN = [
     ("definition", make(sgd, kernel=k_sgd), "kernel_scalars"),
     ("kernel", make(sgd_book, scratch=1, kernel=k_reordered, kernel_scalars=lr_scalars), "differs"),
     ("deterministic", make(noisy), "deterministic=True"),
+    ("layouts", make(resizes_row_slot, slots=(Slot("r", shape=rows),), elementwise=False), "slot r"),
+    ("layouts", make(widens_bf16_slot, slots=(Slot("m", dtype="bfloat16"),)), "slot m"),
+    ("layouts", make(sgd, accepts=lambda name, shape: "two\nlines"), "one-line reason"),
+    ("layouts", make(sgd, accepts=refuses_all), "refuses every shape"),
+    ("definition", make(sgd, slots=(Slot("r", shape=rows),)), "elementwise=False"),
+    ("definition", make(sgd, slots=(Slot("m", dtype="float16"),)), "bfloat16, float64"),
+    ("definition", make(sgd_book, scratch=1, kernel=k_sgd_m, kernel_scalars=lr_scalars,
+                        slots=(Slot("m", dtype="bfloat16"),)), "drop the kernel"),
 ]
 NEEDS_NUMBA = [
     # pure Python computes np.float32 * 0.01 in float32 (numpy 2's weak scalars): only numba shows it
@@ -189,6 +217,26 @@ def test_the_kit_catches_with_numba(check, definition, message):
 
 def test_a_correct_optimizer_passes_every_check():
     kit.check_all(make(sgd))
+
+
+def preconditioned(param, grad, state, step, hp, scratch):
+    # a Shampoo-like whole-tensor update over [n, n] statistics per dimension (contract v2)
+    if param.ndim < 2:
+        param -= hp["lr"] * grad
+        return
+    left, right = matrices(state["stats"], param.shape)
+    left += grad @ grad.T
+    right += grad.T @ grad
+    scale = 1.0 / (np.sqrt(np.trace(left) * np.trace(right)) ** 0.5 + 1e-12)
+    param -= hp["lr"] * scale * grad
+
+
+def test_a_whole_tensor_optimizer_with_per_dimension_matrices_passes_every_check():
+    defn = make(preconditioned, slots=(Slot("stats", shape=per_dimension, domain="real"),), elementwise=False,
+                accepts=lambda name, shape: None if len(shape) == 2 else "matrices only")
+    kit.check_all(defn)
+    assert layouts(defn, {"W": (3, 5)}, np.float32) == {"stats": {"W": ((34,), np.dtype(np.float32))}}
+
 
 
 @pytest.mark.parametrize("jit", [True, False], ids=["numba", "plain-python"])

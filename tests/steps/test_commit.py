@@ -16,10 +16,13 @@ from optreg.server.steps.run import StepRun
 from optreg.server.storage.journal import Journal
 from optreg.v1 import tensors
 
-from store_helpers import (REGISTRY, assert_bits, create, grads, open_store, params, sparse_rows, state_of,
+from store_helpers import (REGISTRY, SHAPES, assert_bits, create, grads, open_store, params, sparse_rows, state_of,
                            step)
 
-BUILTINS = sorted(n for n, r in REGISTRY.optimizers.items() if r.plugin in BUILTIN_MODULES)
+# Those that apply to every parameter of store_helpers.SHAPES (torch.muon takes matrices only: its replay
+# is checked by tests/storage/test_recovery.py on the matrix).
+BUILTINS = sorted(n for n, r in REGISTRY.optimizers.items() if r.plugin in BUILTIN_MODULES and all(
+    r.definition.accepts is None or r.definition.accepts(k, v) is None for k, v in SHAPES.items()))
 
 
 # -- the step run ------------------------------------------------------------------------------------

@@ -263,26 +263,33 @@ def test_kill9_at_random_moments_loses_nothing_acknowledged(start_server, tmp_pa
 R_SHAPES = {"W": (40, 25), "b": (7,), "s": ()}  # 1000 elements: streamed in uneven chunks
 
 
-def r_grads(t: int, dtype) -> dict:
+def r_grads(t: int, dtype, names=tuple(R_SHAPES)) -> dict:
     rng = np.random.default_rng(1000 + t)
-    return {n: np.asarray(rng.standard_normal(s) * 0.5).astype(dtype) for n, s in R_SHAPES.items()}
+    grads = {n: np.asarray(rng.standard_normal(s) * 0.5).astype(dtype) for n, s in R_SHAPES.items()}
+    return {n: grads[n] for n in names}
 
 
-def _run_sequence(st, sid, master, lr0, stream_last):
+def r_names(optimizer: str) -> tuple:
+    """The parameters of R_SHAPES the optimizer applies to (torch.muon: the matrix only)."""
+    accepts = Registry().get(optimizer).definition.accepts
+    return tuple(n for n, s in R_SHAPES.items() if accepts is None or accepts(n, s) is None)
+
+
+def _run_sequence(st, sid, master, lr0, stream_last, names):
     """Steps 1-7 through every path a step can take; returns the last step's reply arrays."""
     m = np.float32 if master == F32 else np.float64
-    assert unary_step(st, sid, r_grads(1, m), step=0)[:2] == (1, False)
-    assert unary_step(st, sid, r_grads(2, BF16), step=1)[:2] == (2, False)
+    assert unary_step(st, sid, r_grads(1, m, names), step=0)[:2] == (1, False)
+    assert unary_step(st, sid, r_grads(2, BF16, names), step=1)[:2] == (2, False)
     st.UpdateHyperparameters(session_pb2.UpdateHyperparametersRequest(session_id=sid,
                                                                       hyperparameters={"lr": lr0 * 3}), timeout=T)
-    assert stream_step(st, sid, r_grads(3, m), step=2, chunk_bytes=300 * np.dtype(m).itemsize)[:2] == (3, False)
-    assert unary_step(st, sid, r_grads(4, np.float16), step=3, hp={"lr": lr0 * 0.5})[:2] == (4, False)
-    assert unary_step(st, sid, r_grads(5, np.float32))[:2] == (5, False)  # unfenced
-    assert stream_step(st, sid, r_grads(6, BF16), step=5, chunk_bytes=512, hp={"lr": lr0 * 2})[:2] == (6, False)
+    assert stream_step(st, sid, r_grads(3, m, names), step=2, chunk_bytes=300 * np.dtype(m).itemsize)[:2] == (3, False)
+    assert unary_step(st, sid, r_grads(4, np.float16, names), step=3, hp={"lr": lr0 * 0.5})[:2] == (4, False)
+    assert unary_step(st, sid, r_grads(5, np.float32, names))[:2] == (5, False)  # unfenced
+    assert stream_step(st, sid, r_grads(6, BF16, names), step=5, chunk_bytes=512, hp={"lr": lr0 * 2})[:2] == (6, False)
     if stream_last:
-        step, replayed, out = stream_step(st, sid, r_grads(7, m), step=6, chunk_bytes=256 * np.dtype(m).itemsize)
+        step, replayed, out = stream_step(st, sid, r_grads(7, m, names), step=6, chunk_bytes=256 * np.dtype(m).itemsize)
     else:
-        step, replayed, out = unary_step(st, sid, r_grads(7, m), step=6)
+        step, replayed, out = unary_step(st, sid, r_grads(7, m, names), step=6)
     assert (step, replayed) == (7, False)
     return out
 
@@ -304,11 +311,11 @@ def test_replay_equals_the_uninterrupted_run_for_every_optimizer(start_server, t
     for opt in names:
         for master, reply in ((F32, session_pb2.STEP_REPLY_DELTA), (F64, session_pb2.STEP_REPLY_PARAMETERS)):
             sid = f"r-{opt}-{'f32' if master == F32 else 'f64'}"
-            info = create(st, sid, opt, {n: a.astype(np.float32 if master == F32 else np.float64)
-                                         for n, a in p0.items()}, master=master, reply=reply)
+            info = create(st, sid, opt, {n: p0[n].astype(np.float32 if master == F32 else np.float64)
+                                         for n in r_names(opt)}, master=master, reply=reply)
             assert info.durability == D.DURABILITY_LOG  # the default
             sessions[sid] = (opt, master, info.hyperparameters["lr"])
-    last = {sid: _run_sequence(st, sid, master, lr0, stream_last=master == F32)
+    last = {sid: _run_sequence(st, sid, master, lr0, stream_last=master == F32, names=r_names(opt))
             for sid, (opt, master, lr0) in sessions.items()}
     uninterrupted = {sid: _whole(st, sid) for sid in sessions}
     for sid in sessions:
@@ -325,8 +332,8 @@ def test_replay_equals_the_uninterrupted_run_for_every_optimizer(start_server, t
         assert replayed[0] == uninterrupted[sid][0], sid
         # The retry of the last step, after the kill: the same answer (deltas for the float32 sessions).
         opt, master, _ = sessions[sid]
-        step, was_replayed, out = unary_step(st, sid, r_grads(7, np.float32 if master == F32 else np.float64),
-                                             step=6)
+        step, was_replayed, out = unary_step(st, sid, r_grads(7, np.float32 if master == F32 else np.float64,
+                                                              r_names(opt)), step=6)
         assert (step, was_replayed) == (7, True), sid
         assert_same_arrays(out, last[sid], f"{sid}: the retried last step's answer")
     assert s2.stop() == 0  # a clean stop: every session is written as a snapshot, the logs emptied
@@ -338,7 +345,7 @@ def test_replay_equals_the_uninterrupted_run_for_every_optimizer(start_server, t
         assert again[1:3] == uninterrupted[sid][1:3], sid
         assert_same_arrays(again[3], uninterrupted[sid][3], f"{sid} from its snapshot")
         opt, master, _ = sessions[sid]
-        out = unary_step(st, sid, r_grads(7, np.float32 if master == F32 else np.float64), step=6)[2]
+        out = unary_step(st, sid, r_grads(7, np.float32 if master == F32 else np.float64, r_names(opt)), step=6)[2]
         assert_same_arrays(out, last[sid], f"{sid}: the retried last step's answer from the snapshot")
     print(f"\nreplay bit-identical for {len(names)} optimizers x float32/float64: {names}")
 

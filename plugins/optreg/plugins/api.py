@@ -5,7 +5,8 @@ checkpoint, export and slice them); the plugin owns the math::
 
     def update(param, grad, state, step, hp, scratch):
         # param: ndarray, updated in place; grad: read-only ndarray, same shape
-        # and dtype; state: {slot name: ndarray like param}, updated in place;
+        # and dtype; state: {slot name: ndarray like param, or in the slot's
+        # declared shape and dtype (contract v2, Slot.shape/dtype)}, updated in place;
         # step: the 1-based number of this step; hp: {name: value};
         # scratch: list of `Optimizer.scratch` work arrays like param.
 
@@ -88,11 +89,65 @@ class Hyperparameter:
 
 
 DOMAINS = ("real", "nonnegative")
+# A slot's dtype: None (the session's master dtype, float32 or float64) or one of these.
+SLOT_DTYPES = ("bfloat16", "float64")
+
+
+def same(shape: tuple) -> tuple:
+    """The parameter's own shape (a slot's default)."""
+    return tuple(shape)
+
+
+def rows(shape: tuple) -> tuple:
+    """One value per row of the last two dimensions, as torch keeps it: [..., R, 1]; (0,) (not kept)
+    for a vector or a scalar."""
+    return tuple(shape[:-1]) + (1,) if len(shape) > 1 else (0,)
+
+
+def columns(shape: tuple) -> tuple:
+    """One value per column of the last two dimensions: [..., 1, C]; (0,) for a vector or a scalar."""
+    return tuple(shape[:-2]) + (1, shape[-1]) if len(shape) > 1 else (0,)
+
+
+def unfactored(shape: tuple) -> tuple:
+    """The parameter's shape for a vector or a scalar, (0,) (not kept) for a matrix: the full-size state
+    of the parameters a factored method (Adafactor) cannot factor."""
+    return tuple(shape) if len(shape) <= 1 else (0,)
+
+
+def scalar(shape: tuple) -> tuple:
+    """One number per parameter (a running sum the update keeps: schedule-free's weight_sum)."""
+    return ()
+
+
+def per_dimension(shape: tuple) -> tuple:
+    """An [n, n] matrix for each dimension n of a matrix or larger tensor, one after another in one flat
+    array (d1*d1 + d2*d2 + ...,), which `matrices` splits; (0,) for a vector or a scalar (Shampoo's and
+    SOAP's preconditioners)."""
+    return (sum(int(d) * int(d) for d in shape),) if len(shape) > 1 else (0,)
+
+
+def matrices(flat, shape: tuple) -> list:
+    """The [n, n] views of a `per_dimension` slot for a parameter of `shape` (writable: no copies)."""
+    out, start = [], 0
+    for d in shape:
+        out.append(flat[start:start + d * d].reshape(d, d))
+        start += d * d
+    return out
 
 
 @dataclass(frozen=True)
 class Slot:
-    """A per-parameter state array, same shape and dtype as the parameter.
+    """A per-parameter state array; by default of the parameter's shape and the session's master dtype.
+
+    `shape(param_shape) -> tuple` (contract v2): the slot's shape for a parameter of that shape, e.g.
+    `rows`/`columns` (Adafactor's factored second moment), `per_dimension`; a shape with no element,
+    (0,), means the slot is not kept for that parameter (torch's state dict then has no entry for it).
+    Only a whole-tensor optimizer (elementwise=False) may declare a shape other than `same`.
+    `dtype`: None (the master dtype), "bfloat16" (half the bytes; the update reads and writes an
+    ml_dtypes.bfloat16 array and rounds what it stores) or "float64" (a running sum kept in double).
+    The server allocates, counts (memory budget), snapshots, logs, exports and restores every slot in
+    its declared shape and dtype.
 
     `domain` is what a valid value looks like: "real" (any number: +-inf included, since a
     finite gradient can overflow an accumulator such as momentum's) or "nonnegative" (>= 0,
@@ -104,6 +159,26 @@ class Slot:
     name: str
     initial_value: float = 0.0
     domain: str = "real"
+    shape: Callable[[tuple], tuple] = same
+    dtype: str | None = None
+
+    def layout(self, shape: tuple, master) -> tuple[tuple, Any]:
+        """(shape, numpy dtype) of this slot for a parameter of `shape` in a session of dtype `master`."""
+        import numpy as np
+
+        dtype = np.dtype(master)
+        if self.dtype == "float64":
+            dtype = np.dtype(np.float64)
+        elif self.dtype is not None:
+            import ml_dtypes
+
+            dtype = np.dtype(getattr(ml_dtypes, self.dtype))
+        return tuple(int(d) for d in self.shape(tuple(shape))), dtype
+
+    @property
+    def standard(self) -> bool:
+        """Of the parameter's shape and dtype (contract v1)."""
+        return self.shape is same and self.dtype is None
 
     def check(self, tensor: str, array, optimizer: str = "") -> str | None:
         """None when every value of this slot's `array` (for parameter `tensor`) is in the
@@ -134,8 +209,15 @@ class Optimizer:
     # How many scratch arrays (shaped like the parameter) `update` needs.
     scratch: int = 0
     # Each element's update depends only on that element: the server may run
-    # `update` over slices of a tensor (cache-sized chunks, several threads).
+    # `update` over slices of a tensor (cache-sized chunks, several threads). False: a whole-tensor
+    # update (matrix math through numpy/BLAS: Muon, Adafactor), called once per parameter with the
+    # whole parameter, gradient and slots (each in its declared shape and dtype).
     elementwise: bool = True
+    # Which parameters the optimizer applies to (contract v2): accepts(name, shape) -> None when it
+    # does, else the reason, one line (Muon: "orthogonalises 2-D matrices; ..."). The server refuses a
+    # session holding a parameter it does not accept (INVALID_ARGUMENT naming the optimizer, the
+    # parameter and the reason). None: every parameter.
+    accepts: Callable[[str, tuple], str | None] | None = None
     # The optimizer can step some rows of a 2-D parameter (a sparse gradient): rows not named
     # get a zero gradient, applied lazily. `catch_up(p, state, last, now, hp)` brings rows that
     # missed steps up to date: p is (k, columns) rows, state {slot: (k, columns)}, last an int64
@@ -216,6 +298,10 @@ def _validate_kernel(defn: Optimizer) -> None:
     if not defn.elementwise:
         raise DefinitionError(
             f"{where}: a kernel runs over slices of the flattened tensor, so it needs elementwise=True")
+    odd = [s.name for s in defn.slots if not s.standard]
+    if odd:
+        raise DefinitionError(f"{where}: a kernel runs over slots of the parameter's shape and dtype; slot(s) "
+                              f"{', '.join(odd)} declare another: drop the kernel (the numpy update runs)")
     wanted = 3 + len(defn.slots)
     got = _positional_count(defn.kernel)
     if got is not None and got != wanted:
@@ -224,6 +310,12 @@ def _validate_kernel(defn: Optimizer) -> None:
     got = _positional_count(defn.kernel_scalars)
     if got is not None and got != 2:
         raise DefinitionError(f"{where}: kernel_scalars must take (hp, step), it takes {got} argument(s)")
+
+
+def layouts(defn: Optimizer, shapes: Mapping[str, tuple], master) -> dict[str, dict[str, tuple]]:
+    """{slot: {parameter: (shape, numpy dtype)}}: every state array a session of `defn` over parameters of
+    `shapes` and master dtype `master` keeps (what the server allocates, counts, stores and restores)."""
+    return {s.name: {n: s.layout(shape, master) for n, shape in shapes.items()} for s in defn.slots}
 
 
 def validate(defn: Any) -> Optimizer:
@@ -264,11 +356,23 @@ def validate(defn: Any) -> Optimizer:
         if s.domain == "nonnegative" and s.initial_value < 0:
             raise DefinitionError(
                 f"optimizer {defn.name}: slot {s.name} is nonnegative but starts at {s.initial_value!r}")
+        if s.dtype is not None and s.dtype not in SLOT_DTYPES:
+            raise DefinitionError(f"optimizer {defn.name}: slot {s.name} dtype {s.dtype!r} must be None (the "
+                                  f"master dtype) or one of {', '.join(SLOT_DTYPES)}")
+        if not callable(s.shape):
+            raise DefinitionError(f"optimizer {defn.name}: slot {s.name} shape must be a function of the "
+                                  f"parameter's shape, got {s.shape!r}")
+        if s.shape is not same and defn.elementwise:
+            raise DefinitionError(f"optimizer {defn.name}: slot {s.name} has its own shape, so its update cannot "
+                                  "run over slices of the parameter: declare elementwise=False")
         slots.add(s.name)
     _validate_kernel(defn)
     if defn.sparse_rows and not (defn.elementwise and defn.deterministic):
         raise DefinitionError(f"optimizer {defn.name}: sparse_rows needs elementwise=True and deterministic=True "
                               "(rows are updated apart, and replayed from the log)")
+    if defn.accepts is not None and not callable(defn.accepts):
+        raise DefinitionError(f"optimizer {defn.name}: accepts must be a function accepts(name, shape) -> reason "
+                              "or None")
     if defn.catch_up is not None and (not defn.sparse_rows or not callable(defn.catch_up)):
         raise DefinitionError(f"optimizer {defn.name}: catch_up must be a function, declared with sparse_rows=True")
     return defn

@@ -36,14 +36,32 @@ from optreg.plugins.api import DefinitionError, HyperparameterError, Optimizer, 
 __all__ = ["OptimizerConformance", "CHECKS", "check_all", "new_state", "new_scratch", "quadratic"] + [
     f"check_{name}" for name in ("definition", "defaults", "bad_hyperparameters", "decreases_quadratic", "in_place",
                                  "state_round_trip", "sliced", "dtypes", "zero_gradients", "kernel",
-                                 "deterministic", "catch_up")]
+                                 "deterministic", "catch_up", "layouts")] + ["problem_shape"]
 
 
 # ---- helpers -------------------------------------------------------------------
 
 def new_state(definition: Optimizer, like: np.ndarray) -> dict[str, np.ndarray]:
-    """State arrays as the server allocates them: one per slot, filled with its initial value."""
-    return {s.name: np.full_like(like, s.initial_value) for s in definition.slots}
+    """State arrays as the server allocates them: one per slot, in its declared shape and dtype
+    (Slot.layout; the parameter's by default), filled with its initial value."""
+    return {s.name: np.full_like(like, s.initial_value) if s.standard
+            else np.full(*s.layout(like.shape, like.dtype)[:1], s.initial_value, s.layout(like.shape, like.dtype)[1])
+            for s in definition.slots}
+
+
+def problem_shape(definition: Optimizer, n: int) -> tuple:
+    """A shape of n elements the optimizer applies to (Optimizer.accepts): (n,), else the squarest
+    matrix (an optimizer of 2-D weights, such as Muon)."""
+    if definition.accepts is None or definition.accepts("x", (n,)) is None:
+        return (n,)
+    rows = max(d for d in range(1, int(n ** 0.5) + 1) if n % d == 0)
+    return (rows, n // rows)
+
+
+def _shaped(definition: Optimizer, x: np.ndarray, *more: np.ndarray):
+    """x (and `more`, flat arrays of its size) in problem_shape."""
+    shape = problem_shape(definition, x.size)
+    return tuple(a.reshape(shape) for a in (x, *more))
 
 
 def new_scratch(definition: Optimizer, like: np.ndarray, fill: float = np.nan) -> list[np.ndarray]:
@@ -150,7 +168,7 @@ def check_bad_hyperparameters(definition: Optimizer, overrides=None) -> None:
 def check_decreases_quadratic(definition: Optimizer, overrides=None, steps: int = 100) -> None:
     """After `steps` steps on f = 0.5*sum(a*x*x) the loss is finite and lower."""
     hp = _hp(definition, overrides)
-    x, a = quadratic(64)
+    x, a = _shaped(definition, *quadratic(64))
     f0 = 0.5 * float(np.sum(a * x * x))
     state = new_state(definition, x)
     _run(definition, x, lambda p: a * p, state, hp, steps)
@@ -177,7 +195,10 @@ def check_in_place(definition: Optimizer, overrides=None) -> None:
     gbuf, grad = guarded(a * x)
     state, sbufs = {}, {}
     for name, init in new_state(definition, param).items():
-        sbufs[name], state[name] = guarded(init)
+        buffer = np.zeros(init.size + 2 * guard, init.dtype)  # a view with guard elements, as above
+        buffer[:guard], buffer[-guard:] = 3, -3
+        buffer[guard:guard + init.size] = init.reshape(-1)
+        sbufs[name], state[name] = buffer, buffer[guard:guard + init.size].reshape(init.shape)
     keep = {"param": pbuf.copy(), "grad": gbuf.copy(), **{f"slot {k}": b.copy() for k, b in sbufs.items()}}
     arrays = dict(state)
     start = param.copy()
@@ -193,7 +214,7 @@ def check_in_place(definition: Optimizer, overrides=None) -> None:
     assert np.array_equal(gbuf, keep["grad"]), f"{definition.name}: update changed grad"
     assert set(state) == set(arrays) and all(state[k] is arrays[k] for k in arrays), (
         f"{definition.name}: update replaced or added state entries ({sorted(state)}); update them in place")
-    assert all(v.dtype == param.dtype and v.shape == shape for v in state.values())
+    assert all((v.shape, v.dtype) == s.layout(shape, param.dtype) for s, v in zip(definition.slots, state.values()))
     assert hp == hp_before, f"{definition.name}: update changed the hyperparameters dict"
 
 
@@ -201,7 +222,7 @@ def check_state_round_trip(definition: Optimizer, overrides=None, k: int = 5, n:
     """Everything an update depends on is in param, the declared slots and step: a copy taken
     after step k continues exactly as the original does."""
     hp = _hp(definition, overrides)
-    x, a = quadratic(50, seed=2)
+    x, a = _shaped(definition, *quadratic(50, seed=2))
     state = new_state(definition, x)
     _run(definition, x, lambda p: a * p, state, hp, k)
     saved_param, saved_state = x.copy(), {name: v.copy() for name, v in state.items()}
@@ -257,11 +278,12 @@ def check_dtypes(definition: Optimizer, overrides=None) -> None:
     hp = _hp(definition, overrides)
     results = {}
     for dtype in (np.float32, np.float64):
-        x, a = quadratic(40, dtype=dtype, seed=4)
+        x, a = _shaped(definition, *quadratic(40, dtype=dtype, seed=4))
         start = x.copy()
         state = new_state(definition, x)
         _run(definition, x, lambda p: a * p, state, hp, 3)
-        assert x.dtype == dtype and all(v.dtype == dtype for v in state.values()), (
+        assert x.dtype == dtype and all(v.dtype == s.layout(x.shape, dtype)[1]
+                                        for s, v in zip(definition.slots, state.values())), (
             f"{definition.name}: dtype changed from {np.dtype(dtype).name}")
         assert np.isfinite(x).all(), f"{definition.name}: non-finite param in {np.dtype(dtype).name}"
         assert not np.array_equal(x, start), f"{definition.name}: {np.dtype(dtype).name} param did not move"
@@ -281,7 +303,7 @@ def check_zero_gradients(definition: Optimizer, overrides=None) -> None:
     """Zero gradients, from fresh state and after real steps, produce no NaN or infinity."""
     hp = _hp(definition, overrides)
     for warmup in (0, 5):
-        x, a = quadratic(30, seed=5)
+        x, a = _shaped(definition, *quadratic(30, seed=5))
         state = new_state(definition, x)
         _run(definition, x, lambda p: a * p, state, hp, warmup)
         _run(definition, x, np.zeros_like, state, hp, 3, first_step=warmup + 1)
@@ -443,7 +465,38 @@ def check_deterministic(definition: Optimizer, overrides=None, steps: int = 6) -
                 "declare deterministic=False (the log then keeps results) or remove the randomness")
 
 
+def check_layouts(definition: Optimizer, overrides=None) -> None:
+    """Contract v2: for parameters of every rank the optimizer accepts (a scalar, a vector, a matrix, a
+    3-D tensor), update keeps each slot in place in its declared shape and dtype (Slot.layout: what the
+    server allocates, snapshots and restores) and the parameter finite; a parameter it does not accept
+    gets a one-line reason from `accepts`."""
+    hp = _hp(definition, overrides)
+    rng = np.random.default_rng(10)
+    tried = 0
+    for shape in ((), (7,), (4, 5), (2, 3, 4)):
+        if definition.accepts is not None:
+            why = definition.accepts("x", shape)
+            assert why is None or (isinstance(why, str) and why.strip() and "\n" not in why), (
+                f"{definition.name}: accepts('x', {shape}) must return None or a one-line reason, got {why!r}")
+            if why:
+                continue
+        tried += 1
+        for dtype in (np.float32, np.float64):
+            x = rng.standard_normal(shape).astype(dtype)
+            state = new_state(definition, x)
+            arrays = dict(state)
+            _run(definition, x, lambda p: np.asarray(rng.standard_normal(shape), dtype), state, hp, 3)
+            assert np.isfinite(x).all(), f"{definition.name}: a parameter of shape {shape} became non-finite"
+            for slot in definition.slots:
+                a = state[slot.name]
+                assert a is arrays[slot.name] and (a.shape, a.dtype) == slot.layout(shape, dtype), (
+                    f"{definition.name}: slot {slot.name} of a {np.dtype(dtype).name} parameter of shape {shape} "
+                    f"must stay the array it was given, {slot.layout(shape, dtype)}; got {a.shape} {a.dtype}")
+    assert tried, f"{definition.name}: accepts refuses every shape tried ((), (7,), (4, 5), (2, 3, 4))"
+
+
 CHECKS: dict[str, Callable[..., None]] = {
+    "layouts": check_layouts,
     "definition": check_definition,
     "defaults": check_defaults,
     "bad_hyperparameters": check_bad_hyperparameters,
@@ -511,6 +564,9 @@ class OptimizerConformance:
         if not definition.elementwise:
             pytest.skip(f"{definition.name} is not elementwise")
         check_sliced(definition, overrides)
+
+    def test_slot_layouts(self, definition, overrides):
+        check_layouts(definition, overrides)
 
     def test_float32_and_float64(self, definition, overrides):
         check_dtypes(definition, overrides)

@@ -193,8 +193,10 @@ def _torch_dtype(master: np.dtype) -> torch.dtype:
 class RemoteOptimizer(torch.optim.Optimizer):
     """A torch optimizer whose parameters' master copies and state live in an optreg server.
 
-    `optimizer`: "torch.adam", "adamw", "torch.sgd", "torch.rmsprop", "torch.adagrad" or the
-    torch.optim class. `**hyperparameters` are that torch class's own arguments (`betas=(0.9, 0.99)`,
+    `optimizer`: "torch.adam", "adamw", "torch.sgd", "torch.rmsprop", "torch.adagrad", "torch.adafactor",
+    "torch.muon" or the torch.optim class. torch.optim.Muon takes 2-D parameters only, as torch's does
+    (the session refuses others, naming them): step biases and norms with a second RemoteOptimizer of
+    torch.optim.AdamW, as with torch. `**hyperparameters` are that torch class's own arguments (`betas=(0.9, 0.99)`,
     `momentum=0.9`, `nesterov=True`, `maximize=True`, ...), validated by it; param groups may
     override them as in torch. Connect with `address=` (and `token=`) or pass a `client=`.
     `session_id=`: the sessions are named `<session_id>.g<group index>`; with `resume=True` they
@@ -235,7 +237,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self.optreg_name, self._mapping = lookup(optimizer)
         # The torch class checks the options and supplies its defaults, so param_groups hold exactly
         # the keys (and values) torch's own optimizer would: schedulers and state dicts see no difference.
-        probe = self._mapping.torch_class([torch.zeros(1, requires_grad=True)], **hyperparameters)
+        probe = self._mapping.torch_class([torch.zeros(1, 1, requires_grad=True)], **hyperparameters)  # 2-D: Muon
         defaults = dict(probe.defaults)
         self._owns_client = client is None
         if client is None:

@@ -26,6 +26,10 @@ class OptimizerMap:
     has_step: bool
     # torch creates the state at construction (Adagrad) rather than at the first step
     state_at_step_zero: bool = False
+    # Which state entries a parameter has depends on the parameter (Adafactor: row_var and col_var for a
+    # matrix, variance for a vector): the session keeps the others with no element (shape (0,), the slot's
+    # declared layout), which torch's layout leaves out.
+    per_parameter: bool = False
 
 
 def _always(group: dict) -> bool:
@@ -40,6 +44,22 @@ def _adam_hp(g: dict) -> dict[str, float]:
 
 ADAM_STATE = (("exp_avg", "m", _always), ("exp_avg_sq", "v", _always),
               ("max_exp_avg_sq", "max_v", lambda g: bool(g["amsgrad"])))
+
+def _adafactor_hp(g: dict) -> dict[str, float]:
+    eps1, eps2 = g["eps"]
+    return {"lr": g["lr"], "beta2_decay": g["beta2_decay"], "eps1": -1.0 if eps1 is None else eps1, "eps2": eps2,
+            "d": g["d"], "weight_decay": g["weight_decay"]}
+
+
+ADJUST_LR = {None: 0, "original": 0, "match_rms_adamw": 1}
+
+
+def _muon_hp(g: dict) -> dict[str, float]:
+    a, b, c = g["ns_coefficients"]
+    return {"lr": g["lr"], "weight_decay": g["weight_decay"], "momentum": g["momentum"], "nesterov": g["nesterov"],
+            "ns_a": a, "ns_b": b, "ns_c": c, "eps": g["eps"], "ns_steps": g["ns_steps"],
+            "adjust_lr": ADJUST_LR[g["adjust_lr_fn"]]}
+
 
 MAPPINGS = {
     "torch.adam": OptimizerMap(torch.optim.Adam,
@@ -59,9 +79,18 @@ MAPPINGS = {
         torch.optim.Adagrad, lambda g: "torch.adagrad",
         lambda g: {k: g[k] for k in ("lr", "lr_decay", "weight_decay", "initial_accumulator_value", "eps")},
         (("sum", "sum", _always),), has_step=True, state_at_step_zero=True),
+    "torch.adafactor": OptimizerMap(
+        torch.optim.Adafactor, lambda g: "torch.adafactor", _adafactor_hp,
+        (("row_var", "row_var", _always), ("col_var", "col_var", _always), ("variance", "variance", _always)),
+        has_step=True, per_parameter=True),
+    # torch.optim.Muon takes 2-D parameters only, and so does the session (refused otherwise, naming the
+    # parameter): biases and norms go to a second optimizer, AdamW, as with torch.
+    "torch.muon": OptimizerMap(torch.optim.Muon, lambda g: "torch.muon", _muon_hp,
+                               (("momentum_buffer", "momentum_buffer", _always),), has_step=False),
 }
 CLASSES = {torch.optim.Adam: "torch.adam", torch.optim.AdamW: "adamw", torch.optim.SGD: "torch.sgd",
-           torch.optim.RMSprop: "torch.rmsprop", torch.optim.Adagrad: "torch.adagrad"}
+           torch.optim.RMSprop: "torch.rmsprop", torch.optim.Adagrad: "torch.adagrad",
+           torch.optim.Adafactor: "torch.adafactor", torch.optim.Muon: "torch.muon"}
 BOOK = ("adam", "sgd", "rmsprop", "adagrad", "momentum", "nesterov")
 
 
@@ -73,7 +102,7 @@ def lookup(optimizer) -> tuple[str, OptimizerMap]:
     hint = " (that is optreg's book optimizer, not torch's)" if name in BOOK else ""
     raise ValueError(f"optimizer={optimizer!r}{hint}: RemoteOptimizer runs the torch-parity optimizers; use one of "
                      + ", ".join(repr(n) for n in MAPPINGS) + " or a torch.optim class (Adam, AdamW, SGD, RMSprop, "
-                     "Adagrad)")
+                     "Adagrad, Adafactor, Muon)")
 
 
 def server_hyperparameters(mapping: OptimizerMap, group: dict) -> dict[str, float]:
@@ -95,6 +124,8 @@ def to_torch_state(mapping: OptimizerMap, group: dict, step: int, slots: dict[st
     if mapping.has_step:
         out["step"] = torch.tensor(float(step), dtype=_get_scalar_dtype())
     for torch_name, slot, present in mapping.state:
+        if mapping.per_parameter and slots[slot].size == 0:
+            continue  # not kept for this parameter
         if present(group):
             value = torch.from_numpy(np.array(slots[slot]))
             if slot == "sum" and step == 0:
@@ -119,7 +150,8 @@ def to_session_state(mapping: OptimizerMap, group: dict, names: list[str], state
         raise ValueError(f"{where}: state for some parameters but not {', '.join(missing)}; an optreg session keeps "
                          "one step count per param group, so every parameter of a group needs state (or none)")
     known = {"step"} | {t for t, _, _ in mapping.state} if mapping.has_step else {t for t, _, _ in mapping.state}
-    needed = ({"step"} if mapping.has_step else set()) | {t for t, _, present in mapping.state if present(group)}
+    needed = ({"step"} if mapping.has_step else set()) | {t for t, _, present in mapping.state if present(group)
+                                                          and not mapping.per_parameter}
     for name, state in zip(names, states):
         if not needed <= set(state) or not set(state) <= known:
             raise ValueError(f"{where}: the state of {name} has {sorted(state)}; {mapping.torch_class.__name__} with "
@@ -139,12 +171,12 @@ def to_session_state(mapping: OptimizerMap, group: dict, names: list[str], state
         for name, state, shape in zip(names, states, shapes):
             value = state.get(torch_name)
             if value is None:
-                arrays[name] = np.zeros(shape, master)
+                arrays[name] = np.zeros((0,) if mapping.per_parameter else shape, master)
                 continue
             a = value.detach().to("cpu", torch.float64 if master == np.float64 else torch.float32).numpy()
             if slot == "sum" and step == 0:
                 a = a - np.asarray(group["initial_accumulator_value"], a.dtype)
-            if a.shape != tuple(shape):
+            if a.shape != tuple(shape) and not mapping.per_parameter:  # (the server checks declared layouts)
                 raise ValueError(f"{where}: state {torch_name!r} of {name} has shape {list(a.shape)}, the parameter "
                                  f"{list(shape)}")
             arrays[name] = np.ascontiguousarray(a)

@@ -1,6 +1,7 @@
 """The built-in optimizers, one plugin module each: the book's (Deep Learning from
 Scratch, chapter 6) under plain names, and torch.optim's (2.13) under names that say
-so (`torch.adam`, `adamw`, `torch.sgd`, `torch.rmsprop`, `torch.adagrad`).
+so (`torch.adam`, `adamw`, `torch.sgd`, `torch.rmsprop`, `torch.adagrad`, `torch.adafactor`,
+`torch.muon`), `adamw-bf16` (adamw with bfloat16 state) and `schedulefree.adamw` (PyPI schedulefree).
 
 Each module is an ordinary plugin of the same hook as any third-party package; the
 registry registers them from this list so a bare checkout works without entry points.
@@ -18,6 +19,10 @@ MODULES = [
     "optreg.plugins.builtins.torch_sgd",
     "optreg.plugins.builtins.torch_rmsprop",
     "optreg.plugins.builtins.torch_adagrad",
+    "optreg.plugins.builtins.torch_adafactor",
+    "optreg.plugins.builtins.torch_muon",
+    "optreg.plugins.builtins.adamw_bf16",
+    "optreg.plugins.builtins.schedulefree_adamw",
 ]
 
 # The book adds this outside the square root in AdaGrad, RMSProp and Adam; it is

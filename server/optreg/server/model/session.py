@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from optreg.plugins.api import Slot
 from optreg.plugins.registry import Registered
 from optreg.server.model.errors import FailedPrecondition, shown
 from optreg.v1 import names, tensor_pb2
@@ -166,6 +167,8 @@ class Session:
     dtype: np.dtype = field(init=False, repr=False)
     elements: int = field(init=False, repr=False)
     layout: tuple = field(init=False, repr=False)  # what makes two sessions' sets interchangeable (SetPool)
+    # {slot: {name: (shape, dtype)}}: each state array as its slot declares it (optreg.plugins.layouts)
+    slot_layouts: dict = field(init=False, repr=False)
     reply_bytes: int = field(init=False, repr=False)  # the tensor bytes of a step's answer (steps.run.reply)
     set_nbytes: int = field(init=False, repr=False)  # set_bytes()
     # Shared sessions (model/workers.py WorkerConfig; None: single writer), members and rounds (steps/rounds.py Hub).
@@ -191,9 +194,11 @@ class Session:
             self.spare = arrays
 
     def __post_init__(self):
-        (self.spec, self.dtype, self.elements, self.reply_bytes, self.set_nbytes,
-         self.layout) = _derived(self.master_code, self.reply, tuple((n, tuple(s)) for n, s in self.shapes.items()),
-                                 tuple(self.slot_names))
+        slots = self.optimizer.definition.slots
+        (self.spec, self.dtype, self.elements, self.reply_bytes, self.set_nbytes, self.layout,
+         self.slot_layouts) = _derived(self.master_code, self.reply,
+                                       tuple((n, tuple(s)) for n, s in self.shapes.items()), tuple(self.slot_names),
+                                       tuple((s.shape, s.dtype) for s in slots if s.name in self.slot_names))
 
     def in_force(self, t: int, hp: dict) -> dict:
         """The hyperparameters step `t` runs with, from `hp` (the session's, or those the step set, as
@@ -242,15 +247,20 @@ class Session:
 
 
 @functools.lru_cache(maxsize=4096)
-def _derived(master_code: int, reply: str, shapes: tuple, slot_names: tuple) -> tuple:
+def _derived(master_code: int, reply: str, shapes: tuple, slot_names: tuple, declared: tuple) -> tuple:
     """What a Session computes from its layout once, shared by the sessions of one layout (a server
     holds many sessions shaped alike: their spec, layout... are one object, not one each; never
-    changed in place)."""
+    changed in place). `declared`: (shape, dtype) of each slot as its optimizer declares it."""
     dtype = MASTER_DTYPES[master_code]
     spec = {name: (shape, GRAD_DTYPES[master_code]) for name, shape in shapes}
     elements = sum(int(np.prod(s, dtype=np.int64)) for _, s in shapes)
+    slots = {name: Slot(name, shape=shape, dtype=dt) for name, (shape, dt) in zip(slot_names, declared)}
+    slots.update({name: Slot(name) for name in slot_names if name not in slots})  # (not installed: as files say)
+    slot_layouts = {name: {n: slots[name].layout(shape, dtype) for n, shape in shapes} for name in slot_names}
+    state_bytes = sum(int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+                      for arrays in slot_layouts.values() for shape, dt in arrays.values())
     return (spec, dtype, elements, 0 if reply == "none" else elements * dtype.itemsize,
-            elements * (1 + len(slot_names)) * dtype.itemsize, (dtype.str, shapes, slot_names))
+            elements * dtype.itemsize + state_bytes, (dtype.str, shapes, slot_names, declared), slot_layouts)
 
 
 class Buffers(dict):

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from optreg.plugins import HyperparameterError
+from optreg.plugins import layouts as api_layouts
 from optreg.server.model.errors import FailedPrecondition, InvalidArgument, NotFound, shown
 from optreg.server.model.session import (DURABILITIES, MASTER_DTYPES, MAX_STEP, REPLIES, Arrays, Durability, Session,
                                          SessionSchedule, check_values)
@@ -133,14 +134,22 @@ class SessionFactory:
         if state and set(state) != set(declared):
             raise InvalidArgument(f"state must give every slot of {defn.name} ({', '.join(sorted(declared))}) "
                                   "or none")
+        shapes = {n: tuple(np.shape(p)) for n, p in params.items()}
+        if defn.accepts is not None:
+            for name, shape in shapes.items():
+                why = defn.accepts(name, shape)
+                if why:
+                    raise InvalidArgument(f"parameter {shown(name)} of shape {list(shape)}: optimizer {defn.name} "
+                                          f"does not apply to it: {why}")
+        layouts = api_layouts(defn, shapes, dtype)
         for slot, arrays in state.items():
             if set(arrays) != set(params):
                 raise InvalidArgument(f"state slot {slot!r} must have exactly the parameters' names")
             for name, a in arrays.items():
-                if tuple(a.shape) != tuple(np.shape(params[name])):
-                    raise InvalidArgument(f"state {slot}/{shown(name)}: shape {list(a.shape)}, expected "
-                                          f"{list(np.shape(params[name]))}")
-        shapes = {n: tuple(np.shape(p)) for n, p in params.items()}
+                shape = layouts[slot][name][0]
+                if tuple(a.shape) != shape:
+                    raise InvalidArgument(f"state {slot}/{shown(name)}: shape {list(a.shape)}, expected {list(shape)} "
+                                          f"({defn.name}'s {slot} for a parameter of shape {list(shapes[name])})")
         session = Session(config.session_id or uuid.uuid4().hex, registered, hp, codes[master], config.reply,
                           durability, shapes, tuple(declared), step=initial_step, first_step=initial_step,
                           owner=owner, schedule=schedule)
@@ -164,9 +173,9 @@ class SessionFactory:
             for slot in defn.slots:
                 given = state.get(slot.name)
                 slots[slot.name] = {
-                    n: (_filled(p.shape, slot.initial_value, dtype) if given is None
-                        else np.array(given[n], dtype=dtype, order="C", copy=copy))
-                    for n, p in master_params.items()}
+                    n: (_filled(*layouts[slot.name][n], slot.initial_value) if given is None
+                        else np.array(given[n], dtype=layouts[slot.name][n][1], order="C", copy=copy))
+                    for n in master_params}
             return Arrays(master_params, slots)
 
         session.live = self.budget.allocate(f"session {session.id}", session.set_bytes(), build)
@@ -177,7 +186,7 @@ class SessionFactory:
         return session
 
 
-def _filled(shape, value: float, dtype) -> np.ndarray:
+def _filled(shape, dtype, value: float) -> np.ndarray:
     """A slot's initial array; zeros from calloc, so a large session's untouched pages cost no memory
     until its first step writes them."""
     a = np.zeros(shape, dtype)

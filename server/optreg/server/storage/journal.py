@@ -240,10 +240,14 @@ def check_meta(meta: dict, path) -> None:
             raise bad("workers", f"not a valid worker setup ({e})") from None
 
 
-def check_against_meta(meta: dict, arrays: dict, path, clocks: dict | None = None) -> tuple[dict, dict, dict | None]:
+def check_against_meta(meta: dict, arrays: dict, path, clocks: dict | None = None,
+                       slot_layouts: dict | None = None) -> tuple[dict, dict, dict | None]:
     """Split a snapshot's arrays into params, state and last delta, each checked against the metadata's
     shapes, slots and master dtype (a well-formed file that disagrees with itself is corrupt); sparse
-    rows' clocks go into `clocks`."""
+    rows' clocks go into `clocks`. `slot_layouts` ({slot: {name: (shape, dtype)}}, Session.slot_layouts):
+    the state arrays as the optimizer declares them; None (a client reading an export file, without the
+    optimizer's definition): any shape and float dtype, checked by the server when the import creates
+    the session (sessions/factory.py)."""
     dtype = np.dtype(meta["master_dtype"])
     shapes = {n: tuple(v) for n, v in meta["shapes"].items()}
     params, state, delta = {}, {s: {} for s in meta["slots"]}, {}
@@ -258,9 +262,14 @@ def check_against_meta(meta: dict, arrays: dict, path, clocks: dict | None = Non
             if clocks is not None:
                 clocks[name] = np.array(a)
             continue
-        if name not in shapes or a.shape != shapes[name] or a.dtype != dtype:
+        want = (shapes.get(name, ()), dtype)
+        if kind == "state" and slot_layouts is None and a.dtype.kind in "fV":
+            want = (a.shape, a.dtype)  # (bfloat16 is numpy kind "V")
+        elif kind == "state" and slot_layouts is not None and name in slot_layouts.get(slot, {}):
+            want = slot_layouts[slot][name]
+        if name not in shapes or a.shape != want[0] or a.dtype != want[1]:
             raise snapshot.CorruptFile(path, f"tensor {key!r} is {a.dtype} {list(a.shape)}, but the metadata says "
-                                             f"{dtype} {list(shapes.get(name, ()))}")
+                                             f"{want[1]} {list(want[0])}")
         if kind == "params":
             params[name] = a
         elif kind == "state" and slot in state:
@@ -843,7 +852,7 @@ class Journal:
             def build():
                 meta, arrays = snapshot.read(path)
                 clocks = {}
-                params, state, delta = check_against_meta(meta, arrays, path, clocks)
+                params, state, delta = check_against_meta(meta, arrays, path, clocks, s.slot_layouts)
                 problem = check_values(s.optimizer.definition, params, state)
                 if problem:  # the same check as CreateSession's: a checksum does not make NaN usable
                     raise snapshot.CorruptFile(path, problem)
