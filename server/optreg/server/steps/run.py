@@ -38,7 +38,7 @@ from optreg.server.kernels.widen import widen
 from optreg.server.storage.journal import NULL_RECORD
 from optreg.server.model.errors import Cancelled, FailedPrecondition, InvalidArgument, PluginFailed, shown
 from optreg.server.model.session import Arrays, Buffers, Session, StepResult
-from optreg.v1 import tensors
+from optreg.v1 import compressed, tensors
 
 log = logging.getLogger("optreg.server")
 
@@ -62,6 +62,21 @@ def check_metrics(metrics) -> dict[str, float]:
             raise InvalidArgument(f"metrics name {shown(k)}: use 1-{MAX_METRIC_NAME} characters")
         out[k] = float(v)
     return out
+
+
+def gradients(session: Session, request):
+    """A Step request's dense gradients, then its compressed ones decoded (optreg.v1.compressed): the
+    tensors the step applies, and its log holds, whatever their encoding on the wire. Decoded one at
+    a time as the step takes them; a bad encoding is refused before the step commits."""
+    if request.compressed and request.sparse:
+        raise InvalidArgument("compressed: not with sparse rows in the same step; send the other parameters' "
+                              "gradients in `gradients`")
+    yield from request.gradients
+    for i, c in enumerate(request.compressed):
+        try:
+            yield compressed.decode(c, session.spec, f"compressed[{i}]")
+        except ValueError as e:
+            raise InvalidArgument(f"{e}; the step was not applied") from None
 
 
 class StepRun:
