@@ -43,3 +43,22 @@ def test_optreg_steps_across_the_link(server, slow_link):
         s.delete()
     np.testing.assert_array_equal(w, 0.5)
     assert seconds >= 0.018, "a step across the link took less than its round trip: the link is not in the path"
+
+
+def test_quick_bench_section_reports_every_figure(tmp_path, slow_link):
+    """`python -m bench --quick --only slowlinks` keeps running and writes its rows (no timing asserted)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    out = tmp_path / "results.json"
+    run = subprocess.run([sys.executable, "-m", "bench", "--quick", "--only", "slowlinks", "--out", str(out)],
+                         cwd=str(ROOT), env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    rows = {r["figure"]: r for r in json.loads(out.read_text())["rows"]}
+    for kind in ("top-k 1% + error feedback", "int8 blocks of 256 + error feedback", "DiLoCo H=50, int8, per inner step"):
+        assert rows[f"slow link: {kind} bytes"]["ratio"] < 1, rows
+        assert rows[f"slow link: {kind} time"]["value"] > 0

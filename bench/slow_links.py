@@ -1,0 +1,92 @@
+"""Steps over a slow link (issue 26): bytes and seconds per step on 100 Mbit/s with a 20 ms round trip
+(bench/slowlink.py), each against today's float32 dense step over the same link in the same run.
+
+    python -m bench --only slowlinks [--quick]
+
+Rows: a dense float32 step (the baseline); top-k 1% and int8 (blocks of 256) gradients with error
+feedback; DiLoCo syncing every H = 50 inner steps with int8 pseudo-gradients, per inner step (the sync's
+bytes and seconds over 50, the local numpy AdamW steps' seconds included). Bytes are the step's
+messages both ways (StepRequest + StepResponse, serialized; HTTP/2 and TCP framing not counted); every
+reply here is the session's float32 parameters, 4 bytes a parameter down, which compression of the
+gradients leaves as it is. Skipped, saying why, where the link cannot be made (not root, no ip or tc).
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from bench.run import row
+from bench import slowlink
+
+H = 50
+
+
+def bench_slow_links(cfg, server, echo):
+    if (why := slowlink.unavailable()) is not None:
+        print(f"(slowlinks: skipped, {why})", flush=True)
+        return
+    from optreg.client import Client
+    from optreg.client.compression import Int8Blocks, TopK
+    from optreg.client.diloco import AdamW, DiLoCo, diloco_outer
+    from optreg.v1 import session_pb2, tensors
+
+    n = 200_000 if cfg.quick else 1_000_000
+    reps = 2 if cfg.quick else 5
+    rng = np.random.default_rng(0)
+    p0 = rng.standard_normal(n).astype(np.float32)
+    grads = [rng.standard_normal(n).astype(np.float32) for _ in range(4)]
+    reply = session_pb2.StepResponse(step=1, tensors=[tensors.from_numpy("w", p0)]).ByteSize()
+    link_name = "100 Mbit/s, 20 ms RTT"
+    with slowlink.SlowLink(int(server.address.rsplit(":", 1)[1]), mbit=100, rtt_ms=20) as link, \
+            Client(link.address, timeout=600) as c:
+
+        def per_step(encoding):
+            """(bytes, seconds) of one step, the median of `reps` after one untimed."""
+            s = c.create_session("adam", {"w": p0.copy()}, lr=1e-3, keep=False)
+            s.compress(encoding)
+            times, sizes = [], []
+            for i in range(reps + 1):
+                g = {"w": grads[i % len(grads)]}
+                if encoding is None:
+                    up = session_pb2.StepRequest(session_id=s.id, step=s.step_count,
+                                                 gradients=[tensors.from_numpy("w", g["w"])]).ByteSize()
+                else:
+                    msgs, _ = s.compression.encode(g)
+                    up = session_pb2.StepRequest(session_id=s.id, step=s.step_count, compressed=msgs).ByteSize()
+                t = time.perf_counter()
+                s.step(g)
+                if i:
+                    times.append(time.perf_counter() - t)
+                    sizes.append(up + reply)
+            s.delete()
+            return float(np.median(sizes)), float(np.median(times))
+
+        dense_b, dense_s = per_step(None)
+        figures = {"top-k 1% + error feedback": per_step(TopK(0.01)),
+                   "int8 blocks of 256 + error feedback": per_step(Int8Blocks(256))}
+
+        # DiLoCo: H local AdamW steps, then one sync (int8 pseudo-gradient) to a Nesterov outer session.
+        outer = c.create_session(**diloco_outer({"w": p0.copy()}), keep=False)
+        loco = DiLoCo(outer, AdamW(lr=1e-3), every=H, compress=Int8Blocks(256))
+        rounds = 1 if cfg.quick else 3
+        t = time.perf_counter()
+        sync_bytes = 0
+        for i in range(rounds * H):
+            if (i + 1) % H == 0:
+                pseudo = {"w": loco.start["w"] - loco.params["w"]}
+                msgs, _ = outer.compression.encode(pseudo)  # the bytes the sync sends (encoded again by it)
+                sync_bytes += session_pb2.StepRequest(session_id=outer.id, step=outer.step_count,
+                                                      compressed=msgs).ByteSize() + reply
+            loco.step({"w": grads[i % len(grads)]})
+        figures[f"DiLoCo H={H}, int8, per inner step"] = (sync_bytes / (rounds * H),
+                                                          (time.perf_counter() - t) / (rounds * H))
+        outer.delete()
+
+    what = f"(adam {n:.0e} f32, {link_name})"
+    print(f"(slowlinks: {what})", flush=True)
+    row("slow link: dense f32 step bytes", dense_b, "B", note=what)
+    row("slow link: dense f32 step time", dense_s, "s", note=what)
+    for name, (b, s) in figures.items():
+        row(f"slow link: {name} bytes", b, "B", "dense f32 step bytes", dense_b, note=what)
+        row(f"slow link: {name} time", s, "s", "dense f32 step time", dense_s, note=what)
