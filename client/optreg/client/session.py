@@ -19,6 +19,7 @@ from optreg.client.sparse_rows import SparseStepResult
 from optreg.v1 import session_pb2, tensors
 
 KEEP_CHOICES = (True, False, "on-error")
+BF16 = tensors.DTYPES[tensors.DataType.DATA_TYPE_BFLOAT16]
 
 
 def check_keep(keep) -> None:
@@ -43,13 +44,17 @@ def _end_unattended(client, session_id: str, keep, error: bool | None = None) ->
 
 
 def apply_result(arrays: dict, mode: str, result: Mapping[str, np.ndarray]) -> None:
-    """Write a step's reply into the caller's arrays: parameters are copied, deltas added."""
+    """Write a step's reply into the caller's arrays: parameters are copied, deltas added (a "bf16_delta"
+    session's bfloat16 ones widened first, exactly as the server adds them to its record of these arrays;
+    its answers in the master dtype are the parameters)."""
     for name, value in result.items():
         target = arrays.get(name)
         if target is None:
             arrays[name] = np.array(value)
         elif mode == "delta":
             target += value
+        elif mode == "bf16_delta" and value.dtype == BF16:
+            target += value.astype(target.dtype)
         else:
             np.copyto(target, value, casting="unsafe")
 

@@ -17,6 +17,7 @@ class StepReply(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STEP_REPLY_PARAMETERS: _ClassVar[StepReply]
     STEP_REPLY_DELTA: _ClassVar[StepReply]
     STEP_REPLY_NONE: _ClassVar[StepReply]
+    STEP_REPLY_BF16_DELTA: _ClassVar[StepReply]
 
 class Durability(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -42,6 +43,7 @@ STEP_REPLY_UNSPECIFIED: StepReply
 STEP_REPLY_PARAMETERS: StepReply
 STEP_REPLY_DELTA: StepReply
 STEP_REPLY_NONE: StepReply
+STEP_REPLY_BF16_DELTA: StepReply
 DURABILITY_UNSPECIFIED: Durability
 DURABILITY_EVERY_STEP: Durability
 DURABILITY_PERIODIC: Durability
