@@ -4,11 +4,11 @@
     python -m bench --only slowlinks [--quick]
 
 Rows: a dense float32 step (the baseline); top-k 1% and int8 (blocks of 256) gradients with error
-feedback; DiLoCo syncing every H = 50 inner steps with int8 pseudo-gradients, per inner step (the sync's
+feedback, with float32 and with bf16-delta replies (step_reply "bf16_delta": the rounding fed back by the
+server); DiLoCo syncing every H = 50 inner steps with int8 pseudo-gradients, per inner step (the sync's
 bytes and seconds over 50, the local numpy AdamW steps' seconds included). Bytes are the step's
-messages both ways (StepRequest + StepResponse, serialized; HTTP/2 and TCP framing not counted); every
-reply here is the session's float32 parameters, 4 bytes a parameter down, which compression of the
-gradients leaves as it is. Skipped, saying why, where the link cannot be made (not root, no ip or tc).
+messages both ways (StepRequest + StepResponse, serialized; HTTP/2 and TCP framing not counted); a
+reply is the session's float32 parameters, 4 bytes a parameter down, unless it is bf16 deltas (2). Skipped, saying why, where the link cannot be made (not root, no ip or tc).
 
 Then convergence on the demo network (digits, two hidden layers of 64) over loopback (the link changes
 the time, not the loss): top-k 1% with error feedback against dense Adam on the same batches, and DiLoCo
@@ -43,13 +43,17 @@ def bench_slow_links(cfg, server, echo):
     p0 = rng.standard_normal(n).astype(np.float32)
     grads = [rng.standard_normal(n).astype(np.float32) for _ in range(4)]
     reply = session_pb2.StepResponse(step=1, tensors=[tensors.from_numpy("w", p0)]).ByteSize()
+    reply_bf16 = session_pb2.StepResponse(step=1, tensors=[tensors.from_numpy("w", p0.astype(tensors.DTYPES[
+        tensors.DataType.DATA_TYPE_BFLOAT16]))]).ByteSize()
     link_name = "100 Mbit/s, 20 ms RTT"
     with slowlink.SlowLink(int(server.address.rsplit(":", 1)[1]), mbit=100, rtt_ms=20) as link, \
             Client(link.address, timeout=600) as c:
 
-        def per_step(encoding):
-            """(bytes, seconds) of one step, the median of `reps` after one untimed."""
-            s = c.create_session("adam", {"w": p0.copy()}, lr=1e-3, keep=False)
+        def per_step(encoding, step_reply=None):
+            """(bytes, seconds) of one step, the median of `reps` after one untimed (which, with bf16 replies,
+            is answered with the float32 parameters)."""
+            s = c.create_session("adam", {"w": p0.copy()}, lr=1e-3, keep=False, step_reply=step_reply)
+            down = reply if step_reply is None else reply_bf16
             s.compress(encoding)
             times, sizes = [], []
             for i in range(reps + 1):
@@ -64,13 +68,15 @@ def bench_slow_links(cfg, server, echo):
                 s.step(g)
                 if i:
                     times.append(time.perf_counter() - t)
-                    sizes.append(up + reply)
+                    sizes.append(up + down)
             s.delete()
             return float(np.median(sizes)), float(np.median(times))
 
         dense_b, dense_s = per_step(None)
         figures = {"top-k 1% + error feedback": per_step(TopK(0.01)),
-                   "int8 blocks of 256 + error feedback": per_step(Int8Blocks(256))}
+                   "int8 blocks of 256 + error feedback": per_step(Int8Blocks(256)),
+                   "top-k 1% + EF, bf16 replies": per_step(TopK(0.01), "bf16_delta"),
+                   "int8 + EF, bf16 replies": per_step(Int8Blocks(256), "bf16_delta")}
 
         # DiLoCo: H local AdamW steps, then one sync (int8 pseudo-gradient) to a Nesterov outer session.
         outer = c.create_session(**diloco_outer({"w": p0.copy()}), keep=False)
