@@ -143,11 +143,13 @@ def convergence(cfg, address: str) -> None:
             s = (c.create_session(**diloco_outer(base.copy().params, **kw)) if diloco
                  else c.create_session("adam", base.copy().params, lr=1e-3, mode="sync", **kw))
             errors = []
+            joined = threading.Barrier(WORKERS, timeout=120)  # every round has every worker, from the first
 
             def work(k):
                 try:
                     net, rng = base.copy(), np.random.default_rng([2, k])
                     with Client(address, timeout=120) as wc, wc.join(s.id, f"w{k}", net.params) as w:
+                        joined.wait()
                         if not diloco:
                             for _ in range(steps):
                                 w.step(net.gradient(*batch(rng))[1])
@@ -156,7 +158,6 @@ def convergence(cfg, address: str) -> None:
                         net.params = loco.params
                         for _ in range(steps):
                             loco.step(net.gradient(*batch(rng))[1])
-                            net.params = loco.params  # a new round starts from new arrays
                 except Exception as e:
                     errors.append(e)
 

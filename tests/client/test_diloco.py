@@ -57,10 +57,12 @@ def test_two_workers_nesterov_outer_with_int8_pseudo_gradients(client, server):
     outer = client.create_session(**diloco_outer({"w": w0.copy()}, workers=2, round_deadline=60.0))
     assert outer.info.optimizer == "nesterov" and outer.info.hyperparameters["lr"] == 0.7
     ends, errors = {}, []
+    joined = threading.Barrier(2, timeout=60)  # a round closes with the members it has: both, from the first
 
     def work(k):
         try:
             with Client(server.address, timeout=60) as c, c.join(outer.id, f"w{k}", {"w": w0.copy()}) as w:
+                joined.wait()
                 loco = DiLoCo(w, AdamW(lr=0.05, weight_decay=0.0), every=10, compress=Int8Blocks(4))
                 for _ in range(100):
                     loco.step(_grad(loco.params, *halves[k]))

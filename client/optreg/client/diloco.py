@@ -57,9 +57,11 @@ class AdamW:
 
 class DiLoCo:
     """H (`every`) inner steps on local `params`, then the pseudo-gradient to `outer` (a Session, or a
-    Worker of a sync session). `inner`: anything with `step(params, grads)` updating params in place."""
+    Worker of a sync session). `inner`: anything with `step(params, grads)` updating params in place.
+    `params`: the arrays to train, written in place at each round's start (None: copies of the outer's;
+    optreg.client.torch.DiLoCo hands it views of a model's tensors)."""
 
-    def __init__(self, outer, inner, every: int = 50, compress=None):
+    def __init__(self, outer, inner, every: int = 50, compress=None, params: dict | None = None):
         if not isinstance(every, int) or every < 1:
             raise UsageError(f"every={every!r}: give the inner steps between syncs, an int >= 1")
         if not outer.arrays:
@@ -68,11 +70,15 @@ class DiLoCo:
         self.steps = 0  # inner steps taken
         self.syncs = 0
         outer.compress(compress)
+        self.params = params if params is not None else {n: np.array(a) for n, a in outer.arrays.items()}
+        if set(self.params) != set(outer.arrays):
+            raise UsageError(f"params {sorted(self.params)} are not the outer session's {sorted(outer.arrays)}")
         self._start_round()
 
     def _start_round(self) -> None:
         self.start = {n: np.array(a) for n, a in self.outer.arrays.items()}
-        self.params = {n: a.copy() for n, a in self.start.items()}
+        for n, a in self.start.items():
+            np.copyto(self.params[n], a, casting="unsafe")
 
     def step(self, grads: Mapping[str, np.ndarray]):
         """One inner step; on every `every`-th, the sync too. Returns the outer step's result when it synced."""
