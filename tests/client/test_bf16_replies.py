@@ -101,3 +101,15 @@ def test_shared_memory_steps_leave_the_client_exact(client, resident):
     for _ in range(5):
         s.step({"w": rng.standard_normal(64).astype(np.float32)})
     assert np.abs(s.arrays["w"] - s.read_parameters()["w"]).max() < 1e-3
+
+
+def test_streamed_steps_answer_bf16_deltas_too(client):
+    """A session whose answer exceeds a unary message's comfort (STREAM_ABOVE_BYTES) steps over StepStream;
+    its bf16 deltas arrive in chunks and are added the same way."""
+    rng = np.random.default_rng(3)
+    s = client.create_session("sgd", {"w": rng.standard_normal(700_000).astype(np.float32)}, step_reply="bf16_delta",
+                              lr=0.01)
+    for _ in range(3):
+        s.step({"w": rng.standard_normal(700_000).astype(np.float32)})
+    err = np.abs(s.arrays["w"] - s.read_parameters()["w"])
+    assert 0 < err.max() < 1e-3
