@@ -601,6 +601,11 @@ def bench_v2(cfg, server, echo):
     run(cfg, server, echo)
 
 
+def bench_slow_links(cfg, server, echo):
+    from bench.slow_links import bench_slow_links as run  # steps over 100 Mbit/s, 20 ms RTT (issue 26)
+    run(cfg, server, echo)
+
+
 def bench_ray(cfg, server, echo):
     from bench.ray_step import bench_ray as run  # a local Ray; skipped in --quick and without Ray
     run(cfg, server, echo)
@@ -610,7 +615,8 @@ SECTIONS = {"small": bench_small, "smallparts": bench_small_parts, "large": benc
             "declared": bench_declared, "vs": bench_vs, "memory": bench_memory, "concurrency": bench_concurrency,
             "torch": bench_torch, "wal": bench_wal, "durability": bench_durability, "telemetry": bench_telemetry,
             "workers": bench_workers, "sparse": bench_sparse, "streams": bench_streams, "chaos": bench_chaos,
-            "waiting": bench_waiting, "sessions": bench_sessions, "v2": bench_v2, "ray": bench_ray}
+            "waiting": bench_waiting, "sessions": bench_sessions, "v2": bench_v2, "slowlinks": bench_slow_links,
+            "ray": bench_ray}
 
 
 class Config:

@@ -86,6 +86,28 @@ def start_server():
         s.stop()
 
 
+@pytest.fixture
+def slow_link():
+    """Factory: slow_link(address_or_port, mbit=100, rtt_ms=20) -> bench.slowlink.SlowLink, whose `.address`
+    reaches the target on loopback across a tbf-shaped veth pair between two namespaces and a delaying relay
+    (issue 26); closed at teardown. Skips where namespaces or tc are not allowed."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from bench import slowlink
+    if (why := slowlink.unavailable()) is not None:
+        pytest.skip(why)
+    made = []
+
+    def make(target, mbit=100.0, rtt_ms=20.0):
+        port = int(str(target).rsplit(":", 1)[-1])
+        made.append(slowlink.SlowLink(port, mbit, rtt_ms))
+        return made[-1]
+
+    yield make
+    for link in made:
+        link.close()
+
+
 @pytest.fixture(scope="module")
 def server():
     s = ServerProcess()

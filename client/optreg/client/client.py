@@ -134,7 +134,8 @@ class Client:
         the arrays later steps write into.
 
         `master_dtype`: "float32" or "float64" (None: that of the arrays). `step_reply`: what a step
-        answers with, "parameters" (default), "delta" or "none". `durability`: "every-step",
+        answers with, "parameters" (default), "delta", "none" or "bf16_delta" (slow links: half the
+        bytes, the rounding fed back by the server; docs/slow-links.md). `durability`: "every-step",
         "log", "periodic" (window: periodic_steps / periodic_seconds), "none", or None for the
         server's default ("log" with a data directory). `state` (slot -> name -> array) and `initial_step` restore a session read with
         `read_state`. Hyperparameters not given take the optimizer's defaults.

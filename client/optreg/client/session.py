@@ -19,6 +19,7 @@ from optreg.client.sparse_rows import SparseStepResult
 from optreg.v1 import session_pb2, tensors
 
 KEEP_CHOICES = (True, False, "on-error")
+BF16 = tensors.DTYPES[tensors.DataType.DATA_TYPE_BFLOAT16]
 
 
 def check_keep(keep) -> None:
@@ -43,13 +44,17 @@ def _end_unattended(client, session_id: str, keep, error: bool | None = None) ->
 
 
 def apply_result(arrays: dict, mode: str, result: Mapping[str, np.ndarray]) -> None:
-    """Write a step's reply into the caller's arrays: parameters are copied, deltas added."""
+    """Write a step's reply into the caller's arrays: parameters are copied, deltas added (a "bf16_delta"
+    session's bfloat16 ones widened first, exactly as the server adds them to its record of these arrays;
+    its answers in the master dtype are the parameters)."""
     for name, value in result.items():
         target = arrays.get(name)
         if target is None:
             arrays[name] = np.array(value)
         elif mode == "delta":
             target += value
+        elif mode == "bf16_delta" and value.dtype == BF16:
+            target += value.astype(target.dtype)
         else:
             np.copyto(target, value, casting="unsafe")
 
@@ -99,6 +104,7 @@ class Session:
         self._shm: SharedMemory | None = None
         self._stream = StreamStep()
         self._unary = UnaryStep()
+        self.compression = None  # compression.ErrorFeedback: gradients sent compressed (compress())
         self._sparse_stepped = False  # rows may be lazy on the server (see set_hyperparameters)
         self.take_over = False  # True: the next step takes the writer lease from another process (attach's take_over)
         # keep=False or "on-error" without a with-block (the book's loop has none): the same decision when
@@ -148,7 +154,16 @@ class Session:
         return {"metadata": (("optreg-take-over", "1"),)} if self.take_over else {}
 
     def _sender(self, grads):
+        if self.compression is not None:  # compressed gradients are small: one Step call
+            return self._unary
         return choose(grads, self._reply_bytes, self._unary, self._stream, self._shm)
+
+    def compress(self, encoding) -> None:
+        """Send this session's gradients compressed from the next step on: `TopK(ratio)` or
+        `Int8Blocks(block)` (optreg.client.compression), with error feedback: what an encoding leaves
+        out is kept here and added to the next gradient. None: dense again, the residual dropped."""
+        from optreg.client.compression import ErrorFeedback
+        self.compression = None if encoding is None else ErrorFeedback(encoding)
 
     def step(self, grads: Mapping[str, np.ndarray], *, hyperparameters: Mapping[str, float] | None = None,
              metrics: Mapping[str, float] | None = None) -> StepResult:
@@ -173,6 +188,8 @@ class Session:
         self.take_over = False
         self.step_count = step
         apply_result(self.arrays, self._info.step_reply, result)
+        if self.compression is not None and not (replayed and len(attempts) == 1):  # these gradients were applied
+            self.compression.applied()
         if replayed and len(attempts) == 1:
             # This call's own first send was answered as a repeat: an earlier call that raised
             # (a deadline, say) had been applied after all. Its result is now in the arrays;

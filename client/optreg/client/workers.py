@@ -73,6 +73,7 @@ class Worker:
     def __init__(self, client, session_id: str, worker: str, arrays: dict, round_: int, info, heartbeat_every=None):
         self.client, self.session_id, self.worker = client, session_id, worker
         self.arrays, self.round, self.info = arrays, round_, info
+        self.compression = None  # compression.ErrorFeedback: contributions sent compressed (compress())
         self._stop = threading.Event()
         self._beat = None
         if heartbeat_every:
@@ -133,8 +134,11 @@ class Worker:
         if not isinstance(grads, Mapping):
             raise UsageError(f"step() takes a mapping of parameter name -> gradient array, not {type(grads).__name__}")
         number = self.round
-        send = choose(grads, self.info.parameter_bytes, self._unary, self._stream)
+        send = self._unary if self.compression is not None else choose(
+            grads, self.info.parameter_bytes, self._unary, self._stream)
         reply, result = self.client._retrying(lambda n, remaining: send(grads, number, metrics))
+        if self.compression is not None:  # keyed by (worker, round): applied once, whichever attempt landed
+            self.compression.applied()
         apply_result(self.arrays, self.info.step_reply, result)
         self.round = reply.step
         return WorkerStepResult(reply.step, reply.replayed, self.arrays, reply.round, reply.staleness,
@@ -163,9 +167,19 @@ class Worker:
         return WorkerStepResult(reply.step, reply.replayed, self.arrays, reply.round, reply.staleness,
                                 tuple(reply.contributors), reply.lr)
 
+    def compress(self, encoding) -> None:
+        """Contributions sent compressed from the next on, with error feedback (as Session.compress)."""
+        from optreg.client.compression import ErrorFeedback
+        self.compression = None if encoding is None else ErrorFeedback(encoding)
+
     def _unary(self, grads, number, metrics):
-        request = session_pb2.StepRequest(session_id=self.session_id, worker=self.worker, round=number,
-                                          gradients=[tensors.from_numpy(k, g) for k, g in grads.items()])
+        if self.compression is not None:
+            msgs, self.compression.pending = self.compression.encode(grads)
+            request = session_pb2.StepRequest(session_id=self.session_id, worker=self.worker, round=number,
+                                              compressed=msgs)
+        else:
+            request = session_pb2.StepRequest(session_id=self.session_id, worker=self.worker, round=number,
+                                              gradients=[tensors.from_numpy(k, g) for k, g in grads.items()])
         if metrics:
             request.metrics.update(metrics)
         reply = self.client.transport.unary("Step", request, timeout=self.client.timeout)

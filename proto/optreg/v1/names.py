@@ -6,7 +6,7 @@ from __future__ import annotations
 from optreg.v1 import registry_pb2, session_pb2, tensor_pb2
 
 STEP_REPLY = {"parameters": session_pb2.STEP_REPLY_PARAMETERS, "delta": session_pb2.STEP_REPLY_DELTA,
-              "none": session_pb2.STEP_REPLY_NONE}
+              "none": session_pb2.STEP_REPLY_NONE, "bf16_delta": session_pb2.STEP_REPLY_BF16_DELTA}
 DURABILITY = {"every-step": session_pb2.DURABILITY_EVERY_STEP, "log": session_pb2.DURABILITY_LOG,
               "periodic": session_pb2.DURABILITY_PERIODIC, "none": session_pb2.DURABILITY_NONE}
 MASTER_DTYPE = {"float32": tensor_pb2.DATA_TYPE_FLOAT32, "float64": tensor_pb2.DATA_TYPE_FLOAT64}

@@ -17,6 +17,7 @@ class StepReply(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STEP_REPLY_PARAMETERS: _ClassVar[StepReply]
     STEP_REPLY_DELTA: _ClassVar[StepReply]
     STEP_REPLY_NONE: _ClassVar[StepReply]
+    STEP_REPLY_BF16_DELTA: _ClassVar[StepReply]
 
 class Durability(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -42,6 +43,7 @@ STEP_REPLY_UNSPECIFIED: StepReply
 STEP_REPLY_PARAMETERS: StepReply
 STEP_REPLY_DELTA: StepReply
 STEP_REPLY_NONE: StepReply
+STEP_REPLY_BF16_DELTA: StepReply
 DURABILITY_UNSPECIFIED: Durability
 DURABILITY_EVERY_STEP: Durability
 DURABILITY_PERIODIC: Durability
@@ -292,7 +294,7 @@ class DeleteSessionResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class StepRequest(_message.Message):
-    __slots__ = ("session_id", "step", "gradients", "hyperparameters", "metrics", "worker", "round", "sparse")
+    __slots__ = ("session_id", "step", "gradients", "hyperparameters", "metrics", "worker", "round", "sparse", "compressed")
     class HyperparametersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -315,6 +317,7 @@ class StepRequest(_message.Message):
     WORKER_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     SPARSE_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSED_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     step: int
     gradients: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Tensor]
@@ -323,7 +326,8 @@ class StepRequest(_message.Message):
     worker: str
     round: int
     sparse: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.SparseRows]
-    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., gradients: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., hyperparameters: _Optional[_Mapping[str, float]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., worker: _Optional[str] = ..., round: _Optional[int] = ..., sparse: _Optional[_Iterable[_Union[_tensor_pb2.SparseRows, _Mapping]]] = ...) -> None: ...
+    compressed: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.CompressedTensor]
+    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., gradients: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., hyperparameters: _Optional[_Mapping[str, float]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., worker: _Optional[str] = ..., round: _Optional[int] = ..., sparse: _Optional[_Iterable[_Union[_tensor_pb2.SparseRows, _Mapping]]] = ..., compressed: _Optional[_Iterable[_Union[_tensor_pb2.CompressedTensor, _Mapping]]] = ...) -> None: ...
 
 class StepResponse(_message.Message):
     __slots__ = ("step", "replayed", "tensors", "round", "staleness", "contributors", "sparse", "lr")

@@ -24,19 +24,25 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16optreg/v1/tensor.proto\x12\toptreg.v1\"g\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\"\n\x05\x64type\x18\x02 \x01(\x0e\x32\x13.optreg.v1.DataType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x0e\n\x06offset\x18\x05 \x01(\x03\"?\n\x0bSlotTensors\x12\x0c\n\x04slot\x18\x01 \x01(\t\x12\"\n\x07tensors\x18\x02 \x03(\x0b\x32\x11.optreg.v1.Tensor\"K\n\nSparseRows\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04rows\x18\x02 \x01(\x0c\x12!\n\x06values\x18\x03 \x01(\x0b\x32\x11.optreg.v1.Tensor*\x82\x01\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT32\x10\x01\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT64\x10\x02\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT16\x10\x03\x12\x16\n\x12\x44\x41TA_TYPE_BFLOAT16\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16optreg/v1/tensor.proto\x12\toptreg.v1\"g\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\"\n\x05\x64type\x18\x02 \x01(\x0e\x32\x13.optreg.v1.DataType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x0e\n\x06offset\x18\x05 \x01(\x03\"?\n\x0bSlotTensors\x12\x0c\n\x04slot\x18\x01 \x01(\t\x12\"\n\x07tensors\x18\x02 \x03(\x0b\x32\x11.optreg.v1.Tensor\"K\n\nSparseRows\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04rows\x18\x02 \x01(\x0c\x12!\n\x06values\x18\x03 \x01(\x0b\x32\x11.optreg.v1.Tensor\"\x8b\x01\n\x10\x43ompressedTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12 \n\x05top_k\x18\x03 \x01(\x0b\x32\x0f.optreg.v1.TopKH\x00\x12,\n\x0bint8_blocks\x18\x04 \x01(\x0b\x32\x15.optreg.v1.Int8BlocksH\x00\x42\n\n\x08\x65ncoding\"K\n\x04TopK\x12\x0f\n\x07indices\x18\x01 \x01(\x0c\x12\"\n\x05\x64type\x18\x02 \x01(\x0e\x32\x13.optreg.v1.DataType\x12\x0e\n\x06values\x18\x03 \x01(\x0c\"9\n\nInt8Blocks\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05\x62lock\x18\x02 \x01(\x03\x12\x0e\n\x06scales\x18\x03 \x01(\x0c*\x82\x01\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT32\x10\x01\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT64\x10\x02\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT16\x10\x03\x12\x16\n\x12\x44\x41TA_TYPE_BFLOAT16\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'optreg.v1.tensor_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DATATYPE']._serialized_start=285
-  _globals['_DATATYPE']._serialized_end=415
+  _globals['_DATATYPE']._serialized_start=563
+  _globals['_DATATYPE']._serialized_end=693
   _globals['_TENSOR']._serialized_start=37
   _globals['_TENSOR']._serialized_end=140
   _globals['_SLOTTENSORS']._serialized_start=142
   _globals['_SLOTTENSORS']._serialized_end=205
   _globals['_SPARSEROWS']._serialized_start=207
   _globals['_SPARSEROWS']._serialized_end=282
+  _globals['_COMPRESSEDTENSOR']._serialized_start=285
+  _globals['_COMPRESSEDTENSOR']._serialized_end=424
+  _globals['_TOPK']._serialized_start=426
+  _globals['_TOPK']._serialized_end=501
+  _globals['_INT8BLOCKS']._serialized_start=503
+  _globals['_INT8BLOCKS']._serialized_end=560
 # @@protoc_insertion_point(module_scope)

@@ -51,3 +51,35 @@ class SparseRows(_message.Message):
     rows: bytes
     values: Tensor
     def __init__(self, name: _Optional[str] = ..., rows: _Optional[bytes] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class CompressedTensor(_message.Message):
+    __slots__ = ("name", "shape", "top_k", "int8_blocks")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    INT8_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    top_k: TopK
+    int8_blocks: Int8Blocks
+    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., top_k: _Optional[_Union[TopK, _Mapping]] = ..., int8_blocks: _Optional[_Union[Int8Blocks, _Mapping]] = ...) -> None: ...
+
+class TopK(_message.Message):
+    __slots__ = ("indices", "dtype", "values")
+    INDICES_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    indices: bytes
+    dtype: DataType
+    values: bytes
+    def __init__(self, indices: _Optional[bytes] = ..., dtype: _Optional[_Union[DataType, str]] = ..., values: _Optional[bytes] = ...) -> None: ...
+
+class Int8Blocks(_message.Message):
+    __slots__ = ("data", "block", "scales")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_FIELD_NUMBER: _ClassVar[int]
+    SCALES_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    block: int
+    scales: bytes
+    def __init__(self, data: _Optional[bytes] = ..., block: _Optional[int] = ..., scales: _Optional[bytes] = ...) -> None: ...

@@ -35,7 +35,7 @@ GRAD_DTYPES = {
     DT.DATA_TYPE_FLOAT64: (DT.DATA_TYPE_FLOAT64, DT.DATA_TYPE_FLOAT32, DT.DATA_TYPE_FLOAT16,
                            DT.DATA_TYPE_BFLOAT16),
 }
-REPLIES = ("parameters", "delta", "none")
+REPLIES = ("parameters", "delta", "none", "bf16_delta")
 DURABILITIES = ("every-step", "log", "periodic", "none")
 # The largest step number: a step past it would not fit the contract's int64.
 MAX_STEP = (1 << 63) - 1
@@ -155,6 +155,10 @@ class Session:
     live: Arrays | None = None  # None while unloaded (its tensors on disk only)
     spare: Arrays | None = None  # the next step's staging, when nobody reads it (keep_spare)
     last_delta: dict[str, np.ndarray] | None = None  # reply "delta": a retry gets the same answer
+    # reply "bf16_delta" (steps/run.py bf16_delta): the client's copy of the parameters as the replies made it
+    # (None: unknown, the next answer is the parameters), and the last reply, which a retry gets again
+    reply_copy: dict | None = field(default=None, repr=False)
+    last_reply: tuple | None = field(default=None, repr=False)
     # Durability bookkeeping (sessions/store.py): the newest step on disk, and when.
     persisted_step: int = -1
     persisted_at: float = field(default_factory=time.monotonic)

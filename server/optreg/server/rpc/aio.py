@@ -175,6 +175,7 @@ class AioSessions:
         this instant but the pool's; a pool step taking it in between makes this one wait that step's commit."""
         s = session
         return (s.live is not None and s.hub is None and s.resident is None and not request.sparse
+                and not request.compressed  # decoded to the session's size: not on the loop
                 and s.durability.mode in ("none", "log") and not s.lock.locked()
                 and not self.s.store.journal.busy(s) and _data_bytes(request.gradients) <= INLINE_BYTES)
 

@@ -29,7 +29,7 @@ from optreg.server.model.errors import (Cancelled, DataLoss, DeadlineExceeded, F
                                   ResourceExhausted, once, shown)
 from optreg.server.sessions.factory import SessionConfig
 from optreg.server.telemetry.metrics import Metrics
-from optreg.server.steps.run import StepRun
+from optreg.server.steps.run import StepRun, gradients
 from optreg.server.model.session import Session
 from optreg.server.sessions.store import SessionStore
 from optreg.server.rpc.workers import WorkerSteps, add_worker_info, worker_config_from
@@ -380,7 +380,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
                             f"({self.max_message_bytes} bytes): use StepStream, or a session with step_reply "
                             "STEP_REPLY_NONE; the step was not applied")
                 names = set()
-                for t in request.gradients:
+                for t in gradients(s, request):
                     once(names, "gradient", t.name)
                     names.add(t.name)
                     run.feed(t)

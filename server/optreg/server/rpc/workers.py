@@ -14,7 +14,7 @@ from optreg.server.steps import sparse_rows
 from optreg.server.model.errors import Cancelled, FailedPrecondition, InvalidArgument, ResourceExhausted, shown
 from optreg.server.model.workers import (CALLS_PER_WORKER, DEFAULT_DEADLINE, DEFAULT_LEASE, LR_SCALED, WorkerConfig,
                                          staleness_scaled)
-from optreg.server.steps.run import StepRun, check_metrics
+from optreg.server.steps.run import StepRun, check_metrics, gradients
 from optreg.server.steps.rounds import Contribution, Hubs, Outcome
 from optreg.v1 import names, session_pb2, tensors
 from optreg.v1.names import name_of
@@ -203,7 +203,7 @@ class WorkerSteps:
                 f"the server's message limit ({self.max_message_bytes} bytes): use StepStream, or a session with "
                 "step_reply STEP_REPLY_NONE; nothing was applied")
         return self._contribute(session, request.worker, request.round, request.hyperparameters, request.metrics,
-                                iter(request.gradients), context, request.sparse, wait)
+                                gradients(session, request), context, request.sparse, wait)
 
     @staticmethod
     def reply(o: Outcome) -> session_pb2.StepResponse:

@@ -155,6 +155,9 @@ class SessionFactory:
                           owner=owner, schedule=schedule)
         if config.workers is not None:
             session.workers = config.workers.checked()
+            if config.reply == "bf16_delta":  # one copy of the client's parameters per session, not per worker
+                raise InvalidArgument("config.step_reply bf16_delta with config.workers: it keeps one client's copy "
+                                      "of the parameters; use step_reply parameters for a shared session")
             if session.workers.mode != "sync" and config.reply == "delta":
                 # A contribution applies to parameters other workers moved since this one read them: new - old
                 # would leave the worker's copy without their updates (sync rounds are read and applied whole).

@@ -344,8 +344,9 @@ class SessionStore:
             return False
         self.journal.flush(session)
         self.journal.unload(session)
-        # (their budget goes when they are collected; load reads the last delta back from the snapshot)
-        session.live = session.spare = session.last_delta = None
+        # (their budget goes when they are collected; load reads the last delta back from the snapshot; a
+        # bf16_delta session's copy of its client's parameters goes too: its next answer is the parameters)
+        session.live = session.spare = session.last_delta = session.reply_copy = session.last_reply = None
         self._loaded_now(session, False)
         log.info("session %s unloaded at step %d", session.id, session.step,
                  extra={"session_id": session.id, "step": session.step})

@@ -23,6 +23,7 @@ import logging
 import math
 import time
 
+import ml_dtypes
 import numpy as np
 
 from optreg.plugins import HyperparameterError
@@ -38,7 +39,7 @@ from optreg.server.kernels.widen import widen
 from optreg.server.storage.journal import NULL_RECORD
 from optreg.server.model.errors import Cancelled, FailedPrecondition, InvalidArgument, PluginFailed, shown
 from optreg.server.model.session import Arrays, Buffers, Session, StepResult
-from optreg.v1 import tensors
+from optreg.v1 import compressed, tensors
 
 log = logging.getLogger("optreg.server")
 
@@ -62,6 +63,21 @@ def check_metrics(metrics) -> dict[str, float]:
             raise InvalidArgument(f"metrics name {shown(k)}: use 1-{MAX_METRIC_NAME} characters")
         out[k] = float(v)
     return out
+
+
+def gradients(session: Session, request):
+    """A Step request's dense gradients, then its compressed ones decoded (optreg.v1.compressed): the
+    tensors the step applies, and its log holds, whatever their encoding on the wire. Decoded one at
+    a time as the step takes them; a bad encoding is refused before the step commits."""
+    if request.compressed and request.sparse:
+        raise InvalidArgument("compressed: not with sparse rows in the same step; send the other parameters' "
+                              "gradients in `gradients`")
+    yield from request.gradients
+    for i, c in enumerate(request.compressed):
+        try:
+            yield compressed.decode(c, session.spec, f"compressed[{i}]")
+        except ValueError as e:
+            raise InvalidArgument(f"{e}; the step was not applied") from None
 
 
 class StepRun:
@@ -92,11 +108,17 @@ class StepRun:
         self.done = False
         self.t0 = time.perf_counter()
         self.stats: dict[str, np.ndarray] = {}  # name -> [sum g^2, sum p_new^2, sum dp^2, max |g|] (telemetry)
+        self.reply_buffers = None  # reply "bf16_delta": what its answer is made in (bf16_delta, below)
 
     # -- fence ---------------------------------------------------------------
     def open(self) -> StepResult | None:
         """Check the fence. Returns the answer when this is a retry of the applied step (nothing more to do)."""
         s = self.session
+        if s.reply == "bf16_delta":
+            if self.is_sparse:
+                raise InvalidArgument(f"sparse: session {s.id} answers with bf16 deltas (step_reply bf16_delta), "
+                                      "which sparse steps do not; send the gradients dense")
+            self.reply_buffers = self._reply_buffers()
         self.store.journal.wait_turn(s)  # a hyperparameter change waiting for the steps in flight goes first
         with s.lock:
             self.store.ensure_loaded(s)
@@ -133,6 +155,16 @@ class StepRun:
         s = self.session
         return self.store.budget.allocate(what, s.elements * s.dtype.itemsize,
                                           lambda: Buffers({n: np.empty(shape, s.dtype) for n, shape in s.shapes.items()}))
+
+    def _reply_buffers(self) -> tuple:
+        """(the client's copy when the session has none yet, the bf16 answer), counted before allocated."""
+        s = self.session
+        copy = None
+        if s.reply_copy is None and self.out is None:  # (read without the lock: at worst unused)
+            copy = self._buffers("the client's copy of the parameters (step_reply bf16_delta)")
+        answer = self.store.budget.allocate("a step's bf16 answer", s.elements * 2, lambda: Buffers(
+            {n: np.empty(shape, ml_dtypes.bfloat16) for n, shape in s.shapes.items()}))
+        return copy, answer
 
     def _hyperparameters(self, s: Session) -> None:
         """Step self.t's hyperparameters: `hp`, the session's or those the step sets (logged, and kept by
@@ -173,7 +205,7 @@ class StepRun:
         if self.out is not None:
             for n, o in self.out.items():
                 np.copyto(o, s.live.params[n])
-        self.result = reply(s, True)
+        self.result = reply(s, True, self.reply_buffers, self.out is not None)
         return self.result
 
     # -- validate and apply ------------------------------------------------------
@@ -361,7 +393,7 @@ class StepRun:
         commit(s, self.t, self.hp, write, record=self.record, logged=logged, changes=self.hp_changes,
                extras=self.extras, delta=delta, plan=plan, store=self.store)
         self.done = True
-        self.result = s.last_sparse if plan is not None else reply(s, False)
+        self.result = s.last_sparse if plan is not None else reply(s, False, self.reply_buffers, self.out is not None)
         self.result.lr = float(self.ran.get("lr", 0.0))  # as it ran (a staleness-scaled lr too)
 
     def _swap_in(self) -> None:
@@ -468,10 +500,13 @@ class StepRun:
 _LOST = object()  # _commit_dense: another call committed this step first
 
 
-def reply(s: Session, replayed: bool) -> StepResult:
-    """The reply for the session's current step. Caller holds the lock (or reads `live` under a reader)."""
+def reply(s: Session, replayed: bool, buffers: tuple | None = None, exact: bool = False) -> StepResult:
+    """The reply for the session's current step. Caller holds the lock (or reads `live` under a reader).
+    `buffers`, `exact`: reply "bf16_delta"'s (bf16_delta)."""
     if s.reply == "none":
         out = {}
+    elif s.reply == "bf16_delta":
+        out = bf16_delta(s, replayed, buffers, exact)
     elif s.reply == "delta":
         out = s.last_delta or {n: np.zeros_like(p) for n, p in s.live.params.items()}
     elif s.clocks:  # rows a sparse step left lazy: their dense-equivalent values
@@ -481,3 +516,31 @@ def reply(s: Session, replayed: bool) -> StepResult:
     # A retry's lr: the last step's, from the session's (a live step's own is set by its commit)
     lr = float(s.in_force(s.step, s.hyperparameters).get("lr", 0.0)) if replayed and s.step > 0 else 0.0
     return StepResult(s.step, replayed, out, lr=lr)
+
+
+def bf16_delta(s: Session, replayed: bool, buffers: tuple | None, exact: bool) -> dict[str, np.ndarray]:
+    """Reply "bf16_delta": bfloat16(parameters - the client's copy), added to the copy exactly as the client
+    adds it, so what one answer rounds off the next one carries (error feedback: no drift). The parameters
+    themselves when the copy is unknown (a new or reloaded session) or a retry's answer is gone; `exact`:
+    the client's arrays were just written whole (shared memory). Caller holds the lock.
+    `buffers`: (a new copy or None, the bf16 answer's arrays), counted by the caller; None: none made."""
+    if replayed and not exact and s.last_reply is not None and s.last_reply[0] == s.step:
+        return s.last_reply[1]  # the original call's answer, which its client never added
+    s.last_reply = None
+    copy, answer = buffers if buffers is not None else (None, None)
+    if exact or answer is None:  # the client holds the parameters themselves (shared memory, resident steps)
+        s.reply_copy = None
+        return s.live.params
+    if replayed or s.reply_copy is None:  # answered with the parameters: they become the client's copy
+        if s.reply_copy is None:
+            s.reply_copy = copy
+        if s.reply_copy is not None:
+            for name, p in s.live.params.items():
+                np.copyto(s.reply_copy[name], p)
+        return s.live.params
+    for name, p in s.live.params.items():
+        c = s.reply_copy[name]
+        np.subtract(p, c, out=answer[name], casting="unsafe")  # rounded to bfloat16 once, to nearest even
+        c += answer[name].astype(c.dtype)
+    s.last_reply = (s.step, answer)
+    return answer

@@ -1,0 +1,83 @@
+"""DiLoCo for numpy clients (issue 26): H local inner steps, then the pseudo-gradient (start - current weights)
+to an outer session, over a real server."""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from optreg.client import Client
+from optreg.client.compression import Int8Blocks
+from optreg.client.diloco import AdamW, DiLoCo, diloco_outer
+
+
+def _problem(seed, n=64, d=8):
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((n, d)).astype(np.float32)
+    return X, X @ rng.standard_normal(d).astype(np.float32)
+
+
+def _grad(w, X, y):
+    return {"w": (2 / len(y)) * X.T @ (X @ w["w"] - y)}
+
+
+def _loss(w, X, y):
+    return float(np.mean((X @ w - y) ** 2))
+
+
+def test_outer_sgd_lr_1_lands_on_the_local_weights(client):
+    """The pseudo-gradient is start - current: an outer SGD step of lr 1 makes the session the worker's
+    local weights, once every H steps (and no step in between)."""
+    X, y = _problem(0)
+    outer = client.create_session(**diloco_outer({"w": np.zeros(8, np.float32)}, optimizer="sgd", lr=1.0))
+    inner = AdamW(lr=0.05)
+    local = {}
+
+    class Recorded:  # the local weights after each inner step
+        def step(self, params, grads):
+            inner.step(params, grads)
+            local.update(w=params["w"].copy())
+
+    loco = DiLoCo(outer, Recorded(), every=5)
+    for i in range(20):
+        synced = loco.step(_grad(loco.params, X, y))
+        assert (synced is not None) == ((i + 1) % 5 == 0)
+        if synced is not None:
+            np.testing.assert_allclose(outer.read_parameters()["w"], local["w"], rtol=0, atol=1e-6)
+    assert outer.refresh().step == 4 and loco.syncs == 4
+    np.testing.assert_array_equal(loco.params["w"], outer.arrays["w"])  # the next round starts from the answer
+
+
+def test_two_workers_nesterov_outer_with_int8_pseudo_gradients(client, server):
+    """Two workers of a sync session, each with its own data and inner AdamW, syncing every 10 steps with
+    int8 pseudo-gradients: every round they restart from the same outer weights, and the loss falls."""
+    X, y = _problem(1, n=128)
+    halves = [(X[:64], y[:64]), (X[64:], y[64:])]
+    w0 = np.zeros(8, np.float32)
+    outer = client.create_session(**diloco_outer({"w": w0.copy()}, workers=2, round_deadline=60.0))
+    assert outer.info.optimizer == "nesterov" and outer.info.hyperparameters["lr"] == 0.7
+    ends, errors = {}, []
+    joined = threading.Barrier(2, timeout=60)  # a round closes with the members it has: both, from the first
+
+    def work(k):
+        try:
+            with Client(server.address, timeout=60) as c, c.join(outer.id, f"w{k}", {"w": w0.copy()}) as w:
+                joined.wait()
+                loco = DiLoCo(w, AdamW(lr=0.05, weight_decay=0.0), every=10, compress=Int8Blocks(4))
+                for _ in range(100):
+                    loco.step(_grad(loco.params, *halves[k]))
+                ends[k] = loco.params["w"].copy()
+        except Exception as e:  # reported by the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    final = outer.read_parameters()["w"]
+    assert outer.refresh().step == 10  # 100 inner steps / H = 10 rounds, each one outer step
+    np.testing.assert_array_equal(ends[0], final)
+    np.testing.assert_array_equal(ends[1], final)
+    assert _loss(final, X, y) < 0.2 * _loss(w0, X, y)
