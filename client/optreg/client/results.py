@@ -96,6 +96,10 @@ class SessionInfo:
     last_used_at: datetime.datetime | None = None   # UTC
     quarantined: str = ""           # why its files failed their checks ("" when healthy)
     missing_optimizer: str = ""     # the optimizer it needs when the server has no plugin for it
+    # log durability with a memory log: steps acknowledged but not yet on disk, and the oldest one's age
+    # in seconds (what a power loss would lose now)
+    unsaved_steps: int = 0
+    unsaved_seconds: float = 0.0
     # Shared sessions: the worker config (None: single writer), members, open and last closed round.
     workers: WorkerSetup | None = None
     members: tuple = ()
@@ -132,7 +136,8 @@ class SessionInfo:
             durability=name_of(DURABILITY, s.durability) or "none", periodic_steps=s.periodic_steps,
             periodic_seconds=s.periodic_seconds, persisted_step=s.persisted_step, loaded=s.loaded,
             created_at=_time(s.created_at), last_used_at=_time(s.last_used_at), quarantined=s.quarantined,
-            missing_optimizer=s.missing_optimizer, **_shared(s))
+            missing_optimizer=s.missing_optimizer, unsaved_steps=s.unsaved_steps,
+            unsaved_seconds=s.unsaved_seconds, **_shared(s))
 
 
 @dataclass(frozen=True)

@@ -66,6 +66,8 @@ def session_info(s: Session) -> session_pb2.SessionInfo:
         periodic_steps=s.durability.periodic_steps, periodic_seconds=s.durability.periodic_seconds,
         persisted_step=s.persisted_step, loaded=s.loaded, quarantined=s.quarantined,
         missing_optimizer=s.missing)
+    if s.unsaved is not None:
+        info.unsaved_steps, info.unsaved_seconds = s.unsaved()
     info.created_at.FromNanoseconds(int(s.created_at * 1e9))
     info.last_used_at.FromNanoseconds(int(s.last_used_at * 1e9))
     add_worker_info(info, s)
