@@ -64,7 +64,10 @@ MAX_OPEN_LOGS = 256  # logs holding an open descriptor at once (--max-open-logs;
 SYNC = {"every-step": "fsync", "log": "os"}
 MAX_EXPOSURE = 60.0  # seconds (--max-exposure-seconds): steps wait while older steps are still not on disk
 MEMORY_SHARE = 0.5  # of the memory file system's free space at start: the memory logs' bound (all sessions)
-SESSION_MEMORY = 4  # a session's memory logs may hold this many times its set (at least LOG_MIN) before it waits
+# A session's memory logs may hold this many times its set (at least LOG_MIN) before its steps wait: enough for
+# the disk to take a snapshot while fast steps go on (Adam 1e7 at ~7 ms a step, a 120 MB snapshot at ~400 MB/s:
+# ~45 records of 40 MB meanwhile).
+SESSION_MEMORY = 16
 WRITE_PAUSE = 0.02  # seconds between the disk writer's passes
 TRACE_ENV = "OPTREG_FSYNC_TRACE"  # tests: a file where each disk-log size made durable is appended (power loss)
 
@@ -500,11 +503,13 @@ class Journal:
                      "(a power loss loses at most about %g s of steps, --max-exposure-seconds)", self.memory,
                      self.memory_cap / (1 << 20), self.max_exposure)
         self._mem: dict[str, _Mem] = {}
-        self.memory_bytes = 0  # in every memory log, as the writer last counted them
+        self.memory_bytes = 0  # pages of every memory log (preallocated ones too), as the writer last counted them
         self._saved = threading.Condition(threading.Lock())  # notified after each pass of the writer
         self._writer_thread: threading.Thread | None = None
         self._stopping = False
         self._trace = os.environ.get(TRACE_ENV)
+        self.budget = None  # the store's MemoryBudget: the memory logs' bytes are charged to it
+        self._charged = 0
 
     def count_open(self, session: Session, delta: int) -> None:
         with self._turns:
@@ -548,7 +553,8 @@ class Journal:
             return True
         mine = m.memory_bytes(self._logs.get(s.id))
         return bool(mine) and (mine >= max(LOG_MIN, SESSION_MEMORY * s.set_bytes())
-                               or self.memory_bytes >= self.memory_cap)
+                               or self.memory_bytes >= self.memory_cap
+                               or (self.budget is not None and self.budget.over))
 
     def exposure(self, s: Session) -> tuple[int, float]:
         """(steps, seconds) a power loss would lose now: steps acknowledged but not yet on disk, and the age
@@ -860,12 +866,18 @@ class Journal:
                         self._save(s, m)
                     except Exception as e:  # (the disk failing: the memory log keeps every record meanwhile)
                         log.error("session %s: writing it to the disk failed: %s", sid, e, extra={"session_id": sid})
-                total += m.memory_bytes(self._logs.get(sid))
+                total += memlog.allocated(self.memory_path(sid)) + memlog.allocated(self.memory_path(sid, True))
                 if s is not None:
                     unsaved += max(0, s.step - m.disk_step)
                     if m.times:
                         oldest = min(oldest or m.times[0][1], m.times[0][1])
             self.memory_bytes = total
+            if self.budget is not None and total != self._charged:
+                if total > self._charged:
+                    self.budget.charge(total - self._charged)
+                else:
+                    self.budget.release(self._charged - total)
+                self._charged = total
             if self.metrics:
                 self.metrics.exposure(unsaved, 0.0 if oldest is None else time.monotonic() - oldest)
             with self._saved:
@@ -891,11 +903,18 @@ class Journal:
                 arrays, table = snapshot_arrays(s)
                 arrays = {key: np.array(a) for key, a in arrays.items()}  # (the steps go on meanwhile)
                 meta = dict(meta_of(s), tensors=table, saved_at=time.time())
-            if m.prev is None:  # set the memory log aside; the next steps go to a new one
+            rotated = m.prev is None
+            if rotated:  # set the memory log aside; the next steps go to a new one
                 lg.rename(self.memory_path(s.id, prev=True))
                 m.prev = lg
                 self._logs[s.id] = wal.Log.open(self.memory_path(s.id), s.id, base_step=k, sync="none",
                                                 pool=self.pool)
+        if rotated:  # its pages allocated now, off the steps' path: as many as the last one took, within the bounds
+            room = [2 * m.prev.log_bytes, max(LOG_MIN, SESSION_MEMORY * s.set_bytes()) - m.memory_bytes(lg),
+                    self.memory_cap - self.memory_bytes]
+            if self.budget is not None and self.budget.total:
+                room.append(self.budget.total - self.budget.held)
+            memlog.preallocate(self.memory_path(s.id), min(room))
         with m.lock:
             if self._mem.get(s.id) is not m or m.disk_step >= k:
                 return  # deleted, or a snapshot under the session's lock covered it meanwhile
