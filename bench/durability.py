@@ -121,13 +121,17 @@ def bench_resident_durability(cfg, server, _echo):
         # (a budget of 6 GiB: the memory logs count against it, and these machines are shared)
         disk = Child(["-m", "optreg.server", "serve", "--host", "127.0.0.1", "--port", "0", "--log-level",
                       "warning", "--data-dir", d, "--memory-budget-mb", "6144"], "optreg serving on ")
+        # The same mode without a memory log: each record to the disk log before the reply (the log before issue 28).
+        plain = Child(["-m", "optreg.server", "serve", "--host", "127.0.0.1", "--port", "0", "--log-level",
+                       "warning", "--data-dir", d + "/plain", "--memory-log-dir", ""], "optreg serving on ")
         try:
             for n in sizes:
                 rng = np.random.default_rng(3)
                 w = rng.standard_normal(n).astype(np.float32)
-                with Client(server.address) as mem, Client(disk.line[-1]) as dc:
+                with Client(server.address) as mem, Client(disk.line[-1]) as dc, Client(plain.line[-1]) as pc:
                     sessions = {"memory-only": mem.create_session("adam", {"w": w}, keep=False),
-                                "log": dc.create_session("adam", {"w": w}, keep=False)}
+                                "log": dc.create_session("adam", {"w": w}, keep=False),
+                                "disk log": pc.create_session("adam", {"w": w}, keep=False)}
                     del w
                     assert sessions["log"].info.durability == "log"
                     grads = {}
@@ -159,5 +163,9 @@ def bench_resident_durability(cfg, server, _echo):
                          f"disk; on disk {drained:.1f} s after the last step")
                 row(f"  window of exposure, up to {worst[0]} steps", worst[1], "s",
                     note=f"all on disk {drained:.1f} s after the last step")
+                row(f"  the same without a memory log, adam {n:.0e}", per["disk log"], "s",
+                    "memory-only server, same steps", per["memory-only"],
+                    note="--memory-log-dir '': each record to the disk log before the reply")
         finally:
             disk.stop()
+            plain.stop()

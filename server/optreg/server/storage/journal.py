@@ -456,6 +456,8 @@ class _Mem:
         self.disk_step = disk.last_step
         self.session: Session | None = None
         self.times: collections.deque = collections.deque()  # (step, monotonic time) of steps not on disk
+        self.error: OSError | None = None  # the disk writer's last failure (a full disk), until it succeeds
+        self.retry_at = 0.0
         # The disk side's writes: the writer's, and a snapshot taken under the session's lock (taken in
         # that order: session lock, then this one; the writer never holds both). Reentrant: a snapshot
         # replacing a broken log closes the logs under it.
@@ -469,7 +471,7 @@ class Journal:
     """A data directory: DIR/sessions/<id>.safetensors and <id>.wal for every durable session."""
 
     def __init__(self, root: pathlib.Path, metrics=None, syncer: GroupSyncer | None = None,
-                 max_open_logs: int = MAX_OPEN_LOGS, memory_dir: str | None = memlog.DEFAULT_BASE,
+                 max_open_logs: int = MAX_OPEN_LOGS, memory_dir: str | None = None,
                  max_exposure: float = MAX_EXPOSURE):
         self.dir = pathlib.Path(root) / "sessions"
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -493,8 +495,9 @@ class Journal:
         self.memory, why, self.memory_lost = memlog.folder(root, memory_dir)
         self.max_exposure = float(max_exposure)
         if self.memory is None:
-            log.warning("log durability without a memory log: %s; each record goes to the disk log before the "
-                        "reply (fsync'd within a second), as before", why)
+            (log.warning if memory_dir else log.info)(
+                "log durability without a memory log: %s; each record goes to the disk log before the reply "
+                "(fsync'd within a second)", why)
             self.memory_cap = 0
         else:
             st = os.statvfs(self.memory)
@@ -543,6 +546,9 @@ class Journal:
         if m is not None and self._pressed(session, m):  # back-pressure: the disk writer is behind
             with self._saved:
                 while self._mem.get(session.id) is m and self._pressed(session, m) and not self._stopping:
+                    if m.error is not None:  # the disk refuses (full): so is the step, as without a memory log
+                        raise write_failed(session, m.error, f"bringing the disk up to step {session.step} "
+                                                             "(the steps not on disk reached their bound)")
                     self._saved.wait(0.1)
 
     def _pressed(self, s: Session, m: _Mem) -> bool:
@@ -861,11 +867,16 @@ class Journal:
             oldest = None
             for sid, m in list(self._mem.items()):
                 s = m.session
-                if s is not None and s.step > m.disk_step:
+                if s is not None and s.step > m.disk_step and time.monotonic() >= m.retry_at:
                     try:
                         self._save(s, m)
+                        m.error = None
                     except Exception as e:  # (the disk failing: the memory log keeps every record meanwhile)
-                        log.error("session %s: writing it to the disk failed: %s", sid, e, extra={"session_id": sid})
+                        if m.error is None:
+                            log.error("session %s: writing it to the disk failed (tried again each second): %s",
+                                      sid, e, extra={"session_id": sid})
+                        m.error = e if isinstance(e, OSError) else OSError(errno.EIO, str(e))
+                        m.retry_at = time.monotonic() + 1.0
                 total += memlog.allocated(self.memory_path(sid)) + memlog.allocated(self.memory_path(sid, True))
                 if s is not None:
                     unsaved += max(0, s.step - m.disk_step)
