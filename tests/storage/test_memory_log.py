@@ -245,3 +245,45 @@ def test_power_loss_loses_at_most_the_window(start_server, tmp_path):
           f"steps lost each time: max {max(lost)}, median {sorted(lost)[len(lost) // 2]}; "
           f"disk bytes cut {stats['bytes cut']}")
     assert min(r["acked"] for r in recs.values()) >= 30, "too few steps between the losses to test anything"
+
+
+def test_the_window_is_shown_and_closes(start_server, tmp_path):
+    """SessionInfo and `optreg sessions show` say how many steps, and how old, are not on disk yet; the disk
+    writer catches up (persisted_step reaches the step) without another step."""
+    from cli_helpers import optreg
+
+    s = start_server("--data-dir", str(tmp_path / "data"))
+    with Client(s.address) as c:
+        sess = c.create_session("adam", p0(), session_id="w", lr=LR)
+        for t in range(1, 6):
+            sess.step(grads(t))
+        info = c.get_session("w")
+        assert 0 <= info.unsaved_steps <= 5 and info.unsaved_seconds >= 0
+        end = time.monotonic() + 30
+        while (c.get_session("w").persisted_step != 5) and time.monotonic() < end:
+            time.sleep(0.02)
+        info = c.get_session("w")
+        assert (info.persisted_step, info.unsaved_steps, info.unsaved_seconds) == (5, 0, 0.0)
+    out = optreg("sessions", "show", "w", "--address", s.address)
+    assert out.returncode == 0, out.stderr
+    assert re.search(r"on disk: +step 5 \(0 steps, 0\.0 s not yet on disk\)", out.stdout), out.stdout
+
+
+def test_without_a_memory_file_system_the_log_goes_to_the_disk(start_server, tmp_path):
+    """--memory-log-dir on a disk: the server says so at start and writes each record to the disk log before
+    the reply, as before; a kill -9 loses nothing acknowledged."""
+    disk = tmp_path / "not-tmpfs"
+    disk.mkdir()
+    data = tmp_path / "data"
+    s = start_server("--data-dir", str(data), "--memory-log-dir", str(disk), "--log-level", "info")
+    with Client(s.address) as c:
+        sess = c.create_session("adam", p0(), session_id="d", lr=LR)
+        for t in range(1, 4):
+            sess.step(grads(t))
+    assert not (data / "memory-log").exists() and not list(disk.iterdir())
+    s.kill()
+    assert "without a memory log" in s.proc.stderr.getvalue() and "is not a memory file system" in \
+        s.proc.stderr.getvalue()
+    s = start_server("--data-dir", str(data))
+    with Client(s.address) as c:
+        assert c.get_session("d").step == 3
