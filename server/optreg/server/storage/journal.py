@@ -819,8 +819,8 @@ class Journal:
         self._snapshot_at.pop(s.id, None)
 
     def _log_bytes(self, session_id: str) -> int:
-        lg = self._logs.get(session_id)
-        return lg.log_bytes if lg is not None else 0
+        """Bytes of records after the snapshot: its log's (a memory log's, the disk's and the one set aside)."""
+        return sum(lg.log_bytes for lg in self._chain(session_id))
 
     def tick(self, s: Session) -> None:
         """Janitor: periodic windows; a snapshot for an idle session whose log has waited long enough."""
@@ -993,8 +993,9 @@ class Journal:
             if snap is None:  # a log without a snapshot: nothing to recover from
                 continue
             hit = indexed.get(sid)
-            if hit is not None and index.same(hit[1], snap, lg) and not (
-                    self.memory is not None and self.memory_path(sid).exists()):  # (the index knows no memory log)
+            if hit is not None and index.same(hit[1], snap, lg) and not (  # (the index knows no memory log)
+                    self.memory is not None and (self.memory_path(sid).exists()
+                                                 or self.memory_path(sid, prev=True).exists())):
                 yield sid, hit[0]
                 continue
             self.read_files += 1
