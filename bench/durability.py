@@ -101,3 +101,74 @@ def _fdatasync_seconds(folder: str, n: int = 200) -> float:
         os.close(fd)
         os.unlink(path)
     return statistics.median(times)
+
+
+def bench_resident_durability(cfg, server, _echo):
+    """Fast steps: a resident Adam session (parameters in the client's shared memory) stepped 200 times in a
+    row on a server with a data directory, default durability (`log`: records to the memory log, the disk
+    behind), against the same on the `--memory-only` server, in the same run: blocks of sustained steps on
+    each in turn, so the disk writer is busy throughout. Beside it the window of exposure (steps and seconds
+    not yet on disk, SessionInfo.unsaved_*), the largest seen after a block. 1e8 in the full run only.
+
+        python -m bench --only resident-durability
+    """
+    from bench.run import Child, row
+    from optreg.client import Client
+
+    sizes = (10_000_000,) if cfg.quick else (10_000_000, 100_000_000)
+    steps, block = (50, 25) if cfg.quick else (200, 25)
+    with tempfile.TemporaryDirectory(prefix="optreg-bench-") as d:
+        # (a budget of 6 GiB: the memory logs count against it, and these machines are shared)
+        disk = Child(["-m", "optreg.server", "serve", "--host", "127.0.0.1", "--port", "0", "--log-level",
+                      "warning", "--data-dir", d, "--memory-budget-mb", "6144"], "optreg serving on ")
+        # The same mode without a memory log: each record to the disk log before the reply (the log before issue 28).
+        plain = Child(["-m", "optreg.server", "serve", "--host", "127.0.0.1", "--port", "0", "--log-level",
+                       "warning", "--data-dir", d + "/plain", "--memory-log-dir", ""], "optreg serving on ")
+        try:
+            for n in sizes:
+                rng = np.random.default_rng(3)
+                w = rng.standard_normal(n).astype(np.float32)
+                with Client(server.address) as mem, Client(disk.line[-1]) as dc, Client(plain.line[-1]) as pc:
+                    sessions = {"memory-only": mem.create_session("adam", {"w": w}, keep=False),
+                                "log": dc.create_session("adam", {"w": w}, keep=False)}
+                    if n <= 10_000_000:  # (at 1e8, 400 MB records to the disk a step: minutes; shown at 1e7)
+                        sessions["disk log"] = pc.create_session("adam", {"w": w}, keep=False)
+                    del w
+                    assert sessions["log"].info.durability == "log"
+                    grads = {}
+                    for k, s in sessions.items():
+                        s.enable_shared_memory(resident=True)
+                        s.gradients["w"][...] = rng.standard_normal(n).astype(np.float32) * 1e-2
+                        grads[k] = {"w": s.gradients["w"]}
+                        s.step(grads[k])  # (warm: kernels, pages)
+                    total = {k: 0.0 for k in sessions}
+                    worst = (0, 0.0)
+                    for _ in range(steps // block):
+                        for k, s in sessions.items():
+                            t = time.perf_counter()
+                            for _ in range(block):
+                                s.step(grads[k])
+                            total[k] += time.perf_counter() - t
+                            if k == "log":  # the window at the end of a block of sustained steps
+                                info = dc.get_session(s.id)
+                                worst = max(worst, (info.unsaved_steps, info.unsaved_seconds), key=lambda x: x[1])
+                    t0 = time.monotonic()
+                    while dc.get_session(sessions["log"].id).unsaved_steps and time.monotonic() - t0 < 600:
+                        time.sleep(0.05)
+                    drained = time.monotonic() - t0
+                    for s in sessions.values():
+                        s.delete()
+                per = {k: v / steps for k, v in total.items()}
+                row(f"resident step, default (log) durability, adam {n:.0e}", per["log"], "s",
+                    "memory-only server, same steps", per["memory-only"], 1.2,
+                    note=f"{steps} sustained steps; exposure up to {worst[0]} steps / {worst[1]:.2f} s not on "
+                         f"disk; on disk {drained:.1f} s after the last step")
+                row(f"  window of exposure, up to {worst[0]} steps", worst[1], "s",
+                    note=f"all on disk {drained:.1f} s after the last step")
+                if "disk log" in per:
+                    row(f"  the same without a memory log, adam {n:.0e}", per["disk log"], "s",
+                        "memory-only server, same steps", per["memory-only"],
+                        note="--memory-log-dir '': each record to the disk log before the reply")
+        finally:
+            disk.stop()
+            plain.stop()

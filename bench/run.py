@@ -556,6 +556,11 @@ def bench_durability(cfg, server, echo):
     run(cfg, server, echo)
 
 
+def bench_resident_durability(cfg, server, echo):
+    from bench.durability import bench_resident_durability as run  # fast steps: the memory log
+    run(cfg, server, echo)
+
+
 def bench_workers(cfg, server, echo):
     from bench.workers import bench_workers as run  # several workers on one session (docs/workers.md)
     run(cfg, server, echo)
@@ -613,7 +618,8 @@ def bench_ray(cfg, server, echo):
 
 SECTIONS = {"small": bench_small, "smallparts": bench_small_parts, "large": bench_large, "shm": bench_shm, "kernels": bench_kernels,
             "declared": bench_declared, "vs": bench_vs, "memory": bench_memory, "concurrency": bench_concurrency,
-            "torch": bench_torch, "wal": bench_wal, "durability": bench_durability, "telemetry": bench_telemetry,
+            "torch": bench_torch, "wal": bench_wal, "durability": bench_durability,
+            "resident-durability": bench_resident_durability, "telemetry": bench_telemetry,
             "workers": bench_workers, "sparse": bench_sparse, "streams": bench_streams, "chaos": bench_chaos,
             "waiting": bench_waiting, "sessions": bench_sessions, "v2": bench_v2, "slowlinks": bench_slow_links,
             "ray": bench_ray}

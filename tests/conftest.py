@@ -11,6 +11,8 @@ import tempfile
 
 import pytest
 
+from optreg.server.storage import memlog
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 # Tests live in folders by layer (tests/<layer>/); a few share fixtures across folders (test file names
 # are unique), so every folder is importable whichever file pytest is given.
@@ -68,6 +70,7 @@ class ServerProcess:
                 rest = "" if f.closed else f.read()
                 f.close()
                 setattr(self.proc, name, io.StringIO(rest))
+        memlog.remove(self._tmp.name)  # (a killed server's memory logs: the data dir goes)
         self._tmp.cleanup()
 
 

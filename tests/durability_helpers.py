@@ -48,6 +48,8 @@ def digest(stub, session_id, metadata=()) -> str:
     info.CopyFrom(reply.session)
     info.ClearField("last_used_at")
     info.ClearField("loaded")
+    for field in ("persisted_step", "unsaved_steps", "unsaved_seconds"):  # how far the disk is behind: not state
+        info.ClearField(field)
     h = hashlib.sha256(info.SerializeToString(deterministic=True))
     for t in reply.parameters:
         h.update(t.SerializeToString(deterministic=True))

@@ -322,9 +322,10 @@ def test_recovered_after_server_restart(start_server, tmp_path, how):
 
 
 def test_disk_full_leaves_segment(start_server):
-    """A log write that fails (the disk full) refuses the step: the segment's parameters are as before."""
+    """A log write that fails (the disk full) refuses the step: the segment's parameters are as before.
+    (The log on the disk: no memory log, whose records the disk takes later; test_memory_log.py.)"""
     with small_tmpfs("3m") as mnt:
-        srv = start_server("--data-dir", str(mnt / "data"))
+        srv = start_server("--data-dir", str(mnt / "data"), "--memory-log-dir", "")
         with Client(srv.address, timeout=60) as c:
             s = c.create_session("adam", {"w": np.linspace(-1, 1, 100_000).astype(np.float32)}, durability="log")
             arrays = s.enable_shared_memory(resident=True)

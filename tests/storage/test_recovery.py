@@ -383,7 +383,7 @@ def test_random_bit_flips_in_snapshots_and_log_records(start_server, tmp_path):
     snaps = [f"snap-{i}" for i in range(24)]
     logs = [f"log-{i}" for i in range(26)]  # 8 flips in the last record, 16 in earlier ones, 2 in the file header
     ref = {}  # step -> the state every session holds at that step (they all take the same steps)
-    s = start_server("--data-dir", str(data))
+    s = start_server("--data-dir", str(data), "--memory-log-dir", "")
     _, st = stub(s.address)
     for sid in ["control"] + snaps + logs:
         create(st, sid, "adam", k_p0(), hp={"lr": K_LR})
@@ -395,7 +395,7 @@ def test_random_bit_flips_in_snapshots_and_log_records(start_server, tmp_path):
     assert s.stop() == 0  # snapshots at step 3, logs emptied
 
     sizes = {sid: [os.path.getsize(files / f"{sid}.wal")] for sid in logs}  # the file header alone
-    s = start_server("--data-dir", str(data))
+    s = start_server("--data-dir", str(data), "--memory-log-dir", "")
     _, st = stub(s.address)
     for t in range(4, 8):
         for sid in ["control"] + logs:
@@ -421,7 +421,7 @@ def test_random_bit_flips_in_snapshots_and_log_records(start_server, tmp_path):
     for sid, (name, offset, bit, _) in flipped.items():
         _flip(files / name, offset, bit)
 
-    s = start_server("--data-dir", str(data))
+    s = start_server("--data-dir", str(data), "--memory-log-dir", "")
     _, st = stub(s.address)
     outcomes = {}
     for sid, (name, offset, bit, where) in flipped.items():
@@ -577,7 +577,7 @@ def _resource_exhausted(call, sid):
 def test_disk_full_changes_nothing_and_the_shutdown_flush_tries_every_session(start_server):
     with small_tmpfs("8m") as mnt:
         data = mnt / "data"
-        s = start_server("--data-dir", str(data))
+        s = start_server("--data-dir", str(data), "--memory-log-dir", "")
         _, st = stub(s.address)
         big = {"W": np.linspace(-1, 1, 32768)}  # adam: a 768 KiB snapshot, 256 KiB log records
         mid = {"W": np.linspace(-1, 1, 1024)}  # 8 KiB log records: never in a page's slack
@@ -635,7 +635,7 @@ def test_disk_full_changes_nothing_and_the_shutdown_flush_tries_every_session(st
         durable = ("big-a", "big-b", "every", "sgd")
         kept = {sid: digest(st, sid) for sid in durable}
         s.kill()
-        s = start_server("--data-dir", str(data))
+        s = start_server("--data-dir", str(data), "--memory-log-dir", "")
         _, st = stub(s.address)
         for sid in durable:
             assert digest(st, sid) == kept[sid], f"{sid} after kill -9"
@@ -661,7 +661,7 @@ def test_disk_full_changes_nothing_and_the_shutdown_flush_tries_every_session(st
         for sid in ("every", "per", "sgd"):
             assert not any(f"session {sid} " in line for line in failed), (sid, err)
         filler.unlink()
-        s = start_server("--data-dir", str(data))
+        s = start_server("--data-dir", str(data), "--memory-log-dir", "")
         _, st = stub(s.address)
         for sid in shapes:  # per's 3 acknowledged steps were written; the big ones recover from their logs
             assert _held(st, sid) == kept[sid], sid
@@ -798,7 +798,10 @@ def test_lr_change_while_a_logged_stream_step_is_in_flight_waits_for_it(start_se
     _, st = stub(s.address)
     create(st, "c", "sgd", {"W": np.ones(1000)}, hp={"lr": 0.1}, mode=mode)
     unary_step(st, "c", {"W": np.ones(1000)}, step=0)
-    logged = (data / "sessions" / "c.wal").stat().st_size
+    # The log the records go to: the memory log in `log` mode (docs/durability.md), else the disk log.
+    memory = data / "memory-log"
+    wal_file = (memory.resolve() if mode == "log" and memory.exists() else data / "sessions") / "c.wal"
+    logged = wal_file.stat().st_size
     chunks = list(tensors.chunk("W", np.full(1000, 2.0), 800))
     release, sent = threading.Event(), threading.Event()
 
@@ -819,7 +822,7 @@ def test_lr_change_while_a_logged_stream_step_is_in_flight_waits_for_it(start_se
     t.start()
     assert sent.wait(T)
     deadline = time.monotonic() + T
-    while (data / "sessions" / "c.wal").stat().st_size == logged and time.monotonic() < deadline:
+    while wal_file.stat().st_size == logged and time.monotonic() < deadline:
         time.sleep(0.01)  # until the first chunk is in the step's open record
     e = refusal(lambda: change(0.3, timeout=1))
     assert e is not None and e.code() == grpc.StatusCode.DEADLINE_EXCEEDED, e

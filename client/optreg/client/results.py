@@ -115,6 +115,10 @@ class SessionInfo:
     last_used_at: datetime.datetime | None = None   # UTC
     quarantined: str = ""           # why its files failed their checks ("" when healthy)
     missing_optimizer: str = ""     # the optimizer it needs when the server has no plugin for it
+    # log durability with a memory log: steps acknowledged but not yet on disk, and the oldest one's age
+    # in seconds (what a power loss would lose now)
+    unsaved_steps: int = 0
+    unsaved_seconds: float = 0.0
     # Shared sessions: the worker config (None: single writer), members, open and last closed round.
     workers: WorkerSetup | None = None
     members: tuple = ()
@@ -154,7 +158,8 @@ class SessionInfo:
             periodic_seconds=s.periodic_seconds, persisted_step=s.persisted_step, loaded=s.loaded,
             created_at=_time(s.created_at), last_used_at=_time(s.last_used_at), quarantined=s.quarantined,
             missing_optimizer=s.missing_optimizer, schedule=s.schedule,
-            schedule_parameters=dict(sorted(s.schedule_parameters.items())), **_shared(s))
+            schedule_parameters=dict(sorted(s.schedule_parameters.items())), unsaved_steps=s.unsaved_steps,
+            unsaved_seconds=s.unsaved_seconds, **_shared(s))
 
 
 @dataclass(frozen=True)

@@ -72,6 +72,8 @@ class Settings:
     stream_idle_seconds: float = 30.0
     fsync_method: str = "threads"  # how the log syncer makes a batch durable (fsync.METHODS)
     max_open_logs: int = 256  # logs with an open descriptor at once (capped below RLIMIT_NOFILE: open_logs_cap)
+    memory_log_dir: str = "/dev/shm"  # log durability's memory logs ("": none, records to the disk log)
+    max_exposure_seconds: float = 60.0  # steps wait while a step older than this is not on disk (memory logs)
     max_tensors: int = 4096
     token_file: str | None = None
     tls_cert: str | None = None
@@ -186,7 +188,8 @@ class OptregServer:
         if settings.max_open_logs < 1:
             raise ValueError(f"--max-open-logs {settings.max_open_logs}: give at least 1")
         journal = (Journal(pathlib.Path(settings.data_dir), self.metrics, GroupSyncer(settings.fsync_method),
-                           max_open_logs=open_logs_cap(settings))
+                           max_open_logs=open_logs_cap(settings), memory_dir=settings.memory_log_dir,
+                           max_exposure=settings.max_exposure_seconds)
                    if settings.data_dir else None)
         budget_bytes = (memory.default_budget() if settings.memory_budget_mb is None
                         else int(settings.memory_budget_mb * memory.MIB))

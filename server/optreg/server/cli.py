@@ -81,7 +81,8 @@ def _serve(args) -> int:
             memory_budget_mb=args.memory_budget_mb, max_streams=args.max_streams,
             max_watchers=args.max_watchers, max_members=args.max_members,
             stream_idle_seconds=args.stream_idle_seconds, fsync_method=args.fsync_method,
-            max_open_logs=args.max_open_logs, max_tensors=args.max_tensors, token_file=args.token_file,
+            max_open_logs=args.max_open_logs, memory_log_dir=args.memory_log_dir,
+            max_exposure_seconds=args.max_exposure_seconds, max_tensors=args.max_tensors, token_file=args.token_file,
             tls_cert=args.tls_cert,
             tls_key=args.tls_key, allow_insecure=args.allow_insecure, metrics_port=args.metrics_port,
             metrics_host=args.metrics_host, dashboard_port=args.dashboard_port,
@@ -196,6 +197,13 @@ def add_arguments(serve: argparse.ArgumentParser) -> None:
                          help="durable sessions' logs kept open at once; the least recently used idle log is "
                               "closed past it and reopened on its next step (default: 256; lowered to fit "
                               "the descriptor limit, ulimit -n)")
+    storage.add_argument("--memory-log-dir", default="/dev/shm",
+                         help="a memory file system (tmpfs) where log durability's records go first: they survive "
+                              "a kill -9 of the server, the disk follows behind (default: /dev/shm; '': no memory "
+                              "log, each record written to the disk log before the reply)")
+    storage.add_argument("--max-exposure-seconds", type=float, default=60.0,
+                         help="log durability with a memory log: steps wait while the oldest step not yet on disk "
+                              "is older than this, which bounds what a power loss loses (default: 60)")
     limits.add_argument("--stream-idle-seconds", type=float, default=30.0,
                        help="end a stream that sends no data for this long (default: 30; 0: never)")
     limits.add_argument("--max-tensors", type=int, default=4096, help="parameters a session may have (default: 4096)")

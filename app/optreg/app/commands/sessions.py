@@ -74,6 +74,7 @@ def as_json(info) -> dict:
             "step_reply": info.step_reply, "parameters": {n: list(s) for n, s in info.parameters.items()},
             "slots": list(info.slots), "durability": info.durability, "periodic_steps": info.periodic_steps,
             "periodic_seconds": info.periodic_seconds, "persisted_step": info.persisted_step,
+            "unsaved_steps": info.unsaved_steps, "unsaved_seconds": info.unsaved_seconds,
             "loaded": info.loaded, "size_bytes": info.size_bytes, "state": info.state,
             "quarantined": info.quarantined, "missing_optimizer": info.missing_optimizer,
             "created_at": info.created_at.isoformat() if info.created_at else None,
@@ -106,6 +107,8 @@ def run_show(args) -> int:
     if durability == "periodic":
         durability += f" (every {info.periodic_steps} steps or {info.periodic_seconds:g} s)"
     on_disk = "-" if info.persisted_step < 0 else f"step {info.persisted_step}"
+    if info.durability == "log" and info.loaded:  # (a memory log: what a power loss would lose now)
+        on_disk += f" ({info.unsaved_steps} steps, {info.unsaved_seconds:.1f} s not yet on disk)"
     state = info.state + (f": {info.quarantined}" if info.quarantined and not info.missing_optimizer else "")
     for key, value in (("id", info.session_id), ("optimizer", info.optimizer), ("state", state),
                        ("hyperparameters", ", ".join(f"{k}={v:g}" for k, v in info.hyperparameters.items())),

@@ -54,7 +54,8 @@ class _FencedRecord:
 
 class FencedJournal(Journal):
     def __init__(self, root, metrics=None, syncer=None):
-        super().__init__(pathlib.Path(root), metrics, syncer)
+        # No memory logs: a session's files must all be in the shared storage, for the host that adopts it.
+        super().__init__(pathlib.Path(root), metrics, syncer, memory_dir=None)
         self.ownership = Ownership(root)
         self.claims: dict[str, Claim] = {}
         self._reading: dict[str, int] = {}  # session id -> an older epoch whose files are being read

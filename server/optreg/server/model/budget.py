@@ -52,6 +52,15 @@ class MemoryBudget:
                     f"{self.total / MIB:.1f} MiB (--memory-budget-mb) has {max(0, self.total - held) / MIB:.1f} "
                     "MiB free: delete or unload sessions, or start the server with a larger budget")
 
+    def charge(self, nbytes: int) -> None:
+        """Count `nbytes` already in use that cannot be refused (a memory log's records, acknowledged)."""
+        with self._lock:
+            self.held += nbytes
+
+    @property
+    def over(self) -> bool:
+        return bool(self.total) and self.held > self.total
+
     def release(self, nbytes: int) -> None:
         with self._lock:
             self.held -= nbytes

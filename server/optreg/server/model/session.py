@@ -163,6 +163,8 @@ class Session:
     persisted_step: int = -1
     persisted_at: float = field(default_factory=time.monotonic)
     dirty: bool = True
+    # log durability with a memory log: () -> (steps, seconds) acknowledged but not on disk yet (the journal's)
+    unsaved: object | None = field(default=None, repr=False)
     quarantined: str = ""  # why its files cannot be trusted: every use is DATA_LOSS
     missing: str = ""  # the optimizer its files name, when no installed plugin provides it (journal.not_installed)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)

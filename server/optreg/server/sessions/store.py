@@ -43,6 +43,7 @@ class SessionStore:
         self.registry = registry
         self.journal = journal or NoJournal()
         self.budget = budget or MemoryBudget(0)
+        self.journal.budget = self.budget  # (memory logs count against it)
         self.budget.make_room = self._make_room
         self.limits = limits
         has_disk = not isinstance(self.journal, NoJournal)

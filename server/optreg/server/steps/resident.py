@@ -223,6 +223,7 @@ class ResidentStep(StepRun):
 
     def run(self, items) -> None:
         s = self.session
+        self.store.journal.wait_turn(s)  # (as StepRun.open: a change queued first; the disk writer's back-pressure)
         with s.lock:
             self.store.ensure_loaded(s)
             if s.resident is not self.region:

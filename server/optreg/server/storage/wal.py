@@ -768,6 +768,14 @@ class Log:
             self._end = self._header_end = len(_file_header(self.session_id, base_step))
             self._entries = []
 
+    def rename(self, path) -> None:
+        """Move the file to `path` (same file system) and keep using it there: a memory log set aside
+        whole, without a rescan, while a new one takes its place (storage/journal.py `_rotate`)."""
+        path = pathlib.Path(path)
+        with self._lock:
+            os.rename(self.path, path)
+            self.path = path
+
     @property
     def broken(self) -> OSError | None:
         """The error that made this log unusable (a failed sync or cut), if any: its data may be lost."""

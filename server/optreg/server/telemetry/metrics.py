@@ -29,6 +29,10 @@ class Metrics:
         self._log_records = Counter("optreg_log_records", "Steps written to sessions' write-ahead logs", registry=r)
         self._log_bytes = Counter("optreg_log_bytes", "Tensor bytes written to sessions' write-ahead logs",
                                   registry=r)
+        self._unsaved_steps = Gauge("optreg_unsaved_steps", "Steps acknowledged but not yet on disk (log durability "
+                                    "with a memory log: what a power loss would lose), all sessions", registry=r)
+        self._unsaved_seconds = Gauge("optreg_unsaved_seconds", "Age of the oldest step acknowledged but not yet "
+                                      "on disk (bounded by --max-exposure-seconds)", registry=r)
         self._ckpt_bytes = Counter("optreg_checkpoint_bytes", "Bytes of session files written", registry=r)
         # Shared sessions (docs/workers.md).
         self._rounds = Counter("optreg_rounds", "Sync rounds closed", registry=r)
@@ -76,6 +80,10 @@ class Metrics:
 
     def staleness(self, steps: int) -> None:
         self._staleness.observe(steps)
+
+    def exposure(self, steps: int, seconds: float) -> None:
+        self._unsaved_steps.set(steps)
+        self._unsaved_seconds.set(seconds)
 
     def checkpoint(self, nbytes: int) -> None:
         self._ckpt.inc()
