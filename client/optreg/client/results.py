@@ -122,6 +122,7 @@ class SessionInfo:
     last_round: RoundSummary | None = None
     schedule: str = ""              # its learning-rate schedule ("" for none) and the schedule's parameters
     schedule_parameters: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    server_size_bytes: int = 0      # SessionInfo.size_bytes as the server counts it (0: a server before the field)
 
     @property
     def state(self) -> str:
@@ -134,7 +135,11 @@ class SessionInfo:
 
     @property
     def size_bytes(self) -> int:
-        """Bytes of parameters and state slots in the master dtype (what the session holds)."""
+        """Bytes of parameters and state slots, each slot in its declared shape and dtype (what the session
+        holds and the server's memory budget counts). From a server before SessionInfo.size_bytes: every slot
+        taken as parameter-sized in the master dtype (true of contract v1 optimizers only)."""
+        if self.server_size_bytes:
+            return self.server_size_bytes
         elements = sum(int(np.prod(s, dtype=np.int64)) for s in self.parameters.values())
         return elements * _ITEMSIZE.get(self.master_dtype, 4) * (1 + len(self.slots))
 
@@ -154,7 +159,8 @@ class SessionInfo:
             periodic_seconds=s.periodic_seconds, persisted_step=s.persisted_step, loaded=s.loaded,
             created_at=_time(s.created_at), last_used_at=_time(s.last_used_at), quarantined=s.quarantined,
             missing_optimizer=s.missing_optimizer, schedule=s.schedule,
-            schedule_parameters=dict(sorted(s.schedule_parameters.items())), **_shared(s))
+            schedule_parameters=dict(sorted(s.schedule_parameters.items())), server_size_bytes=s.size_bytes,
+            **_shared(s))
 
 
 @dataclass(frozen=True)

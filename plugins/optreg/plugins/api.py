@@ -89,8 +89,9 @@ class Hyperparameter:
 
 
 DOMAINS = ("real", "nonnegative")
-# A slot's dtype: None (the session's master dtype, float32 or float64) or one of these.
-SLOT_DTYPES = ("bfloat16", "float64")
+# A slot's dtype: None (the session's master dtype, float32 or float64) or one of these
+# (uint8/int8: quantised codes, e.g. 8-bit Adam's m and v, with their scales in a `blocks` slot).
+SLOT_DTYPES = ("bfloat16", "float64", "uint8", "int8")
 
 
 def same(shape: tuple) -> tuple:
@@ -127,6 +128,19 @@ def per_dimension(shape: tuple) -> tuple:
     return (sum(int(d) * int(d) for d in shape),) if len(shape) > 1 else (0,)
 
 
+def blocks(size: int) -> Callable[[tuple], tuple]:
+    """A shape function: one value per block of `size` elements of the flattened parameter, the last block
+    partial, (ceil(n / size),) (the per-block scales of blockwise-quantised state, as bitsandbytes keeps
+    them: `Slot("m_absmax", shape=blocks(256))` beside `Slot("m", dtype="uint8")`)."""
+    if not isinstance(size, int) or size < 1:
+        raise DefinitionError(f"blocks(size): size must be a positive int, got {size!r}")
+
+    def shape(param_shape: tuple) -> tuple:
+        return (-(-math.prod(int(d) for d in param_shape) // size),)
+    shape.__name__ = shape.__qualname__ = f"blocks({size})"
+    return shape
+
+
 def matrices(flat, shape: tuple) -> list:
     """The [n, n] views of a `per_dimension` slot for a parameter of `shape` (writable: no copies)."""
     out, start = [], 0
@@ -145,7 +159,8 @@ class Slot:
     (0,), means the slot is not kept for that parameter (torch's state dict then has no entry for it).
     Only a whole-tensor optimizer (elementwise=False) may declare a shape other than `same`.
     `dtype`: None (the master dtype), "bfloat16" (half the bytes; the update reads and writes an
-    ml_dtypes.bfloat16 array and rounds what it stores) or "float64" (a running sum kept in double).
+    ml_dtypes.bfloat16 array and rounds what it stores), "float64" (a running sum kept in double) or
+    "uint8"/"int8" (quantised codes the update decodes itself, with their scales in another slot).
     The server allocates, counts (memory budget), snapshots, logs, exports and restores every slot in
     its declared shape and dtype.
 
@@ -167,8 +182,8 @@ class Slot:
         import numpy as np
 
         dtype = np.dtype(master)
-        if self.dtype == "float64":
-            dtype = np.dtype(np.float64)
+        if self.dtype in ("float64", "uint8", "int8"):
+            dtype = np.dtype(self.dtype)
         elif self.dtype is not None:
             import ml_dtypes
 

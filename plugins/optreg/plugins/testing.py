@@ -196,7 +196,7 @@ def check_in_place(definition: Optimizer, overrides=None) -> None:
     state, sbufs = {}, {}
     for name, init in new_state(definition, param).items():
         buffer = np.zeros(init.size + 2 * guard, init.dtype)  # a view with guard elements, as above
-        buffer[:guard], buffer[-guard:] = 3, -3
+        buffer[:guard], buffer[-guard:] = 3, 7  # (fits any slot dtype, uint8 codes too)
         buffer[guard:guard + init.size] = init.reshape(-1)
         sbufs[name], state[name] = buffer, buffer[guard:guard + init.size].reshape(init.shape)
     keep = {"param": pbuf.copy(), "grad": gbuf.copy(), **{f"slot {k}": b.copy() for k, b in sbufs.items()}}

@@ -112,9 +112,12 @@ class SessionFactory:
         if len(params) > self.limits.max_tensors:
             raise InvalidArgument(f"{len(params)} parameters: a session takes at most {self.limits.max_tensors} "
                                   "(--max-tensors); group small tensors into larger ones")
-        for name in params:
+        for name, p in params.items():
             if not name or len(name) > self.limits.max_name:
                 raise InvalidArgument(f"parameter name {shown(name)}: use 1-{self.limits.max_name} characters")
+            if np.dtype(p.dtype).kind in "iub":  # the wire's 8-bit integers carry state codes only
+                raise InvalidArgument(f"parameter {shown(name)}: dtype {np.dtype(p.dtype).name} is not a float; "
+                                      "send parameters as float32, float64, float16 or bfloat16")
         if config.reply not in REPLIES:
             raise InvalidArgument(f"config.step_reply {shown(config.reply)} is not one of {', '.join(REPLIES)}")
         if not 0 <= initial_step < MAX_STEP:
