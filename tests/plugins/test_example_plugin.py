@@ -33,25 +33,28 @@ def test_lion_listed_and_stepping(server):
 
 # ---- examples/optreg-8bit: 8-bit AdamW (uint8 codes, a float32 scale per block of 256) --------------------
 
-EIGHT_BIT = ROOT / "examples" / "optreg-8bit"
+EXAMPLES = {"optreg-8bit": ("optreg_8bit", "adamw8bit"), "optreg-shampoo": ("optreg_shampoo", "shampoo")}
 
 
 @pytest.fixture(scope="module")
 def eight_bit_env(tmp_path_factory):
-    """The server's environment with optreg-8bit installed: what `pip install -e examples/optreg-8bit` (the
-    README's test command) leaves, a dist-info naming the entry point and the package's folder on the path,
-    written into a scratch folder instead of the shared environment when it is not installed there."""
-    try:
-        importlib.metadata.distribution("optreg-8bit")
-        return {}
-    except importlib.metadata.PackageNotFoundError:
-        pass
-    site = tmp_path_factory.mktemp("site")
-    info = site / "optreg_8bit-0.1.0.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: optreg-8bit\nVersion: 0.1.0\n")
-    (info / "entry_points.txt").write_text("[optreg]\nadamw8bit = optreg_8bit\n")
-    return {"PYTHONPATH": os.pathsep.join([str(site), str(EIGHT_BIT), os.environ.get("PYTHONPATH", "")])}
+    """The server's environment with the contract v2 examples installed: what `pip install -e
+    examples/optreg-8bit -e examples/optreg-shampoo` (the README's test command) leaves, a dist-info naming
+    the entry point and the package's folder on the path, written into a scratch folder instead of the
+    shared environment for those not installed there."""
+    site, paths = tmp_path_factory.mktemp("site"), []
+    for dist, (module, plugin) in EXAMPLES.items():
+        try:
+            importlib.metadata.distribution(dist)
+            continue
+        except importlib.metadata.PackageNotFoundError:
+            pass
+        info = site / f"{dist.replace('-', '_')}-0.1.0.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1.0\n")
+        (info / "entry_points.txt").write_text(f"[optreg]\n{plugin} = {module}\n")
+        paths.append(str(ROOT / "examples" / dist))
+    return {"PYTHONPATH": os.pathsep.join([str(site), *paths, os.environ.get("PYTHONPATH", "")])}
 
 
 def eight_bit_params():
@@ -114,3 +117,47 @@ def test_8bit_adamw_comes_back_after_a_kill_9(start_server, eight_bit_env, tmp_p
         assert got.info.step == 3
         same_bits(got.state, want.state)
         same_bits(got.parameters, want.parameters)
+
+
+# ---- examples/optreg-shampoo: preconditioners refreshed every k steps (Optimizer.every) -------------------
+
+def test_shampoo_refreshes_every_k_steps_reported_and_replayed_after_a_kill_9(start_server, eight_bit_env, tmp_path):
+    from optreg.plugins.testing import new_state
+    from optreg_shampoo import SHAMPOO
+    from test_auth_tls_metrics import _free_port, _scrape
+
+    rng = np.random.default_rng(0)
+    w0 = rng.standard_normal((6, 4))
+    grads = [rng.standard_normal((6, 4)) for _ in range(9)]
+    hp = SHAMPOO.resolve({"lr": 0.05, "precondition_frequency": 3})
+    local, state = w0.copy(), new_state(SHAMPOO, w0)
+    for t, g in enumerate(grads, 1):  # the plugin in this process, as the server runs it
+        if SHAMPOO.refresh_due(t, hp):
+            SHAMPOO.every[1](local, g, state, t, hp)
+        SHAMPOO.update(local, g, state, t, hp, [])
+        if t == 7:
+            at_7 = local.copy()
+    port = _free_port()
+    srv = start_server("--data-dir", str(tmp_path), "--metrics-port", str(port), env=eight_bit_env)
+    with Client(srv.address) as c:
+        s = c.create_session("shampoo", {"W": w0.copy()}, session_id="sh", durability="log", lr=0.05,
+                             precondition_frequency=3)
+        for g in grads[:7]:
+            s.step({"W": g})
+        assert s.read_state().parameters["W"].tobytes() == at_7.tobytes()
+    m = _scrape(port)
+    assert m['optreg_refreshes_total{optimizer="shampoo"}'] == 2  # steps 3 and 6
+    assert m['optreg_refresh_seconds_total{optimizer="shampoo"}'] > 0
+    srv.kill()  # kill -9: the seven steps come back from the log, refreshes replayed with them
+    port = _free_port()
+    srv = start_server("--data-dir", str(tmp_path), "--metrics-port", str(port), env=eight_bit_env)
+    with Client(srv.address) as c:
+        s = c.session("sh", {})
+        assert s.read_state().parameters["W"].tobytes() == at_7.tobytes()
+        assert _scrape(port)['optreg_refreshes_total{optimizer="shampoo"}'] == 2  # the replay ran them
+        s = c.session("sh")
+        for g in grads[7:]:  # step 9 refreshes again
+            s.step({"W": g})
+        got = s.read_state()
+    assert got.parameters["W"].tobytes() == local.tobytes()
+    assert got.state["precond"]["W"].tobytes() == state["precond"].tobytes()

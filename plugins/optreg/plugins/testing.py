@@ -84,6 +84,14 @@ def _read_only(array: np.ndarray) -> np.ndarray:
 
 
 def _step(definition, param, grad, state, step, hp, scratch):
+    if definition.refresh_due(step, hp):  # Optimizer.every's work, before the update, as the server runs it
+        try:
+            definition.every[1](_read_only(param), _read_only(grad), state, step, hp)
+        except ValueError as e:
+            if "read-only" in str(e):
+                raise AssertionError(f"{definition.name}: every's refresh wrote to param or grad, which are "
+                                     f"read-only to it (it updates slots only): {e}") from e
+            raise
     try:
         definition.update(param, _read_only(grad), state, step, hp, scratch)
     except ValueError as e:
