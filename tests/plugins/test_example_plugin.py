@@ -98,6 +98,11 @@ def test_8bit_adamw_steps_its_codes_over_a_server(start_server, eight_bit_env):
         s.step(eight_bit_grads(4))
         restored.step(eight_bit_grads(4))
         same_bits(s.read_state().state, restored.read_state().state)
+        # codes are not numbers to cast: a slot of codes given as floats is refused, naming it and the dtype
+        floats = {k: {n: a.astype(np.float32) if k == "m" else a for n, a in v.items()} for k, v in st.state.items()}
+        with pytest.raises(InvalidArgument, match=r"state m/'(W|b)': dtype float32, expected uint8"):
+            c.create_session("adamw-8bit", st.parameters, state=floats, initial_step=4)
+        assert len(c.list_sessions()) == 2
         # codes are state only: a parameter of 8-bit integers is refused, naming it
         with pytest.raises(InvalidArgument, match="'q'"):
             c.create_session("adamw-8bit", {"q": np.zeros(4, np.uint8)})

@@ -153,6 +153,10 @@ class SessionFactory:
                 if tuple(a.shape) != shape:
                     raise InvalidArgument(f"state {slot}/{shown(name)}: shape {list(a.shape)}, expected {list(shape)} "
                                           f"({defn.name}'s {slot} for a parameter of shape {list(shapes[name])})")
+                want = layouts[slot][name][1]
+                if a.dtype != want and (a.dtype.kind in "iu" or want.kind in "iu"):  # codes are not numbers to cast
+                    raise InvalidArgument(f"state {slot}/{shown(name)}: dtype {a.dtype.name}, expected {want.name} "
+                                          f"({defn.name}'s {slot} holds codes; send it as ReadState returned it)")
         session = Session(config.session_id or uuid.uuid4().hex, registered, hp, codes[master], config.reply,
                           durability, shapes, tuple(declared), step=initial_step, first_step=initial_step,
                           owner=owner, schedule=schedule)
