@@ -5,13 +5,16 @@
 - state bytes, as the server counts them in its memory budget before allocating (Session.set_bytes(),
   the parameters' bytes taken off) for one [8192, 8192] float32 weight: torch.adafactor's row and column
   vectors against adamw's m, v and max_v (target: at most 1%), and adamw-bf16's bfloat16 m, v and max_v
-  against adamw's (target: at most 0.55x). No allocation: the figure is the layout's.
+  against adamw's (target: at most 0.55x), and examples/optreg-8bit's adamw-8bit (uint8 m and v, a float32
+  scale per 256 elements) against adamw's (target: at most 0.3x). No allocation: the figure is the layout's.
 - a torch.muon step on a [2048, 2048] float32 weight, in process as the server runs it (kernels.apply:
   the plugin's whole-tensor update, Newton-Schulz in torch's bfloat16 kernels when torch is installed)
   against torch.optim.Muon's step on the same threads (target: at most 1.3x); medians, interleaved.
 """
 from __future__ import annotations
 
+import pathlib
+import sys
 
 import numpy as np
 
@@ -19,11 +22,16 @@ from bench.run import interleaved, row
 
 
 def _state_bytes(name: str, shape: tuple) -> int:
-    from optreg.plugins.registry import Registry
+    from optreg.plugins.registry import Registered, Registry
     from optreg.server.model.session import Durability, Session
     from optreg.v1 import tensor_pb2
 
-    reg = Registry(autoload=False).get(name)
+    if name == "adamw-8bit":  # the example package, installed or not
+        sys.path.append(str(pathlib.Path(__file__).resolve().parent.parent / "examples" / "optreg-8bit"))
+        from optreg_8bit import ADAMW_8BIT
+        reg = Registered(ADAMW_8BIT, "adamw8bit", "optreg-8bit", "0.1.0")
+    else:
+        reg = Registry(autoload=False).get(name)
     defn = reg.definition
     s = Session("bench", reg, defn.resolve({}), tensor_pb2.DATA_TYPE_FLOAT32, "none", Durability(), {"W": shape},
                 tuple(x.name for x in defn.slots))
@@ -37,6 +45,8 @@ def bench_v2(cfg, server, echo):
         adam, target=0.01, note="row and column vectors: (8192 + 8192) x 4 B")
     row("state bytes, adamw-bf16 [8192, 8192] f32", _state_bytes("adamw-bf16", shape), "B", "adamw", adam,
         target=0.55, note="m, v, max_v in bfloat16")
+    row("state bytes, adamw-8bit [8192, 8192] f32", _state_bytes("adamw-8bit", shape), "B", "adamw", adam,
+        target=0.3, note="uint8 m, v + f32 scale per 256; 0.25x of m and v alone")
     _muon(cfg)
 
 

@@ -239,6 +239,31 @@ def test_a_whole_tensor_optimizer_with_per_dimension_matrices_passes_every_check
 
 
 
+def test_every_k_steps_is_declared_checked_and_run_by_the_kit():
+    from optreg.plugins import DefinitionError, validate
+
+    k = Hyperparameter("k", 2, "refresh every k steps", type=int, minimum=1)
+    refreshed = []
+
+    def refresh(param, grad, state, step, hp):
+        refreshed.append(step)
+
+    def writes_param(param, grad, state, step, hp):
+        param *= 0.5  # the refresh may write slots only: the kit hands it a read-only param
+
+    ok = make(sgd, hyperparameters=LR + (k,), elementwise=False, every=("k", refresh))
+    kit.check_state_round_trip(ok)
+    assert refreshed[:2] == [2, 4]
+    with pytest.raises(AssertionError, match="refresh wrote to param or grad"):
+        kit.check_in_place(make(sgd, hyperparameters=LR + (k,), elementwise=False, every=(1, writes_param)))
+    for bad in [dict(every=("k", refresh)),  # elementwise (the default)
+                dict(every=("lr", refresh), elementwise=False),  # not an int hyperparameter
+                dict(every=(0, refresh), elementwise=False), dict(every=(2, None), elementwise=False),
+                dict(every=refresh, elementwise=False)]:
+        with pytest.raises(DefinitionError, match="every"):
+            validate(make(sgd, hyperparameters=LR + (k,), **bad))
+
+
 @pytest.mark.parametrize("jit", [True, False], ids=["numba", "plain-python"])
 def test_a_correct_kernel_passes_both_ways(jit):
     if jit:

@@ -80,6 +80,16 @@ def test_read_state_and_restore_keep_each_slots_shape_and_dtype(client, optimize
         x.delete()
 
 
+@pytest.mark.parametrize("optimizer", sorted(LAYOUT))
+def test_size_bytes_counts_each_slot_in_its_declared_layout(client, optimizer):
+    s = client.create_session(optimizer, params(), lr=0.01)
+    want = sum(p.nbytes for p in params().values()) + sum(
+        int(np.prod(shape)) * dtype.itemsize for per_param in LAYOUT[optimizer].values() for shape, dtype in per_param.values())
+    listed = next(i for i in client.list_sessions() if i.session_id == s.id)
+    assert s.info.size_bytes == client.get_session(s.id).size_bytes == listed.size_bytes == want
+    s.delete()
+
+
 def test_memory_budget_counts_declared_slots_before_allocating(start_server):
     srv = start_server("--memory-only", "--memory-budget-mb", "15")  # (an upload is counted too, while it lasts)
     w = {"W": np.zeros((1024, 1024), np.float32)}  # 4 MiB

@@ -126,6 +126,7 @@ class SessionInfo:
     last_round: RoundSummary | None = None
     schedule: str = ""              # its learning-rate schedule ("" for none) and the schedule's parameters
     schedule_parameters: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    server_size_bytes: int = 0      # SessionInfo.size_bytes as the server counts it (0: a server before the field)
 
     @property
     def state(self) -> str:
@@ -138,7 +139,11 @@ class SessionInfo:
 
     @property
     def size_bytes(self) -> int:
-        """Bytes of parameters and state slots in the master dtype (what the session holds)."""
+        """Bytes of parameters and state slots, each slot in its declared shape and dtype (what the session
+        holds and the server's memory budget counts). From a server before SessionInfo.size_bytes: every slot
+        taken as parameter-sized in the master dtype (true of contract v1 optimizers only)."""
+        if self.server_size_bytes:
+            return self.server_size_bytes
         elements = sum(int(np.prod(s, dtype=np.int64)) for s in self.parameters.values())
         return elements * _ITEMSIZE.get(self.master_dtype, 4) * (1 + len(self.slots))
 
@@ -159,7 +164,7 @@ class SessionInfo:
             created_at=_time(s.created_at), last_used_at=_time(s.last_used_at), quarantined=s.quarantined,
             missing_optimizer=s.missing_optimizer, schedule=s.schedule,
             schedule_parameters=dict(sorted(s.schedule_parameters.items())), unsaved_steps=s.unsaved_steps,
-            unsaved_seconds=s.unsaved_seconds, **_shared(s))
+            unsaved_seconds=s.unsaved_seconds, server_size_bytes=s.size_bytes, **_shared(s))
 
 
 @dataclass(frozen=True)

@@ -11,12 +11,12 @@ A plugin is a module with a hook implementation returning definitions::
 and an entry point in the ``optreg`` group naming that module. A plugin may also (or
 instead) provide learning-rate schedules from ``optreg_schedules`` (optreg.plugins.schedule).
 """
-from optreg.plugins.api import (DefinitionError, Hyperparameter, HyperparameterError, Optimizer, Slot, columns,
+from optreg.plugins.api import (DefinitionError, Hyperparameter, HyperparameterError, Optimizer, Slot, blocks, columns,
                                 layouts, matrices, per_dimension, rows, same, scalar, unfactored,
                                 validate)
 from optreg.plugins.hookspecs import hookimpl
 from optreg.plugins.schedule import Schedule
 
-__all__ = ["DefinitionError", "Hyperparameter", "HyperparameterError", "Optimizer", "Schedule", "Slot", "columns",
+__all__ = ["DefinitionError", "Hyperparameter", "HyperparameterError", "Optimizer", "Schedule", "Slot", "blocks", "columns",
            "hookimpl", "layouts", "matrices", "per_dimension", "rows", "same", "scalar", "unfactored",
            "validate"]

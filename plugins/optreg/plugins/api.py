@@ -89,8 +89,9 @@ class Hyperparameter:
 
 
 DOMAINS = ("real", "nonnegative")
-# A slot's dtype: None (the session's master dtype, float32 or float64) or one of these.
-SLOT_DTYPES = ("bfloat16", "float64")
+# A slot's dtype: None (the session's master dtype, float32 or float64) or one of these
+# (uint8/int8: quantised codes, e.g. 8-bit Adam's m and v, with their scales in a `blocks` slot).
+SLOT_DTYPES = ("bfloat16", "float64", "uint8", "int8")
 
 
 def same(shape: tuple) -> tuple:
@@ -127,6 +128,19 @@ def per_dimension(shape: tuple) -> tuple:
     return (sum(int(d) * int(d) for d in shape),) if len(shape) > 1 else (0,)
 
 
+def blocks(size: int) -> Callable[[tuple], tuple]:
+    """A shape function: one value per block of `size` elements of the flattened parameter, the last block
+    partial, (ceil(n / size),) (the per-block scales of blockwise-quantised state, as bitsandbytes keeps
+    them: `Slot("m_absmax", shape=blocks(256))` beside `Slot("m", dtype="uint8")`)."""
+    if not isinstance(size, int) or size < 1:
+        raise DefinitionError(f"blocks(size): size must be a positive int, got {size!r}")
+
+    def shape(param_shape: tuple) -> tuple:
+        return (-(-math.prod(int(d) for d in param_shape) // size),)
+    shape.__name__ = shape.__qualname__ = f"blocks({size})"
+    return shape
+
+
 def matrices(flat, shape: tuple) -> list:
     """The [n, n] views of a `per_dimension` slot for a parameter of `shape` (writable: no copies)."""
     out, start = [], 0
@@ -145,7 +159,8 @@ class Slot:
     (0,), means the slot is not kept for that parameter (torch's state dict then has no entry for it).
     Only a whole-tensor optimizer (elementwise=False) may declare a shape other than `same`.
     `dtype`: None (the master dtype), "bfloat16" (half the bytes; the update reads and writes an
-    ml_dtypes.bfloat16 array and rounds what it stores) or "float64" (a running sum kept in double).
+    ml_dtypes.bfloat16 array and rounds what it stores), "float64" (a running sum kept in double) or
+    "uint8"/"int8" (quantised codes the update decodes itself, with their scales in another slot).
     The server allocates, counts (memory budget), snapshots, logs, exports and restores every slot in
     its declared shape and dtype.
 
@@ -167,8 +182,8 @@ class Slot:
         import numpy as np
 
         dtype = np.dtype(master)
-        if self.dtype == "float64":
-            dtype = np.dtype(np.float64)
+        if self.dtype in ("float64", "uint8", "int8"):
+            dtype = np.dtype(self.dtype)
         elif self.dtype is not None:
             import ml_dtypes
 
@@ -235,6 +250,14 @@ class Optimizer:
     # Same inputs give the same bits. The write-ahead log replays deterministic updates
     # from the gradients; for the others it logs the results.
     deterministic: bool = True
+    # Optional work every k steps (contract v2): every=(k, refresh). k: a positive int, or the name of an int
+    # hyperparameter (Shampoo's precondition_frequency); refresh(param, grad, state, step, hp) runs right
+    # before `update` on the steps where step % k == 0, with the step's gradient, and updates slots in
+    # place (never param): the preconditioner recomputed from the statistics the update keeps (and this
+    # step's, as Shampoo does). The server times it and reports it
+    # (optreg_refreshes and optreg_refresh_seconds by optimizer, on the metrics endpoint); the log
+    # replays it with the update. Needs elementwise=False.
+    every: tuple | None = None
     hyperparameter_names: tuple[str, ...] = field(init=False, repr=False, compare=False)
     # Telemetry, optional: effective_lr(state_sample, hp, step) -> per-element step size applied to the
     # (bias-corrected) moment, e.g. Adam's lr/(sqrt(v_hat)+eps), from {slot: a few state elements}.
@@ -258,6 +281,13 @@ class Optimizer:
             if h.name in values:
                 resolved[h.name] = h.coerce(values[h.name], self.name)
         return resolved
+
+    def refresh_due(self, step: int, hp: Mapping[str, Any]) -> bool:
+        """True when `every`'s refresh runs (before the update) at `step` with hyperparameters `hp`."""
+        if self.every is None:
+            return False
+        k = self.every[0]
+        return step % int(hp[k] if isinstance(k, str) else k) == 0
 
     def check_state(self, tensor: str, state: Mapping[str, Any]) -> str | None:
         """The first slot of `state` ({slot name: array} for parameter `tensor`) outside its
@@ -373,6 +403,17 @@ def validate(defn: Any) -> Optimizer:
     if defn.accepts is not None and not callable(defn.accepts):
         raise DefinitionError(f"optimizer {defn.name}: accepts must be a function accepts(name, shape) -> reason "
                               "or None")
+    if defn.every is not None:
+        k, fn = defn.every if isinstance(defn.every, tuple) and len(defn.every) == 2 else (None, None)
+        hp = {h.name: h for h in defn.hyperparameters}
+        good_k = (isinstance(k, int) and not isinstance(k, bool) and k >= 1) or (
+            isinstance(k, str) and k in hp and hp[k].type is int and (hp[k].minimum or 0) >= 1)
+        if not good_k or not callable(fn):
+            raise DefinitionError(f"optimizer {defn.name}: every must be (k, refresh): k a positive int or the name "
+                                  "of an int hyperparameter with minimum >= 1, refresh(param, grad, state, step, hp)")
+        if defn.elementwise:
+            raise DefinitionError(f"optimizer {defn.name}: every's refresh runs over whole tensors: declare "
+                                  "elementwise=False")
     if defn.catch_up is not None and (not defn.sparse_rows or not callable(defn.catch_up)):
         raise DefinitionError(f"optimizer {defn.name}: catch_up must be a function, declared with sparse_rows=True")
     return defn

@@ -84,6 +84,14 @@ def _read_only(array: np.ndarray) -> np.ndarray:
 
 
 def _step(definition, param, grad, state, step, hp, scratch):
+    if definition.refresh_due(step, hp):  # Optimizer.every's work, before the update, as the server runs it
+        try:
+            definition.every[1](_read_only(param), _read_only(grad), state, step, hp)
+        except ValueError as e:
+            if "read-only" in str(e):
+                raise AssertionError(f"{definition.name}: every's refresh wrote to param or grad, which are "
+                                     f"read-only to it (it updates slots only): {e}") from e
+            raise
     try:
         definition.update(param, _read_only(grad), state, step, hp, scratch)
     except ValueError as e:
@@ -196,7 +204,7 @@ def check_in_place(definition: Optimizer, overrides=None) -> None:
     state, sbufs = {}, {}
     for name, init in new_state(definition, param).items():
         buffer = np.zeros(init.size + 2 * guard, init.dtype)  # a view with guard elements, as above
-        buffer[:guard], buffer[-guard:] = 3, -3
+        buffer[:guard], buffer[-guard:] = 3, 7  # (fits any slot dtype, uint8 codes too)
         buffer[guard:guard + init.size] = init.reshape(-1)
         sbufs[name], state[name] = buffer, buffer[guard:guard + init.size].reshape(init.shape)
     keep = {"param": pbuf.copy(), "grad": gbuf.copy(), **{f"slot {k}": b.copy() for k, b in sbufs.items()}}

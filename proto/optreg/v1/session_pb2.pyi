@@ -156,7 +156,7 @@ class TensorInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[_tensor_pb2.DataType, str]] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SessionInfo(_message.Message):
-    __slots__ = ("session_id", "optimizer", "hyperparameters", "step", "master_dtype", "step_reply", "parameters", "slots", "created_at", "last_used_at", "durability", "periodic_steps", "periodic_seconds", "persisted_step", "loaded", "quarantined", "workers", "members", "open_round", "last_round", "missing_optimizer", "schedule", "schedule_parameters", "unsaved_steps", "unsaved_seconds")
+    __slots__ = ("session_id", "optimizer", "hyperparameters", "step", "master_dtype", "step_reply", "parameters", "slots", "created_at", "last_used_at", "durability", "periodic_steps", "periodic_seconds", "persisted_step", "loaded", "quarantined", "workers", "members", "open_round", "last_round", "missing_optimizer", "schedule", "schedule_parameters", "size_bytes", "unsaved_steps", "unsaved_seconds")
     class HyperparametersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -194,6 +194,7 @@ class SessionInfo(_message.Message):
     MISSING_OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
     SCHEDULE_FIELD_NUMBER: _ClassVar[int]
     SCHEDULE_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     UNSAVED_STEPS_FIELD_NUMBER: _ClassVar[int]
     UNSAVED_SECONDS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
@@ -219,9 +220,10 @@ class SessionInfo(_message.Message):
     missing_optimizer: str
     schedule: str
     schedule_parameters: _containers.ScalarMap[str, float]
+    size_bytes: int
     unsaved_steps: int
     unsaved_seconds: float
-    def __init__(self, session_id: _Optional[str] = ..., optimizer: _Optional[str] = ..., hyperparameters: _Optional[_Mapping[str, float]] = ..., step: _Optional[int] = ..., master_dtype: _Optional[_Union[_tensor_pb2.DataType, str]] = ..., step_reply: _Optional[_Union[StepReply, str]] = ..., parameters: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., slots: _Optional[_Iterable[str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_used_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., durability: _Optional[_Union[Durability, str]] = ..., periodic_steps: _Optional[int] = ..., periodic_seconds: _Optional[float] = ..., persisted_step: _Optional[int] = ..., loaded: _Optional[bool] = ..., quarantined: _Optional[str] = ..., workers: _Optional[_Union[WorkerConfig, _Mapping]] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., open_round: _Optional[int] = ..., last_round: _Optional[_Union[RoundInfo, _Mapping]] = ..., missing_optimizer: _Optional[str] = ..., schedule: _Optional[str] = ..., schedule_parameters: _Optional[_Mapping[str, float]] = ..., unsaved_steps: _Optional[int] = ..., unsaved_seconds: _Optional[float] = ...) -> None: ...
+    def __init__(self, session_id: _Optional[str] = ..., optimizer: _Optional[str] = ..., hyperparameters: _Optional[_Mapping[str, float]] = ..., step: _Optional[int] = ..., master_dtype: _Optional[_Union[_tensor_pb2.DataType, str]] = ..., step_reply: _Optional[_Union[StepReply, str]] = ..., parameters: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., slots: _Optional[_Iterable[str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_used_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., durability: _Optional[_Union[Durability, str]] = ..., periodic_steps: _Optional[int] = ..., periodic_seconds: _Optional[float] = ..., persisted_step: _Optional[int] = ..., loaded: _Optional[bool] = ..., quarantined: _Optional[str] = ..., workers: _Optional[_Union[WorkerConfig, _Mapping]] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., open_round: _Optional[int] = ..., last_round: _Optional[_Union[RoundInfo, _Mapping]] = ..., missing_optimizer: _Optional[str] = ..., schedule: _Optional[str] = ..., schedule_parameters: _Optional[_Mapping[str, float]] = ..., size_bytes: _Optional[int] = ..., unsaved_steps: _Optional[int] = ..., unsaved_seconds: _Optional[float] = ...) -> None: ...
 
 class CreateSessionRequest(_message.Message):
     __slots__ = ("config", "parameters", "state", "initial_step")

@@ -22,6 +22,8 @@ DTYPES: dict[int, np.dtype] = {
     DataType.DATA_TYPE_FLOAT64: np.dtype("<f8"),
     DataType.DATA_TYPE_FLOAT16: np.dtype("<f2"),
     DataType.DATA_TYPE_BFLOAT16: np.dtype(ml_dtypes.bfloat16),
+    DataType.DATA_TYPE_INT8: np.dtype(np.int8),  # state slots' quantised codes only (Slot dtype)
+    DataType.DATA_TYPE_UINT8: np.dtype(np.uint8),
 }
 _BY_NUMPY = {dt: code for code, dt in DTYPES.items()}
 

@@ -17,6 +17,7 @@ kernel then runs a variant without it.
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -133,9 +134,48 @@ def apply(defn: Optimizer, param: np.ndarray, grad: np.ndarray, state: dict[str,
     when the update reads it); otherwise they are copied first."""
     if stats is not None and (stats.dtype != np.float64 or stats.shape != (STATS,)):
         raise ValueError(f"stats must be a float64 array of shape ({STATS},), got {stats.dtype} {stats.shape}")
+    if defn.every is not None and defn.refresh_due(step, hp):
+        if src is not None:  # the refresh reads the state the step starts from
+            np.copyto(param, src[0])
+            for slot, values in src[1].items():
+                np.copyto(state[slot], values)
+            src = None
+        _refresh(defn, param, grad, state, step, hp)
     _apply(defn, param, grad, state, step, hp, out, parallel, stats, grad_abs_max is not None, src)
     if stats is not None and grad_abs_max is not None:
         stats[3] = grad_abs_max
+
+
+class Refreshes:
+    """Optimizer.every's work, counted by optimizer: {name: [refreshes, seconds]} (telemetry/metrics.py
+    reports them); replayed steps' refreshes count too (they are work the server did)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.by_optimizer: dict[str, list] = {}
+
+    def add(self, name: str, seconds: float) -> None:
+        with self.lock:
+            done = self.by_optimizer.setdefault(name, [0, 0.0])
+            done[0] += 1
+            done[1] += seconds
+
+    def snapshot(self) -> dict[str, tuple[int, float]]:
+        with self.lock:
+            return {k: (v[0], v[1]) for k, v in self.by_optimizer.items()}
+
+
+REFRESHES = Refreshes()
+
+
+def _refresh(defn, param, grad, state, step, hp) -> None:
+    """The every-k-steps work, before the update, in the same call: every path that applies a step (live,
+    resident, replay) runs it, so the log's replay gives the same bits."""
+    if grad.dtype != param.dtype:
+        grad = widenkernels.widen(grad, param.dtype)
+    start = time.perf_counter()
+    defn.every[1](param, grad, state, step, hp)
+    REFRESHES.add(defn.name, time.perf_counter() - start)
 
 
 def _apply(defn, param, grad, state, step, hp, out, parallel, stats, max_known, src=None) -> None:

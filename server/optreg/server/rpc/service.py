@@ -67,7 +67,7 @@ def session_info(s: Session) -> session_pb2.SessionInfo:
         slots=list(s.slot_names), durability=names.DURABILITY[s.durability.mode],
         periodic_steps=s.durability.periodic_steps, periodic_seconds=s.durability.periodic_seconds,
         persisted_step=s.persisted_step, loaded=s.loaded, quarantined=s.quarantined,
-        missing_optimizer=s.missing)
+        missing_optimizer=s.missing, size_bytes=s.set_nbytes)
     if s.schedule is not None:
         info.schedule = s.schedule.name
         info.schedule_parameters.update({k: float(v) for k, v in s.schedule.parameters.items()})

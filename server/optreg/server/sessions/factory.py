@@ -112,9 +112,12 @@ class SessionFactory:
         if len(params) > self.limits.max_tensors:
             raise InvalidArgument(f"{len(params)} parameters: a session takes at most {self.limits.max_tensors} "
                                   "(--max-tensors); group small tensors into larger ones")
-        for name in params:
+        for name, p in params.items():
             if not name or len(name) > self.limits.max_name:
                 raise InvalidArgument(f"parameter name {shown(name)}: use 1-{self.limits.max_name} characters")
+            if np.dtype(p.dtype).kind in "iub":  # the wire's 8-bit integers carry state codes only
+                raise InvalidArgument(f"parameter {shown(name)}: dtype {np.dtype(p.dtype).name} is not a float; "
+                                      "send parameters as float32, float64, float16 or bfloat16")
         if config.reply not in REPLIES:
             raise InvalidArgument(f"config.step_reply {shown(config.reply)} is not one of {', '.join(REPLIES)}")
         if not 0 <= initial_step < MAX_STEP:
@@ -150,6 +153,10 @@ class SessionFactory:
                 if tuple(a.shape) != shape:
                     raise InvalidArgument(f"state {slot}/{shown(name)}: shape {list(a.shape)}, expected {list(shape)} "
                                           f"({defn.name}'s {slot} for a parameter of shape {list(shapes[name])})")
+                want = layouts[slot][name][1]
+                if a.dtype != want and (a.dtype.kind in "iu" or want.kind in "iu"):  # codes are not numbers to cast
+                    raise InvalidArgument(f"state {slot}/{shown(name)}: dtype {a.dtype.name}, expected {want.name} "
+                                          f"({defn.name}'s {slot} holds codes; send it as ReadState returned it)")
         session = Session(config.session_id or uuid.uuid4().hex, registered, hp, codes[master], config.reply,
                           durability, shapes, tuple(declared), step=initial_step, first_step=initial_step,
                           owner=owner, schedule=schedule)

@@ -16,6 +16,7 @@ class Metrics:
         r = self.registry = CollectorRegistry()
         self._step_counts = _StepCounts()
         r.register(self._step_counts)
+        r.register(_Refreshes())
         self._in = Counter("optreg_received_bytes", "Serialized request bytes received", registry=r)
         self._out = Counter("optreg_sent_bytes", "Serialized reply bytes sent", registry=r)
         self._errors = Counter("optreg_errors", "Calls that ended with an error status", ["code", "method"],
@@ -125,3 +126,20 @@ class _StepCounts:
             cumulative.append((bound, running))
         latency.add_metric([], cumulative, total)
         return [steps, latency]
+
+
+class _Refreshes:
+    """optreg_refreshes and optreg_refresh_seconds by optimizer: the work of Optimizer.every (a
+    preconditioner refreshed every k steps), counted where kernels.apply runs it."""
+
+    def collect(self):
+        from optreg.server.kernels.apply import REFRESHES
+
+        count = CounterMetricFamily("optreg_refreshes", "Optimizer.every refreshes run (every k steps, after the "
+                                    "update; replayed steps included)", labels=["optimizer"])
+        seconds = CounterMetricFamily("optreg_refresh_seconds", "Time spent in Optimizer.every refreshes",
+                                      labels=["optimizer"])
+        for name, (n, total) in sorted(REFRESHES.snapshot().items()):
+            count.add_metric([name], n)
+            seconds.add_metric([name], total)
+        return [count, seconds]
