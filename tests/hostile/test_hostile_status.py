@@ -55,8 +55,11 @@ def refused(call) -> grpc.RpcError:
 
 # == 10. a full disk is RESOURCE_EXHAUSTED everywhere =============================================
 def test_full_disk_is_resource_exhausted_on_every_path_and_create_is_not_retried(start_server):
+    # The disk log (no memory log): a step's record goes to the full disk before its reply. With the
+    # memory log a step is acknowledged from memory, and refused only once the exposure window is full.
+    disk_log = ("--memory-log-dir", "")
     with small_tmpfs("4m") as mnt:
-        s = start_server("--data-dir", str(mnt / "data"))
+        s = start_server("--data-dir", str(mnt / "data"), *disk_log)
         _, st = stub(s.address)
         w = np.linspace(-1, 1, 1024)
         create(st, "kept", {"w": w})
@@ -93,7 +96,7 @@ def test_full_disk_is_resource_exhausted_on_every_path_and_create_is_not_retried
             c.create_session("sgd", {"w": w}, session_id="new-by-client", lr=0.1)
         assert step(st, "kept", 2, np.ones(1024))[0] == pytest.approx(w[0] - 0.2)
         s.kill()
-        s = start_server("--data-dir", str(mnt / "data"))
+        s = start_server("--data-dir", str(mnt / "data"), *disk_log)
         _, st = stub(s.address)
         ids = sorted(x.session_id for x in st.ListSessions(session_pb2.ListSessionsRequest(), timeout=T).sessions)
         assert ids == ["kept", "new", "new-by-client"]

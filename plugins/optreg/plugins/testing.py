@@ -107,7 +107,11 @@ def _run(definition, param, grad_of, state, hp, steps, first_step=1, scratch=Non
 
 
 def _hp(definition: Optimizer, overrides: Mapping[str, Any] | None) -> dict:
-    return definition.resolve(dict(overrides or {}))
+    given = dict(overrides or {})
+    every = definition.every[0] if definition.every else None
+    if isinstance(every, str) and every not in given:  # the refresh runs within the checks' few steps
+        given[every] = min(2, next(h.default for h in definition.hyperparameters if h.name == every))
+    return definition.resolve(given)
 
 
 # ---- the checks ----------------------------------------------------------------
