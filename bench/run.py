@@ -126,6 +126,14 @@ def start_optreg(*extra) -> Child:
     return c
 
 
+def start_default(data_dir, *extra) -> Child:
+    """A default server (durable, `log`) on its own data directory, as `optreg serve --data-dir` starts it."""
+    c = Child(["-m", "optreg.server", "serve", "--host", "127.0.0.1", "--port", "0", "--log-level", "warning",
+               "--data-dir", str(data_dir), *extra], "optreg serving on ")
+    c.address = c.line[-1]
+    return c
+
+
 def start_echo() -> Child:
     c = Child(["-m", "bench.echo"], "echo ")
     c.grpc_port, c.tcp_port = int(c.line[2]), int(c.line[4])

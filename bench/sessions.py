@@ -31,11 +31,8 @@ SMALL = 100
 
 
 def _serve(data_dir, *extra):
-    from bench.run import Child
-    c = Child(["-m", "optreg.server", "serve", "--host", "127.0.0.1", "--port", "0", "--log-level", "warning",
-               "--data-dir", data_dir, *extra], "optreg serving on ")
-    c.address = c.line[-1]
-    return c
+    from bench.run import start_default
+    return start_default(data_dir, *extra)
 
 
 def _fill_entry(address, count, seed, out_q):

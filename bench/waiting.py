@@ -109,12 +109,9 @@ async def _client(address: str, shared: str, target: str, first: int, n: int) ->
     os._exit(0)  # the members' last round never closes: leave without waiting for it
 
 
-def _serve(data_dir):
-    from bench.run import Child
-    c = Child(["-m", "optreg.server", "serve", "--host", "127.0.0.1", "--port", "0", "--log-level", "warning",
-               "--data-dir", data_dir], "optreg serving on ")
-    c.address = c.line[-1]
-    return c
+def _serve(data_dir, *extra):
+    from bench.run import start_default
+    return start_default(data_dir, *extra)
 
 
 def bench_waiting(cfg, _server, _echo):
