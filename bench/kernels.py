@@ -8,8 +8,9 @@ Rounds interleave the variants (one step of each per round) so drift on a shared
 machine hits all of them alike; the figure is each variant's median over the rounds.
 A second set of rows gives the CPU time of the calling thread (its share of the split
 update), which a loaded machine's preemptions do not inflate.
-Targets: issue 9 (torch.adam and Lion at most 1.3x adam), issue 12 (statistics at
-most 1.03x the update without).
+Targets: issue 9 (torch.adam and Lion at most 1.3x adam), issue 24 (adamw-bf16, its bfloat16 slots
+widened and rounded around adamw's kernel, at most 1.3x adam), issue 12 (statistics at most 1.03x
+the update without).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ VARIANTS = [  # (figure, optimizer, hyperparameter overrides, with statistics, t
     ("kernel torch.adam @1e7 f32", "torch.adam", {}, False, 1.3),
     ("kernel adamw @1e7 f32", "adamw", {}, False, None),
     ("kernel lion (example plugin) @1e7 f32", "lion", {}, False, 1.3),
+    ("kernel adamw-bf16 @1e7 f32 (bfloat16 m, v, max_v)", "adamw-bf16", {}, False, 1.3),
     ("kernel adam + statistics @1e7 f32", "adam", {}, True, 1.03),
 ]
 
@@ -69,7 +71,7 @@ def run(cfg, row) -> None:
     for figure, name, overrides, with_stats, target in variants:
         defn = defns[name]
         p = base.copy()
-        st = {s.name: np.full(N, s.initial_value, np.float32) for s in defn.slots}
+        st = {s.name: np.full(N, s.initial_value, s.layout((N,), np.float32)[1]) for s in defn.slots}
         hp = defn.resolve(overrides)
         stats = np.zeros(4) if with_stats else None
         step = [0]

@@ -29,7 +29,7 @@ def test_a_session_of_a_missing_plugin_is_listed_refused_by_name_and_served_agai
         info = c.get_session("signs")  # GetSession answers; it no longer says DATA_LOSS
         assert info.optimizer == "signsgd" and info.parameters == {"w": (3,)}
         s = c.session("signs", {})
-        with pytest.raises(FailedPrecondition, match="signsgd.*not installed.*restart"):
+        with pytest.raises(FailedPrecondition, match=r"signsgd.*not installed.*`optreg optimizers` lists what is installed.*restart"):
             s.step({"w": np.ones(3)})
         with pytest.raises(FailedPrecondition, match="signsgd"):
             s.read_parameters()

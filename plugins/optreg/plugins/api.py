@@ -17,6 +17,8 @@ Python scalar loop, which the server compiles with numba when it is installed
     def kernel(p, g, *slots, c):   # positional: kernel(p, g, m, v, c)
         # p, g and each slot (in `Optimizer.slots` order): 1-D arrays of one
         # dtype; c: 1-D array of `kernel_scalars(hp, step)` in that dtype.
+        # A bfloat16 slot reads as that dtype and is stored rounded to nearest
+        # even (the server rewrites m[i] and m[i] = x; docs/plugins.md).
         for i in range(p.size):
             ...
 
@@ -328,10 +330,11 @@ def _validate_kernel(defn: Optimizer) -> None:
     if not defn.elementwise:
         raise DefinitionError(
             f"{where}: a kernel runs over slices of the flattened tensor, so it needs elementwise=True")
-    odd = [s.name for s in defn.slots if not s.standard]
+    odd = [s.name for s in defn.slots if not (s.standard or (s.shape is same and s.dtype == "bfloat16"))]
     if odd:
-        raise DefinitionError(f"{where}: a kernel runs over slots of the parameter's shape and dtype; slot(s) "
-                              f"{', '.join(odd)} declare another: drop the kernel (the numpy update runs)")
+        raise DefinitionError(f"{where}: a kernel runs over slots of the parameter's shape, in its dtype or "
+                              f"bfloat16; slot(s) {', '.join(odd)} declare another: drop the kernel (the numpy "
+                              "update runs)")
     wanted = 3 + len(defn.slots)
     got = _positional_count(defn.kernel)
     if got is not None and got != wanted:

@@ -392,6 +392,17 @@ def compiled_kernel(definition: Optimizer, jit: bool | None = None):
     return hit[1]
 
 
+def _run_kernel(fn, definition: Optimizer, p, g, state, c) -> None:
+    """Run a kernel as the server does: a bfloat16 slot comes to it widened to p's dtype and is rounded
+    back to nearest even after (the numpy update's np.copyto(slot, wide, casting="unsafe"))."""
+    wide = {s.name: state[s.name].astype(p.dtype) if state[s.name].dtype != p.dtype else state[s.name]
+            for s in definition.slots}
+    fn(p, g, *[wide[s.name] for s in definition.slots], c)
+    for name, values in wide.items():
+        if values is not state[name]:
+            np.copyto(state[name], values, casting="unsafe")
+
+
 def check_kernel(definition: Optimizer, overrides=None, jit: bool | None = None, steps: int = 5) -> None:
     """A declared kernel gives the update's numbers bit for bit: float32 and float64, several steps,
     odd sizes, read-only gradients; compiled with numba when it is installed (`jit`: force either way)."""
@@ -422,7 +433,7 @@ def check_kernel(definition: Optimizer, overrides=None, jit: bool | None = None,
                 assert c.ndim == 1, f"{definition.name}: kernel_scalars must return a flat tuple, got {scalars!r}"
                 try:
                     with np.errstate(all="ignore"):
-                        fn(got, _read_only(grad), *[got_state[s.name] for s in definition.slots], c)
+                        _run_kernel(fn, definition, got, _read_only(grad), got_state, c)
                 except AssertionError:
                     raise
                 except Exception as e:

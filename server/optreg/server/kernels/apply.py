@@ -24,6 +24,7 @@ import numpy as np
 
 from optreg.plugins import Optimizer
 from optreg.server.kernels import jit as fastkernels
+from optreg.server.kernels import narrow as narrowkernels
 from optreg.server.kernels import stats as kernelstats
 from optreg.server.kernels import widen as widenkernels
 
@@ -180,6 +181,11 @@ def _refresh(defn, param, grad, state, step, hp) -> None:
 
 def _apply(defn, param, grad, state, step, hp, out, parallel, stats, max_known, src=None) -> None:
     n = param.size
+    narrow = narrowkernels.lookup(defn, param.dtype) if narrowkernels.narrows(defn) else None
+    if narrow is not None:
+        _run_narrow(narrow, param, widenkernels.widen(grad, param.dtype), state, step, hp, out, parallel, stats,
+                    src)
+        return
     fast = fastkernels.lookup(defn, param.dtype) if grad.dtype == param.dtype else None
     wide = None
     if fast is None and grad.dtype != param.dtype and out is None and n >= fastkernels.HOLD_GIL_BELOW:
@@ -233,6 +239,37 @@ def _run_widening(wide, param, grad, state, step, hp, parallel, stats=None, src:
 
     _split(bounds, threads, part)
     if stats is not None:  # fold the pieces' partial statistics, in order
+        stats[:3] = accs[:, :3].sum(axis=0)
+        stats[3] = accs[:, 3].max()
+
+
+def _run_narrow(narrow, param, grad, state, step, hp, out, parallel, stats, src) -> None:
+    """A kernel over bfloat16 slots (kernels/narrow.py), split over threads as _run_fast splits."""
+    if src is not None:
+        np.copyto(param, src[0])
+        for slot, values in src[1].items():
+            np.copyto(state[slot], values)
+    n = param.size
+    threads = fastkernels.threads() if parallel and n >= PARALLEL_ABOVE else 1
+    consts = narrow.comp.consts(hp, step, param.dtype)
+    p, g = param.reshape(-1), np.ascontiguousarray(grad).reshape(-1)
+    slots = [narrowkernels.bits(state[s]) for s in narrow.comp.slots]
+    o = None if out is None else out.reshape(-1)
+    bounds = _pieces(n, threads)
+    accs = None if stats is None else np.zeros((len(bounds) - 1, STATS))
+
+    def part(k, a, b):
+        acc = None if accs is None else accs[k]
+        if o is None:
+            narrow(p[a:b], g[a:b], [v[a:b] for v in slots], consts, acc)
+            return
+        for x in range(a, b, COPY_SLICE):
+            y = min(x + COPY_SLICE, b)
+            narrow(p[x:y], g[x:y], [v[x:y] for v in slots], consts, acc)
+            o[x:y] = p[x:y]
+
+    _split(bounds, threads, part)
+    if stats is not None:
         stats[:3] = accs[:, :3].sum(axis=0)
         stats[3] = accs[:, 3].max()
 

@@ -71,10 +71,14 @@ def available() -> bool:
     return numba is not None and os.environ.get("OPTREG_KERNELS", "").lower() != "numpy"
 
 
-def lookup(defn, dtype: np.dtype) -> Compiled | None:
+def lookup(defn, dtype: np.dtype, narrow_slots: bool = False) -> Compiled | None:
     """The compiled kernel of `defn` for `dtype`; None (use the numpy update) when it declares none,
-    numba is unavailable, or it is not compiled yet (then its compile is queued) or failed."""
+    numba is unavailable, or it is not compiled yet (then its compile is queued) or failed.
+    A kernel over bfloat16 slots runs only behind kernels/narrow.py's driver, which alone asks with
+    `narrow_slots=True`: every other caller gets None for it."""
     if defn.kernel is None or not defn.elementwise:
+        return None
+    if not narrow_slots and any(s.dtype is not None for s in defn.slots):
         return None
     hit = _ready.get((id(defn), dtype.str))
     if hit is not None and hit[0] is defn:

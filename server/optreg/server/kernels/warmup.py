@@ -12,7 +12,7 @@ import threading
 import numpy as np
 
 from optreg.plugins.registry import Registry
-from optreg.server.kernels import finite, jit, stats
+from optreg.server.kernels import finite, jit, narrow, stats
 
 ready = threading.Event()  # set once warm()'s batch (the finite check and the registered kernels) is built
 
@@ -41,6 +41,8 @@ def _request_all(definitions, stats: bool = False) -> None:
     for defn in definitions:
         if defn.kernel is not None and defn.elementwise:
             jit.request(defn)
+            if narrow.narrows(defn):  # its driver over bfloat16 slots, once the kernel is built
+                jit.submit(lambda defn=defn: narrow.lookup(defn, narrow.MASTER))
             if stats:  # runs after the kernel's own compile (one worker, in order)
                 jit.submit(lambda defn=defn: _request_stats(defn))
 

@@ -147,7 +147,7 @@ class SessionStore:
             what = session.missing if session.missing.startswith("schedule ") else f"optimizer {shown(session.missing)}"
             raise FailedPrecondition(
                 f"session {session.id} needs {what}, which is not installed on this "
-                "server: install the plugin that provides it (`optreg plugins` lists what is installed) and restart "
+                "server: install the plugin that provides it (`optreg optimizers` lists what is installed) and restart "
                 "the server; the session's files are kept")
         if session.quarantined:
             raise DataLoss(f"session {session.id} is quarantined: {session.quarantined}")
