@@ -9,8 +9,8 @@ machine hits all of them alike; the figure is each variant's median over the rou
 A second set of rows gives the CPU time of the calling thread (its share of the split
 update), which a loaded machine's preemptions do not inflate.
 Targets: issue 9 (torch.adam and Lion at most 1.3x adam), issue 24 (adamw-bf16, its bfloat16 slots
-widened and rounded around adamw's kernel, at most 1.3x adam), issue 12 (statistics at most 1.03x
-the update without).
+read and stored by adamw's rewritten kernel, and schedulefree.adamw, at most 1.3x adam), issue 12
+(statistics at most 1.03x the update without).
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ VARIANTS = [  # (figure, optimizer, hyperparameter overrides, with statistics, t
     ("kernel adamw @1e7 f32", "adamw", {}, False, None),
     ("kernel lion (example plugin) @1e7 f32", "lion", {}, False, 1.3),
     ("kernel adamw-bf16 @1e7 f32 (bfloat16 m, v, max_v)", "adamw-bf16", {}, False, 1.3),
+    ("kernel schedulefree.adamw @1e7 f32", "schedulefree.adamw", {}, False, 1.3),
     ("kernel adam + statistics @1e7 f32", "adam", {}, True, 1.03),
 ]
 
@@ -71,7 +72,8 @@ def run(cfg, row) -> None:
     for figure, name, overrides, with_stats, target in variants:
         defn = defns[name]
         p = base.copy()
-        st = {s.name: np.full(N, s.initial_value, s.layout((N,), np.float32)[1]) for s in defn.slots}
+        st = {s.name: np.full(*s.layout((N,), np.float32)[:1], s.initial_value, s.layout((N,), np.float32)[1])
+              for s in defn.slots}
         hp = defn.resolve(overrides)
         stats = np.zeros(4) if with_stats else None
         step = [0]

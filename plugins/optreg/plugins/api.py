@@ -247,6 +247,9 @@ class Optimizer:
     catch_up: Callable[..., None] | None = None
     # The same math as a scalar loop, compiled by the server when numba is installed:
     # kernel(p, g, *slots, c) over 1-D arrays, c = kernel_scalars(hp, step) in the array dtype.
+    # A whole-tensor optimizer whose only other slots are scalar float64 ones that advance once a
+    # step (running(); schedule-free's lr_max, weight_sum) may declare one too: kernel_scalars(hp,
+    # step, running) advances them in place, and the kernel takes the other slots.
     kernel: Callable[..., None] | None = None
     kernel_scalars: Callable[[Mapping[str, Any], int], tuple] | None = None
     # Same inputs give the same bits. The write-ahead log replays deterministic updates
@@ -314,6 +317,31 @@ def _positional_count(fn) -> int | None:
     return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
 
 
+def running(defn: Optimizer) -> tuple[Slot, ...]:
+    """A whole-tensor optimizer's scalar float64 slots that advance once a step (schedule-free's lr_max
+    and weight_sum): with a kernel, its `kernel_scalars(hp, step, running)` advances them."""
+    return tuple(s for s in defn.slots if s.shape is scalar and s.dtype == "float64") if not defn.elementwise else ()
+
+
+def kernel_slots(defn: Optimizer) -> tuple[Slot, ...]:
+    """The slots a kernel takes, in order: every slot but the running scalars."""
+    skip = running(defn)
+    return tuple(s for s in defn.slots if s not in skip)
+
+
+def kernel_constants(defn: Optimizer, hp, step: int, state=None) -> tuple:
+    """`kernel_scalars`' tuple; a kernel with running scalars gets them from `state` (advanced in place),
+    or fresh ones at their initial values when `state` is None (a compile's trial call)."""
+    run = running(defn)
+    if not run:
+        return defn.kernel_scalars(hp, step)
+    import numpy as np
+
+    if state is None:
+        state = {s.name: np.array(float(s.initial_value)) for s in run}
+    return defn.kernel_scalars(hp, step, {s.name: state[s.name] for s in run})
+
+
 def _validate_kernel(defn: Optimizer) -> None:
     where = f"optimizer {defn.name}"
     if not isinstance(defn.deterministic, bool):
@@ -327,22 +355,25 @@ def _validate_kernel(defn: Optimizer) -> None:
     if defn.kernel_scalars is None or not callable(defn.kernel_scalars):
         raise DefinitionError(
             f"{where}: a kernel needs kernel_scalars(hp, step) returning the tuple of floats passed as c")
-    if not defn.elementwise:
+    if not defn.elementwise and not running(defn):
         raise DefinitionError(
-            f"{where}: a kernel runs over slices of the flattened tensor, so it needs elementwise=True")
-    odd = [s.name for s in defn.slots if not (s.standard or (s.shape is same and s.dtype == "bfloat16"))]
+            f"{where}: a kernel runs over slices of the flattened tensor, so it needs elementwise=True (a "
+            "whole-tensor one only with scalar float64 slots that kernel_scalars advances once a step)")
+    takes = kernel_slots(defn)
+    odd = [s.name for s in takes if not (s.standard or (s.shape is same and s.dtype == "bfloat16"))]
     if odd:
         raise DefinitionError(f"{where}: a kernel runs over slots of the parameter's shape, in its dtype or "
-                              f"bfloat16; slot(s) {', '.join(odd)} declare another: drop the kernel (the numpy "
-                              "update runs)")
-    wanted = 3 + len(defn.slots)
+                              f"bfloat16 (and, whole-tensor, scalar float64 ones advanced by kernel_scalars); "
+                              f"slot(s) {', '.join(odd)} declare another: drop the kernel (the numpy update runs)")
+    wanted = 3 + len(takes)
     got = _positional_count(defn.kernel)
     if got is not None and got != wanted:
-        names = ", ".join(["p", "g", *(s.name for s in defn.slots), "c"])
+        names = ", ".join(["p", "g", *(s.name for s in takes), "c"])
         raise DefinitionError(f"{where}: kernel takes {got} argument(s); it must take {wanted}: ({names})")
     got = _positional_count(defn.kernel_scalars)
-    if got is not None and got != 2:
-        raise DefinitionError(f"{where}: kernel_scalars must take (hp, step), it takes {got} argument(s)")
+    args = "(hp, step, running)" if running(defn) else "(hp, step)"
+    if got is not None and got != len(args.split(",")):
+        raise DefinitionError(f"{where}: kernel_scalars must take {args}, it takes {got} argument(s)")
 
 
 def layouts(defn: Optimizer, shapes: Mapping[str, tuple], master) -> dict[str, dict[str, tuple]]:

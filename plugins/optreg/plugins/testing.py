@@ -31,7 +31,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import pytest
 
-from optreg.plugins.api import DefinitionError, HyperparameterError, Optimizer, validate
+from optreg.plugins.api import DefinitionError, HyperparameterError, Optimizer, kernel_constants, kernel_slots, validate
 
 __all__ = ["OptimizerConformance", "CHECKS", "check_all", "new_state", "new_scratch", "quadratic"] + [
     f"check_{name}" for name in ("definition", "defaults", "bad_hyperparameters", "decreases_quadratic", "in_place",
@@ -395,9 +395,10 @@ def compiled_kernel(definition: Optimizer, jit: bool | None = None):
 def _run_kernel(fn, definition: Optimizer, p, g, state, c) -> None:
     """Run a kernel as the server does: a bfloat16 slot comes to it widened to p's dtype and is rounded
     back to nearest even after (the numpy update's np.copyto(slot, wide, casting="unsafe"))."""
+    takes = kernel_slots(definition)
     wide = {s.name: state[s.name].astype(p.dtype) if state[s.name].dtype != p.dtype else state[s.name]
-            for s in definition.slots}
-    fn(p, g, *[wide[s.name] for s in definition.slots], c)
+            for s in takes}
+    fn(p, g, *[wide[s.name] for s in takes], c)
     for name, values in wide.items():
         if values is not state[name]:
             np.copyto(state[name], values, casting="unsafe")
@@ -424,7 +425,7 @@ def check_kernel(definition: Optimizer, overrides=None, jit: bool | None = None,
                 if step == 3:
                     grad[: size // 3] = 0  # zero gradients take other branches (sign, max)
                 _step(definition, ref, grad, ref_state, step, hp, new_scratch(definition, ref))
-                scalars = definition.kernel_scalars(hp, step)
+                scalars = kernel_constants(definition, hp, step, got_state)
                 try:
                     c = np.array(scalars, dtype=dtype)
                 except (TypeError, ValueError) as e:
@@ -450,12 +451,13 @@ def check_kernel(definition: Optimizer, overrides=None, jit: bool | None = None,
         # The server may run a kernel where the parameters live (a resident session's shared memory) and
         # reads NaN or Inf in a gradient from the pass's statistics: a kernel must never raise, on any input.
         bad = np.array([np.nan, np.inf, -np.inf, 0.0, -0.0, np.finfo(dtype).max, np.finfo(dtype).tiny], dtype)
-        state = {k: np.full_like(bad, v) for k, v in zip((s.name for s in definition.slots), (0.0, 1.0, np.inf, np.nan))}
-        state.update({s.name: np.zeros_like(bad) for s in definition.slots if s.name not in state})
+        takes = kernel_slots(definition)
+        state = {k: np.full_like(bad, v) for k, v in zip((s.name for s in takes), (0.0, 1.0, np.inf, np.nan))}
+        state.update({s.name: np.zeros_like(bad) for s in takes if s.name not in state})
         try:
             with np.errstate(all="ignore"):
-                fn(bad.copy(), _read_only(bad[::-1].copy()), *[state[s.name] for s in definition.slots],
-                   np.array(definition.kernel_scalars(hp, 1), dtype=dtype))
+                fn(bad.copy(), _read_only(bad[::-1].copy()), *[state[s.name] for s in takes],
+                   np.array(kernel_constants(definition, hp, 1), dtype=dtype))
         except Exception as e:
             raise AssertionError(f"{definition.name}: kernel {how} raised on NaN, Inf or extreme values "
                                  f"({type(e).__name__}: {e}); a kernel must never raise (the server updates in "

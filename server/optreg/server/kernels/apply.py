@@ -186,6 +186,17 @@ def _apply(defn, param, grad, state, step, hp, out, parallel, stats, max_known, 
         _run_narrow(narrow, param, widenkernels.widen(grad, param.dtype), state, step, hp, out, parallel, stats,
                     src)
         return
+    if not defn.elementwise:  # its kernel, if any, once over the whole tensor: running scalars advance once
+        whole = fastkernels.lookup(defn, param.dtype, whole=True) if defn.kernel is not None else None
+        if whole is not None:
+            if src is not None:
+                np.copyto(param, src[0])
+                for slot, values in src[1].items():
+                    np.copyto(state[slot], values)
+            consts = whole.consts(hp, step, param.dtype, state)
+            _run_fast(defn, whole, param, widenkernels.widen(grad, param.dtype), state, step, hp, out, parallel,
+                      stats, max_known, consts=consts)
+            return
     fast = fastkernels.lookup(defn, param.dtype) if grad.dtype == param.dtype else None
     wide = None
     if fast is None and grad.dtype != param.dtype and out is None and n >= fastkernels.HOLD_GIL_BELOW:
@@ -320,13 +331,15 @@ def numpy_stats(new: np.ndarray, old: np.ndarray, g: np.ndarray, acc: np.ndarray
 
 
 def _run_fast(defn, kernel, param, grad, state, step, hp, out=None, parallel=True, stats=None,
-              max_known=False, src: list | None = None) -> None:
-    """`src` (with `stats` only): [param's source, the slots' sources], flat (see apply)."""
+              max_known=False, src: list | None = None, consts=None) -> None:
+    """`src` (with `stats` only): [param's source, the slots' sources], flat (see apply). `consts`: c,
+    when the caller computed it (a whole-tensor kernel's, which advanced its running scalars)."""
     n = param.size
     threads = fastkernels.threads() if parallel else 1
     if threads == 1 or n < PARALLEL_ABOVE:
         threads = 1
-    consts = kernel.consts(hp, step, param.dtype)
+    if consts is None:
+        consts = kernel.consts(hp, step, param.dtype)
     if stats is None and threads == 1 and out is None:  # the small-step path: as little Python as possible
         fn = kernel.held if n < fastkernels.HOLD_GIL_BELOW else kernel.fn
         if param.ndim == 1 and grad.flags.c_contiguous:

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from optreg.plugins.api import kernel_constants, kernel_slots
 
 log = logging.getLogger("optreg.server")
 
@@ -51,13 +52,15 @@ class Compiled:
     name: str
     fn: object  # releases the GIL: large tensors, on several threads
     held: object  # keeps the GIL: small tensors
-    slots: tuple[str, ...]
-    scalars: object  # kernel_scalars(hp, step)
+    slots: tuple[str, ...]  # the slots the kernel takes (api.kernel_slots)
+    defn: object
     kernel: object  # the plain Python loop (for the stats driver's compile)
+    c_len: int  # how many scalars c holds
 
-    def consts(self, hp, step, dtype) -> np.ndarray:
+    def consts(self, hp, step, dtype, state=None) -> np.ndarray:
+        """c for this step; a whole-tensor kernel's running scalars are advanced in `state`."""
         # Rounded to the array dtype as numpy rounds a Python float against it.
-        return np.array(self.scalars(hp, step), dtype=dtype)
+        return np.array(kernel_constants(self.defn, hp, step, state), dtype=dtype)
 
 
 _ready: dict = {}  # (id(definition), dtype str) -> (definition, Compiled); the definition keeps the id valid
@@ -71,14 +74,15 @@ def available() -> bool:
     return numba is not None and os.environ.get("OPTREG_KERNELS", "").lower() != "numpy"
 
 
-def lookup(defn, dtype: np.dtype, narrow_slots: bool = False) -> Compiled | None:
+def lookup(defn, dtype: np.dtype, narrow_slots: bool = False, whole: bool = False) -> Compiled | None:
     """The compiled kernel of `defn` for `dtype`; None (use the numpy update) when it declares none,
     numba is unavailable, or it is not compiled yet (then its compile is queued) or failed.
-    A kernel over bfloat16 slots runs only behind kernels/narrow.py's driver, which alone asks with
-    `narrow_slots=True`: every other caller gets None for it."""
-    if defn.kernel is None or not defn.elementwise:
+    A kernel over bfloat16 slots runs only as kernels/narrow.py rewrites it, which alone asks with
+    `narrow_slots=True`, and a whole-tensor optimizer's only in kernels.apply (`whole=True`), which
+    advances its running scalars once a step: every other caller gets None for them."""
+    if defn.kernel is None or (not defn.elementwise and not whole):
         return None
-    if not narrow_slots and any(s.dtype is not None for s in defn.slots):
+    if not narrow_slots and any(s.dtype is not None for s in kernel_slots(defn)):
         return None
     hit = _ready.get((id(defn), dtype.str))
     if hit is not None and hit[0] is defn:
@@ -138,7 +142,9 @@ def renamed(fn, suffix: str):
 
 def _compile_definition(defn) -> None:
     try:
-        narrays = 2 + len(defn.slots)
+        takes = tuple(s.name for s in kernel_slots(defn))
+        c_len = len(kernel_constants(defn, defn.resolve({}), 1))
+        narrays = 2 + len(takes)
         pyfunc = getattr(defn.kernel, "py_func", defn.kernel)  # a plugin may hand over a numba function
         # Lazy dispatch compiled by calling it: explicit signatures made each call ~20 us slower.
         fn = njit(pyfunc, True, error_model="numpy")
@@ -147,12 +153,11 @@ def _compile_definition(defn) -> None:
         for dt in DTYPES:
             for f in (fn, held):
                 a = [np.zeros(4, dt) for _ in range(narrays)]
-                c = np.full(len(defn.kernel_scalars(defn.resolve({}), 1)), 0.5, dt)
+                c = np.full(c_len, 0.5, dt)
                 f(*a, c)
                 a[1].flags.writeable = False  # gradients may view read-only wire bytes
                 f(*a, c)
-            built[dt] = Compiled(defn.name, fn, held, tuple(s.name for s in defn.slots), defn.kernel_scalars,
-                                 pyfunc)
+            built[dt] = Compiled(defn.name, fn, held, takes, defn, pyfunc, c_len)
     except Exception as e:  # a kernel numba cannot compile must never break the server: numpy gives the same numbers
         log.warning("optimizer %s: its kernel does not compile with numba (%s: %s); using its numpy update",
                     defn.name, type(e).__name__, str(e).splitlines()[0] if str(e) else "")

@@ -39,7 +39,7 @@ _state: dict = {}  # id(defn) -> (defn, "pending" | "ready" | "failed")
 
 def narrows(defn) -> bool:
     """Whether `defn` declares a kernel over one or more bfloat16 slots."""
-    return defn.kernel is not None and any(s.dtype == "bfloat16" for s in defn.slots)
+    return defn.kernel is not None and defn.elementwise and any(s.dtype == "bfloat16" for s in defn.slots)
 
 
 def narrowed_source(kernel, narrow: set[str]) -> str | None:

@@ -453,7 +453,7 @@ def _try_build(defn, comp: Compiled, fused: bool) -> StatsKernel:
                          b((True, False, True, False)), b((True, True, True, True)), b((True, False, True, True)))
     else:
         sk = StatsKernel(False, _driver(n, True), _driver(n, False), comp)
-    c_len = len(defn.kernel_scalars(defn.resolve({}), 1))
+    c_len = comp.c_len
     for dt in DTYPES:
         for nogil, max_known in ((True, False), (False, False), (True, True)):
             a = [np.zeros(4, dt) for _ in range(2 + n)]

@@ -39,9 +39,9 @@ def _request_all(definitions, stats: bool = False) -> None:
     if definitions is None:
         definitions = [r.definition for r in Registry().optimizers.values()]
     for defn in definitions:
-        if defn.kernel is not None and defn.elementwise:
+        if defn.kernel is not None:
             jit.request(defn)
-            if narrow.narrows(defn):  # its driver over bfloat16 slots, once the kernel is built
+            if narrow.narrows(defn):  # its rewrite over bfloat16 slots, once the kernel is built
                 jit.submit(lambda defn=defn: narrow.lookup(defn, narrow.MASTER))
             if stats:  # runs after the kernel's own compile (one worker, in order)
                 jit.submit(lambda defn=defn: _request_stats(defn))

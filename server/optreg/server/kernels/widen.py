@@ -243,7 +243,7 @@ class Widening:
 
     def _compile_fused(self, kernel, copying) -> None:
         n = len(self.comp.slots)
-        c = np.full(len(self.defn.kernel_scalars(self.defn.resolve({}), 1)), 0.5, self.dtype)
+        c = np.full(self.comp.c_len, 0.5, self.dtype)
         buf = np.empty(4, self.dtype)
         for stats, fn in (("fused", kernel), ("copy", copying)):
             if fn is None:
@@ -321,7 +321,7 @@ def _compile(defn, comp, master: np.dtype, kind: str, key) -> None:
     try:
         w = Widening(defn, comp, kind, _driver(len(comp.slots), kind), _driver(len(comp.slots), kind, stats=True),
                      master)
-        c = np.full(len(defn.kernel_scalars(defn.resolve({}), 1)), 0.5, master)
+        c = np.full(comp.c_len, 0.5, master)
         for writeable in (True, False):  # wire bytes are read-only, shared memory is not
             for acc in (None, np.zeros(4)):
                 a = [np.zeros(4, master) for _ in range(1 + len(comp.slots))]
