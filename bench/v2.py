@@ -9,7 +9,8 @@
   scale per 256 elements) against adamw's (target: at most 0.3x). No allocation: the figure is the layout's.
 - a torch.muon step on a [2048, 2048] float32 weight, in process as the server runs it (kernels.apply:
   the plugin's whole-tensor update, Newton-Schulz in torch's bfloat16 kernels when torch is installed)
-  against torch.optim.Muon's step on the same threads (target: at most 1.3x); medians, interleaved.
+  against torch.optim.Muon's step on the same threads (target: at most 1.3x); medians, interleaved;
+  and the same step sent by a client to the bench's server (upload, update, reply).
 """
 from __future__ import annotations
 
@@ -47,10 +48,10 @@ def bench_v2(cfg, server, echo):
         target=0.55, note="m, v, max_v in bfloat16")
     row("state bytes, adamw-8bit [8192, 8192] f32", _state_bytes("adamw-8bit", shape), "B", "adamw", adam,
         target=0.3, note="uint8 m, v + f32 scale per 256; 0.25x of m and v alone")
-    _muon(cfg)
+    _muon(cfg, server)
 
 
-def _muon(cfg):
+def _muon(cfg, server):
     import torch
 
     from optreg.plugins.registry import Registry
@@ -72,10 +73,18 @@ def _muon(cfg):
         step[0] += 1
         kernels.apply(defn, p, g, state, step[0], hp)
 
+    from optreg.client import Client
+
     reps = 2 if cfg.quick else 5
-    server_side()
-    local.step()  # warm-up, not counted
-    times = interleaved({"optreg": server_side, "torch": local.step}, reps)
+    with Client(server.address) as c:
+        session = c.create_session("torch.muon", {"w": p.copy()}, keep=False)
+        served = lambda: session.step({"w": g})  # noqa: E731 - the full step: upload, update, reply
+        server_side()
+        served()
+        local.step()  # warm-up, not counted
+        times = interleaved({"optreg": server_side, "served": served, "torch": local.step}, reps)
     ours, theirs = times["optreg"], times["torch"]
     row("torch.muon step [2048, 2048] f32 (compute)", ours, "s", "torch.optim.Muon", theirs, target=1.3,
         note=f"same process, torch threads {torch.get_num_threads()}; median of {reps}")
+    row("torch.muon step [2048, 2048] f32 through the server", times["served"], "s", "torch.optim.Muon", theirs,
+        target=1.3, note="a client's step on the bench's default server: 16 MB up, 16 MB down, the update")
