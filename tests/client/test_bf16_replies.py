@@ -7,6 +7,8 @@ import grpc
 import numpy as np
 import pytest
 
+from concurrent.futures import ThreadPoolExecutor
+
 from conftest import ServerProcess
 from optreg.client import Client, InvalidArgument
 from optreg.v1 import session_pb2, session_pb2_grpc, tensor_pb2, tensors
@@ -74,9 +76,10 @@ def test_a_restarted_server_answers_the_parameters_once(tmp_path):
         srv.stop()
 
 
-def test_refused_for_shared_sessions_and_sparse_steps(client):
-    with pytest.raises(InvalidArgument, match="step_reply bf16_delta with config.workers"):
-        client.create_session("sgd", {"w": np.ones(4, np.float32)}, step_reply="bf16_delta", workers=2)
+def test_refused_for_async_sessions_and_sparse_steps(client):
+    with pytest.raises(InvalidArgument, match="step_reply bf16_delta with config.workers.mode async"):
+        client.create_session("sgd", {"w": np.ones(4, np.float32)}, step_reply="bf16_delta", workers=2,
+                              mode="async")
     s = client.create_session("sgd", {"E": np.ones((5, 3), np.float32)}, step_reply="bf16_delta")
     with pytest.raises(InvalidArgument, match="sparse steps do not"):
         s.step_sparse("E", [1], np.ones((1, 3), np.float32))
@@ -113,3 +116,52 @@ def test_streamed_steps_answer_bf16_deltas_too(client):
         s.step({"w": rng.standard_normal(700_000).astype(np.float32)})
     err = np.abs(s.arrays["w"] - s.read_parameters()["w"])
     assert 0 < err.max() < 1e-3
+
+
+def test_sync_rounds_answer_bf16_deltas_and_a_member_that_missed_one_gets_the_copy_whole(server, client):
+    """A sync session (DiLoCo's outer one) answers every round's contributors bf16 deltas from one copy of the
+    members' parameters: they all hold it bit for bit, within one reply's rounding of the master. A member that
+    missed an answer (it left, read the parameters, and came back) is answered that copy whole, in float32,
+    and holds it again."""
+    n = 500
+    rng = np.random.default_rng(3)
+    s = client.create_session("nesterov", {"w": rng.standard_normal(n).astype(np.float32)}, lr=0.7, momentum=0.9,
+                              step_reply="bf16_delta", workers=2, round_deadline=60.0)
+    stub = session_pb2_grpc.SessionServiceStub(grpc.insecure_channel(server.address))
+    copies = {w: s.read_parameters()["w"] for w in ("a", "b")}
+    for w in copies:  # a round closes with the members it has: both, from the first
+        stub.JoinSession(session_pb2.JoinSessionRequest(session_id=s.id, worker=w))
+
+    def contribute(worker, number):
+        g = [tensors.from_numpy("w", rng.standard_normal(n).astype(np.float32) * 0.01)]
+        reply = stub.Step(session_pb2.StepRequest(session_id=s.id, worker=worker, round=number, gradients=g),
+                          timeout=60)
+        answer = tensors.to_numpy(reply.tensors[0])
+        if answer.dtype == np.float32:
+            copies[worker] = answer.copy()
+        else:
+            copies[worker] += answer.astype(np.float32)
+        return reply.tensors[0].dtype
+
+    def round_of(number, workers):
+        with ThreadPoolExecutor(len(workers)) as pool:
+            return list(pool.map(contribute, workers, [number] * len(workers)))
+
+    bf16, f32 = tensor_pb2.DATA_TYPE_BFLOAT16, tensor_pb2.DATA_TYPE_FLOAT32
+    assert round_of(0, ["a", "b"]) == [f32, f32]  # the copy starts from the parameters
+    for r in range(1, 30):
+        assert round_of(r, ["a", "b"]) == [bf16, bf16]
+    np.testing.assert_array_equal(copies["a"], copies["b"])
+    master = s.read_parameters()["w"]
+    assert 0 < np.abs(master - copies["a"]).max() < 1e-3 * np.abs(master).max()
+    stub.LeaveSession(session_pb2.LeaveSessionRequest(session_id=s.id, worker="b"))
+    for r in range(30, 33):
+        assert round_of(r, ["a"]) == [bf16]
+    copies["b"] = s.read_parameters()["w"]  # b reads the master: not the copy a's answers left
+    stub.JoinSession(session_pb2.JoinSessionRequest(session_id=s.id, worker="b"))
+    assert round_of(33, ["a", "b"]) == [bf16, f32]
+    np.testing.assert_array_equal(copies["a"], copies["b"])  # b holds the copy again
+    assert round_of(34, ["a", "b"]) == [bf16, bf16]
+    np.testing.assert_array_equal(copies["a"], copies["b"])
+    master = s.read_parameters()["w"]
+    assert np.abs(master - copies["a"]).max() < 1e-3 * np.abs(master).max()

@@ -25,11 +25,13 @@ OUTER = {"optimizer": "nesterov", "lr": 0.7, "momentum": 0.9}
 
 
 def diloco_outer(params: Mapping[str, np.ndarray], workers: int | None = None, **options) -> dict:
-    """create_session's arguments for an outer session: Nesterov, lr 0.7, momentum 0.9 (the paper's) unless
-    `options` say otherwise (another optimizer: its own defaults); `workers`: a sync session of that many
-    workers (None: one client, unshared)."""
+    """create_session's arguments for an outer session: Nesterov, lr 0.7, momentum 0.9 (the paper's), answered
+    with bf16 deltas (step_reply "bf16_delta"), unless `options` say otherwise (another optimizer: its own
+    defaults); `workers`: a sync session of that many workers (None: one client, unshared)."""
     base = OUTER if options.get("optimizer", OUTER["optimizer"]) == OUTER["optimizer"] else {}
-    out = {**base, "params": params, **options}
+    # bf16 deltas from the copy the server keeps of the workers' weights: 2 bytes a parameter down, not 4,
+    # and what one answer rounds off the next carries (no drift).
+    out = {**base, "params": params, "step_reply": "bf16_delta", **options}
     if workers is not None:
         out.setdefault("mode", "sync")
         out["workers"] = workers
