@@ -26,6 +26,28 @@ def _loss(w, X, y):
     return float(np.mean((X @ w - y) ** 2))
 
 
+def _workers(address, outer, w0, body, n=2) -> None:
+    """`body(k, c, worker)` in n threads, each with its own client joined to `outer` as w<k> with arrays w0,
+    starting together (a round closes with the members it has: all of them, from the first)."""
+    errors = []
+    joined = threading.Barrier(n, timeout=60)
+
+    def work(k):
+        try:
+            with Client(address, timeout=60) as c, c.join(outer.id, f"w{k}", {"w": w0.copy()}) as w:
+                joined.wait()
+                body(k, c, w)
+        except Exception as e:  # reported by the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+
+
 def test_outer_sgd_lr_1_lands_on_the_local_weights(client):
     """The pseudo-gradient is start - current: an outer SGD step of lr 1 makes the session the worker's
     local weights, once every H steps (and no step in between)."""
@@ -60,26 +82,15 @@ def test_two_workers_nesterov_outer_with_int8_pseudo_gradients(client, server):
     w0 = np.zeros(8, np.float32)
     outer = client.create_session(**diloco_outer({"w": w0.copy()}, workers=2, round_deadline=60.0))
     assert outer.info.optimizer == "nesterov" and outer.info.hyperparameters["lr"] == 0.7
-    ends, errors = {}, []
-    joined = threading.Barrier(2, timeout=60)  # a round closes with the members it has: both, from the first
+    ends = {}
 
-    def work(k):
-        try:
-            with Client(server.address, timeout=60) as c, c.join(outer.id, f"w{k}", {"w": w0.copy()}) as w:
-                joined.wait()
-                loco = DiLoCo(w, AdamW(lr=0.05, weight_decay=0.0), every=10, compress=Int8Blocks(4))
-                for _ in range(100):
-                    loco.step(_grad(loco.params, *halves[k]))
-                ends[k] = loco.params["w"].copy()
-        except Exception as e:  # reported by the main thread
-            errors.append(e)
+    def body(k, c, w):
+        loco = DiLoCo(w, AdamW(lr=0.05, weight_decay=0.0), every=10, compress=Int8Blocks(4))
+        for _ in range(100):
+            loco.step(_grad(loco.params, *halves[k]))
+        ends[k] = loco.params["w"].copy()
 
-    threads = [threading.Thread(target=work, args=(k,)) for k in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert not errors, errors
+    _workers(server.address, outer, w0, body)
     final = outer.read_parameters()["w"]
     assert outer.refresh().step == 10  # 100 inner steps / H = 10 rounds, each one outer step
     # both restart from the same answer: the server's copy of the workers' weights (bf16 deltas), within one
@@ -102,28 +113,17 @@ def test_a_worker_step_costs_under_a_hundredth_of_a_dense_float32_step(client, s
     dense_bytes = counted.bytes
     assert dense_bytes > 8 * n
     outer = client.create_session(**diloco_outer({"w": w0.copy()}, workers=2, round_deadline=60.0))
-    sent, errors = {}, []
-    joined = threading.Barrier(2, timeout=60)
+    sent = {}
 
-    def work(k):
-        try:
-            with Client(server.address, timeout=60) as c, c.join(outer.id, f"w{k}", {"w": w0.copy()}) as w:
-                c.transport = mine = Counted(c.transport)
-                joined.wait()
-                loco = DiLoCo(w, AdamW(lr=1e-3), every=50, compress=Int8Blocks(256))
-                g = np.random.default_rng(k)
-                for _ in range(rounds * 50):
-                    loco.step({"w": g.standard_normal(n).astype(np.float32)})
-                sent[k] = (mine.bytes, mine.calls)
-        except Exception as e:  # reported by the main thread
-            errors.append(e)
+    def body(k, c, w):
+        c.transport = mine = Counted(c.transport)
+        loco = DiLoCo(w, AdamW(lr=1e-3), every=50, compress=Int8Blocks(256))
+        g = np.random.default_rng(k)
+        for _ in range(rounds * 50):
+            loco.step({"w": g.standard_normal(n).astype(np.float32)})
+        sent[k] = (mine.bytes, mine.calls)
 
-    threads = [threading.Thread(target=work, args=(k,)) for k in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert not errors, errors
+    _workers(server.address, outer, w0, body)
     for k, (b, calls) in sent.items():
         assert calls == rounds
         assert b / (rounds * 50) <= dense_bytes / 100, (k, b / (rounds * 50), dense_bytes)
