@@ -23,6 +23,7 @@ import numpy as np
 
 from bench.run import row
 from bench import slowlink
+from optreg.client.transport import Counted
 
 H = 50
 WORKERS, BATCH, HIDDEN = 4, 32, [64, 64]
@@ -86,7 +87,7 @@ def bench_slow_links(cfg, server, echo):
         outer = c.create_session(**diloco_outer({"w": p0.copy()}), keep=False)
         loco = DiLoCo(outer, AdamW(lr=1e-3), every=H, compress=Int8Blocks(256))
         rounds = 2 if cfg.quick else 4
-        counted = c.transport = slowlink.Counted(c.transport)
+        counted = c.transport = Counted(c.transport)
         t = 0.0
         for i in range(rounds * H):
             if i == H:  # the second round on
@@ -156,7 +157,7 @@ def train_workers(address: str, diloco: bool, seed: int, steps: int, every: int 
             try:
                 net, rng = base.copy(), np.random.default_rng([seed, k])
                 with Client(address, timeout=300) as wc, wc.join(s.id, f"w{k}", net.params) as w:
-                    wc.transport = counted = slowlink.Counted(wc.transport)
+                    wc.transport = counted = Counted(wc.transport)
                     joined.wait()
                     t0 = time.perf_counter()
                     if diloco:

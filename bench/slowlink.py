@@ -50,24 +50,6 @@ def _run(*cmd: str) -> None:
         raise RuntimeError(f"{' '.join(cmd)}: {r.stderr.strip()}")
 
 
-class Counted:
-    """A client transport that counts the serialized bytes of its Step calls, both ways (the messages,
-    not HTTP/2 and TCP framing). `client.transport = Counted(client.transport)`."""
-
-    def __init__(self, inner):
-        self.inner, self.bytes, self.calls = inner, 0, 0
-
-    def unary(self, method, request, **kw):
-        reply = self.inner.unary(method, request, **kw)
-        if method == "Step":
-            self.bytes += request.ByteSize() + reply.ByteSize()
-            self.calls += 1
-        return reply
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-
 class SlowLink:
     """A link of `mbit` Mbit/s each way and `rtt_ms` round trip from `.address` to 127.0.0.1:`target_port`."""
 

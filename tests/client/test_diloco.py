@@ -6,10 +6,10 @@ import threading
 
 import numpy as np
 
-from bench.slowlink import Counted
 from optreg.client import Client
 from optreg.client.compression import Int8Blocks
 from optreg.client.diloco import AdamW, DiLoCo, diloco_outer
+from optreg.client.transport import Counted
 
 
 def _problem(seed, n=64, d=8):
