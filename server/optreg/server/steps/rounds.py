@@ -361,11 +361,13 @@ class Hub:
         that missed an answer before (joined late, a straggler, a restart) and so do not hold it; None when
         every contributor holds it, or the answer is the parameters (then they are the copy)."""
         s = self.session
-        if s.reply != "bf16_delta" or contributors <= self.holders or s.reply_copy is None:
+        if s.reply != "bf16_delta" or contributors <= self.holders:
             return None
         if not any(a.dtype == ml_dtypes.bfloat16 for a in result.tensors.values()):
             return None
-        return {n: np.array(a) for n, a in s.reply_copy.items()}
+        with s.lock:  # (an idle unload may drop the copy)
+            copy = s.reply_copy
+            return None if copy is None else {n: np.array(a) for n, a in copy.items()}
 
     def _closable(self, r: Round) -> bool:
         if not r.contribs:
