@@ -10,6 +10,8 @@ bytes and seconds over 50, the local numpy AdamW steps' seconds included). Bytes
 messages both ways (StepRequest + StepResponse, serialized; HTTP/2 and TCP framing not counted); a
 reply is the session's float32 parameters, 4 bytes a parameter down, unless it is bf16 deltas (2). Skipped, saying why, where the link cannot be made (not root, no ip or tc).
 
+The dense, top-k and int8 steps (bf16 replies) over loopback too: where compression does not pay.
+
 Then convergence on the demo network (digits, two hidden layers of 64) over loopback (the link changes
 the time, not the loss): top-k 1% with error feedback against dense Adam on the same batches, and DiLoCo
 (4 worker threads, H = 50, int8 pseudo-gradients, inner AdamW, outer Nesterov) against synchronous data
@@ -52,9 +54,9 @@ def bench_slow_links(cfg, server, echo):
     with slowlink.SlowLink(int(server.address.rsplit(":", 1)[1]), mbit=100, rtt_ms=20) as link, \
             Client(link.address, timeout=600) as c:
 
-        def per_step(encoding, step_reply=None):
+        def per_step(encoding, step_reply=None, c=c):
             """(bytes, seconds) of one step, the median of `reps` after one untimed (which, with bf16 replies,
-            is answered with the float32 parameters)."""
+            is answered with the float32 parameters); `c`: a client over the link, or over loopback."""
             s = c.create_session("adam", {"w": p0.copy()}, lr=1e-3, keep=False, step_reply=step_reply)
             down = reply if step_reply is None else reply_bf16
             s.compress(encoding)
@@ -80,6 +82,11 @@ def bench_slow_links(cfg, server, echo):
                    "int8 blocks of 256 + error feedback": per_step(Int8Blocks(256)),
                    "top-k 1% + EF, bf16 replies": per_step(TopK(0.01), "bf16_delta"),
                    "int8 + EF, bf16 replies": per_step(Int8Blocks(256), "bf16_delta")}
+        # Where compression does not pay: the same steps over loopback (what an off-switch would measure)
+        with Client(server.address, timeout=600) as local:
+            loopback = {"dense f32": per_step(None, c=local),
+                        "top-k 1% + EF, bf16 replies": per_step(TopK(0.01), "bf16_delta", c=local),
+                        "int8 + EF, bf16 replies": per_step(Int8Blocks(256), "bf16_delta", c=local)}
 
         # DiLoCo: H local AdamW steps, then one sync (int8 pseudo-gradient, bf16 answer) to a Nesterov outer
         # session; its Step calls' bytes counted as they cross. The first answer is the parameters (the copy
@@ -106,6 +113,9 @@ def bench_slow_links(cfg, server, echo):
         target = 0.01 if name.startswith("DiLoCo") else None  # the issue's: 1/100 of a dense step's bytes
         row(f"slow link: {name} bytes", b, "B", "dense f32 step bytes", dense_b, target, note=what)
         row(f"slow link: {name} time", s, "s", "dense f32 step time", dense_s, note=what)
+    for name, (_, seconds) in loopback.items():
+        row(f"loopback: {name} step time", seconds, "s", "dense f32 step time, loopback", loopback["dense f32"][1],
+            note=f"(adam {n:.0e} f32, loopback)")
     convergence(cfg, server.address)
     wall_clock(cfg, server.address, link_name)
 
