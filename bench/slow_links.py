@@ -10,7 +10,8 @@ bytes and seconds over 50, the local numpy AdamW steps' seconds included). Bytes
 messages both ways (StepRequest + StepResponse, serialized; HTTP/2 and TCP framing not counted); a
 reply is the session's float32 parameters, 4 bytes a parameter down, unless it is bf16 deltas (2). Skipped, saying why, where the link cannot be made (not root, no ip or tc).
 
-The dense, top-k and int8 steps (bf16 replies) over loopback too: where compression does not pay.
+The dense, top-k and int8 steps (bf16 replies) over loopback too: where compression does not pay; and
+compression.WherePays(top-k 1%) on each, with the share of steps it sent compressed.
 
 Then convergence on the demo network (digits, two hidden layers of 64) over loopback (the link changes
 the time, not the loss): top-k 1% with error feedback against dense Adam on the same batches, and DiLoCo
@@ -38,7 +39,7 @@ def bench_slow_links(cfg, server, echo):
         print(f"(slowlinks: skipped, {why})", flush=True)
         return
     from optreg.client import Client
-    from optreg.client.compression import Int8Blocks, TopK
+    from optreg.client.compression import Int8Blocks, TopK, WherePays
     from optreg.client.diloco import AdamW, DiLoCo, diloco_outer
     from optreg.v1 import session_pb2, tensors
 
@@ -77,6 +78,21 @@ def bench_slow_links(cfg, server, echo):
             s.delete()
             return float(np.median(sizes)), float(np.median(times))
 
+        def where_pays(c=c, steps=12 if cfg.quick else 30):
+            """WherePays(top-k 1%) with bf16 replies: (share of steps sent compressed after its first three,
+            median seconds a step over them)."""
+            s = c.create_session("adam", {"w": p0.copy()}, lr=1e-3, keep=False, step_reply="bf16_delta")
+            s.compress(WherePays(TopK(0.01), probe_every=10))
+            ways, times = [], []
+            for i in range(steps):
+                t = time.perf_counter()
+                s.step({"w": grads[i % len(grads)]})
+                if i >= 3:
+                    ways.append(s.compression.now)
+                    times.append(time.perf_counter() - t)
+            s.delete()
+            return float(np.mean(ways)), float(np.median(times))
+
         dense_b, dense_s = per_step(None)
         figures = {"top-k 1% + error feedback": per_step(TopK(0.01)),
                    "int8 blocks of 256 + error feedback": per_step(Int8Blocks(256)),
@@ -87,6 +103,7 @@ def bench_slow_links(cfg, server, echo):
             loopback = {"dense f32": per_step(None, c=local),
                         "top-k 1% + EF, bf16 replies": per_step(TopK(0.01), "bf16_delta", c=local),
                         "int8 + EF, bf16 replies": per_step(Int8Blocks(256), "bf16_delta", c=local)}
+            switched = {"loopback": where_pays(local), "slow link": where_pays()}
 
         # DiLoCo: H local AdamW steps, then one sync (int8 pseudo-gradient, bf16 answer) to a Nesterov outer
         # session; its Step calls' bytes counted as they cross. The first answer is the parameters (the copy
@@ -113,6 +130,12 @@ def bench_slow_links(cfg, server, echo):
         target = 0.01 if name.startswith("DiLoCo") else None  # the issue's: 1/100 of a dense step's bytes
         row(f"slow link: {name} bytes", b, "B", "dense f32 step bytes", dense_b, target, note=what)
         row(f"slow link: {name} time", s, "s", "dense f32 step time", dense_s, note=what)
+    for where, (share, seconds) in switched.items():
+        print(f"(slowlinks: WherePays(top-k 1%) over {where}: {share:.0%} of steps compressed after the first 3)",
+              flush=True)
+        base = dense_s if where == "slow link" else loopback["dense f32"][1]
+        row(f"{where}: WherePays(top-k 1%), bf16 replies, step time", seconds, "s", f"dense f32 step time, {where}",
+            base, note=f"{share:.0%} of steps compressed after the first 3")
     for name, (_, seconds) in loopback.items():
         row(f"loopback: {name} step time", seconds, "s", "dense f32 step time, loopback", loopback["dense f32"][1],
             note=f"(adam {n:.0e} f32, loopback)")
