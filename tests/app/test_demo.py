@@ -197,3 +197,29 @@ def test_demo_with_four_workers_trains_one_session(tmp_path):
     assert len(many["losses"]) == len(one["losses"]) == 12
     assert many["losses"][-1] < many["losses"][0] and one["losses"][-1] < one["losses"][0]
     assert "every round combined 4 contributions" in done.stdout
+
+
+def test_demo_diloco_trains_four_workers_against_sync_data_parallel(tmp_path):
+    """`optreg demo --workers 4 --diloco --quick`: four worker processes train the network with DiLoCo and,
+    on the same samples, with synchronous data parallel; diloco.png and diloco.json hold the loss per step
+    and the bytes the Step calls carried, DiLoCo's a fraction of sync DP's. --diloco alone is refused."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(SOURCE_ROOTS + [env.get("PYTHONPATH", "")])
+    env["MPLBACKEND"] = "Agg"
+    args = [sys.executable, "-m", "optreg.app", "demo", "--quick", "--iterations", "12", "--no-progress",
+            "--dataset", "digits", "--out", str(tmp_path)]
+    alone = subprocess.run(args + ["--diloco"], capture_output=True, text=True, env=env, timeout=300)
+    assert alone.returncode != 0 and "give --workers N as well" in alone.stderr + alone.stdout
+    done = subprocess.run(args + ["--workers", "4", "--diloco"], capture_output=True, text=True, env=env,
+                          timeout=900)
+    assert done.returncode == 0, f"optreg demo --workers 4 --diloco failed:\n{done.stdout}\n{done.stderr}"
+    png = tmp_path / "diloco.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    summary = json.loads((tmp_path / "diloco.json").read_text())
+    loco, sync = summary["runs"]["diloco"], summary["runs"]["sync"]
+    assert summary["every"] == 2 and (loco["rounds"], sync["rounds"]) == (6, 12)  # 12 steps, a sync every 2
+    assert len(loco["losses"]) == len(sync["losses"]) == 12 and loco["losses"][-1] < loco["losses"][0]
+    assert loco["bytes"] == sorted(loco["bytes"]) and loco["bytes"][-1] > 0
+    # a sync every 2 steps, int8 up and bf16 down, against float64 up and down every step
+    assert summary["bytes_per_worker_step"]["diloco"] < summary["bytes_per_worker_step"]["sync"] / 5
+    assert "DiLoCo sent" in done.stdout

@@ -10,7 +10,8 @@ import pytest
 
 from conftest import ServerProcess
 from optreg.client import Client
-from optreg.client.compression import Int8Blocks, TopK
+from optreg.client.compression import Int8Blocks, TopK, WherePays
+from optreg.client.transport import Counted
 from optreg.v1 import compressed, session_pb2, session_pb2_grpc, tensor_pb2, tensors
 
 ENCODINGS = {"top_k": TopK(0.05), "int8": Int8Blocks(16)}
@@ -50,6 +51,36 @@ def test_server_steps_what_it_decodes_and_the_client_keeps_the_residual(client, 
     s.compress(None)
     s.step({n: np.zeros_like(a) for n, a in p0.items()})  # dense again
     assert s.step_count == 13
+
+
+def test_where_pays_measures_both_ways_and_a_dense_step_carries_the_residual(client):
+    """WherePays(encoding): the first two steps go compressed (the first is not timed), the third dense, with
+    everything the compressed ones left out: the session then holds exactly SGD on the sum of the gradients
+    and the residual is empty. Then a dense and a compressed step have each been timed, and the faster way
+    is taken from the fourth step on (the other tried every probe_every steps)."""
+    rng = np.random.default_rng(3)
+    p0 = {"w": rng.standard_normal((20, 10)).astype(np.float32), "b": np.zeros(7, np.float32)}
+    s = client.create_session("sgd", {n: a.copy() for n, a in p0.items()}, lr=1.0)
+    s.compress(WherePays(TopK(0.05), probe_every=4))
+    client.transport = counted = Counted(client.transport)
+    grads, sent = _grads(rng, 9), []
+    for g in grads:
+        before = counted.bytes
+        s.step(g)
+        sent.append(s.compression.now)
+        if len(sent) == 3:
+            for n, a in p0.items():
+                np.testing.assert_allclose(s.arrays[n], a - sum(x[n] for x in grads[:3]), rtol=0, atol=1e-5)
+                assert not s.compression.residual[n].any()
+            assert counted.bytes - before > 4 * (200 + 7)  # dense: every element
+    assert sent[:3] == [True, True, False] and set(s.compression.switch.seconds) == {True, False}
+    np.testing.assert_array_equal(s.read_parameters()["w"], s.arrays["w"])
+    switch = s.compression.switch  # from here the faster way, and the other every 4th step
+    for faster in (True, False):
+        switch.seconds = {faster: [1.0, 9.0, 1.0], not faster: [2.0]}  # (medians: a slow step does not count)
+        first = switch.steps + 1
+        ways = [switch.decide() for _ in range(8)]
+        assert ways == [faster if (first + i) % 4 else not faster for i in range(8)]
 
 
 def test_compressed_bytes_on_the_wire(client):

@@ -59,6 +59,12 @@ def test_quick_bench_section_reports_every_figure(tmp_path, slow_link):
                          timeout=600)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
     rows = {r["figure"]: r for r in json.loads(out.read_text())["rows"]}
-    for kind in ("top-k 1% + error feedback", "int8 blocks of 256 + error feedback", "DiLoCo H=50, int8, per inner step"):
+    diloco = "DiLoCo H=50, int8 up, bf16 down, per inner step"
+    for kind in ("top-k 1% + error feedback", "int8 blocks of 256 + error feedback", diloco):
         assert rows[f"slow link: {kind} bytes"]["ratio"] < 1, rows
         assert rows[f"slow link: {kind} time"]["value"] > 0
+    assert rows[f"slow link: {diloco} bytes"]["met"]  # at most 1/100 of a dense float32 step's bytes
+    assert rows["demo net: DiLoCo H=50 bytes per worker step"]["met"]
+    for figure in ("loopback: WherePays(top-k 1%), bf16 replies, step time", "demo net: DiLoCo seconds, same samples",
+                   "convergence: DiLoCo H=50 int8 test loss"):
+        assert rows[figure]["value"] > 0

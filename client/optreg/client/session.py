@@ -154,7 +154,7 @@ class Session:
         return {"metadata": (("optreg-take-over", "1"),)} if self.take_over else {}
 
     def _sender(self, grads):
-        if self.compression is not None:  # compressed gradients are small: one Step call
+        if self.compression is not None and self.compression.now:  # compressed gradients are small: one Step call
             return self._unary
         return choose(grads, self._reply_bytes, self._unary, self._stream, self._shm)
 
@@ -175,6 +175,8 @@ class Session:
         """
         if not isinstance(grads, Mapping):
             raise UsageError(f"step() takes a mapping of parameter name -> gradient array, not {type(grads).__name__}")
+        if self.compression is not None:  # compressed, or dense with the residual (compression.WherePays)
+            grads = self.compression.begin(grads)
         sender = self._sender(grads)
         fence = self.step_count
         hp, mx = hyperparameters or None, metrics or None

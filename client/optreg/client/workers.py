@@ -134,7 +134,9 @@ class Worker:
         if not isinstance(grads, Mapping):
             raise UsageError(f"step() takes a mapping of parameter name -> gradient array, not {type(grads).__name__}")
         number = self.round
-        send = self._unary if self.compression is not None else choose(
+        if self.compression is not None:  # compressed, or dense with the residual (compression.WherePays)
+            grads = self.compression.begin(grads)
+        send = self._unary if self.compression is not None and self.compression.now else choose(
             grads, self.info.parameter_bytes, self._unary, self._stream)
         reply, result = self.client._retrying(lambda n, remaining: send(grads, number, metrics))
         if self.compression is not None:  # keyed by (worker, round): applied once, whichever attempt landed
@@ -173,7 +175,7 @@ class Worker:
         self.compression = None if encoding is None else ErrorFeedback(encoding)
 
     def _unary(self, grads, number, metrics):
-        if self.compression is not None:
+        if self.compression is not None and self.compression.now:
             msgs, self.compression.pending = self.compression.encode(grads)
             request = session_pb2.StepRequest(session_id=self.session_id, worker=self.worker, round=number,
                                               compressed=msgs)

@@ -13,6 +13,8 @@ all in --out (default ./optreg-demo/).
 `--workers N` runs instead the demo of several workers on one session
 (optreg.app.demo.workers): N worker processes train the network through one
 sync session, against one worker alone -> workers.png and workers.json.
+`--workers N --diloco`: the N workers train with DiLoCo instead, against
+synchronous data parallel on the same samples -> diloco.png and diloco.json.
 
 Every optimizer runs in its own session on an optreg server: one started in
 this process on a free loopback port, or the one at --address.
@@ -56,6 +58,11 @@ def add_arguments(parser) -> None:
                         help="instead: N worker processes train the network through ONE session (sync rounds), "
                              "against one worker alone -> workers.png, workers.json (--iterations: rounds, "
                              "default 300; --quick: 30)")
+    parser.add_argument("--diloco", action="store_true",
+                        help="with --workers N: the N workers train with DiLoCo (H = 50 local AdamW steps, int8 "
+                             "pseudo-gradients, bf16 answers) against synchronous data parallel with the same AdamW "
+                             "on the same samples -> diloco.png, diloco.json (--iterations: each worker's steps, "
+                             "default 2000; --quick: 30)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--dashboard", nargs="?", const=0, type=_port, metavar="PORT",
                         help="serve the live training dashboard on 127.0.0.1:PORT (default: a free port) and print "
@@ -108,9 +115,12 @@ def _prepare(args):
     probe = out / ".optreg-demo-write-test"
     probe.write_bytes(b"")  # an unwritable folder stops here too, not after minutes of training
     probe.unlink()
+    if getattr(args, "diloco", False) and not getattr(args, "workers", None):
+        raise ValueError("--diloco: DiLoCo trains with several workers; give --workers N as well (4, say)")
     if getattr(args, "workers", None):
         from optreg.app.demo import workers
-        iterations = args.iterations or (workers.QUICK_ROUNDS if args.quick else workers.ROUNDS)
+        full = workers.DILOCO_ROUNDS if getattr(args, "diloco", False) else workers.ROUNDS
+        iterations = args.iterations or (workers.QUICK_ROUNDS if args.quick else full)
     else:
         iterations = args.iterations or (200 if args.quick else training.default_iterations(dataset))
     return out, dataset, iterations
@@ -120,6 +130,8 @@ def _workers(args, client, address: str, dataset, rounds: int, out: pathlib.Path
     from optreg.app.connect import _token
     from optreg.app.demo import workers
     n = args.workers
+    if getattr(args, "diloco", False):
+        return _diloco(args, client, address, dataset, rounds, out)
     print(f"{n} worker processes, one {workers.OPTIMIZER} session (sync rounds, lr {workers.LR}, batch "
           f"{workers.BATCH} each), {rounds} rounds; then 1 worker alone", flush=True)
     summary = workers.run(client, address, _token(args) if args.address else None, dataset,
@@ -137,6 +149,27 @@ def _workers(args, client, address: str, dataset, rounds: int, out: pathlib.Path
     print(f"mean batch loss over the last {summary['loss_window']} rounds: {n} workers "
           f"{summary['final_loss']['many']:.4f}, 1 worker {summary['final_loss']['one']:.4f}")
     print(f"wrote {summary['figure']}, {out / 'workers.json'}")
+    return 0
+
+
+def _diloco(args, client, address: str, dataset, rounds: int, out: pathlib.Path) -> int:
+    from optreg.app.connect import _token
+    from optreg.app.demo import workers
+    n = args.workers
+    print(f"{n} worker processes, {rounds} steps of batch {workers.DILOCO_BATCH} each: synchronous data parallel (AdamW, "
+          f"a round a step), then DiLoCo (local AdamW, int8 pseudo-gradients, bf16 answers)", flush=True)
+    summary = workers.run_diloco(client, address, _token(args) if args.address else None, dataset,
+                                 (args.data, args.dataset), n, rounds, out,
+                                 named=getattr(args, "dashboard", None) is not None)
+    sync, loco = summary["runs"]["sync"], summary["runs"]["diloco"]
+    per_step = summary["bytes_per_worker_step"]
+    for name, run in (("sync DP", sync), (f"DiLoCo H={summary['every']}", loco)):
+        print(f"{name}: {run['rounds']} server steps in {run['seconds']:.1f} s, "
+              f"{per_step['sync' if run is sync else 'diloco']:.0f} bytes per worker step, "
+              f"test loss {run['test_loss']:.4f}")
+    print(f"DiLoCo sent {per_step['diloco'] / per_step['sync']:.4f}x sync DP's bytes; test loss "
+          f"{summary['test_loss']['diloco'] / summary['test_loss']['sync']:.2f}x (the same samples)")
+    print(f"wrote {summary['figure']}, {out / 'diloco.json'}")
     return 0
 
 

@@ -12,7 +12,7 @@ class UnaryStep:
 
     def send(self, session, grads, fence: int, hyperparameters, metrics, timeout):
         feedback = session.compression  # compressed gradients (compression.py): the same bytes on every attempt
-        if feedback is None:
+        if feedback is None or not feedback.now:
             request = session_pb2.StepRequest(session_id=session.id, step=fence,
                                               gradients=[tensors.from_numpy(n, g) for n, g in grads.items()])
         else:

@@ -5,7 +5,7 @@ to an outer optreg session every H steps with its pseudo-gradient.
     from optreg.client.torch.diloco import DiLoCo, arrays
     outer = client.create_session(**diloco_outer(arrays(model), workers=4))   # Nesterov 0.7 / 0.9
     with client.join(outer.id, worker="w0", params=arrays(model)) as w:
-        loco = DiLoCo(model, torch.optim.AdamW(model.parameters(), lr=1e-3), w, every=50)
+        loco = DiLoCo(model, torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1), w, every=50)
         for x, y in data:
             loss_fn(model(x), y).backward()
             loco.step()                  # the inner step; every 50th, the sync too

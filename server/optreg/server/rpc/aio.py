@@ -199,7 +199,7 @@ class AioSessions:
                 o = workers.contribution(session, request, ctx, False)
             else:
                 o = await offload(workers.contribution, session, request, ctx, False)
-            o = await self._round(session, request.worker, request.round, o, ctx)
+            o = (await self._round(session, request.worker, request.round, o, ctx)).to(request.worker)
             if _outcome_bytes(o) > INLINE_BYTES:  # made on the pool for each member (not kept: its size)
                 return await offload(workers.reply, o)
             return self._replies.get(o, workers.reply)
@@ -305,7 +305,7 @@ class AioSessions:
             o = await offload(workers.stream_contribution, session, first, iter(messages), _Read(), ctx,
                               session.workers.mode != "sync")
             del messages
-            o = await self._round(session, first.worker, first.round, o, ctx)
+            o = (await self._round(session, first.worker, first.round, o, ctx)).to(first.worker)
             for reply in await _work(_outcome_bytes(o), lambda: list(workers.stream_replies(o))):
                 yield reply
 

@@ -186,7 +186,7 @@ class WorkerSteps:
 
     def step(self, session, request, context) -> session_pb2.StepResponse:
         with self.call(session, request.worker):
-            return self.reply(self.contribution(session, request, context))
+            return self.reply(self.contribution(session, request, context).to(request.worker))
 
     def contribution(self, session, request, context, wait=True) -> Outcome | Future:
         """A Step call's contribution (caller holds its call()): its outcome, or its round's future (wait=False)."""
@@ -217,7 +217,7 @@ class WorkerSteps:
             yield from self._step_stream(session, first, rest, requests, context)
 
     def _step_stream(self, session, first, rest, requests, context):
-        yield from self.stream_replies(self.stream_contribution(session, first, rest, requests, context))
+        yield from self.stream_replies(self.stream_contribution(session, first, rest, requests, context).to(first.worker))
 
     def stream_contribution(self, session, first, rest, requests, context, wait=True) -> Outcome | Future:
         """A StepStream call's contribution (caller holds its call()): `rest` the messages after `first`,

@@ -162,9 +162,12 @@ class SessionFactory:
                           owner=owner, schedule=schedule)
         if config.workers is not None:
             session.workers = config.workers.checked()
-            if config.reply == "bf16_delta":  # one copy of the client's parameters per session, not per worker
-                raise InvalidArgument("config.step_reply bf16_delta with config.workers: it keeps one client's copy "
-                                      "of the parameters; use step_reply parameters for a shared session")
+            if config.reply == "bf16_delta" and session.workers.mode != "sync":
+                # One copy of the members' parameters, which a sync round's answer moves for all of them alike
+                # (rounds.py); an async contribution's answer is its own worker's.
+                raise InvalidArgument(f"config.step_reply bf16_delta with config.workers.mode {session.workers.mode}: "
+                                      "it keeps one copy of the workers' parameters, which only sync rounds answer "
+                                      "alike; use mode sync, or step_reply parameters")
             if session.workers.mode != "sync" and config.reply == "delta":
                 # A contribution applies to parameters other workers moved since this one read them: new - old
                 # would leave the worker's copy without their updates (sync rounds are read and applied whole).

@@ -27,8 +27,9 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+import ml_dtypes
 import numpy as np
 
 from optreg.server.steps import sparse_rows
@@ -59,6 +60,14 @@ class Outcome:
     noise_scale: float = 0.0
     rows: dict = field(default_factory=dict)  # a sparse step's answered rows: name -> (rows, values)
     lr: float = 0.0  # the lr the step ran with (StepResponse.lr)
+    # step_reply "bf16_delta" (sync): `tensors` are bf16 deltas from the members' shared copy, answered to
+    # `delta_to`, the contributors that hold it; the others get `full`, the copy itself in the master dtype.
+    full: "Outcome | None" = None
+    delta_to: frozenset = frozenset()
+
+    def to(self, worker: str) -> "Outcome":
+        """What this outcome answers `worker`."""
+        return self if self.full is None or worker in self.delta_to else self.full
 
 
 @dataclass(eq=False)
@@ -170,6 +179,9 @@ class Hub:
         self.last: Outcome | None = None
         self.history: deque = deque(maxlen=64)  # (round, contributors) of closed rounds
         self.deleted = False
+        # step_reply "bf16_delta": the members whose arrays are the session's copy (s.reply_copy), as the
+        # last round's answers left them; the others are answered the copy whole (_copy_for).
+        self.holders: set[str] = set()
         # async/ssp: a worker's contributions apply one at a time, by name (not by Member: a member dropped
         # at its lease and joined again mid-call must not let a retry overtake its original).
         self.turns: dict[str, threading.Lock] = {}
@@ -258,7 +270,8 @@ class Hub:
                 if answer.step == number + 1:
                     return answer
             else:
-                return Outcome(**{**self.last.__dict__, "replayed": True})
+                full = self.last.full and replace(self.last.full, replayed=True)
+                return replace(self.last, replayed=True, full=full)
         for rnd, who in self.history:
             if rnd == number and worker in who:
                 raise FailedPrecondition(
@@ -343,6 +356,19 @@ class Hub:
         self.cond.notify_all()
         return r
 
+    def _copy_for(self, result, contributors: set) -> dict | None:
+        """A bf16-delta round (run.bf16_delta): the copy the deltas were added to, whole, for the contributors
+        that missed an answer before (joined late, a straggler, a restart) and so do not hold it; None when
+        every contributor holds it, or the answer is the parameters (then they are the copy)."""
+        s = self.session
+        if s.reply != "bf16_delta" or contributors <= self.holders:
+            return None
+        if not any(a.dtype == ml_dtypes.bfloat16 for a in result.tensors.values()):
+            return None
+        with s.lock:  # (an idle unload may drop the copy)
+            copy = s.reply_copy
+            return None if copy is None else {n: np.array(a) for n, a in copy.items()}
+
     def _closable(self, r: Round) -> bool:
         if not r.contribs:
             return False
@@ -414,6 +440,7 @@ class Hub:
                         run.add_sparse(name, rows, values)
                     result = run.finish()
                 out = {n: np.array(a) for n, a in result.tensors.items()}  # kept: every contributor's reply
+                full = self._copy_for(result, set(contribs))
             finally:
                 run.close()
         except Exception as e:
@@ -432,6 +459,10 @@ class Hub:
         outcome = Outcome(result.step, out, r.number, who, tuple(sorted(live - set(who))), time.monotonic() - t0,
                           noise_scale=noise_scale(contribs, mean), rows=dict(getattr(result, "sparse", {})),
                           lr=result.lr)
+        if full is not None:
+            outcome.delta_to = frozenset(self.holders & set(who))
+            outcome.full = replace(outcome, tensors=full)
+        self.holders = set(who)  # every contributor now holds the copy (as bf16 deltas or whole)
         metrics = self.store.metrics
         if metrics is not None and hasattr(metrics, "round"):
             metrics.round(s.id, outcome.seconds, len(outcome.stragglers), outcome.noise_scale)
