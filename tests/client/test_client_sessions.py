@@ -94,6 +94,13 @@ def test_results_are_small_typed_objects(client):
     names = {o.name: o for o in client.optimizers()}
     lr = {h.name: h for h in names["adam"].hyperparameters}["lr"]
     assert (lr.type, lr.default, lr.minimum) == ("float", 0.001, 0.0) and names["adam"].slots[0].name == "m"
+    # each slot's layout (contract v2), so a client in any language can size and read ReadState's arrays
+    layout = {o: {sl.name: (sl.shape, sl.dtype, sl.domain) for sl in names[o].slots}
+              for o in ("adam", "torch.adafactor", "adamw-bf16", "schedulefree.adamw")}
+    assert layout["adam"] == {"m": ("same", "", "real"), "v": ("same", "", "nonnegative")}
+    assert layout["torch.adafactor"]["row_var"][0] == "rows" and layout["torch.adafactor"]["col_var"][0] == "columns"
+    assert layout["adamw-bf16"]["m"] == ("same", "bfloat16", "real")
+    assert layout["schedulefree.adamw"]["weight_sum"] == ("scalar", "float64", "nonnegative")
     assert client.plugin_failures() == []
     s.delete()
     restored.delete()

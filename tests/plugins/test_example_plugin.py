@@ -76,6 +76,9 @@ def test_8bit_adamw_steps_its_codes_over_a_server(start_server, eight_bit_env):
     with Client(srv.address) as c:
         found = {o.name: o for o in c.optimizers()}
         assert found["adamw-8bit"].distribution == "optreg-8bit" and found["adamw-8bit"].plugin == "adamw8bit"
+        assert {(sl.name, sl.shape, sl.dtype) for sl in found["adamw-8bit"].slots} == {
+            ("m", "same", "uint8"), ("v", "same", "uint8"), ("m_absmax", "blocks(256)", ""),
+            ("v_absmax", "blocks(256)", "")}  # the layout ListOptimizers publishes
         s = c.create_session("adamw-8bit", eight_bit_params(), lr=1e-2)
         # what the session holds: parameters, a uint8 code per element for m and v, a float32 scale per block
         assert s.info.size_bytes == 3005 * 4 + 2 * 3005 + 2 * (12 + 1) * 4

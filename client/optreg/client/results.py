@@ -42,8 +42,13 @@ class Hyperparameter:
 
 @dataclass(frozen=True)
 class Slot:
+    """A state slot and its layout (registry.proto StateSlotSpec): `shape` the rule giving its shape
+    from a parameter's ("same", "rows", "scalar", "blocks(256)", ...), `dtype` "" for the session's."""
     name: str
     initial_value: float
+    shape: str = "same"
+    dtype: str = ""
+    domain: str = "real"
 
 
 @dataclass(frozen=True)
@@ -66,7 +71,8 @@ class OptimizerInfo:
     @classmethod
     def from_proto(cls, o: registry_pb2.OptimizerInfo) -> "OptimizerInfo":
         return cls(o.name, o.summary, tuple(Hyperparameter.from_proto(h) for h in o.hyperparameters),
-                   tuple(Slot(s.name, s.initial_value) for s in o.slots), o.elementwise, o.sparse_rows,
+                   tuple(Slot(s.name, s.initial_value, s.shape or "same", s.dtype, s.domain or "real")
+                         for s in o.slots), o.elementwise, o.sparse_rows,
                    o.plugin, o.distribution, o.version)
 
 

@@ -24,29 +24,29 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18optreg/v1/registry.proto\x12\toptreg.v1\"\xe7\x01\n\x12HyperparameterSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12+\n\x04type\x18\x02 \x01(\x0e\x32\x1d.optreg.v1.HyperparameterType\x12\x0f\n\x07\x64\x65\x66\x61ult\x18\x03 \x01(\x01\x12\x14\n\x07minimum\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x14\n\x07maximum\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12\x19\n\x11minimum_exclusive\x18\x06 \x01(\x08\x12\x19\n\x11maximum_exclusive\x18\x07 \x01(\x08\x12\x0b\n\x03\x64oc\x18\x08 \x01(\tB\n\n\x08_minimumB\n\n\x08_maximum\"4\n\rStateSlotSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rinitial_value\x18\x02 \x01(\x01\"\xf0\x01\n\rOptimizerInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07summary\x18\x02 \x01(\t\x12\x36\n\x0fhyperparameters\x18\x03 \x03(\x0b\x32\x1d.optreg.v1.HyperparameterSpec\x12\'\n\x05slots\x18\x04 \x03(\x0b\x32\x18.optreg.v1.StateSlotSpec\x12\x13\n\x0b\x65lementwise\x18\x05 \x01(\x08\x12\x13\n\x0bsparse_rows\x18\x06 \x01(\x08\x12\x0e\n\x06plugin\x18\x07 \x01(\t\x12\x14\n\x0c\x64istribution\x18\x08 \x01(\t\x12\x0f\n\x07version\x18\t \x01(\t\"/\n\rPluginFailure\x12\x0e\n\x06plugin\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x17\n\x15ListOptimizersRequest\"\xa9\x01\n\x0cScheduleInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07summary\x18\x02 \x01(\t\x12\x31\n\nparameters\x18\x03 \x03(\x0b\x32\x1d.optreg.v1.HyperparameterSpec\x12\x10\n\x08required\x18\x04 \x03(\t\x12\x0e\n\x06plugin\x18\x05 \x01(\t\x12\x14\n\x0c\x64istribution\x18\x06 \x01(\t\x12\x0f\n\x07version\x18\x07 \x01(\t\"\x9e\x01\n\x16ListOptimizersResponse\x12,\n\noptimizers\x18\x01 \x03(\x0b\x32\x18.optreg.v1.OptimizerInfo\x12*\n\x08\x66\x61ilures\x18\x02 \x03(\x0b\x32\x18.optreg.v1.PluginFailure\x12*\n\tschedules\x18\x03 \x03(\x0b\x32\x17.optreg.v1.ScheduleInfo*\x93\x01\n\x12HyperparameterType\x12#\n\x1fHYPERPARAMETER_TYPE_UNSPECIFIED\x10\x00\x12\x1d\n\x19HYPERPARAMETER_TYPE_FLOAT\x10\x01\x12\x1b\n\x17HYPERPARAMETER_TYPE_INT\x10\x02\x12\x1c\n\x18HYPERPARAMETER_TYPE_BOOL\x10\x03\x32q\n\x18OptimizerRegistryService\x12U\n\x0eListOptimizers\x12 .optreg.v1.ListOptimizersRequest\x1a!.optreg.v1.ListOptimizersResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18optreg/v1/registry.proto\x12\toptreg.v1\"\xe7\x01\n\x12HyperparameterSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12+\n\x04type\x18\x02 \x01(\x0e\x32\x1d.optreg.v1.HyperparameterType\x12\x0f\n\x07\x64\x65\x66\x61ult\x18\x03 \x01(\x01\x12\x14\n\x07minimum\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x14\n\x07maximum\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12\x19\n\x11minimum_exclusive\x18\x06 \x01(\x08\x12\x19\n\x11maximum_exclusive\x18\x07 \x01(\x08\x12\x0b\n\x03\x64oc\x18\x08 \x01(\tB\n\n\x08_minimumB\n\n\x08_maximum\"b\n\rStateSlotSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rinitial_value\x18\x02 \x01(\x01\x12\r\n\x05shape\x18\x03 \x01(\t\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x0e\n\x06\x64omain\x18\x05 \x01(\t\"\xf0\x01\n\rOptimizerInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07summary\x18\x02 \x01(\t\x12\x36\n\x0fhyperparameters\x18\x03 \x03(\x0b\x32\x1d.optreg.v1.HyperparameterSpec\x12\'\n\x05slots\x18\x04 \x03(\x0b\x32\x18.optreg.v1.StateSlotSpec\x12\x13\n\x0b\x65lementwise\x18\x05 \x01(\x08\x12\x13\n\x0bsparse_rows\x18\x06 \x01(\x08\x12\x0e\n\x06plugin\x18\x07 \x01(\t\x12\x14\n\x0c\x64istribution\x18\x08 \x01(\t\x12\x0f\n\x07version\x18\t \x01(\t\"/\n\rPluginFailure\x12\x0e\n\x06plugin\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x17\n\x15ListOptimizersRequest\"\xa9\x01\n\x0cScheduleInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07summary\x18\x02 \x01(\t\x12\x31\n\nparameters\x18\x03 \x03(\x0b\x32\x1d.optreg.v1.HyperparameterSpec\x12\x10\n\x08required\x18\x04 \x03(\t\x12\x0e\n\x06plugin\x18\x05 \x01(\t\x12\x14\n\x0c\x64istribution\x18\x06 \x01(\t\x12\x0f\n\x07version\x18\x07 \x01(\t\"\x9e\x01\n\x16ListOptimizersResponse\x12,\n\noptimizers\x18\x01 \x03(\x0b\x32\x18.optreg.v1.OptimizerInfo\x12*\n\x08\x66\x61ilures\x18\x02 \x03(\x0b\x32\x18.optreg.v1.PluginFailure\x12*\n\tschedules\x18\x03 \x03(\x0b\x32\x17.optreg.v1.ScheduleInfo*\x93\x01\n\x12HyperparameterType\x12#\n\x1fHYPERPARAMETER_TYPE_UNSPECIFIED\x10\x00\x12\x1d\n\x19HYPERPARAMETER_TYPE_FLOAT\x10\x01\x12\x1b\n\x17HYPERPARAMETER_TYPE_INT\x10\x02\x12\x1c\n\x18HYPERPARAMETER_TYPE_BOOL\x10\x03\x32q\n\x18OptimizerRegistryService\x12U\n\x0eListOptimizers\x12 .optreg.v1.ListOptimizersRequest\x1a!.optreg.v1.ListOptimizersResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'optreg.v1.registry_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_HYPERPARAMETERTYPE']._serialized_start=978
-  _globals['_HYPERPARAMETERTYPE']._serialized_end=1125
+  _globals['_HYPERPARAMETERTYPE']._serialized_start=1024
+  _globals['_HYPERPARAMETERTYPE']._serialized_end=1171
   _globals['_HYPERPARAMETERSPEC']._serialized_start=40
   _globals['_HYPERPARAMETERSPEC']._serialized_end=271
   _globals['_STATESLOTSPEC']._serialized_start=273
-  _globals['_STATESLOTSPEC']._serialized_end=325
-  _globals['_OPTIMIZERINFO']._serialized_start=328
-  _globals['_OPTIMIZERINFO']._serialized_end=568
-  _globals['_PLUGINFAILURE']._serialized_start=570
-  _globals['_PLUGINFAILURE']._serialized_end=617
-  _globals['_LISTOPTIMIZERSREQUEST']._serialized_start=619
-  _globals['_LISTOPTIMIZERSREQUEST']._serialized_end=642
-  _globals['_SCHEDULEINFO']._serialized_start=645
-  _globals['_SCHEDULEINFO']._serialized_end=814
-  _globals['_LISTOPTIMIZERSRESPONSE']._serialized_start=817
-  _globals['_LISTOPTIMIZERSRESPONSE']._serialized_end=975
-  _globals['_OPTIMIZERREGISTRYSERVICE']._serialized_start=1127
-  _globals['_OPTIMIZERREGISTRYSERVICE']._serialized_end=1240
+  _globals['_STATESLOTSPEC']._serialized_end=371
+  _globals['_OPTIMIZERINFO']._serialized_start=374
+  _globals['_OPTIMIZERINFO']._serialized_end=614
+  _globals['_PLUGINFAILURE']._serialized_start=616
+  _globals['_PLUGINFAILURE']._serialized_end=663
+  _globals['_LISTOPTIMIZERSREQUEST']._serialized_start=665
+  _globals['_LISTOPTIMIZERSREQUEST']._serialized_end=688
+  _globals['_SCHEDULEINFO']._serialized_start=691
+  _globals['_SCHEDULEINFO']._serialized_end=860
+  _globals['_LISTOPTIMIZERSRESPONSE']._serialized_start=863
+  _globals['_LISTOPTIMIZERSRESPONSE']._serialized_end=1021
+  _globals['_OPTIMIZERREGISTRYSERVICE']._serialized_start=1173
+  _globals['_OPTIMIZERREGISTRYSERVICE']._serialized_end=1286
 # @@protoc_insertion_point(module_scope)

@@ -39,12 +39,18 @@ class HyperparameterSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., type: _Optional[_Union[HyperparameterType, str]] = ..., default: _Optional[float] = ..., minimum: _Optional[float] = ..., maximum: _Optional[float] = ..., minimum_exclusive: _Optional[bool] = ..., maximum_exclusive: _Optional[bool] = ..., doc: _Optional[str] = ...) -> None: ...
 
 class StateSlotSpec(_message.Message):
-    __slots__ = ("name", "initial_value")
+    __slots__ = ("name", "initial_value", "shape", "dtype", "domain")
     NAME_FIELD_NUMBER: _ClassVar[int]
     INITIAL_VALUE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    DOMAIN_FIELD_NUMBER: _ClassVar[int]
     name: str
     initial_value: float
-    def __init__(self, name: _Optional[str] = ..., initial_value: _Optional[float] = ...) -> None: ...
+    shape: str
+    dtype: str
+    domain: str
+    def __init__(self, name: _Optional[str] = ..., initial_value: _Optional[float] = ..., shape: _Optional[str] = ..., dtype: _Optional[str] = ..., domain: _Optional[str] = ...) -> None: ...
 
 class OptimizerInfo(_message.Message):
     __slots__ = ("name", "summary", "hyperparameters", "slots", "elementwise", "sparse_rows", "plugin", "distribution", "version")

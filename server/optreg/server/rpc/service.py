@@ -112,7 +112,8 @@ def list_optimizers(registry: Registry) -> registry_pb2.ListOptimizersResponse:
                                   version=reg.version)
         _specs(info.hyperparameters, d.hyperparameters)
         for s in d.slots:
-            info.slots.add(name=s.name, initial_value=s.initial_value)
+            info.slots.add(name=s.name, initial_value=s.initial_value, shape=s.shape.__name__, dtype=s.dtype or "",
+                           domain=s.domain)
     for reg in registry.schedules.values():
         d = reg.definition
         info = out.schedules.add(name=d.name, summary=d.summary, required=d.required, plugin=reg.plugin,
