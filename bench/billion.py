@@ -139,7 +139,7 @@ def start_server(data: pathlib.Path, port: int, budget_mb: int) -> subprocess.Po
 def kernel_ns_per_param(rounds: int = 7) -> float:
     """The in-process Adam kernel at 1e7 float32 (the bench's shm baseline), ns a parameter."""
     from optreg.plugins.registry import Registry
-    from optreg.server.kernels import jit as fastkernels
+    from optreg.server.kernels import jit
     from optreg.server.kernels import warmup
     from optreg.server.kernels import apply as kernels
     warmup.warm(block=True)

@@ -40,15 +40,15 @@ def server_kernels():
 def compile_now(defns: list, stats_for: list = ()) -> str:
     """Compile the kernels of `defns` and the statistics kernels of `stats_for` (some of them) and wait
     for them, so no timed call runs the numpy update; returns the engine's name for the bench's header."""
-    _, fastkernels, kernelstats = server_kernels()
+    _, jit, kernelstats = server_kernels()
     from optreg.server.kernels import warmup
     warmup.warm(block=True, definitions=list(defns))
     for defn in stats_for:
-        comp = fastkernels.lookup(defn, np.dtype(np.float32))
+        comp = jit.lookup(defn, np.dtype(np.float32))
         if comp is not None:
             kernelstats.stats_kernel(defn, comp)
-    fastkernels.wait_idle()
-    return f"{'numba' if fastkernels.available() else 'numpy'}, {fastkernels.threads()} thread(s)"
+    jit.wait_idle()
+    return f"{'numba' if jit.available() else 'numpy'}, {jit.threads()} thread(s)"
 
 
 def run(cfg, row) -> None:

@@ -247,7 +247,7 @@ def bench_shm(cfg, server, echo):
 
     from optreg.client import Client
     from optreg.plugins.registry import Registry
-    from optreg.server.kernels import jit as fastkernels
+    from optreg.server.kernels import jit
     from optreg.server.kernels import warmup
     from optreg.server.kernels import apply as kernels
     from optreg.server.steps import resident
@@ -258,7 +258,7 @@ def bench_shm(cfg, server, echo):
     g = (rng.standard_normal(n) * 1e-2).astype(np.float32)
     defn, hp = Registry().get("adam").definition, {"lr": 0.001, "beta1": 0.9, "beta2": 0.999}
     warmup.warm(block=True, definitions=[defn], stats=True)
-    fastkernels.wait_idle(600)  # (the statistics kernels' compiles are queued by the jobs warm waited for)
+    jit.wait_idle(600)  # (the statistics kernels' compiles are queued by the jobs warm waited for)
     p, st, step = w.copy(), {"m": np.zeros(n, np.float32), "v": np.zeros(n, np.float32)}, [0]
     seg = shared_memory.SharedMemory(create=True, size=2 * w.nbytes)
     p_shm = np.ndarray(n, np.float32, buffer=seg.buf)
@@ -377,12 +377,12 @@ def _torch_opt(name, hp, p):
 def bench_kernels(cfg, server, echo):
     """ns/param of the server's kernel per built-in, vs the book's numpy expression and torch.optim."""
     from optreg.plugins.registry import Registry
-    from optreg.server.kernels import jit as fastkernels
+    from optreg.server.kernels import jit
     from optreg.server.kernels import warmup
     from optreg.server.kernels import apply as kernels
 
     warmup.warm(block=True)
-    threads = fastkernels.threads()
+    threads = jit.threads()
     try:
         import torch
         torch.set_num_threads(threads)
@@ -393,7 +393,7 @@ def bench_kernels(cfg, server, echo):
            "nesterov": {"lr": 0.01, "momentum": 0.9}, "adagrad": {"lr": 0.01},
            "rmsprop": {"lr": 0.01, "decay_rate": 0.99}, "adam": {"lr": 0.001, "beta1": 0.9, "beta2": 0.999}}
     rng = np.random.default_rng(2)
-    print(f"  (kernels: {'numba' if fastkernels.names() else 'numpy'}, {threads} thread(s))", flush=True)
+    print(f"  (kernels: {'numba' if jit.names() else 'numpy'}, {threads} thread(s))", flush=True)
     for size in (1_000, 100_000, 10_000_000):
         reps = cfg.kernel_reps(size)
         base_p = rng.standard_normal(size).astype(np.float32)
@@ -436,7 +436,7 @@ def bench_kernels(cfg, server, echo):
 
 def _bench_widening(cfg, reg, hp, rng):
     """Adam 1e7 with a float16 gradient: widened inside the kernel pass vs numpy astype then the kernel."""
-    from optreg.server.kernels import jit as fastkernels
+    from optreg.server.kernels import jit
     from optreg.server.kernels import warmup
     from optreg.server.kernels import apply as kernels
     from optreg.server.kernels import widen as widenkernels
@@ -444,7 +444,7 @@ def _bench_widening(cfg, reg, hp, rng):
 
     defn, n, f32 = reg.get("adam").definition, 10_000_000, np.dtype(np.float32)
     widenkernels.lookup(defn, f32, np.dtype(np.float16))
-    fastkernels.wait_idle()
+    jit.wait_idle()
     p = rng.standard_normal(n).astype(np.float32)
     st = {"m": np.zeros(n, np.float32), "v": np.zeros(n, np.float32)}
     g16 = (rng.standard_normal(n) * 1e-2).astype(np.float16)

@@ -89,7 +89,7 @@ class _InProcess:
     """An optreg server in this process, its servicer's Step called directly (no gRPC in the path)."""
 
     def __init__(self, g):
-        from optreg.server.kernels import jit as fastkernels
+        from optreg.server.kernels import jit
         from optreg.server.kernels import warmup
         from optreg.server.assembly import OptregServer, Settings
         from optreg.v1 import session_pb2, tensors

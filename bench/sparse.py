@@ -41,7 +41,7 @@ def _median(fn, reps):
 def _compute_rows(name, cfg):
     from bench.run import row
     from optreg.plugins.registry import Registry
-    from optreg.server.kernels import jit as fastkernels
+    from optreg.server.kernels import jit
     from optreg.server.kernels import warmup
     from optreg.server.kernels import apply as kernels
     from optreg.server.steps import sparse_rows as sparse

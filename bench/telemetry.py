@@ -49,11 +49,11 @@ def bench_stats(cfg, row, n: int = 10_000_000) -> None:
         float(np.dot(param, param))
         float(max(grad.max(), -grad.min()))
 
-    from optreg.server.kernels import jit as fastkernels
+    from optreg.server.kernels import jit
 
     from optreg.server.kernels import warmup
     warmup.warm(block=True, definitions=[defn], stats=True)  # Adam's kernel and its statistics variants
-    fastkernels.wait_idle(600)  # (the statistics compiles are queued by the jobs warm waited for)
+    jit.wait_idle(600)  # (the statistics compiles are queued by the jobs warm waited for)
     plain()  # warm up
     stats = np.zeros(4)
 

@@ -7,7 +7,7 @@ import pytest
 
 from optreg.plugins import DefinitionError, Hyperparameter, Optimizer, Slot, validate
 from optreg.plugins.registry import Registry
-from optreg.server.kernels import jit as fastkernels
+from optreg.server.kernels import jit
 from optreg.server.kernels import warmup
 from optreg.server.kernels import apply as kernels
 from optreg.server.kernels import stats as kernelstats
@@ -163,7 +163,7 @@ def test_reads_of_p_before_its_store_use_the_value_read_first(blocked):
     assert src is None or f"x = {p}[i]" in src
 
 
-@pytest.mark.skipif(not fastkernels.available(), reason="numba not installed")
+@pytest.mark.skipif(not jit.available(), reason="numba not installed")
 @pytest.mark.parametrize("kernel,how", [(sgd_kernel, "fused"), (two_loops, "driver"), (with_continue, "driver")])
 def test_statistics_from_the_driver_equal_numpy(kernel, how):
     defn = make(name=f"stats-{kernel.__name__}", kernel=kernel)
@@ -172,9 +172,9 @@ def test_statistics_from_the_driver_equal_numpy(kernel, how):
     p = rng.standard_normal(n).astype(np.float32)
     g = rng.standard_normal(n).astype(np.float32)
     kernels.apply(defn, p.copy(), g, {}, 1, {"lr": 0.1}, stats=np.zeros(4))  # queue the compiles
-    assert fastkernels.wait_idle(300)
+    assert jit.wait_idle(300)
     kernels.apply(defn, p.copy(), g, {}, 1, {"lr": 0.1}, stats=np.zeros(4))  # queue the statistics kernel
-    assert fastkernels.wait_idle(300)
+    assert jit.wait_idle(300)
     assert kernelstats.stats_status(defn) == how
     ref, old = p.copy(), p.copy()
     stats = np.zeros(4)
@@ -193,20 +193,20 @@ def test_a_definition_copy_is_compiled_separately():
     adam = Registry(autoload=False).get("adam").definition
     twin = dataclasses.replace(adam, name="adam-twin")
     warmup.warm(block=True, definitions=[adam])
-    if not fastkernels.available():
+    if not jit.available():
         pytest.skip("numba not installed")
-    assert fastkernels.lookup(adam, np.dtype(np.float32)) is not None
-    assert fastkernels.lookup(twin, np.dtype(np.float32)) is None  # queued now, numpy meanwhile
-    assert fastkernels.wait_idle(300)
-    assert fastkernels.lookup(twin, np.dtype(np.float32)) is not None
+    assert jit.lookup(adam, np.dtype(np.float32)) is not None
+    assert jit.lookup(twin, np.dtype(np.float32)) is None  # queued now, numpy meanwhile
+    assert jit.wait_idle(300)
+    assert jit.lookup(twin, np.dtype(np.float32)) is not None
 
 
-@pytest.mark.skipif(not fastkernels.available(), reason="numba not installed")
+@pytest.mark.skipif(not jit.available(), reason="numba not installed")
 def test_warm_can_build_the_statistics_kernels_too():
     defn = make(name="warm-stats")
     warmup.warm(block=True, definitions=[defn], stats=True)
-    assert fastkernels.wait_idle(300)
-    assert fastkernels.status(defn) == "ready" and kernelstats.stats_status(defn) == "fused"
+    assert jit.wait_idle(300)
+    assert jit.status(defn) == "ready" and kernelstats.stats_status(defn) == "fused"
 
 
 def refusing_kernel(p, g, c):

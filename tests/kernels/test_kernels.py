@@ -10,7 +10,7 @@ import pytest
 from optreg.plugins import Hyperparameter, Optimizer
 from optreg.plugins import testing as kit
 from optreg.plugins.registry import Registry
-from optreg.server.kernels import jit as fastkernels
+from optreg.server.kernels import jit
 from optreg.server.kernels import warmup
 from optreg.server.kernels import finite
 from optreg.server.kernels import apply as kernels
@@ -80,14 +80,14 @@ def test_every_registered_optimizer_declares_a_kernel(registry):
     assert all(registry.get(name).definition.kernel is not None for name in SETTINGS)
 
 
-@pytest.mark.skipif(not fastkernels.available(), reason="numba not installed")
+@pytest.mark.skipif(not jit.available(), reason="numba not installed")
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("name,setting", CASES)
 def test_fused_kernel_equals_numpy_update_bit_for_bit(registry, name, setting, size, dtype):
     defn = registry.get(name).definition
     hp = defn.resolve(SETTINGS[name][setting])
-    assert fastkernels.lookup(defn, np.dtype(dtype)) is not None
+    assert jit.lookup(defn, np.dtype(dtype)) is not None
     rng = np.random.default_rng(3)
     p = rng.standard_normal(size).astype(dtype)
     st = {s.name: np.full(size, s.initial_value, dtype) for s in defn.slots}
@@ -126,8 +126,8 @@ def test_kernel_matches_float64_book_formula(registry, name):
 
 def test_no_kernel_without_a_declared_one(registry):
     defn = dataclasses.replace(registry.get("adam").definition, kernel=None, kernel_scalars=None)
-    assert fastkernels.lookup(defn, np.dtype(np.float32)) is None
-    assert fastkernels.status(defn) is None  # nothing was queued
+    assert jit.lookup(defn, np.dtype(np.float32)) is None
+    assert jit.status(defn) is None  # nothing was queued
 
 
 def _sgd_update(param, grad, state, step, hp, scratch):
@@ -143,7 +143,7 @@ def _kernel_numba_refuses(p, g, c):
     print(object())  # an object numba cannot type
 
 
-@pytest.mark.skipif(not fastkernels.available(), reason="numba not installed")
+@pytest.mark.skipif(not jit.available(), reason="numba not installed")
 def test_a_kernel_numba_cannot_compile_falls_back_to_numpy_with_a_warning(caplog):
     defn = Optimizer(name="refused-kernel", summary="sgd whose kernel numba refuses", update=_sgd_update,
                      hyperparameters=(Hyperparameter("lr", 0.1, minimum=0.0),), scratch=1,
@@ -151,9 +151,9 @@ def test_a_kernel_numba_cannot_compile_falls_back_to_numpy_with_a_warning(caplog
     p, g = np.ones(1000, np.float32), np.full(1000, 2.0, np.float32)
     with caplog.at_level(logging.WARNING, logger="optreg.server"):
         kernels.apply(defn, p, g, {}, 1, {"lr": 0.1})  # queues the compile, runs numpy meanwhile
-        assert fastkernels.wait_idle(120)
+        assert jit.wait_idle(120)
         kernels.apply(defn, p, g, {}, 2, {"lr": 0.1})
-    assert fastkernels.status(defn) == "failed" and fastkernels.lookup(defn, p.dtype) is None
+    assert jit.status(defn) == "failed" and jit.lookup(defn, p.dtype) is None
     assert any("refused-kernel" in r.getMessage() and "numpy" in r.getMessage() for r in caplog.records)
     expected = np.ones(1000, np.float32)
     for _ in range(2):
@@ -182,11 +182,11 @@ def test_statistics_equal_a_numpy_recomputation(registry, name, dtype, path):
     defn = registry.get(name).definition
     if path == "numpy":
         defn = dataclasses.replace(defn, kernel=None, kernel_scalars=None)
-    elif not fastkernels.available():
+    elif not jit.available():
         pytest.skip("numba not installed")
     else:
-        kernelstats.stats_kernel(defn, fastkernels.lookup(defn, np.dtype(dtype)))
-        assert fastkernels.wait_idle(300)  # the statistics kernel, not the interim slices
+        kernelstats.stats_kernel(defn, jit.lookup(defn, np.dtype(dtype)))
+        assert jit.wait_idle(300)  # the statistics kernel, not the interim slices
         assert kernelstats.stats_status(defn) == "fused"  # every built-in's loop takes the rewrite
     hp = defn.resolve(SETTINGS[name][-1])
     rng = np.random.default_rng(7)
@@ -209,10 +209,10 @@ def test_statistics_equal_a_numpy_recomputation(registry, name, dtype, path):
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_statistics_fold_over_threads_and_copy_out(registry, threads, monkeypatch):
     """The parallel split folds per-thread sums (and the max) into one; with out= as well."""
-    monkeypatch.setattr(fastkernels, "_threads", threads)
+    monkeypatch.setattr(jit, "_threads", threads)
     defn = registry.get("adam").definition
-    kernelstats.stats_kernel(defn, fastkernels.lookup(defn, np.dtype(np.float32)))
-    fastkernels.wait_idle(300)
+    kernelstats.stats_kernel(defn, jit.lookup(defn, np.dtype(np.float32)))
+    jit.wait_idle(300)
     rng = np.random.default_rng(8)
     n = (1 << 19) + 11
     p = rng.standard_normal(n).astype(np.float32)
@@ -237,9 +237,9 @@ def test_a_busy_kernel_pool_does_not_hold_a_parallel_update_up(registry, monkeyp
 
     defn = registry.get("adam").definition
     warmup.warm(block=True, definitions=[defn])
-    if fastkernels.lookup(defn, np.dtype(np.float32)) is None:
+    if jit.lookup(defn, np.dtype(np.float32)) is None:
         pytest.skip("numba not installed")
-    monkeypatch.setattr(fastkernels, "_threads", 2)
+    monkeypatch.setattr(jit, "_threads", 2)
     rng = np.random.default_rng(12)
     n = kernels.PARALLEL_ABOVE * 3 + 5
     p, g = rng.standard_normal(n).astype(np.float32), rng.standard_normal(n).astype(np.float32)
@@ -265,11 +265,11 @@ def test_a_busy_kernel_pool_does_not_hold_a_parallel_update_up(registry, monkeyp
 def test_float32_block_sums_hold_where_squares_leave_float32s_range(registry):
     """Blocks whose float32 sum of squares overflows (|x| ~ 1e25), underflows (|x| ~ 1e-25) or is zero
     are summed again in float64: the figures still equal float64's."""
-    if not fastkernels.available():
+    if not jit.available():
         pytest.skip("numba not installed")
     defn = registry.get("sgd").definition
-    kernelstats.stats_kernel(defn, fastkernels.lookup(defn, np.dtype(np.float32)))
-    assert fastkernels.wait_idle(300) and kernelstats.stats_status(defn) == "fused"
+    kernelstats.stats_kernel(defn, jit.lookup(defn, np.dtype(np.float32)))
+    assert jit.wait_idle(300) and kernelstats.stats_status(defn) == "fused"
     rng = np.random.default_rng(9)
     n = (1 << 18) + 17
     p = rng.standard_normal(n).astype(np.float32)
@@ -298,7 +298,7 @@ def test_statistics_argument_is_checked(registry):
 def test_finite_check_matches_numpy(dtype, size):
     import ml_dtypes
     warmup.warm(block=True)
-    if not fastkernels.available():
+    if not jit.available():
         pytest.skip("numba not installed")
     dt = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
     info = ml_dtypes.finfo(dt) if dtype == "bfloat16" else np.finfo(dt)
@@ -333,9 +333,9 @@ def test_copy_out_equals_update(name):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_finite_check_gives_max_abs(dtype):
-    """fastkernels.abs_max: the finite check's reduction, max |g| exactly, NaN or Inf when any element is."""
+    """jit.abs_max: the finite check's reduction, max |g| exactly, NaN or Inf when any element is."""
     warmup.warm(block=True)
-    if not fastkernels.available():
+    if not jit.available():
         pytest.skip("numba not installed")
     rng = np.random.default_rng(11)
     for size in (0, 1, 1000, (1 << 18) + 17):
@@ -358,12 +358,12 @@ def test_finite_check_gives_max_abs(dtype):
 def test_update_given_max_abs_leaves_it_out(registry, dtype):
     """kernels.apply(grad_abs_max=): the kernel variant without max |g| runs (acc[3] left alone), the update
     is the kernel's bit for bit, and the figures equal a numpy recomputation."""
-    if not fastkernels.available():
+    if not jit.available():
         pytest.skip("numba not installed")
     defn = registry.get("adam").definition
-    comp = fastkernels.lookup(defn, np.dtype(dtype))
+    comp = jit.lookup(defn, np.dtype(dtype))
     kernelstats.stats_kernel(defn, comp)
-    assert fastkernels.wait_idle(300)
+    assert jit.wait_idle(300)
     sk = kernelstats.stats_kernel(defn, comp)
     assert sk.fused and sk.nomax is not None
     rng = np.random.default_rng(12)
@@ -401,10 +401,10 @@ def test_update_from_sources_equals_copy_then_update(registry, name, setting, dt
     untouched, and the staging arrays' own contents (NaN here) never read."""
     defn = registry.get(name).definition
     hp = defn.resolve(SETTINGS[name][setting])
-    if fastkernels.available():
-        kernelstats.stats_kernel(defn, fastkernels.lookup(defn, np.dtype(dtype)))
-        assert fastkernels.wait_idle(300)
-        sk = kernelstats.stats_kernel(defn, fastkernels.lookup(defn, np.dtype(dtype)))
+    if jit.available():
+        kernelstats.stats_kernel(defn, jit.lookup(defn, np.dtype(dtype)))
+        assert jit.wait_idle(300)
+        sk = kernelstats.stats_kernel(defn, jit.lookup(defn, np.dtype(dtype)))
         assert dtype != np.float32 or sk.copy32 is not None  # every built-in's loop takes the copying rewrite
     rng = np.random.default_rng(13)
     for size in STAT_SIZES:

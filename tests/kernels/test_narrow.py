@@ -11,17 +11,17 @@ from optreg.plugins import Hyperparameter, Optimizer, Slot
 from optreg.plugins import testing as kit
 from optreg.plugins.registry import Registry
 from optreg.server.kernels import apply as kernels
-from optreg.server.kernels import jit as fastkernels
+from optreg.server.kernels import jit
 from optreg.server.kernels import narrow
 
-pytestmark = pytest.mark.skipif(not fastkernels.available(), reason="numba not installed")
+pytestmark = pytest.mark.skipif(not jit.available(), reason="numba not installed")
 F32 = np.dtype(np.float32)
 
 
 def _ready(defn):
     for _ in range(3):  # the kernel's compile, then the rewrite's
         narrow.lookup(defn, F32)
-        fastkernels.wait_idle(120)
+        jit.wait_idle(120)
     return narrow.lookup(defn, F32)
 
 
@@ -144,7 +144,7 @@ def test_a_kernel_that_reads_a_slot_back_runs_its_numpy_update(caplog):
 
 def test_a_float64_session_with_bfloat16_slots_runs_the_numpy_update(adamw_bf16):
     assert narrow.lookup(adamw_bf16, np.dtype(np.float64)) is None
-    assert fastkernels.lookup(adamw_bf16, np.dtype(np.float32)) is None  # no caller gets the bare kernel
+    assert jit.lookup(adamw_bf16, np.dtype(np.float32)) is None  # no caller gets the bare kernel
     p = np.linspace(-1, 1, 50)
     st = {s.name: np.zeros(50, ml_dtypes.bfloat16) for s in adamw_bf16.slots}
     p_ref, st_ref = p.copy(), {k: v.copy() for k, v in st.items()}

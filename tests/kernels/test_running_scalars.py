@@ -10,7 +10,7 @@ from optreg.plugins import testing as kit
 from optreg.plugins.api import validate
 from optreg.plugins.registry import Registry
 from optreg.server.kernels import apply as kernels
-from optreg.server.kernels import jit as fastkernels
+from optreg.server.kernels import jit
 
 SETTINGS = [{}, {"weight_decay": 0.1, "warmup_steps": 3, "r": 0.5, "lr": 0.01}]
 
@@ -30,17 +30,17 @@ def test_the_kit_checks_the_kernel(schedulefree, setting):
     kit.check_kernel(schedulefree, SETTINGS[setting])
 
 
-@pytest.mark.skipif(not fastkernels.available(), reason="numba not installed")
+@pytest.mark.skipif(not jit.available(), reason="numba not installed")
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("size", [1, 1000, (1 << 18) + 17])  # the last is split over threads
 @pytest.mark.parametrize("setting", range(len(SETTINGS)))
 def test_schedulefree_kernel_equals_its_numpy_update(schedulefree, dtype, size, setting):
     defn, hp = schedulefree, schedulefree.resolve(SETTINGS[setting])
     for _ in range(2):
-        fastkernels.lookup(defn, np.dtype(dtype), whole=True)
-        fastkernels.wait_idle(120)
-    assert fastkernels.lookup(defn, np.dtype(dtype), whole=True) is not None
-    assert fastkernels.lookup(defn, np.dtype(dtype)) is None  # no other caller runs it (its scalars advance once)
+        jit.lookup(defn, np.dtype(dtype), whole=True)
+        jit.wait_idle(120)
+    assert jit.lookup(defn, np.dtype(dtype), whole=True) is not None
+    assert jit.lookup(defn, np.dtype(dtype)) is None  # no other caller runs it (its scalars advance once)
     rng = np.random.default_rng(size)
     p = rng.standard_normal(size).astype(dtype)
     st = _state(defn, size, dtype)

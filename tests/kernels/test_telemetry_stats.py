@@ -127,17 +127,17 @@ def test_non_finite_whole_tensor_refused_from_the_update_pass(path_server, bad):
 def test_whole_tensor_finite_check_is_the_update_pass(monkeypatch, bad):
     """With a built-in's compiled statistics kernel, a large whole tensor makes no separate finite check
     pass over g: the explicit check runs only to count what the update pass's max |g| found."""
-    from optreg.server.kernels import jit as fastkernels
+    from optreg.server.kernels import jit
     from optreg.server.kernels import warmup
     from optreg.server.kernels import stats as kernelstats
     from optreg.server.steps import run as pipeline
     from optreg.server.assembly import OptregServer, Settings
-    if not fastkernels.available():
+    if not jit.available():
         pytest.skip("numba not installed")
     defn = Registry().get("adam").definition
     warmup.warm(block=True, definitions=[defn], stats=True)
-    assert fastkernels.wait_idle(300)
-    assert kernelstats.stats_kernel(defn, fastkernels.lookup(defn, np.dtype(np.float32))) is not None
+    assert jit.wait_idle(300)
+    assert kernelstats.stats_kernel(defn, jit.lookup(defn, np.dtype(np.float32))) is not None
     calls = []
     check = pipeline.check_finite
     monkeypatch.setattr(pipeline, "check_finite", lambda name, g, start=0: (calls.append(g.size), check(name, g, start)))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from optreg.plugins.registry import Registry
-from optreg.server.kernels import jit as fastkernels
+from optreg.server.kernels import jit
 from optreg.server.kernels import warmup
 from optreg.server.kernels import apply as kernels
 from optreg.server.kernels import widen as widenkernels
@@ -14,7 +14,7 @@ from optreg.server.steps.run import widen
 
 from test_kernels import CASES, SETTINGS
 
-pytestmark = pytest.mark.skipif(not fastkernels.available(), reason="numba not installed")
+pytestmark = pytest.mark.skipif(not jit.available(), reason="numba not installed")
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
 
@@ -26,7 +26,7 @@ def registry():
 
 def _ready(defn, master, gdtype):
     widenkernels.lookup(defn, np.dtype(master), np.dtype(gdtype))
-    fastkernels.wait_idle(300)
+    jit.wait_idle(300)
     w = widenkernels.lookup(defn, np.dtype(master), np.dtype(gdtype))
     assert w is not None, widenkernels.status(defn, np.dtype(master), np.dtype(gdtype))
     return w
@@ -40,7 +40,7 @@ def _ready_with_statistics(defn, master, gdtype, hp):
     for _ in range(2):
         kernels.apply(defn, one, one.astype(gdtype), {s.name: one.copy() for s in defn.slots}, 1, hp,
                       stats=np.zeros(kernels.STATS))
-        fastkernels.wait_idle(300)
+        jit.wait_idle(300)
     return w
 
 

@@ -117,9 +117,9 @@ def test_hyperparameter_changes_and_dense_steps_catch_up_first(client, opt):
 def test_kernels_match_the_plugins_numpy_catch_up():
     """sparsekernels' compiled catch-ups give the plugins' numpy numbers bit for bit."""
     from optreg.plugins.registry import Registry
-    from optreg.server.kernels import jit as fastkernels
+    from optreg.server.kernels import jit
     from optreg.server.kernels import rows as sparsekernels
-    if not fastkernels.available():
+    if not jit.available():
         pytest.skip("numba is not installed")
     sparsekernels.warm(block=True)
     reg = Registry()

@@ -157,7 +157,7 @@ def test_non_finite_in_a_large_later_chunk_refused_untouched(dtype, gdtype, bad)
     element range, the session keeps its values, and the next good step applies. The server runs in
     this process so the test can wait for the statistics kernel that path needs."""
     from optreg.client import Client
-    from optreg.server.kernels import jit as fastkernels
+    from optreg.server.kernels import jit
     from optreg.server.kernels import stats as kernelstats
     from optreg.server.kernels import widen as widenkernels
     from optreg.server.assembly import OptregServer, Settings
@@ -173,7 +173,7 @@ def test_non_finite_in_a_large_later_chunk_refused_untouched(dtype, gdtype, bad)
             # the first queues the kernel's compile, the next ones its statistics and widening variants'
             for step in range(4):
                 _stream(c, s.id, step, [_chunks("w", g, size)])
-                assert fastkernels.wait_idle(300)
+                assert jit.wait_idle(300)
             defn = server.registry.optimizers["adam"].definition
             assert kernelstats.stats_status(defn) == "fused"
             if gdtype is not None:

@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from optreg.plugins import Optimizer
-from optreg.server.kernels import jit as fastkernels
+from optreg.server.kernels import jit
 from optreg.server.kernels import narrow as narrowkernels
 from optreg.server.kernels import stats as kernelstats
 from optreg.server.kernels import widen as widenkernels
@@ -187,7 +187,7 @@ def _apply(defn, param, grad, state, step, hp, out, parallel, stats, max_known, 
                     src)
         return
     if not defn.elementwise:  # its kernel, if any, once over the whole tensor: running scalars advance once
-        whole = fastkernels.lookup(defn, param.dtype, whole=True) if defn.kernel is not None else None
+        whole = jit.lookup(defn, param.dtype, whole=True) if defn.kernel is not None else None
         if whole is not None:
             if src is not None:
                 np.copyto(param, src[0])
@@ -197,9 +197,9 @@ def _apply(defn, param, grad, state, step, hp, out, parallel, stats, max_known, 
             _run_fast(defn, whole, param, widenkernels.widen(grad, param.dtype), state, step, hp, out, parallel,
                       stats, max_known, consts=consts)
             return
-    fast = fastkernels.lookup(defn, param.dtype) if grad.dtype == param.dtype else None
+    fast = jit.lookup(defn, param.dtype) if grad.dtype == param.dtype else None
     wide = None
-    if fast is None and grad.dtype != param.dtype and out is None and n >= fastkernels.HOLD_GIL_BELOW:
+    if fast is None and grad.dtype != param.dtype and out is None and n >= jit.HOLD_GIL_BELOW:
         wide = widenkernels.lookup(defn, param.dtype, grad.dtype)  # widened block by block in the pass
     if src is not None:
         compiled = fast if fast is not None else wide.comp if wide is not None else None
@@ -215,7 +215,7 @@ def _apply(defn, param, grad, state, step, hp, out, parallel, stats, max_known, 
         return
     if fast is None and grad.dtype != param.dtype:  # a narrower gradient (float16, bfloat16)
         grad = widenkernels.widen(grad, param.dtype)
-        fast = fastkernels.lookup(defn, param.dtype)
+        fast = jit.lookup(defn, param.dtype)
     if fast is not None:
         _run_fast(defn, fast, param, grad, state, step, hp, out, parallel, stats, max_known, src)
         return
@@ -230,13 +230,13 @@ def _apply(defn, param, grad, state, step, hp, out, parallel, stats, max_known, 
 def widens_in_pass(defn: Optimizer, master: np.dtype, grad: np.ndarray) -> bool:
     """True when apply() will widen this narrower gradient inside the kernel pass (the caller need
     not widen it first); the first ask queues the compile of its widening kernel."""
-    return (grad.dtype != master and grad.size >= fastkernels.HOLD_GIL_BELOW
+    return (grad.dtype != master and grad.size >= jit.HOLD_GIL_BELOW
             and widenkernels.lookup(defn, master, grad.dtype) is not None)
 
 
 def _run_widening(wide, param, grad, state, step, hp, parallel, stats=None, src: list | None = None) -> None:
     n = param.size
-    threads = fastkernels.threads() if parallel and n >= PARALLEL_ABOVE else 1
+    threads = jit.threads() if parallel and n >= PARALLEL_ABOVE else 1
     consts = wide.comp.consts(hp, step, param.dtype)
     p = param.reshape(-1)
     gbits = np.ascontiguousarray(grad).reshape(-1).view(np.uint16)
@@ -261,7 +261,7 @@ def _run_narrow(narrow, param, grad, state, step, hp, out, parallel, stats, src)
         for slot, values in src[1].items():
             np.copyto(state[slot], values)
     n = param.size
-    threads = fastkernels.threads() if parallel and n >= PARALLEL_ABOVE else 1
+    threads = jit.threads() if parallel and n >= PARALLEL_ABOVE else 1
     consts = narrow.comp.consts(hp, step, param.dtype)
     p, g = param.reshape(-1), np.ascontiguousarray(grad).reshape(-1)
     slots = [narrowkernels.bits(state[s]) for s in narrow.comp.slots]
@@ -335,13 +335,13 @@ def _run_fast(defn, kernel, param, grad, state, step, hp, out=None, parallel=Tru
     """`src` (with `stats` only): [param's source, the slots' sources], flat (see apply). `consts`: c,
     when the caller computed it (a whole-tensor kernel's, which advanced its running scalars)."""
     n = param.size
-    threads = fastkernels.threads() if parallel else 1
+    threads = jit.threads() if parallel else 1
     if threads == 1 or n < PARALLEL_ABOVE:
         threads = 1
     if consts is None:
         consts = kernel.consts(hp, step, param.dtype)
     if stats is None and threads == 1 and out is None:  # the small-step path: as little Python as possible
-        fn = kernel.held if n < fastkernels.HOLD_GIL_BELOW else kernel.fn
+        fn = kernel.held if n < jit.HOLD_GIL_BELOW else kernel.fn
         if param.ndim == 1 and grad.flags.c_contiguous:
             fn(param, grad, *[state[s] for s in kernel.slots], consts)
         else:
@@ -351,7 +351,7 @@ def _run_fast(defn, kernel, param, grad, state, step, hp, out=None, parallel=Tru
     p, g = param.reshape(-1), np.ascontiguousarray(grad).reshape(-1)
     flat_slots = [state[s].reshape(-1) for s in kernel.slots]
     o = None if out is None else out.reshape(-1)
-    nogil = n >= fastkernels.HOLD_GIL_BELOW
+    nogil = n >= jit.HOLD_GIL_BELOW
     fn = kernel.fn if nogil else kernel.held
     with_stats = None if stats is None else kernelstats.stats_kernel(defn, kernel)
     bounds = _pieces(n, threads)

@@ -27,7 +27,7 @@ import threading
 import numpy as np
 
 from optreg.server.kernels import bits as bitops
-from optreg.server.kernels import jit as fastkernels
+from optreg.server.kernels import jit
 from optreg.server.kernels import stats as kernelstats
 
 MASTER = np.dtype(np.float32)
@@ -97,7 +97,7 @@ def narrowed_source(kernel, narrow: set[str]) -> str | None:
 class Narrowed:
     """A definition's kernel rewritten over bfloat16 slots, and its statistics driver."""
 
-    def __init__(self, defn, comp: fastkernels.Compiled, fn):
+    def __init__(self, defn, comp: jit.Compiled, fn):
         self.comp, self.fn = comp, fn
         self.stats_driver = kernelstats._driver(len(defn.slots), True)
         self.local = threading.local()
@@ -131,7 +131,7 @@ def lookup(defn, master: np.dtype) -> Narrowed | None:
     hit = _ready.get(id(defn))
     if hit is not None and hit[0] is defn:
         return hit[1]
-    comp = fastkernels.lookup(defn, master, narrow_slots=True)
+    comp = jit.lookup(defn, master, narrow_slots=True)
     if comp is None:
         return None
     with _lock:
@@ -139,7 +139,7 @@ def lookup(defn, master: np.dtype) -> Narrowed | None:
         if known is not None and known[0] is defn:
             return None
         _state[id(defn)] = (defn, "pending")
-    fastkernels.submit(lambda: _compile(defn, comp))
+    jit.submit(lambda: _compile(defn, comp))
     return None
 
 
@@ -153,11 +153,11 @@ def _compile(defn, comp) -> None:
         ns = dict(comp.kernel.__globals__, **{_P + "b2f": bitops.bfloat_to_float, _P + "f2b": bitops.float_to_bfloat,
                                                _P + "f32": np.float32})
         exec(compile(source, f"<{defn.name} over bfloat16 slots>", "exec"), ns)  # noqa: S102 - the plugin's own code
-        fn = fastkernels.numba.njit(nogil=True, error_model="numpy")(ns[f"{comp.kernel.__name__}{_P}bf16"])
+        fn = jit.numba.njit(nogil=True, error_model="numpy")(ns[f"{comp.kernel.__name__}{_P}bf16"])
         narrowed = Narrowed(defn, comp, fn)
         _check(defn, comp, narrowed)
     except Exception as e:  # never break a step: the numpy update gives the same numbers
-        fastkernels.log.warning("optimizer %s: kernel over bfloat16 slots unavailable (%s: %s); using its numpy "
+        jit.log.warning("optimizer %s: kernel over bfloat16 slots unavailable (%s: %s); using its numpy "
                                 "update", defn.name, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
         with _lock:
             _state[id(defn)] = (defn, "failed")

@@ -22,7 +22,7 @@ import threading
 import numpy as np
 
 from optreg.plugins.builtins import adam, geometric, momentum, nesterov, rmsprop, unchanged
-from optreg.server.kernels import jit as fastkernels
+from optreg.server.kernels import jit
 
 _compiled: dict = {}  # kernel name -> (nogil build) once compiled
 _requested = False
@@ -95,7 +95,7 @@ _KERNELS = {"drift_decay": drift_decay, "decay": decay, "adam_replay": adam_repl
 def _compile_all() -> None:
     for name, fn in _KERNELS.items():
         try:
-            _compiled[name] = fastkernels.njit(fn, nogil=True)
+            _compiled[name] = jit.njit(fn, nogil=True)
         except Exception:  # pragma: no cover - numba refused: numpy stays
             pass
 
@@ -104,12 +104,12 @@ def _kernel(name: str):
     """The compiled kernel, or None (numpy) until it is ready; the first ask queues the compile."""
     global _requested
     hit = _compiled.get(name)
-    if hit is not None or not fastkernels.available():
+    if hit is not None or not jit.available():
         return hit
     with _lock:
         if not _requested:
             _requested = True
-            fastkernels.submit(_compile_all)
+            jit.submit(_compile_all)
     return None
 
 
@@ -117,7 +117,7 @@ def warm(block: bool = False) -> None:
     """Queue (and with block, finish) the compile: benchmarks and tests measure the compiled path."""
     _kernel("decay")
     if block:
-        fastkernels.wait_idle(120)
+        jit.wait_idle(120)
 
 
 def gather(src: np.ndarray, rows: np.ndarray) -> np.ndarray:

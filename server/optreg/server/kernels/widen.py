@@ -34,7 +34,7 @@ import threading
 
 import numpy as np
 
-from optreg.server.kernels import jit as fastkernels
+from optreg.server.kernels import jit
 from optreg.server.kernels import stats as kernelstats
 from optreg.server.kernels.jit import DTYPES, numba
 from optreg.v1 import tensor_pb2, tensors
@@ -212,7 +212,7 @@ def _driver(nslots: int, kind: str, stats: bool | str = False):
 class Widening:
     """A definition's compiled kernel behind a driver that widens its gradient block by block."""
 
-    def __init__(self, defn, comp: fastkernels.Compiled, kind: str, driver, stats_driver, dtype: np.dtype):
+    def __init__(self, defn, comp: jit.Compiled, kind: str, driver, stats_driver, dtype: np.dtype):
         self.defn, self.comp, self.kind = defn, comp, kind
         self.driver, self.stats_driver, self.dtype = driver, stats_driver, dtype
         self.ubits, mask = _SIGN_CLEARED[dtype.str]
@@ -238,7 +238,7 @@ class Widening:
             return None
         kernel = sk.fn32 if self.dtype == np.float32 and sk.fn32 is not None else sk.fn
         copying = sk.copy32 if self.dtype == np.float32 else None
-        fastkernels.submit(lambda: self._compile_fused(kernel, copying))
+        jit.submit(lambda: self._compile_fused(kernel, copying))
         return None
 
     def _compile_fused(self, kernel, copying) -> None:
@@ -257,7 +257,7 @@ class Widening:
                     src = [np.zeros(4, self.dtype) for _ in range(1 + n)] if stats == "copy" else []
                     driver(fn, a[0], g, *a[1:], c, buf, self.zero, np.zeros(4), *src)
             except Exception as e:  # the float64 driver (or copying first) stays: same update, same figures
-                fastkernels.log.info("optimizer %s: widening with %s statistics unavailable (%s: %s)",
+                jit.log.info("optimizer %s: widening with %s statistics unavailable (%s: %s)",
                                      self.defn.name, stats, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
                 return
             if stats == "fused":
@@ -305,7 +305,7 @@ def lookup(defn, master: np.dtype, grad: np.dtype) -> Widening | None:
     hit = _ready.get(key)
     if hit is not None and hit[0] is defn:
         return hit[1]
-    comp = fastkernels.lookup(defn, master)
+    comp = jit.lookup(defn, master)
     if comp is None:
         return None
     with _lock:
@@ -313,7 +313,7 @@ def lookup(defn, master: np.dtype, grad: np.dtype) -> Widening | None:
         if known is not None and known[0] is defn:
             return None
         _state[key] = (defn, "pending")
-    fastkernels.submit(lambda: _compile(defn, comp, master, kind, key))
+    jit.submit(lambda: _compile(defn, comp, master, kind, key))
     return None
 
 
@@ -329,7 +329,7 @@ def _compile(defn, comp, master: np.dtype, kind: str, key) -> None:
                 g.flags.writeable = writeable
                 w(a[0], g, a[1:], c, acc)
     except Exception as e:  # never break a step: numpy's widening gives the same numbers
-        fastkernels.log.warning("optimizer %s: widening kernel for %s gradients unavailable (%s: %s); "
+        jit.log.warning("optimizer %s: widening kernel for %s gradients unavailable (%s: %s); "
                                 "widening with numpy", defn.name, kind, type(e).__name__,
                                 str(e).splitlines()[0] if str(e) else "")
         with _lock:

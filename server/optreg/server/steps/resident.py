@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 
-from optreg.server.kernels import jit as fastkernels
+from optreg.server.kernels import jit
 from optreg.server.kernels import apply as kernels
 from optreg.server.kernels import stats as kernelstats
 from optreg.server.steps import sparse_rows as sparse
@@ -115,11 +115,11 @@ def _compiled_before_first_step(session: Session, seconds: float = STATS_COMPILE
     a step's statistics come from numpy slice by slice, which contends for the GIL with the compiler:
     measured, the first step of a 5e8 session took 200 s that way instead of ~1 s."""
     defn = session.optimizer.definition
-    comp = fastkernels.lookup(defn, session.dtype)
+    comp = jit.lookup(defn, session.dtype)
     end = time.monotonic() + seconds
-    while comp is None and fastkernels.status(defn) == "pending" and time.monotonic() < end:
+    while comp is None and jit.status(defn) == "pending" and time.monotonic() < end:
         time.sleep(0.02)
-        comp = fastkernels.lookup(defn, session.dtype)
+        comp = jit.lookup(defn, session.dtype)
     if comp is None:
         return
     while kernelstats.stats_kernel(defn, comp) is None and kernelstats.stats_status(defn) == "pending" \
@@ -188,7 +188,7 @@ def _check_finite(name: str, g: np.ndarray) -> float | None:
     step adds to the update's own (it must finish before anything is touched). Returns max |g|, which the
     check's reduction yields anyway (kernels/finite.py abs_max), for kernels.apply(grad_abs_max=); None when
     the compiled check does not fit (numpy checked)."""
-    parts = fastkernels.threads() if g.size >= PARALLEL_FINITE else 1
+    parts = jit.threads() if g.size >= PARALLEL_FINITE else 1
     if abs_max(g[:1]) is None:
         check_finite(name, g)
         return None
@@ -207,7 +207,7 @@ def in_place(session: Session, grads: dict[str, np.ndarray]) -> bool:
     defn = session.optimizer.definition
     if not defn.elementwise or session.clocks:
         return False  # (rows a sparse step left lazy are caught up in the staging copy: StepRun._update_copy)
-    if not getattr(defn, "deterministic", True) or fastkernels.lookup(defn, session.dtype) is None:
+    if not getattr(defn, "deterministic", True) or jit.lookup(defn, session.dtype) is None:
         return False
     return all(g.dtype == session.dtype or kernels.widens_in_pass(defn, session.dtype, g) for g in grads.values())
 

@@ -28,7 +28,7 @@ import numpy as np
 
 from optreg.plugins import HyperparameterError
 from optreg.server.kernels.stats import merge_stats, tensor_stats
-from optreg.server.kernels import jit as fastkernels
+from optreg.server.kernels import jit
 from optreg.server.kernels import apply as kernels
 from optreg.server.kernels import stats as kernelstats
 from optreg.server.steps import sparse_rows
@@ -294,7 +294,7 @@ class StepRun:
             return False
         if g.dtype != s.dtype:  # feed leaves g narrow only when it widens in the pass
             return True
-        comp = fastkernels.lookup(self.defn, s.dtype)
+        comp = jit.lookup(self.defn, s.dtype)
         return comp is not None and kernelstats.stats_kernel(self.defn, comp) is not None
 
     def _kernel(self, p, g, slots, parallel, name, old, grad_abs_max=None, checked=True, src=None,
