@@ -24,7 +24,10 @@ ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
 
 from book_reference import SGD, Adam  # noqa: E402
-from optreg.client import Client  # noqa: E402
+import grpc  # noqa: E402
+
+from optreg.client import Client, RetryPolicy  # noqa: E402
+from optreg.client.errors import OptregError  # noqa: E402
 from optreg.server.cluster.directory import Directory, Host, NAMESPACE, connect, host_name  # noqa: E402
 from optreg.server.cluster.frontend import Frontend  # noqa: E402
 from optreg.server.cluster.host import MOVED, OK, SessionHost, pack, unpack  # noqa: E402
@@ -275,6 +278,70 @@ def test_front_end_serves_telemetry_health_and_reflection_like_one_server(front)
     assert front.directory.ownership.current(sid)[0] > epoch
     with Client(front.address) as c:
         c.delete_session(sid)
+
+
+def every_call(channel, metadata=()) -> dict[str, grpc.StatusCode]:
+    """Every method of the session, telemetry and registry services called once with an empty request:
+    {"Service/Method": the status it ended with (OK when it answered)}."""
+    from optreg.v1 import registry_pb2, telemetry_pb2
+    out = {}
+    for module, name in ((session_pb2, "SessionService"), (telemetry_pb2, "TelemetryService"),
+                         (registry_pb2, "OptimizerRegistryService")):
+        service = module.DESCRIPTOR.services_by_name[name]
+        for m in service.methods:
+            path = f"/{service.full_name}/{m.name}"
+            kind = ("stream" if m.client_streaming else "unary") + "_" + ("stream" if m.server_streaming else "unary")
+            rpc = getattr(channel, kind)(path)
+            request = iter([b""]) if m.client_streaming else b""
+            try:
+                reply = rpc(request, metadata=metadata, timeout=60)
+                if m.server_streaming:
+                    next(reply, None)
+                    reply.cancel()
+                out[f"{name}/{m.name}"] = grpc.StatusCode.OK
+            except grpc.RpcError as e:
+                out[f"{name}/{m.name}"] = e.code()
+    return out
+
+
+def test_front_end_tokens_and_tls_like_one_server(front, tmp_path):
+    """`--token-file`, `--tls-cert`/`--tls-key` on the front end, as on `optreg serve`: every RPC refused
+    without a token or with a wrong one (UNAUTHENTICATED), none with a good one; plaintext to the TLS
+    port fails; a session created with one token is another token's PERMISSION_DENIED, as on one
+    server (the hosts check the caller's token hash the front end passes)."""
+    from test_auth_tls_metrics import _self_signed
+    tokens = tmp_path / "tokens"
+    tokens.write_text("alice-token\nbob-token\n")
+    cert, key, pem = _self_signed(tmp_path)
+    server = ClusterServer(str(front.directory.root), port=0, memory_budget_mb=1024, token_file=str(tokens),
+                           tls_cert=cert, tls_key=key)
+    server.start()
+    try:
+        with grpc.secure_channel(server.address, grpc.ssl_channel_credentials(pem)) as channel:
+            for metadata in ((), (("authorization", "Bearer mallory"),), (("authorization", "Basic alice-token"),)):
+                codes = every_call(channel, metadata)
+                assert len(codes) > 20 and set(codes.values()) == {grpc.StatusCode.UNAUTHENTICATED}, codes
+            codes = every_call(channel, (("authorization", "Bearer alice-token"),))
+            assert grpc.StatusCode.UNAUTHENTICATED not in codes.values(), codes
+        with Client(server.address, token="alice-token", root_certificates=pem) as alice, \
+                Client(server.address, token="bob-token", root_certificates=pem) as bob:
+            s = alice.create_session("adam", {"W": np.linspace(-1, 1, SIZE)}, session_id="alice-ray", lr=0.01)
+            s.step({"W": grad(1)})
+            for foreign in (lambda: bob.get_session("alice-ray"), lambda: bob.session("alice-ray", {}).read_state(),
+                            lambda: bob.session("alice-ray", {}).step({"W": grad(2)})):
+                with pytest.raises(OptregError) as e:
+                    foreign()
+                assert e.value.code == grpc.StatusCode.PERMISSION_DENIED
+            assert [i.session_id for i in bob.list_sessions()] == []
+            assert "alice-ray" in [i.session_id for i in alice.list_sessions()]
+            assert alice.get_session("alice-ray").step == 1
+            alice.delete_session("alice-ray")
+        with Client(server.address, token="alice-token", timeout=5, retry=RetryPolicy(total_seconds=0)) as plain:
+            with pytest.raises(OptregError) as e:
+                plain.list_sessions()
+            assert e.value.code == grpc.StatusCode.UNAVAILABLE
+    finally:
+        server.stop(0)
 
 
 def test_a_shared_sessions_round_through_the_front_end(front):

@@ -95,14 +95,16 @@ class SessionHost:
         self.metrics = Metrics()
         self.journal = FencedJournal(root, self.metrics, GroupSyncer())
         budget = memory.default_budget() if memory_budget_mb is None else int(memory_budget_mb * memory.MIB)
+        # auth: a session created with a token is that token's (the front end checks tokens and passes
+        # the caller's hash); sessions created without one stay open to every caller, as on one server
         self.store = ClusterStore(Registry(), self.journal, budget=memory.MemoryBudget(budget),
-                                  default_durability="log", metrics=self.metrics)
+                                  default_durability="log", metrics=self.metrics, auth=True)
         self.journal.on_stale = self._superseded
-        self.servicer = SessionServicer(self.store, metrics=self.metrics, max_streams=64)
+        self.servicer = SessionServicer(self.store, metrics=self.metrics, max_streams=64, owner=_owner)
         # TelemetryService: the same servicer as the single server's, over this host's sessions
         self.telemetry = telemetry.attach(self.store, root, self.store.registry)
         watching = telemetry_service.TelemetryServicer(
-            self.telemetry, check_session=lambda sid, who: self.store.get(sid, who))
+            self.telemetry, _owner, check_session=lambda sid, who: self.store.get(sid, who))
         # The single server's handlers, called here with the request bytes the front end received
         self.handlers = {}
         for handlers in build_services(self.servicer, watching, aio=False).values():
@@ -176,7 +178,7 @@ class SessionHost:
         telemetry.let_go(self.telemetry, session_id, save=False)
 
     # -- WatchSession: a generator here, pulled in batches by the front end (cluster/telemetry.py) --
-    def watch(self, session_id: str, request: bytes, take_over: int = 0):
+    def watch(self, session_id: str, request: bytes, take_over: int = 0, owner: str = ""):
         """(status, epoch, watch id or message, None, ()) like call's: the watch started on the owner."""
         if self.draining:
             return MOVED, 0, None, None, ()
@@ -188,7 +190,7 @@ class SessionHost:
         if moved is not None:
             return moved
         parsed = telemetry_pb2.WatchSessionRequest.FromString(request)
-        return OK, self.journal.epoch_of(session_id), self.watches.open(parsed), None, ()
+        return OK, self.journal.epoch_of(session_id), self.watches.open(parsed, owner), None, ()
 
     def watch_next(self, watch_id: str, seconds: float):
         return self.watches.next(watch_id, seconds)
@@ -198,12 +200,12 @@ class SessionHost:
 
     # -- calls -----------------------------------------------------------------------------
     def call(self, method: str, session_id: str, payload, ends, take_over: int = 0, remaining: float | None = None,
-             fed: str | None = None):
+             fed: str | None = None, owner: str = ""):
         """(status, epoch, body, ends, trailing): status is OK, MOVED (body: the owner's record) or a
         grpc status name (body: the message). `fed`: the rest of the client stream comes by `feed`
-        calls under this id (cluster/feed.py), read as the step goes."""
+        calls under this id (cluster/feed.py), read as the step goes. `owner`: the caller's token hash."""
         if fed is None:
-            return self._call(method, session_id, unpack(payload, ends), take_over, remaining)
+            return self._call(method, session_id, unpack(payload, ends), take_over, remaining, owner)
         stopped = []
 
         def rest():
@@ -215,7 +217,7 @@ class SessionHost:
 
         try:
             answer = self._call(method, session_id, itertools.chain(unpack(payload, ends), rest()), take_over,
-                                remaining)
+                                remaining, owner)
         except FeedStopped:
             answer = None
         finally:
@@ -228,7 +230,7 @@ class SessionHost:
     def feed(self, call_id: str, seq: int, payload, ends, last: bool) -> bool:
         return self.feeds.put(call_id, seq, unpack(payload, ends), last)
 
-    def _call(self, method, session_id, messages, take_over, remaining):
+    def _call(self, method, session_id, messages, take_over, remaining, owner=""):
         if self.draining:
             return MOVED, 0, None, None, ()
         try:
@@ -242,16 +244,16 @@ class SessionHost:
             code, message, trailing = translate(e)
             return code.name, 0, message, None, trailing
         epoch = self.journal.epoch_of(session_id)
-        status, body, out_ends, trailing = self._invoke(method, messages, remaining)
+        status, body, out_ends, trailing = self._invoke(method, messages, remaining, owner)
         if method in CREATES and status != OK:
             self._unclaim(session_id)
         if status == grpc.StatusCode.UNAVAILABLE.name and session_id not in self.journal.claims:
             return MOVED, epoch, None, None, ()  # superseded during the call: the front end retries
         return status, epoch, body, out_ends, trailing
 
-    def _invoke(self, method, messages, remaining=None):
+    def _invoke(self, method, messages, remaining=None, owner=""):
         h = self.handlers[method]
-        ctx = ActorContext(remaining)
+        ctx = ActorContext(remaining, owner)
         fn = h.unary_unary or h.unary_stream or h.stream_unary or h.stream_stream
         try:
             request = (h.request_deserializer(m) for m in messages) if h.request_streaming \
@@ -324,6 +326,10 @@ class SessionHost:
                 self.journal.ownership.remove(claim)
             except Refused:
                 pass
+
+
+def _owner(context) -> str:
+    return context.owner
 
 
 def _current_node() -> str:
