@@ -148,8 +148,14 @@ class FencedJournal(Journal):
                     best = n
         return best
 
-    def adopt(self, claim: Claim, registry, budget, attempts: int = 5):
-        """Load the session as of the older epoch's files and write them as `claim`'s epoch."""
+    def adopt(self, claim: Claim, registry, budget, attempts: int = 5, until: int | None = None):
+        """Load the session as of the older epoch's files and write them as `claim`'s epoch. `until`: replay
+        the log only up to that step (a shard of a sharded session rolled back to the last committed
+        step: its records after it are left in the older epoch's log, which is deleted)."""
+        def upto(s, record):
+            if until is None or record.step <= until:
+                replay(s, record)
+
         sid = claim.session_id
         source = self.latest_files(sid, claim.epoch)
         if not source:
@@ -159,10 +165,15 @@ class FencedJournal(Journal):
             for attempt in range(attempts):
                 before = self._fingerprint(sid)
                 meta = self.scan_one(sid)
+                if until is not None:
+                    if until < _snapshot_step(meta):
+                        raise DataLoss(f"session {sid}: its snapshot is at step {_snapshot_step(meta)}, past "
+                                       f"step {until} it must be rolled back to")
+                    meta["step"] = min(int(meta["step"]), until)
                 s = self.session_from(meta, registry)
                 if s.quarantined:
                     raise DataLoss(f"session {sid} is quarantined: {s.quarantined}")
-                self.load(s, budget, replay)
+                self.load(s, budget, upto)
                 self._close_log(sid)
                 if self._fingerprint(sid) == before:
                     break
@@ -196,3 +207,8 @@ class FencedJournal(Journal):
             stem = name.split(".")[0]
             if stem.startswith("e") and stem[1:].isdigit() and int(stem[1:]) < epoch:
                 (self.dir / sid / name).unlink(missing_ok=True)
+
+
+def _snapshot_step(meta: dict) -> int:
+    """The step of the snapshot itself (scan_one advances "step" past the log)."""
+    return int(meta.get("snapshot_step", meta["step"]))

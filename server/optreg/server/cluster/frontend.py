@@ -21,6 +21,7 @@ from optreg.server.cluster import wire
 from optreg.server.cluster.directory import Directory
 from optreg.server.cluster.feed import FEED_BYTES
 from optreg.server.cluster.host import CREATES, LARGE, MOVED, OK, pack, unpack
+from optreg.server.cluster.sharded import Sharded
 from optreg.v1 import session_pb2, telemetry_pb2
 
 log = logging.getLogger("optreg.server.cluster")
@@ -47,6 +48,7 @@ class Frontend:
         self.epochs: dict[str, int] = {}  # session id -> highest epoch a reply carried
         self.answered: dict[str, int] = {}  # session id -> highest step number answered to a client
         self._lock = threading.Lock()
+        self.sharded = Sharded(self, _Failed, RETRYABLE)
 
     # -- routing -----------------------------------------------------------------------------
     def _route(self, session_id: str) -> tuple[str, int]:
@@ -64,17 +66,19 @@ class Frontend:
         return self.directory.place(), epoch  # its owner is gone: adopt it elsewhere, from that epoch
 
     def owner(self, context) -> str:
-        """The caller's token hash, which the hosts check sessions against ("" without tokens)."""
-        return self.auth.owner(context) if self.auth else ""
+        """The caller's token hash, which the hosts check sessions against (None: this front end takes
+        no tokens, and the hosts answer as a server without tokens does)."""
+        return self.auth.owner(context) if self.auth else None
 
     def forward(self, method: str, messages: list[bytes], invoke=None, remaining: float | None = None, rest=None,
-                owner: str = ""):
+                owner: str | None = None, whole: bool = True, place: str | None = None):
         """(body, ends, trailing) of the owner's reply, retried across failures and moves.
         `invoke(host, session_id, take_over)`, when given, makes the call instead of host.call.
         `remaining`: the client's time left, the host's bound on a shared session's round wait.
         `rest`: the client stream's messages after `messages`, not read yet: the first attempt sends
         them to the host as they arrive (cluster/feed.py); they are kept for a retry. `owner`: the caller's
-        token hash."""
+        token hash. `whole=False`: a shard's call (sharded.py), its replays left as they are. `place`:
+        the host a create goes to first."""
         first = messages[0] if messages else b""
         create = method in CREATES
         if create:
@@ -95,7 +99,7 @@ class Frontend:
                 time.sleep(min(0.05 * 2 ** min(attempt, 5), 1.0))
             attempt += 1
             if create and attempt == 1:
-                name, take_over = self.directory.place(), 0
+                name, take_over = place or self.directory.place(), 0
             else:
                 name, take_over = self._route(session_id) if session_id else (self.directory.place(), 0)
             host = self.directory.handle(name)
@@ -143,11 +147,11 @@ class Frontend:
                 raise _Failed(status, body, trailing)
             if method == "DeleteSession":
                 self.routes.pop(session_id, None)
-            if method in ("Step", "StepStream"):
+            if method in ("Step", "StepStream") and whole:
                 body, out_ends = self._answered(session_id, method, body, out_ends)
             return body, out_ends, trailing
 
-    def _feed(self, host, method, session_id, messages, rest, take_over, remaining, owner=""):
+    def _feed(self, host, method, session_id, messages, rest, take_over, remaining, owner=None):
         """Start the host's call with `messages`, then send the rest of the stream in groups of about
         FEED_BYTES as it arrives (each group a numpy buffer: Ray passes it through the object store),
         appending them to `messages` for a retry. The call's reply ref."""
@@ -183,14 +187,14 @@ class Frontend:
             return _not_replayed(method, _replies(body, ends))
         return body, ends
 
-    def _created(self, method, session_id, owner=""):
+    def _created(self, method, session_id, owner=None):
         body, ends, trailing = self.forward("GetSession", [session_pb2.GetSessionRequest(
             session_id=session_id).SerializeToString()], owner=owner)
         info = session_pb2.GetSessionResponse.FromString(_replies(body, ends)[0]).session
         kind = session_pb2.CreateSessionResponse if method == "CreateSession" else session_pb2.CreateSessionStreamResponse
         return [kind(session=info).SerializeToString()], None, trailing
 
-    def list_sessions(self, owner: str = "") -> bytes:
+    def list_sessions(self, owner: str | None = None) -> bytes:
         """ListSessions: every host's loaded sessions (a session on disk but owned by no live host is
         adopted on first use by id, and listed by `python -m optreg.server.cluster sessions`)."""
         out = session_pb2.ListSessionsResponse()
@@ -305,10 +309,22 @@ def _handler(front: Frontend, name: str, client_streaming: bool, server_streamin
                           "is not: use Step or StepStream")
         if name == "ListSessions":
             return [front.list_sessions(front.owner(context))]
+        if not client_streaming:
+            shards = wire.create_shards(request) if name == "CreateSession" else 0
+            if shards > 1 or (name != "CreateSession" and front.sharded.layout(wire.session_id(request))):
+                try:
+                    return front.sharded.call(name, request, front.owner(context), _remaining(context))
+                except _Failed as f:
+                    context.abort(grpc.StatusCode[f.code], f.message)
         rest = None
         if client_streaming:  # the first message read here, the rest forwarded as it arrives
             first = next(request, None)
             messages, rest = ([], None) if first is None else ([first], request)
+            if first is not None and (front.sharded.layout(wire.session_id(first)) if name != "CreateSessionStream"
+                                      else wire.create_shards(first) > 1):
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                              f"{name}: sharded sessions (config.shards) are created with CreateSession and "
+                              "stepped with Step so far (the Python client does below 2 MiB a call)")
         else:
             messages = [request]
         try:

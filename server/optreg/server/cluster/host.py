@@ -66,8 +66,23 @@ def unpack(buf, ends) -> list[memoryview]:
     return out
 
 
+_caller = threading.local()  # the call this thread serves: whether its front end takes tokens
+
+
 class ClusterStore(SessionStore):
     """The store of one host: sessions come and go by ownership, not only by create and delete."""
+
+    @property
+    def auth(self) -> bool:
+        """Per call, not per store: front ends with and without tokens share the hosts. A call from a
+        front end that checks tokens is answered as a server with tokens answers (a session is its
+        creating token's; an absent one is PERMISSION_DENIED like another token's), one from a front
+        end without them as a server without tokens (NOT_FOUND)."""
+        return getattr(_caller, "auth", False)
+
+    @auth.setter
+    def auth(self, value) -> None:
+        pass  # (SessionStore.__init__ sets it; here it comes with each call)
 
     def adopted(self, session) -> None:
         with self._lock:
@@ -95,10 +110,9 @@ class SessionHost:
         self.metrics = Metrics()
         self.journal = FencedJournal(root, self.metrics, GroupSyncer())
         budget = memory.default_budget() if memory_budget_mb is None else int(memory_budget_mb * memory.MIB)
-        # auth: a session created with a token is that token's (the front end checks tokens and passes
-        # the caller's hash); sessions created without one stay open to every caller, as on one server
+        # (auth comes with each call: ClusterStore.auth)
         self.store = ClusterStore(Registry(), self.journal, budget=memory.MemoryBudget(budget),
-                                  default_durability="log", metrics=self.metrics, auth=True)
+                                  default_durability="log", metrics=self.metrics)
         self.journal.on_stale = self._superseded
         self.servicer = SessionServicer(self.store, metrics=self.metrics, max_streams=64, owner=_owner)
         # TelemetryService: the same servicer as the single server's, over this host's sessions
@@ -138,17 +152,35 @@ class SessionHost:
             # (claimed here and still ours: adopted by the call before us, or a create in progress)
             if session_id in self.journal.claims and self.journal.ownership.holds(self.journal.claims[session_id]):
                 return self.journal.claims[session_id].epoch
-            claim = self.journal.ownership.claim(session_id, expected, self.holder())
-            try:
-                session = self.journal.adopt(claim, self.store.registry, self.store.budget)
-            except BaseException:
+            return self._take(session_id, expected).epoch
+
+    def rollback(self, session_id: str, expected: int, until: int) -> tuple[int, int]:
+        """A shard of a sharded session found past its session's last commit record (sharded.py): take
+        it over from epoch `expected` (from this host too, dropping what it holds in memory), replaying
+        its log only up to step `until`. (epoch, step) after; EpochTaken when it moved meanwhile."""
+        with self._lock_for(session_id):
+            if session_id in self.journal.claims:
                 self.journal.release(session_id)
-                raise
-            telemetry.take(self.telemetry, session_id)
-            self.store.adopted(session)
-            log.info("session %s adopted at step %d, epoch %d", session_id, session.step, claim.epoch,
-                     extra={"session_id": session_id, "step": session.step})
-            return claim.epoch
+                self.store.forget(session_id)
+                telemetry.let_go(self.telemetry, session_id, save=False)
+            claim = self._take(session_id, expected, until)
+            return claim.epoch, until
+
+    def _take(self, session_id: str, expected: int, until: int | None = None):
+        """Claim epoch expected + 1 and load the session from the older epoch's files (its log replayed up
+        to step `until`, when given); its claim. Caller holds the session's adopt lock."""
+        claim = self.journal.ownership.claim(session_id, expected, self.holder())
+        try:
+            session = self.journal.adopt(claim, self.store.registry, self.store.budget, until=until)
+        except BaseException:
+            self.journal.release(session_id)
+            raise
+        telemetry.take(self.telemetry, session_id)
+        self.store.adopted(session)
+        log.info("session %s adopted at step %d, epoch %d%s", session_id, session.step, claim.epoch,
+                 "" if until is None else f" (rolled back to the commit record, step {until})",
+                 extra={"session_id": session_id, "step": session.step})
+        return claim
 
     def drain(self) -> list[tuple[str, int]]:
         """Stop taking calls; write every session's snapshot and let go of it: [(id, epoch)] to move."""
@@ -178,7 +210,7 @@ class SessionHost:
         telemetry.let_go(self.telemetry, session_id, save=False)
 
     # -- WatchSession: a generator here, pulled in batches by the front end (cluster/telemetry.py) --
-    def watch(self, session_id: str, request: bytes, take_over: int = 0, owner: str = ""):
+    def watch(self, session_id: str, request: bytes, take_over: int = 0, owner: str | None = None):
         """(status, epoch, watch id or message, None, ()) like call's: the watch started on the owner."""
         if self.draining:
             return MOVED, 0, None, None, ()
@@ -200,7 +232,7 @@ class SessionHost:
 
     # -- calls -----------------------------------------------------------------------------
     def call(self, method: str, session_id: str, payload, ends, take_over: int = 0, remaining: float | None = None,
-             fed: str | None = None, owner: str = ""):
+             fed: str | None = None, owner: str | None = None):
         """(status, epoch, body, ends, trailing): status is OK, MOVED (body: the owner's record) or a
         grpc status name (body: the message). `fed`: the rest of the client stream comes by `feed`
         calls under this id (cluster/feed.py), read as the step goes. `owner`: the caller's token hash."""
@@ -230,7 +262,7 @@ class SessionHost:
     def feed(self, call_id: str, seq: int, payload, ends, last: bool) -> bool:
         return self.feeds.put(call_id, seq, unpack(payload, ends), last)
 
-    def _call(self, method, session_id, messages, take_over, remaining, owner=""):
+    def _call(self, method, session_id, messages, take_over, remaining, owner=None):
         if self.draining:
             return MOVED, 0, None, None, ()
         try:
@@ -251,10 +283,11 @@ class SessionHost:
             return MOVED, epoch, None, None, ()  # superseded during the call: the front end retries
         return status, epoch, body, out_ends, trailing
 
-    def _invoke(self, method, messages, remaining=None, owner=""):
+    def _invoke(self, method, messages, remaining=None, owner=None):
         h = self.handlers[method]
         ctx = ActorContext(remaining, owner)
         fn = h.unary_unary or h.unary_stream or h.stream_unary or h.stream_stream
+        _caller.auth = owner is not None  # (None: the front end takes no tokens)
         try:
             request = (h.request_deserializer(m) for m in messages) if h.request_streaming \
                 else h.request_deserializer(messages[0])

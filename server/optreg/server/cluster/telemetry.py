@@ -68,8 +68,8 @@ def let_go(hub: TelemetryHub, session_id: str, save: bool) -> None:
 class _WatchContext:
     """The servicer's view of a watch: active until closed or left unpulled."""
 
-    def __init__(self, owner: str = ""):
-        self.owner = owner  # the caller's token hash (cluster/context.py)
+    def __init__(self, owner: str | None = None):
+        self.owner = owner or ""  # the caller's token hash (cluster/context.py)
         self.pulled = time.monotonic()
         self.closed = False
 
@@ -94,7 +94,7 @@ class Watches:
         self._open: dict[str, tuple[_WatchContext, queue.Queue]] = {}
         self._lock = threading.Lock()
 
-    def open(self, request, owner: str = "") -> str:
+    def open(self, request, owner: str | None = None) -> str:
         watch_id, ctx, out = uuid.uuid4().hex, _WatchContext(owner), queue.Queue()
         with self._lock:
             self._open[watch_id] = (ctx, out)
