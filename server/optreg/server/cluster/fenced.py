@@ -17,6 +17,7 @@ import os
 import pathlib
 import time
 
+from optreg.server.cluster import commits
 from optreg.server.cluster.ownership import Claim, Ownership, StaleOwner
 from optreg.server.model.errors import DataLoss, NotFound
 from optreg.server.storage.journal import NULL_RECORD, SNAPSHOT, Journal
@@ -97,6 +98,10 @@ class FencedJournal(Journal):
     # -- writes, fenced ------------------------------------------------------------------------
     def _snapshot(self, s, hyperparameters=None) -> None:
         self.check(s.id)
+        if (c := commits.of_shard(self.dir, s.id)) is not None and s.step > c:
+            # A shard past its session's commit record keeps its older snapshot and its log (a compaction,
+            # an idle or unloading flush come later): it may yet have to be rolled back to the record.
+            return
         super()._snapshot(s, hyperparameters)
 
     def _try_snapshot(self, s) -> None:
@@ -151,7 +156,11 @@ class FencedJournal(Journal):
     def adopt(self, claim: Claim, registry, budget, attempts: int = 5, until: int | None = None):
         """Load the session as of the older epoch's files and write them as `claim`'s epoch. `until`: replay
         the log only up to that step (a shard of a sharded session rolled back to the last committed
-        step: its records after it are left in the older epoch's log, which is deleted)."""
+        step: its records after it are left in the older epoch's log, which is deleted). A shard is
+        adopted only up to its session's commit record, always (sharded.py's invariant: a shard past
+        the record is rolled back before anything else is done with it)."""
+        if until is None:
+            until = commits.of_shard(self.dir, claim.session_id)
         def upto(s, record):
             if until is None or record.step <= until:
                 replay(s, record)
@@ -187,7 +196,7 @@ class FencedJournal(Journal):
             self._reading.pop(sid, None)
         self.claims[sid] = claim
         s.dirty = True
-        self._snapshot(s)  # epoch claim.epoch's files: the state at the cutoff
+        self._snapshot(s)  # epoch claim.epoch's files: the state at the cutoff (a shard's: at most its record)
         self._drop_older(sid, claim.epoch)
         self.ownership.prune(claim)
         return s

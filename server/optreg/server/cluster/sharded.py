@@ -27,19 +27,13 @@ from concurrent import futures
 
 import ray
 
-from optreg.server.cluster import wire
+from optreg.server.cluster import commits, wire
 from optreg.server.cluster.host import unpack
 from optreg.server.cluster.ownership import Claim, EpochTaken
 from optreg.server.model.errors import Refused
 from optreg.v1 import session_pb2
 
-SUFFIX = ".shard"
-COMMIT_LINE = 21  # "%020d\n"
 SERVED = ("CreateSession", "GetSession", "DeleteSession", "Step", "ReadParameters", "ReadState")
-
-
-def shard_id(session_id: str, i: int) -> str:
-    return f"{session_id}{SUFFIX}{i}"
 
 
 class Sharded:
@@ -59,7 +53,7 @@ class Sharded:
         found = self.layouts.get(session_id)
         if found is not None:
             return found
-        if not (self.directory.ownership.session_dir(session_id) / "commits").exists():
+        if not commits.exists(self.directory.ownership.dir, session_id):
             return None
         _, holder = self.directory.ownership.current(session_id)
         found = (holder or {}).get("sharded")
@@ -72,19 +66,7 @@ class Sharded:
             return self._locks.setdefault(session_id, threading.Lock())
 
     def committed(self, session_id: str) -> int:
-        with open(self.directory.ownership.session_dir(session_id) / "commits", "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            f.seek(size - COMMIT_LINE)
-            return int(f.read(COMMIT_LINE))
-
-    def _commit(self, session_id: str, step: int, durability: int) -> None:
-        fd = os.open(self.directory.ownership.session_dir(session_id) / "commits", os.O_WRONLY | os.O_APPEND)
-        try:
-            os.write(fd, b"%020d\n" % step)
-            if durability == session_pb2.DURABILITY_EVERY_STEP:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
+        return commits.last(self.directory.ownership.dir, session_id)
 
     # -- calls ------------------------------------------------------------------------------
     def call(self, method: str, message: bytes, owner: str | None, remaining) -> list[bytes]:
@@ -141,7 +123,7 @@ class Sharded:
             i = held.index(min(held))
             assign[t.name] = i
             held[i] += len(t.data)
-        shards = [shard_id(sid, i) for i in range(n)]
+        shards = [commits.shard_id(sid, i) for i in range(n)]
         layout = {"shards": shards, "names": [t.name for t in request.parameters], "assign": assign,
                   "durability": int(config.durability)}
         try:  # the id taken first, atomically (a plain create of it is then ALREADY_EXISTS)
@@ -149,7 +131,7 @@ class Sharded:
         except EpochTaken:
             raise self.Failed("ALREADY_EXISTS", f"session {sid} already exists; attach to it, or delete it "
                               "first") from None
-        (self.directory.ownership.session_dir(sid) / "commits").write_bytes(b"%020d\n" % request.initial_step)
+        commits.start(self.directory.ownership.dir, sid, request.initial_step)
         parts = []
         for i in range(n):
             part = session_pb2.CreateSessionRequest(initial_step=request.initial_step)
@@ -209,32 +191,43 @@ class Sharded:
 
         parts = [part(i) for i in range(len(shards))]
         c = self.committed(sid)
-        try:
-            replies = self._fan("Step", parts, owner, remaining)
-        except self.Failed:
-            self.settle(sid, layout, owner, c)
-            raise
-        ahead = [i for i, r in enumerate(replies) if r.replayed and r.step > c]
-        if ahead:  # applied before the commit record was written (a failure between): undone, sent again
-            self._roll_back(sid, layout, [shards[i] for i in ahead], c)
-            try:
-                for i, r in zip(ahead, self._fan("Step", [parts[i] for i in ahead], owner, remaining)):
+        for attempt in range(3):
+            replies = self._fan_settled(sid, layout, parts, range(len(shards)), owner, remaining, c)
+            ahead = [i for i, r in enumerate(replies) if r.replayed and r.step > c]
+            if ahead:  # applied before the commit record was written (a failure between): undone, sent again
+                self._roll_back(sid, layout, [shards[i] for i in ahead], c)
+                for i, r in zip(ahead, self._fan_settled(sid, layout, parts, ahead, owner, remaining, c)):
                     replies[i] = r
-            except self.Failed:
-                self.settle(sid, layout, owner, c)
-                raise
+            # A shard adopted since it answered (a drain) was adopted only up to the record (fenced.py):
+            # then this step is not in it any more, and is sent again rather than committed.
+            if all(self.directory.ownership.current(s)[0] == self.front.epochs.get(s) for s in shards):
+                break
+            self.settle(sid, layout, owner, c)
+        else:
+            raise self.Failed("UNAVAILABLE", f"session {sid}: its shards kept moving during step {c + 1}; retry")
         steps = {r.step for r in replies}
         if len(steps) != 1:
+            self.settle(sid, layout, owner, c)
             raise self.Failed("DATA_LOSS", f"session {sid}: its shards answered steps {sorted(steps)} (commit "
-                              f"record at {c}): retry; the shards are rolled back to it")
+                              f"record at {c}): retry")
         step = steps.pop()
         if step > c:
-            self._commit(sid, step, layout["durability"])
+            commits.append(self.directory.ownership.dir, sid, step,
+                           layout["durability"] == session_pb2.DURABILITY_EVERY_STEP)
         order = {n: k for k, n in enumerate(layout["names"])}
         out = session_pb2.StepResponse(step=step, replayed=all(r.replayed for r in replies), lr=replies[0].lr)
         out.tensors.extend(sorted((t for r in replies for t in r.tensors), key=lambda t: order[t.name]))
         body, _ = self.front._answered(sid, "Step", [out.SerializeToString()], None)
         return body[0]
+
+    def _fan_settled(self, sid, layout, parts, which, owner, remaining, c):
+        """The replies of the shards `which` to their parts; after a refusal or failure, every shard
+        past the record is rolled back before the error is answered."""
+        try:
+            return self._fan("Step", [parts[i] for i in which], owner, remaining)
+        except self.Failed:
+            self.settle(sid, layout, owner, c)
+            raise
 
     def settle(self, sid: str, layout: dict, owner: str | None, c: int | None = None) -> None:
         """Every shard past the commit record rolled back to it (after a failed step or before a read)."""
