@@ -17,8 +17,7 @@ import os
 import pathlib
 import time
 
-from optreg.server.cluster import commits
-from optreg.server.cluster.ownership import Claim, Ownership, StaleOwner
+from optreg.server.cluster.ownership import Claim, Ownership, StaleOwner, shard_commit
 from optreg.server.model.errors import DataLoss, NotFound
 from optreg.server.storage.journal import NULL_RECORD, SNAPSHOT, Journal
 from optreg.server.steps.replay import replay
@@ -98,7 +97,7 @@ class FencedJournal(Journal):
     # -- writes, fenced ------------------------------------------------------------------------
     def _snapshot(self, s, hyperparameters=None) -> None:
         self.check(s.id)
-        if (c := commits.of_shard(self.dir, s.id)) is not None and s.step > c:
+        if (c := shard_commit(self.dir, s.id)) is not None and s.step > c:
             # A shard past its session's commit record keeps its older snapshot and its log (a compaction,
             # an idle or unloading flush come later): it may yet have to be rolled back to the record.
             return
@@ -160,7 +159,7 @@ class FencedJournal(Journal):
         adopted only up to its session's commit record, always (sharded.py's invariant: a shard past
         the record is rolled back before anything else is done with it)."""
         if until is None:
-            until = commits.of_shard(self.dir, claim.session_id)
+            until = shard_commit(self.dir, claim.session_id)
         def upto(s, record):
             if until is None or record.step <= until:
                 replay(s, record)

@@ -27,7 +27,7 @@ from concurrent import futures
 
 import ray
 
-from optreg.server.cluster import commits, wire
+from optreg.server.cluster import ownership, wire
 from optreg.server.cluster.host import unpack
 from optreg.server.cluster.ownership import Claim, EpochTaken
 from optreg.server.model.errors import Refused
@@ -53,7 +53,7 @@ class Sharded:
         found = self.layouts.get(session_id)
         if found is not None:
             return found
-        if not commits.exists(self.directory.ownership.dir, session_id):
+        if not ownership.has_commits(self.directory.ownership.dir, session_id):
             return None
         _, holder = self.directory.ownership.current(session_id)
         found = (holder or {}).get("sharded")
@@ -66,7 +66,7 @@ class Sharded:
             return self._locks.setdefault(session_id, threading.Lock())
 
     def committed(self, session_id: str) -> int:
-        return commits.last(self.directory.ownership.dir, session_id)
+        return ownership.last_commit(self.directory.ownership.dir, session_id)
 
     # -- calls ------------------------------------------------------------------------------
     def call(self, method: str, message: bytes, owner: str | None, remaining) -> list[bytes]:
@@ -123,7 +123,7 @@ class Sharded:
             i = held.index(min(held))
             assign[t.name] = i
             held[i] += len(t.data)
-        shards = [commits.shard_id(sid, i) for i in range(n)]
+        shards = [ownership.shard_id(sid, i) for i in range(n)]
         layout = {"shards": shards, "names": [t.name for t in request.parameters], "assign": assign,
                   "durability": int(config.durability)}
         try:  # the id taken first, atomically (a plain create of it is then ALREADY_EXISTS)
@@ -131,7 +131,7 @@ class Sharded:
         except EpochTaken:
             raise self.Failed("ALREADY_EXISTS", f"session {sid} already exists; attach to it, or delete it "
                               "first") from None
-        commits.start(self.directory.ownership.dir, sid, request.initial_step)
+        ownership.start_commits(self.directory.ownership.dir, sid, request.initial_step)
         parts = []
         for i in range(n):
             part = session_pb2.CreateSessionRequest(initial_step=request.initial_step)
@@ -212,7 +212,7 @@ class Sharded:
                               f"record at {c}): retry")
         step = steps.pop()
         if step > c:
-            commits.append(self.directory.ownership.dir, sid, step,
+            ownership.append_commit(self.directory.ownership.dir, sid, step,
                            layout["durability"] == session_pb2.DURABILITY_EVERY_STEP)
         order = {n: k for k, n in enumerate(layout["names"])}
         out = session_pb2.StepResponse(step=step, replayed=all(r.replayed for r in replies), lr=replies[0].lr)
