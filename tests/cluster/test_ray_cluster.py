@@ -700,6 +700,60 @@ def test_thousand_sessions_over_three_nodes_and_a_drain(front, cluster):
         front.directory.ensure_hosts()
 
 
+class FrontEndProcess:
+    """`optreg serve --ray ADDRESS` in a process of its own, on a fixed port (so that a client keeps its
+    address across a kill and a restart)."""
+
+    def __init__(self, cluster, root: str, port: int):
+        env = dict(os.environ, PYTHONPATH=SOURCE_PATH)
+        self.proc = subprocess.Popen([sys.executable, "-m", "optreg.server", "serve", "--ray", cluster.address,
+                                      "--data-dir", root, "--port", str(port), "--log-level", "warning"],
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+        line = self.proc.stdout.readline()
+        assert line.startswith("optreg serving on "), line
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(30)
+
+
+def test_front_end_killed_mid_step_over_and_over(front, cluster, start_server):
+    """The front end of a sharded session SIGKILLed at random moments while a client in another process
+    steps (a kill mid-step leaves shards that applied the step with no commit record: the state the
+    protocol's rollback is for), a new front end started on the same port each time: every step
+    acknowledged once, in order, and the final state equals one server's run bit for bit."""
+    from test_auth_tls_metrics import _free_port
+    sid, n, kills = "sharded-front-1", 50, 8
+    port = _free_port()
+    proc = FrontEndProcess(cluster, str(front.directory.root), port)
+    address = f"127.0.0.1:{port}"
+    with Client(address) as c:
+        c.create_session("adam", sharded_init(), session_id=sid, shards=2, lr=0.01)
+    trainer = Trainer(address, sid, n, pace=0.0, names=NAMES)
+    rng, ahead = np.random.default_rng(25), 0
+    try:
+        for k in range(kills):
+            trainer.wait_for(3 + k * 5)
+            time.sleep(rng.uniform(0, 0.05))  # (somewhere inside a step: they take ~10-50 ms here)
+            proc.kill()
+            time.sleep(0.2)  # (a call the dead front end sent may still be running on a host)
+            committed = front.frontend.sharded.committed(sid)
+            steps = [session_pb2.GetSessionResponse.FromString(call(
+                shard_host(front, sid, i)[1], "GetSession", f"{sid}.shard{i}",
+                session_pb2.GetSessionRequest(session_id=f"{sid}.shard{i}"))[2][0]).session.step for i in (0, 1)]
+            assert all(committed <= st <= committed + 1 for st in steps), (committed, steps)
+            ahead += any(st > committed for st in steps)
+            proc = FrontEndProcess(cluster, str(front.directory.root), port)
+        acks = trainer.finish()
+    finally:
+        proc.kill()
+    print(f"\n{kills} front end kills, {ahead} of them left a shard past the commit record")
+    assert [a["step"] for a in acks] == list(range(1, n + 1))
+    with Client(front.address) as c:
+        assert_same_state(c.session(sid, {}).read_state(), one_server_state(start_server, n))
+        c.delete_session(sid)
+
+
 # -- losing a node (last: they take nodes away) -------------------------------------------------------
 
 
