@@ -404,6 +404,10 @@ def test_a_sharded_session_steps_like_one_server(front, start_server):
             c.create_session("adam", {"W": np.ones(3)}, session_id="sharded-w", shards=2)
         assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "config.shards 2" in e.value.details
         with pytest.raises(OptregError) as e:
+            c.create_session("adam", sharded_init(), session_id="../sharded-out", shards=2)
+        assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "config.session_id" in e.value.details
+        assert not (front.directory.root / "sharded-out").exists()
+        with pytest.raises(OptregError) as e:
             c.session(sid, {}).step({"W": grad(1)})
         assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "gradients" in e.value.details
     assert shard_host(front, sid, 0)[0] != shard_host(front, sid, 1)[0]

@@ -22,15 +22,18 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 import uuid
 from concurrent import futures
 
 import ray
 
 from optreg.server.cluster import ownership, wire
+from optreg.server.cluster.directory import STARTING_SECONDS
 from optreg.server.cluster.host import unpack
 from optreg.server.cluster.ownership import Claim, EpochTaken
 from optreg.server.model.errors import Refused
+from optreg.server.sessions.factory import valid_id
 from optreg.v1 import session_pb2
 
 SERVED = ("CreateSession", "GetSession", "DeleteSession", "Step", "ReadParameters", "ReadState")
@@ -109,14 +112,24 @@ class Sharded:
         if n > len(request.parameters):
             raise self.Failed("INVALID_ARGUMENT", f"config.shards {n}: the session has {len(request.parameters)} "
                               "tensors and each shard holds whole tensors: give at most that many")
-        hosts = []
+        hosts, alive = [], len(self.directory.ensure_hosts())
+        if n > alive:
+            raise self.Failed("FAILED_PRECONDITION", f"config.shards {n}: the cluster has {alive} session hosts "
+                              "(one a node, drained ones left out) to place shards on: give at most that many")
+        end = time.monotonic() + STARTING_SECONDS  # (hosts of nodes that just joined may still be starting)
+        while len(self.directory.infos(fresh=True)) < n and time.monotonic() < end:
+            time.sleep(1.0)
         for _ in range(n):
             try:
                 hosts.append(self.directory.place(exclude=frozenset(hosts)))
             except RuntimeError:
-                raise self.Failed("FAILED_PRECONDITION", f"config.shards {n}: the cluster has {len(hosts)} session "
-                                  "hosts (one a node) to place shards on: give at most that many") from None
+                raise self.Failed("UNAVAILABLE", f"config.shards {n}: only {len(hosts)} session hosts answered "
+                                  "in time to place shards on: retry") from None
         sid = config.session_id or uuid.uuid4().hex
+        if not valid_id(ownership.shard_id(sid, n - 1)):  # (before any path is made of it)
+            raise self.Failed("INVALID_ARGUMENT", f"config.session_id {sid[:200]!r}: a sharded session's id is "
+                              "1-120 characters of A-Z a-z 0-9 _ . - (its shards add .shard<i>), not starting "
+                              "with . or -")
         # whole tensors, balanced by bytes: the largest first, each to the shard holding the fewest
         held, assign = [0] * n, {}
         for t in sorted(request.parameters, key=lambda t: -len(t.data)):
