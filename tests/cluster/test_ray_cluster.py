@@ -397,6 +397,9 @@ def test_a_sharded_session_steps_like_one_server(front, start_server):
         assert c.get_session(sid).step == n
         assert set(c.session(sid, {}).read_parameters(["b"])) == {"b"}
         state = c.session(sid, {}).read_state()
+        listed = {i.session_id: i for i in c.list_sessions()}
+        assert listed[sid].step == n and list(listed[sid].parameters) == list(NAMES)
+        assert not [k for k in listed if k.startswith(f"{sid}.shard")]
         with pytest.raises(OptregError) as e:
             c.create_session("adam", {f"t{k}": np.ones(3) for k in range(5)}, session_id="sharded-4", shards=4)
         assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION and "config.shards 4" in e.value.details  # 3 hosts

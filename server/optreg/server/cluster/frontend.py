@@ -207,6 +207,9 @@ class Frontend:
                 continue
             if status == OK:
                 out.sessions.extend(session_pb2.ListSessionsResponse.FromString(_replies(body, ends)[0]).sessions)
+        listed = self.sharded.merge_listed(list(out.sessions))  # a sharded session as one
+        del out.sessions[:]
+        out.sessions.extend(listed)
         return out.SerializeToString()
 
     def watch(self, request: bytes, context):

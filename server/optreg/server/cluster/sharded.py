@@ -179,6 +179,24 @@ class Sharded:
         info.loaded = all(i.loaded for i in infos)
         return info
 
+    def merge_listed(self, infos: list) -> list:
+        """A listing's sessions with the shards of each sharded session replaced by that session (at
+        its commit record's step) when every shard of it is listed; in id order."""
+        out, shards = [], {}
+        for info in infos:
+            parent, sep, index = info.session_id.rpartition(ownership.SUFFIX)
+            if sep and index.isdigit() and self.layout(parent):
+                shards.setdefault(parent, []).append(info)
+            else:
+                out.append(info)
+        for sid, found in shards.items():
+            layout = self.layout(sid)
+            if len(found) == len(layout["shards"]):
+                info = self._info(sid, layout, found)
+                info.step = self.committed(sid)
+                out.append(info)
+        return sorted(out, key=lambda i: i.session_id.encode())
+
     def step(self, sid: str, layout: dict, request, owner: str | None, remaining) -> bytes:
         for field in ("worker", "sparse", "compressed"):
             if (request.worker if field == "worker" else len(getattr(request, field))):
