@@ -359,12 +359,12 @@ def sharded_init() -> dict:
     return {name: np.linspace(-1, 1, SIZE) * (k + 1) for k, name in enumerate(NAMES)}
 
 
-def one_server_state(start_server, n: int):
+def one_server_state(start_server, n: int, init=sharded_init, grads=sharded_grads):
     """The same session on one server (memory only), stepped n times: its read_state."""
     with Client(start_server("--memory-only").address) as c:
-        s = c.create_session("adam", sharded_init(), lr=0.01)
+        s = c.create_session("adam", init(), lr=0.01)
         for i in range(1, n + 1):
-            s.step(sharded_grads(i))
+            s.step(grads(i))
         return s.read_state()
 
 
@@ -424,6 +424,35 @@ def test_a_sharded_session_steps_like_one_server(front, start_server):
         with pytest.raises(OptregError) as e:
             c.get_session(sid)
         assert e.value.code == grpc.StatusCode.NOT_FOUND
+
+
+BIG = 300_000  # float64: 2.4 MB a tensor, above the Python client's 2 MiB: every call streamed
+
+
+def big_init() -> dict:
+    return {name: np.linspace(-1, 1, BIG) * (k + 1) for k, name in enumerate(NAMES)}
+
+
+def big_grads(i: int) -> dict:
+    return {name: np.sin(np.arange(BIG) * 0.37 + i + 7 * k) for k, name in enumerate(NAMES)}
+
+
+def test_a_large_sharded_session_streams_like_one_server(front, start_server):
+    """A session above 2 MiB a call (the Python client streams: CreateSessionStream, StepStream,
+    ReadParametersStream, ReadStateStream) sharded over 3 hosts: every call split by shard and the
+    replies merged; the state equals one server's bit for bit."""
+    sid, n = "sharded-big-1", 3
+    with Client(front.address, timeout=300) as c:
+        s = c.create_session("adam", big_init(), session_id=sid, shards=3, lr=0.01)
+        for i in range(1, n + 1):
+            r = s.step(big_grads(i))
+            assert r.step == i and not r.replayed
+        want = one_server_state(start_server, n, big_init, big_grads)
+        for name in NAMES:  # the step's reply, reassembled from every shard's chunks
+            np.testing.assert_array_equal(s.arrays[name], want.parameters[name])
+        assert_same_state(c.session(sid, {}).read_state(), want)
+        np.testing.assert_array_equal(c.session(sid, {}).read_parameters(["c"])["c"], want.parameters["c"])
+        c.delete_session(sid)
 
 
 def test_a_shard_ahead_of_the_commit_record_is_rolled_back(front, start_server):

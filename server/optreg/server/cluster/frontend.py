@@ -316,7 +316,7 @@ def _handler(front: Frontend, name: str, client_streaming: bool, server_streamin
             shards = wire.create_shards(request) if name == "CreateSession" else 0
             if shards > 1 or (name != "CreateSession" and front.sharded.layout(wire.session_id(request))):
                 try:
-                    return front.sharded.call(name, request, front.owner(context), _remaining(context))
+                    return front.sharded.call(name, [request], front.owner(context), _remaining(context))
                 except _Failed as f:
                     context.abort(grpc.StatusCode[f.code], f.message)
         rest = None
@@ -325,9 +325,10 @@ def _handler(front: Frontend, name: str, client_streaming: bool, server_streamin
             messages, rest = ([], None) if first is None else ([first], request)
             if first is not None and (front.sharded.layout(wire.session_id(first)) if name != "CreateSessionStream"
                                       else wire.create_shards(first) > 1):
-                context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                              f"{name}: sharded sessions (config.shards) are created with CreateSession and "
-                              "stepped with Step so far (the Python client does below 2 MiB a call)")
+                try:  # the stream gathered, then split by shard (sharded.py)
+                    return front.sharded.call(name, [first, *request], front.owner(context), _remaining(context))
+                except _Failed as f:
+                    context.abort(grpc.StatusCode[f.code], f.message)
         else:
             messages = [request]
         try:

@@ -36,7 +36,8 @@ from optreg.server.model.errors import Refused
 from optreg.server.sessions.factory import valid_id
 from optreg.v1 import session_pb2
 
-SERVED = ("CreateSession", "GetSession", "DeleteSession", "Step", "ReadParameters", "ReadState")
+SERVED = ("CreateSession", "CreateSessionStream", "GetSession", "DeleteSession", "Step", "StepStream", "ReadParameters",
+          "ReadParametersStream", "ReadState", "ReadStateStream")
 
 
 class Sharded:
@@ -72,31 +73,38 @@ class Sharded:
         return ownership.last_commit(self.directory.ownership.dir, session_id)
 
     # -- calls ------------------------------------------------------------------------------
-    def call(self, method: str, message: bytes, owner: str | None, remaining) -> list[bytes]:
-        if method == "CreateSession":
-            return [self.create(session_pb2.CreateSessionRequest.FromString(message), owner, remaining)]
-        sid = wire.session_id(message)
+    def call(self, method: str, messages: list[bytes], owner: str | None, remaining) -> list[bytes]:
+        """The replies to a call on a sharded session (`messages`: the request, or a client stream's
+        messages, gathered)."""
+        parsed = [getattr(session_pb2, method + "Request").FromString(m) for m in messages] \
+            if method in ("CreateSession", "CreateSessionStream", "Step", "StepStream") else None
+        if method in ("CreateSession", "CreateSessionStream"):
+            return [self.create(method, parsed, owner, remaining)]
+        sid = wire.session_id(messages[0])
         lay = self.layout(sid)
         if method not in SERVED:
             raise self.Failed("FAILED_PRECONDITION", f"{method}: session {sid} is sharded (config.shards "
                               f"{len(lay['shards'])}), which serves {', '.join(SERVED)} so far")
         with self._lock(sid):
-            if method == "Step":
-                return [self.step(sid, lay, session_pb2.StepRequest.FromString(message), owner, remaining)]
+            if method in ("Step", "StepStream"):
+                return self.step(method, sid, lay, parsed, owner, remaining)
             if method == "DeleteSession":
                 return [self.delete(sid, lay, owner, remaining)]
-            return [self.read(sid, lay, method, message, owner, remaining)]
+            return self.read(sid, lay, method, messages[0], owner, remaining)
 
-    def _fan(self, method: str, parts: list[bytes], owner: str | None, remaining) -> list:
-        """Each shard's reply (parsed) to its part, the calls in parallel; the first failure raised
-        after every call has ended."""
+    def _fan(self, method: str, parts: list, owner: str | None, remaining) -> list:
+        """Each shard's reply (parsed; a streamed reply: the list of its messages) to its part (a
+        request, or a list of a client stream's messages), the calls in parallel; the first failure
+        raised after every call has ended."""
         kind = getattr(session_pb2, method + "Response")
-        calls = [self.pool.submit(self.front.forward, method, [p], remaining=remaining, owner=owner, whole=False)
-                 for p in parts]
+        streamed = method.endswith("Stream") and method != "CreateSessionStream"
+        calls = [self.pool.submit(self.front.forward, method, [p] if isinstance(p, bytes) else p,
+                                  remaining=remaining, owner=owner, whole=False) for p in parts]
         out, failure = [], None
         for c in calls:
             try:
-                out.append(kind.FromString(_first(*c.result()[:2])))
+                replies = [kind.FromString(bytes(m)) for m in _all(*c.result()[:2])]
+                out.append(replies if streamed else replies[0])
             except self.Failed as f:
                 out.append(None)
                 failure = failure or f
@@ -104,14 +112,22 @@ class Sharded:
             raise failure
         return out
 
-    def create(self, request, owner: str | None, remaining) -> bytes:
+    def create(self, method: str, messages: list, owner: str | None, remaining) -> bytes:
+        request = messages[0]
         config = request.config
         n = config.shards
+        sizes: dict[str, int] = {}  # parameter -> bytes, in the request's order
+        if method == "CreateSession":
+            sizes = {t.name: len(t.data) for t in request.parameters}
+        else:
+            for m in messages:
+                for t in m.chunks if not m.slot else ():
+                    sizes[t.name] = sizes.get(t.name, 0) + len(t.data)
         if config.HasField("workers"):
             raise self.Failed("INVALID_ARGUMENT", "config.workers: a sharded session (config.shards) is single-writer")
-        if n > len(request.parameters):
-            raise self.Failed("INVALID_ARGUMENT", f"config.shards {n}: the session has {len(request.parameters)} "
-                              "tensors and each shard holds whole tensors: give at most that many")
+        if n > len(sizes):
+            raise self.Failed("INVALID_ARGUMENT", f"config.shards {n}: the session has {len(sizes)} tensors and "
+                              "each shard holds whole tensors: give at most that many")
         hosts, alive = [], len(self.directory.ensure_hosts())
         if n > alive:
             raise self.Failed("FAILED_PRECONDITION", f"config.shards {n}: the cluster has {alive} session hosts "
@@ -132,12 +148,12 @@ class Sharded:
                               "with . or -")
         # whole tensors, balanced by bytes: the largest first, each to the shard holding the fewest
         held, assign = [0] * n, {}
-        for t in sorted(request.parameters, key=lambda t: -len(t.data)):
+        for name in sorted(sizes, key=lambda k: -sizes[k]):
             i = held.index(min(held))
-            assign[t.name] = i
-            held[i] += len(t.data)
+            assign[name] = i
+            held[i] += sizes[name]
         shards = [ownership.shard_id(sid, i) for i in range(n)]
-        layout = {"shards": shards, "names": [t.name for t in request.parameters], "assign": assign,
+        layout = {"shards": shards, "names": list(sizes), "assign": assign,
                   "durability": int(config.durability)}
         try:  # the id taken first, atomically (a plain create of it is then ALREADY_EXISTS)
             self.directory.ownership.claim(sid, 0, {"host": "", "sharded": layout, "owner": owner})
@@ -146,7 +162,15 @@ class Sharded:
                               "first") from None
         ownership.start_commits(self.directory.ownership.dir, sid, request.initial_step)
         parts = []
-        for i in range(n):
+
+        def config_of(i):
+            def set_config(p):
+                p.config.shards, p.config.session_id = 0, shards[i]
+            return set_config
+
+        for i in range(n if method == "CreateSessionStream" else 0):
+            parts.append(_split(messages, assign, i, config_of(i)))
+        for i in range(n if method == "CreateSession" else 0):
             part = session_pb2.CreateSessionRequest(initial_step=request.initial_step)
             part.config.CopyFrom(config)
             part.config.shards, part.config.session_id = 0, shards[i]
@@ -154,19 +178,19 @@ class Sharded:
             for slot in request.state:
                 part.state.add(slot=slot.slot, tensors=[t for t in slot.tensors if assign.get(t.name) == i])
             parts.append(part.SerializeToString())
-        calls = [self.pool.submit(self.front.forward, "CreateSession", [p], remaining=remaining, owner=owner,
-                                  place=h) for p, h in zip(parts, hosts)]
+        calls = [self.pool.submit(self.front.forward, method, [p] if isinstance(p, bytes) else p,
+                                  remaining=remaining, owner=owner, place=h) for p, h in zip(parts, hosts)]
         infos, failure = [], None
         for c in calls:
             try:
-                infos.append(session_pb2.CreateSessionResponse.FromString(_first(*c.result()[:2])).session)
+                infos.append(session_pb2.CreateSessionResponse.FromString(bytes(_all(*c.result()[:2])[0])).session)
             except self.Failed as f:
                 failure = failure or f
         if failure is not None:
             self.delete(sid, layout, owner, remaining)
             raise failure
         self.layouts[sid] = layout
-        return session_pb2.CreateSessionResponse(session=self._info(sid, layout, infos)).SerializeToString()
+        return getattr(session_pb2, method + "Response")(session=self._info(sid, layout, infos)).SerializeToString()
 
     def _info(self, sid: str, layout: dict, infos) -> session_pb2.SessionInfo:
         info = session_pb2.SessionInfo()
@@ -197,37 +221,47 @@ class Sharded:
                 out.append(info)
         return sorted(out, key=lambda i: i.session_id.encode())
 
-    def step(self, sid: str, layout: dict, request, owner: str | None, remaining) -> bytes:
+    def step(self, method: str, sid: str, layout: dict, messages: list, owner: str | None, remaining) -> list[bytes]:
+        request = messages[0]
         for field in ("worker", "sparse", "compressed"):
-            if (request.worker if field == "worker" else len(getattr(request, field))):
+            if field == "worker" and request.worker or field != "worker" and len(getattr(request, field, ())):
                 raise self.Failed("INVALID_ARGUMENT", f"{field}: not on a sharded session (config.shards): send "
-                                  "dense gradients in `gradients`")
+                                  "dense gradients")
         if not request.HasField("step"):
             raise self.Failed("INVALID_ARGUMENT", "step: a sharded session takes fenced steps only (set `step` "
                               "to the session's step count; the Python client does)")
-        names = [g.name for g in request.gradients]
+        if method == "Step":
+            names = [g.name for g in request.gradients]
+        else:  # (a tensor comes in several chunks: each name once here)
+            names = list(dict.fromkeys(t.name for m in messages for t in m.chunks))
         if sorted(names) != sorted(layout["names"]):
             missing = sorted(set(layout["names"]) - set(names))
             extra = sorted(set(names) - set(layout["names"]))
-            raise self.Failed("INVALID_ARGUMENT", f"gradients: give one per parameter, by name, once (missing "
+            field = "gradients" if method == "Step" else "chunks"
+            raise self.Failed("INVALID_ARGUMENT", f"{field}: give one per parameter, by name, once (missing "
                               f"{missing}, unknown or repeated {extra or sorted(n for n in names if names.count(n) > 1)})")
         shards, assign = layout["shards"], layout["assign"]
 
         def part(i):
+            if method == "StepStream":
+                return _split(messages, assign, i, lambda p: setattr(p, "session_id", shards[i]))
             p = session_pb2.StepRequest(session_id=shards[i], step=request.step,
                                         gradients=[g for g in request.gradients if assign[g.name] == i])
             p.hyperparameters.update(request.hyperparameters)
             p.metrics.update(request.metrics)
             return p.SerializeToString()
 
+        def final(reply):  # the message with the step's number and whether it was a replay
+            return reply if method == "Step" else reply[-1]
+
         parts = [part(i) for i in range(len(shards))]
         c = self.committed(sid)
         for attempt in range(3):
-            replies = self._fan_settled(sid, layout, parts, range(len(shards)), owner, remaining, c)
-            ahead = [i for i, r in enumerate(replies) if r.replayed and r.step > c]
+            replies = self._fan_settled(method, sid, layout, parts, range(len(shards)), owner, remaining, c)
+            ahead = [i for i, r in enumerate(replies) if final(r).replayed and final(r).step > c]
             if ahead:  # applied before the commit record was written (a failure between): undone, sent again
                 self._roll_back(sid, layout, [shards[i] for i in ahead], c)
-                for i, r in zip(ahead, self._fan_settled(sid, layout, parts, ahead, owner, remaining, c)):
+                for i, r in zip(ahead, self._fan_settled(method, sid, layout, parts, ahead, owner, remaining, c)):
                     replies[i] = r
             # A shard adopted since it answered (a drain) was adopted only up to the record (fenced.py):
             # then this step is not in it any more, and is sent again rather than committed.
@@ -236,7 +270,7 @@ class Sharded:
             self.settle(sid, layout, owner, c)
         else:
             raise self.Failed("UNAVAILABLE", f"session {sid}: its shards kept moving during step {c + 1}; retry")
-        steps = {r.step for r in replies}
+        steps = {final(r).step for r in replies}
         if len(steps) != 1:
             self.settle(sid, layout, owner, c)
             raise self.Failed("DATA_LOSS", f"session {sid}: its shards answered steps {sorted(steps)} (commit "
@@ -244,18 +278,28 @@ class Sharded:
         step = steps.pop()
         if step > c:
             ownership.append_commit(self.directory.ownership.dir, sid, step,
-                           layout["durability"] == session_pb2.DURABILITY_EVERY_STEP)
-        order = {n: k for k, n in enumerate(layout["names"])}
-        out = session_pb2.StepResponse(step=step, replayed=all(r.replayed for r in replies), lr=replies[0].lr)
-        out.tensors.extend(sorted((t for r in replies for t in r.tensors), key=lambda t: order[t.name]))
-        body, _ = self.front._answered(sid, "Step", [out.SerializeToString()], None)
-        return body[0]
+                                    layout["durability"] == session_pb2.DURABILITY_EVERY_STEP)
+        replayed, lr = all(final(r).replayed for r in replies), final(replies[0]).lr
+        if method == "Step":
+            order = {n: k for k, n in enumerate(layout["names"])}
+            out = session_pb2.StepResponse(step=step, replayed=replayed, lr=lr)
+            out.tensors.extend(sorted((t for r in replies for t in r.tensors), key=lambda t: order[t.name]))
+            answer = [out.SerializeToString()]
+        else:  # every shard's answer as chunks of a committed step, then the step's message
+            answer = []
+            for r in replies:
+                for m in _answer(r):
+                    m.provisional, m.step, m.replayed = False, step, replayed
+                    answer.append(m.SerializeToString())
+            answer.append(session_pb2.StepStreamResponse(step=step, replayed=replayed, lr=lr).SerializeToString())
+        body, _ = self.front._answered(sid, method, answer, None)
+        return list(body)
 
-    def _fan_settled(self, sid, layout, parts, which, owner, remaining, c):
+    def _fan_settled(self, method, sid, layout, parts, which, owner, remaining, c):
         """The replies of the shards `which` to their parts; after a refusal or failure, every shard
         past the record is rolled back before the error is answered."""
         try:
-            return self._fan("Step", [parts[i] for i in which], owner, remaining)
+            return self._fan(method, [parts[i] for i in which], owner, remaining)
         except self.Failed:
             self.settle(sid, layout, owner, c)
             raise
@@ -293,38 +337,57 @@ class Sharded:
             else:
                 raise self.Failed("UNAVAILABLE", f"session {sid}: shard {sub} could not be rolled back; retry")
 
-    def read(self, sid: str, layout: dict, method: str, message: bytes, owner: str | None, remaining) -> bytes:
+    def read(self, sid: str, layout: dict, method: str, message: bytes, owner: str | None, remaining) -> list[bytes]:
         kind = getattr(session_pb2, method + "Request")
         request = kind.FromString(message)
         shards, assign = layout["shards"], layout["assign"]
+        streamed = method.endswith("Stream")
         parts = []
         for i, s in enumerate(shards):
             p = kind()
             p.CopyFrom(request)
             p.session_id = s
-            if method == "ReadParameters" and request.names:
+            if method.startswith("ReadParameters") and request.names:
                 del p.names[:]  # (a name no shard holds goes to shard 0, which answers as one server does)
                 p.names.extend(n for n in request.names if assign.get(n, 0) == i)
                 if not p.names:
                     continue  # this shard holds none of them (an empty list would read them all)
             parts.append(p.SerializeToString())
+
+        def step_of(reply):
+            head = reply[0] if streamed else reply
+            return head.step if method.startswith("ReadParameters") else head.session.step
+
         for attempt in range(3):
             c = self.committed(sid)
             replies = self._fan(method, parts, owner, remaining)
-            steps = [r.step if method == "ReadParameters" else r.session.step for r in replies]
-            if all(s == c for s in steps):
+            if all(step_of(r) == c for r in replies):
                 break
             self.settle(sid, layout, owner, c)
         else:
             raise self.Failed("UNAVAILABLE", f"session {sid}: its shards did not settle at one step; retry")
         order = {n: k for k, n in enumerate(layout["names"])}
+        if method == "ReadParametersStream":
+            for r in replies:
+                for m in r:
+                    m.step = c
+            return [m.SerializeToString() for r in replies for m in r]
+        if method == "ReadStateStream":  # the merged info first, then every shard's chunks
+            out = [session_pb2.ReadStateStreamResponse(
+                session=self._info(sid, layout, [r[0].session for r in replies])).SerializeToString()]
+            for r in replies:
+                for m in r:
+                    m.ClearField("session")
+                    if m.chunks:
+                        out.append(m.SerializeToString())
+            return out
         if method == "GetSession":
-            return session_pb2.GetSessionResponse(session=self._info(sid, layout, [r.session for r in replies])) \
-                .SerializeToString()
+            return [session_pb2.GetSessionResponse(session=self._info(sid, layout, [r.session for r in replies]))
+                    .SerializeToString()]
         if method == "ReadParameters":
             out = session_pb2.ReadParametersResponse(step=c)
             out.parameters.extend(sorted((t for r in replies for t in r.parameters), key=lambda t: order[t.name]))
-            return out.SerializeToString()
+            return [out.SerializeToString()]
         out = session_pb2.ReadStateResponse(session=self._info(sid, layout, [r.session for r in replies]))
         out.parameters.extend(sorted((t for r in replies for t in r.parameters), key=lambda t: order[t.name]))
         slots: dict[str, list] = {}
@@ -333,7 +396,7 @@ class Sharded:
                 slots.setdefault(st.slot, []).extend(st.tensors)
         for slot, ts in slots.items():
             out.state.add(slot=slot, tensors=sorted(ts, key=lambda t: order[t.name]))
-        return out.SerializeToString()
+        return [out.SerializeToString()]
 
     def delete(self, sid: str, layout: dict, owner: str | None, remaining) -> bytes:
         for s in layout["shards"]:
@@ -354,5 +417,38 @@ class Sharded:
 
 
 
-def _first(body, ends) -> bytes:
-    return bytes(body[0]) if ends is None else bytes(unpack(body, ends)[0])
+def _all(body, ends) -> list:
+    """A forwarded call's reply messages."""
+    return list(body) if ends is None else unpack(body, ends)
+
+
+def _split(messages: list, assign: dict, i: int, first) -> list[bytes]:
+    """Shard i's part of a client stream: each message with only the chunks of shard i's tensors (a
+    name no shard holds goes to shard 0, which answers as one server does); the first message always,
+    changed by `first`; the others when they hold any of its chunks."""
+    out = []
+    for k, m in enumerate(messages):
+        p = type(m)()
+        p.CopyFrom(m)
+        del p.chunks[:]
+        p.chunks.extend(t for t in m.chunks if assign.get(t.name, 0) == i)
+        if k == 0:
+            first(p)
+        elif not p.chunks:
+            continue
+        out.append(p.SerializeToString())
+    return out
+
+
+def _answer(replies: list) -> list:
+    """The messages of a shard's StepStream reply that hold its answer: the provisional chunks, unless
+    later messages that are not provisional carry chunks (then those: the protocol's rule,
+    StepStreamResponse)."""
+    kept, last = [], None
+    for m in replies:
+        if last is not None and last.provisional and not m.provisional and m.chunks:
+            kept = []
+        last = m
+        if m.chunks:
+            kept.append(m)
+    return kept
