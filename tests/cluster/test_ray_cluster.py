@@ -410,6 +410,16 @@ def test_a_sharded_session_steps_like_one_server(front, start_server):
             c.create_session("adam", sharded_init(), session_id="../sharded-out", shards=2)
         assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "config.session_id" in e.value.details
         assert not (front.directory.root / "sharded-out").exists()
+        # a shard's name already taken by someone's session: refused, that session left as it was
+        c.create_session("adam", {"W": np.ones(3)}, session_id="taken.shard1").step({"W": np.ones(3)})
+        with pytest.raises(OptregError) as e:
+            c.create_session("adam", sharded_init(), session_id="taken", shards=2)
+        assert e.value.code == grpc.StatusCode.ALREADY_EXISTS and "taken.shard1" in e.value.details
+        assert c.get_session("taken.shard1").step == 1
+        with pytest.raises(OptregError) as e:
+            c.get_session("taken")
+        assert e.value.code == grpc.StatusCode.NOT_FOUND
+        c.delete_session("taken.shard1")
         with pytest.raises(OptregError) as e:
             c.session(sid, {}).step({"W": grad(1)})
         assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "gradients" in e.value.details

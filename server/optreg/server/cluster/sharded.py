@@ -180,14 +180,15 @@ class Sharded:
             parts.append(part.SerializeToString())
         calls = [self.pool.submit(self.front.forward, method, [p] if isinstance(p, bytes) else p,
                                   remaining=remaining, owner=owner, place=h) for p, h in zip(parts, hosts)]
-        infos, failure = [], None
-        for c in calls:
+        infos, made, failure = [], [], None
+        for shard, c in zip(shards, calls):
             try:
                 infos.append(session_pb2.CreateSessionResponse.FromString(bytes(_all(*c.result()[:2])[0])).session)
-            except self.Failed as f:
+                made.append(shard)
+            except self.Failed as f:  # (ALREADY_EXISTS: a session of that name that is not ours: kept)
                 failure = failure or f
         if failure is not None:
-            self.delete(sid, layout, owner, remaining)
+            self.delete(sid, layout, owner, remaining, made)
             raise failure
         self.layouts[sid] = layout
         return getattr(session_pb2, method + "Response")(session=self._info(sid, layout, infos)).SerializeToString()
@@ -398,8 +399,10 @@ class Sharded:
             out.state.add(slot=slot, tensors=sorted(ts, key=lambda t: order[t.name]))
         return [out.SerializeToString()]
 
-    def delete(self, sid: str, layout: dict, owner: str | None, remaining) -> bytes:
-        for s in layout["shards"]:
+    def delete(self, sid: str, layout: dict, owner: str | None, remaining, shards=None) -> bytes:
+        """Every shard (or those named: a create that failed deletes only the shards it made), then
+        the session's record."""
+        for s in layout["shards"] if shards is None else shards:
             try:
                 self.front.forward("DeleteSession", [session_pb2.DeleteSessionRequest(session_id=s)
                                                      .SerializeToString()], remaining=remaining, owner=owner)
@@ -414,7 +417,6 @@ class Sharded:
             pass
         self.layouts.pop(sid, None)
         return session_pb2.DeleteSessionResponse().SerializeToString()
-
 
 
 def _all(body, ends) -> list:
