@@ -46,17 +46,7 @@ def bench_ray(cfg, _server, _echo):
                 with Client(addresses["single"], timeout=300) as c1, Client(addresses["cluster"], timeout=300) as c2:
                     sessions = {"single": c1.create_session("adam", {"w": w.copy()}, keep=False),
                                 "cluster": c2.create_session("adam", {"w": w.copy()}, keep=False)}
-                    for s in sessions.values():  # warm: imports, JIT, first load
-                        for _ in range(3):
-                            s.step(g)
-                    times = {k: [] for k in sessions}
-                    for _ in range(reps):
-                        for k, s in sessions.items():
-                            t = time.perf_counter()
-                            for _ in range(per):
-                                s.step(g)
-                            times[k].append((time.perf_counter() - t) / per)
-                    med = {k: statistics.median(v) for k, v in times.items()}
+                    med = _interleaved(sessions, g, reps, per)
                     label = "1e3" if n == 1_000 else "1e7"
                     row(f"Ray front end + actor step, Adam {label} f32", med["cluster"], "s",
                         "the single-process server's step", med["single"])
@@ -99,18 +89,24 @@ def _sharded_row(cfg, front, params, g, label, per):
         sessions = {"sharded": c.create_session("adam", {k: v.copy() for k, v in params.items()}, shards=2,
                                                 keep=False),
                     "whole": c.create_session("adam", {k: v.copy() for k, v in params.items()}, keep=False)}
-        for s in sessions.values():
-            for _ in range(3):
-                s.step(g)
-        times = {k: [] for k in sessions}
-        for _ in range(max(5, cfg.large_reps)):
-            for k, s in sessions.items():
-                t = time.perf_counter()
-                for _ in range(per):
-                    s.step(g)
-                times[k].append((time.perf_counter() - t) / per)
-        med = {k: statistics.median(v) for k, v in times.items()}
+        med = _interleaved(sessions, g, max(5, cfg.large_reps), per)
         row(f"Ray sharded step (2 shards, 2 nodes), Adam {label} f32 in 2 tensors", med["sharded"], "s",
             "the same session on one host, same front end", med["whole"])
         for s in sessions.values():
             s.delete()
+
+
+def _interleaved(sessions: dict, g: dict, reps: int, per: int) -> dict:
+    """{name: median seconds a step} of the sessions stepped in turn (`per` steps each, `reps` rounds),
+    after 3 warm steps each (imports, JIT, first load)."""
+    for s in sessions.values():
+        for _ in range(3):
+            s.step(g)
+    times = {k: [] for k in sessions}
+    for _ in range(reps):
+        for k, s in sessions.items():
+            t = time.perf_counter()
+            for _ in range(per):
+                s.step(g)
+            times[k].append((time.perf_counter() - t) / per)
+    return {k: statistics.median(v) for k, v in times.items()}
