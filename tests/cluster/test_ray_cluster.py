@@ -24,12 +24,15 @@ ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
 
 from book_reference import SGD, Adam  # noqa: E402
-from optreg.client import Client  # noqa: E402
+import grpc  # noqa: E402
+
+from optreg.client import Client, RetryPolicy  # noqa: E402
+from optreg.client.errors import OptregError  # noqa: E402
 from optreg.server.cluster.directory import Directory, Host, NAMESPACE, connect, host_name  # noqa: E402
 from optreg.server.cluster.frontend import Frontend  # noqa: E402
 from optreg.server.cluster.host import MOVED, OK, SessionHost, pack, unpack  # noqa: E402
 from optreg.server.cluster.serve import ClusterServer  # noqa: E402
-from optreg.v1 import session_pb2, tensors  # noqa: E402
+from optreg.v1 import session_pb2, session_pb2_grpc, tensors  # noqa: E402
 
 pytestmark = pytest.mark.ray
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -118,13 +121,14 @@ import json, sys, time
 import numpy as np
 from optreg.client import Client, RetryPolicy
 address, sid, n, size, pace = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
+names = sys.argv[6].split(",")
 def grad(i):
     return np.sin(np.arange(size) * 0.37 + i) * (1 + 0.1 * i)
 with Client(address, timeout=120, retry=RetryPolicy(total_seconds=120)) as c:
     s = c.session(sid)
     while s.step_count < n:
         i = s.step_count + 1
-        r = s.step({"W": grad(i)})
+        r = s.step({name: grad(i + 7 * k) for k, name in enumerate(names)})
         print(json.dumps({"step": r.step, "t": time.monotonic(), "replayed": r.replayed}), flush=True)
         time.sleep(pace)
 """
@@ -134,9 +138,10 @@ class Trainer:
     """A client in another process stepping `sid` to `n` steps, `pace` seconds apart (so that what a test
     does after wait_for(k) lands near step k, not after the last step); its acknowledged steps."""
 
-    def __init__(self, address: str, sid: str, n: int, pace: float = 0.02):
+    def __init__(self, address: str, sid: str, n: int, pace: float = 0.02, names=("W",)):
         env = dict(os.environ, PYTHONPATH=SOURCE_PATH)
-        self.proc = subprocess.Popen([sys.executable, "-c", CLIENT, address, sid, str(n), str(SIZE), str(pace)],
+        self.proc = subprocess.Popen([sys.executable, "-c", CLIENT, address, sid, str(n), str(SIZE), str(pace),
+                                      ",".join(names)],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         self.acks: list[dict] = []
         self.reader = threading.Thread(target=self._read, daemon=True)
@@ -274,6 +279,252 @@ def test_front_end_serves_telemetry_health_and_reflection_like_one_server(front)
         assert "optreg.v1.TelemetryService" in {s.name for s in listed.list_services_response.service}
     assert front.directory.ownership.current(sid)[0] > epoch
     with Client(front.address) as c:
+        c.delete_session(sid)
+
+
+def every_call(channel, metadata=()) -> dict[str, grpc.StatusCode]:
+    """Every method of the session, telemetry and registry services called once with an empty request:
+    {"Service/Method": the status it ended with (OK when it answered)}."""
+    from optreg.v1 import registry_pb2, telemetry_pb2
+    out = {}
+    for module, name in ((session_pb2, "SessionService"), (telemetry_pb2, "TelemetryService"),
+                         (registry_pb2, "OptimizerRegistryService")):
+        service = module.DESCRIPTOR.services_by_name[name]
+        for m in service.methods:
+            path = f"/{service.full_name}/{m.name}"
+            kind = ("stream" if m.client_streaming else "unary") + "_" + ("stream" if m.server_streaming else "unary")
+            rpc = getattr(channel, kind)(path)
+            request = iter([b""]) if m.client_streaming else b""
+            try:
+                reply = rpc(request, metadata=metadata, timeout=60)
+                if m.server_streaming:
+                    next(reply, None)
+                    reply.cancel()
+                out[f"{name}/{m.name}"] = grpc.StatusCode.OK
+            except grpc.RpcError as e:
+                out[f"{name}/{m.name}"] = e.code()
+    return out
+
+
+def test_front_end_tokens_and_tls_like_one_server(front, tmp_path):
+    """`--token-file`, `--tls-cert`/`--tls-key` on the front end, as on `optreg serve`: every RPC refused
+    without a token or with a wrong one (UNAUTHENTICATED), none with a good one; plaintext to the TLS
+    port fails; a session created with one token is another token's PERMISSION_DENIED, as on one
+    server (the hosts check the caller's token hash the front end passes)."""
+    from test_auth_tls_metrics import _self_signed
+    tokens = tmp_path / "tokens"
+    tokens.write_text("alice-token\nbob-token\n")
+    cert, key, pem = _self_signed(tmp_path)
+    server = ClusterServer(str(front.directory.root), port=0, memory_budget_mb=1024, token_file=str(tokens),
+                           tls_cert=cert, tls_key=key)
+    server.start()
+    try:
+        with grpc.secure_channel(server.address, grpc.ssl_channel_credentials(pem)) as channel:
+            for metadata in ((), (("authorization", "Bearer mallory"),), (("authorization", "Basic alice-token"),)):
+                codes = every_call(channel, metadata)
+                assert len(codes) > 20 and set(codes.values()) == {grpc.StatusCode.UNAUTHENTICATED}, codes
+            codes = every_call(channel, (("authorization", "Bearer alice-token"),))
+            assert grpc.StatusCode.UNAUTHENTICATED not in codes.values(), codes
+        with Client(server.address, token="alice-token", root_certificates=pem) as alice, \
+                Client(server.address, token="bob-token", root_certificates=pem) as bob:
+            s = alice.create_session("adam", {"W": np.linspace(-1, 1, SIZE)}, session_id="alice-ray", lr=0.01)
+            s.step({"W": grad(1)})
+            for foreign in (lambda: bob.get_session("alice-ray"), lambda: bob.session("alice-ray", {}).read_state(),
+                            lambda: bob.session("alice-ray", {}).step({"W": grad(2)})):
+                with pytest.raises(OptregError) as e:
+                    foreign()
+                assert e.value.code == grpc.StatusCode.PERMISSION_DENIED
+            assert "alice-ray" not in [i.session_id for i in bob.list_sessions()]  # (earlier tests' are open)
+            assert "alice-ray" in [i.session_id for i in alice.list_sessions()]
+            assert alice.get_session("alice-ray").step == 1
+            alice.delete_session("alice-ray")
+        with Client(server.address, token="alice-token", timeout=5, retry=RetryPolicy(total_seconds=0)) as plain:
+            with pytest.raises(OptregError) as e:
+                plain.list_sessions()
+            assert e.value.code == grpc.StatusCode.UNAVAILABLE
+    finally:
+        server.stop(0)
+
+
+# -- sharded sessions (issue 25) -----------------------------------------------------------------------
+NAMES = ("W", "b", "c")
+
+
+def sharded_grads(i: int) -> dict:
+    """Step i's gradients of a sharded session (the Trainer's, with names=NAMES)."""
+    return {name: grad(i + 7 * k) for k, name in enumerate(NAMES)}
+
+
+def sharded_init() -> dict:
+    return {name: np.linspace(-1, 1, SIZE) * (k + 1) for k, name in enumerate(NAMES)}
+
+
+def one_server_state(start_server, n: int, init=sharded_init, grads=sharded_grads):
+    """The same session on one server (memory only), stepped n times: its read_state."""
+    with Client(start_server("--memory-only").address) as c:
+        s = c.create_session("adam", init(), lr=0.01)
+        for i in range(1, n + 1):
+            s.step(grads(i))
+        return s.read_state()
+
+
+def assert_same_state(got, want) -> None:
+    """Bit for bit: step, every parameter and every slot."""
+    assert got.info.step == want.info.step
+    assert list(got.parameters) == list(want.parameters)
+    for name in want.parameters:
+        np.testing.assert_array_equal(got.parameters[name], want.parameters[name])
+    assert got.state.keys() == want.state.keys()
+    for slot in want.state:
+        for name in want.state[slot]:
+            np.testing.assert_array_equal(got.state[slot][name], want.state[slot][name])
+
+
+def shard_host(front, sid: str, i: int):
+    _, holder = front.directory.ownership.current(f"{sid}.shard{i}")
+    return holder["host"], front.directory.handle(holder["host"])
+
+
+def test_a_sharded_session_steps_like_one_server(front, start_server):
+    """create_session(shards=2): the tensors on two hosts; fenced steps; reads see one session; the
+    state equals one server's run bit for bit. Refusals name config.shards / gradients."""
+    sid, n = "sharded-1", 8
+    with Client(front.address) as c:
+        s = c.create_session("adam", sharded_init(), session_id=sid, shards=2, lr=0.01)
+        assert list(s.info.parameters) == list(NAMES)
+        for i in range(1, n + 1):
+            assert s.step(sharded_grads(i)).step == i
+        assert c.get_session(sid).step == n
+        assert set(c.session(sid, {}).read_parameters(["b"])) == {"b"}
+        state = c.session(sid, {}).read_state()
+        listed = {i.session_id: i for i in c.list_sessions()}
+        assert listed[sid].step == n and list(listed[sid].parameters) == list(NAMES)
+        assert not [k for k in listed if k.startswith(f"{sid}.shard")]
+        with pytest.raises(OptregError) as e:
+            c.create_session("adam", {f"t{k}": np.ones(3) for k in range(5)}, session_id="sharded-4", shards=4)
+        assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION and "config.shards 4" in e.value.details  # 3 hosts
+        with pytest.raises(OptregError) as e:
+            c.create_session("adam", {"W": np.ones(3)}, session_id="sharded-w", shards=2)
+        assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "config.shards 2" in e.value.details
+        with pytest.raises(OptregError) as e:
+            c.create_session("adam", sharded_init(), session_id="../sharded-out", shards=2)
+        assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "config.session_id" in e.value.details
+        assert not (front.directory.root / "sharded-out").exists()
+        # a shard's name already taken by someone's session: refused, that session left as it was
+        c.create_session("adam", {"W": np.ones(3)}, session_id="taken.shard1").step({"W": np.ones(3)})
+        with pytest.raises(OptregError) as e:
+            c.create_session("adam", sharded_init(), session_id="taken", shards=2)
+        assert e.value.code == grpc.StatusCode.ALREADY_EXISTS and "taken.shard1" in e.value.details
+        assert c.get_session("taken.shard1").step == 1
+        with pytest.raises(OptregError) as e:
+            c.get_session("taken")
+        assert e.value.code == grpc.StatusCode.NOT_FOUND
+        c.delete_session("taken.shard1")
+        with pytest.raises(OptregError) as e:
+            c.session(sid, {}).step({"W": grad(1)})
+        assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "gradients" in e.value.details
+    assert shard_host(front, sid, 0)[0] != shard_host(front, sid, 1)[0]
+    assert_same_state(state, one_server_state(start_server, n))
+    with Client(start_server("--memory-only").address) as one:
+        with pytest.raises(OptregError) as e:
+            one.create_session("adam", sharded_init(), shards=2)
+        assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION and "config.shards 2" in e.value.details
+    with Client(front.address) as c:
+        c.delete_session(sid)
+        with pytest.raises(OptregError) as e:
+            c.get_session(sid)
+        assert e.value.code == grpc.StatusCode.NOT_FOUND
+
+
+BIG = 300_000  # float64: 2.4 MB a tensor, above the Python client's 2 MiB: every call streamed
+
+
+def big_init() -> dict:
+    return {name: np.linspace(-1, 1, BIG) * (k + 1) for k, name in enumerate(NAMES)}
+
+
+def big_grads(i: int) -> dict:
+    return {name: np.sin(np.arange(BIG) * 0.37 + i + 7 * k) for k, name in enumerate(NAMES)}
+
+
+def test_a_large_sharded_session_streams_like_one_server(front, start_server):
+    """A session above 2 MiB a call (the Python client streams: CreateSessionStream, StepStream,
+    ReadParametersStream, ReadStateStream) sharded over 3 hosts: every call split by shard and the
+    replies merged; the state equals one server's bit for bit."""
+    sid, n = "sharded-big-1", 3
+    with Client(front.address, timeout=300) as c:
+        s = c.create_session("adam", big_init(), session_id=sid, shards=3, lr=0.01)
+        for i in range(1, n + 1):
+            r = s.step(big_grads(i))
+            assert r.step == i and not r.replayed
+        want = one_server_state(start_server, n, big_init, big_grads)
+        for name in NAMES:  # the step's reply, reassembled from every shard's chunks
+            np.testing.assert_array_equal(s.arrays[name], want.parameters[name])
+        assert_same_state(c.session(sid, {}).read_state(), want)
+        np.testing.assert_array_equal(c.session(sid, {}).read_parameters(["c"])["c"], want.parameters["c"])
+        c.delete_session(sid)
+
+
+def test_a_shard_ahead_of_the_commit_record_is_rolled_back(front, start_server):
+    """The protocol's points, each state made by real calls: (after log, before the commit record) a
+    shard that applied step k whose commit was never written (a front end that died between: here
+    the shard's host is called directly with other gradients) is rolled back by a reader and by the
+    client's step k, which is then applied once, with the client's gradients; (after commit) the
+    client's retry of a committed step is a replay, nothing applied again; (before log) the hosts of
+    both shards killed (SIGKILL) while a client in another process steps. Final state: one server's."""
+    sid, n = "sharded-2", 24
+    with Client(front.address) as c:
+        s = c.create_session("adam", sharded_init(), session_id=sid, shards=2, lr=0.01)
+        for i in range(1, 4):
+            s.step(sharded_grads(i))
+    stub = session_pb2_grpc.SessionServiceStub(grpc.insecure_channel(front.address))
+
+    def uncommitted(k):
+        """Shard 0 applies step k (fence k-1) with wrong gradients, and no commit record is written."""
+        _, host = shard_host(front, sid, 0)
+        sub = f"{sid}.shard0"
+        names = [nm for nm, i in front.frontend.sharded.layout(sid)["assign"].items() if i == 0]
+        wrong = session_pb2.StepRequest(session_id=sub, step=k - 1,
+                                        gradients=[tensors.from_numpy(nm, np.full(SIZE, 5.0)) for nm in names])
+        status, _, body = call(host, "Step", sub, wrong)
+        assert status == OK and session_pb2.StepResponse.FromString(body[0]).step == k
+
+    uncommitted(4)
+    with Client(front.address) as c:  # a reader sees the committed step, shard 0 rolled back to it
+        assert c.get_session(sid).step == 3
+        assert_same_state(c.session(sid, {}).read_state(), one_server_state(start_server, 3))
+    uncommitted(4)
+    with Client(front.address) as c:  # the client's step 4 after the same: applied once, its gradients
+        s = c.session(sid, sharded_init())
+        assert s.step(sharded_grads(4)).step == 4
+    # after the commit record: the retry of step 4 (fence 3) is a replay, nothing applied twice
+    again = stub.Step(session_pb2.StepRequest(session_id=sid, step=3, gradients=[
+        tensors.from_numpy(nm, g) for nm, g in sharded_grads(4).items()]), timeout=120)
+    assert again.step == 4 and again.replayed
+    # a shard past the record moved by a drain: its host's flush keeps the older snapshot and the log,
+    # the adopting host takes it only up to the record, and the client's step 5 is applied once
+    uncommitted(5)
+    node = ray.get(shard_host(front, sid, 0)[1].info.remote(), timeout=120)["node"]
+    front.directory.drain(node)
+    try:
+        with Client(front.address) as c:
+            assert c.session(sid, sharded_init()).step(sharded_grads(5)).step == 5
+        assert shard_host(front, sid, 0)[0] != node and front.frontend.sharded.committed(sid) == 5
+    finally:
+        front.directory.undrain(node)
+        front.directory.ensure_hosts()
+    # before the log: each shard's host process killed while a client in another process steps
+    trainer = Trainer(front.address, sid, n, names=NAMES)
+    kills = 0
+    for i, at in ((1, 8), (0, 14)):
+        trainer.wait_for(at - 4)
+        _, host = shard_host(front, sid, i)
+        os.kill(ray.get(host.pid.remote(), timeout=120), signal.SIGKILL)
+        kills += 1
+    acks = trainer.finish()
+    assert [a["step"] for a in acks] == list(range(6, n + 1))
+    with Client(front.address) as c:
+        assert_same_state(c.session(sid, {}).read_state(), one_server_state(start_server, n))
         c.delete_session(sid)
 
 
@@ -495,6 +746,60 @@ def test_thousand_sessions_over_three_nodes_and_a_drain(front, cluster):
         front.directory.ensure_hosts()
 
 
+class FrontEndProcess:
+    """`optreg serve --ray ADDRESS` in a process of its own, on a fixed port (so that a client keeps its
+    address across a kill and a restart)."""
+
+    def __init__(self, cluster, root: str, port: int):
+        env = dict(os.environ, PYTHONPATH=SOURCE_PATH)
+        self.proc = subprocess.Popen([sys.executable, "-m", "optreg.server", "serve", "--ray", cluster.address,
+                                      "--data-dir", root, "--port", str(port), "--log-level", "warning"],
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+        line = self.proc.stdout.readline()
+        assert line.startswith("optreg serving on "), line
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(30)
+
+
+def test_front_end_killed_mid_step_over_and_over(front, cluster, start_server):
+    """The front end of a sharded session SIGKILLed at random moments while a client in another process
+    steps (a kill mid-step leaves shards that applied the step with no commit record: the state the
+    protocol's rollback is for), a new front end started on the same port each time: every step
+    acknowledged once, in order, and the final state equals one server's run bit for bit."""
+    from test_auth_tls_metrics import _free_port
+    sid, n, kills = "sharded-front-1", 50, 8
+    port = _free_port()
+    proc = FrontEndProcess(cluster, str(front.directory.root), port)
+    address = f"127.0.0.1:{port}"
+    with Client(address) as c:
+        c.create_session("adam", sharded_init(), session_id=sid, shards=2, lr=0.01)
+    trainer = Trainer(address, sid, n, pace=0.0, names=NAMES)
+    rng, ahead = np.random.default_rng(25), 0
+    try:
+        for k in range(kills):
+            trainer.wait_for(3 + k * 5)
+            time.sleep(rng.uniform(0, 0.05))  # (somewhere inside a step: they take ~10-50 ms here)
+            proc.kill()
+            time.sleep(0.2)  # (a call the dead front end sent may still be running on a host)
+            committed = front.frontend.sharded.committed(sid)
+            steps = [session_pb2.GetSessionResponse.FromString(call(
+                shard_host(front, sid, i)[1], "GetSession", f"{sid}.shard{i}",
+                session_pb2.GetSessionRequest(session_id=f"{sid}.shard{i}"))[2][0]).session.step for i in (0, 1)]
+            assert all(committed <= st <= committed + 1 for st in steps), (committed, steps)
+            ahead += any(st > committed for st in steps)
+            proc = FrontEndProcess(cluster, str(front.directory.root), port)
+        acks = trainer.finish()
+    finally:
+        proc.kill()
+    print(f"\n{kills} front end kills, {ahead} of them left a shard past the commit record")
+    assert [a["step"] for a in acks] == list(range(1, n + 1))
+    with Client(front.address) as c:
+        assert_same_state(c.session(sid, {}).read_state(), one_server_state(start_server, n))
+        c.delete_session(sid)
+
+
 # -- losing a node (last: they take nodes away) -------------------------------------------------------
 
 
@@ -536,6 +841,34 @@ def test_killing_the_hosting_node_mid_training(front, cluster):
     assert first_after - killed_at < 20  # the issue's bound
     epoch, holder = front.directory.ownership.current(sid)
     assert epoch >= 2 and holder["node"] != node_id
+    cluster.add_node(num_cpus=1)
+    front.directory.ensure_hosts()
+
+
+def test_killing_a_node_holding_a_shard_mid_training(front, cluster, start_server):
+    """A sharded session (2 shards) stepped by a client in another process; the node of a shard killed
+    (its raylet and host, SIGKILL) mid-training: a surviving host adopts the shard, no acknowledged
+    step is lost or applied twice, and the state equals one server's run bit for bit."""
+    sid, n = "sharded-node-1", 30
+    with Client(front.address) as c:
+        c.create_session("adam", sharded_init(), session_id=sid, shards=2, lr=0.01)
+    head = cluster.head_node.node_id
+    infos = [ray.get(shard_host(front, sid, i)[1].info.remote(), timeout=120) for i in (0, 1)]
+    victim = next(i for i in (0, 1) if infos[i]["node"] != head)
+    node_id, host_pid = infos[victim]["node"], infos[victim]["pid"]
+    trainer = Trainer(front.address, sid, n, names=NAMES)
+    trainer.wait_for(10)
+    cluster.remove_node(node_by_id(cluster, node_id), allow_graceful=False)
+    os.kill(host_pid, signal.SIGKILL)
+    killed_at = time.monotonic()
+    acks = trainer.finish()
+    assert [a["step"] for a in acks] == list(range(1, n + 1))
+    first_after = next((a["t"] for a in acks if a["t"] > killed_at), None)
+    if first_after is not None:
+        print(f"\nshard's node killed: the session answered again after {first_after - killed_at:.1f} s")
+    with Client(front.address) as c:
+        assert_same_state(c.session(sid, {}).read_state(), one_server_state(start_server, n))
+    assert front.directory.ownership.current(f"{sid}.shard{victim}")[1]["node"] != node_id
     cluster.add_node(num_cpus=1)
     front.directory.ensure_hosts()
 

@@ -121,6 +121,9 @@ def test_bad_create_inputs(stub):
     cfg_id = session_pb2.SessionConfig(optimizer="sgd", session_id="fixed-id-for-retry")
     stub.CreateSession(session_pb2.CreateSessionRequest(config=cfg_id, parameters=two[:1]))
     expect(grpc.StatusCode.ALREADY_EXISTS, create(cfg_id, two[:1]), "fixed-id-for-retry")
+    # sharded sessions are a Ray cluster's (docs/scale-out.md): one server says so, naming the field
+    expect(grpc.StatusCode.FAILED_PRECONDITION, create(session_pb2.SessionConfig(optimizer="sgd", shards=2),
+                                                       [tensors.from_numpy("w", np.ones(2))]), "config.shards 2")
 
 
 def test_unknown_session_not_found(stub):

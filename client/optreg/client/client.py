@@ -129,7 +129,8 @@ class Client:
                        min_workers: int = 0, round_deadline: float | None = None, lease: float | None = None,
                        combine: str = "mean", staleness: int = 0, scale_lr_by_staleness: bool = False,
                        take_over: bool = False, schedule: str | None = None,
-                       schedule_parameters: Mapping[str, float] | None = None, **hyperparameters: float) -> Session:
+                       schedule_parameters: Mapping[str, float] | None = None, shards: int = 0,
+                       **hyperparameters: float) -> Session:
         """Open a session; `params` (name -> array) are the initial values, copied to the server, and
         the arrays later steps write into.
 
@@ -159,6 +160,9 @@ class Client:
         `schedule_parameters` (`{"total_steps": 1000, "warmup_steps": 100}`): step t runs with
         lr = the session's lr * factor(t - 1), as torch.optim.lr_scheduler steps; a step then may not
         set lr itself. `Session.lr` is the lr the last step ran with (docs/plugins.md, "Schedules").
+
+        `shards`: on a Ray cluster (`optreg serve --ray`), split the session's tensors over this many
+        session hosts, each step atomic across them (docs/scale-out.md, "Sharded sessions").
         """
         if "reply" in hyperparameters and step_reply is None:
             warnings.warn("create_session(reply=...) is now step_reply=...", DeprecationWarning, stacklevel=2)
@@ -167,6 +171,7 @@ class Client:
                                              durability, periodic_steps, periodic_seconds, state, initial_step,
                                              hyperparameters)
         check_keep(keep)
+        config.shards = shards
         if schedule:
             config.schedule = schedule
             try:

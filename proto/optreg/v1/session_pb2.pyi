@@ -58,7 +58,7 @@ COMBINE_MEAN: Combine
 COMBINE_SUM: Combine
 
 class SessionConfig(_message.Message):
-    __slots__ = ("optimizer", "hyperparameters", "master_dtype", "step_reply", "session_id", "durability", "periodic_steps", "periodic_seconds", "workers", "schedule", "schedule_parameters")
+    __slots__ = ("optimizer", "hyperparameters", "master_dtype", "step_reply", "session_id", "durability", "periodic_steps", "periodic_seconds", "workers", "schedule", "schedule_parameters", "shards")
     class HyperparametersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -84,6 +84,7 @@ class SessionConfig(_message.Message):
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     SCHEDULE_FIELD_NUMBER: _ClassVar[int]
     SCHEDULE_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
     optimizer: str
     hyperparameters: _containers.ScalarMap[str, float]
     master_dtype: _tensor_pb2.DataType
@@ -95,7 +96,8 @@ class SessionConfig(_message.Message):
     workers: WorkerConfig
     schedule: str
     schedule_parameters: _containers.ScalarMap[str, float]
-    def __init__(self, optimizer: _Optional[str] = ..., hyperparameters: _Optional[_Mapping[str, float]] = ..., master_dtype: _Optional[_Union[_tensor_pb2.DataType, str]] = ..., step_reply: _Optional[_Union[StepReply, str]] = ..., session_id: _Optional[str] = ..., durability: _Optional[_Union[Durability, str]] = ..., periodic_steps: _Optional[int] = ..., periodic_seconds: _Optional[float] = ..., workers: _Optional[_Union[WorkerConfig, _Mapping]] = ..., schedule: _Optional[str] = ..., schedule_parameters: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    shards: int
+    def __init__(self, optimizer: _Optional[str] = ..., hyperparameters: _Optional[_Mapping[str, float]] = ..., master_dtype: _Optional[_Union[_tensor_pb2.DataType, str]] = ..., step_reply: _Optional[_Union[StepReply, str]] = ..., session_id: _Optional[str] = ..., durability: _Optional[_Union[Durability, str]] = ..., periodic_steps: _Optional[int] = ..., periodic_seconds: _Optional[float] = ..., workers: _Optional[_Union[WorkerConfig, _Mapping]] = ..., schedule: _Optional[str] = ..., schedule_parameters: _Optional[_Mapping[str, float]] = ..., shards: _Optional[int] = ...) -> None: ...
 
 class WorkerConfig(_message.Message):
     __slots__ = ("workers", "mode", "min_workers", "round_deadline_seconds", "lease_seconds", "combine", "staleness", "scale_lr_by_staleness")

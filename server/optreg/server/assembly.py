@@ -175,19 +175,32 @@ def guard(what: str, host: str, secured: bool, missing: str, allow_insecure: boo
     log.warning("%s on non-loopback %s without %s (--allow-insecure)", what, host, missing)
 
 
+def secure(what: str, host: str, token_file: str | None, tls_cert: str | None, tls_key: str | None,
+           allow_insecure: bool, on_error=None) -> tuple[TokenAuth | None, grpc.ServerCredentials | None, str]:
+    """--token-file, --tls-cert/--tls-key and the non-loopback guard, as every gRPC server of optreg
+    takes them (the single server and the cluster front end): (the token check or None, the TLS
+    credentials or None, what is missing, e.g. "TLS and tokens")."""
+    auth = TokenAuth(read_tokens(token_file), on_error) if token_file else None
+    tls = bool(tls_cert or tls_key)
+    if tls and not (tls_cert and tls_key):
+        raise ValueError("TLS needs both --tls-cert and --tls-key")
+    missing = " and ".join(w for w, on in (("TLS", tls), ("tokens", auth)) if not on)
+    guard(what, host, bool(tls and auth), missing, allow_insecure)
+    creds = grpc.ssl_server_credentials([(pathlib.Path(tls_key).read_bytes(),
+                                          pathlib.Path(tls_cert).read_bytes())]) if tls else None
+    return auth, creds, missing
+
+
 class OptregServer:
     def __init__(self, settings: Settings, registry: Registry | None = None):
         self.settings = settings
         self.registry = registry or Registry()
         self.metrics = Metrics()
-        self.auth = TokenAuth(read_tokens(settings.token_file), self.metrics.error) if settings.token_file else None
-        tls = bool(settings.tls_cert or settings.tls_key)
-        if tls and not (settings.tls_cert and settings.tls_key):
-            raise ValueError("TLS needs both --tls-cert and --tls-key")
         settings.host = bind_address(settings.host)
         settings.metrics_host = bind_address(settings.metrics_host)
-        missing = " and ".join(w for w, on in (("TLS", tls), ("tokens", self.auth)) if not on)
-        guard("the gRPC server", settings.host, bool(tls and self.auth), missing, settings.allow_insecure)
+        self.auth, creds, missing = secure("the gRPC server", settings.host, settings.token_file, settings.tls_cert,
+                                           settings.tls_key, settings.allow_insecure, self.metrics.error)
+        tls = creds is not None
         if settings.metrics_port is not None:  # plain HTTP, no tokens: never off loopback unless allowed
             guard("the metrics endpoint", settings.metrics_host, False, "TLS and tokens", settings.allow_insecure)
         if settings.dashboard_port is not None:  # the dashboard serves TLS with the same certificate
@@ -234,8 +247,6 @@ class OptregServer:
                                                 aio=True).items():
             self.grpc_server.add(service, handlers)
         self.grpc_server.add_health_and_reflection(SERVICE_NAMES)
-        creds = grpc.ssl_server_credentials([(pathlib.Path(settings.tls_key).read_bytes(),
-                                              pathlib.Path(settings.tls_cert).read_bytes())]) if tls else None
         self.port = self.grpc_server.bind(settings.host, settings.port, creds)
 
     @property

@@ -35,8 +35,7 @@ def _serve_ray(args, data_dir) -> int:
         print("optreg serve --ray: sessions live in storage every node reaches: give --data-dir "
               "(a shared path), not --memory-only", file=sys.stderr)
         return 2
-    unsupported = [o for o, v in (("--token-file", args.token_file), ("--tls-cert", args.tls_cert),
-                                  ("--dashboard-port", args.dashboard_port)) if v]
+    unsupported = [o for o, v in (("--dashboard-port", args.dashboard_port),) if v]
     if unsupported:
         print(f"optreg serve --ray: {', '.join(unsupported)} not supported on a cluster yet "
               "(docs/scale-out.md)", file=sys.stderr)
@@ -50,7 +49,8 @@ def _serve_ray(args, data_dir) -> int:
         server = ClusterServer(data_dir, ray_address=args.ray or None, host=args.host, port=args.port,
                                workers=args.threads, max_message_mb=args.max_message_mb,
                                memory_budget_mb=args.memory_budget_mb, allow_insecure=args.allow_insecure,
-                               drain_seconds=args.drain_seconds)
+                               drain_seconds=args.drain_seconds, token_file=args.token_file,
+                               tls_cert=args.tls_cert, tls_key=args.tls_key)
     except (ValueError, OSError, ConnectionError) as e:
         print(f"optreg serve --ray: {e}", file=sys.stderr)
         return 2

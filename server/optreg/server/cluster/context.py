@@ -13,8 +13,9 @@ class Abort(Exception):
 class ActorContext:
     """What the servicer needs of a grpc.ServicerContext, inside the actor."""
 
-    def __init__(self, remaining: float | None = None):
+    def __init__(self, remaining: float | None = None, owner: str | None = None):
         self.trailing = ()
+        self.owner = owner or ""  # the caller's token hash, as the front end's token check found it
         # the client's deadline as the front end saw it (a shared session's round waits up to it)
         self.deadline = None if remaining is None else time.monotonic() + remaining
 

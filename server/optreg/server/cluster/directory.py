@@ -69,6 +69,9 @@ def host_name(node_id: str) -> str:
     return f"{HOST_PREFIX}{node_id[:16]}"
 
 
+STARTING_SECONDS = 120.0  # how long placement waits for the first host to answer
+
+
 class Directory:
     """What a front end (and `python -m optreg.server.cluster`) knows of the cluster."""
 
@@ -139,6 +142,9 @@ class Directory:
         # A host that does not answer in a few seconds (its node stopped, not yet found dead) gets no
         # new sessions this round: placement never waits on it.
         ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=self.answer_seconds)
+        if not ready and refs:  # none up yet (a fresh front end; a host's process takes ~5-20 s to start on
+            # a loaded machine): wait for the first rather than refuse the call
+            ready, _ = ray.wait(list(refs.values()), num_returns=1, timeout=STARTING_SECONDS)
         infos = {}
         for name, ref in refs.items():
             if ref not in ready:

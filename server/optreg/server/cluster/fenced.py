@@ -17,7 +17,7 @@ import os
 import pathlib
 import time
 
-from optreg.server.cluster.ownership import Claim, Ownership, StaleOwner
+from optreg.server.cluster.ownership import Claim, Ownership, StaleOwner, shard_commit
 from optreg.server.model.errors import DataLoss, NotFound
 from optreg.server.storage.journal import NULL_RECORD, SNAPSHOT, Journal
 from optreg.server.steps.replay import replay
@@ -97,6 +97,10 @@ class FencedJournal(Journal):
     # -- writes, fenced ------------------------------------------------------------------------
     def _snapshot(self, s, hyperparameters=None) -> None:
         self.check(s.id)
+        if (c := shard_commit(self.dir, s.id)) is not None and s.step > c:
+            # A shard past its session's commit record keeps its older snapshot and its log (a compaction,
+            # an idle or unloading flush come later): it may yet have to be rolled back to the record.
+            return
         super()._snapshot(s, hyperparameters)
 
     def _try_snapshot(self, s) -> None:
@@ -148,8 +152,18 @@ class FencedJournal(Journal):
                     best = n
         return best
 
-    def adopt(self, claim: Claim, registry, budget, attempts: int = 5):
-        """Load the session as of the older epoch's files and write them as `claim`'s epoch."""
+    def adopt(self, claim: Claim, registry, budget, attempts: int = 5, until: int | None = None):
+        """Load the session as of the older epoch's files and write them as `claim`'s epoch. `until`: replay
+        the log only up to that step (a shard of a sharded session rolled back to the last committed
+        step: its records after it are left in the older epoch's log, which is deleted). A shard is
+        adopted only up to its session's commit record, always (sharded.py's invariant: a shard past
+        the record is rolled back before anything else is done with it)."""
+        if until is None:
+            until = shard_commit(self.dir, claim.session_id)
+        def upto(s, record):
+            if until is None or record.step <= until:
+                replay(s, record)
+
         sid = claim.session_id
         source = self.latest_files(sid, claim.epoch)
         if not source:
@@ -159,10 +173,15 @@ class FencedJournal(Journal):
             for attempt in range(attempts):
                 before = self._fingerprint(sid)
                 meta = self.scan_one(sid)
+                if until is not None:
+                    if until < _snapshot_step(meta):
+                        raise DataLoss(f"session {sid}: its snapshot is at step {_snapshot_step(meta)}, past "
+                                       f"step {until} it must be rolled back to")
+                    meta["step"] = min(int(meta["step"]), until)
                 s = self.session_from(meta, registry)
                 if s.quarantined:
                     raise DataLoss(f"session {sid} is quarantined: {s.quarantined}")
-                self.load(s, budget, replay)
+                self.load(s, budget, upto)
                 self._close_log(sid)
                 if self._fingerprint(sid) == before:
                     break
@@ -176,7 +195,7 @@ class FencedJournal(Journal):
             self._reading.pop(sid, None)
         self.claims[sid] = claim
         s.dirty = True
-        self._snapshot(s)  # epoch claim.epoch's files: the state at the cutoff
+        self._snapshot(s)  # epoch claim.epoch's files: the state at the cutoff (a shard's: at most its record)
         self._drop_older(sid, claim.epoch)
         self.ownership.prune(claim)
         return s
@@ -196,3 +215,8 @@ class FencedJournal(Journal):
             stem = name.split(".")[0]
             if stem.startswith("e") and stem[1:].isdigit() and int(stem[1:]) < epoch:
                 (self.dir / sid / name).unlink(missing_ok=True)
+
+
+def _snapshot_step(meta: dict) -> int:
+    """The step of the snapshot itself (scan_one advances "step" past the log)."""
+    return int(meta.get("snapshot_step", meta["step"]))

@@ -21,6 +21,7 @@ from optreg.server.cluster import wire
 from optreg.server.cluster.directory import Directory
 from optreg.server.cluster.feed import FEED_BYTES
 from optreg.server.cluster.host import CREATES, LARGE, MOVED, OK, pack, unpack
+from optreg.server.cluster.sharded import Sharded
 from optreg.v1 import session_pb2, telemetry_pb2
 
 log = logging.getLogger("optreg.server.cluster")
@@ -39,13 +40,15 @@ class _Failed(Exception):
 
 
 class Frontend:
-    def __init__(self, directory: Directory, retry_seconds: float = 60.0):
+    def __init__(self, directory: Directory, retry_seconds: float = 60.0, auth=None):
         self.directory = directory
+        self.auth = auth  # rpc/auth.py's TokenAuth (the interceptor has checked the token), or None
         self.retry_seconds = retry_seconds
         self.routes: dict[str, str] = {}  # session id -> host name believed to own it
         self.epochs: dict[str, int] = {}  # session id -> highest epoch a reply carried
         self.answered: dict[str, int] = {}  # session id -> highest step number answered to a client
         self._lock = threading.Lock()
+        self.sharded = Sharded(self, _Failed, RETRYABLE)
 
     # -- routing -----------------------------------------------------------------------------
     def _route(self, session_id: str) -> tuple[str, int]:
@@ -62,12 +65,20 @@ class Frontend:
             return self.directory.place(), 0
         return self.directory.place(), epoch  # its owner is gone: adopt it elsewhere, from that epoch
 
-    def forward(self, method: str, messages: list[bytes], invoke=None, remaining: float | None = None, rest=None):
+    def owner(self, context) -> str:
+        """The caller's token hash, which the hosts check sessions against (None: this front end takes
+        no tokens, and the hosts answer as a server without tokens does)."""
+        return self.auth.owner(context) if self.auth else None
+
+    def forward(self, method: str, messages: list[bytes], invoke=None, remaining: float | None = None, rest=None,
+                owner: str | None = None, whole: bool = True, place: str | None = None):
         """(body, ends, trailing) of the owner's reply, retried across failures and moves.
         `invoke(host, session_id, take_over)`, when given, makes the call instead of host.call.
         `remaining`: the client's time left, the host's bound on a shared session's round wait.
         `rest`: the client stream's messages after `messages`, not read yet: the first attempt sends
-        them to the host as they arrive (cluster/feed.py); they are kept for a retry."""
+        them to the host as they arrive (cluster/feed.py); they are kept for a retry. `owner`: the caller's
+        token hash. `whole=False`: a shard's call (sharded.py), its replays left as they are. `place`:
+        the host a create goes to first."""
         first = messages[0] if messages else b""
         create = method in CREATES
         if create:
@@ -88,7 +99,7 @@ class Frontend:
                 time.sleep(min(0.05 * 2 ** min(attempt, 5), 1.0))
             attempt += 1
             if create and attempt == 1:
-                name, take_over = self.directory.place(), 0
+                name, take_over = place or self.directory.place(), 0
             else:
                 name, take_over = self._route(session_id) if session_id else (self.directory.place(), 0)
             host = self.directory.handle(name)
@@ -97,14 +108,15 @@ class Frontend:
                 continue
             try:
                 if rest is not None:  # the first attempt at a client stream: forwarded as it arrives
-                    ref, rest = self._feed(host, method, session_id, messages, rest, take_over, remaining), None
+                    ref, rest = self._feed(host, method, session_id, messages, rest, take_over, remaining,
+                                           owner), None
                 elif invoke is not None:
                     ref = invoke(host, session_id, take_over)
                 else:
                     if payload is None:
                         buf, ends = pack(messages)
                         payload = ray.put(buf) if buf.nbytes >= LARGE else buf  # large tensors via the object store
-                    ref = host.call.remote(method, session_id, payload, ends, take_over, remaining)
+                    ref = host.call.remote(method, session_id, payload, ends, take_over, remaining, None, owner)
                 status, epoch, body, out_ends, trailing = ray.get(ref,
                     timeout=max(1.0, deadline - time.monotonic()))
             except RETRYABLE as e:
@@ -130,21 +142,21 @@ class Frontend:
                     self.routes[session_id] = name
             if status == "ALREADY_EXISTS" and create and attempt > 1:
                 # our own earlier attempt created it before its host failed: answer as the create would
-                return self._created(method, session_id)
+                return self._created(method, session_id, owner)
             if status != OK:
                 raise _Failed(status, body, trailing)
             if method == "DeleteSession":
                 self.routes.pop(session_id, None)
-            if method in ("Step", "StepStream"):
+            if method in ("Step", "StepStream") and whole:
                 body, out_ends = self._answered(session_id, method, body, out_ends)
             return body, out_ends, trailing
 
-    def _feed(self, host, method, session_id, messages, rest, take_over, remaining):
+    def _feed(self, host, method, session_id, messages, rest, take_over, remaining, owner=None):
         """Start the host's call with `messages`, then send the rest of the stream in groups of about
         FEED_BYTES as it arrives (each group a numpy buffer: Ray passes it through the object store),
         appending them to `messages` for a retry. The call's reply ref."""
         call_id = uuid.uuid4().hex
-        ref = host.call.remote(method, session_id, *pack(messages), take_over, remaining, call_id)
+        ref = host.call.remote(method, session_id, *pack(messages), take_over, remaining, call_id, owner)
         group, size, seq = [], 0, 0
         for m in rest:
             messages.append(m)
@@ -175,18 +187,18 @@ class Frontend:
             return _not_replayed(method, _replies(body, ends))
         return body, ends
 
-    def _created(self, method, session_id):
+    def _created(self, method, session_id, owner=None):
         body, ends, trailing = self.forward("GetSession", [session_pb2.GetSessionRequest(
-            session_id=session_id).SerializeToString()])
+            session_id=session_id).SerializeToString()], owner=owner)
         info = session_pb2.GetSessionResponse.FromString(_replies(body, ends)[0]).session
         kind = session_pb2.CreateSessionResponse if method == "CreateSession" else session_pb2.CreateSessionStreamResponse
         return [kind(session=info).SerializeToString()], None, trailing
 
-    def list_sessions(self) -> bytes:
+    def list_sessions(self, owner: str | None = None) -> bytes:
         """ListSessions: every host's loaded sessions (a session on disk but owned by no live host is
         adopted on first use by id, and listed by `python -m optreg.server.cluster sessions`)."""
         out = session_pb2.ListSessionsResponse()
-        refs = [h.call.remote("ListSessions", "", *pack([b""])) for n in self.directory.host_names()
+        refs = [h.call.remote("ListSessions", "", *pack([b""]), 0, None, None, owner) for n in self.directory.host_names()
                 if (h := self.directory.handle(n)) is not None]
         for ref in refs:
             try:
@@ -195,6 +207,9 @@ class Frontend:
                 continue
             if status == OK:
                 out.sessions.extend(session_pb2.ListSessionsResponse.FromString(_replies(body, ends)[0]).sessions)
+        listed = self.sharded.merge_listed(list(out.sessions))  # a sharded session as one
+        del out.sessions[:]
+        out.sessions.extend(listed)
         return out.SerializeToString()
 
     def watch(self, request: bytes, context):
@@ -202,15 +217,15 @@ class Frontend:
         When the owner fails or the session moves, the watch is opened again on the new owner from
         one past the last step sent (the steps in between are in the ring it wrote to storage)."""
         session_id = wire.session_id(request)
-        original, last_step, seen_alerts = request, 0, set()
+        original, last_step, seen_alerts, owner = request, 0, set(), self.owner(context)
         while context.is_active():
             opened = []
 
             def invoke(host, sid, take_over):
                 opened[:] = [host]
-                return host.watch.remote(sid, request, take_over)
+                return host.watch.remote(sid, request, take_over, owner)
 
-            watch_id = self.forward("WatchSession", [request], invoke)[0]
+            watch_id = self.forward("WatchSession", [request], invoke, owner=owner)[0]
             host = opened[0]
             try:
                 while context.is_active():
@@ -296,15 +311,29 @@ def _handler(front: Frontend, name: str, client_streaming: bool, server_streamin
                           f"{name}: shared memory needs the session's own process, which a cluster front end "
                           "is not: use Step or StepStream")
         if name == "ListSessions":
-            return [front.list_sessions()]
+            return [front.list_sessions(front.owner(context))]
+        if not client_streaming:
+            shards = wire.create_shards(request) if name == "CreateSession" else 0
+            if shards > 1 or (name != "CreateSession" and front.sharded.layout(wire.session_id(request))):
+                try:
+                    return front.sharded.call(name, [request], front.owner(context), _remaining(context))
+                except _Failed as f:
+                    context.abort(grpc.StatusCode[f.code], f.message)
         rest = None
         if client_streaming:  # the first message read here, the rest forwarded as it arrives
             first = next(request, None)
             messages, rest = ([], None) if first is None else ([first], request)
+            if first is not None and (front.sharded.layout(wire.session_id(first)) if name != "CreateSessionStream"
+                                      else wire.create_shards(first) > 1):
+                try:  # the stream gathered, then split by shard (sharded.py)
+                    return front.sharded.call(name, [first, *request], front.owner(context), _remaining(context))
+                except _Failed as f:
+                    context.abort(grpc.StatusCode[f.code], f.message)
         else:
             messages = [request]
         try:
-            body, ends, trailing = front.forward(name, messages, remaining=_remaining(context), rest=rest)
+            body, ends, trailing = front.forward(name, messages, remaining=_remaining(context), rest=rest,
+                                                 owner=front.owner(context))
         except _Failed as f:
             if f.trailing:
                 context.set_trailing_metadata(f.trailing)

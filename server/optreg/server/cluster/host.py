@@ -66,8 +66,23 @@ def unpack(buf, ends) -> list[memoryview]:
     return out
 
 
+_caller = threading.local()  # the call this thread serves: whether its front end takes tokens
+
+
 class ClusterStore(SessionStore):
     """The store of one host: sessions come and go by ownership, not only by create and delete."""
+
+    @property
+    def auth(self) -> bool:
+        """Per call, not per store: front ends with and without tokens share the hosts. A call from a
+        front end that checks tokens is answered as a server with tokens answers (a session is its
+        creating token's; an absent one is PERMISSION_DENIED like another token's), one from a front
+        end without them as a server without tokens (NOT_FOUND)."""
+        return getattr(_caller, "auth", False)
+
+    @auth.setter
+    def auth(self, value) -> None:
+        pass  # (SessionStore.__init__ sets it; here it comes with each call)
 
     def adopted(self, session) -> None:
         with self._lock:
@@ -95,14 +110,15 @@ class SessionHost:
         self.metrics = Metrics()
         self.journal = FencedJournal(root, self.metrics, GroupSyncer())
         budget = memory.default_budget() if memory_budget_mb is None else int(memory_budget_mb * memory.MIB)
+        # (auth comes with each call: ClusterStore.auth)
         self.store = ClusterStore(Registry(), self.journal, budget=memory.MemoryBudget(budget),
                                   default_durability="log", metrics=self.metrics)
         self.journal.on_stale = self._superseded
-        self.servicer = SessionServicer(self.store, metrics=self.metrics, max_streams=64)
+        self.servicer = SessionServicer(self.store, metrics=self.metrics, max_streams=64, owner=_owner)
         # TelemetryService: the same servicer as the single server's, over this host's sessions
         self.telemetry = telemetry.attach(self.store, root, self.store.registry)
         watching = telemetry_service.TelemetryServicer(
-            self.telemetry, check_session=lambda sid, who: self.store.get(sid, who))
+            self.telemetry, _owner, check_session=lambda sid, who: self.store.get(sid, who))
         # The single server's handlers, called here with the request bytes the front end received
         self.handlers = {}
         for handlers in build_services(self.servicer, watching, aio=False).values():
@@ -136,17 +152,35 @@ class SessionHost:
             # (claimed here and still ours: adopted by the call before us, or a create in progress)
             if session_id in self.journal.claims and self.journal.ownership.holds(self.journal.claims[session_id]):
                 return self.journal.claims[session_id].epoch
-            claim = self.journal.ownership.claim(session_id, expected, self.holder())
-            try:
-                session = self.journal.adopt(claim, self.store.registry, self.store.budget)
-            except BaseException:
+            return self._take(session_id, expected).epoch
+
+    def rollback(self, session_id: str, expected: int, until: int) -> tuple[int, int]:
+        """A shard of a sharded session found past its session's last commit record (sharded.py): take
+        it over from epoch `expected` (from this host too, dropping what it holds in memory), replaying
+        its log only up to step `until`. (epoch, step) after; EpochTaken when it moved meanwhile."""
+        with self._lock_for(session_id):
+            if session_id in self.journal.claims:
                 self.journal.release(session_id)
-                raise
-            telemetry.take(self.telemetry, session_id)
-            self.store.adopted(session)
-            log.info("session %s adopted at step %d, epoch %d", session_id, session.step, claim.epoch,
-                     extra={"session_id": session_id, "step": session.step})
-            return claim.epoch
+                self.store.forget(session_id)
+                telemetry.let_go(self.telemetry, session_id, save=False)
+            claim = self._take(session_id, expected, until)
+            return claim.epoch, until
+
+    def _take(self, session_id: str, expected: int, until: int | None = None):
+        """Claim epoch expected + 1 and load the session from the older epoch's files (its log replayed up
+        to step `until`, when given); its claim. Caller holds the session's adopt lock."""
+        claim = self.journal.ownership.claim(session_id, expected, self.holder())
+        try:
+            session = self.journal.adopt(claim, self.store.registry, self.store.budget, until=until)
+        except BaseException:
+            self.journal.release(session_id)
+            raise
+        telemetry.take(self.telemetry, session_id)
+        self.store.adopted(session)
+        log.info("session %s adopted at step %d, epoch %d%s", session_id, session.step, claim.epoch,
+                 "" if until is None else f" (rolled back to the commit record, step {until})",
+                 extra={"session_id": session_id, "step": session.step})
+        return claim
 
     def drain(self) -> list[tuple[str, int]]:
         """Stop taking calls; write every session's snapshot and let go of it: [(id, epoch)] to move."""
@@ -176,7 +210,7 @@ class SessionHost:
         telemetry.let_go(self.telemetry, session_id, save=False)
 
     # -- WatchSession: a generator here, pulled in batches by the front end (cluster/telemetry.py) --
-    def watch(self, session_id: str, request: bytes, take_over: int = 0):
+    def watch(self, session_id: str, request: bytes, take_over: int = 0, owner: str | None = None):
         """(status, epoch, watch id or message, None, ()) like call's: the watch started on the owner."""
         if self.draining:
             return MOVED, 0, None, None, ()
@@ -188,7 +222,7 @@ class SessionHost:
         if moved is not None:
             return moved
         parsed = telemetry_pb2.WatchSessionRequest.FromString(request)
-        return OK, self.journal.epoch_of(session_id), self.watches.open(parsed), None, ()
+        return OK, self.journal.epoch_of(session_id), self.watches.open(parsed, owner), None, ()
 
     def watch_next(self, watch_id: str, seconds: float):
         return self.watches.next(watch_id, seconds)
@@ -198,12 +232,12 @@ class SessionHost:
 
     # -- calls -----------------------------------------------------------------------------
     def call(self, method: str, session_id: str, payload, ends, take_over: int = 0, remaining: float | None = None,
-             fed: str | None = None):
+             fed: str | None = None, owner: str | None = None):
         """(status, epoch, body, ends, trailing): status is OK, MOVED (body: the owner's record) or a
         grpc status name (body: the message). `fed`: the rest of the client stream comes by `feed`
-        calls under this id (cluster/feed.py), read as the step goes."""
+        calls under this id (cluster/feed.py), read as the step goes. `owner`: the caller's token hash."""
         if fed is None:
-            return self._call(method, session_id, unpack(payload, ends), take_over, remaining)
+            return self._call(method, session_id, unpack(payload, ends), take_over, remaining, owner)
         stopped = []
 
         def rest():
@@ -215,7 +249,7 @@ class SessionHost:
 
         try:
             answer = self._call(method, session_id, itertools.chain(unpack(payload, ends), rest()), take_over,
-                                remaining)
+                                remaining, owner)
         except FeedStopped:
             answer = None
         finally:
@@ -228,7 +262,7 @@ class SessionHost:
     def feed(self, call_id: str, seq: int, payload, ends, last: bool) -> bool:
         return self.feeds.put(call_id, seq, unpack(payload, ends), last)
 
-    def _call(self, method, session_id, messages, take_over, remaining):
+    def _call(self, method, session_id, messages, take_over, remaining, owner=None):
         if self.draining:
             return MOVED, 0, None, None, ()
         try:
@@ -242,17 +276,18 @@ class SessionHost:
             code, message, trailing = translate(e)
             return code.name, 0, message, None, trailing
         epoch = self.journal.epoch_of(session_id)
-        status, body, out_ends, trailing = self._invoke(method, messages, remaining)
+        status, body, out_ends, trailing = self._invoke(method, messages, remaining, owner)
         if method in CREATES and status != OK:
             self._unclaim(session_id)
         if status == grpc.StatusCode.UNAVAILABLE.name and session_id not in self.journal.claims:
             return MOVED, epoch, None, None, ()  # superseded during the call: the front end retries
         return status, epoch, body, out_ends, trailing
 
-    def _invoke(self, method, messages, remaining=None):
+    def _invoke(self, method, messages, remaining=None, owner=None):
         h = self.handlers[method]
-        ctx = ActorContext(remaining)
+        ctx = ActorContext(remaining, owner)
         fn = h.unary_unary or h.unary_stream or h.stream_unary or h.stream_stream
+        _caller.auth = owner is not None  # (None: the front end takes no tokens)
         try:
             request = (h.request_deserializer(m) for m in messages) if h.request_streaming \
                 else h.request_deserializer(messages[0])
@@ -324,6 +359,10 @@ class SessionHost:
                 self.journal.ownership.remove(claim)
             except Refused:
                 pass
+
+
+def _owner(context) -> str:
+    return context.owner
 
 
 def _current_node() -> str:

@@ -7,6 +7,11 @@ EEXIST when the name exists, atomically on a local file system and on NFS (the c
 recipe), and the name never points at a half-written file. Nothing is locked: a stopped or
 partitioned owner holds no lock anyone waits for; it is simply superseded, and every write it tries
 afterwards checks `holds()` and is refused (fenced.py).
+
+Also here, the commit record of a sharded session (sharded.py): DIR/sessions/<id>/commits, one
+fixed-width line per committed step, appended by the front end after every shard applied the step;
+read by front ends and hosts (a shard, `<id>.shard<i>`, is never snapshotted past it and is adopted
+only up to it: fenced.py).
 """
 from __future__ import annotations
 
@@ -128,3 +133,49 @@ class Ownership:
             return sorted(n for n in os.listdir(self.dir) if not n.startswith("."))
         except FileNotFoundError:
             return []
+
+
+# -- the commit record of a sharded session ------------------------------------------------------
+SUFFIX = ".shard"
+COMMITS = "commits"
+COMMIT_LINE = 21  # b"%020d\n"
+
+
+def shard_id(session_id: str, i: int) -> str:
+    return f"{session_id}{SUFFIX}{i}"
+
+
+def start_commits(sessions_dir: pathlib.Path, session_id: str, step: int) -> None:
+    (sessions_dir / session_id / COMMITS).write_bytes(b"%020d\n" % step)
+
+
+def has_commits(sessions_dir: pathlib.Path, session_id: str) -> bool:
+    return (sessions_dir / session_id / COMMITS).exists()
+
+
+def last_commit(sessions_dir: pathlib.Path, session_id: str) -> int:
+    """The last committed step (FileNotFoundError: no such sharded session)."""
+    with open(sessions_dir / session_id / COMMITS, "rb") as f:
+        f.seek(os.fstat(f.fileno()).st_size - COMMIT_LINE)
+        return int(f.read(COMMIT_LINE))
+
+
+def append_commit(sessions_dir: pathlib.Path, session_id: str, step: int, sync: bool) -> None:
+    fd = os.open(sessions_dir / session_id / COMMITS, os.O_WRONLY | os.O_APPEND)
+    try:
+        os.write(fd, b"%020d\n" % step)
+        if sync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def shard_commit(sessions_dir: pathlib.Path, shard: str) -> int | None:
+    """The last commit record of the sharded session `shard` belongs to; None when it is no shard."""
+    parent, sep, index = shard.rpartition(SUFFIX)
+    if not sep or not index.isdigit():
+        return None
+    try:
+        return last_commit(sessions_dir, parent)
+    except (FileNotFoundError, ValueError):
+        return None

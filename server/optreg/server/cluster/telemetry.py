@@ -68,7 +68,8 @@ def let_go(hub: TelemetryHub, session_id: str, save: bool) -> None:
 class _WatchContext:
     """The servicer's view of a watch: active until closed or left unpulled."""
 
-    def __init__(self):
+    def __init__(self, owner: str | None = None):
+        self.owner = owner or ""  # the caller's token hash (cluster/context.py)
         self.pulled = time.monotonic()
         self.closed = False
 
@@ -93,8 +94,8 @@ class Watches:
         self._open: dict[str, tuple[_WatchContext, queue.Queue]] = {}
         self._lock = threading.Lock()
 
-    def open(self, request) -> str:
-        watch_id, ctx, out = uuid.uuid4().hex, _WatchContext(), queue.Queue()
+    def open(self, request, owner: str | None = None) -> str:
+        watch_id, ctx, out = uuid.uuid4().hex, _WatchContext(owner), queue.Queue()
         with self._lock:
             self._open[watch_id] = (ctx, out)
         threading.Thread(target=self._run, args=(watch_id, request, ctx, out), daemon=True,

@@ -44,6 +44,15 @@ def create_id(buf) -> str:
         return ""
 
 
+def create_shards(buf) -> int:
+    """A create request's config.shards (config is field 1, shards its field 12); 0 if none."""
+    try:
+        config = field_bytes(buf, 1)
+        return field_varint(config, 12) if config is not None else 0
+    except (ValueError, IndexError):
+        return 0
+
+
 def with_create_id(buf, session_id: str) -> bytes:
     """The request with config.session_id set: a second occurrence of an embedded message merges into
     the first (protobuf's rule), so appending one is setting the field, without parsing the tensors."""

@@ -1,4 +1,4 @@
-"""Bearer tokens: a grpc.aio.ServerInterceptor that refuses calls without a known token, and
+"""Bearer tokens: a grpc.aio.ServerInterceptor (and a thread-pool one) that refuses calls without a known token, and
 the owner of a call (the SHA-256 of its token; sessions record it, never the token).
 
 Token file: one token per line; blank lines and lines starting with '#' are ignored.
@@ -56,28 +56,55 @@ class TokenAuth(grpc.aio.ServerInterceptor):
         token = bearer(context.invocation_metadata())
         return token_hash(token) if token else ""
 
-    async def intercept_service(self, continuation, handler_call_details):
+    def refusal(self, handler_call_details) -> str | None:
+        """Why the call is refused (counted in the metrics), or None when it may go on."""
         method = handler_call_details.method
         if method.startswith(OPEN_PREFIXES):
-            return await continuation(handler_call_details)
+            return None
         token = bearer(handler_call_details.invocation_metadata)
         if token is None:
             message = "no token: send the metadata 'authorization: Bearer <token>'"
         elif not token or token_hash(token) not in self.hashes:
             message = "the token is not one this server accepts"
         else:
-            return await continuation(handler_call_details)
+            return None
         if self.on_error:
             self.on_error(grpc.StatusCode.UNAUTHENTICATED.name, method.rsplit("/", 1)[-1])
+        return message
+
+    async def intercept_service(self, continuation, handler_call_details):
+        message = self.refusal(handler_call_details)
         handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
+        if message is None or handler is None:
+            return handler
         # Refused on the event loop (no thread), before any request is read.
-        deny = _deny(message)
-        if handler.request_streaming and handler.response_streaming:
-            return grpc.stream_stream_rpc_method_handler(deny)
-        if handler.request_streaming:
-            return grpc.stream_unary_rpc_method_handler(deny)
-        if handler.response_streaming:
-            return grpc.unary_stream_rpc_method_handler(deny)
-        return grpc.unary_unary_rpc_method_handler(deny)
+        return _like(handler, _deny(message))
+
+
+class ThreadedTokenAuth(grpc.ServerInterceptor):
+    """The same check for a thread-pool grpc.server (the cluster front end)."""
+
+    def __init__(self, auth: TokenAuth):
+        self.auth = auth
+
+    def intercept_service(self, continuation, handler_call_details):
+        message = self.auth.refusal(handler_call_details)
+        handler = continuation(handler_call_details)
+        if message is None or handler is None:
+            return handler
+
+        def deny(request, context):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+        return _like(handler, deny)
+
+
+def _like(handler, behaviour):
+    """A handler of `handler`'s kind (unary or streaming each way) that runs `behaviour`."""
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(behaviour)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(behaviour)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(behaviour)
+    return grpc.unary_unary_rpc_method_handler(behaviour)

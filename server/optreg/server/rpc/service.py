@@ -50,6 +50,9 @@ def config_from(msg: session_pb2.SessionConfig) -> SessionConfig:
         raise InvalidArgument(f"config.step_reply {msg.step_reply} is not a StepReply value")
     if msg.durability and name_of(names.DURABILITY, msg.durability) is None:
         raise InvalidArgument(f"config.durability {msg.durability} is not a Durability value")
+    if msg.shards > 1:  # (a cluster front end splits the session before any host sees the config)
+        raise FailedPrecondition(f"config.shards {msg.shards}: this server holds a session whole; sharded "
+                                 "sessions need a Ray cluster (optreg serve --ray): give shards 0 or 1")
     return SessionConfig(optimizer=msg.optimizer, hyperparameters=dict(msg.hyperparameters),
                          master_dtype=name_of(names.MASTER_DTYPE, msg.master_dtype, ""),
                          reply=name_of(names.STEP_REPLY, msg.step_reply, "parameters"), session_id=msg.session_id,

@@ -1054,6 +1054,7 @@ class Journal:
         if meta.get("session_id") != sid:
             raise snapshot.CorruptFile(path, f"it names session {meta.get('session_id')!r}, not {sid!r}")
         meta["log_error"] = ""
+        meta["snapshot_step"] = int(meta["step"])  # (the step of the snapshot itself, before its log)
         if meta["durability"] in SYNC:
             try:
                 with self._open_log(sid, int(meta["step"]), meta["durability"], keep=False) as lg:
