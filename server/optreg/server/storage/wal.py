@@ -529,6 +529,7 @@ class Log:
         self._pins = 0
         self._map: mmap.mmap | None = None  # map_ahead(): pages allocated past the end, written by copying
         self._resets = 0
+        self._extended = False  # map_ahead() grew the file past its end (in zeros): its size is not the end
 
     # -- opening --------------------------------------------------------------------------
     @classmethod
@@ -576,7 +577,7 @@ class Log:
             fd = os.open(self.path, os.O_RDWR)
             try:
                 size = os.fstat(fd).st_size
-                if ((size < self._end if self._map is not None else size != self._end)
+                if ((size < self._end if self._extended else size != self._end)
                         or _pread_exact(fd, self._header_end, 0) != _file_header(self.session_id, self.base_step,
                                                                                       self._first_txn)):
                     raise CorruptLog(self.path, 0, "the file changed on disk while the server had it closed")
@@ -831,6 +832,7 @@ class Log:
             _create(self.path, self.session_id, base_step)
             self._unmap()
             self._resets += 1
+            self._extended = False
             fd, self._fd = self._fd, None  # the new file is opened on its first use
             if fd is not None:
                 self._syncer.forget(fd)
@@ -870,13 +872,14 @@ class Log:
         nothing when it fails, and frames past the mapping are written as before."""
         with self._lock:
             end, resets, path, old = self._end, self._resets, self.path, self._map
-        size = -(-(end + int(nbytes)) // mmap.PAGESIZE) * mmap.PAGESIZE
-        if self.sync != "none" or nbytes <= 0 or self._closed or (old is not None and len(old) >= size):
-            return
-        try:
-            fd = os.open(path, os.O_RDWR)
-        except OSError:
-            return
+            size = -(-(end + int(nbytes)) // mmap.PAGESIZE) * mmap.PAGESIZE
+            if self.sync != "none" or nbytes <= 0 or self._closed or (old is not None and len(old) >= size):
+                return
+            try:  # (under the lock: the file this log writes now, not one a reset puts in its place later)
+                fd = os.open(path, os.O_RDWR)
+            except OSError:
+                return
+            self._extended = True
         try:
             os.posix_fallocate(fd, 0, size)
             mm = mmap.mmap(fd, size)
