@@ -39,6 +39,7 @@ import os
 import pathlib
 import struct
 import threading
+import time
 from typing import Iterator
 
 import numpy as np
@@ -83,6 +84,7 @@ SMALL_WRITE = 16 << 10
 MAPPED_PARALLEL = 1 << 20
 _COPY_BLOCK = 1 << 20
 _MADV_POPULATE_WRITE = 23  # Linux 5.14: build the mapping's page tables now, not a fault a page at a step
+_POPULATE_PIECE = 16 << 20
 
 
 class CorruptLog(CorruptData):
@@ -887,8 +889,10 @@ class Log:
             return
         finally:
             os.close(fd)
-        try:
-            mm.madvise(_MADV_POPULATE_WRITE)
+        try:  # in pieces: populating holds the process's mmap lock, which the steps' page faults and allocations need
+            for at in range(0, size, _POPULATE_PIECE):
+                mm.madvise(_MADV_POPULATE_WRITE, at, min(_POPULATE_PIECE, size - at))
+                time.sleep(0)
         except (OSError, AttributeError):
             pass  # (an older kernel: the pages fault in at the first write)
         with self._lock:
