@@ -741,7 +741,7 @@ class Journal:
                                   mem.base_step + 1, mem.last_step, base, extra={"session_id": session_id})
                         mem.close()
                         path.unlink()
-                        if not keep:
+                        if prev or not keep:
                             continue
                         mem = wal.Log.open(path, session_id, base_step=base, sync="none", pool=self.pool)
                     opened.append(mem)
@@ -995,7 +995,7 @@ class Journal:
                     max(LOG_MIN, SESSION_MEMORY * s.set_bytes()) - m.prev.log_bytes,
                     self.memory_cap - self.memory_bytes]
             if self.budget is not None and self.budget.total:
-                room.append(self.budget.total - self.budget.held)
+                room.append((self.budget.total - self.budget.held) // 2)
             lg.map_ahead(min(room))
         with m.lock:
             if self._mem.get(s.id) is not m or m.disk_step >= k:
@@ -1021,7 +1021,7 @@ class Journal:
             self._trace_synced(m.disk.path)
         if m.prev is not None:
             prev, m.prev = m.prev, None
-            if prev.mapped and m.spare is None and not prev.closed:  # kept for its pages: the next rotation's log
+            if prev.mapped and m.spare is None and not prev.closed and self._spare_fits():  # the next rotation's log
                 try:
                     prev.rename(self.spare_path(s.id))
                     m.spare = prev
@@ -1034,6 +1034,12 @@ class Journal:
         m.disk_step = k
         while m.times and m.times[0][0] <= k:
             m.times.popleft()
+
+    def _spare_fits(self) -> bool:
+        """Whether a memory log the disk caught up with may be kept for its pages: only with room to spare in
+        every bound the memory logs count against, so that pages kept ahead never make steps wait."""
+        return self.memory_bytes <= self.memory_cap // 2 and (
+            self.budget is None or not self.budget.total or self.budget.held <= self.budget.total // 2)
 
     def _memory_log(self, sid: str, m: _Mem, base_step: int) -> wal.Log:
         """A new memory log for the steps after `base_step`: the spare used again, or a new file."""
