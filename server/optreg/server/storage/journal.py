@@ -68,6 +68,7 @@ MEMORY_SHARE = 0.5  # of the memory file system's free space at start: the memor
 # the disk to take a snapshot while fast steps go on (Adam 1e7 at ~7 ms a step, a 120 MB snapshot at ~400 MB/s:
 # ~45 records of 40 MB meanwhile).
 SESSION_MEMORY = 16
+MAPPED_RECORDS = 1 << 20  # records at least this large (on average) go to mapped memory logs (wal.Log.map_ahead)
 WRITE_PAUSE = 0.02  # seconds between the disk writer's passes
 TRACE_ENV = "OPTREG_FSYNC_TRACE"  # tests: a file where each disk-log size made durable is appended (power loss)
 
@@ -311,7 +312,9 @@ def _background():
     global _writer
     if _writer is None:
         from concurrent.futures import ThreadPoolExecutor
-        _writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="optreg-log")  # FIFO: frames in order
+        # Two: a memory log's mapped chunks are copied in parallel (wal.RecordWriter._add_mapped); the
+        # chunks of one tensor may reach the file in either order (each names its offset).
+        _writer = ThreadPoolExecutor(max_workers=2, thread_name_prefix="optreg-log")
     return _writer
 
 
@@ -370,7 +373,13 @@ class _Record:
             return
         writer = self._writer()
         if data.nbytes >= BACKGROUND_WRITE:
-            self.pending.append(_background().submit(writer.add, name, tensors.DTYPES[code], shape, start, data))
+            dtype = tensors.DTYPES[code]
+            parts = [(start, data)]
+            if self.log.mapped and data.nbytes >= 2 * wal.MAPPED_PARALLEL:  # copied into memory by two threads
+                half = data.size // 2
+                parts = [(start, data[:half]), (start + half, data[half:])]
+            for at, part in parts:
+                self.pending.append(_background().submit(writer.add, name, dtype, shape, at, part))
             return
         self._settle()
         try:
@@ -476,6 +485,10 @@ class _Mem:
 
     def __init__(self, disk: wal.Log, prev: wal.Log | None):
         self.disk, self.prev = disk, prev
+        # The memory log the disk caught up with, kept with its pages and mapping for the next rotation
+        # (wal.Log.recycle): a steady session allocates no memory-log pages after its first cycles.
+        self.spare: wal.Log | None = None
+        self._copies: dict = {}  # copy_of's buffers
         self.disk_step = disk.last_step
         self.session: Session | None = None
         self.times: collections.deque = collections.deque()  # (step, monotonic time) of steps not on disk
@@ -485,6 +498,19 @@ class _Mem:
         # that order: session lock, then this one; the writer never holds both). Reentrant: a snapshot
         # replacing a broken log closes the logs under it.
         self.lock = threading.RLock()
+
+    def copy_of(self, arrays: dict) -> dict:
+        """A copy of `arrays` (the state a snapshot writes while the steps go on), into the buffers of the
+        last copy where they fit: fresh ones would fault their pages in under the session's lock each cycle."""
+        kept, out = self._copies, {}
+        for key, a in arrays.items():
+            b = kept.get(key)
+            if b is None or b.shape != a.shape or b.dtype != a.dtype:
+                b = np.empty_like(a)
+            np.copyto(b, a)
+            out[key] = b
+        self._copies = out
+        return out
 
     def memory_bytes(self, cur: wal.Log | None) -> int:
         return (cur.log_bytes if cur is not None else 0) + (self.prev.log_bytes if self.prev is not None else 0)
@@ -682,6 +708,10 @@ class Journal:
     def memory_path(self, session_id: str, prev: bool = False) -> pathlib.Path:
         return self.memory / f"{session_id}{wal.SUFFIX}{'.prev' if prev else ''}"
 
+    def spare_path(self, session_id: str) -> pathlib.Path:
+        """A memory log kept for its pages (_Mem.spare): all it holds is on disk, and recovery never reads it."""
+        return self.memory / f"{session_id}{wal.SUFFIX}.spare"
+
     def _open_log(self, session_id: str, base_step: int, mode: str, keep: bool = True):
         """The session's log (created empty at `base_step` if missing; emptied at `base_step` if it ends
         before it: a crash between a snapshot and its log's reset), kept in `_logs` if `keep`. A `log`
@@ -698,11 +728,22 @@ class Journal:
                 if keep:
                     self._logs[session_id] = lg
                 return lg
+            if keep:  # (a spare left by a server killed: nothing in it is needed)
+                self.spare_path(session_id).unlink(missing_ok=True)
             for prev in (True, False):
                 path = self.memory_path(session_id, prev)
                 if path.exists() or (keep and not prev):
                     base = max(x.last_step for x in opened)
-                    mem = wal.Log.open(path, session_id, base_step=base, sync="none", pool=self.pool)
+                    mem = wal.Log.open(path, session_id, base_step=base, sync="none", pool=self.pool, salvage=True)
+                    if mem.base_step > base:  # the one before it was damaged (cut): its records cannot follow
+                        log.error("session %s: memory log %s holds steps %d..%d, which cannot follow step %d (the "
+                                  "memory log before it was damaged): they are lost", session_id, path,
+                                  mem.base_step + 1, mem.last_step, base, extra={"session_id": session_id})
+                        mem.close()
+                        path.unlink()
+                        if prev or not keep:
+                            continue
+                        mem = wal.Log.open(path, session_id, base_step=base, sync="none", pool=self.pool)
                     opened.append(mem)
                     if mem.last_step < base:  # older than the disk: covered (a crash before it was emptied)
                         mem.reset(base)
@@ -731,13 +772,16 @@ class Journal:
             # next start: a stop whose last snapshot failed).
             covered = m is not None and (lg is None or lg.last_step <= m.disk_step)
             self._mem.pop(session_id, None)
-            for x in ([lg] if lg is not None else []) + ([m.disk] + ([m.prev] if m.prev else []) if m else []):
-                x.close()
+            for x in ([lg] if lg is not None else []) + ([m.disk, m.prev, m.spare] if m else []):
+                if x is not None:
+                    x.close()
         if delete:
             self.log_path(session_id).unlink(missing_ok=True)
-        if self.memory is not None and (delete or covered):
-            for prev in (False, True):
-                self.memory_path(session_id, prev).unlink(missing_ok=True)
+        if self.memory is not None:
+            self.spare_path(session_id).unlink(missing_ok=True)
+            if delete or covered:
+                for prev in (False, True):
+                    self.memory_path(session_id, prev).unlink(missing_ok=True)
 
     # -- the store's calls --------------------------------------------------------------
     def create(self, s: Session) -> None:
@@ -900,7 +944,8 @@ class Journal:
                                       sid, e, extra={"session_id": sid})
                         m.error = e if isinstance(e, OSError) else OSError(errno.EIO, str(e))
                         m.retry_at = time.monotonic() + 1.0
-                total += memlog.allocated(self.memory_path(sid)) + memlog.allocated(self.memory_path(sid, True))
+                total += sum(memlog.allocated(p) for p in (self.memory_path(sid), self.memory_path(sid, True),
+                                                           self.spare_path(sid)))
                 if s is not None:
                     unsaved += max(0, s.step - m.disk_step)
                     if m.times:
@@ -935,20 +980,23 @@ class Journal:
             snap = m.prev is not None or pending + m.disk.log_bytes > max(s.set_bytes(), 1 << 20)
             if snap:
                 arrays, table = snapshot_arrays(s)
-                arrays = {key: np.array(a) for key, a in arrays.items()}  # (the steps go on meanwhile)
+                arrays = m.copy_of(arrays)  # (the steps go on meanwhile)
                 meta = dict(meta_of(s), tensors=table, saved_at=time.time())
             rotated = m.prev is None
             if rotated:  # set the memory log aside; the next steps go to a new one
                 lg.rename(self.memory_path(s.id, prev=True))
                 m.prev = lg
-                self._logs[s.id] = wal.Log.open(self.memory_path(s.id), s.id, base_step=k, sync="none",
-                                                pool=self.pool)
-        if rotated:  # its pages allocated now, off the steps' path: as many as the last one took, within the bounds
-            room = [2 * m.prev.log_bytes, max(LOG_MIN, SESSION_MEMORY * s.set_bytes()) - m.memory_bytes(lg),
+                lg = self._logs[s.id] = self._memory_log(s.id, m, k)
+        records = m.prev.last_step - m.prev.base_step if rotated else 0
+        if records and m.prev.log_bytes >= MAPPED_RECORDS * records:
+            # Large records: the new log's pages allocated and mapped now, off the steps' path (kept from cycle to
+            # cycle: _Mem.spare), for twice what the last cycle took and a few records more, within the bounds
+            room = [2 * m.prev.log_bytes + 8 * (m.prev.log_bytes // records),
+                    max(LOG_MIN, SESSION_MEMORY * s.set_bytes()) - m.prev.log_bytes,
                     self.memory_cap - self.memory_bytes]
             if self.budget is not None and self.budget.total:
-                room.append(self.budget.total - self.budget.held)
-            memlog.preallocate(self.memory_path(s.id), min(room))
+                room.append((self.budget.total - self.budget.held) // 2)
+            lg.map_ahead(min(room))
         with m.lock:
             if self._mem.get(s.id) is not m or m.disk_step >= k:
                 return  # deleted, or a snapshot under the session's lock covered it meanwhile
@@ -972,12 +1020,40 @@ class Journal:
         if self._trace:
             self._trace_synced(m.disk.path)
         if m.prev is not None:
-            m.prev.close()
-            m.prev.path.unlink(missing_ok=True)
-            m.prev = None
+            prev, m.prev = m.prev, None
+            if prev.mapped and m.spare is None and not prev.closed and self._spare_fits():  # the next rotation's log
+                try:
+                    prev.rename(self.spare_path(s.id))
+                    m.spare = prev
+                    prev = None
+                except OSError:
+                    pass
+            if prev is not None:
+                prev.close()
+                prev.path.unlink(missing_ok=True)
         m.disk_step = k
         while m.times and m.times[0][0] <= k:
             m.times.popleft()
+
+    def _spare_fits(self) -> bool:
+        """Whether a memory log the disk caught up with may be kept for its pages: only with room to spare in
+        every bound the memory logs count against, so that pages kept ahead never make steps wait."""
+        return self.memory_bytes <= self.memory_cap // 2 and (
+            self.budget is None or not self.budget.total or self.budget.held <= self.budget.total // 2)
+
+    def _memory_log(self, sid: str, m: _Mem, base_step: int) -> wal.Log:
+        """A new memory log for the steps after `base_step`: the spare used again, or a new file."""
+        spare, m.spare = m.spare, None
+        if spare is not None:
+            try:
+                spare.recycle(self.memory_path(sid), base_step)
+                return spare
+            except (OSError, ValueError) as e:
+                log.warning("session %s: the spare memory log could not be used again (%s)", sid, e,
+                            extra={"session_id": sid})
+                spare.close()
+                spare.path.unlink(missing_ok=True)
+        return wal.Log.open(self.memory_path(sid), sid, base_step=base_step, sync="none", pool=self.pool)
 
     def _trace_synced(self, path: pathlib.Path) -> None:
         """Tests (power loss): append "<inode> <size> <path>" of a disk log just made durable, after its fsync."""

@@ -8,7 +8,6 @@ memory logs are <folder>/<id>.wal and, while the disk catches up with it, <id>.w
 """
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import os
 import pathlib
@@ -102,36 +101,6 @@ def remove(root) -> None:
     if target.name.startswith("optreg-") and target.is_dir():
         _clear(target)
     link.unlink(missing_ok=True)
-
-
-def _fallocate():
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).fallocate
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_FALLOCATE = _fallocate()
-_KEEP_SIZE = 1  # FALLOC_FL_KEEP_SIZE: the pages, not the length (the log's length is where it ends)
-
-
-def preallocate(path: pathlib.Path, nbytes: int) -> None:
-    """Allocate the memory log's next `nbytes` of pages ahead of its records: a step's write into allocated
-    tmpfs pages takes less than half the time (40 MB on the project's VM: ~11 ms, ~29 ms allocating).
-    A hint: nothing if it fails, or the file is gone."""
-    if _FALLOCATE is None or nbytes <= 0:
-        return
-    try:
-        fd = os.open(path, os.O_WRONLY)
-    except OSError:
-        return
-    try:
-        _FALLOCATE(fd, _KEEP_SIZE, 0, int(nbytes))
-    finally:
-        os.close(fd)
 
 
 def allocated(path: pathlib.Path) -> int:
