@@ -27,7 +27,6 @@ from optreg.server.rpc.reflection import enable_reflection
 from optreg.server.telemetry.metrics import Metrics
 from optreg.server.sessions.janitor import Janitor
 from optreg.server.rpc.service import RegistryServicer, SessionServicer
-from optreg.server.kernels import warmup
 from optreg.server.model import budget as memory
 from optreg.server.sessions.factory import Limits
 from optreg.server.storage.fsync import GroupSyncer
@@ -47,15 +46,6 @@ SERVICE_NAMES = (
     session_pb2.DESCRIPTOR.services_by_name["SessionService"].full_name,
     telemetry_service.SERVICE_NAME,
 )
-
-
-def _freeze_when_warm() -> None:
-    """Once the kernels are compiled, take what imports, compiles and recovery left out of the cyclic
-    collector's sight (gc.freeze): ~165,000 objects, most of them numba's, which live as long as the
-    process and which every full collection walked, ~250 ms of the event loop (docs/speed.md)."""
-    warmup.ready.wait()
-    gc.collect()
-    gc.freeze()
 
 
 @dataclass
@@ -266,7 +256,6 @@ class OptregServer:
         # young collections, so each round promotes thousands of them; at the default threshold (700) a
         # full collection ran about every round, 100-250 ms of the loop each beside 1,000 members.
         gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
-        threading.Thread(target=_freeze_when_warm, name="optreg-gc-freeze", daemon=True).start()
         self.grpc_server.start()
 
     def stop(self, grace: float | None = None) -> None:
