@@ -137,9 +137,7 @@ def apply(defn: Optimizer, param: np.ndarray, grad: np.ndarray, state: dict[str,
         raise ValueError(f"stats must be a float64 array of shape ({STATS},), got {stats.dtype} {stats.shape}")
     if defn.every is not None and defn.refresh_due(step, hp):
         if src is not None:  # the refresh reads the state the step starts from
-            np.copyto(param, src[0])
-            for slot, values in src[1].items():
-                np.copyto(state[slot], values)
+            _copy_in(param, state, src)
             src = None
         _refresh(defn, param, grad, state, step, hp)
     _apply(defn, param, grad, state, step, hp, out, parallel, stats, grad_abs_max is not None, src)
@@ -179,6 +177,19 @@ def _refresh(defn, param, grad, state, step, hp) -> None:
     REFRESHES.add(defn.name, time.perf_counter() - start)
 
 
+def _copy_in(param, state, src) -> None:
+    """param and state take the values of `src` = (param's values, {slot: its values})."""
+    np.copyto(param, src[0])
+    for slot, values in src[1].items():
+        np.copyto(state[slot], values)
+
+
+def _fold(stats: np.ndarray, accs: np.ndarray) -> None:
+    """stats = the pieces' partial statistics (one row each) folded, in order."""
+    stats[:3] = accs[:, :3].sum(axis=0)
+    stats[3] = accs[:, 3].max()
+
+
 def _apply(defn, param, grad, state, step, hp, out, parallel, stats, max_known, src=None) -> None:
     n = param.size
     narrow = narrowkernels.lookup(defn, param.dtype) if narrowkernels.narrows(defn) else None
@@ -190,9 +201,7 @@ def _apply(defn, param, grad, state, step, hp, out, parallel, stats, max_known, 
         whole = jit.lookup(defn, param.dtype, whole=True) if defn.kernel is not None else None
         if whole is not None:
             if src is not None:
-                np.copyto(param, src[0])
-                for slot, values in src[1].items():
-                    np.copyto(state[slot], values)
+                _copy_in(param, state, src)
             consts = whole.consts(hp, step, param.dtype, state)
             _run_fast(defn, whole, param, widenkernels.widen(grad, param.dtype), state, step, hp, out, parallel,
                       stats, max_known, consts=consts)
@@ -206,9 +215,7 @@ def _apply(defn, param, grad, state, step, hp, out, parallel, stats, max_known, 
         if stats is not None and compiled is not None:  # copied in block by block inside the pass
             src = [src[0].reshape(-1)] + [src[1][s].reshape(-1) for s in compiled.slots]
         else:
-            np.copyto(param, src[0])
-            for slot, values in src[1].items():
-                np.copyto(state[slot], values)
+            _copy_in(param, state, src)
             src = None
     if wide is not None:
         _run_widening(wide, param, grad, state, step, hp, parallel, stats, src)
@@ -249,17 +256,14 @@ def _run_widening(wide, param, grad, state, step, hp, parallel, stats=None, src:
              None if src is None else [x[a:b] for x in src])
 
     _split(bounds, threads, part)
-    if stats is not None:  # fold the pieces' partial statistics, in order
-        stats[:3] = accs[:, :3].sum(axis=0)
-        stats[3] = accs[:, 3].max()
+    if stats is not None:
+        _fold(stats, accs)
 
 
 def _run_narrow(narrow, param, grad, state, step, hp, out, parallel, stats, src) -> None:
     """A kernel over bfloat16 slots (kernels/narrow.py), split over threads as _run_fast splits."""
     if src is not None:
-        np.copyto(param, src[0])
-        for slot, values in src[1].items():
-            np.copyto(state[slot], values)
+        _copy_in(param, state, src)
     n = param.size
     threads = jit.threads() if parallel and n >= PARALLEL_ABOVE else 1
     consts = narrow.comp.consts(hp, step, param.dtype)
@@ -281,8 +285,7 @@ def _run_narrow(narrow, param, grad, state, step, hp, out, parallel, stats, src)
 
     _split(bounds, threads, part)
     if stats is not None:
-        stats[:3] = accs[:, :3].sum(axis=0)
-        stats[3] = accs[:, 3].max()
+        _fold(stats, accs)
 
 
 def _apply_numpy(defn, param, grad, state, step, hp, n, acc=None) -> None:
@@ -385,6 +388,5 @@ def _run_fast(defn, kernel, param, grad, state, step, hp, out=None, parallel=Tru
             o[x:y] = p[x:y]
 
     _split(bounds, threads, part)
-    if stats is not None:  # fold the pieces' partial statistics, in order
-        stats[:3] = accs[:, :3].sum(axis=0)
-        stats[3] = accs[:, 3].max()
+    if stats is not None:
+        _fold(stats, accs)
