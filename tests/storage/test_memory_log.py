@@ -269,6 +269,7 @@ def test_kill9_with_memory_log_loses_nothing_acknowledged(start_server, tmp_path
     print(f"\nkill -9 with memory logs: 50 kills in {time.monotonic() - t0:.0f} s; steps "
           f"{ {k: r['acked'] for k, r in recs.items()} }; {stats}")
     assert min(r["acked"] for r in recs.values()) >= 50, "too few steps between the kills to test anything"
+    assert stats["mapped"] >= 10, f"the resident session's memory log was seldom mapped: {stats}"
 
 
 def test_power_loss_loses_at_most_the_window(start_server, tmp_path):

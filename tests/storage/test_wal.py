@@ -547,3 +547,78 @@ def test_random_interleavings_against_a_model(tmp_path):
     with Log.open(p, "m") as again:
         compare(again)
     assert len(model) > 50
+
+
+# -- mapped memory logs ---------------------------------------------------------------------------
+MAP_RACE_CHILD = textwrap.dedent("""
+    import time
+    import numpy as np
+    from optreg.server.storage import wal
+
+    lg = wal.Log.open({path!r}, "m", sync="none")
+    sleep, cut = time.sleep, []
+
+    def cut_while_populating(seconds):
+        # map_ahead has mapped the grown file and is building its page tables, outside the log's lock: a
+        # record aborted now (a step refused for a NaN) cuts the file back to where the record began
+        if not cut:
+            cut.append(1)
+            w = lg.begin(1)
+            w.add("w", np.float32, (2000,), 0, np.ones(1000, np.float32))  # part of a tensor: written at once
+            w.abort()
+        sleep(seconds)
+
+    time.sleep = cut_while_populating
+    lg.map_ahead(8 << 20)
+    time.sleep = sleep
+    assert cut
+    print("mapped after the cut:", lg.mapped, flush=True)
+    big = np.arange(1 << 20, dtype=np.float32)  # 4 MiB: above wal.MAPPED_PARALLEL, copied into a mapping
+    for step in (1, 2):
+        if step == 2:
+            lg.map_ahead(16 << 20)
+            assert lg.mapped
+        with lg.begin(step) as w:
+            w.add("w", np.float32, big.shape, 0, big + step)
+            w.commit()
+    lg.close()
+    with wal.Log.open({path!r}, "m", sync="none") as again:
+        got = [(r.step, np.array_equal(r.tensors["w"], big + r.step)) for r in again.records()]
+    assert got == [(1, True), (2, True)], got
+    print("ok", flush=True)
+""")
+
+
+def test_a_cut_while_a_memory_log_is_being_mapped_never_maps_past_its_end(tmp_path):
+    """A record aborted (its frames cut off the file) while map_ahead was building the page tables of a
+    mapping it had not installed yet: the mapping reached past the file's end, and the next large record's copy into
+    it killed the server with SIGBUS. The mapping made before the cut is dropped; the next one is used."""
+    helpers = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(SOURCE_ROOTS + [helpers]))
+    got = subprocess.run([sys.executable, "-X", "faulthandler", "-c", MAP_RACE_CHILD.format(path=str(tmp_path / "m.wal"))],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert got.returncode == 0, f"child died ({got.returncode}): {got.stdout}{got.stderr[-2000:]}"
+    assert got.stdout.splitlines() == ["mapped after the cut: False", "ok"]
+
+
+def test_a_larger_mapping_put_in_while_a_chunk_is_copied(tmp_path, monkeypatch):
+    """The disk writer's map_ahead puts a larger mapping in while a step's chunk is being copied into the old
+    one (outside the log's lock): the old mapping stays open until the copy is done, and the record reads back."""
+    lg = Log.open(tmp_path / "m.wal", "m", sync="none")
+    lg.map_ahead(8 << 20)
+    copy = wal._map_chunk
+
+    def grow_then_copy(*args):
+        lg.map_ahead(32 << 20)
+        return copy(*args)
+
+    monkeypatch.setattr(wal, "_map_chunk", grow_then_copy)
+    big = np.arange(1 << 20, dtype=np.float32)
+    for step in (1, 2):
+        with lg.begin(step) as w:
+            w.add("w", np.float32, big.shape, 0, big + step)
+            w.commit()
+    assert lg.mapped
+    lg.close()
+    with Log.open(tmp_path / "m.wal", "m", sync="none") as again:
+        assert [(r.step, np.array_equal(r.tensors["w"], big + r.step)) for r in again.records()] == [(1, True), (2, True)]

@@ -68,11 +68,7 @@ MEMORY_SHARE = 0.5  # of the memory file system's free space at start: the memor
 # the disk to take a snapshot while fast steps go on (Adam 1e7 at ~7 ms a step, a 120 MB snapshot at ~400 MB/s:
 # ~45 records of 40 MB meanwhile).
 SESSION_MEMORY = 16
-# Records at least this large (on average) would go to mapped memory logs (wal.Log.map_ahead). Off: a step's
-# copy into the mapping died with SIGBUS under load (a resident step refused for a NaN, 2 runs in 5 of
-# tests/steps/test_resident_memory.py's statistics test; wal._map_chunk), so every record is written with
-# pwrite until the cause is found (docs/speed.md, "The memory log at memory speed").
-MAPPED_RECORDS = 1 << 62
+MAPPED_RECORDS = 1 << 20  # records at least this large (on average) go to mapped memory logs (wal.Log.map_ahead)
 WRITE_PAUSE = 0.02  # seconds between the disk writer's passes
 TRACE_ENV = "OPTREG_FSYNC_TRACE"  # tests: a file where each disk-log size made durable is appended (power loss)
 

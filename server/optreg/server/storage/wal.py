@@ -227,11 +227,10 @@ def _map_write(mm: mmap.mmap, at: int, bufs: list) -> None:
         at += src.size
 
 
-def _map_chunk(mm: mmap.mmap, at: int, head: bytes, meta: bytes, view) -> int:
-    """A CHUNK frame copied into the mapping at `at`, its payload in blocks hashed while they are in cache
-    (the gradient read from memory once), its header last: until then the frame reads back as a torn tail.
-    Returns the frame's checksum."""
-    dst = np.frombuffer(mm, np.uint8)
+def _map_chunk(dst: np.ndarray, at: int, head: bytes, meta: bytes, view) -> int:
+    """A CHUNK frame copied into the mapping's bytes `dst` at `at`, its payload in blocks hashed while they are
+    in cache (the gradient read from memory once), its header last: until then the frame reads back as a torn
+    tail. Returns the frame's checksum."""
     h = xxhash.xxh3_64(head)
     h.update(meta)
     pos = at + FRAME_HEAD
@@ -531,6 +530,7 @@ class Log:
         self._pins = 0
         self._map: mmap.mmap | None = None  # map_ahead(): pages allocated past the end, written by copying
         self._resets = 0
+        self._cuts = 0  # ftruncates of the file: a mapping made meanwhile may reach past its end (map_ahead)
         self._extended = False  # map_ahead() grew the file past its end (in zeros): its size is not the end
 
     # -- opening --------------------------------------------------------------------------
@@ -814,8 +814,10 @@ class Log:
                 if at < mapped:
                     np.frombuffer(self._map, np.uint8)[at:min(self._end, mapped)] = 0
                 if self._end > mapped:
+                    self._cuts += 1
                     os.ftruncate(self._fd_now(), max(at, mapped))
             else:
+                self._cuts += 1
                 os.ftruncate(self._fd_now(), at)
             self._end = at
         except OSError as e:
@@ -873,7 +875,7 @@ class Log:
         frames that follow are copied in at memory speed. Off the steps' path (the disk writer); a hint:
         nothing when it fails, and frames past the mapping are written as before."""
         with self._lock:
-            end, resets, path, old = self._end, self._resets, self.path, self._map
+            end, resets, cuts, path, old = self._end, self._resets, self._cuts, self.path, self._map
             size = -(-(end + int(nbytes)) // mmap.PAGESIZE) * mmap.PAGESIZE
             if self.sync != "none" or nbytes <= 0 or self._closed or (old is not None and len(old) >= size):
                 return
@@ -896,7 +898,10 @@ class Log:
         except (OSError, AttributeError):
             pass  # (an older kernel: the pages fault in at the first write)
         with self._lock:
-            if self._map is old and not self._closed and self._resets == resets and self.path == path:
+            # Not when the file was cut meanwhile (an aborted record, before any mapping was installed): pages
+            # past its end would raise SIGBUS at the first copy into them.
+            if (self._map is old and not self._closed and self._resets == resets and self._cuts == cuts
+                    and self.path == path):
                 self._map, mm = mm, old  # (a larger mapping of the same file replaces the old one)
         if mm is not None:
             try:
@@ -1087,6 +1092,7 @@ class RecordWriter:
                 frame_at += self.pending[1]
             if mm is None or frame_at + n > len(mm):
                 return False
+            dst = np.frombuffer(mm, np.uint8)  # (taken under the lock: a larger mapping put in meanwhile cannot close it)
             if self.pending is not None:  # the BEGIN frame (and small tensors that waited) first
                 _map_write(mm, at, self.pending[0])
                 self.begin_off = at
@@ -1103,7 +1109,7 @@ class RecordWriter:
             self.hashes.append(None)  # (commit refuses while a chunk is still being copied)
             t[2].append((offset_elems, elems))
             self._chunks.append(chunk)
-        digest = _map_chunk(mm, frame_at, head, meta, view)
+        digest = _map_chunk(dst, frame_at, head, meta, view)
         with lg._lock:
             self.hashes[slot] = chunk.frame_hash = digest
         return True
