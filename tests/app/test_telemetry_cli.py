@@ -145,3 +145,31 @@ def test_export_and_import_carry_the_telemetry_through_a_kill_9(start_server, tm
         s.step({"W": np.full(4, 0.1, np.float32)}, metrics={"loss": 0.1})  # the imported session goes on
     got = wait_for(b.address, "alice", 7, 1)
     assert [st.step for st in got.steps] == [1, 2, 3, 4, 5, 6, 7]
+
+
+def test_demo_workers_dashboard_keeps_the_runs(tmp_path):
+    """`optreg demo --workers 2 --dashboard`: once training is over the page still lists both runs, each with
+    its rounds and the workers' losses (the sessions were deleted after training, leaving an empty page)."""
+    pytest.importorskip("matplotlib", reason="optreg demo needs the demo extra")
+    env = dict(os.environ, MPLBACKEND="Agg")
+    env["PYTHONPATH"] = os.pathsep.join(SOURCE_ROOTS + [env.get("PYTHONPATH", "")])
+    proc = subprocess.Popen([sys.executable, "-m", "optreg.app", "demo", "--workers", "2", "--dashboard", "--quick",
+                             "--dataset", "digits", "--iterations", "30", "--out", str(tmp_path / "out")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        url, lines = None, []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("dashboard: ") and url is None:
+                url = line.split()[1]
+            if "stays up with every run" in line:
+                break
+        assert url and lines[-1].startswith("dashboard: "), "".join(lines) + proc.stderr.read()
+        sessions = {s["session_id"]: s for s in get(url + "api/sessions")["sessions"]}
+        assert {"demo-2-workers", "demo-1-worker"} <= set(sessions), sessions
+        assert sessions["demo-2-workers"]["step"] == 30
+        steps = get(url + "api/sessions/demo-2-workers/telemetry")["steps"]
+        assert steps and all("loss" in st["metrics"] for st in steps)
+    finally:
+        proc.terminate()
+        proc.wait(30)

@@ -122,7 +122,8 @@ def train(client, address: str, token: str | None, dataset, data_args: tuple, wo
         for p in procs:
             if p.is_alive():
                 p.kill()
-        s.delete()
+        if session_id is None:  # named (--dashboard): kept, so the page still shows the run after training
+            s.delete()
     last = info.last_round
     return {"workers": workers, "rounds": info.step, "seconds": seconds,
             "contributions_per_round": sorted({len(v) for v in per_round.values()}),
