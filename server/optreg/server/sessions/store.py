@@ -110,8 +110,8 @@ class SessionStore:
                 if not self.auth or not s.owner or s.owner == owner:
                     out.append(s)
             more = i < len(ids)
-        if self._unchecked:
-            out = [c for c in map(self._checked, out) if c is not None]
+        if self._unchecked:  # (after a start: the first listing of a session checks its files)
+            out = [c for c in (self._checked(s) if s.id in self._unchecked else s for s in out) if c is not None]
         return out, more
 
     def _checked(self, session: Session) -> Session | None:
