@@ -161,3 +161,22 @@ def test_an_idle_sessions_listing_follows_its_changes(start_server, tmp_path):
         again = listed(c, "quiet")
         assert again.step == 2 and not again.loaded and again == c.get_session("quiet")
         assert again.last_used_at >= after_hp.last_used_at
+
+
+def test_a_loaded_sessions_listing_follows_its_steps(start_server):
+    """A loaded single-writer session's listed entry is kept encoded too (service.listed_info): each step
+    and hyperparameter change shows in the next listing, as in GetSession."""
+    s = start_server("--memory-only")
+
+    def listed(c):
+        return next(i for i in c.list_sessions() if i.session_id == "busy")
+
+    with Client(s.address) as c:
+        sess = c.create_session("adam", {"w": np.ones(4, np.float32)}, lr=0.01, session_id="busy")
+        first = listed(c)
+        assert first.loaded and first.step == 0 and listed(c) == first == c.get_session("busy")
+        for k in (1, 2):
+            sess.step({"w": np.full(4, 0.5, np.float32)})
+            assert listed(c).step == k and listed(c) == c.get_session("busy")
+        sess.set_hyperparameters(lr=0.02)
+        assert listed(c).hyperparameters["lr"] == pytest.approx(0.02) and listed(c) == c.get_session("busy")

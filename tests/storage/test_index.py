@@ -4,7 +4,9 @@ not every session's files, and a session whose files changed after the index was
 or a damaged or missing index, is read from its files: what a restart serves never depends on it."""
 from __future__ import annotations
 
+import ctypes
 import os
+import struct
 import time
 
 import grpc
@@ -52,6 +54,32 @@ def _fill(address, n) -> dict:
     return want
 
 
+class Opened:
+    """What is opened in (or as) a folder, seen by the kernel (inotify IN_OPEN): listing it opens it."""
+
+    def __init__(self, folder):
+        self.libc = ctypes.CDLL(None, use_errno=True)
+        self.fd = self.libc.inotify_init1(os.O_NONBLOCK)
+        assert self.fd >= 0 and self.libc.inotify_add_watch(self.fd, str(folder).encode(), 0x20) >= 0  # IN_OPEN
+
+    def names(self) -> list[str]:
+        """The names opened since the last call ("." for the folder itself)."""
+        out = []
+        while True:
+            try:
+                data = os.read(self.fd, 1 << 16)
+            except BlockingIOError:
+                return out
+            i = 0
+            while i < len(data):
+                _, _, _, n = struct.unpack_from("iIII", data, i)
+                out.append(data[i + 16:i + 16 + n].rstrip(b"\0").decode() or ".")
+                i += 16 + n
+
+    def close(self):
+        os.close(self.fd)
+
+
 def _until(what, timeout=60):
     end = time.monotonic() + timeout  # a hang guard only
     while not what():
@@ -92,7 +120,7 @@ def test_a_start_reads_the_index_and_checks_a_file_only_when_it_loads(start_serv
     s = start_server("--data-dir", data)
     want = _fill(s.address, 5)
     assert s.stop() == 0
-    assert (tmp_path / "sessions" / "index").exists()
+    assert (tmp_path / "index").exists()
     path = tmp_path / "sessions" / "s3.safetensors"
     st0 = os.stat(path)
     with open(path, "r+b") as f:  # its header's checksum no longer holds: a read would find it corrupt
@@ -109,6 +137,51 @@ def test_a_start_reads_the_index_and_checks_a_file_only_when_it_loads(start_serv
         _step(st, "s3", 1, _grad(9))
     assert e.value.code() == grpc.StatusCode.DATA_LOSS
     ch.close()
+
+
+def test_a_clean_restart_opens_no_session_file_nor_lists_the_folder_until_a_session_is_used(start_server, tmp_path):
+    """After a clean stop the next start takes every session from the index alone: DIR/sessions is not
+    even listed (the kernel sees nothing opened in it), so start-up does not grow with the sessions on
+    disk beyond reading the index. A session's first use checks its files (a stat): one changed while
+    no server ran (rewritten in place: same names, so the folder looks the same) is then read from its
+    files, and served as they have it; the others' files are not opened."""
+    data = tmp_path / "d"
+    ref = start_server("--memory-only")
+    rch, ref_st = stub(ref.address)
+    s = start_server("--data-dir", str(data))
+    ch, st = stub(s.address)
+    for x in (st, ref_st):
+        for i in range(12):
+            _create(x, f"s{i}", np.linspace(-1, 1, 64) * (i + 1))
+            _step(x, f"s{i}", 0, _grad(i))
+    ch.close()
+    assert s.stop() == 0
+    folder = data / "sessions"
+    old = {p: p.read_bytes() for p in (folder / "s5.safetensors", folder / "s5.wal")}
+    s = start_server("--data-dir", str(data))
+    ch, st = stub(s.address)
+    for k in (1, 2):
+        _step(st, "s5", k, _grad(k))
+    ch.close()
+    assert s.stop() == 0
+    for p, body in old.items():  # s5 back at step 1 while no server runs, its files rewritten in place
+        with open(p, "r+b") as f:
+            f.truncate(0)
+            f.write(body)
+    opened = Opened(folder)
+    try:
+        s = start_server("--data-dir", str(data))
+        ch, st = stub(s.address)
+        assert _info(st, "s3").step == 1
+        assert opened.names() == []  # not listed at start; s3's files not opened (a stat: as the index says)
+        listed = st.ListSessions(session_pb2.ListSessionsRequest(), timeout=T).sessions
+        assert [(x.session_id, x.step) for x in listed] == sorted((f"s{i}", 1) for i in range(12))
+        assert sorted(set(opened.names())) == ["s5.safetensors", "s5.wal"]  # changed: read from its files
+        assert _state(st, "s5") == _state(ref_st, "s5")
+        ch.close()
+    finally:
+        opened.close()
+    rch.close()
 
 
 def test_sessions_changed_after_the_index_was_written_survive_a_kill(start_server, tmp_path):
@@ -130,7 +203,7 @@ def test_sessions_changed_after_the_index_was_written_survive_a_kill(start_serve
         both(lambda x: _step(x, f"s{i}", 0, _grad(i)))
     ch.close()
     assert s.stop() == 0
-    assert (tmp_path / "d" / "sessions" / "index").exists()
+    assert (tmp_path / "d" / "index").exists()
     s = start_server("--data-dir", data)
     ch, st = stub(s.address)
     both(lambda x: _step(x, "s1", 1, _grad(11)))  # its log grows
@@ -161,7 +234,7 @@ def test_a_damaged_or_missing_index_is_rebuilt_from_the_files(start_server, tmp_
     s = start_server("--data-dir", data)
     want = _fill(s.address, 4)
     assert s.stop() == 0
-    index = tmp_path / "sessions" / "index"
+    index = tmp_path / "index"
     body = index.read_bytes()
     if damage == "torn":  # (a crash during its write leaves the previous one whole: this is worse)
         index.write_bytes(body[:len(body) // 2])
@@ -171,11 +244,12 @@ def test_a_damaged_or_missing_index_is_rebuilt_from_the_files(start_server, tmp_
         index.write_bytes(bytes(body))
     else:
         index.unlink()
-    (tmp_path / "sessions" / ".index.tmp").write_bytes(b"half a write")  # left by a crash: removed
+    (tmp_path / ".index.tmp").write_bytes(b"half a write")  # left by a crash: removed
+    (tmp_path / "sessions" / ".s1.safetensors.tmp").write_bytes(b"half a write")
     s = start_server("--data-dir", data)
     ch, st = stub(s.address)
     assert {f"s{i}": digest(st, f"s{i}") for i in range(4)} == want
-    assert not (tmp_path / "sessions" / ".index.tmp").exists()
+    assert not (tmp_path / ".index.tmp").exists() and not (tmp_path / "sessions" / ".s1.safetensors.tmp").exists()
     ch.close()
     assert s.stop() == 0
     assert index.read_bytes().startswith(b"optreg-index/1 ")  # written again at the clean stop

@@ -190,7 +190,7 @@ class Session:
     resident: object | None = field(default=None, repr=False)  # shm.Region holding the parameters (resident.py)
     writer: object | None = field(default=None, repr=False)  # writers.Writer holding the step lease (memory only)
     schedule: SessionSchedule | None = None  # its learning-rate schedule (CreateSession's config.schedule)
-    listed: tuple | None = field(default=None, repr=False)  # rpc/service.py listed_info's encoding, while idle
+    listed: tuple | None = field(default=None, repr=False)  # rpc/service.py listed_info's encoding, kept while unchanged
 
     def keep_spare(self, arrays: Arrays) -> None:
         """Caller holds the lock: keep a set nobody reads as the next step's staging, when making a new one

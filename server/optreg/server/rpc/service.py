@@ -83,12 +83,13 @@ def session_info(s: Session) -> session_pb2.SessionInfo:
 
 
 def listed_info(s: Session) -> bytes:
-    """session_info(s) encoded; for an idle session (unloaded, single writer), kept on it while the fields
-    it shows are the same objects. A page of 100 idle sessions among 100,000, created in random id
+    """session_info(s) encoded; for a single-writer session with nothing unsaved, kept on it while the
+    fields it shows are the same objects. A page of 100 sessions among 100,000, created in random id
     order, otherwise reads ~15 objects scattered over the heap for each (1.4x a page of 100 sessions
-    made together, in process, caches cold): the kept encoding is one."""
-    key = (s.step, s.persisted_step, s.last_used_at, s.hyperparameters, s.quarantined, s.missing)
-    if s.live is not None or s.workers is not None or (s.unsaved is not None and s.unsaved()[0]):
+    made together, in process, caches cold): the kept encoding is one. Loaded sessions too: which
+    of a page's sessions are loaded depends on their use and age, not on the page."""
+    key = (s.step, s.persisted_step, s.last_used_at, s.hyperparameters, s.quarantined, s.missing, s.live is None)
+    if s.workers is not None or (s.unsaved is not None and any(s.unsaved())):
         return session_info(s).SerializeToString()  # (what it shows changes by itself)
     kept = s.listed
     if kept is None or any(a is not b for a, b in zip(kept[1], key)):

@@ -62,6 +62,10 @@ class SessionStore:
         self._loaded: dict[str, Session] = {}
         self._durable = 0
         self._unreadable: dict[str, str] = {}  # id -> why its files could not be read at start
+        # id -> its files' keys as the data directory's index recorded them, for the sessions taken from
+        # it at start and not used since: their first use checks the files (_checked).
+        self._unchecked: dict[str, list] = {}
+        self._checking = threading.Lock()
         self._lock = threading.Lock()
         self.pool = SetPool()  # small sets, recycled across steps and sessions (allocate_set, recycle)
 
@@ -79,6 +83,8 @@ class SessionStore:
         if not session_id:
             raise InvalidArgument("session_id is empty: pass the id CreateSession returned")
         session = self._sessions.get(session_id)
+        if session is not None and session_id in self._unchecked:
+            session = self._checked(session)
         if session is None and session_id in self._unreadable:
             raise DataLoss(f"session {shown(session_id)} could not be loaded at start: "
                            f"{shown(self._unreadable[session_id], 600)}; its files are kept")
@@ -103,7 +109,39 @@ class SessionStore:
                 i += 1
                 if not self.auth or not s.owner or s.owner == owner:
                     out.append(s)
-            return out, i < len(ids)
+            more = i < len(ids)
+        if self._unchecked:  # (after a start: the first listing of a session checks its files)
+            out = [c for c in (self._checked(s) if s.id in self._unchecked else s for s in out) if c is not None]
+        return out, more
+
+    def _checked(self, session: Session) -> Session | None:
+        """`session` as its files have it now: at the first use of a session taken from the data
+        directory's index at start, a stat of its files must match the index's record, else it is read
+        from them again (a crash after the index was written; a file changed while no server ran) and
+        replaced in the index; None when its snapshot is gone or its files cannot be read (then
+        `_unreadable` says why)."""
+        with self._checking:  # (one reader of a session's files at a time; not the index lock)
+            keys = self._unchecked.get(session.id)
+            if keys is None or self._sessions.get(session.id) is not session:  # checked meanwhile
+                return self._sessions.get(session.id)
+            found = self.journal.rescan(session.id, keys)
+            if found is not None and not isinstance(found, Exception):
+                try:
+                    found = self.journal.session_from(found, self.registry)
+                except Exception as e:
+                    found = e
+            with self._lock:
+                del self._unchecked[session.id]
+                if found is None:
+                    return session
+                self._unindexed(session.id)
+                if not isinstance(found, Exception):
+                    self._indexed(found)
+                    return found
+            if not isinstance(found, FileNotFoundError):
+                log.error("session %s not loaded: %s", session.id, found, extra={"session_id": session.id})
+                self._unreadable[session.id] = f"{type(found).__name__}: {found}"
+            return None
 
     def _indexed(self, session: Session) -> None:
         """Caller holds _lock: `session` enters the index (in place of one of the same id)."""
@@ -117,6 +155,7 @@ class SessionStore:
     def _unindexed(self, session_id: str) -> None:
         """Caller holds _lock: the id leaves the index."""
         session = self._sessions.pop(session_id, None)
+        self._unchecked.pop(session_id, None)
         if session is not None:
             del self._ids[bisect.bisect_left(self._ids, session_id)]
             self._durable -= session.durability.mode != "none"
@@ -195,6 +234,8 @@ class SessionStore:
     def create(self, config: SessionConfig, params, state=None, initial_step: int = 0, owner: str = "",
                adopt: bool = False) -> Session:
         session = self.factory.build(config, params, state, initial_step, owner, adopt)
+        if session.id in self._unchecked:  # (are its files still there?)
+            self._checked(self._sessions[session.id])
         with self._lock:
             existing = self._sessions.get(session.id)
             if existing is not None:
@@ -293,7 +334,7 @@ class SessionStore:
         if self.journal.read_files >= REINDEX_AFTER:
             t = time.monotonic()
             try:
-                self.journal.write_index(self.list_all())
+                self._write_index()
             except OSError as e:
                 log.warning("the data directory's index was not written: %s", e)
             log.info("%d sessions' files read at start; their index written in %.1f s", self.journal.read_files,
@@ -302,7 +343,7 @@ class SessionStore:
         return len(self._sessions)
 
     def _open_all(self) -> None:
-        for sid, meta_or_error in self.journal.scan():
+        for sid, meta_or_error, keys in self.journal.scan():
             if out_of_descriptors(meta_or_error):  # the process's limit, not the session's files: stop
                 raise OSError(meta_or_error.errno, f"reading the data directory ({sid}): {meta_or_error.strerror}; "
                                                    "raise the descriptor limit (ulimit -n) or lower --max-open-logs")
@@ -318,6 +359,13 @@ class SessionStore:
                 continue
             with self._lock:
                 self._indexed(session)
+                if keys is not None:
+                    self._unchecked[sid] = keys
+
+    def _write_index(self) -> None:
+        with self._lock:
+            sessions, unchecked = list(self._sessions.values()), dict(self._unchecked)
+        self.journal.write_index(sessions, unchecked, whole=not self._unreadable)
 
     def _load(self, session: Session) -> None:
         """Read the session's tensors from disk. Caller holds its lock."""
@@ -392,7 +440,7 @@ class SessionStore:
                     failures.append((s.id, str(e)))
         self.journal.close()
         try:
-            self.journal.write_index(self.list_all())
+            self._write_index()
         except OSError as e:  # the next start reads every session's files instead
             log.error("the data directory's index was not written: %s", e)
         return failures

@@ -1,15 +1,20 @@
-"""The data directory's index of sessions (DIR/sessions/index): what start-up reads instead of every
-snapshot's header and every log, so a restart costs a read of one file, not of all of them.
+"""The data directory's index of sessions (DIR/index): what start-up reads instead of every snapshot's
+header, every log, and the listing of DIR/sessions, so a restart costs a read of one file.
 
 A cache, never the truth. Each entry holds what Journal.scan_one would find for a session (its
 metadata, the step advanced past its log) and the identity of the files it was read from (inode,
-size, modification time of the snapshot and of the log). Written atomically (temporary file,
-fsync, rename, directory fsync) at a clean stop, and after a start that had to read many sessions'
-files. At start an entry is used only while both of its files are exactly as recorded (a stat of
-each: about 1 s per 100,000 sessions here), so a session stepped after the index was written (then
-a crash) or a file changed while no server ran is read from its files; so is a session not in the
-index (created since); an entry whose snapshot is gone is dropped, and a missing or damaged index
-(a checksum covers it) is a full scan.
+size, modification time of the snapshot and of the log); the index also records the identity of
+the DIR/sessions folder itself (inode, modification time), which changes whenever a file in it is
+created, removed or renamed (every snapshot write is a rename). Written atomically (temporary file,
+fsync, rename, directory fsync) beside that folder, so writing it leaves the folder's time alone,
+at a clean stop and after a start that had to read many sessions' files.
+
+At start, while the folder is as recorded, its names are the index's: no listing (otherwise the
+folder is listed: a session not in the index, created since, is read from its files, and an entry
+whose snapshot is gone is dropped). An entry is used without touching its files; at the session's
+first use (store.py `_checked`) a stat of its two files must match the entry, else (a session
+stepped after the index was written, then a crash; a file changed while no server ran) it is read
+from its files. A missing or damaged index (a checksum covers it) is a full scan.
 
 Sessions shaped and configured alike share one "kind" (optimizer, hyperparameters, dtype, shapes,
 durability, owner...): the file holds each kind once, and start-up builds what the kinds share once.
@@ -32,23 +37,28 @@ ENTRY = ("step", "first_step", "created_at", "last_used_at")
 RARE = ("round_record", "worker_rounds", "worker_clocks")  # kept per session only when set
 
 
-def file_key(entry: os.DirEntry | None) -> list:
-    """What identifies a file's version: a snapshot or log is only ever replaced by a rename (a new
-    inode) or appended to or cut (a new size), and either changes its modification time."""
-    if entry is None:
+def file_key(path: pathlib.Path) -> list:
+    """What identifies a file's version ([] when there is no file): a snapshot or log is only ever
+    replaced by a rename (a new inode) or appended to or cut (a new size), and either changes its
+    modification time."""
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
         return []
-    st = entry.stat(follow_symlinks=False)
     return [st.st_ino, st.st_size, st.st_mtime_ns]
 
 
-def same(keys: list, snapshot: os.DirEntry, log: os.DirEntry | None) -> bool:
-    """Are the files what `keys` (file_key of the snapshot + that of the log) recorded?"""
-    return keys == file_key(snapshot) + file_key(log)
+def folder_key(folder: pathlib.Path) -> list:
+    """What identifies the set of names in `folder`: a create, removal or rename in it changes its
+    modification time."""
+    st = os.stat(folder)
+    return [st.st_ino, st.st_mtime_ns]
 
 
-def read(directory: pathlib.Path) -> dict[str, tuple[dict, list]] | None:
-    """{session id: (its metadata, its files' keys)}, or None when there is none. ValueError (or
-    another error of a malformed file) when it is not one whole index as written."""
+def read(directory: pathlib.Path) -> tuple[dict[str, tuple[dict, list]], list | None] | None:
+    """({session id: (its metadata, its files' keys)}, the sessions folder's key when the entries are
+    every session it held), or None when there is none. ValueError (or another error of a malformed
+    file) when it is not one whole index as written."""
     try:
         data = (directory / NAME).read_bytes()
     except FileNotFoundError:
@@ -69,11 +79,12 @@ def read(directory: pathlib.Path) -> dict[str, tuple[dict, list]] | None:
         if rare:
             meta.update(rare)
         out[sid] = (meta, keys)
-    return out
+    return out, raw.get("folder")
 
 
-def write(directory: pathlib.Path, metas: list[tuple[dict, list]]) -> None:
-    """Write the index of `metas` ((metadata as Journal.meta_of gives it, its files' keys))."""
+def write(directory: pathlib.Path, metas: list[tuple[dict, list]], folder: list | None) -> None:
+    """Write the index of `metas` ((metadata as Journal.meta_of gives it, its files' keys)); `folder`:
+    the sessions folder's key (folder_key) when they are every session it holds, else None."""
     kinds: dict[str, int] = {}
     kind_rows, entries = [], []
     for meta, keys in metas:
@@ -85,7 +96,7 @@ def write(directory: pathlib.Path, metas: list[tuple[dict, list]]) -> None:
             kind_rows.append(kind)
         rare = {k: meta[k] for k in RARE if meta.get(k)}
         entries.append([meta["session_id"], i, [meta[k] for k in ENTRY], rare or 0, keys])
-    body = json.dumps({"kinds": kind_rows, "entries": entries}, separators=(",", ":")).encode()
+    body = json.dumps({"kinds": kind_rows, "entries": entries, "folder": folder}, separators=(",", ":")).encode()
     path = directory / NAME
     tmp = path.with_name(f".{NAME}.tmp")  # (a crash leaves it: Journal deletes .*.tmp at start)
     with open(tmp, "wb") as f:

@@ -128,7 +128,7 @@ class NoJournal:
     def unload(self, session): pass
     def exposure(self, session): return 0, 0.0
     unsynced: set = frozenset()
-    def write_index(self, sessions): pass
+    def write_index(self, sessions, unchecked, whole): pass
     read_files = 0
     def scan(self): return iter(())
     def flush(self, session): pass
@@ -524,8 +524,8 @@ class Journal:
                  max_exposure: float = MAX_EXPOSURE):
         self.dir = pathlib.Path(root) / "sessions"
         self.dir.mkdir(parents=True, exist_ok=True)
-        for stale in self.dir.glob(".*.tmp"):  # a write cut short by a crash
-            stale.unlink(missing_ok=True)
+        for stale in pathlib.Path(root).glob(".*.tmp"):  # the index's write cut short by a crash (those
+            stale.unlink(missing_ok=True)                 # in self.dir: _files)
         self.metrics = metrics
         self.syncer = syncer or GroupSyncer()
         self._logs: dict[str, wal.Log] = {}
@@ -1062,64 +1062,93 @@ class Journal:
             f.write(f"{st.st_ino} {st.st_size} {path}\n")
 
     # -- start and load -------------------------------------------------------------------
-    def _files(self) -> dict[str, list]:
-        """session id -> [its snapshot's DirEntry, its log's (or None)], from one listing of the directory."""
-        found: dict[str, list] = {}
+    def _files(self) -> set[str]:
+        """The ids of the sessions with a snapshot, from one listing of the directory (whose leftovers
+        of writes cut short by a crash go)."""
+        found = set()
         with os.scandir(self.dir) as entries:
             for e in entries:
                 name = e.name
                 if name.startswith("."):
-                    continue
-                if name.endswith(SNAPSHOT):
-                    found.setdefault(name[:-len(SNAPSHOT)], [None, None])[0] = e
-                elif name.endswith(wal.SUFFIX):
-                    found.setdefault(name[:-len(wal.SUFFIX)], [None, None])[1] = e
+                    if name.endswith(".tmp"):
+                        os.unlink(e.path)
+                elif name.endswith(SNAPSHOT):
+                    found.add(name[:-len(SNAPSHOT)])
         return found
 
+    def _with_memory_logs(self) -> set[str]:
+        """The ids of the sessions with a memory log (one listing of the memory folder)."""
+        if self.memory is None:
+            return set()
+        with os.scandir(self.memory) as entries:
+            names = [e.name for e in entries]
+        return {n[:-len(end)] for n in names for end in (wal.SUFFIX, wal.SUFFIX + ".prev") if n.endswith(end)}
+
     def scan(self):
-        """(session id, its snapshot metadata with "step" advanced past its log | the exception) for every
-        session in the directory, in id order: from the index (storage/index.py) for each session whose
-        files are as the index recorded them, else read from its files (scan_one). `self.read_files`
-        counts the sessions read from their files."""
+        """(session id, its snapshot metadata with "step" advanced past its log | the exception, the
+        index's keys of its files | None) for every session in the directory, in id order: from the
+        index (storage/index.py) without touching its files (the keys then say what to check at its
+        first use: rescan), else read from its files (scan_one), as is a session with a memory log,
+        which the index does not know. The directory is listed only when its names may differ from
+        the index's. `self.read_files` counts the sessions read from their files."""
         self._kinds = {}
         self.read_files = 0
         try:
-            indexed = index.read(self.dir) or {}
+            indexed, folder = index.read(self.root) or ({}, None)
         except (ValueError, TypeError, KeyError, IndexError) as e:  # (json's errors are ValueErrors)
             log.warning("%s; reading every session's files instead", e)
-            indexed = {}
-        for sid, (snap, lg) in sorted(self._files().items()):
-            if snap is None:  # a log without a snapshot: nothing to recover from
-                continue
+            indexed, folder = {}, None
+        ids = indexed.keys() if folder is not None and folder == index.folder_key(self.dir) else self._files()
+        in_memory = self._with_memory_logs()
+        for sid in sorted(ids):
             hit = indexed.get(sid)
-            if hit is not None and index.same(hit[1], snap, lg) and not (  # (the index knows no memory log)
-                    self.memory is not None and (self.memory_path(sid).exists()
-                                                 or self.memory_path(sid, prev=True).exists())):
-                yield sid, hit[0]
+            if hit is not None and sid not in in_memory:
+                yield sid, hit[0], hit[1]
                 continue
             self.read_files += 1
             try:
-                yield sid, self.scan_one(sid)
+                yield sid, self.scan_one(sid), None
             except Exception as e:
-                yield sid, e
+                yield sid, e, None
         self._kinds = {}
 
-    def write_index(self, sessions) -> None:
+    def rescan(self, sid: str, keys: list):
+        """A session scan() took from the index, at its first use: None while its files are those the
+        index recorded (a stat of each); else what scan() would yield for it now: its metadata read
+        from its files or the exception (FileNotFoundError: its snapshot is gone)."""
+        snap = index.file_key(self.snapshot_path(sid))
+        if snap and snap + index.file_key(self.log_path(sid)) == keys:
+            return None
+        try:
+            return self.scan_one(sid)
+        except Exception as e:
+            return e
+
+    def write_index(self, sessions, unchecked: dict[str, list], whole: bool) -> None:
         """Record `sessions` (those of this directory, as in memory now: nothing may change them while
-        this runs) in the index, each with its files' identity. Left out, to be read from their files
-        at the next start: a periodic session's unsaved steps, and any session with a problem (a log
-        whose last sync failed among them)."""
-        found = self._files()
+        this runs) in the index, each with its files' identity (`unchecked`'s keys for those whose
+        files nothing has touched since scan(); the rest are stat'ed). Left out, to be read from
+        their files at the next start: a periodic session's unsaved steps, and any session with a
+        problem (a log whose last sync failed among them). `whole`: the directory holds no session
+        but these (else, or with any left out, the next start lists it)."""
+        folder = index.folder_key(self.dir)  # (writing the index leaves it alone: the index is beside it)
         metas = []
         for s in sessions:
-            files = found.get(s.id)
             lg = self._logs.get(s.id)
-            if (files is None or files[0] is None or s.quarantined or s.missing or s.durability.mode == "none"
-                    or (s.dirty and s.durability.mode not in SYNC) or (lg is not None and lg.broken is not None)
-                    or s.id in self.unsynced):
+            if s.durability.mode == "none":
                 continue
-            metas.append((meta_of(s), index.file_key(files[0]) + index.file_key(files[1])))
-        index.write(self.dir, metas)
+            if (s.quarantined or s.missing or (s.dirty and s.durability.mode not in SYNC)
+                    or (lg is not None and lg.broken is not None) or s.id in self.unsynced):
+                whole = False
+                continue
+            keys = unchecked.get(s.id)
+            if keys is None:
+                keys = index.file_key(self.snapshot_path(s.id))
+                if not keys:  # no files
+                    continue
+                keys += index.file_key(self.log_path(s.id))
+            metas.append((meta_of(s), keys))
+        index.write(self.root, metas, folder if whole else None)
 
     def scan_one(self, sid: str) -> dict:
         """One session's snapshot metadata, "step" advanced past its log (read, a torn tail cut, and
