@@ -108,6 +108,7 @@ def trainer(address: str, session: str, workers: int, steps: int, storage: str, 
 def main():
     import ray
     from optreg.client import Client
+    from optreg.server.cluster.directory import runtime_env
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ray", default="auto", help="the Ray cluster (default: auto, this machine's)")
@@ -118,7 +119,7 @@ def main():
     ap.add_argument("--storage", default=str(pathlib.Path.cwd() / "ray-results"),
                     help="Ray Train's storage path (shared by every node; default: ./ray-results)")
     args = ap.parse_args()
-    ray.init(address=args.ray)
+    ray.init(address=args.ray, runtime_env=runtime_env() or None)  # (from a checkout: its path to the workers)
     trainer(args.address, args.session, args.workers, args.steps, args.storage).fit()
     with Client(args.address) as c:
         s = c.session(f"{args.session}.g0", {})  # RemoteOptimizer's session of param group 0
