@@ -620,7 +620,7 @@ def bench_slow_links(cfg, server, echo):
 
 
 def bench_ray(cfg, server, echo):
-    from bench.ray_step import bench_ray as run  # a local Ray; skipped in --quick and without Ray
+    from bench.ray_step import bench_ray as run  # Ray clusters; --quick runs it only when named (--only)
     run(cfg, server, echo)
 
 
@@ -657,6 +657,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     cfg = Config(args.quick)
     names = [s for s in args.only.split(",") if s] or list(SECTIONS)
+    cfg.selected = set(names) if args.only else set()  # (a section left out of --quick runs when named)
     t0 = time.time()
     print(f"optreg bench ({'quick' if cfg.quick else 'full'}) on {os.cpu_count()} cores, "
           f"python {platform.python_version()}, numpy {np.__version__}", flush=True)

@@ -7,6 +7,7 @@ Marked `ray` and left out of the default run (pyproject's addopts); `.ci/run` ru
 last and add a fresh node in its place."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
@@ -54,25 +55,35 @@ def adam_after(steps: int, lr: float = 0.01) -> np.ndarray:
     return params["W"]
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False,
+@contextlib.contextmanager
+def running_cluster(head_cpus: int, nodes: int):
+    """Ray's multi-node test cluster: a head with `head_cpus` CPUs and `nodes` worker nodes of one CPU,
+    this process connected; at the end every session host is killed and the cluster shut down."""
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": head_cpus, "include_dashboard": False,
                                                       "_system_config": FAST_HEALTH})
-    for _ in range(2):
+    for _ in range(nodes):
         c.add_node(num_cpus=1)
     c.wait_for_nodes()
     connect(c.address)
     end = time.monotonic() + 60  # until the scheduler sees every node (else hosts land off their node)
-    while ray.available_resources().get("CPU", 0) < 3 and time.monotonic() < end:
+    while ray.available_resources().get("CPU", 0) < head_cpus + nodes and time.monotonic() < end:
         time.sleep(0.2)
-    yield c
-    for name in Directory.host_names():
-        try:
-            ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
-        except Exception:
-            pass
-    ray.shutdown()
-    c.shutdown()
+    try:
+        yield c
+    finally:
+        for name in Directory.host_names():
+            try:
+                ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
+            except Exception:
+                pass
+        ray.shutdown()
+        c.shutdown()
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with running_cluster(1, 2) as c:
+        yield c
 
 
 @pytest.fixture(scope="module")
@@ -127,9 +138,9 @@ def grad(i):
 with Client(address, timeout=120, retry=RetryPolicy(total_seconds=120)) as c:
     s = c.session(sid)
     while s.step_count < n:
-        i = s.step_count + 1
+        i, sent = s.step_count + 1, time.monotonic()
         r = s.step({name: grad(i + 7 * k) for k, name in enumerate(names)})
-        print(json.dumps({"step": r.step, "t": time.monotonic(), "replayed": r.replayed}), flush=True)
+        print(json.dumps({"step": r.step, "t": time.monotonic(), "sent": sent, "replayed": r.replayed}), flush=True)
         time.sleep(pace)
 """
 
@@ -138,9 +149,9 @@ class Trainer:
     """A client in another process stepping `sid` to `n` steps, `pace` seconds apart (so that what a test
     does after wait_for(k) lands near step k, not after the last step); its acknowledged steps."""
 
-    def __init__(self, address: str, sid: str, n: int, pace: float = 0.02, names=("W",)):
+    def __init__(self, address: str, sid: str, n: int, pace: float = 0.02, names=("W",), size: int = SIZE):
         env = dict(os.environ, PYTHONPATH=SOURCE_PATH)
-        self.proc = subprocess.Popen([sys.executable, "-c", CLIENT, address, sid, str(n), str(SIZE), str(pace),
+        self.proc = subprocess.Popen([sys.executable, "-c", CLIENT, address, sid, str(n), str(size), str(pace),
                                       ",".join(names)],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         self.acks: list[dict] = []

@@ -203,7 +203,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
     are attached to (and the server's parameters copied into the model) instead of created.
     `worker=`: this process is one of several workers training the same sessions (docs/workers.md).
     Needs `session_id=` and `workers=` (the most members; with `mode`, `min_workers`,
-    `round_deadline`, `staleness` as `Client.create_session` takes them): the first worker to start
+    `round_deadline`, `staleness`, `lease` as `Client.create_session` takes them: a framework that
+    restarts a failed worker under its name, as Ray Train does, wants a lease longer than the restart): the first worker to start
     creates the sessions, the others attach, each joins as `worker` and its parameters are set to the
     server's. Each `step()` is the worker's contribution (in sync mode it returns when the round
     closes, with the round's parameters); option changes (a scheduler's) are set with
@@ -221,7 +222,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
                  worker: str | None = None, resume: bool = False, durability: str | None = None,
                  shared_memory: bool | None = None, workers: int | None = None, mode: str = "sync",
                  min_workers: int = 0, round_deadline: float | None = None, staleness: int = 0,
-                 schedule: str | None = None, schedule_parameters: dict | None = None, **hyperparameters):
+                 lease: float | None = None, schedule: str | None = None, schedule_parameters: dict | None = None, **hyperparameters):
         if worker is not None and (not session_id or not workers):
             raise ValueError(f"worker={worker!r} needs session_id= (the shared sessions' name) and workers= (the most "
                              "workers at once)")
@@ -231,7 +232,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
             raise ValueError("shared_memory=True: a worker's contributions are sent over gRPC; leave it unset")
         self.worker = worker
         self._shared = dict(workers=workers, mode=mode, min_workers=min_workers, round_deadline=round_deadline,
-                            staleness=staleness) if worker is not None else {}
+                            staleness=staleness, lease=lease) if worker is not None else {}
         if resume and not session_id:
             raise ValueError("resume=True needs session_id=: the sessions to attach to are named after it")
         self.optreg_name, self._mapping = lookup(optimizer)
