@@ -11,9 +11,13 @@ import argparse
 import os
 import sys
 
-import pluggy
+# grpc's C core logs at INFO to stderr unless told otherwise (since it moved to absl logging): a command's
+# in-process server stopping under its own client's channel printed "Got goaway" after the command's one line.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
-from optreg.app import hookspecs, version
+import pluggy  # noqa: E402
+
+from optreg.app import hookspecs, version  # noqa: E402
 
 BUILTIN_COMMANDS = ("optreg.app.commands.serve", "optreg.app.commands.optimizers", "optreg.app.commands.sessions",
                     "optreg.app.commands.demo")
