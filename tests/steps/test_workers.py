@@ -684,3 +684,27 @@ def test_delta_replies_only_in_sync_mode(server):
         np.testing.assert_array_equal(s.read_parameters()["x"], [-3, -3])
         np.testing.assert_array_equal(a.arrays["x"], [-3, -3])
         np.testing.assert_array_equal(b.arrays["x"], [-3, -3])
+
+
+def test_leases_run_out_exactly_when_due_though_expiry_is_not_rescanned_each_call(monkeypatch):
+    """Members.expire skips its scan while no lease can have run out (a round of 1,000 members called it
+    per contribution: O(members^2) on the event loop). Renewals, newcomers and a member readmitted with an
+    old lease must still run out on time."""
+    from optreg.server.model import workers
+    clock = [1000.0]
+    monkeypatch.setattr(workers.time, "monotonic", lambda: clock[0])
+    members = workers.Members(workers.WorkerConfig(workers=8, lease_seconds=10.0), "s")
+    a, b = members.join("a"), members.join("b")
+    clock[0] = 1005.0
+    assert members.expire() == []
+    members.get("a")  # a renewed at 1005: due at 1015; b still due at 1010
+    c = members.join("c")  # due at 1015
+    clock[0] = 1010.0
+    assert members.expire() == ["b"]
+    clock[0] = 1014.9
+    assert members.expire() == []
+    clock[0] = 1015.0
+    assert sorted(members.expire()) == ["a", "c"]
+    members.readmit(b)  # back with its old lease (due at 1010): the next check drops it
+    assert members.expire() == ["b"] and not members.by_name
+    assert a.expires == c.expires == 1015.0

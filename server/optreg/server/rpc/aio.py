@@ -30,8 +30,11 @@ from optreg.v1 import session_pb2
 # ones on the pool (a 64 KiB step is ~0.1 ms of work, less than the hand-off to a thread and back).
 INLINE_BYTES = 64 << 10
 STREAM_ENDED = object()
-# Calls woken together (a round's members, a step's watchers) go on this many per loop turn.
-WAKE_SLICE = 32
+# Calls woken together (a round's members, a step's watchers) go on WAKE_SLICE at a time, a slice every
+# WAKE_PACE seconds: each reply is work for grpc's core too, and a call arriving behind a burst of 1,000
+# waited 150-300 ms there, before the loop saw it (docs/speed.md, "Waiting").
+WAKE_SLICE = 8
+WAKE_PACE = 0.005
 
 
 def coroutines(servicer, handlers: dict) -> dict:
@@ -53,10 +56,11 @@ def coroutines(servicer, handlers: dict) -> dict:
 
 
 class Waker:
-    """Wakes many parked calls a slice per loop turn. When a round of 1,000 members closes, or 1,000
-    watchers see the same step, each woken call sends its reply on the loop: woken at once, a call
-    arriving meanwhile (a health check, another session's step) would wait behind all of them; woken a
-    slice at a time, the loop polls for new calls between slices, and it waits one slice."""
+    """Wakes many parked calls a slice at a time. When a round of 1,000 members closes, or 1,000
+    watchers see the same step, each woken call sends its reply: woken at once, a call arriving
+    meanwhile (a health check, another session's step) waits behind all of those replies, in the loop
+    and in grpc's core; paced, it waits behind one slice. A few waiters (up to WAKE_SLICE) go at once;
+    1,000 take 1000 / WAKE_SLICE * WAKE_PACE = 0.6 s."""
 
     def __init__(self):
         self.queue: collections.deque = collections.deque()
@@ -72,7 +76,7 @@ class Waker:
         for _ in range(min(WAKE_SLICE, len(self.queue))):
             self.queue.popleft()()
         if self.queue:
-            loop.call_soon(self._turn, loop)  # (the next turn: after the loop's poll for new events)
+            loop.call_later(WAKE_PACE, self._turn, loop)
 
 
 def _settle(f: asyncio.Future, source) -> None:

@@ -373,7 +373,9 @@ class Hub:
         if not r.contribs:
             return False
         self.members.expire()
-        if self.members.names() <= set(r.contribs):
+        live = self.members.by_name
+        # The count first: the full check (O(members)) then runs about once a round, not per contribution.
+        if len(r.contribs) >= len(live) and all(w in r.contribs for w in live):
             return True
         return (time.monotonic() >= r.opened + self.config.round_deadline
                 and len(r.contribs) >= self.config.quorum)
@@ -579,6 +581,7 @@ class Hubs:
         self.seats = seats  # the server's --max-members (admission.Limit), shared by every session's members
         self._lock = threading.Lock()
         self._thread = None
+        self._hubs: dict[str, Hub] = {}  # what the thread ticks: not every session of a 100,000-session store
         store.observers.append(self)
 
     def get(self, session) -> Hub:
@@ -590,7 +593,7 @@ class Hubs:
             if hub is None:
                 with session.lock:
                     self.store.ensure_loaded(session)  # the open round is the session's step
-                hub = session.hub = Hub(self.store, session, self.seats)
+                hub = session.hub = self._hubs[session.id] = Hub(self.store, session, self.seats)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, daemon=True, name="optreg-rounds")
                 self._thread.start()
@@ -599,13 +602,18 @@ class Hubs:
     def _run(self) -> None:
         while True:
             time.sleep(self.interval)
-            for s in self.store.list_all():
-                hub = s.hub
-                if hub is not None and not hub.deleted:
-                    try:
-                        hub.tick()
-                    except Exception:  # a tick must never end the thread
-                        log.exception("session %s: round tick failed", s.id)
+            with self._lock:
+                hubs = list(self._hubs.items())
+            for sid, hub in hubs:
+                if hub.deleted:
+                    with self._lock:
+                        if self._hubs.get(sid) is hub:
+                            del self._hubs[sid]
+                    continue
+                try:
+                    hub.tick()
+                except Exception:  # a tick must never end the thread
+                    log.exception("session %s: round tick failed", sid)
 
     # store observer
     def on_step(self, session, run):
