@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import pathlib
+import types
 
 import grpc
 import numpy as np
@@ -128,3 +129,26 @@ def test_waiters_hold_no_thread(start_server):
     got = asyncio.run(asyncio.wait_for(_waiting(srv.address, srv.proc.pid), 600))
     assert got["during"] <= THREAD_BOUND, got
     assert srv.proc.poll() is None
+
+
+def test_a_watcher_is_queued_once_however_fast_its_session_steps():
+    """Watchers are woken at the waker's pace (rpc/aio.py WAKE_SLICE every WAKE_PACE); a session stepping
+    faster than that pace (each step wakes every watcher) must not grow the queue: one entry per watcher."""
+    from optreg.server.rpc.aio import AioTelemetry
+    from optreg.server.telemetry.hub import TelemetryHub
+
+    async def main():
+        telemetry = AioTelemetry(types.SimpleNamespace(hub=TelemetryHub()))
+        telemetry.loop = asyncio.get_running_loop()
+        watchers = [asyncio.Event() for _ in range(100)]
+        telemetry.waiting["s"] = set(watchers)
+        for _ in range(50):  # 50 steps before the waker's first turn
+            telemetry._wake("s")
+        assert len(telemetry.waker.queue) == 100
+        while telemetry.waker.queue:
+            await asyncio.sleep(0.005)
+        assert all(e.is_set() for e in watchers) and not telemetry.queued
+        telemetry._wake("s")  # once drained, the next step queues each watcher again
+        assert len(telemetry.waker.queue) == 100
+
+    asyncio.run(main())

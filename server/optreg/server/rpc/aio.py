@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import time
 
 import grpc
@@ -393,6 +394,7 @@ class AioTelemetry:
         self.waiting: dict[str, set[asyncio.Event]] = {}
         self.shared = Shared()  # a step's events, made once for all the watchers at the same point
         self.waker = Waker()
+        self.queued: set[asyncio.Event] = set()  # watchers in the waker's queue
         servicer.hub.add_listener(self._changed)
 
     def _changed(self, session_id: str) -> None:  # any thread: only hands off
@@ -401,7 +403,14 @@ class AioTelemetry:
             loop.call_soon_threadsafe(self._wake, session_id)
 
     def _wake(self, session_id: str) -> None:
-        self.waker.wake(self.loop, [e.set for e in self.waiting.get(session_id, ())])
+        # A watcher is queued once: a session stepping faster than the waker's pace must not grow its queue.
+        events = [e for e in self.waiting.get(session_id, ()) if e not in self.queued]
+        self.queued.update(events)
+        self.waker.wake(self.loop, [functools.partial(self._set, e) for e in events])
+
+    def _set(self, event: asyncio.Event) -> None:
+        self.queued.discard(event)
+        event.set()
 
     async def WatchSession(self, request, context):
         self.loop = asyncio.get_running_loop()
