@@ -29,8 +29,7 @@ import grpc  # noqa: E402
 
 from optreg.client import Client, RetryPolicy  # noqa: E402
 from optreg.client.errors import OptregError  # noqa: E402
-from optreg.server.cluster.directory import Directory, Host, NAMESPACE, connect, host_name  # noqa: E402
-from optreg.server.cluster.frontend import Frontend  # noqa: E402
+from optreg.server.cluster.directory import Directory, Host, NAMESPACE, connect  # noqa: E402
 from optreg.server.cluster.host import MOVED, OK, SessionHost, pack, unpack  # noqa: E402
 from optreg.server.cluster.serve import ClusterServer  # noqa: E402
 from optreg.v1 import session_pb2, session_pb2_grpc, tensors  # noqa: E402

@@ -204,9 +204,9 @@ class RemoteOptimizer(torch.optim.Optimizer):
     `worker=`: this process is one of several workers training the same sessions (docs/workers.md).
     Needs `session_id=` and `workers=` (the most members; with `mode`, `min_workers`,
     `round_deadline`, `staleness`, `lease` as `Client.create_session` takes them: a framework that
-    restarts a failed worker under its name, as Ray Train does, wants a lease longer than the restart): the first worker to start
-    creates the sessions, the others attach, each joins as `worker` and its parameters are set to the
-    server's. Each `step()` is the worker's contribution (in sync mode it returns when the round
+    restarts a failed worker under its name, as Ray Train does, wants a lease longer than the restart):
+    the first worker to start creates the sessions, the others attach, each joins as `worker` and its
+    parameters are set to the server's. Each `step()` is the worker's contribution (in sync mode it returns when the round
     closes, with the round's parameters); option changes (a scheduler's) are set with
     UpdateHyperparameters before the contribution, so every worker should run the same schedule.
     `close()` leaves the sessions and keeps them (`close(delete=True)` deletes them);
@@ -222,7 +222,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
                  worker: str | None = None, resume: bool = False, durability: str | None = None,
                  shared_memory: bool | None = None, workers: int | None = None, mode: str = "sync",
                  min_workers: int = 0, round_deadline: float | None = None, staleness: int = 0,
-                 lease: float | None = None, schedule: str | None = None, schedule_parameters: dict | None = None, **hyperparameters):
+                 lease: float | None = None, schedule: str | None = None, schedule_parameters: dict | None = None,
+                 **hyperparameters):
         if worker is not None and (not session_id or not workers):
             raise ValueError(f"worker={worker!r} needs session_id= (the shared sessions' name) and workers= (the most "
                              "workers at once)")
