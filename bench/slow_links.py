@@ -22,6 +22,7 @@ parallel AdamW of 4 workers on the same samples; final test loss each, the per-s
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 
@@ -151,11 +152,12 @@ def bench_slow_links(cfg, server, echo):
 @functools.lru_cache(maxsize=1)
 def _data():
     """The demo's data set, "auto": Fashion-MNIST when Debian's dataset-fashion-mnist is installed, else
-    scikit-learn's digits (optreg.app.demo.data), with float32 copies of its images; loaded once."""
+    scikit-learn's digits (optreg.app.demo.data); its images as float32 (Fashion-MNIST's 70,000: 220 MB, kept
+    for the process), loaded once."""
     from optreg.app.demo.data import load
 
     data = load(which="auto")
-    return data, data.x_train.astype(np.float32), data.x_test.astype(np.float32)
+    return dataclasses.replace(data, x_train=data.x_train.astype(np.float32), x_test=data.x_test.astype(np.float32))
 
 
 def _demo(seed: int = 0):
@@ -163,7 +165,8 @@ def _demo(seed: int = 0):
     test_loss(params)). A seed's two arms start from the same weights and draw the same batches."""
     from optreg.app.demo.network import MultiLayerNet
 
-    data, x_train, x_test = _data()
+    data = _data()
+    x_train, x_test = data.x_train, data.x_test
     base = MultiLayerNet(data.input_size, HIDDEN, data.classes, np.random.default_rng(seed))
     base.params = {n: a.astype(np.float32) for n, a in base.params.items()}
 
@@ -182,10 +185,11 @@ def _demo(seed: int = 0):
 def train_workers(address: str, diloco: bool, seed: int, steps: int, every: int = 50):
     """The demo network trained by WORKERS worker threads, each with its own client and its own batches
     (seeded by `seed`, as are the initial weights): synchronous data parallel (each round the mean of the
-    workers' gradients, one AdamW step on the server) or DiLoCo (inner AdamW on each worker, H = 50, int8 pseudo-gradients, bf16 answers,
-    outer Nesterov lr 0.7 momentum 0.9). The same AdamW (lr 1e-3, weight decay 0.1) either way, and the same
-    samples: WORKERS x steps x BATCH. Returns (final test loss, [(seconds, test loss)] from worker 0, every
-    `every` steps for sync DP, every round for DiLoCo; bytes of Step calls per worker step)."""
+    workers' gradients, one AdamW step on the server) or DiLoCo (inner AdamW on each worker, H = 50, int8
+    pseudo-gradients, bf16 answers, outer Nesterov lr 0.7 momentum 0.9). The same AdamW (lr 1e-3, weight
+    decay 0.1) either way, and the same samples: WORKERS x steps x BATCH. Returns (final test loss,
+    [(seconds, test loss)] from worker 0, every `every` steps for sync DP, every round for DiLoCo; bytes of
+    Step calls per worker step)."""
     import threading
 
     from optreg.client import Client
