@@ -198,7 +198,10 @@ def train_workers(address: str, diloco: bool, seed: int, steps: int, every: int 
 
     _, base, batch, test_loss = _demo(seed)
     with Client(address, timeout=300) as c:
-        kw = dict(workers=WORKERS, round_deadline=300.0, keep=False)
+        # a lease of 300 s, not the server's 10: a DiLoCo worker calls once a round, and under load its first
+        # round (joins, the wait for the others, 50 local steps on Fashion-MNIST) outlasted 10 s: the round
+        # closed without it and its contribution was refused as stale
+        kw = dict(workers=WORKERS, round_deadline=300.0, lease=300.0, keep=False)
         s = (c.create_session(**diloco_outer(base.copy().params, **kw)) if diloco
              else c.create_session("adamw", base.copy().params, lr=LR, weight_decay=WD, mode="sync", **kw))
         errors, curve, sent = [], [], []
