@@ -130,22 +130,26 @@ def test_a_worker_step_costs_under_a_hundredth_of_a_dense_float32_step(client, s
 
 
 def test_h50_int8_matches_synchronous_data_parallel_on_the_demo_network(server):
-    """The demo network (digits) trained by 4 DiLoCo workers through the server with the helpers' defaults (H = 50,
-    int8 pseudo-gradients, bf16 answers, inner AdamW lr 1e-3 and its default weight decay 0.1, outer Nesterov
-    0.7/0.9) against synchronous data parallel on the same samples (4 x 2,000 batches of 32; AdamW on the mean
-    of the 4 gradients, computed here), the mean final test loss over the bench's 3 seeds. The issue's 2% is
-    measured in the bench: one run's test loss (300 test images) varies by ~9% from seed to seed, so a 3-seed
-    mean resolves ~+-7%, and this asserts 10% (weight decay 0.01 gave 3.3x)."""
+    """The demo network on the demo's data (Fashion-MNIST when installed, else digits) trained by 4 DiLoCo
+    workers through the server with the helpers' defaults (H = 50, int8 pseudo-gradients, bf16 answers, inner
+    AdamW lr 1e-3 and its default weight decay 0.1, outer Nesterov 0.7/0.9) against synchronous data parallel
+    on the same samples from the same initial weights (4 x 2,000 batches of 32; AdamW on the mean of the 4
+    gradients, computed here), paired by seed: the mean of 3 seeds' ratios of final test losses. On
+    Fashion-MNIST a seed's ratio varied by ~1% (0.95-0.97, docs/slow-links.md), so the issue's 2% is asserted
+    on the mean; on digits one run's test loss varies by ~9% from seed to seed and a 3-seed mean resolves
+    ~+-7%: 10% there (inner weight decay 0.01 gave 3.3x)."""
     from bench.slow_links import LR, WD, WORKERS, _demo, train_workers
+    from optreg.app.demo import _one_blas_thread
 
-    base, batch, test_loss = _demo()
-    loco, sync = [], []
-    for seed in (2, 3, 4):
-        loco.append(train_workers(server.address, True, seed, 2000)[0])
+    ratios = []
+    for seed in (0, 1, 2):
+        name, base, batch, test_loss = _demo(seed)
+        loco = train_workers(server.address, True, seed, 2000)[0]
         net, rngs, inner = base.copy(), [np.random.default_rng([seed, k]) for k in range(WORKERS)], \
             AdamW(lr=LR, weight_decay=WD)
-        for _ in range(2000):
-            grads = [net.gradient(*batch(r))[1] for r in rngs]
-            inner.step(net.params, {n: np.mean([g[n] for g in grads], axis=0) for n in net.params})
-        sync.append(test_loss(net.params))
-    assert np.mean(loco) <= 1.10 * np.mean(sync), (loco, sync)
+        with _one_blas_thread():  # small matrices: a threaded BLAS only contends for the 2 cores
+            for _ in range(2000):
+                grads = [net.gradient(*batch(r))[1] for r in rngs]
+                inner.step(net.params, {n: np.mean([g[n] for g in grads], axis=0) for n in net.params})
+        ratios.append(loco / test_loss(net.params))
+    assert np.mean(ratios) <= (1.02 if name == "Fashion-MNIST" else 1.10), (name, ratios)

@@ -66,5 +66,5 @@ def test_quick_bench_section_reports_every_figure(tmp_path, slow_link):
     assert rows[f"slow link: {diloco} bytes"]["met"]  # at most 1/100 of a dense float32 step's bytes
     assert rows["demo net: DiLoCo H=50 bytes per worker step"]["met"]
     for figure in ("loopback: WherePays(top-k 1%), bf16 replies, step time", "demo net: DiLoCo seconds, same samples",
-                   "convergence: DiLoCo H=50 int8 test loss"):
+                   "convergence: DiLoCo H=50 int8 / sync DP, test loss"):
         assert rows[figure]["value"] > 0
